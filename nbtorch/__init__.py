@@ -1,0 +1,17 @@
+"""nbtorch: differentiable X-ray crystal diffraction image simulation with nanoBragg's physics, in PyTorch.
+
+Public API::
+
+    params, setup = nbtorch.from_nanobragg_args("-cell 100 100 100 90 90 90 -default_F 100 -N 5 ...")
+    image = nbtorch.simulate(params, setup)        # photons/pixel, [slow, fast]
+"""
+from .args import from_nanobragg_args, parse_args
+from .simulate import crystal_orientations, simulate
+from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure
+from .validate import check_params
+
+__all__ = [
+    "simulate", "from_nanobragg_args", "parse_args", "check_params", "crystal_orientations",
+    "Params", "Crystal", "Beam", "Detector", "Structure", "Background", "Setup",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""Incident beam: source directions and wavelengths (divergence grid, dispersion, source files) and polarization."""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+def _np_rot_axis(u: np.ndarray, t: float) -> np.ndarray:
+    u = np.asarray(u, float)
+    K = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
+    return np.eye(3) * math.cos(t) + math.sin(t) * K + (1 - math.cos(t)) * np.outer(u, u)
+
+
+def divergence_sources(
+    beam: Sequence[float],
+    polar_axis: Sequence[float],
+    hdiv: Sequence[float],
+    vdiv: Sequence[float],
+    hdivrange: float,
+    vdivrange: float,
+    hdivstep: float,
+    vdivstep: float,
+    round_div: bool,
+    dispersion_factors: Sequence[float],
+) -> Tuple[Tuple[Tuple[float, float, float], float], ...]:
+    """Source list for a divergence grid and a set of relative wavelengths (spec §1.4).
+
+    ``hdiv``/``vdiv``: grid angles (rad); ranges/steps (rad) feed nanoBragg's round-divergence test (points with
+    4·[(h² − hs²/4·(1 − H mod 2))/hr² + (v² − vs²/4·(1 − V mod 2))/vr²] > 1.1 are dropped, H, V = grid counts;
+    a NaN from a zero range keeps the point).  Each kept point is rotated P' = AX(vert, h)·AX(E, v)·P with
+    P = −beam and vert = unit(beam × E); the incident direction is −unit(P').  Returns ``((dir_xyz, λ_factor), ...)``
+    in the loop order h (outer), v, λ (inner).
+    """
+    b = np.asarray(beam, float)
+    E = np.asarray(polar_axis, float)
+    vert = np.cross(b, E)
+    vert /= np.linalg.norm(vert)
+    H, Vn = len(hdiv), len(vdiv)
+    out: List = []
+    for h in hdiv:
+        for v in vdiv:
+            if round_div:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    test = 4.0 * (
+                        (h * h - hdivstep * hdivstep / 4.0 * (1 - H % 2)) / np.float64(hdivrange * hdivrange)
+                        + (v * v - vdivstep * vdivstep / 4.0 * (1 - Vn % 2)) / np.float64(vdivrange * vdivrange)
+                    )
+                if test > 1.1:  # NaN compares False: kept
+                    continue
+            P = _np_rot_axis(vert, h) @ (_np_rot_axis(E, v) @ (-10.0 * b))
+            d = -P / np.linalg.norm(P)
+            for lf in dispersion_factors:
+                out.append((tuple(float(x) for x in d), float(lf)))
+    return tuple(out)
+
+
+def polarization_factor(incident: torch.Tensor, d: torch.Tensor, E: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Kahn polarization factor ½(1 + cos²2θ − K·cos2ψ·sin²2θ).
+
+    ``incident``, ``d``: unit incident and scattered directions ``[..., 3]``; ``E``: unit polarization axis ``[3]``;
+    ``K``: Kahn factor ``[]``.  Written without atan2 (cos2ψ·sin²2θ = x² − y² with x, y the components of d along
+    E_in = unit(i × unit(E × i)) and B = unit(E × i)), so value and gradient are finite on the direct beam.
+    """
+    B = torch.linalg.cross(E.expand_as(incident), incident)
+    B = B / torch.linalg.vector_norm(B, dim=-1, keepdim=True)
+    Ein = torch.linalg.cross(incident, B)
+    Ein = Ein / torch.linalg.vector_norm(Ein, dim=-1, keepdim=True)
+    c2t = (incident * d).sum(-1)
+    x, y = (d * Ein).sum(-1), (d * B).sum(-1)
+    return 0.5 * (1.0 + c2t * c2t - K * (x * x - y * y))

@@ -1,0 +1,149 @@
+"""Detector geometry: conventions, pivots, pix0, pixel and sub-pixel positions, solid angle, sensor absorption.
+
+All lengths are in **mm**, angles in the :class:`~nbtorch.types.Detector` pytree are in degrees.  Positions are lab
+frame vectors from the sample.  See ../shared/spec §4 for the conventions reproduced here.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .rotation import rot_axis, rot_xyz
+from .types import Detector, Setup
+from .units import deg2rad
+
+
+class DetectorFrame(NamedTuple):
+    """Rotated detector basis and origin (mm).
+
+    pix0:  [3] outer corner of pixel (0, 0);  fdet, sdet, odet: [3] rotated unit vectors;
+    close: []  perpendicular sample–plane distance pix0·odet;  distance: [] close/ratio as nanoBragg reports it (its
+    ratio ignores twotheta, spec Q12; used by the curved detector).
+    """
+
+    pix0: torch.Tensor
+    fdet: torch.Tensor
+    sdet: torch.Tensor
+    odet: torch.Tensor
+    close: torch.Tensor
+    distance: torch.Tensor
+
+
+def _vec(v, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(v, dtype=like.dtype, device=like.device)
+
+
+def beam_and_close(det: Detector, setup: Setup):
+    """Convention mapping of ``det.beam_center`` → ``(Fbeam, Sbeam, Fclose, Sclose)`` in mm (each ``[]``)."""
+    p = setup.pixel_size
+    x, y = det.beam_center[..., 0], det.beam_center[..., 1]
+    conv = setup.convention
+    if conv == "MOSFLM":
+        fb, sb = y + 0.5 * p, x + 0.5 * p
+        return fb, sb, fb, sb
+    if conv == "DENZO":
+        return y, x, y, x
+    if conv == "ADXV":
+        fb, sb = x, setup.spixels * p - y
+        return fb, sb, fb, sb
+    if conv in ("XDS", "DIALS"):
+        fc, sc = (x - 0.5) * p, (y - 0.5) * p
+        return fc, sc, fc, sc
+    return x, y, x, y  # CUSTOM: Xbeam is the fast coordinate, no half-pixel shift
+
+
+def detector_frame(det: Detector, setup: Setup) -> DetectorFrame:
+    """Detector origin and rotated basis from the ``Detector`` pytree and the static ``Setup`` (spec §4)."""
+    like = det.distance
+    f0, s0, o0 = _vec(setup.fdet, like), _vec(setup.sdet, like), _vec(setup.odet, like)
+    beam = _vec(setup.beam, like)
+    R = rot_xyz(deg2rad(det.rotation))
+    T = rot_axis(_vec(setup.twotheta_axis, like), deg2rad(det.twotheta))
+    TR = T @ R
+    ratio = (beam * (R @ o0)).sum(-1)
+    if setup.distance_is_close:
+        close = det.distance
+        distance = close / ratio
+    else:
+        distance = det.distance
+        close = torch.abs(ratio * distance)
+    fb, sb, fc, sc = beam_and_close(det, setup)
+    f, s, o = TR @ f0, TR @ s0, TR @ o0
+    if setup.pivot == "sample":
+        pix0 = TR @ (-fc[..., None] * f0 - sc[..., None] * s0 + close[..., None] * o0)
+    else:
+        pix0 = -fb[..., None] * f - sb[..., None] * s + distance[..., None] * beam
+    close_r = (pix0 * o).sum(-1)
+    return DetectorFrame(pix0, f, s, o, close_r, close_r / ratio)
+
+
+def subpixel_offsets(setup: Setup, dtype, device=None) -> torch.Tensor:
+    """Sub-pixel centre offsets from a pixel's corner, ``[n², 2]`` (fast, slow) in mm; slow-major order (j, i)."""
+    n, p = setup.oversample, setup.pixel_size
+    d = p / n
+    idx = torch.arange(n, dtype=dtype, device=device)
+    jj, ii = torch.meshgrid(idx, idx, indexing="ij")  # j slow (outer), i fast (inner)
+    return torch.stack([d * ii.reshape(-1) + d / 2, d * jj.reshape(-1) + d / 2], -1)
+
+
+def pixel_positions(frame: DetectorFrame, fast: torch.Tensor, slow: torch.Tensor, setup: Setup) -> torch.Tensor:
+    """Lab positions (mm) of every (layer, sub-pixel) sample of the given pixels.
+
+    ``fast``, ``slow``: ``[P]`` integer pixel indices → ``[P, T, n², 3]`` with T = thickness layers and
+    n = oversample; layer t is shifted by t·Δt along the detector normal (parallax).  With ``-curved_det`` the flat
+    positions are bent onto the sphere of radius ``frame.distance`` (spec §5.3).
+    """
+    dtype = frame.pix0.dtype
+    p = setup.pixel_size
+    off = subpixel_offsets(setup, dtype, frame.pix0.device)  # [n², 2]
+    F = fast.to(dtype)[:, None] * p + off[None, :, 0]  # [P, n²]
+    S = slow.to(dtype)[:, None] * p + off[None, :, 1]
+    layers = torch.arange(setup.thicksteps, dtype=dtype, device=frame.pix0.device) * (setup.thickstep_um * 1e-3)
+    pos = (
+        frame.pix0
+        + F[:, None, :, None] * frame.fdet
+        + S[:, None, :, None] * frame.sdet
+        + layers[None, :, None, None] * frame.odet
+    )
+    if setup.curved_det:
+        pos = curve(pos, frame, setup)
+    return pos
+
+
+def curve(pos: torch.Tensor, frame: DetectorFrame, setup: Setup) -> torch.Tensor:
+    """nanoBragg's curved detector: ``AX(f', Z/D)·AX(s', Y/D)·(D·beam)`` with Y, Z the lab y, z of the flat position.
+
+    ``pos``: ``[..., 3]`` mm → ``[..., 3]`` mm, every sample at distance D = ``frame.distance`` from the sample.
+    """
+    D = frame.distance
+    beam = _vec(setup.beam, pos)
+    Y, Z = pos[..., 1], pos[..., 2]
+    Rs = rot_axis(frame.sdet.expand(Y.shape + (3,)), Y / D)
+    Rf = rot_axis(frame.fdet.expand(Z.shape + (3,)), Z / D)
+    return (Rf @ (Rs @ (D * beam)[..., None]))[..., 0]
+
+
+def solid_angle(pos: torch.Tensor, frame: DetectorFrame, setup: Setup) -> torch.Tensor:
+    """Solid angle (sr) of a pixel seen from the sample, ``[..., 3]`` mm → ``[...]``.
+
+    Ω = p²/R² · close/R (full pixel area, obliquity from the plane's perpendicular distance); ``-point_pixel``: 1/R²
+    with R in metres (nanoBragg's convention, not a solid angle).
+    """
+    R2 = (pos * pos).sum(-1)
+    if setup.point_pixel:
+        return 1.0 / (R2 * 1e-6)
+    R = torch.sqrt(R2)
+    return setup.pixel_size**2 / R2 * frame.close / R
+
+
+def capture_fraction(d: torch.Tensor, frame: DetectorFrame, layer: torch.Tensor, setup: Setup) -> torch.Tensor:
+    """Fraction of photons absorbed in sensor layer ``layer`` along unit direction ``d`` (``[..., 3]`` → ``[...]``).
+
+    C_t = exp(−t·Δt·μ/ρ) − exp(−(t+1)·Δt·μ/ρ), ρ = d·odet; 1 when the sensor has no thickness.
+    """
+    if setup.thickness_um <= 0.0:
+        return torch.ones_like(d[..., 0])
+    rho = (d * frame.odet).sum(-1)
+    k = setup.thickstep_um * setup.mu_per_um
+    return torch.exp(-layer * k / rho) - torch.exp(-(layer + 1.0) * k / rho)

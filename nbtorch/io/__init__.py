@@ -1,0 +1,52 @@
+"""File input/output for nbtorch (numpy only; no torch import).
+
+* :mod:`.smv` — SMV/ADSC images (``-intfile``, ``-noisefile``, ``-mask``, ``-img``) in nanoBragg's exact layout.
+* :mod:`.hkl` — ``h k l F`` structure-factor text files (``-hkl``); never an ``Fdump.bin`` cache.
+* :mod:`.matrix` — MOSFLM λ-scaled orientation matrices (``-mat``).
+* :mod:`.sources` — explicit source lists (``-sourcefile``).
+* :mod:`.images` — raw float images (``-floatfile``), PGM previews, and observed images with masks.
+
+Every writer is atomic (temporary file + :func:`os.replace`, see :func:`atomic_write`).
+"""
+from __future__ import annotations
+
+from ._atomic import atomic_write
+from .hkl import HKLData, hkl_to_grid, read_hkl, write_hkl
+from .images import (
+    ObservedImage,
+    pgm_pixels,
+    read_image,
+    read_pgm,
+    read_raw_float,
+    write_pgm,
+    write_raw_float,
+)
+from .matrix import mosflm_matrix_cell, read_mosflm_matrix, write_mosflm_matrix
+from .smv import SMV_TYPES, nanobragg_header_items, read_smv, read_smv_mask, write_smv
+from .sources import SOURCE_COLUMNS, read_sources, write_sources
+
+__all__ = [
+    "atomic_write",
+    "HKLData",
+    "read_hkl",
+    "write_hkl",
+    "hkl_to_grid",
+    "read_mosflm_matrix",
+    "write_mosflm_matrix",
+    "mosflm_matrix_cell",
+    "read_sources",
+    "write_sources",
+    "SOURCE_COLUMNS",
+    "read_smv",
+    "write_smv",
+    "read_smv_mask",
+    "nanobragg_header_items",
+    "SMV_TYPES",
+    "read_raw_float",
+    "write_raw_float",
+    "write_pgm",
+    "read_pgm",
+    "pgm_pixels",
+    "read_image",
+    "ObservedImage",
+]

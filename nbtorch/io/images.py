@@ -1,0 +1,309 @@
+"""Raw float images, PGM previews, and reading observed images for refinement.
+
+nanoBragg's ``-floatfile`` is headerless float32, little-endian, slow-major (``fpixels`` values per row, ``spixels``
+rows); its ``-pgmfile`` is an 8-bit binary PGM.  :func:`read_image` loads an observed detector image (SMV natively,
+raw float with a given shape, anything else through ``fabio``) together with a usable-pixel mask.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import NamedTuple
+
+import numpy as np
+
+from ._atomic import atomic_write
+from ._parse import display_name, read_bytes
+from .smv import _decode_smv
+
+__all__ = ["read_raw_float", "write_raw_float", "write_pgm", "read_pgm", "pgm_pixels", "read_image", "ObservedImage"]
+
+#: Extensions treated as headerless raw float images by :func:`read_image`.
+RAW_EXTENSIONS = (".bin", ".raw", ".f32", ".flt", ".float")
+
+
+class ObservedImage(NamedTuple):
+    """A detector image with its usable-pixel mask and whatever geometry its header provides.
+
+    Attributes:
+        data: float64 [slow, fast] pixel values (counts or photons).
+        mask: bool [slow, fast], True = usable (finite, ≥ 0 and not saturated).
+        saturated: bool [slow, fast], True where value ≥ the overload level (all False when no level is known).
+        pixel_size_mm: pixel size (mm) or None.
+        distance_mm: sample-detector distance (mm) or None.
+        wavelength_A: wavelength (Å) or None.
+        beam_center_mm: (BEAM_CENTER_X, BEAM_CENTER_Y) in mm from the header, or None.
+        size: (fast, slow) pixel counts.
+        header: the header as a dict of strings (empty for raw images).
+    """
+
+    data: np.ndarray
+    mask: np.ndarray
+    saturated: np.ndarray
+    pixel_size_mm: float | None
+    distance_mm: float | None
+    wavelength_A: float | None
+    beam_center_mm: tuple[float, float] | None
+    size: tuple[int, int]
+    header: dict
+
+
+def _check_shape(shape, name: str) -> tuple[int, int]:
+    try:
+        slow, fast = (int(x) for x in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: shape must be (slow, fast), got {shape!r}") from None
+    if slow < 1 or fast < 1:
+        raise ValueError(f"{name}: shape must be positive, got {(slow, fast)}")
+    return slow, fast
+
+
+def read_raw_float(path: str | os.PathLike, shape: tuple[int, int], dtype="<f4") -> np.ndarray:
+    """Read a headerless raw image such as nanoBragg's ``-floatfile``.
+
+    Args:
+        path: the file.
+        shape: (slow, fast) pixel counts; the file must hold exactly slow·fast values.
+        dtype: on-disk numpy dtype, default little-endian float32.
+
+    Returns:
+        array [slow, fast] of ``dtype`` in native byte order (photons/pixel for nanoBragg float images).
+
+    Raises:
+        ValueError: if the file size differs from slow·fast·itemsize (the message gives expected and actual bytes).
+    """
+    name = display_name(path)
+    slow, fast = _check_shape(shape, name)
+    dt = np.dtype(dtype)
+    buf = read_bytes(path)
+    expected = slow * fast * dt.itemsize
+    if len(buf) != expected:
+        raise ValueError(
+            f"{name}: expected {expected} bytes for a {slow}x{fast} (slow x fast) {dt} image, file has {len(buf)} bytes"
+        )
+    return np.frombuffer(buf, dtype=dt).reshape(slow, fast).astype(dt.newbyteorder("="), copy=True)
+
+
+def write_raw_float(path: str | os.PathLike, image) -> None:
+    """Write a 2-D image [slow, fast] as headerless little-endian float32, slow-major (atomically)."""
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise ValueError(f"write_raw_float {display_name(path)}: image must be 2-D [slow, fast], got {arr.shape}")
+    atomic_write(path, np.ascontiguousarray(arr, dtype="<f4").tobytes())
+
+
+def pgm_pixels(image, scale: float) -> np.ndarray:
+    """The 8-bit PGM values nanoBragg writes: min(value·scale, 255) truncated; negatives and NaN → 0.
+
+    Args:
+        image: [slow, fast] float image.
+        scale: multiplier (nanoBragg's ``-pgmscale``).
+
+    Returns:
+        uint8 array [slow, fast].
+    """
+    v = np.asarray(image, dtype=np.float64) * float(scale)
+    v = np.nan_to_num(v, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.floor(np.clip(v, 0.0, 255.0)).astype(np.uint8)
+
+
+def write_pgm(path: str | os.PathLike, image, scale: float) -> None:
+    """Write an 8-bit binary (P5) PGM preview of a [slow, fast] image (atomically).
+
+    Header: ``P5\\n<fast> <slow>\\n# pixels scaled by <scale>\\n255\\n`` then slow·fast bytes, value =
+    min(float·scale, 255) truncated (negative/NaN → 0), as nanoBragg's ``-pgmfile``.
+    """
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise ValueError(f"write_pgm {display_name(path)}: image must be 2-D [slow, fast], got {arr.shape}")
+    slow, fast = arr.shape
+    head = f"P5\n{fast} {slow}\n# pixels scaled by {float(scale):f}\n255\n".encode("ascii")
+    atomic_write(path, head + pgm_pixels(arr, scale).tobytes())
+
+
+def read_pgm(path: str | os.PathLike) -> np.ndarray:
+    """Read a binary (P5) PGM; returns uint8 [slow=height, fast=width] (uint16 big-endian data if maxval > 255).
+
+    Raises:
+        ValueError: if the file is not a complete P5 PGM.
+    """
+    name = display_name(path)
+    buf = read_bytes(path)
+    fields: list[int] = []
+    pos = 0
+    if not buf.startswith(b"P5"):
+        raise ValueError(f"{name}: not a binary PGM (no P5 magic)")
+    pos = 2
+    token = re.compile(rb"(?:\s+|#[^\n]*\n)*(\d+)")
+    while len(fields) < 3:
+        m = token.match(buf, pos)
+        if not m:
+            raise ValueError(f"{name}: malformed PGM header")
+        fields.append(int(m.group(1)))
+        pos = m.end()
+    if pos >= len(buf) or buf[pos : pos + 1] not in (b" ", b"\n", b"\r", b"\t"):
+        raise ValueError(f"{name}: malformed PGM header (no whitespace after maxval)")
+    pos += 1
+    width, height, maxval = fields
+    if not 0 < maxval < 65536 or width < 1 or height < 1:
+        raise ValueError(f"{name}: invalid PGM header values {width} {height} {maxval}")
+    dt = np.dtype("u1") if maxval < 256 else np.dtype(">u2")
+    need = width * height * dt.itemsize
+    if len(buf) - pos < need:
+        raise ValueError(f"{name}: PGM needs {need} data bytes, file has {len(buf) - pos}")
+    return np.frombuffer(buf, dtype=dt, count=width * height, offset=pos).reshape(height, width).astype(dt.newbyteorder("="))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# observed images
+
+
+def _header_float(header: dict, key: str, name: str) -> float | None:
+    for k in (key, key.lower()):
+        if k in header:
+            text = str(header[k]).strip()
+            try:
+                value = float(text.split()[0]) if text else math.nan
+            except ValueError:
+                raise ValueError(f"{name}: header {k}={text!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: header {k}={text!r} is not a finite number")
+            return value
+    return None
+
+
+_CBF_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+
+
+def _minicbf_metadata(text: str) -> dict[str, float]:
+    """Geometry from a Dectris miniCBF header block (``# Pixel_size 172e-6 m x 172e-6 m`` etc.), SI → mm/Å."""
+    out: dict[str, float] = {}
+    scale = {"m": 1e3, "mm": 1.0}
+    m = re.search(r"Pixel_size\s+" + _CBF_NUM + r"\s*(m|mm)\b", text)
+    if m:
+        out["pixel_size_mm"] = float(m.group(1)) * scale[m.group(2)]
+    m = re.search(r"Detector_distance\s+" + _CBF_NUM + r"\s*(m|mm)\b", text)
+    if m:
+        out["distance_mm"] = float(m.group(1)) * scale[m.group(2)]
+    m = re.search(r"Wavelength\s+" + _CBF_NUM + r"\s*A\b", text)
+    if m:
+        out["wavelength_A"] = float(m.group(1))
+    m = re.search(r"Beam_xy\s*\(\s*" + _CBF_NUM + r"\s*,\s*" + _CBF_NUM + r"\s*\)\s*pixels", text)
+    if m:
+        out["beam_x_px"] = float(m.group(1))
+        out["beam_y_px"] = float(m.group(2))
+    m = re.search(r"Count_cutoff\s+" + _CBF_NUM, text)
+    if m:
+        out["overload"] = float(m.group(1))
+    return out
+
+
+def _finish(data, header, name, overload, pixel, dist, wl, beam) -> ObservedImage:
+    data = np.asarray(data, dtype=np.float64)
+    finite = np.isfinite(data)
+    if overload is None:
+        saturated = np.zeros(data.shape, dtype=bool)
+    else:
+        saturated = finite & (data >= float(overload))
+    mask = finite & (np.where(finite, data, -1.0) >= 0.0) & ~saturated
+    slow, fast = data.shape
+    return ObservedImage(data, mask, saturated, pixel, dist, wl, beam, (fast, slow), header)
+
+
+def _read_observed_smv(buf: bytes, name: str, overload) -> ObservedImage:
+    raw, header = _decode_smv(buf, name)
+    if overload is None and raw.dtype == np.uint16:
+        overload = 65535
+    bx = _header_float(header, "BEAM_CENTER_X", name)
+    by = _header_float(header, "BEAM_CENTER_Y", name)
+    return _finish(
+        raw, header, name, overload,
+        _header_float(header, "PIXEL_SIZE", name),
+        _header_float(header, "DISTANCE", name),
+        _header_float(header, "WAVELENGTH", name),
+        (bx, by) if bx is not None and by is not None else None,
+    )
+
+
+def _read_observed_fabio(path: str, name: str, overload) -> ObservedImage:
+    try:
+        import fabio  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError as exc:
+        raise ImportError(
+            f"reading {name} (not SMV or raw float) needs the optional 'fabio' package: pip install nbtorch[io]"
+        ) from exc
+    img = fabio.open(path)
+    data = np.asarray(img.data)
+    if data.ndim == 3 and data.shape[0] >= 1:  # multi-frame containers (HDF5/Eiger): first frame
+        data = data[0]
+    if data.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D image, fabio returned shape {data.shape}")
+    header = {str(k): str(v) for k, v in dict(img.header).items()}
+    meta = {}
+    for k, v in header.items():
+        if "header_contents" in k or "Pixel_size" in v:
+            meta.update(_minicbf_metadata(v))
+    pixel = _header_float(header, "PIXEL_SIZE", name)
+    dist = _header_float(header, "DISTANCE", name)
+    wl = _header_float(header, "WAVELENGTH", name)
+    bx = _header_float(header, "BEAM_CENTER_X", name)
+    by = _header_float(header, "BEAM_CENTER_Y", name)
+    beam = (bx, by) if bx is not None and by is not None else None
+    pixel = meta.get("pixel_size_mm", pixel)
+    dist = meta.get("distance_mm", dist)
+    wl = meta.get("wavelength_A", wl)
+    if beam is None and pixel is not None and "beam_x_px" in meta:
+        beam = (meta["beam_x_px"] * pixel, meta["beam_y_px"] * pixel)
+    if overload is None:
+        overload = meta.get("overload")
+    return _finish(data, header, name, overload, pixel, dist, wl, beam)
+
+
+def read_image(
+    path: str | os.PathLike,
+    shape: tuple[int, int] | None = None,
+    *,
+    overload: float | None = None,
+    dtype="<f4",
+) -> ObservedImage:
+    """Read an observed detector image with a usable-pixel mask.
+
+    Format selection: a raw extension (``.bin``, ``.raw``, ``.f32``, ``.flt``, ``.float``) → headerless raw image of
+    ``shape`` (required) and ``dtype``; a file starting with ``{`` → SMV, read natively; otherwise if ``shape`` is
+    given → raw; otherwise CBF/HDF5/EDF/... through ``fabio`` (imported lazily; first frame of multi-frame files).
+
+    Masking: a pixel is usable when finite, ≥ 0 (detector gaps are often −1/−2 in CBF) and not saturated.  Saturated
+    means ≥ ``overload``; the default overload is 65535 for ``unsigned_short`` SMV, miniCBF's ``Count_cutoff`` for
+    CBF, and none otherwise.
+
+    Geometry (None where the header lacks it): SMV ``PIXEL_SIZE`` (mm), ``DISTANCE`` (mm), ``WAVELENGTH`` (Å),
+    ``BEAM_CENTER_X/Y`` (mm); the same keys from fabio headers, or miniCBF ``Pixel_size``/``Detector_distance`` (m →
+    mm), ``Wavelength`` (Å) and ``Beam_xy`` (pixels × pixel size → mm, (x, y)).
+
+    Args:
+        path: image file.
+        shape: (slow, fast), needed for raw images.
+        overload: saturation level overriding the default.
+        dtype: on-disk dtype of raw images.
+
+    Returns:
+        :class:`ObservedImage` (data float64 [slow, fast]).
+
+    Raises:
+        ValueError: malformed SMV/raw files, missing ``shape`` for a raw file, unparseable geometry header values.
+        ImportError: if fabio is needed but not installed (install with ``pip install nbtorch[io]``).
+    """
+    name = display_name(path)
+    ext = os.path.splitext(name)[1].lower()
+    if ext in RAW_EXTENSIONS:
+        if shape is None:
+            raise ValueError(f"{name}: raw image needs shape=(slow, fast)")
+        return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
+    with open(path, "rb") as fh:
+        first = fh.read(1)
+    if first == b"{":
+        return _read_observed_smv(read_bytes(path), name, overload)
+    if shape is not None:
+        return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
+    return _read_observed_fabio(os.fspath(path), name, overload)

@@ -1,0 +1,50 @@
+"""Physical constants and unit conversions.
+
+This is the only module where unit conversions live.  API units are Å (cell, wavelength), mm (detector lengths),
+degrees (angles), mrad (divergence), µm (sensor thickness, water), photons/m² (fluence).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Thomson cross section r_e² in m² (the value nanoBragg uses).
+R_E_SQUARED_M2 = 7.94079248018965e-30
+#: Default fluence (photons/m²): chosen by nanoBragg so that r_e²·fluence = 1.
+DEFAULT_FLUENCE = 1.25932015286227e29
+#: hc in eV·Å, used for -energy.
+HC_EV_ANGSTROM = 12398.42
+#: Avogadro's number.
+AVOGADRO = 6.02214179e23
+#: Scattering amplitude of one water molecule, as nanoBragg uses it (electrons).
+WATER_F = 2.57
+#: Constant of the round-crystal lattice factor normalisation.
+ROUND_XTAL_NORM = 0.723601254558268
+
+
+def deg2rad(x):
+    """Degrees → radians; works on floats and tensors of any shape."""
+    return x * (math.pi / 180.0)
+
+
+def rad2deg(x):
+    """Radians → degrees; works on floats and tensors of any shape."""
+    return x * (180.0 / math.pi)
+
+
+def mrad2rad(x):
+    """Milliradians → radians."""
+    return x * 1e-3
+
+
+def rad2mrad(x):
+    """Radians → milliradians."""
+    return x * 1e3
+
+
+def as_tensor(x, dtype=None, device=None) -> torch.Tensor:
+    """Convert ``x`` to a tensor of ``dtype``/``device`` (a tensor stays differentiable)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype=dtype or x.dtype, device=device or x.device)
+    return torch.as_tensor(x, dtype=dtype or torch.get_default_dtype(), device=device)
