@@ -117,7 +117,7 @@ class Ran1:
         The value nanoBragg stores in its ``long`` seed variable, i.e. **negative** for a user seed: ``-mosaic_seed 777``
         → ``Ran1(-777)``, ``-seed 12345`` → ``Ran1(-12345)``.  Seed 0 behaves as −1.  As in NR, a *positive* seed on a
         fresh generator also triggers initialisation, which then uses seed 1 (NR's ``if (-(*idum) < 1) *idum = 1``), so
-        every positive seed gives the stream of seed −1.
+        every positive seed gives the stream of seed −1.  ``|seed|`` ≤ 2³¹.
 
     State: the Park–Miller value ``idum``, the last output ``iy``, the 32-entry shuffle table, the Box–Muller spare
     and the Poisson cache.  Vectorised methods may draw uniforms ahead of time; those are kept in an internal buffer
@@ -130,7 +130,12 @@ class Ran1:
 
     # ----------------------------------------------------------------------------------------------------- state --
     def reseed(self, seed: int) -> None:
-        """Reset all state as a fresh generator with ``seed`` (the stored nanoBragg value, normally negative)."""
+        """Reset all state as a fresh generator with ``seed`` (the stored nanoBragg value, normally negative).
+
+        ``|seed|`` must be ≤ 2³¹ (nanoBragg parses seeds as C ``int``); larger values raise ``ValueError``.
+        """
+        if abs(int(seed)) > 2**31:
+            raise ValueError(f"seed {seed} out of range: |seed| must be <= 2**31")
         self._idum = int(seed)
         self._iy = 0
         self._iv = [0] * NTAB
@@ -177,9 +182,9 @@ class Ran1:
                 iy = iv[j]
                 iv[j] = idum
                 append(iy)
-        else:  # pathological seed magnitudes (|seed| >= 2**31 - 1): follow the C code literally, step by step
-            for _ in range(n):
-                if idum <= 0 or iy == 0:
+        else:  # seeds -(2**31 - 1) and -(2**31) (idum >= IM): follow the C code literally, step by step
+            for i in range(n):
+                if i > 0 and (idum <= 0 or iy == 0):  # the C re-checks on every call after the first
                     self._idum = idum
                     self._init_table()
                     idum, iy = self._idum, self._iy

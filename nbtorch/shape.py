@@ -18,11 +18,14 @@ def round_half_down(h: torch.Tensor) -> torch.Tensor:
 
 
 def sincg(x: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
-    """sin(N·x)/sin(x) for reduced ``x`` = π·Δh ∈ [−π/2, π/2]; N at x = 0 (double-where: finite value and gradient)."""
-    small = torch.abs(N * x) < 1e-3
+    """sin(N·x)/sin(x) for reduced ``x`` = π·Δh ∈ [−π/2, π/2]; N at x = 0 (double-where: finite value and gradient).
+
+    ``x``: ``[..., k]``, ``N``: broadcastable (e.g. ``[3]``).  Within |N·x| < 1e-3 the series N − N(N²−1)x²/6 is used.
+    """
+    small = torch.abs(x) < 1e-3 / N
     xs = torch.where(small, torch.ones_like(x), x)
     direct = torch.sin(N * xs) / torch.sin(xs)
-    series = N * (1.0 - (N * N - 1.0) * x * x / 6.0)
+    series = N - (N * (N * N - 1.0) / 6.0) * (x * x)
     return torch.where(small, series, direct)
 
 

@@ -130,7 +130,9 @@ def hkl_to_grid(data, default_F: float = 0.0, *, max_cells: int = 1 << 28) -> tu
     shape = tuple(int(x) for x in (hi - lo + 1))
     ncell = shape[0] * shape[1] * shape[2]
     if ncell > max_cells:
-        raise ValueError(f"hkl_to_grid: index ranges {tuple(lo)}..{tuple(hi)} need {ncell} cells > max_cells={max_cells}")
+        raise ValueError(
+            f"hkl_to_grid: index ranges {tuple(lo)}..{tuple(hi)} need {ncell} cells > max_cells={max_cells}"
+        )
     grid = np.full(shape, float(default_F), dtype=np.float64)
     flat = np.ravel_multi_index(tuple((hkl - lo).T), shape)
     # last occurrence of each cell wins: unique over the reversed order gives the first index from the end

@@ -23,6 +23,20 @@ __all__ = ["read_raw_float", "write_raw_float", "write_pgm", "read_pgm", "pgm_pi
 RAW_EXTENSIONS = (".bin", ".raw", ".f32", ".flt", ".float")
 
 
+#: Extensions always read natively as SMV by :func:`read_image`.
+SMV_EXTENSIONS = (".img", ".smv")
+
+
+def _looks_like_smv(path) -> bool:
+    """True for a '{' header declaring HEADER_BYTES before its '}' (EDF also starts with '{' but lacks the key)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not head.startswith(b"{"):
+        return False
+    end = head.find(b"}")
+    return b"HEADER_BYTES" in (head[:end] if end >= 0 else head)
+
+
 class ObservedImage(NamedTuple):
     """A detector image with its usable-pixel mask and whatever geometry its header provides.
 
@@ -152,7 +166,8 @@ def read_pgm(path: str | os.PathLike) -> np.ndarray:
     need = width * height * dt.itemsize
     if len(buf) - pos < need:
         raise ValueError(f"{name}: PGM needs {need} data bytes, file has {len(buf) - pos}")
-    return np.frombuffer(buf, dtype=dt, count=width * height, offset=pos).reshape(height, width).astype(dt.newbyteorder("="))
+    pixels = np.frombuffer(buf, dtype=dt, count=width * height, offset=pos).reshape(height, width)
+    return pixels.astype(dt.newbyteorder("="))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,12 +285,13 @@ def read_image(
     """Read an observed detector image with a usable-pixel mask.
 
     Format selection: a raw extension (``.bin``, ``.raw``, ``.f32``, ``.flt``, ``.float``) → headerless raw image of
-    ``shape`` (required) and ``dtype``; a file starting with ``{`` → SMV, read natively; otherwise if ``shape`` is
-    given → raw; otherwise CBF/HDF5/EDF/... through ``fabio`` (imported lazily; first frame of multi-frame files).
+    ``shape`` (required) and ``dtype``; ``.img``/``.smv``, or a ``{`` header declaring ``HEADER_BYTES`` → SMV, read
+    natively; otherwise if ``shape`` is given → raw; otherwise CBF/HDF5/EDF/... through ``fabio`` (imported lazily;
+    first frame of multi-frame files).
 
-    Masking: a pixel is usable when finite, ≥ 0 (detector gaps are often −1/−2 in CBF) and not saturated.  Saturated
-    means ≥ ``overload``; the default overload is 65535 for ``unsigned_short`` SMV, miniCBF's ``Count_cutoff`` for
-    CBF, and none otherwise.
+    Masking: a pixel is usable when finite, ≥ 0 (detector gaps are often −1/−2 in CBF) and not saturated.
+    Saturated means ≥ ``overload``; the default overload is 65535 for ``unsigned_short`` SMV, miniCBF's
+    ``Count_cutoff`` for CBF, and none otherwise.
 
     Geometry (None where the header lacks it): SMV ``PIXEL_SIZE`` (mm), ``DISTANCE`` (mm), ``WAVELENGTH`` (Å),
     ``BEAM_CENTER_X/Y`` (mm); the same keys from fabio headers, or miniCBF ``Pixel_size``/``Detector_distance`` (m →
@@ -300,9 +316,7 @@ def read_image(
         if shape is None:
             raise ValueError(f"{name}: raw image needs shape=(slow, fast)")
         return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
-    with open(path, "rb") as fh:
-        first = fh.read(1)
-    if first == b"{":
+    if ext in SMV_EXTENSIONS or _looks_like_smv(path):
         return _read_observed_smv(read_bytes(path), name, overload)
     if shape is not None:
         return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)

@@ -57,7 +57,7 @@ def _check_matrix(A, what: str) -> np.ndarray:
 
 
 def mosflm_matrix_cell(A_lambda_scaled, wavelength_A: float) -> tuple[float, float, float, float, float, float]:
-    """Unit cell (a, b, c in Å; α, β, γ in degrees) of a λ-scaled MOSFLM matrix [3, 3] made at ``wavelength_A`` (Å).
+    """Unit cell (a, b, c in Å; α, β, γ in deg) of a λ-scaled MOSFLM matrix [3, 3] made at ``wavelength_A`` (Å).
 
     The reciprocal vectors are the columns of ``A / λ``; the real-space vectors are a = (b*×c*)/V* etc.
     """

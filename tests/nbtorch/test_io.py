@@ -22,7 +22,12 @@ GOLDEN_IMGS = sorted(GOLDEN.glob("*/*.img"))
 GOLDEN_INTIMAGES = sorted(GOLDEN.glob("*/intimage.img"))
 GOLDEN_HKLS = sorted(GOLDEN.glob("*/P1.hkl"))
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# NBTORCH_FUZZ_EXAMPLES raises the example count for a longer local fuzzing run.
+FUZZ = settings(
+    max_examples=int(os.environ.get("NBTORCH_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def _no_tmp_left(directory: Path) -> bool:
@@ -39,19 +44,20 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     atomic_write(p, b"new content")
     assert p.read_bytes() == b"new content"
     assert _no_tmp_left(tmp_path)
-    assert oct(p.stat().st_mode & 0o777) != oct(0o600) or os.umask(os.umask(0)) == 0o177
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+    p.chmod(0o640)
+    atomic_write(p, b"again")
+    assert p.stat().st_mode & 0o777 == 0o640  # permissions of the replaced file are kept
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path):
     p = tmp_path / "img.img"
     p.write_bytes(b"previous")
 
-    class Boom:
-        def __buffer__(self, flags):  # pragma: no cover - python >= 3.12
-            raise RuntimeError("boom")
-
-    with pytest.raises(Exception):
-        atomic_write(p, Boom())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        atomic_write(p, object())  # type: ignore[arg-type]  # fails after the temp file is created
     assert p.read_bytes() == b"previous"
     assert _no_tmp_left(tmp_path)
 
@@ -461,7 +467,9 @@ def test_sources_missing_columns_and_round_trip(tmp_path):
     assert np.isnan(back[:, 3:]).all()
 
 
-@pytest.mark.parametrize("line, match", [("1 2 3 4 5 6", "at most 5"), ("1 two 3", "Y is not a number"), ("1 2 inf", "finite")])
+@pytest.mark.parametrize(
+    "line, match", [("1 2 3 4 5 6", "at most 5"), ("1 two 3", "Y is not a number"), ("1 2 inf", "finite")]
+)
 def test_sources_errors(tmp_path, line, match):
     p = tmp_path / "bad.txt"
     p.write_text(f"-10 0 0 1 1e-10\n{line}\n")
@@ -615,7 +623,7 @@ def test_fuzz_random_bytes(raw):
 _INT_TOK = st.integers(-50, 50).map(str)
 _NUM_TOK = st.floats(-1e6, 1e6, allow_nan=False).map(repr)
 _JUNK_TOK = st.one_of(
-    st.text(max_size=6),
+    st.text(alphabet=st.characters(blacklist_characters="\n"), max_size=6),
     st.sampled_from(["nan", "inf", "-inf", "1.5", "1e999", "0x10", "1_0", "", "--1", "1,2", "\xa0", "١", "#", "1e"]),
 )
 
@@ -630,7 +638,8 @@ def _mutated_lines(draw, ncols, tokens):
         j = draw(st.integers(0, ncols - 1))
         lines[i][j] = draw(_JUNK_TOK)
     elif kind == "extra":
-        lines[i].append(draw(st.one_of(_NUM_TOK, _JUNK_TOK)))
+        extra = st.text(alphabet=st.characters(blacklist_characters=" \t\r\n\f\v"), min_size=1, max_size=6)
+        lines[i].append(draw(st.one_of(_NUM_TOK, extra)))
     elif kind == "missing":
         del lines[i][draw(st.integers(0, ncols - 1))]
     sep = draw(st.sampled_from([" ", "\t", "  "]))
@@ -645,21 +654,13 @@ def test_fuzz_hkl_near_valid(case):
     try:
         data = _parse_hkl_bytes(raw, "fuzz.hkl")
     except ValueError as exc:
+        # the only damaged line is `lineno`; the error must point at it
         assert f"line {lineno}" in str(exc) and "fuzz.hkl" in str(exc)
+        assert kind in ("mutate", "extra", "missing")
         return
-    assert kind in ("mutate", "none") or lineno is None or data.hkl.shape[1] == 3
-    assert kind not in ("extra",) or raw.split(b"\n")[lineno - 1].split() == []  # extra columns always rejected
-    assert np.all(np.isfinite(data.F))
-
-
-@FUZZ
-@given(_mutated_lines(4, [_INT_TOK, _INT_TOK, _INT_TOK, _NUM_TOK]))
-def test_fuzz_hkl_missing_column_is_error(case):
-    raw, kind, lineno = case
-    if kind != "missing":
-        return
-    with pytest.raises(ValueError, match=f"line {lineno}"):
-        _parse_hkl_bytes(raw, "fuzz.hkl")
+    # an extra (5th) or a missing column is never silently accepted
+    assert kind in ("mutate", "none")
+    assert data.hkl.shape[1] == 3 and np.all(np.isfinite(data.F))
 
 
 @FUZZ
@@ -669,10 +670,10 @@ def test_fuzz_sources_near_valid(case):
     try:
         S = _parse_sources_bytes(raw, "fuzz.txt")
     except ValueError as exc:
-        assert f"line {lineno}" in str(exc)
+        assert f"line {lineno}" in str(exc) and "fuzz.txt" in str(exc)
         assert kind in ("mutate", "extra")
         return
-    assert kind != "extra" or False, "a 6th column must be rejected"
+    assert kind != "extra", "a 6th column must be rejected"
     assert S.shape[1] == 5 and not np.isinf(S).any()
 
 
@@ -693,14 +694,12 @@ def _mutated_smv(draw):
     slow, fast = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     dtype = draw(st.sampled_from(["u2", "i4", "f4"]))
     items = [("PIXEL_SIZE", "0.1"), ("DIALS_ORIGIN", "-1,2,-3")]
-    import io as _io
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "f.img")
         nio.write_smv(p, np.zeros((slow, fast), dtype), items)
         buf = bytearray(open(p, "rb").read())
-    del _io
     kind = draw(st.sampled_from(["flip", "truncate", "replace", "none"]))
     if kind == "flip":
         for _ in range(draw(st.integers(1, 4))):
