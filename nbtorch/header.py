@@ -1,0 +1,164 @@
+"""SMV header values of nanoBragg's ``-intfile``/``-noisefile`` images, computed from (Params, Setup) (spec §1.7, §4).
+
+nanoBragg writes, after SIZE1/SIZE2, the detector geometry in several programs' conventions.  The values are derived
+from the detector frame exactly as the C program reports them (spec §4 step 5):
+
+* ``close = pix0·o'``, ``distance = close/ratio`` with ``ratio = beam·(R·o0)`` **without** the two-theta rotation
+  (stale after ``-twotheta``, spec Q12);
+* ``(Fbeam, Sbeam)`` = projections of ``distance·beam − pix0`` onto ``f'``, ``s'``; ``Fclose = −pix0·f'``,
+  ``Sclose = −pix0·s'``; ``ORGX = Fclose/p + ½``, ``ORGY = Sclose/p + ½``;
+* ``DIALS_ORIGIN = (pix0·(0,0,1), pix0·(0,1,0), pix0·(−1,0,0))``;
+* ``BEAM_CENTER_X/Y``: the input (or default) ``-Xbeam``/``-Ybeam`` in mm, not recomputed.
+
+All lengths in mm, angles in degrees, λ in Å; every value is formatted with C's ``%g`` by
+:func:`nbtorch.io.smv.nanobragg_header_items`.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, NamedTuple, Tuple
+
+import torch
+
+from .detector import detector_frame
+from .io.smv import nanobragg_header_items
+from .rotation import rot_xyz
+from .types import Detector, Params, Setup
+from .units import deg2rad
+
+__all__ = ["HeaderGeometry", "header_geometry", "header_beam_center", "smv_header_items"]
+
+
+class HeaderGeometry(NamedTuple):
+    """Reported detector geometry (floats; mm unless stated).
+
+    pix0: (x, y, z) lab position of the outer corner of pixel (0, 0); fdet, sdet, odet: rotated unit vectors;
+    close: perpendicular sample–plane distance; distance: close/ratio (nanoBragg's stale ratio, spec Q12);
+    fbeam, sbeam: direct-beam spot along fast/slow from pix0; fclose, sclose: near point along fast/slow;
+    orgx, orgy: XDS origin (1-based pixels); dials_origin: (x, y, z) of pix0 in the DIALS frame.
+    """
+
+    pix0: Tuple[float, float, float]
+    fdet: Tuple[float, float, float]
+    sdet: Tuple[float, float, float]
+    odet: Tuple[float, float, float]
+    close: float
+    distance: float
+    fbeam: float
+    sbeam: float
+    fclose: float
+    sclose: float
+    orgx: float
+    orgy: float
+    dials_origin: Tuple[float, float, float]
+
+
+def _cpu64(det: Detector) -> Detector:
+    return Detector(*(torch.as_tensor(t).detach().to("cpu", torch.float64) for t in det))
+
+
+def header_geometry(params: Params, setup: Setup) -> HeaderGeometry:
+    """The geometry nanoBragg reports in its log and SMV headers (spec §4 step 5), computed in float64 on the CPU.
+
+    ``params``: a :class:`~nbtorch.types.Params` with an unbatched detector (``distance`` ``[]``, ``beam_center``
+    ``[2]``, ``rotation`` ``[3]``, ``twotheta`` ``[]``); ``setup``: the matching :class:`~nbtorch.types.Setup`.
+    Returns a :class:`HeaderGeometry` of Python floats.
+    """
+    det = _cpu64(params.detector)
+    if det.distance.dim() != 0:
+        raise ValueError(
+            f"header_geometry needs an unbatched detector, got distance of shape {tuple(det.distance.shape)}")
+    fr = detector_frame(det, setup)
+    beam = torch.tensor(setup.beam, dtype=torch.float64)
+    o0 = torch.tensor(setup.odet, dtype=torch.float64)
+    ratio = float((beam * (rot_xyz(deg2rad(det.rotation)) @ o0)).sum())  # no two-theta (spec Q12)
+    pix0 = fr.pix0
+    close = float((pix0 * fr.odet).sum())
+    distance = close / ratio
+    v = distance * beam - pix0
+    fbeam, sbeam = float((v * fr.fdet).sum()), float((v * fr.sdet).sum())
+    fclose, sclose = -float((pix0 * fr.fdet).sum()), -float((pix0 * fr.sdet).sum())
+    p = setup.pixel_size
+    px = [float(x) for x in pix0]
+    return HeaderGeometry(
+        pix0=tuple(px), fdet=tuple(float(x) for x in fr.fdet), sdet=tuple(float(x) for x in fr.sdet),
+        odet=tuple(float(x) for x in fr.odet), close=close, distance=distance, fbeam=fbeam, sbeam=sbeam,
+        fclose=fclose, sclose=sclose, orgx=fclose / p + 0.5, orgy=sclose / p + 0.5,
+        dials_origin=(px[2], px[1], -px[0]),
+    )
+
+
+def header_beam_center(params: Params, setup: Setup, extras, base_dir: str = ".") -> Tuple[float, float]:
+    """``BEAM_CENTER_X/Y`` (mm) as nanoBragg writes them: the user's (or an input image header's) Xbeam/Ybeam.
+
+    For XDS and DIALS, whose geometry ignores ``-Xbeam``/``-Ybeam`` (spec Q3), the default Xbeam/Ybeam is the near
+    point Xclose/Yclose, which itself defaults to (ORGX − ½)·p, (ORGY − ½)·p (or to the detector centre without
+    ``-ORGX``/``-ORGY``).  ``extras``: the :class:`nbtorch.args.Extras` from :func:`nbtorch.args.build`;
+    ``base_dir``: the directory relative file names (``-img``, ``-mask``) were read from.
+    """
+    x, y = float(extras.xbeam_mm), float(extras.ybeam_mm)
+    if setup.convention not in ("XDS", "DIALS"):
+        return x, y
+    o = extras.opts
+    hdr_beam = _image_header_keys(extras, base_dir)
+    p = setup.pixel_size
+    orgx, orgy = (float(v) for v in _cpu64(params.detector).beam_center)
+    if "-Xbeam" not in o and "BEAM_CENTER_X" not in hdr_beam:
+        x = float(o["-Xclose"]) if "-Xclose" in o else (orgx - 0.5) * p
+    if "-Ybeam" not in o and "BEAM_CENTER_Y" not in hdr_beam:
+        y = float(o["-Yclose"]) if "-Yclose" in o else (orgy - 0.5) * p
+    return x, y
+
+
+def _image_header_keys(extras, base_dir: str) -> set:
+    """Keys of the ``-img``/``-mask`` headers that initialise the detector (empty when neither flag is given)."""
+    from .io.smv import read_smv
+
+    keys: set = set()
+    for flag in ("-img", "-mask"):
+        name = extras.opts.get(flag)
+        if name is None:
+            continue
+        path = name if os.path.isabs(name) else os.path.join(base_dir, name)
+        try:
+            keys |= set(read_smv(path)[1])
+        except (OSError, ValueError):
+            pass  # build() already read (and validated) these files
+    return keys
+
+
+def smv_header_items(params: Params, setup: Setup, extras, base_dir: str = ".") -> List[Tuple[str, str]]:
+    """nanoBragg's SMV header items after SIZE2, in its order and text format (C ``%g``).
+
+    ``params``/``setup``: the simulated model (unbatched detector); ``extras``: :class:`nbtorch.args.Extras` (for
+    Xbeam/Ybeam, phi0, osc); ``base_dir``: where relative input names were resolved.
+    Returns ``[(KEY, text), ...]``: PIXEL_SIZE (mm), DISTANCE (mm, close/ratio with the stale ratio, Q12),
+    WAVELENGTH (Å), BEAM_CENTER_X/Y (mm, input values), ADXV_CENTER_X/Y = (Fbeam, Ds − Sbeam),
+    MOSFLM_CENTER_X/Y = (Sbeam − p/2, Fbeam − p/2), DENZO_X/Y_BEAM = (Sbeam, Fbeam), DIALS_ORIGIN (mm),
+    XDS_ORGX/ORGY (pixels), CLOSE_DISTANCE (mm), PHI, OSC_START, OSC_RANGE, TWOTHETA (deg), DETECTOR_SN=000,
+    BEAMLINE=fake.  Pass them to :func:`nbtorch.io.smv.write_smv`.
+    """
+    g = header_geometry(params, setup)
+    p = setup.pixel_size
+    bx, by = header_beam_center(params, setup, extras, base_dir)
+    return nanobragg_header_items(
+        pixel_size_mm=p,
+        distance_mm=g.distance,
+        wavelength_A=float(torch.as_tensor(params.beam.wavelength).detach().cpu()),
+        beam_center_x_mm=bx,
+        beam_center_y_mm=by,
+        adxv_center_x_mm=g.fbeam,
+        adxv_center_y_mm=setup.spixels * p - g.sbeam,
+        mosflm_center_x_mm=g.sbeam - p / 2,
+        mosflm_center_y_mm=g.fbeam - p / 2,
+        denzo_x_beam_mm=g.sbeam,
+        denzo_y_beam_mm=g.fbeam,
+        dials_origin_mm=g.dials_origin,
+        xds_orgx_px=g.orgx,
+        xds_orgy_px=g.orgy,
+        close_distance_mm=g.close,
+        phi_deg=float(extras.phi0),
+        osc_start_deg=float(extras.phi0),
+        osc_range_deg=float(extras.osc),
+        twotheta_deg=float(torch.as_tensor(params.detector.twotheta).detach().cpu()),
+    )
