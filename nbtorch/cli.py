@@ -482,8 +482,8 @@ def _run(argv: List[str], out: TextIO, err: TextIO) -> int:
     if "-printout_pixel" in o:
         fx, sx = o["-printout_pixel"]
         if fx != int(fx) or sx != int(sx) or not (0 <= fx < setup.fpixels and 0 <= sx < setup.spixels):
-            raise _UsageError(f"-printout_pixel {fx:g} {sx:g}: needs integer pixel indices fast in 0..{setup.fpixels - 1}"
-                              f" and slow in 0..{setup.spixels - 1}")
+            raise _UsageError(f"-printout_pixel {fx:g} {sx:g}: needs integer pixel indices fast in "
+                              f"0..{setup.fpixels - 1} and slow in 0..{setup.spixels - 1}")
         printout_pixel = (int(fx), int(sx))
     show_progress = _last_switch(o, "-progress", "-noprogress", True)
     write_noise = _last_switch(o, "-noisefile", "-nonoise", True)
@@ -498,7 +498,8 @@ def _run(argv: List[str], out: TextIO, err: TextIO) -> int:
 
     # ---- what will be simulated
     dev_name = str(params.crystal.cell.device)
-    out.write(f"{PROG} {__version__}: nanoBragg physics in PyTorch ({str(dtype).replace('torch.', '')} on {dev_name})\n")
+    dt_name = str(dtype).replace("torch.", "")
+    out.write(f"{PROG} {__version__}: nanoBragg physics in PyTorch ({dt_name} on {dev_name})\n")
     for note in extras.notes:
         out.write(f"note: {note}\n")
     out.write(
@@ -597,7 +598,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out, err = sys.stdout, sys.stderr
     try:
         if not args:
-            raise _UsageError("no flags given; " + "; and ".join(missing_inputs({})) + f" ({PROG} --help lists every flag)")
+            raise _UsageError("no flags given; missing " + "; and ".join(missing_inputs({}))
+                              + f" ({PROG} --help lists every flag)")
         return _run(args, out, err)
     except _UsageError as exc:
         err.write(f"{PROG}: error: {exc}\n")

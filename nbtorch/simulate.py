@@ -8,6 +8,7 @@ Python branches, so it composes with ``torch.func`` (``vmap``, ``jacfwd``, ``jac
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -50,18 +51,17 @@ def crystal_orientations(params: Params, setup: Setup) -> Crystal3D:
     return Crystal3D(A, B0)
 
 
-def _pixel_indices(setup: Setup) -> np.ndarray:
-    """Slow-major flat indices of the pixels to render (inside the ROI and not masked)."""
-    S, F = setup.spixels, setup.fpixels
-    keep = np.ones((S, F), bool)
-    if setup.roi is not None:
-        x0, x1, y0, y1 = setup.roi
-        r = np.zeros_like(keep)
-        r[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
-        keep &= r
-    if setup.mask is not None:
-        keep &= np.frombuffer(setup.mask, dtype=np.uint8).reshape(S, F) != 0
-    return np.flatnonzero(keep.reshape(-1))
+def _roi(setup: Setup):
+    """(x0, x1, y0, y1) inclusive pixel bounds of the rendered rectangle."""
+    return setup.roi if setup.roi is not None else (0, setup.fpixels - 1, 0, setup.spixels - 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _masked_indices(setup: Setup) -> np.ndarray:
+    """Row-major indices, within the ROI rectangle, of the pixels the mask keeps (computed once per Setup)."""
+    x0, x1, y0, y1 = _roi(setup)
+    m = np.frombuffer(setup.mask, dtype=np.uint8).reshape(setup.spixels, setup.fpixels)[y0 : y1 + 1, x0 : x1 + 1]
+    return np.flatnonzero(m.reshape(-1) != 0)
 
 
 def water_intensity(params: Params) -> torch.Tensor:
@@ -167,20 +167,24 @@ def simulate(params: Params, setup: Setup, check: bool = True) -> torch.Tensor:
     lam = params.beam.wavelength * torch.tensor([s[1] for s in setup.sources], dtype=like.dtype, device=dev)
     E = torch.tensor(setup.polar_axis, dtype=like.dtype, device=dev)
 
-    idx = _pixel_indices(setup)
+    x0, x1, y0, y1 = _roi(setup)
+    w, h = x1 - x0 + 1, y1 - y0 + 1
+    masked = setup.mask is not None
+    n = len(_masked_indices(setup)) if masked else w * h
     per_pixel = setup.thicksteps * setup.oversample**2 * setup.n_sources * xtal.A.shape[0]
     tile = max(1, setup.sample_budget // per_pixel)
-    n_pix = setup.spixels * setup.fpixels
     chunks = []
-    for start in range(0, len(idx), tile):
-        sel = torch.as_tensor(idx[start : start + tile], device=dev)
-        chunks.append(_tile_values(params, setup, frame, xtal, inc, lam, E, sel % setup.fpixels, sel // setup.fpixels))
-    if not chunks:
-        vals = torch.zeros(0, dtype=like.dtype, device=dev)
-    else:
-        vals = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-    if len(idx) == n_pix:
-        image = vals
-    else:
-        image = torch.zeros(n_pix, dtype=vals.dtype, device=dev).index_put((torch.as_tensor(idx, device=dev),), vals)
-    return image.reshape(setup.spixels, setup.fpixels)
+    for start in range(0, n, tile):
+        if masked:
+            k = torch.as_tensor(_masked_indices(setup)[start : start + tile], device=dev)
+        else:
+            k = torch.arange(start, min(start + tile, n), device=dev)
+        chunks.append(_tile_values(params, setup, frame, xtal, inc, lam, E, x0 + k % w, y0 + k // w))
+    vals = torch.cat(chunks) if len(chunks) > 1 else chunks[0] if chunks else torch.zeros(0, dtype=like.dtype)
+    if masked:
+        k = torch.as_tensor(_masked_indices(setup), device=dev)
+        vals = torch.zeros(w * h, dtype=vals.dtype, device=dev).index_put((k,), vals)
+    image = vals.reshape(h, w)
+    if (w, h) != (setup.fpixels, setup.spixels):
+        image = torch.nn.functional.pad(image, (x0, setup.fpixels - 1 - x1, y0, setup.spixels - 1 - y1))
+    return image

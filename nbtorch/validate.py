@@ -28,6 +28,8 @@ _SHAPES = {
 
 
 def _is_concrete(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
     try:
         from torch._C._functorch import is_functorch_wrapped_tensor
 
@@ -37,7 +39,7 @@ def _is_concrete(t: torch.Tensor) -> bool:
         pass
     if getattr(t, "_is_view_of_fake", False) or type(t).__name__ in ("FakeTensor", "FunctionalTensor"):
         return False
-    return not torch.compiler.is_compiling()
+    return True
 
 
 def check_setup(setup) -> None:
@@ -101,6 +103,8 @@ def check_params(params, setup=None) -> None:
         dtypes.add(t.dtype)
     if len(dtypes) > 1:
         raise ValueError(f"all params leaves must share one dtype, got {sorted(str(d) for d in dtypes)}")
+    if torch.compiler.is_compiling():
+        return
     F = params.structure.F
     if F.dim() != 3:
         raise ValueError(f"params.structure.F must be a 3-D [nh, nk, nl] table, got shape {list(F.shape)}")

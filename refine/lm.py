@@ -1,0 +1,179 @@
+"""Levenberg–Marquardt (Fisher scoring) on forward-mode Jacobians, chunked over pixels.
+
+Each iteration builds the normal equations at the current point from :meth:`refine.targets.Objective.normal_equations`
+(J = ∂model/∂x by ``torch.func.jacfwd`` over pixel chunks, so memory stays bounded: H = JᵀWJ and g = Jᵀ·∂L/∂m are
+accumulated chunk by chunk and J is discarded), then solves
+
+    (H + μ·diag(H)) δ = −g                       (Marquardt's scaling: invariant to the units of x)
+
+projects x + δ onto the bounds and accepts the step when the loss decreases.  The damping follows Nielsen's rule:
+after an accepted step with gain ratio ρ = actual / predicted decrease, μ ← μ·max(⅓, 1 − (2ρ − 1)³); after a rejected
+step μ ← μ·ν, ν ← 2ν.
+
+Stopping rules (first that holds):
+
+* converged: the undamped Gauss–Newton step would lower the loss by less than ``ftol`` log-likelihood units
+  (½·gᵀH⁻¹g < ftol; for least squares one unit is σ̂² = 2L/(n − p)), i.e. every parameter is within about
+  sqrt(2·ftol) standard errors of the optimum;
+* converged: an accepted step moved every parameter by less than ``xtol`` standard errors and lowered the loss by less
+  than ``ftol`` units;
+* not converged: ``max_iter`` accepted steps, or the damping grew beyond ``max_damping`` (no downhill step found).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .targets import Objective
+
+
+@dataclasses.dataclass
+class MinimizeResult:
+    """Outcome of a minimiser run.
+
+    ``x`` [n] final increments (best point seen); ``loss`` (data + priors); ``converged``; ``message``; ``iterations``
+    (accepted steps for LM, optimiser steps otherwise); ``evaluations`` (loss evaluations, Jacobians count as one);
+    ``history``: one dict per iteration with ``iteration``, ``loss``, ``step`` (largest |Δx|/σ), ``damping`` (μ for LM,
+    the learning rate otherwise), ``accepted``, ``seconds``.
+    """
+
+    x: torch.Tensor
+    loss: float
+    converged: bool
+    message: str
+    iterations: int
+    evaluations: int
+    history: List[dict]
+
+
+def _free_at_bounds(x, g, lo, hi):
+    """Scalars sitting on a bound with the gradient pushing outwards (excluded from the Gauss–Newton test)."""
+    return ((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0))
+
+
+def gauss_newton_decrement(g: torch.Tensor, H: torch.Tensor, blocked: Optional[torch.Tensor] = None) -> float:
+    """½·gᵀH⁻¹g: the loss decrease the undamped Gauss–Newton step predicts (``blocked`` scalars left out)."""
+    keep = torch.ones_like(g, dtype=torch.bool) if blocked is None else ~blocked
+    if not bool(keep.any()):
+        return 0.0
+    gk, Hk = g[keep], H[keep][:, keep]
+    try:
+        sol = torch.linalg.solve(Hk, gk)
+    except RuntimeError:
+        sol = torch.linalg.lstsq(Hk, gk[:, None]).solution[:, 0]
+    return 0.5 * float(gk @ sol)
+
+
+def levenberg_marquardt(
+    objective: Objective,
+    x0: torch.Tensor,
+    active: Optional[Sequence[int]] = None,
+    *,
+    max_iter: int = 30,
+    ftol: float = 1e-3,
+    xtol: float = 1e-2,
+    damping: float = 1e-3,
+    max_damping: float = 1e10,
+    callback: Optional[Callable[[dict], None]] = None,
+) -> MinimizeResult:
+    """Minimise ``objective`` from ``x0`` [n] over the ``active`` scalars (default all) by Levenberg–Marquardt.
+
+    Args:
+        objective: :class:`~refine.targets.Objective` (model, target, pixels).
+        x0: starting increments [n] (projected onto the bounds).
+        active: indices of x that move (others stay at x0).
+        max_iter: maximum accepted steps (each costs one Jacobian, ≈ one forward pass per active scalar).
+        ftol: convergence threshold in log-likelihood units (see the module docstring).
+        xtol: step threshold in standard errors.
+        damping: initial μ (relative to diag(H)).
+        max_damping: give up when μ exceeds this.
+        callback: called after every iteration with the history dict (for progress displays).
+
+    Returns:
+        :class:`MinimizeResult`.
+    """
+    t0 = time.perf_counter()
+    par = objective.par
+    active = list(range(par.n)) if active is None else list(active)
+    lo_all, hi_all = par.bounds()
+    x = torch.maximum(torch.minimum(x0.detach().clone(), hi_all), lo_all)
+    history: List[dict] = []
+    if not active:
+        L = objective.loss(x)
+        return MinimizeResult(x, L, True, "nothing to refine", 0, 1, [dict(iteration=0, loss=L, step=0.0,
+                                                                           damping=0.0, accepted=True, seconds=0.0)])
+    act = torch.as_tensor(active, dtype=torch.long)
+    lo, hi = lo_all[act], hi_all[act]
+    L, g, H, _ = objective.normal_equations(x, active)
+    evals = 1
+    if not math.isfinite(L):
+        raise ValueError("the starting model gives an infinite or NaN loss (a non-positive model where photons were "
+                         "observed?): check the starting model, the background and the mask")
+    mu, nu = float(damping), 2.0
+    history.append(dict(iteration=0, loss=L, step=0.0, damping=mu, accepted=True, seconds=time.perf_counter() - t0))
+    if callback:
+        callback(history[-1])
+    converged, message = False, f"reached max_iter = {max_iter}"
+    it = 0
+    unit = objective.likelihood_unit(L, len(active))
+    if gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi)) < ftol * unit:
+        converged, message = True, "converged at the start (Gauss–Newton decrement below ftol)"
+    while not converged and it < max_iter:
+        it += 1
+        accepted = False
+        while True:
+            d = torch.diagonal(H).clamp_min(1e-12 * float(torch.diagonal(H).abs().max()) + 1e-300)
+            A = H + mu * torch.diag(d)
+            try:
+                delta = torch.linalg.solve(A, -g)
+            except RuntimeError:
+                delta = None
+            if delta is not None and bool(torch.isfinite(delta).all()):
+                xa = torch.maximum(torch.minimum(x[act] + delta, hi), lo)
+                delta = xa - x[act]
+                pred = -float(g @ delta + 0.5 * delta @ (H @ delta))
+                x_new = x.index_put((act,), xa)
+                L_new = objective.loss(x_new)
+                evals += 1
+                rho = (L - L_new) / pred if pred > 0 else (-1.0 if L_new >= L else 1.0)
+                if math.isfinite(L_new) and L_new < L:
+                    accepted = True
+                    break
+            mu *= nu
+            nu *= 2.0
+            if mu > max_damping:
+                break
+        if not accepted:
+            unit = objective.likelihood_unit(L, len(active))
+            gn = gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi))
+            converged = gn < 10 * ftol * unit
+            message = ("converged (no downhill step; Gauss–Newton decrement {:.3g})".format(gn / unit) if converged
+                       else f"stopped: damping above {max_damping:g} without a downhill step")
+            break
+        decrease = L - L_new
+        # step size in standard errors (from the current normal matrix)
+        try:
+            var = torch.diagonal(torch.linalg.inv(H)).clamp_min(1e-300)
+            step_sig = float((delta.abs() / torch.sqrt(var * objective.likelihood_unit(L_new, len(active)))).max())
+        except RuntimeError:
+            step_sig = math.inf
+        x, L = x_new, L_new
+        mu = mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+        nu = 2.0
+        L, g, H, _ = objective.normal_equations(x, active)
+        evals += 1
+        history.append(dict(iteration=it, loss=L, step=step_sig, damping=mu, accepted=True,
+                            seconds=time.perf_counter() - t0))
+        if callback:
+            callback(history[-1])
+        unit = objective.likelihood_unit(L, len(active))
+        gn = gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi))
+        if gn < ftol * unit:
+            converged, message = True, f"converged: Gauss–Newton decrement {gn / unit:.3g} < ftol = {ftol:g}"
+        elif decrease < ftol * unit and step_sig < xtol:
+            converged, message = True, f"converged: step {step_sig:.3g} σ < xtol and decrease below ftol"
+    return MinimizeResult(x, L, converged, message, it, evals, history)
