@@ -244,7 +244,7 @@ def test_scale_adc_roi_and_switch_order(tmp_path, monkeypatch):
 def test_curved_det_last_misset_seed_and_decimal_N(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = ["-cell", "100", "-default_F", "100", "-detpixels", "16", "-pixel", "0.5", "-distance", "60",
-            "-nonoise", "-nopgm", "-noprogress", "-intfile", "i.img"]
+            "-oversample", "1", "-nonoise", "-nopgm", "-noprogress", "-intfile", "i.img"]
     assert cli.main(base + ["-floatfile", "a.bin", "-N", "2.5", "-curved_det"]) == 0  # last argument (Q16)
     assert cli.main(base + ["-curved_det", "-N", "2.5", "-floatfile", "b.bin"]) == 0
     assert cli.main(base + ["-N", "2.5", "-floatfile", "c.bin"]) == 0
