@@ -27,7 +27,7 @@ FLAGS: Dict[str, Tuple[object, str]] = {
     "-cell": ("cell", "unit cell a b c (Å) alpha beta gamma (deg); missing b, c default to a, angles to 90"),
     "-mat": (1, "MOSFLM orientation matrix file (λ-scaled reciprocal vectors; -lambda must match it)"),
     "-misset": ("misset", "crystal misorientation rx ry rz (deg, applied X then Y then Z) or 'random'"),
-    "-misset_seed": (1, "seed of -misset random (integer)"),
+    "-misset_seed": (1, "seed of -misset random (integer; default from the clock)"),
     "-N": (1, "unit cells along each axis (default 1; continuous values allowed)"),
     "-Na": (1, "unit cells along a (default 1)"),
     "-Nb": (1, "unit cells along b (default 1)"),
@@ -59,9 +59,9 @@ FLAGS: Dict[str, Tuple[object, str]] = {
     "-mosaic_domains": (1, "number of mosaic domains (default 10 when -mosaic > 0)"),
     "-mosaic_seed": (1, "seed of the mosaic domain generator (default 12345678)"),
     "-phi": (1, "spindle start angle (deg; default 0)"),
-    "-osc": (1, "oscillation range (deg)"),
-    "-phistep": (1, "spindle step (deg)"),
-    "-phisteps": (1, "number of spindle samples"),
+    "-osc": (1, "oscillation range (deg; default 0; alone: 2 steps of osc/2)"),
+    "-phistep": (1, "spindle step (deg; default osc/phisteps)"),
+    "-phisteps": (1, "number of spindle samples (default 1; alone it implies -osc 1)"),
     "-spindle_axis": (3, "spindle rotation axis x y z (switches to CUSTOM convention)"),
     # beam
     "-lambda": (1, "wavelength (Å; default 1)"),
@@ -71,8 +71,8 @@ FLAGS: Dict[str, Tuple[object, str]] = {
     "-divergence": (1, "horizontal and vertical divergence full range (mrad)"),
     "-hdivrange": (1, "horizontal divergence range (mrad)"),
     "-vdivrange": (1, "vertical divergence range (mrad)"),
-    "-hdivstep": (1, "horizontal divergence step (mrad)"),
-    "-vdivstep": (1, "vertical divergence step (mrad)"),
+    "-hdivstep": (1, "horizontal divergence step (mrad; default range/(steps-1))"),
+    "-vdivstep": (1, "vertical divergence step (mrad; default range/(steps-1))"),
     "-hdivsteps": (1, "horizontal divergence points"),
     "-vdivsteps": (1, "vertical divergence points"),
     "-divsteps": (1, "divergence points in both directions"),
@@ -89,21 +89,21 @@ FLAGS: Dict[str, Tuple[object, str]] = {
     "-beamsize": (1, "square beam edge (mm; default 0.1); also clips the crystal's y/z size"),
     "-coherent": (0, "no effect (accepted for compatibility)"),
     # detector
-    "-distance": (1, "sample to detector distance along the beam (mm; default 100)"),
-    "-close_distance": (1, "perpendicular sample to detector-plane distance (mm)"),
+    "-distance": (1, "sample to detector distance along the beam (mm; default 100; selects the beam pivot in CUSTOM)"),
+    "-close_distance": (1, "perpendicular sample to detector-plane distance (mm; selects the sample pivot in CUSTOM)"),
     "-pixel": (1, "pixel size (mm; default 0.1)"),
-    "-detpixels": (1, "pixels along fast and slow"),
+    "-detpixels": (1, "pixels along fast and slow (default detsize/pixel = 1024)"),
     "-detpixels_f": (1, "pixels along the fast axis"),
     "-detpixels_s": (1, "pixels along the slow axis"),
     "-detsize": (1, "detector edge (mm; default 102.4)"),
     "-detsize_f": (1, "detector size along fast (mm)"),
     "-detsize_s": (1, "detector size along slow (mm)"),
-    "-Xbeam": (1, "direct-beam position X (mm; meaning per convention)"),
-    "-Ybeam": (1, "direct-beam position Y (mm; meaning per convention)"),
-    "-Xclose": (1, "near-point X (mm)"),
-    "-Yclose": (1, "near-point Y (mm)"),
-    "-ORGX": (1, "XDS near point, fast (1-based pixels)"),
-    "-ORGY": (1, "XDS near point, slow (1-based pixels)"),
+    "-Xbeam": (1, "direct-beam position X (mm; meaning and default per convention: MOSFLM slow axis, (detsize_s+pixel)/2)"),
+    "-Ybeam": (1, "direct-beam position Y (mm; meaning and default per convention: MOSFLM fast axis, (detsize_f+pixel)/2)"),
+    "-Xclose": (1, "near-point X (mm; default detector centre; selects the sample pivot in CUSTOM)"),
+    "-Yclose": (1, "near-point Y (mm; default detector centre; selects the sample pivot in CUSTOM)"),
+    "-ORGX": (1, "XDS/DIALS near point, fast (1-based pixels; default detector centre)"),
+    "-ORGY": (1, "XDS/DIALS near point, slow (1-based pixels; default detector centre)"),
     "-pivot": (1, "detector rotation pivot: beam or sample (CUSTOM convention only)"),
     "-mosflm": (0, "MOSFLM convention (default)"),
     "-xds": (0, "XDS convention"),
@@ -115,20 +115,20 @@ FLAGS: Dict[str, Tuple[object, str]] = {
     "-odet_vector": (3, "detector normal x y z (switches to CUSTOM)"),
     "-twotheta_axis": (3, "two-theta axis x y z (switches to CUSTOM)"),
     "-pix0_vector": (3, "accepted; overwritten by the geometry as in nanoBragg (switches to CUSTOM)"),
-    "-detector_rotx": (1, "detector rotation about x (deg)"),
-    "-detector_roty": (1, "detector rotation about y (deg)"),
-    "-detector_rotz": (1, "detector rotation about z (deg)"),
-    "-twotheta": (1, "detector two-theta swing (deg)"),
+    "-detector_rotx": (1, "detector rotation about x (deg; default 0)"),
+    "-detector_roty": (1, "detector rotation about y (deg; default 0)"),
+    "-detector_rotz": (1, "detector rotation about z (deg; default 0)"),
+    "-twotheta": (1, "detector two-theta swing (deg; default 0; selects the sample pivot in CUSTOM)"),
     "-curved_det": (0, "spherical detector: every pixel at -distance"),
     "-point_pixel": (0, "solid angle 1/R² (no pixel area, no obliquity)"),
     "-detector_thick": (1, "sensor thickness (µm; default 0)"),
-    "-detector_abs": (1, "sensor attenuation length (µm; default = thickness; inf or 0: no absorption)"),
-    "-detector_thicksteps": (1, "sensor layers"),
-    "-oversample": (1, "sub-pixels per pixel edge (default auto)"),
+    "-detector_abs": (1, "sensor attenuation length (µm; default = thickness; inf or 0: no absorption and no thickness, Q22)"),
+    "-detector_thicksteps": (1, "sensor layers (default 2 when -detector_thick > 0)"),
+    "-oversample": (1, "sub-pixels per pixel edge (default auto: ceil(3·max(N·cell)/(lambda·distance/pixel)))"),
     "-oversample_thick": (0, "capture fraction per sub-pixel (nanoBragg running-sum behaviour)"),
     "-oversample_polar": (0, "polarization per sub-pixel and source (nanoBragg running-sum behaviour)"),
     "-oversample_omega": (0, "solid angle per sub-pixel (nanoBragg running-sum behaviour)"),
-    "-roi": (4, "render only fast xmin..xmax, slow ymin..ymax (pixels, inclusive)"),
+    "-roi": (4, "render only fast xmin..xmax, slow ymin..ymax (0-based pixels, inclusive; default whole detector)"),
     "-mask": (1, "SMV mask image: pixels == 0 are skipped; its header initialises the detector"),
     "-img": (1, "SMV image whose header initialises the detector"),
     # background
@@ -136,18 +136,18 @@ FLAGS: Dict[str, Tuple[object, str]] = {
     # output
     "-floatfile": (1, "raw float32 output image (default floatimage.bin)"),
     "-intfile": (1, "SMV noiseless output (default intimage.img)"),
-    "-noisefile": (1, "SMV Poisson-noise output (default noiseimage.img)"),
+    "-noisefile": (1, "SMV Poisson-noise output (default noiseimage.img; skipped with -nonoise)"),
     "-pgmfile": (1, "8-bit PGM preview (default image.pgm)"),
     "-scale": (1, "intfile scale (default 55000/max)"),
-    "-pgmscale": (1, "PGM scale (default auto)"),
-    "-adc": (1, "ADC offset of int and noise images (default 40)"),
+    "-pgmscale": (1, "PGM scale (default 250/(5·rmsd))"),
+    "-adc": (1, "ADC offset of int and noise images (counts; default 40)"),
     "-seed": (1, "noise seed (default: from the clock)"),
     "-nonoise": (0, "do not write the noise image"),
     "-nopgm": (0, "do not write the PGM image"),
     "-printout": (0, "print per-pixel diagnostics"),
-    "-printout_pixel": (2, "print diagnostics of pixel (fast, slow)"),
+    "-printout_pixel": (2, "print diagnostics of pixel (fast, slow; 0-based pixels)"),
     "-noprogress": (0, "no progress bar"),
-    "-progress": (0, "show a progress bar"),
+    "-progress": (0, "show a progress bar (default on)"),
 }
 
 ALIASES = {
@@ -544,8 +544,10 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     Df, Ds = fpix * pixel, spix * pixel
 
     # ---- beam centre and pivot
-    xclose = float(hget("-Xclose", "Xclose", Df / 2))
-    yclose = float(hget("-Yclose", "Yclose", Ds / 2))
+    orgx_in, orgy_in = hget("-ORGX", "ORGX"), hget("-ORGY", "ORGY")
+    # the near point defaults to ORGX/ORGY when given, else the detector centre
+    xclose = float(hget("-Xclose", "Xclose", Df / 2 if orgx_in is None else (orgx_in - 0.5) * pixel))
+    yclose = float(hget("-Yclose", "Yclose", Ds / 2 if orgy_in is None else (orgy_in - 0.5) * pixel))
     if conv in ("MOSFLM", "DENZO"):
         xb_def, yb_def = (Ds + pixel) / 2, (Df + pixel) / 2
     elif conv == "ADXV":
@@ -554,8 +556,8 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
         xb_def, yb_def = xclose, yclose
     xbeam = float(hget("-Xbeam", "Xbeam", xb_def))
     ybeam = float(hget("-Ybeam", "Ybeam", yb_def))
-    orgx = hget("-ORGX", "ORGX", Df / 2 / pixel + 0.5)
-    orgy = hget("-ORGY", "ORGY", Ds / 2 / pixel + 0.5)
+    orgx = Df / 2 / pixel + 0.5 if orgx_in is None else orgx_in
+    orgy = Ds / 2 / pixel + 0.5 if orgy_in is None else orgy_in
     if conv in ("MOSFLM", "DENZO", "ADXV"):
         pivot = "beam"
     elif conv in ("XDS", "DIALS"):

@@ -93,38 +93,10 @@ def header_beam_center(params: Params, setup: Setup, extras, base_dir: str = "."
 
     For XDS and DIALS, whose geometry ignores ``-Xbeam``/``-Ybeam`` (spec Q3), the default Xbeam/Ybeam is the near
     point Xclose/Yclose, which itself defaults to (ORGX − ½)·p, (ORGY − ½)·p (or to the detector centre without
-    ``-ORGX``/``-ORGY``).  ``extras``: the :class:`nbtorch.args.Extras` from :func:`nbtorch.args.build`;
+    ``-ORGX``/``-ORGY``); :func:`nbtorch.args.build` applies these defaults.  ``extras``: the :class:`nbtorch.args.Extras` from :func:`nbtorch.args.build`;
     ``base_dir``: the directory relative file names (``-img``, ``-mask``) were read from.
     """
-    x, y = float(extras.xbeam_mm), float(extras.ybeam_mm)
-    if setup.convention not in ("XDS", "DIALS"):
-        return x, y
-    o = extras.opts
-    hdr_beam = _image_header_keys(extras, base_dir)
-    p = setup.pixel_size
-    orgx, orgy = (float(v) for v in _cpu64(params.detector).beam_center)
-    if "-Xbeam" not in o and "BEAM_CENTER_X" not in hdr_beam:
-        x = float(o["-Xclose"]) if "-Xclose" in o else (orgx - 0.5) * p
-    if "-Ybeam" not in o and "BEAM_CENTER_Y" not in hdr_beam:
-        y = float(o["-Yclose"]) if "-Yclose" in o else (orgy - 0.5) * p
-    return x, y
-
-
-def _image_header_keys(extras, base_dir: str) -> set:
-    """Keys of the ``-img``/``-mask`` headers that initialise the detector (empty when neither flag is given)."""
-    from .io.smv import read_smv
-
-    keys: set = set()
-    for flag in ("-img", "-mask"):
-        name = extras.opts.get(flag)
-        if name is None:
-            continue
-        path = name if os.path.isabs(name) else os.path.join(base_dir, name)
-        try:
-            keys |= set(read_smv(path)[1])
-        except (OSError, ValueError):
-            pass  # build() already read (and validated) these files
-    return keys
+    return float(extras.xbeam_mm), float(extras.ybeam_mm)
 
 
 def smv_header_items(params: Params, setup: Setup, extras, base_dir: str = ".") -> List[Tuple[str, str]]:
