@@ -176,8 +176,8 @@ def _num(flag: str, tok: str) -> float:
         v = float(tok)
     except ValueError:
         raise ValueError(f"{flag} expects a number, got {tok!r}") from None
-    if math.isnan(v):
-        raise ValueError(f"{flag} expects a number, got {tok!r}")
+    if math.isnan(v) or (math.isinf(v) and flag not in ("-detector_abs",)):
+        raise ValueError(f"{flag} expects a finite number, got {tok!r}")
     return v
 
 
@@ -525,6 +525,10 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     ev = _unit(user.get("-polar_vector", ev))
     spv = _unit(user.get("-spindle_axis", spv))
 
+    if np.linalg.norm(np.cross(bv, ev)) < 1e-6 and "-nopolar" not in o:
+        raise ValueError("-polar_vector must not be parallel to the beam direction (-beam_vector / convention): the "
+                         "polarization plane is undefined")
+
     # ---- detector size
     pixel = float(hget("-pixel", "pixel", 0.1))
     if not pixel > 0:
@@ -682,13 +686,20 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     )
     from .detector import detector_frame
 
+    from .validate import check_detector
+
+    check_detector(det64, Setup(**base))
     rep_distance = float(detector_frame(det64, Setup(**base)).distance)
     if "-oversample" in o:
         oversample = int(o["-oversample"])
-        if oversample < 1:
-            raise ValueError(f"-oversample must be >= 1, got {oversample}")
+        if not 1 <= oversample <= 64:
+            raise ValueError(f"-oversample must be between 1 and 64, got {oversample}")
     else:
         oversample = max(1, int(math.ceil(3.0 * L_max / (lam * rep_distance / pixel))))
+        if oversample > 64:
+            raise ValueError(f"the automatic -oversample rule asks for {oversample} sub-pixels per pixel edge (crystal "
+                             f"{L_max:.4g} Å across, distance {rep_distance:.4g} mm, pixel {pixel:g} mm); give "
+                             "-oversample explicitly (1 to 64)")
 
     setup = Setup(
         **base,

@@ -37,6 +37,11 @@ def divergence_sources(
     b = np.asarray(beam, float)
     E = np.asarray(polar_axis, float)
     vert = np.cross(b, E)
+    if np.linalg.norm(vert) < 1e-12:
+        if any(h != 0 for h in hdiv) or any(v != 0 for v in vdiv):
+            raise ValueError("beam divergence needs a polarization axis (-polar_vector) that is not parallel to the "
+                             "beam: the divergence directions are defined relative to it")
+        vert = np.array([0.0, 0.0, 1.0]) if abs(b[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
     vert /= np.linalg.norm(vert)
     H, Vn = len(hdiv), len(vdiv)
     out: List = []

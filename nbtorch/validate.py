@@ -71,6 +71,25 @@ def check_setup(setup) -> None:
         need(abs(n - 1.0) < 1e-6, f"Setup.{name} must be a unit vector (|v| = 1), got |v| = {n:g}")
     need(len(setup.mosaic_axes) == len(setup.mosaic_fractions) >= 1,
          "Setup.mosaic_axes and Setup.mosaic_fractions must have the same length >= 1")
+    for k, ax in enumerate(setup.mosaic_axes):
+        need(len(ax) == 3 and all(math.isfinite(x) for x in ax) and abs(math.sqrt(sum(x * x for x in ax)) - 1) < 1e-6,
+             f"Setup.mosaic_axes[{k}] must be a finite unit vector, got {ax!r}")
+    need(all(math.isfinite(x) for x in setup.mosaic_fractions), "Setup.mosaic_fractions must be finite")
+
+    def cross_norm(u, v):
+        c = (u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0])
+        return math.sqrt(sum(x * x for x in c))
+
+    need(setup.nopolar or cross_norm(setup.polar_axis, setup.beam) > 1e-6,
+         "Setup.polar_axis (-polar_vector) must not be parallel to Setup.beam (-beam_vector): the polarization "
+         "plane is undefined")
+    need(cross_norm(setup.fdet, setup.sdet) > 1e-6, "Setup.fdet and Setup.sdet (-fdet_vector, -sdet_vector) must "
+         "not be parallel")
+    need(setup.fpixels * setup.spixels <= 1 << 31, f"Setup.fpixels × spixels must be at most 2^31, got "
+         f"{setup.fpixels} × {setup.spixels}")
+    need(setup.oversample <= 64, f"Setup.oversample must be between 1 and 64, got {setup.oversample}")
+    need(len(setup.hkl_min) == 3 and all(isinstance(x, int) for x in setup.hkl_min),
+         f"Setup.hkl_min must be 3 integers, got {setup.hkl_min!r}")
     need(len(setup.sources) >= 1, "Setup.sources must hold at least one source")
     for k, (d, lf) in enumerate(setup.sources):
         need(len(d) == 3 and all(math.isfinite(x) for x in d) and abs(math.sqrt(sum(x * x for x in d)) - 1) < 1e-6,
@@ -91,7 +110,7 @@ def check_params(params, setup=None) -> None:
     from .types import tree_leaves
 
     leaves = tree_leaves(params)
-    dtypes = set()
+    first_dtype = None
     for name, t in leaves:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"params.{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -100,9 +119,11 @@ def check_params(params, setup=None) -> None:
             raise ValueError(f"params.{name} must have shape {list(want)}, got {list(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"params.{name} must be a floating-point tensor, got {t.dtype}")
-        dtypes.add(t.dtype)
-    if len(dtypes) > 1:
-        raise ValueError(f"all params leaves must share one dtype, got {sorted(str(d) for d in dtypes)}")
+        if first_dtype is None:
+            first_dtype = (name, t.dtype)
+        elif t.dtype != first_dtype[1]:
+            raise ValueError(f"all params leaves must share one dtype: params.{name} is {t.dtype} but "
+                             f"params.{first_dtype[0]} is {first_dtype[1]}")
     if torch.compiler.is_compiling():
         return
     F = params.structure.F
@@ -126,14 +147,36 @@ def check_params(params, setup=None) -> None:
     if float((O @ O.T - torch.eye(3, dtype=O.dtype)).abs().max()) > 1e-6 or float(torch.linalg.det(O)) < 0:
         raise ValueError("params.crystal.orientation must be a proper rotation matrix (orthonormal, det +1)")
     if setup is not None:
-        from .detector import detector_frame
+        check_detector(params.detector, setup)
 
-        frame = detector_frame(params.detector, setup)
-        if not float(frame.close) > 0:
+
+def check_detector(det, setup) -> None:
+    """Raise ``ValueError`` unless the detector plane lies in front of the sample and the beam can reach it.
+
+    ``det``: concrete :class:`~nbtorch.types.Detector`; the perpendicular distance must exceed 1e-6 of the detector's
+    extent plus its distance, and the beam must not run parallel to the (rotated, before two-theta) plane.
+    """
+    from .detector import detector_frame
+    from .rotation import rot_xyz
+    from .units import deg2rad
+
+    with torch.no_grad():
+        det = type(det)(*(t.detach().double().cpu() for t in det))
+        o0 = torch.tensor(setup.odet, dtype=torch.float64)
+        ratio = float((torch.tensor(setup.beam, dtype=torch.float64) * (rot_xyz(deg2rad(det.rotation)) @ o0)).sum())
+        if abs(ratio) < 1e-6:
+            raise ValueError(
+                "detector.rotation makes the beam run parallel to the detector plane (beam·normal = "
+                f"{ratio:.3g}): the distance along the beam is undefined; check detector.rotation / -detector_rot*")
+        frame = detector_frame(det, setup)
+        size = setup.pixel_size * (setup.fpixels + setup.spixels)
+        scale = float(torch.linalg.vector_norm(frame.pix0)) + size
+        close = float(frame.close)
+        if not close > 1e-6 * scale:
             raise ValueError(
                 "detector geometry puts the detector plane behind or through the sample (close distance "
-                f"{float(frame.close):g} mm): check detector.distance, detector.rotation and detector.twotheta"
-            )
+                f"{close:.3g} mm): check detector.distance, detector.rotation and detector.twotheta "
+                "(-distance, -detector_rot*, -twotheta)")
 
 
 def _positive(name, t, allowed):

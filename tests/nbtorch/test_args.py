@@ -10,7 +10,7 @@ import torch
 import nbtorch
 from nbtorch.io import write_smv
 
-BASE = "-default_F 100 -cell 50 50 50 90 90 90 -N 3 -detpixels 32 -pixel 0.5 -distance 80"
+BASE = "-default_F 100 -cell 50 50 50 90 90 90 -N 3 -detpixels 32 -pixel 0.5 -distance 80 -oversample 1"
 
 
 def setup_of(extra):

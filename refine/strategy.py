@@ -1,0 +1,178 @@
+"""Coarse-to-fine strategy: broadened-spot stages, a beam-centre translation search, and linear pre-fits.
+
+A sharp still has a narrow basin: with N ≈ 5–10 cells, spots are one or two pixels wide, so a beam centre that is
+2–3 pixels off leaves model and observed spots without overlap, and the cell/distance pair (almost degenerate on a
+small detector) drifts when everything is free at once.  :func:`default_stages` therefore refines in stages:
+
+1. ``search`` — with spots broadened (N × 0.5, fluence × 2³ so the integrated intensity is unchanged) the scale (and
+   the constant background) are pre-fitted by linear least squares, then, if the beam centre is free, the global
+   translation between the observed and model images is found by FFT cross-correlation (within ±``max_shift``
+   pixels, sub-pixel by a parabola through the peak) and converted to a beam-centre shift through the Jacobian of
+   the direct-beam pixel position.  No iterations.
+2. ``coarse`` (N × 0.3) and ``medium`` (N × 0.6) — Levenberg–Marquardt on the geometry only (orientation, distance,
+   beam centre, detector tilts, two-theta, scale, background); cell, wavelength, N and mosaic stay fixed so that the
+   nearly degenerate cell/distance/wavelength directions cannot drift while spots are blurred.
+3. ``geometry`` — the same groups with the real spot model.
+4. ``fine`` — every free group with the real model, to convergence.
+
+The broadening works in log space for N, so the increments x carry over between stages unchanged (N_stage =
+f·N_ref·e^x).  Stages whose active groups are not free are skipped.  ``coarse_to_fine=False`` runs only ``fine``;
+a list of :class:`Stage` replaces the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.func import jacfwd
+
+from nbtorch.detector import detector_frame
+from nbtorch.types import Params, Setup
+
+#: Groups refined while spots are broadened (never cell, wavelength, ncells, mosaic).
+GEOMETRY_GROUPS = ("orientation", "distance", "beam_center", "detector_rotation", "twotheta", "scale", "background")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a refinement.
+
+    ``name``; ``ncells_factor`` (N_stage = factor·N, not below min(N, 1); the fluence is divided by the same factor
+    per axis so integrated spot intensities are unchanged); ``mosaic_factor`` (mosaic spread × factor);
+    ``shape`` (None = the model's, or 'square' | 'round' | 'gauss' | 'tophat'); ``active`` (groups refined in this
+    stage, None = all free groups); ``max_iter`` (None = the fit's ``max_iter``; 0 = no minimisation);
+    ``search_beam_center`` (run the translation search first); ``prefit_scale`` (linear pre-fit of scale and
+    constant background).
+    """
+
+    name: str = "fine"
+    ncells_factor: float = 1.0
+    mosaic_factor: float = 1.0
+    shape: Optional[str] = None
+    active: Optional[Tuple[str, ...]] = None
+    max_iter: Optional[int] = None
+    search_beam_center: bool = False
+    prefit_scale: bool = False
+
+
+def default_stages(coarse_iter: int = 8) -> List[Stage]:
+    """The default coarse-to-fine schedule (see the module docstring)."""
+    return [
+        Stage("search", ncells_factor=0.5, max_iter=0, search_beam_center=True, prefit_scale=True),
+        Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=coarse_iter),
+        Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=coarse_iter),
+        Stage("geometry", ncells_factor=1.0, active=GEOMETRY_GROUPS, max_iter=coarse_iter),
+        Stage("fine"),
+    ]
+
+
+def apply_stage(params: Params, setup: Setup, stage: Stage) -> Tuple[Params, Setup]:
+    """The stage's model: N scaled (with the fluence compensated), mosaic spread scaled, shape replaced."""
+    if stage.ncells_factor == 1.0 and stage.mosaic_factor == 1.0 and (stage.shape is None or
+                                                                     stage.shape == setup.shape):
+        return params, setup
+    c, b = params.crystal, params.beam
+    N = c.ncells
+    if stage.ncells_factor != 1.0:
+        floor = torch.clamp(N, max=1.0)
+        Ns = torch.maximum(N * stage.ncells_factor, floor)
+        fluence = b.fluence * torch.prod(N / Ns)
+    else:
+        Ns, fluence = N, b.fluence
+    spread = c.mosaic_spread * stage.mosaic_factor
+    p = params._replace(crystal=c._replace(ncells=Ns, mosaic_spread=spread), beam=b._replace(fluence=fluence))
+    s = setup if stage.shape is None or stage.shape == setup.shape else setup.replace(shape=stage.shape)
+    return p, s
+
+
+def translation_search(observed: np.ndarray, model: np.ndarray, usable: np.ndarray, max_shift: int = 8):
+    """Global translation (fast, slow) in pixels by which the observed pattern is displaced from the model.
+
+    FFT cross-correlation of the mean-subtracted square roots of both images (unusable pixels zeroed, zero-padded so
+    nothing wraps), peak searched within ±``max_shift`` pixels, refined to sub-pixel by a parabola through the peak
+    and its neighbours.  Returns ``(df, ds, score)`` with score the normalised correlation at the peak.
+    """
+    o = np.where(usable, np.sqrt(np.clip(np.nan_to_num(observed), 0, None)), 0.0)
+    m = np.where(usable, np.sqrt(np.clip(model, 0, None)), 0.0)
+    if not usable.any():
+        return 0.0, 0.0, 0.0
+    o = np.where(usable, o - o[usable].mean(), 0.0)
+    m = np.where(usable, m - m[usable].mean(), 0.0)
+    S, F = o.shape
+    C = np.fft.irfft2(np.fft.rfft2(o, s=(2 * S, 2 * F)) * np.conj(np.fft.rfft2(m, s=(2 * S, 2 * F))), s=(2 * S, 2 * F))
+    C = np.fft.fftshift(C)  # zero displacement at (S, F)
+    r = int(max(1, min(max_shift, S - 1, F - 1)))
+    win = C[S - r: S + r + 1, F - r: F + r + 1]
+    i, j = np.unravel_index(int(np.argmax(win)), win.shape)
+
+    def vertex(cm, c0, cp):
+        den = cm - 2.0 * c0 + cp
+        return 0.0 if den >= 0 else float(np.clip(0.5 * (cm - cp) / den, -0.5, 0.5))
+
+    di = vertex(win[i - 1, j], win[i, j], win[i + 1, j]) if 0 < i < win.shape[0] - 1 else 0.0
+    dj = vertex(win[i, j - 1], win[i, j], win[i, j + 1]) if 0 < j < win.shape[1] - 1 else 0.0
+    norm = math.sqrt(float((o * o).sum()) * float((m * m).sum())) or 1.0
+    return j - r + dj, i - r + di, float(win[i, j]) / norm
+
+
+def direct_beam_pixel(params: Params, setup: Setup) -> torch.Tensor:
+    """Where the direct beam meets the detector plane, (fast, slow) in pixels from the outer corner of pixel (0, 0)."""
+    fr = detector_frame(params.detector, setup)
+    b = torch.tensor(setup.beam, dtype=fr.pix0.dtype, device=fr.pix0.device)
+    t = (fr.pix0 * fr.odet).sum(-1) / (b * fr.odet).sum(-1)
+    P = t[..., None] * b - fr.pix0
+    return torch.stack([(P * fr.fdet).sum(-1), (P * fr.sdet).sum(-1)], -1) / setup.pixel_size
+
+
+def beam_center_shift(par, x: torch.Tensor, shift_px: Sequence[float]) -> torch.Tensor:
+    """Increments x with the beam centre moved so that the pattern moves by ``shift_px`` (fast, slow) pixels.
+
+    Moving the beam centre translates the detector in its own plane, so every spot moves with the direct beam; the
+    2×2 Jacobian of :func:`direct_beam_pixel` with respect to the beam-centre increments converts the shift."""
+    ib = par.index("beam_center")
+    if len(ib) != 2:
+        return x
+    act = torch.as_tensor(ib)
+
+    def f(xb):
+        return direct_beam_pixel(par.unpack(x.index_put((act,), xb)), par.setup)
+
+    J = jacfwd(f)(x[act])
+    d = torch.as_tensor([float(v) for v in shift_px], dtype=x.dtype, device=x.device)
+    try:
+        step = torch.linalg.solve(J, d)
+    except RuntimeError:
+        return x
+    return x.index_put((act,), x[act] + step)
+
+
+def prefit_scale(par, x: torch.Tensor, observed: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """Linear pre-fit of the free scale (and constant background): o ≈ s·m + c over the given pixels.
+
+    ``observed``, ``model`` [P] at the usable pixels, model at ``x`` (including any plane).  Returns new increments;
+    unchanged when the fit is not positive."""
+    i_s = par.index("scale")
+    i_c = par.index("background.constant")
+    if not i_s and not i_c:
+        return x
+    plane0 = par.plane(x)[0] if par.has_plane() else x.new_zeros(())
+    bragg = model - plane0  # model without the constant term
+    o = observed
+    x = x.clone()
+    if i_s and i_c:
+        A = torch.stack([bragg, torch.ones_like(bragg)], 1)
+        sol = torch.linalg.lstsq(A, o[:, None]).solution[:, 0]
+        s, c = float(sol[0]), float(sol[1])
+        if s > 0:
+            x[i_s[0]] = x[i_s[0]] + math.log(s)
+            x[i_c[0]] = x[i_c[0]] + (c - float(plane0))
+    elif i_s:
+        num, den = float((o - plane0).sum()), float(bragg.sum())
+        if num > 0 and den > 0:
+            x[i_s[0]] = x[i_s[0]] + math.log(num / den)
+    else:
+        x[i_c[0]] = x[i_c[0]] + float((o - model).mean())
+    return x
