@@ -1,17 +1,12 @@
 """Incident beam: source directions and wavelengths (divergence grid, dispersion, source files) and polarization."""
 from __future__ import annotations
 
-import math
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 
-
-def _np_rot_axis(u: np.ndarray, t: float) -> np.ndarray:
-    u = np.asarray(u, float)
-    K = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
-    return np.eye(3) * math.cos(t) + math.sin(t) * K + (1 - math.cos(t)) * np.outer(u, u)
+from .mosaic import rodrigues_matrix
 
 
 def divergence_sources(
@@ -55,7 +50,7 @@ def divergence_sources(
                     )
                 if test > 1.1:  # NaN compares False: kept
                     continue
-            P = _np_rot_axis(vert, h) @ (_np_rot_axis(E, v) @ (-10.0 * b))
+            P = rodrigues_matrix(vert, h) @ (rodrigues_matrix(E, v) @ (-10.0 * b))
             d = -P / np.linalg.norm(P)
             for lf in dispersion_factors:
                 out.append((tuple(float(x) for x in d), float(lf)))

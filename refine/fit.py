@@ -23,7 +23,7 @@ from .lm import MinimizeResult, levenberg_marquardt
 from .optim import adam, lbfgs
 from .parameters import DEFAULT_FREE, parameterise
 from .result import Result, correlation_from_covariance, propagate
-from .strategy import Stage, apply_stage, beam_center_shift, default_stages, prefit_scale, translation_search
+from .strategy import Stage, apply_stage, default_stages, prefit_scale, search_geometry
 from .targets import Objective, make_target, select_pixels, usable_mask
 
 METHODS = ("lm", "lbfgs", "adam")
@@ -85,6 +85,7 @@ def fit(
     coarse_to_fine: Union[bool, Sequence[Stage]] = True,
     coarse_iter: int = 8,
     max_shift: int = 8,
+    search_distance: float = 0.05,
     spots_only: bool = False,
     spot_dilate: int = 3,
     background_fraction: float = 0.05,
@@ -113,7 +114,8 @@ def fit(
         max_iter: iterations of the final stage (default 30 LM, 100 L-BFGS, 300 Adam).
         coarse_to_fine: True (default) for :func:`refine.strategy.default_stages`, False for a single stage, or a
             list of :class:`~refine.strategy.Stage`.
-        coarse_iter: iterations of each broadened stage; max_shift: translation-search radius (pixels).
+        coarse_iter: iterations of each broadened stage; max_shift: translation-search radius (pixels);
+            search_distance: relative range of the distance grid search (±, 1 % steps; 0 = off).
         spots_only: fit only pixels near predicted/observed spots plus a ``background_fraction`` sample (re-selected
             at every stage, ``spot_dilate`` pixels around spots); the model is rendered only there (Setup.mask).
         chunk_pixels: pixels per Jacobian/gradient chunk (memory bound).
@@ -188,11 +190,9 @@ def fit(
                 x = prefit_scale(par, x, observed_t.reshape(-1)[sel], model_img.reshape(-1)[sel])
                 with torch.no_grad():
                     model_np = simulate(par.unpack(x), ss).detach().cpu().numpy()
-            if stage.search_beam_center and len(par.index("beam_center")) == 2:
-                df, ds, score = translation_search(obs_np, model_np, usable, max_shift)
-                x = beam_center_shift(par, x, (df, ds))
-                info["translation_px"] = [float(df), float(ds)]
-                info["correlation"] = float(score)
+            if stage.search_beam_center and (par.index("beam_center") or par.index("distance")):
+                x, sinfo = search_geometry(par, x, obs_np, usable, max_shift, search_distance, 0.01)
+                info.update(sinfo)
                 if spots_only:
                     with torch.no_grad():
                         model_np = simulate(par.unpack(x), ss).detach().cpu().numpy()

@@ -44,8 +44,8 @@ class Stage:
     per axis so integrated spot intensities are unchanged); ``mosaic_factor`` (mosaic spread × factor);
     ``shape`` (None = the model's, or 'square' | 'round' | 'gauss' | 'tophat'); ``active`` (groups refined in this
     stage, None = all free groups); ``max_iter`` (None = the fit's ``max_iter``; 0 = no minimisation);
-    ``search_beam_center`` (run the translation search first); ``prefit_scale`` (linear pre-fit of scale and
-    constant background).
+    ``search_beam_center`` (run :func:`search_geometry` first: distance grid × beam-centre translation);
+    ``prefit_scale`` (linear pre-fit of scale and constant background).
     """
 
     name: str = "fine"
@@ -147,6 +147,44 @@ def beam_center_shift(par, x: torch.Tensor, shift_px: Sequence[float]) -> torch.
     except RuntimeError:
         return x
     return x.index_put((act,), x[act] + step)
+
+
+def search_geometry(par, x: torch.Tensor, observed: np.ndarray, usable: np.ndarray, max_shift: int = 8,
+                    distance_range: float = 0.05, distance_step: float = 0.01):
+    """Grid search over the distance (relative steps within ±``distance_range``, when the distance is free) with a
+    translation search (:func:`translation_search`, when the beam centre is free) at each candidate; keeps the
+    candidate whose image correlates best with the observed one and moves the beam centre by its translation.
+
+    Searching the distance with the translation matters because a distance error scales the pattern about the beam
+    (a few pixels at the edge), and spot lattices are periodic: a translation alone can lock onto a neighbouring spot.
+    Returns ``(x, info)`` with info = {'translation_px', 'distance_mm', 'correlation', 'candidates'}."""
+    from nbtorch.simulate import simulate
+
+    i_d = par.index("distance")
+    has_bc = len(par.index("beam_center")) == 2
+    if not i_d and not has_bc:
+        return x, {}
+    steps = [0.0]
+    if i_d and distance_range > 0 and distance_step > 0:
+        k = int(round(distance_range / distance_step))
+        steps = [j * distance_step for j in range(-k, k + 1)]
+    D0 = float(par.unpack(x).detector.distance)
+    best = None
+    for dd in steps:
+        xc = x.clone()
+        if i_d:
+            xc[i_d[0]] = xc[i_d[0]] + dd * D0
+        with torch.no_grad():
+            model = simulate(par.unpack(xc), par.setup).detach().cpu().numpy()
+        df, ds, score = translation_search(observed, model, usable, max_shift if has_bc else 0)
+        if best is None or score > best[0]:
+            best = (score, xc, df, ds, dd)
+    score, xb, df, ds, dd = best
+    if has_bc:
+        xb = beam_center_shift(par, xb, (df, ds))
+    info = {"translation_px": [float(df), float(ds)], "distance_change_mm": float(dd * D0),
+            "correlation": float(score), "candidates": len(steps)}
+    return xb, info
 
 
 def prefit_scale(par, x: torch.Tensor, observed: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
