@@ -43,25 +43,33 @@ def _observed_array(observed, setup: Setup):
     return np.asarray(observed, dtype=np.float64), None
 
 
-def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto"):
+def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", rcond: float = 1e-10):
     """Covariance of the increments at ``x``: ``H⁻¹·k`` (see :mod:`refine.result`).
 
-    Returns ``(cov [n, n], chi2_reduced, k, loss, singular)``; ``singular`` is True when H had to be pseudo-inverted
-    (some combination of free parameters is not determined by the data; its ESDs are then not meaningful)."""
+    H is inverted through its correlation form C = D^-½·H·D^-½ (D = diag H); eigenvalues of C below ``rcond`` times
+    the largest mark combinations of free parameters that the data do not determine (e.g. a crystal rotation about
+    the beam together with an in-plane detector rotation): they are left out (pseudo-inverse) and named.
+
+    Returns ``(cov [n, n], chi2_reduced, k, loss, degenerate)`` with ``degenerate`` a list of lists of scalar names
+    (empty when H is well conditioned)."""
     if esd_scale not in ("auto", "chi2", "none"):
         raise ValueError(f"esd_scale must be 'auto', 'chi2' or 'none'; got {esd_scale!r}")
     n = objective.par.n
     L, g, H, m = objective.normal_equations(x)
     chi2 = objective.chi2_reduced(m, n)
     k = chi2 if (esd_scale == "chi2" or (esd_scale == "auto" and not objective.target.likelihood)) else 1.0
-    singular = False
-    try:
-        Lc = torch.linalg.cholesky(H)
-        cov = torch.cholesky_inverse(Lc)
-    except RuntimeError:
-        cov = torch.linalg.pinv(H, hermitian=True)
-        singular = True
-    return cov * k, chi2, k, L, singular
+    d = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
+    C = H / d[:, None] / d[None, :]
+    w, V = torch.linalg.eigh(C)
+    bad = w < rcond * float(w.max())
+    degenerate = []
+    for j in torch.nonzero(bad).flatten().tolist():
+        v = V[:, j].abs()
+        degenerate.append([objective.par.names[i] for i in torch.nonzero(v > 0.2 * float(v.max())).flatten().tolist()])
+    winv = torch.where(bad, torch.zeros_like(w), 1.0 / torch.where(bad, torch.ones_like(w), w))
+    Cinv = (V * winv) @ V.T
+    cov = Cinv / d[:, None] / d[None, :]
+    return cov * k, chi2, k, L, degenerate
 
 
 def fit(
@@ -233,9 +241,9 @@ def fit(
     else:
         converged, message = last.converged, last.message
     if par.n:
-        cov, chi2, k, L, singular = covariance(objective, x, esd_scale)
-        if singular:
-            message += " (normal matrix singular: some free parameters are not determined; ESDs unreliable)"
+        cov, chi2, k, L, degenerate = covariance(objective, x, esd_scale)
+        for combo in degenerate:
+            message += f" (undetermined combination of {', '.join(combo)}: fix one of them; their ESDs omit it)"
     else:
         cov = torch.zeros(0, 0, dtype=par.dtype)
         m = objective.model(x)
