@@ -1,7 +1,11 @@
-"""The main job on built-in defaults: simulate a still diffraction image with nbtorch and write it with a picture.
+"""The main job on built-in defaults: simulate an observed still from a known model, refine a perturbed start, report.
 
-Run ``nbtorch-demo [--out DIR]``.  Writes ``DIR/image.bin`` (float32 photons/pixel, [slow, fast]),
-``DIR/image.img`` (SMV with Poisson noise), ``DIR/image.png`` and ``DIR/summary.json``.
+Run ``nbtorch-demo [--out DIR]``.  Steps: (1) simulate the true model with nbtorch and add Poisson noise — the
+"observed" image; (2) perturb the model by errors typical of indexing (cell 0.7 %, orientation 0.4°, distance 1.5 mm,
+beam centre 2.5 px, scale ×2); (3) refine cell, orientation, distance, beam centre and scale with Levenberg–Marquardt
+(coarse-to-fine); (4) print a table of true / start / refined ± ESD.  Writes ``DIR/observed.img`` (SMV),
+``DIR/observed.png``, ``DIR/fit.png`` (observed / model / residual and the loss curve), ``DIR/fit.json`` and
+``DIR/refined_flags.txt`` (the refined model as nanoBragg flags: ``nbtorch $(cat refined_flags.txt)`` re-simulates it).
 """
 from __future__ import annotations
 
@@ -15,14 +19,17 @@ import torch
 
 import nbtorch
 
-DEMO_ARGS = (
+TRUE_ARGS = (
     "-cell 52 61 73 90 90 90 -misset 12 -25 31 -default_F 100 -N 8 -lambda 1.0 -distance 80 -pixel 0.2 "
-    "-detpixels 256 -oversample 1 -mosaic 0.2 -mosaic_domains 5 -polar 0.95 -water 0.3 -fluence 1e28"
+    "-detpixels 256 -oversample 1 -polar 0.95 -water 0.1 -fluence 1e28"
 )
+# start = true model with errors typical of indexing
+START_CHANGES = {"cell": 1.007, "misset_deg": 0.4, "distance_mm": 1.5, "beam_center_px": 2.5, "scale": 2.0}
+FREE = ["cell", "orientation", "distance", "beam_center", "scale"]
 
 
 def save_picture(path: str, images, titles, cmap="gray_r") -> None:
-    """Write a PNG of one or more ``[slow, fast]`` images side by side (log-scaled photons)."""
+    """Write a PNG of one or more ``[slow, fast]`` images side by side (log-scaled photons), atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,36 +49,84 @@ def save_picture(path: str, images, titles, cmap="gray_r") -> None:
     os.replace(tmp, path)
 
 
+def perturb(params, setup):
+    """The demo's starting model: ``params`` with the :data:`START_CHANGES` applied."""
+    c, d, b = params.crystal, params.detector, params.beam
+    px = setup.pixel_size
+    crystal = c._replace(cell=c.cell * torch.tensor([START_CHANGES["cell"]] * 3 + [1.0] * 3, dtype=c.cell.dtype),
+                         misset=c.misset + START_CHANGES["misset_deg"] * torch.tensor([1.0, -0.6, 0.8], dtype=c.cell.dtype))
+    detector = d._replace(distance=d.distance + START_CHANGES["distance_mm"],
+                          beam_center=d.beam_center + START_CHANGES["beam_center_px"] * px * torch.tensor([1.0, -0.7],
+                                                                                                          dtype=c.cell.dtype))
+    beam = b._replace(fluence=b.fluence * START_CHANGES["scale"])
+    return params._replace(crystal=crystal, detector=detector, beam=beam)
+
+
+def _report(params, setup):
+    """Comparable numbers of a model: cell, misset, distance, beam centre (mm), fluence."""
+    return {
+        "cell": params.crystal.cell.tolist(), "misset_deg": params.crystal.misset.tolist(),
+        "distance_mm": [params.detector.distance.item()], "beam_center": params.detector.beam_center.tolist(),
+        "fluence": [params.beam.fluence.item()],
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="nbtorch-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="nbtorch-demo", help="output folder (default nbtorch-demo)")
     ap.add_argument("--seed", type=int, default=1, help="noise seed (default 1)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    from nbtorch.io import write_raw_float, write_smv
-    from nbtorch.noise import noise_image_uint16
+    import refine
+    from nbtorch.io import write_smv
 
     t0 = time.perf_counter()
-    params, setup = nbtorch.from_nanobragg_args(DEMO_ARGS)
-    image = nbtorch.simulate(params, setup).numpy()
-    t_sim = time.perf_counter() - t0
-    noisy, overloads = noise_image_uint16(image.astype(np.float32), seed=a.seed, adc=0.0)
-    write_raw_float(os.path.join(a.out, "image.bin"), image)
-    write_smv(os.path.join(a.out, "image.img"), noisy, {"PIXEL_SIZE": setup.pixel_size, "WAVELENGTH": 1.0})
-    save_picture(os.path.join(a.out, "image.png"), [image, noisy.astype(float)], ["model (photons)", "with Poisson noise"])
-    summary = {
-        "nanobragg_args": DEMO_ARGS,
-        "shape_slow_fast": list(image.shape),
-        "max_photons": float(image.max()),
-        "mean_photons": float(image.mean()),
-        "total_photons": float(image.sum()),
-        "simulate_seconds": round(t_sim, 3),
-    }
+    true, setup = nbtorch.from_nanobragg_args(TRUE_ARGS)
+    ideal = nbtorch.simulate(true, setup)
+    gen = torch.Generator().manual_seed(a.seed)
+    observed = torch.poisson(ideal, generator=gen)
+    print(f"simulated the observed {setup.fpixels}×{setup.spixels} still in {time.perf_counter() - t0:.2f} s "
+          f"(max {ideal.max():.0f} photons, mean {ideal.mean():.1f}) and added Poisson noise")
+    write_smv(os.path.join(a.out, "observed.img"), np.clip(observed.numpy(), 0, 65535).astype(np.uint16),
+              {"PIXEL_SIZE": setup.pixel_size, "DISTANCE": true.detector.distance.item(),
+               "WAVELENGTH": true.beam.wavelength.item()})
+    save_picture(os.path.join(a.out, "observed.png"), [observed.numpy()], ["observed (photons)"])
+
+    start = perturb(true, setup)
+    print(f"refining {', '.join(FREE)} from a perturbed start (Levenberg–Marquardt, coarse to fine) ...")
+    result = refine.fit(observed, start, setup, free=FREE, method="lm", nanobragg_args=TRUE_ARGS)
+    result.plot(os.path.join(a.out, "fit.png"))
+    result.to_json(os.path.join(a.out, "fit.json"))
+    with open(os.path.join(a.out, "refined_flags.txt"), "w") as fh:
+        fh.write(" ".join(result.to_nanobragg_args(matrix_path=os.path.join(a.out, "refined.mat"))) + "\n")
+
+    t, s = _report(true, setup), _report(start, setup)
+    r, e = result.parameters, result.parameter_esd
+    rows = [("a (Å)", "cell", 0), ("b (Å)", "cell", 1), ("c (Å)", "cell", 2), ("alpha (deg)", "cell", 3),
+            ("beta (deg)", "cell", 4), ("gamma (deg)", "cell", 5), ("misset x (deg)", "misset_deg", 0),
+            ("misset y (deg)", "misset_deg", 1), ("misset z (deg)", "misset_deg", 2),
+            ("distance (mm)", "distance_mm", 0), ("Xbeam (mm)", "beam_center", 0), ("Ybeam (mm)", "beam_center", 1),
+            ("fluence (ph/m²)", "fluence", 0)]
+
+    def val(d, k, i):
+        v = d[k]
+        return float(v[i] if isinstance(v, (list, tuple)) else v)
+
+    print(f"\n{'parameter':18s} {'true':>14s} {'start':>14s} {'refined':>14s} {'± ESD':>11s} {'|err|/ESD':>9s}")
+    table = []
+    for label, key, i in rows:
+        tv, sv, rv, ev = val(t, key, i), val(s, key, i), val(r, key, i), val(e, key, i)
+        z = abs(rv - tv) / ev if ev > 0 else float("nan")
+        table.append({"parameter": label, "true": tv, "start": sv, "refined": rv, "esd": ev})
+        print(f"{label:18s} {tv:14.6g} {sv:14.6g} {rv:14.6g} {ev:11.2g} {z:9.2f}")
+    print(f"\n{'converged' if result.converged else 'NOT converged'} in {result.iterations} iterations, "
+          f"{result.seconds:.1f} s; reduced χ² {result.chi2_reduced:.3f}")
     with open(os.path.join(a.out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
-    print(f"simulated {image.shape[1]}×{image.shape[0]} pixels in {t_sim:.2f} s: max {image.max():.1f} photons, "
-          f"mean {image.mean():.2f}; wrote {a.out}/image.bin, image.img, image.png, summary.json")
-    return 0
+        json.dump({"true_args": TRUE_ARGS, "free": FREE, "table": table, "converged": bool(result.converged),
+                   "seconds": result.seconds}, fh, indent=1)
+    print(f"wrote {a.out}/: observed.img, observed.png, fit.png (observed / model / residual), fit.json, "
+          "refined_flags.txt, summary.json")
+    return 0 if result.converged else 1
 
 
 if __name__ == "__main__":
