@@ -20,9 +20,11 @@ from .parameters import (
     GROUPS,
     Parameterisation,
     Scalar,
+    pack,
     parameterise,
     symmetrize_cell,
     total_rotation,
+    unpack,
     xyz_angles,
 )
 from .result import REPORT_FIELDS, Result
@@ -31,7 +33,7 @@ from .targets import TARGETS, Objective, make_target, select_pixels, usable_mask
 
 __all__ = [
     "fit", "Result", "METHODS", "covariance",
-    "parameterise", "Parameterisation", "Scalar", "GROUPS", "DEFAULT_FREE", "CRYSTAL_SYSTEMS", "symmetrize_cell",
+    "parameterise", "Parameterisation", "pack", "unpack", "Scalar", "GROUPS", "DEFAULT_FREE", "CRYSTAL_SYSTEMS", "symmetrize_cell",
     "total_rotation", "xyz_angles",
     "make_target", "TARGETS", "Objective", "usable_mask", "select_pixels",
     "levenberg_marquardt", "lbfgs", "adam", "MinimizeResult",

@@ -10,6 +10,7 @@ The pieces (see docs/refine.md): :mod:`refine.parameters` (what is free, increme
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -23,7 +24,8 @@ from .lm import MinimizeResult, levenberg_marquardt
 from .optim import adam, lbfgs
 from .parameters import DEFAULT_FREE, parameterise
 from .result import Result, correlation_from_covariance, propagate
-from .strategy import Stage, apply_stage, default_stages, prefit_scale, search_geometry
+from .strategy import (POSITION_GROUPS, Stage, apply_stage, default_stages, prefit_scale, search_geometry,
+                       trust_bounds)
 from .targets import Objective, make_target, select_pixels, usable_mask
 
 METHODS = ("lm", "lbfgs", "adam")
@@ -32,10 +34,11 @@ _DEFAULT_MAX_ITER = {"lm": 30, "lbfgs": 100, "adam": 300}
 
 def _observed_array(observed, setup: Setup):
     """observed (tensor / array / ObservedImage / path) → (float64 array [slow, fast], mask or None)."""
-    from nbtorch.io.images import ObservedImage, read_image
+    from nbtorch.io.images import RAW_EXTENSIONS, ObservedImage, read_image
 
-    if isinstance(observed, (str, bytes)) or hasattr(observed, "__fspath__"):
-        observed = read_image(observed, shape=(setup.spixels, setup.fpixels))
+    if isinstance(observed, str) or hasattr(observed, "__fspath__"):
+        raw = os.path.splitext(os.fspath(observed))[1].lower() in RAW_EXTENSIONS
+        observed = read_image(observed, shape=(setup.spixels, setup.fpixels) if raw else None)
     if isinstance(observed, ObservedImage):
         return np.asarray(observed.data, dtype=np.float64), np.asarray(observed.mask, dtype=bool)
     if torch.is_tensor(observed):
@@ -43,19 +46,25 @@ def _observed_array(observed, setup: Setup):
     return np.asarray(observed, dtype=np.float64), None
 
 
-def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", rcond: float = 1e-10):
+def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", rcond: float = 1e-10, normal=None):
     """Covariance of the increments at ``x``: ``H⁻¹·k`` (see :mod:`refine.result`).
 
     H is inverted through its correlation form C = D^-½·H·D^-½ (D = diag H); eigenvalues of C below ``rcond`` times
     the largest mark combinations of free parameters that the data do not determine (e.g. a crystal rotation about
     the beam together with an in-plane detector rotation): they are left out (pseudo-inverse) and named.
 
+    ``normal``: optional (H [n, n], model [n_pixels]) already computed at ``x`` (by the last LM iteration).
+
     Returns ``(cov [n, n], chi2_reduced, k, loss, degenerate)`` with ``degenerate`` a list of lists of scalar names
     (empty when H is well conditioned)."""
     if esd_scale not in ("auto", "chi2", "none"):
         raise ValueError(f"esd_scale must be 'auto', 'chi2' or 'none'; got {esd_scale!r}")
     n = objective.par.n
-    L, g, H, m = objective.normal_equations(x)
+    if normal is not None:
+        H, m = normal
+        L = objective.loss(x)
+    else:
+        L, g, H, m = objective.normal_equations(x)
     chi2 = objective.chi2_reduced(m, n)
     k = chi2 if (esd_scale == "chi2" or (esd_scale == "auto" and not objective.target.likelihood)) else 1.0
     d = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
@@ -92,14 +101,16 @@ def fit(
     max_iter: Optional[int] = None,
     coarse_to_fine: Union[bool, Sequence[Stage]] = True,
     coarse_iter: int = 8,
+    robust_iter: int = 10,
     max_shift: int = 8,
     search_distance: float = 0.05,
     spots_only: bool = False,
+    prelim_pixels: Optional[int] = 65536,
     spot_dilate: int = 3,
     background_fraction: float = 0.05,
     chunk_pixels: int = 16384,
     ftol: float = 1e-3,
-    lr: float = 0.1,
+    lr: float = 0.05,
     schedule: str = "cosine",
     esd_scale: str = "auto",
     callback: Optional[Callable[[dict], None]] = None,
@@ -122,10 +133,12 @@ def fit(
         max_iter: iterations of the final stage (default 30 LM, 100 L-BFGS, 300 Adam).
         coarse_to_fine: True (default) for :func:`refine.strategy.default_stages`, False for a single stage, or a
             list of :class:`~refine.strategy.Stage`.
-        coarse_iter: iterations of each broadened stage; max_shift: translation-search radius (pixels);
+        coarse_iter: iterations of each broadened stage; robust_iter: iterations of the robust stage; max_shift: translation-search radius (pixels);
             search_distance: relative range of the distance grid search (±, 1 % steps; 0 = off).
         spots_only: fit only pixels near predicted/observed spots plus a ``background_fraction`` sample (re-selected
             at every stage, ``spot_dilate`` pixels around spots); the model is rendered only there (Setup.mask).
+        prelim_pixels: at most this many pixels (a fixed random subset of the usable or selected ones) in the
+            preliminary stages, which only have to bring the model into the final stage's basin (None: all).
         chunk_pixels: pixels per Jacobian/gradient chunk (memory bound).
         ftol: convergence tolerance in log-likelihood units; lr, schedule: Adam's learning rate and schedule.
         esd_scale: 'auto', 'chi2' or 'none' (see :mod:`refine.result`).
@@ -151,7 +164,7 @@ def fit(
                                  dtype=params.crystal.cell.dtype, device=params.crystal.cell.device)
 
     if coarse_to_fine is True:
-        stages = default_stages(coarse_iter)
+        stages = default_stages(coarse_iter, robust_iter)
     elif coarse_to_fine is False or coarse_to_fine is None:
         stages = [Stage("fine")]
     else:
@@ -167,6 +180,7 @@ def fit(
     stage_info: List[dict] = []
     iterations = evaluations = 0
     last: Optional[MinimizeResult] = None
+    final_run: Optional[MinimizeResult] = None
     objective = None
     for k, stage in enumerate(stages):
         is_last = k == len(stages) - 1
@@ -176,6 +190,9 @@ def fit(
             active = list(range(par.n))
         else:
             active = sorted({i for g in stage.active for i in par.index(g)})
+        if stage.broadened and stage.max_iter != 0 and not is_last and not any(
+                par.index(g) for g in POSITION_GROUPS):
+            continue
         needs_model = stage.search_beam_center or stage.prefit_scale or spots_only
         if not is_last and not active and not needs_model:
             continue
@@ -207,8 +224,16 @@ def fit(
             if spots_only:
                 pixels = select_pixels(obs_np, model_np, usable, dilate=spot_dilate,
                                        background_fraction=background_fraction)
+        if not is_last and prelim_pixels and int(pixels.sum()) > prelim_pixels:
+            # preliminary stages only have to reach the basin: a fixed random subset of pixels is enough
+            flat = np.flatnonzero(pixels.reshape(-1))
+            keep = np.random.default_rng(k).choice(flat, size=int(prelim_pixels), replace=False)
+            pixels = np.zeros(pixels.size, dtype=bool)
+            pixels[keep] = True
+            pixels = pixels.reshape(usable.shape)
         run_iter = max_iter if (stage.max_iter is None) else int(stage.max_iter)
-        objective = Objective(par, observed_t, pixels, tgt, chunk_pixels)
+        stage_target = tgt if (stage.target is None or is_last) else make_target(stage.target)
+        objective = Objective(par, observed_t, pixels, stage_target, chunk_pixels)
         if run_iter > 0 and active:
 
             def cb(h, _name=stage.name):
@@ -217,13 +242,22 @@ def fit(
                 if callback:
                     callback(h)
 
+            if not is_last and not math.isfinite(objective.loss(x)):
+                info.update(message="skipped: infinite loss at the start of the stage")
+                stage_info.append(info)
+                continue
+            lo, hi = trust_bounds(par, x, stage.trust)
+            kw = dict(max_iter=run_iter, ftol=ftol if stage.ftol is None or is_last else stage.ftol, callback=cb,
+                      lower=lo, upper=hi)
             if method == "lm":
-                last = levenberg_marquardt(objective, x, active, max_iter=run_iter, ftol=ftol, callback=cb)
+                last = levenberg_marquardt(objective, x, active, **kw)
             elif method == "lbfgs":
-                last = lbfgs(objective, x, active, max_iter=run_iter, ftol=ftol, callback=cb)
+                last = lbfgs(objective, x, active, **kw)
             else:
-                last = adam(objective, x, active, max_iter=run_iter, lr=lr, schedule=schedule, ftol=ftol, callback=cb)
+                last = adam(objective, x, active, lr=lr, schedule=schedule, **kw)
             x = last.x
+            if is_last:
+                final_run = last
             iterations += last.iterations
             evaluations += last.evaluations
             info.update(iterations=last.iterations, loss=last.loss, message=last.message,
@@ -234,14 +268,20 @@ def fit(
 
     # ---- final statistics on the real model
     par = final_par
-    if objective is None or objective.par is not final_par:
+    if objective is None or objective.par is not final_par or objective.target.name != tgt.name:
         objective = Objective(par, observed_t, usable, tgt, chunk_pixels)
-    if last is None:
-        converged, message = True, "no iterations run"
+    if final_run is not None:
+        converged, message = final_run.converged, final_run.message
+    elif par.n == 0:
+        converged, message = True, "nothing to refine"
     else:
-        converged, message = last.converged, last.message
+        converged, message = False, "the final stage did not run (max_iter = 0)"
     if par.n:
-        cov, chi2, k, L, degenerate = covariance(objective, x, esd_scale)
+        normal = None
+        if (final_run is not None and final_run.normal is not None and final_run.normal[0] == list(range(par.n))
+                and objective.par is par and torch.equal(final_run.x, x)):
+            normal = final_run.normal[1:]
+        cov, chi2, k, L, degenerate = covariance(objective, x, esd_scale, normal=normal)
         for combo in degenerate:
             message += f" (undetermined combination of {', '.join(combo)}: fix one of them; their ESDs omit it)"
     else:

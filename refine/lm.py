@@ -48,6 +48,7 @@ class MinimizeResult:
     iterations: int
     evaluations: int
     history: List[dict]
+    normal: Optional[tuple] = None  # (active, H, model) at x, when the minimiser computed them (LM)
 
 
 def _free_at_bounds(x, g, lo, hi):
@@ -79,6 +80,8 @@ def levenberg_marquardt(
     damping: float = 1e-3,
     max_damping: float = 1e10,
     callback: Optional[Callable[[dict], None]] = None,
+    lower: Optional[torch.Tensor] = None,
+    upper: Optional[torch.Tensor] = None,
 ) -> MinimizeResult:
     """Minimise ``objective`` from ``x0`` [n] over the ``active`` scalars (default all) by Levenberg–Marquardt.
 
@@ -92,6 +95,7 @@ def levenberg_marquardt(
         damping: initial μ (relative to diag(H)).
         max_damping: give up when μ exceeds this.
         callback: called after every iteration with the history dict (for progress displays).
+        lower, upper: extra bounds on x [n] (intersected with the parameterisation's), e.g. a trust region.
 
     Returns:
         :class:`MinimizeResult`.
@@ -100,6 +104,10 @@ def levenberg_marquardt(
     par = objective.par
     active = list(range(par.n)) if active is None else list(active)
     lo_all, hi_all = par.bounds()
+    if lower is not None:
+        lo_all = torch.maximum(lo_all, lower)
+    if upper is not None:
+        hi_all = torch.minimum(hi_all, upper)
     x = torch.maximum(torch.minimum(x0.detach().clone(), hi_all), lo_all)
     history: List[dict] = []
     if not active:
@@ -108,7 +116,7 @@ def levenberg_marquardt(
                                                                            damping=0.0, accepted=True, seconds=0.0)])
     act = torch.as_tensor(active, dtype=torch.long)
     lo, hi = lo_all[act], hi_all[act]
-    L, g, H, _ = objective.normal_equations(x, active)
+    L, g, H, m_now = objective.normal_equations(x, active)
     evals = 1
     if not math.isfinite(L):
         raise ValueError("the starting model gives an infinite or NaN loss (a non-positive model where photons were "
@@ -164,7 +172,7 @@ def levenberg_marquardt(
         x, L = x_new, L_new
         mu = mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
         nu = 2.0
-        L, g, H, _ = objective.normal_equations(x, active)
+        L, g, H, m_now = objective.normal_equations(x, active)
         evals += 1
         history.append(dict(iteration=it, loss=L, step=step_sig, damping=mu, accepted=True,
                             seconds=time.perf_counter() - t0))
@@ -176,4 +184,4 @@ def levenberg_marquardt(
             converged, message = True, f"converged: Gauss–Newton decrement {gn / unit:.3g} < ftol = {ftol:g}"
         elif decrease < ftol * unit and step_sig < xtol:
             converged, message = True, f"converged: step {step_sig:.3g} σ < xtol and decrease below ftol"
-    return MinimizeResult(x, L, converged, message, it, evals, history)
+    return MinimizeResult(x, L, converged, message, it, evals, history, normal=(list(active), H, m_now))

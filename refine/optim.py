@@ -22,11 +22,15 @@ from .targets import Objective
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
 
 
-def _setup(objective: Objective, x0: torch.Tensor, active):
+def _setup(objective: Objective, x0: torch.Tensor, active, lower=None, upper=None):
     par = objective.par
     active = list(range(par.n)) if active is None else list(active)
     act = torch.as_tensor(active, dtype=torch.long)
     lo, hi = par.bounds()
+    if lower is not None:
+        lo = torch.maximum(lo, lower)
+    if upper is not None:
+        hi = torch.minimum(hi, upper)
     x0 = torch.maximum(torch.minimum(x0.detach().clone(), hi), lo)
     typ = par.typical()[act]
     zlo, zhi = (lo[act] - x0[act]) / typ, (hi[act] - x0[act]) / typ
@@ -38,9 +42,10 @@ def _setup(objective: Objective, x0: torch.Tensor, active):
     return active, act, typ, z, zlo, zhi, x0, to_x
 
 
-def _run(objective, x0, active, make_opt, step_fn, max_iter, ftol, patience, callback, lr_of):
+def _run(objective, x0, active, make_opt, step_fn, max_iter, ftol, patience, callback, lr_of, lower=None,
+         upper=None):
     t0 = time.perf_counter()
-    active, act, typ, z, zlo, zhi, x0, to_x = _setup(objective, x0, active)
+    active, act, typ, z, zlo, zhi, x0, to_x = _setup(objective, x0, active, lower, upper)
     history: List[dict] = []
     evals = [0]
     if not active:
@@ -103,21 +108,23 @@ def lbfgs(
     patience: int = 3,
     history_size: int = 20,
     callback: Optional[Callable[[dict], None]] = None,
+    lower: Optional[torch.Tensor] = None,
+    upper: Optional[torch.Tensor] = None,
 ) -> MinimizeResult:
     """Minimise with ``torch.optim.LBFGS`` (strong-Wolfe line search), one quasi-Newton step per iteration.
 
-    Args as :func:`refine.lm.levenberg_marquardt`; ``history_size`` is L-BFGS' memory; ``patience`` the number of
+    Args as :func:`refine.lm.levenberg_marquardt` (``lower``/``upper``: extra bounds on x); ``history_size`` is L-BFGS' memory; ``patience`` the number of
     iterations over which the improvement must stay below ``ftol`` to stop."""
 
     def make(z):
-        return torch.optim.LBFGS([z], lr=1.0, max_iter=1, history_size=history_size,
+        return torch.optim.LBFGS([z], lr=1.0, max_iter=1, max_eval=25, history_size=history_size,
                                  line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15), None
 
     def step(opt, closure):
         opt.step(closure)
 
     return _run(objective, x0, active, make, step, max_iter, ftol, patience, callback,
-                lambda opt: float(opt.param_groups[0]["lr"]))
+                lambda opt: float(opt.param_groups[0]["lr"]), lower, upper)
 
 
 def adam(
@@ -126,11 +133,13 @@ def adam(
     active: Optional[Sequence[int]] = None,
     *,
     max_iter: int = 300,
-    lr: float = 0.1,
+    lr: float = 0.05,
     schedule: str = "cosine",
     ftol: float = 1e-3,
     patience: int = 30,
     callback: Optional[Callable[[dict], None]] = None,
+    lower: Optional[torch.Tensor] = None,
+    upper: Optional[torch.Tensor] = None,
 ) -> MinimizeResult:
     """Minimise with ``torch.optim.Adam`` on the scaled increments.
 
@@ -160,4 +169,4 @@ def adam(
         opt.step()
 
     return _run(objective, x0, active, make, step, max_iter, ftol, patience, callback,
-                lambda opt: float(opt.param_groups[0]["lr"]))
+                lambda opt: float(opt.param_groups[0]["lr"]), lower, upper)

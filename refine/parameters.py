@@ -186,7 +186,7 @@ def symmetrize_cell(cell: Sequence[float], system: str, tol_length: float = 0.02
     return out
 
 
-def _expand_free(free: Iterable[str], has_water: bool, ncells_iso: bool) -> List[str]:
+def _expand_free(free: Iterable[str]) -> List[str]:
     """Group/sub-group/scalar names → the ordered list of requested scalar names (validated)."""
     if isinstance(free, str):
         free = [f for f in free.replace(",", " ").split() if f]
@@ -413,15 +413,6 @@ class Parameterisation:
             return self.zeros()
         return torch.stack([torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in out])
 
-    def rebase(self, params: Params, setup: Optional[Setup] = None) -> "Parameterisation":
-        """The same free scalars, bounds and priors about a new reference ``params`` (and optionally ``setup``).
-
-        Cell, orientation, detector and background-plane increments keep their meaning; use with the stage models of
-        the coarse-to-fine strategy.  Bounds and priors given in user units are re-mapped."""
-        return parameterise(params, setup or self.setup, free=self._free_spec, crystal_system=self.crystal_system,
-                            ncells_mode="isotropic" if self.ncells_iso else "anisotropic",
-                            background=self.background_ref, bounds=self._bounds_spec, priors=self._priors_spec)
-
     def describe(self) -> str:
         """One line per free scalar: name, user unit, increment unit, bounds, prior."""
         lines = []
@@ -472,7 +463,7 @@ def parameterise(
     N = [float(v) for v in c.ncells.detach().cpu()]
     ncells_iso = ncells_mode == "isotropic" or (ncells_mode == "auto" and max(N) - min(N) <= 1e-9 * max(N))
     free_list = list(free) if not isinstance(free, str) else [f for f in free.replace(",", " ").split() if f]
-    wanted = _expand_free(free_list, has_water, ncells_iso)
+    wanted = _expand_free(free_list)
     if crystal_system not in CRYSTAL_SYSTEMS:
         raise ValueError(f"crystal_system must be one of {', '.join(CRYSTAL_SYSTEMS)}; got {crystal_system!r}")
 
@@ -556,6 +547,10 @@ def parameterise(
         scalars.append(Scalar("background.water", "background", "log", float(params.background.water_size), 1.0 / 3.0,
                               "µm", "ln", 0.1))
 
+    # ---- default bounds of log scalars: the user value stays within e^±10 of the reference
+    for i, s in enumerate(scalars):
+        if s.kind == "log":
+            scalars[i] = dataclasses.replace(s, lower=max(s.lower, -10.0 / s.factor), upper=min(s.upper, 10.0 / s.factor))
     # ---- bounds and priors (user units)
     by_name = {s.name: i for i, s in enumerate(scalars)}
 
@@ -585,8 +580,14 @@ def parameterise(
         for i in targets(key, "prior"):
             scalars[i] = dataclasses.replace(scalars[i], prior=(float(mean), float(sigma)))
 
-    par = Parameterisation(params, setup, scalars, crystal_system, cell_base, cell_rows, R0, bg_ref, ncells_iso)
-    par._free_spec = tuple(free_list)
-    par._bounds_spec = dict(bounds or {})
-    par._priors_spec = dict(priors or {})
-    return par
+    return Parameterisation(params, setup, scalars, crystal_system, cell_base, cell_rows, R0, bg_ref, ncells_iso)
+
+
+def unpack(par: Parameterisation, x: torch.Tensor) -> Params:
+    """Functional form of :meth:`Parameterisation.unpack`: increments ``x`` [n] → :class:`Params`."""
+    return par.unpack(x)
+
+
+def pack(par: Parameterisation, params: Params, plane: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Functional form of :meth:`Parameterisation.pack`: :class:`Params` → increments [n]."""
+    return par.pack(params, plane)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch

@@ -9,14 +9,21 @@ small detector) drifts when everything is free at once.  :func:`default_stages` 
    translation between the observed and model images is found by FFT cross-correlation (within ±``max_shift``
    pixels, sub-pixel by a parabola through the peak) and converted to a beam-centre shift through the Jacobian of
    the direct-beam pixel position.  No iterations.
-2. ``coarse`` (N × 0.3) and ``medium`` (N × 0.6) — Levenberg–Marquardt on the geometry only (orientation, distance,
+2. ``coarse`` (N × 0.3) and ``medium`` (N × 0.6) — minimisation of the geometry only (orientation, distance,
    beam centre, detector tilts, two-theta, scale, background); cell, wavelength, N and mosaic stay fixed so that the
    nearly degenerate cell/distance/wavelength directions cannot drift while spots are blurred.
-3. ``geometry`` — the same groups with the real spot model.
-4. ``fine`` — every free group with the real model, to convergence.
+3. ``robust`` — every free group with the real spot model, still on the variance-stabilised target.
+4. ``fine`` — every free group with the real model and the requested target (Poisson by default), to convergence.
+
+Stages 2–3 are confined to a trust region (:data:`TRUST` typical errors of each scalar from where the stage starts)
+so that a blurred or robust stage cannot run off along a nearly flat direction.  They use the ``anscombe`` target (least squares on 2√(counts + ⅜)): with point-sampled sinc spots a model
+that is slightly off puts exact zeros on bright pixels, where the Poisson NLL has log singularities that make its
+landscape rough; the variance-stabilised residual stays bounded there and has nearly the same optimum.
 
 The broadening works in log space for N, so the increments x carry over between stages unchanged (N_stage =
-f·N_ref·e^x).  Stages whose active groups are not free are skipped.  ``coarse_to_fine=False`` runs only ``fine``;
+f·N_ref·e^x).  Stages whose active groups are not free are skipped, and so are the broadened stages when no group
+that moves spots (orientation, distance, beam centre, detector rotations, two-theta) is free: a broadened model
+cannot help fitting, e.g., the scale or the background alone.  ``coarse_to_fine=False`` runs only ``fine``;
 a list of :class:`Stage` replaces the default.
 """
 from __future__ import annotations
@@ -34,6 +41,14 @@ from nbtorch.types import Params, Setup
 
 #: Groups refined while spots are broadened (never cell, wavelength, ncells, mosaic).
 GEOMETRY_GROUPS = ("orientation", "distance", "beam_center", "detector_rotation", "twotheta", "scale", "background")
+#: Default trust region of the preliminary stages, in typical errors (orientation 2 mrad, distance 0.5 mm, beam centre
+#: one pixel, cell 0.5 %, tilts 2 mrad, ln-scale 0.1 …): 10 typical errors per stage.
+TRUST = 10.0
+#: Convergence tolerance of the preliminary stages (log-likelihood units): they only have to bring the model into the
+#: basin of the final stage.
+PRELIMINARY_FTOL = 0.5
+#: A broadened stage runs only when one of these is free (spot positions to find); otherwise it is skipped.
+POSITION_GROUPS = ("orientation", "distance", "beam_center", "detector_rotation", "twotheta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +60,11 @@ class Stage:
     ``shape`` (None = the model's, or 'square' | 'round' | 'gauss' | 'tophat'); ``active`` (groups refined in this
     stage, None = all free groups); ``max_iter`` (None = the fit's ``max_iter``; 0 = no minimisation);
     ``search_beam_center`` (run :func:`search_geometry` first: distance grid × beam-centre translation);
-    ``prefit_scale`` (linear pre-fit of scale and constant background).
+    ``prefit_scale`` (linear pre-fit of scale and constant background); ``target`` (None = the fit's target, or a
+    target name such as 'anscombe'); ``trust`` (None, or a trust region: every scalar except the linear background
+    may move at most ``trust`` × its typical error from where the stage starts); ``ftol`` (None = the fit's
+    convergence tolerance, in log-likelihood units).  A stage with broadened spots (``ncells_factor`` or ``mosaic_factor`` ≠ 1,
+    or another shape) that would minimise runs only when a group moving the spots (:data:`POSITION_GROUPS`) is free.
     """
 
     name: str = "fine"
@@ -56,21 +75,32 @@ class Stage:
     max_iter: Optional[int] = None
     search_beam_center: bool = False
     prefit_scale: bool = False
+    target: Optional[str] = None
+    trust: Optional[float] = None
+    ftol: Optional[float] = None
+
+    @property
+    def broadened(self) -> bool:
+        """True when the stage changes the spot model (N, mosaic or shape)."""
+        return self.ncells_factor != 1.0 or self.mosaic_factor != 1.0 or self.shape is not None
 
 
-def default_stages(coarse_iter: int = 8) -> List[Stage]:
+def default_stages(coarse_iter: int = 8, robust_iter: int = 10) -> List[Stage]:
     """The default coarse-to-fine schedule (see the module docstring)."""
     return [
         Stage("search", ncells_factor=0.5, max_iter=0, search_beam_center=True, prefit_scale=True),
-        Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=coarse_iter),
-        Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=coarse_iter),
-        Stage("geometry", ncells_factor=1.0, active=GEOMETRY_GROUPS, max_iter=coarse_iter),
+        Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=coarse_iter, target="anscombe",
+              trust=TRUST, ftol=PRELIMINARY_FTOL),
+        Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=coarse_iter, target="anscombe",
+              trust=TRUST, ftol=PRELIMINARY_FTOL),
+        Stage("robust", max_iter=robust_iter, target="anscombe", trust=TRUST, ftol=PRELIMINARY_FTOL),
         Stage("fine"),
     ]
 
 
 def apply_stage(params: Params, setup: Setup, stage: Stage) -> Tuple[Params, Setup]:
-    """The stage's model: N scaled (with the fluence compensated), mosaic spread scaled, shape replaced."""
+    """The stage's model: N scaled (with the fluence compensated so integrated spot intensities stay the same, and the
+    water size so the water background stays the same), mosaic spread scaled, shape replaced."""
     if stage.ncells_factor == 1.0 and stage.mosaic_factor == 1.0 and (stage.shape is None or
                                                                      stage.shape == setup.shape):
         return params, setup
@@ -83,28 +113,39 @@ def apply_stage(params: Params, setup: Setup, stage: Stage) -> Tuple[Params, Set
     else:
         Ns, fluence = N, b.fluence
     spread = c.mosaic_spread * stage.mosaic_factor
-    p = params._replace(crystal=c._replace(ncells=Ns, mosaic_spread=spread), beam=b._replace(fluence=fluence))
+    # nanoBragg's water term scales as water_size³·fluence² (spec Q10): keep it unchanged when the fluence changes
+    water = params.background.water_size * (b.fluence / fluence) ** (2.0 / 3.0)
+    p = params._replace(crystal=c._replace(ncells=Ns, mosaic_spread=spread), beam=b._replace(fluence=fluence),
+                        background=params.background._replace(water_size=water))
     s = setup if stage.shape is None or stage.shape == setup.shape else setup.replace(shape=stage.shape)
     return p, s
 
 
-def translation_search(observed: np.ndarray, model: np.ndarray, usable: np.ndarray, max_shift: int = 8):
+def _prepared(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Mean-subtracted square root of an image, zero outside the usable pixels (what the correlation compares)."""
+    a = np.where(usable, np.sqrt(np.clip(np.nan_to_num(image), 0, None)), 0.0)
+    return np.where(usable, a - a[usable].mean(), 0.0) if usable.any() else a
+
+
+def translation_search(observed: np.ndarray, model: np.ndarray, usable: np.ndarray, max_shift: int = 8,
+                       _observed_fft=None):
     """Global translation (fast, slow) in pixels by which the observed pattern is displaced from the model.
 
     FFT cross-correlation of the mean-subtracted square roots of both images (unusable pixels zeroed, zero-padded so
     nothing wraps), peak searched within ±``max_shift`` pixels, refined to sub-pixel by a parabola through the peak
     and its neighbours.  Returns ``(df, ds, score)`` with score the normalised correlation at the peak.
     """
-    o = np.where(usable, np.sqrt(np.clip(np.nan_to_num(observed), 0, None)), 0.0)
-    m = np.where(usable, np.sqrt(np.clip(model, 0, None)), 0.0)
     if not usable.any():
         return 0.0, 0.0, 0.0
-    o = np.where(usable, o - o[usable].mean(), 0.0)
-    m = np.where(usable, m - m[usable].mean(), 0.0)
-    S, F = o.shape
-    C = np.fft.irfft2(np.fft.rfft2(o, s=(2 * S, 2 * F)) * np.conj(np.fft.rfft2(m, s=(2 * S, 2 * F))), s=(2 * S, 2 * F))
+    S, F = model.shape
+    if _observed_fft is None:
+        o = _prepared(observed, usable)
+        _observed_fft = (np.fft.rfft2(o, s=(2 * S, 2 * F)), float((o * o).sum()))
+    fo, oo = _observed_fft
+    m = _prepared(model, usable)
+    C = np.fft.irfft2(fo * np.conj(np.fft.rfft2(m, s=(2 * S, 2 * F))), s=(2 * S, 2 * F))
     C = np.fft.fftshift(C)  # zero displacement at (S, F)
-    r = int(max(1, min(max_shift, S - 1, F - 1)))
+    r = int(max(0, min(max_shift, S - 1, F - 1)))
     win = C[S - r: S + r + 1, F - r: F + r + 1]
     i, j = np.unravel_index(int(np.argmax(win)), win.shape)
 
@@ -114,7 +155,7 @@ def translation_search(observed: np.ndarray, model: np.ndarray, usable: np.ndarr
 
     di = vertex(win[i - 1, j], win[i, j], win[i + 1, j]) if 0 < i < win.shape[0] - 1 else 0.0
     dj = vertex(win[i, j - 1], win[i, j], win[i, j + 1]) if 0 < j < win.shape[1] - 1 else 0.0
-    norm = math.sqrt(float((o * o).sum()) * float((m * m).sum())) or 1.0
+    norm = math.sqrt(oo * float((m * m).sum())) or 1.0
     return j - r + dj, i - r + di, float(win[i, j]) / norm
 
 
@@ -169,6 +210,9 @@ def search_geometry(par, x: torch.Tensor, observed: np.ndarray, usable: np.ndarr
         k = int(round(distance_range / distance_step))
         steps = [j * distance_step for j in range(-k, k + 1)]
     D0 = float(par.unpack(x).detector.distance)
+    S, F = observed.shape
+    o = _prepared(observed, usable)
+    offt = (np.fft.rfft2(o, s=(2 * S, 2 * F)), float((o * o).sum()))
     best = None
     for dd in steps:
         xc = x.clone()
@@ -176,7 +220,7 @@ def search_geometry(par, x: torch.Tensor, observed: np.ndarray, usable: np.ndarr
             xc[i_d[0]] = xc[i_d[0]] + dd * D0
         with torch.no_grad():
             model = simulate(par.unpack(xc), par.setup).detach().cpu().numpy()
-        df, ds, score = translation_search(observed, model, usable, max_shift if has_bc else 0)
+        df, ds, score = translation_search(observed, model, usable, max_shift if has_bc else 0, offt)
         if best is None or score > best[0]:
             best = (score, xc, df, ds, dd)
     score, xb, df, ds, dd = best
@@ -214,3 +258,14 @@ def prefit_scale(par, x: torch.Tensor, observed: torch.Tensor, model: torch.Tens
     else:
         x[i_c[0]] = x[i_c[0]] + float((o - model).mean())
     return x
+
+
+def trust_bounds(par, x: torch.Tensor, trust: Optional[float]):
+    """(lower, upper) [n] confining every scalar except the linear background to x ± trust·typical (None: no
+    trust region)."""
+    if trust is None:
+        return None, None
+    width = par.typical() * float(trust)
+    lin_bg = torch.tensor([s.group == "background" and s.kind == "linear" for s in par.scalars], device=x.device)
+    width = torch.where(lin_bg, torch.full_like(width, float("inf")), width)
+    return x - width, x + width

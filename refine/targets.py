@@ -10,10 +10,13 @@ Targets (``make_target(name)``):
 
 * ``poisson``  — Poisson negative log-likelihood, reported as half the deviance: L = Σ m − o + o·ln(o/m);
   ∂L/∂m = 1 − o/m, W = 1/m.  The model gets a tiny pedestal (``eps``, default 1e-6 photons) so empty pixels stay
-  finite; a non-positive model value where o > 0 makes the loss +inf (the step is rejected).
+  finite; a negative model value, or zero where o > 0, makes the loss +inf (the step is rejected).
 * ``gaussian`` — Gaussian NLL with read noise: variance v = m + σ² (σ = ``read_noise`` photons),
   L = ½ Σ (o − m)²/v + ln v;  W = 1/v + 1/(2v²).
 * ``lsq``      — least squares L = ½ Σ w (o − m)² with optional per-pixel weights w; W = w.
+* ``anscombe`` — least squares on variance-stabilised counts, L = ½ Σ (2√(o+⅜) − 2√(m+⅜))², W = 1/(m+⅜): close to
+  the Poisson NLL near the solution but bounded far from it (used by the preliminary stages of the coarse-to-fine
+  strategy).
 
 :class:`Objective` holds the observed pixels that take part (after masks and optional spot selection), splits them
 into chunks (each rendered with a ``Setup.mask`` of just its pixels, so memory and time scale with the selected pixels)
@@ -22,7 +25,7 @@ and evaluates the model, the loss, the gradient and the normal matrix JᵀWJ wit
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +36,7 @@ from nbtorch.types import Setup
 
 from .parameters import Parameterisation
 
-TARGETS = ("poisson", "gaussian", "lsq")
+TARGETS = ("poisson", "gaussian", "lsq", "anscombe")
 
 
 class Target:
@@ -77,7 +80,7 @@ class Poisson(Target):
         safe = torch.where(mm > 0, mm, torch.ones_like(mm))
         osafe = torch.where(pos, o, torch.ones_like(o))
         t = mm - o + torch.where(pos, o * (torch.log(osafe) - torch.log(safe)), torch.zeros_like(o))
-        bad = (mm <= 0) & pos
+        bad = (mm < 0) | ((mm <= 0) & pos)  # a Poisson mean cannot be negative
         return torch.where(bad, torch.full_like(t, math.inf), t)
 
     def dloss(self, m, o):
@@ -121,6 +124,31 @@ class Gaussian(Target):
         return (o - m) ** 2 / self._v(m)
 
 
+class Anscombe(Target):
+    """Least squares on variance-stabilised values: L = ½ Σ (2√(o + ⅜) − 2√(m + ⅜))².
+
+    For Poisson counts 2√(X + ⅜) has unit variance, so L behaves like a log-likelihood near the optimum, but unlike the
+    Poisson NLL it stays bounded where the model is ~0 and photons were observed (point-sampled sinc zeros far from
+    the solution): the default robust target of the preliminary coarse-to-fine stages."""
+
+    name = "anscombe"
+
+    def _s(self, m):
+        return torch.sqrt(torch.clamp(m + 0.375, min=1e-12))
+
+    def loss_terms(self, m, o):
+        r = 2.0 * (torch.sqrt(torch.clamp(o, min=0) + 0.375) - self._s(m))
+        t = 0.5 * r * r
+        return torch.where(m + 0.375 > 0, t, torch.full_like(t, math.inf))
+
+    def dloss(self, m, o):
+        sm = self._s(m)
+        return -2.0 * (torch.sqrt(torch.clamp(o, min=0) + 0.375) - sm) / sm
+
+    def fisher(self, m, o):
+        return 1.0 / (self._s(m) ** 2)
+
+
 class LeastSquares(Target):
     """½ Σ w (o − m)² with optional per-pixel weights ``weights`` (image [slow, fast] or None = all 1).
 
@@ -157,7 +185,8 @@ class LeastSquares(Target):
 
 
 def make_target(name: str = "poisson", *, read_noise: float = 0.0, weights=None, eps: float = 1e-6) -> Target:
-    """Target by name: 'poisson', 'gaussian' (``read_noise`` σ in photons) or 'lsq' (optional ``weights``)."""
+    """Target by name: 'poisson', 'gaussian' (``read_noise`` σ in photons), 'lsq' (optional ``weights``) or
+    'anscombe' (variance-stabilised least squares, robust far from the solution)."""
     if isinstance(name, Target):
         return name
     if name == "poisson":
@@ -166,6 +195,8 @@ def make_target(name: str = "poisson", *, read_noise: float = 0.0, weights=None,
         return Gaussian(read_noise)
     if name == "lsq":
         return LeastSquares(weights)
+    if name == "anscombe":
+        return Anscombe()
     raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {name!r}")
 
 
@@ -220,14 +251,16 @@ def select_pixels(
     usable: np.ndarray,
     *,
     threshold: Optional[float] = None,
+    relative: float = 0.01,
     dilate: int = 3,
     background_fraction: float = 0.05,
     seed: int = 0,
 ) -> np.ndarray:
     """Pixels near spots plus a background sample, bool [slow, fast] (a subset of ``usable``).
 
-    A pixel is a *spot* pixel when the model or the observed value exceeds ``threshold`` (default: the median of the
-    usable observed pixels plus 3·sqrt(median + 1), i.e. three Poisson sigmas above the typical background); spot
+    A pixel is a *spot* pixel when the model or the observed value exceeds ``threshold`` (default: the larger of the
+    median of the usable observed pixels plus 3·sqrt(median + 1), i.e. three Poisson sigmas above the typical
+    background, and ``relative`` × the 99.9th percentile of the model, which keeps the far tails of bright spots out); spot
     pixels are dilated by ``dilate`` pixels (so spots that move during the fit stay inside).  A random
     ``background_fraction`` of the remaining usable pixels (fixed ``seed``) keeps the background and the scale
     determined.  Fitting only these pixels with a ``Setup.mask`` saves time on large, sparse detectors.
@@ -236,7 +269,8 @@ def select_pixels(
     m = np.asarray(model, dtype=np.float64)
     if threshold is None:
         med = float(np.median(o[usable])) if usable.any() else 0.0
-        threshold = med + 3.0 * math.sqrt(max(med, 0.0) + 1.0)
+        peak = float(np.percentile(m[usable], 99.9)) if usable.any() else 0.0
+        threshold = max(med + 3.0 * math.sqrt(max(med, 0.0) + 1.0), relative * peak)
     spots = usable & ((m > threshold) | (np.where(usable, o, 0.0) > threshold))
     near = _dilate(spots, dilate) & usable
     rest = usable & ~near
@@ -387,14 +421,14 @@ class Objective:
                 xr = x.detach().clone().requires_grad_(True)
                 Lc = self._target(chunk).loss(self.model_chunk(xr, chunk, check=False), self.o[chunk[2]])
                 (gc,) = torch.autograd.grad(Lc, xr)
-                total += float(Lc)
+                total += float(Lc.detach())
                 g += gc
             xr = x.detach().clone().requires_grad_(True)
             Lp = self.prior_loss(xr)
             if Lp.requires_grad:
                 (gp,) = torch.autograd.grad(Lp, xr)
                 g += gp
-            total += float(Lp)
+            total += float(Lp.detach())
         except ValueError:
             return math.inf, g
         return (total if math.isfinite(total) else math.inf), g

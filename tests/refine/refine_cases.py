@@ -16,6 +16,8 @@ BASE = ("-default_F 100 -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -lambda 1 
         "-detpixels 96 -oversample 1 -fluence 1e30")
 #: Water cube (µm) giving ~10 photons/pixel at the BASE fluence (nanoBragg scales water by fluence², spec Q10).
 WATER = 0.005
+#: The same water background at fluence 1e31 (water intensity ∝ size³·fluence²).
+WATER_1E31 = 0.005 * 10 ** (-2 / 3)
 
 
 def model(extra: str = "", base: str = BASE):

@@ -13,6 +13,7 @@ import torch
 import refine
 from .refine_cases import (
     WATER,
+    WATER_1E31,
     beam_center_error_px,
     indexing_start,
     misorientation_deg,
@@ -177,10 +178,11 @@ def _joint(extra, system, free, seed, water=False, angles=False):
     if "detector_rotation" in " ".join(free):
         assert (res.params.detector.rotation - p.detector.rotation).abs().max() < 0.05
     if water:
-        assert abs(res.parameters["water_size_um"] / WATER - 1) < 0.05
+        assert abs(res.parameters["water_size_um"] / float(p.background.water_size) - 1) < 0.05
     return res
 
 
+@pytest.mark.slow
 def test_joint_orthorhombic_mosflm():
     """All geometry groups at once.  The in-plane detector rotation (about the beam) is left out: it is exactly
     degenerate with the crystal rotation about the beam."""
@@ -203,16 +205,36 @@ def test_joint_orthorhombic_mosflm():
     assert abs(res.values["scale"] - 0.5) < 0.01
 
 
-def test_joint_tetragonal_mosflm():
-    res = _joint("-cell 50 50 60 90 90 90", "tetragonal",
-                 ["cell", "orientation", "distance", "beam_center", "ncells", "scale"], seed=4)
+@pytest.mark.slow
+def test_joint_tetragonal_mosflm_with_mosaic_and_background():
+    """Every group that is not degenerate with another at once: cell (tetragonal), orientation, distance, beam
+    centre, N, mosaic spread, scale and a background plane."""
+    p, s, _ = model("-cell 50 50 60 90 90 90 -mosaic 0.3 -mosaic_domains 4")
+    plane = (5.0, 1.0, -1.0)
+    obs = observe(p, s, seed=4, plane=plane)
+    start = indexing_start(p, s, seed=4)
+    start = with_crystal(start, ncells=start.crystal.ncells * 1.3, mosaic_spread=start.crystal.mosaic_spread * 1.5)
+    free = ["cell", "orientation", "distance", "beam_center", "ncells", "mosaic", "scale", "background"]
+    res = refine.fit(obs, start, s, free=free, crystal_system="tetragonal")
+    _check_converged(res)
     assert res.names[:2] == ["cell.a", "cell.c"]
     c = res.params.crystal.cell
     assert float(c[0]) == float(c[1]) and c[3:].tolist() == [90.0, 90.0, 90.0]
+    _cell_ok(res, p)
+    assert misorientation_deg(res.params, p) < 0.02
+    assert abs(float(res.params.detector.distance - p.detector.distance)) < 0.15
+    assert beam_center_error_px(res.params, p, s) < 0.15
+    assert ((res.params.crystal.ncells - p.crystal.ncells) / p.crystal.ncells).abs().max() < 0.15
+    assert abs(float(res.params.crystal.mosaic_spread / p.crystal.mosaic_spread) - 1) < 0.25
+    for got, true, esd in zip(res.parameters["background"], plane, res.parameter_esd["background"]):
+        assert abs(got - true) < 4 * esd
 
 
+@pytest.mark.slow
 def test_joint_triclinic_xds_water():
-    res = _joint(f"-cell 45 52 58 88 95 102 -xds -water {WATER}", "triclinic",
+    """A triclinic cell from one still needs more signal: 128×128 pixels and 10× the fluence (the water size is
+    scaled to keep ~10 photons/pixel, since nanoBragg's water goes as fluence²)."""
+    res = _joint(f"-cell 45 52 58 88 95 102 -xds -detpixels 128 -fluence 1e31 -water {WATER_1E31}", "triclinic",
                  ["cell", "orientation", "distance", "beam_center", "ncells", "scale", "background.water"], seed=5,
                  water=True, angles=True)
     assert res.setup.convention == "XDS"
