@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from nbtorch.rng import Ran1, f32
+from nbtorch.rotation import rot_axis
 
 __all__ = [
     "DEFAULT_MOSAIC_SEED",
@@ -119,21 +121,9 @@ def rodrigues_matrix(axis: np.ndarray, angle: np.ndarray | float) -> np.ndarray:
 
     ``axis``: ``[..., 3]`` unit vectors; ``angle``: ``[...]`` radians (broadcast).  Returns ``[..., 3, 3]`` float64.
     """
-    u = np.asarray(axis, dtype=np.float64)
-    t = np.asarray(angle, dtype=np.float64)
-    u, t = np.broadcast_arrays(u, t[..., None])
-    t = t[..., 0]
-    c, s = np.cos(t), np.sin(t)
-    C = 1.0 - c
-    ux, uy, uz = u[..., 0], u[..., 1], u[..., 2]
-    return np.stack(
-        [
-            c + ux * ux * C, ux * uy * C - uz * s, ux * uz * C + uy * s,
-            uy * ux * C + uz * s, c + uy * uy * C, uy * uz * C - ux * s,
-            uz * ux * C - uy * s, uz * uy * C + ux * s, c + uz * uz * C,
-        ],
-        axis=-1,
-    ).reshape(t.shape + (3, 3))
+    u = torch.as_tensor(np.asarray(axis, dtype=np.float64))
+    t = torch.as_tensor(np.asarray(angle, dtype=np.float64))
+    return rot_axis(u, t).numpy()
 
 
 def _umats(spread_rad: float, count: int, seed: int) -> np.ndarray:
