@@ -117,25 +117,7 @@ def _tile_values(params, setup, frame, xtal, inc, lam, E, fast, slow):
         I = I_bg + x.sum((1, 2, 3, 4))
         factor = capture[:, -1, 0] * omega[:, 0, 0]
     else:
-        # nanoBragg multiplies the running sum by the per-sample factors (spec Q7): I_n = (I_{n-1} + x_n)·c_n
-        cfac = torch.ones_like(x)
-        if setup.oversample_thick:
-            cfac = cfac * capture[..., None, None]
-        if setup.oversample_omega:
-            cfac = cfac * omega[..., None, None]
-        if setup.oversample_polar and not setup.nopolar:
-            cfac = cfac * polar[..., None]
-        skip = (F_latt == 0) & (params.background.water_size == 0)
-        if keep is not None:
-            skip = skip | ~keep[..., None]
-        cfac = torch.where(skip, torch.ones_like(cfac), cfac).reshape(x.shape[0], -1)
-        suffix = torch.flip(torch.cumprod(torch.flip(cfac, [1]), 1), [1])
-        I = I_bg * suffix[:, 0] + (x.reshape(x.shape[0], -1) * suffix).sum(1)
-        factor = torch.ones_like(I)
-        if not setup.oversample_thick:
-            factor = factor * capture[:, -1, 0]
-        if not setup.oversample_omega:
-            factor = factor * omega[:, 0, 0]
+        I, factor = _running_product_sum(x, I_bg, capture, omega, polar, F_latt, keep, params, setup)
     if not setup.oversample_polar:
         if polar.dim() > 1:  # first (layer, sub-pixel, source) sample that passed the dmin test, else 0 (spec Q23)
             flat_keep = keep.reshape(keep.shape[0], -1)
@@ -144,6 +126,35 @@ def _tile_values(params, setup, frame, xtal, inc, lam, E, fast, slow):
             polar = torch.where(flat_keep.any(1), p_first, torch.zeros_like(p_first))
         factor = factor * polar
     return R_E_SQUARED_M2 * params.beam.fluence * I / setup.steps * factor
+
+
+def _running_product_sum(x, I_bg, capture, omega, polar, F_latt, keep, params, setup):
+    """nanoBragg's ``-oversample_thick/_polar/_omega`` accumulation (spec Q7), in closed form.
+
+    The C program multiplies the running sum by each sample's factors: I_n = (I_{n−1} + x_n)·c_n over the samples in
+    loop order (layer, sub-pixel, source, orientation), skipping samples cut by ``-dmin`` or with F_latt = 0 (no water).
+    Hence I = I_bg·Π c + Σ_n x_n·Π_{m≥n} c_m, computed with a reverse cumulative product.  Returns
+    ``(I [P], factor [P])`` where ``factor`` holds the once-per-pixel factors whose flags are off.
+    """
+    cfac = torch.ones_like(x)
+    if setup.oversample_thick:
+        cfac = cfac * capture[..., None, None]
+    if setup.oversample_omega:
+        cfac = cfac * omega[..., None, None]
+    if setup.oversample_polar and not setup.nopolar:
+        cfac = cfac * polar[..., None]
+    skip = (F_latt == 0) & (params.background.water_size == 0)
+    if keep is not None:
+        skip = skip | ~keep[..., None]
+    cfac = torch.where(skip, torch.ones_like(cfac), cfac).reshape(x.shape[0], -1)
+    suffix = torch.flip(torch.cumprod(torch.flip(cfac, [1]), 1), [1])
+    I = I_bg * suffix[:, 0] + (x.reshape(x.shape[0], -1) * suffix).sum(1)
+    factor = torch.ones_like(I)
+    if not setup.oversample_thick:
+        factor = factor * capture[:, -1, 0]
+    if not setup.oversample_omega:
+        factor = factor * omega[:, 0, 0]
+    return I, factor
 
 
 def simulate(params: Params, setup: Setup, check: bool = True) -> torch.Tensor:
