@@ -46,7 +46,9 @@ _OUTPUT_ONLY = {
 def _num(v: float) -> str:
     """Shortest text that reads back as the same float64."""
     v = float(v)
-    return repr(0.0 if v == 0 else v)
+    if v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(v)
 
 
 def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
@@ -292,7 +294,7 @@ class Result:
             lines.append(f"{n:24s} {self.values[n]:16.8g} {self.esd[n]:12.4g}  {unit}")
         lines.append(f"loss {self.loss:.8g}  χ²/ν {self.chi2_reduced:.4g}  pixels {self.n_pixels}  "
                      f"iterations {self.iterations}  {self.seconds:.2f} s  "
-                     f"{'converged' if self.converged else 'NOT converged'}: {self.message}")
+                     f"{'' if self.converged else 'NOT converged: '}{self.message}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ plots
