@@ -200,3 +200,15 @@ def tree_leaves(tree, prefix: str = ""):
             out += tree_leaves(x, f"{prefix}{name}.")
         return out
     return [(prefix[:-1], tree)]
+
+
+def get_leaf(params: "Params", name: str) -> torch.Tensor:
+    """The leaf of ``params`` named ``'group.field'`` (e.g. ``'detector.distance'``), as listed by :func:`tree_leaves`."""
+    group, field = name.split(".")
+    return getattr(getattr(params, group), field)
+
+
+def replace_leaf(params: "Params", name: str, value: torch.Tensor) -> "Params":
+    """A copy of ``params`` with the leaf ``'group.field'`` replaced by ``value`` (out of place, transform-safe)."""
+    group, field = name.split(".")
+    return params._replace(**{group: getattr(params, group)._replace(**{field: value})})

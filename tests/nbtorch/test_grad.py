@@ -32,7 +32,8 @@ from nbtorch.lattice import (
     reciprocal_matrix,
 )
 from nbtorch.rotation import rot_axis, rot_xyz
-from nbtorch.types import Structure, tree_leaves
+from nbtorch.types import Structure, get_leaf, tree_leaves
+from nbtorch.types import replace_leaf as set_leaf
 from nbtorch.units import deg2rad
 
 # torch's forward-mode AD loads its decompositions with torch.jit.script (a torch-internal deprecation notice)
@@ -89,14 +90,16 @@ SMALL_LEAVES = [n for n in ALL_LEAVES if n != "structure.F"]
 # helpers
 
 
-def get_leaf(params, name):
-    group, field = name.split(".")
-    return getattr(getattr(params, group), field)
 
 
-def set_leaf(params, name, value):
-    group, field = name.split(".")
-    return params._replace(**{group: getattr(params, group)._replace(**{field: value})})
+def central_jacobian(f, x, eps=1e-6):
+    """Central finite-difference Jacobian of ``f`` at the flat vector ``x``: ``[*f(x).shape, x.numel()]``."""
+    cols = []
+    for k in range(x.numel()):
+        e = torch.zeros_like(x)
+        e[k] = eps
+        cols.append((f(x + e) - f(x - e)) / (2 * eps))
+    return torch.stack(cols, -1)
 
 
 def _stack(trees):
@@ -213,13 +216,7 @@ def test_full_jacobian_matches_finite_differences(case_name):
     params, setup = case(case_name)
     f, x = flat_fn(params, setup, SMALL_LEAVES)
     J = torch.func.jacrev(f)(x)
-    eps = 1e-6
-    cols = []
-    for k in range(x.numel()):
-        e = torch.zeros_like(x)
-        e[k] = eps
-        cols.append((f(x + e) - f(x - e)) / (2 * eps))
-    Jn = torch.stack(cols, 1)
+    Jn = central_jacobian(f, x)
     assert torch.isfinite(J).all()
     err = (J - Jn).abs()
     assert float(err.max()) <= 1e-7 + 1e-5 * float(J.abs().max()), f"max |J - J_fd| = {float(err.max()):.3g}"
@@ -398,13 +395,7 @@ def test_gradients_finite_and_correct_at_singular_points(kind):
     for n, t in leaves.items():
         assert t.grad is not None and torch.isfinite(t.grad).all(), n
     # and the derivative is the right one: central differences through the singular pixel
-    eps = 1e-6
-    cols = []
-    for k in range(x.numel()):
-        e = torch.zeros_like(x)
-        e[k] = eps
-        cols.append((f(x + e) - f(x - e)) / (2 * eps))
-    Jn = torch.stack(cols, 1)
+    Jn = central_jacobian(f, x)
     assert float((Jr - Jn).abs().max()) <= 1e-7 + 1e-5 * float(Jr.abs().max())
     # the singular pixel itself responds to the crystal size (d I / d N ≠ 0 at a spot centre)
     ncells = slice(18, 21)  # SMALL_LEAVES order: cell 6, misset 3, orientation 9, ncells 3

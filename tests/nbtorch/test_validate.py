@@ -17,7 +17,8 @@ import torch
 
 import nbtorch
 from nbtorch import Setup
-from nbtorch.types import Structure, tree_leaves
+from nbtorch.types import Structure, get_leaf, tree_leaves
+from nbtorch.types import replace_leaf as set_leaf
 
 DT = torch.float64
 BASE = ("-cell 30 30 30 90 90 90 -default_F 100 -N 3 -lambda 1 -distance 50 -pixel 1 -detpixels_f 6 "
@@ -33,14 +34,6 @@ def run_cli(extra: str = "", base: str = BASE):
     return nbtorch.simulate(params, setup)
 
 
-def get_leaf(params, name):
-    group, field = name.split(".")
-    return getattr(getattr(params, group), field)
-
-
-def set_leaf(params, name, value):
-    group, field = name.split(".")
-    return params._replace(**{group: getattr(params, group)._replace(**{field: value})})
 
 
 def base_params():
