@@ -7,11 +7,12 @@ Public API::
 """
 from .args import from_nanobragg_args, parse_args
 from .simulate import crystal_orientations, simulate
-from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure
+from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure, get_leaf, replace_leaf, tree_leaves, tree_map
 from .validate import check_params
 
 __all__ = [
     "simulate", "from_nanobragg_args", "parse_args", "check_params", "crystal_orientations",
     "Params", "Crystal", "Beam", "Detector", "Structure", "Background", "Setup",
+    "get_leaf", "replace_leaf", "tree_leaves", "tree_map",
 ]
 __version__ = "0.1.0"
