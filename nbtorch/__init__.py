@@ -6,12 +6,12 @@ Public API::
     image = nbtorch.simulate(params, setup)        # photons/pixel, [slow, fast]
 """
 from .args import from_nanobragg_args, parse_args
-from .simulate import crystal_orientations, simulate
+from .simulate import crystal_orientations, crystal_rotation, simulate
 from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure, get_leaf, replace_leaf, tree_leaves, tree_map
 from .validate import check_params
 
 __all__ = [
-    "simulate", "from_nanobragg_args", "parse_args", "check_params", "crystal_orientations",
+    "simulate", "from_nanobragg_args", "parse_args", "check_params", "crystal_orientations", "crystal_rotation",
     "Params", "Crystal", "Beam", "Detector", "Structure", "Background", "Setup",
     "get_leaf", "replace_leaf", "tree_leaves", "tree_map",
 ]

@@ -15,7 +15,6 @@ All lengths in mm, angles in degrees, λ in Å; every value is formatted with C'
 """
 from __future__ import annotations
 
-import os
 from typing import List, NamedTuple, Tuple
 
 import torch

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from nbtorch.rng import Ran1, f32
-from nbtorch.rotation import rot_axis
+from nbtorch.rotation import rot_axis, xyz_angles
 
 __all__ = [
     "DEFAULT_MOSAIC_SEED",
@@ -164,8 +164,7 @@ def matrix_to_xyz_angles(U: np.ndarray) -> tuple[float, float, float]:
     cy = math.hypot(U[0, 0], U[1, 0])
     ry = math.atan2(-U[2, 0], cy)
     if cy > 1e-12:
-        rx = math.atan2(U[2, 1], U[2, 2])
-        rz = math.atan2(U[1, 0], U[0, 0])
+        rx, ry, rz = (float(a) for a in xyz_angles(torch.as_tensor(U)))
     elif U[2, 0] < 0.0:  # ry = +π/2: U[0,1] = sin(rx − rz), U[1,1] = cos(rx − rz)
         rz = 0.0
         rx = math.atan2(U[0, 1], U[1, 1])

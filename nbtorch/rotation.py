@@ -38,6 +38,18 @@ def rot_xyz(angles: torch.Tensor) -> torch.Tensor:
     return rot_z(angles[..., 2]) @ rot_y(angles[..., 1]) @ rot_x(angles[..., 0])
 
 
+def xyz_angles(R: torch.Tensor) -> torch.Tensor:
+    """XYZ decomposition (radians) of a rotation ``R`` [..., 3, 3] with ``R = Rz(rz)·Ry(ry)·Rx(rx)`` → [..., 3].
+
+    Inverse of :func:`rot_xyz` for |ry| < 90°; differentiable there (at ry = ±90°, gimbal lock, the decomposition is
+    not unique: see :func:`nbtorch.mosaic.matrix_to_xyz_angles` for a convention that handles it).
+    """
+    ry = torch.atan2(-R[..., 2, 0], torch.sqrt(R[..., 0, 0] ** 2 + R[..., 1, 0] ** 2))
+    rx = torch.atan2(R[..., 2, 1], R[..., 2, 2])
+    rz = torch.atan2(R[..., 1, 0], R[..., 0, 0])
+    return torch.stack([rx, ry, rz], -1)
+
+
 def rot_axis(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rodrigues rotation by ``angle`` (rad, shape ``(...)``) about the unit ``axis`` (``(..., 3)``).
 

@@ -9,7 +9,6 @@ Python branches, so it composes with ``torch.func`` (``vmap``, ``jacfwd``, ``jac
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -34,11 +33,16 @@ class Crystal3D(NamedTuple):
     B0: torch.Tensor
 
 
+def crystal_rotation(crystal) -> torch.Tensor:
+    """The rotation ``XYZ(misset)·orientation`` [3, 3] applied to the reciprocal basis of ``crystal`` (a
+    :class:`~nbtorch.types.Crystal`; misset in degrees)."""
+    return rot_xyz(deg2rad(crystal.misset)) @ crystal.orientation
+
+
 def crystal_orientations(params: Params, setup: Setup) -> Crystal3D:
     """Real-space basis for every (phi step, mosaic domain) sample: ``A[o] = (U_m·R_φ·M0)ᵀ`` (rows a, b, c in Å)."""
     c = params.crystal
-    R = rot_xyz(deg2rad(c.misset)) @ c.orientation
-    M0, B0 = lattice(c.cell, R, nanobragg=setup.nanobragg_cell)
+    M0, B0 = lattice(c.cell, crystal_rotation(c), nanobragg=setup.nanobragg_cell)
     like = c.cell
     spindle = torch.tensor(setup.spindle, dtype=like.dtype, device=like.device)
     phis = setup.phi0 + setup.phistep * torch.arange(setup.phisteps, dtype=like.dtype, device=like.device)
@@ -75,7 +79,7 @@ def water_intensity(params: Params) -> torch.Tensor:
 def _tile_values(params, setup, frame, xtal, inc, lam, E, fast, slow):
     """Photons for the pixels (``fast``, ``slow`` ``[P]``) of one tile → ``[P]``."""
     dtype = frame.pix0.dtype
-    T, n2 = setup.thicksteps, setup.oversample**2
+    T = setup.thicksteps
     pos = detmod.pixel_positions(frame, fast, slow, setup)  # [P,T,n2,3]
     R = torch.linalg.vector_norm(pos, dim=-1, keepdim=True)
     d = pos / R

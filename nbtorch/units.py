@@ -19,6 +19,8 @@ HC_EV_ANGSTROM = 12398.42
 AVOGADRO = 6.02214179e23
 #: Scattering amplitude of one water molecule, as nanoBragg uses it (electrons).
 WATER_F = 2.57
+#: Degrees per milliradian (refinement increments are in mrad, angles in the API in degrees).
+DEG_PER_MRAD = 180.0 / math.pi / 1000.0
 #: Constant of the round-crystal lattice factor normalisation.
 ROUND_XTAL_NORM = 0.723601254558268
 

@@ -52,8 +52,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from nbtorch.rotation import rot_xyz
+from nbtorch.rotation import rot_xyz, xyz_angles  # noqa: F401  (xyz_angles re-exported)
+from nbtorch.simulate import crystal_rotation
 from nbtorch.types import Params, Setup
+from nbtorch.units import DEG_PER_MRAD
 
 GROUPS = (
     "cell", "orientation", "distance", "beam_center", "detector_rotation", "twotheta", "wavelength", "ncells",
@@ -91,7 +93,7 @@ _SUBGROUPS = {
     "background.water": ("background.water",),
     "water": ("background.water",),
 }
-MRAD_TO_DEG = 180.0 / math.pi / 1000.0
+MRAD_TO_DEG = DEG_PER_MRAD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,22 +139,9 @@ class Scalar:
         return self.factor
 
 
-def xyz_angles(R: torch.Tensor) -> torch.Tensor:
-    """XYZ decomposition (radians) of a rotation ``R`` [..., 3, 3] with ``R = Rz(rz)·Ry(ry)·Rx(rx)`` → [..., 3].
-
-    Inverse of :func:`nbtorch.rotation.rot_xyz` for |ry| < 90°; differentiable there (gimbal lock at ry = ±90° is not
-    handled: the decomposition is then not unique).
-    """
-    ry = torch.atan2(-R[..., 2, 0], torch.sqrt(R[..., 0, 0] ** 2 + R[..., 1, 0] ** 2))
-    rx = torch.atan2(R[..., 2, 1], R[..., 2, 2])
-    rz = torch.atan2(R[..., 1, 0], R[..., 0, 0])
-    return torch.stack([rx, ry, rz], -1)
-
-
 def total_rotation(params: Params) -> torch.Tensor:
     """The crystal rotation ``XYZ(misset)·orientation`` [3, 3] that ``simulate`` applies to the reciprocal basis."""
-    c = params.crystal
-    return rot_xyz(c.misset * (math.pi / 180.0)) @ c.orientation
+    return crystal_rotation(params.crystal)
 
 
 def symmetrize_cell(cell: Sequence[float], system: str, tol_length: float = 0.02, tol_angle: float = 1.0):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from torch.func import jacfwd
 
 from nbtorch.lattice import reciprocal_matrix
+from nbtorch.units import deg2rad, rad2deg
 
 from .parameters import Parameterisation, total_rotation, xyz_angles
 
@@ -57,7 +57,7 @@ def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
     ``scale`` is the fluence relative to the parameterisation's reference (the starting model)."""
     p = par.unpack(x)
     R = total_rotation(p)
-    misset = xyz_angles(R) * (180.0 / math.pi)
+    misset = rad2deg(xyz_angles(R))
     one = lambda t: t.reshape(1)  # noqa: E731
     parts = [
         p.crystal.cell, misset, one(p.detector.distance), p.detector.beam_center, p.detector.rotation,
@@ -159,7 +159,7 @@ class Result:
         cell = p.crystal.cell
         R = total_rotation(p)
         if self.setup.nanobragg_cell:
-            mis = xyz_angles(R) * (180.0 / math.pi)
+            mis = rad2deg(xyz_angles(R))
             return ["-cell", *(_num(v) for v in cell), "-misset", *(_num(v) for v in mis)]
         # -mat model: exact lattice, write the λ-scaled matrix A = λ·R·B(cell)
         if matrix_path is None:
@@ -389,7 +389,7 @@ def _setup_flags(params, setup) -> List[str]:
     if st.n_domains > 1:
         from nbtorch.mosaic import DEFAULT_MOSAIC_SEED, mosaic_domains
 
-        axes, fr = mosaic_domains(math.radians(float(params.crystal.mosaic_spread)), st.n_domains,
+        axes, fr = mosaic_domains(deg2rad(float(params.crystal.mosaic_spread)), st.n_domains,
                                   DEFAULT_MOSAIC_SEED)
         if not np.allclose(np.asarray(axes), np.asarray(st.mosaic_axes), atol=1e-9):
             raise ValueError("the mosaic domains do not come from the default seed; pass the starting flags as "

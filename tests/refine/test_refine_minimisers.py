@@ -68,8 +68,6 @@ def test_spots_only_matches_the_full_fit_with_fewer_pixels():
 def test_gaussian_target_with_read_noise():
     p, s, _ = model("-detpixels 48")
     g = torch.Generator().manual_seed(3)
-    import nbtorch
-
     obs = observe(p, s) + torch.randn(48, 48, generator=g, dtype=torch.float64) * 3.0
     res = refine.fit(obs, _small_start(p, s), s, free=["distance", "beam_center", "scale"], target="gaussian",
                      read_noise=3.0)
