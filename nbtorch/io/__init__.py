@@ -1,10 +1,14 @@
-"""File input/output for nbtorch (numpy only; no torch import).
+"""File input/output for nbtorch (numpy only at import time; gemmi and h5py are imported when first needed).
 
 * :mod:`.smv` — SMV/ADSC images (``-intfile``, ``-noisefile``, ``-mask``, ``-img``) in nanoBragg's exact layout.
 * :mod:`.hkl` — ``h k l F`` structure-factor text files (``-hkl``); never an ``Fdump.bin`` cache.
 * :mod:`.matrix` — MOSFLM λ-scaled orientation matrices (``-mat``).
 * :mod:`.sources` — explicit source lists (``-sourcefile``).
 * :mod:`.images` — raw float images (``-floatfile``), PGM previews, and observed images with masks.
+* :mod:`.structure_files` — structure factors from MTZ files and PDB/mmCIF models (``-hkl FILE.mtz``, ``-pdb``;
+  optional gemmi).
+* :mod:`.nexus` — NXmx NeXus/HDF5 images with their geometry (``-nexusfile``; optional h5py), read back by
+  :func:`read_image`.
 
 Every writer is atomic (temporary file + :func:`os.replace`, see :func:`atomic_write`).
 """
@@ -22,8 +26,17 @@ from .images import (
     write_raw_float,
 )
 from .matrix import mosflm_matrix_cell, read_mosflm_matrix, write_mosflm_matrix
+from .nexus import NexusGeometry, lab_to_nexus, nxmx_geometry, read_nxmx, write_nxmx
 from .smv import SMV_TYPES, nanobragg_header_items, read_smv, read_smv_mask, write_smv
 from .sources import SOURCE_COLUMNS, read_sources, write_sources
+from .structure_files import (
+    StructureFactorInfo,
+    StructureFileError,
+    detector_corner_resolution,
+    expand_to_p1,
+    read_mtz,
+    structure_factors_from_model,
+)
 
 __all__ = [
     "atomic_write",
@@ -49,4 +62,15 @@ __all__ = [
     "pgm_pixels",
     "read_image",
     "ObservedImage",
+    "read_mtz",
+    "structure_factors_from_model",
+    "expand_to_p1",
+    "detector_corner_resolution",
+    "StructureFactorInfo",
+    "StructureFileError",
+    "write_nxmx",
+    "read_nxmx",
+    "nxmx_geometry",
+    "lab_to_nexus",
+    "NexusGeometry",
 ]

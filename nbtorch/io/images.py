@@ -2,14 +2,15 @@
 
 nanoBragg's ``-floatfile`` is headerless float32, little-endian, slow-major (``fpixels`` values per row, ``spixels``
 rows); its ``-pgmfile`` is an 8-bit binary PGM.  :func:`read_image` loads an observed detector image (SMV natively,
-raw float with a given shape, anything else through ``fabio``) together with a usable-pixel mask.
+raw float with a given shape, NXmx NeXus files with h5py, anything else through ``fabio``) together with a
+usable-pixel mask.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -25,6 +26,14 @@ RAW_EXTENSIONS = (".bin", ".raw", ".f32", ".flt", ".float")
 
 #: Extensions always read natively as SMV by :func:`read_image`.
 SMV_EXTENSIONS = (".img", ".smv")
+
+#: The 8-byte signature at the start of an HDF5 file (without a user block).
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(8) == _HDF5_MAGIC
 
 
 def _looks_like_smv(path) -> bool:
@@ -50,6 +59,7 @@ class ObservedImage(NamedTuple):
         beam_center_mm: (BEAM_CENTER_X, BEAM_CENTER_Y) in mm from the header, or None.
         size: (fast, slow) pixel counts.
         header: the header as a dict of strings (empty for raw images).
+        geometry: the full geometry of an NXmx file (:class:`~nbtorch.io.nexus.NexusGeometry`), else None.
     """
 
     data: np.ndarray
@@ -61,6 +71,7 @@ class ObservedImage(NamedTuple):
     beam_center_mm: tuple[float, float] | None
     size: tuple[int, int]
     header: dict
+    geometry: Optional[Any] = None
 
 
 def _check_shape(shape, name: str) -> tuple[int, int]:
@@ -286,8 +297,9 @@ def read_image(
 
     Format selection: a raw extension (``.bin``, ``.raw``, ``.f32``, ``.flt``, ``.float``) → headerless raw image of
     ``shape`` (required) and ``dtype``; ``.img``/``.smv``, or a ``{`` header declaring ``HEADER_BYTES`` → SMV, read
-    natively; otherwise if ``shape`` is given → raw; otherwise CBF/HDF5/EDF/... through ``fabio`` (imported lazily;
-    first frame of multi-frame files).
+    natively; an HDF5 file with an NXmx entry → :func:`~nbtorch.io.nexus.read_nxmx` (h5py; first frame, geometry in
+    ``ObservedImage.geometry``); otherwise if ``shape`` is given → raw; otherwise CBF/HDF5/EDF/... through ``fabio``
+    (imported lazily; first frame of multi-frame files).
 
     Masking: a pixel is usable when finite, ≥ 0 (detector gaps are often −1/−2 in CBF) and not saturated.
     Saturated means ≥ ``overload``; the default overload is 65535 for ``unsigned_short`` SMV, miniCBF's
@@ -295,7 +307,8 @@ def read_image(
 
     Geometry (None where the header lacks it): SMV ``PIXEL_SIZE`` (mm), ``DISTANCE`` (mm), ``WAVELENGTH`` (Å),
     ``BEAM_CENTER_X/Y`` (mm); the same keys from fabio headers, or miniCBF ``Pixel_size``/``Detector_distance`` (m →
-    mm), ``Wavelength`` (Å) and ``Beam_xy`` (pixels × pixel size → mm, (x, y)).
+    mm), ``Wavelength`` (Å) and ``Beam_xy`` (pixels × pixel size → mm, (x, y)); for NXmx the values derived from the
+    detector's ``depends_on`` chain (beam centre (fast, slow) mm from the outer corner of pixel (0, 0)).
 
     Args:
         path: image file.
@@ -308,7 +321,7 @@ def read_image(
 
     Raises:
         ValueError: malformed SMV/raw files, missing ``shape`` for a raw file, unparseable geometry header values.
-        ImportError: if fabio is needed but not installed (install with ``pip install nbtorch[io]``).
+        ImportError: if fabio (or h5py for HDF5) is needed but not installed (``pip install nbtorch[io]``).
     """
     name = display_name(path)
     ext = os.path.splitext(name)[1].lower()
@@ -318,6 +331,11 @@ def read_image(
         return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
     if ext in SMV_EXTENSIONS or _looks_like_smv(path):
         return _read_observed_smv(read_bytes(path), name, overload)
+    if _is_hdf5(path):
+        from .nexus import is_nxmx, read_nxmx  # noqa: PLC0415 - h5py is optional
+
+        if is_nxmx(path):
+            return read_nxmx(path, overload)
     if shape is not None:
         return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
     return _read_observed_fabio(os.fspath(path), name, overload)
