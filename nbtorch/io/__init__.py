@@ -34,6 +34,7 @@ from .structure_files import (
     StructureFileError,
     detector_corner_resolution,
     expand_to_p1,
+    is_mtz,
     read_mtz,
     structure_factors_from_model,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "pgm_pixels",
     "read_image",
     "ObservedImage",
+    "is_mtz",
     "read_mtz",
     "structure_factors_from_model",
     "expand_to_p1",

@@ -30,6 +30,7 @@ from .hkl import hkl_to_grid
 __all__ = [
     "StructureFileError",
     "StructureFactorInfo",
+    "is_mtz",
     "read_mtz",
     "structure_factors_from_model",
     "expand_to_p1",
@@ -242,10 +243,18 @@ def _widen_float32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float32).astype(str).astype(np.float64)
 
 
+def is_mtz(path: str | os.PathLike) -> bool:
+    """True if the file starts with the MTZ magic ``b"MTZ "`` (how ``-hkl`` tells an MTZ from a text file).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"MTZ "
+
+
 def _open_mtz(gemmi, path, name: str):
-    with open(path, "rb") as fh:  # a plain OSError naming the file when it cannot be read
-        head = fh.read(4)
-    if head != b"MTZ ":
+    if not is_mtz(path):  # a plain OSError naming the file when it cannot be read
         raise StructureFileError(f"{name}: not an MTZ file (it does not start with 'MTZ ')")
     try:
         mtz = gemmi.read_mtz_file(os.fspath(path))

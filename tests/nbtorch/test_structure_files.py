@@ -16,6 +16,7 @@ from nbtorch.io.structure_files import (  # noqa: E402
     StructureFileError,
     detector_corner_resolution,
     expand_to_p1,
+    is_mtz,
     read_mtz,
     structure_factors_from_model,
 )
@@ -78,6 +79,7 @@ def test_p1_mtz_from_text_hkl_gives_the_identical_table(tmp_path, golden_hkl):
         assert hkl_min == ref_min and F.dtype == np.float64
         np.testing.assert_array_equal(F, ref)  # bit-identical, float32 storage notwithstanding
     assert info.column == "FP" and info.spacegroup == "P 1" and info.n_unique == info.n_p1 == len(d.F)
+    assert is_mtz(path) and not is_mtz(HKL_03)
     assert info.cell == pytest.approx(CELL_03)
 
 
@@ -227,6 +229,10 @@ def test_mtz_errors(tmp_path, golden_hkl):
         read_mtz(HKL_03)
     with pytest.raises(OSError, match="missing.mtz"):
         read_mtz(tmp_path / "missing.mtz")
+    cut = tmp_path / "cut.mtz"
+    cut.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(StructureFileError, match=r"cut\.mtz: unreadable MTZ file"):
+        read_mtz(cut)
 
 
 def test_unmerged_mtz_is_refused(tmp_path):
