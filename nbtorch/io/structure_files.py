@@ -159,8 +159,9 @@ def expand_to_p1(hkl, F, spacegroup, *, F_minus=None, where: str = "expand_to_p1
     """Expand reflections to the full P1 list that nanoBragg's table expects.
 
     Every listed reflection h (amplitude F) gives its symmetry mates h·R for all rotations R of the space group, and
-    its Friedel mates −h·R, which get ``F_minus`` when given (anomalous data) and F otherwise.  Listed values win over
-    generated ones; a reflection listed twice keeps its later value.
+    its Friedel mates −h·R, which get ``F_minus`` when given (anomalous data; where F(−) is missing they fall back to
+    F(+), and F(+) mates to F(−)) and F otherwise.  Listed values win over generated ones; a reflection listed twice
+    keeps its later value.
 
     Args:
         hkl: integer array-like [n, 3] of Miller indices.
@@ -196,17 +197,23 @@ def expand_to_p1(hkl, F, spacegroup, *, F_minus=None, where: str = "expand_to_p1
         _check_mates_agree(-hkl[minus], Fm[minus], rots, where, sg.hm)
     gen_p = np.einsum("ni,oij->onj", hkl[plus], rots).reshape(-1, 3)
     gen_m = -np.einsum("ni,oij->onj", hkl[minus], rots).reshape(-1, 3)
-    parts_h = [gen_m, gen_p, -hkl[minus], hkl[plus]] if F_minus is not None else [gen_m, gen_p, hkl[plus]]
-    parts_F = [np.tile(Fm[minus], len(rots)), np.tile(F[plus], len(rots))]
-    parts_F += [Fm[minus], F[plus]] if F_minus is not None else [F[plus]]
-    return np.concatenate(parts_h).astype(np.int64), np.concatenate(parts_F)
+    vals_p, vals_m = np.tile(F[plus], len(rots)), np.tile(Fm[minus], len(rots))
+    if F_minus is None:  # lowest precedence first: Friedel mates, symmetry mates, listed reflections
+        parts = [(gen_m, vals_m), (gen_p, vals_p), (hkl[plus], F[plus])]
+    else:  # Friedel's law only where the other half of the pair is missing
+        parts = [(-gen_p, vals_p), (-gen_m, vals_m), (gen_m, vals_m), (gen_p, vals_p), (-hkl[minus], Fm[minus]),
+                 (hkl[plus], F[plus])]
+    return np.concatenate([h for h, _ in parts]).astype(np.int64), np.concatenate([v for _, v in parts])
 
 
 def _grid_with_absences(hkl_p1, F_p1, sg, default_F: float, where: str):
     """hkl_to_grid, then 0 in every cell of a systematically absent reflection that nothing filled."""
     if len(F_p1) == 0:
         raise StructureFileError(f"{where}: no reflections with a value")
-    grid, hkl_min = hkl_to_grid((hkl_p1, F_p1), default_F)
+    try:
+        grid, hkl_min = hkl_to_grid((hkl_p1, F_p1), default_F)
+    except ValueError as exc:  # a table too large for memory
+        raise StructureFileError(f"{where}: {exc}") from None
     n_zeroed = 0
     ops = sg.operations()
     if float(default_F) != 0.0 and (not sg.is_symmorphic() or sg.centring_type() != "P"):
@@ -228,7 +235,7 @@ def _expansion_notes(sg, n_unique: int, n_p1: int, n_zeroed: int, anomalous_kept
     notes = [f"expanded from {sg.hm} ({n_rot} rotation{'s' if n_rot != 1 else ''}) to P1 with {mates}: "
              f"{n_unique} -> {n_p1} reflections"]
     if anomalous_kept:
-        notes.append("Friedel mates -h take F(-); F(+) and F(-) were not averaged")
+        notes.append("F(+) and F(-) kept apart: -h takes F(-) (F(+) where F(-) is missing)")
     if n_zeroed:
         notes.append(f"{n_zeroed} table cells of systematically absent reflections set to 0 (not default_F)")
     return notes
@@ -308,12 +315,12 @@ def _choose_columns(mtz, column: Optional[str], name: str):
     return col.type, col, None, col.label
 
 
-def _to_amplitudes(values: np.ndarray, notes: list, label: str) -> np.ndarray:
-    """Intensities → amplitudes sqrt(max(I, 0)), counting negatives in ``notes``."""
-    neg = int(np.sum(values < 0))
+def _to_amplitudes(arrays, notes: list, label: str) -> list:
+    """Intensities → amplitudes sqrt(max(I, 0)) for each array (None passes), counting negatives in ``notes``."""
+    neg = sum(int(np.sum(a < 0)) for a in arrays if a is not None)
     notes.append(f"intensities {label} converted to amplitudes as sqrt(max(I, 0)) (no French-Wilson treatment); "
                  f"{neg} negative intensities set to 0")
-    return np.sqrt(np.maximum(values, 0.0))
+    return [None if a is None else np.sqrt(np.maximum(a, 0.0)) for a in arrays]
 
 
 def _mtz_amplitudes(mtz, kind, plus, minus, label, anomalous: str):
@@ -322,9 +329,7 @@ def _mtz_amplitudes(mtz, kind, plus, minus, label, anomalous: str):
     Fp = _widen_float32(plus.array)
     Fm = None if minus is None else _widen_float32(minus.array)
     if kind in ("J", "K"):
-        Fp = _to_amplitudes(Fp, notes, label)
-        if Fm is not None:
-            Fm = np.sqrt(np.maximum(Fm, 0.0))
+        Fp, Fm = _to_amplitudes([Fp, Fm], notes, label)
     if Fm is not None and anomalous == "average":
         both = ~np.isnan(Fp) & ~np.isnan(Fm)
         Fp = np.where(both, 0.5 * (Fp + Fm), np.where(np.isnan(Fp), Fm, Fp))

@@ -116,6 +116,20 @@ def test_anomalous_pairs_separate_reproduce_friedel_different_data_and_average_b
     assert read_mtz(path, column="F(-)", anomalous="separate")[2].column == "F(+),F(-)"
 
 
+def test_anomalous_pair_with_one_half_missing_falls_back_to_friedels_law(tmp_path):
+    nan = float("nan")
+    rows = [(1, 2, 3, 10.0, 12.0), (2, 1, 1, 7.0, nan), (3, 0, 1, nan, 5.0)]
+    path = write_mtz(tmp_path / "half.mtz", "P 1", (30, 30, 30, 90, 90, 90), [("I(+)", "K"), ("I(-)", "K")], rows)
+    F, lo, info = read_mtz(path, column="I(+)", anomalous="separate")
+    assert at(F, lo, (1, 2, 3)) == pytest.approx(math.sqrt(10.0)) and at(F, lo, (-1, -2, -3)) == pytest.approx(
+        math.sqrt(12.0))
+    assert at(F, lo, (2, 1, 1)) == at(F, lo, (-2, -1, -1)) == pytest.approx(math.sqrt(7.0))
+    assert at(F, lo, (3, 0, 1)) == at(F, lo, (-3, 0, -1)) == pytest.approx(math.sqrt(5.0))
+    Fa, lo, info = read_mtz(path, column="I(-)")
+    assert at(Fa, lo, (1, 2, 3)) == at(Fa, lo, (-1, -2, -3)) == pytest.approx(0.5 * (math.sqrt(10) + math.sqrt(12)))
+    assert at(Fa, lo, (2, 1, 1)) == pytest.approx(math.sqrt(7.0)) and info.column == "I(+),I(-)"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MTZ: symmetry expansion
 
