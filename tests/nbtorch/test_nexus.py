@@ -226,3 +226,46 @@ def test_missing_h5py_names_the_extra(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"h5py.*pip install nbtorch\[io\]"):
         write_nxmx(tmp_path / "x.h5", np.zeros((30, 40)), params, setup)
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("extra", ["-detector_rotx 3 -detector_roty -2 -twotheta 5 -Xbeam 2.5 -Ybeam 3.5 -phi 10",
+                                   "-dials -ORGX 15.5 -ORGY 12.25 -detector_rotz 2"])
+def test_dials_nxmx_reader_sees_the_simulated_geometry(tmp_path, extra):
+    """DIALS's own NXmx reader (the ``nxmx`` package behind dxtbx) reads the file, and the detector it builds the way
+    dxtbx does gives every pixel the scattering vector length the kernel used."""
+    nxmx = pytest.importorskip("nxmx")
+    params, setup = setup_of(extra)
+    write_nxmx(tmp_path / "d.h5", np.zeros((30, 40), np.float32), params, setup, saturation_value=65535)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        entry = nxmx.NXmx(f).entries[0]
+        assert entry.definition == "NXmx" and entry.source.name and entry.samples[0].name
+        det = entry.instruments[0].detectors[0]
+        module = det.modules[0]
+        assert det.sensor_material == "Si" and det.saturation_value == 65535
+        assert tuple(int(x) for x in module.data_size[::-1]) == (40, 30)  # dxtbx's (fast, slow) image size
+        wavelength = entry.instruments[0].beams[0].incident_wavelength.to("angstrom").magnitude
+        chain = nxmx.get_dependency_chain(module.fast_pixel_direction.depends_on)
+        A = nxmx.get_cumulative_transformation(chain)[0]
+        origin, R = A[:3, 3], A[:3, :3]
+        fast = R @ module.fast_pixel_direction.vector
+        slow = R @ module.slow_pixel_direction.vector
+        pixel = module.fast_pixel_direction[()].to("mm").magnitude.item()
+        axes = nxmx.get_rotation_axes(nxmx.get_dependency_chain(entry.samples[0].depends_on))
+    assert wavelength == pytest.approx(1.1) and pixel == pytest.approx(0.2)
+    assert axes.angles[0] == pytest.approx(setup.phi0)
+    ii, jj = np.meshgrid(np.arange(40) + 0.5, np.arange(30) + 0.5)
+    pos = origin + ii[..., None] * pixel * fast + jj[..., None] * pixel * slow  # pixel centres, NeXus frame
+    s1 = pos / np.linalg.norm(pos, axis=-1, keepdims=True)
+    q_nexus = np.linalg.norm(s1 - np.array([0.0, 0.0, 1.0]), axis=-1) / wavelength
+    frame = detector_frame(params.detector, setup)
+    k = torch.arange(30 * 40)
+    centres = setup.replace(oversample=1, thicksteps=1)  # one sample per pixel: its centre
+    kpos = nbtorch.detector.pixel_positions(frame, k % 40, k // 40, centres)[:, 0, 0].numpy().reshape(30, 40, 3)
+    d = kpos / np.linalg.norm(kpos, axis=-1, keepdims=True)
+    q_kernel = np.linalg.norm(d - np.asarray(setup.beam), axis=-1) / 1.1
+    np.testing.assert_allclose(q_nexus, q_kernel, rtol=1e-12)
+    # and the rotation axis keeps its angle to every scattering vector
+    cos_nexus = ((s1 - [0, 0, 1]) @ axes.axes[0]) / np.linalg.norm(s1 - [0, 0, 1], axis=-1)
+    cos_kernel = ((d - np.asarray(setup.beam)) @ np.asarray(setup.spindle)) / np.linalg.norm(
+        d - np.asarray(setup.beam), axis=-1)
+    np.testing.assert_allclose(cos_nexus, cos_kernel, atol=1e-12)
