@@ -166,7 +166,7 @@ def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thicknes
 
     Raises:
         ValueError: a curved detector (``-curved_det``: NXmx describes flat modules), a beam parallel to the detector,
-            or a negative sensor thickness.
+            a negative sensor thickness or a non-finite saturation value.
     """
     import torch  # noqa: PLC0415 - keep the io package free of torch at import time
 
@@ -184,13 +184,16 @@ def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thicknes
     thick = setup.thickness_um * _MM_PER_UM if sensor_thickness_mm is None else float(sensor_thickness_mm)
     if not (math.isfinite(thick) and thick >= 0):
         raise ValueError(f"NXmx output: sensor_thickness_mm must be finite and >= 0, got {sensor_thickness_mm!r}")
+    if saturation_value is not None and not math.isfinite(float(saturation_value)):
+        raise ValueError(f"NXmx output: saturation_value must be finite, got {saturation_value!r}")
     p = float(setup.pixel_size)
     return NexusGeometry(
         fast_axis=R @ f, slow_axis=R @ s, origin_mm=R @ pix0, pixel_size_mm=(p, p),
         image_size=(setup.fpixels, setup.spixels), distance_mm=float(t), beam_center_mm=(float(a), float(b)),
         wavelength_A=float(params.beam.wavelength), beam=R @ beam, spindle=R @ _unit(setup.spindle),
         phi_deg=float(setup.phi0), osc_deg=float(setup.phistep * setup.phisteps), sensor_material=str(sensor_material),
-        sensor_thickness_mm=thick, saturation_value=saturation_value, lab_to_nexus=R,
+        sensor_thickness_mm=thick, saturation_value=None if saturation_value is None else float(saturation_value),
+        lab_to_nexus=R,
     )
 
 

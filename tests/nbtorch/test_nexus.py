@@ -144,6 +144,8 @@ def test_write_is_atomic_and_checks_before_writing(tmp_path):
     curved = setup.replace(curved_det=True)
     with pytest.raises(ValueError, match="curved detector"):
         write_nxmx(path, np.zeros((30, 40)), params, curved)
+    with pytest.raises(ValueError, match="saturation_value must be finite"):
+        write_nxmx(path, np.zeros((30, 40)), params, setup, saturation_value=float("inf"))
     assert path.read_bytes() == b"old content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.h5"]
 
