@@ -50,3 +50,41 @@ def as_tensor(x, dtype=None, device=None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(dtype=dtype or x.dtype, device=device or x.device)
     return torch.as_tensor(x, dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# length and fraction conversions used at the flag boundary (nanoBragg's command-line units → nbtorch's API units)
+
+#: Ångström per millimetre (crystal sizes are given in mm, cell lengths are in Å).
+ANGSTROM_PER_MM = 1e7
+#: Ångström per metre (``-sourcefile`` wavelengths are in metres).
+ANGSTROM_PER_M = 1e10
+#: Metres per millimetre (``-beamsize`` for the fluence; nanoBragg prints positions in metres).
+M_PER_MM = 1e-3
+#: Percent per unit fraction (``-dispersion`` is a percentage).
+PERCENT = 100.0
+
+
+def mm_to_angstrom(x):
+    """Millimetres → Ångström (floats or tensors)."""
+    return x * ANGSTROM_PER_MM
+
+
+def m_to_angstrom(x):
+    """Metres → Ångström (floats or tensors)."""
+    return x * ANGSTROM_PER_M
+
+
+def mm_to_m(x):
+    """Millimetres → metres (floats or tensors)."""
+    return x * M_PER_MM
+
+
+def percent_to_fraction(x):
+    """Percent → fraction (``-dispersion 0.5`` → 0.005)."""
+    return x / PERCENT
+
+
+def wavelength_from_energy(energy_ev):
+    """Photon energy (eV) → wavelength (Å): λ = hc/E with nanoBragg's hc = :data:`HC_EV_ANGSTROM`."""
+    return HC_EV_ANGSTROM / energy_ev
