@@ -4,14 +4,16 @@ Public API::
 
     params, setup = nbtorch.from_nanobragg_args("-cell 100 100 100 90 90 90 -default_F 100 -N 5 ...")
     image = nbtorch.simulate(params, setup)        # photons/pixel, [slow, fast]
+    flags = nbtorch.to_nanobragg_args(params, setup)  # and back to nanoBragg flags
 """
-from .args import from_nanobragg_args, parse_args
+from .args import from_nanobragg_args, parse_args, to_nanobragg_args
 from .simulate import crystal_orientations, crystal_rotation, simulate
 from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure, get_leaf, replace_leaf, tree_leaves, tree_map
 from .validate import check_params
 
 __all__ = [
-    "simulate", "from_nanobragg_args", "parse_args", "check_params", "crystal_orientations", "crystal_rotation",
+    "simulate", "from_nanobragg_args", "to_nanobragg_args", "parse_args", "check_params", "crystal_orientations",
+    "crystal_rotation",
     "Params", "Crystal", "Beam", "Detector", "Structure", "Background", "Setup",
     "get_leaf", "replace_leaf", "tree_leaves", "tree_map",
 ]

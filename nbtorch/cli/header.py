@@ -19,11 +19,11 @@ from typing import List, NamedTuple, Tuple
 
 import torch
 
-from .detector import detector_frame
-from .io.smv import nanobragg_header_items
-from .rotation import rot_xyz
-from .types import Detector, Params, Setup
-from .units import deg2rad
+from ..detector import detector_frame
+from ..io.smv import nanobragg_header_items
+from ..rotation import rot_xyz
+from ..types import Detector, Params, Setup
+from ..units import deg2rad
 
 __all__ = ["HeaderGeometry", "header_geometry", "header_beam_center", "smv_header_items"]
 
@@ -92,8 +92,9 @@ def header_beam_center(params: Params, setup: Setup, extras, base_dir: str = "."
 
     For XDS and DIALS, whose geometry ignores ``-Xbeam``/``-Ybeam`` (spec Q3), the default Xbeam/Ybeam is the near
     point Xclose/Yclose, which itself defaults to (ORGX − ½)·p, (ORGY − ½)·p (or to the detector centre without
-    ``-ORGX``/``-ORGY``); :func:`nbtorch.args.build` applies these defaults.  ``extras``: the :class:`nbtorch.args.Extras` from :func:`nbtorch.args.build`;
-    ``base_dir``: the directory relative file names (``-img``, ``-mask``) were read from.
+    ``-ORGX``/``-ORGY``); :func:`nbtorch.args.build` applies these defaults.  ``extras``: the
+    :class:`nbtorch.args.Extras` from :func:`nbtorch.args.build`; ``base_dir``: the directory relative file names
+    (``-img``, ``-mask``) were read from.
     """
     return float(extras.xbeam_mm), float(extras.ybeam_mm)
 

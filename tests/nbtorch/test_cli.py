@@ -139,7 +139,7 @@ def test_bad_values_and_files_give_status_2(tmp_path, monkeypatch, capsys):
     for argv, words in (
         (SMALL + ["-hkl", "nothere.hkl"], ["-hkl nothere.hkl", "no such file"]),
         (SMALL + ["-distance", "abc"], ["-distance", "number"]),
-        (SMALL + ["-distance", "-5"], ["-distance", "> 0"]),
+        (SMALL + ["-distance", "-5"], ["-distance", "> 0 and <= 1e7 mm", "got -5"]),
         (SMALL + ["-printout_pixel", "24", "0"], ["-printout_pixel", "0..23"]),
         (SMALL + ["--dtype", "float16"], ["--dtype"]),
         (SMALL + ["-roi", "0", "30", "0", "5"], ["roi"]),
@@ -351,7 +351,7 @@ def test_noprogress_is_silent_and_progress_goes_to_stderr(tmp_path, monkeypatch,
 
 def test_banded_rendering_equals_simulate(monkeypatch):
     params, setup = nbtorch.from_nanobragg_args(SMALL + ["-roi", "2", "20", "1", "17", "-oversample", "2"])
-    monkeypatch.setattr(cli, "_BANDED_SAMPLES", 0)
+    monkeypatch.setattr(cli.progress, "BANDED_SAMPLES", 0)
     buf = io.StringIO()
     banded = cli.render(params, setup, progress=buf)
     whole = nbtorch.simulate(params, setup)

@@ -1,0 +1,647 @@
+"""nanoBragg's defaults and automatic rules: parsed flags → ``(Params, Setup, Extras)`` (spec §1–§4).
+
+One function per section — crystal, structure factors, mosaic and phi, detector and conventions, beam and sources,
+noise and output — each reading the flags through :class:`Inputs` (command line, then an ``-img``/``-mask`` header,
+then the flag table's default).  Every value was range-checked by the parser; the checks here are those that need
+several flags together (a detector at least one pixel wide, an ROI inside the detector, a fluence from -flux in range).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .. import lattice as latmod
+from ..beam import divergence_sources
+from ..mosaic import mosaic_domain_count, mosaic_domains, random_misset_angles
+from ..types import Background, Beam, Crystal, Detector, Params, Setup, Structure
+from ..units import deg2rad, m_to_angstrom, mm_to_angstrom, mm_to_m, mrad2rad, percent_to_fraction, rad2deg
+from ..units import wavelength_from_energy
+from .parse import FLAG_VALUE, NanoBraggArgs, fmt_num, last_flag, missing_inputs, parse_args, parse_value
+from .parse import range_phrase
+from .table import FLAGS, SWITCH_DEFAULTS, switch_states
+
+__all__ = ["Inputs", "Extras", "Outputs", "build", "from_nanobragg_args", "CONVENTION_VECTORS", "sources_for"]
+
+#: Setup vectors of each convention (spec §4): fast, slow, normal, beam, two-theta axis, E vector, spindle.
+CONVENTION_VECTORS: Dict[str, Dict[str, Tuple[float, float, float]]] = {
+    conv: dict(zip(("fdet", "sdet", "odet", "beam", "twotheta_axis", "polar_axis", "spindle"), vecs))
+    for conv, vecs in {
+        "MOSFLM": ((0, 0, 1), (0, -1, 0), (1, 0, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1)),
+        "DENZO": ((0, 0, 1), (0, -1, 0), (1, 0, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1)),
+        "ADXV": ((1, 0, 0), (0, -1, 0), (0, 0, 1), (0, 0, 1), (-1, 0, 0), (1, 0, 0), (1, 0, 0)),
+        "XDS": ((1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 1), (1, 0, 0), (1, 0, 0), (1, 0, 0)),
+        "DIALS": ((1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 1), (0, 1, 0), (0, 1, 0), (0, 1, 0)),
+        "CUSTOM": ((0, 0, 1), (0, -1, 0), (1, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 1)),
+    }.items()
+}
+#: Setup vector field → the flag that sets it (from the table).
+VECTOR_FLAGS = {f.field.split(".")[1]: f.name for f in FLAGS.values() if f.kind == "vector" and f.field}
+#: Pixel-count limit of a detector (the Setup's own bound).
+MAX_PIXELS = 1 << 31
+_NO_DEFAULT = object()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs: command line, -img/-mask header, table default
+
+
+def _header_values(path: str, source: str, opts: NanoBraggArgs, flip_y: bool) -> Dict[str, object]:
+    """Flag values from the SMV header of ``source`` (``-img NAME`` or ``-mask NAME``) read at ``path``.
+
+    Each value is parsed and range-checked like the flag it stands for; a bad one is kept as its ``ValueError``
+    (raised only if the value is used).  ``flip_y``: a ``-mask`` header's BEAM_CENTER_Y is read as
+    detsize_s − value, as the C program does (spec §1.5)."""
+    from ..io.smv import read_smv
+
+    _, hdr = read_smv(path)
+    out: Dict[str, object] = {}
+    for flag in FLAGS.values():
+        for key in flag.header:  # later keys win (OSC_START over PHI), as in nanoBragg
+            if key in hdr:
+                try:
+                    out[flag.name] = parse_value(flag, [hdr[key]], f"{source}: header {key} (for {flag.name})")
+                except ValueError as exc:
+                    out[flag.name] = exc
+    parts = [out.get(f) for f in ("-Ybeam", "-detpixels_s", "-pixel")]
+    if flip_y and all(p is not None and not isinstance(p, ValueError) for p in parts):
+        out["-Ybeam"] = parts[1] * parts[2] - parts[0]
+    return out
+
+
+class Inputs:
+    """The flags a build reads: the command line first, then ``-img``/``-mask`` header values, then the table's
+    defaults.  ``notes`` collects the remarks the command line prints (clipped crystal sizes, random misset …)."""
+
+    def __init__(self, opts: NanoBraggArgs, base_dir: str = "."):
+        self.opts, self.base_dir = opts, base_dir
+        self.notes: List[str] = []
+        self.header: Dict[str, object] = {}
+        for flag, flip in (("-img", False), ("-mask", True)):  # the -mask header wins over the -img header
+            if flag in opts:
+                src = f"{flag} {opts[flag]}"
+                self.header.update(_header_values(self.path(flag), src, opts, flip))
+
+    def given(self, flag: str) -> bool:
+        """Whether ``flag`` is on the command line."""
+        return flag in self.opts
+
+    def get(self, flag: str, default=_NO_DEFAULT):
+        """The command-line value of ``flag``, else ``default`` (by default the table's default)."""
+        if flag in self.opts:
+            return self.opts[flag]
+        return FLAGS[flag].default if default is _NO_DEFAULT else default
+
+    def hget(self, flag: str, default=_NO_DEFAULT):
+        """Like :meth:`get`, but an ``-img``/``-mask`` header value comes before the default."""
+        if flag not in self.opts and flag in self.header:
+            value = self.header[flag]
+            if isinstance(value, ValueError):
+                raise value
+            return value
+        return self.get(flag, default)
+
+    def last(self, group: str, default=_NO_DEFAULT):
+        """State of the order-dependent switch ``group``: the last of its flags given wins."""
+        return last_flag(self.opts, switch_states(group), SWITCH_DEFAULTS[group] if default is _NO_DEFAULT else default)
+
+    def path(self, flag: str) -> str:
+        """The file named by ``flag``, relative to ``base_dir``."""
+        name = str(self.opts[flag])
+        return name if os.path.isabs(name) else os.path.join(self.base_dir, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# crystal
+
+
+class CrystalPart(NamedTuple):
+    """cell [6] float64 (Å, deg); U0 [3,3]; misset (deg); N, N_cli: cells per axis after / before nanoBragg's
+    N >= 1 rule; nanobragg_cell: lattice built as -cell does; shape and fudge of the lattice factor."""
+
+    cell: torch.Tensor
+    U0: torch.Tensor
+    misset: List[float]
+    N: List[float]
+    N_cli: List[float]
+    nanobragg_cell: bool
+    shape: str
+    fudge: float
+
+
+def _wavelength(inp: Inputs) -> float:
+    """λ0 (Å) from -lambda (or an image header), or from -energy."""
+    if not inp.given("-energy"):
+        return float(inp.hget("-lambda"))
+    energy = inp.opts["-energy"]
+    lam = wavelength_from_energy(energy)
+    rng = FLAGS["-lambda"].interval
+    if lam not in rng:
+        raise ValueError(f"-energy {fmt_num(energy)} eV gives lambda = {lam:g} Å, outside {rng.text} Å")
+    return float(lam)
+
+
+def _cell(inp: Inputs, lam: float) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """(cell [6], U0 [3,3], nanobragg_cell) from -mat (exact cell and orientation) or -cell."""
+    from ..validate import check_cell
+
+    if inp.given("-mat"):
+        from ..io.matrix import read_mosflm_matrix
+
+        name = inp.opts["-mat"]
+        A = torch.as_tensor(read_mosflm_matrix(inp.path("-mat")), dtype=torch.float64)
+        B = latmod.mosflm_to_reciprocal(A, lam)
+        det = float(torch.linalg.det(B))
+        if abs(det) < 1e-30:
+            raise ValueError(f"-mat {name}: the matrix is singular")
+        if det < 0:
+            raise ValueError(f"-mat {name}: the matrix is left-handed (negative determinant)")
+        if inp.given("-cell"):
+            inp.notes.append("-cell ignored: -mat given")
+        cell, U0, exact = latmod.cell_from_reciprocal(B), latmod.orientation_from_reciprocal(B), False
+    else:
+        cv = list(inp.opts["-cell"])
+        full = [cv[0], cv[1] if len(cv) > 1 else cv[0], cv[2] if len(cv) > 2 else cv[0]]
+        full += [cv[k] if len(cv) > k else 90.0 for k in (3, 4, 5)]
+        cell, U0, exact = torch.tensor(full, dtype=torch.float64), torch.eye(3, dtype=torch.float64), True
+    flag = "-mat" if inp.given("-mat") else "-cell"
+    try:
+        check_cell(cell)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+    lengths = cell[:3].tolist()
+    if any(v not in FLAGS["-cell"].interval for v in lengths):
+        raise ValueError(f"{flag}: cell lengths a, b, c must be {range_phrase(FLAGS['-cell'])}, got "
+                         f"{' '.join(fmt_num(v) for v in lengths)}")
+    return cell, U0, exact
+
+
+def _misset(inp: Inputs) -> List[float]:
+    """-misset angles (deg); 'random' draws them from -misset_seed (default: the clock) and notes the seed."""
+    mis = inp.get("-misset", [0.0, 0.0, 0.0])
+    if mis != ["random"]:
+        return [float(x) for x in mis]
+    seed = inp.get("-misset_seed", int(time.time()))
+    angles = [float(rad2deg(x)) for x in random_misset_angles(seed)]
+    inp.notes.append(f"random misset (seed {seed}): {angles[0]:.6f} {angles[1]:.6f} {angles[2]:.6f} deg")
+    return angles
+
+
+def _ncells(inp: Inputs, cell: torch.Tensor, nanobragg_cell: bool) -> Tuple[List[float], List[float]]:
+    """(N, N_cli): cells along a, b, c from -N/-Na/-Nb/-Nc (N < 1 means 1, spec Q19) or the crystal size flags
+    (N = ceil(size/|axis|), sizes along b and c clipped to -beamsize).  N_cli: the command-line N (auto rules)."""
+    N_cli = [float(inp.get("-N"))] * 3
+    for k, f in enumerate(("-Na", "-Nb", "-Nc")):
+        N_cli[k] = float(inp.get(f, N_cli[k]))
+    N = [max(1.0, v) for v in N_cli]
+    sizes = [inp.get("-xtalsize")] * 3
+    for k, f in enumerate(("-xtal_thick", "-xtal_width", "-xtal_height")):
+        sizes[k] = inp.get(f, sizes[k])
+    if any(s > 0 for s in sizes):
+        beamsize = inp.get("-beamsize")
+        M_real, _ = latmod.lattice(cell, torch.eye(3, dtype=torch.float64), nanobragg=nanobragg_cell)
+        lengths = torch.linalg.vector_norm(M_real, dim=0).tolist()
+        for k, s in enumerate(sizes):
+            if s <= 0:
+                continue
+            if k > 0 and s > beamsize:
+                inp.notes.append(f"crystal size along {'abc'[k]} clipped to the beam size {beamsize:g} mm")
+                s = beamsize
+            N[k] = float(math.ceil(mm_to_angstrom(s) / lengths[k]))
+    return N, N_cli
+
+
+def _crystal(inp: Inputs, lam: float) -> CrystalPart:
+    """The crystal section: cell, orientation, misset, size and lattice-factor shape."""
+    cell, U0, nanobragg_cell = _cell(inp, lam)
+    N, N_cli = _ncells(inp, cell, nanobragg_cell)
+    return CrystalPart(cell, U0, _misset(inp), N, N_cli, nanobragg_cell, inp.last("shape"), float(inp.get("-fudge")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# structure factors, mosaic, phi
+
+
+def _structure(inp: Inputs, N_cli: Sequence[float]):
+    """(F table [nh,nk,nl] float64, hkl_min, default_F, interpolate, interpolate_auto): -hkl on a dense grid
+    (absent reflections = -default_F); tricubic interpolation automatic when any command-line N <= 2."""
+    default_F = float(inp.get("-default_F"))
+    table, hkl_min = np.zeros((0, 0, 0)), (0, 0, 0)
+    if inp.given("-hkl"):
+        from ..io.hkl import hkl_to_grid, read_hkl
+
+        data = read_hkl(inp.path("-hkl"))
+        if len(data.F):
+            table, hkl_min = hkl_to_grid(data, default_F)
+    has_table = table.size > 0
+    auto = has_table and min(N_cli) <= 2
+    interpolate = bool(inp.last("interpolate", auto)) and has_table
+    return table, tuple(int(x) for x in hkl_min), default_F, interpolate, auto
+
+
+def _mosaic(inp: Inputs) -> Tuple[float, tuple, tuple]:
+    """(spread (deg), domain axes, angle fractions) with nanoBragg's domain-count rule
+    (:func:`nbtorch.mosaic.mosaic_domain_count`) and generator (-mosaic_seed)."""
+    spread = float(inp.get("-mosaic"))
+    spread_rad, count = mosaic_domain_count(deg2rad(spread), inp.opts.get("-mosaic_domains"))
+    if spread_rad <= 0:
+        return 0.0, ((1.0, 0.0, 0.0),), (0.0,)
+    axes, fracs = mosaic_domains(spread_rad, count, inp.get("-mosaic_seed"))
+    return spread, tuple(tuple(float(x) for x in ax) for ax in axes), tuple(float(x) for x in fracs)
+
+
+def _phi(inp: Inputs) -> Tuple[float, float, int, float]:
+    """(phi0, phistep, phisteps, osc) from nanoBragg's spindle auto rules (spec §1.3)."""
+    phi0 = float(inp.hget("-phi"))
+    osc, step, nsteps = inp.hget("-osc"), inp.opts.get("-phistep"), inp.opts.get("-phisteps")
+    if nsteps is not None and nsteps <= 0:
+        nsteps = 1
+    if nsteps is None:
+        if osc is None and step is None:
+            nsteps, osc, step = 1, 0.0, 0.0
+        elif step is None:
+            nsteps, step = 2, osc / 2.0
+        elif osc is None:
+            osc, nsteps = step, 2
+        else:
+            nsteps = int(math.ceil(osc / step)) if step > 0 else 1
+    elif osc is None and step is None:
+        osc = 1.0
+        step = osc / nsteps
+    elif step is None:
+        step = osc / nsteps
+    elif osc is None:
+        nsteps, osc = 2, step
+    if osc <= 0 or step <= 0 or nsteps <= 0:
+        nsteps, step, osc = 1, 0.0, max(osc, 0.0)
+    return phi0, float(step), int(nsteps), float(osc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# detector and conventions
+
+
+def _unit(v, flag: str) -> Tuple[float, float, float]:
+    v = np.asarray(v, float)
+    n = np.linalg.norm(v)
+    if not np.isfinite(n) or n == 0:
+        raise ValueError(f"{flag} {' '.join(fmt_num(x) for x in v)}: a direction must be non-zero")
+    return tuple(float(x) for x in v / n)
+
+
+def _convention(inp: Inputs) -> Tuple[str, Dict[str, Tuple[float, float, float]]]:
+    """(convention, Setup vectors): the last convention flag, or CUSTOM when any custom-vector flag is given;
+    user vectors normalised (a normal not of length 1 becomes fast × slow)."""
+    conv = inp.last("convention")
+    if any(f.custom and inp.given(f.name) for f in FLAGS.values()):
+        conv = "CUSTOM"
+    vec = {}
+    for field, default in CONVENTION_VECTORS[conv].items():
+        flag = VECTOR_FLAGS[field]
+        given = inp.opts.get(flag)
+        if field == "odet" and given is not None and abs(np.linalg.norm(given) - 1.0) > 1e-9:
+            given = np.cross(vec["fdet"], vec["sdet"])
+        vec[field] = _unit(default if given is None else given, flag)
+    if np.linalg.norm(np.cross(vec["beam"], vec["polar_axis"])) < 1e-6 and not inp.given("-nopolar"):
+        raise ValueError("-polar_vector must not be parallel to the beam direction (-beam_vector / convention): the "
+                         "polarization plane is undefined")
+    return conv, vec
+
+
+def _pixel_counts(inp: Inputs) -> Tuple[int, int, float]:
+    """(fpixels, spixels, pixel mm): -detpixels_f/_s, then -detpixels, then the image header, then detsize/pixel."""
+    pixel = float(inp.hget("-pixel"))
+    counts = []
+    for axis, key in (("f", "-detpixels_f"), ("s", "-detpixels_s")):
+        n = inp.opts.get(key, inp.opts.get("-detpixels", inp.hget(key)))
+        if n is None:
+            size = float(inp.get(f"-detsize_{axis}", inp.get("-detsize")))
+            n = math.ceil(size / pixel - 0.5)
+            if not 1 <= n <= FLAGS[key].interval.bounds()[1]:
+                raise ValueError(f"-detsize {size:g} mm / -pixel {pixel:g} mm gives {n} pixels along "
+                                 f"{'fast' if axis == 'f' else 'slow'}: give {key} (1 to 1e6)")
+        counts.append(int(n))
+    if counts[0] * counts[1] > MAX_PIXELS:
+        raise ValueError(f"-detpixels: the detector has {counts[0]} × {counts[1]} pixels, more than 2^31")
+    return counts[0], counts[1], pixel
+
+
+def _beam_center(inp: Inputs, conv: str, fpix: int, spix: int, pixel: float):
+    """(beam_center, xbeam, ybeam): the Detector's beam centre (mm, or ORGX/ORGY pixels for XDS/DIALS) and the
+    Xbeam/Ybeam (mm) the SMV header reports.  Defaults per convention (spec §4)."""
+    Df, Ds = fpix * pixel, spix * pixel
+    orgx, orgy = inp.hget("-ORGX", None), inp.hget("-ORGY", None)
+    # the near point defaults to ORGX/ORGY when given, else the detector centre
+    xclose = float(inp.get("-Xclose", Df / 2 if orgx is None else (orgx - 0.5) * pixel))
+    yclose = float(inp.get("-Yclose", Ds / 2 if orgy is None else (orgy - 0.5) * pixel))
+    if conv in ("MOSFLM", "DENZO"):
+        defaults = ((Ds + pixel) / 2, (Df + pixel) / 2)
+    elif conv == "ADXV":
+        defaults = ((Df + pixel) / 2, (Ds - pixel) / 2)
+    else:
+        defaults = (xclose, yclose)
+    xbeam, ybeam = float(inp.hget("-Xbeam", defaults[0])), float(inp.hget("-Ybeam", defaults[1]))
+    if conv in ("XDS", "DIALS"):
+        org = (Df / 2 / pixel + 0.5 if orgx is None else orgx, Ds / 2 / pixel + 0.5 if orgy is None else orgy)
+        return (float(org[0]), float(org[1])), xbeam, ybeam
+    return (xbeam, ybeam), xbeam, ybeam
+
+
+def _pivot(inp: Inputs, conv: str) -> str:
+    """The detector pivot: forced by the convention, or in CUSTOM the last pivot-selecting flag (table)."""
+    if conv in ("MOSFLM", "DENZO", "ADXV"):
+        return "beam"
+    if conv in ("XDS", "DIALS"):
+        return "sample"
+    states = {f.name: (FLAG_VALUE if f.pivot == "value" else f.pivot) for f in FLAGS.values() if f.pivot}
+    return last_flag(inp.opts, states, "beam")
+
+
+def _distance(inp: Inputs) -> Tuple[float, bool]:
+    """(distance mm, distance_is_close): -close_distance (or a header CLOSE_DISTANCE without -distance) gives the
+    perpendicular distance."""
+    close = inp.given("-close_distance") or (not inp.given("-distance") and "-close_distance" in inp.header)
+    return float(inp.hget("-close_distance" if close else "-distance")), bool(close)
+
+
+class DetectorPart(NamedTuple):
+    """setup: the detector's Setup keyword arguments; distance (mm), beam_center, rotation (deg), twotheta (deg):
+    the Detector values; xbeam, ybeam: the header's BEAM_CENTER_X/Y (mm)."""
+
+    setup: dict
+    distance: float
+    beam_center: Tuple[float, float]
+    rotation: List[float]
+    twotheta: float
+    xbeam: float
+    ybeam: float
+
+
+def _detector(inp: Inputs) -> DetectorPart:
+    """The detector section: convention and vectors, pixel counts, beam centre, pivot, distance, rotations."""
+    conv, vec = _convention(inp)
+    fpix, spix, pixel = _pixel_counts(inp)
+    beam_center, xbeam, ybeam = _beam_center(inp, conv, fpix, spix, pixel)
+    distance, is_close = _distance(inp)
+    setup = dict(fpixels=fpix, spixels=spix, pixel_size=pixel, convention=conv, pivot=_pivot(inp, conv),
+                 distance_is_close=is_close, **vec)
+    rotation = [float(inp.get(f)) for f in ("-detector_rotx", "-detector_roty", "-detector_rotz")]
+    return DetectorPart(setup, distance, beam_center, rotation, float(inp.get("-twotheta")), xbeam, ybeam)
+
+
+def _sensor(inp: Inputs) -> dict:
+    """Setup sensor fields: thickness (µm), μ (1/µm), layers and layer step (spec §1.5, Q8, Q22)."""
+    thick = float(inp.get("-detector_thick"))
+    mu = 1.0 / thick if thick > 0 else 0.0
+    if inp.given("-detector_abs"):
+        ell = inp.opts["-detector_abs"]
+        if ell == 0 or math.isinf(ell):
+            mu, thick = 0.0, 0.0  # nanoBragg also resets the thickness (spec Q22)
+        else:
+            mu = 1.0 / ell
+    if thick <= 0:
+        return dict(thickness_um=0.0, mu_per_um=0.0, thicksteps=1, thickstep_um=0.0)
+    n = inp.opts.get("-detector_thicksteps")
+    steps, step = (2, thick / 2.0) if n is None else (max(n, 2), thick / (max(n, 2) - 1))
+    return dict(thickness_um=thick, mu_per_um=mu, thicksteps=int(steps), thickstep_um=step)
+
+
+def _roi_and_mask(inp: Inputs, fpix: int, spix: int) -> Tuple[Optional[tuple], Optional[bytes]]:
+    """(-roi inside the detector or None, -mask as bytes (1 = render) or None)."""
+    roi = None
+    if inp.given("-roi"):
+        roi = tuple(inp.opts["-roi"])
+        x0, x1, y0, y1 = roi
+        if not (0 <= x0 <= x1 < fpix and 0 <= y0 <= y1 < spix):
+            raise ValueError(f"-roi {' '.join(map(str, roi))}: needs 0 <= xmin <= xmax <= {fpix - 1} (fast) and "
+                             f"0 <= ymin <= ymax <= {spix - 1} (slow)")
+    mask = None
+    if inp.given("-mask"):
+        from ..io.smv import read_smv
+
+        m, _ = read_smv(inp.path("-mask"))
+        if m.shape != (spix, fpix):
+            raise ValueError(f"-mask {inp.opts['-mask']} is {m.shape[1]}×{m.shape[0]} pixels but the detector is "
+                             f"{fpix}×{spix}")
+        mask = (m != 0).astype(np.uint8).tobytes()
+    return roi, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# beam and sources
+
+
+def _grid(rng: Optional[float], step: Optional[float], count: Optional[int]):
+    """nanoBragg's range/step/count auto rules for one divergence axis (rad) → (offsets, range, step)."""
+    if rng is None and count is not None and count > 0:
+        rng = 1.0  # spec Q9: a count without a range means a 1-radian range
+    rng = 0.0 if rng is None else rng
+    if step is not None and step > 0 and rng > 0:
+        count = int(math.ceil(rng / step))
+    elif count is not None and rng > 0:
+        count = max(count, 2)
+        step = rng / (count - 1)
+    elif rng > 0:
+        count, step = 2, rng
+    if rng <= 0 or step is None or step <= 0 or count is None or count <= 0:
+        return [0.0], 0.0, 0.0
+    return [-rng / 2 + j * step for j in range(count)], rng, step
+
+
+def _source_file(inp: Inputs, beam, lam: float) -> tuple:
+    """Sources of -sourcefile: directions towards the sample from each position (default −10 m·beam), relative
+    wavelengths from the λ column (metres; default λ0)."""
+    from ..io.sources import read_sources
+
+    name, out = inp.opts["-sourcefile"], []
+    for r in read_sources(inp.path("-sourcefile")):
+        P = np.where(np.isnan(r[:3]), -10.0 * np.asarray(beam), r[:3])
+        lam_k = lam if np.isnan(r[4]) else m_to_angstrom(r[4])
+        if not lam_k > 0:
+            raise ValueError(f"-sourcefile {name}: wavelength must be > 0 m, got {r[4]:g}")
+        out.append((_unit(-P, f"-sourcefile {name}: source position"), float(lam_k / lam)))
+    if not out:
+        raise ValueError(f"-sourcefile {name} holds no sources")
+    return tuple(out)
+
+
+def sources_for(inp: Inputs, beam, polar_axis, lam: float) -> tuple:
+    """Setup.sources: -sourcefile, or the divergence grid × dispersion wavelengths (spec §1.4).  ``beam``,
+    ``polar_axis``: unit vectors; ``lam``: λ0 (Å).  With no source flag: the single source along the beam."""
+    if inp.given("-sourcefile"):
+        return _source_file(inp, beam, lam)
+    disp, dsteps = percent_to_fraction(inp.get("-dispersion")), inp.opts.get("-dispsteps")
+    factors = [1.0]
+    if disp > 0:
+        dsteps = 2 if dsteps is None else dsteps
+        if dsteps > 1:
+            factors = [1.0 + j * (disp / (dsteps - 1)) - disp / 2.0 for j in range(dsteps)]
+    axes = []
+    for a in ("h", "v"):
+        rng = inp.get(f"-{a}divrange", inp.get("-divergence"))
+        count = inp.get(f"-{a}divsteps", inp.get("-divsteps"))
+        step = inp.opts.get(f"-{a}divstep")
+        axes.append(_grid(None if rng is None else mrad2rad(rng), None if step is None else mrad2rad(step), count))
+    (hg, hr, hs), (vg, vr, vs) = axes
+    return divergence_sources(beam, polar_axis, hg, vg, hr, vr, hs, vs, bool(inp.last("round_div")), factors)
+
+
+def _fluence(inp: Inputs) -> float:
+    """Fluence (photons/m²): -fluence, or -flux·-exposure/-beamsize² when a flux is given (square beam)."""
+    flux, exposure = inp.get("-flux"), inp.get("-exposure")
+    if flux == 0 or not exposure > 0:
+        return float(inp.get("-fluence"))
+    beamsize = inp.get("-beamsize")
+    fluence = flux * exposure / mm_to_m(beamsize) ** 2
+    rng = FLAGS["-fluence"].interval
+    if fluence not in rng:
+        raise ValueError(f"-flux {flux:g} × -exposure {exposure:g} / -beamsize {beamsize:g}² gives a fluence of "
+                         f"{fluence:g} photons/m², outside {rng.text}")
+    return float(fluence)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling, noise and output
+
+
+def _oversample(inp: Inputs, xtal: CrystalPart, lam: float, det: DetectorPart) -> int:
+    """-oversample, or nanoBragg's rule ceil(3·max(N·|axis|)/(λ·distance/pixel)) with the reported distance.
+    Also checks the detector geometry (plane in front of the sample) first."""
+    from ..detector import detector_frame
+    from ..validate import check_detector
+
+    det64 = Detector(*(torch.tensor(v, dtype=torch.float64) for v in
+                       (det.distance, det.beam_center, det.rotation, det.twotheta)))
+    base = Setup(**det.setup)
+    check_detector(det64, base)
+    if inp.given("-oversample"):
+        return int(inp.opts["-oversample"])
+    M_real, _ = latmod.lattice(xtal.cell, torch.eye(3, dtype=torch.float64), nanobragg=xtal.nanobragg_cell)
+    L_max = max(xtal.N[k] * float(torch.linalg.vector_norm(M_real[:, k])) for k in range(3))
+    distance, pixel = float(detector_frame(det64, base).distance), base.pixel_size
+    n = max(1, int(math.ceil(3.0 * L_max / (lam * distance / pixel))))
+    hi = int(FLAGS["-oversample"].interval.bounds()[1])
+    if n > hi:
+        raise ValueError(f"the automatic -oversample rule asks for {n} sub-pixels per pixel edge (crystal "
+                         f"{L_max:.4g} Å across, distance {distance:.4g} mm, pixel {pixel:g} mm); give "
+                         f"-oversample explicitly (1 to {hi})")
+    return n
+
+
+class Outputs(NamedTuple):
+    """The command line's own options (fields ``cli.*`` of the flag table).
+
+    floatfile, intfile, noisefile, pgmfile: output names; write_noise, write_pgm, progress: the switches (last flag
+    wins); scale (counts/photon, None = automatic), pgmscale (0 = automatic), adc (counts); seed: noise seed
+    (seed_from_clock when not given); printout; printout_pixel: (fast, slow) or None."""
+
+    floatfile: str
+    intfile: str
+    noisefile: str
+    pgmfile: str
+    write_noise: bool
+    write_pgm: bool
+    progress: bool
+    scale: Optional[float]
+    pgmscale: float
+    adc: float
+    seed: int
+    seed_from_clock: bool
+    printout: bool
+    printout_pixel: Optional[Tuple[int, int]]
+
+
+def _outputs(inp: Inputs, fpix: int, spix: int) -> Outputs:
+    """The noise and output section (checked against the detector, before anything is simulated or written)."""
+    pix = inp.opts.get("-printout_pixel")
+    if pix is not None and not (0 <= pix[0] < fpix and 0 <= pix[1] < spix):
+        raise ValueError(f"-printout_pixel {pix[0]} {pix[1]}: needs pixel indices fast in 0..{fpix - 1} and slow in "
+                         f"0..{spix - 1}")
+    scale = inp.get("-scale")
+    return Outputs(
+        floatfile=str(inp.get("-floatfile")), intfile=str(inp.get("-intfile")), noisefile=str(inp.get("-noisefile")),
+        pgmfile=str(inp.get("-pgmfile")), write_noise=bool(inp.last("noise")), write_pgm=bool(inp.last("pgm")),
+        progress=bool(inp.last("progress")), scale=None if scale is None else float(scale),
+        pgmscale=float(inp.get("-pgmscale", 0.0)), adc=float(inp.get("-adc")),
+        seed=int(inp.get("-seed", int(time.time()))), seed_from_clock=not inp.given("-seed"),
+        printout=inp.given("-printout"), printout_pixel=None if pix is None else (int(pix[0]), int(pix[1])),
+    )
+
+
+@dataclasses.dataclass
+class Extras:
+    """What the command line needs beyond (Params, Setup).
+
+    opts: the parsed flags; xbeam_mm, ybeam_mm: the SMV header's BEAM_CENTER_X/Y; phi0, osc: its PHI/OSC_RANGE
+    (deg); interpolate_auto: what the automatic interpolation rule chose; notes: remarks to print; outputs:
+    :class:`Outputs`."""
+
+    opts: NanoBraggArgs
+    xbeam_mm: float = 0.0
+    ybeam_mm: float = 0.0
+    phi0: float = 0.0
+    osc: float = 0.0
+    interpolate_auto: bool = False
+    notes: List[str] = dataclasses.field(default_factory=list)
+    outputs: Optional[Outputs] = None
+
+
+def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str = "."):
+    """Apply nanoBragg's defaults and automatic rules to parsed flags → ``(params, setup, extras)``.
+
+    ``params``: :class:`~nbtorch.types.Params` of ``dtype``/``device`` tensors (Å, mm, deg); ``setup``: the frozen
+    :class:`~nbtorch.types.Setup`; ``extras``: :class:`Extras`.  Files named by flags are read relative to
+    ``base_dir``.  ``ValueError`` (naming the flag) for missing inputs and inconsistent values; nothing is written."""
+    missing = missing_inputs(opts)
+    if missing:
+        raise ValueError("missing required input" + ("s" if len(missing) > 1 else "") + ": " + "; and ".join(missing))
+    inp = Inputs(opts, base_dir)
+    lam = _wavelength(inp)
+    xtal = _crystal(inp, lam)
+    table, hkl_min, default_F, interpolate, interp_auto = _structure(inp, xtal.N_cli)
+    spread, mosaic_axes, mosaic_fractions = _mosaic(inp)
+    phi0, phistep, phisteps, osc = _phi(inp)
+    det = _detector(inp)
+    fpix, spix = det.setup["fpixels"], det.setup["spixels"]
+    roi, mask = _roi_and_mask(inp, fpix, spix)
+    setup = Setup(
+        **det.setup, **_sensor(inp), oversample=_oversample(inp, xtal, lam, det), phi0=phi0, phistep=phistep,
+        phisteps=phisteps, mosaic_axes=mosaic_axes, mosaic_fractions=mosaic_fractions,
+        sources=sources_for(inp, det.setup["beam"], det.setup["polar_axis"], lam),
+        point_pixel=inp.given("-point_pixel"), curved_det=inp.given("-curved_det"), nopolar=inp.given("-nopolar"),
+        oversample_thick=inp.given("-oversample_thick"), oversample_polar=inp.given("-oversample_polar"),
+        oversample_omega=inp.given("-oversample_omega"), shape=xtal.shape, fudge=xtal.fudge, interpolate=interpolate,
+        hkl_min=hkl_min, dmin=float(inp.get("-dmin")), roi=roi, mask=mask, nanobragg_cell=xtal.nanobragg_cell,
+    )
+
+    def T(v):
+        return torch.as_tensor(v, dtype=dtype, device=device)
+
+    params = Params(
+        crystal=Crystal(T(xtal.cell), T(xtal.misset), T(xtal.U0), T(xtal.N), T(spread)),
+        beam=Beam(T(lam), T(_fluence(inp)), T(float(inp.get("-polar")))),
+        detector=Detector(T(det.distance), T(det.beam_center), T(det.rotation), T(det.twotheta)),
+        structure=Structure(T(table), T(default_F)),
+        background=Background(T(float(inp.get("-water")))),
+    )
+    extras = Extras(opts=opts, xbeam_mm=det.xbeam, ybeam_mm=det.ybeam, phi0=phi0, osc=osc,
+                    interpolate_auto=interp_auto, notes=inp.notes, outputs=_outputs(inp, fpix, spix))
+    return params, setup, extras
+
+
+def from_nanobragg_args(args: Union[str, Sequence[str]], dtype=torch.float64, device=None):
+    """nanoBragg flags → ``(params, setup)``.
+
+    ``args``: a command string (``"-cell 100 100 100 90 90 90 -default_F 100 ..."``, a leading ``nanoBragg`` or
+    ``nbtorch`` is dropped) or a list of tokens.  Files named by flags are read relative to the current directory.
+    Returns a :class:`~nbtorch.types.Params` pytree of ``dtype``/``device`` tensors and a frozen
+    :class:`~nbtorch.types.Setup`.  Output flags (``-floatfile`` …) are accepted and ignored here.  Unknown flags,
+    missing values, impossible cells and out-of-range values raise ``ValueError`` with the flag named.
+    """
+    params, setup, _ = build(parse_args(args), dtype=dtype, device=device)
+    return params, setup

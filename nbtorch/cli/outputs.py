@@ -1,0 +1,67 @@
+"""The command line's output files, written atomically in nanoBragg's order: float, int, PGM, noise."""
+from __future__ import annotations
+
+from typing import Callable, List, TextIO
+
+import numpy as np
+
+from ..args import Extras
+from ..io.images import write_pgm, write_raw_float
+from ..io.smv import write_smv
+from ..noise import counts_to_uint16, int_image_uint16, poisson_noise
+from ..types import Params, Setup
+from .header import smv_header_items
+from .report import ImageStats, mask_array
+
+__all__ = ["OutputError", "write_outputs"]
+
+
+class OutputError(Exception):
+    """An output file could not be written: message on stderr, exit status 1."""
+
+
+def _write(kind: str, name: str, fn: Callable, *args) -> None:
+    try:
+        fn(name, *args)
+    except OSError as exc:
+        raise OutputError(f"cannot write the {kind} {name!r}: {exc.strerror or exc}") from None
+
+
+def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Params, setup: Setup, extras: Extras,
+                  base_dir: str = ".") -> List[str]:
+    """Write the float image, the SMV int image, the PGM preview and the noise image as ``extras.outputs`` asks,
+    reporting each on ``out``.  ``image``: ``[spixels, fpixels]`` float32 photons.  Returns the names written;
+    :class:`OutputError` when a file cannot be written (the ones before it stay, complete)."""
+    o = extras.outputs
+    written: List[str] = []
+    _write("float image", o.floatfile, write_raw_float, image)
+    out.write(f"wrote {o.floatfile} as {image.size} 4-byte floats\n")
+    written.append(o.floatfile)
+
+    header = smv_header_items(params, setup, extras, base_dir=base_dir)
+    ints, scale = int_image_uint16(image, scale=o.scale, adc=o.adc, roi=setup.roi)
+    out.write(f"intfile_scale = {scale:g}\n")
+    _write("int image", o.intfile, write_smv, ints, header)
+    out.write(f"wrote {o.intfile} as {ints.size} 2-byte integers\n")
+    written.append(o.intfile)
+
+    if o.write_pgm:
+        pgmscale = o.pgmscale
+        if not pgmscale > 0:
+            pgmscale = 250.0 / (5.0 * stats.rmsd) if stats.rmsd > 0 else scale
+        out.write(f"pgm_scale = {pgmscale:g}\n")
+        _write("PGM image", o.pgmfile, write_pgm, image, pgmscale)
+        out.write(f"wrote {o.pgmfile} as {image.size} 1-byte integers\n")
+        written.append(o.pgmfile)
+
+    if o.write_noise:
+        mask = mask_array(setup)
+        counts = poisson_noise(image, o.seed, roi=setup.roi, mask=mask)
+        noisy, overloads = counts_to_uint16(counts, adc=o.adc, roi=setup.roi, mask=mask)
+        src = " (from the clock; pass -seed to reproduce)" if o.seed_from_clock else ""
+        out.write(f"noise seed: {o.seed}{src}\n")
+        out.write(f"{counts.sum():.0f} photons on noise image ({overloads} overloads)\n")
+        _write("noise image", o.noisefile, write_smv, noisy, header)
+        out.write(f"wrote {o.noisefile} as {noisy.size} 2-byte integers\n")
+        written.append(o.noisefile)
+    return written

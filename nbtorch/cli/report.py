@@ -1,0 +1,185 @@
+"""What the command line prints: the set-up summary, nanoBragg's image statistics and per-pixel diagnostics."""
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, TextIO
+
+import numpy as np
+import torch
+
+from .. import detector as detmod
+from ..beam import polarization_factor
+from ..noise import roi_mask
+from ..shape import lattice_factor, round_half_down
+from ..simulate import crystal_orientations
+from ..structure import lookup_nearest, lookup_tricubic
+from ..types import Params, Setup
+from ..units import mm_to_m
+
+__all__ = ["ImageStats", "image_statistics", "mask_array", "pixel_diagnostics", "print_setup", "print_statistics",
+           "print_pixel_block", "print_all_pixels"]
+
+
+class ImageStats(NamedTuple):
+    """Summary of a float image as nanoBragg prints it.
+
+    max_I: largest visited pixel (photons; 0 if none is positive); max_fast, max_slow: its pixel indices (first in
+    raster order); mean, rms: over visited pixels (ROI and mask), rms = sqrt(Σv²/(n−1)); rmsd: sqrt(Σ(v−mean)²/(m−1))
+    over the m ROI pixels (masked ones included, as nanoBragg); total: Σv (photons); n: visited pixels.
+    """
+
+    max_I: float
+    max_fast: int
+    max_slow: int
+    mean: float
+    rms: float
+    rmsd: float
+    total: float
+    n: int
+
+
+def mask_array(setup: Setup) -> Optional[np.ndarray]:
+    """``Setup.mask`` as uint8 ``[spixels, fpixels]`` (0 = skipped), or None."""
+    if setup.mask is None:
+        return None
+    return np.frombuffer(setup.mask, dtype=np.uint8).reshape(setup.spixels, setup.fpixels)
+
+
+def image_statistics(image: np.ndarray, setup: Setup) -> ImageStats:
+    """nanoBragg's image statistics of ``image`` (``[spixels, fpixels]`` float32 photons) for ``setup``'s ROI/mask.
+
+    Reproduces the C program's printed max_I, mean, rms and rmsd (its rms and rmsd divide by n − 1; its rmsd loop
+    covers the whole ROI, including masked pixels, around the mean of the visited pixels).
+    """
+    img = np.asarray(image, dtype=np.float32).astype(np.float64)
+    roi = roi_mask(img.shape, setup.roi)
+    visited = roi_mask(img.shape, setup.roi, mask_array(setup))
+    v = img[visited]
+    n = int(v.size)
+    total = float(v.sum())
+    mean = total / max(n, 1)
+    rms = math.sqrt(float((v * v).sum()) / (max(n, 2) - 1))
+    m = int(roi.sum())
+    rmsd = math.sqrt(float(((img[roi] - mean) ** 2).sum()) / (max(m, 2) - 1))
+    max_I, mf, ms = 0.0, 0, 0
+    if n:
+        flat = np.where(visited, img, -np.inf).reshape(-1)
+        k = int(np.argmax(flat))
+        if flat[k] > 0:
+            max_I, ms, mf = float(flat[k]), k // img.shape[1], k % img.shape[1]
+    return ImageStats(max_I, mf, ms, mean, rms, rmsd, total, n)
+
+
+def pixel_diagnostics(params: Params, setup: Setup, fast, slow) -> Dict[str, torch.Tensor]:
+    """Per-pixel diagnostics of the **first** sample (sensor layer 0, sub-pixel 0, source 0, orientation 0 = first phi
+    step and mosaic domain), the sample at which nbtorch (like nanoBragg) evaluates polarization and solid angle.
+
+    ``fast``, ``slow``: pixel indices (ints or ``[P]`` integer tensors).  Returns a dict of tensors with a leading
+    ``[P]`` dimension: ``position`` [P,3] (mm, lab frame), ``R`` (mm), ``twotheta`` (deg), ``stol`` (sin θ/λ, Å⁻¹),
+    ``d`` (Å), ``hkl`` [P,3] (fractional Miller indices), ``hkl0`` [P,3] (nearest, nanoBragg rounding), ``F_cell``,
+    ``F_latt``, ``I_sample`` (= F_cell²·F_latt²), ``polar`` (Kahn factor, 1 with -nopolar), ``omega`` (sr, or 1/R² in
+    m⁻² with -point_pixel), ``capture`` (capture fraction of the last sensor layer, as used in the final scaling).
+    Not differentiable-API material: a helper for ``-printout``/``-printout_pixel``.
+    """
+    like = params.crystal.cell
+    dev, dt = like.device, like.dtype
+    fast = torch.as_tensor(fast, device=dev).reshape(-1).long()
+    slow = torch.as_tensor(slow, device=dev).reshape(-1).long()
+    frame = detmod.detector_frame(params.detector, setup)
+    xtal = crystal_orientations(params, setup)
+    pos = detmod.pixel_positions(frame, fast, slow, setup)  # [P,T,n²,3]
+    R = torch.linalg.vector_norm(pos, dim=-1, keepdim=True)
+    dvec = pos / R
+    layers = torch.arange(setup.thicksteps, dtype=dt, device=dev)
+    capture = detmod.capture_fraction(dvec, frame, layers[None, :, None], setup)[:, -1, 0]
+    omega = detmod.solid_angle(pos, frame, setup)[:, 0, 0]
+    d0 = dvec[:, 0, 0]  # [P,3]
+    inc = torch.tensor(setup.sources[0][0], dtype=dt, device=dev)
+    lam = params.beam.wavelength * setup.sources[0][1]
+    q = (d0 - inc) / lam  # Å⁻¹
+    stol = 0.5 * torch.linalg.vector_norm(q, dim=-1)
+    if setup.nopolar:
+        polar = torch.ones_like(stol)
+    else:
+        E = torch.tensor(setup.polar_axis, dtype=dt, device=dev)
+        polar = polarization_factor(inc, d0, E, params.beam.polarization)
+    h = q @ xtal.A[0].transpose(0, 1)  # rows of A are a, b, c (Å)
+    h0 = round_half_down(h)
+    c = params.crystal
+    F_latt = lattice_factor(setup.shape, h - h0, c.ncells, xtal.B0, setup.fudge)
+    st = params.structure
+    if setup.interpolate:
+        F_cell = lookup_tricubic(h, st.F, st.default_F, setup.hkl_min)
+    else:
+        F_cell = lookup_nearest(h0, st.F, st.default_F, setup.hkl_min)
+    cos2t = (d0 * inc).sum(-1).clamp(-1.0, 1.0)
+    return {
+        "position": pos[:, 0, 0], "R": R[:, 0, 0, 0], "twotheta": torch.rad2deg(torch.acos(cos2t)), "stol": stol,
+        "d": 0.5 / stol, "hkl": h, "hkl0": h0, "F_cell": F_cell, "F_latt": F_latt, "I_sample": (F_cell * F_latt) ** 2,
+        "polar": polar, "omega": omega, "capture": capture,
+    }
+
+
+def print_setup(out: TextIO, params: Params, setup: Setup) -> None:
+    """The few lines that say what will be simulated (size, convention, samples per pixel, crystal model)."""
+    ncells = "x".join(f"{v:g}" for v in params.crystal.ncells.tolist())
+    out.write(
+        f"  {setup.fpixels}x{setup.spixels} pixels of {setup.pixel_size:g} mm, {setup.convention} convention, "
+        f"{setup.pivot} pivot\n"
+        f"  {setup.n_sources} sources x {setup.n_domains} mosaic domains x {setup.phisteps} phi steps x "
+        f"{setup.oversample}x{setup.oversample} sub-pixels = {setup.steps} steps; {setup.thicksteps} sensor layer(s)\n"
+        f"  {setup.shape} crystal {ncells} cells, {'tricubic' if setup.interpolate else 'nearest'} structure factors\n"
+    )
+
+
+def print_statistics(out: TextIO, stats: ImageStats, setup: Setup) -> None:
+    """nanoBragg's statistics lines (max_I with its position in metres, mean/rms/rmsd, total)."""
+    p, n = setup.pixel_size, setup.oversample
+    last_sub = p - p / n / 2.0  # nanoBragg reports the position of the pixel's last sub-pixel (spec Q20)
+    out.write(f"max_I = {stats.max_I:g}  at {mm_to_m(stats.max_fast * p + last_sub):g} "
+              f"{mm_to_m(stats.max_slow * p + last_sub):g}  (pixel fast {stats.max_fast}, slow {stats.max_slow})\n")
+    out.write(f"mean= {stats.mean:g} rms= {stats.rms:g} rmsd= {stats.rmsd:g}\n")
+    out.write(f"total= {stats.total:g} photons in {stats.n} pixels\n")
+
+
+def print_pixel_block(out: TextIO, diag: Dict[str, torch.Tensor], i: int, f: int, s: int, value: float,
+                      setup: Setup) -> None:
+    """``-printout_pixel``: the diagnostics of entry ``i`` of ``diag`` (pixel fast ``f``, slow ``s``) and its
+    rendered ``value`` (photons)."""
+    g = {k: v[i].detach().cpu().tolist() for k, v in diag.items()}
+    x, y, z = g["position"]
+    h, k, l = g["hkl"]
+    h0, k0, l0 = (int(v) for v in g["hkl0"])
+    out.write(
+        f"### pixel fast {f} slow {s}: {value:.9g} photons\n"
+        f"  first sample: sensor layer 0, sub-pixel 0, source 0, phi {setup.phi0:g} deg, mosaic domain 0\n"
+        f"  position   {x:.9g} {y:.9g} {z:.9g} mm  (R = {g['R']:.9g} mm, 2theta = {g['twotheta']:.6f} deg)\n"
+        f"  stol       {g['stol']:.9g} 1/Å  (d = {g['d']:.6g} Å)\n"
+        f"  hkl        {h:.6f} {k:.6f} {l:.6f}  hkl0= {h0} {k0} {l0}\n"
+        f"  F_cell     {g['F_cell']:.9g}\n"
+        f"  F_latt     {g['F_latt']:.9g}\n"
+        f"  I_sample   {g['I_sample']:.9g}  (F_cell^2 F_latt^2)\n"
+        f"  steps      {setup.steps}\n"
+        f"  polar      {g['polar']:.10g}\n"
+        f"  omega      {g['omega']:.10g}\n"
+        f"  capture    {g['capture']:.10g}\n"
+        f"  pixel      {value:.10g}\n"
+    )
+
+
+def print_all_pixels(out: TextIO, params: Params, setup: Setup, image: np.ndarray, chunk: int = 4096) -> None:
+    """``-printout`` without a pixel: one line of diagnostics per visited pixel of ``image`` ``[S, F]``."""
+    sel = roi_mask(image.shape, setup.roi, mask_array(setup))
+    idx = np.flatnonzero(sel.reshape(-1))
+    F = setup.fpixels
+    out.write("# fast slow  stol(1/Å)  h k l  F_cell F_latt polar omega capture pixel  (first sample)\n")
+    for start in range(0, len(idx), chunk):
+        part = idx[start : start + chunk]
+        diag = pixel_diagnostics(params, setup, torch.as_tensor(part % F), torch.as_tensor(part // F))
+        d = {k: v.detach().cpu().numpy() for k, v in diag.items()}
+        for j, flat in enumerate(part):
+            f, s = int(flat % F), int(flat // F)
+            h = d["hkl"][j]
+            out.write(f"{f:4d} {s:4d} {d['stol'][j]:.6g} {h[0]:.6f} {h[1]:.6f} {h[2]:.6f} {d['F_cell'][j]:.6g} "
+                      f"{d['F_latt'][j]:.6g} {d['polar'][j]:.6g} {d['omega'][j]:.6g} {d['capture'][j]:.6g} "
+                      f"{image[s, f]:.9g}\n")
