@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch.func import jacfwd
 
-from nbtorch.lattice import reciprocal_matrix
-from nbtorch.units import deg2rad, rad2deg
+from nbtorch.units import rad2deg
 
 from .parameters import Parameterisation, total_rotation, xyz_angles
 
@@ -29,26 +28,6 @@ REPORT_FIELDS = (
     ("twotheta_deg", 1), ("wavelength_A", 1), ("ncells", 3), ("mosaic_deg", 1), ("fluence", 1), ("scale", 1),
     ("background", 3), ("water_size_um", 1),
 )
-
-# flags that the refined model replaces in the starting command line (plus output-only flags, which are dropped)
-_REPLACED = {
-    "-cell", "-mat", "-misset", "-misset_seed", "-N", "-Na", "-Nb", "-Nc", "-xtalsize", "-xtal_thick", "-xtal_width",
-    "-xtal_height", "-mosaic", "-lambda", "-energy", "-fluence", "-flux", "-exposure", "-distance", "-close_distance",
-    "-Xbeam", "-Ybeam", "-ORGX", "-ORGY", "-Xclose", "-Yclose", "-detector_rotx", "-detector_roty", "-detector_rotz",
-    "-twotheta", "-water", "-oversample", "-interpolate", "-nointerpolate", "-pivot",
-}
-_OUTPUT_ONLY = {
-    "-floatfile", "-intfile", "-noisefile", "-pgmfile", "-scale", "-pgmscale", "-adc", "-seed", "-nonoise", "-nopgm",
-    "-printout", "-printout_pixel", "-noprogress", "-progress",
-}
-
-
-def _num(v: float) -> str:
-    """Shortest text that reads back as the same float64."""
-    v = float(v)
-    if v.is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    return repr(v)
 
 
 def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
@@ -154,87 +133,29 @@ class Result:
         return torch.where(torch.as_tensor(self.pixels), r, torch.zeros_like(r))
 
     # ------------------------------------------------------------------ nanoBragg flags
-    def _crystal_flags(self, matrix_path: Optional[str], write_matrix: bool) -> List[str]:
-        p = self.params
-        cell = p.crystal.cell
-        R = total_rotation(p)
-        if self.setup.nanobragg_cell:
-            mis = rad2deg(xyz_angles(R))
-            return ["-cell", *(_num(v) for v in cell), "-misset", *(_num(v) for v in mis)]
-        # -mat model: exact lattice, write the λ-scaled matrix A = λ·R·B(cell)
-        if matrix_path is None:
-            raise ValueError("the model came from a MOSFLM matrix (-mat): give matrix_path to write the refined matrix")
-        lam = float(p.beam.wavelength)
-        B = R @ reciprocal_matrix(cell)
-        if write_matrix:
-            from nbtorch.io.matrix import write_mosflm_matrix
-
-            write_mosflm_matrix(matrix_path, (lam * B).detach().cpu().numpy(), cell=cell.detach().cpu().numpy(),
-                                U=R.detach().cpu().numpy())
-        return ["-mat", str(matrix_path)]
-
     def to_nanobragg_args(self, matrix_path: Optional[str] = None, write_matrix: bool = True,
                           base_args=None) -> List[str]:
-        """The refined model as nanoBragg flags (a list of tokens).
+        """The refined model as nanoBragg flags (a list of tokens), by :func:`nbtorch.to_nanobragg_args`.
 
-        Starts from the starting model's flags (``base_args``, default the ones given to :func:`refine.fit`) with the
-        refined flags replaced: ``-cell``+``-misset`` (XYZ decomposition of the total crystal rotation) or ``-mat``
-        (a new MOSFLM matrix written to ``matrix_path`` when the model came from a matrix), ``-Na -Nb -Nc``,
-        ``-mosaic``, ``-lambda``, ``-fluence`` (scale × the starting fluence; ``-flux``/``-exposure`` dropped),
-        ``-distance`` or ``-close_distance``, ``-Xbeam -Ybeam`` or ``-ORGX -ORGY`` (as the convention uses them),
-        ``-detector_rotx/y/z``, ``-twotheta``, ``-water``, ``-oversample`` (explicit: the automatic rule depends on N
-        and the distance), ``-interpolate``/``-nointerpolate`` when a structure-factor table is used, and ``-pivot``
-        for the CUSTOM convention.  Output-only flags are dropped.  Without base flags the static set-up is written
-        from :class:`~nbtorch.types.Setup` (ValueError for what flags cannot express, e.g. a structure-factor table).
+        Every value a Params/Setup pair expresses is written from the refined model (``-cell``+``-misset``, or
+        ``-mat`` with a new MOSFLM matrix written to ``matrix_path`` for models from a matrix; ``-Na -Nb -Nc``,
+        ``-mosaic``, ``-lambda``, ``-fluence`` (scale × the starting fluence), ``-distance`` or ``-close_distance``,
+        the beam centre as the convention uses it, detector rotations, ``-twotheta``, ``-water``, an explicit
+        ``-oversample`` …); from the starting flags (``base_args``, default the ones given to :func:`refine.fit`)
+        only what a model cannot express is copied: ``-hkl``, ``-mask``, source and divergence flags, a
+        non-default ``-mosaic_seed``.  Output-only and derived flags (``-flux``, ``-N``, ``-xtalsize`` …) are not
+        written.  ValueError for what flags cannot express (e.g. a structure-factor table without starting flags).
 
         The background plane (refine-owned) has no nanoBragg flag: it is reported in ``parameters['background']``.
         ``nbtorch.from_nanobragg_args(result.to_nanobragg_args())`` re-simulates ``result.params`` (the -mat route is
         limited by the 8 decimals of the MOSFLM matrix format).
         """
-        from nbtorch.args import parse_args
+        from nbtorch.args import to_nanobragg_args
 
         base = base_args if base_args is not None else self.nanobragg_base
         matrix_path = matrix_path if matrix_path is not None else self.matrix_path
-        p, st = self.params, self.setup
-        out: List[str] = []
-        if base is not None:
-            o = parse_args(base)
-            last = {f: i for i, f in enumerate(o.order)}
-            for i, f in enumerate(o.order):
-                if last[f] != i or f in _REPLACED or f in _OUTPUT_ONLY:
-                    continue
-                v = o[f]
-                out.append(f)
-                if v is True:
-                    continue
-                if isinstance(v, list):
-                    out.extend(str(t) if isinstance(t, str) else _num(t) for t in v)
-                else:
-                    out.append(v if isinstance(v, str) else _num(v))
-        else:
-            out.extend(_setup_flags(p, st))
-        out += self._crystal_flags(matrix_path, write_matrix)
-        N = p.crystal.ncells
-        out += ["-Na", _num(N[0]), "-Nb", _num(N[1]), "-Nc", _num(N[2])]
-        if float(p.crystal.mosaic_spread) > 0 and st.n_domains > 1:
-            out += ["-mosaic", _num(p.crystal.mosaic_spread)]
-        out += ["-lambda", _num(p.beam.wavelength), "-fluence", _num(p.beam.fluence)]
-        d = p.detector
-        out += ["-close_distance" if st.distance_is_close else "-distance", _num(d.distance)]
-        if st.convention in ("XDS", "DIALS"):
-            out += ["-ORGX", _num(d.beam_center[0]), "-ORGY", _num(d.beam_center[1])]
-        else:
-            out += ["-Xbeam", _num(d.beam_center[0]), "-Ybeam", _num(d.beam_center[1])]
-        out += ["-detector_rotx", _num(d.rotation[0]), "-detector_roty", _num(d.rotation[1]),
-                "-detector_rotz", _num(d.rotation[2]), "-twotheta", _num(d.twotheta)]
-        if st.convention == "CUSTOM":
-            out += ["-pivot", st.pivot]
-        if float(p.background.water_size) > 0:
-            out += ["-water", _num(p.background.water_size)]
-        out += ["-oversample", str(st.oversample)]
-        if p.structure.F.numel() > 0:
-            out.append("-interpolate" if st.interpolate else "-nointerpolate")
-        return out
+        return to_nanobragg_args(self.params, self.setup, base=base, matrix_path=matrix_path,
+                                 write_matrix=write_matrix)
 
     def nanobragg_command(self, **kw) -> str:
         """:meth:`to_nanobragg_args` as one shell-quoted string."""
@@ -352,62 +273,6 @@ class Result:
             fig.savefig(path, dpi=100)
             plt.close(fig)
         return fig
-
-
-def _setup_flags(params, setup) -> List[str]:
-    """Static nanoBragg flags of a Setup (no starting command line known)."""
-    st = setup
-    conv_flag = {"MOSFLM": "-mosflm", "DENZO": "-denzo", "ADXV": "-adxv", "XDS": "-xds", "DIALS": "-dials"}
-    out: List[str] = []
-    if params.structure.F.numel() > 0:
-        raise ValueError("the model uses a structure-factor table; pass the starting flags (with -hkl) as "
-                         "nanobragg_args to refine.fit to write it back as flags")
-    if st.convention == "CUSTOM":
-        for flag, v in (("-fdet_vector", st.fdet), ("-sdet_vector", st.sdet), ("-odet_vector", st.odet),
-                        ("-beam_vector", st.beam), ("-polar_vector", st.polar_axis), ("-spindle_axis", st.spindle),
-                        ("-twotheta_axis", st.twotheta_axis)):
-            out += [flag, *(_num(t) for t in v)]
-    else:
-        out.append(conv_flag[st.convention])
-    out += ["-pixel", _num(st.pixel_size), "-detpixels_f", str(st.fpixels), "-detpixels_s", str(st.spixels)]
-    out += ["-default_F", _num(params.structure.default_F)]
-    if st.nopolar:
-        out.append("-nopolar")
-    else:
-        out += ["-polar", _num(params.beam.polarization)]
-    out.append({"square": "-square_xtal", "round": "-round_xtal", "gauss": "-gauss_xtal",
-                "tophat": "-tophat_spots"}[st.shape])
-    if st.fudge != 1.0:
-        out += ["-fudge", _num(st.fudge)]
-    if st.phisteps > 1 or st.phi0 != 0.0:
-        out += ["-phi", _num(st.phi0)]
-        if st.phisteps > 1:
-            out += ["-osc", _num(st.phistep * st.phisteps), "-phisteps", str(st.phisteps)]
-    if len(st.sources) != 1 or tuple(st.sources[0][0]) != tuple(st.beam) or st.sources[0][1] != 1.0:
-        raise ValueError("the model has several sources (divergence/dispersion/sourcefile); pass the starting flags as "
-                         "nanobragg_args to refine.fit to write them back")
-    if st.n_domains > 1:
-        from nbtorch.mosaic import DEFAULT_MOSAIC_SEED, mosaic_domains
-
-        axes, fr = mosaic_domains(deg2rad(float(params.crystal.mosaic_spread)), st.n_domains,
-                                  DEFAULT_MOSAIC_SEED)
-        if not np.allclose(np.asarray(axes), np.asarray(st.mosaic_axes), atol=1e-9):
-            raise ValueError("the mosaic domains do not come from the default seed; pass the starting flags as "
-                             "nanobragg_args to refine.fit")
-        out += ["-mosaic_domains", str(st.n_domains)]
-    if st.thickness_um > 0:
-        out += ["-detector_thick", _num(st.thickness_um), "-detector_thicksteps", str(st.thicksteps)]
-        out += ["-detector_abs", _num(1.0 / st.mu_per_um) if st.mu_per_um > 0 else "0"]
-    for flag, on in (("-point_pixel", st.point_pixel), ("-curved_det", st.curved_det),
-                     ("-oversample_thick", st.oversample_thick), ("-oversample_polar", st.oversample_polar),
-                     ("-oversample_omega", st.oversample_omega)):
-        if on:
-            out.append(flag)
-    if st.dmin > 0:
-        out += ["-dmin", _num(st.dmin)]
-    if st.roi is not None:
-        out += ["-roi", *(str(v) for v in st.roi)]
-    return out
 
 
 def correlation_from_covariance(cov: torch.Tensor) -> torch.Tensor:
