@@ -51,7 +51,7 @@ _NO_DEFAULT = object()
 # inputs: command line, -img/-mask header, table default
 
 
-def _header_values(path: str, source: str, opts: NanoBraggArgs, flip_y: bool) -> Dict[str, object]:
+def _header_values(path: str, source: str, flip_y: bool) -> Dict[str, object]:
     """Flag values from the SMV header of ``source`` (``-img NAME`` or ``-mask NAME``) read at ``path``.
 
     Each value is parsed and range-checked like the flag it stands for; a bad one is kept as its ``ValueError``
@@ -85,7 +85,7 @@ class Inputs:
         for flag, flip in (("-img", False), ("-mask", True)):  # the -mask header wins over the -img header
             if flag in opts:
                 src = f"{flag} {opts[flag]}"
-                self.header.update(_header_values(self.path(flag), src, opts, flip))
+                self.header.update(_header_values(self.path(flag), src, flip))
 
     def given(self, flag: str) -> bool:
         """Whether ``flag`` is on the command line."""

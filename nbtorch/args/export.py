@@ -54,7 +54,7 @@ def _tokens(flag: Flag, value) -> List[str]:
     """A flag and its value(s) as command-line tokens."""
     if flag.kind == "switch":
         return [flag.name]
-    if flag.kind in ("file", "choice"):
+    if flag.kind in ("file", "text", "choice"):
         return [flag.name, str(value)]
     if flag.kind in ("count", "int", "pixels"):
         vals = value if isinstance(value, (list, tuple)) else [value]

@@ -107,7 +107,7 @@ def parse_value(flag: Flag, toks: Sequence[str], who: str = ""):
     who = who or flag.name
     if flag.kind == "switch":
         return True
-    if flag.kind == "file":
+    if flag.kind in ("file", "text"):
         return str(toks[0])
     if flag.kind == "choice":
         if toks[0].lower() not in flag.choices:
@@ -128,7 +128,8 @@ def parse_value(flag: Flag, toks: Sequence[str], who: str = ""):
 
 def _take(flag: Flag, tok: str, toks: Sequence[str], j: int):
     """The value tokens of ``flag`` starting at ``toks[j]`` → (tokens, next index); ``ValueError`` when short."""
-    free = lambda k: k < len(toks) and (flag.kind in ("file", "choice") or not _looks_like_flag(toks[k]))  # noqa: E731
+    words = flag.kind in ("file", "text", "choice")  # may start with '-'
+    free = lambda k: k < len(toks) and (words or not _looks_like_flag(toks[k]))  # noqa: E731
     if flag.kind == "cell":
         k = j
         while free(k) and k - j < 6:

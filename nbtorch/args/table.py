@@ -40,6 +40,7 @@ KINDS = {
     "count": "an integer",
     "int": "an integer",
     "file": "a file name",
+    "text": "a word (e.g. a column label)",
     "choice": "one of the listed words",
     "switch": "no value",
     "vector": "3 numbers (a direction)",

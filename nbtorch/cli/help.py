@@ -22,8 +22,8 @@ EXTRA_OPTIONS = (
     ("--version", "print the nbtorch version and exit"),
 )
 _NBSP = "\u00a0"
-_INTERVAL_SPACE = re.compile(r"[\[(][^\])]*, [^\])]*[\])]")
-_METAVARS = {"real": "X", "count": "N", "int": "N", "file": "FILE", "vector": "X Y Z", "switch": ""}
+_INTERVAL_SPACE = re.compile(r"(?:allowed )?[\[(][-+\w.]+, [-+\w.]+[\])]")
+_METAVARS = {"real": "X", "count": "N", "int": "N", "file": "FILE", "text": "WORD", "vector": "X Y Z", "switch": ""}
 
 
 def metavar(flag: Flag) -> str:
@@ -88,7 +88,7 @@ def format_help(width: int = 100) -> str:
             lines += ["", FLAG_GROUPS[flag.name] + ":"]
         head = f"  {flag.name} {metavar(flag)}".rstrip()
         body = describe(flag) + (f" [also: {', '.join(aliases[flag.name])}]" if flag.name in aliases else "")
-        body = _INTERVAL_SPACE.sub(lambda m: m[0].replace(" ", _NBSP), body)  # keep "[0, 90]" on one line
+        body = _INTERVAL_SPACE.sub(lambda m: m[0].replace(" ", _NBSP), body)  # keep "allowed [0, 90]" together
         wrapped = textwrap.wrap(body, width=max(width - col, 30), break_on_hyphens=False)
         wrapped = [w.replace(_NBSP, " ") for w in wrapped]
         if len(head) + 2 > col:
