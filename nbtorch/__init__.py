@@ -8,7 +8,8 @@ Public API::
 """
 from .args import from_nanobragg_args, parse_args, to_nanobragg_args
 from .simulate import crystal_orientations, crystal_rotation, simulate
-from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure, get_leaf, replace_leaf, tree_leaves, tree_map
+from .pytree import get_leaf, replace_leaf, tree_leaves, tree_map
+from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure
 from .validate import check_params
 
 __all__ = [

@@ -147,3 +147,34 @@ def capture_fraction(d: torch.Tensor, frame: DetectorFrame, layer: torch.Tensor,
     rho = (d * frame.odet).sum(-1)
     k = setup.thickstep_um * setup.mu_per_um
     return torch.exp(-layer * k / rho) - torch.exp(-(layer + 1.0) * k / rho)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# geometry checks
+
+
+def check_detector(det: Detector, setup: Setup) -> None:
+    """Raise ``ValueError`` unless the detector plane lies in front of the sample and the beam can reach it.
+
+    ``det``: concrete :class:`~nbtorch.types.Detector` (distance mm, beam centre mm or px, rotations and two-theta in
+    degrees; any float dtype, detached here).  The beam must not run parallel to the rotated plane (before
+    two-theta; |beam·normal| >= 1e-6), and the perpendicular sample–plane distance must exceed 1e-6 of |pix0| plus
+    the detector's extent (mm).  Messages name the detector parameters and their flags.
+    """
+    with torch.no_grad():
+        det = type(det)(*(t.detach().double().cpu() for t in det))
+        o0 = torch.tensor(setup.odet, dtype=torch.float64)
+        ratio = float((torch.tensor(setup.beam, dtype=torch.float64) * (rot_xyz(deg2rad(det.rotation)) @ o0)).sum())
+        if abs(ratio) < 1e-6:
+            raise ValueError(
+                "detector.rotation makes the beam run parallel to the detector plane (beam·normal = "
+                f"{ratio:.3g}): the distance along the beam is undefined; check detector.rotation / -detector_rot*")
+        frame = detector_frame(det, setup)
+        size = setup.pixel_size * (setup.fpixels + setup.spixels)
+        scale = float(torch.linalg.vector_norm(frame.pix0)) + size
+        close = float(frame.close)
+        if not close > 1e-6 * scale:
+            raise ValueError(
+                "detector geometry puts the detector plane behind or through the sample (close distance "
+                f"{close:.3g} mm): check detector.distance, detector.rotation and detector.twotheta "
+                "(-distance, -detector_rot*, -twotheta)")

@@ -15,6 +15,12 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .pytree import get_leaf, replace_leaf, tree_leaves, tree_map
+from .setup_checks import CONVENTIONS, SHAPES, check_setup
+
+__all__ = ["Vec3", "Crystal", "Beam", "Detector", "Structure", "Background", "Params", "Setup", "CONVENTIONS",
+           "SHAPES", "tree_map", "tree_leaves", "get_leaf", "replace_leaf"]
+
 Vec3 = Tuple[float, float, float]
 
 
@@ -97,10 +103,6 @@ class Params(NamedTuple):
     background: Background
 
 
-CONVENTIONS = ("MOSFLM", "DENZO", "ADXV", "XDS", "DIALS", "CUSTOM")
-SHAPES = ("square", "round", "gauss", "tophat")
-
-
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Static simulation set-up (hashable).  Lengths in mm, angles in degrees unless stated.
@@ -163,8 +165,6 @@ class Setup:
     sample_budget: int = 1 << 19
 
     def __post_init__(self):
-        from .validate import check_setup  # local import: validate imports types
-
         check_setup(self)
 
     @property
@@ -184,31 +184,3 @@ class Setup:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-
-def tree_map(fn, tree):
-    """Apply ``fn`` to every tensor leaf of a (nested) NamedTuple, keeping the structure."""
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(tree_map(fn, x) for x in tree))
-    return fn(tree)
-
-
-def tree_leaves(tree, prefix: str = ""):
-    """``[(dotted_name, tensor), ...]`` for every leaf of a (nested) NamedTuple, in field order."""
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        out = []
-        for name, x in zip(tree._fields, tree):
-            out += tree_leaves(x, f"{prefix}{name}.")
-        return out
-    return [(prefix[:-1], tree)]
-
-
-def get_leaf(params: "Params", name: str) -> torch.Tensor:
-    """The leaf of ``params`` named ``'group.field'`` (e.g. ``'detector.distance'``), as listed by :func:`tree_leaves`."""
-    group, field = name.split(".")
-    return getattr(getattr(params, group), field)
-
-
-def replace_leaf(params: "Params", name: str, value: torch.Tensor) -> "Params":
-    """A copy of ``params`` with the leaf ``'group.field'`` replaced by ``value`` (out of place, transform-safe)."""
-    group, field = name.split(".")
-    return params._replace(**{group: getattr(params, group)._replace(**{field: value})})

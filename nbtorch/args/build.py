@@ -18,10 +18,16 @@ import torch
 
 from .. import lattice as latmod
 from ..beam import divergence_sources
+from ..detector import check_detector, detector_frame
+from ..io.hkl import hkl_to_grid, read_hkl
+from ..io.matrix import read_mosflm_matrix
+from ..io.smv import read_smv
+from ..io.sources import read_sources
 from ..mosaic import mosaic_domain_count, mosaic_domains, random_misset_angles
 from ..types import Background, Beam, Crystal, Detector, Params, Setup, Structure
 from ..units import deg2rad, m_to_angstrom, mm_to_angstrom, mm_to_m, mrad2rad, percent_to_fraction, rad2deg
 from ..units import wavelength_from_energy
+from ..validate import check_cell
 from .parse import FLAG_VALUE, NanoBraggArgs, fmt_num, last_flag, missing_inputs, parse_args, parse_value
 from .parse import range_phrase
 from .table import FLAGS, SWITCH_DEFAULTS, switch_states
@@ -57,8 +63,6 @@ def _header_values(path: str, source: str, flip_y: bool) -> Dict[str, object]:
     Each value is parsed and range-checked like the flag it stands for; a bad one is kept as its ``ValueError``
     (raised only if the value is used).  ``flip_y``: a ``-mask`` header's BEAM_CENTER_Y is read as
     detsize_s − value, as the C program does (spec §1.5)."""
-    from ..io.smv import read_smv
-
     _, hdr = read_smv(path)
     out: Dict[str, object] = {}
     for flag in FLAGS.values():
@@ -148,11 +152,7 @@ def _wavelength(inp: Inputs) -> float:
 
 def _cell(inp: Inputs, lam: float) -> Tuple[torch.Tensor, torch.Tensor, bool]:
     """(cell [6], U0 [3,3], nanobragg_cell) from -mat (exact cell and orientation) or -cell."""
-    from ..validate import check_cell
-
     if inp.given("-mat"):
-        from ..io.matrix import read_mosflm_matrix
-
         name = inp.opts["-mat"]
         A = torch.as_tensor(read_mosflm_matrix(inp.path("-mat")), dtype=torch.float64)
         B = latmod.mosflm_to_reciprocal(A, lam)
@@ -233,8 +233,6 @@ def _structure(inp: Inputs, N_cli: Sequence[float]):
     default_F = float(inp.get("-default_F"))
     table, hkl_min = np.zeros((0, 0, 0)), (0, 0, 0)
     if inp.given("-hkl"):
-        from ..io.hkl import hkl_to_grid, read_hkl
-
         data = read_hkl(inp.path("-hkl"))
         if len(data.F):
             table, hkl_min = hkl_to_grid(data, default_F)
@@ -422,8 +420,6 @@ def _roi_and_mask(inp: Inputs, fpix: int, spix: int) -> Tuple[Optional[tuple], O
                              f"0 <= ymin <= ymax <= {spix - 1} (slow)")
     mask = None
     if inp.given("-mask"):
-        from ..io.smv import read_smv
-
         m, _ = read_smv(inp.path("-mask"))
         if m.shape != (spix, fpix):
             raise ValueError(f"-mask {inp.opts['-mask']} is {m.shape[1]}×{m.shape[0]} pixels but the detector is "
@@ -456,8 +452,6 @@ def _grid(rng: Optional[float], step: Optional[float], count: Optional[int]):
 def _source_file(inp: Inputs, beam, lam: float) -> tuple:
     """Sources of -sourcefile: directions towards the sample from each position (default −10 m·beam), relative
     wavelengths from the λ column (metres; default λ0)."""
-    from ..io.sources import read_sources
-
     name, out = inp.opts["-sourcefile"], []
     for r in read_sources(inp.path("-sourcefile")):
         P = np.where(np.isnan(r[:3]), -10.0 * np.asarray(beam), r[:3])
@@ -512,9 +506,6 @@ def _fluence(inp: Inputs) -> float:
 def _oversample(inp: Inputs, xtal: CrystalPart, lam: float, det: DetectorPart) -> int:
     """-oversample, or nanoBragg's rule ceil(3·max(N·|axis|)/(λ·distance/pixel)) with the reported distance.
     Also checks the detector geometry (plane in front of the sample) first."""
-    from ..detector import detector_frame
-    from ..validate import check_detector
-
     det64 = Detector(*(torch.tensor(v, dtype=torch.float64) for v in
                        (det.distance, det.beam_center, det.rotation, det.twotheta)))
     base = Setup(**det.setup)

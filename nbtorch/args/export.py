@@ -17,7 +17,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..io.matrix import write_mosflm_matrix
+from ..lattice import reciprocal_matrix
 from ..mosaic import DEFAULT_MOSAIC_SEED, mosaic_domains
+from ..rotation import xyz_angles
+from ..simulate import crystal_rotation
 from ..types import Params, Setup
 from ..units import deg2rad, rad2deg
 from .build import Inputs, sources_for
@@ -94,24 +98,17 @@ def _carry(flag: Flag, ctx: _Context) -> List[str]:
 def _crystal(ctx: _Context) -> List[str]:
     """-cell and -misset (the lattice built as nanoBragg's -cell does), or -mat with a MOSFLM matrix written to
     ``matrix_path`` (exact lattice of a -mat model)."""
-    from ..simulate import crystal_rotation
-
     p = ctx.params.crystal
     if ctx.setup.nanobragg_cell:
         U0 = p.orientation.detach().cpu().to(torch.float64)
         if torch.equal(U0, torch.eye(3, dtype=torch.float64)):
             mis = p.misset.detach().cpu().tolist()
         else:  # the whole rotation as XYZ angles (exact up to rounding)
-            from ..rotation import xyz_angles
-
             mis = rad2deg(xyz_angles(crystal_rotation(p).detach().cpu().to(torch.float64))).tolist()
         return _tokens(FLAGS["-cell"], ctx.field("params.crystal.cell")) + _tokens(FLAGS["-misset"], mis)
     if ctx.matrix_path is None:
         raise ValueError("the model came from a MOSFLM matrix (-mat): give matrix_path to write the refined matrix")
     if ctx.write_matrix:
-        from ..io.matrix import write_mosflm_matrix
-        from ..lattice import reciprocal_matrix
-
         R = crystal_rotation(p).detach().cpu().to(torch.float64)
         cell = p.cell.detach().cpu().to(torch.float64)
         A = float(ctx.params.beam.wavelength) * (R @ reciprocal_matrix(cell))

@@ -12,6 +12,7 @@ import os
 import shlex
 from typing import List, Mapping, Sequence, Union
 
+from ..setup_checks import plain
 from .table import ALIASES, FLAGS, Flag
 
 __all__ = ["NanoBraggArgs", "parse_args", "canonical_flag", "parse_value", "last_flag", "FLAG_VALUE", "fmt_num",
@@ -34,10 +35,7 @@ class NanoBraggArgs(dict):
 def fmt_num(v: float) -> str:
     """A number as plain text for messages and flags: integers without a decimal point, others the shortest text
     that reads back as the same float (never a numpy repr)."""
-    v = float(v)
-    if v.is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    return repr(v)
+    return plain(float(v))
 
 
 def _looks_like_flag(tok: str) -> bool:

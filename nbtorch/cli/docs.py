@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from ..io._atomic import atomic_write
 from .help import flag_table_markdown
 
 __all__ = ["DOCS_BEGIN", "DOCS_END", "update_docs", "main"]
@@ -35,8 +36,6 @@ def update_docs(path: str, check: bool = False) -> bool:
     old = generated_section(text, path)
     new_inner = "\n\n" + flag_table_markdown() + "\n"
     if old != new_inner and not check:
-        from ..io._atomic import atomic_write
-
         atomic_write(path, text.replace(DOCS_BEGIN + old + DOCS_END, DOCS_BEGIN + new_inner + DOCS_END).encode())
     return old == new_inner
 

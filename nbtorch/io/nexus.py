@@ -171,7 +171,7 @@ def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thicknes
     import torch  # noqa: PLC0415 - keep the io package free of torch at import time
 
     from ..detector import detector_frame
-    from ..types import tree_map
+    from ..pytree import tree_map
 
     if setup.curved_det:
         raise ValueError("NXmx output: a curved detector (-curved_det) cannot be described as a flat NXmx module")

@@ -586,7 +586,7 @@ def detector_corner_resolution(params, setup) -> float:
     import torch  # noqa: PLC0415 - the io package stays importable without touching torch at import time
 
     from ..detector import curve, detector_frame
-    from ..types import tree_map
+    from ..pytree import tree_map
 
     det = tree_map(lambda t: torch.as_tensor(t).detach().to(torch.float64), params.detector)
     frame = detector_frame(det, setup)

@@ -492,3 +492,64 @@ def test_simulate_with_requires_grad_leaves_emits_no_warning():
     code = _NO_WARNING_SCRIPT.format(args=BASE)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# messages in plain numbers
+
+
+def _assert_plain(msg: str) -> None:
+    for bad in ("np.", "numpy", "array(", "tensor(", "float64", "dtype"):
+        assert bad not in msg, msg
+
+
+@pytest.mark.parametrize(
+    "leaf,value,shown",
+    [
+        ("crystal.ncells", [0.0, 3.0, 3.5], "[0, 3, 3.5]"),
+        ("beam.polarization", 1.5, "got 1.5"),
+        ("detector.distance", -10.0, "got -10"),
+        ("crystal.cell", [30.0, 30.0, math.nan, 90.0, 90.0, 90.0], "[30, 30, nan, 90, 90, 90]"),
+    ],
+)
+def test_params_messages_show_plain_numbers(leaf, value, shown):
+    params, setup = base_params()
+    bad = set_leaf(params, leaf, torch.tensor(value, dtype=DT))
+    with pytest.raises(ValueError) as info:
+        nbtorch.check_params(bad, setup)
+    _assert_plain(str(info.value))
+    assert shown in str(info.value)
+
+
+def test_large_non_finite_table_is_summarised_plainly():
+    params, setup = base_params()
+    F = params.structure.F.clone()
+    F[1, 2, 3] = math.inf
+    with pytest.raises(ValueError) as info:
+        nbtorch.check_params(params._replace(structure=Structure(F, params.structure.default_F)), setup)
+    msg = str(info.value)
+    _assert_plain(msg)
+    assert "params.structure.F contains NaN or inf" in msg and "(64 values, shape [4, 4, 4])" in msg
+
+
+def test_setup_messages_show_plain_numbers():
+    import numpy as np
+
+    cases = [(dict(fpixels=np.int64(0)), "got 0"), (dict(pixel_size=np.float64(-0.5)), "got -0.5"),
+             (dict(hkl_min=(np.int64(1), 0, 0)), "got (1, 0, 0)"), (dict(spindle=(np.float64(2.0), 0.0, 0.0)), "|v| = 2"),
+             (dict(sources=(((1.0, 0.0, 0.0), np.float64(-1.0)),)), "got -1")]
+    for kw, shown in cases:
+        with pytest.raises(ValueError) as info:
+            Setup(**{"fpixels": 6, "spixels": 5, **kw})
+        _assert_plain(str(info.value))
+        assert shown in str(info.value), str(info.value)
+
+
+def test_geometry_check_lives_in_detector_and_is_reexported():
+    from nbtorch import detector, validate
+
+    assert validate.check_detector is detector.check_detector
+    params, setup = base_params()
+    behind = params.detector._replace(rotation=torch.tensor([0.0, 90.0, 0.0], dtype=DT))
+    with pytest.raises(ValueError, match=r"detector"):
+        detector.check_detector(behind, setup)
