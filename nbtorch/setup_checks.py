@@ -105,7 +105,8 @@ def _check_vectors(setup) -> None:
     """Unit vectors of the frame, mosaic axes and source directions; polarization and detector axes not parallel."""
     for name in ("fdet", "sdet", "odet", "beam", "polar_axis", "spindle", "twotheta_axis"):
         v = getattr(setup, name)
-        _need(len(v) == 3 and all(math.isfinite(x) for x in v), f"Setup.{name} must be 3 finite numbers, got {plain(v)}")
+        _need(len(v) == 3 and all(math.isfinite(x) for x in v),
+              f"Setup.{name} must be 3 finite numbers, got {plain(v)}")
         _need(abs(_norm(v) - 1.0) < UNIT_TOL, f"Setup.{name} must be a unit vector (|v| = 1), got |v| = {_norm(v):g}")
     _need(len(setup.mosaic_axes) == len(setup.mosaic_fractions) >= 1,
           "Setup.mosaic_axes and Setup.mosaic_fractions must have the same length >= 1")

@@ -536,7 +536,8 @@ def test_setup_messages_show_plain_numbers():
     import numpy as np
 
     cases = [(dict(fpixels=np.int64(0)), "got 0"), (dict(pixel_size=np.float64(-0.5)), "got -0.5"),
-             (dict(hkl_min=(np.int64(1), 0, 0)), "got (1, 0, 0)"), (dict(spindle=(np.float64(2.0), 0.0, 0.0)), "|v| = 2"),
+             (dict(hkl_min=(np.int64(1), 0, 0)), "got (1, 0, 0)"),
+             (dict(spindle=(np.float64(2.0), 0.0, 0.0)), "|v| = 2"),
              (dict(sources=(((1.0, 0.0, 0.0), np.float64(-1.0)),)), "got -1")]
     for kw, shown in cases:
         with pytest.raises(ValueError) as info:
