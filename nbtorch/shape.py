@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .units import ROUND_XTAL_NORM
+from .units import GAUSS_RHO2_SCALE, ROUND_XTAL_NORM, TOPHAT_RHO2_LIMIT
 
 
 def round_half_down(h: torch.Tensor) -> torch.Tensor:
@@ -59,12 +59,12 @@ def reciprocal_radius2(dh: torch.Tensor, B: torch.Tensor, N: torch.Tensor) -> to
 
 def gauss(dh: torch.Tensor, N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
     """Gaussian spots: Na·Nb·Nc·exp(−ρ²·fudge/0.63) with ρ² from :func:`reciprocal_radius2`."""
-    return N.prod(-1) * torch.exp(-reciprocal_radius2(dh, B, N) * (fudge / 0.63))
+    return N.prod(-1) * torch.exp(-reciprocal_radius2(dh, B, N) * (fudge / GAUSS_RHO2_SCALE))
 
 
 def tophat(dh: torch.Tensor, N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
     """Flat-top spots: Na·Nb·Nc where ρ²·fudge < 0.3969, else 0 (piecewise constant: zero gradient in Δh)."""
-    inside = reciprocal_radius2(dh, B, N) * fudge < 0.3969
+    inside = reciprocal_radius2(dh, B, N) * fudge < TOPHAT_RHO2_LIMIT
     NNN = N.prod(-1)
     return torch.where(inside, NNN, torch.zeros_like(NNN))
 

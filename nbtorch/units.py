@@ -21,8 +21,14 @@ AVOGADRO = 6.02214179e23
 WATER_F = 2.57
 #: Degrees per milliradian (refinement increments are in mrad, angles in the API in degrees).
 DEG_PER_MRAD = 180.0 / math.pi / 1000.0
+#: Degrees per radian.
+DEG_PER_RAD = 180.0 / math.pi
 #: Constant of the round-crystal lattice factor normalisation.
 ROUND_XTAL_NORM = 0.723601254558268
+#: Gaussian spots (``-gauss_xtal``): F_latt = N³·exp(−ρ²·fudge/GAUSS_RHO2_SCALE), ρ² nanoBragg's reciprocal radius².
+GAUSS_RHO2_SCALE = 0.63
+#: Top-hat spots (``-tophat_spots``): F_latt = N³ where ρ²·fudge < TOPHAT_RHO2_LIMIT (= 0.63², nanoBragg's value).
+TOPHAT_RHO2_LIMIT = 0.3969
 
 
 def deg2rad(x):
@@ -61,6 +67,14 @@ ANGSTROM_PER_MM = 1e7
 ANGSTROM_PER_M = 1e10
 #: Metres per millimetre (``-beamsize`` for the fluence; nanoBragg prints positions in metres).
 M_PER_MM = 1e-3
+#: Millimetres per metre (file headers in SI: miniCBF, NeXus).
+MM_PER_M = 1e3
+#: Millimetres per centimetre.
+MM_PER_CM = 10.0
+#: Millimetres per micrometre (sensor thickness is in µm in the Setup, mm in NeXus).
+MM_PER_UM = 1e-3
+#: Millimetres per nanometre.
+MM_PER_NM = 1e-6
 #: Percent per unit fraction (``-dispersion`` is a percentage).
 PERCENT = 100.0
 
@@ -78,6 +92,11 @@ def m_to_angstrom(x):
 def mm_to_m(x):
     """Millimetres → metres (floats or tensors)."""
     return x * M_PER_MM
+
+
+def um_to_mm(x):
+    """Micrometres → millimetres (floats or tensors)."""
+    return x * MM_PER_UM
 
 
 def percent_to_fraction(x):

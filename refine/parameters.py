@@ -55,7 +55,7 @@ import torch
 from nbtorch.rotation import rot_xyz, xyz_angles  # noqa: F401  (xyz_angles re-exported)
 from nbtorch.simulate import crystal_rotation
 from nbtorch.types import Params, Setup
-from nbtorch.units import DEG_PER_MRAD
+from nbtorch.units import DEG_PER_MRAD, mrad2rad, rad2mrad
 
 GROUPS = (
     "cell", "orientation", "distance", "beam_center", "detector_rotation", "twotheta", "wavelength", "ncells",
@@ -287,7 +287,7 @@ class Parameterisation:
         ox = self._take(x, ("orientation.x", "orientation.y", "orientation.z"))
         if any(v is not None for v in ox):
             zero = x.new_zeros(x.shape[:-1])
-            ang = torch.stack([v if v is not None else zero for v in ox], -1) * 1e-3
+            ang = mrad2rad(torch.stack([v if v is not None else zero for v in ox], -1))
             orientation = rot_xyz(ang) @ self.R0
             misset = torch.zeros_like(c.misset)
         # ncells
@@ -367,7 +367,7 @@ class Parameterisation:
                 out.append(params.crystal.cell[row] - self.cell_base[row])
             elif g == "orientation":
                 if R is None:
-                    R = xyz_angles(total_rotation(params) @ self.R0.transpose(-1, -2)) * 1e3
+                    R = rad2mrad(xyz_angles(total_rotation(params) @ self.R0.transpose(-1, -2)))
                 out.append(R["xyz".index(name[-1])])
             elif name == "distance":
                 out.append(params.detector.distance - ref.detector.distance)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
+from ..units import MM_PER_M
 from ._atomic import atomic_write
 from ._parse import display_name, read_bytes
 from .smv import _decode_smv
@@ -205,7 +206,7 @@ _CBF_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 def _minicbf_metadata(text: str) -> dict[str, float]:
     """Geometry from a Dectris miniCBF header block (``# Pixel_size 172e-6 m x 172e-6 m`` etc.), SI → mm/Å."""
     out: dict[str, float] = {}
-    scale = {"m": 1e3, "mm": 1.0}
+    scale = {"m": MM_PER_M, "mm": 1.0}
     m = re.search(r"Pixel_size\s+" + _CBF_NUM + r"\s*(m|mm)\b", text)
     if m:
         out["pixel_size_mm"] = float(m.group(1)) * scale[m.group(2)]

@@ -29,6 +29,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
+from ..units import ANGSTROM_PER_MM, DEG_PER_RAD, MM_PER_CM, MM_PER_M, MM_PER_NM, MM_PER_UM, um_to_mm
 from ._atomic import atomic_write
 from ._parse import display_name
 
@@ -62,15 +63,12 @@ NXMX_REQUIRED = (
 )
 
 #: NeXus unit strings accepted by the reader, as factors to mm (lengths) and to degrees (angles).
-_MM_PER = {"m": 1e3, "meter": 1e3, "metre": 1e3, "cm": 10.0, "mm": 1.0, "millimeter": 1.0, "millimetre": 1.0,
-           "um": 1e-3, "µm": 1e-3, "μm": 1e-3, "micron": 1e-3, "micrometer": 1e-3, "micrometre": 1e-3,
-           "nm": 1e-6, "angstrom": 1e-7, "Angstrom": 1e-7, "A": 1e-7, "Å": 1e-7}
-_DEG_PER = {"deg": 1.0, "degree": 1.0, "degrees": 1.0, "rad": 180.0 / math.pi, "radian": 180.0 / math.pi,
-            "radians": 180.0 / math.pi}
-#: Å per mm (wavelengths are written in Å and read through the length table).
-_ANGSTROM_PER_MM = 1e7
-#: mm per µm (Setup.thickness_um → sensor_thickness in mm).
-_MM_PER_UM = 1e-3
+_MM_PER = {**dict.fromkeys(("m", "meter", "metre"), MM_PER_M), "cm": MM_PER_CM,
+           **dict.fromkeys(("mm", "millimeter", "millimetre"), 1.0),
+           **dict.fromkeys(("um", "µm", "μm", "micron", "micrometer", "micrometre"), MM_PER_UM), "nm": MM_PER_NM,
+           **dict.fromkeys(("angstrom", "Angstrom", "A", "Å"), 1.0 / ANGSTROM_PER_MM)}
+_DEG_PER = {**dict.fromkeys(("deg", "degree", "degrees"), 1.0),
+            **dict.fromkeys(("rad", "radian", "radians"), DEG_PER_RAD)}
 _DETECTOR = "/entry/instrument/detector"
 _MODULE = _DETECTOR + "/module"
 
@@ -181,7 +179,7 @@ def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thicknes
     beam = _unit(setup.beam)
     a, b, t = _beam_hit(pix0, f, s, beam)
     R = lab_to_nexus(setup)
-    thick = setup.thickness_um * _MM_PER_UM if sensor_thickness_mm is None else float(sensor_thickness_mm)
+    thick = um_to_mm(setup.thickness_um) if sensor_thickness_mm is None else float(sensor_thickness_mm)
     if not (math.isfinite(thick) and thick >= 0):
         raise ValueError(f"NXmx output: sensor_thickness_mm must be finite and >= 0, got {sensor_thickness_mm!r}")
     if saturation_value is not None and not math.isfinite(float(saturation_value)):
@@ -519,7 +517,7 @@ def _read_geometry(entry, det, module, shape, name: str) -> NexusGeometry:
     beams += [b for s in _nx_children(entry, "NXsample") for b in _nx_children(s, "NXbeam")]
     if not beams:
         raise ValueError(f"{name}: NXmx file has no NXbeam")
-    wl = float(np.atleast_1d(_scaled(beams[0]["incident_wavelength"], _MM_PER, name))[0]) * _ANGSTROM_PER_MM
+    wl = float(np.atleast_1d(_scaled(beams[0]["incident_wavelength"], _MM_PER, name))[0]) * ANGSTROM_PER_MM
     beam = np.array([0.0, 0.0, 1.0])
     a, b, t = _beam_hit(origin, f_vec, s_vec, beam)
     spindle, phi, osc = _sample_axis(entry, name)
