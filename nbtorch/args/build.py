@@ -8,6 +8,7 @@ several flags together (a detector at least one pixel wide, an ROI inside the de
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import time
@@ -21,9 +22,13 @@ from ..beam import divergence_sources
 from ..detector import check_detector, detector_frame
 from ..io.hkl import hkl_to_grid, read_hkl
 from ..io.matrix import read_mosflm_matrix
+from ..io.nexus import nxmx_geometry
 from ..io.smv import read_smv
 from ..io.sources import read_sources
+from ..io.structure_files import detector_corner_resolution, is_mtz, model_cell, read_mtz
+from ..io.structure_files import structure_factors_from_model
 from ..mosaic import mosaic_domain_count, mosaic_domains, random_misset_angles
+from ..pytree import tree_map
 from ..types import Background, Beam, Crystal, Detector, Params, Setup, Structure
 from ..units import deg2rad, m_to_angstrom, mm_to_angstrom, mm_to_m, mrad2rad, percent_to_fraction, rad2deg
 from ..units import wavelength_from_energy
@@ -50,6 +55,9 @@ CONVENTION_VECTORS: Dict[str, Dict[str, Tuple[float, float, float]]] = {
 VECTOR_FLAGS = {f.field.split(".")[1]: f.name for f in FLAGS.values() if f.kind == "vector" and f.field}
 #: Pixel-count limit of a detector (the Setup's own bound).
 MAX_PIXELS = 1 << 31
+#: How closely a -pdb model's cell must agree with -cell/-mat (and an MTZ's with the crystal before a note is
+#: printed): relative on the lengths, degrees on the angles.  A PDB CRYST1 record keeps 3 and 2 decimals.
+CELL_RTOL, CELL_ATOL_DEG = 1e-3, 0.02
 _NO_DEFAULT = object()
 
 
@@ -126,7 +134,8 @@ class Inputs:
 
 class CrystalPart(NamedTuple):
     """cell [6] float64 (Å, deg); U0 [3,3]; misset (deg); N, N_cli: cells per axis after / before nanoBragg's
-    N >= 1 rule; nanobragg_cell: lattice built as -cell does; shape and fudge of the lattice factor."""
+    N >= 1 rule; nanobragg_cell: lattice built as -cell does; shape and fudge of the lattice factor; model_cell: the
+    -pdb model's own cell (Å, deg), None without -pdb or when the model has none."""
 
     cell: torch.Tensor
     U0: torch.Tensor
@@ -136,6 +145,7 @@ class CrystalPart(NamedTuple):
     nanobragg_cell: bool
     shape: str
     fudge: float
+    model_cell: Optional[tuple] = None
 
 
 def _wavelength(inp: Inputs) -> float:
@@ -150,8 +160,12 @@ def _wavelength(inp: Inputs) -> float:
     return float(lam)
 
 
-def _cell(inp: Inputs, lam: float) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """(cell [6], U0 [3,3], nanobragg_cell) from -mat (exact cell and orientation) or -cell."""
+def _cell(inp: Inputs, lam: float) -> Tuple[torch.Tensor, torch.Tensor, bool, Optional[tuple]]:
+    """(cell [6] (Å, deg), U0 [3,3], nanobragg_cell, the -pdb model's own cell or None) from -mat (exact cell and
+    orientation), -cell, or a -pdb model's cell (built as -cell builds it).  A -pdb model's cell must agree with
+    -cell/-mat when they are given; a model without one is placed in theirs."""
+    eye = torch.eye(3, dtype=torch.float64)
+    model = _read(inp, "-pdb", model_cell) if inp.given("-pdb") else None
     if inp.given("-mat"):
         name = inp.opts["-mat"]
         A = torch.as_tensor(read_mosflm_matrix(inp.path("-mat")), dtype=torch.float64)
@@ -163,13 +177,18 @@ def _cell(inp: Inputs, lam: float) -> Tuple[torch.Tensor, torch.Tensor, bool]:
             raise ValueError(f"-mat {name}: the matrix is left-handed (negative determinant)")
         if inp.given("-cell"):
             inp.notes.append("-cell ignored: -mat given")
-        cell, U0, exact = latmod.cell_from_reciprocal(B), latmod.orientation_from_reciprocal(B), False
-    else:
+        cell, U0, exact, flag = latmod.cell_from_reciprocal(B), latmod.orientation_from_reciprocal(B), False, "-mat"
+    elif inp.given("-cell"):
         cv = list(inp.opts["-cell"])
         full = [cv[0], cv[1] if len(cv) > 1 else cv[0], cv[2] if len(cv) > 2 else cv[0]]
         full += [cv[k] if len(cv) > k else 90.0 for k in (3, 4, 5)]
-        cell, U0, exact = torch.tensor(full, dtype=torch.float64), torch.eye(3, dtype=torch.float64), True
-    flag = "-mat" if inp.given("-mat") else "-cell"
+        cell, U0, exact, flag = torch.tensor(full, dtype=torch.float64), eye, True, "-cell"
+    elif model is None:
+        raise ValueError(f"-pdb {inp.opts['-pdb']}: the model has no unit cell (CRYST1 / _cell): give -cell or -mat")
+    else:
+        inp.notes.append(f"-pdb {inp.opts['-pdb']}: unit cell {' '.join(fmt_num(v) for v in model)} (Å, deg) "
+                         "from the model")
+        cell, U0, exact, flag = torch.tensor(model, dtype=torch.float64), eye, True, "-pdb"
     try:
         check_cell(cell)
     except ValueError as exc:
@@ -178,7 +197,26 @@ def _cell(inp: Inputs, lam: float) -> Tuple[torch.Tensor, torch.Tensor, bool]:
     if any(v not in FLAGS["-cell"].interval for v in lengths):
         raise ValueError(f"{flag}: cell lengths a, b, c must be {range_phrase(FLAGS['-cell'])}, got "
                          f"{' '.join(fmt_num(v) for v in lengths)}")
-    return cell, U0, exact
+    if flag != "-pdb" and model is not None:
+        _check_model_cell(inp, flag, cell.tolist(), model)
+    elif flag != "-pdb" and inp.given("-pdb"):
+        inp.notes.append(f"-pdb {inp.opts['-pdb']}: the model has no unit cell; it is placed in {flag}'s")
+    return cell, U0, exact, model
+
+
+def _cells_agree(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Cells (Å, deg) equal within :data:`CELL_RTOL` on lengths and :data:`CELL_ATOL_DEG` on angles."""
+    return (all(abs(x - y) <= CELL_RTOL * max(abs(x), abs(y)) for x, y in zip(a[:3], b[:3]))
+            and all(abs(x - y) <= CELL_ATOL_DEG for x, y in zip(a[3:], b[3:])))
+
+
+def _check_model_cell(inp: Inputs, flag: str, cell: Sequence[float], model: Sequence[float]) -> None:
+    """ValueError unless the -pdb model's cell agrees with the one from ``flag`` (-cell or -mat)."""
+    if not _cells_agree(cell, model):
+        text = lambda c: " ".join(fmt_num(round(v, 6)) for v in c)  # noqa: E731
+        raise ValueError(f"-pdb {inp.opts['-pdb']}: the model's unit cell ({text(model)}) does not agree with {flag} "
+                         f"({text(cell)}): lengths must agree within {CELL_RTOL:.1%} and angles within "
+                         f"{CELL_ATOL_DEG:g} deg; leave out {flag} to use the model's cell")
 
 
 def _misset(inp: Inputs) -> List[float]:
@@ -218,28 +256,109 @@ def _ncells(inp: Inputs, cell: torch.Tensor, nanobragg_cell: bool) -> Tuple[List
 
 def _crystal(inp: Inputs, lam: float) -> CrystalPart:
     """The crystal section: cell, orientation, misset, size and lattice-factor shape."""
-    cell, U0, nanobragg_cell = _cell(inp, lam)
+    cell, U0, nanobragg_cell, model = _cell(inp, lam)
     N, N_cli = _ncells(inp, cell, nanobragg_cell)
-    return CrystalPart(cell, U0, _misset(inp), N, N_cli, nanobragg_cell, inp.last("shape"), float(inp.get("-fudge")))
+    return CrystalPart(cell, U0, _misset(inp), N, N_cli, nanobragg_cell, inp.last("shape"), float(inp.get("-fudge")),
+                       model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # structure factors, mosaic, phi
 
 
-def _structure(inp: Inputs, N_cli: Sequence[float]):
-    """(F table [nh,nk,nl] float64, hkl_min, default_F, interpolate, interpolate_auto): -hkl on a dense grid
-    (absent reflections = -default_F); tricubic interpolation automatic when any command-line N <= 2."""
+def _input_error(flag: str, name: str, path: str, exc: Exception) -> ValueError:
+    """A reader's error ``exc`` for the file ``path`` of ``flag`` as one line naming the flag and the file as the user
+    gave it (``name``)."""
+    if isinstance(exc, OSError):
+        return ValueError(f"{flag} {name}: cannot read the file ({exc.strerror or exc})")
+    text = " ".join(str(exc).split()).replace(path, name)
+    if text.startswith(name):
+        rest = text[len(name):]
+        return ValueError(f"{flag} {name}{rest}" if rest.startswith(",") else f"{flag} {name}: {rest.lstrip(': ')}")
+    return ValueError(f"{flag} {name}: {text}")
+
+
+def _read(inp: Inputs, flag: str, reader, *args, **kw):
+    """``reader(file of flag, *args, **kw)`` with its errors (bad content, unreadable file, missing optional package)
+    as one-line ValueErrors naming the flag and the file."""
+    path = inp.path(flag)
+    try:
+        return reader(path, *args, **kw)
+    except (ValueError, OSError, ImportError) as exc:
+        raise _input_error(flag, str(inp.opts[flag]), path, exc) from None
+
+
+def _check_structure_flags(inp: Inputs) -> None:
+    """Flags that need another one, checked before any work: -pdb not with -hkl, -pdb_bfactor only with -pdb,
+    -mtz_column/-mtz_anomalous only with an MTZ file."""
+    if inp.given("-pdb") and inp.given("-hkl"):
+        raise ValueError(f"-pdb {inp.opts['-pdb']} and -hkl {inp.opts['-hkl']} both give structure factors: use one")
+    if inp.given("-pdb_bfactor") and not inp.given("-pdb"):
+        raise ValueError("-pdb_bfactor sets the B of a -pdb model's atoms: give -pdb FILE (PDB or mmCIF) too")
+    mtz = inp.given("-hkl") and _read(inp, "-hkl", is_mtz)
+    for flag in ("-mtz_column", "-mtz_anomalous"):
+        if inp.given(flag) and not mtz:
+            what = f"-hkl {inp.opts['-hkl']} is a text file" if inp.given("-hkl") else "no -hkl file is given"
+            raise ValueError(f"{flag} {inp.opts[flag]} chooses what to read from an MTZ file, but {what}: give "
+                             "-hkl FILE.mtz")
+
+
+def _mtz_table(inp: Inputs, default_F: float, cell: Sequence[float]):
+    """(F table, hkl_min) of -hkl FILE.mtz (:func:`nbtorch.io.read_mtz`); its notes, and one when the MTZ's cell
+    differs from the crystal's, go to ``inp.notes``."""
+    name, label = inp.opts["-hkl"], inp.opts.get("-mtz_column")
+    try:
+        F, hkl_min, info = _read(inp, "-hkl", read_mtz, label, inp.get("-mtz_anomalous"), default_F=default_F)
+    except ValueError as exc:
+        if label is not None and f"column {label!r}" in str(exc):
+            raise ValueError(f"-mtz_column {label}: {exc}") from None
+        raise
+    inp.notes += [f"-hkl {name}: column {info.column}, space group {info.spacegroup}"]
+    inp.notes += [f"-hkl {name}: {note}" for note in info.notes]
+    if not _cells_agree(info.cell, cell):
+        inp.notes.append(f"-hkl {name}: the MTZ's unit cell ({' '.join(f'{v:g}' for v in info.cell)}) differs from "
+                         f"the crystal's ({' '.join(f'{v:g}' for v in cell)}); the reflections are used as indexed")
+    return F, hkl_min
+
+
+def _model_table(inp: Inputs, xtal: CrystalPart, params: Params, setup: Setup, default_F: float):
+    """(F table, hkl_min) of -pdb FILE (:func:`nbtorch.io.structure_factors_from_model`) to the resolution the
+    detector corners reach (or -dmin when coarser), with room for tricubic interpolation's 4×4×4 neighbourhood:
+    1/d_table = 1/d + 2·√3·σ_max(B), B the reciprocal basis (Å⁻¹).  The model's own cell is used, or the crystal's
+    when it has none.  ``params``, ``setup``: the model without its table (float64, CPU)."""
+    d = max(detector_corner_resolution(params, setup), setup.dmin)
+    _, B = latmod.lattice(params.crystal.cell, torch.eye(3, dtype=torch.float64), nanobragg=setup.nanobragg_cell)
+    room = 2.0 * math.sqrt(3.0) * float(torch.linalg.matrix_norm(B, ord=2))
+    d_table = 1.0 / (1.0 / d + room)
+    cell = None if xtal.model_cell is not None else params.crystal.cell.tolist()
+    F, hkl_min, info = _read(inp, "-pdb", structure_factors_from_model, d_table, cell=cell,
+                             bfactor=inp.opts.get("-pdb_bfactor"), default_F=default_F)
+    name = inp.opts["-pdb"]
+    inp.notes.append(f"-pdb {name}: the detector corners reach {d:.4g} Å; |F| calculated to {d_table:.4g} Å "
+                     "(room for interpolation)")
+    inp.notes += [f"-pdb {name}: {note}" for note in info.notes]
+    return F, hkl_min
+
+
+def _structure(inp: Inputs, xtal: CrystalPart, params: Params, setup: Setup):
+    """(F table [nh,nk,nl] float64, hkl_min, interpolate, interpolate_auto): -hkl (text or MTZ) or -pdb on a dense
+    grid (absent reflections = -default_F); tricubic interpolation automatic when any command-line N <= 2.
+    ``params``, ``setup``: the model so far (its table empty), for -pdb's resolution."""
     default_F = float(inp.get("-default_F"))
     table, hkl_min = np.zeros((0, 0, 0)), (0, 0, 0)
-    if inp.given("-hkl"):
-        data = read_hkl(inp.path("-hkl"))
+    if inp.given("-pdb"):
+        params64 = tree_map(lambda t: t.detach().to("cpu", torch.float64), params)
+        table, hkl_min = _model_table(inp, xtal, params64, setup, default_F)
+    elif inp.given("-hkl") and _read(inp, "-hkl", is_mtz):
+        table, hkl_min = _mtz_table(inp, default_F, xtal.cell.tolist())
+    elif inp.given("-hkl"):
+        data = _read(inp, "-hkl", read_hkl)
         if len(data.F):
             table, hkl_min = hkl_to_grid(data, default_F)
     has_table = table.size > 0
-    auto = has_table and min(N_cli) <= 2
+    auto = has_table and min(xtal.N_cli) <= 2
     interpolate = bool(inp.last("interpolate", auto)) and has_table
-    return table, tuple(int(x) for x in hkl_min), default_F, interpolate, auto
+    return table, tuple(int(x) for x in hkl_min), interpolate, auto
 
 
 def _mosaic(inp: Inputs) -> Tuple[float, tuple, tuple]:
@@ -527,14 +646,16 @@ def _oversample(inp: Inputs, xtal: CrystalPart, lam: float, det: DetectorPart) -
 class Outputs(NamedTuple):
     """The command line's own options (fields ``cli.*`` of the flag table).
 
-    floatfile, intfile, noisefile, pgmfile: output names; write_noise, write_pgm, progress: the switches (last flag
-    wins); scale (counts/photon, None = automatic), pgmscale (0 = automatic), adc (counts); seed: noise seed
-    (seed_from_clock when not given); printout; printout_pixel: (fast, slow) or None."""
+    floatfile, intfile, noisefile, pgmfile: output names; nexusfile: the NXmx output or None (not written);
+    write_noise, write_pgm, progress: the switches (last flag wins); scale (counts/photon, None = automatic),
+    pgmscale (0 = automatic), adc (counts); seed: noise seed (seed_from_clock when not given); printout;
+    printout_pixel: (fast, slow) or None."""
 
     floatfile: str
     intfile: str
     noisefile: str
     pgmfile: str
+    nexusfile: Optional[str]
     write_noise: bool
     write_pgm: bool
     progress: bool
@@ -547,20 +668,38 @@ class Outputs(NamedTuple):
     printout_pixel: Optional[Tuple[int, int]]
 
 
-def _outputs(inp: Inputs, fpix: int, spix: int) -> Outputs:
-    """The noise and output section (checked against the detector, before anything is simulated or written)."""
+def _check_nexus(inp: Inputs, params: Params, setup: Setup) -> None:
+    """-nexusfile: h5py is importable and NXmx can describe the geometry (:func:`nbtorch.io.nxmx_geometry`: a flat
+    detector the beam reaches), checked before any work."""
+    name = inp.opts["-nexusfile"]
+    if importlib.util.find_spec("h5py") is None:
+        raise ValueError(f"-nexusfile {name}: writing NeXus files needs the optional 'h5py' package: "
+                         "pip install nbtorch[io]")
+    try:
+        nxmx_geometry(tree_map(lambda t: t.detach().to("cpu", torch.float64), params), setup)
+    except ValueError as exc:
+        raise ValueError(f"-nexusfile {name}: {str(exc).removeprefix('NXmx output: ')}") from None
+
+
+def _outputs(inp: Inputs, params: Params, setup: Setup) -> Outputs:
+    """The noise and output section, checked against the model (``params`` and ``setup`` without their structure
+    factors) before anything is simulated or written."""
+    fpix, spix = setup.fpixels, setup.spixels
     pix = inp.opts.get("-printout_pixel")
     if pix is not None and not (0 <= pix[0] < fpix and 0 <= pix[1] < spix):
         raise ValueError(f"-printout_pixel {pix[0]} {pix[1]}: needs pixel indices fast in 0..{fpix - 1} and slow in "
                          f"0..{spix - 1}")
+    if inp.given("-nexusfile"):
+        _check_nexus(inp, params, setup)
     scale = inp.get("-scale")
     return Outputs(
         floatfile=str(inp.get("-floatfile")), intfile=str(inp.get("-intfile")), noisefile=str(inp.get("-noisefile")),
-        pgmfile=str(inp.get("-pgmfile")), write_noise=bool(inp.last("noise")), write_pgm=bool(inp.last("pgm")),
-        progress=bool(inp.last("progress")), scale=None if scale is None else float(scale),
-        pgmscale=float(inp.get("-pgmscale", 0.0)), adc=float(inp.get("-adc")),
-        seed=int(inp.get("-seed", int(time.time()))), seed_from_clock=not inp.given("-seed"),
-        printout=inp.given("-printout"), printout_pixel=None if pix is None else (int(pix[0]), int(pix[1])),
+        pgmfile=str(inp.get("-pgmfile")), nexusfile=inp.opts.get("-nexusfile"), write_noise=bool(inp.last("noise")),
+        write_pgm=bool(inp.last("pgm")), progress=bool(inp.last("progress")),
+        scale=None if scale is None else float(scale), pgmscale=float(inp.get("-pgmscale", 0.0)),
+        adc=float(inp.get("-adc")), seed=int(inp.get("-seed", int(time.time()))),
+        seed_from_clock=not inp.given("-seed"), printout=inp.given("-printout"),
+        printout_pixel=None if pix is None else (int(pix[0]), int(pix[1])),
     )
 
 
@@ -587,27 +726,27 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
 
     ``params``: :class:`~nbtorch.types.Params` of ``dtype``/``device`` tensors (Å, mm, deg); ``setup``: the frozen
     :class:`~nbtorch.types.Setup`; ``extras``: :class:`Extras`.  Files named by flags are read relative to
-    ``base_dir``.  ``ValueError`` (naming the flag) for missing inputs and inconsistent values; nothing is written."""
+    ``base_dir``.  ``ValueError`` (naming the flag) for missing inputs and inconsistent values; nothing is written.
+    Every cheap check (output flags included) runs before the structure factors are read or calculated."""
     missing = missing_inputs(opts)
     if missing:
         raise ValueError("missing required input" + ("s" if len(missing) > 1 else "") + ": " + "; and ".join(missing))
     inp = Inputs(opts, base_dir)
+    _check_structure_flags(inp)
     lam = _wavelength(inp)
     xtal = _crystal(inp, lam)
-    table, hkl_min, default_F, interpolate, interp_auto = _structure(inp, xtal.N_cli)
     spread, mosaic_axes, mosaic_fractions = _mosaic(inp)
     phi0, phistep, phisteps, osc = _phi(inp)
     det = _detector(inp)
-    fpix, spix = det.setup["fpixels"], det.setup["spixels"]
-    roi, mask = _roi_and_mask(inp, fpix, spix)
+    roi, mask = _roi_and_mask(inp, det.setup["fpixels"], det.setup["spixels"])
     setup = Setup(
         **det.setup, **_sensor(inp), oversample=_oversample(inp, xtal, lam, det), phi0=phi0, phistep=phistep,
         phisteps=phisteps, mosaic_axes=mosaic_axes, mosaic_fractions=mosaic_fractions,
         sources=sources_for(inp, det.setup["beam"], det.setup["polar_axis"], lam),
         point_pixel=inp.given("-point_pixel"), curved_det=inp.given("-curved_det"), nopolar=inp.given("-nopolar"),
         oversample_thick=inp.given("-oversample_thick"), oversample_polar=inp.given("-oversample_polar"),
-        oversample_omega=inp.given("-oversample_omega"), shape=xtal.shape, fudge=xtal.fudge, interpolate=interpolate,
-        hkl_min=hkl_min, dmin=float(inp.get("-dmin")), roi=roi, mask=mask, nanobragg_cell=xtal.nanobragg_cell,
+        oversample_omega=inp.given("-oversample_omega"), shape=xtal.shape, fudge=xtal.fudge,
+        dmin=float(inp.get("-dmin")), roi=roi, mask=mask, nanobragg_cell=xtal.nanobragg_cell,
     )
 
     def T(v):
@@ -617,11 +756,15 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
         crystal=Crystal(T(xtal.cell), T(xtal.misset), T(xtal.U0), T(xtal.N), T(spread)),
         beam=Beam(T(lam), T(_fluence(inp)), T(float(inp.get("-polar")))),
         detector=Detector(T(det.distance), T(det.beam_center), T(det.rotation), T(det.twotheta)),
-        structure=Structure(T(table), T(default_F)),
+        structure=Structure(T(np.zeros((0, 0, 0))), T(float(inp.get("-default_F")))),
         background=Background(T(float(inp.get("-water")))),
     )
+    outputs = _outputs(inp, params, setup)
+    table, hkl_min, interpolate, interp_auto = _structure(inp, xtal, params, setup)
+    setup = setup.replace(hkl_min=hkl_min, interpolate=interpolate)
+    params = params._replace(structure=params.structure._replace(F=T(table)))
     extras = Extras(opts=opts, xbeam_mm=det.xbeam, ybeam_mm=det.ybeam, phi0=phi0, osc=osc,
-                    interpolate_auto=interp_auto, notes=inp.notes, outputs=_outputs(inp, fpix, spix))
+                    interpolate_auto=interp_auto, notes=inp.notes, outputs=outputs)
     return params, setup, extras
 
 

@@ -225,8 +225,9 @@ _RULES: Dict[str, Callable[[_Context], List[str]]] = {
 def _check_expressible(ctx: _Context) -> None:
     """ValueError when the model holds something flags can only give through a carried file or source flags that
     the base flags lack (or that no longer reproduce the set-up's sources)."""
-    if ctx.params.structure.F.numel() > 0 and "-hkl" not in ctx.base:
-        raise ValueError("the model uses a structure-factor table: pass the flags it came from (with -hkl) as base")
+    if ctx.params.structure.F.numel() > 0 and "-hkl" not in ctx.base and "-pdb" not in ctx.base:
+        raise ValueError("the model uses a structure-factor table: pass the flags it came from (with -hkl or -pdb) "
+                         "as base")
     if ctx.setup.mask is not None and "-mask" not in ctx.base:
         raise ValueError("the model has a pixel mask: pass the flags it came from (with -mask) as base")
     carried = NanoBraggArgs({f: v for f, v in ctx.base.items() if FLAGS[f].sets.startswith("setup.sources")})
@@ -250,7 +251,9 @@ def to_nanobragg_args(params: Params, setup: Setup, base: Union[None, str, Seque
 
     ``params``: an unbatched :class:`~nbtorch.types.Params` (Å, mm, deg); ``setup``: its
     :class:`~nbtorch.types.Setup`.  ``base``: the flags the model came from (string or tokens), needed only for what
-    a model cannot express by itself and copied from there: ``-hkl`` (a structure-factor table), ``-mask``, source
+    a model cannot express by itself and copied from there: ``-hkl`` (a structure-factor table, text or MTZ, with
+    ``-mtz_column``/``-mtz_anomalous``) or ``-pdb`` (with ``-pdb_bfactor``; its table is recalculated to the
+    resolution of the detector corners of the written geometry), ``-mask``, source
     flags (``-divergence``…, ``-dispersion``…, ``-sourcefile``) and a non-default ``-mosaic_seed``.  Output-only and
     derived flags (``-N``, ``-energy``, ``-flux``, ``-xtalsize``…) are never written: their effect is.
     A model from ``-mat`` (``setup.nanobragg_cell`` False) is written as ``-mat matrix_path``, with the MOSFLM

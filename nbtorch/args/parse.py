@@ -181,10 +181,13 @@ def last_flag(opts: NanoBraggArgs, states: Mapping[str, object], default):
 def missing_inputs(opts) -> List[str]:
     """What the parsed flags lack to define a simulation (empty list when complete).
 
-    nanoBragg needs a unit cell (``-cell`` or ``-mat``) and structure factors (``-hkl`` or ``-default_F`` > 0)."""
+    nanoBragg needs a unit cell (``-cell`` or ``-mat``; nbtorch also takes a ``-pdb`` model's) and structure factors
+    (``-hkl``, ``-pdb`` or ``-default_F`` > 0)."""
     out = []
-    if "-cell" not in opts and "-mat" not in opts:
-        out.append("a unit cell: give -cell a b c alpha beta gamma (Å, deg) or -mat FILE (MOSFLM A matrix)")
-    if "-hkl" not in opts and not opts.get("-default_F", 0.0):
-        out.append("structure factors: give -hkl FILE (lines h k l F) or -default_F F (> 0)")
+    if not any(f in opts for f in ("-cell", "-mat", "-pdb")):
+        out.append("a unit cell: give -cell a b c alpha beta gamma (Å, deg), -mat FILE (MOSFLM A matrix) or -pdb FILE "
+                   "(the model's cell)")
+    if "-hkl" not in opts and "-pdb" not in opts and not opts.get("-default_F", 0.0):
+        out.append("structure factors: give -hkl FILE (lines h k l F, or an MTZ), -pdb FILE (a PDB/mmCIF model) or "
+                   "-default_F F (> 0)")
     return out

@@ -202,9 +202,24 @@ _TABLE = (
     _real("-density", "crystal", "sample density", "g/cm³", aliases=("-sample_density",), **_NONE),
     _real("-MW", "crystal", "molecular weight", "Da", aliases=("-molecules", "-molecular_weight"), **_NONE),
     # ---- structure factors
-    _file("-hkl", "structure", "text file of h k l F (no symmetry expansion)",
+    _file("-hkl", "structure", "structure factors: a text file of h k l F (no symmetry expansion), or a merged MTZ "
+          "file (told apart by its first bytes; expanded to P1 from its space group; needs gemmi, nbtorch[io])",
           field="params.structure.F", sets="setup.hkl_min", write="carry"),
-    _real("-default_F", "structure", "amplitude of every reflection not in -hkl", default=0.0, within="[0, 1e10]",
+    Flag("-mtz_column", "structure", "MTZ column label: an amplitude (F), an intensity (J, converted to "
+         "sqrt(max(I, 0))) or one of an anomalous pair (G, K); only with -hkl FILE.mtz", kind="text",
+         default_text="the first amplitude column (type F), else the first anomalous pair (G)",
+         sets="params.structure.F (which MTZ column)", write="carry", metavar="LABEL"),
+    Flag("-mtz_anomalous", "structure", "anomalous pairs of an MTZ: averaged, or kept apart (F(+) at h, F(-) at -h); "
+         "only with -hkl FILE.mtz", kind="choice", choices=("average", "separate"), default="average",
+         sets="params.structure.F (Friedel mates)", write="carry", metavar="average|separate"),
+    _file("-pdb", "structure", "PDB or mmCIF model: |F| to the resolution of the detector corners (X-ray form "
+          "factors, first model, no bulk solvent), expanded to P1; gives the cell when neither -cell nor -mat is "
+          "given, else must agree with it; not with -hkl (needs gemmi, nbtorch[io])",
+          field="params.structure.F", sets="setup.hkl_min, params.crystal.cell", write="carry"),
+    _real("-pdb_bfactor", "structure", "isotropic B given to every atom of the -pdb model (anisotropic B removed)",
+          "Å²", default_text="the model's own B", within="[0, 1e4]", sets="params.structure.F", write="carry"),
+    _real("-default_F", "structure", "amplitude of every reflection not in -hkl or -pdb", default=0.0,
+          within="[0, 1e10]",
           field="params.structure.default_F"),
     _file("-dump", "structure", "name of nanoBragg's F cache (nbtorch never reads or writes a cache)", **_NONE),
     _switch("-interpolate", "structure", "tricubic interpolation of F between lattice points",
@@ -374,6 +389,9 @@ _TABLE = (
           aliases=("-noiseimage",), field="cli.noisefile", switch=("noise", True), write="no"),
     _file("-pgmfile", "output", "8-bit PGM preview (turns -nopgm off)", default="image.pgm", aliases=("-pgmimage",),
           field="cli.pgmfile", switch=("pgm", True), write="no"),
+    _file("-nexusfile", "output", "NeXus/HDF5 NXmx file: the float image (photons/pixel, as -floatfile) with its "
+          "geometry, readable by DIALS (flat detectors only; needs h5py, nbtorch[io])", default_text="not written",
+          field="cli.nexusfile", write="no"),
     _real("-scale", "output", "intfile counts per photon (0: automatic)", default_text="55000/max",
           within="[0, 1e30]", field="cli.scale", write="no"),
     _real("-pgmscale", "output", "PGM grey levels per photon (0: automatic)", default_text="250/(5·rmsd)",

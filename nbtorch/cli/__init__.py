@@ -8,8 +8,10 @@ Flags are nanoBragg's single-dash flags (see ``nbtorch --help`` and docs/cli.md)
 documented aliases (never by substring), and every value is checked before anything is computed or written.
 Outputs: ``-floatfile`` (raw float32, photons/pixel, default ``floatimage.bin``), ``-intfile`` (SMV uint16, default
 ``intimage.img``), ``-noisefile`` (SMV uint16 with Poisson noise, default ``noiseimage.img``, skipped with
-``-nonoise``), ``-pgmfile`` (8-bit PGM, default ``image.pgm``, skipped with ``-nopgm``).  Every file is written
-atomically.  nbtorch extras (long options): ``--dtype float32|float64`` (default float64) and ``--device cpu|cuda``.
+``-nonoise``), ``-pgmfile`` (8-bit PGM, default ``image.pgm``, skipped with ``-nopgm``), and nbtorch's ``-nexusfile``
+(NXmx NeXus/HDF5: the float image with its geometry; only when given). Every file is written atomically, after every
+check has passed. Structure factors come from ``-hkl`` (text or MTZ) or ``-pdb`` (a model). nbtorch extras (long
+options): ``--dtype float32|float64`` (default float64) and ``--device cpu|cuda``.
 
 Modules: :mod:`.help` (``--help`` and the docs table), :mod:`.report` (statistics, diagnostics), :mod:`.header`
 (SMV header), :mod:`.progress` (banded rendering with a progress bar), :mod:`.outputs` (the files).
@@ -40,7 +42,7 @@ from .report import print_setup, print_statistics
 __all__ = ["main", "format_help", "FLAG_GROUPS", "ImageStats", "image_statistics", "pixel_diagnostics", "render",
            "missing_inputs", "PROG", "UsageError", "OutputError"]
 
-_INPUT_FILE_FLAGS = ("-mat", "-hkl", "-sourcefile", "-mask", "-img")
+_INPUT_FILE_FLAGS = ("-mat", "-hkl", "-pdb", "-sourcefile", "-mask", "-img")
 _DTYPES = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32, "float": torch.float32}
 
 

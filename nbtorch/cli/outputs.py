@@ -1,4 +1,5 @@
-"""The command line's output files, written atomically in nanoBragg's order: float, int, PGM, noise."""
+"""The command line's output files, written atomically in nanoBragg's order: float, int, PGM, noise; then nbtorch's
+NeXus file (``-nexusfile``)."""
 from __future__ import annotations
 
 from typing import Callable, List, TextIO
@@ -7,6 +8,7 @@ import numpy as np
 
 from ..args import Extras
 from ..io.images import write_pgm, write_raw_float
+from ..io.nexus import write_nxmx
 from ..io.smv import write_smv
 from ..noise import counts_to_uint16, int_image_uint16, poisson_noise
 from ..types import Params, Setup
@@ -29,9 +31,9 @@ def _write(kind: str, name: str, fn: Callable, *args) -> None:
 
 def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Params, setup: Setup, extras: Extras,
                   base_dir: str = ".") -> List[str]:
-    """Write the float image, the SMV int image, the PGM preview and the noise image as ``extras.outputs`` asks,
-    reporting each on ``out``.  ``image``: ``[spixels, fpixels]`` float32 photons.  Returns the names written;
-    :class:`OutputError` when a file cannot be written (the ones before it stay, complete)."""
+    """Write the float image, the SMV int image, the PGM preview, the noise image and the NXmx file as
+    ``extras.outputs`` asks, reporting each on ``out``.  ``image``: ``[spixels, fpixels]`` float32 photons.  Returns
+    the names written; :class:`OutputError` when a file cannot be written (the ones before it stay, complete)."""
     o = extras.outputs
     written: List[str] = []
     _write("float image", o.floatfile, write_raw_float, image)
@@ -64,4 +66,9 @@ def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Par
         _write("noise image", o.noisefile, write_smv, noisy, header)
         out.write(f"wrote {o.noisefile} as {noisy.size} 2-byte integers\n")
         written.append(o.noisefile)
+
+    if o.nexusfile is not None:
+        _write("NeXus file", o.nexusfile, write_nxmx, image, params, setup)
+        out.write(f"wrote {o.nexusfile} as an NXmx file of {image.size} 4-byte floats with its geometry\n")
+        written.append(o.nexusfile)
     return written

@@ -35,6 +35,7 @@ from .structure_files import (
     detector_corner_resolution,
     expand_to_p1,
     is_mtz,
+    model_cell,
     read_mtz,
     structure_factors_from_model,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "ObservedImage",
     "is_mtz",
     "read_mtz",
+    "model_cell",
     "structure_factors_from_model",
     "expand_to_p1",
     "detector_corner_resolution",

@@ -32,6 +32,7 @@ __all__ = [
     "StructureFactorInfo",
     "is_mtz",
     "read_mtz",
+    "model_cell",
     "structure_factors_from_model",
     "expand_to_p1",
     "detector_corner_resolution",
@@ -414,6 +415,22 @@ def _read_model(gemmi, path, name: str):
     if len(st) == 0 or st[0].count_atom_sites() == 0:
         raise StructureFileError(f"{name}: no atoms (not a PDB or mmCIF model?)")
     return st
+
+
+def model_cell(path: str | os.PathLike) -> Optional[Tuple[float, float, float, float, float, float]]:
+    """The unit cell of a PDB or mmCIF model (``CRYST1`` / ``_cell``): (a, b, c) in Å, (α, β, γ) in degrees, or None
+    when the model has none.
+
+    What ``-pdb FILE`` uses for the crystal when neither ``-cell`` nor ``-mat`` is given.
+
+    Raises:
+        StructureFileError: not a PDB or mmCIF model, or no atoms.  OSError: the file cannot be read.
+        ImportError: gemmi is not installed.
+    """
+    gemmi = _gemmi()
+    name = display_name(path)
+    st = _read_model(gemmi, path, name)
+    return tuple(float(x) for x in st.cell.parameters) if st.cell.is_crystal() else None
 
 
 def _check_float(value, what: str, name: str, low: float = 0.0, strict: bool = True) -> float:
