@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from ..units import rad2deg
 from ._atomic import atomic_write
 from ._parse import display_name, iter_token_lines, parse_float, read_bytes
 
@@ -72,7 +73,7 @@ def mosflm_matrix_cell(A_lambda_scaled, wavelength_A: float) -> tuple[float, flo
 
     def angle(u, v):
         cosang = float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
-        return math.degrees(math.acos(max(-1.0, min(1.0, cosang))))
+        return rad2deg(math.acos(max(-1.0, min(1.0, cosang))))
 
     return (
         float(np.linalg.norm(a)), float(np.linalg.norm(b)), float(np.linalg.norm(c)),

@@ -29,7 +29,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from ..units import ANGSTROM_PER_MM, DEG_PER_RAD, MM_PER_CM, MM_PER_M, MM_PER_NM, MM_PER_UM, um_to_mm
+from ..units import ANGSTROM_PER_MM, DEG_PER_RAD, MM_PER_CM, MM_PER_M, MM_PER_NM, MM_PER_UM, deg2rad, um_to_mm
 from ._atomic import atomic_write
 from ._parse import display_name
 
@@ -446,7 +446,7 @@ def _axis_matrix(ds, name: str) -> np.ndarray:
     vec = np.asarray(ds.attrs.get("vector", (0.0, 0.0, 0.0)), dtype=np.float64).reshape(3)
     A = np.eye(4)
     if kind == "rotation":
-        angle = math.radians(float(np.atleast_1d(_scaled(ds, _DEG_PER, name))[0]))
+        angle = deg2rad(float(np.atleast_1d(_scaled(ds, _DEG_PER, name))[0]))
         k = _unit(vec)
         K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
         A[:3, :3] = np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
