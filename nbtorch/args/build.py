@@ -303,6 +303,13 @@ def _check_structure_flags(inp: Inputs) -> None:
                              "-hkl FILE.mtz")
 
 
+def _text_table(path: str, default_F: float):
+    """(F table [nh,nk,nl] float64, hkl_min) of a text h k l F file on a dense grid (absent reflections =
+    ``default_F``); an empty table for a file without reflections."""
+    data = read_hkl(path)
+    return hkl_to_grid(data, default_F) if len(data.F) else (np.zeros((0, 0, 0)), (0, 0, 0))
+
+
 def _mtz_table(inp: Inputs, default_F: float, cell: Sequence[float]):
     """(F table, hkl_min) of -hkl FILE.mtz (:func:`nbtorch.io.read_mtz`); its notes, and one when the MTZ's cell
     differs from the crystal's, go to ``inp.notes``."""
@@ -352,9 +359,7 @@ def _structure(inp: Inputs, xtal: CrystalPart, params: Params, setup: Setup):
     elif inp.given("-hkl") and _read(inp, "-hkl", is_mtz):
         table, hkl_min = _mtz_table(inp, default_F, xtal.cell.tolist())
     elif inp.given("-hkl"):
-        data = _read(inp, "-hkl", read_hkl)
-        if len(data.F):
-            table, hkl_min = hkl_to_grid(data, default_F)
+        table, hkl_min = _read(inp, "-hkl", _text_table, default_F)
     has_table = table.size > 0
     auto = has_table and min(xtal.N_cli) <= 2
     interpolate = bool(inp.last("interpolate", auto)) and has_table

@@ -261,11 +261,13 @@ def _wrong_group_mtz(path):
     (["-default_F", "1", "-mtz_anomalous", "separate"], ["-mtz_anomalous separate", "no -hkl file"]),
     (["-default_F", "1", "-pdb_bfactor", "20"], ["-pdb_bfactor", "-pdb FILE"]),
     (["-pdb", "tiny.pdb", "-pdb_bfactor", "-3"], ["-pdb_bfactor", ">= 0", "got -3"]),
+    (["-hkl", "bad.hkl"], ["-hkl bad.hkl, line 2: l is not a number: 'x'"]),
     (["-hkl", "absent.mtz"], ["-hkl absent.mtz", "no such file"]),
     (["-pdb", "absent.cif"], ["-pdb absent.cif", "no such file"]),
 ])
 def test_bad_structure_inputs_name_the_flag_and_file(inputs, capsys, extra, words):
     (inputs / "cut.mtz").write_bytes((inputs / "p1.mtz").read_bytes()[:200])
+    (inputs / "bad.hkl").write_text("1 2 3 40\n1 2 x 50\n")
     _wrong_group_mtz(inputs / "wrong.mtz")
     before = _files(inputs)
     cell = [] if "-pdb" in extra else XTAL_03
