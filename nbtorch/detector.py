@@ -34,8 +34,38 @@ def _vec(v, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(v, dtype=like.dtype, device=like.device)
 
 
+#: Conventions whose beam-centre flags are pixels: ``-ORGX``/``-ORGY``, the near point in 1-based pixel-centre
+#: coordinates along fast and slow (spec Q25).  Everywhere else the beam centre is in mm.
+PIXEL_ORIGIN_CONVENTIONS = ("XDS", "DIALS")
+
+
+def orgx_to_mm(org_px, pixel_size: float):
+    """XDS ``ORGX``/``ORGY`` (1-based pixel-centre coordinates) → mm from the outer corner of pixel (0, 0):
+    ``(org − ½)·p`` (nanoBragg's Fclose/Sclose).  Floats or tensors; ``pixel_size`` in mm."""
+    return (org_px - 0.5) * pixel_size
+
+
+def mm_to_orgx(mm, pixel_size: float):
+    """Inverse of :func:`orgx_to_mm`: mm from the outer corner of pixel (0, 0) → ``mm/p + ½`` pixels."""
+    return mm / pixel_size + 0.5
+
+
+def beam_center_to_pixels(beam_center_mm, convention: str, pixel_size: float):
+    """``Detector.beam_center`` (mm, ``[..., 2]`` tensor or floats) → the same point in pixels as the convention
+    counts them: ``(ORGX, ORGY)`` for XDS/DIALS (:func:`mm_to_orgx`), ``mm/p`` along the convention's own X, Y
+    otherwise.  ``pixel_size`` in mm."""
+    if convention in PIXEL_ORIGIN_CONVENTIONS:
+        return mm_to_orgx(beam_center_mm, pixel_size)
+    return beam_center_mm / pixel_size
+
+
 def beam_and_close(det: Detector, setup: Setup):
-    """Convention mapping of ``det.beam_center`` → ``(Fbeam, Sbeam, Fclose, Sclose)`` in mm (each ``[]``)."""
+    """Convention mapping of ``det.beam_center`` (mm, see :class:`~nbtorch.types.Detector`) →
+    ``(Fbeam, Sbeam, Fclose, Sclose)`` in mm along fast and slow from the outer corner of pixel (0, 0) (each ``[]``).
+
+    MOSFLM: (Xbeam, Ybeam) along (slow, fast) from the first pixel's centre; DENZO: (slow, fast) from the corner;
+    ADXV: X along fast from the corner, Y along slow from the far edge; XDS, DIALS and CUSTOM: (fast, slow) from the
+    corner (for XDS/DIALS the near point, (ORGX − ½)·p, (ORGY − ½)·p)."""
     p = setup.pixel_size
     x, y = det.beam_center[..., 0], det.beam_center[..., 1]
     conv = setup.convention
@@ -47,10 +77,7 @@ def beam_and_close(det: Detector, setup: Setup):
     if conv == "ADXV":
         fb, sb = x, setup.spixels * p - y
         return fb, sb, fb, sb
-    if conv in ("XDS", "DIALS"):
-        fc, sc = (x - 0.5) * p, (y - 0.5) * p
-        return fc, sc, fc, sc
-    return x, y, x, y  # CUSTOM: Xbeam is the fast coordinate, no half-pixel shift
+    return x, y, x, y  # XDS, DIALS (near point) and CUSTOM: (fast, slow) from the corner, no half-pixel shift
 
 
 def detector_frame(det: Detector, setup: Setup) -> DetectorFrame:

@@ -60,8 +60,10 @@ class Detector(NamedTuple):
 
     distance:    []  sample-to-detector distance along the beam (mm), or the perpendicular (close) distance when
                      ``Setup.distance_is_close`` (``-close_distance``).
-    beam_center: [2] MOSFLM/DENZO/ADXV/CUSTOM: ``(Xbeam, Ybeam)`` in mm with the convention's meaning;
-                     XDS/DIALS: ``(ORGX, ORGY)`` in pixels (1-based pixel-centre coordinates of the near point).
+    beam_center: [2] always mm, from the convention's detector origin: MOSFLM/DENZO/ADXV/CUSTOM ``(Xbeam, Ybeam)``
+                     with the convention's meaning; XDS/DIALS the near point along (fast, slow) from the outer
+                     corner of pixel (0, 0), ``((ORGX − ½)·p, (ORGY − ½)·p)`` (``-ORGX/-ORGY`` pixels are
+                     converted at the flag boundary: :func:`nbtorch.detector.orgx_to_mm`).
     rotation:    [3] detector_rotx/y/z (degrees), applied XYZ about the sample.
     twotheta:    []  two-theta swing (degrees) about the convention's two-theta axis.
     """

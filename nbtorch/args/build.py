@@ -19,7 +19,7 @@ import torch
 
 from .. import lattice as latmod
 from ..beam import divergence_sources
-from ..detector import check_detector, detector_frame
+from ..detector import PIXEL_ORIGIN_CONVENTIONS, check_detector, detector_frame, orgx_to_mm
 from ..io.hkl import hkl_to_grid, read_hkl
 from ..io.matrix import read_mosflm_matrix
 from ..io.nexus import nxmx_geometry
@@ -454,23 +454,23 @@ def _pixel_counts(inp: Inputs) -> Tuple[int, int, float]:
 
 
 def _beam_center(inp: Inputs, conv: str, fpix: int, spix: int, pixel: float):
-    """(beam_center, xbeam, ybeam): the Detector's beam centre (mm, or ORGX/ORGY pixels for XDS/DIALS) and the
-    Xbeam/Ybeam (mm) the SMV header reports.  Defaults per convention (spec §4)."""
+    """(beam_center, xbeam, ybeam): the Detector's beam centre (mm; for XDS/DIALS the near point, from -ORGX/-ORGY
+    pixels converted by :func:`nbtorch.detector.orgx_to_mm`) and the Xbeam/Ybeam (mm) the SMV header
+    reports.  Defaults per convention (spec §4)."""
     Df, Ds = fpix * pixel, spix * pixel
     orgx, orgy = inp.hget("-ORGX", None), inp.hget("-ORGY", None)
-    # the near point defaults to ORGX/ORGY when given, else the detector centre
-    xclose = float(inp.get("-Xclose", Df / 2 if orgx is None else (orgx - 0.5) * pixel))
-    yclose = float(inp.get("-Yclose", Ds / 2 if orgy is None else (orgy - 0.5) * pixel))
+    # the near point: (ORGX − ½)·p, (ORGY − ½)·p when given, else the detector centre
+    fclose = Df / 2 if orgx is None else orgx_to_mm(float(orgx), pixel)
+    sclose = Ds / 2 if orgy is None else orgx_to_mm(float(orgy), pixel)
     if conv in ("MOSFLM", "DENZO"):
         defaults = ((Ds + pixel) / 2, (Df + pixel) / 2)
     elif conv == "ADXV":
         defaults = ((Df + pixel) / 2, (Ds - pixel) / 2)
-    else:
-        defaults = (xclose, yclose)
+    else:  # the near point Xclose/Yclose, which itself defaults to the one above
+        defaults = (float(inp.get("-Xclose", fclose)), float(inp.get("-Yclose", sclose)))
     xbeam, ybeam = float(inp.hget("-Xbeam", defaults[0])), float(inp.hget("-Ybeam", defaults[1]))
-    if conv in ("XDS", "DIALS"):
-        org = (Df / 2 / pixel + 0.5 if orgx is None else orgx, Ds / 2 / pixel + 0.5 if orgy is None else orgy)
-        return (float(org[0]), float(org[1])), xbeam, ybeam
+    if conv in PIXEL_ORIGIN_CONVENTIONS:  # -Xbeam/-Ybeam/-Xclose/-Yclose do not move this detector (spec Q3)
+        return (fclose, sclose), xbeam, ybeam
     return (xbeam, ybeam), xbeam, ybeam
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..detector import PIXEL_ORIGIN_CONVENTIONS, mm_to_orgx, orgx_to_mm
 from ..io.matrix import write_mosflm_matrix
 from ..lattice import reciprocal_matrix
 from ..mosaic import DEFAULT_MOSAIC_SEED, mosaic_domains
@@ -162,9 +163,15 @@ def _distance(ctx: _Context) -> List[str]:
 
 
 def _beam_center(ctx: _Context) -> List[str]:
-    """-ORGX/-ORGY (XDS, DIALS: pixels) or -Xbeam/-Ybeam (mm)."""
-    names = ("-ORGX", "-ORGY") if ctx.setup.convention in ("XDS", "DIALS") else ("-Xbeam", "-Ybeam")
-    return [t for n in names for t in _tokens(FLAGS[n], ctx.field(FLAGS[n].field))]
+    """-ORGX/-ORGY (XDS, DIALS: the near point in pixels, chosen so that the parser's (ORGX − ½)·p gives the model's
+    mm exactly, or to the last place where no float does) or -Xbeam/-Ybeam (mm)."""
+    if ctx.setup.convention not in PIXEL_ORIGIN_CONVENTIONS:
+        return [t for n in ("-Xbeam", "-Ybeam") for t in _tokens(FLAGS[n], ctx.field(FLAGS[n].field))]
+    p, out = ctx.setup.pixel_size, []
+    for n in ("-ORGX", "-ORGY"):
+        mm = ctx.field(FLAGS[n].field)
+        out += _tokens(FLAGS[n], _preimage(lambda org: orgx_to_mm(org, p), mm, mm_to_orgx(mm, p), nearest=True))
+    return out
 
 
 def _pivot(ctx: _Context) -> List[str]:
@@ -172,14 +179,19 @@ def _pivot(ctx: _Context) -> List[str]:
     return ["-pivot", ctx.setup.pivot] if ctx.setup.convention == "CUSTOM" else []
 
 
-def _preimage(f: Callable[[float], float], y: float, x0: float) -> float:
-    """A float x near ``x0`` with ``f(x) == y`` exactly (searching up to 16 units in the last place each way)."""
+def _preimage(f: Callable[[float], float], y: float, x0: float, nearest: bool = False) -> float:
+    """A float x within 16 units in the last place of ``x0`` with ``f(x) == y`` exactly, the one with the shortest
+    text; when there is none, the x whose ``f(x)`` is nearest ``y`` if ``nearest``, else ValueError."""
     lo = hi = float(x0)
+    xs = [lo]
     for _ in range(16):
-        for x in (lo, hi):
-            if f(x) == y:
-                return x
         lo, hi = float(np.nextafter(lo, -math.inf)), float(np.nextafter(hi, math.inf))
+        xs += [lo, hi]
+    hits = [x for x in xs if f(x) == y]
+    if hits:
+        return min(hits, key=lambda x: len(fmt_num(x)))
+    if nearest:
+        return min(xs, key=lambda x: abs(f(x) - y))
     raise ValueError(f"no number near {x0!r} gives {y!r}")
 
 
@@ -260,7 +272,8 @@ def to_nanobragg_args(params: Params, setup: Setup, base: Union[None, str, Seque
     matrix written there unless ``write_matrix`` is False.  ``base_dir``: where relative files of ``base`` are.
 
     ``from_nanobragg_args(to_nanobragg_args(params, setup))`` gives identical images (the -mat route is limited by
-    the matrix file's 8 decimals, CUSTOM vectors by one rounding of their normalisation).  ``ValueError`` when the
+    the matrix file's 8 decimals, CUSTOM vectors by one rounding of their normalisation, an XDS/DIALS beam centre in mm
+by the last place of (ORGX − ½)·pixel, which not every float is).  ``ValueError`` when the
     model cannot be written as flags (and why).
     """
     opts = parse_args(base) if base is not None else parse_args([])

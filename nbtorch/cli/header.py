@@ -19,7 +19,7 @@ from typing import List, NamedTuple, Tuple
 
 import torch
 
-from ..detector import detector_frame
+from ..detector import detector_frame, mm_to_orgx
 from ..io.smv import nanobragg_header_items
 from ..rotation import rot_xyz
 from ..types import Detector, Params, Setup
@@ -82,7 +82,7 @@ def header_geometry(params: Params, setup: Setup) -> HeaderGeometry:
     return HeaderGeometry(
         pix0=tuple(px), fdet=tuple(float(x) for x in fr.fdet), sdet=tuple(float(x) for x in fr.sdet),
         odet=tuple(float(x) for x in fr.odet), close=close, distance=distance, fbeam=fbeam, sbeam=sbeam,
-        fclose=fclose, sclose=sclose, orgx=fclose / p + 0.5, orgy=sclose / p + 0.5,
+        fclose=fclose, sclose=sclose, orgx=mm_to_orgx(fclose, p), orgy=mm_to_orgx(sclose, p),
         dials_origin=(px[2], px[1], -px[0]),
     )
 

@@ -386,7 +386,7 @@ def _write_nbtorch_group(entry, geo: NexusGeometry, setup, params, metadata) -> 
     _field(col, "convention", setup.convention)
     _field(col, "pivot", setup.pivot)
     _field(col, "detector_distance", float(params.detector.distance), "mm")
-    _field(col, "beam_center", np.asarray(params.detector.beam_center.detach().cpu(), dtype=np.float64))
+    _field(col, "beam_center", np.asarray(params.detector.beam_center.detach().cpu(), dtype=np.float64), "mm")
     _field(col, "polarization_axis", np.asarray(setup.polar_axis, dtype=np.float64))
     for key, value in (metadata or {}).items():
         _field(col, str(key), str(value))
