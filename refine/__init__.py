@@ -7,35 +7,40 @@
     result.to_json("fit.json")
     nbtorch.from_nanobragg_args(result.to_nanobragg_args())   # re-simulates the fit
 
-Parameterisation (:mod:`refine.parameters`) → targets (:mod:`refine.targets`) → minimisers (:mod:`refine.lm`,
-:mod:`refine.optim`) with a coarse-to-fine strategy (:mod:`refine.strategy`) → :class:`Result`
-(:mod:`refine.result`).  See docs/refine.md.
+    # the same fit, driven stage by stage (a notebook, a study)
+    state = refine.prepare(observed, params, setup, refine.FitOptions(free=("distance", "beam_center")))
+    for stage in refine.default_stages():
+        state = refine.run_stage(state, stage)
+    result = refine.finish(state)
+
+The pieces, each a module (see docs/refine.md): :mod:`refine.table` (one entry per refinable scalar),
+:mod:`refine.cells` (crystal systems), :mod:`refine.parameters` (increments ↔ Params), :mod:`refine.predict`
+(simulate + background), :mod:`refine.targets` (losses, pixels, objective), :mod:`refine.lm` and
+:mod:`refine.optim` (minimisers), :mod:`refine.search`, :mod:`refine.strategy` (stages, state, run_stage),
+:mod:`refine.options` (FitOptions), :mod:`refine.degeneracy`, :mod:`refine.report` (ESDs), :mod:`refine.result`,
+:mod:`refine.plots`, :mod:`refine.fit`.
 """
-from .fit import METHODS, covariance, fit
+from .cells import CRYSTAL_SYSTEMS, detect_crystal_system, symmetrize_cell
+from .degeneracy import Degeneracy, degenerate_pairs
+from .fit import METHODS, covariance, fit, fit_options
 from .lm import MinimizeResult, levenberg_marquardt
 from .optim import adam, lbfgs
-from .parameters import (
-    CRYSTAL_SYSTEMS,
-    DEFAULT_FREE,
-    GROUPS,
-    Parameterisation,
-    Scalar,
-    pack,
-    parameterise,
-    symmetrize_cell,
-    total_rotation,
-    unpack,
-    xyz_angles,
-)
-from .result import REPORT_FIELDS, Result
-from .strategy import Stage, default_stages
+from .options import FitOptions
+from .parameters import Parameterisation, Scalar, pack, parameterise, total_rotation, unpack, xyz_angles
+from .predict import Predict, make_predict, predict_image
+from .report import REPORT_FIELDS
+from .result import Result, finish
+from .strategy import FitState, Stage, default_stages, prepare, run_stage, schedule
+from .table import DEFAULT_FREE, GROUPS, SCALARS, ScalarSpec
 from .targets import TARGETS, Objective, make_target, select_pixels, usable_mask
 
 __all__ = [
-    "fit", "Result", "METHODS", "covariance",
-    "parameterise", "Parameterisation", "pack", "unpack", "Scalar", "GROUPS", "DEFAULT_FREE", "CRYSTAL_SYSTEMS", "symmetrize_cell",
-    "total_rotation", "xyz_angles",
+    "fit", "fit_options", "FitOptions", "Result", "METHODS", "covariance",
+    "prepare", "run_stage", "finish", "FitState", "Stage", "default_stages", "schedule",
+    "parameterise", "Parameterisation", "pack", "unpack", "Scalar", "SCALARS", "ScalarSpec", "GROUPS",
+    "DEFAULT_FREE", "CRYSTAL_SYSTEMS", "symmetrize_cell", "detect_crystal_system", "total_rotation", "xyz_angles",
+    "make_predict", "Predict", "predict_image",
     "make_target", "TARGETS", "Objective", "usable_mask", "select_pixels",
-    "levenberg_marquardt", "lbfgs", "adam", "MinimizeResult",
-    "Stage", "default_stages", "REPORT_FIELDS",
+    "degenerate_pairs", "Degeneracy",
+    "levenberg_marquardt", "lbfgs", "adam", "MinimizeResult", "REPORT_FIELDS",
 ]

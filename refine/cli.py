@@ -24,6 +24,7 @@ _OPTIONS = {
     "--crystal-system": 1, "--ncells-mode": 1, "--no-coarse": 0, "--spots-only": 0, "--overload": 1,
     "--background": 3, "--matrix-out": 1, "--plot": 1, "--esd-scale": 1, "--threads": 1, "--quiet": 0,
     "--coarse-iter": 1, "--max-shift": 1, "--lr": 1, "--schedule": 1, "--dtype": 1, "--help": 0,
+    "--allow-degenerate": 0,
 }
 
 
@@ -52,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
                     "observed/model/residual and the loss; .img/.smv: SMV float; else raw float32)")
     ap.add_argument("--target", default="poisson", choices=["poisson", "gaussian", "lsq", "anscombe"])
     ap.add_argument("--read-noise", type=float, default=1.0, help="read noise σ (photons) of the gaussian target")
-    ap.add_argument("--crystal-system", default="triclinic", choices=list(CRYSTAL_SYSTEMS))
+    ap.add_argument("--crystal-system", default="auto", choices=["auto"] + list(CRYSTAL_SYSTEMS),
+                    help="constrain the cell (default auto: the highest symmetry the starting cell satisfies within "
+                    "0.1%% and 0.1 deg)")
+    ap.add_argument("--allow-degenerate", action="store_true", help="refine free parameters the image cannot tell "
+                    "apart (a detector rotation about the beam with the crystal's; two-theta with the detector "
+                    "rotation about its axis under a beam pivot); refused otherwise")
     ap.add_argument("--ncells-mode", default="auto", choices=["auto", "isotropic", "anisotropic"])
     ap.add_argument("--no-coarse", action="store_true", help="skip the coarse-to-fine stages")
     ap.add_argument("--coarse-iter", type=int, default=8, help="iterations of each broadened stage (default 8)")
@@ -185,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_iter=ns.max_iter, coarse_to_fine=not ns.no_coarse, coarse_iter=ns.coarse_iter,
             max_shift=ns.max_shift, spots_only=ns.spots_only, lr=ns.lr, schedule=ns.schedule,
             esd_scale=ns.esd_scale, callback=None if ns.quiet else Progress(), nanobragg_args=flags,
-            matrix_path=matrix_out,
+            matrix_path=matrix_out, allow_degenerate=ns.allow_degenerate,
         )
     except (ValueError, OSError) as exc:
         print(f"nbtorch-refine: {exc}", file=sys.stderr)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -69,6 +69,62 @@ def gauss_newton_decrement(g: torch.Tensor, H: torch.Tensor, blocked: Optional[t
     return 0.5 * float(gk @ sol)
 
 
+def clipped_bounds(par, lower: Optional[torch.Tensor] = None, upper: Optional[torch.Tensor] = None):
+    """The parameterisation's bounds on x [n] intersected with extra ``lower``/``upper`` [n] (None: none)."""
+    lo, hi = par.bounds()
+    if lower is not None:
+        lo = torch.maximum(lo, lower)
+    if upper is not None:
+        hi = torch.minimum(hi, upper)
+    return lo, hi
+
+
+class _Step(NamedTuple):
+    accepted: bool
+    x: torch.Tensor
+    loss: float
+    delta: Optional[torch.Tensor]
+    rho: float
+    mu: float
+    nu: float
+    evaluations: int
+
+
+def _damped_step(objective: Objective, x, act, lo, hi, L: float, g, H, mu: float, nu: float,
+                 max_damping: float) -> _Step:
+    """Solve (H + μ·diag H)δ = −g, project x + δ on the bounds, and raise μ (×ν, ν ← 2ν) until the loss falls or μ
+    exceeds ``max_damping``."""
+    evals = 0
+    while True:
+        d = torch.diagonal(H).clamp_min(1e-12 * float(torch.diagonal(H).abs().max()) + 1e-300)
+        try:
+            delta = torch.linalg.solve(H + mu * torch.diag(d), -g)
+        except RuntimeError:
+            delta = None
+        if delta is not None and bool(torch.isfinite(delta).all()):
+            xa = torch.maximum(torch.minimum(x[act] + delta, hi), lo)
+            delta = xa - x[act]
+            pred = -float(g @ delta + 0.5 * delta @ (H @ delta))
+            x_new = x.index_put((act,), xa)
+            L_new = objective.loss(x_new)
+            evals += 1
+            if math.isfinite(L_new) and L_new < L:
+                rho = (L - L_new) / pred if pred > 0 else 1.0
+                return _Step(True, x_new, L_new, delta, rho, mu, nu, evals)
+        mu, nu = mu * nu, nu * 2.0
+        if mu > max_damping:
+            return _Step(False, x, L, None, -1.0, mu, nu, evals)
+
+
+def _step_sigma(objective: Objective, H, delta, loss: float, k: int) -> float:
+    """Largest |δ|/σ of a step, σ from the normal matrix H in likelihood units."""
+    try:
+        var = torch.diagonal(torch.linalg.inv(H)).clamp_min(1e-300)
+        return float((delta.abs() / torch.sqrt(var * objective.likelihood_unit(loss, k))).max())
+    except RuntimeError:
+        return math.inf
+
+
 def levenberg_marquardt(
     objective: Objective,
     x0: torch.Tensor,
@@ -98,87 +154,52 @@ def levenberg_marquardt(
         lower, upper: extra bounds on x [n] (intersected with the parameterisation's), e.g. a trust region.
 
     Returns:
-        :class:`MinimizeResult`.
+        :class:`MinimizeResult` (``normal``: the active indices, H and the model at the final x).
     """
     t0 = time.perf_counter()
-    par = objective.par
-    active = list(range(par.n)) if active is None else list(active)
-    lo_all, hi_all = par.bounds()
-    if lower is not None:
-        lo_all = torch.maximum(lo_all, lower)
-    if upper is not None:
-        hi_all = torch.minimum(hi_all, upper)
+    active = list(range(objective.par.n)) if active is None else list(active)
+    lo_all, hi_all = clipped_bounds(objective.par, lower, upper)
     x = torch.maximum(torch.minimum(x0.detach().clone(), hi_all), lo_all)
-    history: List[dict] = []
     if not active:
         L = objective.loss(x)
-        return MinimizeResult(x, L, True, "nothing to refine", 0, 1, [dict(iteration=0, loss=L, step=0.0,
-                                                                           damping=0.0, accepted=True, seconds=0.0)])
+        return MinimizeResult(x, L, True, "nothing to refine", 0, 1,
+                              [dict(iteration=0, loss=L, step=0.0, damping=0.0, accepted=True, seconds=0.0)])
     act = torch.as_tensor(active, dtype=torch.long)
-    lo, hi = lo_all[act], hi_all[act]
+    lo, hi, k = lo_all[act], hi_all[act], len(active)
     L, g, H, m_now = objective.normal_equations(x, active)
-    evals = 1
     if not math.isfinite(L):
         raise ValueError("the starting model gives an infinite or NaN loss (a non-positive model where photons were "
                          "observed?): check the starting model, the background and the mask")
-    mu, nu = float(damping), 2.0
-    history.append(dict(iteration=0, loss=L, step=0.0, damping=mu, accepted=True, seconds=time.perf_counter() - t0))
-    if callback:
-        callback(history[-1])
+    history: List[dict] = []
+
+    def log(it, step, mu):
+        history.append(dict(iteration=it, loss=L, step=step, damping=mu, accepted=True,
+                            seconds=time.perf_counter() - t0))
+        if callback:
+            callback(history[-1])
+
+    mu, nu, evals, it = float(damping), 2.0, 1, 0
+    log(0, 0.0, mu)
     converged, message = False, f"reached max_iter = {max_iter}"
-    it = 0
-    unit = objective.likelihood_unit(L, len(active))
-    if gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi)) < ftol * unit:
+    if gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi)) < ftol * objective.likelihood_unit(L, k):
         converged, message = True, "converged at the start (Gauss–Newton decrement below ftol)"
     while not converged and it < max_iter:
         it += 1
-        accepted = False
-        while True:
-            d = torch.diagonal(H).clamp_min(1e-12 * float(torch.diagonal(H).abs().max()) + 1e-300)
-            A = H + mu * torch.diag(d)
-            try:
-                delta = torch.linalg.solve(A, -g)
-            except RuntimeError:
-                delta = None
-            if delta is not None and bool(torch.isfinite(delta).all()):
-                xa = torch.maximum(torch.minimum(x[act] + delta, hi), lo)
-                delta = xa - x[act]
-                pred = -float(g @ delta + 0.5 * delta @ (H @ delta))
-                x_new = x.index_put((act,), xa)
-                L_new = objective.loss(x_new)
-                evals += 1
-                rho = (L - L_new) / pred if pred > 0 else (-1.0 if L_new >= L else 1.0)
-                if math.isfinite(L_new) and L_new < L:
-                    accepted = True
-                    break
-            mu *= nu
-            nu *= 2.0
-            if mu > max_damping:
-                break
-        if not accepted:
-            unit = objective.likelihood_unit(L, len(active))
+        st = _damped_step(objective, x, act, lo, hi, L, g, H, mu, nu, max_damping)
+        evals += st.evaluations
+        if not st.accepted:
+            unit = objective.likelihood_unit(L, k)
             gn = gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi))
             converged = gn < 10 * ftol * unit
             message = ("converged (no downhill step; Gauss–Newton decrement {:.3g})".format(gn / unit) if converged
                        else f"stopped: damping above {max_damping:g} without a downhill step")
             break
-        decrease = L - L_new
-        # step size in standard errors (from the current normal matrix)
-        try:
-            var = torch.diagonal(torch.linalg.inv(H)).clamp_min(1e-300)
-            step_sig = float((delta.abs() / torch.sqrt(var * objective.likelihood_unit(L_new, len(active)))).max())
-        except RuntimeError:
-            step_sig = math.inf
-        x, L = x_new, L_new
-        mu = mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
-        nu = 2.0
+        decrease, step_sig = L - st.loss, _step_sigma(objective, H, st.delta, st.loss, k)
+        x, mu, nu = st.x, st.mu * max(1.0 / 3.0, 1.0 - (2.0 * st.rho - 1.0) ** 3), 2.0
         L, g, H, m_now = objective.normal_equations(x, active)
         evals += 1
-        history.append(dict(iteration=it, loss=L, step=step_sig, damping=mu, accepted=True,
-                            seconds=time.perf_counter() - t0))
-        if callback:
-            callback(history[-1])
-        unit = objective.likelihood_unit(L, len(active))
+        log(it, step_sig, mu)
+        unit = objective.likelihood_unit(L, k)
         gn = gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi))
         if gn < ftol * unit:
             converged, message = True, f"converged: Gauss–Newton decrement {gn / unit:.3g} < ftol = {ftol:g}"

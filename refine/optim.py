@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .lm import MinimizeResult
+from .lm import MinimizeResult, clipped_bounds
 from .targets import Objective
 
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
@@ -26,11 +26,7 @@ def _setup(objective: Objective, x0: torch.Tensor, active, lower=None, upper=Non
     par = objective.par
     active = list(range(par.n)) if active is None else list(active)
     act = torch.as_tensor(active, dtype=torch.long)
-    lo, hi = par.bounds()
-    if lower is not None:
-        lo = torch.maximum(lo, lower)
-    if upper is not None:
-        hi = torch.minimum(hi, upper)
+    lo, hi = clipped_bounds(par, lower, upper)
     x0 = torch.maximum(torch.minimum(x0.detach().clone(), hi), lo)
     typ = par.typical()[act]
     zlo, zhi = (lo[act] - x0[act]) / typ, (hi[act] - x0[act]) / typ
@@ -113,8 +109,9 @@ def lbfgs(
 ) -> MinimizeResult:
     """Minimise with ``torch.optim.LBFGS`` (strong-Wolfe line search), one quasi-Newton step per iteration.
 
-    Args as :func:`refine.lm.levenberg_marquardt` (``lower``/``upper``: extra bounds on x); ``history_size`` is L-BFGS' memory; ``patience`` the number of
-    iterations over which the improvement must stay below ``ftol`` to stop."""
+    Args as :func:`refine.lm.levenberg_marquardt` (``lower``/``upper``: extra bounds on x); ``history_size`` is
+    L-BFGS' memory; ``patience`` the number of iterations over which the improvement must stay below ``ftol`` to
+    stop."""
 
     def make(z):
         return torch.optim.LBFGS([z], lr=1.0, max_iter=1, max_eval=25, history_size=history_size,

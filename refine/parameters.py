@@ -1,53 +1,28 @@
 """Parameterisation: which parts of the model are free, as increments about a reference, packed in a flat vector.
 
-A :class:`Parameterisation` is built from a reference model (``Params`` + ``Setup``) and a list of free *groups*.  Its
-flat vector ``x`` holds **increments** about the reference, so a fit starts at ``x = 0`` and every entry is well
-scaled.  The units of ``x`` (what a minimiser sees) are, per group:
+A :class:`Parameterisation` (frozen) is built by :func:`parameterise` from a reference model (``Params`` + ``Setup``)
+and a list of free groups, sub-groups or scalar names.  Its flat vector ``x`` holds **increments** about the
+reference, so a fit starts at ``x = 0`` and every entry is well scaled.  What each entry means — the leaf it moves,
+its transform, the units of x and of the reported value, its typical error — is the scalar's entry in
+:data:`refine.table.SCALARS`; :meth:`~Parameterisation.pack`, :meth:`~Parameterisation.unpack`, bounds, priors and
+reports are all derived from those entries.  Only the orientation (small rotations about the lab axes,
+U = Φz·Φy·Φx·U_ref) and the tied cell values of a crystal system (:mod:`refine.cells`) have code of their own.
 
-=====================  ===============================  ==================================================================
-group                  scalars (names)                  meaning of x
-=====================  ===============================  ==================================================================
-``cell``               ``cell.a`` … ``cell.gamma``      increments of the free cell values (Å, degrees); which ones are
-                       (subset per crystal system)      free depends on the crystal system (see :data:`CRYSTAL_SYSTEMS`)
-``orientation``        ``orientation.x/.y/.z``          small rotations (mrad) about the lab x, y, z axes:
-                                                        U = Φz·Φy·Φx·U_ref (DIALS' U = Φ3·Φ2·Φ1·U0)
-``distance``           ``distance``                     shift (mm) of ``detector.distance``
-``beam_center``        ``beam_center.x/.y``             shifts (mm) of the beam centre (converted to pixels for XDS/DIALS,
-                                                        whose ``beam_center`` is ORGX/ORGY in pixels)
-``detector_rotation``  ``detector_rotation.x/.y/.z``    tilts (mrad) added to ``-detector_rotx/y/z``
-``twotheta``           ``twotheta``                     tilt (mrad) added to ``-twotheta``
-``wavelength``         ``wavelength``                   ln(λ/λ_ref)
-``ncells``             ``ncells`` or ``ncells.a/.b/.c`` ln(N/N_ref) (one isotropic scalar or three)
-``mosaic``             ``mosaic``                       ln(spread/spread_ref)
-``scale``              ``scale``                        ln(s), fluence = s·fluence_ref
-``background``         ``background.constant``,         refine-owned background added to the model image (photons/pixel):
-                       ``background.fast``,             b = c0 + c_f·u + c_s·v with u, v ∈ [−½, ½] the fast/slow pixel
-                       ``background.slow``,             coordinates across the detector; ``background.water`` =
-                       ``background.water``             ln of the water-scattering intensity scale
-                                                        (water_size = w_ref·exp(x/3)); present when the reference has
-                                                        ``water_size`` > 0
-=====================  ===============================  ==================================================================
+Reported ("user") values: a linear scalar reports ``ref + scale·x`` and a log scalar ``ref·exp(scale·x)`` with ``ref``
+its leaf's reference value (cell in Å/deg, distance and beam centre in mm, tilts in degrees, λ in Å, N, mosaic
+spread in degrees, water size in µm, background in photons/pixel); orientation increments are reported in mrad and
+the scale as fluence/fluence_ref.  Bounds and Gaussian priors are given in reported units and mapped onto ``x``.
 
-Sub-groups select parts of a group: ``background.constant`` (c0 only), ``background.plane`` (c0, c_f, c_s),
-``background.water``; single scalars may also be named directly (``cell.a``, ``orientation.z``, ``ncells.c`` …).
-
-Each scalar has a *user value* (what a result reports): linear scalars ``u = ref + factor·x`` (cell in Å/deg,
-orientation increments in mrad, distance in mm, beam centre in mm or px, tilts in degrees, background in photons),
-log scalars ``u = ref·exp(factor·x)`` (λ in Å, N, mosaic spread in degrees, scale, water size in µm).  Bounds and
-Gaussian priors are given in user units and mapped onto ``x``.
-
-Orientation (choice documented here): while the orientation is free, :meth:`Parameterisation.unpack` returns
-``crystal.orientation = Φ(x)·XYZ(misset_ref)·U_ref`` and ``crystal.misset = 0``, which ``simulate`` turns into the same
-rotation.  The refined model is written back as nanoBragg flags by :mod:`refine.result`: ``-cell`` models as
-``-misset`` = the XYZ decomposition of the total rotation, ``-mat`` models as a new MOSFLM matrix.
-
-``pack`` and ``unpack`` are pure functions of their arguments and the (frozen) parameterisation; ``unpack`` is
-differentiable, so ``torch.func.jacfwd(lambda x: simulate(par.unpack(x), setup))(x)`` works.
+While the orientation is free, ``unpack`` returns ``crystal.orientation = Φ(x)·XYZ(misset_ref)·U_ref`` and
+``crystal.misset = 0``, which ``simulate`` turns into the same rotation.  ``pack`` and ``unpack`` are pure;
+``unpack`` is differentiable, so ``torch.func.jacfwd(lambda x: simulate(par.unpack(x), setup))(x)`` works.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -55,77 +30,45 @@ import torch
 from nbtorch.rotation import rot_xyz, xyz_angles  # noqa: F401  (xyz_angles re-exported)
 from nbtorch.simulate import crystal_rotation
 from nbtorch.types import Params, Setup
-from nbtorch.units import DEG_PER_MRAD, mrad2rad, rad2mrad
+from nbtorch.units import mrad2rad, rad2mrad
 
-GROUPS = (
-    "cell", "orientation", "distance", "beam_center", "detector_rotation", "twotheta", "wavelength", "ncells",
-    "mosaic", "scale", "background",
-)
-#: Groups refined by default (:func:`refine.fit`).
-DEFAULT_FREE = ("cell", "orientation", "distance", "beam_center", "scale")
+from .cells import CELL_ROWS, CRYSTAL_SYSTEMS, resolve_crystal_system, symmetrize_cell  # noqa: F401
+from .table import DEFAULT_FREE, GROUPS, SCALARS, SUBGROUPS, ScalarSpec  # noqa: F401
 
-#: Crystal systems → the free cell values; the others are tied (b = a, …) or fixed (90°, 120°).
-CRYSTAL_SYSTEMS = {
-    "cubic": ("a",),
-    "tetragonal": ("a", "c"),
-    "orthorhombic": ("a", "b", "c"),
-    "hexagonal": ("a", "c"),
-    "monoclinic": ("a", "b", "c", "beta"),
-    "triclinic": ("a", "b", "c", "alpha", "beta", "gamma"),
-}
-_CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
-# rows of the 6-vector each free cell value drives, per system
-_CELL_ROWS = {
-    "cubic": {"a": (0, 1, 2)},
-    "tetragonal": {"a": (0, 1), "c": (2,)},
-    "orthorhombic": {"a": (0,), "b": (1,), "c": (2,)},
-    "hexagonal": {"a": (0, 1), "c": (2,)},
-    "monoclinic": {"a": (0,), "b": (1,), "c": (2,), "beta": (4,)},
-    "triclinic": {"a": (0,), "b": (1,), "c": (2,), "alpha": (3,), "beta": (4,), "gamma": (5,)},
-}
-_FIXED_ANGLES = {
-    "cubic": (90.0, 90.0, 90.0), "tetragonal": (90.0, 90.0, 90.0), "orthorhombic": (90.0, 90.0, 90.0),
-    "hexagonal": (90.0, 90.0, 120.0), "monoclinic": (90.0, None, 90.0), "triclinic": (None, None, None),
-}
-_SUBGROUPS = {
-    "background.constant": ("background.constant",),
-    "background.plane": ("background.constant", "background.fast", "background.slow"),
-    "background.water": ("background.water",),
-    "water": ("background.water",),
-}
-MRAD_TO_DEG = DEG_PER_MRAD
+#: Log scalars stay within e^±LOG_RANGE of their reference by default.
+LOG_RANGE = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Scalar:
-    """One free scalar of the flat vector.
+    """One free scalar of the flat vector: its description ``spec`` (:class:`refine.table.ScalarSpec`) and, about
+    the reference model, ``ref`` (the reported value at x = 0), ``typical`` (a typical error of x, x units),
+    ``lower``/``upper`` (bounds on x, ±inf when none) and ``prior`` ((mean, sigma) in reported units, or None)."""
 
-    ``name`` (e.g. ``"cell.a"``), ``group`` (one of :data:`GROUPS`), ``kind`` ('linear' or 'log'), ``ref`` and
-    ``factor`` (user value ``ref + factor·x`` or ``ref·exp(factor·x)``), ``unit`` (user unit), ``x_unit`` (unit of the
-    increment), ``typical`` (a typical error of x, used to scale gradient-based optimisers), ``lower``/``upper``
-    (bounds on x, ±inf when none), ``prior`` ((mean, sigma) in user units, or None).
-    """
-
-    name: str
-    group: str
-    kind: str
+    spec: ScalarSpec
     ref: float
-    factor: float
-    unit: str
-    x_unit: str
     typical: float
     lower: float = -math.inf
     upper: float = math.inf
     prior: Optional[Tuple[float, float]] = None
 
-    def value(self, x: torch.Tensor) -> torch.Tensor:
-        """User value of increment ``x`` (tensor, any shape)."""
+    name = property(lambda self: self.spec.name, doc="Scalar name, e.g. 'cell.a'.")
+    group = property(lambda self: self.spec.group, doc="Its group.")
+    unit = property(lambda self: self.spec.unit, doc="Unit of the reported value.")
+    x_unit = property(lambda self: self.spec.x_unit, doc="Unit of the increment.")
+    kind = property(lambda self: "log" if self.spec.transform == "log" else "linear",
+                    doc="'log' (value = ref·exp(factor·x)) or 'linear' (value = ref + factor·x).")
+    factor = property(lambda self: self.spec.scale if self.spec.transform in ("linear", "log") else 1.0,
+                      doc="Reported units per increment unit (linear) or per ln-unit (log).")
+
+    def value(self, x):
+        """Reported value of increment ``x`` (tensor, any shape)."""
         if self.kind == "log":
             return self.ref * torch.exp(self.factor * x)
         return self.ref + self.factor * x
 
     def to_x(self, u: float) -> float:
-        """Increment giving user value ``u`` (inverse of :meth:`value`)."""
+        """Increment giving reported value ``u`` (inverse of :meth:`value`; -inf for a log value 0, NaN below)."""
         if self.kind == "log":
             if not u > 0:
                 return -math.inf if u == 0 else math.nan
@@ -133,7 +76,7 @@ class Scalar:
         return (u - self.ref) / self.factor
 
     def dvalue_dx(self, x: float) -> float:
-        """Derivative of the user value with respect to the increment at ``x``."""
+        """Derivative of the reported value with respect to the increment at ``x``."""
         if self.kind == "log":
             return self.ref * self.factor * math.exp(self.factor * x)
         return self.factor
@@ -144,93 +87,75 @@ def total_rotation(params: Params) -> torch.Tensor:
     return crystal_rotation(params.crystal)
 
 
-def symmetrize_cell(cell: Sequence[float], system: str, tol_length: float = 0.02, tol_angle: float = 1.0):
-    """The reference cell (a, b, c Å; α, β, γ deg) made exactly ``system``-symmetric (tied lengths averaged, fixed
-    angles set).  ``ValueError`` if it deviates from the system by more than ``tol_length`` (relative) or
-    ``tol_angle`` (degrees)."""
-    if system not in CRYSTAL_SYSTEMS:
-        raise ValueError(f"crystal_system must be one of {', '.join(CRYSTAL_SYSTEMS)}; got {system!r}")
-    cell = [float(v) for v in cell]
-    out = list(cell)
-    for name, rows in _CELL_ROWS[system].items():
-        vals = [cell[r] for r in rows]
-        mean = sum(vals) / len(vals)
-        if rows[0] < 3 and max(abs(v - mean) for v in vals) > tol_length * mean:
-            raise ValueError(
-                f"cell {cell} is not {system}: lengths {[('abc')[r] for r in rows]} differ by more than "
-                f"{tol_length:.0%}; choose another crystal_system"
-            )
-        for r in rows:
-            out[r] = mean
-    for k, fixed in enumerate(_FIXED_ANGLES[system]):
-        if fixed is not None:
-            if abs(cell[3 + k] - fixed) > tol_angle:
-                raise ValueError(
-                    f"cell {cell} is not {system}: {('alpha', 'beta', 'gamma')[k]} = {cell[3 + k]:g} deg should be "
-                    f"{fixed:g}; choose another crystal_system"
-                )
-            out[3 + k] = fixed
-    if system == "cubic":
-        out[0] = out[1] = out[2] = sum(cell[:3]) / 3.0
-    return out
+def get_leaf(params: Params, path: str) -> torch.Tensor:
+    """The leaf of ``params`` at a dotted path such as ``"detector.beam_center"``."""
+    obj = params
+    for a in path.split("."):
+        obj = getattr(obj, a)
+    return obj
 
 
-def _expand_free(free: Iterable[str]) -> List[str]:
-    """Group/sub-group/scalar names → the ordered list of requested scalar names (validated)."""
-    if isinstance(free, str):
-        free = [f for f in free.replace(",", " ").split() if f]
-    wanted: List[str] = []
-    for f in free:
-        f = f.strip()
-        if f in GROUPS:
-            wanted.append(f)
-        elif f in _SUBGROUPS:
-            wanted.extend(_SUBGROUPS[f])
-        elif "." in f and f.split(".")[0] in GROUPS:
-            wanted.append(f)
-        else:
-            raise ValueError(
-                f"unknown parameter group {f!r}; allowed: {', '.join(GROUPS)} (sub-groups: "
-                f"{', '.join(_SUBGROUPS)}; or single scalars such as cell.a, orientation.z, ncells.c)"
-            )
-    return wanted
+def set_leaf(params, path: str, value):
+    """``params`` with the leaf at the dotted ``path`` replaced by ``value`` (pure)."""
+    head, _, rest = path.partition(".")
+    return params._replace(**{head: set_leaf(getattr(params, head), rest, value) if rest else value})
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class Parameterisation:
-    """Free scalars about a reference model; ``pack``/``unpack`` between a flat vector and :class:`Params`.
+    """Free scalars about a reference model; ``pack``/``unpack`` between a flat vector x [n] and :class:`Params`.
 
-    Build with :func:`parameterise`.  Attributes: ``ref`` (reference Params), ``setup``, ``scalars``
-    (list of :class:`Scalar`), ``names``, ``n`` (length of x), ``crystal_system``, ``background_ref`` (reference
-    plane coefficients [3], photons/pixel).
+    Build with :func:`parameterise`.  Fields: ``ref`` (reference Params), ``setup``, ``scalars`` (tuple of
+    :class:`Scalar`), ``crystal_system`` (and ``crystal_system_note`` when it was chosen automatically),
+    ``cell_base`` [6] (the reference cell made exactly symmetric), ``cell_rows`` (free cell value → rows it drives),
+    ``R0`` [3, 3] (reference crystal rotation), ``background_ref`` [3] (reference plane, photons/pixel),
+    ``ncells_iso``.
     """
 
-    def __init__(self, ref: Params, setup: Setup, scalars: List[Scalar], crystal_system: str, cell_base,
-                 cell_rows: Dict[str, Tuple[int, ...]], R0: torch.Tensor, background_ref: torch.Tensor,
-                 ncells_iso: bool):
-        self.ref = ref
-        self.setup = setup
-        self.scalars = scalars
-        self.names = [s.name for s in scalars]
-        self.n = len(scalars)
-        self.crystal_system = crystal_system
-        self.cell_base = cell_base  # [6] tensor
-        self.cell_rows = cell_rows
-        self.R0 = R0
-        self.background_ref = background_ref
-        self.ncells_iso = ncells_iso
-        self._slot = {s.name: i for i, s in enumerate(scalars)}
-        like = ref.crystal.cell
-        # cell = cell_base + M·x[cell slots]: M [6, k] maps each free cell value onto the rows it drives
-        self._cell_slots = [self._slot[f"cell.{nm}"] for nm in cell_rows]
-        M = torch.zeros(6, len(cell_rows), dtype=like.dtype, device=like.device)
-        for j, rows in enumerate(cell_rows.values()):
-            M[list(rows), j] = 1.0
-        self._cell_M = M
-        self._log = torch.tensor([s.kind == "log" for s in scalars], device=like.device)
-        self._refv = torch.tensor([s.ref for s in scalars], dtype=like.dtype, device=like.device)
-        self._fac = torch.tensor([s.factor for s in scalars], dtype=like.dtype, device=like.device)
+    ref: Params
+    setup: Setup
+    scalars: Tuple[Scalar, ...]
+    crystal_system: str
+    cell_base: torch.Tensor
+    cell_rows: Mapping[str, Tuple[int, ...]]
+    R0: torch.Tensor
+    background_ref: torch.Tensor
+    ncells_iso: bool
+    crystal_system_note: str = ""
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ derived
+    @functools.cached_property
+    def _slot(self) -> Dict[str, int]:
+        return {s.name: i for i, s in enumerate(self.scalars)}
+
+    @functools.cached_property
+    def _leaves(self) -> Dict[str, List[Tuple[int, Scalar]]]:
+        """Leaf path → its (slot, scalar) pairs, for the linear and log scalars (the table-driven ones)."""
+        out: Dict[str, List[Tuple[int, Scalar]]] = {}
+        for i, s in enumerate(self.scalars):
+            if s.spec.transform in ("linear", "log"):
+                out.setdefault(s.spec.leaf, []).append((i, s))
+        return out
+
+    @functools.cached_property
+    def _cell_map(self) -> Tuple[List[int], torch.Tensor]:
+        """(slots of the free cell values, M [6, k]): cell = cell_base + M·x[slots] (tied rows move together)."""
+        slots = [self._slot[f"cell.{nm}"] for nm in self.cell_rows]
+        M = torch.zeros(6, len(slots), dtype=self.dtype, device=self.device)
+        for j, rows in enumerate(self.cell_rows.values()):
+            M[list(rows), j] = 1.0
+        return slots, M
+
+    @property
+    def names(self) -> List[str]:
+        """Names of the free scalars, in the order of x."""
+        return [s.name for s in self.scalars]
+
+    @property
+    def n(self) -> int:
+        """Length of x."""
+        return len(self.scalars)
+
     @property
     def dtype(self):
         return self.ref.crystal.cell.dtype
@@ -248,168 +173,230 @@ class Parameterisation:
         """Positions in x of a scalar name or of every scalar of a group / sub-group."""
         if name_or_group in self._slot:
             return [self._slot[name_or_group]]
-        if name_or_group in _SUBGROUPS:
-            return [self._slot[n] for n in _SUBGROUPS[name_or_group] if n in self._slot]
+        if name_or_group in SUBGROUPS:
+            return [self._slot[n] for n in SUBGROUPS[name_or_group] if n in self._slot]
         return [i for i, s in enumerate(self.scalars) if s.group == name_or_group]
-
-    def _take(self, x: torch.Tensor, names: Sequence[str]) -> List[Optional[torch.Tensor]]:
-        return [x[..., self._slot[n]] if n in self._slot else None for n in names]
 
     def zeros(self) -> torch.Tensor:
         """The reference point x = 0 ([n], the reference dtype/device)."""
         return torch.zeros(self.n, dtype=self.dtype, device=self.device)
 
+    def _vector(self, values) -> torch.Tensor:
+        return torch.tensor(list(values), dtype=self.dtype, device=self.device)
+
     def bounds(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Lower and upper bounds on x ([n] each; ±inf where none)."""
-        lo = torch.tensor([s.lower for s in self.scalars], dtype=self.dtype, device=self.device)
-        hi = torch.tensor([s.upper for s in self.scalars], dtype=self.dtype, device=self.device)
-        return lo, hi
+        return self._vector(s.lower for s in self.scalars), self._vector(s.upper for s in self.scalars)
 
     def typical(self) -> torch.Tensor:
-        """Typical error of each entry of x ([n]): used to precondition gradient-based optimisers."""
-        return torch.tensor([s.typical for s in self.scalars], dtype=self.dtype, device=self.device)
+        """Typical error of each entry of x ([n], x units): preconditions gradient optimisers, sizes trust regions."""
+        return self._vector(s.typical for s in self.scalars)
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
-        """User values of every free scalar ([n]); differentiable."""
-        return torch.where(self._log, self._refv * torch.exp(self._fac * x), self._refv + self._fac * x)
-
-    # ------------------------------------------------------------------ unpack
-    def unpack(self, x: torch.Tensor) -> Params:
-        """Flat increments ``x`` [n] → :class:`Params` (pure, differentiable; works under ``torch.func``)."""
-        ref = self.ref
-        c, b, d, bg = ref.crystal, ref.beam, ref.detector, ref.background
-        # cell
-        cell = c.cell
-        if self.cell_rows:
-            cell = self.cell_base + x[..., self._cell_slots] @ self._cell_M.T
-        # orientation
-        misset, orientation = c.misset, c.orientation
-        ox = self._take(x, ("orientation.x", "orientation.y", "orientation.z"))
-        if any(v is not None for v in ox):
-            zero = x.new_zeros(x.shape[:-1])
-            ang = mrad2rad(torch.stack([v if v is not None else zero for v in ox], -1))
-            orientation = rot_xyz(ang) @ self.R0
-            misset = torch.zeros_like(c.misset)
-        # ncells
-        ncells = c.ncells
-        if self.ncells_iso and "ncells" in self._slot:
-            ncells = c.ncells * torch.exp(x[..., self._slot["ncells"]])[..., None]
-        else:
-            nx = self._take(x, ("ncells.a", "ncells.b", "ncells.c"))
-            if any(v is not None for v in nx):
-                zero = x.new_zeros(x.shape[:-1])
-                ncells = c.ncells * torch.exp(torch.stack([v if v is not None else zero for v in nx], -1))
-        mosaic = c.mosaic_spread
-        if "mosaic" in self._slot:
-            mosaic = c.mosaic_spread * torch.exp(x[..., self._slot["mosaic"]])
-        crystal = c._replace(cell=cell, misset=misset, orientation=orientation, ncells=ncells, mosaic_spread=mosaic)
-        # beam
-        wavelength, fluence = b.wavelength, b.fluence
-        if "wavelength" in self._slot:
-            wavelength = b.wavelength * torch.exp(x[..., self._slot["wavelength"]])
-        if "scale" in self._slot:
-            fluence = b.fluence * torch.exp(x[..., self._slot["scale"]])
-        beam = b._replace(wavelength=wavelength, fluence=fluence)
-        # detector
-        distance = d.distance
-        if "distance" in self._slot:
-            distance = d.distance + x[..., self._slot["distance"]]
-        bc = d.beam_center
-        bx = self._take(x, ("beam_center.x", "beam_center.y"))
-        if any(v is not None for v in bx):
-            zero = x.new_zeros(x.shape[:-1])
-            shift = torch.stack([v if v is not None else zero for v in bx], -1)
-            bc = d.beam_center + shift * self._bc_factor()
-        rot = d.rotation
-        rx = self._take(x, ("detector_rotation.x", "detector_rotation.y", "detector_rotation.z"))
-        if any(v is not None for v in rx):
-            zero = x.new_zeros(x.shape[:-1])
-            rot = d.rotation + torch.stack([v if v is not None else zero for v in rx], -1) * MRAD_TO_DEG
-        tt = d.twotheta
-        if "twotheta" in self._slot:
-            tt = d.twotheta + x[..., self._slot["twotheta"]] * MRAD_TO_DEG
-        detector = d._replace(distance=distance, beam_center=bc, rotation=rot, twotheta=tt)
-        water = bg.water_size
-        if "background.water" in self._slot:
-            water = bg.water_size * torch.exp(x[..., self._slot["background.water"]] / 3.0)
-        return Params(crystal, beam, detector, ref.structure, bg._replace(water_size=water))
-
-    def _bc_factor(self) -> float:
-        """User beam-centre units per mm: 1 (mm conventions) or 1/pixel (XDS/DIALS ORGX/ORGY in pixels)."""
-        return 1.0 / self.setup.pixel_size if self.setup.convention in ("XDS", "DIALS") else 1.0
-
-    def plane(self, x: torch.Tensor) -> torch.Tensor:
-        """Refine-owned background coefficients (c0, c_fast, c_slow) [3] (photons/pixel) at ``x``."""
-        parts = self._take(x, ("background.constant", "background.fast", "background.slow"))
-        out = []
-        for k, v in enumerate(parts):
-            out.append(self.background_ref[k] + v if v is not None else self.background_ref[k].expand(x.shape[:-1]))
-        return torch.stack(out, -1)
+        """Reported values of every free scalar at ``x`` ([..., n]); differentiable."""
+        if not self.scalars:
+            return x
+        return torch.stack([s.value(x[..., i]) for i, s in enumerate(self.scalars)], -1)
 
     def has_plane(self) -> bool:
         """True when the background plane is non-zero or free (so it must be added to the model)."""
-        return bool((self.background_ref != 0).any()) or any(
-            n in self._slot for n in ("background.constant", "background.fast", "background.slow"))
+        return bool((self.background_ref != 0).any()) or "plane" in self._leaves
+
+    # ------------------------------------------------------------------ unpack
+    def _leaf(self, x: torch.Tensor, items: List[Tuple[int, Scalar]], ref: torch.Tensor) -> torch.Tensor:
+        """A linear/log leaf at x: ref + inc or ref·exp(inc), inc from the entries that move it."""
+        if ref.dim() == 0 or items[0][1].spec.index is None:
+            (slot, s), = items
+            inc = s.spec.scale * x[..., slot]
+            inc = inc[..., None] if ref.dim() else inc
+        else:
+            comps = [x.new_zeros(x.shape[:-1])] * ref.shape[-1]
+            for slot, s in items:
+                comps[s.spec.index] = s.spec.scale * x[..., slot]
+            inc = torch.stack(comps, -1)
+        return ref * torch.exp(inc) if items[0][1].spec.transform == "log" else ref + inc
+
+    def _rotations(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Orientation increments (rad) [..., 3] about lab x, y, z, or None when the orientation is fixed."""
+        slots = {s.spec.index: i for i, s in enumerate(self.scalars) if s.spec.transform == "rotation"}
+        if not slots:
+            return None
+        zero = x.new_zeros(x.shape[:-1])
+        return mrad2rad(torch.stack([x[..., slots[k]] if k in slots else zero for k in range(3)], -1))
+
+    def unpack(self, x: torch.Tensor) -> Params:
+        """Flat increments ``x`` [n] → :class:`Params` (pure, differentiable; works under ``torch.func``)."""
+        p = self.ref
+        if self.cell_rows:
+            slots, M = self._cell_map
+            p = set_leaf(p, "crystal.cell", self.cell_base + x[..., slots] @ M.T)
+        ang = self._rotations(x)
+        if ang is not None:
+            p = set_leaf(p, "crystal.orientation", rot_xyz(ang) @ self.R0)
+            p = set_leaf(p, "crystal.misset", torch.zeros_like(self.ref.crystal.misset))
+        for leaf, items in self._leaves.items():
+            if leaf != "plane":
+                p = set_leaf(p, leaf, self._leaf(x, items, get_leaf(self.ref, leaf)))
+        return p
+
+    def plane(self, x: torch.Tensor) -> torch.Tensor:
+        """Refine-owned background coefficients (c0, c_fast, c_slow) [..., 3] (photons/pixel) at ``x``."""
+        items = self._leaves.get("plane")
+        if not items:
+            return self.background_ref.expand(*x.shape[:-1], 3)
+        return self._leaf(x, items, self.background_ref)
 
     # ------------------------------------------------------------------ pack
-    def pack(self, params: Params, plane: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:class:`Params` (and optional plane coefficients [3]) → increments x [n] about the reference (pure).
+    def _pack_one(self, s: Scalar, params: Params, plane, R) -> torch.Tensor:
+        sp = s.spec
+        if sp.transform == "cell":
+            row = self.cell_rows[sp.name[len("cell."):]][0]
+            return params.crystal.cell[row] - self.cell_base[row]
+        if sp.transform == "rotation":
+            return R[sp.index]
+        if sp.leaf == "plane":
+            cur, ref = torch.as_tensor(plane, dtype=self.dtype, device=self.device), self.background_ref
+        else:
+            cur, ref = get_leaf(params, sp.leaf), get_leaf(self.ref, sp.leaf)
+        if sp.index is not None:
+            cur, ref = cur[..., sp.index], ref[..., sp.index]
+        v = torch.log(cur / ref) if sp.transform == "log" else cur - ref
+        return (v.mean(-1) if v.dim() else v) / sp.scale
 
-        Inverse of :meth:`unpack` for models of the parameterised family (fixed parts equal to the reference)."""
-        ref = self.ref
-        out = []
-        R = None
-        for s in self.scalars:
-            g, name = s.group, s.name
-            if g == "cell":
-                key = name.split(".")[1]
-                row = self.cell_rows[key][0]
-                out.append(params.crystal.cell[row] - self.cell_base[row])
-            elif g == "orientation":
-                if R is None:
-                    R = rad2mrad(xyz_angles(total_rotation(params) @ self.R0.transpose(-1, -2)))
-                out.append(R["xyz".index(name[-1])])
-            elif name == "distance":
-                out.append(params.detector.distance - ref.detector.distance)
-            elif g == "beam_center":
-                k = "xy".index(name[-1])
-                out.append((params.detector.beam_center[k] - ref.detector.beam_center[k]) / self._bc_factor())
-            elif g == "detector_rotation":
-                k = "xyz".index(name[-1])
-                out.append((params.detector.rotation[k] - ref.detector.rotation[k]) / MRAD_TO_DEG)
-            elif name == "twotheta":
-                out.append((params.detector.twotheta - ref.detector.twotheta) / MRAD_TO_DEG)
-            elif name == "wavelength":
-                out.append(torch.log(params.beam.wavelength / ref.beam.wavelength))
-            elif name == "ncells":
-                out.append(torch.log(params.crystal.ncells / ref.crystal.ncells).mean())
-            elif g == "ncells":
-                k = "abc".index(name[-1])
-                out.append(torch.log(params.crystal.ncells[k] / ref.crystal.ncells[k]))
-            elif name == "mosaic":
-                out.append(torch.log(params.crystal.mosaic_spread / ref.crystal.mosaic_spread))
-            elif name == "scale":
-                out.append(torch.log(params.beam.fluence / ref.beam.fluence))
-            elif name == "background.water":
-                out.append(3.0 * torch.log(params.background.water_size / ref.background.water_size))
-            elif g == "background":
-                k = ("background.constant", "background.fast", "background.slow").index(name)
-                pl = self.background_ref if plane is None else torch.as_tensor(plane, dtype=self.dtype)
-                out.append(pl[k] - self.background_ref[k])
-            else:  # pragma: no cover - names are validated at construction
-                raise ValueError(f"unknown scalar {name}")
-        if not out:
+    def pack(self, params: Params, plane: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:class:`Params` (and optional plane coefficients [3], photons/pixel) → increments x [n] about the reference
+        (pure).  Inverse of :meth:`unpack` for models of the parameterised family (fixed parts equal to the
+        reference)."""
+        if not self.scalars:
             return self.zeros()
+        plane = self.background_ref if plane is None else plane
+        R = None
+        if any(s.spec.transform == "rotation" for s in self.scalars):
+            R = rad2mrad(xyz_angles(total_rotation(params) @ self.R0.transpose(-1, -2)))
+        out = [self._pack_one(s, params, plane, R) for s in self.scalars]
         return torch.stack([torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in out])
 
     def describe(self) -> str:
-        """One line per free scalar: name, user unit, increment unit, bounds, prior."""
+        """One line per free scalar: name, transform, reference value and unit, increment unit, nanoBragg flags,
+        bounds, prior."""
         lines = []
         for s in self.scalars:
             b = "" if (s.lower == -math.inf and s.upper == math.inf) else f" x∈[{s.lower:g}, {s.upper:g}]"
             p = "" if s.prior is None else f" prior {s.prior[0]:g}±{s.prior[1]:g} {s.unit}"
-            lines.append(f"{s.name:24s} {s.kind:6s} ref {s.ref:.6g} {s.unit} (x in {s.x_unit}){b}{p}")
+            flags = "/".join(s.spec.flags) or "-"
+            lines.append(f"{s.name:24s} {s.spec.transform:8s} ref {s.ref:.6g} {s.unit} (x in {s.x_unit}) "
+                         f"{flags}{b}{p}")
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building a parameterisation
+
+#: Scalars a model must support to be refined: name → (test on (params, setup), what to give otherwise).
+REQUIRES = {
+    "mosaic": (lambda p, s: s.n_domains >= 2 and float(p.crystal.mosaic_spread) > 0,
+               "mosaic can only be refined when the starting model has a mosaic spread > 0 and at least 2 mosaic "
+               "domains (-mosaic S -mosaic_domains M)"),
+    "background.water": (lambda p, s: float(p.background.water_size) > 0,
+                         "background.water needs a starting water_size > 0 (-water SIZE_um)"),
+}
+
+
+def expand_free(free: Iterable[str]) -> List[str]:
+    """Groups, sub-groups and scalar names (a list, or one string split on commas/spaces) → the requested group and
+    scalar names (sub-groups expanded), validated."""
+    if isinstance(free, str):
+        free = free.replace(",", " ").split()
+    wanted: List[str] = []
+    for f in (str(f).strip() for f in free):
+        if f in GROUPS or ("." in f and f.split(".")[0] in GROUPS and f not in SUBGROUPS):
+            wanted.append(f)
+        elif f in SUBGROUPS:
+            wanted.extend(SUBGROUPS[f])
+        else:
+            raise ValueError(
+                f"unknown parameter group {f!r}; allowed: {', '.join(GROUPS)} (sub-groups: {', '.join(SUBGROUPS)}; "
+                "or single scalars such as cell.a, orientation.z, ncells.c)")
+    return wanted
+
+
+def _selected(spec: ScalarSpec, wanted: Sequence[str], system: str, ncells_iso: bool, has_water: bool) -> bool:
+    """Whether ``spec`` is free given the requested names."""
+    if spec.group == "cell":
+        return spec.name[len("cell."):] in CRYSTAL_SYSTEMS[system] and ("cell" in wanted or spec.name in wanted)
+    if spec.group == "ncells":
+        return (spec.name == "ncells") == ncells_iso and ("ncells" in wanted or spec.name in wanted)
+    if spec.name == "background.water":
+        return spec.name in wanted or ("background" in wanted and has_water)
+    return spec.group in wanted or spec.name in wanted
+
+
+def _check_names(wanted: Sequence[str], system: str, ncells_iso: bool) -> None:
+    """ValueError for scalar names that this parameterisation cannot free."""
+    known = {s.name for s in SCALARS}
+    for w in wanted:
+        if w.startswith("cell.") and w[5:] not in CRYSTAL_SYSTEMS[system]:
+            raise ValueError(f"{w} is not a free cell value of a {system} cell "
+                             f"(free: {', '.join(CRYSTAL_SYSTEMS[system])})")
+        if w.startswith("ncells.") and ncells_iso:
+            raise ValueError("ncells.a/.b/.c need ncells_mode='anisotropic'")
+        if "." in w and w not in known:
+            raise ValueError(f"unknown parameter {w!r}; scalars: {', '.join(sorted(known))}")
+
+
+def _reference_value(spec: ScalarSpec, params: Params, cell_base, plane_ref) -> float:
+    """The reported value of ``spec`` at x = 0."""
+    if spec.transform == "rotation":
+        return 0.0
+    if spec.relative:
+        return 1.0
+    if spec.transform == "cell":
+        return float(cell_base[spec.index])
+    leaf = plane_ref if spec.leaf == "plane" else get_leaf(params, spec.leaf)
+    return float(leaf.reshape(-1)[spec.index or 0])
+
+
+def _make_scalar(spec: ScalarSpec, params: Params, setup: Setup, cell_base, plane_ref) -> Scalar:
+    """A :class:`Scalar` about the reference, with the entry's typical error and default bounds in x."""
+    ref = _reference_value(spec, params, cell_base, plane_ref)
+    per = {"": 1.0, "ref": abs(ref), "pixel": setup.pixel_size}[spec.typical_per]
+    s = Scalar(spec, ref, spec.typical * per)
+    lo, hi = -math.inf, math.inf
+    if spec.transform == "log":
+        lo, hi = -LOG_RANGE / s.factor, LOG_RANGE / s.factor
+    if spec.lower is not None:
+        lo = max(lo, min(0.0, s.to_x(spec.lower)))
+    return dataclasses.replace(s, lower=lo, upper=hi)
+
+
+def _targets(scalars: Sequence[Scalar], key: str, what: str) -> List[int]:
+    """Indices of the scalars a bounds/priors key names (scalar, group or sub-group)."""
+    hits = [i for i, s in enumerate(scalars)
+            if key in (s.name, s.group) or (key in SUBGROUPS and s.name in SUBGROUPS[key])]
+    if not hits:
+        raise ValueError(f"{what} given for {key!r}, which is not a free scalar or group "
+                         f"(free: {', '.join(s.name for s in scalars) or 'none'})")
+    return hits
+
+
+def _constrain(scalars: List[Scalar], bounds, priors) -> List[Scalar]:
+    """Scalars with the user's bounds and priors (reported units) applied."""
+    for key, (lo, hi) in (bounds or {}).items():
+        for i in _targets(scalars, key, "bounds"):
+            s = scalars[i]
+            xlo = -math.inf if lo is None else s.to_x(float(lo))
+            xhi = math.inf if hi is None else s.to_x(float(hi))
+            if math.isnan(xlo) or math.isnan(xhi) or not xlo < xhi:
+                raise ValueError(f"bounds for {s.name} must satisfy lower < upper ({s.unit}); got {(lo, hi)}")
+            if not xlo <= 0.0 <= xhi:
+                raise ValueError(f"bounds {(lo, hi)} for {s.name} exclude the starting value {s.ref:g} {s.unit}")
+            scalars[i] = dataclasses.replace(s, lower=xlo, upper=xhi)
+    for key, (mean, sigma) in (priors or {}).items():
+        if not float(sigma) > 0:
+            raise ValueError(f"prior sigma for {key} must be > 0; got {sigma}")
+        for i in _targets(scalars, key, "prior"):
+            scalars[i] = dataclasses.replace(scalars[i], prior=(float(mean), float(sigma)))
+    return scalars
 
 
 def parameterise(
@@ -417,159 +404,57 @@ def parameterise(
     setup: Setup,
     free: Iterable[str] = DEFAULT_FREE,
     *,
-    crystal_system: str = "triclinic",
+    crystal_system: str = "auto",
     ncells_mode: str = "auto",
     background: Optional[Sequence[float]] = None,
     bounds: Optional[Mapping[str, Tuple[Optional[float], Optional[float]]]] = None,
     priors: Optional[Mapping[str, Tuple[float, float]]] = None,
 ) -> Parameterisation:
-    """Build a :class:`Parameterisation` about the reference ``params``.
+    """Build a :class:`Parameterisation` about the reference ``params`` (Å, mm, degrees) and ``setup``.
 
     Args:
-        params, setup: the reference (starting) model.
         free: groups (:data:`GROUPS`), sub-groups (``background.plane``, ``background.constant``,
-            ``background.water``) or single scalar names (``cell.a``, ``orientation.z``, ``ncells.c`` …); a string is
-            split on commas/spaces.
-        crystal_system: one of :data:`CRYSTAL_SYSTEMS` (constrains the free cell values; the reference cell is made
-            exactly symmetric, ``ValueError`` if it is more than 2 % / 1° off).
+            ``background.water``) or scalar names (``cell.a``, ``orientation.z``, ``ncells.c`` …); a string is split
+            on commas/spaces.
+        crystal_system: 'auto' (default: the highest symmetry the starting cell satisfies within 0.1 % and 0.1°,
+            :func:`refine.cells.detect_crystal_system`) or one of :data:`CRYSTAL_SYSTEMS`; constrains the free cell
+            values; the reference cell is made exactly symmetric (``ValueError`` if it is more than 2 % / 1° off).
         ncells_mode: 'isotropic' (one ln-scale for Na, Nb, Nc), 'anisotropic' (three), or 'auto' (isotropic when the
             reference Na = Nb = Nc).
         background: reference background plane (c0, c_fast, c_slow) in photons/pixel (default zeros).
-        bounds: {scalar-or-group name: (lower, upper)} in **user units** (None = unbounded side).  ``ncells`` has a
-            default lower bound of 1 (nanoBragg's smallest crystal), ``mosaic`` and ``scale`` are positive by
-            construction.
-        priors: {scalar-or-group name: (mean, sigma)} Gaussian restraints in user units.
+        bounds: {scalar-or-group name: (lower, upper)} in reported units (None = unbounded side).  ``ncells`` ≥ 1
+            (nanoBragg's smallest crystal) by default; log scalars stay within e^±10 of the reference.
+        priors: {scalar-or-group name: (mean, sigma)} Gaussian restraints in reported units.
 
     Raises:
-        ValueError: unknown names, a group that cannot be refined with this model (e.g. ``mosaic`` with a single
-            mosaic domain, ``background.water`` with water_size = 0), bad bounds or priors.
+        ValueError: unknown names, a group that cannot be refined with this model (``mosaic`` with a single mosaic
+            domain, ``background.water`` with water_size = 0), bad bounds or priors.
     """
-    c = params.crystal
-    dt, dev = c.cell.dtype, c.cell.device
-    has_water = float(params.background.water_size) > 0
     if ncells_mode not in ("auto", "isotropic", "anisotropic"):
         raise ValueError(f"ncells_mode must be 'auto', 'isotropic' or 'anisotropic'; got {ncells_mode!r}")
+    c, dt, dev = params.crystal, params.crystal.cell.dtype, params.crystal.cell.device
     N = [float(v) for v in c.ncells.detach().cpu()]
     ncells_iso = ncells_mode == "isotropic" or (ncells_mode == "auto" and max(N) - min(N) <= 1e-9 * max(N))
-    free_list = list(free) if not isinstance(free, str) else [f for f in free.replace(",", " ").split() if f]
-    wanted = _expand_free(free_list)
-    if crystal_system not in CRYSTAL_SYSTEMS:
-        raise ValueError(f"crystal_system must be one of {', '.join(CRYSTAL_SYSTEMS)}; got {crystal_system!r}")
-
-    def want(group, name=None):
-        return group in wanted or (name is not None and name in wanted)
-
-    scalars: List[Scalar] = []
-    cell_rows: Dict[str, Tuple[int, ...]] = {}
+    wanted = expand_free(free)
     cell_ref = [float(v) for v in c.cell.detach().cpu()]
-    cell_base = c.cell
-    # ---- cell
-    if want("cell") or any(w.startswith("cell.") for w in wanted):
-        sym = symmetrize_cell(cell_ref, crystal_system)
-        cell_base = torch.tensor(sym, dtype=dt, device=dev)
-        for name in CRYSTAL_SYSTEMS[crystal_system]:
-            if want("cell", f"cell.{name}"):
-                cell_rows[name] = _CELL_ROWS[crystal_system][name]
-                r0 = _CELL_ROWS[crystal_system][name][0]
-                is_len = r0 < 3
-                scalars.append(Scalar(f"cell.{name}", "cell", "linear", sym[r0], 1.0, "Å" if is_len else "deg",
-                                      "Å" if is_len else "deg", 0.005 * sym[r0] if is_len else 0.1))
-        bad = [w for w in wanted if w.startswith("cell.") and w[5:] not in CRYSTAL_SYSTEMS[crystal_system]]
-        if bad:
-            raise ValueError(f"{bad[0]} is not a free cell value of a {crystal_system} cell "
-                             f"(free: {', '.join(CRYSTAL_SYSTEMS[crystal_system])})")
-    # ---- orientation
-    R0 = total_rotation(params)
-    for ax in "xyz":
-        if want("orientation", f"orientation.{ax}"):
-            scalars.append(Scalar(f"orientation.{ax}", "orientation", "linear", 0.0, 1.0, "mrad", "mrad", 2.0))
-    # ---- detector
-    if want("distance"):
-        scalars.append(Scalar("distance", "distance", "linear", float(params.detector.distance), 1.0, "mm", "mm", 0.5))
-    px_conv = setup.convention in ("XDS", "DIALS")
-    for k, ax in enumerate("xy"):
-        if want("beam_center", f"beam_center.{ax}"):
-            scalars.append(Scalar(f"beam_center.{ax}", "beam_center", "linear",
-                                  float(params.detector.beam_center[k]), 1.0 / setup.pixel_size if px_conv else 1.0,
-                                  "px" if px_conv else "mm", "mm", setup.pixel_size))
-    for k, ax in enumerate("xyz"):
-        if want("detector_rotation", f"detector_rotation.{ax}"):
-            scalars.append(Scalar(f"detector_rotation.{ax}", "detector_rotation", "linear",
-                                  float(params.detector.rotation[k]), MRAD_TO_DEG, "deg", "mrad", 2.0))
-    if want("twotheta"):
-        scalars.append(Scalar("twotheta", "twotheta", "linear", float(params.detector.twotheta), MRAD_TO_DEG, "deg",
-                              "mrad", 2.0))
-    # ---- beam
-    if want("wavelength"):
-        scalars.append(Scalar("wavelength", "wavelength", "log", float(params.beam.wavelength), 1.0, "Å", "ln", 1e-3))
-    # ---- crystal size and mosaic
-    if want("ncells") or any(w.startswith("ncells.") for w in wanted):
-        if ncells_iso:
-            if any(w.startswith("ncells.") for w in wanted):
-                raise ValueError("ncells.a/.b/.c need ncells_mode='anisotropic'")
-            scalars.append(Scalar("ncells", "ncells", "log", N[0], 1.0, "cells", "ln", 0.1,
-                                  lower=min(0.0, math.log(1.0 / N[0]))))
-        else:
-            for k, ax in enumerate("abc"):
-                if want("ncells", f"ncells.{ax}"):
-                    scalars.append(Scalar(f"ncells.{ax}", "ncells", "log", N[k], 1.0, "cells", "ln", 0.1,
-                                          lower=min(0.0, math.log(1.0 / N[k]))))
-    if want("mosaic"):
-        spread = float(c.mosaic_spread)
-        if setup.n_domains < 2 or not spread > 0:
-            raise ValueError("mosaic can only be refined when the starting model has a mosaic spread > 0 and at least "
-                             "2 mosaic domains (-mosaic S -mosaic_domains M)")
-        scalars.append(Scalar("mosaic", "mosaic", "log", spread, 1.0, "deg", "ln", 0.1))
-    if want("scale"):
-        scalars.append(Scalar("scale", "scale", "log", 1.0, 1.0, "", "ln", 0.1))
-    # ---- background
-    bg_ref = torch.zeros(3, dtype=dt, device=dev) if background is None else torch.as_tensor(
+    system, note = resolve_crystal_system(crystal_system, cell_ref)
+    _check_names(wanted, system, ncells_iso)
+    has_water = float(params.background.water_size) > 0
+    specs = [sp for sp in SCALARS if _selected(sp, wanted, system, ncells_iso, has_water)]
+    for sp in specs:
+        test, why = REQUIRES.get(sp.name, (None, ""))
+        if test is not None and not test(params, setup):
+            raise ValueError(why)
+    cell_free = any(sp.group == "cell" for sp in specs)
+    cell_base = torch.tensor(symmetrize_cell(cell_ref, system), dtype=dt, device=dev) if cell_free else c.cell
+    plane_ref = torch.zeros(3, dtype=dt, device=dev) if background is None else torch.as_tensor(
         [float(v) for v in background], dtype=dt, device=dev)
-    if bg_ref.shape != (3,):
+    if plane_ref.shape != (3,):
         raise ValueError(f"background must be 3 numbers (c0, c_fast, c_slow) in photons/pixel; got {list(background)}")
-    for k, nm in enumerate(("background.constant", "background.fast", "background.slow")):
-        if nm in wanted or "background" in wanted:
-            scalars.append(Scalar(nm, "background", "linear", float(bg_ref[k]), 1.0, "photons", "photons", 1.0))
-    if "background.water" in wanted or ("background" in wanted and has_water):
-        if not has_water:
-            raise ValueError("background.water needs a starting water_size > 0 (-water SIZE_um)")
-        scalars.append(Scalar("background.water", "background", "log", float(params.background.water_size), 1.0 / 3.0,
-                              "µm", "ln", 0.1))
-
-    # ---- default bounds of log scalars: the user value stays within e^±10 of the reference
-    for i, s in enumerate(scalars):
-        if s.kind == "log":
-            scalars[i] = dataclasses.replace(s, lower=max(s.lower, -10.0 / s.factor), upper=min(s.upper, 10.0 / s.factor))
-    # ---- bounds and priors (user units)
-    by_name = {s.name: i for i, s in enumerate(scalars)}
-
-    def targets(key, what):
-        if key in by_name:
-            return [by_name[key]]
-        hits = [i for i, s in enumerate(scalars) if s.group == key or (key in _SUBGROUPS and s.name in _SUBGROUPS[key])]
-        if not hits:
-            raise ValueError(f"{what} given for {key!r}, which is not a free scalar or group "
-                             f"(free: {', '.join(by_name) or 'none'})")
-        return hits
-
-    for key, (lo, hi) in (bounds or {}).items():
-        for i in targets(key, "bounds"):
-            s = scalars[i]
-            xlo = -math.inf if lo is None else s.to_x(float(lo))
-            xhi = math.inf if hi is None else s.to_x(float(hi))
-            if math.isnan(xlo) or math.isnan(xhi) or not xlo < xhi:
-                raise ValueError(f"bounds for {s.name} must satisfy lower < upper (user units {s.unit}); got {(lo, hi)}")
-            if not xlo <= 0.0 <= xhi:
-                raise ValueError(f"bounds {(lo, hi)} for {s.name} exclude the starting value {s.ref:g} {s.unit}")
-            scalars[i] = dataclasses.replace(s, lower=xlo, upper=xhi)
-    for key, pr in (priors or {}).items():
-        mean, sigma = pr
-        if not float(sigma) > 0:
-            raise ValueError(f"prior sigma for {key} must be > 0; got {sigma}")
-        for i in targets(key, "prior"):
-            scalars[i] = dataclasses.replace(scalars[i], prior=(float(mean), float(sigma)))
-
-    return Parameterisation(params, setup, scalars, crystal_system, cell_base, cell_rows, R0, bg_ref, ncells_iso)
+    scalars = _constrain([_make_scalar(sp, params, setup, cell_base, plane_ref) for sp in specs], bounds, priors)
+    rows = types.MappingProxyType({sp.name[5:]: CELL_ROWS[system][sp.name[5:]] for sp in specs if sp.group == "cell"})
+    return Parameterisation(params, setup, tuple(scalars), system, cell_base, rows, total_rotation(params), plane_ref,
+                            ncells_iso, note if cell_free else "")
 
 
 def unpack(par: Parameterisation, x: torch.Tensor) -> Params:

@@ -1,70 +1,84 @@
-"""Coarse-to-fine strategy: broadened-spot stages, a beam-centre translation search, and linear pre-fits.
+"""Stages as data, the state of a fit, and ``run_stage(state, stage) -> state``.
 
-A sharp still has a narrow basin: with N ≈ 5–10 cells, spots are one or two pixels wide, so a beam centre that is
-2–3 pixels off leaves model and observed spots without overlap, and the cell/distance pair (almost degenerate on a
-small detector) drifts when everything is free at once.  :func:`default_stages` therefore refines in stages:
+    state = refine.prepare(observed, params, setup, options)      # the problem and the starting point
+    for stage in refine.default_stages():
+        state = refine.run_stage(state, stage)                      # pure: the old state stays valid
+    result = refine.finish(state)
 
-1. ``search`` — with spots broadened (N × 0.5, fluence × 2³ so the integrated intensity is unchanged) the scale (and
-   the constant background) are pre-fitted by linear least squares, then, if the beam centre is free, the global
-   translation between the observed and model images is found by FFT cross-correlation (within ±``max_shift``
-   pixels, sub-pixel by a parabola through the peak) and converted to a beam-centre shift through the Jacobian of
-   the direct-beam pixel position.  No iterations.
-2. ``coarse`` (N × 0.3) and ``medium`` (N × 0.6) — minimisation of the geometry only (orientation, distance,
-   beam centre, detector tilts, two-theta, scale, background); cell, wavelength, N and mosaic stay fixed so that the
-   nearly degenerate cell/distance/wavelength directions cannot drift while spots are blurred.
-3. ``robust`` — every free group with the real spot model, still on the variance-stabilised target.
-4. ``fine`` — every free group with the real model and the requested target (Poisson by default), to convergence.
+A sharp still has a narrow basin: spots a pixel or two wide, a beam centre 2–3 pixels off leaves model and observed
+spots without overlap, and the cell/distance pair (almost degenerate on a small detector) drifts when everything is
+free at once.  :func:`default_stages` therefore refines in stages:
 
-Stages 2–3 are confined to a trust region (:data:`TRUST` typical errors of each scalar from where the stage starts)
-so that a blurred or robust stage cannot run off along a nearly flat direction.  They use the ``anscombe`` target (least squares on 2√(counts + ⅜)): with point-sampled sinc spots a model
-that is slightly off puts exact zeros on bright pixels, where the Poisson NLL has log singularities that make its
-landscape rough; the variance-stabilised residual stays bounded there and has nearly the same optimum.
+1. ``search`` — spots broadened (N × 0.5, fluence × 2³ so integrated intensities are unchanged); scale (and constant
+   background) pre-fitted linearly, then a distance grid with a translation search (:mod:`refine.search`).
+2. ``coarse`` (N × 0.3) and ``medium`` (N × 0.6) — the geometry only (orientation, distance, beam centre, tilts,
+   two-theta, scale, background); cell, wavelength, N and mosaic fixed so nearly degenerate directions cannot drift.
+3. ``robust`` — every free group with the real spot model.
+4. ``fine`` — every free group with the real model and the fit's target (Poisson by default), to convergence.
 
-The broadening works in log space for N, so the increments x carry over between stages unchanged (N_stage =
-f·N_ref·e^x).  Stages whose active groups are not free are skipped, and so are the broadened stages when no group
-that moves spots (orientation, distance, beam centre, detector rotations, two-theta) is free: a broadened model
-cannot help fitting, e.g., the scale or the background alone.  ``coarse_to_fine=False`` runs only ``fine``;
-a list of :class:`Stage` replaces the default.
+Stages 1–4 are *preliminary*: they only have to bring the model into the final stage's basin.  They use at most
+``prelim_pixels`` randomly chosen pixels, stages 2–3 the ``anscombe`` target (bounded where the Poisson NLL of
+point-sampled sinc spots is singular), a trust region of :data:`TRUST` typical errors and a loose tolerance; a
+preliminary stage is skipped when it has nothing to do (:func:`skip_reason`).  N is broadened in log space, so the
+increments x carry over between stages unchanged.
+
+Every iteration is recorded with the loss on the stage's own pixels, model and target; every stage also records
+``loss_all``, the loss of its end point with the fit's target and the real model on all usable pixels, which is
+comparable from stage to stage.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import List, Optional, Sequence, Tuple
+import time
+import warnings
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.func import jacfwd
 
-from nbtorch.detector import detector_frame
 from nbtorch.types import Params, Setup
+from nbtorch.validate import check_params
+
+from .degeneracy import Degeneracy, degenerate_pairs
+from .lm import MinimizeResult, levenberg_marquardt
+from .optim import adam, lbfgs
+from .options import FitOptions
+from .parameters import Parameterisation, parameterise, total_rotation
+from .predict import make_predict, predict_image
+from .search import prefit_scale, search_geometry, translation_search  # noqa: F401  (re-exported)
+from .targets import Objective, Target, make_target, observed_array, select_pixels, usable_mask
 
 #: Groups refined while spots are broadened (never cell, wavelength, ncells, mosaic).
 GEOMETRY_GROUPS = ("orientation", "distance", "beam_center", "detector_rotation", "twotheta", "scale", "background")
-#: Default trust region of the preliminary stages, in typical errors (orientation 2 mrad, distance 0.5 mm, beam centre
-#: one pixel, cell 0.5 %, tilts 2 mrad, ln-scale 0.1 …): 10 typical errors per stage.
+#: Trust region of the preliminary stages, in typical errors (orientation 2 mrad, distance 0.5 mm, beam centre one
+#: pixel, cell 0.5 %, tilts 2 mrad, ln-scale 0.1 …).
 TRUST = 10.0
-#: Convergence tolerance of the preliminary stages (log-likelihood units): they only have to bring the model into the
-#: basin of the final stage.
+#: Convergence tolerance of the preliminary stages (log-likelihood units).
 PRELIMINARY_FTOL = 0.5
-#: A broadened stage runs only when one of these is free (spot positions to find); otherwise it is skipped.
+#: A broadened stage that minimises runs only when one of these is free (spot positions to find).
 POSITION_GROUPS = ("orientation", "distance", "beam_center", "detector_rotation", "twotheta")
+
+
+class DegeneracyWarning(UserWarning):
+    """A free combination of parameters the image cannot determine (see :mod:`refine.degeneracy`)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One stage of a refinement.
+    """One stage of a refinement (data; run by :func:`run_stage`).
 
     ``name``; ``ncells_factor`` (N_stage = factor·N, not below min(N, 1); the fluence is divided by the same factor
-    per axis so integrated spot intensities are unchanged); ``mosaic_factor`` (mosaic spread × factor);
-    ``shape`` (None = the model's, or 'square' | 'round' | 'gauss' | 'tophat'); ``active`` (groups refined in this
-    stage, None = all free groups); ``max_iter`` (None = the fit's ``max_iter``; 0 = no minimisation);
-    ``search_beam_center`` (run :func:`search_geometry` first: distance grid × beam-centre translation);
-    ``prefit_scale`` (linear pre-fit of scale and constant background); ``target`` (None = the fit's target, or a
-    target name such as 'anscombe'); ``trust`` (None, or a trust region: every scalar except the linear background
-    may move at most ``trust`` × its typical error from where the stage starts); ``ftol`` (None = the fit's
-    convergence tolerance, in log-likelihood units).  A stage with broadened spots (``ncells_factor`` or ``mosaic_factor`` ≠ 1,
-    or another shape) that would minimise runs only when a group moving the spots (:data:`POSITION_GROUPS`) is free.
+    per axis so integrated spot intensities are unchanged); ``mosaic_factor`` (mosaic spread × factor); ``shape``
+    (None = the model's, or 'square' | 'round' | 'gauss' | 'tophat'); ``active`` (groups refined, None = all free
+    groups); ``max_iter`` (None = the fit's ``max_iter``; 0 = no minimisation); ``search_beam_center`` (distance
+    grid × beam-centre translation first, :func:`refine.search.search_geometry`); ``prefit_scale`` (linear pre-fit
+    of scale and constant background); ``target`` (None = the fit's target, or a name such as 'anscombe');
+    ``trust`` (None, or: every scalar but the linear background moves at most ``trust`` × its typical error from
+    where the stage starts); ``ftol`` (None = the fit's tolerance, log-likelihood units); ``preliminary`` (at most
+    ``prelim_pixels`` pixels, skipped when it has nothing to do, see :func:`skip_reason`; None: a schedule's stages
+    but the last are preliminary, a stage run on its own is not).
     """
 
     name: str = "fine"
@@ -78,6 +92,7 @@ class Stage:
     target: Optional[str] = None
     trust: Optional[float] = None
     ftol: Optional[float] = None
+    preliminary: Optional[bool] = None
 
     @property
     def broadened(self) -> bool:
@@ -87,185 +102,297 @@ class Stage:
 
 def default_stages(coarse_iter: int = 8, robust_iter: int = 10) -> List[Stage]:
     """The default coarse-to-fine schedule (see the module docstring)."""
+    prelim = dict(target="anscombe", trust=TRUST, ftol=PRELIMINARY_FTOL, preliminary=True)
     return [
-        Stage("search", ncells_factor=0.5, max_iter=0, search_beam_center=True, prefit_scale=True),
-        Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=coarse_iter, target="anscombe",
-              trust=TRUST, ftol=PRELIMINARY_FTOL),
-        Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=coarse_iter, target="anscombe",
-              trust=TRUST, ftol=PRELIMINARY_FTOL),
-        Stage("robust", max_iter=robust_iter, target="anscombe", trust=TRUST, ftol=PRELIMINARY_FTOL),
-        Stage("fine"),
+        Stage("search", ncells_factor=0.5, max_iter=0, search_beam_center=True, prefit_scale=True, preliminary=True),
+        Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=coarse_iter, **prelim),
+        Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=coarse_iter, **prelim),
+        Stage("robust", max_iter=robust_iter, **prelim),
+        Stage("fine", preliminary=False),
     ]
+
+
+def schedule(options: FitOptions, resuming: bool = False) -> List[Stage]:
+    """The stages :func:`refine.fit` runs: ``coarse_to_fine`` resolved ('auto': the default stages, or only the
+    final stage when ``resuming`` from a Result; False: only the final stage), all but the last marked preliminary
+    unless a stage says otherwise."""
+    ctf = options.coarse_to_fine
+    if ctf is True or (ctf == "auto" and not resuming):
+        return default_stages(options.coarse_iter, options.robust_iter)
+    stages = [Stage("fine")] if ctf in (False, None, "auto") else list(ctf)
+    out = [s if s.preliminary is not None else dataclasses.replace(s, preliminary=True) for s in stages[:-1]]
+    last = stages[-1]
+    return out + [last if last.preliminary is not None else dataclasses.replace(last, preliminary=False)]
 
 
 def apply_stage(params: Params, setup: Setup, stage: Stage) -> Tuple[Params, Setup]:
     """The stage's model: N scaled (with the fluence compensated so integrated spot intensities stay the same, and the
     water size so the water background stays the same), mosaic spread scaled, shape replaced."""
-    if stage.ncells_factor == 1.0 and stage.mosaic_factor == 1.0 and (stage.shape is None or
-                                                                     stage.shape == setup.shape):
+    if stage.ncells_factor == 1.0 and stage.mosaic_factor == 1.0 and stage.shape in (None, setup.shape):
         return params, setup
     c, b = params.crystal, params.beam
-    N = c.ncells
+    N, Ns, fluence = c.ncells, c.ncells, b.fluence
     if stage.ncells_factor != 1.0:
-        floor = torch.clamp(N, max=1.0)
-        Ns = torch.maximum(N * stage.ncells_factor, floor)
+        Ns = torch.maximum(N * stage.ncells_factor, torch.clamp(N, max=1.0))
         fluence = b.fluence * torch.prod(N / Ns)
-    else:
-        Ns, fluence = N, b.fluence
-    spread = c.mosaic_spread * stage.mosaic_factor
     # nanoBragg's water term scales as water_size³·fluence² (spec Q10): keep it unchanged when the fluence changes
     water = params.background.water_size * (b.fluence / fluence) ** (2.0 / 3.0)
-    p = params._replace(crystal=c._replace(ncells=Ns, mosaic_spread=spread), beam=b._replace(fluence=fluence),
-                        background=params.background._replace(water_size=water))
-    s = setup if stage.shape is None or stage.shape == setup.shape else setup.replace(shape=stage.shape)
-    return p, s
+    p = params._replace(crystal=c._replace(ncells=Ns, mosaic_spread=c.mosaic_spread * stage.mosaic_factor),
+                        beam=b._replace(fluence=fluence), background=params.background._replace(water_size=water))
+    return p, (setup if stage.shape in (None, setup.shape) else setup.replace(shape=stage.shape))
 
 
-def _prepared(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """Mean-subtracted square root of an image, zero outside the usable pixels (what the correlation compares)."""
-    a = np.where(usable, np.sqrt(np.clip(np.nan_to_num(image), 0, None)), 0.0)
-    return np.where(usable, a - a[usable].mean(), 0.0) if usable.any() else a
-
-
-def translation_search(observed: np.ndarray, model: np.ndarray, usable: np.ndarray, max_shift: int = 8,
-                       _observed_fft=None):
-    """Global translation (fast, slow) in pixels by which the observed pattern is displaced from the model.
-
-    FFT cross-correlation of the mean-subtracted square roots of both images (unusable pixels zeroed, zero-padded so
-    nothing wraps), peak searched within ±``max_shift`` pixels, refined to sub-pixel by a parabola through the peak
-    and its neighbours.  Returns ``(df, ds, score)`` with score the normalised correlation at the peak.
-    """
-    if not usable.any():
-        return 0.0, 0.0, 0.0
-    S, F = model.shape
-    if _observed_fft is None:
-        o = _prepared(observed, usable)
-        _observed_fft = (np.fft.rfft2(o, s=(2 * S, 2 * F)), float((o * o).sum()))
-    fo, oo = _observed_fft
-    m = _prepared(model, usable)
-    C = np.fft.irfft2(fo * np.conj(np.fft.rfft2(m, s=(2 * S, 2 * F))), s=(2 * S, 2 * F))
-    C = np.fft.fftshift(C)  # zero displacement at (S, F)
-    r = int(max(0, min(max_shift, S - 1, F - 1)))
-    win = C[S - r: S + r + 1, F - r: F + r + 1]
-    i, j = np.unravel_index(int(np.argmax(win)), win.shape)
-
-    def vertex(cm, c0, cp):
-        den = cm - 2.0 * c0 + cp
-        return 0.0 if den >= 0 else float(np.clip(0.5 * (cm - cp) / den, -0.5, 0.5))
-
-    di = vertex(win[i - 1, j], win[i, j], win[i + 1, j]) if 0 < i < win.shape[0] - 1 else 0.0
-    dj = vertex(win[i, j - 1], win[i, j], win[i, j + 1]) if 0 < j < win.shape[1] - 1 else 0.0
-    norm = math.sqrt(oo * float((m * m).sum())) or 1.0
-    return j - r + dj, i - r + di, float(win[i, j]) / norm
-
-
-def direct_beam_pixel(params: Params, setup: Setup) -> torch.Tensor:
-    """Where the direct beam meets the detector plane, (fast, slow) in pixels from the outer corner of pixel (0, 0)."""
-    fr = detector_frame(params.detector, setup)
-    b = torch.tensor(setup.beam, dtype=fr.pix0.dtype, device=fr.pix0.device)
-    t = (fr.pix0 * fr.odet).sum(-1) / (b * fr.odet).sum(-1)
-    P = t[..., None] * b - fr.pix0
-    return torch.stack([(P * fr.fdet).sum(-1), (P * fr.sdet).sum(-1)], -1) / setup.pixel_size
-
-
-def beam_center_shift(par, x: torch.Tensor, shift_px: Sequence[float]) -> torch.Tensor:
-    """Increments x with the beam centre moved so that the pattern moves by ``shift_px`` (fast, slow) pixels.
-
-    Moving the beam centre translates the detector in its own plane, so every spot moves with the direct beam; the
-    2×2 Jacobian of :func:`direct_beam_pixel` with respect to the beam-centre increments converts the shift."""
-    ib = par.index("beam_center")
-    if len(ib) != 2:
-        return x
-    act = torch.as_tensor(ib)
-
-    def f(xb):
-        return direct_beam_pixel(par.unpack(x.index_put((act,), xb)), par.setup)
-
-    J = jacfwd(f)(x[act])
-    d = torch.as_tensor([float(v) for v in shift_px], dtype=x.dtype, device=x.device)
-    try:
-        step = torch.linalg.solve(J, d)
-    except RuntimeError:
-        return x
-    return x.index_put((act,), x[act] + step)
-
-
-def search_geometry(par, x: torch.Tensor, observed: np.ndarray, usable: np.ndarray, max_shift: int = 8,
-                    distance_range: float = 0.05, distance_step: float = 0.01):
-    """Grid search over the distance (relative steps within ±``distance_range``, when the distance is free) with a
-    translation search (:func:`translation_search`, when the beam centre is free) at each candidate; keeps the
-    candidate whose image correlates best with the observed one and moves the beam centre by its translation.
-
-    Searching the distance with the translation matters because a distance error scales the pattern about the beam
-    (a few pixels at the edge), and spot lattices are periodic: a translation alone can lock onto a neighbouring spot.
-    Returns ``(x, info)`` with info = {'translation_px', 'distance_mm', 'correlation', 'candidates'}."""
-    from nbtorch.simulate import simulate
-
-    i_d = par.index("distance")
-    has_bc = len(par.index("beam_center")) == 2
-    if not i_d and not has_bc:
-        return x, {}
-    steps = [0.0]
-    if i_d and distance_range > 0 and distance_step > 0:
-        k = int(round(distance_range / distance_step))
-        steps = [j * distance_step for j in range(-k, k + 1)]
-    D0 = float(par.unpack(x).detector.distance)
-    S, F = observed.shape
-    o = _prepared(observed, usable)
-    offt = (np.fft.rfft2(o, s=(2 * S, 2 * F)), float((o * o).sum()))
-    best = None
-    for dd in steps:
-        xc = x.clone()
-        if i_d:
-            xc[i_d[0]] = xc[i_d[0]] + dd * D0
-        with torch.no_grad():
-            model = simulate(par.unpack(xc), par.setup).detach().cpu().numpy()
-        df, ds, score = translation_search(observed, model, usable, max_shift if has_bc else 0, offt)
-        if best is None or score > best[0]:
-            best = (score, xc, df, ds, dd)
-    score, xb, df, ds, dd = best
-    if has_bc:
-        xb = beam_center_shift(par, xb, (df, ds))
-    info = {"translation_px": [float(df), float(ds)], "distance_change_mm": float(dd * D0),
-            "correlation": float(score), "candidates": len(steps)}
-    return xb, info
-
-
-def prefit_scale(par, x: torch.Tensor, observed: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-    """Linear pre-fit of the free scale (and constant background): o ≈ s·m + c over the given pixels.
-
-    ``observed``, ``model`` [P] at the usable pixels, model at ``x`` (including any plane).  Returns new increments;
-    unchanged when the fit is not positive."""
-    i_s = par.index("scale")
-    i_c = par.index("background.constant")
-    if not i_s and not i_c:
-        return x
-    plane0 = par.plane(x)[0] if par.has_plane() else x.new_zeros(())
-    bragg = model - plane0  # model without the constant term
-    o = observed
-    x = x.clone()
-    if i_s and i_c:
-        A = torch.stack([bragg, torch.ones_like(bragg)], 1)
-        sol = torch.linalg.lstsq(A, o[:, None]).solution[:, 0]
-        s, c = float(sol[0]), float(sol[1])
-        if s > 0:
-            x[i_s[0]] = x[i_s[0]] + math.log(s)
-            x[i_c[0]] = x[i_c[0]] + (c - float(plane0))
-    elif i_s:
-        num, den = float((o - plane0).sum()), float(bragg.sum())
-        if num > 0 and den > 0:
-            x[i_s[0]] = x[i_s[0]] + math.log(num / den)
-    else:
-        x[i_c[0]] = x[i_c[0]] + float((o - model).mean())
-    return x
-
-
-def trust_bounds(par, x: torch.Tensor, trust: Optional[float]):
-    """(lower, upper) [n] confining every scalar except the linear background to x ± trust·typical (None: no
-    trust region)."""
+def trust_bounds(par: Parameterisation, x: torch.Tensor, trust: Optional[float]):
+    """(lower, upper) [n] confining every scalar except the linear background to x ± trust·typical (None, None when
+    ``trust`` is None)."""
     if trust is None:
         return None, None
     width = par.typical() * float(trust)
     lin_bg = torch.tensor([s.group == "background" and s.kind == "linear" for s in par.scalars], device=x.device)
     width = torch.where(lin_bg, torch.full_like(width, float("inf")), width)
     return x - width, x + width
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the problem and the state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """What a fit is about, the same for all its stages: ``observed`` [slow, fast] (photons, non-finite values
+    zeroed), ``usable`` (bool [slow, fast]), ``par`` (the parameterisation about the starting model), ``target``
+    (the fit's), ``options`` (:class:`~refine.options.FitOptions`), ``notes`` (what a summary should say: the
+    crystal system chosen automatically, degenerate pairs), ``degeneracies``."""
+
+    observed: torch.Tensor
+    usable: np.ndarray
+    par: Parameterisation
+    target: Target
+    options: FitOptions
+    notes: Tuple[str, ...] = ()
+    degeneracies: Tuple[Degeneracy, ...] = ()
+
+    @functools.cached_property
+    def objective(self) -> Objective:
+        """The fit's target on every usable pixel with the real model (what ``loss_all`` evaluates)."""
+        o = self.options
+        return Objective(self.par, self.observed, self.usable, self.target, o.chunk_pixels, fused=o.fused)
+
+    @functools.cached_property
+    def usable_index(self) -> np.ndarray:
+        """Flat slow-major indices of the usable pixels."""
+        return np.flatnonzero(self.usable.reshape(-1))
+
+
+class FinalRun(NamedTuple):
+    """The last minimisation of a non-preliminary stage: ``x``, ``converged``, ``message``, ``pixels`` (flat
+    indices it fitted), ``target`` (name), ``normal`` ((active, H, model) at x when the minimiser computed them on
+    the real model, else None)."""
+
+    x: torch.Tensor
+    converged: bool
+    message: str
+    pixels: np.ndarray
+    target: str
+    normal: Optional[tuple]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitState:
+    """A fit between stages (immutable; :func:`run_stage` returns a new one).
+
+    ``problem``; ``x`` [n] increments about the starting model; ``history`` (one dict per iteration: stage,
+    iteration, loss on the stage's own pixels, step, damping, accepted, seconds, pixels); ``stages`` (one dict per
+    stage run or skipped, with ``loss_all`` on all usable pixels); ``iterations``, ``evaluations`` (totals);
+    ``start_loss`` (``loss_all`` at the start); ``final`` (:class:`FinalRun` or None); ``seconds`` (stage time).
+    """
+
+    problem: Problem
+    x: torch.Tensor
+    history: Tuple[dict, ...] = ()
+    stages: Tuple[dict, ...] = ()
+    iterations: int = 0
+    evaluations: int = 0
+    start_loss: float = math.nan
+    final: Optional[FinalRun] = None
+    seconds: float = 0.0
+
+
+def _differing(a: Params, b: Params) -> List[str]:
+    """Leaves (and the crystal rotation) in which two models differ beyond rounding."""
+    out = []
+    for part in ("crystal", "beam", "detector", "background"):
+        for name, u in getattr(a, part)._asdict().items():
+            v = getattr(getattr(b, part), name)
+            if name not in ("misset", "orientation") and (
+                    u.shape != v.shape or not torch.allclose(u, v.to(u), rtol=1e-9, atol=1e-12)):
+                out.append(f"{part}.{name}")
+    if not torch.allclose(total_rotation(a), total_rotation(b).to(a.crystal.cell), rtol=0, atol=1e-12):
+        out.append("crystal orientation")
+    return out
+
+
+def start_point(par: Parameterisation, start=None) -> torch.Tensor:
+    """Starting increments [n]: zeros (None), the given increments, or a previous :class:`refine.Result`'s refined
+    model packed about ``par``'s reference (ValueError when it was fitted on another set-up or differs from the
+    reference in parameters that are not free here)."""
+    if start is None:
+        return par.zeros()
+    if hasattr(start, "params") and hasattr(start, "setup"):
+        if start.setup != par.setup:
+            raise ValueError("start: the Result was fitted with a different Setup than this fit's")
+        plane = torch.as_tensor(start.parameters["background"], dtype=par.dtype, device=par.device)
+        x = par.pack(start.params, plane)
+        bad = _differing(par.unpack(x), start.params)
+        if bad:
+            raise ValueError(f"start: the Result's model differs from the starting model in {', '.join(bad)}, which "
+                             "are not free here: pass result.params as the starting model, or free them")
+        return x
+    x = torch.as_tensor(start, dtype=par.dtype, device=par.device).reshape(-1)
+    if x.shape != (par.n,) or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"start must be {par.n} finite increments ({', '.join(par.names) or 'none'}) or a "
+                         f"refine.Result; got shape {tuple(x.shape)}")
+    return x.clone()
+
+
+def prepare(observed, params: Params, setup: Setup, options: FitOptions, start=None) -> FitState:
+    """The state before the first stage: observed image (tensor, array, ObservedImage or path) and usable pixels,
+    parameterisation, target, degenerate pairs (a ``DegeneracyWarning``, or ``ValueError`` unless
+    ``options.allow_degenerate``), starting point (:func:`start_point`) and its loss on all usable pixels."""
+    obs_np, obs_mask = observed_array(observed, setup)
+    usable = usable_mask(obs_np, setup, options.mask, options.overload)
+    if obs_mask is not None:
+        usable &= obs_mask
+    par = parameterise(params, setup, options.free, crystal_system=options.crystal_system,
+                       ncells_mode=options.ncells_mode, background=options.background, bounds=options.bounds,
+                       priors=options.priors)
+    degs = tuple(degenerate_pairs(par))
+    if degs and not options.allow_degenerate:
+        raise ValueError(f"{degs[0].message()} (or allow it: --allow-degenerate, allow_degenerate=True)")
+    for d in degs:
+        warnings.warn(d.message(), DegeneracyWarning, stacklevel=3)
+    target = make_target(options.target, read_noise=options.read_noise, weights=options.weights)
+    observed_t = torch.as_tensor(np.nan_to_num(obs_np, nan=0.0, posinf=0.0, neginf=0.0), dtype=par.dtype,
+                                 device=par.device)
+    notes = tuple(n for n in (par.crystal_system_note,) if n) + tuple(d.message() for d in degs)
+    problem = Problem(observed_t, usable, par, target, options, notes, degs)
+    x0 = start_point(par, start)
+    check_params(par.unpack(x0), setup)
+    return FitState(problem, x0, start_loss=problem.objective.loss(x0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one stage
+
+
+def _stage_par(pb: Problem, stage: Stage) -> Parameterisation:
+    """The stage's parameterisation (same scalars as the fit's, about the stage's broadened model)."""
+    sp, ss = apply_stage(pb.par.ref, pb.par.setup, stage)
+    if sp is pb.par.ref and ss is pb.par.setup:
+        return pb.par
+    o = pb.options
+    return parameterise(sp, ss, o.free, crystal_system=pb.par.crystal_system, ncells_mode=o.ncells_mode,
+                        background=o.background, bounds=o.bounds, priors=o.priors)
+
+
+def _active(par: Parameterisation, stage: Stage) -> List[int]:
+    """Positions in x refined by the stage."""
+    if stage.active is None:
+        return list(range(par.n))
+    return sorted({i for g in stage.active for i in par.index(g)})
+
+
+def skip_reason(pb: Problem, stage: Stage, par: Parameterisation, active: List[int]) -> str:
+    """Why a preliminary stage has nothing to do ('' when it runs; a non-preliminary stage always runs): it would
+    minimise but none of its groups is free, or it broadens spots while nothing that moves spots is free, or it does
+    not minimise and has no search, pre-fit or spot selection to do."""
+    if not stage.preliminary:
+        return ""
+    if stage.max_iter != 0:
+        if not active:
+            return "none of its groups is free"
+        if stage.broadened and not any(par.index(g) for g in POSITION_GROUPS):
+            return "broadened spots help only when something that moves spots is free"
+        return ""
+    if not (stage.search_beam_center or stage.prefit_scale or pb.options.spots_only):
+        return "nothing to do"
+    return ""
+
+
+def _stage_pixels(state: FitState, stage: Stage, par: Parameterisation):
+    """(x, pixel indices, info): the stage's pre-fit and search applied to x, and the pixels it fits (spots and a
+    background sample when ``spots_only``; a random subset of at most ``prelim_pixels`` in a preliminary stage)."""
+    pb, o, x, info = state.problem, state.problem.options, state.x, {}
+    obs_np = pb.observed.detach().cpu().numpy()
+    if stage.prefit_scale:
+        model = make_predict(par, par.setup, pb.usable_index, o.fused)
+        with torch.no_grad():
+            o_px = pb.observed.reshape(-1)[model.index]
+            x = prefit_scale(par, x, o_px, model.bragg(x), model.background(x))
+    if stage.search_beam_center and (par.index("beam_center") or par.index("distance")):
+        x, found = search_geometry(par, x, obs_np, pb.usable, o.max_shift, o.search_distance, 0.01)
+        info.update(found)
+    idx = pb.usable_index
+    if o.spots_only:
+        model_np = predict_image(par, x, fused=o.fused).cpu().numpy()
+        sel = select_pixels(obs_np, model_np, pb.usable, dilate=o.spot_dilate,
+                            background_fraction=o.background_fraction)
+        idx = np.flatnonzero(sel.reshape(-1))
+    if stage.preliminary and o.prelim_pixels and len(idx) > o.prelim_pixels:
+        rng = np.random.default_rng(len(state.stages))  # the stage's position: a fixed subset per schedule
+        idx = np.sort(rng.choice(idx, size=int(o.prelim_pixels), replace=False))
+    return x, idx, info
+
+
+def _minimise(objective: Objective, x: torch.Tensor, active: List[int], stage: Stage, options: FitOptions,
+              record) -> MinimizeResult:
+    """Run the fit's minimiser on one stage's objective (trust region, iterations and tolerance of the stage)."""
+    lo, hi = trust_bounds(objective.par, x, stage.trust)
+    kw = dict(max_iter=options.final_max_iter if stage.max_iter is None else int(stage.max_iter),
+              ftol=options.ftol if stage.ftol is None else stage.ftol, callback=record, lower=lo, upper=hi)
+    if options.method == "lm":
+        return levenberg_marquardt(objective, x, active, **kw)
+    if options.method == "lbfgs":
+        return lbfgs(objective, x, active, **kw)
+    return adam(objective, x, active, lr=options.lr, schedule=options.schedule, **kw)
+
+
+def run_stage(state: FitState, stage: Stage) -> FitState:
+    """Run one stage from ``state`` and return the new state (``state`` is unchanged, so a saved state can be run
+    again and continues exactly).  See :class:`Stage` for what a stage does."""
+    pb, o, t0 = state.problem, state.problem.options, time.perf_counter()
+    par = _stage_par(pb, stage)
+    active = _active(par, stage)
+    info = dict(stage=stage.name, iterations=0, loss=None, message="")
+    reason = skip_reason(pb, stage, par, active)
+    if reason:
+        info.update(message=f"skipped: {reason}", seconds=0.0, pixels=0, loss_all=None)
+        return dataclasses.replace(state, stages=state.stages + (info,))
+    x, idx, found = _stage_pixels(state, stage, par)
+    info.update(found)
+    target = pb.target if stage.target in (None, pb.target.name) else make_target(stage.target,
+                                                                                  read_noise=o.read_noise)
+    objective = Objective(par, pb.observed, idx, target, o.chunk_pixels, fused=o.fused)
+    records: List[dict] = []
+
+    def record(h):
+        records.append(dict(h, stage=stage.name, pixels=len(idx)))
+        if o.callback:
+            o.callback(records[-1])
+
+    run, final = None, state.final
+    if stage.max_iter != 0 and active:
+        if stage.preliminary and not math.isfinite(objective.loss(x)):
+            info.update(message="skipped: infinite loss at the start of the stage")
+        else:
+            run = _minimise(objective, x, active, stage, o, record)
+            x = run.x
+            info.update(iterations=run.iterations, loss=run.loss, message=run.message, converged=bool(run.converged))
+    if run is not None and not stage.preliminary:
+        real = par is pb.par and target is pb.target
+        final = FinalRun(x, bool(run.converged), run.message, idx, target.name, run.normal if real else None)
+    info.update(seconds=time.perf_counter() - t0, pixels=len(idx), loss_all=pb.objective.loss(x))
+    return dataclasses.replace(
+        state, x=x, history=state.history + tuple(records), stages=state.stages + (info,), final=final,
+        iterations=state.iterations + (run.iterations if run else 0),
+        evaluations=state.evaluations + (run.evaluations if run else 0), seconds=state.seconds + info["seconds"])

@@ -31,7 +31,7 @@ def observe(params, setup, seed: int = 0, plane=None) -> torch.Tensor:
     """Poisson-noisy observation of the model (plus an optional background plane (c0, c_fast, c_slow))."""
     img = nbtorch.simulate(params, setup)
     if plane is not None:
-        from refine.targets import plane_basis
+        from refine.predict import plane_basis
 
         img = img + (torch.as_tensor(plane, dtype=img.dtype) @ plane_basis(setup, img.dtype)).reshape(img.shape)
     g = torch.Generator().manual_seed(seed)
@@ -76,14 +76,12 @@ def indexing_start(params, setup, seed: int = 1, cell_scale=(1.008, 0.994, 1.01)
     cell = p.crystal.cell.clone()
     cell[:3] = cell[:3] * torch.tensor(cell_scale, dtype=torch.float64)
     p = with_crystal(p, cell=cell)
-    px = setup.pixel_size
-    unit = 1.0 if setup.convention in ("XDS", "DIALS") else px
-    # beam_center is (x, y); for MOSFLM x is the slow coordinate, for XDS ORGX the fast one; either way shift by px
-    bc = p.detector.beam_center + torch.tensor(bc_px, dtype=torch.float64) * unit
+    # beam_center is (x, y) in mm; for MOSFLM x is the slow coordinate, for XDS the fast one; either way shift by px
+    bc = p.detector.beam_center + torch.tensor(bc_px, dtype=torch.float64) * setup.pixel_size
     p = with_detector(p, distance=p.detector.distance + distance_mm, beam_center=bc)
     return with_beam(p, fluence=p.beam.fluence * scale)
 
 
 def beam_center_error_px(p, truth, setup) -> float:
-    d = (p.detector.beam_center - truth.detector.beam_center).abs().max()
-    return float(d) if setup.convention in ("XDS", "DIALS") else float(d) / setup.pixel_size
+    """Largest beam-centre error in pixels (``Detector.beam_center`` is in mm for every convention)."""
+    return float((p.detector.beam_center - truth.detector.beam_center).abs().max()) / setup.pixel_size

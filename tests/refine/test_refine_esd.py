@@ -8,6 +8,7 @@ from torch.func import hessian
 
 import nbtorch
 import refine
+from refine.strategy import DegeneracyWarning
 from refine.targets import make_target
 
 from .refine_cases import model, observe
@@ -83,7 +84,8 @@ def test_degenerate_combination_is_reported():
     """A crystal rotation about the beam and an in-plane detector rotation move the pattern identically."""
     p, s, _ = model("-detpixels 32")
     obs = observe(p, s)
-    res = refine.fit(obs, p, s, free=["orientation.x", "detector_rotation.x", "scale"], coarse_to_fine=False,
-                     max_iter=3)
+    with pytest.warns(DegeneracyWarning, match="orientation.x and detector_rotation.x"):  # said before the fit
+        res = refine.fit(obs, p, s, free=["orientation.x", "detector_rotation.x", "scale"], coarse_to_fine=False,
+                         max_iter=3)
     assert "undetermined combination of orientation.x, detector_rotation.x" in res.message
     assert np.isfinite(res.x_esd.numpy()).all()

@@ -9,6 +9,7 @@ from torch.func import jacfwd
 
 import nbtorch
 import refine
+from nbtorch.detector import beam_center_to_pixels
 from nbtorch.rotation import rot_xyz
 from refine.parameters import CRYSTAL_SYSTEMS, parameterise, symmetrize_cell, total_rotation, xyz_angles
 
@@ -48,11 +49,12 @@ def test_pack_of_reference_is_zero_and_values_are_user_units():
     x[par.index("detector_rotation.y")[0]] = 1.0  # mrad
     x[par.index("scale")[0]] = math.log(2.0)
     v = dict(zip(par.names, par.values(x).tolist()))
-    assert v["beam_center.x"] == pytest.approx(51.5)  # XDS ORGX in pixels
+    assert v["beam_center.x"] == pytest.approx((50.5 - 0.5) * 0.2 + 0.2)  # mm in every convention: ORGX 51.5
     assert v["detector_rotation.y"] == pytest.approx(math.degrees(1e-3))
     assert v["scale"] == pytest.approx(2.0)
     q = par.unpack(x)
-    assert float(q.detector.beam_center[0]) == pytest.approx(51.5)
+    assert float(q.detector.beam_center[0]) == pytest.approx(10.2)
+    assert beam_center_to_pixels(q.detector.beam_center, "XDS", 0.2).tolist() == pytest.approx([51.5, 47.25])
     assert float(q.beam.fluence / p.beam.fluence) == pytest.approx(2.0)
 
 

@@ -54,7 +54,7 @@ def test_flags_round_trip_xds_with_tilts_and_twotheta():
     p, s, flags0 = model(extra)
     obs = observe(p, s)
     start = with_detector(p, distance=p.detector.distance + 0.4, twotheta=p.detector.twotheta + 0.1,
-                          beam_center=p.detector.beam_center + 0.7)
+                          beam_center=p.detector.beam_center + 0.7 * s.pixel_size)  # mm: 0.7 px
     res = refine.fit(obs, start, s, free=["distance", "beam_center", "twotheta", "detector_rotation.x", "scale"],
                      coarse_to_fine=False, max_iter=3, nanobragg_args=flags0)
     _moved(res)

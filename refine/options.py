@@ -1,0 +1,152 @@
+"""``FitOptions``: every knob of :func:`refine.fit`, frozen and validated on construction.
+
+    opts = refine.FitOptions(free=("distance", "beam_center"), method="lbfgs", max_iter=50)
+    result = refine.fit(observed, params, setup, options=opts)
+    result = refine.fit(observed, params, setup, options=opts, max_iter=10)   # keyword arguments override
+
+Bad values raise a one-line ``ValueError`` naming the option and its allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+from .cells import CRYSTAL_SYSTEMS
+from .optim import SCHEDULES
+from .parameters import expand_free
+from .table import DEFAULT_FREE
+from .targets import TARGETS, Target
+
+METHODS = ("lm", "lbfgs", "adam")
+#: Iterations of the final stage when ``max_iter`` is None, per method.
+DEFAULT_MAX_ITER = {"lm": 30, "lbfgs": 100, "adam": 300}
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _at_least(name: str, value, low, integer: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    if not ok or (integer and int(value) != value):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind} >= {low:g}{' or None' if optional else ''}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitOptions:
+    """The options of a fit (see :func:`refine.fit` for each one's meaning).
+
+    What to refine: ``free`` (groups, sub-groups or scalars), ``crystal_system`` ('auto' or a system),
+    ``ncells_mode``, ``background`` (starting plane c0, c_fast, c_slow, photons/pixel), ``bounds``, ``priors``
+    (reported units), ``allow_degenerate`` (False: refuse combinations the image cannot determine).
+    Against what: ``target``, ``read_noise`` (photons), ``weights`` (lsq image), ``mask`` (bool image, True = use),
+    ``overload``, ``spots_only``, ``spot_dilate`` (pixels), ``background_fraction``.
+    How: ``method``, ``max_iter`` (final stage; None: 30 LM, 100 L-BFGS, 300 Adam), ``coarse_to_fine`` ('auto':
+    the default stages, or only the final stage when resuming from a Result; True; False; or a sequence of
+    :class:`~refine.strategy.Stage`), ``coarse_iter``, ``robust_iter``, ``max_shift`` (pixels),
+    ``search_distance`` (relative), ``prelim_pixels``, ``chunk_pixels``, ``ftol`` (log-likelihood units), ``lr``,
+    ``schedule``, ``esd_scale``, ``fused``, ``callback``.
+    Output: ``nanobragg_args`` (the starting flags), ``matrix_path``.
+    """
+
+    free: Tuple[str, ...] = DEFAULT_FREE
+    method: str = "lm"
+    target: Union[str, Target] = "poisson"
+    mask: Any = None
+    overload: Optional[float] = None
+    read_noise: float = 1.0
+    weights: Any = None
+    crystal_system: str = "auto"
+    ncells_mode: str = "auto"
+    background: Optional[Tuple[float, float, float]] = None
+    bounds: Optional[types.MappingProxyType] = None
+    priors: Optional[types.MappingProxyType] = None
+    allow_degenerate: bool = True
+    max_iter: Optional[int] = None
+    coarse_to_fine: Union[str, bool, Tuple[Any, ...]] = "auto"
+    coarse_iter: int = 8
+    robust_iter: int = 10
+    max_shift: int = 8
+    search_distance: float = 0.05
+    spots_only: bool = False
+    prelim_pixels: Optional[int] = 65536
+    spot_dilate: int = 3
+    background_fraction: float = 0.05
+    chunk_pixels: int = 16384
+    ftol: float = 1e-3
+    lr: float = 0.05
+    schedule: str = "cosine"
+    esd_scale: str = "auto"
+    fused: Optional[bool] = None
+    callback: Optional[Callable[[dict], None]] = None
+    nanobragg_args: Optional[Union[str, Sequence[str]]] = None
+    matrix_path: Optional[str] = None
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        free = self.free.replace(",", " ").split() if isinstance(self.free, str) else list(self.free)
+        expand_free(free)  # validates the names
+        put("free", tuple(free))
+        for name in ("bounds", "priors"):
+            value = getattr(self, name)
+            put(name, None if value is None else types.MappingProxyType(dict(value)))
+        if self.background is not None:
+            put("background", tuple(float(v) for v in self.background))
+        if not isinstance(self.coarse_to_fine, (str, bool)) and self.coarse_to_fine is not None:
+            put("coarse_to_fine", tuple(self.coarse_to_fine))
+        self._validate()
+
+    def _validate(self) -> None:
+        _choice("method", self.method, METHODS)
+        if not isinstance(self.target, Target):
+            _choice("target", self.target, TARGETS)
+        _choice("crystal_system", self.crystal_system, ("auto",) + tuple(CRYSTAL_SYSTEMS))
+        _choice("ncells_mode", self.ncells_mode, ("auto", "isotropic", "anisotropic"))
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("esd_scale", self.esd_scale, ("auto", "chi2", "none"))
+        _choice("fused", self.fused, (None, True, False))
+        for name in ("coarse_iter", "robust_iter", "max_shift", "spot_dilate"):
+            _at_least(name, getattr(self, name), 0, integer=True)
+        _at_least("max_iter", self.max_iter, 0, integer=True, optional=True)
+        _at_least("prelim_pixels", self.prelim_pixels, 1, integer=True, optional=True)
+        _at_least("chunk_pixels", self.chunk_pixels, 1, integer=True)
+        _at_least("read_noise", self.read_noise, 0)
+        for name in ("ftol", "lr"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a number > 0; got {getattr(self, name)!r}")
+        if not 0 <= self.search_distance <= 0.5:
+            raise ValueError(f"search_distance must be within [0, 0.5] (relative); got {self.search_distance!r}")
+        if not 0 <= self.background_fraction <= 1:
+            raise ValueError(f"background_fraction must be within [0, 1]; got {self.background_fraction!r}")
+        if self.background is not None and len(self.background) != 3:
+            raise ValueError(f"background must be 3 numbers (c0, c_fast, c_slow) in photons/pixel; got "
+                             f"{list(self.background)}")
+        if isinstance(self.coarse_to_fine, str):
+            _choice("coarse_to_fine", self.coarse_to_fine, ("auto",))
+        elif isinstance(self.coarse_to_fine, tuple):
+            from .strategy import Stage  # strategy imports this module
+
+            if not self.coarse_to_fine or not all(isinstance(s, Stage) for s in self.coarse_to_fine):
+                raise ValueError("coarse_to_fine must be 'auto', True, False or a non-empty list of "
+                                 "refine.strategy.Stage")
+
+    @property
+    def final_max_iter(self) -> int:
+        """Iterations of the final stage: ``max_iter`` or the method's default."""
+        return DEFAULT_MAX_ITER[self.method] if self.max_iter is None else int(self.max_iter)
+
+    def replace(self, **changes) -> "FitOptions":
+        """A copy with ``changes`` (TypeError naming any unknown option)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown fit option {unknown[0]!r}; options: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,107 @@
+"""Prediction: the model photons at chosen pixels, ``simulate`` plus refine's background plane — the only copy.
+
+    model = make_predict(par, setup, pixels)    # pixels: None (all rendered), bool image [slow, fast] or flat indices
+    m = model(x)                                # [n] photons at increments x (differentiable, torch.func-safe)
+
+Pixels are rendered with :func:`nbtorch.simulate.simulate_pixels`, so memory and work scale with the number of
+pixels asked for, not with the detector.  The background plane b = c0 + c_f·u + c_s·v (photons/pixel) has u, v ∈
+[−½, ½] the fast/slow pixel-centre coordinates across the detector.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nbtorch.simulate import rendered_pixels, simulate_pixels
+from nbtorch.types import Setup
+
+from .parameters import Parameterisation
+
+
+def pixel_index(pixels, setup: Setup) -> np.ndarray:
+    """Flat slow-major pixel indices (slow·fpixels + fast) int64 [n] of a pixel choice: None (every pixel ``setup``
+    renders: inside its ROI and mask), a bool image [slow, fast], or indices (validated)."""
+    S, F = setup.spixels, setup.fpixels
+    if pixels is None:
+        return np.asarray(rendered_pixels(setup), dtype=np.int64)
+    if torch.is_tensor(pixels):
+        pixels = pixels.detach().cpu().numpy()
+    pixels = np.asarray(pixels)
+    if pixels.dtype == bool:
+        if pixels.shape != (S, F):
+            raise ValueError(f"pixel selection has shape {pixels.shape}, expected [slow, fast] = {(S, F)}")
+        return np.flatnonzero(pixels.reshape(-1)).astype(np.int64)
+    idx = pixels.reshape(-1).astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= S * F):
+        raise ValueError(f"pixel indices must be within [0, {S * F - 1}] (slow·fpixels + fast)")
+    return idx
+
+
+def plane_basis(setup: Setup, dtype=torch.float64, device=None, index=None) -> torch.Tensor:
+    """Background-plane basis [3, n]: 1, u, v with u, v ∈ [−½, ½] the fast/slow pixel-centre coordinates, at the flat
+    pixel ``index`` [n] (default: every pixel, slow-major, n = slow·fast)."""
+    F, S = setup.fpixels, setup.spixels
+    if index is None:
+        index = torch.arange(S * F, device=device)
+    k = torch.as_tensor(index, device=device)
+    u = ((k % F).to(dtype) + 0.5) / F - 0.5
+    v = ((k // F).to(dtype) + 0.5) / S - 0.5
+    return torch.stack([torch.ones_like(u), u, v])
+
+
+class Predict:
+    """Model photons at fixed pixels as a function of the increments: ``model(x)`` → [n].
+
+    Attributes: ``par``, ``setup`` (the set-up rendered; a stage may broaden the spots), ``index`` (long [n], flat
+    slow-major pixel indices), ``basis`` ([3, n] plane basis, or None when the model has no plane), ``fused``
+    (passed to :func:`~nbtorch.simulate.simulate_pixels`).
+    """
+
+    def __init__(self, par: Parameterisation, setup: Setup, index: np.ndarray, fused: Optional[bool] = None):
+        self.par, self.setup, self.fused = par, setup, fused
+        self.index = torch.as_tensor(index, dtype=torch.long, device=par.device)
+        self.basis = plane_basis(setup, par.dtype, par.device, self.index) if par.has_plane() else None
+
+    @property
+    def n(self) -> int:
+        """Number of pixels predicted."""
+        return int(self.index.shape[0])
+
+    def bragg(self, x: torch.Tensor, check: bool = False) -> torch.Tensor:
+        """What ``simulate`` gives at the pixels (photons [n]); ``check`` validates the parameter values."""
+        return simulate_pixels(self.par.unpack(x), self.setup, self.index, check=check, fused=self.fused)
+
+    def background(self, x: torch.Tensor) -> torch.Tensor:
+        """The background plane at the pixels (photons [n]; zeros when the model has none)."""
+        if self.basis is None:
+            return x.new_zeros(self.n)
+        return self.par.plane(x) @ self.basis
+
+    def __call__(self, x: torch.Tensor, check: bool = False) -> torch.Tensor:
+        """Model photons [n] at increments ``x`` [n_par]: :meth:`bragg` + :meth:`background`."""
+        m = self.bragg(x, check)
+        return m if self.basis is None else m + self.par.plane(x) @ self.basis
+
+
+def make_predict(par: Parameterisation, setup: Optional[Setup] = None, pixels=None,
+                 fused: Optional[bool] = None) -> Predict:
+    """The model at ``pixels`` (None: every pixel ``setup`` renders; a bool image [slow, fast]; or flat slow-major
+    indices) rendered with ``setup`` (default ``par.setup``): a :class:`Predict`, called as ``model(x)`` → photons
+    [n]."""
+    setup = par.setup if setup is None else setup
+    return Predict(par, setup, pixel_index(pixels, setup), fused)
+
+
+def predict_image(par: Parameterisation, x: torch.Tensor, setup: Optional[Setup] = None,
+                  fused: Optional[bool] = None) -> torch.Tensor:
+    """Model image [slow, fast] (photons/pixel, background plane included) at ``x``: every pixel ``setup`` (default
+    ``par.setup``) renders, 0 elsewhere (outside its ROI or mask).  No gradient."""
+    model = make_predict(par, setup, None, fused)
+    S, F = model.setup.spixels, model.setup.fpixels
+    with torch.no_grad():
+        vals = model(x.detach(), check=True)
+    if model.n == S * F:
+        return vals.reshape(S, F)
+    return torch.zeros(S * F, dtype=vals.dtype, device=vals.device).index_put((model.index,), vals).reshape(S, F)

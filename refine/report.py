@@ -1,0 +1,105 @@
+"""Uncertainties and reported quantities: the covariance of the increments, and every model quantity with its ESD.
+
+At the solution the normal matrix H = JᵀWJ (+ prior terms) is built over every free scalar on the fitted pixels; the
+covariance of the increments is ``cov = H⁻¹·k`` with k = 1 for likelihood targets (Poisson, Gaussian, Anscombe: H is
+the Fisher information) and k = reduced χ² for least squares (``esd_scale='auto'``); ``'chi2'`` forces the χ²
+scaling, ``'none'`` disables it.  Every reported quantity (:data:`REPORT_FIELDS`) is a function of the increments,
+and its ESD is propagated with the Jacobian of that function (delta method).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch.func import jacfwd
+
+from nbtorch.detector import beam_center_to_pixels
+from nbtorch.units import rad2deg
+
+from .parameters import Parameterisation, total_rotation, xyz_angles
+from .targets import Objective
+
+#: Reported model quantities: name → length.  ``beam_center`` is ``Detector.beam_center`` in mm (the convention's
+#: meaning); ``beam_center_px`` the same point in the convention's pixels (XDS/DIALS: ORGX, ORGY).
+REPORT_FIELDS = (
+    ("cell", 6), ("misset_deg", 3), ("distance_mm", 1), ("beam_center", 2), ("beam_center_px", 2),
+    ("detector_rotation_deg", 3), ("twotheta_deg", 1), ("wavelength_A", 1), ("ncells", 3), ("mosaic_deg", 1),
+    ("fluence", 1), ("scale", 1), ("background", 3), ("water_size_um", 1),
+)
+
+
+def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
+    """Every reported quantity at increments ``x`` [n] as one flat vector (order of :data:`REPORT_FIELDS`);
+    differentiable.  ``scale`` is the fluence relative to the parameterisation's reference (the starting model)."""
+    p = par.unpack(x)
+    st = par.setup
+    misset = rad2deg(xyz_angles(total_rotation(p)))
+    bc = p.detector.beam_center
+    parts = [
+        p.crystal.cell, misset, p.detector.distance, bc, beam_center_to_pixels(bc, st.convention, st.pixel_size),
+        p.detector.rotation, p.detector.twotheta, p.beam.wavelength, p.crystal.ncells, p.crystal.mosaic_spread,
+        p.beam.fluence, p.beam.fluence / par.ref.beam.fluence, par.plane(x), p.background.water_size,
+    ]
+    return torch.cat([t.reshape(-1).to(x.dtype) for t in parts])
+
+
+def split_report(vec) -> Dict[str, object]:
+    """Flat report vector → {name: float or list of floats}."""
+    out, k = {}, 0
+    v = [float(t) for t in vec]
+    for name, n in REPORT_FIELDS:
+        out[name] = v[k] if n == 1 else v[k: k + n]
+        k += n
+    return out
+
+
+def propagate(par: Parameterisation, x: torch.Tensor, cov: torch.Tensor):
+    """(values, ESDs) of every :data:`REPORT_FIELDS` quantity at ``x`` with covariance ``cov`` [n, n] of x (delta
+    method through the Jacobian of :func:`report_vector`), as two {name: value} dicts."""
+    vec = report_vector(par, x)
+    if par.n == 0:
+        return split_report(vec), split_report(torch.zeros_like(vec))
+    J = jacfwd(lambda xx: report_vector(par, xx))(x)
+    var = torch.einsum("ij,jk,ik->i", J, cov, J).clamp_min(0)
+    return split_report(vec), split_report(torch.sqrt(var))
+
+
+def correlation_from_covariance(cov: torch.Tensor) -> torch.Tensor:
+    """Correlation matrix [n, n] of a covariance matrix (zero rows where the variance is 0)."""
+    sd = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0))
+    inv = torch.where(sd > 0, 1.0 / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.zeros_like(sd))
+    return cov * inv[:, None] * inv[None, :]
+
+
+def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", rcond: float = 1e-10, normal=None):
+    """Covariance of the increments at ``x``: ``H⁻¹·k`` (see the module docstring).
+
+    H is inverted through its correlation form C = D^-½·H·D^-½ (D = diag H); eigenvalues of C below ``rcond`` times
+    the largest mark combinations of free parameters that the data do not determine (e.g. a crystal rotation about
+    the beam together with an in-plane detector rotation): they are left out (pseudo-inverse) and named.
+
+    ``normal``: optional (H [n, n], model [n_pixels]) already computed at ``x`` (by the last LM iteration).
+
+    Returns ``(cov [n, n], chi2_reduced, k, loss, degenerate)`` with ``degenerate`` a list of lists of scalar names
+    (empty when H is well conditioned)."""
+    if esd_scale not in ("auto", "chi2", "none"):
+        raise ValueError(f"esd_scale must be 'auto', 'chi2' or 'none'; got {esd_scale!r}")
+    n = objective.par.n
+    if normal is not None:
+        H, m = normal
+        L = objective.loss(x)
+    else:
+        L, g, H, m = objective.normal_equations(x)
+    chi2 = objective.chi2_reduced(m, n)
+    k = chi2 if (esd_scale == "chi2" or (esd_scale == "auto" and not objective.target.likelihood)) else 1.0
+    d = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
+    C = H / d[:, None] / d[None, :]
+    w, V = torch.linalg.eigh(C)
+    bad = w < rcond * float(w.max())
+    degenerate = []
+    for j in torch.nonzero(bad).flatten().tolist():
+        v = V[:, j].abs()
+        degenerate.append([objective.par.names[i] for i in torch.nonzero(v > 0.2 * float(v.max())).flatten().tolist()])
+    winv = torch.where(bad, torch.zeros_like(w), 1.0 / torch.where(bad, torch.ones_like(w), w))
+    cov = ((V * winv) @ V.T) / d[:, None] / d[None, :]
+    return cov * k, chi2, k, L, degenerate
