@@ -15,6 +15,7 @@ from refine.targets import Objective, make_target
 from .refine_cases import model, observe, with_detector
 
 FREE = ("distance", "beam_center", "scale")
+OPTIONS = refine.FitOptions(free=FREE, coarse_iter=3, robust_iter=3)
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,13 @@ def case():
     start = with_detector(p, distance=p.detector.distance + 0.6,
                           beam_center=p.detector.beam_center + torch.tensor([0.1, -0.1], dtype=torch.float64))
     return p, s, obs, start
+
+
+@pytest.fixture(scope="module")
+def fitted(case):
+    """The default coarse-to-fine fit of the case (shared: fits are the slow part)."""
+    p, s, obs, start = case
+    return refine.fit(obs, start, s, options=OPTIONS)
 
 
 def test_options_are_frozen_validated_and_overridable():
@@ -56,12 +64,11 @@ def test_schedule_marks_all_but_the_last_stage_preliminary():
     assert [s.preliminary for s in custom] == [True, True, False]
 
 
-def test_fit_is_prepare_run_stage_finish(case):
+def test_fit_is_prepare_run_stage_finish(case, fitted):
     """refine.fit equals the same stages run one by one, and a saved state continues exactly (states are values)."""
     p, s, obs, start = case
-    opts = refine.FitOptions(free=FREE, coarse_iter=3, robust_iter=3)
-    res = refine.fit(obs, start, s, options=opts)
-    state = prepare(obs, start, s, opts)
+    res = fitted
+    state = prepare(obs, start, s, OPTIONS)
     saved = None
     for stage in default_stages(3, 3):
         if stage.name == "robust":
@@ -82,16 +89,17 @@ def test_keywords_equal_options(case):
     p, s, obs, start = case
     a = refine.fit(obs, start, s, free=list(FREE), coarse_to_fine=False, max_iter=4)
     b = refine.fit(obs, start, s, options=refine.FitOptions(free=FREE, coarse_to_fine=False, max_iter=4))
-    c = refine.fit(obs, start, s, options=refine.FitOptions(free=FREE, max_iter=30), coarse_to_fine=False,
-                   max_iter=4)
-    assert torch.equal(a.x, b.x) and torch.equal(a.x, c.x)
+    assert torch.equal(a.x, b.x)
+    merged = refine.fit_options(refine.FitOptions(free=FREE, max_iter=30), coarse_to_fine=False, max_iter=4,
+                                method=None)
+    assert (merged.free, merged.max_iter, merged.coarse_to_fine, merged.method) == (FREE, 4, False, "lm")
     with pytest.raises(TypeError, match="unknown fit option"):
         refine.fit(obs, start, s, free=list(FREE), maxiter=3)
 
 
-def test_start_from_a_converged_result_converges_at_once(case):
+def test_start_from_a_converged_result_converges_at_once(case, fitted):
     p, s, obs, start = case
-    res = refine.fit(obs, start, s, free=list(FREE))
+    res = fitted
     assert res.converged
     again = refine.fit(obs, start, s, free=list(FREE), start=res)
     assert again.converged and again.iterations <= 2 and [st["stage"] for st in again.stages] == ["fine"]
@@ -106,9 +114,8 @@ def test_start_from_a_converged_result_converges_at_once(case):
         refine.fit(obs, start, s, free=list(FREE), start=[0.0, 1.0])
 
 
-def test_history_losses_are_per_stage_and_comparable_on_all_pixels(case, tmp_path):
-    p, s, obs, start = case
-    res = refine.fit(obs, start, s, free=list(FREE), coarse_iter=3, robust_iter=3)
+def test_history_losses_are_per_stage_and_comparable_on_all_pixels(fitted, tmp_path):
+    res = fitted
     ran = [st for st in res.stages if not st["message"].startswith("skipped")]
     assert [st["stage"] for st in ran] == ["search", "coarse", "medium", "robust", "fine"]
     # each stage's iterations are monotone (LM accepts only downhill steps) on its own pixels and target
