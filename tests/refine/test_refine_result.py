@@ -60,6 +60,14 @@ def test_flags_round_trip_xds_with_tilts_and_twotheta():
     _moved(res)
     flags, p2, s2, img2, img1 = _resimulate(res)
     assert "-ORGX" in flags and "-Xbeam" not in flags
+    # the JSON reports the beam centre in mm and as ORGX/ORGY pixels, each with its ESD
+    d = res.to_dict()
+    mm, px = d["parameters"]["beam_center"], d["parameters"]["beam_center_px"]
+    assert d["parameters"]["beam_center_unit"] == "mm" and res.values["beam_center.x"] == pytest.approx(mm[0])
+    assert px == pytest.approx([v / 0.2 + 0.5 for v in mm], rel=1e-14)
+    assert float(flags[flags.index("-ORGX") + 1]) == pytest.approx(px[0], rel=1e-14)
+    assert d["esd"]["beam_center_px"] == pytest.approx([e / 0.2 for e in d["esd"]["beam_center"]], rel=1e-12)
+    assert min(d["esd"]["beam_center"]) > 0
     assert float((img2 - img1).abs().max()) <= 1e-6 * float(img1.abs().max())
 
 
