@@ -1,14 +1,18 @@
 """Lattice (crystal-shape) factors F_latt, gradient-safe at their removable singularities.
 
-Every function takes **reduced** Miller indices Δh = h − round(h) (``[..., 3]``, so float32 keeps the phase) and the
-cell counts ``N`` (``[3]``, continuous) and returns F_latt ``[...]`` (its square multiplies |F|²).
+Every function takes **reduced** Miller indices Δh = h − round(h) (so float32 keeps the phase) and the cell counts
+``N`` (``[3]``, continuous) and returns F_latt (its square multiplies |F|²).  The ``*_components`` functions take the
+three components Δh, Δk, Δl as separate tensors of one shape (what the sample loop of :mod:`nbtorch.kernel` holds);
+:func:`lattice_factor` takes them stacked along a last axis of length 3.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
+from .types import SHAPES
 from .units import GAUSS_RHO2_SCALE, ROUND_XTAL_NORM, TOPHAT_RHO2_LIMIT
 
 
@@ -20,13 +24,34 @@ def round_half_down(h: torch.Tensor) -> torch.Tensor:
 def sincg(x: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     """sin(N·x)/sin(x) for reduced ``x`` = π·Δh ∈ [−π/2, π/2]; N at x = 0 (double-where: finite value and gradient).
 
-    ``x``: ``[..., k]``, ``N``: broadcastable (e.g. ``[3]``).  Within |N·x| < 1e-3 the series N − N(N²−1)x²/6 is used.
+    ``x``: any shape, ``N``: broadcastable.  Within |N·x| < 1e-3 the series N − N(N²−1)x²/6 is used.
     """
     small = torch.abs(x) < 1e-3 / N
     xs = torch.where(small, torch.ones_like(x), x)
     direct = torch.sin(N * xs) / torch.sin(xs)
     series = N - (N * (N * N - 1.0) / 6.0) * (x * x)
     return torch.where(small, series, direct)
+
+
+def sincg_and_derivatives(x: torch.Tensor, N: torch.Tensor):
+    """(sincg(x, N), ∂/∂x, ∂/∂N) for reduced ``x`` = π·Δh ∈ [−π/2, π/2] (the same branches as :func:`sincg`).
+
+    sin(N·x) and cos(N·x) come from one tangent, t = tan(N·x/2): sin = 2t/(1+t²), cos = (1−t²)/(1+t²), and
+    cos x = √(1 − sin²x) on this interval, so the three values cost two transcendental calls per sample.
+    """
+    small = torch.abs(x) < 1e-3 / N
+    xs = torch.where(small, torch.ones_like(x), x)
+    s1 = torch.sin(xs)
+    c1 = torch.sqrt(1.0 - s1 * s1)
+    t = torch.tan(0.5 * N * xs)
+    den = 1.0 + t * t
+    sN, cN = 2.0 * t / den, (1.0 - t * t) / den
+    f_direct = sN / s1
+    NN1 = N * (N * N - 1.0)
+    f = torch.where(small, N - NN1 / 6.0 * (x * x), f_direct)
+    dfdx = torch.where(small, -NN1 / 3.0 * x, (N * cN - f_direct * c1) / s1)
+    dfdN = torch.where(small, 1.0 - (3.0 * N * N - 1.0) / 6.0 * (x * x), xs * cN / s1)
+    return f, dfdx, dfdN
 
 
 def sinc3_of_square(u: torch.Tensor) -> torch.Tensor:
@@ -39,44 +64,70 @@ def sinc3_of_square(u: torch.Tensor) -> torch.Tensor:
     return torch.where(small, series, direct)
 
 
-def square(dh: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
-    """Parallelepiped crystal: Π_i sin(N_i π Δh_i)/sin(π Δh_i); peak Na·Nb·Nc.  ``dh`` ``[..., 3]``, ``N`` ``[3]``."""
-    f = sincg(math.pi * dh, N)
-    return f[..., 0] * f[..., 1] * f[..., 2]
+def square_components(dh: Sequence[torch.Tensor], N: torch.Tensor) -> torch.Tensor:
+    """Parallelepiped crystal: Π_i sin(N_i π Δh_i)/sin(π Δh_i); peak Na·Nb·Nc."""
+    return sincg(math.pi * dh[0], N[0]) * sincg(math.pi * dh[1], N[1]) * sincg(math.pi * dh[2], N[2])
 
 
-def round_(dh: torch.Tensor, N: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
+def round_components(dh: Sequence[torch.Tensor], N: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
     """Ellipsoidal crystal: Na·Nb·Nc·0.7236·sinc3(π·sqrt(fudge·Σ(Δh_i N_i)²))."""
-    r2 = ((dh * N) ** 2).sum(-1)
+    r2 = (dh[0] * N[0]) ** 2 + (dh[1] * N[1]) ** 2 + (dh[2] * N[2]) ** 2
     return N.prod(-1) * ROUND_XTAL_NORM * sinc3_of_square((math.pi**2 * fudge) * r2)
 
 
-def reciprocal_radius2(dh: torch.Tensor, B: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+def reciprocal_radius2_components(dh: Sequence[torch.Tensor], B: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     """nanoBragg's ρ² = |Δh·a* + Δk·b* + Δl·c*|²·(Na·Nb·Nc)² (Å⁻², with B = [a* b* c*] in Å⁻¹), spec Q17."""
-    dq = dh @ B.transpose(-1, -2)
-    return (dq * dq).sum(-1) * N.prod(-1) ** 2
+    dq = [B[j, 0] * dh[0] + B[j, 1] * dh[1] + B[j, 2] * dh[2] for j in range(3)]
+    return (dq[0] * dq[0] + dq[1] * dq[1] + dq[2] * dq[2]) * N.prod(-1) ** 2
 
 
-def gauss(dh: torch.Tensor, N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
-    """Gaussian spots: Na·Nb·Nc·exp(−ρ²·fudge/0.63) with ρ² from :func:`reciprocal_radius2`."""
-    return N.prod(-1) * torch.exp(-reciprocal_radius2(dh, B, N) * (fudge / GAUSS_RHO2_SCALE))
+def gauss_components(dh: Sequence[torch.Tensor], N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0):
+    """Gaussian spots: Na·Nb·Nc·exp(−ρ²·fudge/0.63) with ρ² from :func:`reciprocal_radius2_components`."""
+    return N.prod(-1) * torch.exp(-reciprocal_radius2_components(dh, B, N) * (fudge / GAUSS_RHO2_SCALE))
 
 
-def tophat(dh: torch.Tensor, N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
+def tophat_components(dh: Sequence[torch.Tensor], N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0):
     """Flat-top spots: Na·Nb·Nc where ρ²·fudge < 0.3969, else 0 (piecewise constant: zero gradient in Δh)."""
-    inside = reciprocal_radius2(dh, B, N) * fudge < TOPHAT_RHO2_LIMIT
+    inside = reciprocal_radius2_components(dh, B, N) * fudge < TOPHAT_RHO2_LIMIT
     NNN = N.prod(-1)
     return torch.where(inside, NNN, torch.zeros_like(NNN))
 
 
-def lattice_factor(shape: str, dh: torch.Tensor, N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0):
-    """Dispatch on the (static) ``shape`` name: 'square', 'round', 'gauss' or 'tophat'."""
+def lattice_factor_components(shape: str, dh: Sequence[torch.Tensor], N: torch.Tensor, B: torch.Tensor,
+                              fudge: float = 1.0) -> torch.Tensor:
+    """F_latt of the (static) ``shape`` ('square', 'round', 'gauss' or 'tophat') from the components of Δh (three
+    tensors of one shape), ``N`` [3] and ``B`` [3,3] (columns a*, b*, c*, Å⁻¹; gauss and tophat only)."""
     if shape == "square":
-        return square(dh, N)
+        return square_components(dh, N)
     if shape == "round":
-        return round_(dh, N, fudge)
+        return round_components(dh, N, fudge)
     if shape == "gauss":
-        return gauss(dh, N, B, fudge)
+        return gauss_components(dh, N, B, fudge)
     if shape == "tophat":
-        return tophat(dh, N, B, fudge)
-    raise ValueError(f"shape must be one of square, round, gauss, tophat; got {shape!r}")
+        return tophat_components(dh, N, B, fudge)
+    raise ValueError(f"shape must be one of {', '.join(SHAPES)}; got {shape!r}")
+
+
+def lattice_factor(shape: str, dh: torch.Tensor, N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0):
+    """:func:`lattice_factor_components` with Δh stacked: ``dh`` [..., 3] → [...]."""
+    return lattice_factor_components(shape, dh.unbind(-1), N, B, fudge)
+
+
+def square(dh: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+    """Parallelepiped crystal for stacked ``dh`` [..., 3] (see :func:`square_components`)."""
+    return square_components(dh.unbind(-1), N)
+
+
+def round_(dh: torch.Tensor, N: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
+    """Ellipsoidal crystal for stacked ``dh`` [..., 3] (see :func:`round_components`)."""
+    return round_components(dh.unbind(-1), N, fudge)
+
+
+def gauss(dh: torch.Tensor, N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
+    """Gaussian spots for stacked ``dh`` [..., 3] (see :func:`gauss_components`)."""
+    return gauss_components(dh.unbind(-1), N, B, fudge)
+
+
+def tophat(dh: torch.Tensor, N: torch.Tensor, B: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
+    """Flat-top spots for stacked ``dh`` [..., 3] (see :func:`tophat_components`)."""
+    return tophat_components(dh.unbind(-1), N, B, fudge)

@@ -1,28 +1,33 @@
-"""simulate(params, setup) → image [slow, fast]: the nanoBragg pixel sum, tiled over pixels for bounded memory.
+"""simulate(params, setup) → image [slow, fast]: the nanoBragg pixel sum, in tiles of bounded memory.
 
-The computation per pixel follows spec §5: positions of every (layer, sub-pixel) sample, scattered direction d,
-for each source q = (d − i)/λ, Miller indices h = Mᵀ·q for every (phi step, mosaic domain) orientation of the
-real-space basis M, lattice factor and structure factor, summed as |F|²·F_latt² and scaled by
-r_e²·fluence/steps·capture·polarization·Ω.  Everything is broadcasting tensor algebra with no data-dependent
-Python branches, so it composes with ``torch.func`` (``vmap``, ``jacfwd``, ``jacrev``, ``grad``, ``hessian``).
+The pixel value follows spec §5: for every (layer, sub-pixel) sample of a pixel its scattered direction d; for every
+source q = (d − i)/λ; for every (phi step, mosaic domain) orientation of the real-space basis the Miller indices
+h = a·q, the lattice factor and the structure factor; summed as |F|²·F_latt² and scaled by
+r_e²·fluence/steps·capture·polarization·Ω.  The per-tile math is in :mod:`nbtorch.kernel`; :mod:`nbtorch.fused`
+compiles it and makes it differentiable tile by tile.  Here the image is cut into tiles (pixels, and when one pixel
+alone has more samples than ``Setup.sample_budget``, chunks of its orientations and sources) and put back together.
 """
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, List, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from . import detector as detmod
-from .beam import polarization_factor
+from . import fused as fusedmod
+from .kernel import KernelSpec, TileConsts, TileParams
 from .lattice import lattice
 from .rotation import rot_axis, rot_xyz
-from .shape import lattice_factor, round_half_down
-from .structure import lookup_nearest, lookup_tricubic
 from .types import Params, Setup
-from .units import AVOGADRO, R_E_SQUARED_M2, WATER_F, deg2rad
+from .units import AVOGADRO, R_E_SQUARED_M2, WATER_F, deg2rad, um_to_mm
 from .validate import check_params
+
+#: Work (samples) from which ``simulate(fused=None)`` compiles: below it eager code is faster than loading a kernel.
+FUSED_MIN_SAMPLES = 1 << 22
+#: Samples above which a single call is refused as absurd for one machine (≈ hours of work); see :func:`plan`.
+MAX_SAMPLES = 10**13
 
 
 class Crystal3D(NamedTuple):
@@ -55,19 +60,6 @@ def crystal_orientations(params: Params, setup: Setup) -> Crystal3D:
     return Crystal3D(A, B0)
 
 
-def _roi(setup: Setup):
-    """(x0, x1, y0, y1) inclusive pixel bounds of the rendered rectangle."""
-    return setup.roi if setup.roi is not None else (0, setup.fpixels - 1, 0, setup.spixels - 1)
-
-
-@functools.lru_cache(maxsize=32)
-def _masked_indices(setup: Setup) -> np.ndarray:
-    """Row-major indices, within the ROI rectangle, of the pixels the mask keeps (computed once per Setup)."""
-    x0, x1, y0, y1 = _roi(setup)
-    m = np.frombuffer(setup.mask, dtype=np.uint8).reshape(setup.spixels, setup.fpixels)[y0 : y1 + 1, x0 : x1 + 1]
-    return np.flatnonzero(m.reshape(-1) != 0)
-
-
 def water_intensity(params: Params) -> torch.Tensor:
     """nanoBragg's water background per electron² unit: F_w²·r_e²·fluence·N_mol (N_mol molecules in a cube of
     edge ``water_size`` µm); it is scaled a second time by r_e²·fluence/steps like the Bragg sum (spec Q10)."""
@@ -76,130 +68,215 @@ def water_intensity(params: Params) -> torch.Tensor:
     return WATER_F**2 * R_E_SQUARED_M2 * params.beam.fluence * n_mol
 
 
-def _tile_values(params, setup, frame, xtal, inc, lam, E, fast, slow):
-    """Photons for the pixels (``fast``, ``slow`` ``[P]``) of one tile → ``[P]``."""
-    dtype = frame.pix0.dtype
-    T = setup.thicksteps
-    pos = detmod.pixel_positions(frame, fast, slow, setup)  # [P,T,n2,3]
-    R = torch.linalg.vector_norm(pos, dim=-1, keepdim=True)
-    d = pos / R
-    layers = torch.arange(T, dtype=dtype, device=pos.device)
-    capture = detmod.capture_fraction(d, frame, layers[None, :, None], setup)  # [P,T,n2]
-    omega = detmod.solid_angle(pos, frame, setup)  # [P,T,n2]
-
-    # scattering vectors for every source: [P,T,n2,K,3] in Å⁻¹
-    q = (d[..., None, :] - inc) / lam[:, None]
-    keep = None
-    if setup.dmin > 0.0:
-        keep = torch.linalg.vector_norm(q, dim=-1) * setup.dmin <= 1.0  # resolution 1/|q| >= dmin
-    K_pol = params.beam.polarization
-    if setup.nopolar:
-        polar = torch.ones_like(q[:, 0, 0, 0, 0])
-    elif setup.oversample_polar or keep is not None:
-        polar = polarization_factor(inc, d[..., None, :], E, K_pol)  # [P,T,n2,K]
-    else:
-        polar = polarization_factor(inc[0], d[:, 0, 0], E, K_pol)  # [P]
-
-    # Miller indices for every orientation: [P,T,n2,K,O,3]
-    h = torch.einsum("oij,ptnkj->ptnkoi", xtal.A, q)
-    h0 = round_half_down(h)
-    dh = h - h0
-    c = params.crystal
-    F_latt = lattice_factor(setup.shape, dh, c.ncells, xtal.B0, setup.fudge)
-    st = params.structure
-    if setup.interpolate:
-        F_cell = lookup_tricubic(h, st.F, st.default_F, setup.hkl_min)
-    else:
-        F_cell = lookup_nearest(h0, st.F, st.default_F, setup.hkl_min)
-    x = (F_cell * F_latt) ** 2  # [P,T,n2,K,O]
-    if keep is not None:
-        x = torch.where(keep[..., None], x, torch.zeros_like(x))
-
-    I_bg = water_intensity(params)
-    quirk = setup.oversample_thick or setup.oversample_polar or setup.oversample_omega
-    if not quirk:
-        I = I_bg + x.sum((1, 2, 3, 4))
-        factor = capture[:, -1, 0] * omega[:, 0, 0]
-    else:
-        I, factor = _running_product_sum(x, I_bg, capture, omega, polar, F_latt, keep, params, setup)
-    if not setup.oversample_polar:
-        if polar.dim() > 1:  # first (layer, sub-pixel, source) sample that passed the dmin test, else 0 (spec Q23)
-            flat_keep = keep.reshape(keep.shape[0], -1)
-            first = torch.argmax(flat_keep.to(torch.int8), dim=1)
-            p_first = polar.reshape(polar.shape[0], -1).gather(1, first[:, None])[:, 0]
-            polar = torch.where(flat_keep.any(1), p_first, torch.zeros_like(p_first))
-        factor = factor * polar
-    return R_E_SQUARED_M2 * params.beam.fluence * I / setup.steps * factor
+def kernel_spec(params: Params, setup: Setup) -> KernelSpec:
+    """The static switches of the tile code for this set-up (a compile-cache key)."""
+    return KernelSpec(
+        shape=setup.shape, fudge=float(setup.fudge), table=params.structure.F.numel() > 0,
+        interpolate=bool(setup.interpolate), nopolar=bool(setup.nopolar), point_pixel=bool(setup.point_pixel),
+        curved=bool(setup.curved_det), thick=setup.thickness_um > 0.0, dmin=setup.dmin > 0.0,
+        running_thick=bool(setup.oversample_thick), running_polar=bool(setup.oversample_polar),
+        running_omega=bool(setup.oversample_omega),
+    )
 
 
-def _running_product_sum(x, I_bg, capture, omega, polar, F_latt, keep, params, setup):
-    """nanoBragg's ``-oversample_thick/_polar/_omega`` accumulation (spec Q7), in closed form.
+# ----------------------------------------------------------------------------------------------------------------
+# planning: which pixels, how many per tile, and chunks of a pixel's samples
 
-    The C program multiplies the running sum by each sample's factors: I_n = (I_{n−1} + x_n)·c_n over the samples in
-    loop order (layer, sub-pixel, source, orientation), skipping samples cut by ``-dmin`` or with F_latt = 0 (no water).
-    Hence I = I_bg·Π c + Σ_n x_n·Π_{m≥n} c_m, computed with a reverse cumulative product.  Returns
-    ``(I [P], factor [P])`` where ``factor`` holds the once-per-pixel factors whose flags are off.
+
+class Plan(NamedTuple):
+    """How an image is cut: ``tile`` pixels per tile, ``o_chunk``/``k_chunk`` orientations/sources per pass over a
+    tile, ``samples`` in all (pixels × layers × sub-pixels × sources × orientations)."""
+
+    tile: int
+    o_chunk: int
+    k_chunk: int
+    samples: int
+
+
+def samples_per_pixel(setup: Setup) -> int:
+    """Layers × sub-pixels × sources × (phi steps × mosaic domains) of one pixel."""
+    return setup.thicksteps * setup.oversample**2 * setup.n_sources * setup.phisteps * setup.n_domains
+
+
+def plan(setup: Setup, n_pixels: int) -> Plan:
+    """Tile size and sample chunks for ``n_pixels`` pixels within ``setup.sample_budget`` samples per tile.
+
+    A pixel with more samples than the budget is rendered in chunks of orientations (then of sources).  Raises a
+    ``ValueError`` naming the counts to lower when the request is absurd for one machine or cannot be split.
     """
-    cfac = torch.ones_like(x)
-    if setup.oversample_thick:
-        cfac = cfac * capture[..., None, None]
-    if setup.oversample_omega:
-        cfac = cfac * omega[..., None, None]
-    if setup.oversample_polar and not setup.nopolar:
-        cfac = cfac * polar[..., None]
-    skip = (F_latt == 0) & (params.background.water_size == 0)
-    if keep is not None:
-        skip = skip | ~keep[..., None]
-    cfac = torch.where(skip, torch.ones_like(cfac), cfac).reshape(x.shape[0], -1)
-    suffix = torch.flip(torch.cumprod(torch.flip(cfac, [1]), 1), [1])
-    I = I_bg * suffix[:, 0] + (x.reshape(x.shape[0], -1) * suffix).sum(1)
-    factor = torch.ones_like(I)
-    if not setup.oversample_thick:
-        factor = factor * capture[:, -1, 0]
-    if not setup.oversample_omega:
-        factor = factor * omega[:, 0, 0]
-    return I, factor
+    TN = setup.thicksteps * setup.oversample**2
+    K, O = setup.n_sources, setup.phisteps * setup.n_domains
+    per = TN * K * O
+    total = per * max(n_pixels, 1)
+    budget = setup.sample_budget
+    if total > MAX_SAMPLES:
+        raise ValueError(
+            f"this image needs {total:.3g} samples ({n_pixels} pixels × {setup.thicksteps} layers × "
+            f"{setup.oversample}² sub-pixels × {K} sources × {O} orientations), beyond {MAX_SAMPLES:.0e}: lower "
+            "-oversample, -mosaic_domains, -phisteps, -divsteps/-dispsteps or the detector size")
+    if per <= budget:
+        return Plan(max(1, budget // per), O, K, total)
+    if any((setup.oversample_thick, setup.oversample_polar, setup.oversample_omega)):
+        raise ValueError(
+            f"-oversample_thick/_polar/_omega need all {per} samples of a pixel at once, more than sample_budget="
+            f"{budget}: raise sample_budget or lower the sample counts")
+    if TN * K <= budget:
+        return Plan(1, max(1, budget // (TN * K)), K, total)
+    if TN > budget:
+        raise ValueError(f"one pixel has {TN} (layer, sub-pixel) samples, more than sample_budget={budget}: lower "
+                         "-oversample or -detector_thicksteps, or raise sample_budget")
+    return Plan(1, 1, max(1, budget // TN), total)
 
 
-def simulate(params: Params, setup: Setup, check: bool = True) -> torch.Tensor:
+def _roi(setup: Setup):
+    """(x0, x1, y0, y1) inclusive pixel bounds of the rendered rectangle."""
+    return setup.roi if setup.roi is not None else (0, setup.fpixels - 1, 0, setup.spixels - 1)
+
+
+@functools.lru_cache(maxsize=32)
+def rendered_pixels(setup: Setup) -> np.ndarray:
+    """Flat slow-major indices (``slow·fpixels + fast``) of the pixels ``setup`` renders: inside the ROI and kept by
+    the mask, in raster order (computed once per Setup)."""
+    x0, x1, y0, y1 = _roi(setup)
+    ys, xs = np.meshgrid(np.arange(y0, y1 + 1), np.arange(x0, x1 + 1), indexing="ij")
+    idx = (ys * setup.fpixels + xs).reshape(-1)
+    if setup.mask is not None:
+        m = np.frombuffer(setup.mask, dtype=np.uint8)
+        idx = idx[m[idx] != 0]
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+def _use_fused(fused: Optional[bool], spec: KernelSpec, samples: int, like: torch.Tensor) -> bool:
+    """Resolve ``simulate(fused=...)``: an explicit value wins, then ``NBTORCH_FUSED``, else compile when the work
+    is large enough to repay loading a kernel.  The running-sum quirk path is always eager."""
+    if spec.running_sum or like.device.type not in ("cpu", "cuda"):
+        return False
+    if fused is None:
+        fused = fusedmod.fused_default()
+    if fused is None:
+        fused = samples >= FUSED_MIN_SAMPLES
+    return bool(fused) and fusedmod.compiler_available()
+
+
+def _tile_params(params: Params, setup: Setup) -> TileParams:
+    """The differentiable tile inputs of the whole image (all orientations)."""
+    frame = detmod.detector_frame(params.detector, setup)
+    xtal = crystal_orientations(params, setup)
+    st = params.structure
+    return TileParams(frame.pix0, frame.fdet, frame.sdet, frame.odet, frame.close, frame.distance, xtal.A, xtal.B0,
+                      params.beam.wavelength, params.crystal.ncells, params.beam.polarization, st.F, st.default_F,
+                      water_intensity(params))
+
+
+def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
+    """The non-differentiable tile inputs (pixel indices left empty: set per tile)."""
+    dt, dev = like.dtype, like.device
+
+    def T(v):
+        return torch.as_tensor(v, dtype=dt, device=dev)
+
+    inc = T([s[0] for s in setup.sources])
+    lamf = T([s[1] for s in setup.sources])
+    empty = T([])
+    return TileConsts(
+        fast=empty, slow=empty, offsets=detmod.subpixel_offsets(setup, dt, dev),
+        layers=torch.arange(setup.thicksteps, dtype=dt, device=dev) * um_to_mm(setup.thickstep_um),
+        incident=inc, lam_factor=lamf, incident_all=inc, lam_factor_all=lamf, polar_axis=T(setup.polar_axis),
+        beam=T(setup.beam), pixel=T(setup.pixel_size), capture_k=T(setup.thickstep_um * setup.mu_per_um),
+        dmin=T(setup.dmin), hkl_min=T(setup.hkl_min))
+
+
+def _tile_sum(spec, tc: TileConsts, tp: TileParams, p: Plan, fused: bool):
+    """(S, factor) of one tile of pixels, summing chunks of orientations and sources when the plan asks for it."""
+    plain = fusedmod.is_plain_tree(tp) and not any(v.requires_grad for v in tp)
+    S = factor = None
+    O, K = tp.A.shape[0], tc.incident_all.shape[0]
+    for o0 in range(0, O, p.o_chunk):
+        for k0 in range(0, K, p.k_chunk):
+            first = S is None
+            tpc = tp._replace(A=tp.A[o0:o0 + p.o_chunk], I_bg=tp.I_bg if first else torch.zeros_like(tp.I_bg))
+            tcc = tc._replace(incident=tc.incident_all[k0:k0 + p.k_chunk],
+                              lam_factor=tc.lam_factor_all[k0:k0 + p.k_chunk])
+            if plain:
+                s, f = fusedmod.forward(spec, tcc, tpc, fused)
+            else:
+                s, f = fusedmod.TileFunction.apply(spec, tcc, fused, *tpc)
+            S, factor = (s, f) if first else (S + s, factor)
+    return S, factor
+
+
+def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Optional[bool] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Photons of the pixels with flat slow-major indices ``index`` [n] (long) → [n], tile by tile.
+
+    No validation (see :func:`simulate`).  ``fused``: compiled kernels (True), eager (False) or by the amount of work
+    (None); ``progress(done, total)`` is called after every tile.
+    """
+    like = params.crystal.cell
+    n = int(index.shape[0])
+    p = plan(setup, n)
+    spec = kernel_spec(params, setup)
+    use = _use_fused(fused, spec, p.samples, like)
+    tp, tc = _tile_params(params, setup), _tile_consts(setup, like)
+    scale = R_E_SQUARED_M2 * params.beam.fluence / setup.steps
+    out: List[torch.Tensor] = []
+    for start in range(0, n, p.tile):
+        k = index[start:start + p.tile]
+        if use and k.shape[0] < p.tile and n > p.tile:  # same tile shape throughout: no recompilation
+            k = torch.cat([k, k[-1:].expand(p.tile - k.shape[0])])
+        t = tc._replace(fast=(k % setup.fpixels).to(like.dtype), slow=(k // setup.fpixels).to(like.dtype))
+        S, factor = _tile_sum(spec, t, tp, p, use)
+        out.append((scale * S * factor)[: min(p.tile, n - start)])
+        if progress is not None:
+            progress(min(start + p.tile, n), n)
+    if not out:
+        return torch.zeros(0, dtype=like.dtype, device=like.device)
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def simulate_pixels(params: Params, setup: Setup, index, check: bool = True, fused: Optional[bool] = None):
+    """Photons of selected pixels: ``index`` [n] flat slow-major pixel indices (slow·fpixels + fast; ints, numpy or a
+    long tensor) → [n] in the same order.  What :func:`simulate` computes for those pixels (ROI and mask are not
+    applied: every listed pixel is rendered); memory and work scale with n, not with the detector."""
+    if check:
+        check_params(params, setup)
+    dev = params.crystal.cell.device
+    idx = torch.as_tensor(np.asarray(index, dtype=np.int64) if not torch.is_tensor(index) else index,
+                          device=dev).reshape(-1).long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= setup.fpixels * setup.spixels):
+        raise ValueError(f"pixel indices must be within [0, {setup.fpixels * setup.spixels - 1}] "
+                         f"(slow·fpixels + fast)")
+    return render_pixels(params, setup, idx, fused)
+
+
+def simulate(params: Params, setup: Setup, check: bool = True, fused: Optional[bool] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """Simulate a diffraction image.
 
     ``params``: :class:`~nbtorch.types.Params` pytree (all leaves the same dtype/device);
     ``setup``: :class:`~nbtorch.types.Setup`.  Returns photons per pixel, ``[spixels, fpixels]`` (slow, fast), the
     quantity nanoBragg writes with ``-floatfile``; pixels outside the ROI or masked are 0.
 
-    Pure function of its arguments; works under ``torch.func`` transforms.  With ``check=True`` parameter values are
-    validated (a ``ValueError`` names the bad field) whenever they are concrete tensors; inside ``vmap``/``jacfwd``
-    only shapes are checked.  Memory is bounded by ``setup.sample_budget`` (pixel tiles).
+    Pure function of its arguments; works under ``torch.func`` transforms (``grad``, ``jacrev``, ``jacfwd``,
+    ``vmap``, ``hessian``).  ``fused``: True runs compiled kernels (:mod:`nbtorch.fused`), False eager code, None
+    (default; or the environment variable ``NBTORCH_FUSED=0/1``) compiles when the image has at least
+    :data:`FUSED_MIN_SAMPLES` samples; both give the same image to rounding.  Memory is bounded by
+    ``setup.sample_budget`` samples per tile, in the forward and the backward pass.  With ``check=True`` parameter
+    values are validated (a ``ValueError`` names the bad field) whenever they are concrete tensors.
+    ``progress(done, total)``: called with pixel counts after every tile.
     """
     if check:
         check_params(params, setup)
     like = params.crystal.cell
-    dev = like.device
-    frame = detmod.detector_frame(params.detector, setup)
-    xtal = crystal_orientations(params, setup)
-    inc = torch.tensor([s[0] for s in setup.sources], dtype=like.dtype, device=dev)  # [K,3]
-    lam = params.beam.wavelength * torch.tensor([s[1] for s in setup.sources], dtype=like.dtype, device=dev)
-    E = torch.tensor(setup.polar_axis, dtype=like.dtype, device=dev)
-
-    x0, x1, y0, y1 = _roi(setup)
-    w, h = x1 - x0 + 1, y1 - y0 + 1
-    masked = setup.mask is not None
-    n = len(_masked_indices(setup)) if masked else w * h
-    per_pixel = setup.thicksteps * setup.oversample**2 * setup.n_sources * xtal.A.shape[0]
-    tile = max(1, setup.sample_budget // per_pixel)
-    chunks = []
-    for start in range(0, n, tile):
-        if masked:
-            k = torch.as_tensor(_masked_indices(setup)[start : start + tile], device=dev)
-        else:
-            k = torch.arange(start, min(start + tile, n), device=dev)
-        chunks.append(_tile_values(params, setup, frame, xtal, inc, lam, E, x0 + k % w, y0 + k // w))
-    vals = torch.cat(chunks) if len(chunks) > 1 else chunks[0] if chunks else torch.zeros(0, dtype=like.dtype)
-    if masked:
-        k = torch.as_tensor(_masked_indices(setup), device=dev)
-        vals = torch.zeros(w * h, dtype=vals.dtype, device=dev).index_put((k,), vals)
-    image = vals.reshape(h, w)
-    if (w, h) != (setup.fpixels, setup.spixels):
-        image = torch.nn.functional.pad(image, (x0, setup.fpixels - 1 - x1, y0, setup.spixels - 1 - y1))
-    return image
+    idx_np = rendered_pixels(setup)
+    idx = torch.as_tensor(idx_np, device=like.device)
+    vals = render_pixels(params, setup, idx, fused, progress)
+    npix = setup.fpixels * setup.spixels
+    if len(idx_np) == npix:
+        return vals.reshape(setup.spixels, setup.fpixels)
+    image = torch.zeros(npix, dtype=vals.dtype, device=vals.device).index_put((idx,), vals)
+    return image.reshape(setup.spixels, setup.fpixels)

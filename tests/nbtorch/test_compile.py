@@ -1,17 +1,30 @@
-"""The hot path traces into one graph (no graph breaks), so torch.compile can fuse it."""
+"""The per-tile kernels trace into one graph each (no graph breaks), so torch.compile can fuse them."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch._dynamo
 
 import nbtorch
+from nbtorch import kernel
+from nbtorch.simulate import _tile_consts, _tile_params, kernel_spec
 
 
-def test_simulate_has_no_graph_breaks():
-    p, s = nbtorch.from_nanobragg_args("-default_F 100 -cell 60 70 80 90 90 90 -misset 3 4 5 -N 5 -detpixels 16 "
-                                       "-pixel 0.4 -mosaic 0.3 -mosaic_domains 3 -oversample 2 -roi 2 13 3 12",
-                                       dtype=torch.float32)
+def _tile(args):
+    p, s = nbtorch.from_nanobragg_args(args, dtype=torch.float32)
+    spec = kernel_spec(p, s)
+    tc = _tile_consts(s, p.crystal.cell)
+    k = torch.arange(40)
+    tc = tc._replace(fast=(k % s.fpixels).float(), slow=(k // s.fpixels).float())
+    return spec, _tile_params(p, s), tc
+
+
+@pytest.mark.parametrize("fn", [kernel.tile_sums, kernel.derivative_moments])
+def test_tile_kernels_have_no_graph_breaks(fn):
+    spec, tp, tc = _tile("-default_F 100 -cell 60 70 80 90 90 90 -misset 3 4 5 -N 5 -detpixels 16 -pixel 0.4 "
+                         "-mosaic 0.3 -mosaic_domains 3 -oversample 2 -dispersion 0.1 -dispsteps 2")
+    assert kernel.has_fast_derivatives(spec)
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(nbtorch.simulate)(p, s)
+    explanation = torch._dynamo.explain(lambda a, b: fn(a, b, spec))(tp, tc)
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
     assert explanation.graph_count == 1

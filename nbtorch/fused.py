@@ -1,0 +1,326 @@
+"""Compiled tile kernels and the autograd rules that make them differentiable under every ``torch.func`` transform.
+
+The math lives in :mod:`nbtorch.kernel`; here it is compiled (``torch.compile``: inductor emits one vectorised,
+OpenMP-parallel C++ loop nest per kernel on the CPU, Triton on a GPU) and wrapped in :class:`TileFunction`, an
+``autograd.Function`` that recomputes a tile in the backward pass instead of keeping its graph, so reverse-mode memory
+is set by the tile size, not by the image.
+
+Three kernels per :class:`~nbtorch.kernel.KernelSpec`: the forward tile, forward mode for C tangents at once (what
+``jacfwd`` needs: one pass over the samples for all columns) and reverse mode (one pass over the samples, reduced over
+sources).  They are used when every input is a plain tensor; under an outer ``torch.func`` transform (vmap over
+parameter sets, ``hessian``, …) the same math runs eagerly, so every transform keeps working and gives the same
+numbers.  Compiled code is cached on disk (``TORCHINDUCTOR_CACHE_DIR``, by default ``~/.cache/nbtorch/inductor``), so a
+second process loads it instead of compiling; where no compiler works the eager code runs instead, with a warning.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .kernel import (KernelSpec, TileConsts, TileParams, derivative_moments, has_fast_derivatives, jvp_from_moments,
+                     tile_sums, vjp_from_moments)
+
+try:
+    from torch._C._functorch import is_functorch_wrapped_tensor
+except ImportError:  # pragma: no cover - older torch
+    def is_functorch_wrapped_tensor(t) -> bool:  # noqa: D103
+        return False
+
+#: Environment variable: "0" forces the eager kernels, "1" the compiled ones (``simulate(fused=...)`` wins).
+FUSED_ENV = "NBTORCH_FUSED"
+#: Environment variable: the on-disk cache of compiled kernels (default ``$XDG_CACHE_HOME/nbtorch/inductor``).
+CACHE_ENV = "NBTORCH_CACHE_DIR"
+#: Inductor settings: fuse the whole per-sample expression into the reduction loop instead of storing pieces of it.
+_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 1000, "realize_reads_threshold": 16}
+
+_compiled: Dict[tuple, object] = {}
+_broken: Dict[tuple, str] = {}
+
+
+def cache_dir() -> pathlib.Path:
+    """Directory of nbtorch's on-disk kernel cache (``$NBTORCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/nbtorch/inductor``,
+    else ``~/.cache/nbtorch/inductor``)."""
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "nbtorch" / "inductor"
+
+
+def _prepare_compiler() -> None:
+    """Point inductor's cache at :func:`cache_dir` (unless the user chose one) and skip its per-process CPU-ISA probe
+    once a previous process has shown that compiled kernels work on this machine."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
+    marker = pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "nbtorch-compiled-ok"
+    if marker.exists():
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.vec_isa_ok = True
+
+
+def _mark_compiled_ok() -> None:
+    try:
+        marker = pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "nbtorch-compiled-ok"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only cache only costs the probe next time
+        pass
+
+
+def fused_default() -> Optional[bool]:
+    """The ``NBTORCH_FUSED`` environment setting: True, False, or None (choose by the amount of work)."""
+    v = os.environ.get(FUSED_ENV, "").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+def compiler_available() -> bool:
+    """Whether ``torch.compile`` can be tried here (dynamo supports this Python; a kernel that then fails to build
+    falls back to eager code)."""
+    try:
+        return torch._dynamo.is_dynamo_supported()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _is_plain(tensors) -> bool:
+    return all(not (isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t)) for t in tensors)
+
+
+def _kernel(kind: str, spec: KernelSpec):
+    """The compiled kernel ``kind`` ('forward' or 'moments') for ``spec``, or None when it failed to build here."""
+    key = (kind, spec)
+    if key in _broken:
+        return None
+    fn = _compiled.get(key)
+    if fn is None:
+        _prepare_compiler()
+        fn = torch.compile(_KERNELS[kind](spec), dynamic=None, options=dict(_INDUCTOR_OPTIONS))
+        _compiled[key] = fn
+    return fn
+
+
+def _forward_fn(spec):
+    def forward(tp, tc):
+        return tile_sums(tp, tc, spec)
+    return forward
+
+
+def _moments_fn(spec):
+    def moments(tp, tc):
+        return derivative_moments(tp, tc, spec)
+    return moments
+
+
+_KERNELS = {"forward": _forward_fn, "moments": _moments_fn}
+
+
+def _run(kind: str, spec: KernelSpec, eager, *args):
+    """Run the compiled kernel, or ``eager(*args)`` if it cannot be built here (warned once per kernel)."""
+    fn = _kernel(kind, spec)
+    if fn is None:
+        return eager(*args)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+            out = fn(*args)
+    except Exception as err:  # compiler missing or broken: remember, warn once, compute eagerly
+        key = (kind, spec)
+        _broken[key] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"nbtorch: compiled {kind} kernel unavailable ({type(err).__name__}); using eager code",
+                      RuntimeWarning, stacklevel=3)
+        return eager(*args)
+    _mark_compiled_ok()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the three operations: compiled (derivatives from one pass of moments) or eager (autograd of the forward tile)
+
+
+def _fast(fused: bool, *trees) -> bool:
+    """Compiled kernels apply to plain tensors that autograd is not recording (they are not differentiable
+    themselves: their derivatives are the other kernels)."""
+    if not fused or not all(_is_plain(t) for t in trees):
+        return False
+    recording = torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for t in trees for v in (t if isinstance(t, tuple) else (t,)))
+    return not recording
+
+
+def _eager_sums(spec, tc):
+    def f(tp):
+        return tile_sums(tp, tc, spec)
+    return f
+
+
+def _zeros_for_none(tp: TileParams, tan: TileParams) -> TileParams:
+    return TileParams(*(torch.zeros_like(v) if t is None else t for v, t in zip(tp, tan)))
+
+
+def forward(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(S [P], factor [P]) of a tile; compiled when ``fused`` and every input is a plain tensor."""
+    if _fast(fused, tp):
+        return _run("forward", spec, lambda a, b: tile_sums(a, b, spec), tp, tc)
+    return tile_sums(tp, tc, spec)
+
+
+def _tangent(tangents: TileParams, c: int) -> TileParams:
+    return TileParams(*(None if t is None else t[c] for t in tangents))
+
+
+def _pixel_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams):
+    """Per-pixel moments of a tile (:func:`~nbtorch.kernel.derivative_moments`), compiled."""
+    return _run("moments", spec, lambda a, b: derivative_moments(a, b, spec), tp, tc)
+
+
+def jvp(spec: KernelSpec, tc: TileConsts, tp: TileParams, tangents: TileParams, fused: bool):
+    """(Ṡ [C, P], ḟactor [C, P]) for C tangent directions: a TileParams whose leaves have a leading C axis, or are
+    None (no tangent).  Compiled: one pass over the samples for all C (:func:`~nbtorch.kernel.sample_moments`)."""
+    C = next(t.shape[0] for t in tangents if t is not None)
+    if _fast(fused, tp, tangents) and has_fast_derivatives(spec) and tangents.F is None:
+        return jvp_from_moments(_pixel_moments(spec, tc, tp), tp, tangents)
+    f = _eager_sums(spec, tc)
+    outs = [torch.func.jvp(f, (tp,), (_zeros_for_none(tp, _tangent(tangents, c)),))[1] for c in range(C)]
+    return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+
+
+def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: torch.Tensor, fused: bool,
+        table: bool = False) -> TileParams:
+    """Gradients (TileParams) of ⟨gS, S⟩ + ⟨gf, factor⟩ with respect to every leaf of ``tp`` (the F table's only
+    when ``table``: it is a scatter, computed eagerly)."""
+    if _fast(fused, tp, (gS, gf)) and has_fast_derivatives(spec):
+        g = vjp_from_moments(_pixel_moments(spec, tc, tp), tp, gS, gf)
+        if table:
+            g = g._replace(F=torch.func.vjp(lambda F: tile_sums(tp._replace(F=F), tc, spec)[0], tp.F)[1](gS)[0])
+        return g
+    return torch.func.vjp(_eager_sums(spec, tc), tp)[1]((gS, gf))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd rules
+
+_NLEAF = len(TileParams._fields)
+_F_INDEX = TileParams._fields.index("F")
+
+
+class TileFunction(torch.autograd.Function):
+    """(S, factor) of one tile as a differentiable operation that keeps no graph: the backward pass recomputes the
+    tile (so reverse-mode memory is one tile's, whatever the image size), forward mode goes through
+    :class:`TileTangent` (all ``jacfwd`` columns in one pass), and vmap over parameter sets runs the forward eagerly.
+
+    ``apply(spec, tc, fused, *leaves)`` with ``leaves`` the fields of a :class:`~nbtorch.kernel.TileParams`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(spec, tc, fused, *leaves):
+        return forward(spec, tc, TileParams(*leaves), fused)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, tc, fused, *leaves = inputs
+        ctx.spec, ctx.tc, ctx.fused = spec, tc, fused
+        ctx.save_for_backward(*leaves)
+        ctx.save_for_forward(*leaves)
+
+    @staticmethod
+    def backward(ctx, gS, gf):
+        tp = TileParams(*ctx.saved_tensors)
+        needs = ctx.needs_input_grad[3:]
+        g = vjp(ctx.spec, ctx.tc, tp, gS, gf, ctx.fused, table=needs[_F_INDEX])
+        return (None, None, None) + tuple(v if n else None for v, n in zip(g, needs))
+
+    @staticmethod
+    def jvp(ctx, _spec, _tc, _fused, *tangents):
+        return TileTangent.apply(ctx.spec, ctx.tc, ctx.fused, *ctx.saved_tensors, *tangents)
+
+
+class TileTangent(torch.autograd.Function):
+    """Forward-mode derivative of :class:`TileFunction`: ``apply(spec, tc, fused, *leaves, *tangents)`` → (Ṡ, ḟactor).
+
+    Its vmap rule turns a batch of tangents (``jacfwd``) into one compiled pass with C tangent directions; its own
+    derivatives (second order) are those of the eager code.
+    """
+
+    @staticmethod
+    def forward(spec, tc, fused, *args):
+        tp = TileParams(*args[:_NLEAF])
+        tan = TileParams(*(None if t is None else t[None] for t in args[_NLEAF:]))
+        Sd, fd = jvp(spec, tc, tp, tan, fused)
+        return Sd[0], fd[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, tc, fused, *args = inputs
+        ctx.spec, ctx.tc, ctx.present = spec, tc, tuple(a is not None for a in args)
+        ctx.save_for_backward(*[a for a in args if a is not None])
+        ctx.save_for_forward(*[a for a in args if a is not None])
+
+    @staticmethod
+    def vmap(info, in_dims, spec, tc, fused, *args):
+        leaf_dims, tan_dims = in_dims[3:3 + _NLEAF], in_dims[3 + _NLEAF:]
+        if all(d is None for d in leaf_dims):
+            tp = TileParams(*args[:_NLEAF])
+            B = info.batch_size
+            tangents = TileParams(*(None if t is None else (t.movedim(d, 0) if d is not None else t.expand(B, *t.shape))
+                                    for t, d in zip(args[_NLEAF:], tan_dims)))
+            return jvp(spec, tc, tp, tangents, fused), (0, 0)
+        out = torch.func.vmap(_eager_tangent(spec, tc), in_dims=tuple(in_dims[3:]),
+                              randomness=info.randomness)(*args)
+        return out, (0, 0)
+
+    @staticmethod
+    def backward(ctx, gSd, gfd):
+        args = _unpack_saved(ctx.present, ctx.saved_tensors)
+        idx = [i for i, a in enumerate(args) if a is not None]
+        def f(*present):
+            full = list(args)
+            for i, v in zip(idx, present):
+                full[i] = v
+            return _eager_tangent(ctx.spec, ctx.tc)(*full)
+        grads = torch.func.vjp(f, *[args[i] for i in idx])[1]((gSd, gfd))
+        out = [None] * len(args)
+        for i, g in zip(idx, grads):
+            out[i] = g
+        return (None, None, None) + tuple(out)
+
+    @staticmethod
+    def jvp(ctx, _spec, _tc, _fused, *tangents):
+        args = _unpack_saved(ctx.present, ctx.saved_tensors)
+        idx = [i for i, a in enumerate(args) if a is not None]
+        def f(*present):
+            full = list(args)
+            for i, v in zip(idx, present):
+                full[i] = v
+            return _eager_tangent(ctx.spec, ctx.tc)(*full)
+        tans = tuple(torch.zeros_like(args[i]) if tangents[i] is None else tangents[i] for i in idx)
+        return torch.func.jvp(f, tuple(args[i] for i in idx), tans)[1]
+
+
+def _unpack_saved(present, saved):
+    it = iter(saved)
+    return [next(it) if p else None for p in present]
+
+
+def _eager_tangent(spec: KernelSpec, tc: TileConsts):
+    """(Ṡ, ḟactor) for one tangent by autograd of the eager forward tile (None tangents are zero)."""
+    f = _eager_sums(spec, tc)
+
+    def tangent(*args):
+        tp, tan = TileParams(*args[:_NLEAF]), TileParams(*args[_NLEAF:])
+        return torch.func.jvp(f, (tp,), (_zeros_for_none(tp, tan),))[1]
+
+    return tangent
+
+
+def is_plain_tree(tree) -> bool:
+    """True when no tensor of ``tree`` is wrapped by a ``torch.func`` transform."""
+    return _is_plain(tree)

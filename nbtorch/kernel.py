@@ -1,0 +1,581 @@
+"""The per-tile pixel sum of spec §5, written for speed and for derivatives.
+
+A *tile* is a list of pixels.  Its value splits into three stages:
+
+* **pixel stage** (:func:`pixel_geometry`, cost ∝ pixels × layers × sub-pixels): unit scattered directions ``d`` of
+  every (layer, sub-pixel) sample, the once-per-pixel factor Ω·P·C (solid angle, polarization, sensor capture) and the
+  ``-dmin`` keep mask;
+* **sample stage** (the hot loop, cost ∝ pixels × layers × sub-pixels × sources × orientations): Miller indices
+  h = a·(d − i)/λ for every source i and orientation a, and the sum S = Σ x of x = (F_cell·F_latt)²;
+* **combine** (in :mod:`nbtorch.simulate`): value = scale·S·factor with S = I_bg + Σ x.
+
+Sample tensors are laid out ``[TN, K, O, P]`` (layer·sub-pixel, source, orientation, pixel) with the pixel axis
+innermost, so a compiler vectorises over pixels and reduces over samples in registers.  Miller indices are formed from
+two small matrix products (``A·d`` per orientation and pixel sample, ``A·i`` per orientation and source), so the sample
+loop only reads three numbers per index.
+
+Derivatives of the sample stage are written out (:func:`sample_sums_jvp`, :func:`sample_moments`) so that a single
+pass over the samples serves any number of tangent directions (forward mode) or all inputs at once (reverse mode);
+the per-sample partial derivatives ∂x/∂h, ∂x/∂N, ∂x/∂F come from ``torch.func.jvp`` of the per-sample function, so
+every crystal shape and structure-factor lookup is covered by one code path.  Everything here is a pure function of
+tensors: :mod:`nbtorch.fused` compiles it, and the same code runs eagerly under ``torch.func`` transforms.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from . import shape as shapes
+from .structure import lookup_nearest_hkl, lookup_tricubic_hkl
+from .units import M_PER_MM
+
+
+class TileParams(NamedTuple):
+    """Differentiable inputs of a tile (every leaf a tensor; units as in the API).
+
+    pix0, fdet, sdet, odet: [3] detector origin (mm) and rotated unit axes; close: [] perpendicular sample–plane
+    distance (mm, for Ω); distance: [] radius of the curved detector (mm); A: [O,3,3] rows a, b, c (Å) of every
+    orientation of this tile's chunk; B0: [3,3] unrotated reciprocal basis (Å⁻¹, gauss/tophat); wavelength: [] λ0
+    (Å); ncells: [3]; polarization: [] Kahn factor; F: [nh,nk,nl] amplitude table; default_F: []; I_bg: [] background
+    added to every pixel's sum before the final scaling (nanoBragg's water term, spec Q10).
+    """
+
+    pix0: torch.Tensor
+    fdet: torch.Tensor
+    sdet: torch.Tensor
+    odet: torch.Tensor
+    close: torch.Tensor
+    distance: torch.Tensor
+    A: torch.Tensor
+    B0: torch.Tensor
+    wavelength: torch.Tensor
+    ncells: torch.Tensor
+    polarization: torch.Tensor
+    F: torch.Tensor
+    default_F: torch.Tensor
+    I_bg: torch.Tensor
+
+
+class TileConsts(NamedTuple):
+    """Non-differentiable inputs of a tile (tensors of the working dtype unless stated).
+
+    fast, slow: [P] pixel indices (as floats); offsets: [n²,2] sub-pixel centres from the pixel corner (mm, fast and
+    slow); layers: [T] sensor-layer offsets along the normal (mm); incident: [K,3] and lam_factor: [K] sources of this
+    chunk (unit propagation directions, λ_k = λ0·factor_k); incident_all: [Ka,3] and lam_factor_all: [Ka] every
+    source (polarization and the ``-dmin`` rule look at the first sample of the pixel); polar_axis: [3] E vector;
+    beam: [3] beam direction (curved detector); pixel: [] pixel size (mm); capture_k: [] layer thickness × μ;
+    dmin: [] Å (0 = off); hkl_min: [3] first Miller index of the table.
+    """
+
+    fast: torch.Tensor
+    slow: torch.Tensor
+    offsets: torch.Tensor
+    layers: torch.Tensor
+    incident: torch.Tensor
+    lam_factor: torch.Tensor
+    incident_all: torch.Tensor
+    lam_factor_all: torch.Tensor
+    polar_axis: torch.Tensor
+    beam: torch.Tensor
+    pixel: torch.Tensor
+    capture_k: torch.Tensor
+    dmin: torch.Tensor
+    hkl_min: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """Everything that changes the code of a tile (hashable: a compile-cache key).
+
+    shape: lattice-factor model; fudge: its ρ² scale; table: an F table is present; interpolate: tricubic F;
+    nopolar, point_pixel, curved, thick (sensor with thickness), dmin (resolution cut on): switches of the pixel stage;
+    running_thick/_polar/_omega: nanoBragg's ``-oversample_thick/_polar/_omega`` running-sum accumulation (spec Q7).
+    """
+
+    shape: str = "square"
+    fudge: float = 1.0
+    table: bool = False
+    interpolate: bool = False
+    nopolar: bool = False
+    point_pixel: bool = False
+    curved: bool = False
+    thick: bool = False
+    dmin: bool = False
+    running_thick: bool = False
+    running_polar: bool = False
+    running_omega: bool = False
+
+    @property
+    def running_sum(self) -> bool:
+        """Whether any ``-oversample_*`` flag asks for nanoBragg's running-sum accumulation (eager code only)."""
+        return self.running_thick or self.running_polar or self.running_omega
+
+
+class Geometry(NamedTuple):
+    """Pixel-stage results: d [3,TN,P] unit directions; factor [P] = Ω·P·C; keep [TN,K,P] bool or None."""
+
+    d: torch.Tensor
+    factor: torch.Tensor
+    keep: Optional[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pixel stage
+
+
+def _dot3(u: Sequence[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    return u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
+
+
+def sample_coordinates(tc: TileConsts) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detector-plane coordinates of every (layer, sub-pixel) sample: fast and slow offsets from pix0 (mm) ``[n², P]``
+    and the layer offset along the normal (mm) ``[T, 1, 1]``."""
+    F = tc.fast[None, :] * tc.pixel + tc.offsets[:, 0, None]
+    S = tc.slow[None, :] * tc.pixel + tc.offsets[:, 1, None]
+    return F, S, tc.layers[:, None, None]
+
+
+def sample_positions(tp: TileParams, tc: TileConsts, spec: KernelSpec, first_subpixel: bool = False):
+    """Lab positions (mm) of every (layer, sub-pixel) sample: three tensors x, y, z of shape [T, n², P] (n² = 1 with
+    ``first_subpixel``)."""
+    F, S, L = sample_coordinates(tc)
+    if first_subpixel:
+        F, S = F[:1], S[:1]
+    pos = [tp.pix0[j] + F * tp.fdet[j] + S * tp.sdet[j] + L * tp.odet[j] for j in range(3)]
+    if spec.curved:
+        pos = _curve(pos, tp, tc)
+    return tuple(pos)
+
+
+def _rotate(v: Sequence[torch.Tensor], u: torch.Tensor, t: torch.Tensor) -> List[torch.Tensor]:
+    """Rodrigues rotation of the vector field ``v`` (3 tensors) about the unit axis ``u`` [3] by angles ``t``."""
+    c, s = torch.cos(t), torch.sin(t)
+    udv = _dot3(v, u)
+    cross = [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]]
+    return [v[j] * c + cross[j] * s + u[j] * udv * (1.0 - c) for j in range(3)]
+
+
+def _curve(pos, tp: TileParams, tc: TileConsts) -> List[torch.Tensor]:
+    """nanoBragg's curved detector: AX(f', Z/D)·AX(s', Y/D)·(D·beam), Y and Z the lab y, z of the flat position."""
+    D = tp.distance
+    v = [torch.ones_like(pos[1]) * (D * tc.beam[j]) for j in range(3)]
+    v = _rotate(v, tp.sdet, pos[1] / D)
+    return _rotate(v, tp.fdet, pos[2] / D)
+
+
+def polarization(inc: torch.Tensor, d: Sequence[torch.Tensor], E: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Kahn factor ½(1 + cos²2θ − K·cos2ψ·sin²2θ) for incident ``inc`` [...,3] (broadcast against the components of
+    ``d``) and scattered unit directions ``d`` (3 tensors); written without atan2 (see :mod:`nbtorch.beam`)."""
+    i = [inc[..., j] for j in range(3)]
+    B = [E[1] * i[2] - E[2] * i[1], E[2] * i[0] - E[0] * i[2], E[0] * i[1] - E[1] * i[0]]
+    nb = torch.sqrt(_dot3(B, B))
+    B = [b / nb for b in B]
+    Ein = [i[1] * B[2] - i[2] * B[1], i[2] * B[0] - i[0] * B[2], i[0] * B[1] - i[1] * B[0]]
+    ne = torch.sqrt(_dot3(Ein, Ein))
+    c2t = _dot3(i, d)
+    x = _dot3([e / ne for e in Ein], d)
+    y = _dot3(B, d)
+    return 0.5 * (1.0 + c2t * c2t - K * (x * x - y * y))
+
+
+def _keep(d, inc: torch.Tensor, lam: torch.Tensor, dmin: torch.Tensor) -> torch.Tensor:
+    """``-dmin`` test |q|·dmin ≤ 1 for directions ``d`` (3 × [...,P]) and sources ``inc`` [K,3], ``lam`` [K] →
+    [..., K, P]."""
+    q2 = sum((d[j][..., None, :] - inc[:, j, None]) ** 2 for j in range(3)) / (lam[:, None] ** 2)
+    return torch.sqrt(q2) * dmin <= 1.0
+
+
+def _unit_directions(pos):
+    x, y, z = pos
+    R2 = x * x + y * y + z * z
+    R = torch.sqrt(R2)
+    return [x / R, y / R, z / R], R2, R
+
+
+def _factor(d, R2, R, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
+    """Ω·C·P of every pixel from its sample directions ``d`` (3 × [T, n², P]; only sub-pixel 0 is needed unless
+    ``-dmin`` is on) and distances: Ω at the first sub-pixel of layer 0, the capture fraction of the last layer at its
+    first sub-pixel, the polarization at the first sample (layer, sub-pixel, source) that passes ``-dmin`` (0 when
+    none does; spec Q8, Q18, Q23)."""
+    if spec.point_pixel:
+        factor = 1.0 / (R2[0, 0] * M_PER_MM**2)
+    else:
+        factor = tc.pixel * tc.pixel / R2[0, 0] * tp.close / R[0, 0]
+    factor = factor * _capture(d, tp, tc, spec)
+    if spec.nopolar:
+        return factor
+    if not spec.dmin:
+        return factor * polarization(tc.incident_all[0], [c[0, 0] for c in d], tc.polar_axis, tp.polarization)
+    flat = [c.reshape(-1, c.shape[-1]) for c in d]
+    keep_all = _keep(flat, tc.incident_all, tp.wavelength * tc.lam_factor_all, tc.dmin)  # [TN, Ka, P]
+    pol = polarization(tc.incident_all[:, None, :], [c[:, None, :] for c in flat], tc.polar_axis, tp.polarization)
+    return factor * _first_kept(pol, keep_all)
+
+
+def pixel_factor(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
+    """The once-per-pixel factor Ω·C·P [P] alone, from the few samples it needs (cheap to differentiate)."""
+    d, R2, R = _unit_directions(sample_positions(tp, tc, spec, first_subpixel=not spec.dmin))
+    return _factor(d, R2, R, tp, tc, spec)
+
+
+def directions(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unit scattered directions d [3, TN, P] and distances R [TN, P] (mm) of every (layer, sub-pixel) sample."""
+    d, _, R = _unit_directions(sample_positions(tp, tc, spec))
+    T, n2, P = R.shape
+    return torch.stack([c.reshape(T * n2, P) for c in d]), R.reshape(T * n2, P)
+
+
+def keep_mask(d: torch.Tensor, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Optional[torch.Tensor]:
+    """``-dmin`` mask [TN, K, P] of this chunk's sources (None when the cut is off)."""
+    if not spec.dmin:
+        return None
+    return _keep(list(d), tc.incident, tp.wavelength * tc.lam_factor, tc.dmin)
+
+
+def pixel_geometry(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Geometry:
+    """Directions of every (layer, sub-pixel) sample, the once-per-pixel factor and the ``-dmin`` mask."""
+    d, R2, R = _unit_directions(sample_positions(tp, tc, spec))
+    factor = _factor(d, R2, R, tp, tc, spec)
+    T, n2, P = R.shape
+    flat = torch.stack([c.reshape(T * n2, P) for c in d])
+    return Geometry(flat, factor, keep_mask(flat, tp, tc, spec))
+
+
+def _capture(d, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
+    """Capture fraction of the last sensor layer at its first sub-pixel (1 without a sensor thickness) → [P]."""
+    if not spec.thick:
+        return torch.ones_like(d[0][0, 0])
+    t = tc.layers.shape[0] - 1
+    rho = _dot3([c[-1, 0] for c in d], tp.odet)
+    return torch.exp(-t * tc.capture_k / rho) - torch.exp(-(t + 1) * tc.capture_k / rho)
+
+
+def _first_kept(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``values`` [S1, S2, P] at the first (S1, S2) sample where ``keep`` is True, 0 where none is → [P]."""
+    flat_keep = keep.reshape(-1, keep.shape[-1])
+    first = torch.argmax(flat_keep.to(torch.int8), dim=0)
+    picked = values.reshape(-1, values.shape[-1]).gather(0, first[None, :])[0]
+    return torch.where(flat_keep.any(0), picked, torch.zeros_like(picked))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample stage
+
+
+def miller_parts(d: torch.Tensor, A: torch.Tensor, inc: torch.Tensor):
+    """The two factors of h = a·(d − i)/λ: ``Ad`` [O,3,TN,P] (a·d per orientation and direction) and ``Ai`` [K,O,3]
+    (a·i per source and orientation), each one matrix product."""
+    O = A.shape[0]
+    A2 = A.reshape(O * 3, 3)
+    Ad = torch.mm(A2, d.reshape(3, -1)).reshape(O, 3, d.shape[1], d.shape[2])
+    Ai = torch.mm(inc, A2.t()).reshape(inc.shape[0], O, 3)
+    return Ad, Ai
+
+
+def miller(Ad: torch.Tensor, Ai: torch.Tensor, invlam: torch.Tensor, i: int) -> torch.Tensor:
+    """Miller index component ``i`` of every sample → [TN, K, O, P]."""
+    return (Ad[:, i].transpose(0, 1)[:, None] - Ai[None, :, :, i, None]) * invlam[None, :, None, None]
+
+
+def miller_source_major(Ad: torch.Tensor, Ai: torch.Tensor, invlam: torch.Tensor, i: int) -> torch.Tensor:
+    """Miller index component ``i`` of every sample, sources first → [K, TN, O, P] (for sums over sources)."""
+    return (Ad[:, i].transpose(0, 1)[None] - Ai[:, None, :, i, None]) * invlam[:, None, None, None]
+
+
+def sample_x(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor, default_F: torch.Tensor,
+             hkl_min: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
+    """x = (F_cell·F_latt)² of every sample from its Miller indices ``h`` (3 tensors of one shape) → that shape."""
+    h0 = [shapes.round_half_down(c) for c in h]
+    dh = [c - c0 for c, c0 in zip(h, h0)]
+    F_latt = shapes.lattice_factor_components(spec.shape, dh, N, B0, spec.fudge)
+    if not spec.table:
+        return (default_F * F_latt) ** 2
+    if spec.interpolate:
+        F_cell = lookup_tricubic_hkl(h, F, default_F, hkl_min)
+    else:
+        F_cell = lookup_nearest_hkl(h0, F, default_F, hkl_min)
+    return (F_cell * F_latt) ** 2
+
+
+def _samples(tp: TileParams, tc: TileConsts, spec: KernelSpec, geo: Geometry):
+    """(x [TN,K,O,P] with ``-dmin`` rejects zeroed, Miller parts, 1/λ [K]) of a tile."""
+    invlam = 1.0 / (tp.wavelength * tc.lam_factor)
+    Ad, Ai = miller_parts(geo.d, tp.A, tc.incident)
+    h = [miller(Ad, Ai, invlam, i) for i in range(3)]
+    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
+    if geo.keep is not None:
+        x = torch.where(geo.keep[:, :, None, :], x, torch.zeros_like(x))
+    return x, h, invlam
+
+
+def sample_values(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, Geometry]:
+    """Every sample's x [TN, K, O, P] (``-dmin`` rejects 0) and the pixel geometry (for diagnostics and the
+    ``-oversample_*`` running-sum quirk, which need samples one by one)."""
+    geo = pixel_geometry(tp, tc, spec)
+    return _samples(tp, tc, spec, geo)[0], geo
+
+
+def tile_sums(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward tile: (S [P] = I_bg + Σ_samples x, factor [P]); the pixel value is scale·S·factor."""
+    if spec.running_sum:
+        return running_sum_tile(tp, tc, spec)
+    geo = pixel_geometry(tp, tc, spec)
+    x = _samples(tp, tc, spec, geo)[0]
+    return tp.I_bg + x.sum((0, 1, 2)), geo.factor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# derivatives, written out for the hot case (flat detector, square crystal, default_F)
+
+
+def has_fast_derivatives(spec: KernelSpec) -> bool:
+    """Whether :func:`tile_sums_jvp` / :func:`tile_sums_vjp` cover ``spec`` (otherwise autograd of :func:`tile_sums`
+    gives the derivatives)."""
+    return spec.shape == "square" and not spec.table and not spec.curved and not spec.running_sum
+
+
+class Partials(NamedTuple):
+    """Per-sample partial derivatives of x: ∂x/∂h_i and ∂x/∂N_i (3 tensors each) and ∂x/∂default_F."""
+
+    h: List[torch.Tensor]
+    N: List[torch.Tensor]
+    default_F: torch.Tensor
+
+
+def square_partials(h, N: torch.Tensor, F: torch.Tensor) -> Tuple[torch.Tensor, Partials]:
+    """x = (F·Π f_i)², f_i = sincg(πΔh_i, N_i), and its partials at every sample (``h``: 3 tensors of one shape)."""
+    fs, gs, ms = [], [], []
+    for i in range(3):
+        dh = h[i] - shapes.round_half_down(h[i])
+        f, g, m = shapes.sincg_and_derivatives(math.pi * dh, N[i])
+        fs.append(f)
+        gs.append(g)
+        ms.append(m)
+    others = [fs[1] * fs[2], fs[0] * fs[2], fs[0] * fs[1]]
+    F_latt = fs[0] * others[0]
+    two = 2.0 * F * F * F_latt
+    x = (F * F_latt) ** 2
+    dh = [two * (math.pi * gs[i]) * others[i] for i in range(3)]
+    dN = [two * ms[i] * others[i] for i in range(3)]
+    return x, Partials(dh, dN, 2.0 * F * F_latt * F_latt)
+
+
+def _coordinates(tc: TileConsts, TN: int) -> torch.Tensor:
+    """(1, F, S, L) of every (layer·sub-pixel, pixel) sample → [4, TN, P]: pos = pix0 + F·fdet + S·sdet + L·odet."""
+    F, S, L = sample_coordinates(tc)
+    T, n2, P = L.shape[0], F.shape[0], F.shape[1]
+    flat = [c.expand(T, n2, P).reshape(TN, P) for c in (F, S, L)]
+    return torch.stack([torch.ones_like(flat[0])] + flat)
+
+
+#: The frame vectors whose tangents move every sample position (pos = pix0 + F·fdet + S·sdet + L·odet).
+FRAME = ("pix0", "fdet", "sdet", "odet")
+#: The leaves the once-per-pixel factor depends on (its Jacobian has one row per scalar of these).
+FACTOR_FIELDS = ("pix0", "fdet", "sdet", "odet", "close", "distance", "wavelength", "polarization")
+
+
+class PixelMoments(NamedTuple):
+    """Per-pixel moments of a tile from which every first derivative follows (each [..., P]; see
+    :func:`derivative_moments`).
+
+    S = I_bg-free Σ x; M [O,3,3,P] = Σ_tn (U_i·d_j − V_ij) (∂S/∂a_oij); Q [4,3,P] = Σ_tn c_m·(Σ_oi a_oij U_i −
+    d_j·Σ_oi U_i·(a_oi·d))/R (∂S/∂v_mj for the frame vectors v = pix0, fdet, sdet, odet with c = 1, F, S, L);
+    Y = Σ Y; N [3,P]; F = Σ F; factor [P] and its Jacobian J [n, P] over the scalars of :data:`FACTOR_FIELDS`.
+    """
+
+    S: torch.Tensor
+    M: torch.Tensor
+    Q: torch.Tensor
+    Y: torch.Tensor
+    N: torch.Tensor
+    F: torch.Tensor
+    factor: torch.Tensor
+    J: torch.Tensor
+
+
+def _factor_inputs(tp: TileParams) -> torch.Tensor:
+    return torch.cat([getattr(tp, k).reshape(-1) for k in FACTOR_FIELDS])
+
+
+def _with_factor_inputs(tp: TileParams, x: torch.Tensor) -> TileParams:
+    out, i = {}, 0
+    for k in FACTOR_FIELDS:
+        n = getattr(tp, k).numel()
+        out[k] = x[i:i + n].reshape(getattr(tp, k).shape)
+        i += n
+    return tp._replace(**out)
+
+
+def factor_jacobian(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The once-per-pixel factor [P] and its Jacobian [n, P] over the scalars of :data:`FACTOR_FIELDS` (forward mode,
+    pixel-level work only)."""
+    def f(x):
+        return pixel_factor(_with_factor_inputs(tp, x), tc, spec)
+
+    x = _factor_inputs(tp)
+    J = torch.func.jacfwd(f)(x)  # [P, n]
+    return f(x), J.t()
+
+
+def _masked(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if keep is None else torch.where(keep, x, torch.zeros_like(x))
+
+
+def derivative_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> PixelMoments:
+    """The one pass over every sample that first derivatives need (:func:`has_fast_derivatives` cases).
+
+    Per sample, with W_i = ∂x/∂h_i/λ_k (``-dmin`` rejects 0) and a = the orientation's rows: ∂x/∂a_oij = W_i·(d_j −
+    i_kj); through the directions, ∂x/∂d_j = Σ_i W_i·a_oij and ∂d/∂pos = (1 − d dᵀ)/R, so a frame vector v_m (pix0,
+    fdet, sdet, odet with coordinate c_m = 1, F, S, L) enters as c_m/R·(Σ_i W_i a_oij − d_j Σ_i W_i (a_oi·d)).  All
+    moments are sums over (layer·sub-pixel, source) kept per (orientation, pixel) — one loop nest — then over
+    orientations.  Forward mode (any number of tangents, :func:`jvp_from_moments`) and reverse mode
+    (:func:`vjp_from_moments`) are small products of these.
+    """
+    d, R = directions(tp, tc, spec)
+    keep = keep_mask(d, tp, tc, spec)
+    keep = None if keep is None else keep[:, :, None, :]
+    invlam = 1.0 / (tp.wavelength * tc.lam_factor)
+    Ad, Ai = miller_parts(d, tp.A, tc.incident)
+    h = [miller(Ad, Ai, invlam, i) for i in range(3)]
+    x, parts = square_partials(h, tp.ncells, tp.default_F)
+    il = invlam[None, :, None, None]
+    W = [_masked(parts.h[i] * il, keep) for i in range(3)]
+    A = tp.A[None, None]  # [1, 1, O, 3, 3]
+    dj = [d[j][:, None, None, :] for j in range(3)]  # [TN, 1, 1, P]
+    Adi = [Ad[:, i].transpose(0, 1)[:, None] for i in range(3)]  # [TN, 1, O, P]
+    Gam = W[0] * Adi[0] + W[1] * Adi[1] + W[2] * Adi[2]
+    e = [W[0] * A[..., 0, j, None] + W[1] * A[..., 1, j, None] + W[2] * A[..., 2, j, None] - dj[j] * Gam
+         for j in range(3)]
+    c = (_coordinates(tc, R.shape[0]) / R)[:, :, None, None, :]  # [4, TN, 1, 1, P]
+    inc = tc.incident
+
+    def red(t):  # Σ over (layer·sub-pixel, source), kept per (orientation, pixel)
+        return t.sum((0, 1))
+
+    Q = torch.stack([torch.stack([red(c[m] * e[j]) for j in range(3)]) for m in range(4)])  # [4, 3, O, P]
+    M = torch.stack([torch.stack([red(W[i] * (dj[j] - inc[None, :, j, None, None])) for j in range(3)])
+                     for i in range(3)])  # [3, 3, O, P]
+    factor, J = factor_jacobian(tp, tc, spec)
+    return PixelMoments(
+        red(_masked(x, keep)).sum(0), M.permute(2, 0, 1, 3), Q.sum(2),
+        red(_masked(parts.h[0] * h[0] + parts.h[1] * h[1] + parts.h[2] * h[2], keep)).sum(0),
+        torch.stack([red(_masked(n, keep)).sum(0) for n in parts.N]), red(_masked(parts.default_F, keep)).sum(0),
+        factor, J)
+
+
+def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Ṡ [C, P], ḟactor [C, P]) for C tangent directions: a TileParams whose leaves carry a leading C axis, or are
+    None (no tangent; F must be None).  Cost ∝ C × pixels, independent of the samples."""
+    C = next(t.shape[0] for t in tangents if t is not None)
+    like = pm.S
+
+    def tan(k):
+        t = getattr(tangents, k)
+        return torch.zeros((C,) + getattr(tp, k).shape, dtype=like.dtype, device=like.device) if t is None else t
+
+    v = torch.stack([tan(k) for k in FRAME], 1)  # [C, 4, 3]
+    P = pm.S.shape[0]
+    Sdot = v.reshape(C, 12) @ pm.Q.reshape(12, P)
+    if tangents.A is not None:
+        Sdot = Sdot + tangents.A.reshape(C, -1) @ pm.M.reshape(-1, P)
+    if tangents.wavelength is not None:
+        Sdot = Sdot - (tangents.wavelength / tp.wavelength)[:, None] * pm.Y
+    if tangents.ncells is not None:
+        Sdot = Sdot + tangents.ncells @ pm.N
+    if tangents.default_F is not None:
+        Sdot = Sdot + tangents.default_F[:, None] * pm.F
+    if tangents.I_bg is not None:
+        Sdot = Sdot + tangents.I_bg[:, None]
+    xdot = torch.cat([tan(k).reshape(C, -1) for k in FACTOR_FIELDS], 1)  # [C, n]
+    return Sdot, xdot @ pm.J
+
+
+def vjp_from_moments(pm: PixelMoments, tp: TileParams, gS: torch.Tensor, gf: torch.Tensor) -> TileParams:
+    """Gradients of ⟨gS, S⟩ + ⟨gf, factor⟩ (a TileParams; the F table's is None, B0's zero)."""
+    gframe = (pm.Q.reshape(12, -1) @ gS).reshape(4, 3)
+    gfac = _with_factor_inputs(tp, pm.J @ gf)
+    zero = TileParams(*(torch.zeros_like(v) for v in tp))
+    g = zero._replace(**{k: getattr(gfac, k) for k in FACTOR_FIELDS})
+    return g._replace(
+        pix0=g.pix0 + gframe[0], fdet=g.fdet + gframe[1], sdet=g.sdet + gframe[2], odet=g.odet + gframe[3],
+        A=(pm.M.reshape(-1, gS.shape[0]) @ gS).reshape(tp.A.shape), wavelength=g.wavelength - (gS * pm.Y).sum() / tp.wavelength, ncells=pm.N @ gS,
+        default_F=(gS * pm.F).sum(), F=None, I_bg=gS.sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nanoBragg's -oversample_thick/_polar/_omega accumulation (eager only)
+
+
+def _per_sample_factors(tp: TileParams, tc: TileConsts, spec: KernelSpec):
+    """Directions d (3 × [TN, P]), Ω [T, n², P], capture C_t [T, n², P] and polarization [TN, K, P] of every sample."""
+    x, y, z = sample_positions(tp, tc, spec)
+    R2 = x * x + y * y + z * z
+    R = torch.sqrt(R2)
+    d = [x / R, y / R, z / R]
+    omega = 1.0 / (R2 * M_PER_MM**2) if spec.point_pixel else tc.pixel * tc.pixel / R2 * tp.close / R
+    if spec.thick:
+        t = torch.arange(x.shape[0], dtype=x.dtype, device=x.device)[:, None, None]
+        rho = _dot3(d, tp.odet)
+        capture = torch.exp(-t * tc.capture_k / rho) - torch.exp(-(t + 1) * tc.capture_k / rho)
+    else:
+        capture = torch.ones_like(x)
+    T, n2, P = x.shape
+    flat = [c.reshape(T * n2, P) for c in d]
+    if spec.nopolar:
+        pol = torch.ones((T * n2, tc.incident.shape[0], P), dtype=x.dtype, device=x.device)
+    else:
+        pol = polarization(tc.incident[:, None, :], [c[:, None, :] for c in flat], tc.polar_axis, tp.polarization)
+    return flat, omega, capture, pol
+
+
+def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b with 0·inf = 0."""
+    return torch.where(a == 0, torch.zeros_like(b), a * b)
+
+
+def running_sum_tile(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(S, factor) with nanoBragg's running-sum accumulation (spec Q7), in closed form.
+
+    The C program multiplies the running sum by each sample's factors: I_n = (I_{n−1} + x_n)·c_n over the samples in
+    loop order (layer, sub-pixel, source, orientation), skipping samples cut by ``-dmin`` or with F_latt = 0 (no
+    water).  Hence S = I_bg·Π c + Σ_n x_n·Π_{m≥n} c_m (a reverse cumulative product); ``factor`` holds the
+    once-per-pixel factors whose flags are off.  Needs every sample of a pixel in one tile.
+    """
+    flat, omega, capture, pol = _per_sample_factors(tp, tc, spec)
+    TN, K, P = pol.shape
+    invlam = 1.0 / (tp.wavelength * tc.lam_factor)
+    Ad, Ai = miller_parts(torch.stack(flat), tp.A, tc.incident)
+    h = [miller(Ad, Ai, invlam, i) for i in range(3)]
+    dh = [c - shapes.round_half_down(c) for c in h]
+    F_latt = shapes.lattice_factor_components(spec.shape, dh, tp.ncells, tp.B0, spec.fudge)
+    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
+    keep = _keep(flat, tc.incident, tp.wavelength * tc.lam_factor, tc.dmin)[:, :, None, :] if spec.dmin else None
+    c = torch.ones_like(x)
+    if spec.running_thick:
+        c = c * capture.reshape(TN, 1, 1, P)
+    if spec.running_omega:
+        c = c * omega.reshape(TN, 1, 1, P)
+    if spec.running_polar:
+        c = c * pol[:, :, None, :]
+    skip = (F_latt == 0) & (tp.I_bg == 0)
+    if keep is not None:
+        skip = skip | ~keep
+        x = torch.where(keep, x, torch.zeros_like(x))
+    c = torch.where(skip, torch.ones_like(c), c).reshape(-1, P)
+    suffix = torch.flip(torch.cumprod(torch.flip(c, [0]), 0), [0])
+    # the products can overflow (e.g. -point_pixel Ω ~ 1e3 per sample): a zero term stays zero, as in the C loop
+    S = _times(tp.I_bg, suffix[0]) + _times(x.reshape(-1, P), suffix).sum(0)
+    factor = torch.ones_like(S)
+    if not spec.running_thick:
+        factor = factor * capture[-1, 0]
+    if not spec.running_omega:
+        factor = factor * omega[0, 0]
+    if not spec.running_polar and not spec.nopolar:
+        if spec.dmin:
+            factor = factor * _first_kept(pol, keep[:, :, 0, :])
+        else:
+            factor = factor * pol[0, 0]
+    return S, factor
