@@ -92,6 +92,9 @@ def _check_scalars(setup) -> None:
     for name in ("thickness_um", "mu_per_um", "thickstep_um", "dmin"):
         v = getattr(setup, name)
         _need(v >= 0, f"Setup.{name} must be >= 0, got {plain(v)}")
+    _need(setup.thickness_um > 0 or setup.thicksteps == 1,
+          f"Setup.thicksteps must be 1 when Setup.thickness_um is 0 (a sensor without thickness is one layer), "
+          f"got {plain(setup.thicksteps)}")
     _need(setup.convention in CONVENTIONS,
           f"Setup.convention must be one of {', '.join(CONVENTIONS)}; got {plain(setup.convention)}")
     _need(setup.pivot in ("beam", "sample"), f"Setup.pivot must be 'beam' or 'sample', got {plain(setup.pivot)}")

@@ -14,6 +14,7 @@ import torch
 from .detector import check_detector
 from .pytree import tree_leaves
 from .setup_checks import check_setup, plain
+from .types import Params, Setup
 
 try:
     from torch._C._functorch import is_functorch_wrapped_tensor
@@ -44,18 +45,37 @@ _SHAPES = {
 def _is_concrete(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or is_functorch_wrapped_tensor(t):
         return False
-    if getattr(t, "_is_view_of_fake", False) or type(t).__name__ in ("FakeTensor", "FunctionalTensor"):
+    if t.device.type == "meta" or getattr(t, "_is_view_of_fake", False) or type(t).__name__ in ("FakeTensor", "FunctionalTensor"):
         return False
     return True
 
 
-def check_params(params, setup=None) -> None:
-    """Validate shapes (always) and values (when concrete) of a Params pytree; ``ValueError`` names the field.
+#: ``check_params``' default for ``setup``: no set-up given (an explicit None is an error: simulate(p, None)).
+_NO_SETUP = object()
+
+
+def check_params(params, setup=_NO_SETUP) -> None:
+    """Validate types, shapes, dtype and device (always) and values (when concrete) of a Params pytree;
+    ``ValueError`` names the field.
 
     ``params``: :class:`~nbtorch.types.Params` (Å, mm, degrees); ``setup``: its :class:`~nbtorch.types.Setup`, when
-    given the detector geometry is checked too (:func:`~nbtorch.detector.check_detector`)."""
+    given the detector geometry is checked too (:func:`~nbtorch.detector.check_detector`); passing something else
+    (None included) is an error."""
+    if not isinstance(params, Params):
+        raise ValueError(f"params must be an nbtorch.Params, got {type(params).__name__}")
+    if setup is not _NO_SETUP and not isinstance(setup, Setup):
+        raise ValueError(f"setup must be an nbtorch.Setup (e.g. from nbtorch.from_nanobragg_args), got "
+                         f"{type(setup).__name__}")
     leaves = tree_leaves(params)
-    first_dtype = None
+    _check_leaves(leaves)
+    if torch.compiler.is_compiling():
+        return
+    _check_values(params, leaves, None if setup is _NO_SETUP else setup)
+
+
+def _check_leaves(leaves) -> None:
+    """Every leaf a floating-point tensor of its shape; one dtype and one device for all."""
+    first = None
     for name, t in leaves:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"params.{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -64,13 +84,18 @@ def check_params(params, setup=None) -> None:
             raise ValueError(f"params.{name} must have shape {list(want)}, got {list(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"params.{name} must be a floating-point tensor, got {t.dtype}")
-        if first_dtype is None:
-            first_dtype = (name, t.dtype)
-        elif t.dtype != first_dtype[1]:
+        if first is None:
+            first = (name, t)
+        elif t.dtype != first[1].dtype:
             raise ValueError(f"all params leaves must share one dtype: params.{name} is {t.dtype} but "
-                             f"params.{first_dtype[0]} is {first_dtype[1]}")
-    if torch.compiler.is_compiling():
-        return
+                             f"params.{first[0]} is {first[1].dtype}")
+        elif t.device != first[1].device:
+            raise ValueError(f"all params leaves must be on one device: params.{name} is on {t.device} but "
+                             f"params.{first[0]} is on {first[1].device} (move them with .to(device))")
+
+
+def _check_values(params, leaves, setup) -> None:
+    """Value checks of concrete leaves (finite, in range, a proper rotation; the detector with ``setup``)."""
     F = params.structure.F
     if F.dim() != 3:
         raise ValueError(f"params.structure.F must be a 3-D [nh, nk, nl] table, got shape {list(F.shape)}")

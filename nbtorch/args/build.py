@@ -360,6 +360,9 @@ def _structure(inp: Inputs, xtal: CrystalPart, params: Params, setup: Setup):
         table, hkl_min = _mtz_table(inp, default_F, xtal.cell.tolist())
     elif inp.given("-hkl"):
         table, hkl_min = _read(inp, "-hkl", _text_table, default_F)
+        if table.size == 0 and not default_F > 0:
+            raise ValueError(f"-hkl {inp.opts['-hkl']}: no reflections (empty or only comments) and no -default_F > 0: "
+                             "every structure factor would be 0")
     has_table = table.size > 0
     auto = has_table and min(xtal.N_cli) <= 2
     interpolate = bool(inp.last("interpolate", auto)) and has_table
