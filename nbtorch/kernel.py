@@ -168,17 +168,24 @@ def _curve(pos, tp: TileParams, tc: TileConsts) -> List[torch.Tensor]:
 
 def polarization(inc: torch.Tensor, d: Sequence[torch.Tensor], E: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """Kahn factor ½(1 + cos²2θ − K·cos2ψ·sin²2θ) for incident ``inc`` [...,3] (broadcast against the components of
-    ``d``) and scattered unit directions ``d`` (3 tensors); written without atan2 (see :mod:`nbtorch.beam`)."""
+    ``d``) and scattered unit directions ``d`` (3 tensors); written without atan2 (see :mod:`nbtorch.beam`).
+
+    A source along the E vector ``E`` [3] has no polarization plane (E × inc = 0; nanoBragg divides by zero and
+    gives NaN): there the K term is dropped, ½(1 + cos²2θ), the factor averaged over every orientation of the
+    plane (a deliberate deviation, docs/nanobragg-differences.md).  Value and gradient stay finite (double where)."""
     i = [inc[..., j] for j in range(3)]
     B = [E[1] * i[2] - E[2] * i[1], E[2] * i[0] - E[0] * i[2], E[0] * i[1] - E[1] * i[0]]
-    nb = torch.sqrt(_dot3(B, B))
+    nb2 = _dot3(B, B)
+    plane = nb2 > torch.finfo(nb2.dtype).tiny
+    nb = torch.sqrt(torch.where(plane, nb2, torch.ones_like(nb2)))
     B = [b / nb for b in B]
     Ein = [i[1] * B[2] - i[2] * B[1], i[2] * B[0] - i[0] * B[2], i[0] * B[1] - i[1] * B[0]]
-    ne = torch.sqrt(_dot3(Ein, Ein))
+    ne2 = _dot3(Ein, Ein)
+    ne = torch.sqrt(torch.where(plane, ne2, torch.ones_like(ne2)))
     c2t = _dot3(i, d)
     x = _dot3([e / ne for e in Ein], d)
     y = _dot3(B, d)
-    return 0.5 * (1.0 + c2t * c2t - K * (x * x - y * y))
+    return 0.5 * (1.0 + c2t * c2t - torch.where(plane, K * (x * x - y * y), torch.zeros_like(x)))
 
 
 def _keep(d, inc: torch.Tensor, lam: torch.Tensor, dmin: torch.Tensor) -> torch.Tensor:
