@@ -125,6 +125,10 @@ def _simulate(params, setup, extras, err: TextIO) -> np.ndarray:
         raise UsageError(str(exc)) from None
     with np.errstate(over="ignore"):
         image = image_t.detach().to("cpu").numpy().astype(np.float32)
+    nan = int(np.isnan(image).sum())
+    if nan:
+        raise UsageError(f"the simulated image is NaN in {nan} pixels: a singular geometry or NaN inputs (check the "
+                         "-sourcefile, -polar_vector, detector and beam vectors); nothing written")
     bad = int((~np.isfinite(image)).sum())
     if bad:
         raise UsageError(f"the simulated image is not finite in {bad} pixels (beyond float32's 3.4e38 photons): "

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["atomic_write"]
+import numpy as np
+
+__all__ = ["atomic_write", "check_finite"]
 
 
 def _current_umask() -> int:
@@ -59,3 +61,24 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def check_finite(image, what: str) -> None:
+    """Refuse to write a float image with NaN or ±inf pixels (every image writer calls this before writing).
+
+    ``image``: array [slow, fast] (integer arrays pass); ``what``: the writer and file for the message.  Raises
+    ``ValueError`` naming the counts and the likely cause; nothing is written."""
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    nan = int(np.isnan(arr).sum())
+    inf = int(arr.size - finite.sum()) - nan
+    causes = []
+    if nan:
+        causes.append("NaN comes from NaN inputs or a singular geometry")
+    if inf:
+        causes.append("inf from values beyond the file's number type (lower the fluence, F, N or water)")
+    raise ValueError(f"{what}: the image has {nan} NaN and {inf} infinite pixels ({'; '.join(causes)}): not written")

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from ..units import MM_PER_M
-from ._atomic import atomic_write
+from ._atomic import atomic_write, check_finite
 from ._parse import display_name, read_bytes
 from .smv import _decode_smv
 
@@ -116,7 +116,10 @@ def write_raw_float(path: str | os.PathLike, image) -> None:
     arr = np.asarray(image)
     if arr.ndim != 2:
         raise ValueError(f"write_raw_float {display_name(path)}: image must be 2-D [slow, fast], got {arr.shape}")
-    atomic_write(path, np.ascontiguousarray(arr, dtype="<f4").tobytes())
+    with np.errstate(over="ignore"):
+        data = np.ascontiguousarray(arr, dtype="<f4")
+    check_finite(data, f"write_raw_float {display_name(path)}")
+    atomic_write(path, data.tobytes())
 
 
 def pgm_pixels(image, scale: float) -> np.ndarray:
@@ -143,6 +146,7 @@ def write_pgm(path: str | os.PathLike, image, scale: float) -> None:
     arr = np.asarray(image)
     if arr.ndim != 2:
         raise ValueError(f"write_pgm {display_name(path)}: image must be 2-D [slow, fast], got {arr.shape}")
+    check_finite(arr, f"write_pgm {display_name(path)}")
     slow, fast = arr.shape
     head = f"P5\n{fast} {slow}\n# pixels scaled by {float(scale):f}\n255\n".encode("ascii")
     atomic_write(path, head + pgm_pixels(arr, scale).tobytes())

@@ -30,7 +30,7 @@ from typing import Mapping, NamedTuple, Optional
 import numpy as np
 
 from ..units import ANGSTROM_PER_MM, DEG_PER_RAD, MM_PER_CM, MM_PER_M, MM_PER_NM, MM_PER_UM, deg2rad, um_to_mm
-from ._atomic import atomic_write
+from ._atomic import atomic_write, check_finite
 from ._parse import display_name
 
 __all__ = [
@@ -335,6 +335,7 @@ def write_nxmx(
     if arr.shape != (setup.spixels, setup.fpixels):
         raise ValueError(f"write_nxmx {name}: image shape {arr.shape} is not (spixels, fpixels) = "
                          f"{(setup.spixels, setup.fpixels)}")
+    check_finite(arr, f"write_nxmx {name}")
     geo = nxmx_geometry(params, setup, sensor_material=sensor_material, sensor_thickness_mm=sensor_thickness_mm,
                         saturation_value=saturation_value)
     stamp = _timestamp(start_time)

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ._atomic import atomic_write
+from ._atomic import atomic_write, check_finite
 from ._parse import display_name, read_bytes
 
 __all__ = ["read_smv", "write_smv", "nanobragg_header_items", "read_smv_mask", "SMV_TYPES"]
@@ -193,6 +193,7 @@ def write_smv(
     arr = np.asarray(data)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"write_smv {name}: data must be a non-empty 2-D array [slow, fast], got shape {arr.shape}")
+    check_finite(arr, f"write_smv {name}")
     code = arr.dtype.kind + str(arr.dtype.itemsize)
     if code not in _DTYPE_TO_TYPE:
         raise ValueError(f"write_smv {name}: unsupported dtype {arr.dtype} (supported: {sorted(_DTYPE_TO_TYPE)})")

@@ -37,3 +37,31 @@ def test_source_along_the_polarization_axis_has_finite_gradients(tmp_path):
 
     g = torch.func.grad(total, argnums=(0, 1))(p.detector.distance, p.beam.polarization)
     assert all(bool(torch.isfinite(t)) for t in g)
+
+
+@pytest.mark.parametrize("writer", ["raw", "smv", "pgm", "nxmx"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e39])
+def test_writers_refuse_non_finite_images(tmp_path, writer, bad):
+    """Every image writer refuses NaN/inf (and float32 overflow): a one-line ValueError, nothing written."""
+    from nbtorch.io.images import write_pgm, write_raw_float
+    from nbtorch.io.smv import write_smv
+
+    img = np.ones((4, 5), dtype=np.float64)
+    img[1, 2] = bad
+    out = tmp_path / "out"
+    if writer == "raw":
+        call = lambda: write_raw_float(out, img)  # noqa: E731
+    elif writer == "smv":
+        call = lambda: write_smv(out, img.astype(np.float32) if bad != 1e39 else img * np.inf)  # noqa: E731
+    elif writer == "pgm":
+        call = lambda: write_pgm(out, img if bad != 1e39 else img * np.inf, 1.0)  # noqa: E731
+    else:
+        pytest.importorskip("h5py")
+        from nbtorch.io.nexus import write_nxmx
+
+        p, s = nbtorch.from_nanobragg_args(SMALL.replace("-detpixels 12", "-detpixels_f 5 -detpixels_s 4"))
+        call = lambda: write_nxmx(out, img if bad != 1e39 else img * np.inf, p, s)  # noqa: E731
+    with pytest.raises(ValueError, match="not written") as exc:
+        call()
+    assert "\n" not in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
