@@ -2,7 +2,7 @@
 NeXus file (``-nexusfile``)."""
 from __future__ import annotations
 
-from typing import Callable, List, TextIO
+from typing import Callable, List, TextIO, Tuple
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from ..types import Params, Setup
 from .header import smv_header_items
 from .report import ImageStats, mask_array
 
-__all__ = ["OutputError", "write_outputs"]
+__all__ = ["OutputError", "write_outputs", "counts_items"]
 
 
 class OutputError(Exception):
@@ -27,6 +27,13 @@ def _write(kind: str, name: str, fn: Callable, *args) -> None:
         fn(name, *args)
     except OSError as exc:
         raise OutputError(f"cannot write the {kind} {name!r}: {exc.strerror or exc}") from None
+
+
+def counts_items(adc: float, gain: float) -> List[Tuple[str, str]]:
+    """nbtorch's extra SMV header items of an int/noise image (after nanoBragg's): ``ADC_OFFSET`` (counts added to
+    every pixel, ``-adc``) and ``GAIN`` (counts per photon: ``-scale`` of the int image, 1 for the noise image), in
+    the shortest text that reads back exactly.  :func:`nbtorch.io.read_image` returns (value − ADC_OFFSET)/GAIN."""
+    return [("ADC_OFFSET", repr(float(adc))), ("GAIN", repr(float(gain)))]
 
 
 def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Params, setup: Setup, extras: Extras,
@@ -43,7 +50,7 @@ def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Par
     header = smv_header_items(params, setup, extras, base_dir=base_dir)
     ints, scale = int_image_uint16(image, scale=o.scale, adc=o.adc, roi=setup.roi)
     out.write(f"intfile_scale = {scale:g}\n")
-    _write("int image", o.intfile, write_smv, ints, header)
+    _write("int image", o.intfile, write_smv, ints, header + counts_items(o.adc, scale))
     out.write(f"wrote {o.intfile} as {ints.size} 2-byte integers\n")
     written.append(o.intfile)
 
@@ -63,7 +70,7 @@ def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Par
         src = " (from the clock; pass -seed to reproduce)" if o.seed_from_clock else ""
         out.write(f"noise seed: {o.seed}{src}\n")
         out.write(f"{counts.sum():.0f} photons on noise image ({overloads} overloads)\n")
-        _write("noise image", o.noisefile, write_smv, noisy, header)
+        _write("noise image", o.noisefile, write_smv, noisy, header + counts_items(o.adc, 1.0))
         out.write(f"wrote {o.noisefile} as {noisy.size} 2-byte integers\n")
         written.append(o.noisefile)
 

@@ -19,7 +19,8 @@ from ._atomic import atomic_write, check_finite
 from ._parse import display_name, read_bytes
 from .smv import _decode_smv
 
-__all__ = ["read_raw_float", "write_raw_float", "write_pgm", "read_pgm", "pgm_pixels", "read_image", "ObservedImage"]
+__all__ = ["read_raw_float", "write_raw_float", "write_pgm", "read_pgm", "pgm_pixels", "read_image", "ObservedImage",
+           "to_photons"]
 
 #: Extensions treated as headerless raw float images by :func:`read_image`.
 RAW_EXTENSIONS = (".bin", ".raw", ".f32", ".flt", ".float")
@@ -61,6 +62,8 @@ class ObservedImage(NamedTuple):
         size: (fast, slow) pixel counts.
         header: the header as a dict of strings (empty for raw images).
         geometry: the full geometry of an NXmx file (:class:`~nbtorch.io.nexus.NexusGeometry`), else None.
+        adc_offset: counts subtracted from the file's values (header ``ADC_OFFSET`` or ``read_image(adc=...)``).
+        gain: counts per photon the values were divided by (header ``GAIN`` or ``read_image(gain=...)``).
     """
 
     data: np.ndarray
@@ -73,6 +76,8 @@ class ObservedImage(NamedTuple):
     size: tuple[int, int]
     header: dict
     geometry: Optional[Any] = None
+    adc_offset: float = 0.0
+    gain: float = 1.0
 
 
 def _check_shape(shape, name: str) -> tuple[int, int]:
@@ -291,12 +296,43 @@ def _read_observed_fabio(path: str, name: str, overload) -> ObservedImage:
     return _finish(data, header, name, overload, pixel, dist, wl, beam)
 
 
+def _number(value, what: str, positive: bool) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"{what} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+    return v
+
+
+def to_photons(obs: ObservedImage, name: str, adc: float | None = None, gain: float | None = None) -> ObservedImage:
+    """``obs`` with its values in photons: (value − offset)/gain, the offset and gain from the arguments, else from
+    the header (``ADC_OFFSET`` counts, ``GAIN`` counts per photon, as nbtorch writes them), else 0 and 1.  The mask
+    and the saturation test stay those of the file's values."""
+    head = {str(k).upper(): v for k, v in obs.header.items()}
+    if adc is not None:
+        adc = _number(adc, "adc (ADC offset, counts)", False)
+    elif "ADC_OFFSET" in head:
+        adc = _number(str(head["ADC_OFFSET"]).strip(), f"{name}: header ADC_OFFSET", False)
+    if gain is not None:
+        gain = _number(gain, "gain (counts per photon)", True)
+    elif "GAIN" in head:
+        gain = _number(str(head["GAIN"]).strip(), f"{name}: header GAIN", True)
+    adc, gain = (adc or 0.0), (1.0 if gain is None else gain)
+    if adc == 0.0 and gain == 1.0:
+        return obs._replace(adc_offset=0.0, gain=1.0)
+    return obs._replace(data=(obs.data - adc) / gain, adc_offset=adc, gain=gain)
+
+
 def read_image(
     path: str | os.PathLike,
     shape: tuple[int, int] | None = None,
     *,
     overload: float | None = None,
     dtype="<f4",
+    adc: float | None = None,
+    gain: float | None = None,
 ) -> ObservedImage:
     """Read an observed detector image with a usable-pixel mask.
 
@@ -315,19 +351,31 @@ def read_image(
     mm), ``Wavelength`` (Å) and ``Beam_xy`` (pixels × pixel size → mm, (x, y)); for NXmx the values derived from the
     detector's ``depends_on`` chain (beam centre (fast, slow) mm from the outer corner of pixel (0, 0)).
 
+    Photons: the values are returned as (value − ADC offset)/gain (:func:`to_photons`): the offset and gain given
+    here, else the header's ``ADC_OFFSET`` and ``GAIN`` (nbtorch writes them into its ``-intfile``/``-noisefile``
+    images), else 0 and 1; ``ObservedImage.adc_offset``/``gain`` say what was applied.  Masking and saturation
+    apply to the file's values.
+
     Args:
         path: image file.
         shape: (slow, fast), needed for raw images.
-        overload: saturation level overriding the default.
+        overload: saturation level overriding the default (in the file's values).
         dtype: on-disk dtype of raw images.
+        adc: ADC offset (counts) to subtract, overriding the header's.
+        gain: counts per photon to divide by (> 0), overriding the header's.
 
     Returns:
-        :class:`ObservedImage` (data float64 [slow, fast]).
+        :class:`ObservedImage` (data float64 [slow, fast], photons).
 
     Raises:
         ValueError: malformed SMV/raw files, missing ``shape`` for a raw file, unparseable geometry header values.
         ImportError: if fabio (or h5py for HDF5) is needed but not installed (``pip install nbtorch[io]``).
     """
+    return to_photons(_read_values(path, shape, overload, dtype), display_name(path), adc, gain)
+
+
+def _read_values(path, shape, overload, dtype) -> ObservedImage:
+    """:func:`read_image` before the conversion to photons."""
     name = display_name(path)
     ext = os.path.splitext(name)[1].lower()
     if ext in RAW_EXTENSIONS:

@@ -31,10 +31,15 @@ SMALL = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-
          "-distance", "100", "-pixel", "0.4", "-detpixels_f", "24", "-detpixels_s", "20", "-oversample", "1"]
 
 
+#: Header items nbtorch adds after nanoBragg's (docs/nanobragg-differences.md): the ADC offset and the gain.
+NBTORCH_ONLY = ("ADC_OFFSET=", "GAIN=")
+
+
 def _header_text(path) -> list:
-    """The header lines (``KEY=VALUE``) of an SMV file, as text."""
-    raw = open(path, "rb").read(512).decode("latin-1")
-    return [ln for ln in raw[: raw.index("}")].split("\n") if "=" in ln]
+    """The header lines (``KEY=VALUE``) of an SMV file, as text, without nbtorch's own items."""
+    raw = open(path, "rb").read(4096).decode("latin-1")
+    lines = [ln for ln in raw[: raw.index("}")].split("\n") if "=" in ln and not ln.startswith(NBTORCH_ONLY)]
+    return [ln for ln in lines if not ln.startswith("HEADER_BYTES=")]  # 1024 when nbtorch's items do not fit 512
 
 
 def _run_case(case, tmp_path, monkeypatch, extra=()):
@@ -82,8 +87,11 @@ def test_golden_command_reproduces_c_outputs(case, tmp_path, monkeypatch, capsys
     assert diff.max() <= 1, f"{case}: int image differs by up to {diff.max()} counts"
     assert (diff > 0).sum() <= max(2, diff.size // 10000), f"{case}: {(diff > 0).sum()} int pixels differ"
 
-    if case == "27_noise_seed":  # Poisson noise bit for bit, header included
-        assert (tmp_path / "noiseimage.img").read_bytes() == (GOLDEN / case / "noiseimage.img").read_bytes()
+    if case == "27_noise_seed":  # Poisson noise bit for bit, header included (but nbtorch's ADC_OFFSET and GAIN)
+        n = 2 * 192 * 160  # the pixels at the end of both files
+        assert (tmp_path / "noiseimage.img").read_bytes()[-n:] == (GOLDEN / case / "noiseimage.img").read_bytes()[-n:]
+        assert _header_text(tmp_path / "noiseimage.img") == _header_text(GOLDEN / case / "noiseimage.img")
+        assert read_smv(tmp_path / "noiseimage.img")[1]["ADC_OFFSET"] == "10.0"
     assert not (tmp_path / "noiseimage.img").exists() or case == "27_noise_seed"  # -nonoise honoured
     assert not (tmp_path / "image.pgm").exists()  # -nopgm honoured
     assert not (tmp_path / "Fdump.bin").exists()  # no structure-factor cache written (Q21)
@@ -219,7 +227,8 @@ def test_default_names_pgm_noise_and_summary(tmp_path, monkeypatch, capsys):
     # int and noise images share nanoBragg's header; noise differs from the int image
     noise, nh = read_smv(tmp_path / "noiseimage.img")
     _, ih = read_smv(tmp_path / "intimage.img")
-    assert nh == ih and nh["DETECTOR_SN"] == "000" and nh["BEAMLINE"] == "fake"
+    assert nh.pop("GAIN") == "1.0" and float(ih.pop("GAIN")) == pytest.approx(55000 / v.max(), rel=1e-6)  # counts per photon
+    assert nh == ih and nh["DETECTOR_SN"] == "000" and nh["BEAMLINE"] == "fake" and nh["ADC_OFFSET"] == "40.0"
     counts = noise.astype(np.int64) - 40
     assert counts.min() >= 0 and abs(counts.sum() - v.sum()) < 5 * np.sqrt(v.sum())
 
