@@ -24,6 +24,7 @@ from .cells import CRYSTAL_SYSTEMS, detect_crystal_system, symmetrize_cell
 from .degeneracy import Degeneracy, degenerate_pairs
 from .fit import METHODS, covariance, fit, fit_options
 from .lm import MinimizeResult, levenberg_marquardt
+from .many import ImageResult, JointResult, fit_many
 from .optim import adam, lbfgs
 from .options import FitOptions
 from .parameters import Parameterisation, Scalar, pack, parameterise, total_rotation, unpack, xyz_angles
@@ -35,7 +36,7 @@ from .table import DEFAULT_FREE, GROUPS, SCALARS, ScalarSpec
 from .targets import TARGETS, Objective, make_target, select_pixels, usable_mask
 
 __all__ = [
-    "fit", "fit_options", "FitOptions", "Result", "METHODS", "covariance",
+    "fit", "fit_options", "fit_many", "JointResult", "ImageResult", "FitOptions", "Result", "METHODS", "covariance",
     "prepare", "run_stage", "finish", "FitState", "Stage", "default_stages", "schedule",
     "parameterise", "Parameterisation", "pack", "unpack", "Scalar", "SCALARS", "ScalarSpec", "GROUPS",
     "DEFAULT_FREE", "CRYSTAL_SYSTEMS", "symmetrize_cell", "detect_crystal_system", "total_rotation", "xyz_angles",
