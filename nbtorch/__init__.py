@@ -6,11 +6,15 @@ Public API::
     image = nbtorch.simulate(params, setup)        # photons/pixel, [slow, fast]
     flags = nbtorch.to_nanobragg_args(params, setup)  # and back to nanoBragg flags
 """
-from .args import from_nanobragg_args, parse_args, to_nanobragg_args
-from .simulate import crystal_orientations, crystal_rotation, simulate
-from .pytree import get_leaf, replace_leaf, tree_leaves, tree_map
-from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure
-from .validate import check_params
+from .interrupt import quiet_startup as _quiet_startup
+
+_quiet_startup()  # first: Ctrl-C while a console script imports torch ends it quietly (nbtorch.interrupt)
+
+from .args import from_nanobragg_args, parse_args, to_nanobragg_args  # noqa: E402
+from .simulate import crystal_orientations, crystal_rotation, simulate  # noqa: E402
+from .pytree import get_leaf, replace_leaf, tree_leaves, tree_map  # noqa: E402
+from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure  # noqa: E402
+from .validate import check_params  # noqa: E402
 
 __all__ = [
     "simulate", "from_nanobragg_args", "to_nanobragg_args", "parse_args", "check_params", "crystal_orientations",

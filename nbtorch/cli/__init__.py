@@ -17,7 +17,7 @@ Modules: :mod:`.help` (``--help`` and the docs table), :mod:`.report` (statistic
 (SMV header), :mod:`.progress` (banded rendering with a progress bar), :mod:`.outputs` (the files).
 
 Exit status: 0 on success, 2 for command-line or input errors (one line on stderr, no traceback), 1 when an output
-cannot be written, 130 when interrupted.
+cannot be written, 130 when interrupted (143 for SIGTERM).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch
 
 from .. import __version__
 from ..args import build, missing_inputs, parse_args
+from ..interrupt import exit_status, interrupts
 from ..noise import roi_mask
 from ..simulate import simulate
 from .help import FLAG_GROUPS, PROG, format_help
@@ -188,23 +189,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ``argv``: the arguments without the program name (default ``sys.argv[1:]``); a leading ``nanoBragg`` or
     ``nbtorch`` token is dropped.  Writes the summary to stdout, errors and the progress bar to stderr, and returns
-    the exit status (0 ok, 2 command-line/input error, 1 output error, 130 interrupted).
+    the exit status (0 ok, 2 command-line/input error, 1 output error, 130 interrupted by Ctrl-C, 143 by SIGTERM).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if args and os.path.basename(args[0]) in ("nanoBragg", "nbtorch"):
         args = args[1:]
     out, err = sys.stdout, sys.stderr
     try:
-        if not args:
-            raise UsageError("no flags given; missing " + "; and ".join(missing_inputs({}))
-                             + f" ({PROG} --help lists every flag)")
-        return _run(args, out, err)
+        with interrupts():
+            if not args:
+                raise UsageError("no flags given; missing " + "; and ".join(missing_inputs({}))
+                                 + f" ({PROG} --help lists every flag)")
+            return _run(args, out, err)
     except UsageError as exc:
         err.write(f"{PROG}: error: {exc}\n")
         return 2
     except OutputError as exc:
         err.write(f"{PROG}: error: {exc}\n")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: files being written are removed (atomic writes)
         err.write(f"\n{PROG}: interrupted\n")
-        return 130
+        return exit_status(exc)
