@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Refine a nanoBragg model (given as nanoBragg flags) against an observed diffraction image.",
         epilog=(
             "Groups: " + ", ".join(GROUPS) + " (sub-groups background.plane, background.constant, background.water; "
-            "single scalars such as cell.a, orientation.z, detector_rotation.y).  Example:\n"
+            "single scalars such as cell.a, orientation.z, detector_rotation.y).  Many images: nbtorch-refine "
+            "--images LIST --help.  Example:\n"
             "  nbtorch-refine obs.img --refine cell,orientation,distance,beam_center,scale --json fit.json "
             "-cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 -detpixels 96 -pixel 0.2"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,6 +154,10 @@ def _write_image(path: str, result) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-refine`` (returns the exit status)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(t == "--images" or t.startswith("--images=") for t in argv):  # many images: refine/cli_many.py
+        from .cli_many import main as main_many
+
+        return main_many(argv)
     ours, flags = split_argv(argv)
     ap = _parser()
     try:

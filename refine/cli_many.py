@@ -1,0 +1,190 @@
+"""``nbtorch-refine --images LIST``: many images, jointly or independently.
+
+    nbtorch-refine --images LIST --shared GROUPS --per-image GROUPS [--json OUT] [options] [common nanoBragg flags]
+    nbtorch-refine --images LIST --independent --refine GROUPS --results OUT.jsonl [--workers N]
+                   [--scheduler ADDRESS] [options] [common nanoBragg flags]
+
+LIST has one line per image, ``PATH <nanoBragg flags of its starting model>`` (:mod:`refine.imagelist`); flags
+given on the command line come first on every line.  The joint mode refines the shared groups once for all images
+and the per-image groups per image (:func:`refine.fit_many`) and writes ``--json``; the independent mode refines
+each image on its own on Dask (:mod:`refine.scaleout`) and appends one JSON line per image to ``--results``.
+
+Exit status: 0 converged (every image, in the independent mode), 3 finished but not converged or some images failed,
+1 bad input found while fitting (a degenerate pair without ``--allow-degenerate``, unreadable images in the joint
+mode), 2 bad usage or a bad LIST line (the message names the line).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import List, Optional, Sequence
+
+_OPTIONS = {
+    "--images": 1, "--shared": 1, "--per-image": 1, "--json": 1, "--independent": 0, "--refine": 1, "--workers": 1,
+    "--scheduler": 1, "--results": 1, "--limit": 1, "--target": 1, "--read-noise": 1, "--max-iter": 1,
+    "--no-coarse": 0, "--coarse-iter": 1, "--crystal-system": 1, "--ncells-mode": 1, "--overload": 1,
+    "--threads": 1, "--dtype": 1, "--quiet": 0, "--allow-degenerate": 0, "--esd-scale": 1, "--help": 0,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .parameters import CRYSTAL_SYSTEMS
+
+    ap = argparse.ArgumentParser(
+        prog="nbtorch-refine --images",
+        usage=("nbtorch-refine --images LIST (--shared GROUPS --per-image GROUPS [--json OUT] | --independent "
+               "--refine GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS]) [options] "
+               "[nanoBragg flags common to every line]"),
+        description="Refine many images: jointly (shared + per-image groups) or independently on Dask.")
+    ap.add_argument("--images", required=True, help="LIST file: one line per image, PATH <nanoBragg flags>")
+    ap.add_argument("--shared", default="", help="joint: groups with one value for all images "
+                    "(e.g. distance,beam_center,detector_rotation)")
+    ap.add_argument("--per-image", default="", help="joint: groups with one value per image (e.g. orientation,scale)")
+    ap.add_argument("--json", default=None, help="joint: write the result as JSON here")
+    ap.add_argument("--independent", action="store_true", help="refine each image on its own, in parallel on Dask")
+    ap.add_argument("--refine", default=None, help="independent: groups to refine per image")
+    ap.add_argument("--workers", type=int, default=None, help="independent: local Dask worker processes "
+                    "(default one per core)")
+    ap.add_argument("--scheduler", default=None, help="independent: address of a running Dask scheduler "
+                    "(tcp://host:8786) instead of a local cluster")
+    ap.add_argument("--results", default=None, help="independent: JSON-lines file, one line per image (a rerun "
+                    "skips the images already in it)")
+    ap.add_argument("--limit", type=int, default=None, help="independent: stop after this many new images")
+    ap.add_argument("--target", default="poisson", choices=["poisson", "gaussian", "lsq", "anscombe"])
+    ap.add_argument("--read-noise", type=float, default=1.0, help="read noise σ (photons) of the gaussian target")
+    ap.add_argument("--max-iter", type=int, default=None, help="iterations of the final stage")
+    ap.add_argument("--no-coarse", action="store_true", help="skip the coarse-to-fine stages")
+    ap.add_argument("--coarse-iter", type=int, default=8, help="iterations of each broadened stage (default 8)")
+    ap.add_argument("--crystal-system", default="auto", choices=["auto"] + list(CRYSTAL_SYSTEMS))
+    ap.add_argument("--ncells-mode", default="auto", choices=["auto", "isotropic", "anisotropic"])
+    ap.add_argument("--overload", type=float, default=None, help="exclude pixels at or above this value")
+    ap.add_argument("--esd-scale", default="auto", choices=["auto", "chi2", "none"])
+    ap.add_argument("--allow-degenerate", action="store_true", help="refine combinations the images cannot tell apart")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker when independent)")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--quiet", action="store_true", help="no progress output")
+    return ap
+
+
+def split_argv(argv: Sequence[str]):
+    """(our tokens, nanoBragg flags common to every LIST line)."""
+    ours: List[str] = []
+    flags: List[str] = []
+    i, argv = 0, list(argv)
+    while i < len(argv):
+        tok = argv[i]
+        name = tok.split("=", 1)[0]
+        if tok.startswith("--") or tok == "-h":
+            n = 0 if ("=" in tok or tok == "-h") else _OPTIONS.get(name, 0)
+            ours.extend(argv[i: i + 1 + n])
+            i += 1 + n
+        else:
+            flags.append(tok)
+            i += 1
+    return ours, flags
+
+
+def _fit_options(ns) -> dict:
+    """Keyword arguments of refine.fit / fit_many from the options (plain values, picklable)."""
+    return dict(target=ns.target, read_noise=ns.read_noise, max_iter=ns.max_iter, coarse_to_fine=not ns.no_coarse,
+                coarse_iter=ns.coarse_iter, crystal_system=ns.crystal_system, ncells_mode=ns.ncells_mode,
+                overload=ns.overload, esd_scale=ns.esd_scale, allow_degenerate=ns.allow_degenerate)
+
+
+def _usage_error(ns) -> str:
+    """The first inconsistency between the options of the two modes ('' when none)."""
+    if ns.independent:
+        if ns.shared or ns.per_image or ns.json:
+            return "--shared, --per-image and --json belong to the joint mode; --independent takes --refine"
+        if not ns.refine:
+            return "--independent needs --refine GROUPS"
+        if not ns.results:
+            return "--independent needs --results OUT.jsonl"
+        if ns.workers is not None and ns.workers < 1:
+            return "--workers must be at least 1"
+        return ""
+    if ns.refine or ns.results or ns.workers or ns.scheduler or ns.limit is not None:
+        return "--refine, --results, --workers, --scheduler and --limit need --independent"
+    if not (ns.shared or ns.per_image):
+        return "the joint mode needs --shared and/or --per-image GROUPS (or --independent --refine GROUPS)"
+    return ""
+
+
+def _run_joint(ns, entries) -> int:
+    import torch
+
+    from .cli import Progress
+    from .imagelist import load_entries
+    from .many import fit_many
+
+    obs, params, setups = load_entries(entries, torch.float64 if ns.dtype == "float64" else torch.float32,
+                                       ns.overload)
+    result = fit_many(obs, params, setups, shared=ns.shared, per_image=ns.per_image,
+                      paths=[e.path for e in entries], nanobragg_args=[e.flags for e in entries],
+                      callback=None if ns.quiet else Progress(), **_fit_options(ns))
+    for k, img in enumerate(result.images):
+        if not img.setup.nanobragg_cell:  # a -mat model: its refined matrix goes next to the JSON
+            stem = os.path.splitext(ns.json)[0] if ns.json else "refined"
+            result.images[k] = dataclasses.replace(img, matrix_path=f"{stem}.image{k + 1}.mat")
+            if ns.json:
+                result.images[k].to_nanobragg_args(write_matrix=True)
+    print(result.summary())
+    if ns.json:
+        result.to_json(ns.json)
+    return 0 if result.converged else 3
+
+
+def _run_independent(ns, entries) -> int:
+    from .scaleout import refine_images
+
+    free = [g for g in ns.refine.replace(",", " ").split() if g]
+    summary = refine_images(entries, free, ns.results, workers=ns.workers, scheduler=ns.scheduler,
+                            options=_fit_options(ns), threads=ns.threads, dtype=ns.dtype, limit=ns.limit,
+                            progress=not ns.quiet)
+    if not ns.quiet and summary.skipped == summary.total:
+        print(f"all {summary.total} images are already in {ns.results}: nothing to do", file=sys.stderr)
+    elif not ns.quiet:
+        print(f"{summary.total} images: {summary.skipped} already done, {summary.fitted} refined, {summary.failed} "
+              f"failed this run ({summary.workers} workers × {summary.threads} threads, {summary.seconds:.1f} s); "
+              f"results in {ns.results}", file=sys.stderr)
+    return 3 if summary.failed else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``nbtorch-refine --images`` (returns the exit status)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, flags = split_argv(argv)
+    ap = _parser()
+    try:
+        ns = ap.parse_args(ours)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    problem = _usage_error(ns)
+    if problem:
+        print(f"nbtorch-refine: {problem}", file=sys.stderr)
+        return 2
+    if ns.threads:
+        import torch
+
+        torch.set_num_threads(int(ns.threads))
+    from .imagelist import parse_image_list
+
+    try:
+        entries = parse_image_list(ns.images, flags)
+        from .parameters import expand_free
+
+        for groups in ((ns.refine,) if ns.independent else (ns.shared, ns.per_image)):
+            expand_free(groups)
+    except (ValueError, OSError) as exc:
+        print(f"nbtorch-refine: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run_independent(ns, entries) if ns.independent else _run_joint(ns, entries)
+    except ValueError as exc:
+        print(f"nbtorch-refine: {exc}", file=sys.stderr)
+        return 2 if " line " in str(exc) and ns.images in str(exc) else 1
+    except OSError as exc:
+        print(f"nbtorch-refine: {exc}", file=sys.stderr)
+        return 1

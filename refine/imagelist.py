@@ -1,0 +1,123 @@
+"""Image lists: the ``LIST`` file of ``nbtorch-refine --images LIST``.
+
+One line per image: ``PATH <nanoBragg flags of that image's starting model>``.  Blank lines and lines starting with
+``#`` are skipped; tokens are split as a shell would (quotes allowed).  A relative ``PATH``, and files named by the
+flags (``-hkl``, ``-mat``, …), are read relative to the LIST file's folder.  Flags given on the command line after the
+options come first on every line (the line's own flags win where both give one), so what all images share can be
+written once::
+
+    # run 7, one detector
+    img/still_0001.img -misset 10.2 20.1 30.5 -fluence 1e30
+    img/still_0002.img -misset 44.0 -5.3 12.9 -fluence 1.1e30
+
+Every error is one line naming the LIST file and the line number.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from typing import List, NamedTuple, Sequence, Tuple
+
+import torch
+
+from nbtorch.args.build import build
+from nbtorch.args.parse import missing_inputs, parse_args
+
+
+class ImageEntry(NamedTuple):
+    """One image of a LIST: ``line`` (1-based line number), ``path`` (absolute), ``flags`` (tokens: the common
+    flags, then the line's), ``base_dir`` (the LIST's folder: relative files in the flags are read from it),
+    ``source`` (the LIST file as given, for messages)."""
+
+    line: int
+    path: str
+    flags: List[str]
+    base_dir: str
+    source: str
+
+    def where(self) -> str:
+        """``LIST line N`` for messages."""
+        return f"{self.source} line {self.line}"
+
+
+def _split(text: str, where: str) -> List[str]:
+    try:
+        return shlex.split(text, comments=False)
+    except ValueError as exc:
+        raise ValueError(f"{where}: cannot split the line ({exc})") from None
+
+
+def parse_image_list(path: str, common_flags: Sequence[str] = (), check_files: bool = True) -> List[ImageEntry]:
+    """Read a LIST file: one :class:`ImageEntry` per image line.
+
+    Each line's flags (after ``common_flags``) are parsed and checked for completeness (cell, structure factors)
+    without building the model, which is cheap for thousands of lines.  ValueError (one line, naming the LIST line)
+    for a missing image file (``check_files``), a line without flags, bad flags, or an image listed twice; OSError
+    when the LIST itself cannot be read."""
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    out: List[ImageEntry] = []
+    seen = {}
+    for k, text in enumerate(lines, start=1):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        where = f"{path} line {k}"
+        toks = _split(text, where)
+        image = os.path.normpath(os.path.join(base, toks[0]))
+        if check_files and not os.path.isfile(image):
+            raise ValueError(f"{where}: no such image file: {toks[0]}")
+        if image in seen:
+            raise ValueError(f"{where}: {toks[0]} is already listed on line {seen[image]}")
+        seen[image] = k
+        flags = [str(t) for t in common_flags] + toks[1:]
+        if not flags:
+            raise ValueError(f"{where}: no nanoBragg flags after the image path")
+        try:
+            missing = missing_inputs(parse_args(flags))
+        except ValueError as exc:
+            raise ValueError(f"{where}: bad flags: {exc}") from None
+        if missing:
+            raise ValueError(f"{where}: bad flags: missing {missing[0]}")
+        out.append(ImageEntry(k, image, flags, base, path))
+    if not out:
+        raise ValueError(f"{path}: no images listed (one line per image: PATH <nanoBragg flags>)")
+    return out
+
+
+def entry_model(entry: ImageEntry, dtype=torch.float64):
+    """(params, setup) of an entry's starting model (files in the flags read from the LIST's folder); ValueError
+    naming the LIST line when the flags do not describe a model."""
+    try:
+        params, setup, _ = build(parse_args(entry.flags), dtype=dtype, base_dir=entry.base_dir)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{entry.where()}: bad flags: {exc}") from None
+    return params, setup
+
+
+def entry_image(entry: ImageEntry, setup, overload=None):
+    """The entry's observed image (:class:`nbtorch.io.images.ObservedImage`; raw files take their shape from
+    ``setup``); ValueError naming the LIST line when it cannot be read or its size differs from the model's."""
+    from nbtorch.io.images import RAW_EXTENSIONS, read_image
+
+    raw = os.path.splitext(entry.path)[1].lower() in RAW_EXTENSIONS
+    try:
+        obs = read_image(entry.path, shape=(setup.spixels, setup.fpixels) if raw else None, overload=overload)
+    except (ValueError, OSError) as exc:
+        text = str(exc) if entry.path in str(exc) else f"cannot read {entry.path}: {exc}"
+        raise ValueError(f"{entry.where()}: {text}") from None
+    if obs.data.shape != (setup.spixels, setup.fpixels):
+        raise ValueError(f"{entry.where()}: {entry.path} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × "
+                         f"slow) but its flags describe a {setup.fpixels}×{setup.spixels} detector")
+    return obs
+
+
+def load_entries(entries: Sequence[ImageEntry], dtype=torch.float64, overload=None) -> Tuple[list, list, list]:
+    """(observed images, params, setups) of every entry, in order (ValueError naming the first bad line)."""
+    obs, params, setups = [], [], []
+    for e in entries:
+        p, s = entry_model(e, dtype)
+        obs.append(entry_image(e, s, overload))
+        params.append(p)
+        setups.append(s)
+    return obs, params, setups

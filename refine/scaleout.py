@@ -1,0 +1,273 @@
+"""Independent per-image refinement at scale, on Dask.
+
+    from refine.imagelist import parse_image_list
+    from refine.scaleout import refine_images
+    summary = refine_images(parse_image_list("stills.lst"), ["orientation", "scale"], "fits.jsonl", workers=8)
+
+Each image of a LIST is refined on its own with :func:`refine.fit` (the per-shot mode) as one Dask task: on a local
+cluster of ``workers`` processes by default, or on an existing scheduler (``scheduler="tcp://host:8786"``: a cluster
+started with ``dask scheduler`` / ``dask worker``, or with dask-jobqueue on Slurm).  Workers run one fit at a time
+with ``cores // workers`` torch threads each (on an existing cluster: the worker machine's cores divided by the
+worker's Dask threads), so workers × threads equals the cores available.
+
+Every finished image appends one JSON line to the results file the moment it ends (one complete line per write,
+flushed): ``path``, ``converged``, ``parameters``, ``esd``, ``loss``, ``seconds``, ``nanobragg_args``, and ``error``
+when it failed (then the other values are null).  A rerun with the same results file skips the images already
+there (a line cut short by a kill is dropped first), so a killed run is resumed by running it again; an image that
+fails records its error and the others go on (delete its line to retry it).  A progress line on stderr shows images
+done, failed and the rate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from .imagelist import ImageEntry
+
+#: Keys of a result line, in order (``error`` only on failures).
+RESULT_KEYS = ("path", "converged", "parameters", "esd", "loss", "seconds", "nanobragg_args")
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _task_threads(threads: Optional[int]) -> int:
+    """Torch threads for a task: ``threads``, else this machine's cores divided by the Dask worker's threads."""
+    if threads:
+        return int(threads)
+    try:
+        from distributed import get_worker
+
+        per = max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        per = 1
+    return max(1, available_cores() // per)
+
+
+def _record(path: str, t0: float, **values) -> dict:
+    rec = {k: None for k in RESULT_KEYS}
+    rec.update(path=path, converged=False, seconds=time.perf_counter() - t0)
+    rec.update(values)
+    return rec
+
+
+def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object], threads: Optional[int] = None,
+               dtype: str = "float64", matrix_dir: Optional[str] = None) -> dict:
+    """Refine one LIST entry with :func:`refine.fit` (a Dask task; never raises): the result line as a dict.
+
+    ``options``: keyword arguments of :func:`refine.fit` (plain values: target, max_iter, coarse_to_fine, …);
+    ``threads``: torch threads (None: see :func:`_task_threads`); ``matrix_dir``: where refined MOSFLM matrices of
+    ``-mat`` models go (``<line>.mat``).  A failure gives the line with ``error`` set (one line: type and
+    message)."""
+    import torch
+
+    from .fit import fit
+    from .imagelist import entry_image, entry_model
+
+    t0 = time.perf_counter()
+    try:
+        torch.set_num_threads(_task_threads(threads))
+        params, setup = entry_model(entry, torch.float64 if dtype == "float64" else torch.float32)
+        obs = entry_image(entry, setup, options.get("overload"))
+        matrix = None
+        if not setup.nanobragg_cell:
+            matrix = os.path.join(matrix_dir or entry.base_dir, f"{entry.line:06d}.mat")
+            os.makedirs(os.path.dirname(matrix), exist_ok=True)
+        res = fit(obs, params, setup, free=list(free), nanobragg_args=entry.flags, matrix_path=matrix, **options)
+        d = res.to_dict()
+        if matrix is not None and d["nanobragg_args"] is not None:
+            res.to_nanobragg_args(matrix_path=matrix, write_matrix=True)
+        return _record(entry.path, t0, converged=bool(res.converged), parameters=d["parameters"], esd=d["esd"],
+                       loss=d["loss"], nanobragg_args=d["nanobragg_args"])
+    except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        return _record(entry.path, t0, error=f"{type(exc).__name__}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the results file
+
+
+def done_paths(results: str) -> set:
+    """Paths already in a results file (every complete JSON line).  A last line cut short (no newline: the run was
+    killed while writing) is removed so the next append starts on a fresh line."""
+    if not os.path.exists(results):
+        return set()
+    with open(results, "rb") as fh:
+        data = fh.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(results, "r+b") as fh:
+            fh.truncate(keep)
+        data = data[:keep]
+    out = set()
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            out.add(json.loads(line)["path"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def append_line(results: str, record: dict) -> None:
+    """Append one complete JSON line to ``results`` in a single write, flushed and synced."""
+    data = (json.dumps(record, allow_nan=True) + "\n").encode()
+    fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ProgressBar:
+    """``[#####.....] done/total  failed F  R images/min`` on a stream (redrawn in place on a terminal, one line per
+    image otherwise)."""
+
+    def __init__(self, total: int, already: int = 0, stream=None, enabled: bool = True):
+        self.total, self.done, self.failed, self.new = total, already, 0, 0
+        self.stream, self.enabled, self.t0 = (sys.stderr if stream is None else stream), enabled, time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def text(self) -> str:
+        """The progress line."""
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        rate = 60.0 * self.new / max(time.perf_counter() - self.t0, 1e-9)
+        return (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} done  failed {self.failed}  "
+                f"{rate:.1f} images/min")
+
+    def update(self, failed: bool) -> None:
+        """Count one finished image and redraw."""
+        self.done, self.new, self.failed = self.done + 1, self.new + 1, self.failed + int(failed)
+        if self.enabled:
+            print(("\r" if self.tty else "") + self.text(), end="" if self.tty else "\n", file=self.stream,
+                  flush=True)
+
+    def close(self) -> None:
+        """End the line on a terminal."""
+        if self.enabled and self.tty:
+            print(file=self.stream, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What :func:`refine_images` did: ``total`` images listed, ``skipped`` (already in the results), ``fitted``
+    and ``failed`` this run, ``seconds``, ``workers`` and ``threads`` (per worker)."""
+
+    total: int
+    skipped: int
+    fitted: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    workers: int = 0
+    threads: int = 0
+
+
+def make_client(workers: Optional[int] = None, scheduler: Optional[str] = None):
+    """(Dask client, local cluster or None, torch threads per task or None): a client of the ``scheduler`` address,
+    or of a new local cluster of ``workers`` processes (default: one per core) with one task at a time each."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler), None, None
+    cores = available_cores()
+    n = max(1, int(workers or cores))
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    return Client(cluster), cluster, max(1, cores // n)
+
+
+def _collect(client, futures, results: str, bar: ProgressBar, summary: RunSummary, limit: Optional[int]):
+    """Append each finished image's line as it arrives; stop after ``limit`` new lines (when given)."""
+    from distributed import as_completed
+
+    for fut in as_completed(futures):
+        entry = futures[fut]
+        try:
+            rec = fut.result()
+        except Exception as exc:  # noqa: BLE001 - a worker died (killed, out of memory)
+            rec = _record(entry.path, time.perf_counter(), error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        append_line(results, rec)
+        failed = rec.get("error") is not None
+        summary.fitted += int(not failed)
+        summary.failed += int(failed)
+        bar.update(failed)
+        if limit is not None and summary.fitted + summary.failed >= limit:
+            for f in futures:
+                f.cancel()
+            return
+
+
+def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: str, *, workers: Optional[int] = None,
+                  scheduler: Optional[str] = None, options: Optional[Dict[str, object]] = None,
+                  threads: Optional[int] = None, dtype: str = "float64", limit: Optional[int] = None,
+                  progress: bool = True, stream=None) -> RunSummary:
+    """Refine every entry not yet in ``results`` (JSON lines) independently on Dask; see the module docstring.
+
+    Args:
+        entries: the LIST (:func:`refine.imagelist.parse_image_list`).
+        free: groups to refine per image (as :func:`refine.fit`).
+        results: the JSON-lines file (appended to; images already in it are skipped).
+        workers: local worker processes (default: one per core); ignored with ``scheduler``.
+        scheduler: address of an existing Dask scheduler (``tcp://host:8786``).
+        options: keyword arguments of :func:`refine.fit` (plain, picklable values).
+        threads: torch threads per task (default: cores / workers).
+        limit: stop after this many new results (the rest stay to a rerun).
+        progress: show the progress line on ``stream`` (default stderr).
+
+    Returns:
+        :class:`RunSummary`.
+    """
+    t0 = time.perf_counter()
+    entries = list(entries)
+    done = done_paths(results)
+    todo = [e for e in entries if e.path not in done]
+    summary = RunSummary(total=len(entries), skipped=len(entries) - len(todo))
+    bar = ProgressBar(len(entries), summary.skipped, stream, progress)
+    if not todo:
+        return summary
+    client, cluster, local_threads = make_client(workers, scheduler)
+    try:
+        threads = threads or local_threads
+        summary.workers = len(client.scheduler_info()["workers"])
+        summary.threads = threads or 0
+        matrix_dir = os.path.splitext(os.path.abspath(results))[0] + "_matrices"
+        futures = {client.submit(refine_one, e, list(free), dict(options or {}), threads, dtype, matrix_dir,
+                                 pure=False, key=f"refine-{e.line}-{os.path.basename(e.path)}-{time.time_ns()}"): e
+                   for e in todo}
+        _collect(client, futures, results, bar, summary, limit)
+    finally:
+        bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def read_results(results: str) -> List[dict]:
+    """Every complete line of a results file, as dicts (for analysis; lines cut short are skipped)."""
+    out = []
+    if os.path.exists(results):
+        with open(results, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    return out
