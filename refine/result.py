@@ -22,6 +22,28 @@ from .strategy import FitState
 from .targets import Objective
 
 
+#: A likelihood fit (Poisson, Gaussian, Anscombe) whose Pearson χ²/ν lies outside [1/POOR_FIT_CHI2, POOR_FIT_CHI2]
+#: is reported as a poor fit: its ESDs (from the Fisher information) do not describe the errors.
+POOR_FIT_CHI2 = 3.0
+
+
+def poor_fit_message(target_likelihood: bool, chi2_reduced: float) -> str:
+    """Why a fit is poor ('' when it is not, or for least squares whose ESDs are scaled by χ²/ν): χ²/ν of a
+    likelihood target far from 1, with the likely causes."""
+    if not target_likelihood:
+        return ""
+    if chi2_reduced > POOR_FIT_CHI2 or not chi2_reduced == chi2_reduced:
+        return (f"poor fit: χ²/ν = {chi2_reduced:.4g} (> {POOR_FIT_CHI2:g}); likely causes: the image is in counts, "
+                "not photons (an ADC offset or gain: --adc/--gain, or ADC_OFFSET/GAIN in the header), a read noise "
+                "too small for the gaussian target, or a model that misses part of the image (background, spot "
+                "shape, mosaicity, a wrong starting solution); the ESDs are not reliable")
+    if chi2_reduced < 1.0 / POOR_FIT_CHI2:
+        return (f"poor fit: χ²/ν = {chi2_reduced:.4g} (< {1 / POOR_FIT_CHI2:.3g}); likely causes: a gain below 1 "
+                "(--gain), a read noise too large for the gaussian target, or smoothed/processed data; the ESDs are "
+                "not reliable")
+    return ""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Result:
     """Outcome of :func:`refine.fit` (immutable).
@@ -42,6 +64,8 @@ class Result:
             damping, accepted, seconds, pixels); stages: per-stage summaries (with ``loss_all``).
         iterations, evaluations, seconds: totals over stages (wall time includes set-up and ESDs).
         chi2_reduced: Pearson χ²/(n − p) on the fitted pixels; esd_factor: the factor applied to H⁻¹.
+        poor_fit: '' or why the fit is poor (a likelihood target with χ²/ν outside [1/3, 3],
+            :data:`POOR_FIT_CHI2`, and the likely causes); ``ok``: converged and not poor.
         n_pixels: pixels in the final fit; n_usable: usable pixels.
         params, setup: the refined :class:`~nbtorch.types.Params` and the model's Setup; par: the
         :class:`~refine.parameters.Parameterisation`; crystal_system: the one refined; observed: image [slow, fast];
@@ -86,6 +110,12 @@ class Result:
     loss_all: float = float("nan")
     start_loss: float = float("nan")
     n_usable: int = 0
+    poor_fit: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Converged and not a poor fit (what ``nbtorch-refine`` exits 0 for)."""
+        return bool(self.converged) and not self.poor_fit
 
     # ------------------------------------------------------------------ images
     def model_image(self) -> torch.Tensor:
@@ -148,7 +178,7 @@ class Result:
             "iterations": int(self.iterations), "evaluations": int(self.evaluations), "seconds": float(self.seconds),
             "chi2_reduced": float(self.chi2_reduced), "esd_factor": float(self.esd_factor),
             "n_pixels": int(self.n_pixels), "n_usable": int(self.n_usable), "stages": list(self.stages),
-            "nanobragg_args": flags, "notes": notes,
+            "nanobragg_args": flags, "notes": notes, "poor_fit": self.poor_fit or None, "ok": self.ok,
         }
 
     def to_json(self, path: Optional[str] = None, indent: int = 2) -> str:
@@ -168,6 +198,8 @@ class Result:
         lines.append(f"loss {self.loss:.8g}  χ²/ν {self.chi2_reduced:.4g}  pixels {self.n_pixels}  "
                      f"iterations {self.iterations}  {self.seconds:.2f} s  "
                      f"{'' if self.converged else 'NOT converged: '}{self.message}")
+        if self.poor_fit:
+            lines.append("POOR FIT — " + self.poor_fit)
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ plots
@@ -243,4 +275,4 @@ def finish(state: FitState, seconds: Optional[float] = None) -> Result:
         observed=pb.observed, pixels=objective.pixels, nanobragg_base=base, matrix_path=o.matrix_path,
         notes=pb.notes, crystal_system=par.crystal_system,
         loss_all=float(L) if objective is pb.objective else pb.objective.loss(x), start_loss=state.start_loss,
-        n_usable=len(pb.usable_index))
+        n_usable=len(pb.usable_index), poor_fit=poor_fit_message(pb.target.likelihood, float(chi2)))

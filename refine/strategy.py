@@ -115,8 +115,10 @@ def default_stages(coarse_iter: int = 8, robust_iter: int = 10) -> List[Stage]:
 def schedule(options: FitOptions, resuming: bool = False) -> List[Stage]:
     """The stages :func:`refine.fit` runs: ``coarse_to_fine`` resolved ('auto': the default stages, or only the
     final stage when ``resuming`` from a Result; False: only the final stage), all but the last marked preliminary
-    unless a stage says otherwise."""
+    unless a stage says otherwise; ``max_iter=0``: only the final stage, which evaluates the start)."""
     ctf = options.coarse_to_fine
+    if options.max_iter == 0:  # no iterations at all: the starting model evaluated, with its ESDs
+        return [Stage("fine", preliminary=False)]
     if ctf is True or (ctf == "auto" and not resuming):
         return default_stages(options.coarse_iter, options.robust_iter)
     stages = [Stage("fine")] if ctf in (False, None, "auto") else list(ctf)
@@ -263,6 +265,9 @@ def prepare(observed, params: Params, setup: Setup, options: FitOptions, start=N
     usable = usable_mask(obs_np, setup, options.mask, options.overload)
     if obs_mask is not None:
         usable &= obs_mask
+    if usable.any() and not (np.nan_to_num(obs_np[usable]) > 0).any():
+        raise ValueError("the observed image is zero (or negative) in every usable pixel: nothing to fit (a blank or "
+                         "wrong file, or an --adc offset larger than the counts)")
     par = parameterise(params, setup, options.free, crystal_system=options.crystal_system,
                        ncells_mode=options.ncells_mode, background=options.background, bounds=options.bounds,
                        priors=options.priors)

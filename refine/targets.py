@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from typing import ClassVar, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -361,7 +362,9 @@ class Objective:
         flat = torch.as_tensor(idx, device=obs.device)
         self.o = obs.reshape(-1)[flat].to(dtype=par.dtype, device=par.device)
         self.w = target.pixel_weights(idx, (S, F), par.dtype, par.device)
-        step = max(1, int(chunk_pixels))
+        if isinstance(chunk_pixels, bool) or not isinstance(chunk_pixels, numbers.Integral) or chunk_pixels < 1:
+            raise ValueError(f"chunk_pixels must be an integer >= 1, got {chunk_pixels!r}")
+        step = int(chunk_pixels)
         self.chunks: List[Chunk] = [Chunk(Predict(par, self.setup, idx[a:a + step], fused), slice(a, a + step))
                                     for a in range(0, len(idx), step)]
         self.full = Predict(par, self.setup, idx, fused)
