@@ -1,0 +1,688 @@
+"""Optuna studies over refinements: global search beyond the local basin, and hyperparameter sweeps.
+
+    from refine import studies
+    found = studies.global_search(observed, params, setup, {"orientation": 5.0}, n_trials=40,
+                                  free=("orientation", "scale"), storage="sqlite:///search.db")
+    print(found.result.summary())             # the best trial's model refined to convergence, with ESDs
+
+    objective = studies.global_search_objective(observed, params, setup, {"orientation": 5.0})
+    objective(optuna.trial.FixedTrial({"orientation.x_deg": 1.0, "orientation.y_deg": 0, "orientation.z_deg": 0}))
+
+Local refinement (:func:`refine.fit`) converges only from close starts; a study samples starting models in a box
+about the user's start (:data:`SEARCH_UNITS`: orientation ± degrees about the lab axes, cell lengths ± percent,
+distance ± mm, beam centre ± pixels), runs a short coarse-to-fine refinement from each (:func:`trial_stages`),
+reports the loss after every stage so that pruners stop hopeless trials, and scores every trial by the loss of its
+refined model with the fit's target and the real spot model on all usable pixels (the same pixels and model for
+every trial, so losses compare).  The user's start is enqueued as trial 0.  :func:`finish_best` refines the best
+trial's model to convergence.  :func:`hyperparameter_objective` sweeps minimiser, damping / learning rate, schedule,
+target, spot-ROI size and oversample, scored on the data or against a known truth.
+
+Studies live in a storage (:func:`open_storage`): an SQLite file (the default, next to the output), a journal file
+(many processes on one machine) or a PostgreSQL URL (many machines).  :func:`run_study` runs ``workers`` processes
+on it; re-running with the same storage and study name adds trials to the same study.  RDB storages keep
+heartbeats, and trials left RUNNING by a process that died on this machine are marked FAIL when a run starts
+(:func:`fail_orphaned_trials`), so a killed run loses no finished trial and leaves none RUNNING forever.
+
+Optuna is an optional dependency (``pip install 'nbtorch[optuna]'``), imported when a function needs it.
+Plots: :func:`plot_history`, :func:`plot_importances`, :func:`plot_surface` (:mod:`refine.study_plots`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import sys
+import warnings
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from nbtorch.units import DEG_PER_MRAD
+
+from .options import FitOptions
+from .result import Result, finish
+from .strategy import GEOMETRY_GROUPS, PRELIMINARY_FTOL, TRUST, FitState, Stage, prepare, run_stage
+from .study_plots import plot_history, plot_importances, plot_surface  # noqa: F401  (re-exported)
+
+#: Groups a global search can sample, and the unit of their ranges.
+SEARCH_UNITS = {"orientation": "deg", "cell": "percent", "distance": "mm", "beam_center": "px"}
+#: Example half-widths (the issue's box): orientation ±5°, cell ±3 %, distance ±5 mm, beam centre ±10 px.
+DEFAULT_RANGES = {"orientation": 5.0, "cell": 3.0, "distance": 5.0, "beam_center": 10.0}
+#: Trial parameter suffix per group (the unit of the suggested value).
+_SUFFIX = {"orientation": "_deg", "cell": "_pct", "distance": "_mm", "beam_center": "_px"}
+SAMPLERS = ("tpe", "cmaes", "gp", "random")
+PRUNERS = ("median", "hyperband", "none")
+#: Storage URL schemes: SQLite file, journal file, PostgreSQL (also with a driver, postgresql+psycopg2://).
+STORAGE_FORMS = "sqlite:///FILE.db, journal:FILE.log (or FILE.log), postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
+
+
+def require_optuna():
+    """The ``optuna`` module; ImportError with the install command when it is absent."""
+    try:
+        import optuna
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("refine.studies needs optuna: pip install 'nbtorch[optuna]' (or pip install optuna)") \
+            from exc
+    return optuna
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the search box
+
+
+def parse_search(text: str) -> Dict[str, float]:
+    """``"orientation:5,cell:3"`` → {"orientation": 5.0, "cell": 3.0} (half-widths in the group's unit,
+    :data:`SEARCH_UNITS`; a single scalar such as ``orientation.z`` or ``beam_center.x`` may be named).
+
+    Raises ValueError naming an empty list, an entry without ':', an unknown group, or a range that is not a
+    positive number."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items):
+        raise ValueError(f"--search is empty: give GROUP:RANGE[,GROUP:RANGE...] with groups "
+                         f"{', '.join(SEARCH_UNITS)}")
+    out: Dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--search entry {item!r} is malformed: expected GROUP:RANGE, e.g. orientation:5")
+        check_search_name(name)
+        try:
+            half = float(value)
+        except ValueError:
+            raise ValueError(f"--search range {value.strip()!r} of {name} is not a number") from None
+        if not (math.isfinite(half) and half > 0):
+            raise ValueError(f"--search range of {name} must be a number > 0 ({SEARCH_UNITS[name.split('.')[0]]}); "
+                             f"got {value.strip()!r}")
+        out[name] = half
+    return out
+
+
+def check_search_name(name: str) -> None:
+    """ValueError unless ``name`` is a searchable group (:data:`SEARCH_UNITS`) or one of its scalars."""
+    from .table import SPECS
+
+    group = name.split(".")[0]
+    if group not in SEARCH_UNITS or ("." in name and (name not in SPECS or name.startswith("cell.") and
+                                                      SPECS[name].unit != "Å")):
+        raise ValueError(f"--search group {name!r} is unknown: searchable groups are "
+                         f"{', '.join(f'{g} ({u})' for g, u in SEARCH_UNITS.items())}, or one of their scalars "
+                         "(orientation.z, cell.a, beam_center.x ...)")
+
+
+class Dimension(NamedTuple):
+    """One sampled scalar: ``name`` (the trial parameter, e.g. 'orientation.x_deg'), ``index`` (its position in x),
+    ``half`` (half-width in the group's unit), ``to_x`` (increment units per unit: mrad per degree, Å per percent,
+    1 per mm, mm per pixel)."""
+
+    name: str
+    index: int
+    half: float
+    to_x: float
+
+
+def search_dimensions(par, search: Mapping[str, float]) -> List[Dimension]:
+    """The sampled scalars of a search box ``search`` ({group or scalar: half-width}, units :data:`SEARCH_UNITS`)
+    for the parameterisation ``par``: every free scalar of each named group (cell: the free lengths).  ValueError
+    names a group that is not free."""
+    dims: Dict[int, Dimension] = {}
+    for name, half in search.items():
+        check_search_name(name)
+        group = name.split(".")[0]
+        idx = [i for i in par.index(name) if not (group == "cell" and par.scalars[i].unit != "Å")]
+        if not idx:
+            raise ValueError(f"--search {name}: not refined here; add it to the free groups (--refine) to search it")
+        for i in idx:
+            s = par.scalars[i]
+            to_x = {"orientation": 1.0 / DEG_PER_MRAD, "cell": s.ref / 100.0, "distance": 1.0,
+                    "beam_center": par.setup.pixel_size}[group]
+            dims[i] = Dimension(s.name + _SUFFIX[group], i, float(half), float(to_x))
+    return [dims[i] for i in sorted(dims)]
+
+
+def trial_stages(iterations: int = 4) -> List[Stage]:
+    """A short coarse-to-fine schedule for one trial: the default stages (search, coarse, medium, robust, fine)
+    with ``iterations`` minimiser iterations each; the last, non-preliminary, stage is the real model with the
+    fit's target."""
+    prelim = dict(target="anscombe", trust=TRUST, ftol=PRELIMINARY_FTOL, preliminary=True)
+    return [
+        Stage("search", ncells_factor=0.5, max_iter=0, search_beam_center=True, prefit_scale=True, preliminary=True),
+        Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=iterations, **prelim),
+        Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=iterations, **prelim),
+        Stage("robust", max_iter=iterations, **prelim),
+        Stage("fine", max_iter=iterations, preliminary=False),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# objectives
+
+
+class GlobalSearchObjective:
+    """``objective(trial) -> loss`` of a global search (build with :func:`global_search_objective`).
+
+    Attributes: ``base`` (the prepared :class:`~refine.strategy.FitState` at the user's start), ``dimensions``
+    (:class:`Dimension` list), ``stages`` (run by every trial).  A trial suggests one value per dimension (uniform
+    within ± its half-width), starts from the corresponding increments, runs the stages and reports each stage's
+    ``loss_all`` (fit target, real model, all usable pixels) as step k, raising ``optuna.TrialPruned`` when the
+    pruner says so; it returns the final loss and stores the refined increments as the user attribute ``x``.
+    """
+
+    def __init__(self, base: FitState, dimensions: Sequence[Dimension], stages: Sequence[Stage]):
+        self.base, self.dimensions, self.stages = base, list(dimensions), list(stages)
+
+    def start_params(self) -> Dict[str, float]:
+        """Trial parameters of the user's start (every value 0)."""
+        return {d.name: 0.0 for d in self.dimensions}
+
+    def start_x(self, values: Mapping[str, float]) -> torch.Tensor:
+        """Starting increments x [n] of trial parameters ``values`` ({dimension name: value in its unit})."""
+        x = self.base.x.clone()
+        for d in self.dimensions:
+            x[d.index] = x[d.index] + float(values[d.name]) * d.to_x
+        return x
+
+    def run(self, x0: torch.Tensor, report: Optional[Callable[[float, int], bool]] = None) -> FitState:
+        """Run the stages from increments ``x0``; ``report(loss_all, step)`` after each stage that ran (True:
+        stop).  Returns the last state."""
+        pb = self.base.problem
+        state = dataclasses.replace(self.base, x=x0, start_loss=pb.objective.loss(x0))
+        for step, stage in enumerate(self.stages):
+            state = run_stage(state, stage)
+            loss = state.stages[-1].get("loss_all")
+            if report is not None and loss is not None and report(float(loss), step):
+                break
+        return state
+
+    def __call__(self, trial) -> float:
+        optuna = require_optuna()
+        values = {d.name: trial.suggest_float(d.name, -d.half, d.half) for d in self.dimensions}
+        trial.set_user_attr("worker", worker_id())
+
+        def report(loss: float, step: int) -> bool:
+            trial.report(loss if math.isfinite(loss) else sys.float_info.max, step)
+            if step < len(self.stages) - 1 and trial.should_prune():  # after the last stage the trial is done
+                raise optuna.TrialPruned(f"pruned after stage {self.stages[step].name} (loss {loss:.6g})")
+            return False
+
+        state = self.run(self.start_x(values), report)
+        loss = state.problem.objective.loss(state.x)
+        trial.set_user_attr("x", [float(v) for v in state.x])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"trial {trial.number}: the refined model's loss is not finite")
+        return float(loss)
+
+
+def _options(options: Optional[FitOptions], overrides: dict) -> FitOptions:
+    """``options`` (default FitOptions()) with ``overrides``; ``free`` None is left as it is."""
+    if overrides.get("free") is None:
+        overrides.pop("free", None)
+    return (options or FitOptions()).replace(**overrides) if overrides else (options or FitOptions())
+
+
+def global_search_objective(observed, params, setup, search: Mapping[str, float], *,
+                            options: Optional[FitOptions] = None, stages: Optional[Sequence[Stage]] = None,
+                            iterations: int = 4, **overrides) -> GlobalSearchObjective:
+    """Objective factory of a global search about a starting model.
+
+    Args:
+        observed: image [slow, fast] (photons; tensor, array, ObservedImage or path), as for :func:`refine.fit`.
+        params, setup: the user's starting model; x are increments about it.
+        search: {group or scalar: half-width}: orientation degrees, cell percent (lengths), distance mm, beam_center
+            pixels (:func:`parse_search` reads the command line's form).  Every searched group must be free.
+        options, overrides: the fit's :class:`~refine.options.FitOptions` (``free`` etc.; keyword overrides win).
+        stages: each trial's schedule (default :func:`trial_stages` with ``iterations`` per stage).
+
+    Returns:
+        :class:`GlobalSearchObjective`, ``objective(trial) -> loss`` (fit target on all usable pixels).
+    """
+    opts = _options(options, dict(overrides))
+    base = prepare(observed, params, setup, opts)
+    dims = search_dimensions(base.problem.par, search)
+    return GlobalSearchObjective(base, dims, list(stages) if stages is not None else trial_stages(iterations))
+
+
+def best_x(study, objective: GlobalSearchObjective) -> Tuple[int, torch.Tensor]:
+    """(trial number, refined increments x [n]) of the study's best COMPLETE trial."""
+    trial = study.best_trial
+    x = torch.as_tensor(trial.user_attrs["x"], dtype=objective.base.x.dtype, device=objective.base.x.device)
+    return trial.number, x
+
+
+def finish_best(study, objective: GlobalSearchObjective, stages: Optional[Sequence[Stage]] = None) -> Result:
+    """The best trial's refined model refined to convergence (default: one final stage with the fit's minimiser,
+    target and ``max_iter``) → :class:`refine.Result` with ESDs."""
+    _, x = best_x(study, objective)
+    state = dataclasses.replace(objective.base, x=x, start_loss=objective.base.problem.objective.loss(x))
+    for stage in (stages or [Stage("fine", preliminary=False)]):
+        state = run_stage(state, stage)
+    return finish(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# storage, samplers, pruners, workers
+
+
+def worker_id() -> str:
+    """'host:pid' of this process (recorded on every trial it runs)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ***."""
+    head, sep, rest = str(url).partition("://")
+    if sep and "@" in rest:
+        cred, at, host = rest.rpartition("@")
+        if ":" in cred:
+            return f"{head}://{cred.split(':', 1)[0]}:***@{host}"
+    return str(url)
+
+
+def storage_kind(url: str) -> str:
+    """'sqlite', 'journal' or 'rdb' for a storage URL; ValueError (naming it and the accepted forms) otherwise."""
+    u = str(url).strip()
+    if u.startswith("sqlite:///") and len(u) > len("sqlite:///"):
+        return "sqlite"
+    if u.startswith("journal:") and len(u) > len("journal:"):
+        return "journal"
+    scheme = u.split("://", 1)[0] if "://" in u else ""
+    if scheme.split("+")[0] in ("postgresql", "postgres", "mysql") and len(u) > len(scheme) + 3:
+        return "rdb"
+    if "://" not in u and u.endswith((".log", ".journal")):
+        return "journal"
+    raise ValueError(f"--storage {redact(u)!r} is not a storage URL: use {STORAGE_FORMS}")
+
+
+def normalise_url(url: str) -> str:
+    """Canonical form: FILE.log → journal:FILE.log; postgres:// → postgresql://."""
+    u = str(url).strip()
+    if storage_kind(u) == "journal" and not u.startswith("journal:"):
+        return "journal:" + u
+    return "postgresql://" + u[len("postgres://"):] if u.startswith("postgres://") else u
+
+
+def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period: Optional[int] = None):
+    """An Optuna storage for ``url`` (:data:`STORAGE_FORMS`): RDBStorage for SQLite and PostgreSQL (with heartbeats
+    every ``heartbeat_interval`` s; a trial silent for ``grace_period`` s, default 2 intervals, is marked FAIL),
+    JournalStorage on a journal file.  ValueError naming the URL when it is malformed or cannot be opened."""
+    optuna = require_optuna()
+    url = normalise_url(url)
+    kind = storage_kind(url)
+    try:
+        if kind == "journal":
+            from optuna.storages.journal import JournalFileBackend
+
+            path = url[len("journal:"):]
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
+        engine = {"connect_args": {"timeout": 60}} if kind == "sqlite" else {"pool_pre_ping": True}
+        if kind == "sqlite":
+            os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
+                                              grace_period=grace_period)
+    except ValueError as exc:
+        raise ValueError(f"--storage {redact(url)!r}: {exc}") from None
+    except Exception as exc:  # sqlalchemy's errors: no driver, server unreachable, bad database
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--storage {redact(url)!r} cannot be opened: {first}") from None
+
+
+def make_sampler(name: str = "tpe", seed: Optional[int] = 0):
+    """Optuna sampler by name (:data:`SAMPLERS`): TPE (default), CMA-ES, GP or random, seeded with ``seed``."""
+    optuna = require_optuna()
+    if name not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(name: str = "median", n_steps: int = 5, startup: int = 5):
+    """Optuna pruner by name (:data:`PRUNERS`): median (after ``startup`` trials), Hyperband over ``n_steps``
+    reported steps, or none."""
+    optuna = require_optuna()
+    if name not in PRUNERS:
+        raise ValueError(f"--pruner must be one of {', '.join(PRUNERS)}; got {name!r}")
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, int(n_steps)))
+    return optuna.pruners.NopPruner()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphaned_trials(study) -> List[int]:
+    """Mark FAIL every RUNNING trial started by a process of this machine that no longer exists (recorded as the
+    user attribute ``worker`` = 'host:pid'); returns their numbers.  Heartbeats (RDB storages) cover other
+    machines."""
+    optuna = require_optuna()
+    host, out = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if w_host == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                out.append(t.number)
+            except RuntimeError:  # finished meanwhile
+                pass
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    """Where a study lives and how it samples: ``storage`` (URL, :data:`STORAGE_FORMS`; None: in memory, one
+    process), ``study_name``, ``sampler`` (:data:`SAMPLERS`), ``pruner`` (:data:`PRUNERS`), ``seed`` (worker k
+    seeds its sampler with seed + k), ``n_steps`` (reported steps per trial, for Hyperband), ``heartbeat_interval``
+    and ``grace_period`` (seconds, RDB storages)."""
+
+    storage: Optional[str] = None
+    study_name: str = "nbtorch-sweep"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: Optional[int] = 0
+    n_steps: int = 5
+    heartbeat_interval: Optional[int] = 10
+    grace_period: Optional[int] = None
+
+    def __post_init__(self):
+        if self.storage is not None:
+            object.__setattr__(self, "storage", normalise_url(self.storage))
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"--pruner must be one of {', '.join(PRUNERS)}; got {self.pruner!r}")
+        if not str(self.study_name).strip():
+            raise ValueError("--study-name must not be empty")
+
+
+def load_study(spec: StudySpec, worker: int = 0):
+    """Create or load (``load_if_exists``) the study ``spec`` describes, minimising, with worker ``worker``'s
+    seeded sampler."""
+    optuna = require_optuna()
+    storage = None if spec.storage is None else open_storage(spec.storage, spec.heartbeat_interval,
+                                                             spec.grace_period)
+    seed = None if spec.seed is None else int(spec.seed) + int(worker)
+    return optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
+                               sampler=make_sampler(spec.sampler, seed),
+                               pruner=make_pruner(spec.pruner, spec.n_steps), load_if_exists=True)
+
+
+def best_or_none(study):
+    """The best COMPLETE trial, or None when there is none."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+class TrialProgress:
+    """Optuna callback printing one line per finished trial: number, state, loss (the last reported one for a
+    pruned trial), best so far and its trial."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def __call__(self, study, trial) -> None:
+        value = trial.value
+        if value is None and trial.intermediate_values:
+            value = trial.intermediate_values[max(trial.intermediate_values)]
+        best = best_or_none(study)
+        text = f"trial {trial.number:4d} {trial.state.name:8s} loss {_fmt(value)}"
+        if best is not None:
+            text += f"  best {_fmt(best.value)} (trial {best.number})"
+        print(text, file=self.stream or sys.stderr, flush=True)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.10g}"
+
+
+#: Exceptions a trial may raise without stopping the study (the trial is marked FAIL).
+TRIAL_ERRORS = (ValueError, RuntimeError, FloatingPointError, ArithmeticError)
+
+
+def optimize(study, objective, n_trials: int, progress: bool = True) -> None:
+    """``study.optimize`` for ``n_trials`` trials; a trial raising one of :data:`TRIAL_ERRORS` is marked FAIL and
+    the study goes on; one progress line per trial on stderr unless ``progress`` is False."""
+    study.optimize(objective, n_trials=int(n_trials), catch=TRIAL_ERRORS,
+                   callbacks=[TrialProgress()] if progress else None)
+
+
+def _worker(make_objective, n_trials: int, spec: StudySpec, index: int, progress: bool, threads: int) -> None:
+    """Body of a worker process: load the study, build the objective, run ``n_trials`` trials."""
+    torch.set_num_threads(max(1, int(threads)))
+    require_optuna().logging.set_verbosity(require_optuna().logging.WARNING)
+    study = load_study(spec, worker=index)
+    optimize(study, make_objective(), n_trials, progress)
+
+
+def split_trials(n_trials: int, workers: int) -> List[int]:
+    """Trials per worker: ``n_trials`` shared as evenly as possible (the first ones get one more)."""
+    return [n_trials // workers + (1 if k < n_trials % workers else 0) for k in range(workers)]
+
+
+def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: StudySpec, workers: int = 1,
+              enqueue: Optional[Mapping[str, float]] = None, progress: bool = True, threads: Optional[int] = None,
+              objective=None):
+    """Run ``n_trials`` more trials of the study ``spec`` in ``workers`` processes sharing its storage.
+
+    ``make_objective()`` builds the objective (in each worker process; picklable, e.g. a functools.partial of a
+    factory, when ``workers`` > 1); ``objective``, when given, is used in this process instead of building one.
+    ``enqueue``: trial parameters run first unless a trial with them already exists (the user's start).  Trials
+    left RUNNING by dead processes of this machine are marked FAIL first (:func:`fail_orphaned_trials`).  Returns
+    the study.  ValueError for bad counts, or ``workers`` > 1 without a storage URL; RuntimeError when a worker
+    process fails.
+    """
+    if not (isinstance(n_trials, int) and n_trials >= 1):
+        raise ValueError(f"--n-trials must be an integer >= 1; got {n_trials!r}")
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"--workers must be an integer >= 1; got {workers!r}")
+    if workers > 1 and spec.storage is None:
+        raise ValueError("--workers > 1 needs a storage URL that processes share (sqlite, journal, postgresql)")
+    study = load_study(spec)
+    fail_orphaned_trials(study)
+    if enqueue is not None:
+        study.enqueue_trial(dict(enqueue), skip_if_exists=True)
+    if workers == 1:
+        optimize(study, objective if objective is not None else make_objective(), n_trials, progress)
+        return study
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    procs = [ctx.Process(target=_worker, args=(make_objective, n, spec, k, progress, threads), daemon=False)
+             for k, n in enumerate(split_trials(n_trials, workers)) if n]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(procs)} worker processes failed (exit status {bad[0]})")
+    return study
+
+
+class SearchOutcome(NamedTuple):
+    """What :func:`global_search` found: ``study``, ``trial`` (best trial number), ``result`` (its model refined to
+    convergence, :class:`refine.Result`), ``objective`` (:class:`GlobalSearchObjective`)."""
+
+    study: object
+    trial: int
+    result: Result
+    objective: GlobalSearchObjective
+
+
+def global_search(observed, params, setup, search: Mapping[str, float], n_trials: int = 50, *,
+                  spec: Optional[StudySpec] = None, workers: int = 1, options: Optional[FitOptions] = None,
+                  iterations: int = 4, progress: bool = False, threads: Optional[int] = None,
+                  **overrides) -> SearchOutcome:
+    """Search starting models in a box about ``params`` and refine the best (see the module docstring).
+
+    ``search`` as for :func:`global_search_objective` (degrees, percent, mm, pixels); ``spec`` the storage, study
+    name, sampler and pruner (:class:`StudySpec`, default in memory, TPE seeded 0, median pruner); ``workers``
+    processes; ``iterations`` per stage of each trial; ``options``/``overrides`` the fit's options (``free`` ...).
+    The user's start is trial 0 (enqueued).  Returns :class:`SearchOutcome`.
+    """
+    import functools
+
+    opts = _options(options, dict(overrides))
+    stages = trial_stages(iterations)
+    objective = global_search_objective(observed, params, setup, search, options=opts, stages=stages)
+    spec = dataclasses.replace(spec or StudySpec(), n_steps=len(stages))
+    make = functools.partial(global_search_objective, observed, params, setup, dict(search), options=opts,
+                             stages=stages)
+    study = run_study(make, n_trials, spec, workers=workers, enqueue=objective.start_params(), progress=progress,
+                      threads=threads, objective=objective)
+    if best_or_none(study) is None:
+        raise RuntimeError("no trial of the study completed: nothing to refine (see the FAIL/PRUNED trials)")
+    number, _ = best_x(study, objective)
+    return SearchOutcome(study, number, finish_best(study, objective), objective)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hyperparameter sweeps
+
+#: The default hyperparameter space: a list is a categorical choice, a pair of ints an integer range, a pair of
+#: floats a log-uniform range.  ``lr`` is suggested only for Adam, ``coarse_iter`` only with the coarse-to-fine
+#: schedule; ``spot_roi`` 0 fits every usable pixel, k > 0 only pixels within k px of spots (plus a background
+#: sample); ``oversample`` sub-pixels per axis.
+HYPER_SPACE = {
+    "method": ["lm", "lbfgs", "adam"],
+    "lr": (1e-3, 0.5),
+    "schedule": ["coarse_to_fine", "final_only"],
+    "coarse_iter": (2, 12),
+    "target": ["poisson", "gaussian", "anscombe"],
+    "spot_roi": (0, 6),
+    "oversample": (1, 3),
+}
+
+
+def check_space(space: Mapping[str, object]) -> Dict[str, object]:
+    """``space`` checked against :data:`HYPER_SPACE`'s names and forms; ValueError names an unknown parameter or a
+    bad range."""
+    out = {}
+    for name, spec in space.items():
+        if name not in HYPER_SPACE:
+            raise ValueError(f"hyperparameter {name!r} is unknown; known: {', '.join(HYPER_SPACE)}")
+        if isinstance(spec, tuple):
+            if len(spec) != 2 or not spec[0] < spec[1]:
+                raise ValueError(f"hyperparameter {name}: a range must be (low, high) with low < high; got {spec}")
+        elif not (isinstance(spec, list) and spec):
+            raise ValueError(f"hyperparameter {name}: give a non-empty list of choices or a (low, high) range")
+        out[name] = spec
+    return out
+
+
+def _suggest(trial, name: str, spec):
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, spec)
+    if all(isinstance(v, int) for v in spec):
+        return trial.suggest_int(name, spec[0], spec[1])
+    return trial.suggest_float(name, float(spec[0]), float(spec[1]), log=True)
+
+
+def suggest_hyperparameters(trial, space: Mapping[str, object]) -> Dict[str, object]:
+    """One trial's hyperparameters from ``space`` (conditional ones only where they apply: ``lr`` for Adam,
+    ``coarse_iter`` with the coarse-to-fine schedule)."""
+    hp: Dict[str, object] = {}
+    for name, spec in space.items():
+        if name == "lr" and hp.get("method", "adam") != "adam":
+            continue
+        if name == "coarse_iter" and hp.get("schedule", "coarse_to_fine") != "coarse_to_fine":
+            continue
+        hp[name] = _suggest(trial, name, spec)
+    return hp
+
+
+class HyperparameterObjective:
+    """``objective(trial) -> score`` of a hyperparameter sweep (build with :func:`hyperparameter_objective`).
+
+    Each trial fits with its hyperparameters (:func:`suggest_hyperparameters`) and is scored on a common reference
+    (``reference``: the base options' problem, real model, base target, all usable pixels): with a known ``truth``
+    the RMS error of the fitted free scalars in typical errors (x units: mrad, mm, Å …, divided by each scalar's
+    typical error), otherwise the loss of the fitted model on the reference.  The fit's summary values are stored
+    as user attributes."""
+
+    def __init__(self, observed, params, setup, options: FitOptions, space: Mapping[str, object], truth=None,
+                 truth_background=None):
+        self.observed, self.params, self.setup, self.options = observed, params, setup, options
+        self.space = check_space(space)
+        self.reference = prepare(observed, params, setup, options)
+        par = self.reference.problem.par
+        self.truth_x = None
+        if truth is not None:
+            plane = None if truth_background is None else torch.as_tensor(truth_background, dtype=par.dtype)
+            self.truth_x = par.pack(truth, plane)
+
+    def configure(self, hp: Mapping[str, object]):
+        """(FitOptions, Setup) of hyperparameters ``hp``."""
+        changes = {k: hp[k] for k in ("method", "target", "lr", "coarse_iter") if k in hp}
+        if "schedule" in hp:
+            changes["coarse_to_fine"] = hp["schedule"] == "coarse_to_fine"
+        if "spot_roi" in hp:
+            changes.update(spots_only=int(hp["spot_roi"]) > 0, spot_dilate=max(0, int(hp["spot_roi"])))
+        setup = self.setup.replace(oversample=int(hp["oversample"])) if "oversample" in hp else self.setup
+        return self.options.replace(callback=None, **changes), setup
+
+    def score(self, result: Result) -> float:
+        """The common score of a fitted result (lower is better)."""
+        pb = self.reference.problem
+        plane = torch.as_tensor(result.parameters["background"], dtype=pb.par.dtype)
+        x = pb.par.pack(result.params, plane)
+        if self.truth_x is None:
+            return float(pb.objective.loss(x))
+        err = (x - self.truth_x) / pb.par.typical()
+        return float(torch.sqrt(torch.mean(err ** 2))) if len(err) else 0.0
+
+    def __call__(self, trial) -> float:
+        from .fit import fit
+
+        hp = suggest_hyperparameters(trial, self.space)
+        trial.set_user_attr("worker", worker_id())
+        options, setup = self.configure(hp)
+        params = self.params
+        result = fit(self.observed, params, setup, options=options)
+        value = self.score(result)
+        trial.set_user_attr("converged", bool(result.converged))
+        trial.set_user_attr("iterations", int(result.iterations))
+        trial.set_user_attr("seconds", float(result.seconds))
+        trial.set_user_attr("loss_all", float(result.loss_all))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"trial {trial.number}: the score is not finite")
+        return value
+
+
+def hyperparameter_objective(observed, params, setup, space: Optional[Mapping[str, object]] = None, *,
+                             truth=None, truth_background=None, options: Optional[FitOptions] = None,
+                             **overrides) -> HyperparameterObjective:
+    """Objective factory of a hyperparameter sweep.
+
+    Args:
+        observed, params, setup: image and starting model, as for :func:`refine.fit`.
+        space: {name: choices | (low, high)} (default :data:`HYPER_SPACE`; names from it).
+        truth: the true ``Params`` of synthetic data (and ``truth_background``, its plane c0, c_fast, c_slow in
+            photons/pixel): the score is the RMS error in typical errors; None: the loss on the data.
+        options, overrides: the base :class:`~refine.options.FitOptions` (free groups ...).
+
+    Returns:
+        :class:`HyperparameterObjective`.
+    """
+    opts = _options(options, dict(overrides))
+    return HyperparameterObjective(observed, params, setup, opts, HYPER_SPACE if space is None else space, truth,
+                                   truth_background)

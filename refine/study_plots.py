@@ -1,0 +1,119 @@
+"""Figures of an Optuna study (matplotlib, imported lazily): the optimisation history, parameter importances and
+the loss over two searched parameters.  Re-exported by :mod:`refine.studies` as ``plot_*``.
+
+    fig = refine.studies.plot_history(study, "history.png")
+    fig = refine.studies.plot_importances(study, "importances.png")
+    fig = refine.studies.plot_surface(study, ("orientation.x_deg", "orientation.y_deg"), "surface.png")
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+from .plots import _pyplot, _save
+
+
+def _complete(study) -> List:
+    """COMPLETE trials with a finite value."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)]
+
+
+def plot_history(study, path: Optional[str] = None):
+    """Loss of every COMPLETE trial against its number (dots), the best so far (line) and the last reported loss of
+    PRUNED trials (crosses); log scale when every loss is positive.  Saved to ``path`` when given; returns the
+    figure."""
+    from optuna.trial import TrialState
+
+    plt = _pyplot(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    done = sorted(_complete(study), key=lambda t: t.number)
+    pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
+    if done:
+        n, v = [t.number for t in done], [t.value for t in done]
+        best = [min(v[: k + 1]) for k in range(len(v))]
+        ax.plot(n, v, "o", ms=4, label="complete")
+        ax.step(n, best, where="post", color="k", lw=1.2, label="best so far")
+    if pruned:
+        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        ax.plot([t.number for t in pruned], last, "x", color="0.5", label="pruned (last reported)")
+    values = [t.value for t in done] + ([t.intermediate_values[max(t.intermediate_values)] for t in pruned])
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{study.study_name}: optimisation history")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def importances(study) -> dict:
+    """{parameter: importance} of the COMPLETE trials (PED-ANOVA, no extra dependency); {} with fewer than
+    3 trials or a single parameter's space."""
+    import optuna
+
+    if len(_complete(study)) < 3:
+        return {}
+    try:
+        return dict(optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()))
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return {}
+
+
+def plot_importances(study, path: Optional[str] = None):
+    """Horizontal bars of :func:`importances` (most important on top).  Saved to ``path``; returns the figure."""
+    plt = _pyplot(path)
+    imp = importances(study)
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(1, len(imp))))
+    names = list(imp)[::-1]
+    ax.barh(names, [imp[n] for n in names])
+    if not imp:
+        ax.text(0.5, 0.5, "not enough complete trials", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("importance (PED-ANOVA)")
+    ax.set_title(f"{study.study_name}: parameter importances")
+    return _save(fig, plt, path)
+
+
+def surface_parameters(study) -> Tuple[str, str]:
+    """The two most important numeric parameters (or the first two), for :func:`plot_surface`; ValueError with
+    fewer than two."""
+    done = _complete(study)
+    numeric = sorted({k for t in done for k, v in t.params.items() if isinstance(v, (int, float))})
+    if len(numeric) < 2:
+        raise ValueError(f"a loss surface needs two numeric searched parameters; the study has {numeric}")
+    ranked = [k for k in importances(study) if k in numeric]
+    return tuple((ranked + [k for k in numeric if k not in ranked])[:2])
+
+
+def plot_surface(study, params: Optional[Sequence[str]] = None, path: Optional[str] = None):
+    """The loss of COMPLETE trials over two searched parameters (default :func:`surface_parameters`): trials as
+    points coloured by log10 of (loss − lowest + 1), with a filled contour of the same when there are ≥ 4 trials;
+    the best trial is starred.  Saved to ``path``; returns the figure."""
+    import numpy as np
+
+    px, py = params if params is not None else surface_parameters(study)
+    done = [t for t in _complete(study) if px in t.params and py in t.params]
+    plt = _pyplot(path)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    if done:
+        x = np.array([t.params[px] for t in done], float)
+        y = np.array([t.params[py] for t in done], float)
+        v = np.array([t.value for t in done], float)
+        c = np.log10(v - v.min() + 1.0)
+        if len(done) >= 4 and np.ptp(x) > 0 and np.ptp(y) > 0:
+            try:
+                ax.tricontourf(x, y, c, levels=12, cmap="viridis", alpha=0.6)
+            except (ValueError, RuntimeError):  # collinear points
+                pass
+        sc = ax.scatter(x, y, c=c, cmap="viridis", edgecolors="k", linewidths=0.4, s=24)
+        fig.colorbar(sc, ax=ax, label="log10(loss − best + 1)")
+        k = int(np.argmin(v))
+        ax.plot(x[k], y[k], "*", color="r", ms=14, label=f"best (trial {done[k].number})")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(px)
+    ax.set_ylabel(py)
+    ax.set_title(f"{study.study_name}: loss over {px}, {py}")
+    return _save(fig, plt, path)

@@ -1,0 +1,234 @@
+"""``nbtorch-sweep``: a global search (Optuna study) of starting models about a nanoBragg model.
+
+    nbtorch-sweep OBSERVED --search GROUP:RANGE[,GROUP:RANGE...] --n-trials N [--workers N] [--storage URL]
+                  [--study-name NAME] [--sampler tpe|cmaes|gp|random] [--pruner median|hyperband|none] [--json OUT]
+                  [--plots DIR] [more --options] <nanoBragg flags of the start>
+
+Ranges: orientation in degrees (about the lab axes), cell in percent (lengths), distance in mm, beam_center in
+pixels.  Each trial starts a short coarse-to-fine refinement from a model sampled in that box; the best trial's
+model is then refined to convergence and written as JSON (``nanobragg_args``, ``loss``, ``trial``, ``n_trials``,
+``parameters``, ``esd`` …).  The study lives in ``--storage`` (default: an SQLite file next to ``--json``, else
+``nbtorch-sweep.db``); re-running with the same storage and study name adds trials to it, and the same command on
+other machines with a ``postgresql://`` URL joins it.  One progress line per trial goes to stderr.
+
+Exit status: 0 done, 1 bad input (image, flags, no trial completed), 2 bad usage (options, --search, --storage).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+#: Our options and how many values each takes (everything else after OBSERVED is the starting model's flags).
+OPTIONS = {
+    "--search": 1, "--n-trials": 1, "--workers": 1, "--storage": 1, "--study-name": 1, "--sampler": 1,
+    "--pruner": 1, "--json": 1, "--plots": 1, "--refine": 1, "--seed": 1, "--trial-iter": 1, "--prelim-pixels": 1,
+    "--target": 1, "--method": 1, "--max-iter": 1, "--threads": 1, "--dtype": 1, "--quiet": 0, "--help": 0,
+    "--allow-degenerate": 0,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of our ``--`` options (the nanoBragg flags are split off first, :func:`split_argv`)."""
+    from .studies import PRUNERS, SAMPLERS, STORAGE_FORMS
+
+    ap = argparse.ArgumentParser(
+        prog="nbtorch-sweep",
+        usage=("nbtorch-sweep OBSERVED --search GROUP:RANGE[,GROUP:RANGE...] --n-trials N [--workers N] "
+               "[--storage URL] [--study-name NAME] [--sampler tpe|cmaes|gp|random] [--pruner median|hyperband|none] "
+               "[--json OUT] [--plots DIR] <nanoBragg flags of the start>"),
+        description="Global search of starting models (an Optuna study) about a nanoBragg model, then a full "
+                    "refinement of the best.",
+        epilog=("Ranges: orientation degrees, cell percent, distance mm, beam_center pixels.  Storage: "
+                f"{STORAGE_FORMS}.  Example:\n  nbtorch-sweep obs.img --search orientation:5,beam_center:10 "
+                "--n-trials 60 --json sweep.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 "
+                "-distance 60 -detpixels 96 -pixel 0.2"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("observed", help="observed image (SMV, raw float with the shape of the flags, CBF, ...)")
+    ap.add_argument("--search", required=True, help="GROUP:RANGE[,GROUP:RANGE...] half-widths of the box")
+    ap.add_argument("--n-trials", type=int, required=True, help="trials this command runs (shared by its workers)")
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing the storage (default 1)")
+    ap.add_argument("--storage", default=None, help="study storage URL (default sqlite:///<json stem>.db)")
+    ap.add_argument("--study-name", default="nbtorch-sweep", help="study name (default nbtorch-sweep)")
+    ap.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="sampler (default tpe, seeded)")
+    ap.add_argument("--pruner", default="median", choices=PRUNERS, help="pruner (default median)")
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed (worker k uses seed + k; default 0)")
+    ap.add_argument("--json", default=None, help="write the best refined model and the study summary here")
+    ap.add_argument("--plots", default=None, help="write history.png, importances.png, surface.png here")
+    ap.add_argument("--refine", default=None, help="free groups (default: the searched groups and scale)")
+    ap.add_argument("--trial-iter", type=int, default=4, help="minimiser iterations per stage of a trial")
+    ap.add_argument("--prelim-pixels", type=int, default=65536, help="pixels of a trial's preliminary stages")
+    ap.add_argument("--target", default="poisson", choices=["poisson", "gaussian", "lsq", "anscombe"])
+    ap.add_argument("--method", default="lm", choices=["lm", "lbfgs", "adam"])
+    ap.add_argument("--max-iter", type=int, default=None, help="iterations of the best model's final refinement")
+    ap.add_argument("--allow-degenerate", action="store_true", help="refine combinations the image cannot tell apart")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--quiet", action="store_true", help="no per-trial progress")
+    return ap
+
+
+def split_argv(argv: Sequence[str]):
+    """(our tokens incl. OBSERVED, nanoBragg flags): ``--`` options and their values are ours, the first bare word
+    is OBSERVED, everything else is a nanoBragg flag."""
+    ours: List[str] = []
+    flags: List[str] = []
+    argv, i, seen = list(argv), 0, False
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--") or tok == "-h":
+            n = 0 if "=" in tok or tok == "-h" else OPTIONS.get(tok, 0)
+            ours.extend(argv[i: i + 1 + n])
+            i += 1 + n
+        elif not seen and not tok.startswith("-"):
+            ours.append(tok)
+            seen, i = True, i + 1
+        else:
+            flags.append(tok)
+            i += 1
+    return ours, flags
+
+
+def default_storage(ns) -> str:
+    """``--storage``, or an SQLite file next to ``--json`` (its stem + .db), or ./nbtorch-sweep.db."""
+    if ns.storage:
+        return ns.storage
+    stem = os.path.splitext(ns.json)[0] if ns.json else "nbtorch-sweep"
+    return "sqlite:///" + os.path.abspath(stem + ".db")
+
+
+def _usage_checks(ns, flags) -> Optional[str]:
+    """A usage error message, or None."""
+    if not flags:
+        return "give the starting model as nanoBragg flags after OBSERVED (see --help)"
+    for name in ("n_trials", "workers", "trial_iter", "prelim_pixels"):
+        if getattr(ns, name) < 1:
+            return f"--{name.replace('_', '-')} must be an integer >= 1; got {getattr(ns, name)}"
+    return None
+
+
+def _load(ns, flags):
+    """(observed image, params, setup) from OBSERVED and the flags."""
+    import torch
+
+    import nbtorch
+    from nbtorch.io.images import RAW_EXTENSIONS, read_image
+
+    params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64 if ns.dtype == "float64" else
+                                                torch.float32)
+    raw = os.path.splitext(ns.observed)[1].lower() in RAW_EXTENSIONS
+    obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None)
+    if obs.data.shape != (setup.spixels, setup.fpixels):
+        raise ValueError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
+                         f"flags describe a {setup.fpixels}×{setup.spixels} detector")
+    return obs, params, setup
+
+
+def summary(outcome, spec, flags, n_run: int) -> dict:
+    """The JSON of a sweep: the contract keys ``nanobragg_args`` (best refined model as flags), ``loss`` (its loss on
+    all usable pixels), ``trial`` (best trial number), ``n_trials`` (trials in the study, every state),
+    ``parameters``, ``esd``; and ``study_name``, ``storage`` (password hidden), ``states`` (count per state),
+    ``n_trials_run`` (this command's), ``best_start`` (the best trial's sampled start), ``converged``,
+    ``refined`` (the full refinement's JSON)."""
+    from collections import Counter
+
+    from .studies import redact
+
+    res, study = outcome.result, outcome.study
+    refined = res.to_dict()
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "nanobragg_args": refined["nanobragg_args"], "loss": float(res.loss_all), "trial": int(outcome.trial),
+        "n_trials": len(trials), "parameters": refined["parameters"], "esd": refined["esd"],
+        "study_name": spec.study_name, "storage": redact(spec.storage), "n_trials_run": int(n_run),
+        "states": dict(Counter(t.state.name for t in trials)),
+        "best_start": dict(study.trials[outcome.trial].params), "converged": bool(res.converged),
+        "start_flags": list(flags), "refined": refined,
+    }
+
+
+def write_plots(study, directory: str) -> List[str]:
+    """history.png, importances.png and (with two or more searched parameters) surface.png in ``directory``."""
+    from . import studies
+
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, n) for n in ("history.png", "importances.png", "surface.png")]
+    studies.plot_history(study, paths[0])
+    studies.plot_importances(study, paths[1])
+    try:
+        studies.plot_surface(study, path=paths[2])
+    except ValueError:
+        paths.pop()
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``nbtorch-sweep`` (returns the exit status)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, flags = split_argv(argv)
+    try:
+        ns = parser().parse_args(ours)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    problem = _usage_checks(ns, flags)
+    try:
+        from . import studies
+
+        studies.require_optuna()
+        search = studies.parse_search(ns.search) if problem is None else {}
+        spec = studies.StudySpec(default_storage(ns), ns.study_name, ns.sampler, ns.pruner, ns.seed)
+        if problem is None:
+            studies.open_storage(spec.storage)
+    except (ValueError, ImportError) as exc:
+        problem = problem or str(exc)
+    if problem:
+        print(f"nbtorch-sweep: {problem}", file=sys.stderr)
+        return 2
+    return _run(ns, flags, search, spec)
+
+
+def _run(ns, flags, search, spec) -> int:
+    """Load the data, run the study, refine the best, write the outputs."""
+    import torch
+
+    from . import studies
+
+    if ns.threads:
+        torch.set_num_threads(int(ns.threads))
+    studies.require_optuna().logging.set_verbosity(studies.require_optuna().logging.WARNING)
+    t0 = time.perf_counter()
+    free = ns.refine.replace(",", " ").split() if ns.refine else list(
+        dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
+    try:
+        obs, params, setup = _load(ns, flags)
+        outcome = studies.global_search(
+            obs, params, setup, search, ns.n_trials, spec=spec, workers=ns.workers, iterations=ns.trial_iter,
+            progress=not ns.quiet, threads=ns.threads, free=tuple(free), target=ns.target, method=ns.method,
+            max_iter=ns.max_iter, prelim_pixels=ns.prelim_pixels, nanobragg_args=flags,
+            allow_degenerate=ns.allow_degenerate)
+    except (ValueError, OSError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"nbtorch-sweep: {msg}", file=sys.stderr)
+        return 2 if str(exc).startswith("--") else 1
+    print(outcome.result.summary())
+    print(f"best trial {outcome.trial} of {len(outcome.study.trials)} in study {spec.study_name!r} "
+          f"({studies.redact(spec.storage)})")
+    data = summary(outcome, spec, flags, ns.n_trials)
+    if data["nanobragg_args"]:
+        print("refined model: nbtorch " + " ".join(data["nanobragg_args"]))
+    if ns.json:
+        from nbtorch.io._atomic import atomic_write
+
+        atomic_write(ns.json, (json.dumps(data, indent=2, allow_nan=True) + "\n").encode())
+    if ns.plots:
+        write_plots(outcome.study, ns.plots)
+    if not ns.quiet:
+        print(f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
