@@ -8,7 +8,13 @@ Options start with ``--``; everything else after OBSERVED is the starting model 
 raw float — its shape comes from the flags — or anything fabio reads).  Progress (one line per iteration: stage,
 iteration, loss, change, step in standard errors, damping) goes to stderr; the summary to stdout.
 
-Exit status: 0 converged, 3 finished without meeting a convergence rule, 1 bad input, 2 bad usage.
+The observed image is converted to photons, (value − ADC offset)/gain: the header's ``ADC_OFFSET``/``GAIN`` (nbtorch
+writes them), or ``--adc``/``--gain`` for images from elsewhere.  Every option, flag, input file and output path is
+checked before any work.
+
+Exit status (:mod:`refine.cli_checks`): 0 converged with χ²/ν near 1, 1 an output could not be written, 2 a user
+error (one line on stderr, nothing done), 3 finished without meeting a convergence rule, 4 converged but a poor fit
+(χ²/ν of a likelihood target outside [1/3, 3]), 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
@@ -18,20 +24,23 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from .cli_checks import (EXIT_NOT_CONVERGED, EXIT_OK, EXIT_OUTPUT, EXIT_POOR_FIT, EXIT_USAGE, PLOT_EXTENSIONS,
+                         OneLineParser, UsageError, check_outputs, check_threads, free_groups, one_line_warnings)
+
 # our options and how many values each takes (everything else after OBSERVED goes to the nanoBragg parser)
 _OPTIONS = {
     "--refine": 1, "--method": 1, "--max-iter": 1, "--json": 1, "--image": 1, "--target": 1, "--read-noise": 1,
     "--crystal-system": 1, "--ncells-mode": 1, "--no-coarse": 0, "--spots-only": 0, "--overload": 1,
     "--background": 3, "--matrix-out": 1, "--plot": 1, "--esd-scale": 1, "--threads": 1, "--quiet": 0,
     "--coarse-iter": 1, "--max-shift": 1, "--lr": 1, "--schedule": 1, "--dtype": 1, "--help": 0,
-    "--allow-degenerate": 0,
+    "--allow-degenerate": 0, "--adc": 1, "--gain": 1,
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     from .parameters import CRYSTAL_SYSTEMS, DEFAULT_FREE, GROUPS
 
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="nbtorch-refine",
         usage=("nbtorch-refine OBSERVED [--refine GROUPS] [--method lm|lbfgs|adam] [--max-iter N] [--json OUT] "
                "[--image OUT] [more --options] <nanoBragg flags of the starting model>"),
@@ -65,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--coarse-iter", type=int, default=8, help="iterations of each broadened stage (default 8)")
     ap.add_argument("--max-shift", type=int, default=8, help="beam-centre translation search radius (pixels)")
     ap.add_argument("--spots-only", action="store_true", help="fit only pixels near spots plus a background sample")
-    ap.add_argument("--overload", type=float, default=None, help="exclude pixels at or above this value")
+    ap.add_argument("--overload", type=float, default=None, help="exclude pixels at or above this value (in the "
+                    "file's counts)")
+    ap.add_argument("--adc", type=float, default=None, help="ADC offset (counts) to subtract from the observed image "
+                    "(default: the header's ADC_OFFSET, which nbtorch writes, else 0)")
+    ap.add_argument("--gain", type=float, default=None, help="counts per photon of the observed image (default: "
+                    "the header's GAIN, else 1)")
     ap.add_argument("--background", type=float, nargs=3, default=None, metavar=("C0", "CFAST", "CSLOW"),
                     help="starting background plane (photons/pixel)")
     ap.add_argument("--matrix-out", default=None, help="where to write the refined MOSFLM matrix of a -mat model "
@@ -84,7 +98,7 @@ def split_argv(argv: Sequence[str]):
     """Split the command line into (our tokens incl. OBSERVED, nanoBragg flags)."""
     ours: List[str] = []
     flags: List[str] = []
-    observed_seen = False
+    observed_seen = False  # OBSERVED comes before the first nanoBragg flag (never a flag's value)
     i = 0
     argv = list(argv)
     while i < len(argv):
@@ -102,7 +116,7 @@ def split_argv(argv: Sequence[str]):
         elif tok in ("-h",):
             ours.append(tok)
             i += 1
-        elif not observed_seen and not tok.startswith("-"):
+        elif not observed_seen and not flags and not tok.startswith("-"):
             ours.append(tok)
             observed_seen = True
             i += 1
@@ -119,10 +133,13 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.prev = None
         self.stage = None
-        print(f"{'stage':9s} {'iter':>4s} {'loss':>17s} {'change':>12s} {'step/σ':>9s} {'damping':>10s}",
-              file=self.stream)
+        self.started = False
 
     def __call__(self, h: dict):
+        if not self.started:  # the header with the first iteration (a run refused before it prints one line only)
+            self.started = True
+            print(f"{'stage':9s} {'iter':>4s} {'loss':>17s} {'change':>12s} {'step/σ':>9s} {'damping':>10s}",
+                  file=self.stream)
         if h.get("stage") != self.stage:
             self.stage, self.prev = h.get("stage"), None
         change = "" if self.prev is None else f"{h['loss'] - self.prev:12.5g}"
@@ -132,8 +149,10 @@ class Progress:
 
 
 def _write_image(path: str, result) -> None:
+    """The refined model image at ``path``: a figure (:data:`~refine.cli_checks.PLOT_EXTENSIONS`), SMV float
+    (.img/.smv) or raw float32 (photons/pixel, [slow, fast])."""
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+    if ext in PLOT_EXTENSIONS:
         result.plot(path)
         return
     import numpy as np
@@ -151,72 +170,123 @@ def _write_image(path: str, result) -> None:
         write_raw_float(path, img)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``nbtorch-refine`` (returns the exit status)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(t == "--images" or t.startswith("--images=") for t in argv):  # many images: refine/cli_many.py
-        from .cli_many import main as main_many
-
-        return main_many(argv)
+def _parse(argv: List[str]):
+    """(parsed options, nanoBragg flags, :class:`~refine.options.FitOptions`), every option, OBSERVED and output path
+    checked; :class:`UsageError`."""
     ours, flags = split_argv(argv)
-    ap = _parser()
+    ns = _parser().parse_args(ours)
+    check_threads(ns.threads)
+    if not flags:
+        raise UsageError("give the starting model as nanoBragg flags after OBSERVED (see --help)")
+    if not os.path.isfile(ns.observed):
+        raise UsageError(f"OBSERVED {ns.observed}: no such file")
+    check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", ns.matrix_out)])
+    from .fit import fit_options
+
     try:
-        ns = ap.parse_args(ours)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+        options = fit_options(
+            free=free_groups(ns.refine), method=ns.method, target=ns.target, read_noise=ns.read_noise,
+            crystal_system=ns.crystal_system, ncells_mode=ns.ncells_mode, background=ns.background,
+            max_iter=ns.max_iter, coarse_to_fine=not ns.no_coarse, coarse_iter=ns.coarse_iter,
+            max_shift=ns.max_shift, spots_only=ns.spots_only, lr=ns.lr, schedule=ns.schedule,
+            esd_scale=ns.esd_scale, nanobragg_args=flags, allow_degenerate=ns.allow_degenerate)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return ns, flags, options
+
+
+def _load(ns, flags: List[str]):
+    """(params, setup, observed image in photons, matrix path) from the flags and OBSERVED; :class:`UsageError`."""
     import torch
 
     import nbtorch
     from nbtorch.io.images import RAW_EXTENSIONS, read_image
 
-    from .fit import fit
-
     if ns.threads:
         torch.set_num_threads(int(ns.threads))
-    if not flags:
-        print("nbtorch-refine: give the starting model as nanoBragg flags after OBSERVED (see --help)",
-              file=sys.stderr)
-        return 2
     dtype = torch.float64 if ns.dtype == "float64" else torch.float32
     try:
         params, setup = nbtorch.from_nanobragg_args(flags, dtype=dtype)
         raw = os.path.splitext(ns.observed)[1].lower() in RAW_EXTENSIONS
-        obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None, overload=ns.overload)
-        if obs.data.shape != (setup.spixels, setup.fpixels):
-            raise ValueError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
-                             f"flags describe a {setup.fpixels}×{setup.spixels} detector")
-        matrix_out = ns.matrix_out
-        if matrix_out is None and not setup.nanobragg_cell:
-            matrix_out = (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
-        free = [g for g in ns.refine.replace(",", " ").split() if g]
-        t0 = time.perf_counter()
-        result = fit(
-            obs, params, setup, free=free, method=ns.method, target=ns.target, read_noise=ns.read_noise,
-            crystal_system=ns.crystal_system, ncells_mode=ns.ncells_mode, background=ns.background,
-            max_iter=ns.max_iter, coarse_to_fine=not ns.no_coarse, coarse_iter=ns.coarse_iter,
-            max_shift=ns.max_shift, spots_only=ns.spots_only, lr=ns.lr, schedule=ns.schedule,
-            esd_scale=ns.esd_scale, callback=None if ns.quiet else Progress(), nanobragg_args=flags,
-            matrix_path=matrix_out, allow_degenerate=ns.allow_degenerate,
-        )
-    except (ValueError, OSError) as exc:
-        print(f"nbtorch-refine: {exc}", file=sys.stderr)
-        return 1
-    print(result.summary())
+        obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None, overload=ns.overload,
+                         adc=ns.adc, gain=ns.gain)
+    except (ValueError, OSError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+    if obs.data.shape != (setup.spixels, setup.fpixels):
+        raise UsageError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
+                         f"flags describe a {setup.fpixels}×{setup.spixels} detector")
+    matrix_out = ns.matrix_out
+    if matrix_out is None and not setup.nanobragg_cell:
+        matrix_out = (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
+        check_outputs([("--matrix-out", matrix_out)])
+    return params, setup, obs, matrix_out
+
+
+def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:
+    """The matrix, JSON, image and plot a run asked for: :data:`EXIT_OK`, or :data:`EXIT_OUTPUT` when one could not
+    be written (one line each; the others are still written)."""
+    status = EXIT_OK
     try:
         if matrix_out is not None:
             result.to_nanobragg_args(matrix_path=matrix_out, write_matrix=True)
         print("refined model: nbtorch " + result.nanobragg_command(write_matrix=False))
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"nbtorch-refine: cannot write the model as flags: {exc}", file=sys.stderr)
-    if ns.json:
-        result.to_json(ns.json)
-    if ns.image:
-        _write_image(ns.image, result)
-    if ns.plot:
-        result.plot(ns.plot)
+    for option, path, write in (("--json", ns.json, result.to_json), ("--image", ns.image,
+                                lambda p: _write_image(p, result)), ("--plot", ns.plot, result.plot)):
+        if path:
+            try:
+                write(path)
+            except (ValueError, OSError) as exc:
+                print(f"nbtorch-refine: error: cannot write {option} {path}: {exc}", file=sys.stderr)
+                status = EXIT_OUTPUT
+    return status
+
+
+def _single(argv: List[str]) -> int:
+    """One observed image: parse and check, fit, report, write (the exit status)."""
+    ns, flags, options = _parse(argv)
+    one_line_warnings("nbtorch-refine")
+    params, setup, obs, matrix_out = _load(ns, flags)
+    from .fit import fit
+
+    t0 = time.perf_counter()
+    try:
+        result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress(),
+                     matrix_path=matrix_out)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if obs.adc_offset or obs.gain != 1.0:
+        print(f"note: {ns.observed}: photons = (value - {obs.adc_offset:g}) / {obs.gain:g} (ADC offset, gain)")
+    print(result.summary())
+    status = _write_outputs(ns, result, matrix_out)
     if not ns.quiet:
         print(f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    return 0 if result.converged else 3
+    if status != EXIT_OK:
+        return status
+    return EXIT_OK if result.ok else (EXIT_NOT_CONVERGED if not result.converged else EXIT_POOR_FIT)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``nbtorch-refine`` (returns the exit status, see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from nbtorch.interrupt import exit_status, interrupts
+
+    try:
+        with interrupts():
+            if any(t == "--images" or t.startswith("--images=") for t in argv):  # many images: refine/cli_many.py
+                from .cli_many import main as main_many
+
+                return main_many(argv)
+            return _single(argv)
+    except UsageError as exc:
+        print(f"nbtorch-refine: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: files being written are removed (atomic writes)
+        print("\nnbtorch-refine: interrupted", file=sys.stderr)
+        return exit_status(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,8 +71,8 @@ def test_cli_usage_errors(observed_bin, capsys):
     obs, flags = observed_bin
     assert main([obs, "--refine", "distance"]) == 2  # no model flags
     assert main([obs, "--method", "newton"] + flags.split()) == 2
-    assert main([obs, "--refine", "bogus"] + flags.split()) == 1
-    assert main([obs] + flags.split() + ["-detpixels", "40"]) == 1  # shape mismatch for a raw image
+    assert main([obs, "--refine", "bogus"] + flags.split()) == 2  # user errors exit 2 (issue 10)
+    assert main([obs] + flags.split() + ["-detpixels", "40"]) == 2  # shape mismatch for a raw image
     err = capsys.readouterr().err
     assert "unknown parameter group" in err
     assert main(["--help"]) == 0

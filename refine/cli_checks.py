@@ -1,0 +1,80 @@
+"""Checks of ``nbtorch-refine``'s command line made before any work: one-line errors (exit 2), output paths that can
+be written, the groups to refine, and one-line warnings.
+
+Exit statuses of the refine programs (one place): :data:`EXIT_OK` … :data:`EXIT_POOR_FIT`; an interrupted run exits
+128 + the signal number (130 Ctrl-C, 143 SIGTERM, :mod:`nbtorch.interrupt`).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import warnings
+from typing import Iterable, List, Optional, Tuple
+
+__all__ = ["UsageError", "OneLineParser", "check_outputs", "free_groups", "check_threads", "one_line_warnings",
+           "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED", "EXIT_POOR_FIT"]
+
+EXIT_OK = 0             #: converged, and χ²/ν of a likelihood target near 1
+EXIT_OUTPUT = 1         #: an output file could not be written (after the fit)
+EXIT_USAGE = 2          #: a user error: bad option, flag, value or input file (one line on stderr, nothing done)
+EXIT_NOT_CONVERGED = 3  #: finished without meeting a convergence rule
+EXIT_POOR_FIT = 4       #: converged, but a poor fit (χ²/ν far from 1: refine.result.POOR_FIT_CHI2)
+
+#: ``--image`` extensions written as a figure (need matplotlib), as ``--plot`` always is.
+PLOT_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+class UsageError(Exception):
+    """A user's mistake on the command line: the message goes to stderr on one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is a :class:`UsageError` (one line naming the option) instead of usage + exit."""
+
+    def error(self, message):  # noqa: D102 - argparse API
+        if "required" in message and "observed" in message:
+            message = ("OBSERVED is missing: give the observed image first, before the nanoBragg flags "
+                       f"({self.prog} OBSERVED [--options] <flags>)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]]) -> None:
+    """Before any work: every (option, path) with a path names a file that can be written (its directory exists and
+    is writable; it is not a directory); figures need matplotlib.  :class:`UsageError` naming the option."""
+    for option, path in outputs:
+        if path is None:
+            continue
+        if not path.strip():
+            raise UsageError(f"{option}: empty file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UsageError(f"{option} {path}: is a directory, give a file name")
+        if not os.path.isdir(folder):
+            raise UsageError(f"{option} {path}: the directory {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {path}: the directory {folder} is not writable")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise UsageError(f"{option} {path}: the file exists and is not writable")
+        figure = option == "--plot" or os.path.splitext(path)[1].lower() in PLOT_EXTENSIONS
+        if figure and importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(f"{option} {path}: writing a figure needs matplotlib (pip install matplotlib)")
+
+
+def free_groups(text: str) -> List[str]:
+    """The groups of ``--refine`` (comma or space separated); :class:`UsageError` when none is given."""
+    groups = [g for g in text.replace(",", " ").split() if g]
+    if not groups:
+        raise UsageError(f"--refine {text!r}: no group given (e.g. --refine distance,beam_center,scale)")
+    return groups
+
+
+def check_threads(threads: Optional[int]) -> None:
+    """``--threads`` must be an integer >= 1 (or absent)."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be an integer >= 1, got {threads}")
+
+
+def one_line_warnings(prog: str) -> None:
+    """Print warnings as one line ``prog: warning: message`` (no source line)."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"{prog}: warning: {message}\n"
