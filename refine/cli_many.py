@@ -9,9 +9,10 @@ given on the command line come first on every line.  The joint mode refines the 
 and the per-image groups per image (:func:`refine.fit_many`) and writes ``--json``; the independent mode refines
 each image on its own on Dask (:mod:`refine.scaleout`) and appends one JSON line per image to ``--results``.
 
-Exit status: 0 converged (every image, in the independent mode), 3 finished but not converged or some images failed,
-1 bad input found while fitting (a degenerate pair without ``--allow-degenerate``, unreadable images in the joint
-mode), 2 bad usage or a bad LIST line (the message names the line).
+Exit status: 0 converged (independent mode: every listed image has a converged line in the results, this run's or an
+earlier one's), 3 finished but not converged, or some images failed or are still missing (a ``--limit``),
+1 bad input found while fitting (a degenerate pair without ``--allow-degenerate``), 2 bad usage or a bad LIST line
+(a missing file, bad flags, in the joint mode an unreadable image: the message names the line).
 """
 from __future__ import annotations
 
@@ -149,7 +150,15 @@ def _run_independent(ns, entries) -> int:
         print(f"{summary.total} images: {summary.skipped} already done, {summary.fitted} refined, {summary.failed} "
               f"failed this run ({summary.workers} workers × {summary.threads} threads, {summary.seconds:.1f} s); "
               f"results in {ns.results}", file=sys.stderr)
-    return 3 if summary.failed else 0
+    return 0 if all_converged(entries, ns.results) else 3
+
+
+def all_converged(entries, results: str) -> bool:
+    """True when every LIST entry has a line in ``results`` without an error and with converged true."""
+    from .scaleout import read_results
+
+    recs = {r.get("path"): r for r in read_results(results)}
+    return all(e.path in recs and not recs[e.path].get("error") and recs[e.path].get("converged") for e in entries)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
