@@ -7,8 +7,8 @@
 Each image of a LIST is refined on its own with :func:`refine.fit` (the per-shot mode) as one Dask task: on a local
 cluster of ``workers`` processes by default, or on an existing scheduler (``scheduler="tcp://host:8786"``: a cluster
 started with ``dask scheduler`` / ``dask worker``, or with dask-jobqueue on Slurm).  Workers run one fit at a time
-with ``cores // workers`` torch threads each (on an existing cluster: the worker machine's cores divided by the
-worker's Dask threads), so workers × threads equals the cores available.
+with ``cores // workers`` torch threads each (on an existing cluster: the worker machine's cores divided by its Dask
+workers × their threads), so workers × threads equals the cores available.
 
 Every finished image appends one JSON line to the results file the moment it ends (one complete line per write,
 flushed): ``path``, ``converged``, ``parameters``, ``esd``, ``loss``, ``seconds``, ``nanobragg_args``, and ``error``
@@ -19,6 +19,7 @@ done, failed and the rate.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -41,14 +42,21 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _task_threads(threads: Optional[int]) -> int:
-    """Torch threads for a task: ``threads``, else this machine's cores divided by the Dask worker's threads."""
+def _host(address: str) -> str:
+    """The host part of a Dask address (``tcp://10.0.0.5:40123`` → ``10.0.0.5``)."""
+    return address.split("://")[-1].rsplit(":", 1)[0]
+
+
+def _task_threads(threads: Optional[int], host_workers: Optional[Dict[str, int]] = None) -> int:
+    """Torch threads for a task: ``threads``, else this machine's cores divided by (Dask workers on this host ×
+    the worker's threads), so that workers × threads equals the cores."""
     if threads:
         return int(threads)
     try:
         from distributed import get_worker
 
-        per = max(1, int(get_worker().state.nthreads))
+        worker = get_worker()
+        per = max(1, int(worker.state.nthreads)) * max(1, (host_workers or {}).get(_host(worker.address), 1))
     except (ImportError, ValueError, AttributeError):
         per = 1
     return max(1, available_cores() // per)
@@ -62,11 +70,13 @@ def _record(path: str, t0: float, **values) -> dict:
 
 
 def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object], threads: Optional[int] = None,
-               dtype: str = "float64", matrix_dir: Optional[str] = None) -> dict:
+               dtype: str = "float64", matrix_dir: Optional[str] = None,
+               host_workers: Optional[Dict[str, int]] = None) -> dict:
     """Refine one LIST entry with :func:`refine.fit` (a Dask task; never raises): the result line as a dict.
 
     ``options``: keyword arguments of :func:`refine.fit` (plain values: target, max_iter, coarse_to_fine, …);
-    ``threads``: torch threads (None: see :func:`_task_threads`); ``matrix_dir``: where refined MOSFLM matrices of
+    ``threads``: torch threads (None: see :func:`_task_threads`, with ``host_workers`` {host: Dask workers on it});
+    ``matrix_dir``: where refined MOSFLM matrices of
     ``-mat`` models go (``<line>.mat``).  A failure gives the line with ``error`` set (one line: type and
     message)."""
     import torch
@@ -76,7 +86,7 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
 
     t0 = time.perf_counter()
     try:
-        torch.set_num_threads(_task_threads(threads))
+        torch.set_num_threads(_task_threads(threads, host_workers))
         params, setup = entry_model(entry, torch.float64 if dtype == "float64" else torch.float32)
         obs = entry_image(entry, setup, options.get("overload"))
         matrix = None
@@ -244,11 +254,13 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
     client, cluster, local_threads = make_client(workers, scheduler)
     try:
         threads = threads or local_threads
-        summary.workers = len(client.scheduler_info()["workers"])
-        summary.threads = threads or 0
+        addresses = list(client.scheduler_info()["workers"])
+        host_workers = dict(collections.Counter(_host(a) for a in addresses))
+        summary.workers, summary.threads = len(addresses), threads or 0
         matrix_dir = os.path.splitext(os.path.abspath(results))[0] + "_matrices"
         futures = {client.submit(refine_one, e, list(free), dict(options or {}), threads, dtype, matrix_dir,
-                                 pure=False, key=f"refine-{e.line}-{os.path.basename(e.path)}-{time.time_ns()}"): e
+                                 host_workers, pure=False,
+                                 key=f"refine-{e.line}-{os.path.basename(e.path)}-{time.time_ns()}"): e
                    for e in todo}
         _collect(client, futures, results, bar, summary, limit)
     finally:
