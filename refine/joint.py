@@ -188,6 +188,8 @@ class ImageGroup:
         act_t = torch.as_tensor(list(act), dtype=torch.long, device=Xb.device)
         B, k = Xb.shape[0], len(act)
         H, g, ms = Xb.new_zeros(B, k, k), Xb.new_zeros(B, k), []
+        if k == 0:
+            return self.models(Xb), g, H
         for sl in self.slices:
             fn = self._fn(sl)
 

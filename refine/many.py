@@ -18,6 +18,8 @@ value come from the joint normal matrix at the solution.  Independent per-image 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 import time
 import warnings
 from typing import List, Optional, Sequence, Tuple
@@ -106,13 +108,10 @@ def _inputs(observed_list, params_list, setup_list, paths, flags):
     setups = list(setup_list) if isinstance(setup_list, (list, tuple)) else [setup_list] * n
     if len(params_list) != n or len(setups) != n:
         raise ValueError(f"fit_many: {n} observed images but {len(params_list)} models and {len(setups)} set-ups")
-    paths = list(paths) if paths is not None else [o if isinstance(o, str) else None for o in observed_list]
-    if flags is None:
-        flags = [None] * n
-    elif isinstance(flags, str) or (flags and isinstance(flags[0], str) and not isinstance(flags[0], list)
-                                    and len(flags) != n):
-        flags = [flags] * n
-    flags = [None if f is None else (f.split() if isinstance(f, str) else [str(t) for t in f]) for f in flags]
+    paths = list(paths) if paths is not None else [os.fspath(o) if isinstance(o, (str, os.PathLike)) else None
+                                                   for o in observed_list]
+    flags = [None] * n if flags is None else ([flags] * n if isinstance(flags, str) else list(flags))
+    flags = [None if f is None else (shlex.split(f) if isinstance(f, str) else [str(t) for t in f]) for f in flags]
     if len(paths) != n or len(flags) != n:
         raise ValueError(f"fit_many: {n} images but {len(paths)} paths and {len(flags)} flag lists")
     return list(observed_list), list(params_list), setups, paths, flags
@@ -264,8 +263,8 @@ def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=
             coarse_iter, robust_iter, mask, overload, bounds, ftol, chunk_pixels, esd_scale, callback,
             allow_degenerate, …); method must be 'lm'; priors, weights and spots_only are not supported.
         paths: a label per image for the result (default: the observed paths, when given as paths).
-        nanobragg_args: the starting flags per image (a list of N strings or token lists, or one for all), so that
-            each image's refined model can be written back as flags.
+        nanobragg_args: the starting flags per image (a list of N strings or token lists; one string is used for
+            every image), so that each image's refined model can be written back as flags.
         batch: simulate images of equal shape together under vmap (False: one at a time; same numbers).
 
     Returns:
@@ -281,7 +280,8 @@ def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=
         X, info, records, run = run_joint_stage(pb, X, stage, k, batch)
         stages.append(info)
         history += records
-        if run is not None and not stage.preliminary:
-            final = run
+        if run is not None and not stage.preliminary:  # its normal equations serve the ESDs if on the real model
+            real = stage.target in (None, pb.target.name) and not stage.broadened
+            final = run if real else run._replace(normal=None)
     return JointResult.build(pb, X, final, stages, history, time.perf_counter() - t0, batch)
 

@@ -67,14 +67,14 @@ class ImageResult:
                 "nanobragg_args": flags}
 
 
-def _full_normal(pb, X, final):
+def _full_normal(pb, X, final, batch: bool = True):
     """(loss, BlockNormal, per-image H) over every free scalar at X on all usable pixels with the fit's target:
     the final stage's when it ended at X with everything active, else computed."""
     lay = pb.layout
     act_s, act_own = list(range(len(lay.shared))), [list(range(len(p))) for p in lay.own_pos]
     obj = JointObjective(pb.pars, lay, pb.observed, pb.usable, pb.target, pb.options.chunk_pixels,
-                         pb.options.fused)
-    if final is not None and torch.equal(final.X, X):
+                         pb.options.fused, batch)
+    if final is not None and final.normal is not None and torch.equal(final.X, X):
         blk, Hs = final.normal
         if blk.A.shape[0] == len(act_s) and all(C.shape[0] == len(a) for C, a in zip(blk.C, act_own)):
             return final.loss, blk, Hs, obj
@@ -142,7 +142,7 @@ class JointResult:
     @classmethod
     def build(cls, pb, X, final, stages, history, seconds: float, batch: bool = True) -> "JointResult":
         """The result of a joint problem ``pb`` at X (``final``: the last non-preliminary JointRun or None)."""
-        L, blk, Hs, obj = _full_normal(pb, X, final)
+        L, blk, Hs, obj = _full_normal(pb, X, final, batch)
         k = _esd_factor(pb, obj, X)
         cov_s, cross, own = schur_covariance(blk)
         cov_s, cross, own = cov_s * k, [c * k for c in cross], [c * k for c in own]
