@@ -173,14 +173,20 @@ class ImageGroup:
 
         return model
 
-    def _args(self):
-        return self.ref, self.R0, self.cell_base, self.plane_ref
+    def _apply(self, f, *xs):
+        """``f(*x, ref, R0, cell_base, plane_ref)`` for every image: vmapped over a group of several images, called
+        directly for one (so a single image may use the compiled tiles), outputs with a leading image axis."""
+        if len(self.ids) > 1:
+            dims = (0,) * len(xs) + (REF_DIMS, 0, 0, 0)
+            return vmap(f, in_dims=dims)(*xs, self.ref, self.R0, self.cell_base, self.plane_ref)
+        t = self.template
+        out = f(*(x[0] for x in xs), t.ref, t.R0, t.cell_base, t.background_ref)
+        return tuple(o[None] for o in out) if isinstance(out, tuple) else out[None]
 
     def models(self, Xb: torch.Tensor) -> torch.Tensor:
         """Model photons [B, P] at increments Xb [B, n] (no gradient)."""
         with torch.no_grad():
-            return torch.cat([vmap(self._fn(sl), in_dims=(0, REF_DIMS, 0, 0, 0))(Xb, *self._args())
-                              for sl in self.slices], 1)
+            return torch.cat([self._apply(self._fn(sl), Xb) for sl in self.slices], 1)
 
     def normal(self, Xb: torch.Tensor, act: Sequence[int], target: Target):
         """(models [B, P], g [B, k], H [B, k, k]) over the ``act`` positions of x: J by forward mode per pixel chunk
@@ -197,8 +203,7 @@ class ImageGroup:
                 m = fn(x0.index_put((act_t,), xa), *rest)
                 return m, m
 
-            J, m = vmap(jacfwd(f, has_aux=True), in_dims=(0, 0, REF_DIMS, 0, 0, 0))(Xb[:, act_t], Xb,
-                                                                                   *self._args())
+            J, m = self._apply(jacfwd(f, has_aux=True), Xb[:, act_t], Xb)
             o = self.o[:, sl]
             H += torch.einsum("bpk,bp,bpl->bkl", J, target.fisher(m, o), J)
             g += torch.einsum("bpk,bp->bk", J, target.dloss(m, o))
