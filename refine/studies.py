@@ -34,6 +34,7 @@ import os
 import socket
 import sys
 import warnings
+import zlib
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -43,6 +44,7 @@ from nbtorch.units import DEG_PER_MRAD
 from .options import FitOptions
 from .result import Result, finish
 from .strategy import GEOMETRY_GROUPS, PRELIMINARY_FTOL, TRUST, FitState, Stage, prepare, run_stage
+from . import study_plots  # noqa: F401
 from .study_plots import plot_history, plot_importances, plot_surface  # noqa: F401  (re-exported)
 
 #: Groups a global search can sample, and the unit of their ranges.
@@ -294,12 +296,27 @@ def storage_kind(url: str) -> str:
     raise ValueError(f"--storage {redact(u)!r} is not a storage URL: use {STORAGE_FORMS}")
 
 
+def _postgres_driver() -> str:
+    """The installed PostgreSQL driver for SQLAlchemy: 'psycopg' (3, preferred) or 'psycopg2' ('' when neither)."""
+    import importlib.util
+
+    for name in ("psycopg", "psycopg2"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return ""
+
+
 def normalise_url(url: str) -> str:
-    """Canonical form: FILE.log → journal:FILE.log; postgres:// → postgresql://."""
+    """Canonical form: FILE.log → journal:FILE.log; postgres:// and postgresql:// → postgresql+DRIVER:// with the
+    installed driver (psycopg 3 or psycopg2; SQLAlchemy's own default differs between its versions)."""
     u = str(url).strip()
     if storage_kind(u) == "journal" and not u.startswith("journal:"):
         return "journal:" + u
-    return "postgresql://" + u[len("postgres://"):] if u.startswith("postgres://") else u
+    for scheme in ("postgres://", "postgresql://"):
+        if u.startswith(scheme):
+            driver = _postgres_driver()
+            return f"postgresql{'+' + driver if driver else ''}://" + u[len(scheme):]
+    return u
 
 
 def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period: Optional[int] = None):
@@ -388,7 +405,8 @@ def fail_orphaned_trials(study) -> List[int]:
 class StudySpec:
     """Where a study lives and how it samples: ``storage`` (URL, :data:`STORAGE_FORMS`; None: in memory, one
     process), ``study_name``, ``sampler`` (:data:`SAMPLERS`), ``pruner`` (:data:`PRUNERS`), ``seed`` (worker k
-    seeds its sampler with seed + k), ``n_steps`` (reported steps per trial, for Hyperband), ``heartbeat_interval``
+    of a new study seeds its sampler with seed + k; see :func:`worker_seed`), ``n_steps`` (reported steps per trial, for Hyperband), ``pruner_startup``
+    (trials the median pruner waits for), ``heartbeat_interval``
     and ``grace_period`` (seconds, RDB storages)."""
 
     storage: Optional[str] = None
@@ -397,6 +415,7 @@ class StudySpec:
     pruner: str = "median"
     seed: Optional[int] = 0
     n_steps: int = 5
+    pruner_startup: int = 5
     heartbeat_interval: Optional[int] = 10
     grace_period: Optional[int] = None
 
@@ -411,16 +430,37 @@ class StudySpec:
             raise ValueError("--study-name must not be empty")
 
 
-def load_study(spec: StudySpec, worker: int = 0):
+def load_study(spec: StudySpec, worker: int = 0, n_existing: Optional[int] = None):
     """Create or load (``load_if_exists``) the study ``spec`` describes, minimising, with worker ``worker``'s
-    seeded sampler."""
+    seeded sampler (:func:`worker_seed`; ``n_existing``: the trial count the seed depends on, default the study's
+    trials now, waiting ones excluded)."""
     optuna = require_optuna()
     storage = None if spec.storage is None else open_storage(spec.storage, spec.heartbeat_interval,
                                                              spec.grace_period)
-    seed = None if spec.seed is None else int(spec.seed) + int(worker)
+    study = optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
+                                load_if_exists=True)
+    if n_existing is None:
+        n_existing = count_started(study)
+    seed = None if spec.seed is None else worker_seed(spec.seed, worker, n_existing)
     return optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
                                sampler=make_sampler(spec.sampler, seed),
-                               pruner=make_pruner(spec.pruner, spec.n_steps), load_if_exists=True)
+                               pruner=make_pruner(spec.pruner, spec.n_steps, spec.pruner_startup),
+                               load_if_exists=True)
+
+
+def worker_seed(seed: int, worker: int, n_existing: int) -> int:
+    """The sampler seed of worker ``worker`` joining a study that has ``n_existing`` trials: ``seed`` + worker on a
+    new study (reproducible), otherwise also mixed with this machine's name and the trial count, so that commands
+    joining a study (from other machines, or later) do not repeat each other's random draws."""
+    if n_existing == 0:
+        return int(seed) + int(worker)
+    return zlib.crc32(f"{seed}:{worker}:{n_existing}:{socket.gethostname()}".encode())
+
+
+def count_started(study) -> int:
+    """Trials of the study in every state but WAITING (enqueued, not yet run)."""
+    optuna = require_optuna()
+    return sum(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 
 def best_or_none(study):
@@ -464,11 +504,12 @@ def optimize(study, objective, n_trials: int, progress: bool = True) -> None:
                    callbacks=[TrialProgress()] if progress else None)
 
 
-def _worker(make_objective, n_trials: int, spec: StudySpec, index: int, progress: bool, threads: int) -> None:
+def _worker(make_objective, n_trials: int, spec: StudySpec, index: int, progress: bool, threads: int,
+            n_existing: int) -> None:
     """Body of a worker process: load the study, build the objective, run ``n_trials`` trials."""
     torch.set_num_threads(max(1, int(threads)))
     require_optuna().logging.set_verbosity(require_optuna().logging.WARNING)
-    study = load_study(spec, worker=index)
+    study = load_study(spec, worker=index, n_existing=n_existing)
     optimize(study, make_objective(), n_trials, progress)
 
 
@@ -497,6 +538,7 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
         raise ValueError("--workers > 1 needs a storage URL that processes share (sqlite, journal, postgresql)")
     study = load_study(spec)
     fail_orphaned_trials(study)
+    n_existing = count_started(study)
     if enqueue is not None:
         study.enqueue_trial(dict(enqueue), skip_if_exists=True)
     if workers == 1:
@@ -506,7 +548,7 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
 
     ctx = multiprocessing.get_context("spawn")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker, args=(make_objective, n, spec, k, progress, threads), daemon=False)
+    procs = [ctx.Process(target=_worker, args=(make_objective, n, spec, k, progress, threads, n_existing), daemon=False)
              for k, n in enumerate(split_trials(n_trials, workers)) if n]
     for p in procs:
         p.start()

@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--study-name", default="nbtorch-sweep", help="study name (default nbtorch-sweep)")
     ap.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="sampler (default tpe, seeded)")
     ap.add_argument("--pruner", default="median", choices=PRUNERS, help="pruner (default median)")
-    ap.add_argument("--seed", type=int, default=0, help="sampler seed (worker k uses seed + k; default 0)")
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed (worker k of a new study uses seed + k; joining workers mix in the host and trial count; default 0)")
     ap.add_argument("--json", default=None, help="write the best refined model and the study summary here")
     ap.add_argument("--plots", default=None, help="write history.png, importances.png, surface.png here")
     ap.add_argument("--refine", default=None, help="free groups (default: the searched groups and scale)")

@@ -1,0 +1,116 @@
+"""Studies that persist and scale out: worker processes sharing SQLite / journal / PostgreSQL storages, a run killed
+with SIGKILL and resumed, orphaned trials, the JSON contract of nbtorch-sweep."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from refine import studies, sweep_cli  # noqa: E402
+
+from .study_cases import PostgresServer, sweep_argv, write_tiny  # noqa: E402
+from .study_cases import one_thread  # noqa: E402,F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _study(url: str, name: str = "nbtorch-sweep"):
+    return optuna.load_study(study_name=name, storage=studies.open_storage(url))
+
+
+def _check_no_lost_or_duplicated(study, n: int, workers: int) -> None:
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == list(range(n))           # nothing lost, no number twice
+    assert all(t.state in FINISHED for t in trials)
+    starts = [t.params["distance_mm"] for t in trials]
+    assert len(set(starts)) == n                                          # no trial run twice
+    assert len({t.user_attrs["worker"] for t in trials}) == workers       # every worker ran trials
+
+
+def test_two_workers_share_sqlite_and_json_contract(tmp_path):
+    obs = write_tiny(tmp_path)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "sweep.json"
+    rc = sweep_cli.main(sweep_argv(obs, url, 6, "--workers", "2", "--json", str(out), "--quiet"))
+    assert rc == 0
+    _check_no_lost_or_duplicated(_study(url), 6, 2)
+    data = json.loads(out.read_text())
+    for key in ("nanobragg_args", "loss", "trial", "n_trials", "parameters", "esd"):
+        assert key in data
+    assert data["n_trials"] == 6 and "-distance" in data["nanobragg_args"]
+    assert abs(data["parameters"]["distance_mm"] - 60.0) < 0.05           # the 1.5 mm error is gone
+
+
+def test_killed_run_resumes_without_losing_trials(tmp_path):
+    obs = write_tiny(tmp_path)
+    url = f"journal:{tmp_path / 'study.log'}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "refine.sweep_cli", *sweep_argv(obs, url, 40, "--quiet", "--threads", "1")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                if len(_study(url).get_trials(deepcopy=False, states=FINISHED)) >= 2:
+                    break
+            except KeyError:  # the study is not created yet
+                continue
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    before = {t.number: (t.state, t.value) for t in _study(url).get_trials(deepcopy=False, states=FINISHED)}
+    n_before = len(_study(url).get_trials(deepcopy=False))
+    assert len(before) >= 2
+    assert sweep_cli.main(sweep_argv(obs, url, 2, "--quiet")) == 0      # the same command, two more trials
+    after = _study(url).get_trials(deepcopy=False)
+    assert len(after) == n_before + 2
+    for t in after:
+        assert t.state != optuna.trial.TrialState.RUNNING                  # the killed trial is marked, not left
+        if t.number in before:
+            assert (t.state, t.value) == before[t.number]                  # every finished trial is still there
+
+
+def test_orphaned_running_trial_is_failed(tmp_path):
+    url = f"sqlite:///{tmp_path / 'orphan.db'}"
+    study = studies.load_study(studies.StudySpec(url, "orphans"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = study.ask()
+    trial.set_user_attr("worker", f"{studies.socket.gethostname()}:{dead.pid}")
+    alive = study.ask()
+    alive.set_user_attr("worker", studies.worker_id())
+    assert studies.fail_orphaned_trials(study) == [trial.number]
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states == {trial.number: optuna.trial.TrialState.FAIL, alive.number: optuna.trial.TrialState.RUNNING}
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = PostgresServer()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_two_workers_on_postgresql_and_a_second_machine_joins(tmp_path, postgres):
+    obs = write_tiny(tmp_path)
+    assert sweep_cli.main(sweep_argv(obs, postgres, 4, "--workers", "2", "--study-name", "pg", "--quiet")) == 0
+    _check_no_lost_or_duplicated(_study(postgres, "pg"), 4, 2)
+    # another "machine": the same command with the same URL adds its trials to the study
+    out = tmp_path / "joined.json"
+    assert sweep_cli.main(sweep_argv(obs, postgres, 2, "--study-name", "pg", "--quiet", "--json", str(out))) == 0
+    _check_no_lost_or_duplicated(_study(postgres, "pg"), 6, 3)
+    assert json.loads(out.read_text())["n_trials"] == 6
