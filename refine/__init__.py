@@ -20,6 +20,7 @@ The pieces, each a module (see docs/refine.md): :mod:`refine.table` (one entry p
 :mod:`refine.options` (FitOptions), :mod:`refine.degeneracy`, :mod:`refine.report` (ESDs), :mod:`refine.result`,
 :mod:`refine.plots`, :mod:`refine.fit`.
 """
+import nbtorch.interrupt  # noqa: F401  (first: a console script interrupted while importing is quiet)
 from .cells import CRYSTAL_SYSTEMS, detect_crystal_system, symmetrize_cell
 from .degeneracy import Degeneracy, degenerate_pairs
 from .fit import METHODS, covariance, fit, fit_options

@@ -199,7 +199,7 @@ class Result:
                      f"iterations {self.iterations}  {self.seconds:.2f} s  "
                      f"{'' if self.converged else 'NOT converged: '}{self.message}")
         if self.poor_fit:
-            lines.append("POOR FIT — " + self.poor_fit)
+            lines.append(self.poor_fit.replace("poor fit", "POOR FIT", 1))
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ plots

@@ -261,6 +261,7 @@ def prepare(observed, params: Params, setup: Setup, options: FitOptions, start=N
     """The state before the first stage: observed image (tensor, array, ObservedImage or path) and usable pixels,
     parameterisation, target, degenerate pairs (a ``DegeneracyWarning``, or ``ValueError`` unless
     ``options.allow_degenerate``), starting point (:func:`start_point`) and its loss on all usable pixels."""
+    check_params(params, setup)  # types, dtype, device and values first: one-line errors before any work
     obs_np, obs_mask = observed_array(observed, setup)
     usable = usable_mask(obs_np, setup, options.mask, options.overload)
     if obs_mask is not None:
