@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Refine many images: jointly (shared + per-image groups) or independently on Dask.")
     ap.add_argument("--images", required=True, help="LIST file: one line per image, PATH <nanoBragg flags>")
     ap.add_argument("--shared", default="", help="joint: groups with one value for all images "
-                    "(e.g. distance,beam_center,detector_rotation)")
+                    "(e.g. distance,beam_center,detector_rotation.y,detector_rotation.z)")
     ap.add_argument("--per-image", default="", help="joint: groups with one value per image (e.g. orientation,scale)")
     ap.add_argument("--json", default=None, help="joint: write the result as JSON here")
     ap.add_argument("--independent", action="store_true", help="refine each image on its own, in parallel on Dask")
