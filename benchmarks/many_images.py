@@ -84,6 +84,8 @@ def time_normal(obs, starts, setups, batch: bool) -> float:
 
 
 def bench_joint(counts):
+    """One row per number of images: wall time, iterations, convergence, one normal-equation evaluation batched and
+    one by one (s), and the distance ESD (mm)."""
     obs, starts, setups = joint_case(1)  # warm-up: the first forward-mode Jacobian of a process loads torch parts
     refine.fit_many(obs, starts, setups, shared=["distance"], per_image=["scale"], coarse_to_fine=False, max_iter=1)
     rows = []
@@ -104,6 +106,7 @@ def bench_joint(counts):
 
 
 def bench_independent(workers_list, m: int):
+    """One row per worker count: m stills refined independently on a local Dask cluster; images per minute."""
     from refine.imagelist import parse_image_list
     from refine.scaleout import read_results, refine_images
 
@@ -170,6 +173,7 @@ def write_section(text: str, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    """Run the benchmarks, print the section, and write it with ``--write``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", default="1,5,20", help="joint: numbers of images (default 1,5,20)")
     ap.add_argument("--workers", default="1,2", help="independent: worker counts (default 1,2)")

@@ -245,6 +245,8 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
     """
     t0 = time.perf_counter()
     entries = list(entries)
+    with open(results, "ab"):  # fails now, not after the first fit, when the file cannot be written
+        pass
     done = done_paths(results)
     todo = [e for e in entries if e.path not in done]
     summary = RunSummary(total=len(entries), skipped=len(entries) - len(todo))
