@@ -65,3 +65,44 @@ def test_writers_refuse_non_finite_images(tmp_path, writer, bad):
         call()
     assert "\n" not in str(exc.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def _cli(argv, tmp_path, monkeypatch, capsys):
+    from nbtorch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["", "# only comments\n\n# here\n"])
+def test_hkl_without_reflections_needs_default_F(tmp_path, monkeypatch, capsys, content):
+    (tmp_path / "e.hkl").write_text(content)
+    flags = SMALL.replace("-default_F 100", "-hkl e.hkl").split()
+    rc, err = _cli(flags + ["-floatfile", "f.bin"], tmp_path, monkeypatch, capsys)
+    assert rc == 2 and "-hkl e.hkl: no reflections" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.hkl"]
+    rc, err = _cli(flags + ["-default_F", "10", "-floatfile", "f.bin", "-nopgm", "-nonoise"], tmp_path, monkeypatch,
+                   capsys)
+    assert rc == 0, err  # every reflection at -default_F
+
+
+def test_refused_values(tmp_path, monkeypatch, capsys):
+    rc, err = _cli(SMALL.split() + ["-pivot", "middle"], tmp_path, monkeypatch, capsys)
+    assert rc == 2 and "-pivot" in err
+    p, s = nbtorch.from_nanobragg_args(SMALL)
+    with pytest.raises(ValueError, match="thicksteps must be 1 when Setup.thickness_um is 0"):
+        s.replace(thicksteps=3)
+    with pytest.raises(ValueError, match="setup must be an nbtorch.Setup"):
+        nbtorch.simulate(p, None)
+    with pytest.raises(ValueError, match="one device"):
+        nbtorch.simulate(p._replace(beam=p.beam._replace(wavelength=p.beam.wavelength.to("meta"))), s)
+
+
+def test_source_along_e_on_the_command_line_writes_finite_images(tmp_path, monkeypatch, capsys):
+    (tmp_path / "src.txt").write_text("0 0 -10 1 1e-10\n")
+    rc, err = _cli(SMALL.split() + ["-sourcefile", "src.txt", "-floatfile", "f.bin", "-noisefile", "n.img"], tmp_path,
+                   monkeypatch, capsys)
+    assert rc == 0, err
+    img = np.fromfile(tmp_path / "f.bin", "<f4")
+    assert np.isfinite(img).all() and img.sum() > 0
