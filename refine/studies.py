@@ -223,6 +223,16 @@ def _options(options: Optional[FitOptions], overrides: dict) -> FitOptions:
     return (options or FitOptions()).replace(**overrides) if overrides else (options or FitOptions())
 
 
+def option_fields(options: FitOptions) -> dict:
+    """The fields of ``options`` as keyword arguments that pickle (bounds and priors as plain dicts), so that a
+    factory partial can travel to worker processes."""
+    out = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    for name in ("bounds", "priors"):
+        if out[name] is not None:
+            out[name] = dict(out[name])
+    return out
+
+
 def global_search_objective(observed, params, setup, search: Mapping[str, float], *,
                             options: Optional[FitOptions] = None, stages: Optional[Sequence[Stage]] = None,
                             iterations: int = 4, **overrides) -> GlobalSearchObjective:
@@ -405,9 +415,9 @@ def fail_orphaned_trials(study) -> List[int]:
 class StudySpec:
     """Where a study lives and how it samples: ``storage`` (URL, :data:`STORAGE_FORMS`; None: in memory, one
     process), ``study_name``, ``sampler`` (:data:`SAMPLERS`), ``pruner`` (:data:`PRUNERS`), ``seed`` (worker k
-    of a new study seeds its sampler with seed + k; see :func:`worker_seed`), ``n_steps`` (reported steps per trial, for Hyperband), ``pruner_startup``
-    (trials the median pruner waits for), ``heartbeat_interval``
-    and ``grace_period`` (seconds, RDB storages)."""
+    of a new study seeds its sampler with seed + k; see :func:`worker_seed`), ``n_steps`` (reported steps per
+    trial, for Hyperband), ``pruner_startup`` (trials the median pruner waits for), ``heartbeat_interval`` and
+    ``grace_period`` (seconds, RDB storages)."""
 
     storage: Optional[str] = None
     study_name: str = "nbtorch-sweep"
@@ -587,8 +597,8 @@ def global_search(observed, params, setup, search: Mapping[str, float], n_trials
     stages = trial_stages(iterations)
     objective = global_search_objective(observed, params, setup, search, options=opts, stages=stages)
     spec = dataclasses.replace(spec or StudySpec(), n_steps=len(stages))
-    make = functools.partial(global_search_objective, observed, params, setup, dict(search), options=opts,
-                             stages=stages)
+    make = functools.partial(global_search_objective, observed, params, setup, dict(search), stages=stages,
+                             **option_fields(opts))
     study = run_study(make, n_trials, spec, workers=workers, enqueue=objective.start_params(), progress=progress,
                       threads=threads, objective=objective)
     if best_or_none(study) is None:

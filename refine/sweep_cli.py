@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--study-name", default="nbtorch-sweep", help="study name (default nbtorch-sweep)")
     ap.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="sampler (default tpe, seeded)")
     ap.add_argument("--pruner", default="median", choices=PRUNERS, help="pruner (default median)")
-    ap.add_argument("--seed", type=int, default=0, help="sampler seed (worker k of a new study uses seed + k; joining workers mix in the host and trial count; default 0)")
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed (worker k of a new study uses seed + k; workers joining a study also mix in the "
+                    "host name and trial count; default 0)")
     ap.add_argument("--json", default=None, help="write the best refined model and the study summary here")
     ap.add_argument("--plots", default=None, help="write history.png, importances.png, surface.png here")
     ap.add_argument("--refine", default=None, help="free groups (default: the searched groups and scale)")
@@ -204,11 +205,16 @@ def _run(ns, flags, search, spec) -> int:
         dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
     try:
         obs, params, setup = _load(ns, flags)
+        matrix_out = None  # a -mat model is written back with a new MOSFLM matrix, next to the JSON
+        if not setup.nanobragg_cell:
+            matrix_out = (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
         outcome = studies.global_search(
             obs, params, setup, search, ns.n_trials, spec=spec, workers=ns.workers, iterations=ns.trial_iter,
             progress=not ns.quiet, threads=ns.threads, free=tuple(free), target=ns.target, method=ns.method,
             max_iter=ns.max_iter, prelim_pixels=ns.prelim_pixels, nanobragg_args=flags,
-            allow_degenerate=ns.allow_degenerate)
+            allow_degenerate=ns.allow_degenerate, matrix_path=matrix_out)
+        if matrix_out is not None:
+            outcome.result.to_nanobragg_args(matrix_path=matrix_out, write_matrix=True)
     except (ValueError, OSError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"nbtorch-sweep: {msg}", file=sys.stderr)

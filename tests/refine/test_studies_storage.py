@@ -84,7 +84,7 @@ def test_killed_run_resumes_without_losing_trials(tmp_path):
 
 def test_orphaned_running_trial_is_failed(tmp_path):
     url = f"sqlite:///{tmp_path / 'orphan.db'}"
-    study = studies.load_study(studies.StudySpec(url, "orphans"))
+    study = studies.load_study(studies.StudySpec(url, "orphans", heartbeat_interval=None))  # ask/tell: no heartbeat
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial = study.ask()
