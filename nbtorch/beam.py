@@ -38,22 +38,19 @@ def divergence_sources(
                              "beam: the divergence directions are defined relative to it")
         vert = np.array([0.0, 0.0, 1.0]) if abs(b[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
     vert /= np.linalg.norm(vert)
-    H, Vn = len(hdiv), len(vdiv)
-    out: List = []
-    for h in hdiv:
-        for v in vdiv:
-            if round_div:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    test = 4.0 * (
-                        (h * h - hdivstep * hdivstep / 4.0 * (1 - H % 2)) / np.float64(hdivrange * hdivrange)
-                        + (v * v - vdivstep * vdivstep / 4.0 * (1 - Vn % 2)) / np.float64(vdivrange * vdivrange)
-                    )
-                if test > 1.1:  # NaN compares False: kept
-                    continue
-            P = rodrigues_matrix(vert, h) @ (rodrigues_matrix(E, v) @ (-10.0 * b))
-            d = -P / np.linalg.norm(P)
-            for lf in dispersion_factors:
-                out.append((tuple(float(x) for x in d), float(lf)))
+    h = np.asarray(hdiv, dtype=np.float64)[:, None]
+    v = np.asarray(vdiv, dtype=np.float64)[None, :]
+    keep = np.ones((h.shape[0], v.shape[1]), dtype=bool)
+    if round_div:
+        H, Vn = h.shape[0], v.shape[1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            test = 4.0 * ((h * h - hdivstep * hdivstep / 4.0 * (1 - H % 2)) / np.float64(hdivrange * hdivrange)
+                          + (v * v - vdivstep * vdivstep / 4.0 * (1 - Vn % 2)) / np.float64(vdivrange * vdivrange))
+        keep = ~(test > 1.1)  # NaN compares False: kept
+    q = rodrigues_matrix(E, v[0]) @ (-10.0 * b)  # [V, 3]: AX(E, v)·P
+    P = np.einsum("hij,vj->hvi", rodrigues_matrix(vert, h[:, 0]), q)[keep]  # [n, 3] in (h, v) order
+    d = -P / np.sqrt((P * P).sum(-1, keepdims=True))
+    out: List = [(tuple(float(x) for x in di), float(lf)) for di in d for lf in dispersion_factors]
     return tuple(out)
 
 

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .kernel import (KernelSpec, TileConsts, TileParams, derivative_moments, has_fast_derivatives, jvp_from_moments,
-                     tile_sums, vjp_from_moments)
+                     tile_sums)
 
 try:
     from torch._C._functorch import is_functorch_wrapped_tensor
@@ -113,13 +113,9 @@ def _forward_fn(spec):
     return forward
 
 
-def _moments_fn(spec):
-    def moments(tp, tc):
-        return derivative_moments(tp, tc, spec)
-    return moments
 
 
-_KERNELS = {"forward": _forward_fn, "moments": _moments_fn}
+_KERNELS = {"forward": _forward_fn}
 
 
 def _run(kind: str, spec: KernelSpec, eager, *args):
@@ -175,39 +171,45 @@ def _tangent(tangents: TileParams, c: int) -> TileParams:
     return TileParams(*(None if t is None else t[c] for t in tangents))
 
 
-def _pixel_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams):
-    """Per-pixel moments of a tile (:func:`~nbtorch.kernel.derivative_moments`), compiled."""
-    return _run("moments", spec, lambda a, b: derivative_moments(a, b, spec), tp, tc)
-
-
 def jvp(spec: KernelSpec, tc: TileConsts, tp: TileParams, tangents: TileParams, fused: bool):
     """(Ṡ [C, P], ḟactor [C, P]) for C tangent directions: a TileParams whose leaves have a leading C axis, or are
-    None (no tangent).  Compiled: one pass over the samples for all C (:func:`~nbtorch.kernel.sample_moments`)."""
+    None (no tangent).  Where :func:`~nbtorch.kernel.has_fast_derivatives` holds, one pass over the samples serves
+    all C columns (:func:`~nbtorch.kernel.derivative_moments`); otherwise one forward-mode pass per column.
+
+    ``fused`` is accepted for symmetry: derivative passes run eagerly (a compiled moments kernel took minutes to
+    build and was no faster than the eager one; see benchmarks/RESULTS.md)."""
     C = next(t.shape[0] for t in tangents if t is not None)
-    if _fast(fused, tp, tangents) and has_fast_derivatives(spec) and tangents.F is None:
-        return jvp_from_moments(_pixel_moments(spec, tc, tp), tp, tangents)
+    if _is_plain(tp) and _is_plain(tangents) and has_fast_derivatives(spec) and tangents.F is None:
+        with torch.no_grad():
+            return jvp_from_moments(derivative_moments(tp, tc, spec), tp, tangents)
     f = _eager_sums(spec, tc)
     outs = [torch.func.jvp(f, (tp,), (_zeros_for_none(tp, _tangent(tangents, c)),))[1] for c in range(C)]
     return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
 
-def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: torch.Tensor, fused: bool,
-        table: bool = False) -> TileParams:
-    """Gradients (TileParams) of ⟨gS, S⟩ + ⟨gf, factor⟩ with respect to every leaf of ``tp`` (the F table's only
-    when ``table``: it is a scatter, computed eagerly)."""
-    if _fast(fused, tp, (gS, gf)) and has_fast_derivatives(spec):
-        g = vjp_from_moments(_pixel_moments(spec, tc, tp), tp, gS, gf)
-        if table:
-            g = g._replace(F=torch.func.vjp(lambda F: tile_sums(tp._replace(F=F), tc, spec)[0], tp.F)[1](gS)[0])
-        return g
-    return torch.func.vjp(_eager_sums(spec, tc), tp)[1]((gS, gf))[0]
+def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: torch.Tensor,
+        needs: Tuple[bool, ...]) -> TileParams:
+    """Gradients of ⟨gS, S⟩ + ⟨gf, factor⟩ (gS, gf: [P]) with respect to the leaves of ``tp`` flagged in ``needs``
+    (the others None), by reverse-mode autograd of the tile recomputed here (eager code)."""
+    idx = [i for i, n in enumerate(needs) if n]
+
+    def f(*chosen):
+        leaves = list(tp)
+        for i, v in zip(idx, chosen):
+            leaves[i] = v
+        return tile_sums(TileParams(*leaves), tc, spec)
+
+    grads = torch.func.vjp(f, *[tp[i] for i in idx])[1]((gS, gf))
+    out = [None] * len(tp)
+    for i, g in zip(idx, grads):
+        out[i] = g
+    return TileParams(*out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # autograd rules
 
 _NLEAF = len(TileParams._fields)
-_F_INDEX = TileParams._fields.index("F")
 
 
 class TileFunction(torch.autograd.Function):
@@ -234,9 +236,7 @@ class TileFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gS, gf):
         tp = TileParams(*ctx.saved_tensors)
-        needs = ctx.needs_input_grad[3:]
-        g = vjp(ctx.spec, ctx.tc, tp, gS, gf, ctx.fused, table=needs[_F_INDEX])
-        return (None, None, None) + tuple(v if n else None for v, n in zip(g, needs))
+        return (None, None, None) + tuple(vjp(ctx.spec, ctx.tc, tp, gS, gf, tuple(ctx.needs_input_grad[3:])))
 
     @staticmethod
     def jvp(ctx, _spec, _tc, _fused, *tangents):

@@ -438,8 +438,8 @@ def derivative_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Pixe
     i_kj); through the directions, ∂x/∂d_j = Σ_i W_i·a_oij and ∂d/∂pos = (1 − d dᵀ)/R, so a frame vector v_m (pix0,
     fdet, sdet, odet with coordinate c_m = 1, F, S, L) enters as c_m/R·(Σ_i W_i a_oij − d_j Σ_i W_i (a_oi·d)).  All
     moments are sums over (layer·sub-pixel, source) kept per (orientation, pixel) — one loop nest — then over
-    orientations.  Forward mode (any number of tangents, :func:`jvp_from_moments`) and reverse mode
-    (:func:`vjp_from_moments`) are small products of these.
+    orientations.  Forward mode for any number of tangents (:func:`jvp_from_moments`) is a small product of these,
+    which is what makes ``jacfwd`` over many parameters cost one pass over the samples.
     """
     d, R = directions(tp, tc, spec)
     keep = keep_mask(d, tp, tc, spec)
@@ -498,18 +498,6 @@ def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> 
         Sdot = Sdot + tangents.I_bg[:, None]
     xdot = torch.cat([tan(k).reshape(C, -1) for k in FACTOR_FIELDS], 1)  # [C, n]
     return Sdot, xdot @ pm.J
-
-
-def vjp_from_moments(pm: PixelMoments, tp: TileParams, gS: torch.Tensor, gf: torch.Tensor) -> TileParams:
-    """Gradients of ⟨gS, S⟩ + ⟨gf, factor⟩ (a TileParams; the F table's is None, B0's zero)."""
-    gframe = (pm.Q.reshape(12, -1) @ gS).reshape(4, 3)
-    gfac = _with_factor_inputs(tp, pm.J @ gf)
-    zero = TileParams(*(torch.zeros_like(v) for v in tp))
-    g = zero._replace(**{k: getattr(gfac, k) for k in FACTOR_FIELDS})
-    return g._replace(
-        pix0=g.pix0 + gframe[0], fdet=g.fdet + gframe[1], sdet=g.sdet + gframe[2], odet=g.odet + gframe[3],
-        A=(pm.M.reshape(-1, gS.shape[0]) @ gS).reshape(tp.A.shape), wavelength=g.wavelength - (gS * pm.Y).sum() / tp.wavelength, ncells=pm.N @ gS,
-        default_F=(gS * pm.F).sum(), F=None, I_bg=gS.sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,12 +10,17 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["CONVENTIONS", "SHAPES", "plain", "check_setup"]
+__all__ = ["CONVENTIONS", "SHAPES", "MAX_ORIENTATIONS", "MAX_SAMPLES", "MAX_SOURCES", "plain", "check_setup"]
 
 #: Detector conventions (``Setup.convention``).
 CONVENTIONS = ("MOSFLM", "DENZO", "ADXV", "XDS", "DIALS", "CUSTOM")
 #: Lattice-factor (crystal shape) models (``Setup.shape``).
 SHAPES = ("square", "round", "gauss", "tophat")
+#: Work limits: samples in one image, and orientations (mosaic domains × phi steps) and beam sources in one Setup
+#: (each one a row of a table made before any rendering).  Beyond them a request is refused with what to lower.
+MAX_SAMPLES = 10**13
+MAX_ORIENTATIONS = 10**6
+MAX_SOURCES = 10**6
 #: Tolerance on |v| = 1 for the Setup's unit vectors, and on |u × v| for vectors that must not be parallel.
 UNIT_TOL = 1e-6
 

@@ -20,14 +20,13 @@ from . import fused as fusedmod
 from .kernel import KernelSpec, TileConsts, TileParams
 from .lattice import lattice
 from .rotation import rot_axis, rot_xyz
+from .setup_checks import MAX_SAMPLES
 from .types import Params, Setup
 from .units import AVOGADRO, R_E_SQUARED_M2, WATER_F, deg2rad, um_to_mm
 from .validate import check_params
 
 #: Work (samples) from which ``simulate(fused=None)`` compiles: below it eager code is faster than loading a kernel.
 FUSED_MIN_SAMPLES = 1 << 22
-#: Samples above which a single call is refused as absurd for one machine (≈ hours of work); see :func:`plan`.
-MAX_SAMPLES = 10**13
 
 
 class Crystal3D(NamedTuple):

@@ -29,6 +29,8 @@ from ..io.structure_files import detector_corner_resolution, is_mtz, model_cell,
 from ..io.structure_files import structure_factors_from_model
 from ..mosaic import mosaic_domain_count, mosaic_domains, random_misset_angles
 from ..pytree import tree_map
+from ..setup_checks import MAX_ORIENTATIONS, MAX_SOURCES
+from ..simulate import plan, rendered_pixels
 from ..types import Background, Beam, Crystal, Detector, Params, Setup, Structure
 from ..units import deg2rad, m_to_angstrom, mm_to_angstrom, mm_to_m, mrad2rad, percent_to_fraction, rad2deg
 from ..units import wavelength_from_energy
@@ -369,11 +371,15 @@ def _structure(inp: Inputs, xtal: CrystalPart, params: Params, setup: Setup):
     return table, tuple(int(x) for x in hkl_min), interpolate, auto
 
 
-def _mosaic(inp: Inputs) -> Tuple[float, tuple, tuple]:
+def _mosaic(inp: Inputs, phisteps: int) -> Tuple[float, tuple, tuple]:
     """(spread (deg), domain axes, angle fractions) with nanoBragg's domain-count rule
-    (:func:`nbtorch.mosaic.mosaic_domain_count`) and generator (-mosaic_seed)."""
+    (:func:`nbtorch.mosaic.mosaic_domain_count`) and generator (-mosaic_seed); refuses more than
+    ``MAX_ORIENTATIONS`` orientations (domains × ``phisteps``) before drawing any."""
     spread = float(inp.get("-mosaic"))
     spread_rad, count = mosaic_domain_count(deg2rad(spread), inp.opts.get("-mosaic_domains"))
+    if count * phisteps > MAX_ORIENTATIONS:
+        raise ValueError(f"-mosaic_domains {count} × -phisteps {phisteps} = {count * phisteps:.3g} crystal "
+                         f"orientations, more than {MAX_ORIENTATIONS:.0e}: lower -mosaic_domains or -phisteps")
     if spread_rad <= 0:
         return 0.0, ((1.0, 0.0, 0.0),), (0.0,)
     axes, fracs = mosaic_domains(spread_rad, count, inp.get("-mosaic_seed"))
@@ -573,6 +579,9 @@ def _grid(rng: Optional[float], step: Optional[float], count: Optional[int]):
         count, step = 2, rng
     if rng <= 0 or step is None or step <= 0 or count is None or count <= 0:
         return [0.0], 0.0, 0.0
+    if count > MAX_SOURCES:
+        raise ValueError(f"{count:.3g} divergence steps on one axis, more than {MAX_SOURCES:.0e} sources: lower "
+                         "-divsteps (-hdivsteps/-vdivsteps) or raise -divstep")
     return [-rng / 2 + j * step for j in range(count)], rng, step
 
 
@@ -609,6 +618,10 @@ def sources_for(inp: Inputs, beam, polar_axis, lam: float) -> tuple:
         step = inp.opts.get(f"-{a}divstep")
         axes.append(_grid(None if rng is None else mrad2rad(rng), None if step is None else mrad2rad(step), count))
     (hg, hr, hs), (vg, vr, vs) = axes
+    if len(hg) * len(vg) * len(factors) > MAX_SOURCES:
+        raise ValueError(f"{len(hg)} × {len(vg)} divergence steps × {len(factors)} wavelengths = "
+                         f"{len(hg) * len(vg) * len(factors):.3g} sources, more than {MAX_SOURCES:.0e}: lower "
+                         "-divsteps (-hdivsteps/-vdivsteps) or -dispsteps")
     return divergence_sources(beam, polar_axis, hg, vg, hr, vr, hs, vs, bool(inp.last("round_div")), factors)
 
 
@@ -743,8 +756,8 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     _check_structure_flags(inp)
     lam = _wavelength(inp)
     xtal = _crystal(inp, lam)
-    spread, mosaic_axes, mosaic_fractions = _mosaic(inp)
     phi0, phistep, phisteps, osc = _phi(inp)
+    spread, mosaic_axes, mosaic_fractions = _mosaic(inp, phisteps)
     det = _detector(inp)
     roi, mask = _roi_and_mask(inp, det.setup["fpixels"], det.setup["spixels"])
     setup = Setup(
@@ -756,6 +769,7 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
         oversample_omega=inp.given("-oversample_omega"), shape=xtal.shape, fudge=xtal.fudge,
         dmin=float(inp.get("-dmin")), roi=roi, mask=mask, nanobragg_cell=xtal.nanobragg_cell,
     )
+    plan(setup, len(rendered_pixels(setup)))  # refuses absurd work now, naming what to lower
 
     def T(v):
         return torch.as_tensor(v, dtype=dtype, device=device)
