@@ -51,7 +51,7 @@ class FitOptions:
     the default stages, or only the final stage when resuming from a Result; True; False; or a sequence of
     :class:`~refine.strategy.Stage`), ``coarse_iter``, ``robust_iter``, ``max_shift`` (pixels),
     ``search_distance`` (relative), ``prelim_pixels``, ``chunk_pixels``, ``ftol`` (log-likelihood units), ``lr``,
-    ``schedule``, ``esd_scale``, ``fused``, ``callback``.
+    ``damping`` (initial LM μ, relative to diag H), ``schedule``, ``esd_scale``, ``fused``, ``callback``.
     Output: ``nanobragg_args`` (the starting flags), ``matrix_path``.
     """
 
@@ -81,6 +81,7 @@ class FitOptions:
     chunk_pixels: int = 16384
     ftol: float = 1e-3
     lr: float = 0.05
+    damping: float = 1e-3
     schedule: str = "cosine"
     esd_scale: str = "auto"
     fused: Optional[bool] = None
@@ -119,7 +120,7 @@ class FitOptions:
         _at_least("prelim_pixels", self.prelim_pixels, 1, integer=True, optional=True)
         _at_least("chunk_pixels", self.chunk_pixels, 1, integer=True)
         _at_least("read_noise", self.read_noise, 0)
-        for name in ("ftol", "lr"):
+        for name in ("ftol", "lr", "damping"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a number > 0; got {getattr(self, name)!r}")
         if not 0 <= self.search_distance <= 0.5:

@@ -357,7 +357,7 @@ def _minimise(objective: Objective, x: torch.Tensor, active: List[int], stage: S
     kw = dict(max_iter=options.final_max_iter if stage.max_iter is None else int(stage.max_iter),
               ftol=options.ftol if stage.ftol is None else stage.ftol, callback=record, lower=lo, upper=hi)
     if options.method == "lm":
-        return levenberg_marquardt(objective, x, active, **kw)
+        return levenberg_marquardt(objective, x, active, damping=options.damping, **kw)
     if options.method == "lbfgs":
         return lbfgs(objective, x, active, **kw)
     return adam(objective, x, active, lr=options.lr, schedule=options.schedule, **kw)

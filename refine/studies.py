@@ -611,11 +611,12 @@ def global_search(observed, params, setup, search: Mapping[str, float], n_trials
 # hyperparameter sweeps
 
 #: The default hyperparameter space: a list is a categorical choice, a pair of ints an integer range, a pair of
-#: floats a log-uniform range.  ``lr`` is suggested only for Adam, ``coarse_iter`` only with the coarse-to-fine
-#: schedule; ``spot_roi`` 0 fits every usable pixel, k > 0 only pixels within k px of spots (plus a background
-#: sample); ``oversample`` sub-pixels per axis.
+#: floats a log-uniform range.  ``damping`` (the initial LM μ) is suggested only for LM, ``lr`` only for Adam,
+#: ``coarse_iter`` only with the coarse-to-fine schedule; ``spot_roi`` 0 fits every usable pixel, k > 0 only pixels
+#: within k px of spots (plus a background sample); ``oversample`` sub-pixels per axis.
 HYPER_SPACE = {
     "method": ["lm", "lbfgs", "adam"],
+    "damping": (1e-5, 1.0),
     "lr": (1e-3, 0.5),
     "schedule": ["coarse_to_fine", "final_only"],
     "coarse_iter": (2, 12),
@@ -650,11 +651,13 @@ def _suggest(trial, name: str, spec):
 
 
 def suggest_hyperparameters(trial, space: Mapping[str, object]) -> Dict[str, object]:
-    """One trial's hyperparameters from ``space`` (conditional ones only where they apply: ``lr`` for Adam,
-    ``coarse_iter`` with the coarse-to-fine schedule)."""
+    """One trial's hyperparameters from ``space`` (conditional ones only where they apply: ``damping`` for LM,
+    ``lr`` for Adam, ``coarse_iter`` with the coarse-to-fine schedule)."""
     hp: Dict[str, object] = {}
     for name, spec in space.items():
         if name == "lr" and hp.get("method", "adam") != "adam":
+            continue
+        if name == "damping" and hp.get("method", "lm") != "lm":
             continue
         if name == "coarse_iter" and hp.get("schedule", "coarse_to_fine") != "coarse_to_fine":
             continue
@@ -684,7 +687,7 @@ class HyperparameterObjective:
 
     def configure(self, hp: Mapping[str, object]):
         """(FitOptions, Setup) of hyperparameters ``hp``."""
-        changes = {k: hp[k] for k in ("method", "target", "lr", "coarse_iter") if k in hp}
+        changes = {k: hp[k] for k in ("method", "target", "lr", "damping", "coarse_iter") if k in hp}
         if "schedule" in hp:
             changes["coarse_to_fine"] = hp["schedule"] == "coarse_to_fine"
         if "spot_roi" in hp:

@@ -102,7 +102,7 @@ def test_global_objective_with_fixed_trial(tiny):
 
 def test_hyperparameter_objective_with_fixed_trial(tiny):
     obs, start, setup, truth = tiny
-    space = {k: studies.HYPER_SPACE[k] for k in ("method", "lr", "schedule", "coarse_iter", "spot_roi",
+    space = {k: studies.HYPER_SPACE[k] for k in ("method", "damping", "lr", "schedule", "coarse_iter", "spot_roi",
                                                   "oversample", "target")}
     objective = studies.hyperparameter_objective(obs, start, setup, space, truth=truth,
                                                  free=("distance", "scale"))
@@ -110,12 +110,13 @@ def test_hyperparameter_objective_with_fixed_trial(tiny):
                                     "oversample": 2, "target": "anscombe"})
     assert (opts.method, opts.lr, opts.coarse_to_fine, opts.spots_only, opts.spot_dilate, opts.target,
             s2.oversample) == ("adam", 0.1, False, True, 3, "anscombe", 2)
-    trial = optuna.trial.FixedTrial({"method": "lm", "schedule": "coarse_to_fine", "coarse_iter": 2,
+    trial = optuna.trial.FixedTrial({"method": "lm", "damping": 1e-2, "schedule": "coarse_to_fine", "coarse_iter": 2,
                                      "spot_roi": 0, "oversample": 1, "target": "poisson"})
     error = objective(trial)                                             # RMS error in typical errors
     assert error < 0.2 and trial.user_attrs["converged"]
-    with pytest.raises(ValueError, match="hyperparameter 'damping' is unknown"):
-        studies.hyperparameter_objective(obs, start, setup, {"damping": (1e-4, 1.0)}, free=("distance",))
+    assert objective.configure({"method": "lm", "damping": 0.5})[0].damping == 0.5
+    with pytest.raises(ValueError, match="hyperparameter 'mu' is unknown"):
+        studies.hyperparameter_objective(obs, start, setup, {"mu": (1e-4, 1.0)}, free=("distance",))
 
 
 # ---------------------------------------------------------------------------------------------------------------
