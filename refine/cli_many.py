@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -140,6 +141,11 @@ def _run_joint(ns, entries) -> int:
 def _run_independent(ns, entries) -> int:
     from .scaleout import refine_images
 
+    if importlib.util.find_spec("distributed") is None:
+        print("nbtorch-refine: --independent runs on Dask: pip install 'dask[distributed]' (the dask extra)",
+              file=sys.stderr)
+        return 2
+
     free = [g for g in ns.refine.replace(",", " ").split() if g]
     summary = refine_images(entries, free, ns.results, workers=ns.workers, scheduler=ns.scheduler,
                             options=_fit_options(ns), threads=ns.threads, dtype=ns.dtype, limit=ns.limit,
@@ -148,7 +154,8 @@ def _run_independent(ns, entries) -> int:
         print(f"all {summary.total} images are already in {ns.results}: nothing to do", file=sys.stderr)
     elif not ns.quiet:
         print(f"{summary.total} images: {summary.skipped} already done, {summary.fitted} refined, {summary.failed} "
-              f"failed this run ({summary.workers} workers × {summary.threads} threads, {summary.seconds:.1f} s); "
+              f"failed this run ({summary.workers} workers × {summary.threads or 'cores/workers'} threads, "
+              f"{summary.seconds:.1f} s); "
               f"results in {ns.results}", file=sys.stderr)
     return 0 if all_converged(entries, ns.results) else 3
 
