@@ -113,7 +113,12 @@ def plot_surface(study, params: Optional[Sequence[str]] = None, path: Optional[s
         k = int(np.argmin(v))
         ax.plot(x[k], y[k], "*", color="r", ms=14, label=f"best (trial {done[k].number})")
         ax.legend(fontsize=8)
+        for name, setlim in ((px, ax.set_xlim), (py, ax.set_ylim)):  # the whole searched range
+            dist = done[0].distributions.get(name)
+            if hasattr(dist, "low") and hasattr(dist, "high"):
+                pad = 0.02 * (dist.high - dist.low)
+                setlim(dist.low - pad, dist.high + pad)
     ax.set_xlabel(px)
     ax.set_ylabel(py)
-    ax.set_title(f"{study.study_name}: loss over {px}, {py}")
+    ax.set_title(f"{study.study_name}: loss over two parameters", fontsize=10)
     return _save(fig, plt, path)

@@ -133,6 +133,13 @@ def test_samplers_by_name(name):
         studies.StudySpec(None, sampler="nsga")
 
 
+def test_pruners_by_name():
+    kinds = {n: type(studies.make_pruner(n, n_steps=5)).__name__ for n in studies.PRUNERS}
+    assert kinds == {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
+    with pytest.raises(ValueError, match="--pruner must be one of median, hyperband, none; got 'sha'"):
+        studies.StudySpec(None, pruner="sha")
+
+
 def test_median_pruner_prunes_on_a_bad_range(tiny):
     obs, start, setup, _ = tiny
     spec = studies.StudySpec(None, "pruning", pruner="median", seed=0, pruner_startup=3)
