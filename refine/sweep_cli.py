@@ -11,7 +11,8 @@ model is then refined to convergence and written as JSON (``nanobragg_args``, ``
 ``nbtorch-sweep.db``); re-running with the same storage and study name adds trials to it, and the same command on
 other machines with a ``postgresql://`` URL joins it.  One progress line per trial goes to stderr.
 
-Exit status: 0 done, 1 bad input (image, flags, no trial completed), 2 bad usage (options, --search, --storage).
+Exit status: 0 done, 1 bad input (image, flags, no trial completed), 2 bad usage (options, --search, --storage),
+130 interrupted (finished trials stay in the storage).
 """
 from __future__ import annotations
 
@@ -215,6 +216,10 @@ def _run(ns, flags, search, spec) -> int:
             allow_degenerate=ns.allow_degenerate, matrix_path=matrix_out)
         if matrix_out is not None:
             outcome.result.to_nanobragg_args(matrix_path=matrix_out, write_matrix=True)
+    except KeyboardInterrupt:
+        print(f"nbtorch-sweep: interrupted; the finished trials are kept in {studies.redact(spec.storage)} (run the "
+              "same command again to add trials)", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"nbtorch-sweep: {msg}", file=sys.stderr)
