@@ -279,6 +279,7 @@ def test_independent_on_dask_killed_and_rerun(tmp_path):
     lines = _lines(results)
     paths = [rec["path"] for rec in lines]
     assert len(lines) == 6 and len(set(paths)) == 6
+    assert open(results).read().count("\n") == 6  # nothing else in the file: no partial or unparsable line
     assert f"{killed_with} already done" in second.stderr or killed_with == 6
     errors = [rec for rec in lines if rec.get("error")]
     assert len(errors) == 1 and errors[0]["path"].endswith("corrupt.img") and "line 4" in errors[0]["error"]
