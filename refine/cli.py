@@ -180,7 +180,8 @@ def _parse(argv: List[str]):
         raise UsageError("give the starting model as nanoBragg flags after OBSERVED (see --help)")
     if not os.path.isfile(ns.observed):
         raise UsageError(f"OBSERVED {ns.observed}: no such file")
-    check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", ns.matrix_out)])
+    check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", ns.matrix_out)],
+                  inputs=[("OBSERVED", ns.observed)])
     from .fit import fit_options
 
     try:
@@ -216,9 +217,13 @@ def _load(ns, flags: List[str]):
         raise UsageError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
                          f"flags describe a {setup.fpixels}×{setup.spixels} detector")
     matrix_out = ns.matrix_out
+    if matrix_out is not None and setup.nanobragg_cell:
+        raise UsageError(f"--matrix-out {matrix_out}: the starting model has a -cell, not a -mat matrix; its refined "
+                         "cell is written as -cell (drop --matrix-out)")
     if matrix_out is None and not setup.nanobragg_cell:
         matrix_out = (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
-        check_outputs([("--matrix-out", matrix_out)])
+        check_outputs([("--matrix-out", matrix_out)], inputs=[(n, p) for n, p in (
+            ("OBSERVED", ns.observed), ("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot)) if p])
     return params, setup, obs, matrix_out
 
 

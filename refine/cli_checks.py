@@ -39,12 +39,18 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]]) -> None:
+def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]], inputs: Iterable[Tuple[str, str]] = ()) -> None:
     """Before any work: every (option, path) with a path names a file that can be written (its directory exists and
-    is writable; it is not a directory); figures need matplotlib.  :class:`UsageError` naming the option."""
+    is writable; it is not a directory; no other output or input (name, path) is the same file); figures need
+    matplotlib.  :class:`UsageError` naming the option."""
+    seen = {os.path.realpath(path): name for name, path in inputs}
     for option, path in outputs:
         if path is None:
             continue
+        real = os.path.realpath(path) if path.strip() else ""
+        if real in seen:
+            raise UsageError(f"{option} {path}: the same file as {seen[real]}")
+        seen[real] = option
         if not path.strip():
             raise UsageError(f"{option}: empty file name")
         folder = os.path.dirname(os.path.abspath(path))
@@ -56,7 +62,11 @@ def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]]) -> None:
             raise UsageError(f"{option} {path}: the directory {folder} is not writable")
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise UsageError(f"{option} {path}: the file exists and is not writable")
-        figure = option == "--plot" or os.path.splitext(path)[1].lower() in PLOT_EXTENSIONS
+        ext = os.path.splitext(path)[1].lower()
+        if option == "--plot" and ext not in PLOT_EXTENSIONS:
+            raise UsageError(f"--plot {path}: a figure is written as {', '.join(PLOT_EXTENSIONS)}; got {ext or 'no'} "
+                             "extension")
+        figure = option == "--plot" or ext in PLOT_EXTENSIONS
         if figure and importlib.util.find_spec("matplotlib") is None:
             raise UsageError(f"{option} {path}: writing a figure needs matplotlib (pip install matplotlib)")
 

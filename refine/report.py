@@ -60,7 +60,7 @@ def propagate(par: Parameterisation, x: torch.Tensor, cov: torch.Tensor):
     if par.n == 0:
         return split_report(vec), split_report(torch.zeros_like(vec))
     J = jacfwd(lambda xx: report_vector(par, xx))(x)
-    var = torch.einsum("ij,jk,ik->i", J, cov, J).clamp_min(0)
+    var = torch.einsum("ij,jk,ik->i", J, cov.to(J.dtype), J).clamp_min(0)  # float32 fits: cov is float64
     return split_report(vec), split_report(torch.sqrt(var))
 
 
