@@ -242,7 +242,8 @@ def run_joint_stage(pb: JointProblem, X: torch.Tensor, stage: Stage, position: i
 
     run = joint_levenberg_marquardt(
         obj, X, act_s, act_own, max_iter=o.final_max_iter if stage.max_iter is None else int(stage.max_iter),
-        ftol=o.ftol if stage.ftol is None else stage.ftol, lower=lo, upper=hi, callback=record)
+        ftol=o.ftol if stage.ftol is None else stage.ftol, damping=getattr(o, "damping", 1e-3), lower=lo, upper=hi,
+        callback=record)
     info.update(iterations=run.iterations, evaluations=run.evaluations, loss=run.loss, message=run.message,
                 converged=bool(run.converged), seconds=time.perf_counter() - t0)
     return run.X, info, records, run
