@@ -287,3 +287,22 @@ def test_independent_on_dask_killed_and_rerun(tmp_path):
     assert len(fits) == 5 and all(set(rec) == LINE_CONTRACT for rec in fits)
     assert all(rec["parameters"]["scale"] == pytest.approx(1 / 1.3, rel=0.02) for rec in fits)
     assert all(math.isfinite(rec["loss"]) and rec["nanobragg_args"] for rec in fits)
+
+
+def test_results_file_resume_helpers(tmp_path):
+    """A line cut short by a kill is dropped before the next append; a task that fails returns its error line."""
+    from refine.imagelist import parse_image_list
+    from refine.scaleout import ProgressBar, append_line, done_paths, read_results, refine_one
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"path": "a", "converged": true}\n{"path": "b", "conv')
+    assert done_paths(str(path)) == {"a"} and path.read_text() == '{"path": "a", "converged": true}\n'
+    append_line(str(path), {"path": "c", "converged": False})
+    assert [r["path"] for r in read_results(str(path))] == ["a", "c"]
+    lst = _write_list(tmp_path, 1, corrupt_at=1)
+    rec = refine_one(parse_image_list(lst, TINY.split())[1], ["scale"], {}, threads=1)
+    assert set(rec) == LINE_CONTRACT | {"error"} and rec["converged"] is False and rec["parameters"] is None
+    assert rec["error"].startswith("ValueError:") and "line 3" in rec["error"] and "\n" not in rec["error"]
+    bar = ProgressBar(10, already=4, enabled=False)
+    bar.update(failed=True)
+    assert "5/10 done  failed 1" in bar.text()
