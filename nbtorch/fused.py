@@ -179,7 +179,7 @@ def jvp(spec: KernelSpec, tc: TileConsts, tp: TileParams, tangents: TileParams, 
     ``fused`` is accepted for symmetry: derivative passes run eagerly (a compiled moments kernel took minutes to
     build and was no faster than the eager one; see benchmarks/RESULTS.md)."""
     C = next(t.shape[0] for t in tangents if t is not None)
-    if _is_plain(tp) and _is_plain(tangents) and has_fast_derivatives(spec) and tangents.F is None:
+    if _is_plain(tp) and _is_plain(tangents) and has_fast_derivatives(spec):  # no F table: its tangent is moot
         with torch.no_grad():
             return jvp_from_moments(derivative_moments(tp, tc, spec), tp, tangents)
     f = _eager_sums(spec, tc)
