@@ -29,6 +29,7 @@ Plots: :func:`plot_history`, :func:`plot_importances`, :func:`plot_surface` (:mo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import socket
@@ -161,6 +162,15 @@ def trial_stages(iterations: int = 4) -> List[Stage]:
 # objectives
 
 
+def _tensors(tree) -> List[torch.Tensor]:
+    """The tensors of a NamedTuple pytree (Params), in field order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, tuple):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
 class GlobalSearchObjective:
     """``objective(trial) -> loss`` of a global search (build with :func:`global_search_objective`).
 
@@ -173,6 +183,16 @@ class GlobalSearchObjective:
 
     def __init__(self, base: FitState, dimensions: Sequence[Dimension], stages: Sequence[Stage]):
         self.base, self.dimensions, self.stages = base, list(dimensions), list(stages)
+
+    def fingerprint(self) -> str:
+        """A digest of what trials of this objective depend on (observed pixels, starting model, Setup, free
+        scalars, sampled dimensions and stages): a study's trials compare only under one fingerprint."""
+        pb = self.base.problem
+        h = hashlib.sha1()
+        for t in (pb.observed, *_tensors(pb.par.ref)):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(repr((pb.par.setup, pb.par.names, self.dimensions, self.stages, pb.target.name)).encode())
+        return h.hexdigest()[:16]
 
     def start_params(self) -> Dict[str, float]:
         """Trial parameters of the user's start (every value 0)."""
@@ -528,14 +548,28 @@ def split_trials(n_trials: int, workers: int) -> List[int]:
     return [n_trials // workers + (1 if k < n_trials % workers else 0) for k in range(workers)]
 
 
+def ensure_study_attrs(study, attrs: Mapping[str, str]) -> None:
+    """Record ``attrs`` on a new study; on an existing one, ValueError naming the first that differs (trials of
+    different problems do not compare)."""
+    have = study.user_attrs
+    for key, value in attrs.items():
+        if key in have and have[key] != value:
+            raise ValueError(f"--study-name {study.study_name!r} already holds trials of another problem ({key} "
+                             f"{have[key]} here, {value} now: a different image, start, search or free set); "
+                             "use another --study-name")
+        if key not in have:
+            study.set_user_attr(key, value)
+
+
 def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: StudySpec, workers: int = 1,
               enqueue: Optional[Mapping[str, float]] = None, progress: bool = True, threads: Optional[int] = None,
-              objective=None):
+              objective=None, attrs: Optional[Mapping[str, str]] = None):
     """Run ``n_trials`` more trials of the study ``spec`` in ``workers`` processes sharing its storage.
 
     ``make_objective()`` builds the objective (in each worker process; picklable, e.g. a functools.partial of a
     factory, when ``workers`` > 1); ``objective``, when given, is used in this process instead of building one.
-    ``enqueue``: trial parameters run first unless a trial with them already exists (the user's start).  Trials
+    ``enqueue``: trial parameters run first unless a trial with them already exists (the user's start); ``attrs``:
+    study attributes that must match an existing study (:func:`ensure_study_attrs`).  Trials
     left RUNNING by dead processes of this machine are marked FAIL first (:func:`fail_orphaned_trials`).  Returns
     the study.  ValueError for bad counts, or ``workers`` > 1 without a storage URL; RuntimeError when a worker
     process fails.
@@ -547,6 +581,7 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
     if workers > 1 and spec.storage is None:
         raise ValueError("--workers > 1 needs a storage URL that processes share (sqlite, journal, postgresql)")
     study = load_study(spec)
+    ensure_study_attrs(study, attrs or {})
     fail_orphaned_trials(study)
     n_existing = count_started(study)
     if enqueue is not None:
@@ -600,7 +635,7 @@ def global_search(observed, params, setup, search: Mapping[str, float], n_trials
     make = functools.partial(global_search_objective, observed, params, setup, dict(search), stages=stages,
                              **option_fields(opts))
     study = run_study(make, n_trials, spec, workers=workers, enqueue=objective.start_params(), progress=progress,
-                      threads=threads, objective=objective)
+                      threads=threads, objective=objective, attrs={"problem": objective.fingerprint()})
     if best_or_none(study) is None:
         raise RuntimeError("no trial of the study completed: nothing to refine (see the FAIL/PRUNED trials)")
     number, _ = best_x(study, objective)

@@ -50,7 +50,7 @@ def test_two_workers_share_sqlite_and_json_contract(tmp_path):
     assert abs(data["parameters"]["distance_mm"] - 60.0) < 0.05           # the 1.5 mm error is gone
 
 
-def test_killed_run_resumes_without_losing_trials(tmp_path):
+def test_killed_run_resumes_without_losing_trials(tmp_path, capsys):
     obs = write_tiny(tmp_path)
     url = f"journal:{tmp_path / 'study.log'}"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -80,6 +80,10 @@ def test_killed_run_resumes_without_losing_trials(tmp_path):
         assert t.state != optuna.trial.TrialState.RUNNING                  # the killed trial is marked, not left
         if t.number in before:
             assert (t.state, t.value) == before[t.number]                  # every finished trial is still there
+    other = sweep_argv(obs, url, 2, "--quiet")
+    other[other.index("61.5")] = "61.0"                                   # another start: its losses do not compare
+    assert sweep_cli.main(other) == 2
+    assert "--study-name 'nbtorch-sweep' already holds trials of another problem" in capsys.readouterr().err
 
 
 def test_orphaned_running_trial_is_failed(tmp_path):
