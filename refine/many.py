@@ -137,7 +137,8 @@ def prepare_many(observed_list, params_list, setup_list, shared, per_image, opti
                            background=o.background, bounds=o.bounds)
         check_params(par.ref, s)
         pars.append(par)
-        observed.append(torch.as_tensor(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0), dtype=par.dtype))
+        observed.append(torch.as_tensor(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0), dtype=par.dtype,
+                                        device=par.device))
         usable.append(np.flatnonzero(keep.reshape(-1)))
     degs = degenerate_pairs(pars[0])
     if degs and not o.allow_degenerate:

@@ -87,8 +87,8 @@ def _esd_factor(pb, obj: JointObjective, X) -> float:
     scale = pb.options.esd_scale
     if scale == "none" or (scale == "auto" and pb.target.likelihood):
         return 1.0
-    chi2 = sum(float(pb.target.chi2_terms(m, gr_o).sum()) for m, gr_o in
-               zip(obj.models(X), [o.reshape(-1)[torch.as_tensor(i)] for o, i in zip(pb.observed, pb.usable)]))
+    observed = [o.reshape(-1)[torch.as_tensor(i, device=o.device)] for o, i in zip(pb.observed, pb.usable)]
+    chi2 = sum(float(pb.target.chi2_terms(m, o).sum()) for m, o in zip(obj.models(X), observed))
     return chi2 / max(obj.n_pixels - pb.layout.n, 1)
 
 
