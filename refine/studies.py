@@ -229,7 +229,8 @@ class GlobalSearchObjective:
             return False
 
         state = self.run(self.start_x(values), report)
-        loss = state.problem.objective.loss(state.x)
+        loss = state.stages[-1].get("loss_all") if state.stages else None  # the last stage's, at state.x
+        loss = state.problem.objective.loss(state.x) if loss is None else float(loss)
         trial.set_user_attr("x", [float(v) for v in state.x])
         if not math.isfinite(loss):
             raise FloatingPointError(f"trial {trial.number}: the refined model's loss is not finite")
