@@ -208,6 +208,9 @@ def _load(ns, flags: List[str]):
     dtype = torch.float64 if ns.dtype == "float64" else torch.float32
     try:
         params, setup = nbtorch.from_nanobragg_args(flags, dtype=dtype)
+        if ns.matrix_out is not None and setup.nanobragg_cell:
+            raise UsageError(f"--matrix-out {ns.matrix_out}: the starting model has a -cell, not a -mat matrix; its "
+                             "refined cell is written as -cell (drop --matrix-out)")
         raw = os.path.splitext(ns.observed)[1].lower() in RAW_EXTENSIONS
         obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None, overload=ns.overload,
                          adc=ns.adc, gain=ns.gain)
@@ -217,9 +220,6 @@ def _load(ns, flags: List[str]):
         raise UsageError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
                          f"flags describe a {setup.fpixels}×{setup.spixels} detector")
     matrix_out = ns.matrix_out
-    if matrix_out is not None and setup.nanobragg_cell:
-        raise UsageError(f"--matrix-out {matrix_out}: the starting model has a -cell, not a -mat matrix; its refined "
-                         "cell is written as -cell (drop --matrix-out)")
     if matrix_out is None and not setup.nanobragg_cell:
         matrix_out = (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
         check_outputs([("--matrix-out", matrix_out)], inputs=[(n, p) for n, p in (

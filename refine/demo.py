@@ -9,15 +9,16 @@ beam centre 2.5 px, scale ×2); (3) refine cell, orientation, distance, beam cen
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
 import nbtorch
+from nbtorch.io._atomic import atomic_write
 
 TRUE_ARGS = (
     "-cell 52 61 73 90 90 90 -misset 12 -25 31 -default_F 100 -N 8 -lambda 1.0 -distance 80 -pixel 0.2 "
@@ -72,11 +73,38 @@ def _report(params, setup):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="nbtorch-demo", description=__doc__.splitlines()[0])
+    """Entry point of ``nbtorch-demo``: exit 0 converged, 3 not converged, 2 a bad option or an output folder that
+    cannot be made (one line), 1 an output that cannot be written, 130/143 interrupted."""
+    from nbtorch.interrupt import exit_status, interrupts
+
+    from .cli_checks import OneLineParser, UsageError
+
+    ap = OneLineParser(prog="nbtorch-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="nbtorch-demo", help="output folder (default nbtorch-demo)")
     ap.add_argument("--seed", type=int, default=1, help="noise seed (default 1)")
-    a = ap.parse_args(argv)
-    os.makedirs(a.out, exist_ok=True)
+    try:
+        with interrupts():
+            a = ap.parse_args(argv)
+            try:
+                os.makedirs(a.out, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"--out {a.out}: cannot make the folder: {exc.strerror or exc}") from None
+            return _run(a)
+    except UsageError as exc:
+        print(f"nbtorch-demo: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except OSError as exc:
+        print(f"nbtorch-demo: error: cannot write an output: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print("\nnbtorch-demo: interrupted", file=sys.stderr)
+        return exit_status(exc)
+
+
+def _run(a) -> int:
+    """Simulate, perturb, refine and report into ``a.out`` (see the module docstring); the exit status."""
     import refine
     from nbtorch.io import write_smv
 
@@ -97,8 +125,8 @@ def main(argv=None) -> int:
     result = refine.fit(observed, start, setup, free=FREE, method="lm", nanobragg_args=TRUE_ARGS)
     result.plot(os.path.join(a.out, "fit.png"))
     result.to_json(os.path.join(a.out, "fit.json"))
-    with open(os.path.join(a.out, "refined_flags.txt"), "w") as fh:
-        fh.write(" ".join(result.to_nanobragg_args(matrix_path=os.path.join(a.out, "refined.mat"))) + "\n")
+    flags = result.to_nanobragg_args(matrix_path=os.path.join(a.out, "refined.mat"))
+    atomic_write(os.path.join(a.out, "refined_flags.txt"), (" ".join(flags) + "\n").encode())
 
     t, s = _report(true, setup), _report(start, setup)
     r, e = result.parameters, result.parameter_esd
@@ -121,12 +149,12 @@ def main(argv=None) -> int:
         print(f"{label:18s} {tv:14.6g} {sv:14.6g} {rv:14.6g} {ev:11.2g} {z:9.2f}")
     print(f"\n{'converged' if result.converged else 'NOT converged'} in {result.iterations} iterations, "
           f"{result.seconds:.1f} s; reduced χ² {result.chi2_reduced:.3f}")
-    with open(os.path.join(a.out, "summary.json"), "w") as fh:
-        json.dump({"true_args": TRUE_ARGS, "free": FREE, "table": table, "converged": bool(result.converged),
-                   "seconds": result.seconds}, fh, indent=1)
+    summary = {"true_args": TRUE_ARGS, "free": FREE, "table": table, "converged": bool(result.converged),
+               "seconds": result.seconds}
+    atomic_write(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1).encode())
     print(f"wrote {a.out}/: observed.img, observed.png, fit.png (observed / model / residual), fit.json, "
           "refined_flags.txt, summary.json")
-    return 0 if result.converged else 1
+    return 0 if result.converged else 3
 
 
 if __name__ == "__main__":

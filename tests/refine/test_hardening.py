@@ -189,3 +189,13 @@ def test_refinement_memory_on_a_2048_detector_is_set_by_the_chunks():
     before, after, n = (float(v) for v in out.stdout.split())
     assert n == 4096
     assert after <= 1536 and after - before <= 256, (before, after)
+
+
+def test_demo_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    from refine.demo import main as demo_main
+
+    (tmp_path / "file").write_text("")
+    assert demo_main(["--out", str(tmp_path / "file" / "sub")]) == 2
+    assert demo_main(["--seed", "abc"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(ln.startswith("nbtorch-demo: error: ") for ln in err), err
