@@ -15,7 +15,8 @@ reports the loss after every stage so that pruners stop hopeless trials, and sco
 refined model with the fit's target and the real spot model on all usable pixels (the same pixels and model for
 every trial, so losses compare).  The user's start is enqueued as trial 0.  :func:`finish_best` refines the best
 trial's model to convergence.  :func:`hyperparameter_objective` sweeps minimiser, damping / learning rate, schedule,
-target, spot-ROI size and oversample, scored on the data or against a known truth.
+target, spot-ROI size and oversample, scored on the data or against a known truth (:func:`hyperparameter_sweep`
+runs it as a study).
 
 Studies live in a storage (:func:`open_storage`): an SQLite file (the default, next to the output), a journal file
 (many processes on one machine) or a PostgreSQL URL (many machines).  :func:`run_study` runs ``workers`` processes
@@ -777,3 +778,22 @@ def hyperparameter_objective(observed, params, setup, space: Optional[Mapping[st
     opts = _options(options, dict(overrides))
     return HyperparameterObjective(observed, params, setup, opts, HYPER_SPACE if space is None else space, truth,
                                    truth_background)
+
+
+def hyperparameter_sweep(observed, params, setup, n_trials: int, space: Optional[Mapping[str, object]] = None, *,
+                         truth=None, truth_background=None, spec: Optional[StudySpec] = None, workers: int = 1,
+                         progress: bool = False, threads: Optional[int] = None, options: Optional[FitOptions] = None,
+                         **overrides):
+    """Run a hyperparameter sweep (:func:`hyperparameter_objective`) as a study: ``n_trials`` fits in ``workers``
+    processes on ``spec``'s storage (default in memory, TPE seeded 0; no pruning, as the fits report no
+    intermediate values).  Returns the study; ``study.best_params`` are the best hyperparameters."""
+    import functools
+
+    opts = _options(options, dict(overrides))
+    space = HYPER_SPACE if space is None else dict(space)
+    objective = hyperparameter_objective(observed, params, setup, space, truth=truth,
+                                         truth_background=truth_background, options=opts)
+    make = functools.partial(hyperparameter_objective, observed, params, setup, space, truth=truth,
+                             truth_background=truth_background, **option_fields(opts))
+    spec = dataclasses.replace(spec or StudySpec(study_name="nbtorch-hyperparameters"), pruner="none")
+    return run_study(make, n_trials, spec, workers=workers, progress=progress, threads=threads, objective=objective)

@@ -115,6 +115,9 @@ def test_hyperparameter_objective_with_fixed_trial(tiny):
     error = objective(trial)                                             # RMS error in typical errors
     assert error < 0.2 and trial.user_attrs["converged"]
     assert objective.configure({"method": "lm", "damping": 0.5})[0].damping == 0.5
+    study = studies.hyperparameter_sweep(obs, start, setup, 2, {"method": ["lm", "lbfgs"], "schedule": ["final_only"]},
+                                         truth=truth, free=("distance", "scale"))
+    assert len(study.trials) == 2 and study.best_value < 0.5 and set(study.best_params) == {"method", "schedule"}
     with pytest.raises(ValueError, match="hyperparameter 'mu' is unknown"):
         studies.hyperparameter_objective(obs, start, setup, {"mu": (1e-4, 1.0)}, free=("distance",))
 
