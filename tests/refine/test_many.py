@@ -1,7 +1,7 @@
 """Many images: joint refinement (refine.fit_many, Schur complement, vmap batches) and independent refinement on Dask
 (nbtorch-refine --images LIST --independent), with LIST errors that name the line.
 
-Small stills (32×32 and 64×64 pixels, no mosaic) and few iterations keep the file to about a minute on 2 cores."""
+Small stills (32×32 and 48×48 pixels, no mosaic) and few iterations keep the file to about a minute on 2 cores."""
 from __future__ import annotations
 
 import json
@@ -28,8 +28,8 @@ from .refine_cases import misorientation_deg, observe, rotate_crystal, with_beam
 #: A 32×32 still of 0.3 mm pixels: ~150 pixels above 100 photons.
 TINY = ("-default_F 100 -cell 40 50 60 90 90 90 -N 6 -lambda 1 -distance 60 -pixel 0.3 -detpixels 32 "
         "-oversample 1 -fluence 1e30")
-#: A 64×64 still of 0.2 mm pixels with a tilted detector.
-SMALL = ("-default_F 100 -cell 40 50 60 90 90 90 -N 6 -lambda 1 -distance 60 -pixel 0.2 -detpixels 64 "
+#: A 48×48 still of 0.25 mm pixels with a tilted detector.
+SMALL = ("-default_F 100 -cell 40 50 60 90 90 90 -N 6 -lambda 1 -distance 60 -pixel 0.25 -detpixels 48 "
          "-oversample 1 -fluence 1e30 -detector_roty 0.3 -detector_rotz -0.2")
 SHARED = ["distance", "beam_center", "detector_rotation.y", "detector_rotation.z"]
 PER_IMAGE = ["orientation", "scale"]
@@ -135,7 +135,7 @@ def _joint_case(n=5):
         obs.append(observe(p, s, seed=k))
         q = rotate_crystal(p, (0.3 * k + 0.1, -0.5, 0.8), 0.15)
         q = with_detector(q, distance=q.detector.distance + 0.6,
-                          beam_center=q.detector.beam_center + torch.tensor([1.2, -1.0], dtype=torch.float64) * 0.2,
+                          beam_center=q.detector.beam_center + torch.tensor([1.2, -1.0], dtype=torch.float64) * 0.25,
                           rotation=q.detector.rotation + torch.tensor([0, -0.2, 0.15], dtype=torch.float64))
         starts.append(with_beam(q, fluence=q.beam.fluence * 1.5))
     return obs, starts, setups, truths
