@@ -34,7 +34,9 @@ _OPTIONS = {
 def _parser() -> argparse.ArgumentParser:
     from .parameters import CRYSTAL_SYSTEMS
 
-    ap = argparse.ArgumentParser(
+    from .cli_checks import OneLineParser
+
+    ap = OneLineParser(
         prog="nbtorch-refine --images",
         usage=("nbtorch-refine --images LIST (--shared GROUPS --per-image GROUPS [--json OUT] | --independent "
                "--refine GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS]) [options] "
@@ -142,7 +144,7 @@ def _run_independent(ns, entries) -> int:
     from .scaleout import refine_images
 
     if importlib.util.find_spec("distributed") is None:
-        print("nbtorch-refine: --independent runs on Dask: pip install 'dask[distributed]' (the dask extra)",
+        print("nbtorch-refine: error: --independent runs on Dask: pip install 'dask[distributed]' (the dask extra)",
               file=sys.stderr)
         return 2
 
@@ -168,39 +170,53 @@ def all_converged(entries, results: str) -> bool:
     return all(e.path in recs and not recs[e.path].get("error") and recs[e.path].get("converged") for e in entries)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``nbtorch-refine --images`` (returns the exit status)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _checked(argv: Sequence[str]):
+    """(options, LIST entries): every option, the LIST (each line's file and flags), the groups, the fit options
+    and the output paths checked before any work; :class:`~refine.cli_checks.UsageError` (one line)."""
+    from .cli_checks import UsageError, check_outputs, check_threads
+    from .fit import fit_options
+    from .imagelist import parse_image_list
+
     ours, flags = split_argv(argv)
-    ap = _parser()
-    try:
-        ns = ap.parse_args(ours)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    ns = _parser().parse_args(ours)
     problem = _usage_error(ns)
     if problem:
-        print(f"nbtorch-refine: {problem}", file=sys.stderr)
+        raise UsageError(problem)
+    check_threads(ns.threads)
+    check_outputs([("--json", ns.json), ("--results", ns.results)], inputs=[("--images", ns.images)])
+    try:
+        entries = parse_image_list(ns.images, flags)
+        free = (ns.refine,) if ns.independent else (ns.shared, ns.per_image)
+        fit_options(None, free=[g for groups in free for g in groups.replace(",", " ").split()], **_fit_options(ns))
+    except OSError as exc:
+        raise UsageError(f"--images {ns.images}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return ns, entries
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``nbtorch-refine --images`` (returns the exit status)."""
+    from .cli_checks import UsageError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns, entries = _checked(argv)
+    except UsageError as exc:
+        print(f"nbtorch-refine: error: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
     if ns.threads:
         import torch
 
         torch.set_num_threads(int(ns.threads))
-    from .imagelist import parse_image_list
-
-    try:
-        entries = parse_image_list(ns.images, flags)
-        from .parameters import expand_free
-
-        for groups in ((ns.refine,) if ns.independent else (ns.shared, ns.per_image)):
-            expand_free(groups)
-    except (ValueError, OSError) as exc:
-        print(f"nbtorch-refine: {exc}", file=sys.stderr)
-        return 2
     try:
         return _run_independent(ns, entries) if ns.independent else _run_joint(ns, entries)
     except ValueError as exc:
-        print(f"nbtorch-refine: {exc}", file=sys.stderr)
-        return 2 if " line " in str(exc) and ns.images in str(exc) else 1
+        line_error = " line " in str(exc) and ns.images in str(exc)
+        print(f"nbtorch-refine: error: {exc}", file=sys.stderr)
+        return 2 if line_error else 1
     except OSError as exc:
-        print(f"nbtorch-refine: {exc}", file=sys.stderr)
+        print(f"nbtorch-refine: error: {exc}", file=sys.stderr)
         return 1
