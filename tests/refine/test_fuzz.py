@@ -42,7 +42,7 @@ OPTIONS = {
     "--no-coarse": [None], "--spots-only": [None], "--quiet": [None], "--allow-degenerate": [None],
 }
 OUTPUT_OPTIONS = ("--json", "--image", "--plot", "--matrix-out")
-OUTPUT_NAMES = ["fit.json", "model.bin", "model.img", "fig.png", "nodir/x.json", "", "."]
+OUTPUT_NAMES = ["fit.json", "model.bin", "model.img", "fig.png"] * 3 + ["nodir/x.json", "", "."]
 
 
 def _observed(folder: str) -> str:
@@ -56,7 +56,7 @@ def _observed(folder: str) -> str:
 @st.composite
 def observed_file(draw, folder: str) -> str:
     good = _observed(folder)
-    kind = draw(st.sampled_from(["good"] * 6 + ["truncated", "garbage", "missing", "raw"]))
+    kind = draw(st.sampled_from(["good"] * 12 + ["truncated", "garbage", "missing", "raw"]))
     if kind == "good":
         return good
     if kind == "missing":
@@ -72,7 +72,7 @@ def observed_file(draw, folder: str) -> str:
 def refine_command(draw, folder: str):
     # a short fit unless the options drawn say otherwise (argparse keeps the last value): the options are on trial
     argv = [draw(observed_file(folder)), "--no-coarse", "--max-iter", "3", "--refine", "distance,scale"]
-    for name in draw(st.lists(st.sampled_from(sorted(OPTIONS)), max_size=4, unique=True)):
+    for name in draw(st.lists(st.sampled_from(sorted(OPTIONS)), max_size=3, unique=True)):
         value = draw(st.sampled_from(OPTIONS[name]))
         argv += [name] + ([] if value is None else list(value) if isinstance(value, tuple) else [value])
     outputs = {}
