@@ -1,0 +1,90 @@
+"""Write the "Performance" section of benchmarks/RESULTS.md from the figures of ``python -m benchmarks``."""
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import List, Optional
+
+HEADING = "## Performance"
+
+
+def _ratio(x: Optional[float], ref: Optional[float]) -> str:
+    return "—" if x is None or not ref else f"{x / ref:.3g}×"
+
+
+def _s(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.3g} s"
+
+
+def _met(value: Optional[float], limit: float) -> str:
+    return "—" if value is None else ("yes" if value <= limit else "no")
+
+
+def _c_rows(res: dict) -> List[str]:
+    cl, cb = res["command_lines"], res["case_b"]
+    rows = []
+    for label, key, target in (("case B in-process, warm, float32, compiled", "float32_compiled", 0.1),
+                               ("case B in-process, warm, float64, compiled", "float64_compiled", 0.35),
+                               ("case B in-process, warm, float32, eager", "float32_eager", None),
+                               ("case B in-process, warm, float64, eager", "float64_eager", None)):
+        if key not in cb:
+            continue
+        t, c = cb[key]["warm_s"], cl.get("B_C")
+        met = "—" if target is None or c is None else _met(t / c, target)
+        rows.append(f"| {label} ({cb[key]['ns_per_sample']:.3g} ns/sample) | {_s(c)} | {_s(t)} | {_ratio(t, c)} | "
+                    f"{'≤ %g×' % target if target else ''} | {met} |")
+    for case, target in (("B", 0.5), ("A", 1.5)):
+        c = cl.get(f"{case}_C")
+        for dtype in ("float32", "float64"):
+            for cache in ("warm", "cold"):
+                t = cl[f"{case}_{dtype}_{cache}"]
+                met = "—" if c is None else _met(t / c, target)
+                rows.append(f"| case {case}, whole `nbtorch` process, {dtype}, {cache} kernel cache | {_s(c)} | "
+                            f"{_s(t)} | {_ratio(t, c)} | ≤ {target:g}× | {met} |")
+    return rows
+
+
+def _other_rows(res: dict) -> List[str]:
+    rows = []
+    g = res.get("gradient_stability")
+    if g:
+        rows.append(f"| gradient-stability workload, float64 ({g['passed']}/{g['count']} gradchecks pass, oversample "
+                    f"{g['oversample'][0]}–{g['oversample'][1]}) | — | {_s(g['seconds'])}, {g['peak_rss_mb']:.0f} MB "
+                    f"peak RSS | — | ≤ 60 s, ≤ 1 GB | "
+                    f"{'yes' if g['seconds'] <= 60 and g['peak_rss_mb'] <= 1024 and g['passed'] == g['count'] else 'no'} |")
+    b = res["backward_memory"]
+    rows.append(f"| `simulate(...).sum().backward()`, case A 1024², oversample {b['oversample']}, float64 | — | "
+                f"{_s(b['seconds'])}, {b['peak_rss_mb']:.0f} MB peak RSS | — | ≤ 1 GB | "
+                f"{_met(b['peak_rss_mb'], 1024)} |")
+    d = res["derivatives"]
+    rows.append(f"| forward + backward vs forward (case B per-pixel work, 256², float64) | — | "
+                f"{_s(d['forward_backward_s'])} vs {_s(d['forward_s'])} | {d['fb_ratio']:.3g}× | ≤ 3× | "
+                f"{_met(d['fb_ratio'], 3)} |")
+    rows.append(f"| `jacfwd` over 10 values vs one forward (same case) | — | {_s(d['jacfwd10_s'])} | "
+                f"{d['jacfwd_ratio']:.3g}× | ≤ 4× | {_met(d['jacfwd_ratio'], 4)} |")
+    r = res["refinement"]
+    rows.append(f"| `nbtorch-refine` 512² still, 25 domains: orientation, N, mosaic, scale (converged: "
+                f"{r['converged']}) | — | {_s(r['seconds'])} | — | ≤ 30 s | {_met(r['seconds'], 30)} |")
+    return rows
+
+
+def section(res: dict) -> str:
+    """The markdown section (heading included) for the figures ``res``."""
+    head = [HEADING, "", f"`python -m benchmarks` on {res['machine']}"
+            + ("; C nanoBragg timed in the same run (`NB_C_BINARY`)." if res["c_binary"] else
+               "; no C program given (`NB_C_BINARY`), so no ratios to it."), "",
+            "| workload | C nanoBragg | nbtorch | ratio | target | met |", "|---|---:|---:|---:|---|---|"]
+    return "\n".join(head + _c_rows(res) + _other_rows(res)) + "\n"
+
+
+def write_results(res: dict, path: pathlib.Path) -> None:
+    """Replace (or add, first) the Performance section of ``path``; other sections are kept as they are."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    new = section(res)
+    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: new + "\n", text, count=1)
+    else:
+        title, _, rest = text.partition("\n")
+        text = f"{title}\n\n{new}\n{rest.lstrip()}"
+    path.write_text(text.rstrip() + "\n")
