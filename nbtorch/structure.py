@@ -63,12 +63,13 @@ def lookup_tricubic_hkl(h: Sequence[torch.Tensor], F: torch.Tensor, default_F: t
     w = [_lagrange_weights(c - b) for c, b in zip(hs, base)]
     i0 = [(b - lo[i]).long() - 1 for i, b in enumerate(base)]
     flat = F.reshape(-1)
-    nk, nl = F.shape[1], F.shape[2]
+    nk, nl, last = F.shape[1], F.shape[2], F.numel() - 1
     out = torch.zeros_like(h[0])
     for a in range(4):
         for b in range(4):
             row = ((i0[0] + a) * nk + (i0[1] + b)) * nl + i0[2]
-            line = sum(flat[row + c] * w[2][c] for c in range(4))
+            # clamped: in range for every sample that uses it; the stand-ins of a table thinner than 5 are not
+            line = sum(flat[(row + c).clamp(0, last)] * w[2][c] for c in range(4))
             out = out + w[0][a] * w[1][b] * line
     near = lookup_nearest_hkl([torch.ceil(c - 0.5) for c in h], F, default_F, hkl_min)
     return torch.where(ok, out, near)

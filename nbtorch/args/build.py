@@ -418,11 +418,13 @@ def _phi(inp: Inputs) -> Tuple[float, float, int, float]:
 
 
 def _unit(v, flag: str) -> Tuple[float, float, float]:
+    """``v`` [3] as a unit vector, scaled by its largest component first so huge or tiny values do not overflow."""
     v = np.asarray(v, float)
-    n = np.linalg.norm(v)
-    if not np.isfinite(n) or n == 0:
-        raise ValueError(f"{flag} {' '.join(fmt_num(x) for x in v)}: a direction must be non-zero")
-    return tuple(float(x) for x in v / n)
+    big = float(np.max(np.abs(v))) if np.isfinite(v).all() else math.nan
+    if not big > 0:
+        raise ValueError(f"{flag} {' '.join(fmt_num(x) for x in v)}: a direction must be finite and non-zero")
+    w = v / big
+    return tuple(float(x) for x in w / np.linalg.norm(w))
 
 
 def _convention(inp: Inputs) -> Tuple[str, Dict[str, Tuple[float, float, float]]]:

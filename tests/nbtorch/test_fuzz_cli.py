@@ -10,6 +10,7 @@ import io
 import os
 import tempfile
 import time
+import warnings
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -118,7 +119,8 @@ def test_fuzz_command_line(data):
         inputs = _files(folder)
         out, err = io.StringIO(), io.StringIO()
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")  # a warning would be more lines on stderr
             rc = main(argv)
         seconds = time.perf_counter() - t0
         assert seconds <= 10, (argv, seconds)
@@ -127,6 +129,7 @@ def test_fuzz_command_line(data):
         if rc == 2:
             lines = err.getvalue().splitlines()
             assert len(lines) == 1 and lines[0].startswith("nbtorch: error: "), (argv, err.getvalue())
+            assert not w, (argv, [str(x.message) for x in w])
             assert not set(made) & set(OUTPUTS.values()), (argv, made)
             return
         assert rc == 0, (argv, rc, err.getvalue())

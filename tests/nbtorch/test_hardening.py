@@ -106,3 +106,13 @@ def test_source_along_e_on_the_command_line_writes_finite_images(tmp_path, monke
     assert rc == 0, err
     img = np.fromfile(tmp_path / "f.bin", "<f4")
     assert np.isfinite(img).all() and img.sum() > 0
+
+
+def test_interpolation_with_a_table_thinner_than_its_stencil(tmp_path):
+    """A 3-index-wide -hkl table with (automatic) tricubic interpolation: every sample falls back to the nearest F
+    instead of reading outside the table."""
+    (tmp_path / "t.hkl").write_text("0 0 1 100\n1 2 3 50\n-1 0 2 70.5\n")
+    p, s = nbtorch.from_nanobragg_args(SMALL.replace("-default_F 100", f"-hkl {tmp_path / 't.hkl'}"))
+    assert s.interpolate
+    img = nbtorch.simulate(p, s)
+    assert bool(torch.isfinite(img).all())
