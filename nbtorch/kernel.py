@@ -146,7 +146,7 @@ def sample_positions(tp: TileParams, tc: TileConsts, spec: KernelSpec, first_sub
         F, S = F[:1], S[:1]
     pos = [tp.pix0[j] + F * tp.fdet[j] + S * tp.sdet[j] + L * tp.odet[j] for j in range(3)]
     if spec.curved:
-        pos = _curve(pos, tp, tc)
+        pos = curve(pos, tp.fdet, tp.sdet, tc.beam, tp.distance)
     return tuple(pos)
 
 
@@ -158,12 +158,14 @@ def _rotate(v: Sequence[torch.Tensor], u: torch.Tensor, t: torch.Tensor) -> List
     return [v[j] * c + cross[j] * s + u[j] * udv * (1.0 - c) for j in range(3)]
 
 
-def _curve(pos, tp: TileParams, tc: TileConsts) -> List[torch.Tensor]:
-    """nanoBragg's curved detector: AX(f', Z/D)·AX(s', Y/D)·(D·beam), Y and Z the lab y, z of the flat position."""
-    D = tp.distance
-    v = [torch.ones_like(pos[1]) * (D * tc.beam[j]) for j in range(3)]
-    v = _rotate(v, tp.sdet, pos[1] / D)
-    return _rotate(v, tp.fdet, pos[2] / D)
+def curve(pos: Sequence[torch.Tensor], fdet: torch.Tensor, sdet: torch.Tensor, beam: torch.Tensor,
+          D: torch.Tensor) -> List[torch.Tensor]:
+    """nanoBragg's curved detector (spec §5.3): AX(f', Z/D)·AX(s', Y/D)·(D·beam), Y and Z the lab y, z (mm) of the
+    flat positions ``pos`` (3 tensors of one shape); ``fdet``, ``sdet`` [3] rotated unit axes, ``beam`` [3] unit
+    beam direction, ``D`` [] radius (mm).  Returns 3 tensors of that shape (mm), every point at distance D."""
+    v = [torch.ones_like(pos[1]) * (D * beam[j]) for j in range(3)]
+    v = _rotate(v, sdet, pos[1] / D)
+    return _rotate(v, fdet, pos[2] / D)
 
 
 def polarization(inc: torch.Tensor, d: Sequence[torch.Tensor], E: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -188,18 +190,43 @@ def polarization(inc: torch.Tensor, d: Sequence[torch.Tensor], E: torch.Tensor, 
     return 0.5 * (1.0 + c2t * c2t - torch.where(plane, K * (x * x - y * y), torch.zeros_like(x)))
 
 
+def q_length(d: Sequence[torch.Tensor], inc: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """|q| = |d − i|/λ (Å⁻¹, = 1/d-spacing = 2·sin θ/λ) for unit directions ``d`` (3 × [..., P]) and sources ``inc``
+    [K, 3] (unit), ``lam`` [K] (Å) → [..., K, P]."""
+    q2 = sum((d[j][..., None, :] - inc[:, j, None]) ** 2 for j in range(3)) / (lam[:, None] ** 2)
+    return torch.sqrt(q2)
+
+
 def _keep(d, inc: torch.Tensor, lam: torch.Tensor, dmin: torch.Tensor) -> torch.Tensor:
     """``-dmin`` test |q|·dmin ≤ 1 for directions ``d`` (3 × [...,P]) and sources ``inc`` [K,3], ``lam`` [K] →
     [..., K, P]."""
-    q2 = sum((d[j][..., None, :] - inc[:, j, None]) ** 2 for j in range(3)) / (lam[:, None] ** 2)
-    return torch.sqrt(q2) * dmin <= 1.0
+    return q_length(d, inc, lam) * dmin <= 1.0
 
 
-def _unit_directions(pos):
+def unit_directions(pos: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Unit directions, squared distances and distances of lab positions ``pos`` (3 tensors of one shape, mm):
+    (d: 3 tensors of that shape, R² (mm²), R (mm))."""
     x, y, z = pos
     R2 = x * x + y * y + z * z
     R = torch.sqrt(R2)
     return [x / R, y / R, z / R], R2, R
+
+
+def solid_angle(R2: torch.Tensor, R: torch.Tensor, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
+    """Solid angle Ω (sr) of a pixel seen from samples at squared distance ``R2`` (mm²) and distance ``R`` (mm), any
+    one shape: p²/R²·close/R (full pixel area, obliquity from the plane's perpendicular distance ``tp.close``);
+    ``-point_pixel``: 1/R² with R in metres (nanoBragg's convention, not a solid angle)."""
+    if spec.point_pixel:
+        return 1.0 / (R2 * M_PER_MM**2)
+    return tc.pixel * tc.pixel / R2 * tp.close / R
+
+
+def capture_fraction(d: Sequence[torch.Tensor], t, tp: TileParams, tc: TileConsts) -> torch.Tensor:
+    """Fraction of photons absorbed in sensor layer ``t`` (an int or a tensor broadcasting against ``d``) along unit
+    directions ``d`` (3 tensors of one shape): C_t = exp(−t·k/ρ) − exp(−(t+1)·k/ρ), ρ = d·odet, k = Δt·μ
+    (``tc.capture_k``, dimensionless) → that shape."""
+    rho = _dot3(d, tp.odet)
+    return torch.exp(-t * tc.capture_k / rho) - torch.exp(-(t + 1) * tc.capture_k / rho)
 
 
 def _factor(d, R2, R, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
@@ -207,11 +234,8 @@ def _factor(d, R2, R, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch
     ``-dmin`` is on) and distances: Ω at the first sub-pixel of layer 0, the capture fraction of the last layer at its
     first sub-pixel, the polarization at the first sample (layer, sub-pixel, source) that passes ``-dmin`` (0 when
     none does; spec Q8, Q18, Q23)."""
-    if spec.point_pixel:
-        factor = 1.0 / (R2[0, 0] * M_PER_MM**2)
-    else:
-        factor = tc.pixel * tc.pixel / R2[0, 0] * tp.close / R[0, 0]
-    factor = factor * _capture(d, tp, tc, spec)
+    factor = solid_angle(R2[0, 0], R[0, 0], tp, tc, spec)
+    factor = factor * pixel_capture(d, tp, tc, spec)
     if spec.nopolar:
         return factor
     if not spec.dmin:
@@ -224,13 +248,13 @@ def _factor(d, R2, R, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch
 
 def pixel_factor(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
     """The once-per-pixel factor Ω·C·P [P] alone, from the few samples it needs (cheap to differentiate)."""
-    d, R2, R = _unit_directions(sample_positions(tp, tc, spec, first_subpixel=not spec.dmin))
+    d, R2, R = unit_directions(sample_positions(tp, tc, spec, first_subpixel=not spec.dmin))
     return _factor(d, R2, R, tp, tc, spec)
 
 
 def directions(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
     """Unit scattered directions d [3, TN, P] and distances R [TN, P] (mm) of every (layer, sub-pixel) sample."""
-    d, _, R = _unit_directions(sample_positions(tp, tc, spec))
+    d, _, R = unit_directions(sample_positions(tp, tc, spec))
     T, n2, P = R.shape
     return torch.stack([c.reshape(T * n2, P) for c in d]), R.reshape(T * n2, P)
 
@@ -244,20 +268,19 @@ def keep_mask(d: torch.Tensor, tp: TileParams, tc: TileConsts, spec: KernelSpec)
 
 def pixel_geometry(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Geometry:
     """Directions of every (layer, sub-pixel) sample, the once-per-pixel factor and the ``-dmin`` mask."""
-    d, R2, R = _unit_directions(sample_positions(tp, tc, spec))
+    d, R2, R = unit_directions(sample_positions(tp, tc, spec))
     factor = _factor(d, R2, R, tp, tc, spec)
     T, n2, P = R.shape
     flat = torch.stack([c.reshape(T * n2, P) for c in d])
     return Geometry(flat, factor, keep_mask(flat, tp, tc, spec))
 
 
-def _capture(d, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
-    """Capture fraction of the last sensor layer at its first sub-pixel (1 without a sensor thickness) → [P]."""
+def pixel_capture(d: Sequence[torch.Tensor], tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
+    """Capture fraction of the last sensor layer at its first sub-pixel, the one the final scaling uses (spec Q8; 1
+    without a sensor thickness), from sample directions ``d`` (3 × [T, n², P]) → [P]."""
     if not spec.thick:
         return torch.ones_like(d[0][0, 0])
-    t = tc.layers.shape[0] - 1
-    rho = _dot3([c[-1, 0] for c in d], tp.odet)
-    return torch.exp(-t * tc.capture_k / rho) - torch.exp(-(t + 1) * tc.capture_k / rho)
+    return capture_fraction([c[-1, 0] for c in d], tc.layers.shape[0] - 1, tp, tc)
 
 
 def _first_kept(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -292,18 +315,26 @@ def miller_source_major(Ad: torch.Tensor, Ai: torch.Tensor, invlam: torch.Tensor
     return (Ad[:, i].transpose(0, 1)[None] - Ai[:, None, :, i, None]) * invlam[:, None, None, None]
 
 
-def sample_x(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor, default_F: torch.Tensor,
-             hkl_min: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
-    """x = (F_cell·F_latt)² of every sample from its Miller indices ``h`` (3 tensors of one shape) → that shape."""
+def sample_factors(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor,
+                   default_F: torch.Tensor, hkl_min: torch.Tensor, spec: KernelSpec):
+    """(F_cell, F_latt) of every sample from its fractional Miller indices ``h`` (3 tensors of one shape): F_latt of
+    that shape (the lattice factor of h − round(h), nanoBragg's rounding); F_cell of that shape from the table
+    ``F`` [nh, nk, nl] (nearest or tricubic, ``default_F`` outside it), or ``default_F`` [] itself without a table.
+    ``N`` [3] cells, ``B0`` [3, 3] reciprocal basis (Å⁻¹), ``hkl_min`` [3] first index of the table."""
     h0 = [shapes.round_half_down(c) for c in h]
     dh = [c - c0 for c, c0 in zip(h, h0)]
     F_latt = shapes.lattice_factor_components(spec.shape, dh, N, B0, spec.fudge)
     if not spec.table:
-        return (default_F * F_latt) ** 2
+        return default_F, F_latt
     if spec.interpolate:
-        F_cell = lookup_tricubic_hkl(h, F, default_F, hkl_min)
-    else:
-        F_cell = lookup_nearest_hkl(h0, F, default_F, hkl_min)
+        return lookup_tricubic_hkl(h, F, default_F, hkl_min), F_latt
+    return lookup_nearest_hkl(h0, F, default_F, hkl_min), F_latt
+
+
+def sample_x(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor, default_F: torch.Tensor,
+             hkl_min: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
+    """x = (F_cell·F_latt)² of every sample from its Miller indices ``h`` (3 tensors of one shape) → that shape."""
+    F_cell, F_latt = sample_factors(h, N, B0, F, default_F, hkl_min, spec)
     return (F_cell * F_latt) ** 2
 
 
@@ -506,15 +537,12 @@ def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> 
 
 def _per_sample_factors(tp: TileParams, tc: TileConsts, spec: KernelSpec):
     """Directions d (3 × [TN, P]), Ω [T, n², P], capture C_t [T, n², P] and polarization [TN, K, P] of every sample."""
-    x, y, z = sample_positions(tp, tc, spec)
-    R2 = x * x + y * y + z * z
-    R = torch.sqrt(R2)
-    d = [x / R, y / R, z / R]
-    omega = 1.0 / (R2 * M_PER_MM**2) if spec.point_pixel else tc.pixel * tc.pixel / R2 * tp.close / R
+    d, R2, R = unit_directions(sample_positions(tp, tc, spec))
+    x = d[0]
+    omega = solid_angle(R2, R, tp, tc, spec)
     if spec.thick:
         t = torch.arange(x.shape[0], dtype=x.dtype, device=x.device)[:, None, None]
-        rho = _dot3(d, tp.odet)
-        capture = torch.exp(-t * tc.capture_k / rho) - torch.exp(-(t + 1) * tc.capture_k / rho)
+        capture = capture_fraction(d, t, tp, tc)
     else:
         capture = torch.ones_like(x)
     T, n2, P = x.shape
@@ -544,9 +572,8 @@ def running_sum_tile(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[
     invlam = 1.0 / (tp.wavelength * tc.lam_factor)
     Ad, Ai = miller_parts(torch.stack(flat), tp.A, tc.incident)
     h = [miller(Ad, Ai, invlam, i) for i in range(3)]
-    dh = [c - shapes.round_half_down(c) for c in h]
-    F_latt = shapes.lattice_factor_components(spec.shape, dh, tp.ncells, tp.B0, spec.fudge)
-    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
+    F_cell, F_latt = sample_factors(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
+    x = (F_cell * F_latt) ** 2
     keep = _keep(flat, tc.incident, tp.wavelength * tc.lam_factor, tc.dmin)[:, :, None, :] if spec.dmin else None
     c = torch.ones_like(x)
     if spec.running_thick:

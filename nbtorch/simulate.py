@@ -10,19 +10,20 @@ alone has more samples than ``Setup.sample_budget``, chunks of its orientations 
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
 from . import detector as detmod
 from . import fused as fusedmod
-from .kernel import KernelSpec, TileConsts, TileParams
+from .kernel import KernelSpec, TileConsts, TileParams, sample_positions
 from .lattice import lattice
 from .rotation import rot_axis, rot_xyz
 from .setup_checks import MAX_SAMPLES
 from .types import Params, Setup
-from .units import AVOGADRO, R_E_SQUARED_M2, WATER_F, deg2rad, um_to_mm
+from .units import AVOGADRO, CM3_PER_M3, R_E_SQUARED_M2, WATER_F, WATER_G_PER_CM3, WATER_G_PER_MOL, deg2rad, um_to_m, \
+    um_to_mm
 from .validate import check_params
 
 #: Work (samples) from which ``simulate(fused=None)`` compiles: below it eager code is faster than loading a kernel.
@@ -62,8 +63,8 @@ def crystal_orientations(params: Params, setup: Setup) -> Crystal3D:
 def water_intensity(params: Params) -> torch.Tensor:
     """nanoBragg's water background per electron² unit: F_w²·r_e²·fluence·N_mol (N_mol molecules in a cube of
     edge ``water_size`` µm); it is scaled a second time by r_e²·fluence/steps like the Bragg sum (spec Q10)."""
-    w_m = params.background.water_size * 1e-6
-    n_mol = w_m**3 * 1e6 * AVOGADRO / 18.0
+    w_m = um_to_m(params.background.water_size)
+    n_mol = w_m**3 * (CM3_PER_M3 * WATER_G_PER_CM3) * AVOGADRO / WATER_G_PER_MOL
     return WATER_F**2 * R_E_SQUARED_M2 * params.beam.fluence * n_mol
 
 
@@ -187,6 +188,27 @@ def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
         incident=inc, lam_factor=lamf, incident_all=inc, lam_factor_all=lamf, polar_axis=T(setup.polar_axis),
         beam=T(setup.beam), pixel=T(setup.pixel_size), capture_k=T(setup.thickstep_um * setup.mu_per_um),
         dmin=T(setup.dmin), hkl_min=T(setup.hkl_min))
+
+
+def pixel_tile(params: Params, setup: Setup, fast, slow) -> Tuple[KernelSpec, TileParams, TileConsts]:
+    """The kernel inputs of one tile of the listed pixels: (spec, tile parameters, tile constants), for callers
+    that want the kernel's per-sample terms themselves (diagnostics, tests).  ``fast``, ``slow``: [P] pixel indices
+    (ints, numpy or tensors); all orientations and sources in one tile."""
+    like = params.crystal.cell
+
+    def T(v):
+        return torch.as_tensor(v, device=like.device).reshape(-1).to(like.dtype)
+
+    tc = _tile_consts(setup, like)._replace(fast=T(fast), slow=T(slow))
+    return kernel_spec(params, setup), _tile_params(params, setup), tc
+
+
+def pixel_lab_positions(params: Params, setup: Setup, fast, slow) -> torch.Tensor:
+    """Lab positions (mm) of every (sensor layer, sub-pixel) sample of the listed pixels, as the kernel computes
+    them (parallax shift along the normal per layer, ``-curved_det`` bent onto its sphere): ``fast``, ``slow`` [P]
+    pixel indices → [P, T, n², 3] (T layers, n = oversample; sub-pixels slow-major)."""
+    spec, tp, tc = pixel_tile(params, setup, fast, slow)
+    return torch.stack(sample_positions(tp, tc, spec), -1).permute(2, 0, 1, 3)
 
 
 def _tile_sum(spec, tc: TileConsts, tp: TileParams, p: Plan, fused: bool):

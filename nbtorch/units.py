@@ -75,6 +75,13 @@ MM_PER_CM = 10.0
 MM_PER_UM = 1e-3
 #: Millimetres per nanometre.
 MM_PER_NM = 1e-6
+#: Metres per micrometre (the water thickness is in µm; nanoBragg's water term works in SI).
+M_PER_UM = 1e-6
+#: Cubic centimetres per cubic metre.
+CM3_PER_M3 = 1e6
+#: Density of water (g/cm³) and its molar mass (g/mol), as nanoBragg's water term takes them.
+WATER_G_PER_CM3 = 1.0
+WATER_G_PER_MOL = 18.0
 #: Percent per unit fraction (``-dispersion`` is a percentage).
 PERCENT = 100.0
 
@@ -92,6 +99,11 @@ def m_to_angstrom(x):
 def mm_to_m(x):
     """Millimetres → metres (floats or tensors)."""
     return x * M_PER_MM
+
+
+def um_to_m(x):
+    """Micrometres → metres (floats or tensors)."""
+    return x * M_PER_UM
 
 
 def um_to_mm(x):

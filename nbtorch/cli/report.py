@@ -7,14 +7,12 @@ from typing import Dict, NamedTuple, Optional, TextIO
 import numpy as np
 import torch
 
-from .. import detector as detmod
-from ..beam import polarization_factor
+from .. import kernel
 from ..noise import roi_mask
-from ..shape import lattice_factor, round_half_down
-from ..simulate import crystal_orientations
-from ..structure import lookup_nearest, lookup_tricubic
+from ..shape import round_half_down
+from ..simulate import pixel_tile
 from ..types import Params, Setup
-from ..units import mm_to_m
+from ..units import mm_to_m, rad2deg
 
 __all__ = ["ImageStats", "image_statistics", "mask_array", "pixel_diagnostics", "print_setup", "print_statistics",
            "print_pixel_block", "print_all_pixels"]
@@ -79,44 +77,32 @@ def pixel_diagnostics(params: Params, setup: Setup, fast, slow) -> Dict[str, tor
     ``d`` (Å), ``hkl`` [P,3] (fractional Miller indices), ``hkl0`` [P,3] (nearest, nanoBragg rounding), ``F_cell``,
     ``F_latt``, ``I_sample`` (= F_cell²·F_latt²), ``polar`` (Kahn factor, 1 with -nopolar), ``omega`` (sr, or 1/R² in
     m⁻² with -point_pixel), ``capture`` (capture fraction of the last sensor layer, as used in the final scaling).
+    Every term is the kernel's own (:mod:`nbtorch.kernel`), evaluated on a one-orientation, one-source tile.
     Not differentiable-API material: a helper for ``-printout``/``-printout_pixel``.
     """
-    like = params.crystal.cell
-    dev, dt = like.device, like.dtype
-    fast = torch.as_tensor(fast, device=dev).reshape(-1).long()
-    slow = torch.as_tensor(slow, device=dev).reshape(-1).long()
-    frame = detmod.detector_frame(params.detector, setup)
-    xtal = crystal_orientations(params, setup)
-    pos = detmod.pixel_positions(frame, fast, slow, setup)  # [P,T,n²,3]
-    R = torch.linalg.vector_norm(pos, dim=-1, keepdim=True)
-    dvec = pos / R
-    layers = torch.arange(setup.thicksteps, dtype=dt, device=dev)
-    capture = detmod.capture_fraction(dvec, frame, layers[None, :, None], setup)[:, -1, 0]
-    omega = detmod.solid_angle(pos, frame, setup)[:, 0, 0]
-    d0 = dvec[:, 0, 0]  # [P,3]
-    inc = torch.tensor(setup.sources[0][0], dtype=dt, device=dev)
-    lam = params.beam.wavelength * setup.sources[0][1]
-    q = (d0 - inc) / lam  # Å⁻¹
-    stol = 0.5 * torch.linalg.vector_norm(q, dim=-1)
-    if setup.nopolar:
+    spec, tp, tc = pixel_tile(params, setup, fast, slow)
+    tp = tp._replace(A=tp.A[:1])
+    tc = tc._replace(incident=tc.incident_all[:1], lam_factor=tc.lam_factor_all[:1])
+    pos = kernel.sample_positions(tp, tc, spec, first_subpixel=True)  # 3 × [T, 1, P]
+    d, R2, R = kernel.unit_directions(pos)
+    d0 = [c[0, 0] for c in d]  # the first sample's direction, 3 × [P]
+    lam = tp.wavelength * tc.lam_factor
+    stol = 0.5 * kernel.q_length(d0, tc.incident, lam)[0]
+    Ad, Ai = kernel.miller_parts(torch.stack(d0)[:, None, :], tp.A, tc.incident)
+    h = [kernel.miller(Ad, Ai, 1.0 / lam, i)[0, 0, 0] for i in range(3)]
+    F_cell, F_latt = kernel.sample_factors(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
+    F_cell = torch.broadcast_to(F_cell, F_latt.shape)
+    if spec.nopolar:
         polar = torch.ones_like(stol)
     else:
-        E = torch.tensor(setup.polar_axis, dtype=dt, device=dev)
-        polar = polarization_factor(inc, d0, E, params.beam.polarization)
-    h = q @ xtal.A[0].transpose(0, 1)  # rows of A are a, b, c (Å)
-    h0 = round_half_down(h)
-    c = params.crystal
-    F_latt = lattice_factor(setup.shape, h - h0, c.ncells, xtal.B0, setup.fudge)
-    st = params.structure
-    if setup.interpolate:
-        F_cell = lookup_tricubic(h, st.F, st.default_F, setup.hkl_min)
-    else:
-        F_cell = lookup_nearest(h0, st.F, st.default_F, setup.hkl_min)
-    cos2t = (d0 * inc).sum(-1).clamp(-1.0, 1.0)
+        polar = kernel.polarization(tc.incident[0], d0, tc.polar_axis, tp.polarization)
+    hkl = torch.stack(h, -1)
+    cos2t = sum(d0[j] * tc.incident[0, j] for j in range(3)).clamp(-1.0, 1.0)
     return {
-        "position": pos[:, 0, 0], "R": R[:, 0, 0, 0], "twotheta": torch.rad2deg(torch.acos(cos2t)), "stol": stol,
-        "d": 0.5 / stol, "hkl": h, "hkl0": h0, "F_cell": F_cell, "F_latt": F_latt, "I_sample": (F_cell * F_latt) ** 2,
-        "polar": polar, "omega": omega, "capture": capture,
+        "position": torch.stack([c[0, 0] for c in pos], -1), "R": R[0, 0], "twotheta": rad2deg(torch.acos(cos2t)),
+        "stol": stol, "d": 0.5 / stol, "hkl": hkl, "hkl0": round_half_down(hkl), "F_cell": F_cell, "F_latt": F_latt,
+        "I_sample": (F_cell * F_latt) ** 2, "polar": polar,
+        "omega": kernel.solid_angle(R2[0, 0], R[0, 0], tp, tc, spec), "capture": kernel.pixel_capture(d, tp, tc, spec),
     }
 
 
