@@ -1,10 +1,12 @@
-"""Incident beam: source directions and wavelengths (divergence grid, dispersion, source files) and polarization."""
+"""Incident beam: source directions and wavelengths (divergence grid, dispersion, source files).
+
+The Kahn polarization factor is evaluated where the pixel sum uses it: :func:`nbtorch.kernel.polarization`.
+"""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from .mosaic import rodrigues_matrix
 
@@ -52,19 +54,3 @@ def divergence_sources(
     d = -P / np.sqrt((P * P).sum(-1, keepdims=True))
     out: List = [(tuple(float(x) for x in di), float(lf)) for di in d for lf in dispersion_factors]
     return tuple(out)
-
-
-def polarization_factor(incident: torch.Tensor, d: torch.Tensor, E: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """Kahn polarization factor ½(1 + cos²2θ − K·cos2ψ·sin²2θ).
-
-    ``incident``, ``d``: unit incident and scattered directions ``[..., 3]``; ``E``: unit polarization axis ``[3]``;
-    ``K``: Kahn factor ``[]``.  Written without atan2 (cos2ψ·sin²2θ = x² − y² with x, y the components of d along
-    E_in = unit(i × unit(E × i)) and B = unit(E × i)), so value and gradient are finite on the direct beam.
-    """
-    B = torch.linalg.cross(E.expand_as(incident), incident)
-    B = B / torch.linalg.vector_norm(B, dim=-1, keepdim=True)
-    Ein = torch.linalg.cross(incident, B)
-    Ein = Ein / torch.linalg.vector_norm(Ein, dim=-1, keepdim=True)
-    c2t = (incident * d).sum(-1)
-    x, y = (d * Ein).sum(-1), (d * B).sum(-1)
-    return 0.5 * (1.0 + c2t * c2t - K * (x * x - y * y))

@@ -1,7 +1,10 @@
-"""Detector geometry: conventions, pivots, pix0, pixel and sub-pixel positions, solid angle, sensor absorption.
+"""Detector geometry: conventions, pivots, pix0 and the rotated detector frame, sub-pixel offsets.
 
 All lengths are in **mm**, angles in the :class:`~nbtorch.types.Detector` pytree are in degrees.  Positions are lab
-frame vectors from the sample.  See ../shared/spec §4 for the conventions reproduced here.
+frame vectors from the sample.  See ../shared/spec §4 for the conventions reproduced here.  Sample positions, the
+curved detector, solid angle and sensor capture are computed where the pixel sum uses them, in :mod:`nbtorch.kernel`
+(``sample_positions``, ``curve``, ``solid_angle``, ``capture_fraction``; :func:`nbtorch.simulate.pixel_lab_positions`
+for given pixels).
 """
 from __future__ import annotations
 
@@ -112,68 +115,6 @@ def subpixel_offsets(setup: Setup, dtype, device=None) -> torch.Tensor:
     idx = torch.arange(n, dtype=dtype, device=device)
     jj, ii = torch.meshgrid(idx, idx, indexing="ij")  # j slow (outer), i fast (inner)
     return torch.stack([d * ii.reshape(-1) + d / 2, d * jj.reshape(-1) + d / 2], -1)
-
-
-def pixel_positions(frame: DetectorFrame, fast: torch.Tensor, slow: torch.Tensor, setup: Setup) -> torch.Tensor:
-    """Lab positions (mm) of every (layer, sub-pixel) sample of the given pixels.
-
-    ``fast``, ``slow``: ``[P]`` integer pixel indices → ``[P, T, n², 3]`` with T = thickness layers and
-    n = oversample; layer t is shifted by t·Δt along the detector normal (parallax).  With ``-curved_det`` the flat
-    positions are bent onto the sphere of radius ``frame.distance`` (spec §5.3).
-    """
-    dtype = frame.pix0.dtype
-    p = setup.pixel_size
-    off = subpixel_offsets(setup, dtype, frame.pix0.device)  # [n², 2]
-    F = fast.to(dtype)[:, None] * p + off[None, :, 0]  # [P, n²]
-    S = slow.to(dtype)[:, None] * p + off[None, :, 1]
-    layers = torch.arange(setup.thicksteps, dtype=dtype, device=frame.pix0.device) * (setup.thickstep_um * 1e-3)
-    pos = (
-        frame.pix0
-        + F[:, None, :, None] * frame.fdet
-        + S[:, None, :, None] * frame.sdet
-        + layers[None, :, None, None] * frame.odet
-    )
-    if setup.curved_det:
-        pos = curve(pos, frame, setup)
-    return pos
-
-
-def curve(pos: torch.Tensor, frame: DetectorFrame, setup: Setup) -> torch.Tensor:
-    """nanoBragg's curved detector: ``AX(f', Z/D)·AX(s', Y/D)·(D·beam)`` with Y, Z the lab y, z of the flat position.
-
-    ``pos``: ``[..., 3]`` mm → ``[..., 3]`` mm, every sample at distance D = ``frame.distance`` from the sample.
-    """
-    D = frame.distance
-    beam = _vec(setup.beam, pos)
-    Y, Z = pos[..., 1], pos[..., 2]
-    Rs = rot_axis(frame.sdet.expand(Y.shape + (3,)), Y / D)
-    Rf = rot_axis(frame.fdet.expand(Z.shape + (3,)), Z / D)
-    return (Rf @ (Rs @ (D * beam)[..., None]))[..., 0]
-
-
-def solid_angle(pos: torch.Tensor, frame: DetectorFrame, setup: Setup) -> torch.Tensor:
-    """Solid angle (sr) of a pixel seen from the sample, ``[..., 3]`` mm → ``[...]``.
-
-    Ω = p²/R² · close/R (full pixel area, obliquity from the plane's perpendicular distance); ``-point_pixel``: 1/R²
-    with R in metres (nanoBragg's convention, not a solid angle).
-    """
-    R2 = (pos * pos).sum(-1)
-    if setup.point_pixel:
-        return 1.0 / (R2 * 1e-6)
-    R = torch.sqrt(R2)
-    return setup.pixel_size**2 / R2 * frame.close / R
-
-
-def capture_fraction(d: torch.Tensor, frame: DetectorFrame, layer: torch.Tensor, setup: Setup) -> torch.Tensor:
-    """Fraction of photons absorbed in sensor layer ``layer`` along unit direction ``d`` (``[..., 3]`` → ``[...]``).
-
-    C_t = exp(−t·Δt·μ/ρ) − exp(−(t+1)·Δt·μ/ρ), ρ = d·odet; 1 when the sensor has no thickness.
-    """
-    if setup.thickness_um <= 0.0:
-        return torch.ones_like(d[..., 0])
-    rho = (d * frame.odet).sum(-1)
-    k = setup.thickstep_um * setup.mu_per_um
-    return torch.exp(-layer * k / rho) - torch.exp(-(layer + 1.0) * k / rho)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -170,7 +170,8 @@ def curve(pos: Sequence[torch.Tensor], fdet: torch.Tensor, sdet: torch.Tensor, b
 
 def polarization(inc: torch.Tensor, d: Sequence[torch.Tensor], E: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """Kahn factor ½(1 + cos²2θ − K·cos2ψ·sin²2θ) for incident ``inc`` [...,3] (broadcast against the components of
-    ``d``) and scattered unit directions ``d`` (3 tensors); written without atan2 (see :mod:`nbtorch.beam`).
+    ``d``) and scattered unit directions ``d`` (3 tensors); written without atan2: cos2ψ·sin²2θ = x² − y² with x, y
+    the components of d along E_in = unit(i × B) and B = unit(E × i).
 
     A source along the E vector ``E`` [3] has no polarization plane (E × inc = 0; nanoBragg divides by zero and
     gives NaN): there the K term is dropped, ½(1 + cos²2θ), the factor averaged over every orientation of the

@@ -602,7 +602,8 @@ def detector_corner_resolution(params, setup) -> float:
     """
     import torch  # noqa: PLC0415 - the io package stays importable without touching torch at import time
 
-    from ..detector import curve, detector_frame
+    from ..detector import detector_frame
+    from ..kernel import curve
     from ..pytree import tree_map
 
     det = tree_map(lambda t: torch.as_tensor(t).detach().to(torch.float64), params.detector)
@@ -612,7 +613,8 @@ def detector_corner_resolution(params, setup) -> float:
     S = torch.tensor([0.0, 0.0, setup.spixels * p, setup.spixels * p], dtype=torch.float64)
     pos = frame.pix0 + F[:, None] * frame.fdet + S[:, None] * frame.sdet  # [4, 3] mm
     if setup.curved_det:
-        pos = curve(pos, frame, setup)
+        beam = torch.tensor(setup.beam, dtype=torch.float64)
+        pos = torch.stack(curve(pos.unbind(-1), frame.fdet, frame.sdet, beam, frame.distance), -1)
     s = pos / torch.linalg.vector_norm(pos, dim=-1, keepdim=True)
     s0 = torch.tensor([src[0] for src in setup.sources], dtype=torch.float64)  # [K, 3]
     lam = float(params.beam.wavelength) * torch.tensor([src[1] for src in setup.sources], dtype=torch.float64)

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbtorch
-from nbtorch.detector import detector_frame, pixel_positions
+from nbtorch.simulate import pixel_lab_positions
 from nbtorch.lattice import (
     cell_from_real,
     cell_from_reciprocal,
@@ -148,9 +148,8 @@ def flat_fn(params, setup, names, check=False):
 
 def miller_indices(params, setup):
     """h = a·q for every (pixel, layer, sub-pixel, source, orientation) sample → [S·F, T, n², K, O, 3]."""
-    frame = detector_frame(params.detector, setup)
     idx = torch.arange(setup.spixels * setup.fpixels)
-    pos = pixel_positions(frame, idx % setup.fpixels, idx // setup.fpixels, setup)
+    pos = pixel_lab_positions(params, setup, idx % setup.fpixels, idx // setup.fpixels)
     d = pos / torch.linalg.vector_norm(pos, dim=-1, keepdim=True)
     inc = torch.tensor([s[0] for s in setup.sources], dtype=DT)
     lam = params.beam.wavelength * torch.tensor([s[1] for s in setup.sources], dtype=DT)
@@ -371,7 +370,7 @@ def test_singular_point_is_really_hit(kind):
         assert float((h - target).abs().max()) < 1e-9
     else:
         assert torch.all(h == 0), h  # exactly on the beam: q = 0 for every mosaic domain
-        pos = pixel_positions(detector_frame(params.detector, setup), torch.tensor([3]), torch.tensor([2]), setup)
+        pos = pixel_lab_positions(params, setup, [3], [2])
         assert pos[0, 0, 0, 1] == 0 and pos[0, 0, 0, 2] == 0  # on the beam axis (1, 0, 0)
 
 
@@ -404,7 +403,7 @@ def test_gradients_finite_and_correct_at_singular_points(kind):
 
 def test_kernels_at_exact_zero():
     """The gradient-safe kernels themselves at their removable singularities (value and derivative)."""
-    from nbtorch.beam import polarization_factor
+    from nbtorch.kernel import polarization
     from nbtorch.shape import gauss, round_, sincg, square
 
     x = torch.zeros((), dtype=DT, requires_grad=True)
@@ -427,7 +426,7 @@ def test_kernels_at_exact_zero():
     inc = torch.tensor([1.0, 0.0, 0.0], dtype=DT)
     d = inc.clone().requires_grad_(True)
     K = torch.tensor(0.9, dtype=DT, requires_grad=True)
-    P = polarization_factor(inc, d, torch.tensor([0.0, 0.0, 1.0], dtype=DT), K)
+    P = polarization(inc, d, torch.tensor([0.0, 0.0, 1.0], dtype=DT), K)
     g = torch.autograd.grad(P, (d, K))
     assert float(P.detach()) == pytest.approx(1.0) and all(torch.isfinite(t).all() for t in g)
 

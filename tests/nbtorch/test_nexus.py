@@ -11,6 +11,7 @@ import nbtorch  # noqa: E402
 from nbtorch.detector import detector_frame  # noqa: E402
 from nbtorch.io import read_image  # noqa: E402
 from nbtorch.io.nexus import lab_to_nexus, nxmx_geometry, read_nxmx, write_nxmx  # noqa: E402
+from nbtorch.simulate import pixel_lab_positions  # noqa: E402
 
 #: Everything the NXmx application definition (NeXus definitions 2024) requires, at the paths write_nxmx uses:
 #: groups with their NX_class, fields, and the attributes the definition lists for them.
@@ -259,10 +260,9 @@ def test_dials_nxmx_reader_sees_the_simulated_geometry(tmp_path, extra):
     pos = origin + ii[..., None] * pixel * fast + jj[..., None] * pixel * slow  # pixel centres, NeXus frame
     s1 = pos / np.linalg.norm(pos, axis=-1, keepdims=True)
     q_nexus = np.linalg.norm(s1 - np.array([0.0, 0.0, 1.0]), axis=-1) / wavelength
-    frame = detector_frame(params.detector, setup)
     k = torch.arange(30 * 40)
     centres = setup.replace(oversample=1, thicksteps=1)  # one sample per pixel: its centre
-    kpos = nbtorch.detector.pixel_positions(frame, k % 40, k // 40, centres)[:, 0, 0].numpy().reshape(30, 40, 3)
+    kpos = pixel_lab_positions(params, centres, k % 40, k // 40)[:, 0, 0].numpy().reshape(30, 40, 3)
     d = kpos / np.linalg.norm(kpos, axis=-1, keepdims=True)
     q_kernel = np.linalg.norm(d - np.asarray(setup.beam), axis=-1) / 1.1
     np.testing.assert_allclose(q_nexus, q_kernel, rtol=1e-12)

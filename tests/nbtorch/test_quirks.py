@@ -46,25 +46,25 @@ def test_Q7_oversample_flags_running_sum_matches_sequential_recurrence():
     p, s = nbtorch.from_nanobragg_args(args)
     s = s.replace(roi=(20, 21, 17, 17))
     got = nbtorch.simulate(p, s)[17, 20:22]
-    # literal loop over (layer, sub-pixel, source, orientation) with the kernels
-    from nbtorch import detector as D
-    from nbtorch.beam import polarization_factor
+    # literal loop over (layer, sub-pixel, source, orientation) with the kernel's per-sample terms
+    from nbtorch import kernel as K
     from nbtorch.shape import square
+    from nbtorch.simulate import pixel_tile
     from nbtorch.units import R_E_SQUARED_M2
 
-    frame = D.detector_frame(p.detector, s)
     xt = nbtorch.crystal_orientations(p, s)
     inc = torch.tensor(s.sources[0][0], dtype=torch.float64)
-    E = torch.tensor(s.polar_axis, dtype=torch.float64)
-    for col, f in enumerate((20, 21)):
-        pos = D.pixel_positions(frame, torch.tensor([f]), torch.tensor([17]), s)[0]  # [T, n2, 3]
+    spec, tp, tc = pixel_tile(p, s, [20, 21], [17, 17])
+    dirs, R2, R = K.unit_directions(K.sample_positions(tp, tc, spec))  # 3 × [T, n², 2], [T, n², 2]
+    for col in range(2):
         I = 0.0
         for t in range(s.thicksteps):
             for j in range(s.oversample**2):
-                d = pos[t, j] / pos[t, j].norm()
-                cap = D.capture_fraction(d, frame, torch.tensor(float(t)), s)
-                om = D.solid_angle(pos[t, j], frame, s)
-                pol = polarization_factor(inc, d, E, p.beam.polarization)
+                dc = [c[t, j, col] for c in dirs]
+                d = torch.stack(dc)
+                cap = K.capture_fraction(dc, t, tp, tc)
+                om = K.solid_angle(R2[t, j, col], R[t, j, col], tp, tc, spec)
+                pol = K.polarization(inc, dc, tc.polar_axis, tp.polarization)
                 h = xt.A[0] @ ((d - inc) / p.beam.wavelength)
                 x = (100.0 * square(h - torch.ceil(h - 0.5), p.crystal.ncells)) ** 2
                 I = (I + x) * cap * pol * om
@@ -109,11 +109,10 @@ def test_Q14_interpolation_out_of_range_falls_back_per_sample_only():
     # pixels whose h, k, l all lie within [min+2, max-2] = [-1, 1] interpolate; the others use the nearest value,
     # independently of pixel order (the C program switches interpolation off for the rest of the run)
     xt = nbtorch.crystal_orientations(p, s)
-    from nbtorch import detector as D
+    from nbtorch.simulate import pixel_lab_positions
 
-    frame = D.detector_frame(p.detector, s)
     ff, ss = torch.meshgrid(torch.arange(s.fpixels), torch.arange(s.spixels), indexing="xy")
-    pos = D.pixel_positions(frame, ff.reshape(-1), ss.reshape(-1), s)[:, 0, 0]
+    pos = pixel_lab_positions(p, s, ff.reshape(-1), ss.reshape(-1))[:, 0, 0]
     d = pos / pos.norm(dim=-1, keepdim=True)
     h = (d - torch.tensor(s.beam, dtype=torch.float64)) / p.beam.wavelength @ xt.A[0].T
     inside = ((h >= -1) & (h <= 1)).all(-1).reshape(s.spixels, s.fpixels)
