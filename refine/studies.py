@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from nbtorch.units import DEG_PER_MRAD
+from nbtorch.units import DEG_PER_MRAD, percent_to_fraction
 
 from .options import FitOptions
 from .result import Result, finish
@@ -139,7 +139,7 @@ def search_dimensions(par, search: Mapping[str, float]) -> List[Dimension]:
             raise ValueError(f"--search {name}: not refined here; add it to the free groups (--refine) to search it")
         for i in idx:
             s = par.scalars[i]
-            to_x = {"orientation": 1.0 / DEG_PER_MRAD, "cell": s.ref / 100.0, "distance": 1.0,
+            to_x = {"orientation": 1.0 / DEG_PER_MRAD, "cell": percent_to_fraction(s.ref), "distance": 1.0,
                     "beam_center": par.setup.pixel_size}[group]
             dims[i] = Dimension(s.name + _SUFFIX[group], i, float(half), float(to_x))
     return [dims[i] for i in sorted(dims)]

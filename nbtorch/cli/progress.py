@@ -8,6 +8,7 @@ import torch
 
 from ..simulate import simulate
 from ..types import Params, Setup
+from ..units import PERCENT
 
 __all__ = ["Progress", "render", "BANDED_SAMPLES", "BANDS"]
 
@@ -28,7 +29,7 @@ class Progress:
 
     def update(self, done: int) -> None:
         """Show ``done`` of ``total`` units (only when the percentage changes)."""
-        pct = int(100 * done / self.total)
+        pct = int(PERCENT * done / self.total)
         if pct == self.last_pct:
             return
         self.last_pct = pct
