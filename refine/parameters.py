@@ -205,14 +205,16 @@ class Parameterisation:
     # ------------------------------------------------------------------ unpack
     def _leaf(self, x: torch.Tensor, items: List[Tuple[int, Scalar]], ref: torch.Tensor) -> torch.Tensor:
         """A linear/log leaf at x: ref + inc or ref·exp(inc), inc from the entries that move it."""
+        # scale·x on the whole vector, then indexed: a 0-dim tensor times a Python float gets a float64 tangent under
+        # torch.func.jacfwd (torch 2.13), which would mix dtypes in a float32 fit
         if ref.dim() == 0 or items[0][1].spec.index is None:
             (slot, s), = items
-            inc = s.spec.scale * x[..., slot]
+            inc = (s.spec.scale * x)[..., slot]
             inc = inc[..., None] if ref.dim() else inc
         else:
             comps = [x.new_zeros(x.shape[:-1])] * ref.shape[-1]
             for slot, s in items:
-                comps[s.spec.index] = s.spec.scale * x[..., slot]
+                comps[s.spec.index] = (s.spec.scale * x)[..., slot]
             inc = torch.stack(comps, -1)
         return ref * torch.exp(inc) if items[0][1].spec.transform == "log" else ref + inc
 

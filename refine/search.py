@@ -82,7 +82,7 @@ def beam_center_shift(par, x: torch.Tensor, shift_px: Sequence[float]) -> torch.
     def f(xb):
         return direct_beam_pixel(par.unpack(x.index_put((act,), xb)), par.setup)
 
-    J = jacfwd(f)(x[act])
+    J = jacfwd(f)(x[act]).to(x.dtype)  # float64 tangents from 0-dim × float under torch 2.13 (float32 fits)
     d = torch.as_tensor([float(v) for v in shift_px], dtype=x.dtype, device=x.device)
     try:
         step = torch.linalg.solve(J, d)

@@ -461,6 +461,7 @@ class Objective:
                 return m, m
 
             J, m = jacfwd(f, has_aux=True)(x0[act])
+            J = J.to(x.dtype)  # torch 2.13 gives a 0-dim tensor × Python float a float64 tangent (float32 fits)
             o, w = self.o[chunk.sl], self._w(chunk.sl)
             H += J.T @ (self.target.fisher(m, o, w)[:, None] * J)
             g += J.T @ self.target.dloss(m, o, w)
@@ -481,7 +482,8 @@ class Objective:
         active = list(range(self.par.n)) if active is None else list(active)
         act = torch.as_tensor(active, dtype=torch.long, device=x.device)
         x0 = x.detach()
-        return torch.cat([jacfwd(lambda xa, c=c: c.model(x0.index_put((act,), xa)))(x0[act]) for c in self.chunks])
+        return torch.cat([jacfwd(lambda xa, c=c: c.model(x0.index_put((act,), xa)))(x0[act]).to(x.dtype)
+                          for c in self.chunks])
 
     def likelihood_unit(self, loss: float, n_free: int) -> float:
         """Size of one log-likelihood unit of the loss: 1 for NLL targets, σ̂² = 2L/(n − p) for least squares."""

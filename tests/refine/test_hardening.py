@@ -199,3 +199,13 @@ def test_demo_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert demo_main(["--seed", "abc"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(ln.startswith("nbtorch-demo: error: ") for ln in err), err
+
+
+def test_float32_fit_of_distance_and_scale():
+    """Under torch.func.jacfwd a 0-dim float32 tensor times a Python float gets a float64 tangent (torch 2.13):
+    refine's increments and Jacobians keep the fit's dtype."""
+    p, s = nbtorch.from_nanobragg_args(SMALL, dtype=torch.float32)
+    img = nbtorch.simulate(p, s)
+    start = p._replace(detector=p.detector._replace(distance=p.detector.distance + 0.3))
+    r = refine.fit(img, start, s, free=["distance", "scale"], coarse_to_fine=False, max_iter=5)
+    assert r.x.dtype == torch.float32 and abs(r.values["distance"] - 60.0) < 0.05
