@@ -14,11 +14,12 @@ innermost, so a compiler vectorises over pixels and reduces over samples in regi
 two small matrix products (``A·d`` per orientation and pixel sample, ``A·i`` per orientation and source), so the sample
 loop only reads three numbers per index.
 
-Derivatives of the sample stage are written out (:func:`sample_sums_jvp`, :func:`sample_moments`) so that a single
-pass over the samples serves any number of tangent directions (forward mode) or all inputs at once (reverse mode);
-the per-sample partial derivatives ∂x/∂h, ∂x/∂N, ∂x/∂F come from ``torch.func.jvp`` of the per-sample function, so
-every crystal shape and structure-factor lookup is covered by one code path.  Everything here is a pure function of
-tensors: :mod:`nbtorch.fused` compiles it, and the same code runs eagerly under ``torch.func`` transforms.
+Forward-mode derivatives of the sample stage are written out (:func:`derivative_moments`, :func:`jvp_from_moments`)
+for the common case (:func:`has_fast_derivatives`: square lattice factor, no F table, flat detector), so that one
+pass over the samples serves any number of tangent directions — what ``jacfwd`` in Levenberg–Marquardt needs.
+Reverse mode is autograd of the tile recomputed in the backward pass (:mod:`nbtorch.fused`).  Everything here is a
+pure function of tensors: :mod:`nbtorch.fused` compiles the forward tile, and the same code runs eagerly under
+``torch.func`` transforms.
 """
 from __future__ import annotations
 
