@@ -235,7 +235,10 @@ def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:
         if matrix_out is not None:
             result.to_nanobragg_args(matrix_path=matrix_out, write_matrix=True)
         print("refined model: nbtorch " + result.nanobragg_command(write_matrix=False))
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        print(f"nbtorch-refine: error: cannot write --matrix-out {matrix_out}: {exc}", file=sys.stderr)
+        status = EXIT_OUTPUT
+    except ValueError as exc:
         print(f"nbtorch-refine: cannot write the model as flags: {exc}", file=sys.stderr)
     for option, path, write in (("--json", ns.json, result.to_json), ("--image", ns.image,
                                 lambda p: _write_image(p, result)), ("--plot", ns.plot, result.plot)):
