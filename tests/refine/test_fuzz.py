@@ -1,7 +1,8 @@
 """Issue 10: hypothesis fuzzes of ``nbtorch-refine``'s options and of ``refine.fit``'s arguments on an 8×8 image.
 Every run ends in ≤ 10 s: the CLI with exit 0, 3 (not converged) or 4 (poor fit) and complete, finite outputs, or
 exit 2 with one line on stderr, no traceback and no output file; ``fit`` with a Result of finite values or a
-one-line ValueError/TypeError."""
+one-line ValueError/TypeError.  The CLI runs sometimes carry one random nanoBragg flag in the starting model (the
+values of the nbtorch fuzz, tests/nbtorch/test_fuzz_cli.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,8 @@ import nbtorch
 import refine
 from nbtorch.io.smv import write_smv
 from refine.cli import main
+from tests.nbtorch.test_fuzz_cli import FLAGS as FLAG_TABLE
+from tests.nbtorch.test_fuzz_cli import SKIP, flag_values
 
 FLAGS = ("-cell 40 50 60 90 90 90 -misset 10 20 30 -N 3 -default_F 100 -distance 60 -pixel 0.4 -detpixels 8 "
          "-lambda 1 -oversample 1").split()
@@ -41,6 +44,8 @@ OPTIONS = {
     "--background": [("1", "0", "0"), ("nan", "0", "0"), ("1", "2"), ("abc", "1", "1")],
     "--no-coarse": [None], "--spots-only": [None], "--quiet": [None], "--allow-degenerate": [None],
 }
+#: nanoBragg flags a fuzzed starting model may carry (not the outputs or the detector size).
+MODEL_FLAGS = sorted(set(FLAG_TABLE) - SKIP - {"-noprogress", "-printout", "-printout_pixel"})
 OUTPUT_OPTIONS = ("--json", "--image", "--plot", "--matrix-out")
 OUTPUT_NAMES = ["fit.json", "model.bin", "model.img", "fig.png"] * 3 + ["nodir/x.json", "", "."]
 
@@ -81,7 +86,10 @@ def refine_command(draw, folder: str):
         argv += [name, outputs[name]]
     if "--quiet" not in argv:
         argv.append("--quiet")
-    return argv + FLAGS, outputs
+    extra = []  # sometimes a starting model changed by one random nanoBragg flag (the nbtorch fuzz's values)
+    for name in draw(st.lists(st.sampled_from(MODEL_FLAGS), max_size=1)):
+        extra += [name] + draw(flag_values(name, folder))
+    return argv + FLAGS + extra, outputs
 
 
 def _listing(folder):
