@@ -111,7 +111,10 @@ def _files(folder):
     return sorted(os.listdir(folder))
 
 
-@settings(max_examples=int(os.environ.get("NBTORCH_FUZZ_EXAMPLES", 40)), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+EXAMPLES = int(os.environ.get("NBTORCH_FUZZ_EXAMPLES", 40))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_command_line(data):
     with tempfile.TemporaryDirectory() as folder:
@@ -119,7 +122,8 @@ def test_fuzz_command_line(data):
         inputs = _files(folder)
         out, err = io.StringIO(), io.StringIO()
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as w:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")  # a warning would be more lines on stderr
             rc = main(argv)
         seconds = time.perf_counter() - t0
