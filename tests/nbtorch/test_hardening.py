@@ -127,5 +127,6 @@ def test_float32_forward_mode_jacobians_keep_the_dtype(leaf):
     idx = torch.arange(16)
     from nbtorch.simulate import simulate_pixels
 
-    J = torch.func.jacfwd(lambda t: simulate_pixels(nbtorch.replace_leaf(p, leaf, t), s, idx))(nbtorch.get_leaf(p, leaf))
+    J = torch.func.jacfwd(lambda t: simulate_pixels(nbtorch.replace_leaf(p, leaf, t), s, idx))(
+        nbtorch.get_leaf(p, leaf))
     assert J.dtype == torch.float32
