@@ -27,7 +27,7 @@ def _read(path):
 
 
 def test_there_are_examples():
-    assert len(EXAMPLES) >= 2, [p.name for p in EXAMPLES]
+    assert len(EXAMPLES) >= 6, [p.name for p in EXAMPLES]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
