@@ -95,36 +95,37 @@ def _is_plain(tensors) -> bool:
 
 
 def _kernel(kind: str, spec: KernelSpec):
-    """The compiled kernel ``kind`` ('forward' or 'moments') for ``spec``, or None when it failed to build here."""
+    """The compiled kernel ``kind`` (see :data:`_KERNEL_OPTIONS`) for ``spec``, or None when it failed to build."""
     key = (kind, spec)
     if key in _broken:
         return None
     fn = _compiled.get(key)
     if fn is None:
         _prepare_compiler()
-        fn = torch.compile(_KERNELS[kind](spec), dynamic=None, options=dict(_INDUCTOR_OPTIONS))
+
+        def tile(tp, tc):
+            return tile_sums(tp, tc, spec)
+
+        fn = torch.compile(tile, dynamic=None, options=dict(_KERNEL_OPTIONS[kind]))
         _compiled[key] = fn
     return fn
 
 
-def _forward_fn(spec):
-    def forward(tp, tc):
-        return tile_sums(tp, tc, spec)
-    return forward
+#: The compiled kernels: the forward tile ("forward", run without autograd: the whole per-sample expression fused
+#: into the reduction loop), and the same tile for reverse mode ("grad": AOTAutograd compiles its backward too;
+#: inductor's default fusion, because the forward settings made its backward slower and longer to build).
+_KERNEL_OPTIONS = {"forward": _INDUCTOR_OPTIONS, "grad": {}}
 
 
-
-
-_KERNELS = {"forward": _forward_fn}
-
-
-def _run(kind: str, spec: KernelSpec, eager, *args):
-    """Run the compiled kernel, or ``eager(*args)`` if it cannot be built here (warned once per kernel)."""
+def _run(kind: str, spec: KernelSpec, eager, *args, grad: bool = False):
+    """Run the compiled kernel (under ``torch.no_grad`` unless ``grad``), or ``eager(*args)`` if it cannot be built
+    here (warned once per kernel)."""
     fn = _kernel(kind, spec)
     if fn is None:
         return eager(*args)
     try:
-        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+        with torch.set_grad_enabled(grad), torch._dynamo.config.patch(recompile_limit=64,
+                                                                      accumulated_recompile_limit=4096):
             out = fn(*args)
     except Exception as err:  # compiler missing or broken: remember, warn once, compute eagerly
         key = (kind, spec)
@@ -188,22 +189,45 @@ def jvp(spec: KernelSpec, tc: TileConsts, tp: TileParams, tangents: TileParams, 
 
 
 def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: torch.Tensor,
-        needs: Tuple[bool, ...]) -> TileParams:
+        needs: Tuple[bool, ...], fused: bool = False) -> TileParams:
     """Gradients of ⟨gS, S⟩ + ⟨gf, factor⟩ (gS, gf: [P]) with respect to the leaves of ``tp`` flagged in ``needs``
-    (the others None), by reverse-mode autograd of the tile recomputed here (eager code)."""
+    (the others None), by reverse-mode autograd of the tile recomputed here: compiled forward and backward when
+    ``fused`` and every input is a plain tensor, else eager code."""
     idx = [i for i, n in enumerate(needs) if n]
 
-    def f(*chosen):
+    def tile_of(*chosen):
         leaves = list(tp)
         for i, v in zip(idx, chosen):
             leaves[i] = v
-        return tile_sums(TileParams(*leaves), tc, spec)
+        return TileParams(*leaves)
 
-    grads = torch.func.vjp(f, *[tp[i] for i in idx])[1]((gS, gf))
+    def eager(*chosen):
+        return torch.func.vjp(lambda *c: tile_sums(tile_of(*c), tc, spec), *chosen)[1]((gS, gf))
+
+    chosen = [tp[i] for i in idx]
+    if fused and _is_plain(tp) and _is_plain((gS, gf)):
+        grads = _compiled_vjp(spec, tc, tile_of, chosen, (gS, gf), eager)
+    else:
+        grads = eager(*chosen)
     out = [None] * len(tp)
     for i, g in zip(idx, grads):
         out[i] = g
     return TileParams(*out)
+
+
+def _compiled_vjp(spec, tc, tile_of, chosen, cotangents, eager):
+    """Reverse mode through the compiled "grad" kernel: its forward under autograd, then ``torch.autograd.grad``
+    (AOTAutograd's compiled backward)."""
+    leaves = [c.detach().requires_grad_() for c in chosen]
+    with torch.enable_grad():
+        out = _run("grad", spec, lambda *a: None, tile_of(*leaves), tc, grad=True)
+    if out is None:  # the kernel could not be built here
+        return eager(*chosen)
+    pairs = [(o, c) for o, c in zip(out, cotangents) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(c) for c in chosen]
+    return torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True,
+                               materialize_grads=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +260,8 @@ class TileFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gS, gf):
         tp = TileParams(*ctx.saved_tensors)
-        return (None, None, None) + tuple(vjp(ctx.spec, ctx.tc, tp, gS, gf, tuple(ctx.needs_input_grad[3:])))
+        needs = tuple(ctx.needs_input_grad[3:])
+        return (None, None, None) + tuple(vjp(ctx.spec, ctx.tc, tp, gS, gf, needs, ctx.fused))
 
     @staticmethod
     def jvp(ctx, _spec, _tc, _fused, *tangents):

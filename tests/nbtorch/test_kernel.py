@@ -107,6 +107,20 @@ def test_gradients_and_jacfwd_same_compiled_or_eager_and_for_any_tile_size():
     assert float(g_eager.abs().max()) > 0
 
 
+def test_compiled_backward_equals_eager():
+    """.backward() through compiled tiles (forward and backward compiled by AOTAutograd) = eager, float64 1e-10."""
+    p, s = _model(SMALL)
+    grads = []
+    for fz in (False, True):
+        q = _with_grad_cell(p)
+        with _no_fallback():
+            nbtorch.simulate(q, s, fused=fz).pow(2).sum().backward()
+        grads.append(q.crystal.cell.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10 * float(grads[0].abs().max()))
+    if fused.compiler_available():
+        assert any(kind == "grad" for kind, _ in fused._compiled), "the compiled backward was not used"
+
+
 def test_tiny_budget_chunks_orientations_and_sources_with_same_image_and_gradient():
     """A budget smaller than one pixel's samples splits orientations and sources; image and gradient unchanged."""
     p, s = _model(SMALL)
