@@ -177,9 +177,11 @@ def jvp(spec: KernelSpec, tc: TileConsts, tp: TileParams, tangents: TileParams, 
     None (no tangent).  Where :func:`~nbtorch.kernel.has_fast_derivatives` holds, one pass over the samples serves
     all C columns (:func:`~nbtorch.kernel.derivative_moments`); otherwise one forward-mode pass per column.
 
-    ``fused`` is accepted for symmetry: derivative passes run eagerly (a compiled moments kernel took minutes to
-    build and was no faster than the eager one; see benchmarks/RESULTS.md)."""
+    ``fused`` is accepted for symmetry: forward-mode passes run eagerly (a compiled moments kernel took minutes to
+    build and was no faster than the eager one; see docs/kernel.md)."""
     C = next(t.shape[0] for t in tangents if t is not None)
+    # a tangent's dtype follows its primal's (torch can hand a float32 primal a float64 tangent under jacfwd)
+    tangents = TileParams(*(None if t is None else t.to(v.dtype) for t, v in zip(tangents, tp)))
     if _is_plain(tp) and _is_plain(tangents) and has_fast_derivatives(spec):  # no F table: its tangent is moot
         with torch.no_grad():
             return jvp_from_moments(derivative_moments(tp, tc, spec), tp, tangents)

@@ -31,14 +31,23 @@ GAUSS_RHO2_SCALE = 0.63
 TOPHAT_RHO2_LIMIT = 0.3969
 
 
+def _scaled(x, k: float):
+    """x·k; a tensor x is multiplied by k as a tensor of its own dtype (the same number: torch rounds a Python
+    scalar to the tensor's dtype), because under ``jacfwd`` a 0-dim float32 tensor times a Python float gets a
+    float64 tangent in torch 2.13."""
+    if isinstance(x, torch.Tensor):
+        return x * torch.as_tensor(k, dtype=x.dtype, device=x.device)
+    return x * k
+
+
 def deg2rad(x):
     """Degrees → radians; works on floats and tensors of any shape."""
-    return x * (math.pi / 180.0)
+    return _scaled(x, math.pi / 180.0)
 
 
 def rad2deg(x):
     """Radians → degrees; works on floats and tensors of any shape."""
-    return x * (180.0 / math.pi)
+    return _scaled(x, 180.0 / math.pi)
 
 
 def mrad2rad(x):
