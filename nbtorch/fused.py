@@ -198,10 +198,7 @@ def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: 
     idx = [i for i, n in enumerate(needs) if n]
 
     def tile_of(*chosen):
-        leaves = list(tp)
-        for i, v in zip(idx, chosen):
-            leaves[i] = v
-        return TileParams(*leaves)
+        return TileParams(*_substitute(tp, idx, chosen))
 
     def eager(*chosen):
         return torch.func.vjp(lambda *c: tile_sums(tile_of(*c), tc, spec), *chosen)[1]((gS, gf))
@@ -211,10 +208,7 @@ def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: 
         grads = _compiled_vjp(spec, tc, tile_of, chosen, (gS, gf), eager)
     else:
         grads = eager(*chosen)
-    out = [None] * len(tp)
-    for i, g in zip(idx, grads):
-        out[i] = g
-    return TileParams(*out)
+    return TileParams(*_substitute([None] * len(tp), idx, grads))
 
 
 def _compiled_vjp(spec, tc, tile_of, chosen, cotangents, eager):
@@ -306,30 +300,35 @@ class TileTangent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gSd, gfd):
-        args = _unpack_saved(ctx.present, ctx.saved_tensors)
-        idx = [i for i, a in enumerate(args) if a is not None]
-        def f(*present):
-            full = list(args)
-            for i, v in zip(idx, present):
-                full[i] = v
-            return _eager_tangent(ctx.spec, ctx.tc)(*full)
+        args, idx, f = _saved_tangent_function(ctx)
         grads = torch.func.vjp(f, *[args[i] for i in idx])[1]((gSd, gfd))
-        out = [None] * len(args)
-        for i, g in zip(idx, grads):
-            out[i] = g
-        return (None, None, None) + tuple(out)
+        return (None, None, None) + tuple(_substitute([None] * len(args), idx, grads))
 
     @staticmethod
     def jvp(ctx, _spec, _tc, _fused, *tangents):
-        args = _unpack_saved(ctx.present, ctx.saved_tensors)
-        idx = [i for i, a in enumerate(args) if a is not None]
-        def f(*present):
-            full = list(args)
-            for i, v in zip(idx, present):
-                full[i] = v
-            return _eager_tangent(ctx.spec, ctx.tc)(*full)
+        args, idx, f = _saved_tangent_function(ctx)
         tans = tuple(torch.zeros_like(args[i]) if tangents[i] is None else tangents[i] for i in idx)
         return torch.func.jvp(f, tuple(args[i] for i in idx), tans)[1]
+
+
+def _substitute(values, idx, chosen) -> list:
+    """``values`` as a list with ``values[i]`` replaced by ``chosen[k]`` for the k-th index ``i`` of ``idx``."""
+    full = list(values)
+    for i, v in zip(idx, chosen):
+        full[i] = v
+    return full
+
+
+def _saved_tangent_function(ctx):
+    """TileTangent's saved inputs (None where absent), the indices present, and the eager tangent as a function of
+    the present ones (what its second-order rules differentiate)."""
+    args = _unpack_saved(ctx.present, ctx.saved_tensors)
+    idx = [i for i, a in enumerate(args) if a is not None]
+
+    def f(*present):
+        return _eager_tangent(ctx.spec, ctx.tc)(*_substitute(args, idx, present))
+
+    return args, idx, f
 
 
 def _unpack_saved(present, saved):
