@@ -68,8 +68,11 @@ def command_lines(threads: int, tmp: str, c_binary: Optional[str]) -> dict:
             cmd = [sys.executable, "-m", "nbtorch", *flags.split(), "-floatfile", img, "--dtype", dtype]
             out[f"{case}_{dtype}_cold"] = timed(cmd, _env(threads, tempfile.mkdtemp(dir=cold)), tmp)
             out[f"{case}_{dtype}_warm"] = timed(cmd, _env(threads), tmp)
+            out[f"{case}_{dtype}_nonoise"] = timed(cmd + ["-nonoise"], _env(threads), tmp)
         if c_binary:
             out[f"{case}_C"] = timed([c_binary, *flags.split(), "-floatfile", img], _env(threads), tmp)
+            out[f"{case}_C_nonoise"] = timed([c_binary, *flags.split(), "-floatfile", img, "-nonoise"],
+                                             _env(threads), tmp)
     return out
 
 
