@@ -14,6 +14,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 
 from .joint import JointObjective
+from .lm import IterationLog, next_damping
 from .schur import BlockNormal, decrement, schur_solve
 
 
@@ -93,16 +94,9 @@ def joint_levenberg_marquardt(
     if not math.isfinite(L):
         raise ValueError("the starting models give an infinite or NaN loss (a non-positive model where photons were "
                          "observed?): check the starting models, the background and the masks")
-    history: List[dict] = []
-
-    def log(it, step, mu):
-        history.append(dict(iteration=it, loss=L, step=step, damping=mu, accepted=True,
-                            seconds=time.perf_counter() - t0))
-        if callback:
-            callback(history[-1])
-
+    log = IterationLog(t0, callback)
     mu, nu, evals, it = float(damping), 2.0, 1, 0
-    log(0, 0.0, mu)
+    log.add(0, L, 0.0, mu)
     converged, message = False, f"reached max_iter = {max_iter}"
     if k == 0 or decrement(blk) < ftol * obj.likelihood_unit(L, k):
         converged, message = True, "converged at the start (Gauss–Newton decrement below ftol)"
@@ -117,11 +111,11 @@ def joint_levenberg_marquardt(
                        else f"stopped: damping above {max_damping:g} without a downhill step")
             break
         step = float((X_new - X).abs().max())
-        X, mu, nu = X_new, mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0
+        X, mu, nu = X_new, next_damping(mu, rho), 2.0
         L, blk, Hs = obj.normal(X, act_s, act_own)
         evals += 1
-        log(it, step, mu)
+        log.add(it, L, step, mu)
         gn = decrement(blk) / obj.likelihood_unit(L, k)
         if gn < ftol:
             converged, message = True, f"converged: Gauss–Newton decrement {gn:.3g} < ftol = {ftol:g}"
-    return JointRun(X, L, converged, message, it, evals, history, (blk, Hs))
+    return JointRun(X, L, converged, message, it, evals, log.rows, (blk, Hs))

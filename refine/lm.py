@@ -125,6 +125,25 @@ def _step_sigma(objective: Objective, H, delta, loss: float, k: int) -> float:
         return math.inf
 
 
+class IterationLog:
+    """The history of a minimisation: one dict per accepted iteration (iteration, loss, step, damping, accepted,
+    seconds since ``t0``), each passed to ``callback`` as it is written."""
+
+    def __init__(self, t0: float, callback: Optional[Callable[[dict], None]] = None):
+        self.t0, self.callback, self.rows = t0, callback, []
+
+    def add(self, it: int, loss: float, step: float, mu: float) -> None:
+        self.rows.append(dict(iteration=it, loss=loss, step=step, damping=mu, accepted=True,
+                              seconds=time.perf_counter() - self.t0))
+        if self.callback:
+            self.callback(self.rows[-1])
+
+
+def next_damping(mu: float, rho: float) -> float:
+    """Nielsen's damping update after an accepted step with gain ratio ``rho``."""
+    return mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+
+
 def levenberg_marquardt(
     objective: Objective,
     x0: torch.Tensor,
@@ -170,16 +189,9 @@ def levenberg_marquardt(
     if not math.isfinite(L):
         raise ValueError("the starting model gives an infinite or NaN loss (a non-positive model where photons were "
                          "observed?): check the starting model, the background and the mask")
-    history: List[dict] = []
-
-    def log(it, step, mu):
-        history.append(dict(iteration=it, loss=L, step=step, damping=mu, accepted=True,
-                            seconds=time.perf_counter() - t0))
-        if callback:
-            callback(history[-1])
-
+    log = IterationLog(t0, callback)
     mu, nu, evals, it = float(damping), 2.0, 1, 0
-    log(0, 0.0, mu)
+    log.add(0, L, 0.0, mu)
     converged, message = False, f"reached max_iter = {max_iter}"
     if gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi)) < ftol * objective.likelihood_unit(L, k):
         converged, message = True, "converged at the start (Gauss–Newton decrement below ftol)"
@@ -195,14 +207,14 @@ def levenberg_marquardt(
                        else f"stopped: damping above {max_damping:g} without a downhill step")
             break
         decrease, step_sig = L - st.loss, _step_sigma(objective, H, st.delta, st.loss, k)
-        x, mu, nu = st.x, st.mu * max(1.0 / 3.0, 1.0 - (2.0 * st.rho - 1.0) ** 3), 2.0
+        x, mu, nu = st.x, next_damping(st.mu, st.rho), 2.0
         L, g, H, m_now = objective.normal_equations(x, active)
         evals += 1
-        log(it, step_sig, mu)
+        log.add(it, L, step_sig, mu)
         unit = objective.likelihood_unit(L, k)
         gn = gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi))
         if gn < ftol * unit:
             converged, message = True, f"converged: Gauss–Newton decrement {gn / unit:.3g} < ftol = {ftol:g}"
         elif decrease < ftol * unit and step_sig < xtol:
             converged, message = True, f"converged: step {step_sig:.3g} σ < xtol and decrease below ftol"
-    return MinimizeResult(x, L, converged, message, it, evals, history, normal=(list(active), H, m_now))
+    return MinimizeResult(x, L, converged, message, it, evals, log.rows, normal=(list(active), H, m_now))
