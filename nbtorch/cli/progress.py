@@ -1,4 +1,4 @@
-"""Rendering with a text progress bar: ``simulate`` in horizontal bands of rows so the bar can advance."""
+"""Rendering with a text progress bar that advances tile by tile."""
 from __future__ import annotations
 
 import time
@@ -6,16 +6,11 @@ from typing import Optional, TextIO
 
 import torch
 
-from ..simulate import simulate
+from ..simulate import rendered_pixels, simulate
 from ..types import Params, Setup
 from ..units import PERCENT
 
-__all__ = ["Progress", "render", "BANDED_SAMPLES", "BANDS"]
-
-#: Work (pixel samples) above which :func:`render` renders the image in horizontal bands.
-BANDED_SAMPLES = 1 << 22
-#: Number of bands of a banded rendering.
-BANDS = 20
+__all__ = ["Progress", "render"]
 
 
 class Progress:
@@ -48,32 +43,17 @@ class Progress:
 def render(params: Params, setup: Setup, progress: Optional[TextIO] = None, label: str = "nbtorch") -> torch.Tensor:
     """``simulate(params, setup)`` with an optional text progress bar written to ``progress`` (a text stream).
 
-    Large jobs (more than :data:`BANDED_SAMPLES` pixel samples) are rendered in :data:`BANDS` horizontal bands of
-    rows (each a ``Setup.roi``), so the bar advances; small ones report start and end only.  Returns photons/pixel
-    ``[spixels, fpixels]`` (pixels outside the ROI or masked are 0), identical to :func:`nbtorch.simulate`.
+    One call of :func:`nbtorch.simulate`; the bar counts rendered pixels and advances after every tile (the tiles
+    are set by ``setup.sample_budget``).  Returns photons/pixel ``[spixels, fpixels]`` (pixels outside the ROI or
+    masked are 0), identical to :func:`nbtorch.simulate`.
     """
     if progress is None:
         return simulate(params, setup)
-    x0, x1, y0, y1 = setup.roi if setup.roi is not None else (0, setup.fpixels - 1, 0, setup.spixels - 1)
     per_pixel = setup.thicksteps * setup.oversample**2 * setup.n_sources * setup.n_domains * setup.phisteps
-    n_pix, rows = (x1 - x0 + 1) * (y1 - y0 + 1), y1 - y0 + 1
-    bar = Progress(progress, rows, f"{label}: {n_pix} pixels x {per_pixel} samples")
+    n_pix = int(len(rendered_pixels(setup)))
+    bar = Progress(progress, n_pix, f"{label}: {n_pix} pixels x {per_pixel} samples")
     bar.update(0)
-    if n_pix * per_pixel <= BANDED_SAMPLES or rows == 1:
-        image = simulate(params, setup)
-        bar.update(rows)
-        bar.close()
-        return image
-    nb = min(BANDS, rows)
-    edges = [y0 + (rows * k) // nb for k in range(nb + 1)]
-    image = None
-    for k in range(nb):
-        b0, b1 = edges[k], edges[k + 1] - 1
-        band = simulate(params, setup.replace(roi=(x0, x1, b0, b1)), check=(k == 0))
-        if image is None:
-            image = band  # zero outside this band: later bands fill their rows in
-        else:
-            image[b0 : b1 + 1] = band[b0 : b1 + 1]
-        bar.update(edges[k + 1] - y0)
+    image = simulate(params, setup, progress=lambda done, total: bar.update(done))
+    bar.update(n_pix)
     bar.close()
     return image

@@ -358,15 +358,16 @@ def test_noprogress_is_silent_and_progress_goes_to_stderr(tmp_path, monkeypatch,
     assert "100%" in capsys.readouterr().err
 
 
-def test_banded_rendering_equals_simulate(monkeypatch):
+def test_progress_rendering_equals_simulate():
     params, setup = nbtorch.from_nanobragg_args(SMALL + ["-roi", "2", "20", "1", "17", "-oversample", "2"])
-    monkeypatch.setattr(cli.progress, "BANDED_SAMPLES", 0)
+    setup = setup.replace(sample_budget=64)  # many tiles: the bar advances after each
     buf = io.StringIO()
-    banded = cli.render(params, setup, progress=buf)
+    shown = cli.render(params, setup, progress=buf)
     whole = nbtorch.simulate(params, setup)
-    assert torch.equal(banded, whole)
+    assert torch.equal(shown, whole)
     lines = buf.getvalue().splitlines()
     assert len(lines) > 10 and lines[-1].rstrip().endswith("s") and "100%" in lines[-1]
+    assert "0%" in lines[0] and f"{19 * 17} pixels" in lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
