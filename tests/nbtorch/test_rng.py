@@ -133,8 +133,20 @@ def _mixed_means(n: int, seed: int) -> np.ndarray:
     return x
 
 
+def _use_impl(monkeypatch, impl: str) -> None:
+    """Select the poidev_many implementation: the pure-Python one, or the native routine (skipped if unavailable)."""
+    if impl == "python":
+        monkeypatch.setenv("NBTORCH_NATIVE", "0")
+    else:
+        monkeypatch.delenv("NBTORCH_NATIVE", raising=False)
+        if rngmod._native_poidev() is None:
+            pytest.skip("native poidev unavailable (no C compiler, or the build failed)")
+
+
+@pytest.mark.parametrize("impl", ["python", "native"])
 @pytest.mark.parametrize("force_exact", [False, True])
-def test_poidev_many_equals_scalar(monkeypatch, force_exact):
+def test_poidev_many_equals_scalar(monkeypatch, force_exact, impl):
+    _use_impl(monkeypatch, impl)
     if force_exact:  # every comparison "too close to call" -> exact float32 path; also the k >= KMAX path
         monkeypatch.setattr(rngmod, "_TOL", 10.0)
         monkeypatch.setattr(rngmod, "_KMAX", 3)
@@ -148,7 +160,9 @@ def test_poidev_many_equals_scalar(monkeypatch, force_exact):
     assert a.gasdev() == b.gasdev()
 
 
-def test_poidev_many_long_small_mean_run_crosses_blocks():
+@pytest.mark.parametrize("impl", ["python", "native"])
+def test_poidev_many_long_small_mean_run_crosses_blocks(monkeypatch, impl):
+    _use_impl(monkeypatch, impl)
     x = np.full(40_000, 7.5, dtype=np.float32)  # ~340k uniforms: several refills
     a, b = Ran1(-5), Ran1(-5)
     got = a.poidev_many(x)
