@@ -5,12 +5,14 @@ OpenMP-parallel C++ loop nest per kernel on the CPU, Triton on a GPU) and wrappe
 ``autograd.Function`` that recomputes a tile in the backward pass instead of keeping its graph, so reverse-mode memory
 is set by the tile size, not by the image.
 
-Three kernels per :class:`~nbtorch.kernel.KernelSpec`: the forward tile, forward mode for C tangents at once (what
-``jacfwd`` needs: one pass over the samples for all columns) and reverse mode (one pass over the samples, reduced over
-sources).  They are used when every input is a plain tensor; under an outer ``torch.func`` transform (vmap over
-parameter sets, ``hessian``, …) the same math runs eagerly, so every transform keeps working and gives the same
-numbers.  Compiled code is cached on disk (``TORCHINDUCTOR_CACHE_DIR``, by default ``~/.cache/nbtorch/inductor``), so a
-second process loads it instead of compiling; where no compiler works the eager code runs instead, with a warning.
+Per :class:`~nbtorch.kernel.KernelSpec`: the forward tile is compiled ahead of time (:mod:`nbtorch.aot`: a
+package that a process loads in milliseconds, without dynamo); reverse mode runs the tile compiled by
+``torch.compile`` under autograd (AOTAutograd compiles its backward); forward mode for C tangents at once (what
+``jacfwd`` needs) is one eager pass of derivative moments.  Compiled kernels are used when every input is a plain
+tensor; under an outer ``torch.func`` transform (vmap over parameter sets, ``hessian``, …) the same math runs eagerly,
+so every transform keeps working and gives the same numbers.  Compiled code is cached on disk (by default
+``~/.cache/nbtorch/inductor``, see :func:`cache_dir`), so a second process loads it instead of compiling; where no
+compiler works the eager code runs instead, with a warning.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import aot
 from .kernel import (KernelSpec, TileConsts, TileParams, derivative_moments, has_fast_derivatives, jvp_from_moments,
                      tile_sums)
 
@@ -34,8 +37,6 @@ except ImportError:  # pragma: no cover - older torch
 FUSED_ENV = "NBTORCH_FUSED"
 #: Environment variable: the on-disk cache of compiled kernels (default ``$XDG_CACHE_HOME/nbtorch/inductor``).
 CACHE_ENV = "NBTORCH_CACHE_DIR"
-#: Inductor settings: fuse the whole per-sample expression into the reduction loop instead of storing pieces of it.
-_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 1000, "realize_reads_threshold": 16}
 
 _compiled: Dict[tuple, object] = {}
 _broken: Dict[tuple, str] = {}
@@ -111,10 +112,10 @@ def _kernel(kind: str, spec: KernelSpec):
     return fn
 
 
-#: The compiled kernels: the forward tile ("forward", run without autograd: the whole per-sample expression fused
-#: into the reduction loop), and the same tile for reverse mode ("grad": AOTAutograd compiles its backward too;
-#: inductor's default fusion, because the forward settings made its backward slower and longer to build).
-_KERNEL_OPTIONS = {"forward": _INDUCTOR_OPTIONS, "grad": {}}
+#: The ``torch.compile`` kernels: the tile for reverse mode ("grad": AOTAutograd compiles its backward too;
+#: inductor's default fusion, because the forward tile's settings (:data:`nbtorch.aot.INDUCTOR_OPTIONS`) made its
+#: backward slower and longer to build).  The forward tile is compiled ahead of time (:mod:`nbtorch.aot`).
+_KERNEL_OPTIONS = {"grad": {}}
 
 
 def _run(kind: str, spec: KernelSpec, eager, *args, grad: bool = False):
@@ -162,10 +163,35 @@ def _zeros_for_none(tp: TileParams, tan: TileParams) -> TileParams:
 
 
 def forward(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(S [P], factor [P]) of a tile; compiled when ``fused`` and every input is a plain tensor."""
-    if _fast(fused, tp):
-        return _run("forward", spec, lambda a, b: tile_sums(a, b, spec), tp, tc)
-    return tile_sums(tp, tc, spec)
+    """(S [P], factor [P]) of a tile; compiled ahead of time (:mod:`nbtorch.aot`) when ``fused`` and every input is a
+    plain tensor, else eager."""
+    if not _fast(fused, tp):
+        return tile_sums(tp, tc, spec)
+    like = tp.A
+    key = ("forward", spec, like.dtype, like.device.type)
+    fn = None if key in _broken else _aot_kernel(key, spec, like)
+    if fn is None:
+        return tile_sums(tp, tc, spec)
+    with torch.no_grad():
+        return fn(tp, tc)
+
+
+def _aot_kernel(key, spec: KernelSpec, like: torch.Tensor):
+    """The ahead-of-time compiled forward tile (built into the cache on first use), or None with a warning (once)
+    when it cannot be built or loaded here."""
+    try:
+        root = cache_dir()
+        if aot.package_path(root, spec, like.dtype, like.device).exists():
+            return aot.load(root, spec, like.dtype, like.device)  # no dynamo, no inductor: milliseconds
+        _prepare_compiler()
+        fn = aot.load(root, spec, like.dtype, like.device)
+    except Exception as err:  # compiler missing or broken: remember, warn once, compute eagerly
+        _broken[key] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"nbtorch: compiled forward kernel unavailable ({type(err).__name__}: {str(err)[:200]}); "
+                      "using eager code", RuntimeWarning, stacklevel=4)
+        return None
+    _mark_compiled_ok()
+    return fn
 
 
 def _tangent(tangents: TileParams, c: int) -> TileParams:

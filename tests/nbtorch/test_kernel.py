@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import nbtorch
-from nbtorch import fused, kernel
-from nbtorch.simulate import _tile_consts, _tile_params, kernel_spec, plan
+from nbtorch import aot, fused, kernel
+from nbtorch.simulate import _tile_consts, _tile_params, kernel_spec, pixel_tile, plan
 
 BASE = "-default_F 100 -cell 60 70 80 90 95 90 -misset 1 2 3 -N 4 -detpixels 8 -pixel 1.2 -distance 80 "
 DERIVATIVE_CASES = ["-mosaic 0.3 -mosaic_domains 3 -oversample 2 -dispersion 1 -dispsteps 3",
@@ -70,6 +70,29 @@ def test_compiled_forward_equals_eager():
         comp = nbtorch.simulate(p, s, fused=True)
     torch.testing.assert_close(comp, eager, rtol=1e-10, atol=1e-10 * float(eager.max()))
     assert float(eager.max()) > 0
+    if fused.compiler_available():
+        assert (kernel_spec(p, s), torch.float64, "cpu", None) in aot._loaded, "the compiled forward was not used"
+
+
+def test_compiled_forward_any_sizes_and_strided_inputs():
+    """One compiled forward package serves every tile size, orientation and source count, sub-pixel grid and
+    sensor-layer count of a kernel spec, and strided (non-contiguous) inputs (float64, 1e-10 against eager)."""
+    p, s = _model(SMALL)
+    spec, tp, tc = pixel_tile(p, s, torch.arange(7), torch.arange(7) + 3)
+    with _no_fallback():
+        for O, K, P in ((3, 2, 7), (1, 1, 1), (2, 1, 5)):
+            tpo = tp._replace(A=tp.A.flip(0)[:O])  # a strided view
+            tco = tc._replace(fast=tc.fast[:P], slow=tc.slow[:P], incident=tc.incident_all[:K],
+                              lam_factor=tc.lam_factor_all[:K])
+            comp, ref = fused.forward(spec, tco, tpo, True), kernel.tile_sums(tpo, tco, spec)
+            for a, b in zip(comp, ref):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+        for extra in (["-oversample", "3"], ["-oversample", "1", "-dispsteps", "5", "-mosaic_domains", "1"]):
+            q, t = _model(SMALL + " " + " ".join(extra))
+            assert kernel_spec(q, t) == spec
+            eager = nbtorch.simulate(q, t, fused=False)
+            torch.testing.assert_close(nbtorch.simulate(q, t, fused=True), eager, rtol=1e-10,
+                                       atol=1e-10 * float(eager.max()))
 
 
 class _no_fallback:

@@ -1,0 +1,138 @@
+"""Ahead-of-time compiled forward tiles: a shared library per kernel that a process loads in milliseconds.
+
+``torch.compile`` caches generated code on disk, but every new process still imports dynamo and re-traces the
+Python function before it finds that code (seconds per process).  For the forward tile — the whole of what
+``nbtorch`` on the command line and every forward ``simulate`` run — this module instead exports
+:func:`nbtorch.kernel.tile_sums` once per (:class:`~nbtorch.kernel.KernelSpec`, dtype, device) with symbolic sizes
+(pixels per tile, orientations, sources, sub-pixels, sensor layers, F-table extents), compiles it with AOTInductor
+into a package in the kernel cache (``<cache>/aot/<key>.pt2``), and runs it through torch's C++ package loader,
+which needs neither dynamo nor inductor at run time.  The OpenMP thread count follows ``torch.set_num_threads`` at
+run time (not the count at build time).  The key hashes the kernel's source files and the torch version, so an
+edited kernel or a new torch builds a new package.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tempfile
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .kernel import KernelSpec, TileConsts, TileParams, tile_sums
+
+__all__ = ["package_path", "load", "build"]
+
+#: nbtorch modules whose source defines the tile computation (part of the package key).
+_SOURCES = ("kernel.py", "shape.py", "structure.py", "units.py", "aot.py")
+#: Inductor settings of the forward tile: the whole per-sample expression fused into the reduction loop, and a
+#: thread count read at run time.
+INDUCTOR_OPTIONS = {"realize_opcount_threshold": 1000, "realize_reads_threshold": 16, "cpp.dynamic_threads": True}
+
+_NP = len(TileParams._fields)
+_loaded: Dict[tuple, Callable] = {}
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256(torch.__version__.encode())
+    here = pathlib.Path(__file__).parent
+    for name in _SOURCES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def package_path(root: pathlib.Path, spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> pathlib.Path:
+    """Where the package of this kernel lives under the cache directory ``root``."""
+    key = hashlib.sha256(f"{_source_hash()}|{spec!r}|{dtype}|{device.type}".encode()).hexdigest()[:32]
+    return root / "aot" / f"tile-{key}.pt2"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building
+
+
+def _example(spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> Tuple[tuple, tuple]:
+    """Example inputs with distinct sizes ≥ 2 along every symbolic axis, and the matching ``dynamic_shapes``."""
+    from torch.export import Dim
+
+    def z(*shape):
+        return torch.rand(shape, dtype=dtype, device=device) + 0.5
+
+    big = 1 << 40
+    P, O, K, Ka, N2, T = (Dim(n, min=1, max=big) for n in ("pixels", "orientations", "sources", "all_sources",
+                                                          "subpixels", "layers"))
+    nh, nk, nl = (Dim(n, min=1, max=big) for n in ("nh", "nk", "nl"))
+    F = z(5, 6, 7) if spec.table else z(0, 0, 0)
+    tp = TileParams(pix0=z(3), fdet=z(3), sdet=z(3), odet=z(3), close=z(), distance=z(), A=z(13, 3, 3), B0=z(3, 3),
+                    wavelength=z(), ncells=z(3), polarization=z(), F=F, default_F=z(), I_bg=z())
+    tc = TileConsts(fast=z(11), slow=z(11), offsets=z(9, 2), layers=z(2), incident=z(4, 3), lam_factor=z(4),
+                    incident_all=z(8, 3), lam_factor_all=z(8), polar_axis=z(3), beam=z(3), pixel=z(), capture_k=z(),
+                    dmin=z(), hkl_min=z(3))
+    dyn_p = {f: None for f in TileParams._fields}
+    dyn_p.update(A={0: O}, F={0: nh, 1: nk, 2: nl} if spec.table else None)
+    dyn_c = {f: None for f in TileConsts._fields}
+    dyn_c.update(fast={0: P}, slow={0: P}, offsets={0: N2}, layers={0: T}, incident={0: K}, lam_factor={0: K},
+                 incident_all={0: Ka}, lam_factor_all={0: Ka})
+    return tuple(tp) + tuple(tc), (tuple(dyn_p.values()) + tuple(dyn_c.values()),)
+
+
+class _Tile(torch.nn.Module):
+    def __init__(self, spec: KernelSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, *flat):
+        return tile_sums(TileParams(*flat[:_NP]), TileConsts(*flat[_NP:]), self.spec)
+
+
+def build(path: pathlib.Path, spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> None:
+    """Export and compile the forward tile of ``spec`` into the package ``path`` (written atomically: a concurrent
+    process sees either no package or a complete one).  Raises whatever export or compilation raises."""
+    import torch._inductor
+
+    args, dynamic = _example(spec, dtype, device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices while exporting
+        program = torch.export.export(_Tile(spec), args, dynamic_shapes=dynamic, strict=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=dict(INDUCTOR_OPTIONS))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load(root: pathlib.Path, spec: KernelSpec, dtype: torch.dtype, device: torch.device,
+         build_missing: bool = True) -> Optional[Callable[[TileParams, TileConsts], Tuple[torch.Tensor, ...]]]:
+    """The compiled forward tile ``f(tp, tc) -> (S [P], factor [P])`` of ``spec`` for inputs of ``dtype`` on
+    ``device``, from the package cache under ``root`` (built first when missing and ``build_missing``; None when
+    missing and not built).  Loaded once per process."""
+    key = (spec, dtype, device.type, device.index)
+    fn = _loaded.get(key)
+    if fn is not None:
+        return fn
+    path = package_path(root, spec, dtype, device)
+    if not path.exists():
+        if not build_missing:
+            return None
+        build(path, spec, dtype, device)
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda"
+                                                           else -1)
+    runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+
+    def fn(tp: TileParams, tc: TileConsts):
+        # the compiled code assumes the contiguous layout of the example inputs (the orientation stack, for one,
+        # often arrives as a strided view)
+        return tuple(runner.run([t.contiguous() for t in (*tp, *tc)]))
+
+    _loaded[key] = fn
+    return fn
