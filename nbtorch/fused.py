@@ -11,7 +11,7 @@ package that a process loads in milliseconds, without dynamo); reverse mode runs
 ``jacfwd`` needs) is one eager pass of derivative moments.  Compiled kernels are used when every input is a plain
 tensor; under an outer ``torch.func`` transform (vmap over parameter sets, ``hessian``, …) the same math runs eagerly,
 so every transform keeps working and gives the same numbers.  Compiled code is cached on disk (by default
-``~/.cache/nbtorch/inductor``, see :func:`cache_dir`), so a second process loads it instead of compiling; where no
+``~/.cache/nbtorch``, see :mod:`nbtorch.cachedir`), so a second process loads it instead of compiling; where no
 compiler works the eager code runs instead, with a warning.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import aot
+from .cachedir import cache_root
 from .kernel import (KernelSpec, TileConsts, TileParams, derivative_moments, has_fast_derivatives, jvp_from_moments,
                      tile_sums)
 
@@ -35,20 +36,14 @@ except ImportError:  # pragma: no cover - older torch
 
 #: Environment variable: "0" forces the eager kernels, "1" the compiled ones (``simulate(fused=...)`` wins).
 FUSED_ENV = "NBTORCH_FUSED"
-#: Environment variable: the on-disk cache of compiled kernels (default ``$XDG_CACHE_HOME/nbtorch/inductor``).
-CACHE_ENV = "NBTORCH_CACHE_DIR"
-
 _compiled: Dict[tuple, object] = {}
 _broken: Dict[tuple, str] = {}
 
 
 def cache_dir() -> pathlib.Path:
-    """Directory of nbtorch's on-disk kernel cache (``$NBTORCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/nbtorch/inductor``,
-    else ``~/.cache/nbtorch/inductor``)."""
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "nbtorch" / "inductor"
+    """Directory of ``torch.compile``'s on-disk cache for nbtorch's kernels: ``<cache root>/inductor`` (see
+    :mod:`nbtorch.cachedir`)."""
+    return cache_root() / "inductor"
 
 
 def _prepare_compiler() -> None:
@@ -180,7 +175,7 @@ def _aot_kernel(key, spec: KernelSpec, like: torch.Tensor):
     """The ahead-of-time compiled forward tile (built into the cache on first use), or None with a warning (once)
     when it cannot be built or loaded here."""
     try:
-        root = cache_dir()
+        root = cache_root()
         if aot.package_path(root, spec, like.dtype, like.device).exists():
             return aot.load(root, spec, like.dtype, like.device)  # no dynamo, no inductor: milliseconds
         _prepare_compiler()

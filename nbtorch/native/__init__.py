@@ -30,13 +30,13 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["CACHE_ENV", "NATIVE_ENV", "CFLAGS", "cache_root", "native_cache_dir", "native_enabled", "poidev_library",
+from ..cachedir import CACHE_ENV, cache_root
+
+__all__ = ["CACHE_ENV", "NATIVE_ENV", "CFLAGS", "native_cache_dir", "native_enabled", "poidev_library",
            "NativeState"]
 
 _log = logging.getLogger(__name__)
 
-#: Environment variable: nbtorch's on-disk cache directory (same variable as :data:`nbtorch.fused.CACHE_ENV`).
-CACHE_ENV = "NBTORCH_CACHE_DIR"
 #: Environment variable: "0" disables the native routines (the Python implementations are used).
 NATIVE_ENV = "NBTORCH_NATIVE"
 #: Compiler flags.  No -ffast-math and no FMA contraction: results must match the Python code bit for bit.
@@ -46,20 +46,8 @@ _SRC_DIR = pathlib.Path(__file__).resolve().parent
 _libs: dict[str, object] = {}  # library name -> loaded ctypes.CDLL, or None after a failure (not retried)
 
 
-def cache_root() -> pathlib.Path:
-    """nbtorch's cache root: ``$XDG_CACHE_HOME/nbtorch``, else ``~/.cache/nbtorch``.
-
-    (When ``$NBTORCH_CACHE_DIR`` is set, :func:`native_cache_dir` uses ``$NBTORCH_CACHE_DIR/native`` instead.)
-    """
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "nbtorch"
-
-
 def native_cache_dir() -> pathlib.Path:
-    """Directory of the compiled native libraries: ``$NBTORCH_CACHE_DIR/native`` if that variable is set, else
-    ``<cache_root()>/native`` (a sibling of the compiled-kernel cache ``<cache_root()>/inductor``)."""
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV]) / "native"
+    """Directory of the compiled native libraries: ``<cache root>/native`` (see :mod:`nbtorch.cachedir`)."""
     return cache_root() / "native"
 
 
