@@ -26,7 +26,8 @@ from .units import AVOGADRO, CM3_PER_M3, R_E_SQUARED_M2, WATER_F, WATER_G_PER_CM
     um_to_mm
 from .validate import check_params
 
-#: Work (samples) from which ``simulate(fused=None)`` compiles: below it eager code is faster than loading a kernel.
+#: Work (samples) from which ``simulate(fused=None)`` runs compiled kernels (built once per kernel spec and machine,
+#: then loaded in milliseconds); below it the eager code is fast enough.
 FUSED_MIN_SAMPLES = 1 << 22
 
 
