@@ -1,9 +1,10 @@
-"""Ahead-of-time compiled forward tiles: a shared library per kernel that a process loads in milliseconds.
+"""Ahead-of-time compiled tile kernels: a shared library per kernel that a process loads in milliseconds.
 
 ``torch.compile`` caches generated code on disk, but every new process still imports dynamo and re-traces the
-Python function before it finds that code (seconds per process).  For the forward tile — the whole of what
-``nbtorch`` on the command line and every forward ``simulate`` run — this module instead exports
-:func:`nbtorch.kernel.tile_sums` once per (:class:`~nbtorch.kernel.KernelSpec`, dtype, device) with symbolic sizes
+Python function before it finds that code (seconds per process).  For the forward tile — all the work of
+``nbtorch`` on the command line and of every forward ``simulate`` — and for the derivative moments of forward mode
+(``jacfwd``), this module instead exports the tile function (:data:`KERNELS`) once per
+(:class:`~nbtorch.kernel.KernelSpec`, dtype, device) with symbolic sizes
 (pixels per tile, orientations, sources, sub-pixels, sensor layers, F-table extents), compiles it with AOTInductor
 into a package in the kernel cache (``<cache>/aot/<key>.pt2``), and runs it through torch's C++ package loader,
 which needs neither dynamo nor inductor at run time.  The OpenMP thread count follows ``torch.set_num_threads`` at
@@ -21,15 +22,21 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .kernel import KernelSpec, TileConsts, TileParams, tile_sums
+from .kernel import KernelSpec, TileConsts, TileParams, sample_moments, tile_sums
 
-__all__ = ["package_path", "load", "build"]
+__all__ = ["KERNELS", "package_path", "load", "build"]
 
 #: nbtorch modules whose source defines the tile computation (part of the package key).
 _SOURCES = ("kernel.py", "shape.py", "structure.py", "units.py", "aot.py")
-#: Inductor settings of the forward tile: the whole per-sample expression fused into the reduction loop, and a
-#: thread count read at run time.
-INDUCTOR_OPTIONS = {"realize_opcount_threshold": 1000, "realize_reads_threshold": 16, "cpp.dynamic_threads": True}
+#: The kernels compiled ahead of time: name → (function of (tp, tc, spec) returning a tuple of tensors, inductor
+#: settings).  The forward tile fuses the whole per-sample expression into its reduction loop; the derivative
+#: moments (:func:`nbtorch.kernel.sample_moments`, for forward mode) build faster and run faster with inductor's
+#: default fusion.  Both read the OpenMP thread count at run time.
+KERNELS = {
+    "forward": (tile_sums, {"realize_opcount_threshold": 1000, "realize_reads_threshold": 16,
+                            "cpp.dynamic_threads": True}),
+    "moments": (sample_moments, {"cpp.dynamic_threads": True}),
+}
 
 _NP = len(TileParams._fields)
 _loaded: Dict[tuple, Callable] = {}
@@ -43,10 +50,11 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
-def package_path(root: pathlib.Path, spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> pathlib.Path:
-    """Where the package of this kernel lives under the cache directory ``root``."""
-    key = hashlib.sha256(f"{_source_hash()}|{spec!r}|{dtype}|{device.type}".encode()).hexdigest()[:32]
-    return root / "aot" / f"tile-{key}.pt2"
+def package_path(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype,
+                 device: torch.device) -> pathlib.Path:
+    """Where the package of kernel ``kind`` (a key of :data:`KERNELS`) lives under the cache directory ``root``."""
+    key = hashlib.sha256(f"{_source_hash()}|{kind}|{spec!r}|{dtype}|{device.type}".encode()).hexdigest()[:32]
+    return root / "aot" / f"{kind}-{key}.pt2"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,28 +87,28 @@ def _example(spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> Tupl
 
 
 class _Tile(torch.nn.Module):
-    def __init__(self, spec: KernelSpec):
+    def __init__(self, kind: str, spec: KernelSpec):
         super().__init__()
-        self.spec = spec
+        self.fn, self.spec = KERNELS[kind][0], spec
 
     def forward(self, *flat):
-        return tile_sums(TileParams(*flat[:_NP]), TileConsts(*flat[_NP:]), self.spec)
+        return tuple(self.fn(TileParams(*flat[:_NP]), TileConsts(*flat[_NP:]), self.spec))
 
 
-def build(path: pathlib.Path, spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> None:
-    """Export and compile the forward tile of ``spec`` into the package ``path`` (written atomically: a concurrent
+def build(path: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> None:
+    """Export and compile kernel ``kind`` of ``spec`` into the package ``path`` (written atomically: a concurrent
     process sees either no package or a complete one).  Raises whatever export or compilation raises."""
     import torch._inductor
 
     args, dynamic = _example(spec, dtype, device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices while exporting
-        program = torch.export.export(_Tile(spec), args, dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(_Tile(kind, spec), args, dynamic_shapes=dynamic, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=dict(INDUCTOR_OPTIONS))
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=dict(KERNELS[kind][1]))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -111,20 +119,21 @@ def build(path: pathlib.Path, spec: KernelSpec, dtype: torch.dtype, device: torc
 # loading
 
 
-def load(root: pathlib.Path, spec: KernelSpec, dtype: torch.dtype, device: torch.device,
+def load(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, device: torch.device,
          build_missing: bool = True) -> Optional[Callable[[TileParams, TileConsts], Tuple[torch.Tensor, ...]]]:
-    """The compiled forward tile ``f(tp, tc) -> (S [P], factor [P])`` of ``spec`` for inputs of ``dtype`` on
-    ``device``, from the package cache under ``root`` (built first when missing and ``build_missing``; None when
+    """The compiled kernel ``kind`` of ``spec`` for inputs of ``dtype`` on ``device`` as ``f(tp, tc) -> tuple``
+    (what the function of :data:`KERNELS` returns: (S [P], factor [P]) for "forward", the sample moments for
+    "moments"), from the package cache under ``root`` (built first when missing and ``build_missing``; None when
     missing and not built).  Loaded once per process."""
-    key = (spec, dtype, device.type, device.index)
+    key = (kind, spec, dtype, device.type, device.index)
     fn = _loaded.get(key)
     if fn is not None:
         return fn
-    path = package_path(root, spec, dtype, device)
+    path = package_path(root, kind, spec, dtype, device)
     if not path.exists():
         if not build_missing:
             return None
-        build(path, spec, dtype, device)
+        build(path, kind, spec, dtype, device)
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda"
                                                            else -1)
     runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)

@@ -5,10 +5,10 @@ OpenMP-parallel C++ loop nest per kernel on the CPU, Triton on a GPU) and wrappe
 ``autograd.Function`` that recomputes a tile in the backward pass instead of keeping its graph, so reverse-mode memory
 is set by the tile size, not by the image.
 
-Per :class:`~nbtorch.kernel.KernelSpec`: the forward tile is compiled ahead of time (:mod:`nbtorch.aot`: a
-package that a process loads in milliseconds, without dynamo); reverse mode runs the tile compiled by
-``torch.compile`` under autograd (AOTAutograd compiles its backward); forward mode for C tangents at once (what
-``jacfwd`` needs) is one eager pass of derivative moments.  Compiled kernels are used when every input is a plain
+Per :class:`~nbtorch.kernel.KernelSpec`: the forward tile and the derivative moments of forward mode (one pass over
+the samples for C tangents at once, what ``jacfwd`` needs) are compiled ahead of time (:mod:`nbtorch.aot`: packages
+that a process loads in milliseconds, without dynamo); reverse mode runs the tile compiled by ``torch.compile`` under
+autograd (AOTAutograd compiles its backward).  Compiled kernels are used when every input is a plain
 tensor; under an outer ``torch.func`` transform (vmap over parameter sets, ``hessian``, …) the same math runs eagerly,
 so every transform keeps working and gives the same numbers.  Compiled code is cached on disk (by default
 ``~/.cache/nbtorch``, see :mod:`nbtorch.cachedir`), so a second process loads it instead of compiling; where no
@@ -25,8 +25,8 @@ import torch
 
 from . import aot
 from .cachedir import cache_root
-from .kernel import (KernelSpec, TileConsts, TileParams, derivative_moments, has_fast_derivatives, jvp_from_moments,
-                     tile_sums)
+from .kernel import (KernelSpec, PixelMoments, TileConsts, TileParams, derivative_moments, factor_jacobian,
+                     has_fast_derivatives, jvp_from_moments, tile_sums)
 
 try:
     from torch._C._functorch import is_functorch_wrapped_tensor
@@ -108,7 +108,7 @@ def _kernel(kind: str, spec: KernelSpec):
 
 
 #: The ``torch.compile`` kernels: the tile for reverse mode ("grad": AOTAutograd compiles its backward too;
-#: inductor's default fusion, because the forward tile's settings (:data:`nbtorch.aot.INDUCTOR_OPTIONS`) made its
+#: inductor's default fusion, because the forward tile's settings (:data:`nbtorch.aot.KERNELS`) made its
 #: backward slower and longer to build).  The forward tile is compiled ahead of time (:mod:`nbtorch.aot`).
 _KERNEL_OPTIONS = {"grad": {}}
 
@@ -160,29 +160,28 @@ def _zeros_for_none(tp: TileParams, tan: TileParams) -> TileParams:
 def forward(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(S [P], factor [P]) of a tile; compiled ahead of time (:mod:`nbtorch.aot`) when ``fused`` and every input is a
     plain tensor, else eager."""
-    if not _fast(fused, tp):
-        return tile_sums(tp, tc, spec)
-    like = tp.A
-    key = ("forward", spec, like.dtype, like.device.type)
-    fn = None if key in _broken else _aot_kernel(key, spec, like)
+    fn = _aot_kernel("forward", spec, tp.A) if _fast(fused, tp) else None
     if fn is None:
         return tile_sums(tp, tc, spec)
     with torch.no_grad():
         return fn(tp, tc)
 
 
-def _aot_kernel(key, spec: KernelSpec, like: torch.Tensor):
-    """The ahead-of-time compiled forward tile (built into the cache on first use), or None with a warning (once)
-    when it cannot be built or loaded here."""
+def _aot_kernel(kind: str, spec: KernelSpec, like: torch.Tensor):
+    """The ahead-of-time compiled kernel ``kind`` (built into the cache on first use), or None — with a warning,
+    once — when it cannot be built or loaded here."""
+    key = (kind, spec, like.dtype, like.device.type)
+    if key in _broken:
+        return None
     try:
         root = cache_root()
-        if aot.package_path(root, spec, like.dtype, like.device).exists():
-            return aot.load(root, spec, like.dtype, like.device)  # no dynamo, no inductor: milliseconds
+        if aot.package_path(root, kind, spec, like.dtype, like.device).exists():
+            return aot.load(root, kind, spec, like.dtype, like.device)  # no dynamo, no inductor: milliseconds
         _prepare_compiler()
-        fn = aot.load(root, spec, like.dtype, like.device)
+        fn = aot.load(root, kind, spec, like.dtype, like.device)
     except Exception as err:  # compiler missing or broken: remember, warn once, compute eagerly
         _broken[key] = f"{type(err).__name__}: {err}"
-        warnings.warn(f"nbtorch: compiled forward kernel unavailable ({type(err).__name__}: {str(err)[:200]}); "
+        warnings.warn(f"nbtorch: compiled {kind} kernel unavailable ({type(err).__name__}: {str(err)[:200]}); "
                       "using eager code", RuntimeWarning, stacklevel=4)
         return None
     _mark_compiled_ok()
@@ -198,14 +197,13 @@ def jvp(spec: KernelSpec, tc: TileConsts, tp: TileParams, tangents: TileParams, 
     None (no tangent).  Where :func:`~nbtorch.kernel.has_fast_derivatives` holds, one pass over the samples serves
     all C columns (:func:`~nbtorch.kernel.derivative_moments`); otherwise one forward-mode pass per column.
 
-    ``fused`` is accepted for symmetry: forward-mode passes run eagerly (a compiled moments kernel took minutes to
-    build and was no faster than the eager one; see docs/kernel.md)."""
+    With ``fused`` the sample moments come from a kernel compiled ahead of time (:mod:`nbtorch.aot`)."""
     C = next(t.shape[0] for t in tangents if t is not None)
     # a tangent's dtype follows its primal's (torch can hand a float32 primal a float64 tangent under jacfwd)
     tangents = TileParams(*(None if t is None else t.to(v.dtype) for t, v in zip(tangents, tp)))
     if _is_plain(tp) and _is_plain(tangents) and has_fast_derivatives(spec):  # no F table: its tangent is moot
         with torch.no_grad():
-            return jvp_from_moments(derivative_moments(tp, tc, spec), tp, tangents)
+            return jvp_from_moments(_moments(spec, tc, tp, fused), tp, tangents)
     f = _eager_sums(spec, tc)
     outs = [torch.func.jvp(f, (tp,), (_zeros_for_none(tp, _tangent(tangents, c)),))[1] for c in range(C)]
     return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
@@ -215,7 +213,10 @@ def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: 
         needs: Tuple[bool, ...], fused: bool = False) -> TileParams:
     """Gradients of ⟨gS, S⟩ + ⟨gf, factor⟩ (gS, gf: [P]) with respect to the leaves of ``tp`` flagged in ``needs``
     (the others None), by reverse-mode autograd of the tile recomputed here: compiled forward and backward when
-    ``fused`` and every input is a plain tensor, else eager code."""
+    ``fused`` and every input is a plain tensor, else eager code.
+
+    (Reverse mode from the derivative moments, the transpose of forward mode, was measured too: as fast as this for
+    case B's 600 samples per pixel, up to 2× slower with few samples per pixel, so autograd stays.)"""
     idx = [i for i, n in enumerate(needs) if n]
 
     def tile_of(*chosen):
@@ -230,6 +231,15 @@ def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: 
     else:
         grads = eager(*chosen)
     return TileParams(*_substitute([None] * len(tp), idx, grads))
+
+
+def _moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> PixelMoments:
+    """The derivative moments of a tile of plain tensors (:func:`~nbtorch.kernel.derivative_moments`), the sample
+    part compiled ahead of time when ``fused``."""
+    fn = _aot_kernel("moments", spec, tp.A) if fused else None
+    if fn is None:
+        return derivative_moments(tp, tc, spec)
+    return PixelMoments(*fn(tp, tc), *factor_jacobian(tp, tc, spec))
 
 
 def _compiled_vjp(spec, tc, tile_of, chosen, cotangents, eager):

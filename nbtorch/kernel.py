@@ -436,28 +436,29 @@ class PixelMoments(NamedTuple):
     J: torch.Tensor
 
 
-def _factor_inputs(tp: TileParams) -> torch.Tensor:
-    return torch.cat([getattr(tp, k).reshape(-1) for k in FACTOR_FIELDS])
-
-
-def _with_factor_inputs(tp: TileParams, x: torch.Tensor) -> TileParams:
-    out, i = {}, 0
-    for k in FACTOR_FIELDS:
-        n = getattr(tp, k).numel()
-        out[k] = x[i:i + n].reshape(getattr(tp, k).shape)
-        i += n
-    return tp._replace(**out)
+#: The frame vectors and scalars that the factor of a flat detector varies with (the factor's Jacobian rows for
+#: ``distance`` — the curved detector's radius — and ``wavelength`` — which only moves the ``-dmin`` cut, a step —
+#: are zero).
+_FACTOR_VARYING = ("pix0", "fdet", "sdet", "odet", "close", "polarization")
 
 
 def factor_jacobian(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The once-per-pixel factor [P] and its Jacobian [n, P] over the scalars of :data:`FACTOR_FIELDS` (forward mode,
-    pixel-level work only)."""
-    def f(x):
-        return pixel_factor(_with_factor_inputs(tp, x), tc, spec)
+    """The once-per-pixel factor [P] and its Jacobian [n, P] over the scalars of :data:`FACTOR_FIELDS`, for a flat
+    detector (:func:`has_fast_derivatives` cases).
 
-    x = _factor_inputs(tp)
-    J = torch.func.jacfwd(f)(x)  # [P, n]
-    return f(x), J.t()
+    Each pixel's factor depends on the shared parameters only through its own samples, so giving every pixel its
+    own copy of them makes one reverse pass over Σ_p factor_p return every pixel's partials at once (pixel-level
+    work only, a few dozen operations)."""
+    P = tc.fast.shape[0]
+    with torch.enable_grad():
+        leaves = {k: getattr(tp, k).detach()[..., None].expand(*getattr(tp, k).shape, P).clone().requires_grad_()
+                  for k in _FACTOR_VARYING}
+        factor = pixel_factor(tp._replace(**leaves), tc, spec)
+        grads = dict(zip(leaves, torch.autograd.grad(factor.sum(), list(leaves.values()), allow_unused=True,
+                                                     materialize_grads=True)))
+    rows = [grads[k].reshape(-1, P) if k in grads else torch.zeros(getattr(tp, k).numel(), P, dtype=factor.dtype,
+                                                                     device=factor.device) for k in FACTOR_FIELDS]
+    return factor.detach(), torch.cat(rows)
 
 
 def _masked(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -465,14 +466,22 @@ def _masked(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def derivative_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> PixelMoments:
-    """The one pass over every sample that first derivatives need (:func:`has_fast_derivatives` cases).
+    """The one pass over every sample that first derivatives need (:func:`has_fast_derivatives` cases): the
+    sample moments (:func:`sample_moments`) and the once-per-pixel factor with its Jacobian."""
+    return PixelMoments(*sample_moments(tp, tc, spec), *factor_jacobian(tp, tc, spec))
+
+
+def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, ...]:
+    """The sample part of :func:`derivative_moments`: (S, M, Q, Y, N, F) of :class:`PixelMoments`.
 
     Per sample, with W_i = ∂x/∂h_i/λ_k (``-dmin`` rejects 0) and a = the orientation's rows: ∂x/∂a_oij = W_i·(d_j −
     i_kj); through the directions, ∂x/∂d_j = Σ_i W_i·a_oij and ∂d/∂pos = (1 − d dᵀ)/R, so a frame vector v_m (pix0,
-    fdet, sdet, odet with coordinate c_m = 1, F, S, L) enters as c_m/R·(Σ_i W_i a_oij − d_j Σ_i W_i (a_oi·d)).  All
-    moments are sums over (layer·sub-pixel, source) kept per (orientation, pixel) — one loop nest — then over
-    orientations.  Forward mode for any number of tangents (:func:`jvp_from_moments`) is a small product of these,
-    which is what makes ``jacfwd`` over many parameters cost one pass over the samples.
+    fdet, sdet, odet with coordinate c_m = 1, F, S, L) enters as c_m/R·(Σ_i W_i a_oij − d_j Σ_i W_i (a_oi·d)).
+    Directions and coordinates do not depend on the source, so the per-sample work is x and its partials and a few
+    sums: W_i summed over sources ([layer·sub-pixel, orientation, pixel]) and over sub-pixels ([source, orientation,
+    pixel]); the moments are small products of those.  Forward mode for any number of tangents
+    (:func:`jvp_from_moments`) is a small product of the moments, which is what makes ``jacfwd`` over many
+    parameters cost one pass over the samples.
     """
     d, R = directions(tp, tc, spec)
     keep = keep_mask(d, tp, tc, spec)
@@ -482,28 +491,27 @@ def derivative_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Pixe
     h = [miller(Ad, Ai, invlam, i) for i in range(3)]
     x, parts = square_partials(h, tp.ncells, tp.default_F)
     il = invlam[None, :, None, None]
-    W = [_masked(parts.h[i] * il, keep) for i in range(3)]
-    A = tp.A[None, None]  # [1, 1, O, 3, 3]
-    dj = [d[j][:, None, None, :] for j in range(3)]  # [TN, 1, 1, P]
-    Adi = [Ad[:, i].transpose(0, 1)[:, None] for i in range(3)]  # [TN, 1, O, P]
-    Gam = W[0] * Adi[0] + W[1] * Adi[1] + W[2] * Adi[2]
-    e = [W[0] * A[..., 0, j, None] + W[1] * A[..., 1, j, None] + W[2] * A[..., 2, j, None] - dj[j] * Gam
-         for j in range(3)]
-    c = (_coordinates(tc, R.shape[0]) / R)[:, :, None, None, :]  # [4, TN, 1, 1, P]
-    inc = tc.incident
+    W = [_masked(parts.h[i] * il, keep) for i in range(3)]  # [TN, K, O, P]
+    Wk = [w.sum(1) for w in W]  # Σ over sources: [TN, O, P]
+    Wt = [w.sum(0) for w in W]  # Σ over layers·sub-pixels: [K, O, P]
+    dj = [d[j][:, None, :] for j in range(3)]  # [TN, 1, P]
+    Adi = [Ad[:, i].transpose(0, 1) for i in range(3)]  # [TN, O, P]
+    A = tp.A[None]  # [1, O, 3, 3]
+    Gk = Wk[0] * Adi[0] + Wk[1] * Adi[1] + Wk[2] * Adi[2]
+    ek = [Wk[0] * A[..., 0, j, None] + Wk[1] * A[..., 1, j, None] + Wk[2] * A[..., 2, j, None] - dj[j] * Gk
+          for j in range(3)]  # [TN, O, P]
+    c = _coordinates(tc, R.shape[0]) / R  # [4, TN, P]
+    ek_o = torch.stack(ek).sum(2)  # [3, TN, P]
+    Q = torch.einsum("mtp,jtp->mjp", c, ek_o)  # [4, 3, P]
+    inc = tc.incident  # [K, 3]
+    M = torch.stack([torch.stack([(dj[j] * Wk[i]).sum(0) - torch.einsum("k,kop->op", inc[:, j], Wt[i])
+                                  for j in range(3)]) for i in range(3)])  # [3, 3, O, P]
 
-    def red(t):  # Σ over (layer·sub-pixel, source), kept per (orientation, pixel)
-        return t.sum((0, 1))
+    def total(t):
+        return _masked(t, keep).sum((0, 1, 2))
 
-    Q = torch.stack([torch.stack([red(c[m] * e[j]) for j in range(3)]) for m in range(4)])  # [4, 3, O, P]
-    M = torch.stack([torch.stack([red(W[i] * (dj[j] - inc[None, :, j, None, None])) for j in range(3)])
-                     for i in range(3)])  # [3, 3, O, P]
-    factor, J = factor_jacobian(tp, tc, spec)
-    return PixelMoments(
-        red(_masked(x, keep)).sum(0), M.permute(2, 0, 1, 3), Q.sum(2),
-        red(_masked(parts.h[0] * h[0] + parts.h[1] * h[1] + parts.h[2] * h[2], keep)).sum(0),
-        torch.stack([red(_masked(n, keep)).sum(0) for n in parts.N]), red(_masked(parts.default_F, keep)).sum(0),
-        factor, J)
+    return (total(x), M.permute(2, 0, 1, 3), Q, total(parts.h[0] * h[0] + parts.h[1] * h[1] + parts.h[2] * h[2]),
+            torch.stack([total(n) for n in parts.N]), total(parts.default_F))
 
 
 def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> Tuple[torch.Tensor, torch.Tensor]:
