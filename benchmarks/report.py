@@ -61,10 +61,12 @@ def _other_rows(res: dict) -> List[str]:
                 f"{_s(b['seconds'])}, {b['peak_rss_mb']:.0f} MB peak RSS | — | ≤ 1 GB | "
                 f"{_met(b['peak_rss_mb'], 1024)} |")
     d = res["derivatives"]
-    rows.append(f"| forward + backward vs forward (case B per-pixel work, 256², float64) | — | "
+    rows.append(f"| forward + backward vs forward (case B per-pixel work, 256², float64, warm; first call of the "
+                f"process {_s(d.get('forward_backward_first_s'))}) | — | "
                 f"{_s(d['forward_backward_s'])} vs {_s(d['forward_s'])} | {d['fb_ratio']:.3g}× | ≤ 3× | "
                 f"{_met(d['fb_ratio'], 3)} |")
-    rows.append(f"| `jacfwd` over 10 values vs one forward (same case) | — | {_s(d['jacfwd10_s'])} | "
+    rows.append(f"| `jacfwd` over 10 values vs one forward (same case, warm; first call of the process "
+                f"{_s(d.get('jacfwd10_first_s'))}) | — | {_s(d['jacfwd10_s'])} | "
                 f"{d['jacfwd_ratio']:.3g}× | ≤ 4× | {_met(d['jacfwd_ratio'], 4)} |")
     r = res["refinement"]
     rows.append(f"| `nbtorch-refine` 512² still, 25 domains: orientation, N, mosaic, scale (converged: "

@@ -151,16 +151,24 @@ def rendered_pixels(setup: Setup) -> np.ndarray:
 # rendering
 
 
-def _use_fused(fused: Optional[bool], spec: KernelSpec, samples: int, like: torch.Tensor) -> bool:
-    """Resolve ``simulate(fused=...)``: an explicit value wins, then ``NBTORCH_FUSED``, else compile when the work
-    is large enough to repay loading a kernel.  The running-sum quirk path is always eager."""
-    if spec.running_sum or like.device.type not in ("cpu", "cuda"):
-        return False
+def choose_fused(fused: Optional[bool], setup: Setup, n_pixels: int) -> bool:
+    """Resolve ``simulate(fused=...)`` for a job that renders ``n_pixels`` pixels of ``setup`` (in one call or in
+    many — a refinement renders the same pixels chunk by chunk at every iteration): an explicit value wins, then the
+    environment variable ``NBTORCH_FUSED``, else compiled kernels when the job has at least
+    :data:`FUSED_MIN_SAMPLES` samples."""
     if fused is None:
         fused = fusedmod.fused_default()
     if fused is None:
-        fused = samples >= FUSED_MIN_SAMPLES
-    return bool(fused)  # a kernel that cannot be built here falls back to eager code (warned once)
+        fused = n_pixels * samples_per_pixel(setup) >= FUSED_MIN_SAMPLES
+    return bool(fused)
+
+
+def _use_fused(fused: Optional[bool], spec: KernelSpec, setup: Setup, n_pixels: int, like: torch.Tensor) -> bool:
+    """:func:`choose_fused` for one call; the running-sum quirk path is always eager.  (A kernel that cannot be built
+    here falls back to eager code, warned once.)"""
+    if spec.running_sum or like.device.type not in ("cpu", "cuda"):
+        return False
+    return choose_fused(fused, setup, n_pixels)
 
 
 def _tile_params(params: Params, setup: Setup) -> TileParams:
@@ -242,7 +250,7 @@ def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Opti
     n = int(index.shape[0])
     p = plan(setup, n)
     spec = kernel_spec(params, setup)
-    use = _use_fused(fused, spec, p.samples, like)
+    use = _use_fused(fused, spec, setup, n, like)
     tp, tc = _tile_params(params, setup), _tile_consts(setup, like)
     scale = R_E_SQUARED_M2 * params.beam.fluence / setup.steps
     out: List[torch.Tensor] = []

@@ -35,6 +35,7 @@ import torch
 from torch.func import jacfwd
 
 from nbtorch.io.images import RAW_EXTENSIONS, ObservedImage, read_image
+from nbtorch.simulate import choose_fused
 from nbtorch.types import Setup
 
 from .parameters import Parameterisation
@@ -365,6 +366,7 @@ class Objective:
         if isinstance(chunk_pixels, bool) or not isinstance(chunk_pixels, numbers.Integral) or chunk_pixels < 1:
             raise ValueError(f"chunk_pixels must be an integer >= 1, got {chunk_pixels!r}")
         step = int(chunk_pixels)
+        fused = choose_fused(fused, self.setup, len(idx))  # by the work of all chunks: each is rendered many times
         self.chunks: List[Chunk] = [Chunk(Predict(par, self.setup, idx[a:a + step], fused), slice(a, a + step))
                                     for a in range(0, len(idx), step)]
         self.full = Predict(par, self.setup, idx, fused)

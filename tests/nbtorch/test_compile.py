@@ -1,4 +1,5 @@
-"""The per-tile kernels trace into one graph each (no graph breaks), so torch.compile can fuse them."""
+"""The compiled tile kernels (the forward tile, the derivative moments) trace into one graph each (no graph breaks),
+so a compiler can fuse them."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,7 @@ def _tile(args):
     return spec, _tile_params(p, s), tc
 
 
-@pytest.mark.parametrize("fn", [kernel.tile_sums, kernel.derivative_moments])
+@pytest.mark.parametrize("fn", [kernel.tile_sums, kernel.sample_moments])
 def test_tile_kernels_have_no_graph_breaks(fn):
     spec, tp, tc = _tile("-default_F 100 -cell 60 70 80 90 90 90 -misset 3 4 5 -N 5 -detpixels 16 -pixel 0.4 "
                          "-mosaic 0.3 -mosaic_domains 3 -oversample 2 -dispersion 0.1 -dispsteps 2")
