@@ -78,6 +78,29 @@ def test_compiled_forward_equals_eager():
         assert ("forward", kernel_spec(p, s), torch.float64, "cpu", None) in aot._loaded, "compiled forward unused"
 
 
+_SECOND_PROCESS = """
+import sys, torch, nbtorch
+p, s = nbtorch.from_nanobragg_args(sys.argv[1].split())
+torch.save(nbtorch.simulate(p, s, fused=True), sys.argv[2])
+print("dynamo imported:", "torch._dynamo" in sys.modules, "inductor imported:", "torch._inductor" in sys.modules)
+"""
+
+
+def test_a_second_process_loads_the_compiled_forward_without_dynamo(tmp_path):
+    """Once a machine has the compiled forward tile of a kernel spec, a new process runs it without importing dynamo
+    or inductor (no tracing, no compilation) and gets the eager image to 1e-10."""
+    p, s = _model(SMALL)
+    with _no_fallback():
+        nbtorch.simulate(p, s, fused=True)  # builds the package here if this machine has none yet
+    if not fused.compiler_available() or fused._broken:
+        pytest.skip("no compiled kernels on this machine")
+    out = subprocess.run([sys.executable, "-c", _SECOND_PROCESS, SMALL, str(tmp_path / "img.pt")], capture_output=True,
+                         text=True, check=True, timeout=300)
+    assert "dynamo imported: False inductor imported: False" in out.stdout, out.stdout + out.stderr
+    eager = nbtorch.simulate(p, s, fused=False)
+    torch.testing.assert_close(torch.load(tmp_path / "img.pt"), eager, rtol=1e-10, atol=1e-10 * float(eager.max()))
+
+
 def test_compiled_forward_any_sizes_and_strided_inputs():
     """One compiled forward package serves every tile size, orientation and source count, sub-pixel grid and
     sensor-layer count of a kernel spec, and strided (non-contiguous) inputs (float64, 1e-10 against eager)."""
