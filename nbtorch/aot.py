@@ -8,14 +8,16 @@ Python function before it finds that code (seconds per process).  For the forwar
 (pixels per tile, orientations, sources, sub-pixels, sensor layers, F-table extents), compiles it with AOTInductor
 into a package in the kernel cache (``<cache>/aot/<key>.pt2``), and runs it through torch's C++ package loader,
 which needs neither dynamo nor inductor at run time.  The OpenMP thread count follows ``torch.set_num_threads`` at
-run time (not the count at build time).  The key hashes the kernel's source files and the torch version, so an
-edited kernel or a new torch builds a new package.
+run time (not the count at build time).  The key hashes the kernel's source files, the torch version and the target
+(CPU architecture and vector instruction set, or GPU compute capability), so an edited kernel, a new torch or a
+cache shared with a different machine builds a new package.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import pathlib
+import platform
 import tempfile
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -50,10 +52,19 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
+def _target(device: torch.device) -> str:
+    """What the compiled code is specific to besides the source: the CPU architecture and the vector instruction set
+    it was compiled for (a cache shared by machines with different CPUs must not hand AVX-512 code to an AVX2
+    machine), or the GPU's compute capability."""
+    if device.type == "cuda":
+        return f"cuda-sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    return f"{device.type}-{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+
+
 def package_path(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype,
                  device: torch.device) -> pathlib.Path:
     """Where the package of kernel ``kind`` (a key of :data:`KERNELS`) lives under the cache directory ``root``."""
-    key = hashlib.sha256(f"{_source_hash()}|{kind}|{spec!r}|{dtype}|{device.type}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{_source_hash()}|{kind}|{spec!r}|{dtype}|{_target(device)}".encode()).hexdigest()[:32]
     return root / "aot" / f"{kind}-{key}.pt2"
 
 

@@ -101,6 +101,19 @@ def test_a_second_process_loads_the_compiled_forward_without_dynamo(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "img.pt"), eager, rtol=1e-10, atol=1e-10 * float(eager.max()))
 
 
+def test_compiled_packages_are_keyed_by_kernel_dtype_and_cpu(monkeypatch, tmp_path):
+    """A package name changes with the kernel, its spec, the dtype and the CPU's vector instruction set (a cache
+    shared by different machines must not hand one CPU's code to another)."""
+    spec, cpu = kernel.KernelSpec(), torch.device("cpu")
+    base = aot.package_path(tmp_path, "forward", spec, torch.float64, cpu)
+    others = [aot.package_path(tmp_path, "moments", spec, torch.float64, cpu),
+              aot.package_path(tmp_path, "forward", kernel.KernelSpec(dmin=True), torch.float64, cpu),
+              aot.package_path(tmp_path, "forward", spec, torch.float32, cpu)]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "SOME_OTHER_ISA")
+    others.append(aot.package_path(tmp_path, "forward", spec, torch.float64, cpu))
+    assert len({base, *others}) == 5 and all(p.parent == tmp_path / "aot" for p in others)
+
+
 def test_compiled_forward_any_sizes_and_strided_inputs():
     """One compiled forward package serves every tile size, orientation and source count, sub-pixel grid and
     sensor-layer count of a kernel spec, and strided (non-contiguous) inputs (float64, 1e-10 against eager)."""
