@@ -112,14 +112,15 @@ def build(path: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, d
     import torch._inductor
 
     args, dynamic = _example(spec, dtype, device)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices while exporting
-        program = torch.export.export(_Tile(kind, spec), args, dynamic_shapes=dynamic, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=dict(KERNELS[kind][1]))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices while building
+            program = torch.export.export(_Tile(kind, spec), args, dynamic_shapes=dynamic, strict=False)
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp,
+                                                     inductor_configs=dict(KERNELS[kind][1]))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
