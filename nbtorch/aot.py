@@ -14,6 +14,7 @@ cache shared with a different machine builds a new package.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pathlib
@@ -44,6 +45,7 @@ _NP = len(TileParams._fields)
 _loaded: Dict[tuple, Callable] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _source_hash() -> str:
     h = hashlib.sha256(torch.__version__.encode())
     here = pathlib.Path(__file__).parent

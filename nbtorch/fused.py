@@ -175,16 +175,16 @@ def _aot_kernel(kind: str, spec: KernelSpec, like: torch.Tensor):
         return None
     try:
         root = cache_root()
-        if aot.package_path(root, kind, spec, like.dtype, like.device).exists():
-            return aot.load(root, kind, spec, like.dtype, like.device)  # no dynamo, no inductor: milliseconds
-        _prepare_compiler()
-        fn = aot.load(root, kind, spec, like.dtype, like.device)
+        fn = aot.load(root, kind, spec, like.dtype, like.device, build_missing=False)  # no dynamo, no inductor
+        if fn is None:  # only a build needs the compiler
+            _prepare_compiler()
+            fn = aot.load(root, kind, spec, like.dtype, like.device)
+            _mark_compiled_ok()
     except Exception as err:  # compiler missing or broken: remember, warn once, compute eagerly
         _broken[key] = f"{type(err).__name__}: {err}"
         warnings.warn(f"nbtorch: compiled {kind} kernel unavailable ({type(err).__name__}: {str(err)[:200]}); "
                       "using eager code", RuntimeWarning, stacklevel=4)
         return None
-    _mark_compiled_ok()
     return fn
 
 

@@ -6,7 +6,7 @@ from typing import Optional, TextIO
 
 import torch
 
-from ..simulate import rendered_pixels, simulate
+from ..simulate import rendered_pixels, samples_per_pixel, simulate
 from ..types import Params, Setup
 from ..units import PERCENT
 
@@ -49,7 +49,7 @@ def render(params: Params, setup: Setup, progress: Optional[TextIO] = None, labe
     """
     if progress is None:
         return simulate(params, setup)
-    per_pixel = setup.thicksteps * setup.oversample**2 * setup.n_sources * setup.n_domains * setup.phisteps
+    per_pixel = samples_per_pixel(setup)
     n_pix = int(len(rendered_pixels(setup)))
     bar = Progress(progress, n_pix, f"{label}: {n_pix} pixels x {per_pixel} samples")
     bar.update(0)
