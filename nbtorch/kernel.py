@@ -476,12 +476,11 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
 
     Per sample, with W_i = ∂x/∂h_i/λ_k (``-dmin`` rejects 0) and a = the orientation's rows: ∂x/∂a_oij = W_i·(d_j −
     i_kj); through the directions, ∂x/∂d_j = Σ_i W_i·a_oij and ∂d/∂pos = (1 − d dᵀ)/R, so a frame vector v_m (pix0,
-    fdet, sdet, odet with coordinate c_m = 1, F, S, L) enters as c_m/R·(Σ_i W_i a_oij − d_j Σ_i W_i (a_oi·d)).
-    Directions and coordinates do not depend on the source, so the per-sample work is x and its partials and a few
-    sums: W_i summed over sources ([layer·sub-pixel, orientation, pixel]) and over sub-pixels ([source, orientation,
-    pixel]); the moments are small products of those.  Forward mode for any number of tangents
-    (:func:`jvp_from_moments`) is a small product of the moments, which is what makes ``jacfwd`` over many
-    parameters cost one pass over the samples.
+    fdet, sdet, odet with coordinate c_m = 1, F, S, L) enters as c_m/R·Σ_i W_i·(a_oij − d_j·(a_oi·d)).  Every
+    moment is one sum over the layer·sub-pixel and source axes of a per-sample expression (kept per orientation,
+    [O, P]), so a compiler can take them all in the loops that compute x and its partials, without writing
+    per-sample values to memory.  Forward mode for any number of tangents (:func:`jvp_from_moments`) is a small
+    product of the moments, which is what makes ``jacfwd`` over many parameters cost one pass over the samples.
     """
     d, R = directions(tp, tc, spec)
     keep = keep_mask(d, tp, tc, spec)
@@ -492,24 +491,22 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
     x, parts = square_partials(h, tp.ncells, tp.default_F)
     il = invlam[None, :, None, None]
     W = [_masked(parts.h[i] * il, keep) for i in range(3)]  # [TN, K, O, P]
-    Wk = [w.sum(1) for w in W]  # Σ over sources: [TN, O, P]
-    Wt = [w.sum(0) for w in W]  # Σ over layers·sub-pixels: [K, O, P]
-    dj = [d[j][:, None, :] for j in range(3)]  # [TN, 1, P]
-    Adi = [Ad[:, i].transpose(0, 1) for i in range(3)]  # [TN, O, P]
-    A = tp.A[None]  # [1, O, 3, 3]
-    Gk = Wk[0] * Adi[0] + Wk[1] * Adi[1] + Wk[2] * Adi[2]
-    ek = [Wk[0] * A[..., 0, j, None] + Wk[1] * A[..., 1, j, None] + Wk[2] * A[..., 2, j, None] - dj[j] * Gk
-          for j in range(3)]  # [TN, O, P]
-    c = _coordinates(tc, R.shape[0]) / R  # [4, TN, P]
-    ek_o = torch.stack(ek).sum(2)  # [3, TN, P]
-    Q = torch.einsum("mtp,jtp->mjp", c, ek_o)  # [4, 3, P]
-    inc = tc.incident  # [K, 3]
-    M = torch.stack([torch.stack([(dj[j] * Wk[i]).sum(0) - torch.einsum("k,kop->op", inc[:, j], Wt[i])
-                                  for j in range(3)]) for i in range(3)])  # [3, 3, O, P]
+    dj = [d[j][:, None, None, :] for j in range(3)]  # [TN, 1, 1, P]
+    inc = [tc.incident[None, :, j, None, None] for j in range(3)]  # [1, K, 1, 1]
+    Adi = [Ad[:, i].transpose(0, 1)[:, None] for i in range(3)]  # [TN, 1, O, P]
+    a = tp.A[None, None, :, :, :, None]  # [1, 1, O, 3, 3, 1]
+    G = W[0] * Adi[0] + W[1] * Adi[1] + W[2] * Adi[2]
+    e = [W[0] * a[..., 0, j, :] + W[1] * a[..., 1, j, :] + W[2] * a[..., 2, j, :] - dj[j] * G for j in range(3)]
+    c = (_coordinates(tc, R.shape[0]) / R)[:, :, None, None, :]  # [4, TN, 1, 1, P]
+
+    def red(t):  # Σ over layers·sub-pixels and sources → [O, P]
+        return t.sum((0, 1))
 
     def total(t):
-        return _masked(t, keep).sum((0, 1, 2))
+        return red(_masked(t, keep)).sum(0)
 
+    M = torch.stack([torch.stack([red(W[i] * (dj[j] - inc[j])) for j in range(3)]) for i in range(3)])  # [3,3,O,P]
+    Q = torch.stack([torch.stack([red(c[m] * e[j]) for j in range(3)]) for m in range(4)]).sum(2)  # [4, 3, P]
     return (total(x), M.permute(2, 0, 1, 3), Q, total(parts.h[0] * h[0] + parts.h[1] * h[1] + parts.h[2] * h[2]),
             torch.stack([total(n) for n in parts.N]), total(parts.default_F))
 
@@ -539,6 +536,27 @@ def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> 
         Sdot = Sdot + tangents.I_bg[:, None]
     xdot = torch.cat([tan(k).reshape(C, -1) for k in FACTOR_FIELDS], 1)  # [C, n]
     return Sdot, xdot @ pm.J
+
+
+def vjp_from_moments(moments: Sequence[torch.Tensor], tp: TileParams, tc: TileConsts, spec: KernelSpec,
+                     gS: torch.Tensor, gf: torch.Tensor) -> dict:
+    """Reverse mode of a tile (:func:`has_fast_derivatives` cases): the gradients of ⟨gS, S⟩ + ⟨gf, factor⟩ (gS, gf:
+    [P]) with respect to the leaves of ``tp`` they reach, as a dict field → tensor of the leaf's shape.
+
+    The sample part is the transpose of :func:`jvp_from_moments`: each moment of :func:`sample_moments` (``moments``)
+    contracted with gS over pixels; the factor part is one reverse pass through :func:`pixel_factor` (pixel-level
+    work).  Leaves reached by neither (B0, distance, F) are absent."""
+    _, M, Q, Y, N, F = moments
+    grads = {"A": M @ gS, "wavelength": -(Y @ gS) / tp.wavelength, "ncells": N @ gS, "default_F": F @ gS,
+             "I_bg": gS.sum()}
+    frame = Q @ gS  # [4, 3]
+    with torch.enable_grad():
+        leaves = {k: getattr(tp, k).detach().requires_grad_() for k in _FACTOR_VARYING}
+        factor = pixel_factor(tp._replace(**leaves), tc, spec)
+        fgrads = torch.autograd.grad(factor @ gf, list(leaves.values()), allow_unused=True, materialize_grads=True)
+    for k, g in zip(leaves, fgrads):
+        grads[k] = g + frame[FRAME.index(k)] if k in FRAME else g
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------------------------

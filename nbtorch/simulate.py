@@ -222,7 +222,6 @@ def pixel_lab_positions(params: Params, setup: Setup, fast, slow) -> torch.Tenso
 
 def _tile_sum(spec, tc: TileConsts, tp: TileParams, p: Plan, fused: bool):
     """(S, factor) of one tile of pixels, summing chunks of orientations and sources when the plan asks for it."""
-    plain = fusedmod.is_plain_tree(tp) and not any(v.requires_grad for v in tp)
     S = factor = None
     O, K = tp.A.shape[0], tc.incident_all.shape[0]
     for o0 in range(0, O, p.o_chunk):
@@ -231,10 +230,7 @@ def _tile_sum(spec, tc: TileConsts, tp: TileParams, p: Plan, fused: bool):
             tpc = tp._replace(A=tp.A[o0:o0 + p.o_chunk], I_bg=tp.I_bg if first else torch.zeros_like(tp.I_bg))
             tcc = tc._replace(incident=tc.incident_all[k0:k0 + p.k_chunk],
                               lam_factor=tc.lam_factor_all[k0:k0 + p.k_chunk])
-            if plain:
-                s, f = fusedmod.forward(spec, tcc, tpc, fused)
-            else:
-                s, f = fusedmod.TileFunction.apply(spec, tcc, fused, *tpc)
+            s, f = fusedmod.apply_tile(spec, tcc, tpc, fused)
             S, factor = (s, f) if first else (S + s, factor)
     return S, factor
 

@@ -174,10 +174,15 @@ def test_gradients_and_jacfwd_same_compiled_or_eager_and_for_any_tile_size():
     assert float(g_eager.abs().max()) > 0
 
 
-def test_compiled_backward_equals_eager():
-    """.backward() through compiled tiles (forward and backward compiled by AOTAutograd) = eager = plain autograd of
-    the eager tile, float64 1e-10."""
-    p, s = _model(SMALL)
+@pytest.mark.parametrize("extra", ["", "-curved_det"])
+def test_compiled_backward_equals_eager(extra):
+    """.backward() through compiled tiles = eager = plain autograd of the eager tile, float64 1e-10: by the transpose
+    of the compiled derivative moments where they apply (no torch.compile), else through the tile compiled by
+    AOTAutograd (the curved detector)."""
+    p, s = _model(SMALL + " " + extra)
+    spec = kernel_spec(p, s)
+    fast = kernel.has_fast_derivatives(spec)
+    assert fast == (extra == "")
     grads = []
     for fz in (False, True):
         q = _with_grad_cell(p)
@@ -191,7 +196,44 @@ def test_compiled_backward_equals_eager():
         assert float(g.abs().max()) > 0
         torch.testing.assert_close(g, grads[0], rtol=1e-10, atol=1e-10 * float(grads[0].abs().max()))
     if fused.compiler_available():
-        assert any(kind == "grad" for kind, _ in fused._compiled), "the compiled backward was not used"
+        assert (("grad", spec) in fused._compiled) != fast, "wrong backward kernel"
+        assert (("moments", spec, torch.float64, "cpu", None) in aot._loaded) == fast
+
+
+@pytest.mark.parametrize("args", DERIVATIVE_CASES)
+def test_one_pass_reverse_mode_equals_autograd(args):
+    """vjp_from_moments (the transpose of the one-pass forward mode) = torch.func.vjp of the tile for every leaf."""
+    spec, tp, tc = _whole_image_tile(args)
+    gen = torch.Generator().manual_seed(5)
+    gS, gf = (torch.rand(tc.fast.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        got = kernel.vjp_from_moments(kernel.sample_moments(tp, tc, spec), tp, tc, spec, gS, gf)
+    ref = torch.func.vjp(lambda q: kernel.tile_sums(q, tc, spec), tp)[1]((gS, gf))[0]
+    for name, r in zip(kernel.TileParams._fields, ref):
+        g, scale = got.get(name, torch.zeros_like(r)), float(r.abs().sum())  # (F is an empty table)
+        assert name in got or scale == 0, name
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9 * scale, msg=name)
+    assert float(got["A"].abs().max()) > 0
+
+
+def test_jacfwd_takes_the_forward_value_from_the_moments(monkeypatch):
+    """Under jacfwd of plain parameters a compiled tile runs one pass (the derivative moments carry the value too):
+    the forward tile is not run, and value and Jacobian equal the eager ones (float64, 1e-10)."""
+    p, s = _model(SMALL)
+    ran = []
+    monkeypatch.setattr(fused, "forward", lambda *a: ran.append(1) or kernel.tile_sums(a[2], a[1], a[0]))
+
+    def image(c, fz):
+        out = nbtorch.simulate(_with_cell(p, c), s, fused=fz)
+        return out, out
+
+    with _no_fallback():
+        j_comp, v_comp = torch.func.jacfwd(image, has_aux=True)(p.crystal.cell, True)
+    assert not ran
+    j_eager, v_eager = torch.func.jacfwd(image, has_aux=True)(p.crystal.cell, False)
+    for a, b in ((j_comp, j_eager), (v_comp, v_eager)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+    assert ran  # the eager path does run the forward tile
 
 
 def test_tiny_budget_chunks_orientations_and_sources_with_same_image_and_gradient():
