@@ -294,10 +294,14 @@ class TileFunction(torch.autograd.Function):
         ctx.spec, ctx.tc, ctx.fused = spec, tc, fused
         ctx.save_for_backward(*leaves)
         ctx.save_for_forward(*leaves)
+        ctx.set_materialize_grads(False)  # undefined output gradients arrive as None: no pass over the tile
 
     @staticmethod
     def backward(ctx, gS, gf):
+        if gS is None and gf is None:
+            return (None,) * (3 + _NLEAF)
         tp = TileParams(*ctx.saved_tensors)
+        gS, gf = (gS if gS is not None else torch.zeros_like(gf)), (gf if gf is not None else torch.zeros_like(gS))
         needs = tuple(ctx.needs_input_grad[3:])
         return (None, None, None) + tuple(vjp(ctx.spec, ctx.tc, tp, gS, gf, needs, ctx.fused))
 

@@ -306,3 +306,18 @@ def test_a_pixel_with_more_samples_than_the_budget_is_split():
     before, after, total = json.loads(out.stdout.strip().splitlines()[-1])
     assert total > 0
     assert after - before < 700, (before, after)
+
+
+def test_undefined_output_gradients_skip_the_tile(monkeypatch):
+    """A backward pass whose output gradient is undefined (gradcheck checks this on every call) recomputes no tile
+    and gives zero or no gradient; a defined one does."""
+    p, s = _model(BASE + "-oversample 2")
+    calls = []
+    real = fused.vjp
+    monkeypatch.setattr(fused, "vjp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cell = p.crystal.cell.clone().requires_grad_()
+    out = nbtorch.simulate(_with_cell(p, cell), s, fused=False).sum()
+    (g,) = torch.autograd.grad(torch._C._functions.UndefinedGrad()(out), cell, allow_unused=True)
+    assert not calls and (g is None or not g.any())
+    (g,) = torch.autograd.grad(nbtorch.simulate(_with_cell(p, cell), s, fused=False).sum(), cell)
+    assert calls and g.abs().max() > 0
