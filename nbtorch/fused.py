@@ -27,8 +27,8 @@ import torch
 
 from . import aot
 from .cachedir import cache_root
-from .kernel import (KernelSpec, PixelMoments, TileConsts, TileParams, derivative_moments, factor_jacobian,
-                     has_fast_derivatives, jvp_from_moments, sample_moments, tile_sums, vjp_from_moments)
+from .kernel import (KernelSpec, PixelMoments, TileConsts, TileParams, factor_jacobian, has_fast_derivatives,
+                     jvp_from_moments, sample_moments, tile_sums, vjp_from_moments)
 
 from torch._C._functorch import TransformType, get_unwrapped, is_functorch_wrapped_tensor, maybe_get_level
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter, temporarily_clear_interpreter_stack
@@ -194,7 +194,7 @@ def _tangent(tangents: TileParams, c: int) -> TileParams:
 def jvp(spec: KernelSpec, tc: TileConsts, tp: TileParams, tangents: TileParams, fused: bool):
     """(Ṡ [C, P], ḟactor [C, P]) for C tangent directions: a TileParams whose leaves have a leading C axis, or are
     None (no tangent).  Where :func:`~nbtorch.kernel.has_fast_derivatives` holds, one pass over the samples serves
-    all C columns (:func:`~nbtorch.kernel.derivative_moments`); otherwise one forward-mode pass per column.
+    all C columns (:func:`_moments`); otherwise one forward-mode pass per column.
 
     With ``fused`` the sample moments come from a kernel compiled ahead of time (:mod:`nbtorch.aot`)."""
     C = next(t.shape[0] for t in tangents if t is not None)
@@ -234,22 +234,24 @@ def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: 
     return TileParams(*_substitute([None] * len(tp), idx, grads))
 
 
-def _moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> PixelMoments:
-    """The derivative moments of a tile of plain tensors (:func:`~nbtorch.kernel.derivative_moments`), the sample
-    part compiled ahead of time when ``fused``."""
+def _sample_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, ...]:
+    """:func:`~nbtorch.kernel.sample_moments` of a tile of plain tensors, compiled ahead of time when ``fused``
+    (eager where the kernel cannot be built)."""
     fn = _aot_kernel("moments", spec, tp.A) if fused else None
-    if fn is None:
-        return derivative_moments(tp, tc, spec)
-    return PixelMoments(*fn(tp, tc), *factor_jacobian(tp, tc, spec))
+    return sample_moments(tp, tc, spec) if fn is None else fn(tp, tc)
+
+
+def _moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> PixelMoments:
+    """The derivative moments of a tile of plain tensors (:func:`~nbtorch.kernel.derivative_moments`): the sample
+    part from :func:`_sample_moments` and the factor's Jacobian."""
+    return PixelMoments(*_sample_moments(spec, tc, tp, fused), *factor_jacobian(tp, tc, spec))
 
 
 def _vjp_from_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS, gf, idx) -> list:
     """Reverse mode from the compiled sample moments: the gradients of the leaves ``idx`` (zeros where the tile
     does not depend on a leaf)."""
-    fn = _aot_kernel("moments", spec, tp.A)
     with torch.no_grad():
-        moments = sample_moments(tp, tc, spec) if fn is None else fn(tp, tc)
-        grads = vjp_from_moments(moments, tp, tc, spec, gS, gf)
+        grads = vjp_from_moments(_sample_moments(spec, tc, tp, True), tp, tc, spec, gS, gf)
     return [grads.get(TileParams._fields[i], torch.zeros_like(tp[i])) for i in idx]
 
 
@@ -362,6 +364,7 @@ class TileMoments(torch.autograd.Function):
     returns them with the value (non-differentiable extra outputs, saved for ``jvp``), so ``jacfwd`` does not run the
     forward tile and the moments separately.  ``apply(spec, tc, *leaves)``; only for
     :func:`~nbtorch.kernel.has_fast_derivatives` specs whose primals are plain tensors (:func:`apply_tile` checks).
+    (functorch hands ``jvp`` a tangent for every input, zeros included, so the factor's Jacobian is always formed.)
     """
 
     generate_vmap_rule = True

@@ -216,24 +216,31 @@ def test_one_pass_reverse_mode_equals_autograd(args):
     assert float(got["A"].abs().max()) > 0
 
 
-def test_jacfwd_takes_the_forward_value_from_the_moments(monkeypatch):
+@pytest.mark.parametrize("with_distance", [False, True])
+def test_jacfwd_takes_the_forward_value_from_the_moments(monkeypatch, with_distance):
     """Under jacfwd of plain parameters a compiled tile runs one pass (the derivative moments carry the value too):
-    the forward tile is not run, and value and Jacobian equal the eager ones (float64, 1e-10)."""
+    the forward tile is not run, and value and Jacobian (cell, and the detector distance, which moves the pixel
+    factor too) equal the eager ones (float64, 1e-10)."""
     p, s = _model(SMALL)
     ran = []
     monkeypatch.setattr(fused, "forward", lambda *a: ran.append(1) or kernel.tile_sums(a[2], a[1], a[0]))
+    x0 = torch.cat([p.crystal.cell, p.detector.distance[None]]) if with_distance else p.crystal.cell
 
-    def image(c, fz):
-        out = nbtorch.simulate(_with_cell(p, c), s, fused=fz)
+    def image(x, fz):
+        q = _with_cell(p, x[:6])
+        if with_distance:
+            q = q._replace(detector=q.detector._replace(distance=x[6]))
+        out = nbtorch.simulate(q, s, fused=fz)
         return out, out
 
     with _no_fallback():
-        j_comp, v_comp = torch.func.jacfwd(image, has_aux=True)(p.crystal.cell, True)
+        j_comp, v_comp = torch.func.jacfwd(image, has_aux=True)(x0, True)
     assert not ran
-    j_eager, v_eager = torch.func.jacfwd(image, has_aux=True)(p.crystal.cell, False)
+    j_eager, v_eager = torch.func.jacfwd(image, has_aux=True)(x0, False)
     for a, b in ((j_comp, j_eager), (v_comp, v_eager)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
     assert ran  # the eager path does run the forward tile
+    assert float(j_eager[..., -1].abs().max()) > 0
 
 
 def test_tiny_budget_chunks_orientations_and_sources_with_same_image_and_gradient():
