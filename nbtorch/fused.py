@@ -136,14 +136,10 @@ def _run(kind: str, spec: KernelSpec, eager, *args, grad: bool = False):
 # the three operations: compiled (derivatives from one pass of moments) or eager (autograd of the forward tile)
 
 
-def _fast(fused: bool, *trees) -> bool:
-    """Compiled kernels apply to plain tensors that autograd is not recording (they are not differentiable
-    themselves: their derivatives are the other kernels)."""
-    if not fused or not all(_is_plain(t) for t in trees):
-        return False
-    recording = torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for t in trees for v in (t if isinstance(t, tuple) else (t,)))
-    return not recording
+def _unrecorded(tp: TileParams) -> bool:
+    """Whether the leaves of ``tp`` are plain tensors that autograd is not recording (where the forward tile needs no
+    derivative rule; compiled kernels are not differentiable themselves: their derivatives are the other kernels)."""
+    return _is_plain(tp) and not (torch.is_grad_enabled() and any(v.requires_grad for v in tp))
 
 
 def _eager_sums(spec, tc):
@@ -159,7 +155,7 @@ def _zeros_for_none(tp: TileParams, tan: TileParams) -> TileParams:
 def forward(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(S [P], factor [P]) of a tile; compiled ahead of time (:mod:`nbtorch.aot`) when ``fused`` and every input is a
     plain tensor, else eager."""
-    fn = _aot_kernel("forward", spec, tp.A) if _fast(fused, tp) else None
+    fn = _aot_kernel("forward", spec, tp.A) if fused and _unrecorded(tp) else None
     if fn is None:
         return tile_sums(tp, tc, spec)
     with torch.no_grad():
@@ -410,7 +406,7 @@ def apply_tile(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) ->
     """(S [P], factor [P]) of a tile, differentiable under autograd and every ``torch.func`` transform: the plain
     forward when nothing records derivatives, :class:`TileMoments` under forward mode of plain primals (compiled,
     :func:`~nbtorch.kernel.has_fast_derivatives` specs), else :class:`TileFunction`."""
-    if _is_plain(tp) and not (torch.is_grad_enabled() and any(v.requires_grad for v in tp)):
+    if _unrecorded(tp):
         return forward(spec, tc, tp, fused)
     if fused and has_fast_derivatives(spec) and _forward_mode_of_plain(tp):
         return TileMoments.apply(spec, tc, *tp)[:2]
