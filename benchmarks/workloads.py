@@ -74,7 +74,7 @@ def derivatives(n: int = 256) -> dict:
         x = x0.clone().requires_grad_()
         image(x).sum().backward()
 
-    fb_first = _best(fwd_bwd, 1)  # the first reverse pass of a process traces the torch.compile'd tile
+    fb_first = _best(fwd_bwd, 1)  # the first reverse pass of a process loads the kernels (or traces the compiled tile)
     fb = _best(fwd_bwd, 1)
     jf_first = _best(lambda: torch.func.jacfwd(image)(x0), 1)  # torch imports dynamo on a process's first jacfwd
     jf = _best(lambda: torch.func.jacfwd(image)(x0), 2)
