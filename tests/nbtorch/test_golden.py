@@ -32,12 +32,32 @@ def test_image_matches_c_program_float64(case):
     assert corr >= 0.999999, f"{case}: correlation {corr:.9f}"
 
 
+#: Relative shift of the top-hat edge (ρ²·fudge = limit) that brackets float32's rounding of ρ² near the edge.
+EDGE_SHIFT = 1e-3
+
+
+def _float64_bounds(case: str):
+    """Per-pixel lower and upper float64 images that float32 may round to.  Smooth lattice factors: the float64 image
+    itself.  Top-hat spots are a step in ρ²: a sample within float32 rounding of the edge may fall on either side, so
+    the edge is moved by ±EDGE_SHIFT (through ``fudge``) and the pixel may take any value between the two images."""
+    params, setup, img64 = _simulate(case, torch.float64)
+    if setup.shape != "tophat":
+        return img64, img64
+    inner, outer = (nbtorch.simulate(params, setup.replace(fudge=setup.fudge * f), fused=False).numpy()
+                    for f in (1 + EDGE_SHIFT, 1 - EDGE_SHIFT))
+    return np.minimum(inner, outer), np.maximum(inner, outer)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_float32_within_1e3_of_float64(case):
     img32 = _simulate(case, torch.float32)[2]
-    img64 = _simulate(case, torch.float64)[2]
-    rel = np.abs(img32 - img64).max() / np.abs(img64).max()
-    assert rel <= 1e-3, f"{case}: float32 vs float64 max|Δ|/max = {rel:.3g}"
+    lo, hi = _float64_bounds(case)
+    scale = np.abs(hi).max()
+    excess = np.maximum(lo - img32, img32 - hi).clip(min=0)
+    rel = excess.max() / scale
+    assert rel <= 1e-3, f"{case}: float32 outside float64 by max|Δ|/max = {rel:.3g}"
+    if case == "08_shape_tophat":  # the bracket is narrow: few pixels sit on the edge
+        assert np.count_nonzero(hi - lo > 1e-3 * scale) < 0.01 * img32.size
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -23,7 +23,8 @@ def test_Q1_phi_zero_is_rotated_like_any_other_angle():
     two = sim(BASE + " -phi 0 -osc 2 -phisteps 2")
     a = sim(BASE + " -phi 0")
     b = sim(BASE + " -phi 1")
-    torch.testing.assert_close(two, (a + b) / 2, rtol=1e-12, atol=0)
+    # a stale rotation would move whole spots; rounding differs between code paths by ~1e-12 of the peak
+    torch.testing.assert_close(two, (a + b) / 2, rtol=1e-10, atol=1e-10 * float(two.max()))
 
 
 def test_Q4_vector_flags_switch_to_custom():
