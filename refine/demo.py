@@ -72,6 +72,23 @@ def _report(params, setup):
     }
 
 
+#: Largest noise seed (torch's generators take a signed 64-bit seed).
+MAX_SEED = 2**63 - 1
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in 0 … :data:`MAX_SEED` (argparse type: a one-line error otherwise)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0 … {MAX_SEED}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0 … {MAX_SEED}, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     """Entry point of ``nbtorch-demo``: exit 0 converged, 3 not converged, 2 a bad option or an output folder that
     cannot be made (one line), 1 an output that cannot be written, 130/143 interrupted."""
@@ -81,7 +98,7 @@ def main(argv=None) -> int:
 
     ap = OneLineParser(prog="nbtorch-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="nbtorch-demo", help="output folder (default nbtorch-demo)")
-    ap.add_argument("--seed", type=int, default=1, help="noise seed (default 1)")
+    ap.add_argument("--seed", type=_seed, default=1, help=f"noise seed, 0 … {MAX_SEED} (default 1)")
     try:
         with interrupts():
             a = ap.parse_args(argv)

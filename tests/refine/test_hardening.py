@@ -197,8 +197,11 @@ def test_demo_user_errors_exit_2_with_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert demo_main(["--out", str(tmp_path / "file" / "sub")]) == 2
     assert demo_main(["--seed", "abc"]) == 2
+    assert demo_main(["--seed", "99999999999999999999"]) == 2  # was torch's "Overflow when unpacking long long"
+    assert demo_main(["--seed", "-1"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and all(ln.startswith("nbtorch-demo: error: ") for ln in err), err
+    assert "0 … 9223372036854775807" in err[2]
+    assert len(err) == 4 and all(ln.startswith("nbtorch-demo: error: ") for ln in err), err
 
 
 def test_float32_fit_of_distance_and_scale():
