@@ -10,21 +10,21 @@ into a package in the kernel cache (``<cache>/aot/<key>.pt2``), and runs it thro
 which needs neither dynamo nor inductor at run time.  The OpenMP thread count follows ``torch.set_num_threads`` at
 run time (not the count at build time).  The key hashes the kernel's source files, the torch version and the target
 (CPU architecture and vector instruction set, or GPU compute capability), so an edited kernel, a new torch or a
-cache shared with a different machine builds a new package.
+cache shared with a different machine builds a new package.  Packages are loaded and built under the rules of
+:mod:`nbtorch.cachedir` (a private directory, a SHA-256 record checked before loading, one builder at a time).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import pathlib
 import platform
-import tempfile
 import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import cachedir
 from .kernel import KernelSpec, TileConsts, TileParams, sample_moments, tile_sums
 
 __all__ = ["KERNELS", "package_path", "load", "build"]
@@ -109,24 +109,17 @@ class _Tile(torch.nn.Module):
 
 
 def build(path: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> None:
-    """Export and compile kernel ``kind`` of ``spec`` into the package ``path`` (written atomically: a concurrent
-    process sees either no package or a complete one).  Raises whatever export or compilation raises."""
+    """Export and compile kernel ``kind`` of ``spec`` into the package file ``path`` (which must end in ``.pt2``;
+    :func:`load` builds into a temporary file that :func:`nbtorch.cachedir.load_or_build` renames into place).
+    Raises whatever export or compilation raises."""
     import torch._inductor
 
     args, dynamic = _example(spec, dtype, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices while building
-            program = torch.export.export(_Tile(kind, spec), args, dynamic_shapes=dynamic, strict=False)
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp,
-                                                     inductor_configs=dict(KERNELS[kind][1]))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices while building
+        program = torch.export.export(_Tile(kind, spec), args, dynamic_shapes=dynamic, strict=False)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                 inductor_configs=dict(KERNELS[kind][1]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,20 +130,22 @@ def load(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, de
          build_missing: bool = True) -> Optional[Callable[[TileParams, TileConsts], Tuple[torch.Tensor, ...]]]:
     """The compiled kernel ``kind`` of ``spec`` for inputs of ``dtype`` on ``device`` as ``f(tp, tc) -> tuple``
     (what the function of :data:`KERNELS` returns: (S [P], factor [P]) for "forward", the sample moments for
-    "moments"), from the package cache under ``root`` (built first when missing and ``build_missing``; None when
-    missing and not built).  Loaded once per process."""
+    "moments"), from the package cache under ``root`` (:mod:`nbtorch.cachedir`: loaded only from the user's own
+    directory and when its SHA-256 matches the record; built first — or rebuilt, with a warning, when it fails a
+    check or does not load — when ``build_missing``, else None).  Loaded once per process.  Raises
+    :class:`~nbtorch.cachedir.UntrustedCacheError` when the cache is not the user's own."""
     key = (kind, spec, dtype, device.type, device.index)
     fn = _loaded.get(key)
     if fn is not None:
         return fn
-    path = package_path(root, kind, spec, dtype, device)
-    if not path.exists():
-        if not build_missing:
-            return None
-        build(path, kind, spec, dtype, device)
+    path = cachedir.cache_subdir("aot", root) / package_path(root, kind, spec, dtype, device).name
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda"
                                                            else -1)
-    runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+    runner = cachedir.load_or_build(path, lambda tmp: build(tmp, kind, spec, dtype, device),
+                                    lambda p: torch._C._aoti.AOTIModelPackageLoader(str(p), "model", False, 1, index),
+                                    build_missing=build_missing)
+    if runner is None:
+        return None
 
     def fn(tp: TileParams, tc: TileConsts):
         # the compiled code assumes the contiguous layout of the example inputs (the orientation stack, for one,

@@ -14,7 +14,7 @@ of the moments (:class:`TileMoments`); reverse mode takes their transpose where 
 tensor; under an outer ``torch.func`` transform (vmap over parameter sets, ``hessian``, …) the same math runs eagerly,
 so every transform keeps working and gives the same numbers.  Compiled code is cached on disk (by default
 ``~/.cache/nbtorch``, see :mod:`nbtorch.cachedir`), so a second process loads it instead of compiling; where no
-compiler works the eager code runs instead, with a warning.
+compiler works, or the cache is not the user's own, the eager code runs instead, with a warning.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch._C._functorch import (TransformType, get_unwrapped, is_functorch_wrap
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from . import aot
-from .cachedir import cache_root
+from .cachedir import UntrustedCacheError, cache_root, cache_subdir, scratch_dir
 from .kernel import (KernelSpec, PixelMoments, TileConsts, TileParams, factor_jacobian, has_fast_derivatives,
                      jvp_from_moments, sample_moments, tile_sums, vjp_from_moments)
 
@@ -45,11 +45,21 @@ def cache_dir() -> pathlib.Path:
     return cache_root() / "inductor"
 
 
+def _inductor_dir() -> pathlib.Path:
+    """:func:`cache_dir`, created private and checked (:func:`nbtorch.cachedir.cache_subdir`); when it is not the
+    user's own (warned once) or cannot be created, a private temporary directory for this process."""
+    try:
+        return cache_subdir(cache_dir().name)
+    except (UntrustedCacheError, OSError):
+        return scratch_dir()
+
+
 def _prepare_compiler() -> None:
-    """Point inductor's cache at :func:`cache_dir` (unless the user chose one) and skip its per-process CPU-ISA probe
-    once a previous process has shown that compiled kernels work on this machine."""
+    """Point inductor's cache at :func:`_inductor_dir` (unless the user chose one with ``TORCHINDUCTOR_CACHE_DIR``)
+    and skip its per-process CPU-ISA probe once a previous process has shown that compiled kernels work on this
+    machine."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_inductor_dir())
     marker = pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "nbtorch-compiled-ok"
     if marker.exists():
         import torch._inductor.config as inductor_config
@@ -175,6 +185,9 @@ def _aot_kernel(kind: str, spec: KernelSpec, like: torch.Tensor):
             _prepare_compiler()
             fn = aot.load(root, kind, spec, like.dtype, like.device)
             _mark_compiled_ok()
+    except UntrustedCacheError as err:  # already warned (once for all kernels): compute eagerly
+        _broken[key] = f"{type(err).__name__}: {err}"
+        return None
     except Exception as err:  # compiler missing or broken: remember, warn once, compute eagerly
         _broken[key] = f"{type(err).__name__}: {err}"
         warnings.warn(f"nbtorch: compiled {kind} kernel unavailable ({type(err).__name__}: {str(err)[:200]}); "

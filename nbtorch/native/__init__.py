@@ -6,13 +6,16 @@ torch-free (standard library + numpy).  At present one routine: ``poidev.c``, th
 Build: ``$CC`` (default ``cc``) with :data:`CFLAGS` — notably *without* ``-ffast-math`` and with
 ``-ffp-contract=off``, so every float/double rounding is the one the Python code performs.  The shared library goes
 to :func:`native_cache_dir` under a name that hashes the C source, the compiler command, the flags and the platform,
-so an edited source rebuilds; it is compiled to a temporary file in the same directory and renamed into place
-(atomic, so concurrent processes never load a half-written file).  If the cache directory cannot be written, the
-library is built in a private temporary directory, loaded, and deleted (this process only).
+so an edited source rebuilds.  The cache rules of :mod:`nbtorch.cachedir` apply: the library is loaded only from a
+directory that is the user's own, only when its SHA-256 matches the one recorded when it was built (a truncated or
+altered library is rebuilt, with a warning, never loaded), and one process builds it while others wait.  If the
+cache directory cannot be written, the library is built in a private temporary directory, loaded, and deleted (this
+process only).
 
 Fallback: if the compiler is missing, compilation or loading fails, or the loaded routine disagrees with the Python
 reference on a built-in self-check, :func:`poidev_library` returns ``None`` (one debug log line, remembered for the
-process) and callers use the Python implementation.  ``NBTORCH_NATIVE=0`` disables the native path.
+process) and callers use the Python implementation; so it does, after one warning, when the cache is not the user's
+own.  ``NBTORCH_NATIVE=0`` disables the native path.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import tempfile
 
 import numpy as np
 
-from ..cachedir import CACHE_ENV, cache_root
+from ..cachedir import CACHE_ENV, cache_root, cache_subdir, load_or_build
 
 __all__ = ["CACHE_ENV", "NATIVE_ENV", "CFLAGS", "native_cache_dir", "native_enabled", "poidev_library",
            "NativeState"]
@@ -56,35 +59,39 @@ def native_enabled() -> bool:
     return os.environ.get(NATIVE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _compile(src: pathlib.Path, name: str) -> pathlib.Path:
-    """Compile ``src`` into a shared library (cached; see the module docstring) and return its path.
-
-    Raises ``OSError``/``subprocess.SubprocessError`` when the compiler is missing or fails.
-    """
-    cc = shlex.split(os.environ.get("CC") or "cc")
-    code = src.read_bytes()
-    key = hashlib.sha256(b"\0".join([code, " ".join(cc).encode(), " ".join(CFLAGS).encode(),
+def _library_name(src: pathlib.Path, name: str) -> str:
+    """File name of the compiled ``src``: hashes the source, the compiler command, the flags and the platform."""
+    key = hashlib.sha256(b"\0".join([src.read_bytes(), " ".join(_cc()).encode(), " ".join(CFLAGS).encode(),
                                      f"{sys.platform}-{platform.machine()}".encode()])).hexdigest()[:16]
-    fname = f"{name}-{key}.so"
+    return f"{name}-{key}.so"
+
+
+def _cc() -> list:
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def _compile_to(src: pathlib.Path, out: pathlib.Path) -> None:
+    """Compile ``src`` into the shared library ``out``.  Raises ``OSError``/``subprocess.SubprocessError`` when the
+    compiler is missing or fails."""
+    subprocess.run([*_cc(), *CFLAGS, "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120)
+
+
+def _load(src: pathlib.Path, name: str) -> ctypes.CDLL:
+    """The compiled ``src`` loaded: from the cache (checked and built there as :func:`nbtorch.cachedir.load_or_build`
+    does), or, when the cache directory cannot be written, built in a private temporary directory, loaded and
+    deleted.  Raises :class:`~nbtorch.cachedir.UntrustedCacheError` for a cache that is not the user's own."""
+    fname = _library_name(src, name)
     try:
-        out_dir = native_cache_dir()
-        target = out_dir / fname
-        if target.exists():
-            return target
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.tmp", dir=out_dir)
-    except OSError:  # unwritable cache: build privately for this process
-        out_dir = pathlib.Path(tempfile.mkdtemp(prefix="nbtorch-native-"))
-        target = out_dir / fname
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.tmp", dir=out_dir)
-    os.close(fd)
+        out_dir = cache_subdir("native")
+        return load_or_build(out_dir / fname, lambda tmp: _compile_to(src, tmp), lambda p: ctypes.CDLL(str(p)))
+    except OSError as err:  # unwritable cache: build privately for this process (the mapping stays valid)
+        _log.debug("nbtorch native cache unusable (%s); building privately", err)
+    out_dir = pathlib.Path(tempfile.mkdtemp(prefix="nbtorch-native-"))
     try:
-        subprocess.run([*cc, *CFLAGS, "-o", tmp, str(src), "-lm"], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, target)
+        _compile_to(src, out_dir / fname)
+        return ctypes.CDLL(str(out_dir / fname))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 class NativeState(ctypes.Structure):
@@ -107,12 +114,7 @@ class NativeState(ctypes.Structure):
 
 
 def _load_poidev() -> object:
-    path = _compile(_SRC_DIR / "poidev.c", "poidev")
-    try:
-        lib = ctypes.CDLL(str(path))
-    finally:
-        if path.parent != native_cache_dir():  # private build (unwritable cache): the loaded mapping stays valid
-            shutil.rmtree(path.parent, ignore_errors=True)
+    lib = _load(_SRC_DIR / "poidev.c", "poidev")
     fn = lib.nb_poidev_many
     f32p = np.ctypeslib.ndpointer(dtype=np.float32, flags="C_CONTIGUOUS")
     fn.argtypes = [ctypes.POINTER(NativeState), f32p, f32p, ctypes.c_int64]

@@ -152,12 +152,14 @@ def test_native_disabled_by_environment(monkeypatch, spy):
 
 
 def test_build_cache_and_no_compiler_fallback(lib, monkeypatch, tmp_path, spy):
-    # a fresh cache directory: one library named by the source/flags hash, no temporary files left behind
+    # a fresh cache directory: one library named by the source/flags hash (with its hash record and builder lock,
+    # see tests/nbtorch/test_cache_trust.py), no temporary files left behind
     monkeypatch.setattr(native, "_libs", {})
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     assert rngmod._native_poidev() is not None
     built = sorted(p.name for p in (tmp_path / "cache" / "native").iterdir())
-    assert len(built) == 1 and built[0].startswith("poidev-") and built[0].endswith(".so")
+    assert len(built) == 3 and built[0].startswith("poidev-") and built[0].endswith(".so")
+    assert built[1:] == [built[0] + ".lock", built[0] + ".sha256"]
     assert spy == [rngmod._self_check_means().size]  # the self-check ran once, after loading
     spy.clear()
     # no compiler and no cached library: silent fallback to Python, remembered for the process
@@ -166,7 +168,8 @@ def test_build_cache_and_no_compiler_fallback(lib, monkeypatch, tmp_path, spy):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert rngmod._native_poidev() is None
     assert native._libs == {"poidev": None}
-    assert list((tmp_path / "empty" / "native").iterdir()) == []  # the temporary output was removed
+    left = [p.name for p in (tmp_path / "empty" / "native").iterdir()]
+    assert len(left) == 1 and left[0].endswith(".so.lock")  # no temporary output left
     x = _means(200, 2)
     a, b = Ran1(-6), Ran1(-6)
     got, ref = a.poidev_many(x), b._poidev_many_py(x)
