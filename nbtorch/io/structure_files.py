@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,6 +35,10 @@ __all__ = [
     "read_mtz",
     "model_cell",
     "structure_factors_from_model",
+    "ModelWork",
+    "ModelWorkError",
+    "ModelWorkWarning",
+    "available_memory",
     "expand_to_p1",
     "detector_corner_resolution",
 ]
@@ -277,16 +282,41 @@ def _column_list(mtz) -> str:
     return ", ".join(f"{c.label}({c.type})" for c in mtz.columns)
 
 
+#: How the two halves of an anomalous pair are labelled (CCP4: F(+)/F(-), I(+)/I(-); also FPLUS/FMINUS and a
+#: trailing +/-): the (+) mark, the (-) mark.
+_PAIR_MARKS = (("(+)", "(-)"), ("PLUS", "MINUS"), ("plus", "minus"), ("Plus", "Minus"))
+
+
+def _partner_label(label: str) -> Optional[Tuple[str, bool]]:
+    """(the label of the other half of an anomalous pair, whether ``label`` is the (-) half), or None when the label
+    carries no mark (:data:`_PAIR_MARKS`, or a trailing + or -)."""
+    for plus, minus in _PAIR_MARKS:
+        for mine, other, is_minus in ((plus, minus, False), (minus, plus, True)):
+            at = label.rfind(mine)
+            if at >= 0:
+                return label[:at] + other + label[at + len(mine):], is_minus
+    if label[-1:] in ("+", "-"):
+        return label[:-1] + ("-" if label[-1] == "+" else "+"), label[-1] == "-"
+    return None
+
+
 def _anomalous_pair(mtz, col, name: str):
-    """(plus, minus) columns of an anomalous pair containing ``col`` (adjacent columns of the same type)."""
-    cols = list(mtz.columns)
-    i = [c.label for c in cols].index(col.label)
-    is_minus = "(-)" in col.label or col.label.endswith("-")
-    j = i - 1 if is_minus else i + 1
-    if 0 <= j < len(cols) and cols[j].type == col.type and cols[j].dataset_id == col.dataset_id:
-        return (cols[j], col) if is_minus else (col, cols[j])
-    raise StructureFileError(f"{name}: anomalous column {col.label!r} has no {'(+)' if is_minus else '(-)'} partner "
-                             f"next to it; columns: {_column_list(mtz)}")
+    """(plus, minus) columns of the anomalous pair containing ``col``; the partner is found by its label (F(+) ↔
+    F(-), I(+) ↔ I(-), FPLUS ↔ FMINUS, F+ ↔ F-), wherever it stands among the columns, and must have the same type."""
+    found = _partner_label(col.label)
+    if found is None:
+        raise StructureFileError(f"{name}: anomalous column {col.label!r} (type {col.type}) is not labelled as one half "
+                                 "of a pair (F(+)/F(-), I(+)/I(-), ...PLUS/...MINUS or a trailing +/-); columns: "
+                                 f"{_column_list(mtz)}")
+    label, is_minus = found
+    other = next((c for c in mtz.columns if c.label == label), None)
+    if other is None:
+        raise StructureFileError(f"{name}: anomalous column {col.label!r} has no partner {label!r}; columns: "
+                                 f"{_column_list(mtz)}")
+    if other.type != col.type:
+        raise StructureFileError(f"{name}: anomalous columns {col.label!r} and {label!r} have different types "
+                                 f"({col.type}, {other.type}); columns: {_column_list(mtz)}")
+    return (other, col) if is_minus else (col, other)
 
 
 def _choose_columns(mtz, column: Optional[str], name: str):
@@ -351,7 +381,8 @@ def read_mtz(
 
     Column choice: ``column=None`` takes the first amplitude column (type F), else the first anomalous amplitude pair
     (type G).  A label picks that column: an amplitude (F); an intensity (J), converted to sqrt(max(I, 0)) with a
-    note; or one of an anomalous pair F(+)/F(−) (G) or I(+)/I(−) (K), whose partner is the adjacent column.
+    note; or one of an anomalous pair F(+)/F(−) (G) or I(+)/I(−) (K), whose partner is found by its label (the
+    CCP4 layout ``F(+) SIGF(+) F(-) SIGF(-)``, or ``FPLUS``/``FMINUS``, ``F+``/``F-``).
     Anomalous pairs are averaged (``anomalous="average"``) or kept apart (``"separate"``: F(+) at h and its
     symmetry mates, F(−) at −h and its mates).  The reflections are expanded to P1 with the file's space group
     (or ``spacegroup``) by :func:`expand_to_p1` and gridded like the text ``-hkl`` path (module docstring).
@@ -402,10 +433,59 @@ def read_mtz(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# atomic models
+# atomic models: reading and checking
+
+#: Atoms farther than this from the origin along any axis (Å) are refused as absurd: a PDB file cannot even write
+#: 10⁴ Å, and no crystal's cell comes near 10⁵ Å.
+MAX_COORDINATE = 1e5
+
+
+def _atom_text(serial, name, resname, resnum, chain) -> str:
+    return f"atom {serial} {name!r} (residue {resname} {resnum}, chain {chain})"
+
+
+def _check_pdb_coordinates(path, name: str) -> None:
+    """StructureFileError naming the first ATOM/HETATM record of a PDB file whose x, y or z (columns 31–54) is not a
+    finite number (gemmi reads ``nan`` or garbage there as 0)."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.startswith((b"ATOM  ", b"HETATM")):
+                continue
+            line = raw.decode("latin-1").rstrip("\r\n")
+            fields = [line[i:i + 8].strip() for i in (30, 38, 46)]
+            try:
+                ok = all(math.isfinite(float(f)) for f in fields)
+            except ValueError:
+                ok = False
+            if not ok:
+                atom = _atom_text(line[6:11].strip(), line[12:16].strip(), line[17:20].strip(), line[22:26].strip(),
+                                  line[21:22].strip())
+                raise StructureFileError(f"{name}: {atom} has coordinates {' '.join(fields)!r}, not three numbers")
+
+
+def _check_atoms(model, name: str) -> None:
+    """StructureFileError naming the first atom of ``model`` with an unknown element, a coordinate that is not finite
+    or beyond ±:data:`MAX_COORDINATE` Å, or an occupancy or B that is not finite."""
+    for chain in model:
+        for res in chain:
+            for atom in res:
+                p = atom.pos
+                problem = None
+                if atom.element.atomic_number == 0:
+                    problem = "has an unknown element (give a chemical symbol: PDB columns 77-78, mmCIF type_symbol)"
+                elif not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in (p.x, p.y, p.z)):
+                    problem = (f"is at ({p.x:g}, {p.y:g}, {p.z:g}) Å: coordinates must be finite and within "
+                               f"±{MAX_COORDINATE:g} Å")
+                elif not (math.isfinite(atom.occ) and math.isfinite(atom.b_iso)):
+                    problem = f"has occupancy {atom.occ:g} and B {atom.b_iso:g}: both must be finite"
+                if problem:
+                    icode = res.seqid.icode.strip()
+                    atom_id = _atom_text(atom.serial, atom.name, res.name, f"{res.seqid.num}{icode}", chain.name)
+                    raise StructureFileError(f"{name}: {atom_id} {problem}")
 
 
 def _read_model(gemmi, path, name: str):
+    """The structure of a PDB/mmCIF file with its first model checked (:func:`_check_atoms`)."""
     with open(path, "rb"):
         pass  # a plain OSError naming the file when it cannot be read
     try:
@@ -413,7 +493,10 @@ def _read_model(gemmi, path, name: str):
     except (RuntimeError, ValueError) as exc:
         raise StructureFileError(f"{name}: not a PDB or mmCIF model ({exc})") from None
     if len(st) == 0 or st[0].count_atom_sites() == 0:
-        raise StructureFileError(f"{name}: no atoms (not a PDB or mmCIF model?)")
+        raise StructureFileError(f"{name}: no atoms (an empty model, or not a PDB or mmCIF file)")
+    if st.input_format == gemmi.CoorFormat.Pdb:
+        _check_pdb_coordinates(path, name)
+    _check_atoms(st[0], name)
     return st
 
 
@@ -421,11 +504,12 @@ def model_cell(path: str | os.PathLike) -> Optional[Tuple[float, float, float, f
     """The unit cell of a PDB or mmCIF model (``CRYST1`` / ``_cell``): (a, b, c) in Å, (α, β, γ) in degrees, or None
     when the model has none.
 
-    What ``-pdb FILE`` uses for the crystal when neither ``-cell`` nor ``-mat`` is given.
+    What ``-pdb FILE`` uses for the crystal when neither ``-cell`` nor ``-mat`` is given.  The model's atoms are
+    checked as :func:`structure_factors_from_model` checks them.
 
     Raises:
-        StructureFileError: not a PDB or mmCIF model, or no atoms.  OSError: the file cannot be read.
-        ImportError: gemmi is not installed.
+        StructureFileError: not a PDB or mmCIF model, no atoms, or an atom of unknown element or at a non-finite or
+            absurd position.  OSError: the file cannot be read.  ImportError: gemmi is not installed.
     """
     gemmi = _gemmi()
     name = display_name(path)
@@ -476,35 +560,286 @@ def _override_b(gemmi, st, bfactor: float) -> None:
             atom.aniso = zero
 
 
-def _fft_values(gemmi, st, dmin: float, hkl: np.ndarray, rate: float) -> np.ndarray:
-    """Complex F of the model at ``hkl`` [n, 3] from a density grid and its FFT (gemmi's sfcalc method)."""
+# ---------------------------------------------------------------------------------------------------------------
+# atomic models: the work, estimated before it starts
+
+#: A model whose structure factors are estimated to take longer than this (s) gets a :class:`ModelWorkWarning`.
+LONG_SECONDS = 10.0
+#: Work items (grid points, table cells × operators) per chunk of the calculation: each chunk takes well under
+#: 0.2 s, so a Ctrl-C or SIGTERM acts within a second, and the temporary arrays stay near 100 MB.
+_CHUNK = 1 << 20
+#: Rough costs on one core (s): per density-grid point an atom covers, per density-grid point of the FFT, per table
+#: cell and operator, per reflection, atom and operator of the direct sum.  Only for the estimate.
+_SEC_DENSITY, _SEC_FFT, _SEC_TABLE, _SEC_DIRECT = 2.5e-8, 6e-8, 5e-8, 6e-8
+
+
+class ModelWorkError(StructureFileError):
+    """The structure factors of a model would need more memory than is available; ``work`` is the
+    :class:`ModelWork` estimate and ``limit`` the bytes available."""
+
+    def __init__(self, message: str, work: "ModelWork", limit: int):
+        super().__init__(message)
+        self.work, self.limit = work, limit
+
+
+class ModelWorkWarning(UserWarning):
+    """The structure factors of a model are estimated to take more than :data:`LONG_SECONDS`."""
+
+
+class ModelWork(NamedTuple):
+    """What :func:`structure_factors_from_model` will do, estimated before it starts.
+
+    Attributes:
+        atoms: atoms in the model's first model.
+        dmin: resolution (Å).
+        table: (nh, nk, nl) cells of the P1 table (float64).
+        grid: (nu, nv, nw) points of the density grid (float32; ``(0, 0, 0)`` for the direct method).
+        bytes: peak memory of the calculation (table included).
+        seconds: rough time on one core.
+    """
+
+    atoms: int
+    dmin: float
+    table: Tuple[int, int, int]
+    grid: Tuple[int, int, int]
+    bytes: int
+    seconds: float
+
+    def describe(self) -> str:
+        """One phrase: ``|F| of N atoms to d Å: about T s and M GB (a … density grid, a … table)``."""
+        grid = f"a {'×'.join(map(str, self.grid))} density grid, " if any(self.grid) else ""
+        return (f"|F| of {self.atoms} atoms to {self.dmin:.3g} Å: about {self.seconds:.2g} s and "
+                f"{self.bytes / 1e9:.2g} GB ({grid}a {'×'.join(map(str, self.table))} table)")
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (``MemAvailable`` of /proc/meminfo, else the physical memory),
+    or None when the system does not say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _fft_size(n: int) -> int:
+    """The smallest integer >= n whose only prime factors are 2, 3 and 5 (a fast FFT length)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+class _Layout(NamedTuple):
+    """Sizes of a model calculation: half-extents of the table (``half``) and of the F_asu box (``half_asu``, a
+    little larger: symmetry mates of a cell of a cell only nearly compatible with the group may reach beyond the
+    table), and the density grid (``grid``)."""
+
+    half: Tuple[int, int, int]
+    half_asu: Tuple[int, int, int]
+    grid: Tuple[int, int, int]
+
+
+def _layout(cell, dmin: float, rate: float) -> _Layout:
+    lengths = cell.parameters[:3]
+    half = tuple(int(math.floor(x / dmin + 1e-9)) for x in lengths)
+    half_asu = tuple(int(math.floor(x / dmin * 1.003)) + 1 for x in lengths)
+    grid = tuple(_fft_size(max(int(math.ceil(2.0 * rate * x / dmin)), 2 * h + 2)) for x, h in zip(lengths, half_asu))
+    return _Layout(half, half_asu, grid)
+
+
+def _estimate(gemmi, st, sg, dmin: float, method: str, rate: float, solvent: bool) -> ModelWork:
+    """:class:`ModelWork` of a calculation (cell, space group and B already set on ``st``)."""
+    lay = _layout(st.cell, dmin, rate)
+    table = tuple(2 * h + 1 for h in lay.half)
+    n_table = table[0] * table[1] * table[2]
+    n_ops = len(sg.operations().sym_ops)
+    n_rot = len(_rotations(sg))
+    atoms = st[0].count_atom_sites()
+    chunk = 128 * _CHUNK  # temporaries of one chunk, and room for the allocator
+    n_in = 4.0 / 3.0 * math.pi * st.cell.volume / dmin**3  # cells within dmin
+    n_unique = n_in / (2 * n_rot)
+    if method == "direct":
+        grid = (0, 0, 0)
+        peak = 8 * n_table + chunk
+        seconds = n_unique * max(atoms, 1) * n_ops * _SEC_DIRECT
+    else:
+        grid = lay.grid
+        n_grid = grid[0] * grid[1] * grid[2]
+        hu, hv, hw = lay.half_asu
+        A = 8 * grid[2] * (2 * hv + 1) * (hu + 1)
+        B = 8 * (2 * hw + 1) * (2 * hv + 1) * (hu + 1)
+        peak = max(4 * n_grid + A, A + B, B + 8 * n_table) + chunk
+        dc = gemmi.DensityCalculatorX()
+        dc.d_min, dc.rate = dmin, rate
+        dc.set_refmac_compatible_blur(st[0])
+        sample = [a for _, a in zip(range(200), (a for ch in st[0] for r in ch for a in r))]
+        r3 = sum(dc.estimate_radius(a) ** 3 for a in sample) / max(len(sample), 1)
+        per_atom = 4.0 / 3.0 * math.pi * r3 * n_grid / st.cell.volume
+        seconds = (atoms * per_atom * _SEC_DENSITY + n_grid * _SEC_FFT + n_table * (n_rot + n_ops / 4)
+                   * _SEC_TABLE)
+        if solvent:
+            peak += 12 * n_grid
+    return ModelWork(int(atoms), float(dmin), table, grid, int(peak), float(seconds))
+
+
+def _check_work(work: ModelWork, max_bytes: Optional[int], long_seconds: float, name: str) -> None:
+    """Refuse (:class:`ModelWorkError`) work beyond ``max_bytes`` (None: :func:`available_memory`); warn
+    (:class:`ModelWorkWarning`) when it is estimated to take longer than ``long_seconds``."""
+    limit = available_memory() if max_bytes is None else int(max_bytes)
+    if limit is not None and work.bytes > limit:
+        raise ModelWorkError(f"{name}: {work.describe()}: more than the {limit / 1e9:.2g} GB of memory available",
+                             work, limit)
+    if work.seconds > long_seconds:
+        warnings.warn(f"{name}: {work.describe()}; a coarser dmin is faster", ModelWorkWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# atomic models: the calculation, in chunks
+
+
+def _asu_transform(gemmi, st, dmin: float, rate: float, lay: _Layout):
+    """Fourier transform of the density of the model's own atoms (no symmetry mates) on a P1 grid, pruned to the
+    box |h|, |k|, |l| <= ``lay.half_asu``: (complex64 array [2·lw+1, 2·lv+1, hu+1] indexed [l, k, h] for h >= 0
+    (l, k modulo their lengths), holding numpy's e^(−2πi h·x) sum; blur B (Å²) put on the atoms; scale V/N).
+
+    Atoms are put on the grid one at a time and the transform is done a slab at a time (:data:`_CHUNK`), so the
+    program returns to Python every few milliseconds."""
     dc = gemmi.DensityCalculatorX()
-    dc.d_min = dmin
-    dc.rate = rate
-    dc.set_grid_cell_and_spacegroup(st)
+    dc.d_min, dc.rate = dmin, rate
     dc.set_refmac_compatible_blur(st[0])
-    dc.put_model_density_on_grid(st[0])
-    grid = gemmi.transform_map_to_f_phi(dc.grid)
-    vals = np.array([grid.get_value(int(h), int(k), int(l)) for h, k, l in hkl], dtype=np.complex128)
-    inv_d2 = st.cell.calculate_1_d2_array(hkl.astype(np.int32))
-    return vals * np.exp(dc.blur * inv_d2 / 4.0)
+    dc.grid.set_unit_cell(st.cell)
+    dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
+    dc.grid.set_size(*lay.grid)
+    for chain in st[0]:
+        for res in chain:
+            for atom in res:
+                dc.add_atom_density_to_grid(atom)
+    nu, nv, nw = lay.grid
+    hu, hv, hw = lay.half_asu
+    rho = np.array(dc.grid, copy=False).T  # [w, v, u], C order
+    rows_k = np.r_[0:hv + 1, nv - hv:nv]
+    A = np.empty((nw, 2 * hv + 1, hu + 1), dtype=np.complex64)
+    step = max(1, _CHUNK // (nu * nv))
+    for w0 in range(0, nw, step):
+        X = np.fft.rfft(rho[w0:w0 + step], axis=-1)[..., :hu + 1]
+        A[w0:w0 + step] = np.fft.fft(X, axis=1)[:, rows_k]
+    del rho, X
+    blur = float(dc.blur)
+    dc.grid.set_size(1, 1, 1)  # free the density
+    rows_l = np.r_[0:hw + 1, nw - hw:nw]
+    B = np.empty((2 * hw + 1, 2 * hv + 1, hu + 1), dtype=np.complex64)
+    step = max(1, _CHUNK // (nw * (hu + 1)))
+    for k0 in range(0, 2 * hv + 1, step):
+        B[:, k0:k0 + step] = np.fft.fft(A[:, k0:k0 + step], axis=0)[rows_l]
+    return B, blur, st.cell.volume / (nu * nv * nw)
 
 
-def _direct_values(gemmi, st, hkl: np.ndarray) -> np.ndarray:
-    """Complex F of the model at ``hkl`` [n, 3] by direct summation over atoms and symmetry operators."""
+def _asu_values(B: np.ndarray, hkl: np.ndarray, half_asu, scale: float) -> np.ndarray:
+    """F_asu(h) = Σ_atoms f·e^(+2πi h·x) at ``hkl`` [n, 3] from :func:`_asu_transform`'s array (complex128 [n])."""
+    if len(hkl) and np.any(np.abs(hkl).max(axis=0) > np.asarray(half_asu)):
+        raise StructureFileError("a symmetry mate lies beyond the calculated box (cell not compatible with the "
+                                 "space group?)")
+    neg = hkl[:, 0] < 0
+    h = np.where(neg[:, None], -hkl, hkl)
+    v = B[h[:, 2] % B.shape[0], h[:, 1] % B.shape[1], h[:, 0]].astype(np.complex128)
+    return np.where(neg, v, np.conj(v)) * scale
+
+
+def _fft_amplitudes(gemmi, st, sg, dmin: float, rate: float, lay: _Layout, solvent_F):
+    """A function hkl [n, 3] → |F| [n] of the whole crystal (all symmetry operators) by the FFT method."""
+    B, blur, scale = _asu_transform(gemmi, st, dmin, rate, lay)
+    ops = sg.operations()
+    sym = [(np.asarray(op.rot, dtype=np.int64) // op.DEN, np.asarray(op.tran, dtype=np.int64), op.DEN)
+           for op in ops.sym_ops]
+    n_cen = len(ops.cen_ops)
+    M = np.asarray(st.cell.frac.mat)
+
+    def amplitudes(hkl: np.ndarray) -> np.ndarray:
+        F = np.zeros(len(hkl), dtype=np.complex128)
+        for R, t, den in sym:
+            F += np.exp(2j * np.pi * ((hkl @ t) % den) / den) * _asu_values(B, hkl @ R, lay.half_asu, scale)
+        q = np.einsum("ni,ij->nj", hkl, M)  # Å⁻¹ (float matmul of thin arrays is slow)
+        F *= n_cen * np.exp(blur * np.einsum("ni,ni->n", q, q) / 4.0)
+        if solvent_F is not None:
+            F += solvent_F(hkl)
+        return np.abs(F)
+
+    return amplitudes
+
+
+def _direct_amplitudes(gemmi, st, solvent_F):
+    """A function hkl [n, 3] → |F| [n] by direct summation over atoms and symmetry operators (gemmi), one reflection
+    per call."""
     calc = gemmi.StructureFactorCalculatorX(st.cell)
-    return np.array([calc.calculate_sf_from_model(st[0], [int(x) for x in h]) for h in hkl], dtype=np.complex128)
+
+    def amplitudes(hkl: np.ndarray) -> np.ndarray:
+        F = np.array([calc.calculate_sf_from_model(st[0], [int(x) for x in h]) for h in hkl], dtype=np.complex128)
+        return np.abs(F if solvent_F is None else F + solvent_F(hkl))
+
+    return amplitudes
 
 
-def _bulk_solvent(gemmi, st, dmin: float, hkl: np.ndarray, k_sol: float, b_sol: float, rate: float) -> np.ndarray:
-    """Flat bulk-solvent contribution k_sol·exp(−B_sol/(4d²))·F_mask at ``hkl`` (complex, electrons)."""
+def _bulk_solvent(gemmi, st, dmin: float, k_sol: float, b_sol: float, rate: float):
+    """A function hkl [n, 3] → the flat bulk-solvent contribution k_sol·exp(−B_sol/(4d²))·F_mask (complex,
+    electrons).  The mask and its transform are single gemmi calls (not chunked)."""
     mask = gemmi.FloatGrid()
     mask.setup_from(st, spacing=dmin / (2.0 * rate))
     gemmi.SolventMasker(gemmi.AtomicRadiiSet.Cctbx).put_mask_on_float_grid(mask, st[0])
-    fmask = gemmi.transform_map_to_f_phi(mask)
-    vals = np.array([fmask.get_value(int(h), int(k), int(l)) for h, k, l in hkl], dtype=np.complex128)
-    inv_d2 = st.cell.calculate_1_d2_array(hkl.astype(np.int32))
-    return k_sol * np.exp(-b_sol * inv_d2 / 4.0) * vals
+    fmask = np.array(gemmi.transform_map_to_f_phi(mask), copy=True)
+    M = np.asarray(st.cell.frac.mat)
+
+    def contribution(hkl: np.ndarray) -> np.ndarray:
+        q = np.einsum("ni,ij->nj", hkl, M)  # Å⁻¹ (float matmul of thin arrays is slow)
+        vals = fmask[hkl[:, 0] % fmask.shape[0], hkl[:, 1] % fmask.shape[1], hkl[:, 2] % fmask.shape[2]]
+        return k_sol * np.exp(-b_sol * np.einsum("ni,ni->n", q, q) / 4.0) * vals
+
+    return contribution
+
+
+def _fill_table(table: np.ndarray, lo: np.ndarray, st, sg, dmin: float, amplitudes) -> Tuple[int, int, int]:
+    """Put |F| of every cell of ``table`` within ``dmin`` into it, a chunk of cells at a time; cells beyond keep their
+    value.  For each symmetry-unique reflection (the one of its orbit ±h·R with the largest key) ``amplitudes`` is
+    called once and the value written to the whole orbit, so mates are equal to the bit; systematically absent
+    reflections get 0.  → (cells within dmin, unique reflections, absent cells within dmin)."""
+    rots = _rotations(sg)
+    mats = np.concatenate([rots, -rots])
+    ops = sg.operations()
+    check_absent = not sg.is_symmorphic() or sg.centring_type() != "P"
+    M = np.asarray(st.cell.frac.mat)
+    s2max = (1.0 + 1e-9) / dmin**2
+    hi = lo + np.asarray(table.shape) - 1
+    weights = np.array([1 << 42, 1 << 21, 1], dtype=np.int64)  # _keys(h) = h·weights + const (fields apart)
+    mate_weights = np.einsum("oij,j->io", mats, weights)  # [3, 2·rotations]: h·R·weights for each R
+    step = max(1, _CHUNK // len(mats))
+    n_in = n_unique = n_absent = 0
+    for start in range(0, table.size, step):
+        idx = np.arange(start, min(start + step, table.size))
+        hkl = np.stack(np.unravel_index(idx, table.shape), axis=1) + lo
+        q = np.einsum("ni,ij->nj", hkl, M)  # Å⁻¹ (float matmul of thin arrays is slow)
+        hkl = hkl[np.einsum("ni,ni->n", q, q) <= s2max]
+        absent = ops.systematic_absences(hkl.astype(np.int32)) if check_absent else np.zeros(len(hkl), dtype=bool)
+        canon = hkl @ weights >= (hkl @ mate_weights).max(axis=1)  # the largest _keys of its orbit
+        c = hkl[canon]
+        vals = np.zeros(len(c))
+        present = ~absent[canon]
+        vals[present] = amplitudes(c[present])
+        m = np.matmul(c[None], mats).reshape(-1, 3)  # [2·rotations · unique, 3]
+        v = np.tile(vals, len(mats))
+        keep = np.all((m >= lo) & (m <= hi), axis=1)
+        table[tuple((m[keep] - lo).T)] = v[keep]
+        n_in, n_unique, n_absent = n_in + len(hkl), n_unique + len(c), n_absent + int(absent.sum())
+    return n_in, n_unique, n_absent
 
 
 def structure_factors_from_model(
@@ -520,14 +855,21 @@ def structure_factors_from_model(
     k_sol: float = 0.35,
     b_sol: float = 46.0,
     rate: float = 1.5,
+    max_bytes: Optional[int] = None,
+    long_seconds: float = LONG_SECONDS,
 ):
     """|F| of a PDB or mmCIF model to resolution ``dmin``, as nanoBragg's dense P1 table (what ``-pdb FILE`` uses).
 
     X-ray form factors (no anomalous terms, so Friedel's law holds) of every atom of the first model, with its
-    occupancy and B (isotropic or anisotropic); with ``bfactor`` every atom gets that isotropic B instead.  The unique
-    reflections with d ≥ ``dmin`` (gemmi's ``make_miller_array``) are calculated in the model's space group and
-    expanded to P1 with :func:`expand_to_p1`; the table is gridded like the text ``-hkl`` path (module docstring), so
-    reflections beyond ``dmin`` get ``default_F``.
+    occupancy and B (isotropic or anisotropic); with ``bfactor`` every atom gets that isotropic B instead.  Every
+    table cell (h, k, l) with d ≥ ``dmin`` gets the amplitude of the whole crystal (all symmetry operators of the
+    space group; symmetry and Friedel mates equal to the bit; systematic absences 0); the table spans
+    |h| ≤ a/dmin (likewise k, l) and its cells beyond ``dmin`` hold ``default_F``.
+
+    The work is bounded: its memory and time are estimated first (:class:`ModelWork`); more memory than
+    ``max_bytes`` is refused before anything is computed, and an estimate above ``long_seconds`` is a
+    :class:`ModelWorkWarning`.  The calculation runs in chunks of bounded memory that each return to Python within
+    milliseconds, so Ctrl-C and SIGTERM act at once (the bulk-solvent mask is one gemmi call).
 
     Args:
         path: PDB or mmCIF (or mmJSON) file.
@@ -538,18 +880,24 @@ def structure_factors_from_model(
             ``SolventMasker``); off by default.
         default_F: amplitude of table cells outside the calculated set (``-default_F``).
         spacegroup: name or number overriding the model's space group (P 1 is assumed when the file has none).
-        method: ``"fft"`` (density on a grid, then FFT, as gemmi's ``sfcalc``; relative error ~1e-4, fast) or
-            ``"direct"`` (exact sum over atoms and symmetry operators; slow for large models).
+        method: ``"fft"`` (the model's own atoms as density on a P1 grid, its Fourier transform, then the sum over
+            symmetry operators in reciprocal space; relative error ~1e-4) or ``"direct"`` (exact sum over atoms and
+            symmetry operators, one reflection at a time; slow for large models).
         k_sol: solvent density (e/Å³) of the bulk-solvent model.   b_sol: its B (Å²).
         rate: grid oversampling of the FFT method and of the solvent mask.
+        max_bytes: memory the calculation may use (bytes); None: :func:`available_memory`.
+        long_seconds: warn when the estimated time exceeds this (s).
 
     Returns:
         ``(F, hkl_min, info)`` as :func:`read_mtz`: float64 [nh, nk, nl] amplitudes (electrons), the index of
-        ``F[0, 0, 0]``, and a :class:`StructureFactorInfo`.
+        ``F[0, 0, 0]``, and a :class:`StructureFactorInfo` (``n_unique``: symmetry-unique reflections calculated,
+        ``n_p1``: table cells within ``dmin``).
 
     Raises:
-        StructureFileError (a ValueError): not a model, no atoms, no cell, unknown space group or one incompatible with
-            the cell.  ValueError: bad ``dmin``, ``cell``, ``bfactor``, ``method``.  OSError: the file cannot be read.
+        StructureFileError (a ValueError): not a model, no atoms, an atom of unknown element or at a non-finite or
+            absurd position (named), no cell, unknown space group or one incompatible with the cell;
+            :class:`ModelWorkError` (a StructureFileError): more memory than ``max_bytes``.  ValueError: bad
+            ``dmin``, ``cell``, ``bfactor``, ``method``, ``rate``.  OSError: the file cannot be read.
             ImportError: gemmi is not installed.
     """
     gemmi = _gemmi()
@@ -559,25 +907,32 @@ def structure_factors_from_model(
         raise ValueError(f"{name}: method must be 'fft' or 'direct', got {method!r}")
     bfac = None if bfactor is None else _check_float(bfactor, "bfactor (Å²)", name, strict=False)
     default_F = _check_float(default_F, "default_F", name, strict=False)
+    rate = _check_float(rate, "rate", name)
     notes: list = []
     st = _read_model(gemmi, path, name)
     sg = _model_cell_and_group(gemmi, st, cell, spacegroup, name, notes)
     if bfac is not None:
         _override_b(gemmi, st, bfac)
         notes.append(f"every atom's B set to {bfac:g} Å² (anisotropic B removed)")
-    hkl = np.asarray(gemmi.make_miller_array(st.cell, sg, dmin), dtype=np.int64).reshape(-1, 3)
-    if len(hkl) == 0:
+    lay = _layout(st.cell, dmin, rate)
+    if lay.half == (0, 0, 0):
         raise StructureFileError(f"{name}: no reflection with d >= {dmin:g} Å in cell {_cell_text(st.cell)}")
-    Fc = _fft_values(gemmi, st, dmin, hkl, rate) if method == "fft" else _direct_values(gemmi, st, hkl)
-    notes.append(f"|F| calculated from {st[0].count_atom_sites()} atoms to {dmin:g} Å ({method})")
+    work = _estimate(gemmi, st, sg, dmin, method, rate, solvent)
+    _check_work(work, max_bytes, long_seconds, name)
+    solvent_F = _bulk_solvent(gemmi, st, dmin, float(k_sol), float(b_sol), rate) if solvent else None
+    if method == "fft":
+        amplitudes = _fft_amplitudes(gemmi, st, sg, dmin, rate, lay, solvent_F)
+    else:
+        amplitudes = _direct_amplitudes(gemmi, st, solvent_F)
+    table = np.full(work.table, default_F, dtype=np.float64)
+    lo = -np.asarray(lay.half, dtype=np.int64)
+    n_in, n_unique, n_absent = _fill_table(table, lo, st, sg, dmin, amplitudes)
+    notes.append(f"|F| calculated from {work.atoms} atoms to {dmin:g} Å ({method})")
     if solvent:
-        Fc = Fc + _bulk_solvent(gemmi, st, dmin, hkl, float(k_sol), float(b_sol), rate)
         notes.append(f"flat bulk solvent added (k_sol {float(k_sol):g} e/Å³, B_sol {float(b_sol):g} Å²)")
-    hkl_p1, F_p1 = expand_to_p1(hkl, np.abs(Fc), sg, where=name)
-    grid, hkl_min, n_p1, n_zeroed = _grid_with_absences(hkl_p1, F_p1, sg, default_F, name)
-    notes += _expansion_notes(sg, len(hkl), n_p1, n_zeroed, False)
-    info = StructureFactorInfo(name, "model", sg.hm, tuple(st.cell.parameters), len(hkl), n_p1, tuple(notes))
-    return grid, hkl_min, info
+    notes += _expansion_notes(sg, n_unique, n_in, n_absent if default_F != 0.0 else 0, False)
+    info = StructureFactorInfo(name, "model", sg.hm, tuple(st.cell.parameters), n_unique, n_in, tuple(notes))
+    return table, tuple(int(x) for x in lo), info
 
 
 # ---------------------------------------------------------------------------------------------------------------
