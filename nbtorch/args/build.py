@@ -39,7 +39,8 @@ from .parse import FLAG_VALUE, NanoBraggArgs, fmt_num, last_flag, missing_inputs
 from .parse import range_phrase
 from .table import FLAGS, SWITCH_DEFAULTS, switch_states
 
-__all__ = ["Inputs", "Extras", "Outputs", "build", "from_nanobragg_args", "CONVENTION_VECTORS", "sources_for"]
+__all__ = ["Inputs", "Extras", "Outputs", "build", "from_nanobragg_args", "CONVENTION_VECTORS", "sources_for",
+           "INPUT_FILE_FLAGS", "input_files", "output_files"]
 
 #: Setup vectors of each convention (spec §4): fast, slow, normal, beam, two-theta axis, E vector, spindle.
 CONVENTION_VECTORS: Dict[str, Dict[str, Tuple[float, float, float]]] = {
@@ -724,6 +725,35 @@ def _outputs(inp: Inputs, params: Params, setup: Setup) -> Outputs:
         seed_from_clock=not inp.given("-seed"), printout=inp.given("-printout"),
         printout_pixel=None if pix is None else (int(pix[0]), int(pix[1])),
     )
+
+
+#: Flags naming a file a build reads (from the table: the file flags outside the output section that have an effect).
+INPUT_FILE_FLAGS = tuple(f.name for f in FLAGS.values()
+                         if f.kind == "file" and f.section != "output" and f.effect != "none")
+#: The command line's output file flags in writing order, each with the switch group that can turn it off.
+OUTPUT_FILE_FLAGS = (("-floatfile", None), ("-intfile", None), ("-pgmfile", "pgm"), ("-noisefile", "noise"),
+                     ("-nexusfile", None))
+
+
+def input_files(opts: NanoBraggArgs, base_dir: str = "") -> List[Tuple[str, str]]:
+    """``(flag, path)`` of every file the flags make a build read (:data:`INPUT_FILE_FLAGS`), a relative name
+    joined to ``base_dir`` as :meth:`Inputs.path` does (default "": as given, relative to the current folder)."""
+    return [(flag, os.path.join(base_dir, str(opts[flag]))) for flag in INPUT_FILE_FLAGS if flag in opts]
+
+
+def output_files(opts: NanoBraggArgs) -> List[Tuple[str, str]]:
+    """``(flag, name)`` of every file the ``nbtorch`` command line writes with these flags, in writing order: the
+    float and int images, the PGM unless ``-nopgm``, the noise image unless ``-nonoise`` (last flag wins), the NXmx
+    file when ``-nexusfile`` is given.  Names absent from the flags are the table's defaults (relative to the
+    current folder, as the command line writes them)."""
+    out = []
+    for flag, switch in OUTPUT_FILE_FLAGS:
+        if switch is not None and not last_flag(opts, switch_states(switch), SWITCH_DEFAULTS[switch]):
+            continue
+        name = opts.get(flag, FLAGS[flag].default)
+        if name is not None:
+            out.append((flag, str(name)))
+    return out
 
 
 @dataclasses.dataclass

@@ -10,8 +10,9 @@ Outputs: ``-floatfile`` (raw float32, photons/pixel, default ``floatimage.bin``)
 ``intimage.img``), ``-noisefile`` (SMV uint16 with Poisson noise, default ``noiseimage.img``, skipped with
 ``-nonoise``), ``-pgmfile`` (8-bit PGM, default ``image.pgm``, skipped with ``-nopgm``), and nbtorch's ``-nexusfile``
 (NXmx NeXus/HDF5: the float image with its geometry; only when given). Every file is written atomically, after every
-check has passed. Structure factors come from ``-hkl`` (text or MTZ) or ``-pdb`` (a model). nbtorch extras (long
-options): ``--dtype float32|float64`` (default float64) and ``--device cpu|cuda``.
+check has passed; an output that is an input file or another output is refused first (docs/io.md, "Output files").
+Structure factors come from ``-hkl`` (text or MTZ) or ``-pdb`` (a model). nbtorch extras (long options): ``--dtype
+float32|float64`` (default float64) and ``--device cpu|cuda``.
 
 Modules: :mod:`.help` (``--help`` and the docs table), :mod:`.report` (statistics, diagnostics), :mod:`.header`
 (SMV header), :mod:`.progress` (banded rendering with a progress bar), :mod:`.outputs` (the files).
@@ -31,7 +32,9 @@ import torch
 
 from .. import __version__
 from ..args import build, missing_inputs, parse_args
+from ..args.build import INPUT_FILE_FLAGS, input_files, output_files
 from ..interrupt import exit_status, interrupts
+from ..io.safe_output import check_output_paths
 from ..noise import roi_mask
 from ..simulate import simulate
 from .help import FLAG_GROUPS, PROG, format_help
@@ -43,7 +46,6 @@ from .report import print_setup, print_statistics
 __all__ = ["main", "format_help", "FLAG_GROUPS", "ImageStats", "image_statistics", "pixel_diagnostics", "render",
            "missing_inputs", "PROG", "UsageError", "OutputError"]
 
-_INPUT_FILE_FLAGS = ("-mat", "-hkl", "-pdb", "-sourcefile", "-mask", "-img")
 _DTYPES = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32, "float": torch.float32}
 
 
@@ -104,14 +106,15 @@ def _model(flags: List[str], dtype, device, base_dir: str, out: TextIO):
     missing = missing_inputs(opts)
     if missing:
         raise UsageError("missing required input" + ("s" if len(missing) > 1 else "") + ": " + "; and ".join(missing))
-    for flag in _INPUT_FILE_FLAGS:
+    for flag in INPUT_FILE_FLAGS:
         if flag in opts:
             name = str(opts[flag])
             if not os.path.isfile(name if os.path.isabs(name) else os.path.join(base_dir, name)):
                 raise UsageError(f"{flag} {name}: no such file")
     if "-dump" in opts:
         out.write(f"note: -dump {opts['-dump']} ignored: nbtorch never reads or writes an Fdump cache\n")
-    try:
+    try:  # the safe-output rule (nbtorch.io.safe_output) before any work: no output is an input or another output
+        check_output_paths(output_files(opts), input_files(opts))  # base_dir is the current folder
         return build(opts, dtype=dtype, device=device, base_dir=base_dir)
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None

@@ -10,11 +10,14 @@
 * :mod:`.nexus` — NXmx NeXus/HDF5 images with their geometry (``-nexusfile``; optional h5py), read back by
   :func:`read_image`.
 
-Every writer is atomic (temporary file + :func:`os.replace`, see :func:`atomic_write`).
+Every writer follows one safe-output rule (:mod:`.safe_output`, docs/io.md "Output files"): command lines refuse,
+before any work, an output that is an input or another output, a directory, or in a missing or unwritable folder
+(:func:`check_output_paths`); files are written atomically (temporary file + :func:`os.replace`), through symlinks,
+and devices/FIFOs in place (:func:`atomic_write`).
 """
 from __future__ import annotations
 
-from ._atomic import atomic_write
+from ._atomic import atomic_write, atomic_write_from
 from .hkl import HKLData, hkl_to_grid, read_hkl, write_hkl
 from .images import (
     ObservedImage,
@@ -27,6 +30,7 @@ from .images import (
 )
 from .matrix import mosflm_matrix_cell, read_mosflm_matrix, write_mosflm_matrix
 from .nexus import NexusGeometry, lab_to_nexus, nxmx_geometry, read_nxmx, write_nxmx
+from .safe_output import OutputRefused, check_output_folder, check_output_paths, output_target, same_file
 from .smv import SMV_TYPES, nanobragg_header_items, read_smv, read_smv_mask, write_smv
 from .sources import SOURCE_COLUMNS, read_sources, write_sources
 from .structure_files import (
@@ -42,6 +46,12 @@ from .structure_files import (
 
 __all__ = [
     "atomic_write",
+    "atomic_write_from",
+    "check_output_paths",
+    "check_output_folder",
+    "output_target",
+    "same_file",
+    "OutputRefused",
     "HKLData",
     "read_hkl",
     "write_hkl",

@@ -1,17 +1,24 @@
-"""Atomic file writing shared by every writer in :mod:`nbtorch.io`.
+"""Atomic file writing shared by every writer in :mod:`nbtorch.io`, under the safe-output rule
+(:mod:`nbtorch.io.safe_output`).
 
-A file is written to a temporary file in the destination directory, flushed and fsync'ed, and then moved over the
+A file is written to a temporary file in the destination's folder, flushed and fsync'ed, and then moved over the
 destination with :func:`os.replace`.  An interrupted run therefore never leaves a truncated image behind: the
-destination holds either its old content or the complete new one.
+destination holds either its old content or the complete new one.  A symlink is written through to its target; a
+character device or FIFO is written in place; a directory, socket or block device is never replaced.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import Callable, TypeVar
 
 import numpy as np
 
-__all__ = ["atomic_write", "check_finite"]
+from .safe_output import NEW, STREAM, output_target
+
+__all__ = ["atomic_write", "atomic_write_from", "check_finite"]
+
+T = TypeVar("T")
 
 
 def _current_umask() -> int:
@@ -31,36 +38,69 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` (bytes) to ``path`` atomically.
-
-    The bytes go to a hidden temporary file ``.<name>.<random>.tmp`` in the same directory, which is fsync'ed and then
-    renamed over ``path`` with :func:`os.replace` (atomic on POSIX and Windows for same-filesystem renames).  On any
-    error the temporary file is removed and the exception propagates; ``path`` is left untouched.
-
-    The new file gets the permissions of the file it replaces, or ``0o666 & ~umask`` if it is new (as ``open`` would
-    give), rather than the 0o600 of :func:`tempfile.mkstemp`.
-    """
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
+def _write_in_place(target: str, data: bytes) -> None:
+    """Write ``data`` into a character device or FIFO (opened for writing, never created, truncated or replaced)."""
+    view = memoryview(data)
+    fd = os.open(target, os.O_WRONLY | os.O_NOCTTY)
     try:
-        mode = os.stat(path).st_mode & 0o7777
-    except OSError:
-        mode = 0o666 & ~_UMASK
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` (bytes) to ``path`` under the safe-output rule.
+
+    ``path`` is resolved first (:func:`~nbtorch.io.safe_output.output_target`): a symlink is written through to its
+    target and stays a link; a character device or FIFO is opened for writing and written in place (no temporary
+    file); a directory, socket, block device or symlink loop raises ``OSError`` and nothing is written.  A regular
+    or new file gets the bytes in a hidden temporary file ``.<name>.<random>.tmp`` in the target's folder, fsync'ed
+    and renamed over the target with :func:`os.replace` (atomic on POSIX); on any error the temporary file is removed
+    and the exception propagates, the target untouched.
+
+    Permissions: a new file gets ``0o666 & ~umask`` (as ``open`` would give); a replaced file keeps its permission
+    bits ``& 0o777`` — never setuid, setgid or sticky bits.
+    """
+    target, kind = output_target(path)
+    if kind == STREAM:
+        _write_in_place(target, data)
+        return
+    mode = 0o666 & ~_UMASK
+    if kind != NEW:
+        try:
+            mode = os.stat(target).st_mode & 0o777
+        except FileNotFoundError:  # removed meanwhile: a new file
+            pass
+    directory, base = os.path.split(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
             fh.write(memoryview(data))
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def atomic_write_from(path: str | os.PathLike, produce: Callable[[str], T]) -> T:
+    """For writers that need a file name (matplotlib's ``savefig``): ``produce(scratch)`` writes a scratch file with
+    ``path``'s extension in a private temporary folder; its bytes then go to ``path`` by :func:`atomic_write`.
+    Returns what ``produce`` returned.  ``path`` is checked (:func:`output_target`) before ``produce`` runs."""
+    output_target(path)
+    with tempfile.TemporaryDirectory(prefix="nbtorch-out-") as folder:
+        scratch = os.path.join(folder, "out" + os.path.splitext(os.fspath(path))[1])
+        value = produce(scratch)
+        with open(scratch, "rb") as fh:
+            data = fh.read()
+    atomic_write(path, data)
+    return value
 
 
 def check_finite(image, what: str) -> None:
