@@ -25,7 +25,8 @@ import time
 from typing import List, Optional, Sequence
 
 from .cli_checks import (EXIT_NOT_CONVERGED, EXIT_OK, EXIT_OUTPUT, EXIT_POOR_FIT, EXIT_USAGE, PLOT_EXTENSIONS,
-                         OneLineParser, UsageError, check_outputs, check_threads, free_groups, one_line_warnings)
+                         OneLineParser, UsageError, check_outputs, check_threads, flag_inputs, free_groups,
+                         one_line_warnings)
 
 # our options and how many values each takes (everything else after OBSERVED goes to the nanoBragg parser)
 _OPTIONS = {
@@ -181,7 +182,7 @@ def _parse(argv: List[str]):
     if not os.path.isfile(ns.observed):
         raise UsageError(f"OBSERVED {ns.observed}: no such file")
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", ns.matrix_out)],
-                  inputs=[("OBSERVED", ns.observed)])
+                  inputs=[("OBSERVED", ns.observed)] + flag_inputs(flags))
     from .fit import fit_options
 
     try:
@@ -211,20 +212,40 @@ def _load(ns, flags: List[str]):
         if ns.matrix_out is not None and setup.nanobragg_cell:
             raise UsageError(f"--matrix-out {ns.matrix_out}: the starting model has a -cell, not a -mat matrix; its "
                              "refined cell is written as -cell (drop --matrix-out)")
-        raw = os.path.splitext(ns.observed)[1].lower() in RAW_EXTENSIONS
+    except (ValueError, OSError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+    raw = os.path.splitext(ns.observed)[1].lower() in RAW_EXTENSIONS
+    try:
         obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None, overload=ns.overload,
                          adc=ns.adc, gain=ns.gain)
     except (ValueError, OSError, ImportError) as exc:
-        raise UsageError(str(exc)) from None
+        text = " ".join(str(exc).split())
+        raise UsageError(f"OBSERVED {text}" if text.startswith(ns.observed) else f"OBSERVED {ns.observed}: {text}"
+                         ) from None
+    _warn_header(ns.observed, obs, params, setup)
     if obs.data.shape != (setup.spixels, setup.fpixels):
         raise UsageError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
                          f"flags describe a {setup.fpixels}×{setup.spixels} detector")
     matrix_out = ns.matrix_out
     if matrix_out is None and not setup.nanobragg_cell:
         matrix_out = (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
-        check_outputs([("--matrix-out", matrix_out)], inputs=[(n, p) for n, p in (
-            ("OBSERVED", ns.observed), ("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot)) if p])
+        check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out)],
+                      inputs=[("OBSERVED", ns.observed)] + flag_inputs(flags))
     return params, setup, obs, matrix_out
+
+
+def _warn_header(observed: str, obs, params, setup) -> None:
+    """A warning line for each of OBSERVED's header pixel size, distance and wavelength that disagrees with the
+    starting model's beyond the header's printed precision."""
+    import warnings
+
+    from nbtorch.io.images import HeaderWarning, header_mismatches
+
+    given = {"pixel_size_mm": ("-pixel", setup.pixel_size), "wavelength_A": ("-lambda", float(params.beam.wavelength))}
+    if not setup.distance_is_close:
+        given["distance_mm"] = ("-distance", float(params.detector.distance))
+    for line in header_mismatches(obs, f"OBSERVED {observed}", given):
+        warnings.warn(line, HeaderWarning, stacklevel=2)
 
 
 def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:

@@ -10,10 +10,11 @@ import argparse
 import importlib.util
 import os
 import warnings
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["UsageError", "OneLineParser", "check_outputs", "free_groups", "check_threads", "one_line_warnings",
-           "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED", "EXIT_POOR_FIT"]
+__all__ = ["UsageError", "OneLineParser", "check_outputs", "flag_inputs", "free_groups", "check_threads",
+           "one_line_warnings", "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED",
+           "EXIT_POOR_FIT"]
 
 EXIT_OK = 0             #: converged, and χ²/ν of a likelihood target near 1
 EXIT_OUTPUT = 1         #: an output file could not be written (after the fit)
@@ -40,28 +41,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]], inputs: Iterable[Tuple[str, str]] = ()) -> None:
-    """Before any work: every (option, path) with a path names a file that can be written (its directory exists and
-    is writable; it is not a directory; no other output or input (name, path) is the same file); figures need
-    matplotlib.  :class:`UsageError` naming the option."""
-    seen = {os.path.realpath(path): name for name, path in inputs}
+    """Before any work: the safe-output rule (:func:`nbtorch.io.check_output_paths`: no output is the same file as an
+    input or another output; its folder exists and is writable; it is not a directory) for every (option, path) with
+    a path, and figures (``--plot``, ``--image`` with a figure extension) need matplotlib.  :class:`UsageError`
+    naming the option."""
+    from nbtorch.io.safe_output import check_output_paths
+
+    outputs = [(option, path) for option, path in outputs if path is not None]
+    try:
+        check_output_paths(outputs, inputs)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     for option, path in outputs:
-        if path is None:
-            continue
-        real = os.path.realpath(path) if path.strip() else ""
-        if real in seen:
-            raise UsageError(f"{option} {path}: the same file as {seen[real]}")
-        seen[real] = option
-        if not path.strip():
-            raise UsageError(f"{option}: empty file name")
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
-            raise UsageError(f"{option} {path}: is a directory, give a file name")
-        if not os.path.isdir(folder):
-            raise UsageError(f"{option} {path}: the directory {folder} does not exist")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise UsageError(f"{option} {path}: the directory {folder} is not writable")
-        if os.path.exists(path) and not os.access(path, os.W_OK):
-            raise UsageError(f"{option} {path}: the file exists and is not writable")
         ext = os.path.splitext(path)[1].lower()
         if option == "--plot" and ext not in PLOT_EXTENSIONS:
             raise UsageError(f"--plot {path}: a figure is written as {', '.join(PLOT_EXTENSIONS)}; got {ext or 'no'} "
@@ -69,6 +60,19 @@ def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]], inputs: Iterable
         figure = option == "--plot" or ext in PLOT_EXTENSIONS
         if figure and importlib.util.find_spec("matplotlib") is None:
             raise UsageError(f"{option} {path}: writing a figure needs matplotlib (pip install matplotlib)")
+
+
+def flag_inputs(flags: Sequence[str], base_dir: str = "") -> List[Tuple[str, str]]:
+    """``(flag, path)`` of the files nanoBragg ``flags`` read (``-hkl``, ``-mat``, ``-mask`` …: inputs that no output
+    may overwrite), relative names joined to ``base_dir``; none when the flags do not parse (that error is reported
+    where the model is built)."""
+    from nbtorch.args.build import input_files
+    from nbtorch.args.parse import parse_args
+
+    try:
+        return input_files(parse_args(list(flags)), base_dir)
+    except ValueError:
+        return []
 
 
 def free_groups(text: str) -> List[str]:

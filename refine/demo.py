@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import nbtorch
-from nbtorch.io._atomic import atomic_write
+from nbtorch.io import atomic_write, atomic_write_from
 
 TRUE_ARGS = (
     "-cell 52 61 73 90 90 90 -misset 12 -25 31 -default_F 100 -N 8 -lambda 1.0 -distance 80 -pixel 0.2 "
@@ -27,6 +27,8 @@ TRUE_ARGS = (
 # start = true model with errors typical of indexing
 START_CHANGES = {"cell": 1.007, "misset_deg": 0.4, "distance_mm": 1.5, "beam_center_px": 2.5, "scale": 2.0}
 FREE = ["cell", "orientation", "distance", "beam_center", "scale"]
+#: The files a run writes into ``--out`` (checked by the safe-output rule before any work).
+FILES = ("observed.img", "observed.png", "fit.png", "fit.json", "refined.mat", "refined_flags.txt", "summary.json")
 
 
 def save_picture(path: str, images, titles, cmap="gray_r") -> None:
@@ -44,10 +46,8 @@ def save_picture(path: str, images, titles, cmap="gray_r") -> None:
         ax.set_ylabel("slow (pixels)")
         fig.colorbar(im, ax=ax, fraction=0.046, label="log(1 + photons)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_write_from(path, lambda scratch: fig.savefig(scratch, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def perturb(params, setup):
@@ -102,10 +102,7 @@ def main(argv=None) -> int:
     try:
         with interrupts():
             a = ap.parse_args(argv)
-            try:
-                os.makedirs(a.out, exist_ok=True)
-            except OSError as exc:
-                raise UsageError(f"--out {a.out}: cannot make the folder: {exc.strerror or exc}") from None
+            _prepare_out(a.out)
             return _run(a)
     except UsageError as exc:
         print(f"nbtorch-demo: error: {exc}", file=sys.stderr)
@@ -118,6 +115,23 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as exc:
         print("\nnbtorch-demo: interrupted", file=sys.stderr)
         return exit_status(exc)
+
+
+def _prepare_out(out: str) -> None:
+    """The ``--out`` folder, made when missing, and its :data:`FILES` under the safe-output rule
+    (:func:`nbtorch.io.check_output_paths`), before any work; :class:`~refine.cli_checks.UsageError` naming --out."""
+    from nbtorch.io import check_output_folder, check_output_paths
+
+    from .cli_checks import UsageError
+
+    try:
+        check_output_folder("--out", out)
+        os.makedirs(out, exist_ok=True)
+        check_output_paths([("--out", os.path.join(out, name)) for name in FILES])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot make the folder: {exc.strerror or exc}") from None
 
 
 def _run(a) -> int:

@@ -90,7 +90,7 @@ def test_read_image_applies_header_and_explicit_offset_and_gain(noisy):
     (["--matrix-out", "nodir/m.mat"], "--matrix-out nodir/m.mat: the directory"),
     (["--matrix-out", "m.mat"], "--matrix-out m.mat: the starting model has a -cell"),
     (["--plot", "fit.json"], "--plot fit.json: a figure is written as"),
-    (["--json", "a.json", "--image", "a.json"], "--image a.json: the same file as --json"),
+    (["--json", "a.json", "--image", "a.json"], "--image a.json: the same file as the output --json a.json"),
     (["--json", "."], "is a directory"),
     (["--threads", "-2"], "--threads must be an integer >= 1"),
     (["--refine", ",,,"], "no group given"),
