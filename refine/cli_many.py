@@ -192,12 +192,36 @@ def _checked(argv: Sequence[str]):
         raise UsageError(f"--images {ns.images}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _check_files(ns, entries)
     return ns, entries
+
+
+def _check_files(ns, entries) -> None:
+    """The safe-output rule over the whole run (:func:`refine.cli_checks.check_outputs`): ``--json`` (with the
+    refined matrices of ``-mat`` models next to it) and ``--results`` against the LIST, every listed image and every
+    line's input files; an existing ``--results`` must be a results file.  :class:`UsageError` (one line)."""
+    from .cli_checks import UsageError, check_outputs, flag_inputs
+    from .scaleout import read_results
+
+    inputs, outputs = [("--images", ns.images)], [("--json", ns.json), ("--results", ns.results)]
+    for k, e in enumerate(entries):
+        files = flag_inputs(e.flags, e.base_dir)
+        inputs += [(e.where(), e.path)] + [(f"{e.where()} {flag}", path) for flag, path in files]
+        if ns.json and any(flag == "-mat" for flag, _ in files):  # _run_joint writes its refined matrix
+            outputs.append((f"--json (-mat of image {k + 1})", f"{os.path.splitext(ns.json)[0]}.image{k + 1}.mat"))
+    check_outputs(outputs, inputs)
+    if ns.results:
+        try:
+            read_results(ns.results)
+        except ValueError as exc:
+            raise UsageError(f"--results {exc}") from None
+        except OSError as exc:
+            raise UsageError(f"--results {ns.results}: {exc.strerror or exc}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-refine --images`` (returns the exit status)."""
-    from .cli_checks import UsageError
+    from .cli_checks import UsageError, one_line_warnings
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -207,6 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    one_line_warnings("nbtorch-refine")  # e.g. a results line cut short by a kill, dropped on resume
     if ns.threads:
         import torch
 

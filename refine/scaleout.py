@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .imagelist import ImageEntry
@@ -108,32 +109,64 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
 # the results file
 
 
-def done_paths(results: str) -> set:
-    """Paths already in a results file (every complete JSON line).  A last line cut short (no newline: the run was
-    killed while writing) is removed so the next append starts on a fresh line."""
+#: How every line of a results file starts (json.dumps of a :func:`_record`): a last line that starts so but is not
+#: valid JSON was cut short by a kill; anything else that is not a JSON object with a "path" is not a results file.
+_RECORD_START = b'{"path"'
+
+
+def _parse_results(results: str):
+    """``(records, valid_bytes)`` of a results file (JSON lines: one object with a ``"path"`` per line; blank lines
+    allowed; the last line may lack its newline).  ``valid_bytes`` excludes a last line cut short by a kill
+    (it starts like a record but is not valid JSON).  ValueError (one line naming the file and the line) for
+    anything else — a results file is never guessed at; OSError when it cannot be read."""
     if not os.path.exists(results):
-        return set()
+        return [], 0
+    if not os.path.isfile(results):
+        raise ValueError(f"{results}: not a regular file (a results file is read back to resume)")
     with open(results, "rb") as fh:
         data = fh.read()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
+    records, pos = [], 0
+    lines = data.split(b"\n")
+    for k, line in enumerate(lines, start=1):
+        last = k == len(lines)
+        if line.strip():
+            try:
+                rec = json.loads(line.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError included
+                if last and line.startswith(_RECORD_START):
+                    return records, pos
+                rec = None
+            if not (isinstance(rec, dict) and isinstance(rec.get("path"), str)):
+                raise ValueError(f"{results}: line {k} is not a JSON object with a \"path\": not a results file "
+                                 "(JSON lines, one object per image, as a run writes them); give a new file name")
+            records.append(rec)
+        pos += len(line) + (not last)
+    return records, pos
+
+
+def done_paths(results: str) -> set:
+    """Paths already in a results file (see :func:`_parse_results`: ValueError when it is not one).  A last line cut
+    short by a kill is dropped with a warning, so that its image is refined again; every valid line is kept (one
+    without its newline gets it at the next :func:`append_line`)."""
+    records, valid = _parse_results(results)
+    size = os.path.getsize(results) if os.path.exists(results) else 0
+    if valid < size:
+        warnings.warn(f"{results}: dropped its last line, cut short by a killed run ({size - valid} bytes); that "
+                      "image is refined again")
         with open(results, "r+b") as fh:
-            fh.truncate(keep)
-        data = data[:keep]
-    out = set()
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        try:
-            out.add(json.loads(line)["path"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
+            fh.truncate(valid)
+    return {rec["path"] for rec in records}
 
 
 def append_line(results: str, record: dict) -> None:
-    """Append one complete JSON line to ``results`` in a single write, flushed and synced."""
+    """Append one complete JSON line to ``results`` in a single write, flushed and synced (after a newline when the
+    file's last line lacks one)."""
     data = (json.dumps(record, allow_nan=True) + "\n").encode()
-    fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(results, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -275,13 +308,6 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
 
 
 def read_results(results: str) -> List[dict]:
-    """Every complete line of a results file, as dicts (for analysis; lines cut short are skipped)."""
-    out = []
-    if os.path.exists(results):
-        with open(results, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    return out
+    """Every line of a results file, as dicts (for analysis; a last line cut short by a kill is skipped); none when
+    the file does not exist.  ValueError when it is not a results file (:func:`_parse_results`)."""
+    return _parse_results(results)[0]

@@ -152,19 +152,54 @@ def summary(outcome, spec, flags, n_run: int) -> dict:
     }
 
 
+#: The figures ``--plots DIR`` holds (surface.png only with two or more searched parameters).
+PLOT_NAMES = ("history.png", "importances.png", "surface.png")
+
+
 def write_plots(study, directory: str) -> List[str]:
-    """history.png, importances.png and (with two or more searched parameters) surface.png in ``directory``."""
+    """history.png, importances.png and (with two or more searched parameters) surface.png in ``directory``, each
+    written atomically under the safe-output rule (:func:`nbtorch.io.atomic_write_from`)."""
+    from nbtorch.io import atomic_write_from
+
     from . import studies
 
     os.makedirs(directory, exist_ok=True)
-    paths = [os.path.join(directory, n) for n in ("history.png", "importances.png", "surface.png")]
-    studies.plot_history(study, paths[0])
-    studies.plot_importances(study, paths[1])
+    paths = [os.path.join(directory, n) for n in PLOT_NAMES]
+    atomic_write_from(paths[0], lambda p: studies.plot_history(study, p))
+    atomic_write_from(paths[1], lambda p: studies.plot_importances(study, p))
     try:
-        studies.plot_surface(study, path=paths[2])
+        atomic_write_from(paths[2], lambda p: studies.plot_surface(study, path=p))
     except ValueError:
         paths.pop()
     return paths
+
+
+def matrix_path(ns, flags) -> Optional[str]:
+    """Where the refined MOSFLM matrix of a ``-mat`` start goes (next to ``--json``, else refined.mat); None for a
+    ``-cell`` start."""
+    from .cli_checks import flag_inputs
+
+    if not any(flag == "-mat" for flag, _ in flag_inputs(flags)):
+        return None
+    return (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
+
+
+def output_problem(ns, flags) -> Optional[str]:
+    """The safe-output rule before the study runs (:func:`refine.cli_checks.check_outputs`): ``--json``, the refined
+    matrix of a ``-mat`` start and the ``--plots`` folder and figures are not OBSERVED, a file of the flags or each
+    other, and can be written.  The message (naming the option), or None."""
+    from nbtorch.io.safe_output import check_output_folder
+
+    from .cli_checks import UsageError, check_outputs, flag_inputs
+
+    outputs = [("--json", ns.json), ("--json (refined -mat)" if ns.json else "refined matrix", matrix_path(ns, flags))]
+    try:
+        if ns.plots is not None and check_output_folder("--plots", ns.plots):
+            outputs += [("--plots", os.path.join(ns.plots, n)) for n in PLOT_NAMES]
+        check_outputs(outputs, [("OBSERVED", ns.observed)] + flag_inputs(flags))
+    except (UsageError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -175,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ns = parser().parse_args(ours)
     except SystemExit as exc:
         return int(exc.code or 0)
-    problem = _usage_checks(ns, flags)
+    problem = _usage_checks(ns, flags) or output_problem(ns, flags)
     try:
         from . import studies
 
@@ -206,9 +241,7 @@ def _run(ns, flags, search, spec) -> int:
         dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
     try:
         obs, params, setup = _load(ns, flags)
-        matrix_out = None  # a -mat model is written back with a new MOSFLM matrix, next to the JSON
-        if not setup.nanobragg_cell:
-            matrix_out = (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
+        matrix_out = matrix_path(ns, flags)  # a -mat model is written back with a new MOSFLM matrix
         outcome = studies.global_search(
             obs, params, setup, search, ns.n_trials, spec=spec, workers=ns.workers, iterations=ns.trial_iter,
             progress=not ns.quiet, threads=ns.threads, free=tuple(free), target=ns.target, method=ns.method,
