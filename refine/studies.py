@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
+import re
 import socket
 import sys
+import time
 import warnings
 import zlib
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -303,14 +306,116 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ***."""
+#: Seconds a server storage (PostgreSQL, MySQL) may take to connect before opening it fails (the drivers wait at
+#: least 2 s: libpq's minimum).
+CONNECT_TIMEOUT = 10.0
+#: Where a URL's query string starts: '?' followed by NAME= (a '?' inside a password is not followed by NAME=).
+_QUERY_START = re.compile(r"\?(?=[A-Za-z_][A-Za-z0-9_]*=)")
+#: A password given as a query parameter (libpq's ``?password=...``).
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def _credentials(url: str, guess: bool = True) -> Optional[Tuple[str, str, Optional[str], str]]:
+    """(``scheme://``, user, password or None, ``host...``) of a server URL, or None when it names no user.
+
+    The password ends at the LAST '@' before the query string, so it may hold '@', ':', '/' and '?' unencoded
+    (an '@' in the database name must be written %40); a URL whose part after ``://`` starts with '/'
+    (sqlite:///FILE, postgresql:///DB?host=...) has no user part.  With ``guess`` (for hiding a password), an
+    '@' only inside what looks like the query string also ends a user part."""
     head, sep, rest = str(url).partition("://")
-    if sep and "@" in rest:
-        cred, at, host = rest.rpartition("@")
-        if ":" in cred:
-            return f"{head}://{cred.split(':', 1)[0]}:***@{host}"
-    return str(url)
+    if not sep or rest.startswith("/"):
+        return None
+    query = _QUERY_START.search(rest)
+    at = rest.rfind("@", 0, query.start() if query else len(rest))
+    if at < 0 and guess:
+        at = rest.rfind("@")  # only after a '?': a password holding '?NAME=' (hidden: better too much than too little)
+    if at < 0:
+        return None
+    user, colon, password = rest[:at].partition(":")
+    return head + sep, user, (password if colon else None), rest[at + 1:]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by *** (the user part's, and a ``password=`` query parameter's);
+    a password may contain '@', ':', '/' (see :func:`_credentials`)."""
+    text = str(url)
+    parts = _credentials(text)
+    if parts is not None and parts[2]:
+        head, user, _, tail = parts
+        text = f"{head}{user}:***@{tail}"
+    return _QUERY_PASSWORD.sub(r"\1***", text)
+
+
+def _secrets(url: str) -> List[Tuple[str, str]]:
+    """(text that reveals ``url``'s password, its replacement): the URL as given and normalised (→ :func:`redact`'s
+    form), and the password as written, percent-decoded and percent-encoded (→ ***); longest first."""
+    from urllib.parse import quote, unquote
+
+    url = str(url)
+    forms = {url}
+    try:
+        forms.add(normalise_url(url))
+    except ValueError:
+        pass
+    words = set()
+    for form in forms:
+        parts = _credentials(form)
+        passwords = [parts[2]] if parts is not None and parts[2] else []
+        passwords += [m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(form)]
+        for pw in filter(None, passwords):
+            words.update({pw, unquote(pw), quote(unquote(pw), safe="")})
+    found = [(f, redact(f)) for f in forms if f != redact(f)]
+    found += [(w, "***") for w in words if len(w) >= 3]  # hiding a 1-2 character one would blank out ordinary text
+    return sorted(found, key=lambda pair: len(pair[0]), reverse=True)
+
+
+def redact_text(text: str, *urls: Optional[str]) -> str:
+    """``text`` (an error message, a log line, a traceback) with the password of each storage URL in ``urls``
+    hidden: the URL itself (as given or normalised) becomes :func:`redact`'s form, the password on its own (as
+    written, percent-decoded or percent-encoded, 3 characters or more) becomes ***."""
+    out = str(text)
+    for url in filter(None, urls):
+        for secret, shown in _secrets(url):
+            out = out.replace(secret, shown)
+    return out
+
+
+#: Storage URLs opened in this process: log records of Optuna are redacted against them (:class:`_RedactLogs`).
+_OPENED: List[str] = []
+
+
+class _RedactLogs(logging.Filter):
+    """A logging filter hiding the passwords of the storages opened in this process (message and traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - logging API
+        if _OPENED:
+            record.msg, record.args = redact_text(record.getMessage(), *_OPENED), ()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = redact_text(record.exc_text, *_OPENED)
+        return True
+
+
+def _redact_logs_of(url: str) -> None:
+    """Remember ``url`` and make sure the handlers of Optuna's logger hide its password."""
+    if url not in _OPENED:
+        _OPENED.append(url)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _RedactLogs) for f in handler.filters):
+            handler.addFilter(_RedactLogs())
+
+
+def check_connect_timeout(seconds) -> float:
+    """``seconds`` as a float; ValueError naming --storage-timeout unless it is a finite number > 0."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(seconds, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"--storage-timeout must be a number of seconds > 0 (default {CONNECT_TIMEOUT:g}); "
+                         f"got {seconds!r}")
+    return value
 
 
 def storage_kind(url: str) -> str:
@@ -340,10 +445,16 @@ def _postgres_driver() -> str:
 
 def normalise_url(url: str) -> str:
     """Canonical form: FILE.log → journal:FILE.log; postgres:// and postgresql:// → postgresql+DRIVER:// with the
-    installed driver (psycopg 3 or psycopg2; SQLAlchemy's own default differs between its versions)."""
+    installed driver (psycopg 3 or psycopg2; SQLAlchemy's own default differs between its versions); an '@' in a
+    server URL's password is percent-encoded (the password ends at the last '@' before the host)."""
     u = str(url).strip()
-    if storage_kind(u) == "journal" and not u.startswith("journal:"):
+    kind = storage_kind(u)
+    if kind == "journal" and not u.startswith("journal:"):
         return "journal:" + u
+    parts = _credentials(u, guess=False) if kind == "rdb" else None
+    if parts is not None and parts[2] and "@" in parts[2]:  # SQLAlchemy would end the password at its first '@'
+        head, user, password, tail = parts
+        u = f"{head}{user}:{password.replace('@', '%40')}@{tail}"
     for scheme in ("postgres://", "postgresql://"):
         if u.startswith(scheme):
             driver = _postgres_driver()
@@ -351,13 +462,19 @@ def normalise_url(url: str) -> str:
     return u
 
 
-def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period: Optional[int] = None):
+def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period: Optional[int] = None,
+                 connect_timeout: float = CONNECT_TIMEOUT):
     """An Optuna storage for ``url`` (:data:`STORAGE_FORMS`): RDBStorage for SQLite and PostgreSQL (with heartbeats
     every ``heartbeat_interval`` s; a trial silent for ``grace_period`` s, default 2 intervals, is marked FAIL),
-    JournalStorage on a journal file.  ValueError naming the URL when it is malformed or cannot be opened."""
+    JournalStorage on a journal file.  A server (PostgreSQL, MySQL) must answer within ``connect_timeout`` seconds
+    (:data:`CONNECT_TIMEOUT`; every connection, rounded up to whole seconds).  ValueError naming the URL (password
+    hidden, also in the driver's words) when it is malformed, cannot be opened or does not answer in time."""
     optuna = require_optuna()
+    timeout = check_connect_timeout(connect_timeout)
     url = normalise_url(url)
     kind = storage_kind(url)
+    _redact_logs_of(url)
+    t0 = time.monotonic()
     try:
         if kind == "journal":
             from optuna.storages.journal import JournalFileBackend
@@ -365,7 +482,8 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period:
             path = url[len("journal:"):]
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(path))
-        engine = {"connect_args": {"timeout": 60}} if kind == "sqlite" else {"pool_pre_ping": True}
+        engine = {"connect_args": {"timeout": 60}} if kind == "sqlite" else {
+            "pool_pre_ping": True, "connect_args": {"connect_timeout": max(1, math.ceil(timeout))}}
         if kind == "sqlite":
             os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
@@ -373,10 +491,21 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
                                               grace_period=grace_period)
     except ValueError as exc:
-        raise ValueError(f"--storage {redact(url)!r}: {exc}") from None
-    except Exception as exc:  # sqlalchemy's errors: no driver, server unreachable, bad database
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--storage {redact(url)!r} cannot be opened: {first}") from None
+        raise ValueError(redact_text(f"--storage {redact(url)!r}: {exc}", url)) from None
+    except Exception as exc:  # sqlalchemy's errors: no driver, server unreachable or silent, bad database
+        raise ValueError(redact_text(_open_error(url, exc, time.monotonic() - t0, timeout), url)) from None
+
+
+def _open_error(url: str, exc: BaseException, elapsed: float, timeout: float) -> str:
+    """The one-line message of a storage that could not be opened (not yet redacted)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's exception
+    if storage_kind(url) == "rdb" and ("timeout" in type(cause).__name__.lower() or
+                                       re.search(r"time(d)? ?out", text, re.IGNORECASE) or elapsed >= timeout):
+        return (f"--storage {redact(url)!r}: the server did not answer within {timeout:g} s (--storage-timeout); "
+                "check the host, the port and that a database server listens there")
+    return f"--storage {redact(url)!r} cannot be opened: {first}"
 
 
 def make_sampler(name: str = "tpe", seed: Optional[int] = 0):
@@ -439,7 +568,8 @@ class StudySpec:
     process), ``study_name``, ``sampler`` (:data:`SAMPLERS`), ``pruner`` (:data:`PRUNERS`), ``seed`` (worker k
     of a new study seeds its sampler with seed + k; see :func:`worker_seed`), ``n_steps`` (reported steps per
     trial, for Hyperband), ``pruner_startup`` (trials the median pruner waits for), ``heartbeat_interval`` and
-    ``grace_period`` (seconds, RDB storages)."""
+    ``grace_period`` (seconds, RDB storages), ``connect_timeout`` (seconds a server storage may take to connect,
+    :data:`CONNECT_TIMEOUT`).  Its repr hides the storage's password."""
 
     storage: Optional[str] = None
     study_name: str = "nbtorch-sweep"
@@ -450,16 +580,22 @@ class StudySpec:
     pruner_startup: int = 5
     heartbeat_interval: Optional[int] = 10
     grace_period: Optional[int] = None
+    connect_timeout: float = CONNECT_TIMEOUT
 
     def __post_init__(self):
         if self.storage is not None:
             object.__setattr__(self, "storage", normalise_url(self.storage))
+        object.__setattr__(self, "connect_timeout", check_connect_timeout(self.connect_timeout))
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"--pruner must be one of {', '.join(PRUNERS)}; got {self.pruner!r}")
         if not str(self.study_name).strip():
             raise ValueError("--study-name must not be empty")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return redact_text(f"StudySpec({fields})", self.storage)
 
 
 def load_study(spec: StudySpec, worker: int = 0, n_existing: Optional[int] = None):
@@ -468,7 +604,7 @@ def load_study(spec: StudySpec, worker: int = 0, n_existing: Optional[int] = Non
     trials now, waiting ones excluded)."""
     optuna = require_optuna()
     storage = None if spec.storage is None else open_storage(spec.storage, spec.heartbeat_interval,
-                                                             spec.grace_period)
+                                                             spec.grace_period, spec.connect_timeout)
     study = optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
                                 load_if_exists=True)
     if n_existing is None:
@@ -538,11 +674,18 @@ def optimize(study, objective, n_trials: int, progress: bool = True) -> None:
 
 def _worker(make_objective, n_trials: int, spec: StudySpec, index: int, progress: bool, threads: int,
             n_existing: int) -> None:
-    """Body of a worker process: load the study, build the objective, run ``n_trials`` trials."""
-    torch.set_num_threads(max(1, int(threads)))
-    require_optuna().logging.set_verbosity(require_optuna().logging.WARNING)
-    study = load_study(spec, worker=index, n_existing=n_existing)
-    optimize(study, make_objective(), n_trials, progress)
+    """Body of a worker process: load the study, build the objective, run ``n_trials`` trials.  An error is one
+    line on stderr (the storage's password hidden) and exit status 1."""
+    try:
+        torch.set_num_threads(max(1, int(threads)))
+        require_optuna().logging.set_verbosity(require_optuna().logging.WARNING)
+        study = load_study(spec, worker=index, n_existing=n_existing)
+        optimize(study, make_objective(), n_trials, progress)
+    except Exception as exc:  # noqa: BLE001 - reported by the parent as a failed worker
+        text = str(exc).strip()
+        line = text.splitlines()[0] if text else type(exc).__name__
+        print(redact_text(f"worker {index} ({worker_id()}): {line}", spec.storage), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def split_trials(n_trials: int, workers: int) -> List[int]:

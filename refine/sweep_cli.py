@@ -2,16 +2,18 @@
 
     nbtorch-sweep OBSERVED --search GROUP:RANGE[,GROUP:RANGE...] --n-trials N [--workers N] [--storage URL]
                   [--study-name NAME] [--sampler tpe|cmaes|gp|random] [--pruner median|hyperband|none] [--json OUT]
-                  [--plots DIR] [more --options] <nanoBragg flags of the start>
+                  [--plots DIR] [--storage-timeout SECONDS] [more --options] <nanoBragg flags of the start>
 
 Ranges: orientation in degrees (about the lab axes), cell in percent (lengths), distance in mm, beam_center in
 pixels.  Each trial starts a short coarse-to-fine refinement from a model sampled in that box; the best trial's
 model is then refined to convergence and written as JSON (``nanobragg_args``, ``loss``, ``trial``, ``n_trials``,
 ``parameters``, ``esd`` …).  The study lives in ``--storage`` (default: an SQLite file next to ``--json``, else
 ``nbtorch-sweep.db``); re-running with the same storage and study name adds trials to it, and the same command on
-other machines with a ``postgresql://`` URL joins it.  One progress line per trial goes to stderr.
+other machines with a ``postgresql://`` URL joins it (a server must answer within ``--storage-timeout`` seconds,
+default 10; its password is never printed).  One progress line per trial goes to stderr.
 
-Exit status: 0 done, 1 bad input (image, flags, no trial completed), 2 bad usage (options, --search, --storage),
+Exit status: 0 done, 1 the study failed (no trial completed, a worker process died) or an output could not be
+written, 2 a user error (an option, --search, --storage, OBSERVED, the flags: one line naming it, nothing done),
 130 interrupted (finished trials stay in the storage).
 """
 from __future__ import annotations
@@ -23,20 +25,26 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from .cli_checks import EXIT_USAGE
+
 #: Our options and how many values each takes (everything else after OBSERVED is the starting model's flags).
 OPTIONS = {
     "--search": 1, "--n-trials": 1, "--workers": 1, "--storage": 1, "--study-name": 1, "--sampler": 1,
     "--pruner": 1, "--json": 1, "--plots": 1, "--refine": 1, "--seed": 1, "--trial-iter": 1, "--prelim-pixels": 1,
     "--target": 1, "--method": 1, "--max-iter": 1, "--threads": 1, "--dtype": 1, "--quiet": 0, "--help": 0,
-    "--allow-degenerate": 0,
+    "--allow-degenerate": 0, "--storage-timeout": 1,
 }
+#: Exit statuses (:mod:`refine.cli_checks` has the shared ones): the study failed (no trial completed, a worker
+#: process died) or an output could not be written.
+EXIT_FAILED = 1
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of our ``--`` options (the nanoBragg flags are split off first, :func:`split_argv`)."""
-    from .studies import PRUNERS, SAMPLERS, STORAGE_FORMS
+    from .cli_checks import OneLineParser
+    from .studies import CONNECT_TIMEOUT, PRUNERS, SAMPLERS, STORAGE_FORMS
 
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="nbtorch-sweep",
         usage=("nbtorch-sweep OBSERVED --search GROUP:RANGE[,GROUP:RANGE...] --n-trials N [--workers N] "
                "[--storage URL] [--study-name NAME] [--sampler tpe|cmaes|gp|random] [--pruner median|hyperband|none] "
@@ -53,10 +61,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-trials", type=int, required=True, help="trials this command runs (shared by its workers)")
     ap.add_argument("--workers", type=int, default=1, help="processes sharing the storage (default 1)")
     ap.add_argument("--storage", default=None, help="study storage URL (default sqlite:///<json stem>.db)")
+    ap.add_argument("--storage-timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
+                    help=f"seconds a PostgreSQL server may take to connect (default {CONNECT_TIMEOUT:g})")
     ap.add_argument("--study-name", default="nbtorch-sweep", help="study name (default nbtorch-sweep)")
     ap.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="sampler (default tpe, seeded)")
     ap.add_argument("--pruner", default="median", choices=PRUNERS, help="pruner (default median)")
-    ap.add_argument("--seed", type=int, default=0, help="sampler seed (worker k of a new study uses seed + k; workers joining a study also mix in the "
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed in [0, 2**32 - workers] (worker k of a new "
+                    "study uses seed + k; workers joining a study also mix in the "
                     "host name and trial count; default 0)")
     ap.add_argument("--json", default=None, help="write the best refined model and the study summary here")
     ap.add_argument("--plots", default=None, help="write history.png, importances.png, surface.png here")
@@ -102,14 +113,46 @@ def default_storage(ns) -> str:
     return "sqlite:///" + os.path.abspath(stem + ".db")
 
 
+#: The largest ``--seed``: NumPy seeds are below 2**32, and worker k seeds its sampler with seed + k.
+MAX_SEED = 2 ** 32 - 1
+
+
 def _usage_checks(ns, flags) -> Optional[str]:
-    """A usage error message, or None."""
+    """A usage error message naming the option and its allowed values, or None (before any work)."""
+    from .cli_checks import UsageError, check_threads
+    from .fit import fit_options
+    from .studies import check_connect_timeout
+
     if not flags:
         return "give the starting model as nanoBragg flags after OBSERVED (see --help)"
+    if not os.path.isfile(ns.observed):
+        return f"OBSERVED {ns.observed}: no such file"
     for name in ("n_trials", "workers", "trial_iter", "prelim_pixels"):
         if getattr(ns, name) < 1:
             return f"--{name.replace('_', '-')} must be an integer >= 1; got {getattr(ns, name)}"
+    if ns.max_iter is not None and ns.max_iter < 0:
+        return f"--max-iter must be an integer >= 0; got {ns.max_iter}"
+    if not 0 <= ns.seed <= MAX_SEED - (ns.workers - 1):
+        return f"--seed must be an integer in [0, {MAX_SEED - (ns.workers - 1)}] (with --workers {ns.workers}); " \
+               f"got {ns.seed}"
+    try:
+        check_threads(ns.threads)
+        check_connect_timeout(ns.storage_timeout)
+        if ns.refine is not None:
+            fit_options(free=_free(ns, {}))
+    except (UsageError, ValueError) as exc:
+        return (f"--refine {ns.refine!r}: " if str(exc).startswith("unknown") else "") + str(exc)
     return None
+
+
+def _free(ns, search) -> List[str]:
+    """The free groups: ``--refine``'s (comma or space separated; :class:`~refine.cli_checks.UsageError` when
+    empty), else the searched groups and scale."""
+    from .cli_checks import free_groups
+
+    if ns.refine is not None:
+        return free_groups(ns.refine)
+    return list(dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
 
 
 def _load(ns, flags):
@@ -206,9 +249,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-sweep`` (returns the exit status)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, flags = split_argv(argv)
+    from .cli_checks import UsageError
+
     try:
         ns = parser().parse_args(ours)
-    except SystemExit as exc:
+    except UsageError as exc:
+        print(f"nbtorch-sweep: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
         return int(exc.code or 0)
     problem = _usage_checks(ns, flags) or output_problem(ns, flags)
     try:
@@ -216,15 +264,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         studies.require_optuna()
         search = studies.parse_search(ns.search) if problem is None else {}
-        spec = studies.StudySpec(default_storage(ns), ns.study_name, ns.sampler, ns.pruner, ns.seed)
-        if problem is None:
-            studies.open_storage(spec.storage)
+        spec = studies.StudySpec(default_storage(ns), ns.study_name, ns.sampler, ns.pruner, ns.seed,
+                                 connect_timeout=ns.storage_timeout if problem is None else studies.CONNECT_TIMEOUT)
     except (ValueError, ImportError) as exc:
         problem = problem or str(exc)
     if problem:
-        print(f"nbtorch-sweep: {problem}", file=sys.stderr)
-        return 2
+        print(_redacted(f"nbtorch-sweep: {problem}", ns), file=sys.stderr)
+        return EXIT_USAGE
     return _run(ns, flags, search, spec)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _redacted(text: str, ns) -> str:
+    """``text`` with the password of ``--storage`` hidden (:func:`refine.studies.redact_text`)."""
+    from .studies import redact_text
+
+    return redact_text(text, ns.storage)
 
 
 def _run(ns, flags, search, spec) -> int:
@@ -237,10 +297,17 @@ def _run(ns, flags, search, spec) -> int:
         torch.set_num_threads(int(ns.threads))
     studies.require_optuna().logging.set_verbosity(studies.require_optuna().logging.WARNING)
     t0 = time.perf_counter()
-    free = ns.refine.replace(",", " ").split() if ns.refine else list(
-        dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
+    free = _free(ns, search)
     try:
         obs, params, setup = _load(ns, flags)
+        studies.open_storage(spec.storage, connect_timeout=spec.connect_timeout)  # reachable? (before any trial)
+    except (ValueError, OSError, ImportError) as exc:  # the image, the flags or --storage: the user's
+        print(_redacted(f"nbtorch-sweep: {_first_line(exc)}", ns), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("nbtorch-sweep: interrupted before the study started", file=sys.stderr)
+        return 130
+    try:
         matrix_out = matrix_path(ns, flags)  # a -mat model is written back with a new MOSFLM matrix
         outcome = studies.global_search(
             obs, params, setup, search, ns.n_trials, spec=spec, workers=ns.workers, iterations=ns.trial_iter,
@@ -253,10 +320,9 @@ def _run(ns, flags, search, spec) -> int:
         print(f"nbtorch-sweep: interrupted; the finished trials are kept in {studies.redact(spec.storage)} (run the "
               "same command again to add trials)", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"nbtorch-sweep: {msg}", file=sys.stderr)
-        return 2 if str(exc).startswith("--") else 1
+    except (ValueError, OSError, RuntimeError) as exc:  # ValueError: the options (groups, degeneracy ...)
+        print(_redacted(f"nbtorch-sweep: {_first_line(exc)}", ns), file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED
     print(outcome.result.summary())
     print(f"best trial {outcome.trial} of {len(outcome.study.trials)} in study {spec.study_name!r} "
           f"({studies.redact(spec.storage)})")

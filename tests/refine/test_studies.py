@@ -61,7 +61,7 @@ def test_parse_search_reads_groups_and_scalars():
     ("postgresql://user:secret@127.0.0.1:1/none", ["cannot be opened", "user:***@127.0.0.1:1/none"]),
 ])
 def test_bad_storage_urls_are_named(url, words, capsys, tmp_path):
-    rc = sweep_cli.main(sweep_argv(str(tmp_path / "missing.img"), url, 2))
+    rc = sweep_cli.main(sweep_argv(write_tiny(tmp_path), url, 2))
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("nbtorch-sweep: --storage")
     for w in words:

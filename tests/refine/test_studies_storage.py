@@ -118,3 +118,18 @@ def test_two_workers_on_postgresql_and_a_second_machine_joins(tmp_path, postgres
     assert sweep_cli.main(sweep_argv(obs, postgres, 2, "--study-name", "pg", "--quiet", "--json", str(out))) == 0
     _check_no_lost_or_duplicated(_study(postgres, "pg"), 6, 3)
     assert json.loads(out.read_text())["n_trials"] == 6
+
+
+def test_password_never_shown_with_a_real_server(tmp_path, postgres, capsys):
+    """A password holding '@' ':' '/' (trust authentication: the server does not check it) appears nowhere: not
+    in the progress lines, the summary, nor the JSON's ``storage``."""
+    obs = write_tiny(tmp_path)
+    url = postgres.replace("postgres@", "postgres:pa@ss:w/rd@", 1)
+    out = tmp_path / "pw.json"
+    rc = sweep_cli.main(sweep_argv(obs, url, 2, "--study-name", "pw", "--json", str(out)))
+    cap = capsys.readouterr()
+    assert rc in (0, 3, 4) and out.exists(), cap.err  # done (converged or not): the outputs are written
+    text = cap.out + cap.err + out.read_text()
+    assert "trial    1" in cap.err and "pa@ss" not in text and "pa%40ss" not in text and "w/rd" not in text
+    storage = json.loads(out.read_text())["storage"]
+    assert storage.startswith("postgresql+") and ":***@127.0.0.1:" in storage
