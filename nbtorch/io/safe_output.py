@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 __all__ = ["OutputRefused", "output_target", "check_output_paths", "check_output_folder", "same_file",
            "NEW", "REGULAR", "STREAM"]
@@ -72,28 +72,24 @@ def output_target(path: PathLike) -> Tuple[str, str]:
 
 
 class _Identity(NamedTuple):
-    real: str
-    inode: Optional[Tuple[int, int]]
+    """A file's identity: ``(device, inode)`` of what exists (symlinks followed), else its real path."""
+
+    key: tuple
     char_device: bool
 
 
 def _identity(path: str) -> _Identity:
     try:
         st = os.stat(path)
-        inode, char = (st.st_dev, st.st_ino), stat.S_ISCHR(st.st_mode)
-    except OSError:
-        inode, char = None, False
-    return _Identity(os.path.realpath(path), inode, char)
-
-
-def _same(a: _Identity, b: _Identity) -> bool:
-    return a.real == b.real or (a.inode is not None and a.inode == b.inode)
+    except OSError:  # not there (yet): the real path it would be created at
+        return _Identity(("path", os.path.realpath(path)), False)
+    return _Identity(("inode", st.st_dev, st.st_ino), stat.S_ISCHR(st.st_mode))
 
 
 def same_file(a: PathLike, b: PathLike) -> bool:
-    """True when ``a`` and ``b`` name one file: the same device and inode (hard links, symlinks), or the same real
-    path (files that do not exist yet)."""
-    return _same(_identity(os.fspath(a)), _identity(os.fspath(b)))
+    """True when ``a`` and ``b`` name one file: the same device and inode (hard links, symlinks), or, for files that
+    do not exist yet, the same real path."""
+    return _identity(os.fspath(a)).key == _identity(os.fspath(b)).key
 
 
 def _folder_problem(folder: str) -> Optional[str]:
@@ -125,8 +121,10 @@ def check_output_paths(outputs: Iterable[Tuple[str, Optional[PathLike]]],
     ``outputs``: ``(option, path)`` pairs (a ``None`` path is skipped); the option is the flag as the user wrote it,
     e.g. ``"-floatfile"`` or ``"--json"`` (a default name may say so: ``"-intfile (default)"``).  ``inputs``: the
     ``(option, path)`` pairs of every file the run reads.  Raises :class:`OutputRefused` for the first problem."""
-    seen: List[Tuple[_Identity, str, str, bool]] = [
-        (_identity(os.fspath(p)), name, os.fspath(p), True) for name, p in inputs if p is not None]
+    seen: Dict[tuple, Tuple[str, str, bool]] = {}  # identity key → (option, path, is an input); first one kept
+    for name, p in inputs:
+        if p is not None:
+            seen.setdefault(_identity(os.fspath(p)).key, (name, os.fspath(p), True))
     for name, path in outputs:
         if path is None:
             continue
@@ -134,15 +132,14 @@ def check_output_paths(outputs: Iterable[Tuple[str, Optional[PathLike]]],
         if not path.strip():
             raise OutputRefused(f"{name}: empty file name")
         ident = _identity(path)
-        for other, oname, opath, is_input in seen:
-            if _same(ident, other) and (is_input or not ident.char_device):
-                what = "input" if is_input else "output"
-                raise OutputRefused(f"{name} {path}: the same file as the {what} {oname} {opath}; give {name} "
-                                    "another name")
+        other = seen.get(ident.key)
+        if other is not None and (other[2] or not ident.char_device):
+            raise OutputRefused(f"{name} {path}: the same file as the {'input' if other[2] else 'output'} "
+                                f"{other[0]} {other[1]}; give {name} another name")
         problem = _writable_problem(path)
         if problem:
             raise OutputRefused(f"{name} {path}: {problem}")
-        seen.append((ident, name, path, False))
+        seen.setdefault(ident.key, (name, path, False))
 
 
 def check_output_folder(option: str, path: PathLike) -> bool:
