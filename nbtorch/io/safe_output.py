@@ -118,8 +118,8 @@ def check_output_paths(outputs: Iterable[Tuple[str, Optional[PathLike]]],
                        inputs: Iterable[Tuple[str, Optional[PathLike]]] = ()) -> None:
     """Refuse, before any work, outputs the rule cannot write (see the module docstring).
 
-    ``outputs``: ``(option, path)`` pairs (a ``None`` path is skipped); the option is the flag as the user wrote it,
-    e.g. ``"-floatfile"`` or ``"--json"`` (a default name may say so: ``"-intfile (default)"``).  ``inputs``: the
+    ``outputs``: ``(option, path)`` pairs in writing order (a ``None`` path is skipped), the option as the messages
+    name it (``"-floatfile"``, ``"--json"``; also for a default name the user did not type).  ``inputs``: the
     ``(option, path)`` pairs of every file the run reads.  Raises :class:`OutputRefused` for the first problem."""
     seen: Dict[tuple, Tuple[str, str, bool]] = {}  # identity key → (option, path, is an input); first one kept
     for name, p in inputs:
