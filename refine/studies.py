@@ -22,7 +22,9 @@ Studies live in a storage (:func:`open_storage`): an SQLite file (the default, n
 (many processes on one machine) or a PostgreSQL URL (many machines).  :func:`run_study` runs ``workers`` processes
 on it; re-running with the same storage and study name adds trials to the same study.  RDB storages keep
 heartbeats, and trials left RUNNING by a process that died on this machine are marked FAIL when a run starts
-(:func:`fail_orphaned_trials`), so a killed run loses no finished trial and leaves none RUNNING forever.
+(:func:`fail_orphaned_trials`), so a killed run loses no finished trial and leaves none RUNNING forever.  A server
+storage must connect within ``connect_timeout`` seconds (:data:`CONNECT_TIMEOUT`), and its password is never shown:
+errors, log lines and reprs go through :func:`redact` / :func:`redact_text`.
 
 Optuna is an optional dependency (``pip install 'nbtorch[optuna]'``), imported when a function needs it.
 Plots: :func:`plot_history`, :func:`plot_importances`, :func:`plot_surface` (:mod:`refine.study_plots`).
