@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import time
+import warnings
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -21,12 +22,13 @@ from .. import lattice as latmod
 from ..beam import divergence_sources
 from ..detector import PIXEL_ORIGIN_CONVENTIONS, check_detector, detector_frame, orgx_to_mm
 from ..io.hkl import hkl_to_grid, read_hkl
+from ..io.images import HeaderWarning, header_mismatch, printed_tolerance
 from ..io.matrix import read_mosflm_matrix
 from ..io.nexus import nxmx_geometry
 from ..io.smv import read_smv
 from ..io.sources import read_sources
 from ..io.structure_files import detector_corner_resolution, is_mtz, model_cell, read_mtz
-from ..io.structure_files import structure_factors_from_model
+from ..io.structure_files import ModelWorkError, structure_factors_from_model
 from ..mosaic import mosaic_domain_count, mosaic_domains, random_misset_angles
 from ..pytree import tree_map
 from ..setup_checks import MAX_ORIENTATIONS, MAX_SOURCES
@@ -68,12 +70,13 @@ _NO_DEFAULT = object()
 # inputs: command line, -img/-mask header, table default
 
 
-def _header_values(path: str, source: str, flip_y: bool) -> Dict[str, object]:
+def _header_values(path: str, source: str, flip_y: bool, texts: Optional[list] = None) -> Dict[str, object]:
     """Flag values from the SMV header of ``source`` (``-img NAME`` or ``-mask NAME``) read at ``path``.
 
     Each value is parsed and range-checked like the flag it stands for; a bad one is kept as its ``ValueError``
     (raised only if the value is used).  ``flip_y``: a ``-mask`` header's BEAM_CENTER_Y is read as
-    detsize_s − value, as the C program does (spec §1.5)."""
+    detsize_s − value, as the C program does (spec §1.5).  ``texts``: when given, ``(source, flag, text, value)``
+    of every value read is appended (for :func:`_check_header_agreement`)."""
     _, hdr = read_smv(path)
     out: Dict[str, object] = {}
     for flag in FLAGS.values():
@@ -83,6 +86,8 @@ def _header_values(path: str, source: str, flip_y: bool) -> Dict[str, object]:
                     out[flag.name] = parse_value(flag, [hdr[key]], f"{source}: header {key} (for {flag.name})")
                 except ValueError as exc:
                     out[flag.name] = exc
+                if texts is not None:
+                    texts.append((source, flag.name, hdr[key], out[flag.name]))
     parts = [out.get(f) for f in ("-Ybeam", "-detpixels_s", "-pixel")]
     if flip_y and all(p is not None and not isinstance(p, ValueError) for p in parts):
         out["-Ybeam"] = parts[1] * parts[2] - parts[0]
@@ -97,10 +102,11 @@ class Inputs:
         self.opts, self.base_dir = opts, base_dir
         self.notes: List[str] = []
         self.header: Dict[str, object] = {}
+        self.header_texts: List[tuple] = []  # (source, flag, text, value) of each header value read
         for flag, flip in (("-img", False), ("-mask", True)):  # the -mask header wins over the -img header
             if flag in opts:
                 src = f"{flag} {opts[flag]}"
-                self.header.update(_header_values(self.path(flag), src, flip))
+                self.header.update(_read(self, flag, _header_values, src, flip, self.header_texts))
 
     def given(self, flag: str) -> bool:
         """Whether ``flag`` is on the command line."""
@@ -291,6 +297,30 @@ def _read(inp: Inputs, flag: str, reader, *args, **kw):
         raise _input_error(flag, str(inp.opts[flag]), path, exc) from None
 
 
+#: The header values compared with the command line: flag → ObservedImage field (nbtorch.io.images.HEADER_GEOMETRY).
+_HEADER_CHECKED = {"-pixel": "pixel_size_mm", "-distance": "distance_mm", "-close_distance": "distance_mm",
+                   "-lambda": "wavelength_A"}
+
+
+def _check_header_agreement(inp: Inputs, lam: float) -> None:
+    """A :class:`~nbtorch.io.images.HeaderWarning` (one line) for each ``-img``/``-mask`` header pixel size,
+    distance or wavelength that disagrees with the flag given (-pixel, -distance, -close_distance, -lambda or
+    -energy) by more than the header's printed precision; the flag's value is used."""
+    for source, flag, text, header_value in inp.header_texts:
+        field = _HEADER_CHECKED.get(flag)
+        if field is None or isinstance(header_value, ValueError):
+            continue
+        if flag == "-lambda" and inp.given("-energy"):
+            given, value = f"-energy {fmt_num(inp.opts['-energy'])} eV, i.e. lambda", lam
+        elif inp.given(flag):
+            given, value = flag, float(inp.opts[flag])
+        else:
+            continue
+        line = header_mismatch(source, field, float(header_value), printed_tolerance(text), given, value)
+        if line:
+            warnings.warn(line, HeaderWarning, stacklevel=2)
+
+
 def _check_structure_flags(inp: Inputs) -> None:
     """Flags that need another one, checked before any work: -pdb not with -hkl, -pdb_bfactor only with -pdb,
     -mtz_column/-mtz_anomalous only with an MTZ file."""
@@ -341,8 +371,17 @@ def _model_table(inp: Inputs, xtal: CrystalPart, params: Params, setup: Setup, d
     room = 2.0 * math.sqrt(3.0) * float(torch.linalg.matrix_norm(B, ord=2))
     d_table = 1.0 / (1.0 / d + room)
     cell = None if xtal.model_cell is not None else params.crystal.cell.tolist()
-    F, hkl_min, info = _read(inp, "-pdb", structure_factors_from_model, d_table, cell=cell,
-                             bfactor=inp.opts.get("-pdb_bfactor"), default_F=default_F)
+
+    def calculate(path: str):
+        try:
+            return structure_factors_from_model(path, d_table, cell=cell, bfactor=inp.opts.get("-pdb_bfactor"),
+                                                default_F=default_F)
+        except ModelWorkError as exc:  # name what sets the resolution
+            raise ValueError(f"{path}: {exc.work.describe()}, more than the {exc.limit / 1e9:.2g} GB of memory "
+                             f"available: the detector corners reach {d:.3g} Å; raise -distance or -lambda, lower "
+                             "-detpixels or -pixel, or give a coarser -dmin") from None
+
+    F, hkl_min, info = _read(inp, "-pdb", calculate)
     name = inp.opts["-pdb"]
     inp.notes.append(f"-pdb {name}: the detector corners reach {d:.4g} Å; |F| calculated to {d_table:.4g} Å "
                      "(room for interpolation)")
@@ -556,7 +595,7 @@ def _roi_and_mask(inp: Inputs, fpix: int, spix: int) -> Tuple[Optional[tuple], O
                              f"0 <= ymin <= ymax <= {spix - 1} (slow)")
     mask = None
     if inp.given("-mask"):
-        m, _ = read_smv(inp.path("-mask"))
+        m, _ = _read(inp, "-mask", read_smv)
         if m.shape != (spix, fpix):
             raise ValueError(f"-mask {inp.opts['-mask']} is {m.shape[1]}×{m.shape[0]} pixels but the detector is "
                              f"{fpix}×{spix}")
@@ -787,6 +826,7 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     inp = Inputs(opts, base_dir)
     _check_structure_flags(inp)
     lam = _wavelength(inp)
+    _check_header_agreement(inp, lam)
     xtal = _crystal(inp, lam)
     phi0, phistep, phisteps, osc = _phi(inp)
     spread, mosaic_axes, mosaic_fractions = _mosaic(inp, phisteps)

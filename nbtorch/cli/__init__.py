@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
@@ -198,6 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args and os.path.basename(args[0]) in ("nanoBragg", "nbtorch"):
         args = args[1:]
     out, err = sys.stdout, sys.stderr
+    warnings.formatwarning = lambda msg, *_, **__: f"{PROG}: warning: {str(msg).removeprefix(PROG + ': ')}\n"
     try:
         with interrupts():
             if not args:

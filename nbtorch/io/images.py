@@ -7,6 +7,7 @@ usable-pixel mask.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -20,7 +21,8 @@ from ._parse import display_name, read_bytes
 from .smv import _decode_smv
 
 __all__ = ["read_raw_float", "write_raw_float", "write_pgm", "read_pgm", "pgm_pixels", "read_image", "ObservedImage",
-           "to_photons"]
+           "to_photons", "printed_tolerance", "header_mismatch", "header_mismatches", "HeaderWarning",
+           "HEADER_GEOMETRY"]
 
 #: Extensions treated as headerless raw float images by :func:`read_image`.
 RAW_EXTENSIONS = (".bin", ".raw", ".f32", ".flt", ".float")
@@ -64,6 +66,9 @@ class ObservedImage(NamedTuple):
         geometry: the full geometry of an NXmx file (:class:`~nbtorch.io.nexus.NexusGeometry`), else None.
         adc_offset: counts subtracted from the file's values (header ``ADC_OFFSET`` or ``read_image(adc=...)``).
         gain: counts per photon the values were divided by (header ``GAIN`` or ``read_image(gain=...)``).
+        precision: for each of ``pixel_size_mm``, ``distance_mm``, ``wavelength_A`` read from a text header, half a
+            unit in the last digit printed there (in the field's unit; :func:`printed_tolerance`); None or a missing
+            key where the value is binary (NXmx) or absent.
     """
 
     data: np.ndarray
@@ -78,6 +83,7 @@ class ObservedImage(NamedTuple):
     geometry: Optional[Any] = None
     adc_offset: float = 0.0
     gain: float = 1.0
+    precision: Optional[dict] = None
 
 
 def _check_shape(shape, name: str) -> tuple[int, int]:
@@ -209,22 +215,93 @@ def _header_float(header: dict, key: str, name: str) -> float | None:
     return None
 
 
+#: Header values compared with the flags: ObservedImage field → (what, unit, SMV header key).
+HEADER_GEOMETRY = {"pixel_size_mm": ("pixel size", "mm", "PIXEL_SIZE"), "distance_mm": ("distance", "mm", "DISTANCE"),
+                   "wavelength_A": ("wavelength", "Å", "WAVELENGTH")}
+#: Relative agreement expected of a header value stored in binary (NXmx), whose printed precision is unknown.
+_BINARY_RTOL = 1e-6
+
+
+_NUMBER_TEXT = re.compile(r"[-+]?(\d*)(?:\.(\d*))?(?:[eE]([-+]?\d+))?")
+#: Significant digits of C's ``%g``, which nanoBragg, nbtorch and many detectors use for header numbers.
+_G_DIGITS = 6
+
+
+def printed_tolerance(text: str) -> Optional[float]:
+    """Half a unit in the last digit of a number as printed (the first word of ``text``), counting at least
+    :data:`_G_DIGITS` significant digits: C's ``%g`` drops trailing zeros, so ``"0.1"`` is read as 0.100000.
+    ``"0.1"`` → 5e-7, ``"0.1000000"`` → 5e-8, ``"172e-6"`` → 5e-10, ``"100"`` → 5e-4; None when the word is not a
+    decimal number (0 for a zero)."""
+    words = str(text).split()
+    m = _NUMBER_TEXT.fullmatch(words[0]) if words else None
+    if m is None or not (m.group(1) or m.group(2)):
+        return None
+    ints, decs = m.group(1) or "", m.group(2) or ""
+    digits = (ints + decs).lstrip("0")
+    if not digits:
+        return 0.0
+    last = int(m.group(3) or 0) - len(decs)  # exponent of the last printed digit
+    first = last + len(digits) - 1  # exponent of the first significant digit
+    return 0.5 * 10.0 ** min(last, first - (_G_DIGITS - 1))
+
+
+def _header_precision(header: dict) -> dict:
+    """:attr:`ObservedImage.precision` of the SMV-style keys PIXEL_SIZE, DISTANCE, WAVELENGTH of ``header``."""
+    out = {}
+    for field, (_, _, key) in HEADER_GEOMETRY.items():
+        for k in (key, key.lower()):
+            if k in header and printed_tolerance(header[k]) is not None:
+                out[field] = printed_tolerance(header[k])
+                break
+    return out
+
+
+class HeaderWarning(UserWarning):
+    """An image header's pixel size, distance or wavelength disagrees with the value the flags give."""
+
+
+def header_mismatch(source: str, field: str, header_value: float, tolerance: Optional[float], flag: str,
+                    value: float) -> Optional[str]:
+    """One line when the header value of ``field`` (a key of :data:`HEADER_GEOMETRY`) and the ``value`` given by
+    ``flag`` differ by more than ``tolerance`` (the header's printed precision; None: relative 1e-6), else None.
+    ``source`` names the image (``"-img a.img"``)."""
+    what, unit, _ = HEADER_GEOMETRY[field]
+    tol = _BINARY_RTOL * abs(header_value) if tolerance is None else tolerance
+    if abs(header_value - value) <= tol + 1e-12 * max(abs(header_value), abs(value)):
+        return None
+    return (f"{source}: the header's {what} {header_value:.10g} {unit} disagrees with {flag} {value:.10g} {unit} "
+            f"(beyond the header's precision ±{tol:.2g} {unit}); the flag's value is used")
+
+
+def header_mismatches(obs: "ObservedImage", source: str, given: dict) -> list:
+    """:func:`header_mismatch` lines for an observed image: ``given`` maps fields of :data:`HEADER_GEOMETRY` to
+    ``(flag, value)``; fields the header lacks are skipped."""
+    out = []
+    for field, (flag, value) in given.items():
+        hv = getattr(obs, field)
+        if hv is not None and value is not None:
+            line = header_mismatch(source, field, float(hv), (obs.precision or {}).get(field), flag, float(value))
+            if line:
+                out.append(line)
+    return out
+
+
 _CBF_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 
 
 def _minicbf_metadata(text: str) -> dict[str, float]:
-    """Geometry from a Dectris miniCBF header block (``# Pixel_size 172e-6 m x 172e-6 m`` etc.), SI → mm/Å."""
+    """Geometry from a Dectris miniCBF header block (``# Pixel_size 172e-6 m x 172e-6 m`` etc.), SI → mm/Å; the
+    printed precision of pixel size, distance and wavelength as ``precision_<field>``."""
     out: dict[str, float] = {}
     scale = {"m": MM_PER_M, "mm": 1.0}
-    m = re.search(r"Pixel_size\s+" + _CBF_NUM + r"\s*(m|mm)\b", text)
-    if m:
-        out["pixel_size_mm"] = float(m.group(1)) * scale[m.group(2)]
-    m = re.search(r"Detector_distance\s+" + _CBF_NUM + r"\s*(m|mm)\b", text)
-    if m:
-        out["distance_mm"] = float(m.group(1)) * scale[m.group(2)]
-    m = re.search(r"Wavelength\s+" + _CBF_NUM + r"\s*A\b", text)
-    if m:
-        out["wavelength_A"] = float(m.group(1))
+    for field, pattern in (("pixel_size_mm", r"Pixel_size\s+" + _CBF_NUM + r"\s*(m|mm)\b"),
+                           ("distance_mm", r"Detector_distance\s+" + _CBF_NUM + r"\s*(m|mm)\b"),
+                           ("wavelength_A", r"Wavelength\s+" + _CBF_NUM + r"\s*(A)\b")):
+        m = re.search(pattern, text)
+        if m:
+            factor = scale.get(m.group(2), 1.0)
+            out[field] = float(m.group(1)) * factor
+            out["precision_" + field] = printed_tolerance(m.group(1)) * factor
     m = re.search(r"Beam_xy\s*\(\s*" + _CBF_NUM + r"\s*,\s*" + _CBF_NUM + r"\s*\)\s*pixels", text)
     if m:
         out["beam_x_px"] = float(m.group(1))
@@ -235,7 +312,7 @@ def _minicbf_metadata(text: str) -> dict[str, float]:
     return out
 
 
-def _finish(data, header, name, overload, pixel, dist, wl, beam) -> ObservedImage:
+def _finish(data, header, name, overload, pixel, dist, wl, beam, precision=None) -> ObservedImage:
     data = np.asarray(data, dtype=np.float64)
     finite = np.isfinite(data)
     if overload is None:
@@ -244,7 +321,7 @@ def _finish(data, header, name, overload, pixel, dist, wl, beam) -> ObservedImag
         saturated = finite & (data >= float(overload))
     mask = finite & (np.where(finite, data, -1.0) >= 0.0) & ~saturated
     slow, fast = data.shape
-    return ObservedImage(data, mask, saturated, pixel, dist, wl, beam, (fast, slow), header)
+    return ObservedImage(data, mask, saturated, pixel, dist, wl, beam, (fast, slow), header, precision=precision)
 
 
 def _read_observed_smv(buf: bytes, name: str, overload) -> ObservedImage:
@@ -259,23 +336,50 @@ def _read_observed_smv(buf: bytes, name: str, overload) -> ObservedImage:
         _header_float(header, "DISTANCE", name),
         _header_float(header, "WAVELENGTH", name),
         (bx, by) if bx is not None and by is not None else None,
+        _header_precision(header),
     )
 
 
-def _read_observed_fabio(path: str, name: str, overload) -> ObservedImage:
+def _fabio_frame(path: str, name: str, hdf5: bool):
+    """(first frame as an array, header dict of strings) through fabio; any failure of fabio to read the file (a
+    truncated CBF raises AssertionError, an HDF5 file it does not know NotGoodReader) is a one-line ValueError."""
     try:
         import fabio  # noqa: PLC0415 - optional dependency, imported lazily
     except ImportError as exc:
         raise ImportError(
             f"reading {name} (not SMV or raw float) needs the optional 'fabio' package: pip install nbtorch[io]"
         ) from exc
-    img = fabio.open(path)
-    data = np.asarray(img.data)
+    log = logging.getLogger("fabio")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # fabio logs what it then raises (a checksum mismatch ...): one line is ours
+    try:
+        img = fabio.open(path)
+        data = np.asarray(img.data)
+        header = {str(k): str(v) for k, v in dict(img.header).items()}
+    except OSError as exc:
+        if exc.errno is not None:  # the file itself cannot be read
+            raise
+        failure = exc
+    except Exception as exc:  # noqa: BLE001 - fabio's readers raise anything on a damaged file
+        failure = exc
+    else:
+        return data, header
+    finally:
+        log.setLevel(level)
+    if hdf5:
+        raise ValueError(f"{name}: an HDF5 file that is neither NXmx (NeXus) nor an Eiger master file: no image "
+                         "found in it") from None
+    why = " ".join(str(failure).split()) or type(failure).__name__
+    raise ValueError(f"{name}: not a readable image (truncated or damaged, or a format fabio does not read: "
+                     f"{why[:200]})") from None
+
+
+def _read_observed_fabio(path: str, name: str, overload, hdf5: bool = False) -> ObservedImage:
+    data, header = _fabio_frame(path, name, hdf5)
     if data.ndim == 3 and data.shape[0] >= 1:  # multi-frame containers (HDF5/Eiger): first frame
         data = data[0]
     if data.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D image, fabio returned shape {data.shape}")
-    header = {str(k): str(v) for k, v in dict(img.header).items()}
     meta = {}
     for k, v in header.items():
         if "header_contents" in k or "Pixel_size" in v:
@@ -289,11 +393,13 @@ def _read_observed_fabio(path: str, name: str, overload) -> ObservedImage:
     pixel = meta.get("pixel_size_mm", pixel)
     dist = meta.get("distance_mm", dist)
     wl = meta.get("wavelength_A", wl)
+    precision = _header_precision(header)
+    precision.update({k[len("precision_"):]: v for k, v in meta.items() if k.startswith("precision_")})
     if beam is None and pixel is not None and "beam_x_px" in meta:
         beam = (meta["beam_x_px"] * pixel, meta["beam_y_px"] * pixel)
     if overload is None:
         overload = meta.get("overload")
-    return _finish(data, header, name, overload, pixel, dist, wl, beam)
+    return _finish(data, header, name, overload, pixel, dist, wl, beam, precision)
 
 
 def _number(value, what: str, positive: bool) -> float:
@@ -368,7 +474,9 @@ def read_image(
         :class:`ObservedImage` (data float64 [slow, fast], photons).
 
     Raises:
-        ValueError: malformed SMV/raw files, missing ``shape`` for a raw file, unparseable geometry header values.
+        ValueError: malformed SMV/raw files, missing ``shape`` for a raw file, unparseable geometry header values, a
+            file fabio cannot read (truncated CBF, damaged file), an HDF5 file that is neither NXmx nor Eiger (one
+            line naming the file).
         ImportError: if fabio (or h5py for HDF5) is needed but not installed (``pip install nbtorch[io]``).
     """
     return to_photons(_read_values(path, shape, overload, dtype), display_name(path), adc, gain)
@@ -384,11 +492,16 @@ def _read_values(path, shape, overload, dtype) -> ObservedImage:
         return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
     if ext in SMV_EXTENSIONS or _looks_like_smv(path):
         return _read_observed_smv(read_bytes(path), name, overload)
-    if _is_hdf5(path):
+    hdf5 = _is_hdf5(path)
+    if hdf5:
         from .nexus import is_nxmx, read_nxmx  # noqa: PLC0415 - h5py is optional
 
-        if is_nxmx(path):
+        try:
+            nxmx = is_nxmx(path)
+        except OSError as exc:  # h5py cannot open it (truncated)
+            raise ValueError(f"{name}: an unreadable HDF5 file ({' '.join(str(exc).split())})") from None
+        if nxmx:
             return read_nxmx(path, overload)
     if shape is not None:
         return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
-    return _read_observed_fabio(os.fspath(path), name, overload)
+    return _read_observed_fabio(os.fspath(path), name, overload, hdf5)

@@ -599,6 +599,89 @@ def test_read_image_via_fabio(tmp_path):
     assert fabio is not None
 
 
+def _cbf(path, contents=None, data=None):
+    from fabio.cbfimage import CbfImage
+
+    img = CbfImage(data=np.arange(12, dtype=np.int32).reshape(3, 4) if data is None else data)
+    if contents is not None:
+        img.header["_array_data.header_convention"] = "PILATUS_1.2"
+        img.header["_array_data.header_contents"] = contents
+    img.write(str(path))
+    return path
+
+
+def test_damaged_images_are_one_line_value_errors_naming_the_file(tmp_path, capfd):
+    """Issue 18: a truncated CBF (fabio's AssertionError) and an HDF5 file that is neither NXmx nor Eiger
+    (NotGoodReader) are ValueErrors of one line naming the file; fabio's own log lines are not printed."""
+    pytest.importorskip("fabio")
+    h5py = pytest.importorskip("h5py")
+    whole = _cbf(tmp_path / "whole.cbf", data=np.arange(100 * 120, dtype=np.int32).reshape(100, 120)).read_bytes()
+    (tmp_path / "cut.cbf").write_bytes(whole[: len(whole) // 2])
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["data"] = np.zeros((4, 4))
+    good_h5 = tmp_path / "good.h5"
+    with h5py.File(good_h5, "w") as f:
+        f["x"] = np.zeros(1000)
+    (tmp_path / "cut.h5").write_bytes(good_h5.read_bytes()[:600])
+    cases = [("cut.cbf", r"^cut\.cbf: not a readable image \(truncated or damaged"),
+             ("plain.h5", r"^plain\.h5: an HDF5 file that is neither NXmx \(NeXus\) nor an Eiger master file"),
+             ("cut.h5", r"^cut\.h5: an (unreadable HDF5 file|HDF5 file that is neither)")]
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for name, message in cases:
+            with pytest.raises(ValueError, match=message) as err:
+                nio.read_image(name)
+            assert "\n" not in str(err.value)
+    finally:
+        os.chdir(old)
+    assert capfd.readouterr().err == ""
+
+
+def test_printed_tolerance_reads_c_g_headers_as_six_significant_digits():
+    from nbtorch.io.images import printed_tolerance
+
+    assert printed_tolerance("0.1") == printed_tolerance("0.100000") == pytest.approx(5e-7)
+    assert printed_tolerance("0.1000000") == pytest.approx(5e-8)  # more digits printed: finer
+    assert printed_tolerance("172e-6 m") == pytest.approx(5e-10)
+    assert printed_tolerance("100") == pytest.approx(5e-4) and printed_tolerance("1.5E+02") == pytest.approx(5e-4)
+    assert printed_tolerance("-3.25") == pytest.approx(5e-6) and printed_tolerance("0") == 0.0
+    assert printed_tolerance("x") is None and printed_tolerance("") is None
+
+
+def test_header_geometry_mismatches_name_both_values(tmp_path):
+    """SMV and miniCBF headers keep the precision they were printed with; a flag beyond it gives one line naming
+    the header's value and the flag's."""
+    pytest.importorskip("fabio")
+    from nbtorch.io.images import header_mismatches
+
+    p = tmp_path / "obs.img"
+    nio.write_smv(p, np.zeros((2, 3), np.uint16), [("PIXEL_SIZE", "0.172"), ("DISTANCE", "200.00"),
+                                                  ("WAVELENGTH", "0.98")])
+    o = nio.read_image(p)
+    assert o.precision == pytest.approx({"pixel_size_mm": 5e-7, "distance_mm": 5e-4, "wavelength_A": 5e-7})
+    same = {"pixel_size_mm": ("-pixel", 0.1720004), "distance_mm": ("-distance", 200.0004),
+            "wavelength_A": ("-lambda", 0.98)}
+    assert header_mismatches(o, "OBSERVED obs.img", same) == []
+    lines = header_mismatches(o, "OBSERVED obs.img", {"pixel_size_mm": ("-pixel", 0.1721),
+                                                      "distance_mm": ("-distance", 250.0),
+                                                      "wavelength_A": ("-lambda", None)})
+    assert lines == [
+        "OBSERVED obs.img: the header's pixel size 0.172 mm disagrees with -pixel 0.1721 mm (beyond the header's "
+        "precision ±5e-07 mm); the flag's value is used",
+        "OBSERVED obs.img: the header's distance 200 mm disagrees with -distance 250 mm (beyond the header's "
+        "precision ±0.0005 mm); the flag's value is used"]
+    contents = "\n# Pixel_size 172e-6 m x 172e-6 m\n# Detector_distance 0.25000 m\n# Wavelength 0.97950 A\n"
+    c = nio.read_image(_cbf(tmp_path / "x.cbf", contents))
+    assert c.precision == pytest.approx({"pixel_size_mm": 5e-7, "distance_mm": 5e-4, "wavelength_A": 5e-7})
+    assert header_mismatches(c, "x", {"pixel_size_mm": ("-pixel", 0.172), "distance_mm": ("-distance", 250.0004),
+                                      "wavelength_A": ("-lambda", 0.97950)}) == []
+    assert len(header_mismatches(c, "x", {"distance_mm": ("-distance", 250.0006)})) == 1
+    binary = o._replace(precision=None)  # NXmx: values stored in binary, compared to 1e-6
+    assert header_mismatches(binary, "x", {"distance_mm": ("-distance", 200.0001)}) == []
+    assert len(header_mismatches(binary, "x", {"distance_mm": ("-distance", 200.001)})) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fuzzing: every parser either succeeds or raises ValueError
 
