@@ -5,7 +5,8 @@ table ``F[nh, nk, nl]`` of amplitudes (electrons) starting at ``hkl_min`` — pl
 what was read and how it was converted.  The table is nanoBragg's P1 table: every symmetry mate and Friedel mate is
 filled in from the file's space group, so the kernel can look up any (h, k, l) directly.
 
-Conventions shared with the text path (so an MTZ holding the same reflections gives the same table, bit for bit):
+Conventions of the MTZ path, shared with the text path (so an MTZ holding the same reflections gives the same table,
+bit for bit):
 
 * the table spans [min, max] of each index over the (expanded) reflections; cells with no reflection hold
   ``default_F`` — except cells of systematically absent reflections, which are known to be 0 and hold 0;
@@ -13,6 +14,9 @@ Conventions shared with the text path (so an MTZ holding the same reflections gi
   listed twice the later row wins (as for ``-hkl``);
 * MTZ columns are float32: each value is widened to float64 through its shortest decimal representation (the value a
   person wrote, e.g. 138.47), not its binary expansion (138.470001220703125), so the table equals the text file's.
+
+A model's table spans |h| ≤ a/dmin (likewise k, l): every cell within ``dmin`` calculated, the others ``default_F``.
+Its atoms are checked first; its work is estimated, bounded and done in chunks (:func:`structure_factors_from_model`).
 
 gemmi is an optional dependency (``pip install nbtorch[io]``), imported only when a function here is called.
 """
@@ -305,9 +309,9 @@ def _anomalous_pair(mtz, col, name: str):
     F(-), I(+) ↔ I(-), FPLUS ↔ FMINUS, F+ ↔ F-), wherever it stands among the columns, and must have the same type."""
     found = _partner_label(col.label)
     if found is None:
-        raise StructureFileError(f"{name}: anomalous column {col.label!r} (type {col.type}) is not labelled as one half "
-                                 "of a pair (F(+)/F(-), I(+)/I(-), ...PLUS/...MINUS or a trailing +/-); columns: "
-                                 f"{_column_list(mtz)}")
+        raise StructureFileError(f"{name}: anomalous column {col.label!r} (type {col.type}) is not labelled as one "
+                                 "half of a pair (F(+)/F(-), I(+)/I(-), ...PLUS/...MINUS or a trailing +/-); "
+                                 f"columns: {_column_list(mtz)}")
     label, is_minus = found
     other = next((c for c in mtz.columns if c.label == label), None)
     if other is None:
@@ -856,20 +860,16 @@ def structure_factors_from_model(
     b_sol: float = 46.0,
     rate: float = 1.5,
     max_bytes: Optional[int] = None,
-    long_seconds: float = LONG_SECONDS,
+    long_seconds: Optional[float] = None,
 ):
     """|F| of a PDB or mmCIF model to resolution ``dmin``, as nanoBragg's dense P1 table (what ``-pdb FILE`` uses).
 
-    X-ray form factors (no anomalous terms, so Friedel's law holds) of every atom of the first model, with its
-    occupancy and B (isotropic or anisotropic); with ``bfactor`` every atom gets that isotropic B instead.  Every
-    table cell (h, k, l) with d ≥ ``dmin`` gets the amplitude of the whole crystal (all symmetry operators of the
-    space group; symmetry and Friedel mates equal to the bit; systematic absences 0); the table spans
-    |h| ≤ a/dmin (likewise k, l) and its cells beyond ``dmin`` hold ``default_F``.
-
-    The work is bounded: its memory and time are estimated first (:class:`ModelWork`); more memory than
-    ``max_bytes`` is refused before anything is computed, and an estimate above ``long_seconds`` is a
-    :class:`ModelWorkWarning`.  The calculation runs in chunks of bounded memory that each return to Python within
-    milliseconds, so Ctrl-C and SIGTERM act at once (the bulk-solvent mask is one gemmi call).
+    X-ray form factors (no anomalous terms) of every atom of the first model, with its occupancy and B (isotropic or
+    anisotropic; ``bfactor`` replaces them).  Every table cell with d ≥ ``dmin`` gets the whole crystal's amplitude
+    (symmetry and Friedel mates equal to the bit, absences 0); the table spans |h| ≤ a/dmin (likewise k, l), its
+    cells beyond ``dmin`` hold ``default_F``.  Memory and time are estimated first (:class:`ModelWork`): more memory
+    than ``max_bytes`` is refused before any work, a long estimate is a :class:`ModelWorkWarning`; the work runs in
+    chunks that return to Python within milliseconds, so Ctrl-C and SIGTERM act at once.
 
     Args:
         path: PDB or mmCIF (or mmJSON) file.
@@ -880,13 +880,12 @@ def structure_factors_from_model(
             ``SolventMasker``); off by default.
         default_F: amplitude of table cells outside the calculated set (``-default_F``).
         spacegroup: name or number overriding the model's space group (P 1 is assumed when the file has none).
-        method: ``"fft"`` (the model's own atoms as density on a P1 grid, its Fourier transform, then the sum over
-            symmetry operators in reciprocal space; relative error ~1e-4) or ``"direct"`` (exact sum over atoms and
-            symmetry operators, one reflection at a time; slow for large models).
+        method: ``"fft"`` (the model's own atoms as density on a P1 grid, its Fourier transform, the symmetry
+            operators summed in reciprocal space; relative error ~1e-4) or ``"direct"`` (exact, slow).
         k_sol: solvent density (e/Å³) of the bulk-solvent model.   b_sol: its B (Å²).
         rate: grid oversampling of the FFT method and of the solvent mask.
         max_bytes: memory the calculation may use (bytes); None: :func:`available_memory`.
-        long_seconds: warn when the estimated time exceeds this (s).
+        long_seconds: warn when the estimated time exceeds this (s); None: :data:`LONG_SECONDS`.
 
     Returns:
         ``(F, hkl_min, info)`` as :func:`read_mtz`: float64 [nh, nk, nl] amplitudes (electrons), the index of
@@ -894,11 +893,9 @@ def structure_factors_from_model(
         ``n_p1``: table cells within ``dmin``).
 
     Raises:
-        StructureFileError (a ValueError): not a model, no atoms, an atom of unknown element or at a non-finite or
-            absurd position (named), no cell, unknown space group or one incompatible with the cell;
-            :class:`ModelWorkError` (a StructureFileError): more memory than ``max_bytes``.  ValueError: bad
-            ``dmin``, ``cell``, ``bfactor``, ``method``, ``rate``.  OSError: the file cannot be read.
-            ImportError: gemmi is not installed.
+        StructureFileError (a ValueError): not a model, no atoms, a bad atom (named: :func:`model_cell`), no cell, an
+            unknown space group or one incompatible with the cell; :class:`ModelWorkError`: beyond ``max_bytes``.
+        ValueError: bad ``dmin``, ``cell``, ``bfactor``, ``method``, ``rate``.  OSError, ImportError (no gemmi).
     """
     gemmi = _gemmi()
     name = display_name(path)
@@ -918,7 +915,7 @@ def structure_factors_from_model(
     if lay.half == (0, 0, 0):
         raise StructureFileError(f"{name}: no reflection with d >= {dmin:g} Å in cell {_cell_text(st.cell)}")
     work = _estimate(gemmi, st, sg, dmin, method, rate, solvent)
-    _check_work(work, max_bytes, long_seconds, name)
+    _check_work(work, max_bytes, LONG_SECONDS if long_seconds is None else float(long_seconds), name)
     solvent_F = _bulk_solvent(gemmi, st, dmin, float(k_sol), float(b_sol), rate) if solvent else None
     if method == "fft":
         amplitudes = _fft_amplitudes(gemmi, st, sg, dmin, rate, lay, solvent_F)

@@ -394,3 +394,264 @@ def test_detector_corner_resolution_matches_braggs_law():
     shorter = params._replace(beam=params.beam._replace(wavelength=torch.tensor(1.0, dtype=torch.float64)))
     assert detector_corner_resolution(shorter, setup) == pytest.approx(
         detector_corner_resolution(params, setup) / 1.5, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 18: the CCP4 anomalous layouts, chosen by label
+
+
+CCP4_ROWS = [(1, 2, 3, 10.0, 0.5, 12.0, 0.6), (2, 1, 1, 7.0, 0.4, 9.0, 0.3), (0, 1, 1, 4.0, 0.2, 4.0, 0.2)]
+
+
+@pytest.mark.parametrize("amp,sig,kind,sigkind,conv", [
+    ("F", "SIGF", "G", "L", lambda x: x),
+    ("I", "SIGI", "K", "M", math.sqrt),
+])
+def test_ccp4_anomalous_layout_is_paired_by_label(tmp_path, amp, sig, kind, sigkind, conv):
+    """F(+) SIGF(+) F(-) SIGF(-) (and I(+) SIGI(+) I(-) SIGI(-)): the (-) column is found by its label, not as the
+    next column; choosing either half reads the pair."""
+    cols = [(f"{amp}(+)", kind), (f"{sig}(+)", sigkind), (f"{amp}(-)", kind), (f"{sig}(-)", sigkind)]
+    path = write_mtz(tmp_path / "ccp4.mtz", "P 1", (30, 30, 30, 90, 90, 90), cols, CCP4_ROWS)
+    for column in ([f"{amp}(+)", f"{amp}(-)"] if kind == "K" else [None, f"{amp}(+)", f"{amp}(-)"]):
+        F, lo, info = read_mtz(path, column=column, anomalous="separate")
+        assert info.column == f"{amp}(+),{amp}(-)"
+        assert at(F, lo, (1, 2, 3)) == pytest.approx(conv(10.0)) and at(F, lo, (-1, -2, -3)) == pytest.approx(
+            conv(12.0))
+        assert at(F, lo, (2, 1, 1)) == pytest.approx(conv(7.0)) and at(F, lo, (-2, -1, -1)) == pytest.approx(
+            conv(9.0))
+    Fa, lo, _ = read_mtz(path, column=f"{amp}(-)")  # averaged by default
+    assert at(Fa, lo, (1, 2, 3)) == at(Fa, lo, (-1, -2, -3)) == pytest.approx(0.5 * (conv(10.0) + conv(12.0)))
+
+
+def test_anomalous_partner_is_found_wherever_it_stands_and_errors_name_it(tmp_path):
+    rows = [(1, 2, 3, 12.0, 5.0, 10.0), (2, 1, 1, 9.0, 6.0, 7.0)]
+    path = write_mtz(tmp_path / "order.mtz", "P 1", (30, 30, 30, 90, 90, 90),
+                     [("F-", "G"), ("FP", "F"), ("F+", "G")], rows)  # minus first, not adjacent
+    F, lo, info = read_mtz(path, column="F+", anomalous="separate")
+    assert info.column == "F+,F-" and at(F, lo, (1, 2, 3)) == 10.0 and at(F, lo, (-1, -2, -3)) == 12.0
+    lone = write_mtz(tmp_path / "lone.mtz", "P 1", (30, 30, 30, 90, 90, 90), [("F(+)", "G"), ("SIGF(+)", "L")],
+                     [(1, 2, 3, 10.0, 1.0)])
+    with pytest.raises(StructureFileError, match=r"lone\.mtz: anomalous column 'F\(\+\)' has no partner 'F\(-\)'; "
+                                                 r"columns: .*F\(\+\)\(G\), SIGF\(\+\)\(L\)"):
+        read_mtz(lone)
+    odd = write_mtz(tmp_path / "odd.mtz", "P 1", (30, 30, 30, 90, 90, 90), [("FA", "G"), ("FB", "G")],
+                    [(1, 2, 3, 10.0, 1.0)])
+    with pytest.raises(StructureFileError, match=r"odd\.mtz: anomalous column 'FA' \(type G\) is not labelled as one "
+                                                 r"half of a pair"):
+        read_mtz(odd)
+    mixed = write_mtz(tmp_path / "mixed.mtz", "P 1", (30, 30, 30, 90, 90, 90), [("I(+)", "K"), ("I(-)", "G")],
+                      [(1, 2, 3, 10.0, 1.0)])
+    with pytest.raises(StructureFileError, match=r"mixed\.mtz: anomalous columns 'I\(\+\)' and 'I\(-\)' have "
+                                                 r"different types \(K, G\)"):
+        read_mtz(mixed, column="I(+)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 18: atoms checked, named
+
+
+CELL_LINE = "CRYST1   20.000   25.000   30.000  90.00  90.00  90.00 P 1           1\n"
+GOOD_ATOM = "ATOM      1  N   GLY A   1       2.000   3.000   4.000  1.00 10.00           N\n"
+
+
+def _cif_with(tmp_path, name, column, value):
+    """tiny.pdb as mmCIF with one _atom_site value of its last atom replaced (column: the loop's column index)."""
+    st = gemmi.read_structure(str(tmp_path / "tiny.pdb"))
+    st.setup_entities()
+    lines = st.make_mmcif_document().as_string().splitlines()
+    i = max(j for j, line in enumerate(lines) if line.startswith("HETATM"))
+    words = lines[i].split()
+    words[column] = value
+    lines[i] = " ".join(words)
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_model_atoms_of_unknown_element_or_at_bad_positions_are_named(tmp_path, tiny_pdb):
+    from nbtorch.io.structure_files import model_cell
+
+    xx = tmp_path / "xx.pdb"
+    xx.write_text(CELL_LINE + GOOD_ATOM +
+                  "ATOM      2 XX1  UNK A   2       3.200   3.500   4.600  1.00 12.00          XX\nEND\n")
+    nan = tmp_path / "nan.pdb"  # gemmi reads this x as 0 without a word
+    nan.write_text(CELL_LINE + GOOD_ATOM + GOOD_ATOM.replace("    1  N ", "    2  CA").replace("   2.000", "     nan")
+                   + "END\n")
+    empty = tmp_path / "empty.pdb"
+    empty.write_text(CELL_LINE + "END\n")
+    cases = [
+        (xx, r"xx\.pdb: atom 2 'XX1' \(residue UNK 2, chain A\) has an unknown element"),
+        (nan, r"nan\.pdb: atom 2 'CA' \(residue GLY 1, chain A\) has coordinates 'nan 3\.000 4\.000', not three "
+              r"numbers"),
+        (empty, r"empty\.pdb: no atoms \(an empty model"),
+        (_cif_with(tmp_path, "nan.cif", 10, "?"), r"nan\.cif: atom 5 'FE' \(residue HEM 2, chain A\) is at \(nan, 9, "
+                                                  r"10\) Å: coordinates must be finite and within ±100000 Å"),
+        (_cif_with(tmp_path, "far.cif", 11, "1e30"), r"far\.cif: atom 5 'FE' .* is at \(8, 1e\+30, 10\) Å"),
+        (_cif_with(tmp_path, "xx.cif", 2, "XX"), r"xx\.cif: atom 5 'FE' \(residue HEM 2, chain A\) has an unknown "
+                                                 r"element"),
+        (_cif_with(tmp_path, "occ.cif", 13, "nan"), r"occ\.cif: atom 5 'FE' .* has occupancy nan and B 18"),
+    ]
+    for path, message in cases:
+        with pytest.raises(StructureFileError, match=message):
+            structure_factors_from_model(path, 2.0)
+        with pytest.raises(StructureFileError, match=message):  # what -pdb reads first, for the cell
+            model_cell(path)
+    far = _cif_with(tmp_path, "near.cif", 11, "99999")  # within the bound: accepted
+    assert structure_factors_from_model(far, 3.0)[0].max() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 18: the model calculation, bounded and interruptible
+
+
+def _random_model(path, spacegroup, cell, n_atoms, seed=0):
+    """A model of ``n_atoms`` random C/N/O/S atoms (B 15–30) in ``cell`` and ``spacegroup``, written as PDB."""
+    rng = np.random.default_rng(seed)
+    st = gemmi.Structure()
+    st.cell = gemmi.UnitCell(*cell)
+    st.spacegroup_hm = spacegroup
+    model, chain = gemmi.Model(1), gemmi.Chain("A")
+    for i in range(n_atoms):
+        res = gemmi.Residue()
+        res.name, res.seqid = "ALA", gemmi.SeqId(i + 1, " ")
+        atom = gemmi.Atom()
+        atom.name = atom.element.name if False else "CNOS"[i % 4]
+        atom.element = gemmi.Element(atom.name)
+        atom.pos = st.cell.orthogonalize(gemmi.Fractional(*rng.uniform(0, 1, 3)))
+        atom.b_iso, atom.occ, atom.serial = float(rng.uniform(15, 30)), 1.0, i + 1
+        res.add_atom(atom)
+        chain.add_residue(res)
+    model.add_chain(chain)
+    st.add_model(model)
+    st.setup_entities()
+    st.write_pdb(str(path))
+    return path
+
+
+@pytest.mark.parametrize("spacegroup,cell", [
+    ("C 1 2 1", (30, 22, 26, 90, 103, 90)),  # centred, oblique
+    ("P 61", (24, 24, 30, 90, 90, 120)),  # screw axis, hexagonal
+    ("I 2 2 2", (20, 24, 28, 90, 90, 90)),
+])
+def test_fft_table_is_the_direct_sum_in_any_space_group(tmp_path, spacegroup, cell):
+    """The FFT method (the model's own atoms on a P1 grid, the symmetry summed in reciprocal space) agrees with
+    gemmi's direct sum; symmetry and Friedel mates are equal to the bit; absences are 0."""
+    path = _random_model(tmp_path / "m.pdb", spacegroup, cell, 12)
+    sentinel = 1234.5  # -default_F: in the table beyond dmin only
+    F_fft, lo, info = structure_factors_from_model(path, 2.5, default_F=sentinel)
+    F_dir, lo_d, _ = structure_factors_from_model(path, 2.5, default_F=sentinel, method="direct")
+    assert lo == lo_d and info.spacegroup == gemmi.SpaceGroup(spacegroup).hm
+    st = gemmi.read_structure(str(path))
+    calc = gemmi.StructureFactorCalculatorX(st.cell)
+    sg = gemmi.SpaceGroup(spacegroup)
+    inside = F_dir != sentinel
+    assert inside.sum() == info.n_p1
+    idx = np.argwhere(inside)
+    rng = np.random.default_rng(1)
+    for i in rng.choice(len(idx), 60, replace=False):
+        h = [int(x) for x in idx[i] + np.asarray(lo)]
+        ref = 0.0 if sg.operations().is_systematically_absent(h) else abs(calc.calculate_sf_from_model(st[0], h))
+        assert F_dir[tuple(idx[i])] == pytest.approx(ref, rel=1e-9, abs=1e-9)
+        assert F_fft[tuple(idx[i])] == pytest.approx(ref, abs=2e-3 * F_dir.max())
+        for op in sg.operations():
+            for mate in (op.apply_to_hkl(h), [-x for x in op.apply_to_hkl(h)]):
+                assert at(F_fft, lo, mate) == F_fft[tuple(idx[i])]
+    assert np.all(F_fft[~inside] == sentinel)
+
+
+def test_model_work_beyond_the_memory_limit_is_refused_before_any_work(tmp_path, tiny_pdb, monkeypatch):
+    from nbtorch.io import structure_files as sf
+
+    with pytest.raises(sf.ModelWorkError, match=r"tiny\.pdb: \|F\| of 5 atoms to 0\.5 Å: about .* s and .* GB \(a "
+                                                 r"\d+×\d+×\d+ density grid, a 81×101×121 table\): more than the "
+                                                 r"1e-06 GB of memory available") as err:
+        structure_factors_from_model(tiny_pdb, 0.5, max_bytes=1000)
+    work = err.value.work
+    assert work.atoms == 5 and work.table == (81, 101, 121) and err.value.limit == 1000
+    assert work.bytes > 8 * 81 * 101 * 121  # the table alone
+    monkeypatch.setattr(sf, "available_memory", lambda: 1000)  # the default limit: the memory available
+    with pytest.raises(sf.ModelWorkError):
+        structure_factors_from_model(tiny_pdb, 0.5)
+    monkeypatch.setattr(sf, "_asu_transform", None)  # nothing is computed before the check
+    with pytest.raises(sf.ModelWorkError):
+        structure_factors_from_model(tiny_pdb, 0.5, method="fft")
+
+
+def test_long_model_work_is_warned_with_its_estimate(tiny_pdb):
+    from nbtorch.io.structure_files import ModelWorkWarning
+
+    with pytest.warns(ModelWorkWarning, match=r"tiny\.pdb: \|F\| of 5 atoms to 2 Å: about .* s and .* GB .*; a "
+                                              r"coarser dmin is faster"):
+        structure_factors_from_model(tiny_pdb, 2.0, long_seconds=0.0)
+
+
+@pytest.fixture(scope="module")
+def medium_model(tmp_path_factory):
+    """300 atoms in a 60×70×80 Å P 21 21 21 cell: at 1.2 Å a 150×180×200 density grid, whose single-call FFT and
+    symmetrisation took ~0.3 s each and whose P1 expansion held ~10⁶ rows at once before issue 18."""
+    return _random_model(tmp_path_factory.mktemp("medium") / "medium.pdb", "P 21 21 21", (60, 70, 80, 90, 90, 90), 300)
+
+
+def test_model_calculation_returns_to_python_often_and_stays_within_its_estimate(medium_model):
+    """Each call into C (gemmi, numpy) is short, so a signal's Python handler runs within a second; the numpy
+    memory stays within the estimate (which also counts gemmi's density grid)."""
+    import sys
+    import time
+    import tracemalloc
+
+    from nbtorch.io import structure_files as sf
+
+    longest, started = [0.0, ""], [None]
+
+    def profile(frame, event, arg):
+        now = time.perf_counter()
+        if event == "c_call":
+            started[0] = now
+        elif event in ("c_return", "c_exception") and started[0] is not None:
+            if now - started[0] > longest[0]:
+                longest[:] = [now - started[0], getattr(arg, "__qualname__", str(arg))]
+            started[0] = None
+
+    tracemalloc.start()
+    sys.setprofile(profile)
+    try:
+        F, lo, info = structure_factors_from_model(medium_model, 1.2, long_seconds=math.inf)
+    finally:
+        sys.setprofile(None)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert longest[0] < 0.5, longest  # ~0.05 s on an idle core
+    g = gemmi.read_structure(str(medium_model))
+    work = sf._estimate(gemmi, g, gemmi.SpaceGroup("P 21 21 21"), 1.2, "fft", 1.5, False)
+    assert work.table == F.shape and peak <= work.bytes
+    assert info.n_p1 > 7 * info.n_unique
+
+
+def test_sigterm_stops_a_long_pdb_run_within_a_second(tmp_path, medium_model):
+    """nbtorch -pdb: the long-work warning is one line on stderr; SIGTERM during the calculation ends the program
+    within a second (exit 143, one line, nothing written)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, nbtorch.io.structure_files as sf; sf.LONG_SECONDS = 0.0; from nbtorch.cli import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    argv = [sys.executable, "-c", script, "-pdb", str(medium_model), "-lambda", "1", "-distance", "30",
+            "-detpixels", "200", "-pixel", "0.3", "-nopgm", "-nonoise", "-floatfile", "out.bin"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("nbtorch: warning: ") and "medium.pdb: |F| of 300 atoms to" in line, line
+        time.sleep(0.2)
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        rest = [proc.stderr.readline(), proc.stderr.readline()]
+        delay = time.perf_counter() - sent  # the calculation stopped, the program says so (then exits)
+        rc = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert rc == 143 and delay < 1.0, (rc, delay)
+    assert rest == ["\n", "nbtorch: interrupted\n"]
+    assert not (tmp_path / "out.bin").exists()
