@@ -15,7 +15,8 @@ bit for bit):
 * MTZ columns are float32: each value is widened to float64 through its shortest decimal representation (the value a
   person wrote, e.g. 138.47), not its binary expansion (138.470001220703125), so the table equals the text file's.
 
-A model's table spans |h| ≤ a/dmin (likewise k, l): every cell within ``dmin`` calculated, the others ``default_F``.
+A model's table spans |h| ≤ a/dmin (likewise k, l): every cell within ``dmin`` but F(000) calculated, the others
+``default_F``.
 Its atoms are checked first; its work is estimated, bounded and done in chunks (:func:`structure_factors_from_model`).
 
 gemmi is an optional dependency (``pip install nbtorch[io]``), imported only when a function here is called.
@@ -812,10 +813,11 @@ def _bulk_solvent(gemmi, st, dmin: float, k_sol: float, b_sol: float, rate: floa
 
 
 def _fill_table(table: np.ndarray, lo: np.ndarray, st, sg, dmin: float, amplitudes) -> Tuple[int, int, int]:
-    """Put |F| of every cell of ``table`` within ``dmin`` into it, a chunk of cells at a time; cells beyond keep their
-    value.  For each symmetry-unique reflection (the one of its orbit ±h·R with the largest key) ``amplitudes`` is
-    called once and the value written to the whole orbit, so mates are equal to the bit; systematically absent
-    reflections get 0.  → (cells within dmin, unique reflections, absent cells within dmin)."""
+    """Put |F| of every cell of ``table`` within ``dmin`` but (0, 0, 0) into it, a chunk of cells at a time; the
+    others keep their value (as for an MTZ, which has no F(000)).  For each symmetry-unique reflection (the one of
+    its orbit ±h·R with the largest key) ``amplitudes`` is called once and the value written to the whole orbit, so
+    mates are equal to the bit; systematically absent reflections get 0.  → (cells within dmin, unique reflections,
+    absent cells within dmin)."""
     rots = _rotations(sg)
     mats = np.concatenate([rots, -rots])
     ops = sg.operations()
@@ -831,7 +833,7 @@ def _fill_table(table: np.ndarray, lo: np.ndarray, st, sg, dmin: float, amplitud
         idx = np.arange(start, min(start + step, table.size))
         hkl = np.stack(np.unravel_index(idx, table.shape), axis=1) + lo
         q = np.einsum("ni,ij->nj", hkl, M)  # Å⁻¹ (float matmul of thin arrays is slow)
-        hkl = hkl[np.einsum("ni,ni->n", q, q) <= s2max]
+        hkl = hkl[(np.einsum("ni,ni->n", q, q) <= s2max) & hkl.any(axis=1)]  # F(000), the direct beam: default_F
         absent = ops.systematic_absences(hkl.astype(np.int32)) if check_absent else np.zeros(len(hkl), dtype=bool)
         canon = hkl @ weights >= (hkl @ mate_weights).max(axis=1)  # the largest _keys of its orbit
         c = hkl[canon]
@@ -867,9 +869,10 @@ def structure_factors_from_model(
     X-ray form factors (no anomalous terms) of every atom of the first model, with its occupancy and B (isotropic or
     anisotropic; ``bfactor`` replaces them).  Every table cell with d ≥ ``dmin`` gets the whole crystal's amplitude
     (symmetry and Friedel mates equal to the bit, absences 0); the table spans |h| ≤ a/dmin (likewise k, l), its
-    cells beyond ``dmin`` hold ``default_F``.  Memory and time are estimated first (:class:`ModelWork`): more memory
-    than ``max_bytes`` is refused before any work, a long estimate is a :class:`ModelWorkWarning`; the work runs in
-    chunks that return to Python within milliseconds, so Ctrl-C and SIGTERM act at once.
+    cells beyond ``dmin`` and (0, 0, 0) hold ``default_F``.  Memory and time are estimated first
+    (:class:`ModelWork`): more memory than ``max_bytes`` is refused before any work, a long estimate is a
+    :class:`ModelWorkWarning`; the work runs in chunks that return to Python within milliseconds, so Ctrl-C and
+    SIGTERM act at once.
 
     Args:
         path: PDB or mmCIF (or mmJSON) file.
