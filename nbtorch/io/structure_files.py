@@ -23,6 +23,7 @@ gemmi is an optional dependency (``pip install nbtorch[io]``), imported only whe
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -671,7 +672,8 @@ def _estimate(gemmi, st, sg, dmin: float, method: str, rate: float, solvent: boo
     n_ops = len(sg.operations().sym_ops)
     n_rot = len(_rotations(sg))
     atoms = st[0].count_atom_sites()
-    chunk = 128 * _CHUNK  # temporaries of one chunk, and room for the allocator
+    n_grid = lay.grid[0] * lay.grid[1] * lay.grid[2] if method == "fft" else 0
+    chunk = 128 * min(_CHUNK, max(n_table, n_grid))  # temporaries of one chunk, and room for the allocator
     n_in = 4.0 / 3.0 * math.pi * st.cell.volume / dmin**3  # cells within dmin
     n_unique = n_in / (2 * n_rot)
     if method == "direct":
@@ -680,7 +682,6 @@ def _estimate(gemmi, st, sg, dmin: float, method: str, rate: float, solvent: boo
         seconds = n_unique * max(atoms, 1) * n_ops * _SEC_DIRECT
     else:
         grid = lay.grid
-        n_grid = grid[0] * grid[1] * grid[2]
         hu, hv, hw = lay.half_asu
         A = 8 * grid[2] * (2 * hv + 1) * (hu + 1)
         B = 8 * (2 * hw + 1) * (2 * hv + 1) * (hu + 1)
@@ -688,7 +689,7 @@ def _estimate(gemmi, st, sg, dmin: float, method: str, rate: float, solvent: boo
         dc = gemmi.DensityCalculatorX()
         dc.d_min, dc.rate = dmin, rate
         dc.set_refmac_compatible_blur(st[0])
-        sample = [a for _, a in zip(range(200), (a for ch in st[0] for r in ch for a in r))]
+        sample = list(itertools.islice((a for ch in st[0] for r in ch for a in r), 200))  # atom radii vary with B
         r3 = sum(dc.estimate_radius(a) ** 3 for a in sample) / max(len(sample), 1)
         per_atom = 4.0 / 3.0 * math.pi * r3 * n_grid / st.cell.volume
         seconds = (atoms * per_atom * _SEC_DENSITY + n_grid * _SEC_FFT + n_table * (n_rot + n_ops / 4)
