@@ -2,17 +2,25 @@
 
     nbtorch-refine --images LIST --shared GROUPS --per-image GROUPS [--json OUT] [options] [common nanoBragg flags]
     nbtorch-refine --images LIST --independent --refine GROUPS --results OUT.jsonl [--workers N]
-                   [--scheduler ADDRESS] [options] [common nanoBragg flags]
+                   [--scheduler tls://HOST:PORT [--tls-ca-file CA --tls-cert CERT --tls-key KEY]] [options]
+                   [common nanoBragg flags]
 
 LIST has one line per image, ``PATH <nanoBragg flags of its starting model>`` (:mod:`refine.imagelist`); flags
 given on the command line come first on every line.  The joint mode refines the shared groups once for all images
 and the per-image groups per image (:func:`refine.fit_many`) and writes ``--json``; the independent mode refines
 each image on its own on Dask (:mod:`refine.scaleout`) and appends one JSON line per image to ``--results``.
 
-Exit status: 0 converged (independent mode: every listed image has a converged line in the results, this run's or an
-earlier one's), 3 finished but not converged, or some images failed or are still missing (a ``--limit``),
-1 bad input found while fitting (a degenerate pair without ``--allow-degenerate``), 2 bad usage or a bad LIST line
-(a missing file, bad flags, in the joint mode an unreadable image: the message names the line).
+Images are converted to photons as in single-image mode: (value − ADC offset)/gain with ``--adc``/``--gain`` for
+every image, else each image's header ``ADC_OFFSET``/``GAIN``.  A local cluster (``--workers``) runs over TLS with
+credentials made for the run; ``--scheduler tls://HOST:PORT`` takes this client's certificates from ``--tls-ca-file``,
+``--tls-cert``, ``--tls-key`` or dask's configuration (``tcp://`` is warned about: anyone who reaches it can run code).
+
+Exit status (:mod:`refine.cli_checks`, as a single-image fit's; in the independent mode judged on every listed
+image's line in the results, this run's or an earlier one's): 0 converged with χ²/ν near 1, 3 finished but not
+converged, or some images failed or are still missing (a ``--limit``), 4 converged but a poor fit (of the whole fit
+or of any image: χ²/ν of a likelihood target outside [1/3, 3], ``poor_fit`` in the JSON), 1 bad input found while
+fitting (a degenerate pair without ``--allow-degenerate``), 2 bad usage or a bad LIST line (a missing file, bad
+flags, an image listed twice, in the joint mode an unreadable image: the message names the line).
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ _OPTIONS = {
     "--scheduler": 1, "--results": 1, "--limit": 1, "--target": 1, "--read-noise": 1, "--max-iter": 1,
     "--no-coarse": 0, "--coarse-iter": 1, "--crystal-system": 1, "--ncells-mode": 1, "--overload": 1,
     "--threads": 1, "--dtype": 1, "--quiet": 0, "--allow-degenerate": 0, "--esd-scale": 1, "--help": 0,
+    "--adc": 1, "--gain": 1, "--tls-ca-file": 1, "--tls-cert": 1, "--tls-key": 1,
 }
 
 
@@ -52,7 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=None, help="independent: local Dask worker processes "
                     "(default one per core)")
     ap.add_argument("--scheduler", default=None, help="independent: address of a running Dask scheduler "
-                    "(tcp://host:8786) instead of a local cluster")
+                    "(tls://host:8786; an unprotected tcp:// address is warned about) instead of a local cluster")
+    ap.add_argument("--tls-ca-file", default=None, help="independent, tls:// scheduler: the CA certificate (PEM) "
+                    "that signed the scheduler's and workers' certificates (default: dask's configuration)")
+    ap.add_argument("--tls-cert", default=None, help="independent, tls:// scheduler: this client's certificate (PEM)")
+    ap.add_argument("--tls-key", default=None, help="independent, tls:// scheduler: this client's private key (PEM; "
+                    "not needed when it is in --tls-cert)")
     ap.add_argument("--results", default=None, help="independent: JSON-lines file, one line per image (a rerun "
                     "skips the images already in it)")
     ap.add_argument("--limit", type=int, default=None, help="independent: stop after this many new images")
@@ -64,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--crystal-system", default="auto", choices=["auto"] + list(CRYSTAL_SYSTEMS))
     ap.add_argument("--ncells-mode", default="auto", choices=["auto", "isotropic", "anisotropic"])
     ap.add_argument("--overload", type=float, default=None, help="exclude pixels at or above this value")
+    ap.add_argument("--adc", type=float, default=None, help="ADC offset (counts) subtracted from every image "
+                    "(default: each image's header ADC_OFFSET, else 0)")
+    ap.add_argument("--gain", type=float, default=None, help="counts per photon of every image (default: each "
+                    "image's header GAIN, else 1)")
     ap.add_argument("--esd-scale", default="auto", choices=["auto", "chi2", "none"])
     ap.add_argument("--allow-degenerate", action="store_true", help="refine combinations the images cannot tell apart")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker when independent)")
@@ -97,6 +115,23 @@ def _fit_options(ns) -> dict:
                 overload=ns.overload, esd_scale=ns.esd_scale, allow_degenerate=ns.allow_degenerate)
 
 
+def _tls_given(ns) -> bool:
+    """Whether any of --tls-ca-file, --tls-cert, --tls-key was given."""
+    return any((ns.tls_ca_file, ns.tls_cert, ns.tls_key))
+
+
+def check_adc_gain(adc: Optional[float], gain: Optional[float]) -> None:
+    """``--adc`` must be a finite number, ``--gain`` a finite number > 0 (or absent): :class:`UsageError`."""
+    import math
+
+    from .cli_checks import UsageError
+
+    if adc is not None and not math.isfinite(adc):
+        raise UsageError(f"--adc must be a finite number (ADC offset, counts); got {adc}")
+    if gain is not None and not (math.isfinite(gain) and gain > 0):
+        raise UsageError(f"--gain must be a finite number > 0 (counts per photon); got {gain}")
+
+
 def _usage_error(ns) -> str:
     """The first inconsistency between the options of the two modes ('' when none)."""
     if ns.independent:
@@ -108,26 +143,82 @@ def _usage_error(ns) -> str:
             return "--independent needs --results OUT.jsonl"
         if ns.workers is not None and ns.workers < 1:
             return "--workers must be at least 1"
+        if _tls_given(ns) and not ns.scheduler:
+            return ("--tls-ca-file, --tls-cert and --tls-key are for --scheduler tls://...; a local cluster makes "
+                    "its own")
         return ""
-    if ns.refine or ns.results or ns.workers or ns.scheduler or ns.limit is not None:
-        return "--refine, --results, --workers, --scheduler and --limit need --independent"
+    if ns.refine or ns.results or ns.workers or ns.scheduler or ns.limit is not None or _tls_given(ns):
+        return "--refine, --results, --workers, --scheduler, --tls-* and --limit need --independent"
     if not (ns.shared or ns.per_image):
         return "the joint mode needs --shared and/or --per-image GROUPS (or --independent --refine GROUPS)"
     return ""
 
 
+#: Seconds between two counter lines of a joint fit's progress when stderr is not a terminal (a log).
+LOG_INTERVAL = 10.0
+
+
+class JointProgress:
+    """A joint fit's progress on stderr: one line per Levenberg–Marquardt iteration (:class:`refine.cli.Progress`)
+    and, while the images are read, prepared, simulated or their Jacobians computed, a counter ``what: done/total
+    images`` — redrawn in place on a terminal (at most 5 times a second), else printed as a line every
+    :data:`LOG_INTERVAL` seconds of a long pass.  Call it with iteration records (``callback``); :meth:`work` is
+    ``fit_many``'s ``progress``."""
+
+    def __init__(self, stream=None):
+        from .cli import Progress
+
+        self.stream = sys.stderr if stream is None else stream
+        self.lines = Progress(self.stream)
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.drawn, self.what, self.last = False, None, 0.0
+
+    def __call__(self, record: dict) -> None:
+        """One iteration line (the counter on the terminal line is cleared first)."""
+        self.clear()
+        self.lines(record)
+
+    def work(self, what: str, done: int, total: int) -> None:
+        """Show that ``done`` of ``total`` images of the pass ``what`` are done."""
+        import math
+        import time
+
+        now = time.monotonic()
+        if what != self.what:  # a new pass: on a terminal at once, in a log once it has run LOG_INTERVAL
+            self.what, self.last = what, (-math.inf if self.tty else now)
+        if now - self.last < (0.2 if self.tty else LOG_INTERVAL) and not (self.tty and done >= total):
+            return
+        self.last = now
+        text = f"{what}: {done}/{total} images"
+        if self.tty:
+            print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)
+            self.drawn = True
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        """Erase the counter from the terminal line."""
+        if self.drawn:
+            print("\r\x1b[K", end="", file=self.stream, flush=True)
+            self.drawn = False
+
+
 def _run_joint(ns, entries) -> int:
     import torch
 
-    from .cli import Progress
     from .imagelist import load_entries
     from .many import fit_many
 
-    obs, params, setups = load_entries(entries, torch.float64 if ns.dtype == "float64" else torch.float32,
-                                       ns.overload)
-    result = fit_many(obs, params, setups, shared=ns.shared, per_image=ns.per_image,
-                      paths=[e.path for e in entries], nanobragg_args=[e.flags for e in entries],
-                      callback=None if ns.quiet else Progress(), **_fit_options(ns))
+    shown = None if ns.quiet else JointProgress()
+    try:
+        obs, params, setups = load_entries(entries, torch.float64 if ns.dtype == "float64" else torch.float32,
+                                           ns.overload, ns.adc, ns.gain, progress=shown and shown.work)
+        result = fit_many(obs, params, setups, shared=ns.shared, per_image=ns.per_image,
+                          paths=[e.path for e in entries], nanobragg_args=[e.flags for e in entries],
+                          callback=shown, progress=shown and shown.work, **_fit_options(ns))
+    finally:
+        if shown is not None:
+            shown.clear()
     for k, img in enumerate(result.images):
         if not img.setup.nanobragg_cell:  # a -mat model: its refined matrix goes next to the JSON
             stem = os.path.splitext(ns.json)[0] if ns.json else "refined"
@@ -137,37 +228,64 @@ def _run_joint(ns, entries) -> int:
     print(result.summary())
     if ns.json:
         result.to_json(ns.json)
-    return 0 if result.converged else 3
+    return fit_status(result.converged, result.ok)
+
+
+def fit_status(converged: bool, ok: bool) -> int:
+    """The exit status of a finished fit, as a single-image fit's: 0 ok, 3 not converged, 4 converged but poor."""
+    from .cli_checks import EXIT_NOT_CONVERGED, EXIT_OK, EXIT_POOR_FIT
+
+    return EXIT_OK if ok else (EXIT_NOT_CONVERGED if not converged else EXIT_POOR_FIT)
 
 
 def _run_independent(ns, entries) -> int:
     from .scaleout import refine_images
 
-    if importlib.util.find_spec("distributed") is None:
-        print("nbtorch-refine: error: --independent runs on Dask: pip install 'dask[distributed]' (the dask extra)",
-              file=sys.stderr)
-        return 2
-
+    for module, why in (("distributed", "--independent runs on Dask: pip install 'dask[distributed]'"),
+                        ("cryptography", "a local Dask cluster runs over TLS: pip install cryptography")):
+        if importlib.util.find_spec(module) is None:
+            print(f"nbtorch-refine: error: {why} (the dask extra: pip install -e '.[dask]')", file=sys.stderr)
+            return 2
+    if ns.scheduler_warning:
+        print(f"nbtorch-refine: warning: {ns.scheduler_warning}", file=sys.stderr)
     free = [g for g in ns.refine.replace(",", " ").split() if g]
     summary = refine_images(entries, free, ns.results, workers=ns.workers, scheduler=ns.scheduler,
                             options=_fit_options(ns), threads=ns.threads, dtype=ns.dtype, limit=ns.limit,
-                            progress=not ns.quiet)
+                            progress=not ns.quiet, security=ns.security, adc=ns.adc, gain=ns.gain)
     if not ns.quiet and summary.skipped == summary.total:
         print(f"all {summary.total} images are already in {ns.results}: nothing to do", file=sys.stderr)
     elif not ns.quiet:
-        print(f"{summary.total} images: {summary.skipped} already done, {summary.fitted} refined, {summary.failed} "
-              f"failed this run ({summary.workers} workers × {summary.threads or 'cores/workers'} threads, "
-              f"{summary.seconds:.1f} s); "
-              f"results in {ns.results}", file=sys.stderr)
-    return 0 if all_converged(entries, ns.results) else 3
+        print(f"{summary.total} images: {summary.skipped} already done, {summary.fitted} refined ({summary.poor} "
+              f"poor fits), {summary.failed} failed this run ({summary.workers} workers × "
+              f"{summary.threads or 'cores/workers'} threads, {summary.seconds:.1f} s); results in {ns.results}",
+              file=sys.stderr)
+    return results_status(entries, ns.results)
 
 
-def all_converged(entries, results: str) -> bool:
-    """True when every LIST entry has a line in ``results`` without an error and with converged true."""
+def results_status(entries, results: str) -> int:
+    """The exit status of an independent run, judged on every LIST entry's line in ``results`` (this run's or an
+    earlier one's): 3 when one is missing, failed or not converged, else 4 when one is a poor fit, else 0."""
     from .scaleout import read_results
 
     recs = {r.get("path"): r for r in read_results(results)}
-    return all(e.path in recs and not recs[e.path].get("error") and recs[e.path].get("converged") for e in entries)
+    lines = [recs.get(e.path) for e in entries]
+    converged = all(r is not None and not r.get("error") and r.get("converged") for r in lines)
+    return fit_status(converged, converged and not any(r.get("poor_fit") for r in lines))
+
+
+def _scheduler_security(ns):
+    """(credentials, warning) for ``--scheduler`` (:func:`refine.scaleout.scheduler_security`; (None, '') without
+    it, or without Dask installed, which the run reports); :class:`~refine.cli_checks.UsageError`."""
+    from .cli_checks import UsageError
+
+    if not ns.scheduler or importlib.util.find_spec("distributed") is None:
+        return None, ""
+    from .scaleout import scheduler_security
+
+    try:
+        return scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _checked(argv: Sequence[str]):
@@ -183,6 +301,8 @@ def _checked(argv: Sequence[str]):
     if problem:
         raise UsageError(problem)
     check_threads(ns.threads)
+    check_adc_gain(ns.adc, ns.gain)
+    ns.security, ns.scheduler_warning = _scheduler_security(ns)
     check_outputs([("--json", ns.json), ("--results", ns.results)], inputs=[("--images", ns.images)])
     try:
         entries = parse_image_list(ns.images, flags)

@@ -47,12 +47,23 @@ def _split(text: str, where: str) -> List[str]:
         raise ValueError(f"{where}: cannot split the line ({exc})") from None
 
 
+def _file_key(path: str):
+    """What identifies an image file: (device, inode) when it exists, so that a symbolic or hard link to a listed
+    image is the same image; else its real path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
 def parse_image_list(path: str, common_flags: Sequence[str] = (), check_files: bool = True) -> List[ImageEntry]:
     """Read a LIST file: one :class:`ImageEntry` per image line.
 
     Each line's flags (after ``common_flags``) are parsed and checked for completeness (cell, structure factors)
     without building the model, which is cheap for thousands of lines.  ValueError (one line, naming the LIST line)
-    for a missing image file (``check_files``), a line without flags, bad flags, or an image listed twice; OSError
+    for a missing image file (``check_files``), a line without flags, bad flags, or an image listed twice (the same
+    file, also through a symbolic or hard link: both lines named); OSError
     when the LIST itself cannot be read."""
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as fh:
@@ -67,9 +78,12 @@ def parse_image_list(path: str, common_flags: Sequence[str] = (), check_files: b
         image = os.path.normpath(os.path.join(base, toks[0]))
         if check_files and not os.path.isfile(image):
             raise ValueError(f"{where}: no such image file: {toks[0]}")
-        if image in seen:
-            raise ValueError(f"{where}: {toks[0]} is already listed on line {seen[image]}")
-        seen[image] = k
+        key = _file_key(image)
+        if key in seen:
+            first, first_tok = seen[key]
+            same = "" if first_tok == toks[0] else f" as {first_tok} (the same file)"
+            raise ValueError(f"{where}: {toks[0]} is already listed on line {first}{same}")
+        seen[key] = (k, toks[0])
         flags = [str(t) for t in common_flags] + toks[1:]
         if not flags:
             raise ValueError(f"{where}: no nanoBragg flags after the image path")
@@ -95,14 +109,16 @@ def entry_model(entry: ImageEntry, dtype=torch.float64):
     return params, setup
 
 
-def entry_image(entry: ImageEntry, setup, overload=None):
-    """The entry's observed image (:class:`nbtorch.io.images.ObservedImage`; raw files take their shape from
-    ``setup``); ValueError naming the LIST line when it cannot be read or its size differs from the model's."""
+def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None):
+    """The entry's observed image (:class:`nbtorch.io.images.ObservedImage`, in photons: (value − ``adc``) / ``gain``,
+    None: the header's, else 0 and 1; raw files take their shape from ``setup``); ValueError naming the LIST line when
+    it cannot be read or its size differs from the model's."""
     from nbtorch.io.images import RAW_EXTENSIONS, read_image
 
     raw = os.path.splitext(entry.path)[1].lower() in RAW_EXTENSIONS
     try:
-        obs = read_image(entry.path, shape=(setup.spixels, setup.fpixels) if raw else None, overload=overload)
+        obs = read_image(entry.path, shape=(setup.spixels, setup.fpixels) if raw else None, overload=overload,
+                         adc=adc, gain=gain)
     except (ValueError, OSError) as exc:
         text = str(exc) if entry.path in str(exc) else f"cannot read {entry.path}: {exc}"
         raise ValueError(f"{entry.where()}: {text}") from None
@@ -112,12 +128,16 @@ def entry_image(entry: ImageEntry, setup, overload=None):
     return obs
 
 
-def load_entries(entries: Sequence[ImageEntry], dtype=torch.float64, overload=None) -> Tuple[list, list, list]:
-    """(observed images, params, setups) of every entry, in order (ValueError naming the first bad line)."""
+def load_entries(entries: Sequence[ImageEntry], dtype=torch.float64, overload=None, adc=None, gain=None,
+                 progress=None) -> Tuple[list, list, list]:
+    """(observed images, params, setups) of every entry, in order (ValueError naming the first bad line); ``adc``,
+    ``gain`` as :func:`entry_image`; ``progress('reading images', k, N)`` after each entry (when given)."""
     obs, params, setups = [], [], []
-    for e in entries:
+    for k, e in enumerate(entries, start=1):
         p, s = entry_model(e, dtype)
-        obs.append(entry_image(e, s, overload))
+        obs.append(entry_image(e, s, overload, adc, gain))
         params.append(p)
         setups.append(s)
+        if progress is not None:
+            progress("reading images", k, len(entries))
     return obs, params, setups

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -183,20 +183,28 @@ class ImageGroup:
         out = f(*(x[0] for x in xs), t.ref, t.R0, t.cell_base, t.background_ref)
         return tuple(o[None] for o in out) if isinstance(out, tuple) else out[None]
 
-    def models(self, Xb: torch.Tensor) -> torch.Tensor:
-        """Model photons [B, P] at increments Xb [B, n] (no gradient)."""
+    def models(self, Xb: torch.Tensor, tick: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+        """Model photons [B, P] at increments Xb [B, n] (no gradient); ``tick(fraction of the pixels done)`` after
+        each chunk."""
+        out = []
         with torch.no_grad():
-            return torch.cat([self._apply(self._fn(sl), Xb) for sl in self.slices], 1)
+            for j, sl in enumerate(self.slices, start=1):
+                out.append(self._apply(self._fn(sl), Xb))
+                if tick is not None:
+                    tick(j / len(self.slices))
+        return torch.cat(out, 1)
 
-    def normal(self, Xb: torch.Tensor, act: Sequence[int], target: Target):
+    def normal(self, Xb: torch.Tensor, act: Sequence[int], target: Target,
+               tick: Optional[Callable[[float], None]] = None):
         """(models [B, P], g [B, k], H [B, k, k]) over the ``act`` positions of x: J by forward mode per pixel chunk
-        (vmapped over the images), H = JᵀWJ and g = Jᵀ·∂L/∂m."""
+        (vmapped over the images), H = JᵀWJ and g = Jᵀ·∂L/∂m; ``tick(fraction of the pixels done)`` after each
+        chunk."""
         act_t = torch.as_tensor(list(act), dtype=torch.long, device=Xb.device)
         B, k = Xb.shape[0], len(act)
         H, g, ms = Xb.new_zeros(B, k, k), Xb.new_zeros(B, k), []
         if k == 0:
-            return self.models(Xb), g, H
-        for sl in self.slices:
+            return self.models(Xb, tick), g, H
+        for j, sl in enumerate(self.slices, start=1):
             fn = self._fn(sl)
 
             def f(xa, x0, *rest, fn=fn):
@@ -208,6 +216,8 @@ class ImageGroup:
             H += torch.einsum("bpk,bp,bpl->bkl", J, target.fisher(m, o), J)
             g += torch.einsum("bpk,bp->bk", J, target.dloss(m, o))
             ms.append(m)
+            if tick is not None:
+                tick(j / len(self.slices))
         return torch.cat(ms, 1), g, H
 
 
@@ -226,12 +236,16 @@ class JointObjective:
 
     Args: ``pars`` (one parameterisation per image, shared scalars about identical references), ``layout``,
     ``observed`` (images [slow, fast], photons), ``pixels`` (flat indices per image), ``target``, ``chunk_pixels``
-    (pixels per Jacobian chunk, divided among a group's images), ``fused``, ``batch`` (False: one image per group).
+    (pixels per Jacobian chunk, divided among a group's images), ``fused``, ``batch`` (False: one image per group),
+    ``progress`` (None, or ``progress(what, done, total)`` called after every pixel chunk of a pass over the images:
+    ``what`` 'simulating' or 'Jacobians', ``done`` of ``total`` images, a group's images counted in proportion to
+    its chunks done).
     """
 
     def __init__(self, pars, layout: Layout, observed, pixels, target: Target, chunk_pixels: int = 16384,
-                 fused: Optional[bool] = None, batch: bool = True):
-        self.pars, self.layout, self.target = list(pars), layout, target
+                 fused: Optional[bool] = None, batch: bool = True,
+                 progress: Optional[Callable[[str, int, int], None]] = None):
+        self.pars, self.layout, self.target, self.progress = list(pars), layout, target, progress
         self.n_pixels = sum(len(p) for p in pixels)
         keys: dict = {}
         for i, (par, idx) in enumerate(zip(pars, pixels)):
@@ -239,6 +253,14 @@ class JointObjective:
             keys.setdefault(key, []).append(i)
         self.groups = [ImageGroup(ids, [pars[i] for i in ids], [observed[i] for i in ids], np.asarray(pixels[ids[0]]),
                                   chunk_pixels, fused) for ids in keys.values()]
+        self._before = np.cumsum([0] + [len(gr.ids) for gr in self.groups])[:-1].tolist()  # images in earlier groups
+
+    def _tick(self, what: str, j: int) -> Optional[Callable[[float], None]]:
+        """The chunk reporter of group ``j`` in a pass called ``what`` (None without ``progress``)."""
+        if self.progress is None:
+            return None
+        start, size, total = self._before[j], len(self.groups[j].ids), len(self.pars)
+        return lambda fraction: self.progress(what, start + int(size * fraction), total)
 
     def _xb(self, X: torch.Tensor, ids) -> torch.Tensor:
         return torch.stack([self.layout.image_x(X, i) for i in ids])
@@ -246,8 +268,8 @@ class JointObjective:
     def image_losses(self, X: torch.Tensor) -> torch.Tensor:
         """Loss of every image [N] at X (+inf where a model value is not finite)."""
         out = X.new_zeros(len(self.pars))
-        for gr in self.groups:
-            m = gr.models(self._xb(X, gr.ids))
+        for j, gr in enumerate(self.groups):
+            m = gr.models(self._xb(X, gr.ids), self._tick("simulating", j))
             L = self.target.loss_terms(m, gr.o).sum(-1)
             out[gr.ids] = torch.where(torch.isfinite(m).all(-1) & torch.isfinite(L), L, torch.full_like(L, np.inf))
         return out
@@ -259,8 +281,8 @@ class JointObjective:
     def models(self, X: torch.Tensor) -> List[torch.Tensor]:
         """Model photons at each image's pixels (list of [P_i])."""
         out: List[Optional[torch.Tensor]] = [None] * len(self.pars)
-        for gr in self.groups:
-            for b, m in zip(gr.ids, gr.models(self._xb(X, gr.ids))):
+        for j, gr in enumerate(self.groups):
+            for b, m in zip(gr.ids, gr.models(self._xb(X, gr.ids), self._tick("simulating", j))):
                 out[b] = m
         return out
 
@@ -273,10 +295,10 @@ class JointObjective:
         A, gs = X.new_zeros(ks, ks), X.new_zeros(ks)
         B, C, gp, Hs = [None] * n_img, [None] * n_img, [None] * n_img, [None] * n_img
         total = 0.0
-        for gr in self.groups:
+        for jg, gr in enumerate(self.groups):
             i0 = gr.ids[0]
             act = [lay.shared_pos[i0][j] for j in act_s] + [lay.own_pos[i0][j] for j in act_own[i0]]
-            m, g, H = gr.normal(self._xb(X, gr.ids), act, self.target)
+            m, g, H = gr.normal(self._xb(X, gr.ids), act, self.target, self._tick("Jacobians", jg))
             L = self.target.loss_terms(m, gr.o).sum(-1)
             total += float(L.sum()) if bool(torch.isfinite(m).all()) else np.inf
             for b, i in enumerate(gr.ids):

@@ -22,7 +22,7 @@ import os
 import shlex
 import time
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class JointProblem:
     """What a joint fit is about: ``pars`` (one parameterisation per image, about its aligned starting model),
     ``layout``, ``observed`` (tensors [slow, fast]), ``usable`` (flat pixel indices per image), ``target``,
     ``options``, ``shared``/``per_image`` (the groups as given), ``notes``, ``paths`` and ``flags`` (the starting
-    flags per image, or None)."""
+    flags per image, or None), ``progress`` (None or ``progress(what, done, total)``: see :func:`fit_many`)."""
 
     pars: Tuple[Parameterisation, ...]
     layout: Layout
@@ -63,6 +63,13 @@ class JointProblem:
     notes: Tuple[str, ...] = ()
     paths: Tuple[Optional[str], ...] = ()
     flags: Tuple[Optional[List[str]], ...] = ()
+    progress: Optional[Callable[[str, int, int], None]] = None
+
+    def reporter(self, prefix: str) -> Optional[Callable[[str, int, int], None]]:
+        """``progress`` with ``prefix: `` before each ``what`` (None without progress)."""
+        if self.progress is None:
+            return None
+        return lambda what, done, total: self.progress(f"{prefix}: {what}", done, total)
 
 
 def joint_stages(options: FitOptions) -> List[Stage]:
@@ -118,9 +125,10 @@ def _inputs(observed_list, params_list, setup_list, paths, flags):
 
 
 def prepare_many(observed_list, params_list, setup_list, shared, per_image, options: FitOptions,
-                 paths=None, nanobragg_args=None) -> JointProblem:
+                 paths=None, nanobragg_args=None, progress=None) -> JointProblem:
     """The joint problem: observed images and usable pixels, aligned starting models, one parameterisation per
-    image, the layout of X, the target; degenerate pairs as in :func:`refine.fit`."""
+    image, the layout of X, the target; degenerate pairs as in :func:`refine.fit`.  ``progress('preparing', k, N)``
+    after each image (when given)."""
     obs, params, setups, paths, flags = _inputs(observed_list, params_list, setup_list, paths, nanobragg_args)
     params, notes = align_shared(params, shared)
     o, pars, observed, usable = options, [], [], []
@@ -140,6 +148,8 @@ def prepare_many(observed_list, params_list, setup_list, shared, per_image, opti
         observed.append(torch.as_tensor(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0), dtype=par.dtype,
                                         device=par.device))
         usable.append(np.flatnonzero(keep.reshape(-1)))
+        if progress is not None:
+            progress("preparing", k, len(obs))
     degs = degenerate_pairs(pars[0])
     if degs and not o.allow_degenerate:
         raise ValueError(f"{degs[0].message()} (or allow it: --allow-degenerate, allow_degenerate=True)")
@@ -148,7 +158,7 @@ def prepare_many(observed_list, params_list, setup_list, shared, per_image, opti
     notes = tuple(n for n in (pars[0].crystal_system_note,) if n) + tuple(notes) + tuple(d.message() for d in degs)
     target = make_target(o.target, read_noise=o.read_noise)
     return JointProblem(tuple(pars), make_layout(pars, shared), tuple(observed), tuple(usable), target, o,
-                        tuple(shared), tuple(per_image), notes, tuple(paths), tuple(flags))
+                        tuple(shared), tuple(per_image), notes, tuple(paths), tuple(flags), progress)
 
 
 def start_point(pb: JointProblem) -> torch.Tensor:
@@ -157,12 +167,14 @@ def start_point(pb: JointProblem) -> torch.Tensor:
     from .predict import make_predict
 
     xs = []
-    for par, o, idx in zip(pb.pars, pb.observed, pb.usable):
+    for k, (par, o, idx) in enumerate(zip(pb.pars, pb.observed, pb.usable), start=1):
         x = par.zeros()
         if par.index("scale") or par.index("background.constant"):
             model = make_predict(par, par.setup, idx, pb.options.fused)
             with torch.no_grad():
                 x = prefit_scale(par, x, o.reshape(-1)[model.index], model.bragg(x), model.background(x))
+            if pb.progress is not None:
+                pb.progress("starting scales", k, len(pb.pars))
         xs.append(x)
     X = pb.layout.pack(xs)
     ns = len(pb.layout.shared)
@@ -232,7 +244,7 @@ def run_joint_stage(pb: JointProblem, X: torch.Tensor, stage: Stage, position: i
     target = pb.target if stage.target in (None, pb.target.name) else make_target(stage.target,
                                                                                   read_noise=o.read_noise)
     obj = JointObjective(pars, pb.layout, pb.observed, _stage_pixels(pb, stage, position), target,
-                         o.chunk_pixels, o.fused, batch)
+                         o.chunk_pixels, o.fused, batch, pb.reporter(stage.name))
     lo, hi = _bounds(pb, pars, X, stage.trust)
     records: List[dict] = []
 
@@ -252,7 +264,8 @@ def run_joint_stage(pb: JointProblem, X: torch.Tensor, stage: Stage, position: i
 
 def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=(), per_image=(), *,
              options: Optional[FitOptions] = None, paths: Optional[Sequence[str]] = None, nanobragg_args=None,
-             batch: bool = True, **kwargs) -> JointResult:
+             batch: bool = True, progress: Optional[Callable[[str, int, int], None]] = None,
+             **kwargs) -> JointResult:
     """Refine N images jointly: ``shared`` groups take one value for all images, ``per_image`` groups one per image.
 
     Args:
@@ -268,6 +281,10 @@ def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=
         nanobragg_args: the starting flags per image (a list of N strings or token lists; one string is used for
             every image), so that each image's refined model can be written back as flags.
         batch: simulate images of equal shape together under vmap (False: one at a time; same numbers).
+        progress: None, or ``progress(what, done, total)`` called as the work on the images proceeds (``done`` of
+            ``total`` images): 'preparing', 'starting scales', then per stage '<stage>: simulating' and
+            '<stage>: Jacobians' (every pixel chunk), and 'ESDs: …' (a counter to show on a terminal; the
+            per-iteration records go to ``callback``).
 
     Returns:
         :class:`refine.many_result.JointResult` (shared values and ESDs, and per image its values, ESDs,
@@ -275,7 +292,8 @@ def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=
     """
     t0 = time.perf_counter()
     opts, shared, per_image = _joint_options(options, shared, per_image, kwargs)
-    pb = prepare_many(observed_list, params_list, setup_list, shared, per_image, opts, paths, nanobragg_args)
+    pb = prepare_many(observed_list, params_list, setup_list, shared, per_image, opts, paths, nanobragg_args,
+                      progress)
     X = start_point(pb)
     stages, history, final = [], [], None
     for k, stage in enumerate(joint_stages(opts)):

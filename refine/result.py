@@ -179,6 +179,7 @@ class Result:
             "chi2_reduced": float(self.chi2_reduced), "esd_factor": float(self.esd_factor),
             "n_pixels": int(self.n_pixels), "n_usable": int(self.n_usable), "stages": list(self.stages),
             "nanobragg_args": flags, "notes": notes, "poor_fit": self.poor_fit or None, "ok": self.ok,
+            "chi2_nu": float(self.chi2_reduced),  # the name every mode's JSON uses (lines, joint, sweep)
         }
 
     def to_json(self, path: Optional[str] = None, indent: int = 2) -> str:

@@ -5,14 +5,18 @@
     summary = refine_images(parse_image_list("stills.lst"), ["orientation", "scale"], "fits.jsonl", workers=8)
 
 Each image of a LIST is refined on its own with :func:`refine.fit` (the per-shot mode) as one Dask task: on a local
-cluster of ``workers`` processes by default, or on an existing scheduler (``scheduler="tcp://host:8786"``: a cluster
-started with ``dask scheduler`` / ``dask worker``, or with dask-jobqueue on Slurm).  Workers run one fit at a time
+cluster of ``workers`` processes by default (on 127.0.0.1, over TLS with credentials made for the run and held by
+this process only: no other process or user can submit tasks to it), or on an existing scheduler
+(``scheduler="tls://host:8786"`` with ``security=``, see :func:`scheduler_security`: a cluster started with
+``dask scheduler`` / ``dask worker``, or with dask-jobqueue on Slurm).  Workers run one fit at a time
 with ``cores // workers`` torch threads each (on an existing cluster: the worker machine's cores divided by its Dask
 workers × their threads), so workers × threads equals the cores available.
 
 Every finished image appends one JSON line to the results file the moment it ends (one complete line per write,
-flushed): ``path``, ``converged``, ``parameters``, ``esd``, ``loss``, ``seconds``, ``nanobragg_args``, and ``error``
-when it failed (then the other values are null).  A rerun with the same results file skips the images already
+flushed): ``path``, ``converged``, ``ok``, ``chi2_nu``, ``poor_fit``, ``parameters``, ``esd``, ``loss``, ``seconds``,
+``nanobragg_args``, and ``error`` when it failed (then the other values are null and ``ok`` false); ``chi2_nu``,
+``poor_fit`` and ``ok`` as in a single-image fit (:class:`refine.Result`: Pearson χ²/ν; why the fit is poor, or null;
+converged and not poor).  A rerun with the same results file skips the images already
 there (a line cut short by a kill is dropped first), so a killed run is resumed by running it again; an image that
 fails records its error and the others go on (delete its line to retry it).  A progress line on stderr shows images
 done, failed and the rate.
@@ -20,6 +24,7 @@ done, failed and the rate.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,8 +36,10 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from .imagelist import ImageEntry
 
-#: Keys of a result line, in order (``error`` only on failures).
-RESULT_KEYS = ("path", "converged", "parameters", "esd", "loss", "seconds", "nanobragg_args")
+#: Keys of a result line, in order (``error`` only on failures).  ``chi2_nu``, ``poor_fit`` and ``ok`` are those of
+#: the single-image fit (:class:`refine.Result`: ``chi2_reduced``, ``poor_fit`` as the reason or null, ``ok``).
+RESULT_KEYS = ("path", "converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd", "loss", "seconds",
+               "nanobragg_args")
 
 
 def available_cores() -> int:
@@ -64,21 +71,24 @@ def _task_threads(threads: Optional[int], host_workers: Optional[Dict[str, int]]
 
 
 def _record(path: str, t0: float, **values) -> dict:
+    """A result line: every key of :data:`RESULT_KEYS` (null unless given; ``converged`` and ``ok`` false)."""
     rec = {k: None for k in RESULT_KEYS}
-    rec.update(path=path, converged=False, seconds=time.perf_counter() - t0)
+    rec.update(path=path, converged=False, ok=False, seconds=time.perf_counter() - t0)
     rec.update(values)
     return rec
 
 
 def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object], threads: Optional[int] = None,
                dtype: str = "float64", matrix_dir: Optional[str] = None,
-               host_workers: Optional[Dict[str, int]] = None) -> dict:
+               host_workers: Optional[Dict[str, int]] = None, adc: Optional[float] = None,
+               gain: Optional[float] = None) -> dict:
     """Refine one LIST entry with :func:`refine.fit` (a Dask task; never raises): the result line as a dict.
 
     ``options``: keyword arguments of :func:`refine.fit` (plain values: target, max_iter, coarse_to_fine, …);
     ``threads``: torch threads (None: see :func:`_task_threads`, with ``host_workers`` {host: Dask workers on it});
     ``matrix_dir``: where refined MOSFLM matrices of
-    ``-mat`` models go (``<line>.mat``).  A failure gives the line with ``error`` set (one line: type and
+    ``-mat`` models go (``<line>.mat``); ``adc``/``gain``: the image's ADC offset and gain (photons = (value − adc)
+    / gain; None: the header's, else 0 and 1).  A failure gives the line with ``error`` set (one line: type and
     message)."""
     import torch
 
@@ -89,7 +99,7 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
     try:
         torch.set_num_threads(_task_threads(threads, host_workers))
         params, setup = entry_model(entry, torch.float64 if dtype == "float64" else torch.float32)
-        obs = entry_image(entry, setup, options.get("overload"))
+        obs = entry_image(entry, setup, options.get("overload"), adc=adc, gain=gain)
         matrix = None
         if not setup.nanobragg_cell:
             matrix = os.path.join(matrix_dir or entry.base_dir, f"{entry.line:06d}.mat")
@@ -98,8 +108,9 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
         d = res.to_dict()
         if matrix is not None and d["nanobragg_args"] is not None:
             res.to_nanobragg_args(matrix_path=matrix, write_matrix=True)
-        return _record(entry.path, t0, converged=bool(res.converged), parameters=d["parameters"], esd=d["esd"],
-                       loss=d["loss"], nanobragg_args=d["nanobragg_args"])
+        return _record(entry.path, t0, converged=bool(res.converged), ok=res.ok, chi2_nu=d["chi2_nu"],
+                       poor_fit=d["poor_fit"], parameters=d["parameters"], esd=d["esd"], loss=d["loss"],
+                       nanobragg_args=d["nanobragg_args"])
     except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         return _record(entry.path, t0, error=f"{type(exc).__name__}: {msg}")
@@ -219,20 +230,104 @@ class RunSummary:
     seconds: float = 0.0
     workers: int = 0
     threads: int = 0
+    poor: int = 0  #: fitted this run with a poor fit (χ²/ν far from 1, see :data:`refine.result.POOR_FIT_CHI2`)
 
 
-def make_client(workers: Optional[int] = None, scheduler: Optional[str] = None):
-    """(Dask client, local cluster or None, torch threads per task or None): a client of the ``scheduler`` address,
-    or of a new local cluster of ``workers`` processes (default: one per core) with one task at a time each."""
+# ---------------------------------------------------------------------------------------------------------------
+# the cluster
+
+
+def local_security():
+    """Credentials of a local cluster: a self-signed key and certificate made in memory for this run
+    (:meth:`distributed.security.Security.temporary`), required by the scheduler, the workers and the client (mutual
+    TLS), so that only this process can connect and submit tasks.  ImportError naming the package when
+    ``cryptography`` is missing."""
+    from distributed.security import Security
+
+    try:
+        return Security.temporary()
+    except ImportError:
+        raise ImportError("a local Dask cluster runs with TLS credentials made for the run: pip install cryptography "
+                          "(in the dask extra: pip install -e '.[dask]')") from None
+
+
+def scheduler_security(address: str, ca_file: Optional[str] = None, cert: Optional[str] = None,
+                       key: Optional[str] = None):
+    """(Security or None, warning) for a client of an existing scheduler at ``address``.
+
+    A ``tls://`` address needs this client's credentials (PEM files): ``ca_file`` (the certificate authority that
+    signed the scheduler's and workers' certificates), ``cert`` (this client's certificate) and ``key`` (its key; None
+    when it is in ``cert``); without them, dask's configuration (``distributed.comm.tls.ca-file``,
+    ``distributed.comm.tls.client.cert`` / ``.key``, e.g. the environment variables
+    ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``, ``DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT``,
+    ``DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY``) is used (Security None).  Any other address (``tcp://``) is
+    neither encrypted nor authenticated: the warning says so ('' for ``tls://``).  ValueError (one line naming the
+    option) for credentials without a ``tls://`` address, a ``tls://`` address without credentials, or a file that
+    cannot be read."""
+    import dask.config
+
+    given = {"--tls-ca-file": ca_file, "--tls-cert": cert, "--tls-key": key}
+    scheme = address.split("://", 1)[0] if "://" in address else dask.config.get("distributed.comm.default-scheme")
+    if scheme != "tls":
+        if any(given.values()):
+            raise ValueError(f"{', '.join(k for k, v in given.items() if v)} need a tls:// scheduler address; got "
+                             f"--scheduler {address}")
+        return None, (f"--scheduler {address}: the connection is neither encrypted nor authenticated (anyone who "
+                      "can reach the scheduler can run code as its workers' user); use a tls:// scheduler with "
+                      "certificates (docs/refine.md, 'Securing a cluster')")
+    for option, path in given.items():
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ValueError(f"{option} {path}: no such readable file")
+    if ca_file or cert or key:
+        if not (ca_file and cert):
+            raise ValueError("a tls:// scheduler needs --tls-ca-file and --tls-cert (and --tls-key unless the key "
+                             "is in the certificate file)")
+        from distributed.security import Security
+
+        return Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key, require_encryption=True), ""
+    if not (dask.config.get("distributed.comm.tls.ca-file", None)
+            and dask.config.get("distributed.comm.tls.client.cert", None)):
+        raise ValueError(f"--scheduler {address}: a tls:// scheduler needs this client's credentials: --tls-ca-file, "
+                         "--tls-cert and --tls-key (or dask's configuration distributed.comm.tls.ca-file and "
+                         "distributed.comm.tls.client.cert/key)")
+    return None, ""
+
+
+def make_client(workers: Optional[int] = None, scheduler: Optional[str] = None, security=None,
+                timeout: float = 30.0):
+    """(Dask client, local cluster or None, torch threads per task or None): a client of the ``scheduler`` address
+    (with ``security``, else dask's configuration; connecting for at most ``timeout`` s), or of a new local cluster
+    of ``workers`` processes (default: one per core) with one task at a time each, on 127.0.0.1 over TLS with
+    :func:`local_security` (only this process holds the credentials).  Distributed's own log lines are kept to
+    CRITICAL on the workers (failures reach the results as error lines; shutting down after ``--limit`` while
+    workers are busy would otherwise print their heartbeat tracebacks)."""
     from distributed import Client, LocalCluster
 
     if scheduler:
-        return Client(scheduler), None, None
+        try:
+            return Client(scheduler, security=security, timeout=timeout), None, None
+        except (OSError, TimeoutError) as exc:  # unreachable, or TLS refused (credentials of another CA)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OSError(f"--scheduler {scheduler}: cannot connect ({first})") from None
     cores = available_cores()
     n = max(1, int(workers or cores))
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR)
+                           host="127.0.0.1", protocol="tls://", security=local_security(),
+                           silence_logs=logging.CRITICAL)
     return Client(cluster), cluster, max(1, cores // n)
+
+
+@contextlib.contextmanager
+def quiet_dask_logs(level: int = logging.CRITICAL):
+    """Keep the ``distributed`` loggers of this process at ``level`` or above inside the block (a client's or an
+    in-process scheduler's messages while connections close), then restore them."""
+    log = logging.getLogger("distributed")
+    old = log.level
+    log.setLevel(max(level, old))
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def _collect(client, futures, results: str, bar: ProgressBar, summary: RunSummary, limit: Optional[int]):
@@ -249,6 +344,7 @@ def _collect(client, futures, results: str, bar: ProgressBar, summary: RunSummar
         failed = rec.get("error") is not None
         summary.fitted += int(not failed)
         summary.failed += int(failed)
+        summary.poor += int(bool(rec.get("poor_fit")))
         bar.update(failed)
         if limit is not None and summary.fitted + summary.failed >= limit:
             for f in futures:
@@ -259,7 +355,8 @@ def _collect(client, futures, results: str, bar: ProgressBar, summary: RunSummar
 def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: str, *, workers: Optional[int] = None,
                   scheduler: Optional[str] = None, options: Optional[Dict[str, object]] = None,
                   threads: Optional[int] = None, dtype: str = "float64", limit: Optional[int] = None,
-                  progress: bool = True, stream=None) -> RunSummary:
+                  progress: bool = True, stream=None, security=None, adc: Optional[float] = None,
+                  gain: Optional[float] = None) -> RunSummary:
     """Refine every entry not yet in ``results`` (JSON lines) independently on Dask; see the module docstring.
 
     Args:
@@ -267,11 +364,16 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
         free: groups to refine per image (as :func:`refine.fit`).
         results: the JSON-lines file (appended to; images already in it are skipped).
         workers: local worker processes (default: one per core); ignored with ``scheduler``.
-        scheduler: address of an existing Dask scheduler (``tcp://host:8786``).
+        scheduler: address of an existing Dask scheduler (``tls://host:8786``, or an unprotected ``tcp://``).
         options: keyword arguments of :func:`refine.fit` (plain, picklable values).
         threads: torch threads per task (default: cores / workers).
         limit: stop after this many new results (the rest stay to a rerun).
         progress: show the progress line on ``stream`` (default stderr).
+        security: credentials for ``scheduler`` (a :class:`distributed.security.Security`, e.g. from
+            :func:`scheduler_security`; None: dask's configuration).  A local cluster makes its own
+            (:func:`local_security`).
+        adc, gain: every image's ADC offset and gain (photons = (value − adc) / gain; None: each image's header,
+            else 0 and 1).
 
     Returns:
         :class:`RunSummary`.
@@ -286,23 +388,24 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
     bar = ProgressBar(len(entries), summary.skipped, stream, progress)
     if not todo:
         return summary
-    client, cluster, local_threads = make_client(workers, scheduler)
-    try:
-        threads = threads or local_threads
-        addresses = list(client.scheduler_info()["workers"])
-        host_workers = dict(collections.Counter(_host(a) for a in addresses))
-        summary.workers, summary.threads = len(addresses), threads or 0
-        matrix_dir = os.path.splitext(os.path.abspath(results))[0] + "_matrices"
-        futures = {client.submit(refine_one, e, list(free), dict(options or {}), threads, dtype, matrix_dir,
-                                 host_workers, pure=False,
-                                 key=f"refine-{e.line}-{os.path.basename(e.path)}-{time.time_ns()}"): e
-                   for e in todo}
-        _collect(client, futures, results, bar, summary, limit)
-    finally:
-        bar.close()
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    with quiet_dask_logs():
+        client, cluster, local_threads = make_client(workers, scheduler, security)
+        try:
+            threads = threads or local_threads
+            addresses = list(client.scheduler_info()["workers"])
+            host_workers = dict(collections.Counter(_host(a) for a in addresses))
+            summary.workers, summary.threads = len(addresses), threads or 0
+            matrix_dir = os.path.splitext(os.path.abspath(results))[0] + "_matrices"
+            futures = {client.submit(refine_one, e, list(free), dict(options or {}), threads, dtype, matrix_dir,
+                                     host_workers, adc, gain, pure=False,
+                                     key=f"refine-{e.line}-{os.path.basename(e.path)}-{time.time_ns()}"): e
+                       for e in todo}
+            _collect(client, futures, results, bar, summary, limit)
+        finally:
+            bar.close()
+            client.close()
+            if cluster is not None:
+                cluster.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -14,7 +14,10 @@ default 10; its password is never printed).  One progress line per trial goes to
 
 Exit status: 0 done, 1 the study failed (no trial completed, a worker process died) or an output could not be
 written, 2 a user error (an option, --search, --storage, OBSERVED, the flags: one line naming it, nothing done),
-130 interrupted (finished trials stay in the storage).
+4 the best model's refinement is a poor fit (χ²/ν of a likelihood target outside [1/3, 3], as ``nbtorch-refine``;
+e.g. an image in counts, not photons: ``--adc``/``--gain``), 130 interrupted (finished trials stay in the storage).
+The observed image is converted to photons as by ``nbtorch-refine``: (value − ``--adc``)/``--gain``, else the
+header's ``ADC_OFFSET``/``GAIN``.
 """
 from __future__ import annotations
 
@@ -25,14 +28,14 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from .cli_checks import EXIT_USAGE
+from .cli_checks import EXIT_POOR_FIT, EXIT_USAGE
 
 #: Our options and how many values each takes (everything else after OBSERVED is the starting model's flags).
 OPTIONS = {
     "--search": 1, "--n-trials": 1, "--workers": 1, "--storage": 1, "--study-name": 1, "--sampler": 1,
     "--pruner": 1, "--json": 1, "--plots": 1, "--refine": 1, "--seed": 1, "--trial-iter": 1, "--prelim-pixels": 1,
     "--target": 1, "--method": 1, "--max-iter": 1, "--threads": 1, "--dtype": 1, "--quiet": 0, "--help": 0,
-    "--allow-degenerate": 0, "--storage-timeout": 1,
+    "--allow-degenerate": 0, "--storage-timeout": 1, "--adc": 1, "--gain": 1,
 }
 #: Exit statuses (:mod:`refine.cli_checks` has the shared ones): the study failed (no trial completed, a worker
 #: process died) or an output could not be written.
@@ -78,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--method", default="lm", choices=["lm", "lbfgs", "adam"])
     ap.add_argument("--max-iter", type=int, default=None, help="iterations of the best model's final refinement")
     ap.add_argument("--allow-degenerate", action="store_true", help="refine combinations the image cannot tell apart")
+    ap.add_argument("--adc", type=float, default=None, help="ADC offset (counts) subtracted from OBSERVED (default: "
+                    "the header's ADC_OFFSET, which nbtorch writes, else 0)")
+    ap.add_argument("--gain", type=float, default=None, help="counts per photon of OBSERVED (default: the header's "
+                    "GAIN, else 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--quiet", action="store_true", help="no per-trial progress")
@@ -156,7 +163,8 @@ def _free(ns, search) -> List[str]:
 
 
 def _load(ns, flags):
-    """(observed image, params, setup) from OBSERVED and the flags."""
+    """(observed image in photons (``--adc``/``--gain``, else the header's), params, setup) from OBSERVED and the
+    flags."""
     import torch
 
     import nbtorch
@@ -165,7 +173,7 @@ def _load(ns, flags):
     params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64 if ns.dtype == "float64" else
                                                 torch.float32)
     raw = os.path.splitext(ns.observed)[1].lower() in RAW_EXTENSIONS
-    obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None)
+    obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None, adc=ns.adc, gain=ns.gain)
     if obs.data.shape != (setup.spixels, setup.fpixels):
         raise ValueError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
                          f"flags describe a {setup.fpixels}×{setup.spixels} detector")
@@ -176,7 +184,8 @@ def summary(outcome, spec, flags, n_run: int) -> dict:
     """The JSON of a sweep: the contract keys ``nanobragg_args`` (best refined model as flags), ``loss`` (its loss on
     all usable pixels), ``trial`` (best trial number), ``n_trials`` (trials in the study, every state),
     ``parameters``, ``esd``; and ``study_name``, ``storage`` (password hidden), ``states`` (count per state),
-    ``n_trials_run`` (this command's), ``best_start`` (the best trial's sampled start), ``converged``,
+    ``n_trials_run`` (this command's), ``best_start`` (the best trial's sampled start), ``converged``, ``ok``,
+    ``chi2_nu``, ``poor_fit`` (the best model's fit, as :class:`refine.Result`: ``poor_fit`` null or why it is poor),
     ``refined`` (the full refinement's JSON)."""
     from collections import Counter
 
@@ -191,6 +200,7 @@ def summary(outcome, spec, flags, n_run: int) -> dict:
         "study_name": spec.study_name, "storage": redact(spec.storage), "n_trials_run": int(n_run),
         "states": dict(Counter(t.state.name for t in trials)),
         "best_start": dict(study.trials[outcome.trial].params), "converged": bool(res.converged),
+        "ok": refined["ok"], "chi2_nu": refined["chi2_nu"], "poor_fit": refined["poor_fit"],
         "start_flags": list(flags), "refined": refined,
     }
 
@@ -258,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    problem = _usage_checks(ns, flags) or output_problem(ns, flags)
+    problem = _usage_checks(ns, flags) or output_problem(ns, flags) or _photon_problem(ns)
     try:
         from . import studies
 
@@ -272,6 +282,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_redacted(f"nbtorch-sweep: {problem}", ns), file=sys.stderr)
         return EXIT_USAGE
     return _run(ns, flags, search, spec)
+
+
+def _photon_problem(ns) -> Optional[str]:
+    """The ``--adc``/``--gain`` error message (:func:`refine.cli_many.check_adc_gain`), or None."""
+    from .cli_checks import UsageError
+    from .cli_many import check_adc_gain
+
+    try:
+        check_adc_gain(ns.adc, ns.gain)
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -337,7 +359,7 @@ def _run(ns, flags, search, spec) -> int:
         write_plots(outcome.study, ns.plots)
     if not ns.quiet:
         print(f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    return 0
+    return EXIT_POOR_FIT if outcome.result.poor_fit else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,9 +33,10 @@ SMALL = ("-default_F 100 -cell 40 50 60 90 90 90 -N 6 -lambda 1 -distance 60 -pi
          "-oversample 1 -fluence 1e30 -detector_roty 0.3 -detector_rotz -0.2")
 SHARED = ["distance", "beam_center", "detector_rotation.y", "detector_rotation.z"]
 PER_IMAGE = ["orientation", "scale"]
-CONTRACT = {"converged", "loss", "seconds", "shared", "shared_esd", "images"}
-IMAGE_CONTRACT = {"path", "converged", "parameters", "esd", "nanobragg_args"}
-LINE_CONTRACT = {"path", "converged", "parameters", "esd", "loss", "seconds", "nanobragg_args"}
+CONTRACT = {"converged", "ok", "chi2_nu", "poor_fit", "loss", "seconds", "shared", "shared_esd", "images"}
+IMAGE_CONTRACT = {"path", "converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd", "nanobragg_args"}
+LINE_CONTRACT = {"path", "converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd", "loss", "seconds",
+                 "nanobragg_args"}
 
 
 def _misset(k: int) -> str:
@@ -185,6 +186,7 @@ def test_joint_result_contract_and_flags(joint, tmp_path):
     assert set(d) == CONTRACT and set(d["shared"]) == set(SHARED[:1] + ["beam_center.x", "beam_center.y"] +
                                                           SHARED[2:])
     assert set(d["shared_esd"]) == set(d["shared"]) and len(d["images"]) == 5
+    assert d["ok"] and d["poor_fit"] is None and 0.7 < d["chi2_nu"] < 1.4  # Poisson photons: χ²/ν near 1
     for img in d["images"]:
         assert set(img) == IMAGE_CONTRACT
         p, _ = nbtorch.from_nanobragg_args(img["nanobragg_args"])
@@ -287,6 +289,7 @@ def test_independent_on_dask_killed_and_rerun(tmp_path):
     assert len(fits) == 5 and all(set(rec) == LINE_CONTRACT for rec in fits)
     assert all(rec["parameters"]["scale"] == pytest.approx(1 / 1.3, rel=0.02) for rec in fits)
     assert all(math.isfinite(rec["loss"]) and rec["nanobragg_args"] for rec in fits)
+    assert all(rec["poor_fit"] is None and 0.6 < rec["chi2_nu"] < 1.6 for rec in fits)
 
 
 def test_results_file_resume_helpers(tmp_path):
