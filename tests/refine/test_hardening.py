@@ -156,7 +156,8 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path):
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        if proc.returncode == 2:  # finished (no such OBSERVED) before the signal
+        if "no such file" in err:  # finished (no such OBSERVED) before the signal: exit 2, or killed by it while
+            assert proc.returncode in (2, -signal.SIGINT) and "Traceback" not in err, err  # Python shuts down
             continue
         assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err
 
