@@ -202,7 +202,8 @@ def _load(ns, flags: List[str]):
     import torch
 
     import nbtorch
-    from nbtorch.io.images import RAW_EXTENSIONS, read_image
+
+    from .observed import read_observed
 
     if ns.threads:
         torch.set_num_threads(int(ns.threads))
@@ -214,38 +215,16 @@ def _load(ns, flags: List[str]):
                              "refined cell is written as -cell (drop --matrix-out)")
     except (ValueError, OSError, ImportError) as exc:
         raise UsageError(str(exc)) from None
-    raw = os.path.splitext(ns.observed)[1].lower() in RAW_EXTENSIONS
     try:
-        obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None, overload=ns.overload,
-                         adc=ns.adc, gain=ns.gain)
-    except (ValueError, OSError, ImportError) as exc:
-        text = " ".join(str(exc).split())
-        raise UsageError(f"OBSERVED {text}" if text.startswith(ns.observed) else f"OBSERVED {ns.observed}: {text}"
-                         ) from None
-    _warn_header(ns.observed, obs, params, setup)
-    if obs.data.shape != (setup.spixels, setup.fpixels):
-        raise UsageError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
-                         f"flags describe a {setup.fpixels}×{setup.spixels} detector")
+        obs = read_observed(ns.observed, setup, params, overload=ns.overload, adc=ns.adc, gain=ns.gain)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     matrix_out = ns.matrix_out
     if matrix_out is None and not setup.nanobragg_cell:
         matrix_out = (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
         check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out)],
                       inputs=[("OBSERVED", ns.observed)] + flag_inputs(flags))
     return params, setup, obs, matrix_out
-
-
-def _warn_header(observed: str, obs, params, setup) -> None:
-    """A warning line for each of OBSERVED's header pixel size, distance and wavelength that disagrees with the
-    starting model's beyond the header's printed precision."""
-    import warnings
-
-    from nbtorch.io.images import HeaderWarning, header_mismatches
-
-    given = {"pixel_size_mm": ("-pixel", setup.pixel_size), "wavelength_A": ("-lambda", float(params.beam.wavelength))}
-    if not setup.distance_is_close:
-        given["distance_mm"] = ("-distance", float(params.detector.distance))
-    for line in header_mismatches(obs, f"OBSERVED {observed}", given):
-        warnings.warn(line, HeaderWarning, stacklevel=2)
 
 
 def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:

@@ -109,23 +109,14 @@ def entry_model(entry: ImageEntry, dtype=torch.float64):
     return params, setup
 
 
-def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None):
+def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, params=None):
     """The entry's observed image (:class:`nbtorch.io.images.ObservedImage`, in photons: (value − ``adc``) / ``gain``,
-    None: the header's, else 0 and 1; raw files take their shape from ``setup``); ValueError naming the LIST line when
-    it cannot be read or its size differs from the model's."""
-    from nbtorch.io.images import RAW_EXTENSIONS, read_image
+    None: the header's, else 0 and 1; raw files take their shape from ``setup``), read by
+    :func:`refine.observed.read_observed` (header warnings when ``params`` is given); ValueError naming the LIST line
+    when it cannot be read or its size differs from the model's."""
+    from .observed import read_observed
 
-    raw = os.path.splitext(entry.path)[1].lower() in RAW_EXTENSIONS
-    try:
-        obs = read_image(entry.path, shape=(setup.spixels, setup.fpixels) if raw else None, overload=overload,
-                         adc=adc, gain=gain)
-    except (ValueError, OSError) as exc:
-        text = str(exc) if entry.path in str(exc) else f"cannot read {entry.path}: {exc}"
-        raise ValueError(f"{entry.where()}: {text}") from None
-    if obs.data.shape != (setup.spixels, setup.fpixels):
-        raise ValueError(f"{entry.where()}: {entry.path} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × "
-                         f"slow) but its flags describe a {setup.fpixels}×{setup.spixels} detector")
-    return obs
+    return read_observed(entry.path, setup, params, label=f"{entry.where()}:", overload=overload, adc=adc, gain=gain)
 
 
 def load_entries(entries: Sequence[ImageEntry], dtype=torch.float64, overload=None, adc=None, gain=None,
@@ -135,7 +126,7 @@ def load_entries(entries: Sequence[ImageEntry], dtype=torch.float64, overload=No
     obs, params, setups = [], [], []
     for k, e in enumerate(entries, start=1):
         p, s = entry_model(e, dtype)
-        obs.append(entry_image(e, s, overload, adc, gain))
+        obs.append(entry_image(e, s, overload, adc, gain, params=p))
         params.append(p)
         setups.append(s)
         if progress is not None:

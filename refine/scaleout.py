@@ -39,7 +39,7 @@ from .imagelist import ImageEntry
 #: Keys of a result line, in order (``error`` only on failures).  ``chi2_nu``, ``poor_fit`` and ``ok`` are those of
 #: the single-image fit (:class:`refine.Result`: ``chi2_reduced``, ``poor_fit`` as the reason or null, ``ok``).
 RESULT_KEYS = ("path", "converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd", "loss", "seconds",
-               "nanobragg_args")
+               "nanobragg_args", "warnings")
 
 
 def available_cores() -> int:
@@ -99,7 +99,9 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
     try:
         torch.set_num_threads(_task_threads(threads, host_workers))
         params, setup = entry_model(entry, torch.float64 if dtype == "float64" else torch.float32)
-        obs = entry_image(entry, setup, options.get("overload"), adc=adc, gain=gain)
+        with warnings.catch_warnings(record=True) as caught:  # header values against the flags: into the line
+            warnings.simplefilter("always")
+            obs = entry_image(entry, setup, options.get("overload"), adc=adc, gain=gain, params=params)
         matrix = None
         if not setup.nanobragg_cell:
             matrix = os.path.join(matrix_dir or entry.base_dir, f"{entry.line:06d}.mat")
@@ -110,7 +112,7 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
             res.to_nanobragg_args(matrix_path=matrix, write_matrix=True)
         return _record(entry.path, t0, converged=bool(res.converged), ok=res.ok, chi2_nu=d["chi2_nu"],
                        poor_fit=d["poor_fit"], parameters=d["parameters"], esd=d["esd"], loss=d["loss"],
-                       nanobragg_args=d["nanobragg_args"])
+                       nanobragg_args=d["nanobragg_args"], warnings=[str(w.message) for w in caught])
     except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         return _record(entry.path, t0, error=f"{type(exc).__name__}: {msg}")

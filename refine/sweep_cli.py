@@ -168,16 +168,12 @@ def _load(ns, flags):
     import torch
 
     import nbtorch
-    from nbtorch.io.images import RAW_EXTENSIONS, read_image
+
+    from .observed import read_observed
 
     params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64 if ns.dtype == "float64" else
                                                 torch.float32)
-    raw = os.path.splitext(ns.observed)[1].lower() in RAW_EXTENSIONS
-    obs = read_image(ns.observed, shape=(setup.spixels, setup.fpixels) if raw else None, adc=ns.adc, gain=ns.gain)
-    if obs.data.shape != (setup.spixels, setup.fpixels):
-        raise ValueError(f"{ns.observed} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
-                         f"flags describe a {setup.fpixels}×{setup.spixels} detector")
-    return obs, params, setup
+    return read_observed(ns.observed, setup, params, adc=ns.adc, gain=ns.gain), params, setup
 
 
 def summary(outcome, spec, flags, n_run: int) -> dict:
@@ -259,7 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-sweep`` (returns the exit status)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, flags = split_argv(argv)
-    from .cli_checks import UsageError
+    from .cli_checks import UsageError, one_line_warnings
+
+    one_line_warnings("nbtorch-sweep")  # e.g. OBSERVED's header against the flags
 
     try:
         ns = parser().parse_args(ours)

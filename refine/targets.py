@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.func import jacfwd
 
-from nbtorch.io.images import RAW_EXTENSIONS, ObservedImage, read_image
+from nbtorch.io.images import ObservedImage
 from nbtorch.simulate import choose_fused
 from nbtorch.types import Setup
 
@@ -236,8 +236,9 @@ def observed_array(observed, setup: Setup):
     :func:`nbtorch.io.images.read_image`, raw files taking their shape from ``setup``) → (float64 array [slow, fast],
     its own mask (bool [slow, fast]) or None)."""
     if isinstance(observed, str) or hasattr(observed, "__fspath__"):
-        raw = os.path.splitext(os.fspath(observed))[1].lower() in RAW_EXTENSIONS
-        observed = read_image(observed, shape=(setup.spixels, setup.fpixels) if raw else None)
+        from .observed import read_observed
+
+        observed = read_observed(os.fspath(observed), setup, label="observed")
     if isinstance(observed, ObservedImage):
         return np.asarray(observed.data, dtype=np.float64), np.asarray(observed.mask, dtype=bool)
     if torch.is_tensor(observed):

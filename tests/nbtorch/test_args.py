@@ -9,6 +9,7 @@ import torch
 
 import nbtorch
 from nbtorch.io import write_smv
+from nbtorch.io.images import HeaderWarning
 
 BASE = "-default_F 100 -cell 50 50 50 90 90 90 -N 3 -detpixels 32 -pixel 0.5 -distance 80 -oversample 1"
 
@@ -82,8 +83,12 @@ def test_img_and_mask_headers_initialise_the_detector(tmp_path, monkeypatch):
     assert (s.fpixels, s.spixels, s.pixel_size) == (30, 20, 0.2)
     assert p.detector.distance.item() == 150 and p.beam.wavelength.item() == 1.5
     np.testing.assert_allclose(p.detector.beam_center.numpy(), [3.1, 4.3])
-    # command-line flags win over the header
-    p, s = nbtorch.from_nanobragg_args(args + " -distance 90 -pixel 0.1")
+    # command-line flags win over the header (with a warning naming both values)
+    with pytest.warns(HeaderWarning) as record:
+        p, s = nbtorch.from_nanobragg_args(args + " -distance 90 -pixel 0.1")
+    lines = sorted(str(w.message) for w in record)
+    assert len(lines) == 2 and "distance 150 mm" in lines[0] and "-distance 90" in lines[0]
+    assert "pixel size 0.2 mm" in lines[1] and "-pixel 0.1" in lines[1]
     assert p.detector.distance.item() == 90 and s.pixel_size == 0.1
     # a -mask header's BEAM_CENTER_Y is stored flipped (detsize_s − value), as the C program reads it
     mask = np.ones((20, 30), np.uint16)
@@ -98,7 +103,7 @@ def test_img_and_mask_headers_initialise_the_detector(tmp_path, monkeypatch):
 def test_mask_of_wrong_size_is_an_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_smv("mask.img", np.ones((5, 5), np.uint16), {"PIXEL_SIZE": 0.1})
-    with pytest.raises(ValueError, match="-mask"):
+    with pytest.raises(ValueError, match="-mask"), pytest.warns(HeaderWarning, match="-pixel 0.5"):
         nbtorch.from_nanobragg_args(BASE + " -mask mask.img")
 
 
