@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from nbtorch.args import to_nanobragg_args
-from nbtorch.io._atomic import atomic_write, atomic_write_from
+from nbtorch.io._atomic import atomic_write
 
 from . import plots
 from .parameters import Parameterisation
@@ -207,15 +207,11 @@ class Result:
     def plot(self, path: Optional[str] = None, log: bool = True):
         """Figure with observed / model / residual images and the loss per stage (:func:`refine.plots.plot_fit`);
         saved to ``path`` when given, atomically (:func:`nbtorch.io.atomic_write_from`)."""
-        if path is None:
-            return plots.plot_fit(self, None, log)
-        return atomic_write_from(path, lambda scratch: plots.plot_fit(self, scratch, log))
+        return plots.plot_fit(self, path, log)
 
     def plot_loss(self, path: Optional[str] = None):
         """The loss per stage (:func:`refine.plots.plot_loss`); saved to ``path`` when given, atomically."""
-        if path is None:
-            return plots.plot_loss(self, None)
-        return atomic_write_from(path, lambda scratch: plots.plot_loss(self, scratch))
+        return plots.plot_loss(self, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -207,17 +207,15 @@ PLOT_NAMES = ("history.png", "importances.png", "surface.png")
 
 def write_plots(study, directory: str) -> List[str]:
     """history.png, importances.png and (with two or more searched parameters) surface.png in ``directory``, each
-    written atomically under the safe-output rule (:func:`nbtorch.io.atomic_write_from`)."""
-    from nbtorch.io import atomic_write_from
-
+    written atomically under the safe-output rule (as every figure: :func:`refine.plots._save`)."""
     from . import studies
 
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, n) for n in PLOT_NAMES]
-    atomic_write_from(paths[0], lambda p: studies.plot_history(study, p))
-    atomic_write_from(paths[1], lambda p: studies.plot_importances(study, p))
+    studies.plot_history(study, paths[0])
+    studies.plot_importances(study, paths[1])
     try:
-        atomic_write_from(paths[2], lambda p: studies.plot_surface(study, path=p))
+        studies.plot_surface(study, path=paths[2])
     except ValueError:
         paths.pop()
     return paths

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -154,6 +155,15 @@ def test_plots_and_summary(tmp_path):
     res.plot(str(tmp_path / "fit.png"))
     res.plot_loss(str(tmp_path / "loss.png"))
     assert (tmp_path / "fit.png").stat().st_size > 1000 and (tmp_path / "loss.png").stat().st_size > 1000
+    # every figure goes through the safe-output rule: through a symlink to its target, never onto a directory
+    from refine import plots
+
+    os.symlink(tmp_path / "fit.png", tmp_path / "link.png")
+    plots.plot_loss(res, str(tmp_path / "link.png"))
+    assert (tmp_path / "link.png").is_symlink() and (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(OSError, match="is a directory"):
+        plots.plot_fit(res, str(tmp_path / "dir.png"))
     text = res.summary()
     assert "distance" in text and "converged" in text
     r = res.residual_image()
