@@ -24,9 +24,8 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from .cli_checks import (EXIT_NOT_CONVERGED, EXIT_OK, EXIT_OUTPUT, EXIT_POOR_FIT, EXIT_USAGE, PLOT_EXTENSIONS,
-                         OneLineParser, UsageError, check_outputs, check_threads, flag_inputs, free_groups,
-                         one_line_warnings)
+from .cli_checks import (EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, PLOT_EXTENSIONS, OneLineParser, UsageError, check_outputs,
+                         check_threads, fit_status, flag_inputs, free_groups, one_line_warnings)
 
 # our options and how many values each takes (everything else after OBSERVED goes to the nanoBragg parser)
 _OPTIONS = {
@@ -272,7 +271,7 @@ def _single(argv: List[str]) -> int:
         print(f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if status != EXIT_OK:
         return status
-    return EXIT_OK if result.ok else (EXIT_NOT_CONVERGED if not result.converged else EXIT_POOR_FIT)
+    return fit_status(result.converged, result.ok)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,7 +12,7 @@ import os
 import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["UsageError", "OneLineParser", "check_outputs", "flag_inputs", "free_groups", "check_threads",
+__all__ = ["fit_status", "UsageError", "OneLineParser", "check_outputs", "flag_inputs", "free_groups", "check_threads",
            "one_line_warnings", "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED",
            "EXIT_POOR_FIT"]
 
@@ -24,6 +24,12 @@ EXIT_POOR_FIT = 4       #: converged, but a poor fit (χ²/ν far from 1: refine
 
 #: ``--image`` extensions written as a figure (need matplotlib), as ``--plot`` always is.
 PLOT_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def fit_status(converged: bool, ok: bool) -> int:
+    """The exit status of a finished fit (one image or all of them): :data:`EXIT_OK` when ``ok`` (converged and not a
+    poor fit), else :data:`EXIT_NOT_CONVERGED` when not ``converged``, else :data:`EXIT_POOR_FIT`."""
+    return EXIT_OK if ok else (EXIT_NOT_CONVERGED if not converged else EXIT_POOR_FIT)
 
 
 class UsageError(Exception):

@@ -31,6 +31,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from .cli_checks import fit_status
+
 _OPTIONS = {
     "--images": 1, "--shared": 1, "--per-image": 1, "--json": 1, "--independent": 0, "--refine": 1, "--workers": 1,
     "--scheduler": 1, "--results": 1, "--limit": 1, "--target": 1, "--read-noise": 1, "--max-iter": 1,
@@ -229,13 +231,6 @@ def _run_joint(ns, entries) -> int:
     if ns.json:
         result.to_json(ns.json)
     return fit_status(result.converged, result.ok)
-
-
-def fit_status(converged: bool, ok: bool) -> int:
-    """The exit status of a finished fit, as a single-image fit's: 0 ok, 3 not converged, 4 converged but poor."""
-    from .cli_checks import EXIT_NOT_CONVERGED, EXIT_OK, EXIT_POOR_FIT
-
-    return EXIT_OK if ok else (EXIT_NOT_CONVERGED if not converged else EXIT_POOR_FIT)
 
 
 def _run_independent(ns, entries) -> int:

@@ -14,8 +14,8 @@ default 10; its password is never printed).  One progress line per trial goes to
 
 Exit status: 0 done, 1 the study failed (no trial completed, a worker process died) or an output could not be
 written, 2 a user error (an option, --search, --storage, OBSERVED, the flags: one line naming it, nothing done),
-4 the best model's refinement is a poor fit (χ²/ν of a likelihood target outside [1/3, 3], as ``nbtorch-refine``;
-e.g. an image in counts, not photons: ``--adc``/``--gain``), 130 interrupted (finished trials stay in the storage).
+3 the best model's refinement did not converge, 4 it converged but is a poor fit (χ²/ν of a likelihood target
+outside [1/3, 3], as ``nbtorch-refine``; e.g. an image in counts, not photons: ``--adc``/``--gain``), 130 interrupted (finished trials stay in the storage).
 The observed image is converted to photons as by ``nbtorch-refine``: (value − ``--adc``)/``--gain``, else the
 header's ``ADC_OFFSET``/``GAIN``.
 """
@@ -28,7 +28,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from .cli_checks import EXIT_POOR_FIT, EXIT_USAGE
+from .cli_checks import EXIT_USAGE, fit_status
 
 #: Our options and how many values each takes (everything else after OBSERVED is the starting model's flags).
 OPTIONS = {
@@ -355,7 +355,7 @@ def _run(ns, flags, search, spec) -> int:
         write_plots(outcome.study, ns.plots)
     if not ns.quiet:
         print(f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    return EXIT_POOR_FIT if outcome.result.poor_fit else 0
+    return fit_status(outcome.result.converged, outcome.result.ok)
 
 
 if __name__ == "__main__":  # pragma: no cover

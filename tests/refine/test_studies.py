@@ -82,6 +82,15 @@ def test_cli_usage_errors(capsys, tmp_path):
     assert "--search orientation: not refined here" in capsys.readouterr().err
 
 
+def test_sweep_exit_status_is_that_of_the_final_refinement(capsys, tmp_path):
+    """0 converged and a good fit, 3 not converged (as nbtorch-refine; it was 0 before)."""
+    obs = write_tiny(tmp_path)
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweep_cli.main(sweep_argv(obs, db, 1, "--quiet")) == 0
+    assert sweep_cli.main(sweep_argv(obs, db, 1, "--quiet", "--max-iter", "0")) == 3
+    assert "NOT converged: reached max_iter = 0" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # objectives through FixedTrial
 
