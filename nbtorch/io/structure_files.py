@@ -849,6 +849,18 @@ def _fill_table(table: np.ndarray, lo: np.ndarray, st, sg, dmin: float, amplitud
     return n_in, n_unique, n_absent
 
 
+def _model_to_calculate(gemmi, path, name: str, cell, spacegroup, bfactor, notes: list):
+    """(gemmi structure, space group) of the model at ``path`` with its atoms checked, ``cell``/``spacegroup``
+    applied and every atom's B set to ``bfactor`` (Å², when not None); what was changed is appended to ``notes``."""
+    bfac = None if bfactor is None else _check_float(bfactor, "bfactor (Å²)", name, strict=False)
+    st = _read_model(gemmi, path, name)
+    sg = _model_cell_and_group(gemmi, st, cell, spacegroup, name, notes)
+    if bfac is not None:
+        _override_b(gemmi, st, bfac)
+        notes.append(f"every atom's B set to {bfac:g} Å² (anisotropic B removed)")
+    return st, sg
+
+
 def structure_factors_from_model(
     path: str | os.PathLike,
     dmin: float,
@@ -906,15 +918,10 @@ def structure_factors_from_model(
     dmin = _check_float(dmin, "dmin (Å)", name)
     if method not in ("fft", "direct"):
         raise ValueError(f"{name}: method must be 'fft' or 'direct', got {method!r}")
-    bfac = None if bfactor is None else _check_float(bfactor, "bfactor (Å²)", name, strict=False)
     default_F = _check_float(default_F, "default_F", name, strict=False)
     rate = _check_float(rate, "rate", name)
     notes: list = []
-    st = _read_model(gemmi, path, name)
-    sg = _model_cell_and_group(gemmi, st, cell, spacegroup, name, notes)
-    if bfac is not None:
-        _override_b(gemmi, st, bfac)
-        notes.append(f"every atom's B set to {bfac:g} Å² (anisotropic B removed)")
+    st, sg = _model_to_calculate(gemmi, path, name, cell, spacegroup, bfactor, notes)
     lay = _layout(st.cell, dmin, rate)
     if lay.half == (0, 0, 0):
         raise StructureFileError(f"{name}: no reflection with d >= {dmin:g} Å in cell {_cell_text(st.cell)}")
