@@ -54,10 +54,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
     ``path`` is resolved first (:func:`~nbtorch.io.safe_output.output_target`): a symlink is written through to its
     target and stays a link; a character device or FIFO is opened for writing and written in place (no temporary
-    file; a FIFO waits for its reader, as any writer does); a directory, socket, block device or symlink loop raises ``OSError`` and nothing is written.  A regular
-    or new file gets the bytes in a hidden temporary file ``.<name>.<random>.tmp`` in the target's folder, fsync'ed
-    and renamed over the target with :func:`os.replace` (atomic on POSIX); on any error the temporary file is removed
-    and the exception propagates, the target untouched.
+    file; a FIFO waits for its reader, as any writer does); a directory, socket, block device or symlink loop raises
+    ``OSError`` and nothing is written.  A regular or new file gets the bytes in a hidden temporary file
+    ``.<name>.<random>.tmp`` in the target's folder, fsync'ed and renamed over the target with :func:`os.replace`
+    (atomic on POSIX); on any error the temporary file is removed and the exception propagates, the target untouched.
 
     Permissions: a new file gets ``0o666 & ~umask`` (as ``open`` would give); a replaced file keeps its permission
     bits ``& 0o777`` — never setuid, setgid or sticky bits.
