@@ -54,14 +54,27 @@ def _inductor_dir() -> pathlib.Path:
         return scratch_dir()
 
 
+#: ``TORCHINDUCTOR_CACHE_DIR`` as the user set it before nbtorch was imported (torch sets the variable itself, to its
+#: shared default under /tmp, the first time it asks for its cache folder: that must not count as the user's choice).
+_USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def _compiled_ok_marker() -> pathlib.Path:
+    """The file whose presence says compiled kernels worked here before, for this CPU capability (ATen's, which
+    ``ATEN_CPU_CAPABILITY`` can lower: code vectorised for AVX-512 does not build where ATen runs its default path)."""
+    capability = torch._C._get_cpu_capability().lower()
+    return pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"nbtorch-compiled-ok-{capability}"
+
+
 def _prepare_compiler() -> None:
     """Point inductor's cache at :func:`_inductor_dir` (unless the user chose one with ``TORCHINDUCTOR_CACHE_DIR``)
     and skip its per-process CPU-ISA probe once a previous process has shown that compiled kernels work on this
-    machine."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    machine with this CPU capability."""
+    if _USER_INDUCTOR_DIR is None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_inductor_dir())
-    marker = pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "nbtorch-compiled-ok"
-    if marker.exists():
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_INDUCTOR_DIR
+    if _compiled_ok_marker().exists():
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.vec_isa_ok = True
@@ -69,7 +82,7 @@ def _prepare_compiler() -> None:
 
 def _mark_compiled_ok() -> None:
     try:
-        marker = pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "nbtorch-compiled-ok"
+        marker = _compiled_ok_marker()
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     except OSError:  # a read-only cache only costs the probe next time

@@ -44,6 +44,9 @@ def cache(monkeypatch, tmp_path):
     """A fresh cache root (not yet created) that the native routine and the kernels use; per-process memos reset."""
     root = tmp_path / "cache"
     monkeypatch.setenv(cachedir.CACHE_ENV, str(root))
+    # nbtorch points inductor at the cache once per process (os.environ): restored after the test, so that later
+    # tests do not compile into this temporary folder
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv(native.NATIVE_ENV, raising=False)
     monkeypatch.delenv("CC", raising=False)
     for mod, name in ((native, "_libs"), (aot, "_loaded"), (fused, "_broken")):
@@ -202,7 +205,9 @@ def test_truncated_or_altered_library_is_rebuilt_without_crashing(cache, damage,
     good = lib.read_bytes()
     data = good[: len(good) // 2] if damage == "truncate" else good[:4000] + bytes(b ^ 0xFF for b in good[4000:4100]) \
         + good[4100:]
-    lib.write_bytes(data)
+    damaged = lib.with_name("damaged")  # (a new inode: this process has the good library mapped, and a file mapped
+    damaged.write_bytes(data)           # by a process and then truncated in place kills that process with SIGBUS)
+    os.replace(damaged, lib)
     out = _run(_LOAD_NATIVE, cache)
     assert out.returncode == 0 and "native: True" in out.stdout, out.stdout + out.stderr
     assert reason in out.stderr and "rebuilding" in out.stderr, out.stderr
@@ -407,3 +412,29 @@ def test_inductor_cache_is_private_or_replaced_by_a_private_temporary_one(cache)
     assert scratch == cachedir.scratch_dir() and scratch != cache / "inductor"
     st = os.lstat(scratch)
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+
+
+def test_inductor_is_pointed_at_the_private_cache_even_after_torch_chose_its_default(cache, monkeypatch):
+    """torch sets TORCHINDUCTOR_CACHE_DIR to its shared default under /tmp the first time it asks for its cache (a
+    loaded package does): that is not the user's choice, so nbtorch's private cache still wins; a folder the user
+    set before nbtorch was imported is kept."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as torch_cache_dir
+
+    monkeypatch.setattr(fused, "_USER_INDUCTOR_DIR", None)
+    assert torch_cache_dir() != str((cache / "inductor").resolve())  # torch's own default, now in os.environ
+    fused._prepare_compiler()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((cache / "inductor").resolve())
+    monkeypatch.setattr(fused, "_USER_INDUCTOR_DIR", str(cache / "mine"))
+    fused._prepare_compiler()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "mine")
+
+
+def test_compiled_ok_marker_is_per_cpu_capability(cache, monkeypatch):
+    """Skipping inductor's ISA probe is right only for the capability that compiled before: AVX-512 code does not
+    build where ATEN_CPU_CAPABILITY=default (it gave 'at::vec has not been declared')."""
+    monkeypatch.setattr(fused, "_USER_INDUCTOR_DIR", None)
+    fused._prepare_compiler()
+    fused._mark_compiled_ok()
+    here = fused._compiled_ok_marker()
+    monkeypatch.setattr(torch._C, "_get_cpu_capability", lambda: "OTHER")
+    assert fused._compiled_ok_marker() != here and not fused._compiled_ok_marker().exists() and here.exists()
