@@ -716,7 +716,8 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
     ``make_objective()`` builds the objective (in each worker process; picklable, e.g. a functools.partial of a
     factory, when ``workers`` > 1); ``objective``, when given, is used in this process instead of building one.
     ``enqueue``: trial parameters run first unless a trial with them already exists (the user's start); ``attrs``:
-    study attributes that must match an existing study (:func:`ensure_study_attrs`).  Trials
+    study attributes that must match an existing study (:func:`ensure_study_attrs`); with ``workers`` > 1 a waiting
+    (enqueued) trial runs in this process before the workers start, so that it runs once.  Trials
     left RUNNING by dead processes of this machine are marked FAIL first (:func:`fail_orphaned_trials`).  Returns
     the study.  ValueError for bad counts, or ``workers`` > 1 without a storage URL; RuntimeError when a worker
     process fails.
@@ -736,6 +737,12 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
     if workers == 1:
         optimize(study, objective if objective is not None else make_objective(), n_trials, progress)
         return study
+    optuna = require_optuna()
+    if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        # the enqueued start runs here first: optuna's pop of a waiting trial is not atomic on SQLite, and two worker
+        # processes could both run it (the second then fails with "Cannot tell a COMPLETE trial")
+        optimize(study, objective if objective is not None else make_objective(), 1, progress)
+        n_trials -= 1
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
