@@ -7,8 +7,8 @@ status 128 + signal number (130, 143), never a traceback, and leave no temporary
     except KeyboardInterrupt as exc: status = exit_status(exc)
 
 :func:`quiet_startup` covers the seconds before ``main`` runs (importing torch): it is called first thing when the
-``nbtorch`` package is imported and acts only inside the console scripts named in :data:`PROGRAMS`.  This module
-imports only the standard library.
+``nbtorch`` package is imported and acts only inside the console scripts named in :data:`PROGRAMS`; warnings of a
+program are one line too (:func:`one_line_warnings`).  This module imports only the standard library.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Iterator
 
-__all__ = ["Interrupted", "interrupts", "exit_status", "quiet_startup", "PROGRAMS"]
+__all__ = ["Interrupted", "interrupts", "exit_status", "quiet_startup", "one_line_warnings", "PROGRAMS"]
 
 #: Console scripts whose start-up is made quiet (names as installed by pyproject.toml).
 PROGRAMS = ("nbtorch", "nbtorch-refine", "nbtorch-sweep", "nbtorch-demo")
@@ -74,3 +74,11 @@ def quiet_startup() -> None:
 
     for s in _SIGNALS:
         signal.signal(s, _exit)
+
+
+def one_line_warnings(prog: str) -> None:
+    """Print warnings as one line ``prog: warning: message`` (no source line; a message that already starts with
+    ``prog: `` is not prefixed twice)."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {str(message).removeprefix(prog + ': ')}\n"

@@ -24,8 +24,8 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from .cli_checks import (EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, PLOT_EXTENSIONS, OneLineParser, UsageError, check_outputs,
-                         check_threads, fit_status, flag_inputs, free_groups, one_line_warnings)
+from .cli_checks import (EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, PLOT_EXTENSIONS, OneLineParser, UsageError,
+                         check_adc_gain, check_outputs, check_threads, fit_status, flag_inputs, free_groups)
 
 # our options and how many values each takes (everything else after OBSERVED goes to the nanoBragg parser)
 _OPTIONS = {
@@ -176,6 +176,7 @@ def _parse(argv: List[str]):
     ours, flags = split_argv(argv)
     ns = _parser().parse_args(ours)
     check_threads(ns.threads)
+    check_adc_gain(ns.adc, ns.gain)
     if not flags:
         raise UsageError("give the starting model as nanoBragg flags after OBSERVED (see --help)")
     if not os.path.isfile(ns.observed):
@@ -252,6 +253,8 @@ def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:
 
 def _single(argv: List[str]) -> int:
     """One observed image: parse and check, fit, report, write (the exit status)."""
+    from nbtorch.interrupt import one_line_warnings
+
     ns, flags, options = _parse(argv)
     one_line_warnings("nbtorch-refine")
     params, setup, obs, matrix_out = _load(ns, flags)

@@ -1,5 +1,5 @@
 """Checks of ``nbtorch-refine``'s command line made before any work: one-line errors (exit 2), output paths that can
-be written, the groups to refine, and one-line warnings.
+be written and the groups to refine.
 
 Exit statuses of the refine programs (one place): :data:`EXIT_OK` … :data:`EXIT_POOR_FIT`; an interrupted run exits
 128 + the signal number (130 Ctrl-C, 143 SIGTERM, :mod:`nbtorch.interrupt`).
@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["fit_status", "UsageError", "OneLineParser", "check_outputs", "flag_inputs", "free_groups", "check_threads",
-           "one_line_warnings", "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED",
+__all__ = ["fit_status", "check_adc_gain", "UsageError", "OneLineParser", "check_outputs", "flag_inputs", "free_groups", "check_threads",
+           "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED",
            "EXIT_POOR_FIT"]
 
 EXIT_OK = 0             #: converged, and χ²/ν of a likelihood target near 1
@@ -89,12 +88,17 @@ def free_groups(text: str) -> List[str]:
     return groups
 
 
+def check_adc_gain(adc: Optional[float], gain: Optional[float]) -> None:
+    """``--adc`` must be a finite number, ``--gain`` a finite number > 0 (or absent): :class:`UsageError`."""
+    import math
+
+    if adc is not None and not math.isfinite(adc):
+        raise UsageError(f"--adc must be a finite number (ADC offset, counts); got {adc}")
+    if gain is not None and not (math.isfinite(gain) and gain > 0):
+        raise UsageError(f"--gain must be a finite number > 0 (counts per photon); got {gain}")
+
+
 def check_threads(threads: Optional[int]) -> None:
     """``--threads`` must be an integer >= 1 (or absent)."""
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be an integer >= 1, got {threads}")
-
-
-def one_line_warnings(prog: str) -> None:
-    """Print warnings as one line ``prog: warning: message`` (no source line)."""
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"{prog}: warning: {message}\n"

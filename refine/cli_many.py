@@ -31,7 +31,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from .cli_checks import fit_status
+from .cli_checks import check_adc_gain, fit_status
 
 _OPTIONS = {
     "--images": 1, "--shared": 1, "--per-image": 1, "--json": 1, "--independent": 0, "--refine": 1, "--workers": 1,
@@ -120,18 +120,6 @@ def _fit_options(ns) -> dict:
 def _tls_given(ns) -> bool:
     """Whether any of --tls-ca-file, --tls-cert, --tls-key was given."""
     return any((ns.tls_ca_file, ns.tls_cert, ns.tls_key))
-
-
-def check_adc_gain(adc: Optional[float], gain: Optional[float]) -> None:
-    """``--adc`` must be a finite number, ``--gain`` a finite number > 0 (or absent): :class:`UsageError`."""
-    import math
-
-    from .cli_checks import UsageError
-
-    if adc is not None and not math.isfinite(adc):
-        raise UsageError(f"--adc must be a finite number (ADC offset, counts); got {adc}")
-    if gain is not None and not (math.isfinite(gain) and gain > 0):
-        raise UsageError(f"--gain must be a finite number > 0 (counts per photon); got {gain}")
 
 
 def _usage_error(ns) -> str:
@@ -336,7 +324,9 @@ def _check_files(ns, entries) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-refine --images`` (returns the exit status)."""
-    from .cli_checks import UsageError, one_line_warnings
+    from nbtorch.interrupt import one_line_warnings
+
+    from .cli_checks import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -253,7 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-sweep`` (returns the exit status)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, flags = split_argv(argv)
-    from .cli_checks import UsageError, one_line_warnings
+    from nbtorch.interrupt import one_line_warnings
+
+    from .cli_checks import UsageError
 
     one_line_warnings("nbtorch-sweep")  # e.g. OBSERVED's header against the flags
 
@@ -281,9 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _photon_problem(ns) -> Optional[str]:
-    """The ``--adc``/``--gain`` error message (:func:`refine.cli_many.check_adc_gain`), or None."""
-    from .cli_checks import UsageError
-    from .cli_many import check_adc_gain
+    """The ``--adc``/``--gain`` error message (:func:`refine.cli_checks.check_adc_gain`), or None."""
+    from .cli_checks import UsageError, check_adc_gain
 
     try:
         check_adc_gain(ns.adc, ns.gain)

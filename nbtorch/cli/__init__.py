@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 from .. import __version__
 from ..args import build, missing_inputs, parse_args
 from ..args.build import INPUT_FILE_FLAGS, input_files, output_files
-from ..interrupt import exit_status, interrupts
+from ..interrupt import exit_status, interrupts, one_line_warnings
 from ..io.safe_output import check_output_paths
 from ..noise import roi_mask
 from ..simulate import simulate
@@ -199,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args and os.path.basename(args[0]) in ("nanoBragg", "nbtorch"):
         args = args[1:]
     out, err = sys.stdout, sys.stderr
-    warnings.formatwarning = lambda msg, *_, **__: f"{PROG}: warning: {str(msg).removeprefix(PROG + ': ')}\n"
+    one_line_warnings(PROG)
     try:
         with interrupts():
             if not args:
