@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Iterator
 
 __all__ = ["Interrupted", "interrupts", "exit_status", "quiet_startup", "one_line_warnings", "PROGRAMS"]
@@ -79,6 +80,4 @@ def quiet_startup() -> None:
 def one_line_warnings(prog: str) -> None:
     """Print warnings as one line ``prog: warning: message`` (no source line; a message that already starts with
     ``prog: `` is not prefixed twice)."""
-    import warnings
-
     warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {str(message).removeprefix(prog + ': ')}\n"
