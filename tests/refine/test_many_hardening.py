@@ -243,8 +243,8 @@ def _refused(address, security=None):
     try:
         with Client(address, security=security, timeout=3) as c:
             c.submit(operator.add, 1, 2).result(timeout=3)
-    except (OSError, TimeoutError, TypeError, ValueError):  # no TLS context, handshake refused, timed out
-        return True
+    except Exception:  # noqa: BLE001 - no TLS context, handshake refused, timed out, or distributed's own
+        return True    # AssertionError from a client whose connection failed before: no task was run
     return False
 
 
