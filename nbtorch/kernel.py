@@ -312,11 +312,6 @@ def miller(Ad: torch.Tensor, Ai: torch.Tensor, invlam: torch.Tensor, i: int) -> 
     return (Ad[:, i].transpose(0, 1)[:, None] - Ai[None, :, :, i, None]) * invlam[None, :, None, None]
 
 
-def miller_source_major(Ad: torch.Tensor, Ai: torch.Tensor, invlam: torch.Tensor, i: int) -> torch.Tensor:
-    """Miller index component ``i`` of every sample, sources first → [K, TN, O, P] (for sums over sources)."""
-    return (Ad[:, i].transpose(0, 1)[None] - Ai[:, None, :, i, None]) * invlam[:, None, None, None]
-
-
 def sample_factors(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor,
                    default_F: torch.Tensor, hkl_min: torch.Tensor, spec: KernelSpec):
     """(F_cell, F_latt) of every sample from its fractional Miller indices ``h`` (3 tensors of one shape): F_latt of
@@ -349,13 +344,6 @@ def _samples(tp: TileParams, tc: TileConsts, spec: KernelSpec, geo: Geometry):
     if geo.keep is not None:
         x = torch.where(geo.keep[:, :, None, :], x, torch.zeros_like(x))
     return x, h, invlam
-
-
-def sample_values(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, Geometry]:
-    """Every sample's x [TN, K, O, P] (``-dmin`` rejects 0) and the pixel geometry (for diagnostics and the
-    ``-oversample_*`` running-sum quirk, which need samples one by one)."""
-    geo = pixel_geometry(tp, tc, spec)
-    return _samples(tp, tc, spec, geo)[0], geo
 
 
 def tile_sums(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Unit cell (Å, degrees) → real and reciprocal basis vectors; MOSFLM A-matrix in and out.
+"""Unit cell (Å, degrees) → real and reciprocal basis vectors; MOSFLM A-matrix in.
 
 Matrices hold basis vectors in their **columns**: ``B = [a* b* c*]`` (Å⁻¹) and ``M = [a b c]`` (Å), so that a
 reciprocal-lattice point is ``q = B·h`` and Miller indices are ``h = Mᵀ·q``.  Everything broadcasts over leading
@@ -53,11 +53,6 @@ def reciprocal_matrix(cell: torch.Tensor, nanobragg: bool = False) -> torch.Tens
 def real_from_reciprocal(B: torch.Tensor) -> torch.Tensor:
     """Exact dual basis: ``M = [a b c] = (B⁻¹)ᵀ`` (Å, columns) from ``B = [a* b* c*]`` (Å⁻¹).  ``(...,3,3)``."""
     return torch.linalg.inv(B).transpose(-1, -2)
-
-
-def reciprocal_from_real(M: torch.Tensor) -> torch.Tensor:
-    """Exact dual basis: ``B = (M⁻¹)ᵀ``; ``(..., 3, 3)`` columns (Å → Å⁻¹)."""
-    return torch.linalg.inv(M).transpose(-1, -2)
 
 
 def nanobragg_lattice(cell: torch.Tensor, R: torch.Tensor):
@@ -122,8 +117,3 @@ def orientation_from_reciprocal(B: torch.Tensor) -> torch.Tensor:
 def mosflm_to_reciprocal(A_lambda: torch.Tensor, wavelength: torch.Tensor | float) -> torch.Tensor:
     """MOSFLM matrix (λ-scaled, columns a*, b*, c*, dimensionless) → reciprocal basis in Å⁻¹: ``A/λ``."""
     return A_lambda / wavelength
-
-
-def reciprocal_to_mosflm(B: torch.Tensor, wavelength: torch.Tensor | float) -> torch.Tensor:
-    """Reciprocal basis (Å⁻¹, columns) → MOSFLM λ-scaled matrix ``λ·B``."""
-    return B * wavelength

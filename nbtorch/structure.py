@@ -2,12 +2,12 @@
 
 The table ``F`` is ``[nh, nk, nl]`` covering h = h_min … h_min+nh−1 (likewise k, l); reflections outside it get
 ``default_F``.  Lookups are gathers, so F is differentiable with respect to the table and (when interpolating) to h.
-The ``*_hkl`` functions take the three Miller-index components as separate tensors of one shape (what the sample loop
-of :mod:`nbtorch.kernel` holds) and ``hkl_min`` as a tensor [3] or a tuple; the others take them stacked [..., 3].
+Both take the three Miller-index components as separate tensors of one shape (what the sample loop of
+:mod:`nbtorch.kernel` holds) and ``hkl_min`` as a tensor [3] or a tuple.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 
@@ -32,11 +32,6 @@ def lookup_nearest_hkl(h0: Sequence[torch.Tensor], F: torch.Tensor, default_F: t
     idx = [torch.where(inside, c, torch.zeros_like(c)).long() for c in idx]
     vals = F.reshape(-1)[_table_index(idx, F.shape)]
     return torch.where(inside, vals, default_F)
-
-
-def lookup_nearest(h0: torch.Tensor, F: torch.Tensor, default_F: torch.Tensor, hkl_min: Tuple[int, int, int]):
-    """:func:`lookup_nearest_hkl` for stacked ``h0`` [..., 3] → [...]."""
-    return lookup_nearest_hkl(h0.unbind(-1), F, default_F, hkl_min)
 
 
 def _lagrange_weights(t: torch.Tensor):
@@ -73,8 +68,3 @@ def lookup_tricubic_hkl(h: Sequence[torch.Tensor], F: torch.Tensor, default_F: t
             out = out + w[0][a] * w[1][b] * line
     near = lookup_nearest_hkl([torch.ceil(c - 0.5) for c in h], F, default_F, hkl_min)
     return torch.where(ok, out, near)
-
-
-def lookup_tricubic(h: torch.Tensor, F: torch.Tensor, default_F: torch.Tensor, hkl_min: Tuple[int, int, int]):
-    """:func:`lookup_tricubic_hkl` for stacked ``h`` [..., 3] → [...]."""
-    return lookup_tricubic_hkl(h.unbind(-1), F, default_F, hkl_min)
