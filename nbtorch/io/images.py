@@ -11,13 +11,15 @@ import logging
 import math
 import os
 import re
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 
 from ..units import MM_PER_M
 from ._atomic import atomic_write, check_finite
 from ._parse import display_name, read_bytes
+from .nexus import is_nxmx, read_nxmx
+from .observed import ObservedImage, observed_image
 from .smv import _decode_smv
 
 __all__ = ["read_raw_float", "write_raw_float", "write_pgm", "read_pgm", "pgm_pixels", "read_image", "ObservedImage",
@@ -48,42 +50,6 @@ def _looks_like_smv(path) -> bool:
         return False
     end = head.find(b"}")
     return b"HEADER_BYTES" in (head[:end] if end >= 0 else head)
-
-
-class ObservedImage(NamedTuple):
-    """A detector image with its usable-pixel mask and whatever geometry its header provides.
-
-    Attributes:
-        data: float64 [slow, fast] pixel values (counts or photons).
-        mask: bool [slow, fast], True = usable (finite, ≥ 0 and not saturated).
-        saturated: bool [slow, fast], True where value ≥ the overload level (all False when no level is known).
-        pixel_size_mm: pixel size (mm) or None.
-        distance_mm: sample-detector distance (mm) or None.
-        wavelength_A: wavelength (Å) or None.
-        beam_center_mm: (BEAM_CENTER_X, BEAM_CENTER_Y) in mm from the header, or None.
-        size: (fast, slow) pixel counts.
-        header: the header as a dict of strings (empty for raw images).
-        geometry: the full geometry of an NXmx file (:class:`~nbtorch.io.nexus.NexusGeometry`), else None.
-        adc_offset: counts subtracted from the file's values (header ``ADC_OFFSET`` or ``read_image(adc=...)``).
-        gain: counts per photon the values were divided by (header ``GAIN`` or ``read_image(gain=...)``).
-        precision: for each of ``pixel_size_mm``, ``distance_mm``, ``wavelength_A`` read from a text header, half a
-            unit in the last digit printed there (in the field's unit; :func:`printed_tolerance`); None or a missing
-            key where the value is binary (NXmx) or absent.
-    """
-
-    data: np.ndarray
-    mask: np.ndarray
-    saturated: np.ndarray
-    pixel_size_mm: float | None
-    distance_mm: float | None
-    wavelength_A: float | None
-    beam_center_mm: tuple[float, float] | None
-    size: tuple[int, int]
-    header: dict
-    geometry: Optional[Any] = None
-    adc_offset: float = 0.0
-    gain: float = 1.0
-    precision: Optional[dict] = None
 
 
 def _check_shape(shape, name: str) -> tuple[int, int]:
@@ -312,26 +278,14 @@ def _minicbf_metadata(text: str) -> dict[str, float]:
     return out
 
 
-def _finish(data, header, name, overload, pixel, dist, wl, beam, precision=None) -> ObservedImage:
-    data = np.asarray(data, dtype=np.float64)
-    finite = np.isfinite(data)
-    if overload is None:
-        saturated = np.zeros(data.shape, dtype=bool)
-    else:
-        saturated = finite & (data >= float(overload))
-    mask = finite & (np.where(finite, data, -1.0) >= 0.0) & ~saturated
-    slow, fast = data.shape
-    return ObservedImage(data, mask, saturated, pixel, dist, wl, beam, (fast, slow), header, precision=precision)
-
-
 def _read_observed_smv(buf: bytes, name: str, overload) -> ObservedImage:
     raw, header = _decode_smv(buf, name)
     if overload is None and raw.dtype == np.uint16:
         overload = 65535
     bx = _header_float(header, "BEAM_CENTER_X", name)
     by = _header_float(header, "BEAM_CENTER_Y", name)
-    return _finish(
-        raw, header, name, overload,
+    return observed_image(
+        raw, header, overload,
         _header_float(header, "PIXEL_SIZE", name),
         _header_float(header, "DISTANCE", name),
         _header_float(header, "WAVELENGTH", name),
@@ -399,7 +353,7 @@ def _read_observed_fabio(path: str, name: str, overload, hdf5: bool = False) -> 
         beam = (meta["beam_x_px"] * pixel, meta["beam_y_px"] * pixel)
     if overload is None:
         overload = meta.get("overload")
-    return _finish(data, header, name, overload, pixel, dist, wl, beam, precision)
+    return observed_image(data, header, overload, pixel, dist, wl, beam, precision)
 
 
 def _number(value, what: str, positive: bool) -> float:
@@ -489,13 +443,11 @@ def _read_values(path, shape, overload, dtype) -> ObservedImage:
     if ext in RAW_EXTENSIONS:
         if shape is None:
             raise ValueError(f"{name}: raw image needs shape=(slow, fast)")
-        return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
+        return observed_image(read_raw_float(path, shape, dtype), {}, overload, None, None, None, None)
     if ext in SMV_EXTENSIONS or _looks_like_smv(path):
         return _read_observed_smv(read_bytes(path), name, overload)
     hdf5 = _is_hdf5(path)
     if hdf5:
-        from .nexus import is_nxmx, read_nxmx  # noqa: PLC0415 - h5py is optional
-
         try:
             nxmx = is_nxmx(path)
         except OSError as exc:  # h5py cannot open it (truncated)
@@ -503,5 +455,5 @@ def _read_values(path, shape, overload, dtype) -> ObservedImage:
         if nxmx:
             return read_nxmx(path, overload)
     if shape is not None:
-        return _finish(read_raw_float(path, shape, dtype), {}, name, overload, None, None, None, None)
+        return observed_image(read_raw_float(path, shape, dtype), {}, overload, None, None, None, None)
     return _read_observed_fabio(os.fspath(path), name, overload, hdf5)

@@ -32,6 +32,7 @@ import numpy as np
 from ..units import ANGSTROM_PER_MM, DEG_PER_RAD, MM_PER_CM, MM_PER_M, MM_PER_NM, MM_PER_UM, deg2rad, um_to_mm
 from ._atomic import atomic_write, check_finite
 from ._parse import display_name
+from .observed import observed_image
 
 __all__ = [
     "NexusGeometry",
@@ -562,8 +563,6 @@ def read_nxmx(path: str | os.PathLike, overload: Optional[float] = None):
         ValueError: not an NXmx file, more than one detector module, missing data/beam, unknown or missing units.
         ImportError: h5py is not installed.
     """
-    from .images import _finish  # noqa: PLC0415 - images imports this module lazily
-
     h5py = _h5py()
     name = display_name(path)
     with open(path, "rb"):
@@ -585,8 +584,8 @@ def read_nxmx(path: str | os.PathLike, overload: Optional[float] = None):
                   "sensor_material": geo.sensor_material}
     if overload is None:
         overload = geo.saturation_value
-    obs = _finish(data, header, name, overload, geo.pixel_size_mm[0], geo.distance_mm, geo.wavelength_A,
-                  geo.beam_center_mm)
+    obs = observed_image(data, header, overload, geo.pixel_size_mm[0], geo.distance_mm, geo.wavelength_A,
+                         geo.beam_center_mm)
     if pm is not None:
         pm = np.asarray(pm).reshape(-1, *obs.data.shape)[0]
         obs = obs._replace(mask=obs.mask & ((pm.astype(np.int64) & 0xFFFF) == 0))

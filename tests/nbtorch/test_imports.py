@@ -9,7 +9,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "nbtorch"
 #: Imports allowed inside functions: optional dependencies, and the io package's own lazy imports (it keeps torch,
-#: h5py, gemmi and fabio out of its import time, and images ↔ nexus refer to each other).
+#: h5py, gemmi and fabio out of its import time).
 LAZY_OK_MODULES = {"gemmi", "h5py", "fabio", "matplotlib", "torch"}
 LAZY_OK_DIRS = {"io"}
 
