@@ -26,7 +26,7 @@ import nbtorch  # noqa: E402
 import refine  # noqa: E402
 from nbtorch.mosaic import matrix_to_xyz_angles  # noqa: E402
 from nbtorch.rotation import rot_axis  # noqa: E402
-from refine.parameters import total_rotation  # noqa: E402
+from refine.model.parameters import total_rotation  # noqa: E402
 
 ARGS = ("-default_F 100 -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -lambda 1 -distance 100 -pixel 0.1 "
         "-detpixels {n} -oversample 1 -fluence 1e30")

@@ -69,8 +69,8 @@ def joint_case(n: int):
 
 def time_normal(obs, starts, setups, batch: bool) -> float:
     """Seconds of one evaluation of the joint normal equations (after one warm-up call)."""
-    from refine.joint import JointObjective
-    from refine.many import _joint_options, prepare_many, start_point
+    from refine.pipeline.joint import JointObjective
+    from refine.pipeline.many import _joint_options, prepare_many, start_point
 
     opts, sh, pi = _joint_options(None, ["distance", "beam_center"], ["orientation", "scale"], {})
     pb = prepare_many(obs, starts, setups, sh, pi, opts)

@@ -21,19 +21,19 @@ The pieces, each a module (see docs/refine.md): :mod:`refine.table` (one entry p
 :mod:`refine.plots`, :mod:`refine.fit`.
 """
 import nbtorch.interrupt  # noqa: F401  (first: a console script interrupted while importing is quiet)
-from .cells import CRYSTAL_SYSTEMS, detect_crystal_system, symmetrize_cell
-from .degeneracy import Degeneracy, degenerate_pairs
-from .fit import METHODS, covariance, fit, fit_options
-from .lm import MinimizeResult, levenberg_marquardt
-from .many import ImageResult, JointResult, fit_many
-from .optim import adam, lbfgs
-from .options import FitOptions
-from .parameters import Parameterisation, Scalar, pack, parameterise, total_rotation, unpack, xyz_angles
-from .predict import Predict, make_predict, predict_image
-from .report import REPORT_FIELDS
-from .result import Result, finish
-from .strategy import FitState, Stage, default_stages, prepare, run_stage, schedule
-from .table import DEFAULT_FREE, GROUPS, SCALARS, ScalarSpec
+from .model.cells import CRYSTAL_SYSTEMS, detect_crystal_system, symmetrize_cell
+from .model.degeneracy import Degeneracy, degenerate_pairs
+from .pipeline.fit import METHODS, covariance, fit, fit_options
+from .minimise.lm import MinimizeResult, levenberg_marquardt
+from .pipeline.many import ImageResult, JointResult, fit_many
+from .minimise.optim import adam, lbfgs
+from .pipeline.options import FitOptions
+from .model.parameters import Parameterisation, Scalar, pack, parameterise, total_rotation, unpack, xyz_angles
+from .model.predict import Predict, make_predict, predict_image
+from .pipeline.report import REPORT_FIELDS
+from .pipeline.result import Result, finish
+from .pipeline.strategy import FitState, Stage, default_stages, prepare, run_stage, schedule
+from .model.table import DEFAULT_FREE, GROUPS, SCALARS, ScalarSpec
 from .targets import TARGETS, Objective, make_target, select_pixels, usable_mask
 
 __all__ = [

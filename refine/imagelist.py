@@ -114,7 +114,7 @@ def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, pa
     None: the header's, else 0 and 1; raw files take their shape from ``setup``), read by
     :func:`refine.observed.read_observed` (header warnings when ``params`` is given); ValueError naming the LIST line
     when it cannot be read or its size differs from the model's."""
-    from .observed import read_observed
+    from .targets.observed import read_observed
 
     return read_observed(entry.path, setup, params, label=f"{entry.where()}:", overload=overload, adc=adc, gain=gain)
 

@@ -92,7 +92,7 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
     message)."""
     import torch
 
-    from .fit import fit
+    from .pipeline.fit import fit
     from .imagelist import entry_image, entry_model
 
     t0 = time.perf_counter()

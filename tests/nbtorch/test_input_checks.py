@@ -14,7 +14,7 @@ import nbtorch  # noqa: E402
 import nbtorch.io as nio  # noqa: E402
 from nbtorch import cli  # noqa: E402
 from nbtorch.io.images import HeaderWarning  # noqa: E402
-from refine.cli import main as refine_main  # noqa: E402
+from refine.cli.fit import main as refine_main  # noqa: E402
 
 XTAL = ["-cell", "50", "50", "50", "90", "90", "90", "-default_F", "1", "-N", "3"]
 QUIET = ["-nopgm", "-nonoise", "-noprogress"]

@@ -9,7 +9,7 @@ import torch
 import nbtorch
 from nbtorch.mosaic import matrix_to_xyz_angles
 from nbtorch.rotation import rot_axis
-from refine.parameters import total_rotation
+from refine.model.parameters import total_rotation
 
 #: 96×96 pixels of 0.2 mm at 60 mm, λ = 1 Å: 2θ up to ~12° (edge), spots every 5–8 px, peaks ~40000 photons.
 BASE = ("-default_F 100 -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -lambda 1 -distance 60 -pixel 0.2 "
@@ -31,7 +31,7 @@ def observe(params, setup, seed: int = 0, plane=None) -> torch.Tensor:
     """Poisson-noisy observation of the model (plus an optional background plane (c0, c_fast, c_slow))."""
     img = nbtorch.simulate(params, setup)
     if plane is not None:
-        from refine.predict import plane_basis
+        from refine.model.predict import plane_basis
 
         img = img + (torch.as_tensor(plane, dtype=img.dtype) @ plane_basis(setup, img.dtype)).reshape(img.shape)
     g = torch.Generator().manual_seed(seed)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import nbtorch
 import refine
 from nbtorch.io.smv import write_smv
-from refine.cli import main
+from refine.cli.fit import main
 from tests.nbtorch.test_fuzz_cli import FLAGS as FLAG_TABLE
 from tests.nbtorch.test_fuzz_cli import SKIP, flag_values
 

@@ -17,7 +17,7 @@ import torch
 import nbtorch
 import refine
 from nbtorch.cli import main as nbtorch_main
-from refine.cli import main as refine_main
+from refine.cli.fit import main as refine_main
 
 TRUTH = ("-cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 -pixel 0.2 -detpixels 48 "
          "-lambda 1 -oversample 1").split()
@@ -193,7 +193,7 @@ def test_refinement_memory_on_a_2048_detector_is_set_by_the_chunks():
 
 
 def test_demo_user_errors_exit_2_with_one_line(tmp_path, capsys):
-    from refine.demo import main as demo_main
+    from refine.cli.demo import main as demo_main
 
     (tmp_path / "file").write_text("")
     assert demo_main(["--out", str(tmp_path / "file" / "sub")]) == 2

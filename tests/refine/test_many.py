@@ -19,9 +19,9 @@ import torch
 import nbtorch
 import refine
 from nbtorch.io.images import write_raw_float
-from refine.cli import main
-from refine.joint import JointObjective, make_layout
-from refine.schur import BlockNormal, schur_covariance, schur_solve
+from refine.cli.fit import main
+from refine.pipeline.joint import JointObjective, make_layout
+from refine.minimise.schur import BlockNormal, schur_covariance, schur_solve
 
 from .refine_cases import misorientation_deg, observe, rotate_crystal, with_beam, with_detector
 
@@ -261,7 +261,7 @@ def test_independent_on_dask_killed_and_rerun(tmp_path):
     the rerun completes it: exactly 6 lines, none duplicated, 5 fits and 1 error."""
     lst = _write_list(tmp_path, 5, corrupt_at=2)
     results = str(tmp_path / "fits.jsonl")
-    cmd = [sys.executable, "-m", "refine.cli", "--images", lst, "--independent", "--refine", "orientation,scale",
+    cmd = [sys.executable, "-m", "refine.cli.fit", "--images", lst, "--independent", "--refine", "orientation,scale",
            "--workers", "2", "--threads", "1", "--results", results, "--no-coarse", "--max-iter", "4"] + TINY.split()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     err = tmp_path / "first.err"

@@ -21,7 +21,7 @@ import torch
 import nbtorch
 import refine
 from nbtorch.io.images import write_raw_float
-from refine.cli import main
+from refine.cli.fit import main
 
 from .refine_cases import observe
 from .test_many import TINY, _misset
@@ -121,7 +121,7 @@ def test_joint_poor_fit_of_one_image_is_named():
 
 
 def _independent(tmp_path, lst, results, *extra):
-    cmd = [sys.executable, "-m", "refine.cli", "--images", lst, "--independent", "--refine", "orientation,scale",
+    cmd = [sys.executable, "-m", "refine.cli.fit", "--images", lst, "--independent", "--refine", "orientation,scale",
            "--workers", "2", "--threads", "1", "--results", str(results)] + FIT + list(extra) + TINY.split()
     return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
@@ -152,7 +152,7 @@ def test_counts_are_a_poor_fit_in_independent_mode_and_a_limit_run_ends_quietly(
 
 def test_independent_exit_status_is_judged_on_the_listed_lines(tmp_path):
     """0 every listed image ok; 4 one converged but poor; 3 one missing, failed or not converged (3 wins)."""
-    from refine.cli_many import results_status
+    from refine.cli.many import results_status
     from refine.imagelist import parse_image_list
 
     lst = _counts_list(tmp_path)
@@ -172,7 +172,7 @@ def test_sweep_flags_a_poor_fit_with_exit_4_and_takes_gain(tmp_path, capsys):
     """nbtorch-sweep on counts: POOR FIT, exit 4, ``poor_fit`` in its JSON; ``--gain 10`` (which its message
     suggests) is accepted and gives a good fit, exit 0; a bad --gain is a usage error naming it."""
     pytest.importorskip("optuna")
-    from refine import sweep_cli
+    from refine.cli import sweep as sweep_cli
 
     lst = _counts_list(tmp_path, 1)
     start = open(lst).read().split()[1:]
@@ -199,7 +199,7 @@ def test_sweep_flags_a_poor_fit_with_exit_4_and_takes_gain(tmp_path, capsys):
 def test_joint_fit_progress_counts_images_in_every_pass(tmp_path, capsys, monkeypatch):
     """A joint fit reports its passes over the images (reading, preparing, starting scales, simulating, Jacobians,
     ESDs) as done/total counters, and each iteration; --quiet prints nothing on stderr."""
-    from refine import cli_many
+    from refine.cli import many as cli_many
 
     monkeypatch.setattr(cli_many, "LOG_INTERVAL", 0.0)  # a log line for every step (a long fit's, every 10 s)
     lst = _counts_list(tmp_path, 3, gain=1.0)
@@ -216,7 +216,7 @@ def test_joint_fit_progress_counts_images_in_every_pass(tmp_path, capsys, monkey
 
 def test_progress_counter_redraws_one_terminal_line():
     """On a terminal the counter is redrawn in place and erased before an iteration line."""
-    from refine.cli_many import JointProgress
+    from refine.cli.many import JointProgress
 
     class Tty(io.StringIO):
         def isatty(self):

@@ -1,4 +1,4 @@
-"""refine.observed.read_observed: the one reader of observed images for every refine entry — errors named by the
+"""refine.targets.observed.read_observed: the one reader of observed images for every refine entry — errors named by the
 entry's label, the model's size enforced, header values compared with the model in every mode (single, joint,
 independent result lines)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import nbtorch
 import nbtorch.io as nio
 from nbtorch.io.images import HeaderWarning
 from refine.imagelist import load_entries, parse_image_list
-from refine.observed import read_observed
+from refine.targets.observed import read_observed
 from refine.scaleout import RESULT_KEYS, refine_one
 
 from .test_many import TINY

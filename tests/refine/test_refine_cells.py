@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refine.cells import CRYSTAL_SYSTEMS, detect_crystal_system, resolve_crystal_system
-from refine.parameters import parameterise
+from refine.model.cells import CRYSTAL_SYSTEMS, detect_crystal_system, resolve_crystal_system
+from refine.model.parameters import parameterise
 
 from .refine_cases import model, observe
 

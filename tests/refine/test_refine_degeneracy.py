@@ -9,10 +9,10 @@ from torch.func import jacfwd
 import nbtorch
 import refine
 from nbtorch.io.images import write_raw_float
-from refine.cli import main
-from refine.degeneracy import degenerate_pairs
-from refine.parameters import parameterise
-from refine.strategy import DegeneracyWarning
+from refine.cli.fit import main
+from refine.model.degeneracy import degenerate_pairs
+from refine.model.parameters import parameterise
+from refine.pipeline.strategy import DegeneracyWarning
 
 from .refine_cases import model, observe
 

@@ -8,7 +8,7 @@ from torch.func import hessian
 
 import nbtorch
 import refine
-from refine.strategy import DegeneracyWarning
+from refine.pipeline.strategy import DegeneracyWarning
 from refine.targets import make_target
 
 from .refine_cases import model, observe

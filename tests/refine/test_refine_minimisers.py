@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import refine
-from refine.lm import levenberg_marquardt
-from refine.parameters import parameterise
-from refine.strategy import Stage, translation_search
+from refine.minimise.lm import levenberg_marquardt
+from refine.model.parameters import parameterise
+from refine.pipeline.strategy import Stage, translation_search
 from refine.targets import Objective, make_target, usable_mask
 
 from .refine_cases import beam_center_error_px, indexing_start, misorientation_deg, model, observe, with_detector

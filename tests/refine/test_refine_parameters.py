@@ -11,7 +11,7 @@ import nbtorch
 import refine
 from nbtorch.detector import beam_center_to_pixels
 from nbtorch.rotation import rot_xyz
-from refine.parameters import CRYSTAL_SYSTEMS, parameterise, symmetrize_cell, total_rotation, xyz_angles
+from refine.model.parameters import CRYSTAL_SYSTEMS, parameterise, symmetrize_cell, total_rotation, xyz_angles
 
 from .refine_cases import WATER, model
 

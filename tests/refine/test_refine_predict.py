@@ -8,9 +8,9 @@ import torch
 from torch.func import jacfwd
 
 import nbtorch
-import refine.predict as predict_mod
-from refine.parameters import parameterise
-from refine.predict import make_predict, pixel_index, plane_basis, predict_image
+import refine.model.predict as predict_mod
+from refine.model.parameters import parameterise
+from refine.model.predict import make_predict, pixel_index, plane_basis, predict_image
 from refine.targets import Objective, make_target
 
 from .refine_cases import model, observe

@@ -12,7 +12,7 @@ import nbtorch
 import refine
 from nbtorch.io.matrix import write_mosflm_matrix
 from nbtorch.lattice import reciprocal_matrix
-from refine.parameters import total_rotation
+from refine.model.parameters import total_rotation
 
 from .refine_cases import WATER, model, observe, rotate_crystal, with_crystal, with_detector
 
@@ -156,7 +156,7 @@ def test_plots_and_summary(tmp_path):
     res.plot_loss(str(tmp_path / "loss.png"))
     assert (tmp_path / "fit.png").stat().st_size > 1000 and (tmp_path / "loss.png").stat().st_size > 1000
     # every figure goes through the safe-output rule: through a symlink to its target, never onto a directory
-    from refine import plots
+    from refine.pipeline import plots
 
     os.symlink(tmp_path / "fit.png", tmp_path / "link.png")
     plots.plot_loss(res, str(tmp_path / "link.png"))

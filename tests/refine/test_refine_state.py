@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import refine
-from refine.strategy import Stage, default_stages, prepare, run_stage, schedule
+from refine.pipeline.strategy import Stage, default_stages, prepare, run_stage, schedule
 from refine.targets import Objective, make_target
 
 from .refine_cases import model, observe, with_detector

@@ -9,8 +9,8 @@ import torch
 
 import nbtorch
 from nbtorch.args.table import FLAGS
-from refine.parameters import get_leaf, parameterise
-from refine.table import DEFAULT_FREE, GROUPS, SCALARS, SPECS, SUBGROUPS
+from refine.model.parameters import get_leaf, parameterise
+from refine.model.table import DEFAULT_FREE, GROUPS, SCALARS, SPECS, SUBGROUPS
 
 from .refine_cases import WATER, model
 
@@ -113,8 +113,8 @@ def test_parameterisation_and_scalars_are_frozen():
 def test_a_new_table_entry_is_all_it_takes(monkeypatch):
     """Adding a scalar means adding one entry: a polarization factor entry becomes refinable, packs, unpacks and is
     reported with the flag of its leaf, without touching any other code."""
-    import refine.parameters as parameters
-    import refine.table as table
+    import refine.model.parameters as parameters
+    import refine.model.table as table
 
     extra = table.ScalarSpec("polarization", "polarization", "beam.polarization", None, "linear", 0.01, "", "%",
                              1.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nbtorch
-from refine.parameters import parameterise
+from refine.model.parameters import parameterise
 from refine.targets import Objective, make_target, plane_basis, select_pixels, usable_mask
 
 from .refine_cases import model, observe

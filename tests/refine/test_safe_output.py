@@ -10,8 +10,9 @@ import warnings
 
 import pytest
 
-from refine import cli_many, demo
-from refine.cli import main as refine_main
+from refine.cli import many as cli_many
+from refine.cli import demo
+from refine.cli.fit import main as refine_main
 from refine.scaleout import append_line, done_paths, read_results
 
 #: nanoBragg flags of a tiny start; the checks run before the model is built, so the images need not be real.
@@ -28,7 +29,7 @@ def folder(tmp_path, monkeypatch):
     fail = lambda *a, **k: pytest.fail("work started before the output check")  # noqa: E731
     monkeypatch.setattr(cli_many, "_run_independent", fail)
     monkeypatch.setattr(cli_many, "_run_joint", fail)
-    monkeypatch.setattr("refine.cli._load", fail)
+    monkeypatch.setattr("refine.cli.fit._load", fail)
     monkeypatch.setattr(demo, "_run", fail)
     return tmp_path
 
@@ -150,7 +151,8 @@ def test_demo_refuses_an_output_that_is_a_directory(folder, capsys):
 @pytest.fixture
 def sweep(folder, monkeypatch):
     pytest.importorskip("optuna")
-    from refine import studies, sweep_cli
+    from refine import studies
+    from refine.cli import sweep as sweep_cli
 
     monkeypatch.setattr(studies, "global_search", lambda *a, **k: pytest.fail("the study ran"))
     return lambda *extra: sweep_cli.main(["a.img", "--search", "distance:1", "--n-trials", "1", "--storage",

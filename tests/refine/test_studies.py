@@ -10,7 +10,8 @@ import torch
 optuna = pytest.importorskip("optuna")
 
 import refine  # noqa: E402
-from refine import studies, sweep_cli  # noqa: E402
+from refine import studies  # noqa: E402
+from refine.cli import sweep as sweep_cli  # noqa: E402
 
 from .refine_cases import misorientation_deg, model, observe, rotate_crystal  # noqa: E402
 from .study_cases import TINY, TINY_START, sweep_argv, write_tiny  # noqa: E402

@@ -15,8 +15,9 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from refine import studies, sweep_cli  # noqa: E402
-from refine.cli import main as refine_main  # noqa: E402
+from refine import studies  # noqa: E402
+from refine.cli import sweep as sweep_cli  # noqa: E402
+from refine.cli.fit import main as refine_main  # noqa: E402
 
 from .study_cases import TINY_START, sweep_argv, write_tiny  # noqa: E402
 from .study_cases import one_thread  # noqa: E402,F401  (fixture)

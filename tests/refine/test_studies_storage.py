@@ -13,7 +13,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from refine import studies, sweep_cli  # noqa: E402
+from refine import studies  # noqa: E402
+from refine.cli import sweep as sweep_cli  # noqa: E402
 
 from .study_cases import PostgresServer, sweep_argv, write_tiny  # noqa: E402
 from .study_cases import one_thread  # noqa: E402,F401  (fixture)
@@ -61,7 +62,7 @@ def test_killed_run_resumes_without_losing_trials(tmp_path, capsys):
     obs = write_tiny(tmp_path)
     url = f"journal:{tmp_path / 'study.log'}"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "refine.sweep_cli", *sweep_argv(obs, url, 40, "--quiet", "--threads", "1")]
+    cmd = [sys.executable, "-m", "refine.cli.sweep", *sweep_argv(obs, url, 40, "--quiet", "--threads", "1")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:

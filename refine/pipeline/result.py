@@ -15,11 +15,11 @@ from nbtorch.args import to_nanobragg_args
 from nbtorch.io._atomic import atomic_write
 
 from . import plots
-from .parameters import Parameterisation
-from .predict import predict_image
+from ..model.parameters import Parameterisation
+from ..model.predict import predict_image
 from .report import REPORT_FIELDS, correlation_from_covariance, covariance, propagate  # noqa: F401
 from .strategy import FitState
-from .targets import Objective
+from ..targets import Objective
 
 
 #: A likelihood fit (Poisson, Gaussian, Anscombe) whose Pearson χ²/ν lies outside [1/POOR_FIT_CHI2, POOR_FIT_CHI2]

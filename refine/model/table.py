@@ -5,7 +5,7 @@ Each :class:`ScalarSpec` names the ``Params`` leaf it moves (and the component),
 (which preconditions gradient optimisers and sizes trust regions) and any default bound.  The nanoBragg flag a value
 is written as comes from the flag table (:data:`nbtorch.args.table.FLAGS`, matched by the leaf path), so it is stated
 there only.  Adding a refinable parameter means adding one entry to :data:`SCALARS` (and, when it starts a new
-group, its name to the group order), nothing else.
+group, its :class:`GroupSpec` with the group's roles to :data:`GROUP_SPECS`), nothing else.
 
 Transforms (``leaf_ref`` the reference value of the leaf component, ``s`` the entry's ``scale``):
 
@@ -23,7 +23,7 @@ not part of ``Params``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from nbtorch.args.table import FLAGS
 from nbtorch.units import DEG_PER_MRAD
@@ -118,8 +118,67 @@ SCALARS: Tuple[ScalarSpec, ...] = tuple([
 ])
 SPECS: Dict[str, ScalarSpec] = {s.name: s for s in SCALARS}
 
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+    """The roles of one group of scalars.
+
+    name: the group (the prefix of its scalars' names); moves_spots: it moves spots on the detector (a broadened
+    stage runs only when such a group is free); coarse: refined in the broadened coarse stages (geometry, scale and
+    background; never what the broadened spots cannot determine); search_unit / search_range / search_suffix: the
+    unit, default half-width and trial-parameter suffix of a global search over it ('' = not searchable);
+    report: the reported quantities ({name: length}, in :data:`REPORT_FIELDS` order); requires: {scalar: (test of
+    (params, setup), why not)} conditions the starting model must meet for the scalar to be free.
+    """
+
+    name: str
+    moves_spots: bool = False
+    coarse: bool = False
+    search_unit: str = ""
+    search_range: float = 0.0
+    search_suffix: str = ""
+    report: Tuple[Tuple[str, int], ...] = ()
+    requires: Tuple[Tuple[str, Callable, str], ...] = ()
+
+
+#: Every group, in report order.
+GROUP_SPECS: Tuple[GroupSpec, ...] = (
+    GroupSpec("cell", search_unit="percent", search_range=3.0, search_suffix="_pct", report=(("cell", 6),)),
+    GroupSpec("orientation", moves_spots=True, coarse=True, search_unit="deg", search_range=5.0,
+              search_suffix="_deg", report=(("misset_deg", 3),)),
+    GroupSpec("distance", moves_spots=True, coarse=True, search_unit="mm", search_range=5.0, search_suffix="_mm",
+              report=(("distance_mm", 1),)),
+    GroupSpec("beam_center", moves_spots=True, coarse=True, search_unit="px", search_range=10.0, search_suffix="_px",
+              report=(("beam_center", 2), ("beam_center_px", 2))),
+    GroupSpec("detector_rotation", moves_spots=True, coarse=True, report=(("detector_rotation_deg", 3),)),
+    GroupSpec("twotheta", moves_spots=True, coarse=True, report=(("twotheta_deg", 1),)),
+    GroupSpec("wavelength", report=(("wavelength_A", 1),)),
+    GroupSpec("ncells", report=(("ncells", 3),)),
+    GroupSpec("mosaic", report=(("mosaic_deg", 1),), requires=(
+        ("mosaic", lambda p, s: s.n_domains >= 2 and float(p.crystal.mosaic_spread) > 0,
+         "mosaic can only be refined when the starting model has a mosaic spread > 0 and at least 2 mosaic domains "
+         "(-mosaic S -mosaic_domains M)"),)),
+    GroupSpec("scale", coarse=True, report=(("fluence", 1), ("scale", 1))),
+    GroupSpec("background", coarse=True, report=(("background", 3), ("water_size_um", 1)), requires=(
+        ("background.water", lambda p, s: float(p.background.water_size) > 0,
+         "background.water needs a starting water_size > 0 (-water SIZE_um)"),)),
+)
 #: Groups in report order (each the prefix of its scalars' names).
-GROUPS = tuple(dict.fromkeys(s.group for s in SCALARS))
+GROUPS = tuple(g.name for g in GROUP_SPECS)
+assert GROUPS == tuple(dict.fromkeys(s.group for s in SCALARS)), "every group has a GroupSpec, in scalar order"
+#: Groups refined while spots are broadened (never cell, wavelength, ncells, mosaic).
+GEOMETRY_GROUPS = tuple(g.name for g in GROUP_SPECS if g.coarse)
+#: A broadened stage that minimises runs only when one of these is free (spot positions to find).
+POSITION_GROUPS = tuple(g.name for g in GROUP_SPECS if g.moves_spots)
+#: Searchable groups and the units of their search ranges; default half-widths; trial-parameter suffixes.
+SEARCH_UNITS = {g.name: g.search_unit for g in GROUP_SPECS if g.search_unit}
+DEFAULT_RANGES = {g.name: g.search_range for g in GROUP_SPECS if g.search_unit}
+SEARCH_SUFFIX = {g.name: g.search_suffix for g in GROUP_SPECS if g.search_unit}
+#: Every reported quantity of a result and its length, in order (:mod:`refine.pipeline.report`).
+REPORT_FIELDS = tuple(f for g in GROUP_SPECS for f in g.report)
+#: {scalar name: (test(params, setup), why not)}: what the starting model needs for the scalar to be free.
+REQUIRES = {name: (test, why) for g in GROUP_SPECS for name, test, why in g.requires}
 #: Named parts of a group.
 SUBGROUPS: Dict[str, Tuple[str, ...]] = {
     "background.constant": ("background.constant",),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
-from .plots import _pyplot, _save
+from ..pipeline.plots import _pyplot, _save
 
 
 def _complete(study) -> List:

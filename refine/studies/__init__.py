@@ -48,18 +48,13 @@ import torch
 
 from nbtorch.units import DEG_PER_MRAD, percent_to_fraction
 
-from .options import FitOptions
-from .result import Result, finish
-from .strategy import GEOMETRY_GROUPS, PRELIMINARY_FTOL, TRUST, FitState, Stage, prepare, run_stage
-from . import study_plots  # noqa: F401
-from .study_plots import plot_history, plot_importances, plot_surface  # noqa: F401  (re-exported)
+from ..model.table import DEFAULT_RANGES, SEARCH_SUFFIX, SEARCH_UNITS  # noqa: F401
+from ..pipeline.options import FitOptions
+from ..pipeline.result import Result, finish
+from ..pipeline.strategy import FitState, Stage, default_stages, prepare, run_stage
+from . import plots as study_plots  # noqa: F401
+from .plots import plot_history, plot_importances, plot_surface  # noqa: F401  (re-exported)
 
-#: Groups a global search can sample, and the unit of their ranges.
-SEARCH_UNITS = {"orientation": "deg", "cell": "percent", "distance": "mm", "beam_center": "px"}
-#: Example half-widths (the issue's box): orientation ±5°, cell ±3 %, distance ±5 mm, beam centre ±10 px.
-DEFAULT_RANGES = {"orientation": 5.0, "cell": 3.0, "distance": 5.0, "beam_center": 10.0}
-#: Trial parameter suffix per group (the unit of the suggested value).
-_SUFFIX = {"orientation": "_deg", "cell": "_pct", "distance": "_mm", "beam_center": "_px"}
 SAMPLERS = ("tpe", "cmaes", "gp", "random")
 PRUNERS = ("median", "hyperband", "none")
 #: Storage URL schemes: SQLite file, journal file, PostgreSQL (also with a driver, postgresql+psycopg2://).
@@ -110,7 +105,7 @@ def parse_search(text: str) -> Dict[str, float]:
 
 def check_search_name(name: str) -> None:
     """ValueError unless ``name`` is a searchable group (:data:`SEARCH_UNITS`) or one of its scalars."""
-    from .table import SPECS
+    from ..model.table import SPECS
 
     group = name.split(".")[0]
     if group not in SEARCH_UNITS or ("." in name and (name not in SPECS or name.startswith("cell.") and
@@ -146,22 +141,14 @@ def search_dimensions(par, search: Mapping[str, float]) -> List[Dimension]:
             s = par.scalars[i]
             to_x = {"orientation": 1.0 / DEG_PER_MRAD, "cell": percent_to_fraction(s.ref), "distance": 1.0,
                     "beam_center": par.setup.pixel_size}[group]
-            dims[i] = Dimension(s.name + _SUFFIX[group], i, float(half), float(to_x))
+            dims[i] = Dimension(s.name + SEARCH_SUFFIX[group], i, float(half), float(to_x))
     return [dims[i] for i in sorted(dims)]
 
 
 def trial_stages(iterations: int = 4) -> List[Stage]:
-    """A short coarse-to-fine schedule for one trial: the default stages (search, coarse, medium, robust, fine)
-    with ``iterations`` minimiser iterations each; the last, non-preliminary, stage is the real model with the
-    fit's target."""
-    prelim = dict(target="anscombe", trust=TRUST, ftol=PRELIMINARY_FTOL, preliminary=True)
-    return [
-        Stage("search", ncells_factor=0.5, max_iter=0, search_beam_center=True, prefit_scale=True, preliminary=True),
-        Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=iterations, **prelim),
-        Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=iterations, **prelim),
-        Stage("robust", max_iter=iterations, **prelim),
-        Stage("fine", max_iter=iterations, preliminary=False),
-    ]
+    """A short coarse-to-fine schedule for one trial: the default stages with ``iterations`` minimiser iterations
+    each; the last, non-preliminary, stage is the real model with the fit's target."""
+    return default_stages(iterations, iterations, iterations)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -895,7 +882,7 @@ class HyperparameterObjective:
         return float(torch.sqrt(torch.mean(err ** 2))) if len(err) else 0.0
 
     def __call__(self, trial) -> float:
-        from .fit import fit
+        from ..pipeline.fit import fit
 
         hp = suggest_hyperparameters(trial, self.space)
         trial.set_user_attr("worker", worker_id())

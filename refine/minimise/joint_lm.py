@@ -13,7 +13,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .joint import JointObjective
+from ..pipeline.joint import JointObjective
 from .lm import IterationLog, next_damping
 from .schur import BlockNormal, decrement, schur_solve
 

@@ -41,24 +41,21 @@ import torch
 from nbtorch.types import Params, Setup
 from nbtorch.validate import check_params
 
-from .degeneracy import Degeneracy, degenerate_pairs
-from .lm import MinimizeResult, levenberg_marquardt
-from .optim import adam, lbfgs
+from ..model.degeneracy import Degeneracy, degenerate_pairs
+from ..minimise.lm import MinimizeResult, levenberg_marquardt
+from ..minimise.optim import adam, lbfgs
 from .options import FitOptions
-from .parameters import Parameterisation, parameterise, total_rotation
-from .predict import make_predict, predict_image
+from ..model.parameters import Parameterisation, parameterise, total_rotation
+from ..model.table import GEOMETRY_GROUPS, POSITION_GROUPS  # noqa: F401  (re-exported)
+from ..model.predict import make_predict, predict_image
 from .search import prefit_scale, search_geometry, translation_search  # noqa: F401  (re-exported)
-from .targets import Objective, Target, make_target, observed_array, select_pixels, usable_mask
+from ..targets import Objective, Target, make_target, observed_array, select_pixels, usable_mask
 
-#: Groups refined while spots are broadened (never cell, wavelength, ncells, mosaic).
-GEOMETRY_GROUPS = ("orientation", "distance", "beam_center", "detector_rotation", "twotheta", "scale", "background")
 #: Trust region of the preliminary stages, in typical errors (orientation 2 mrad, distance 0.5 mm, beam centre one
 #: pixel, cell 0.5 %, tilts 2 mrad, ln-scale 0.1 …).
 TRUST = 10.0
 #: Convergence tolerance of the preliminary stages (log-likelihood units).
 PRELIMINARY_FTOL = 0.5
-#: A broadened stage that minimises runs only when one of these is free (spot positions to find).
-POSITION_GROUPS = ("orientation", "distance", "beam_center", "detector_rotation", "twotheta")
 
 
 class DegeneracyWarning(UserWarning):
@@ -100,15 +97,17 @@ class Stage:
         return self.ncells_factor != 1.0 or self.mosaic_factor != 1.0 or self.shape is not None
 
 
-def default_stages(coarse_iter: int = 8, robust_iter: int = 10) -> List[Stage]:
-    """The default coarse-to-fine schedule (see the module docstring)."""
+def default_stages(coarse_iter: int = 8, robust_iter: int = 10, final_iter: Optional[int] = None) -> List[Stage]:
+    """The coarse-to-fine schedule (see the module docstring): search, coarse and medium (``coarse_iter``
+    iterations each), robust (``robust_iter``), then the final stage (``final_iter``; None: the fit's ``max_iter``).
+    Every fit and every study trial runs it."""
     prelim = dict(target="anscombe", trust=TRUST, ftol=PRELIMINARY_FTOL, preliminary=True)
     return [
         Stage("search", ncells_factor=0.5, max_iter=0, search_beam_center=True, prefit_scale=True, preliminary=True),
         Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=coarse_iter, **prelim),
         Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=coarse_iter, **prelim),
         Stage("robust", max_iter=robust_iter, **prelim),
-        Stage("fine", preliminary=False),
+        Stage("fine", max_iter=final_iter, preliminary=False),
     ]
 
 

@@ -29,17 +29,17 @@ import torch
 
 from nbtorch.validate import check_params
 
-from .degeneracy import degenerate_pairs
+from ..model.degeneracy import degenerate_pairs
 from .fit import fit_options
 from .joint import JointObjective, Layout, align_shared, make_layout
-from .joint_lm import joint_levenberg_marquardt
+from ..minimise.joint_lm import joint_levenberg_marquardt
 from .many_result import ImageResult, JointResult  # noqa: F401  (re-exported)
 from .options import FitOptions
-from .parameters import Parameterisation, expand_free, parameterise
+from ..model.parameters import Parameterisation, expand_free, parameterise
 from .search import prefit_scale
 from .strategy import (GEOMETRY_GROUPS, POSITION_GROUPS, PRELIMINARY_FTOL, TRUST, DegeneracyWarning, Stage,
                        apply_stage, trust_bounds)
-from .targets import Target, make_target, observed_array, usable_mask
+from ..targets import Target, make_target, observed_array, usable_mask
 
 #: FitOptions a joint fit does not support, with their neutral values.
 UNSUPPORTED = {"method": "lm", "priors": None, "weights": None, "spots_only": False}
@@ -164,7 +164,7 @@ def prepare_many(observed_list, params_list, setup_list, shared, per_image, opti
 def start_point(pb: JointProblem) -> torch.Tensor:
     """X at the start: zeros, with each image's scale (and constant background) pre-fitted linearly when free
     (:func:`refine.search.prefit_scale`); a shared scale starts at the images' mean."""
-    from .predict import make_predict
+    from ..model.predict import make_predict
 
     xs = []
     for k, (par, o, idx) in enumerate(zip(pb.pars, pb.observed, pb.usable), start=1):

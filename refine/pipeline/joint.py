@@ -24,11 +24,11 @@ from torch.func import jacfwd, vmap
 from nbtorch.simulate import simulate_pixels
 from nbtorch.types import Params
 
-from .parameters import Parameterisation, get_leaf, set_leaf
-from .predict import plane_basis
-from .schur import BlockNormal
-from .table import SCALARS, SUBGROUPS
-from .targets import Target
+from ..model.parameters import Parameterisation, get_leaf, set_leaf
+from ..model.predict import plane_basis
+from ..minimise.schur import BlockNormal
+from ..model.table import SCALARS, SUBGROUPS
+from ..targets import Target
 
 
 def _specs_of(names: Sequence[str]):

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from .cli_checks import EXIT_USAGE, fit_status
+from .checks import EXIT_USAGE, fit_status
 
 #: Our options and how many values each takes (everything else after OBSERVED is the starting model's flags).
 OPTIONS = {
@@ -44,8 +44,8 @@ EXIT_FAILED = 1
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of our ``--`` options (the nanoBragg flags are split off first, :func:`split_argv`)."""
-    from .cli_checks import OneLineParser
-    from .studies import CONNECT_TIMEOUT, PRUNERS, SAMPLERS, STORAGE_FORMS
+    from .checks import OneLineParser
+    from ..studies import CONNECT_TIMEOUT, PRUNERS, SAMPLERS, STORAGE_FORMS
 
     ap = OneLineParser(
         prog="nbtorch-sweep",
@@ -126,9 +126,9 @@ MAX_SEED = 2 ** 32 - 1
 
 def _usage_checks(ns, flags) -> Optional[str]:
     """A usage error message naming the option and its allowed values, or None (before any work)."""
-    from .cli_checks import UsageError, check_threads
-    from .fit import fit_options
-    from .studies import check_connect_timeout
+    from .checks import UsageError, check_threads
+    from ..pipeline.fit import fit_options
+    from ..studies import check_connect_timeout
 
     if not flags:
         return "give the starting model as nanoBragg flags after OBSERVED (see --help)"
@@ -155,7 +155,7 @@ def _usage_checks(ns, flags) -> Optional[str]:
 def _free(ns, search) -> List[str]:
     """The free groups: ``--refine``'s (comma or space separated; :class:`~refine.cli_checks.UsageError` when
     empty), else the searched groups and scale."""
-    from .cli_checks import free_groups
+    from .checks import free_groups
 
     if ns.refine is not None:
         return free_groups(ns.refine)
@@ -169,7 +169,7 @@ def _load(ns, flags):
 
     import nbtorch
 
-    from .observed import read_observed
+    from ..targets.observed import read_observed
 
     params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64 if ns.dtype == "float64" else
                                                 torch.float32)
@@ -185,7 +185,7 @@ def summary(outcome, spec, flags, n_run: int) -> dict:
     ``refined`` (the full refinement's JSON)."""
     from collections import Counter
 
-    from .studies import redact
+    from ..studies import redact
 
     res, study = outcome.result, outcome.study
     refined = res.to_dict()
@@ -208,7 +208,7 @@ PLOT_NAMES = ("history.png", "importances.png", "surface.png")
 def write_plots(study, directory: str) -> List[str]:
     """history.png, importances.png and (with two or more searched parameters) surface.png in ``directory``, each
     written atomically under the safe-output rule (as every figure: :func:`refine.plots._save`)."""
-    from . import studies
+    from .. import studies
 
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, n) for n in PLOT_NAMES]
@@ -224,7 +224,7 @@ def write_plots(study, directory: str) -> List[str]:
 def matrix_path(ns, flags) -> Optional[str]:
     """Where the refined MOSFLM matrix of a ``-mat`` start goes (next to ``--json``, else refined.mat); None for a
     ``-cell`` start."""
-    from .cli_checks import flag_inputs
+    from .checks import flag_inputs
 
     if not any(flag == "-mat" for flag, _ in flag_inputs(flags)):
         return None
@@ -237,7 +237,7 @@ def output_problem(ns, flags) -> Optional[str]:
     other, and can be written.  The message (naming the option), or None."""
     from nbtorch.io.safe_output import check_output_folder
 
-    from .cli_checks import UsageError, check_outputs, flag_inputs
+    from .checks import UsageError, check_outputs, flag_inputs
 
     outputs = [("--json", ns.json), ("--json (refined -mat)" if ns.json else "refined matrix", matrix_path(ns, flags))]
     try:
@@ -255,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ours, flags = split_argv(argv)
     from nbtorch.interrupt import one_line_warnings
 
-    from .cli_checks import UsageError
+    from .checks import UsageError
 
     one_line_warnings("nbtorch-sweep")  # e.g. OBSERVED's header against the flags
 
@@ -268,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code or 0)
     problem = _usage_checks(ns, flags) or output_problem(ns, flags) or _photon_problem(ns)
     try:
-        from . import studies
+        from .. import studies
 
         studies.require_optuna()
         search = studies.parse_search(ns.search) if problem is None else {}
@@ -284,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _photon_problem(ns) -> Optional[str]:
     """The ``--adc``/``--gain`` error message (:func:`refine.cli_checks.check_adc_gain`), or None."""
-    from .cli_checks import UsageError, check_adc_gain
+    from .checks import UsageError, check_adc_gain
 
     try:
         check_adc_gain(ns.adc, ns.gain)
@@ -301,7 +301,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _redacted(text: str, ns) -> str:
     """``text`` with the password of ``--storage`` hidden (:func:`refine.studies.redact_text`)."""
-    from .studies import redact_text
+    from ..studies import redact_text
 
     return redact_text(text, ns.storage)
 
@@ -310,7 +310,7 @@ def _run(ns, flags, search, spec) -> int:
     """Load the data, run the study, refine the best, write the outputs."""
     import torch
 
-    from . import studies
+    from .. import studies
 
     if ns.threads:
         torch.set_num_threads(int(ns.threads))

@@ -33,10 +33,12 @@ from nbtorch.types import Params, Setup
 from nbtorch.units import mrad2rad, rad2mrad
 
 from .cells import CELL_ROWS, CRYSTAL_SYSTEMS, resolve_crystal_system, symmetrize_cell  # noqa: F401
-from .table import DEFAULT_FREE, GROUPS, SCALARS, SUBGROUPS, ScalarSpec  # noqa: F401
+from .table import DEFAULT_FREE, GROUPS, REQUIRES, SCALARS, SUBGROUPS, ScalarSpec  # noqa: F401
 
 #: Log scalars stay within e^±LOG_RANGE of their reference by default.
 LOG_RANGE = 10.0
+#: How N (cells per domain) is refined: one ln-scale for Na, Nb, Nc, three, or isotropic when they are equal.
+NCELLS_MODES = ("auto", "isotropic", "anisotropic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,13 +297,6 @@ class Parameterisation:
 # building a parameterisation
 
 #: Scalars a model must support to be refined: name → (test on (params, setup), what to give otherwise).
-REQUIRES = {
-    "mosaic": (lambda p, s: s.n_domains >= 2 and float(p.crystal.mosaic_spread) > 0,
-               "mosaic can only be refined when the starting model has a mosaic spread > 0 and at least 2 mosaic "
-               "domains (-mosaic S -mosaic_domains M)"),
-    "background.water": (lambda p, s: float(p.background.water_size) > 0,
-                         "background.water needs a starting water_size > 0 (-water SIZE_um)"),
-}
 
 
 def expand_free(free: Iterable[str]) -> List[str]:
@@ -432,8 +427,8 @@ def parameterise(
         ValueError: unknown names, a group that cannot be refined with this model (``mosaic`` with a single mosaic
             domain, ``background.water`` with water_size = 0), bad bounds or priors.
     """
-    if ncells_mode not in ("auto", "isotropic", "anisotropic"):
-        raise ValueError(f"ncells_mode must be 'auto', 'isotropic' or 'anisotropic'; got {ncells_mode!r}")
+    if ncells_mode not in NCELLS_MODES:
+        raise ValueError(f"ncells_mode must be one of {', '.join(NCELLS_MODES)}; got {ncells_mode!r}")
     c, dt, dev = params.crystal, params.crystal.cell.dtype, params.crystal.cell.device
     N = [float(v) for v in c.ncells.detach().cpu()]
     ncells_iso = ncells_mode == "isotropic" or (ncells_mode == "auto" and max(N) - min(N) <= 1e-9 * max(N))

@@ -38,8 +38,8 @@ from nbtorch.io.images import ObservedImage
 from nbtorch.simulate import choose_fused
 from nbtorch.types import Setup
 
-from .parameters import Parameterisation
-from .predict import Predict, pixel_index, plane_basis, predict_image  # noqa: F401  (plane_basis re-exported)
+from ..model.parameters import Parameterisation
+from ..model.predict import Predict, pixel_index, plane_basis, predict_image  # noqa: F401  (plane_basis re-exported)
 
 TARGETS = ("poisson", "gaussian", "lsq", "anscombe")
 

@@ -20,13 +20,15 @@ import torch
 import nbtorch
 from nbtorch.io import atomic_write, atomic_write_from
 
+from ..model.table import DEFAULT_FREE
+
 TRUE_ARGS = (
     "-cell 52 61 73 90 90 90 -misset 12 -25 31 -default_F 100 -N 8 -lambda 1.0 -distance 80 -pixel 0.2 "
     "-detpixels 256 -oversample 1 -polar 0.95 -water 0.1 -fluence 1e28"
 )
 # start = true model with errors typical of indexing
 START_CHANGES = {"cell": 1.007, "misset_deg": 0.4, "distance_mm": 1.5, "beam_center_px": 2.5, "scale": 2.0}
-FREE = ["cell", "orientation", "distance", "beam_center", "scale"]
+FREE = list(DEFAULT_FREE)
 #: The files a run writes into ``--out`` (checked by the safe-output rule before any work).
 FILES = ("observed.img", "observed.png", "fit.png", "fit.json", "refined.mat", "refined_flags.txt", "summary.json")
 
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     cannot be made (one line), 1 an output that cannot be written, 130/143 interrupted."""
     from nbtorch.interrupt import exit_status, interrupts
 
-    from .cli_checks import OneLineParser, UsageError
+    from .checks import OneLineParser, UsageError
 
     ap = OneLineParser(prog="nbtorch-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="nbtorch-demo", help="output folder (default nbtorch-demo)")
@@ -122,7 +124,7 @@ def _prepare_out(out: str) -> None:
     (:func:`nbtorch.io.check_output_paths`), before any work; :class:`~refine.cli_checks.UsageError` naming --out."""
     from nbtorch.io import check_output_folder, check_output_paths
 
-    from .cli_checks import UsageError
+    from .checks import UsageError
 
     try:
         check_output_folder("--out", out)

@@ -13,11 +13,12 @@ import math
 import types
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
-from .cells import CRYSTAL_SYSTEMS
-from .optim import SCHEDULES
-from .parameters import expand_free
-from .table import DEFAULT_FREE
-from .targets import TARGETS, Target
+from ..model.cells import CRYSTAL_SYSTEMS
+from ..minimise.optim import SCHEDULES
+from ..model.parameters import NCELLS_MODES, expand_free
+from ..model.table import DEFAULT_FREE
+from ..targets import TARGETS, Target
+from .report import ESD_SCALES
 
 METHODS = ("lm", "lbfgs", "adam")
 #: Iterations of the final stage when ``max_iter`` is None, per method.
@@ -110,9 +111,9 @@ class FitOptions:
         if not isinstance(self.target, Target):
             _choice("target", self.target, TARGETS)
         _choice("crystal_system", self.crystal_system, ("auto",) + tuple(CRYSTAL_SYSTEMS))
-        _choice("ncells_mode", self.ncells_mode, ("auto", "isotropic", "anisotropic"))
+        _choice("ncells_mode", self.ncells_mode, NCELLS_MODES)
         _choice("schedule", self.schedule, SCHEDULES)
-        _choice("esd_scale", self.esd_scale, ("auto", "chi2", "none"))
+        _choice("esd_scale", self.esd_scale, ESD_SCALES)
         _choice("fused", self.fused, (None, True, False))
         for name in ("coarse_iter", "robust_iter", "max_shift", "spot_dilate"):
             _at_least(name, getattr(self, name), 0, integer=True)

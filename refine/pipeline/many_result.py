@@ -14,10 +14,10 @@ from nbtorch.args import to_nanobragg_args
 from nbtorch.io._atomic import atomic_write
 
 from .joint import JointObjective
-from .parameters import Parameterisation
+from ..model.parameters import Parameterisation
 from .report import correlation_from_covariance, propagate
 from .result import poor_fit_message
-from .schur import _inverse, image_covariance, schur_covariance
+from ..minimise.schur import _inverse, image_covariance, schur_covariance
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -19,7 +19,7 @@ from torch.func import jacfwd
 from nbtorch.detector import detector_frame
 from nbtorch.types import Params, Setup
 
-from .predict import predict_image
+from ..model.predict import predict_image
 
 
 def _prepared(image: np.ndarray, usable: np.ndarray) -> np.ndarray:

@@ -16,16 +16,13 @@ from torch.func import jacfwd
 from nbtorch.detector import beam_center_to_pixels
 from nbtorch.units import rad2deg
 
-from .parameters import Parameterisation, total_rotation, xyz_angles
-from .targets import Objective
+from ..model.parameters import Parameterisation, total_rotation, xyz_angles
+from ..model.table import REPORT_FIELDS  # noqa: F401  (re-exported)
 
-#: Reported model quantities: name → length.  ``beam_center`` is ``Detector.beam_center`` in mm (the convention's
-#: meaning); ``beam_center_px`` the same point in the convention's pixels (XDS/DIALS: ORGX, ORGY).
-REPORT_FIELDS = (
-    ("cell", 6), ("misset_deg", 3), ("distance_mm", 1), ("beam_center", 2), ("beam_center_px", 2),
-    ("detector_rotation_deg", 3), ("twotheta_deg", 1), ("wavelength_A", 1), ("ncells", 3), ("mosaic_deg", 1),
-    ("fluence", 1), ("scale", 1), ("background", 3), ("water_size_um", 1),
-)
+#: How ESDs are scaled: by χ²/ν for least squares only ('auto'), always ('chi2'), never ('none').
+ESD_SCALES = ("auto", "chi2", "none")
+from ..targets import Objective
+
 
 
 def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
@@ -82,8 +79,8 @@ def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", r
 
     Returns ``(cov [n, n], chi2_reduced, k, loss, degenerate)`` with ``degenerate`` a list of lists of scalar names
     (empty when H is well conditioned)."""
-    if esd_scale not in ("auto", "chi2", "none"):
-        raise ValueError(f"esd_scale must be 'auto', 'chi2' or 'none'; got {esd_scale!r}")
+    if esd_scale not in ESD_SCALES:
+        raise ValueError(f"esd_scale must be one of {', '.join(ESD_SCALES)}; got {esd_scale!r}")
     n = objective.par.n
     if normal is not None:
         H, m = normal

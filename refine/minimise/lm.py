@@ -28,7 +28,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .targets import Objective
+from ..targets import Objective
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from .cli_checks import (EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, PLOT_EXTENSIONS, OneLineParser, UsageError,
+from .checks import (EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, PLOT_EXTENSIONS, OneLineParser, UsageError,
                          check_adc_gain, check_outputs, check_threads, fit_status, flag_inputs, free_groups)
 
 # our options and how many values each takes (everything else after OBSERVED goes to the nanoBragg parser)
@@ -38,7 +38,7 @@ _OPTIONS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .parameters import CRYSTAL_SYSTEMS, DEFAULT_FREE, GROUPS
+    from ..model.parameters import CRYSTAL_SYSTEMS, DEFAULT_FREE, GROUPS
 
     ap = OneLineParser(
         prog="nbtorch-refine",
@@ -183,7 +183,7 @@ def _parse(argv: List[str]):
         raise UsageError(f"OBSERVED {ns.observed}: no such file")
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", ns.matrix_out)],
                   inputs=[("OBSERVED", ns.observed)] + flag_inputs(flags))
-    from .fit import fit_options
+    from ..pipeline.fit import fit_options
 
     try:
         options = fit_options(
@@ -203,7 +203,7 @@ def _load(ns, flags: List[str]):
 
     import nbtorch
 
-    from .observed import read_observed
+    from ..targets.observed import read_observed
 
     if ns.threads:
         torch.set_num_threads(int(ns.threads))
@@ -258,7 +258,7 @@ def _single(argv: List[str]) -> int:
     ns, flags, options = _parse(argv)
     one_line_warnings("nbtorch-refine")
     params, setup, obs, matrix_out = _load(ns, flags)
-    from .fit import fit
+    from ..pipeline.fit import fit
 
     t0 = time.perf_counter()
     try:
@@ -285,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with interrupts():
             if any(t == "--images" or t.startswith("--images=") for t in argv):  # many images: refine/cli_many.py
-                from .cli_many import main as main_many
+                from .many import main as main_many
 
                 return main_many(argv)
             return _single(argv)

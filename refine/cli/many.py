@@ -31,7 +31,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from .cli_checks import check_adc_gain, fit_status
+from .checks import check_adc_gain, fit_status
 
 _OPTIONS = {
     "--images": 1, "--shared": 1, "--per-image": 1, "--json": 1, "--independent": 0, "--refine": 1, "--workers": 1,
@@ -43,9 +43,9 @@ _OPTIONS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .parameters import CRYSTAL_SYSTEMS
+    from ..model.parameters import CRYSTAL_SYSTEMS
 
-    from .cli_checks import OneLineParser
+    from .checks import OneLineParser
 
     ap = OneLineParser(
         prog="nbtorch-refine --images",
@@ -156,7 +156,7 @@ class JointProgress:
     ``fit_many``'s ``progress``."""
 
     def __init__(self, stream=None):
-        from .cli import Progress
+        from .fit import Progress
 
         self.stream = sys.stderr if stream is None else stream
         self.lines = Progress(self.stream)
@@ -196,8 +196,8 @@ class JointProgress:
 def _run_joint(ns, entries) -> int:
     import torch
 
-    from .imagelist import load_entries
-    from .many import fit_many
+    from ..imagelist import load_entries
+    from ..pipeline.many import fit_many
 
     shown = None if ns.quiet else JointProgress()
     try:
@@ -222,7 +222,7 @@ def _run_joint(ns, entries) -> int:
 
 
 def _run_independent(ns, entries) -> int:
-    from .scaleout import refine_images
+    from ..scaleout import refine_images
 
     for module, why in (("distributed", "--independent runs on Dask: pip install 'dask[distributed]'"),
                         ("cryptography", "a local Dask cluster runs over TLS: pip install cryptography")):
@@ -248,7 +248,7 @@ def _run_independent(ns, entries) -> int:
 def results_status(entries, results: str) -> int:
     """The exit status of an independent run, judged on every LIST entry's line in ``results`` (this run's or an
     earlier one's): 3 when one is missing, failed or not converged, else 4 when one is a poor fit, else 0."""
-    from .scaleout import read_results
+    from ..scaleout import read_results
 
     recs = {r.get("path"): r for r in read_results(results)}
     lines = [recs.get(e.path) for e in entries]
@@ -259,11 +259,11 @@ def results_status(entries, results: str) -> int:
 def _scheduler_security(ns):
     """(credentials, warning) for ``--scheduler`` (:func:`refine.scaleout.scheduler_security`; (None, '') without
     it, or without Dask installed, which the run reports); :class:`~refine.cli_checks.UsageError`."""
-    from .cli_checks import UsageError
+    from .checks import UsageError
 
     if not ns.scheduler or importlib.util.find_spec("distributed") is None:
         return None, ""
-    from .scaleout import scheduler_security
+    from ..scaleout import scheduler_security
 
     try:
         return scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
@@ -274,9 +274,9 @@ def _scheduler_security(ns):
 def _checked(argv: Sequence[str]):
     """(options, LIST entries): every option, the LIST (each line's file and flags), the groups, the fit options
     and the output paths checked before any work; :class:`~refine.cli_checks.UsageError` (one line)."""
-    from .cli_checks import UsageError, check_outputs, check_threads
-    from .fit import fit_options
-    from .imagelist import parse_image_list
+    from .checks import UsageError, check_outputs, check_threads
+    from ..pipeline.fit import fit_options
+    from ..imagelist import parse_image_list
 
     ours, flags = split_argv(argv)
     ns = _parser().parse_args(ours)
@@ -303,8 +303,8 @@ def _check_files(ns, entries) -> None:
     """The safe-output rule over the whole run (:func:`refine.cli_checks.check_outputs`): ``--json`` (with the
     refined matrices of ``-mat`` models next to it) and ``--results`` against the LIST, every listed image and every
     line's input files; an existing ``--results`` must be a results file.  :class:`UsageError` (one line)."""
-    from .cli_checks import UsageError, check_outputs, flag_inputs
-    from .scaleout import read_results
+    from .checks import UsageError, check_outputs, flag_inputs
+    from ..scaleout import read_results
 
     inputs, outputs = [("--images", ns.images)], [("--json", ns.json), ("--results", ns.results)]
     for k, e in enumerate(entries):
@@ -326,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-refine --images`` (returns the exit status)."""
     from nbtorch.interrupt import one_line_warnings
 
-    from .cli_checks import UsageError
+    from .checks import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

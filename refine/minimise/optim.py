@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .lm import MinimizeResult, clipped_bounds
-from .targets import Objective
+from ..targets import Objective
 
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
 
