@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nbtorch.rng import Ran1
+from .pixels import roi_mask
+from .rng import Ran1
 
 __all__ = [
     "roi_mask",
@@ -27,29 +28,6 @@ __all__ = [
     "int_image_scale",
     "int_image_uint16",
 ]
-
-
-def roi_mask(shape: tuple[int, int], roi: tuple[int, int, int, int] | None = None,
-             mask: np.ndarray | None = None) -> np.ndarray:
-    """Boolean ``[S, F]`` array of the pixels nanoBragg visits.
-
-    ``shape``: ``(spixels, fpixels)``.  ``roi``: ``(xmin, xmax, ymin, ymax)`` inclusive pixel bounds, x = fast,
-    y = slow (``None`` = whole detector).  ``mask``: optional ``[S, F]`` array; pixels where ``mask == 0`` are
-    excluded.
-    """
-    S, F = int(shape[0]), int(shape[1])
-    sel = np.ones((S, F), dtype=bool)
-    if roi is not None:
-        xmin, xmax, ymin, ymax = (int(v) for v in roi)
-        f = np.arange(F)
-        s = np.arange(S)
-        sel &= ((s >= ymin) & (s <= ymax))[:, None] & ((f >= xmin) & (f <= xmax))[None, :]
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.shape != (S, F):
-            raise ValueError(f"mask shape {m.shape} does not match image shape {(S, F)}")
-        sel &= m != 0
-    return sel
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

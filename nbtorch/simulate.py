@@ -9,7 +9,6 @@ alone has more samples than ``Setup.sample_budget``, chunks of its orientations 
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -19,6 +18,7 @@ from . import detector as detmod
 from . import fused as fusedmod
 from .kernel import KernelSpec, TileConsts, TileParams, sample_positions
 from .lattice import lattice
+from .pixels import rendered_pixels
 from .rotation import rot_axis, rot_xyz
 from .setup_checks import MAX_SAMPLES
 from .types import Params, Setup
@@ -127,24 +127,6 @@ def plan(setup: Setup, n_pixels: int) -> Plan:
         raise ValueError(f"one pixel has {TN} (layer, sub-pixel) samples, more than sample_budget={budget}: lower "
                          "-oversample or -detector_thicksteps, or raise sample_budget")
     return Plan(1, 1, max(1, budget // TN), total)
-
-
-def _roi(setup: Setup):
-    """(x0, x1, y0, y1) inclusive pixel bounds of the rendered rectangle."""
-    return setup.roi if setup.roi is not None else (0, setup.fpixels - 1, 0, setup.spixels - 1)
-
-
-@functools.lru_cache(maxsize=32)
-def rendered_pixels(setup: Setup) -> np.ndarray:
-    """Flat slow-major indices (``slow·fpixels + fast``) of the pixels ``setup`` renders: inside the ROI and kept by
-    the mask, in raster order (computed once per Setup)."""
-    x0, x1, y0, y1 = _roi(setup)
-    ys, xs = np.meshgrid(np.arange(y0, y1 + 1), np.arange(x0, x1 + 1), indexing="ij")
-    idx = (ys * setup.fpixels + xs).reshape(-1)
-    if setup.mask is not None:
-        m = np.frombuffer(setup.mask, dtype=np.uint8)
-        idx = idx[m[idx] != 0]
-    return idx
 
 
 # ----------------------------------------------------------------------------------------------------------------

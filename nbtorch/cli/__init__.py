@@ -35,12 +35,12 @@ from ..args import build, missing_inputs, parse_args
 from ..args.build import INPUT_FILE_FLAGS, input_files, output_files
 from ..interrupt import exit_status, interrupts, one_line_warnings
 from ..io.safe_output import check_output_paths
-from ..noise import roi_mask
+from ..pixels import rendered_mask
 from ..simulate import simulate
 from .help import FLAG_GROUPS, PROG, format_help
 from .outputs import OutputError, write_outputs
 from .progress import render
-from .report import ImageStats, image_statistics, mask_array, pixel_diagnostics, print_all_pixels, print_pixel_block
+from .report import ImageStats, image_statistics, pixel_diagnostics, print_all_pixels, print_pixel_block
 from .report import print_setup, print_statistics
 
 __all__ = ["main", "format_help", "FLAG_GROUPS", "ImageStats", "image_statistics", "pixel_diagnostics", "render",
@@ -149,7 +149,7 @@ def _diagnostics(out: TextIO, params, setup, extras, image: np.ndarray) -> None:
         return
     f, s = pix
     value = 0.0
-    if roi_mask(image.shape, setup.roi, mask_array(setup))[s, f]:
+    if rendered_mask(setup)[s, f]:
         value = float(simulate(params, setup.replace(roi=(f, f, s, s)))[s, f].detach().cpu().to(torch.float32))
     else:
         out.write(f"note: pixel fast {f} slow {s} is outside the -roi or masked: not rendered (0)\n")

@@ -11,9 +11,10 @@ from ..io.images import write_pgm, write_raw_float
 from ..io.nexus import write_nxmx
 from ..io.smv import write_smv
 from ..noise import counts_to_uint16, int_image_uint16, poisson_noise
+from ..pixels import mask_array
 from ..types import Params, Setup
 from .header import smv_header_items
-from .report import ImageStats, mask_array
+from .report import ImageStats
 
 __all__ = ["OutputError", "write_outputs", "counts_items"]
 

@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, TextIO
+from typing import Dict, NamedTuple, TextIO
 
 import numpy as np
 import torch
 
 from .. import kernel
-from ..noise import roi_mask
+from ..pixels import rendered_mask, roi_mask
 from ..shape import round_half_down
 from ..simulate import pixel_tile
 from ..types import Params, Setup
 from ..units import mm_to_m, rad2deg
 
-__all__ = ["ImageStats", "image_statistics", "mask_array", "pixel_diagnostics", "print_setup", "print_statistics",
+__all__ = ["ImageStats", "image_statistics", "pixel_diagnostics", "print_setup", "print_statistics",
            "print_pixel_block", "print_all_pixels"]
 
 
@@ -36,13 +36,6 @@ class ImageStats(NamedTuple):
     n: int
 
 
-def mask_array(setup: Setup) -> Optional[np.ndarray]:
-    """``Setup.mask`` as uint8 ``[spixels, fpixels]`` (0 = skipped), or None."""
-    if setup.mask is None:
-        return None
-    return np.frombuffer(setup.mask, dtype=np.uint8).reshape(setup.spixels, setup.fpixels)
-
-
 def image_statistics(image: np.ndarray, setup: Setup) -> ImageStats:
     """nanoBragg's image statistics of ``image`` (``[spixels, fpixels]`` float32 photons) for ``setup``'s ROI/mask.
 
@@ -51,7 +44,7 @@ def image_statistics(image: np.ndarray, setup: Setup) -> ImageStats:
     """
     img = np.asarray(image, dtype=np.float32).astype(np.float64)
     roi = roi_mask(img.shape, setup.roi)
-    visited = roi_mask(img.shape, setup.roi, mask_array(setup))
+    visited = rendered_mask(setup)
     v = img[visited]
     n = int(v.size)
     total = float(v.sum())
@@ -155,7 +148,7 @@ def print_pixel_block(out: TextIO, diag: Dict[str, torch.Tensor], i: int, f: int
 
 def print_all_pixels(out: TextIO, params: Params, setup: Setup, image: np.ndarray, chunk: int = 4096) -> None:
     """``-printout`` without a pixel: one line of diagnostics per visited pixel of ``image`` ``[S, F]``."""
-    sel = roi_mask(image.shape, setup.roi, mask_array(setup))
+    sel = rendered_mask(setup)
     idx = np.flatnonzero(sel.reshape(-1))
     F = setup.fpixels
     out.write("# fast slow  stol(1/Å)  h k l  F_cell F_latt polar omega capture pixel  (first sample)\n")

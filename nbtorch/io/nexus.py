@@ -29,6 +29,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
+from ..pixels import rendered_mask
 from ..units import ANGSTROM_PER_MM, DEG_PER_RAD, MM_PER_CM, MM_PER_M, MM_PER_NM, MM_PER_UM, deg2rad, um_to_mm
 from ._atomic import atomic_write, check_finite
 from ._parse import display_name
@@ -370,15 +371,7 @@ def write_nxmx(
 
 def _pixel_mask(setup) -> np.ndarray:
     """uint32 [slow, fast]: bit 8 (user mask) outside ``setup.roi`` and where ``setup.mask`` is 0."""
-    keep = np.ones((setup.spixels, setup.fpixels), dtype=bool)
-    if setup.roi is not None:
-        x0, x1, y0, y1 = setup.roi
-        roi = np.zeros_like(keep)
-        roi[y0 : y1 + 1, x0 : x1 + 1] = True
-        keep &= roi
-    if setup.mask is not None:
-        keep &= np.frombuffer(setup.mask, dtype=np.uint8).reshape(keep.shape) != 0
-    return np.where(keep, 0, 1 << 8).astype(np.uint32)
+    return np.where(rendered_mask(setup), 0, 1 << 8).astype(np.uint32)
 
 
 def _write_nbtorch_group(entry, geo: NexusGeometry, setup, params, metadata) -> None:

@@ -16,7 +16,9 @@ from nbtorch.noise import (
     poisson_noise,
     roi_mask,
 )
+from nbtorch.pixels import rendered_mask, rendered_pixels
 from nbtorch.rng import Ran1
+from nbtorch.types import Setup
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "intimage.img").is_file()) if GOLDEN.is_dir() else []
@@ -83,6 +85,20 @@ def test_noise_roi_and_mask_skip_pixels_without_drawing():
     np.testing.assert_array_equal(pix[sel], (expect + 40).astype(np.uint16))
     # the full-image stream differs inside the ROI (no draws are made for skipped pixels)
     assert not np.array_equal(poisson_noise(img, 99)[sel], counts[sel])
+
+
+def test_rendered_mask_and_pixels_of_a_setup_are_its_roi_and_mask():
+    mask = np.ones((40, 50), dtype=np.uint8)
+    mask[12, 7] = mask[20, 30] = mask[0, 0] = 0
+    setup = Setup(fpixels=50, spixels=40, roi=(5, 30, 10, 25), mask=mask.tobytes())
+    sel = rendered_mask(setup)
+    assert sel.shape == (40, 50) and sel.dtype == bool
+    np.testing.assert_array_equal(sel, roi_mask((40, 50), (5, 30, 10, 25), mask))
+    assert sel.sum() == 26 * 16 - 2 and not sel[12, 7] and sel[10, 5] and not sel[9, 5]
+    idx = rendered_pixels(setup)
+    np.testing.assert_array_equal(idx, np.flatnonzero(sel))  # raster order
+    assert idx[0] == 10 * 50 + 5 and idx[-1] == 25 * 50 + 30
+    assert rendered_mask(Setup(fpixels=3, spixels=2)).all() and len(rendered_pixels(Setup(fpixels=3, spixels=2))) == 6
 
 
 def test_counts_to_uint16_truncation_and_overloads():
