@@ -29,8 +29,8 @@ class ObservedImage(NamedTuple):
         adc_offset: counts subtracted from the file's values (header ``ADC_OFFSET`` or ``read_image(adc=...)``).
         gain: counts per photon the values were divided by (header ``GAIN`` or ``read_image(gain=...)``).
         precision: for each of ``pixel_size_mm``, ``distance_mm``, ``wavelength_A`` read from a text header, half a
-            unit in the last digit printed there (in the field's unit; :func:`~nbtorch.io.images.printed_tolerance`); None or a missing
-            key where the value is binary (NXmx) or absent.
+            unit in the last digit printed there (in the field's unit; :func:`~nbtorch.io.images.printed_tolerance`);
+            None or a missing key where the value is binary (NXmx) or absent.
     """
 
     data: np.ndarray
