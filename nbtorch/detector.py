@@ -1,10 +1,10 @@
 """Detector geometry: conventions, pivots, pix0 and the rotated detector frame, sub-pixel offsets.
 
 All lengths are in **mm**, angles in the :class:`~nbtorch.types.Detector` pytree are in degrees.  Positions are lab
-frame vectors from the sample.  See ../shared/spec §4 for the conventions reproduced here.  Sample positions, the
-curved detector, solid angle and sensor capture are computed where the pixel sum uses them, in :mod:`nbtorch.kernel`
-(``sample_positions``, ``curve``, ``solid_angle``, ``capture_fraction``; :func:`nbtorch.simulate.pixel_lab_positions`
-for given pixels).
+frame vectors from the sample.  The conventions (spec §4) are :data:`nbtorch.conventions.CONVENTION_TABLE`.  Sample
+positions, the curved detector, solid angle and sensor capture are computed where the pixel sum uses them, in
+:mod:`nbtorch.kernel` (``sample_positions``, ``curve``, ``solid_angle``, ``capture_fraction``;
+:func:`nbtorch.simulate.pixel_lab_positions` for given pixels).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from .conventions import CONVENTION_TABLE
 from .rotation import rot_axis, rot_xyz
 from .types import Detector, Setup
 from .units import deg2rad
@@ -37,11 +38,6 @@ def _vec(v, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(v, dtype=like.dtype, device=like.device)
 
 
-#: Conventions whose beam-centre flags are pixels: ``-ORGX``/``-ORGY``, the near point in 1-based pixel-centre
-#: coordinates along fast and slow (spec Q25).  Everywhere else the beam centre is in mm.
-PIXEL_ORIGIN_CONVENTIONS = ("XDS", "DIALS")
-
-
 def orgx_to_mm(org_px, pixel_size: float):
     """XDS ``ORGX``/``ORGY`` (1-based pixel-centre coordinates) → mm from the outer corner of pixel (0, 0):
     ``(org − ½)·p`` (nanoBragg's Fclose/Sclose).  Floats or tensors; ``pixel_size`` in mm."""
@@ -57,30 +53,9 @@ def beam_center_to_pixels(beam_center_mm, convention: str, pixel_size: float):
     """``Detector.beam_center`` (mm, ``[..., 2]`` tensor or floats) → the same point in pixels as the convention
     counts them: ``(ORGX, ORGY)`` for XDS/DIALS (:func:`mm_to_orgx`), ``mm/p`` along the convention's own X, Y
     otherwise.  ``pixel_size`` in mm."""
-    if convention in PIXEL_ORIGIN_CONVENTIONS:
+    if CONVENTION_TABLE[convention].pixel_origin:
         return mm_to_orgx(beam_center_mm, pixel_size)
     return beam_center_mm / pixel_size
-
-
-def beam_and_close(det: Detector, setup: Setup):
-    """Convention mapping of ``det.beam_center`` (mm, see :class:`~nbtorch.types.Detector`) →
-    ``(Fbeam, Sbeam, Fclose, Sclose)`` in mm along fast and slow from the outer corner of pixel (0, 0) (each ``[]``).
-
-    MOSFLM: (Xbeam, Ybeam) along (slow, fast) from the first pixel's centre; DENZO: (slow, fast) from the corner;
-    ADXV: X along fast from the corner, Y along slow from the far edge; XDS, DIALS and CUSTOM: (fast, slow) from the
-    corner (for XDS/DIALS the near point, (ORGX − ½)·p, (ORGY − ½)·p)."""
-    p = setup.pixel_size
-    x, y = det.beam_center[..., 0], det.beam_center[..., 1]
-    conv = setup.convention
-    if conv == "MOSFLM":
-        fb, sb = y + 0.5 * p, x + 0.5 * p
-        return fb, sb, fb, sb
-    if conv == "DENZO":
-        return y, x, y, x
-    if conv == "ADXV":
-        fb, sb = x, setup.spixels * p - y
-        return fb, sb, fb, sb
-    return x, y, x, y  # XDS, DIALS (near point) and CUSTOM: (fast, slow) from the corner, no half-pixel shift
 
 
 def detector_frame(det: Detector, setup: Setup) -> DetectorFrame:
@@ -98,10 +73,12 @@ def detector_frame(det: Detector, setup: Setup) -> DetectorFrame:
     else:
         distance = det.distance
         close = torch.abs(ratio * distance)
-    fb, sb, fc, sc = beam_and_close(det, setup)
+    # the beam spot (beam pivot) or the near point (sample pivot) along fast, slow from the corner of pixel (0, 0)
+    fb, sb = CONVENTION_TABLE[setup.convention].fast_slow(det.beam_center[..., 0], det.beam_center[..., 1],
+                                                          setup.pixel_size, setup.spixels)
     f, s, o = TR @ f0, TR @ s0, TR @ o0
     if setup.pivot == "sample":
-        pix0 = TR @ (-fc[..., None] * f0 - sc[..., None] * s0 + close[..., None] * o0)
+        pix0 = TR @ (-fb[..., None] * f0 - sb[..., None] * s0 + close[..., None] * o0)
     else:
         pix0 = -fb[..., None] * f - sb[..., None] * s + distance[..., None] * beam
     close_r = (pix0 * o).sum(-1)

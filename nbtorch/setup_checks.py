@@ -1,19 +1,19 @@
 """Checks of a :class:`~nbtorch.types.Setup`'s static fields, and plain-number text for every check's messages.
 
 :func:`check_setup` runs when a ``Setup`` is made (``Setup.__post_init__``), so this module imports nothing from
-nbtorch: ``types`` imports it, ``validate`` (parameter values) and ``detector`` (geometry) build on it.  Messages name
-the field and the allowed values, with numbers written as plain text (``0.5``, ``[1, 0, 0]``), never a numpy or torch
-repr.
+nbtorch but the pure-Python convention table: ``types`` imports it, ``validate`` (parameter values) and ``detector``
+(geometry) build on it.  Messages name the field and the allowed values, with numbers written as plain text (``0.5``,
+``[1, 0, 0]``), never a numpy or torch repr.
 """
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
-__all__ = ["CONVENTIONS", "SHAPES", "MAX_ORIENTATIONS", "MAX_SAMPLES", "MAX_SOURCES", "plain", "check_setup"]
+from .conventions import CONVENTIONS
 
-#: Detector conventions (``Setup.convention``).
-CONVENTIONS = ("MOSFLM", "DENZO", "ADXV", "XDS", "DIALS", "CUSTOM")
+__all__ = ["SHAPES", "MAX_ORIENTATIONS", "MAX_SAMPLES", "MAX_SOURCES", "plain", "check_setup"]
+
 #: Lattice-factor (crystal shape) models (``Setup.shape``).
 SHAPES = ("square", "round", "gauss", "tophat")
 #: Work limits: samples in one image, and orientations (mosaic domains × phi steps) and beam sources in one Setup

@@ -15,8 +15,9 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .conventions import CONVENTIONS
 from .pytree import get_leaf, replace_leaf, tree_leaves, tree_map
-from .setup_checks import CONVENTIONS, SHAPES, check_setup
+from .setup_checks import SHAPES, check_setup
 
 __all__ = ["Vec3", "Crystal", "Beam", "Detector", "Structure", "Background", "Params", "Setup", "CONVENTIONS",
            "SHAPES", "tree_map", "tree_leaves", "get_leaf", "replace_leaf"]

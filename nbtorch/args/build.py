@@ -20,7 +20,8 @@ import torch
 
 from .. import lattice as latmod
 from ..beam import divergence_sources
-from ..detector import PIXEL_ORIGIN_CONVENTIONS, check_detector, detector_frame, orgx_to_mm
+from ..conventions import CONVENTION_TABLE, VECTOR_FIELDS, Convention
+from ..detector import check_detector, detector_frame, orgx_to_mm
 from ..io.hkl import hkl_to_grid, read_hkl
 from ..io.images import HeaderWarning, header_mismatch, printed_tolerance
 from ..io.matrix import read_mosflm_matrix
@@ -41,21 +42,9 @@ from .parse import FLAG_VALUE, NanoBraggArgs, fmt_num, last_flag, missing_inputs
 from .parse import range_phrase
 from .table import FLAGS, SWITCH_DEFAULTS, switch_states
 
-__all__ = ["Inputs", "Extras", "Outputs", "build", "from_nanobragg_args", "CONVENTION_VECTORS", "sources_for",
+__all__ = ["Inputs", "Extras", "Outputs", "build", "from_nanobragg_args", "sources_for",
            "INPUT_FILE_FLAGS", "input_files", "output_files"]
 
-#: Setup vectors of each convention (spec §4): fast, slow, normal, beam, two-theta axis, E vector, spindle.
-CONVENTION_VECTORS: Dict[str, Dict[str, Tuple[float, float, float]]] = {
-    conv: dict(zip(("fdet", "sdet", "odet", "beam", "twotheta_axis", "polar_axis", "spindle"), vecs))
-    for conv, vecs in {
-        "MOSFLM": ((0, 0, 1), (0, -1, 0), (1, 0, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1)),
-        "DENZO": ((0, 0, 1), (0, -1, 0), (1, 0, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1)),
-        "ADXV": ((1, 0, 0), (0, -1, 0), (0, 0, 1), (0, 0, 1), (-1, 0, 0), (1, 0, 0), (1, 0, 0)),
-        "XDS": ((1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 1), (1, 0, 0), (1, 0, 0), (1, 0, 0)),
-        "DIALS": ((1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 1), (0, 1, 0), (0, 1, 0), (0, 1, 0)),
-        "CUSTOM": ((0, 0, 1), (0, -1, 0), (1, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 1)),
-    }.items()
-}
 #: Setup vector field → the flag that sets it (from the table).
 VECTOR_FLAGS = {f.field.split(".")[1]: f.name for f in FLAGS.values() if f.kind == "vector" and f.field}
 #: Pixel-count limit of a detector (the Setup's own bound).
@@ -474,7 +463,7 @@ def _convention(inp: Inputs) -> Tuple[str, Dict[str, Tuple[float, float, float]]
     if any(f.custom and inp.given(f.name) for f in FLAGS.values()):
         conv = "CUSTOM"
     vec = {}
-    for field, default in CONVENTION_VECTORS[conv].items():
+    for field, default in zip(VECTOR_FIELDS, CONVENTION_TABLE[conv].vectors):
         flag = VECTOR_FLAGS[field]
         given = inp.opts.get(flag)
         if field == "odet" and given is not None and abs(np.linalg.norm(given) - 1.0) > 1e-9:
@@ -504,7 +493,7 @@ def _pixel_counts(inp: Inputs) -> Tuple[int, int, float]:
     return counts[0], counts[1], pixel
 
 
-def _beam_center(inp: Inputs, conv: str, fpix: int, spix: int, pixel: float):
+def _beam_center(inp: Inputs, conv: Convention, fpix: int, spix: int, pixel: float):
     """(beam_center, xbeam, ybeam): the Detector's beam centre (mm; for XDS/DIALS the near point, from -ORGX/-ORGY
     pixels converted by :func:`nbtorch.detector.orgx_to_mm`) and the Xbeam/Ybeam (mm) the SMV header
     reports.  Defaults per convention (spec §4)."""
@@ -513,24 +502,18 @@ def _beam_center(inp: Inputs, conv: str, fpix: int, spix: int, pixel: float):
     # the near point: (ORGX − ½)·p, (ORGY − ½)·p when given, else the detector centre
     fclose = Df / 2 if orgx is None else orgx_to_mm(float(orgx), pixel)
     sclose = Ds / 2 if orgy is None else orgx_to_mm(float(orgy), pixel)
-    if conv in ("MOSFLM", "DENZO"):
-        defaults = ((Ds + pixel) / 2, (Df + pixel) / 2)
-    elif conv == "ADXV":
-        defaults = ((Df + pixel) / 2, (Ds - pixel) / 2)
-    else:  # the near point Xclose/Yclose, which itself defaults to the one above
-        defaults = (float(inp.get("-Xclose", fclose)), float(inp.get("-Yclose", sclose)))
+    # the convention's default, or the near point Xclose/Yclose, which itself defaults to the one above
+    defaults = conv.default_xy(fpix, spix, pixel) or (float(inp.get("-Xclose", fclose)),
+                                                      float(inp.get("-Yclose", sclose)))
     xbeam, ybeam = float(inp.hget("-Xbeam", defaults[0])), float(inp.hget("-Ybeam", defaults[1]))
-    if conv in PIXEL_ORIGIN_CONVENTIONS:  # -Xbeam/-Ybeam/-Xclose/-Yclose do not move this detector (spec Q3)
-        return (fclose, sclose), xbeam, ybeam
-    return (xbeam, ybeam), xbeam, ybeam
+    # -Xbeam/-Ybeam/-Xclose/-Yclose do not move a pixel-origin detector (spec Q3)
+    return ((fclose, sclose) if conv.pixel_origin else (xbeam, ybeam)), xbeam, ybeam
 
 
 def _pivot(inp: Inputs, conv: str) -> str:
     """The detector pivot: forced by the convention, or in CUSTOM the last pivot-selecting flag (table)."""
-    if conv in ("MOSFLM", "DENZO", "ADXV"):
-        return "beam"
-    if conv in ("XDS", "DIALS"):
-        return "sample"
+    if CONVENTION_TABLE[conv].pivot is not None:
+        return CONVENTION_TABLE[conv].pivot
     states = {f.name: (FLAG_VALUE if f.pivot == "value" else f.pivot) for f in FLAGS.values() if f.pivot}
     return last_flag(inp.opts, states, "beam")
 
@@ -559,7 +542,7 @@ def _detector(inp: Inputs) -> DetectorPart:
     """The detector section: convention and vectors, pixel counts, beam centre, pivot, distance, rotations."""
     conv, vec = _convention(inp)
     fpix, spix, pixel = _pixel_counts(inp)
-    beam_center, xbeam, ybeam = _beam_center(inp, conv, fpix, spix, pixel)
+    beam_center, xbeam, ybeam = _beam_center(inp, CONVENTION_TABLE[conv], fpix, spix, pixel)
     distance, is_close = _distance(inp)
     setup = dict(fpixels=fpix, spixels=spix, pixel_size=pixel, convention=conv, pivot=_pivot(inp, conv),
                  distance_is_close=is_close, **vec)

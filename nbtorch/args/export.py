@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..detector import PIXEL_ORIGIN_CONVENTIONS, mm_to_orgx, orgx_to_mm
+from ..conventions import CONVENTION_TABLE
+from ..detector import mm_to_orgx, orgx_to_mm
 from ..io.matrix import write_mosflm_matrix
 from ..lattice import reciprocal_matrix
 from ..mosaic import DEFAULT_MOSAIC_SEED, mosaic_domains
@@ -148,9 +149,9 @@ def _phi(ctx: _Context) -> List[str]:
 
 
 def _convention(ctx: _Context) -> List[str]:
-    """The convention flag, or every vector of a CUSTOM set-up."""
+    """The convention flag, or every vector of a CUSTOM set-up (the convention whose pivot and vectors are flags)."""
     st = ctx.setup
-    if st.convention != "CUSTOM":
+    if CONVENTION_TABLE[st.convention].pivot is not None:
         return [f.name for f in FLAGS.values() if f.switch == ("convention", st.convention)]
     vec = [f for f in FLAGS.values() if f.kind == "vector" and f.field]
     return [t for f in vec for t in _tokens(f, getattr(st, f.field.split(".")[1]))]
@@ -165,7 +166,7 @@ def _distance(ctx: _Context) -> List[str]:
 def _beam_center(ctx: _Context) -> List[str]:
     """-ORGX/-ORGY (XDS, DIALS: the near point in pixels, chosen so that the parser's (ORGX − ½)·p gives the model's
     mm exactly, or to the last place where no float does) or -Xbeam/-Ybeam (mm)."""
-    if ctx.setup.convention not in PIXEL_ORIGIN_CONVENTIONS:
+    if not CONVENTION_TABLE[ctx.setup.convention].pixel_origin:
         return [t for n in ("-Xbeam", "-Ybeam") for t in _tokens(FLAGS[n], ctx.field(FLAGS[n].field))]
     p, out = ctx.setup.pixel_size, []
     for n in ("-ORGX", "-ORGY"):
@@ -176,7 +177,7 @@ def _beam_center(ctx: _Context) -> List[str]:
 
 def _pivot(ctx: _Context) -> List[str]:
     """-pivot in the CUSTOM convention (the others force theirs)."""
-    return ["-pivot", ctx.setup.pivot] if ctx.setup.convention == "CUSTOM" else []
+    return ["-pivot", ctx.setup.pivot] if CONVENTION_TABLE[ctx.setup.convention].pivot is None else []
 
 
 def _preimage(f: Callable[[float], float], y: float, x0: float, nearest: bool = False) -> float:

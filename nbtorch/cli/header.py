@@ -19,6 +19,7 @@ from typing import List, NamedTuple, Tuple
 
 import torch
 
+from ..conventions import CONVENTION_TABLE
 from ..detector import detector_frame, mm_to_orgx
 from ..io.smv import nanobragg_header_items
 from ..rotation import rot_xyz
@@ -113,18 +114,21 @@ def smv_header_items(params: Params, setup: Setup, extras, base_dir: str = ".") 
     g = header_geometry(params, setup)
     p = setup.pixel_size
     bx, by = header_beam_center(params, setup, extras, base_dir)
+    # the beam spot as ADXV, MOSFLM and DENZO count it
+    adxv, mosflm, denzo = (CONVENTION_TABLE[c].xy(g.fbeam, g.sbeam, p, setup.spixels)
+                           for c in ("ADXV", "MOSFLM", "DENZO"))
     return nanobragg_header_items(
         pixel_size_mm=p,
         distance_mm=g.distance,
         wavelength_A=float(torch.as_tensor(params.beam.wavelength).detach().cpu()),
         beam_center_x_mm=bx,
         beam_center_y_mm=by,
-        adxv_center_x_mm=g.fbeam,
-        adxv_center_y_mm=setup.spixels * p - g.sbeam,
-        mosflm_center_x_mm=g.sbeam - p / 2,
-        mosflm_center_y_mm=g.fbeam - p / 2,
-        denzo_x_beam_mm=g.sbeam,
-        denzo_y_beam_mm=g.fbeam,
+        adxv_center_x_mm=adxv[0],
+        adxv_center_y_mm=adxv[1],
+        mosflm_center_x_mm=mosflm[0],
+        mosflm_center_y_mm=mosflm[1],
+        denzo_x_beam_mm=denzo[0],
+        denzo_y_beam_mm=denzo[1],
         dials_origin_mm=g.dials_origin,
         xds_orgx_px=g.orgx,
         xds_orgy_px=g.orgy,

@@ -7,6 +7,7 @@ import torch
 
 import nbtorch
 from nbtorch.cli.header import header_geometry
+from nbtorch.conventions import CONVENTION_TABLE
 from nbtorch.detector import beam_center_to_pixels, detector_frame, mm_to_orgx, orgx_to_mm
 
 BASE = "-default_F 100 -cell 40 50 60 90 90 90 -N 3 -lambda 1 -distance 80 -detpixels_f 60 -detpixels_s 50"
@@ -67,3 +68,20 @@ def test_conversions_are_inverse():
     torch.testing.assert_close(orgx_to_mm(mm_to_orgx(mm, 0.172), 0.172), mm, rtol=0, atol=1e-15)
     assert orgx_to_mm(1.0, 0.1) == pytest.approx(0.05)  # the centre of the first pixel
     assert beam_center_to_pixels(torch.tensor([2.0, 3.0]), "MOSFLM", 0.1).tolist() == pytest.approx([20.0, 30.0])
+
+
+@pytest.mark.parametrize("conv", sorted(CONVENTION_TABLE))
+def test_convention_table_maps_the_default_beam_centre_as_the_spec_says(conv):
+    """Spec §4, Q24: with 256² pixels of 0.1 mm the default beam spot is at 0-based pixel-centre (128.5, 128.5) in
+    MOSFLM, half a pixel past the centre (128, 128) in DENZO and ADXV, the centre (127.5, 127.5) where the default is
+    the near point; the SMV header's centre of each convention is the inverse mapping."""
+    c, p, n = CONVENTION_TABLE[conv], 0.1, 256
+    flag = "-fdet_vector 0 0 1" if conv == "CUSTOM" else "-" + conv.lower()
+    params, setup = nbtorch.from_nanobragg_args(f"-default_F 1 -cell 40 50 60 90 90 90 -detpixels {n} -pixel {p} "
+                                                + flag)
+    assert (setup.convention, setup.fdet, setup.twotheta_axis) == (conv, *(c.vectors[i] for i in (0, 4)))
+    assert setup.pivot == (c.pivot or "beam")
+    spot = {"MOSFLM": 128.5, "DENZO": 128.0, "ADXV": 128.0}.get(conv, 127.5)
+    f, s = c.fast_slow(*params.detector.beam_center.tolist(), p, n)
+    assert (f / p - 0.5, s / p - 0.5) == pytest.approx((spot, spot), abs=1e-9)
+    assert c.xy(f, s, p, n) == pytest.approx(tuple(params.detector.beam_center.tolist()), abs=1e-12)
