@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
+from tests.test_guards import import_cycles, import_graph, package_modules
 
 PKG = Path(__file__).resolve().parents[2] / "nbtorch"
 #: Imports allowed inside functions: optional dependencies, and the io package's own lazy imports (it keeps torch,
@@ -14,37 +14,9 @@ LAZY_OK_MODULES = {"gemmi", "h5py", "fabio", "matplotlib", "torch"}
 LAZY_OK_DIRS = {"io"}
 
 
-def _modules():
-    for path in sorted(PKG.rglob("*.py")):
-        rel = path.relative_to(PKG.parent).with_suffix("")
-        parts = list(rel.parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        yield ".".join(parts), path
-
-
-def _resolve(module: str, path: Path, node: ast.ImportFrom) -> list:
-    """Absolute names of the nbtorch modules an ``ImportFrom`` node imports."""
-    if node.level == 0:
-        return [node.module] if node.module and node.module.startswith("nbtorch") else []
-    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-    base = package[: len(package) - (node.level - 1)]
-    target = ".".join(base + ([node.module] if node.module else []))
-    out = [target]
-    if node.module is None:  # from .. import lattice: the submodule when there is one
-        out = [f"{target}.{a.name}" for a in node.names]
-    return out
-
-
-def _existing(name: str, known: set) -> str:
-    while name not in known and "." in name:
-        name = name.rsplit(".", 1)[0]
-    return name
-
-
 def test_every_import_sits_at_the_top_of_its_file():
     bad = []
-    for module, path in _modules():
+    for module, path in package_modules(PKG.parent, ["nbtorch"]).items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         top = set(map(id, tree.body))
         for node in ast.walk(tree):
@@ -60,38 +32,10 @@ def test_every_import_sits_at_the_top_of_its_file():
 
 
 def test_module_imports_have_no_cycle():
-    graph = {}
-    mods = dict(_modules())
-    known = set(mods)
-    for module, path in mods.items():
-        deps = set()
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
-            if isinstance(node, ast.ImportFrom):
-                deps.update(_existing(n, known) for n in _resolve(module, path, node))
-            elif isinstance(node, ast.Import):
-                deps.update(_existing(a.name, known) for a in node.names if a.name.startswith("nbtorch"))
-        # a module importing its own package's __init__ is how Python loads it anyway: not a cycle
-        graph[module] = {d for d in deps if d in known and d != module and not module.startswith(d + ".")}
-
-    state, stack = {}, []
-
-    def visit(m):
-        state[m] = "open"
-        stack.append(m)
-        for d in sorted(graph[m]):
-            if state.get(d) == "open":
-                cycle = stack[stack.index(d):] + [d]
-                pytest.fail("import cycle: " + " → ".join(cycle))
-            if d not in state:
-                visit(d)
-        stack.pop()
-        state[m] = "done"
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m)
+    graph = import_graph(PKG.parent, ["nbtorch"])  # imports inside functions count too
+    assert import_cycles(graph) == []
     assert {"nbtorch.types", "nbtorch.validate", "nbtorch.detector"} <= set(graph)
-    assert "nbtorch.detector" not in graph["nbtorch.setup_checks"] | graph["nbtorch.pytree"]
+    assert "nbtorch.detector" not in set(graph["nbtorch.setup_checks"]) | set(graph["nbtorch.pytree"])
 
 
 def test_pytree_helpers_are_one_implementation_exported_everywhere():
