@@ -1,10 +1,5 @@
-"""nanoBragg's detector conventions in one table (spec §4, Q2–Q4, Q24, Q25).
-
-Each :class:`Convention` says what its flag (``-mosflm``, ``-denzo``, ``-adxv``, ``-xds``, ``-dials``; CUSTOM is
-chosen by giving any detector or beam vector) sets: the Setup's unit vectors, how the beam-centre values map to mm
-along fast and slow from the outer corner of pixel (0, 0), their defaults, and the pivot.  The flag parser and
-writer (:mod:`nbtorch.args`), the detector frame (:mod:`nbtorch.detector`), the SMV header and the Setup checks all
-read it.  Pure Python: the Setup's own checks import it.
+"""nanoBragg's detector conventions in one table (spec §4, Q2–Q4, Q24, Q25), read by the flag parser and writer, the
+SMV header, the detector frame and the Setup checks.  Pure Python (the Setup's own checks import it).
 """
 from __future__ import annotations
 
@@ -19,18 +14,15 @@ VECTOR_FIELDS = ("fdet", "sdet", "odet", "beam", "twotheta_axis", "polar_axis", 
 
 @dataclasses.dataclass(frozen=True)
 class Convention:
-    """One detector convention.
+    """One detector convention (its flag, or CUSTOM: any detector or beam vector flag given).
 
-    vectors: the Setup's fast, slow and normal detector axes, beam direction, two-theta axis, E vector and spindle
-        (lab frame, :data:`VECTOR_FIELDS` order); for CUSTOM the defaults of the vector flags.
-    x_slow: Xbeam counts along slow and Ybeam along fast (MOSFLM, DENZO); otherwise X is fast, Y slow.
-    half_pixel: the beam centre counts from the centre of pixel (0, 0) (MOSFLM), not from its outer corner.
-    y_from_far: Y counts from the far slow edge (ADXV: Sbeam = detsize_s − Ybeam).
-    default_pad: the default (Xbeam, Ybeam) is ((D_X + k_X·p)/2, (D_Y + k_Y·p)/2) with D the detector size (mm)
-        along the axis X (Y) counts along and p the pixel size; None: the near point (Xclose, Yclose).
-    pivot: the pivot the convention forces; None (CUSTOM): the pivot flags choose it and the vectors are the flags'.
-    pixel_origin: the beam-centre flags are ``-ORGX``/``-ORGY`` (the near point, 1-based pixel-centre coordinates
-        along fast, slow; :func:`nbtorch.detector.orgx_to_mm`); ``-Xbeam``/``-Ybeam`` only reach the header (Q3).
+    vectors: the Setup's :data:`VECTOR_FIELDS` (lab frame); for CUSTOM the vector flags' defaults.
+    x_slow: Xbeam counts along slow, Ybeam along fast (else X fast, Y slow).  half_pixel: from the centre of pixel
+    (0, 0), not its outer corner.  y_from_far: Y counts from the far slow edge (Sbeam = detsize_s − Ybeam).
+    default_pad: (k_X, k_Y) of the default (Xbeam, Ybeam) = ((D_X + k_X·p)/2, (D_Y + k_Y·p)/2), D the detector size
+    (mm) along X, Y; None: the near point (Xclose, Yclose).  pivot: the pivot forced; None (CUSTOM): the flags'.
+    pixel_origin: the beam centre is the near point from ``-ORGX``/``-ORGY`` (:func:`nbtorch.detector.orgx_to_mm`);
+    ``-Xbeam``/``-Ybeam`` only reach the header (Q3).
     """
 
     vectors: Tuple[Tuple[float, float, float], ...]
@@ -42,8 +34,8 @@ class Convention:
     pixel_origin: bool = False
 
     def fast_slow(self, x, y, pixel_size: float, spixels: int):
-        """(Xbeam, Ybeam) → (Fbeam, Sbeam): mm along fast and slow from the outer corner of pixel (0, 0) (for a
-        pixel-origin convention the near point, mm as held).  Floats or tensors of one shape; ``pixel_size`` mm."""
+        """(Xbeam, Ybeam) mm → (Fbeam, Sbeam) mm along fast, slow from the outer corner of pixel (0, 0) (floats or
+        tensors of one shape)."""
         f, s = (y, x) if self.x_slow else (x, y)
         if self.half_pixel:
             f, s = f + 0.5 * pixel_size, s + 0.5 * pixel_size
@@ -70,7 +62,7 @@ class Convention:
 
 _MOSFLM_VECTORS = ((0, 0, 1), (0, -1, 0), (1, 0, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1))
 
-#: Every convention by its ``Setup.convention`` name; MOSFLM is the default.
+#: Every convention by its ``Setup.convention`` name.
 CONVENTION_TABLE: Dict[str, Convention] = {
     "MOSFLM": Convention(_MOSFLM_VECTORS, x_slow=True, half_pixel=True, default_pad=(1, 1), pivot="beam"),
     "DENZO": Convention(_MOSFLM_VECTORS, x_slow=True, default_pad=(1, 1), pivot="beam"),
