@@ -69,17 +69,16 @@ def joint_case(n: int):
 
 def time_normal(obs, starts, setups, batch: bool) -> float:
     """Seconds of one evaluation of the joint normal equations (after one warm-up call)."""
-    from refine.pipeline.joint import JointObjective
+    from refine.targets import Objective
     from refine.pipeline.many import _joint_options, prepare_many, start_point
 
     opts, sh, pi = _joint_options(None, ["distance", "beam_center"], ["orientation", "scale"], {})
     pb = prepare_many(obs, starts, setups, sh, pi, opts)
     X = start_point(pb)
-    obj = JointObjective(pb.pars, pb.layout, pb.observed, pb.usable, pb.target, batch=batch)
-    act = (list(range(len(pb.layout.shared))), [list(range(len(o))) for o in pb.layout.own_pos])
-    obj.normal(X, *act)
+    obj = Objective(pb.pars, pb.observed, pb.usable, pb.target, layout=pb.layout, batch=batch)
+    obj.normal(X)
     t0 = time.perf_counter()
-    obj.normal(X, *act)
+    obj.normal(X)
     return time.perf_counter() - t0
 
 

@@ -1,12 +1,14 @@
-"""Levenberg–Marquardt (Fisher scoring) on forward-mode Jacobians, chunked over pixels.
+"""Levenberg–Marquardt (Fisher scoring) on forward-mode Jacobians, chunked over pixels, for N ≥ 1 images.
 
-Each iteration builds the normal equations at the current point from :meth:`refine.targets.Objective.normal_equations`
+Each iteration builds the normal equations at the current point from :meth:`refine.targets.Objective.normal`
 (J = ∂model/∂x by ``torch.func.jacfwd`` over pixel chunks, so memory stays bounded: H = JᵀWJ and g = Jᵀ·∂L/∂m are
-accumulated chunk by chunk and J is discarded), then solves
+accumulated chunk by chunk and J is discarded; block form, shared + per image), then solves
 
     (H + μ·diag(H)) δ = −g                       (Marquardt's scaling: invariant to the units of x)
 
-projects x + δ onto the bounds and accepts the step when the loss decreases.  The damping follows Nielsen's rule:
+with the linear solve passed in (:mod:`refine.minimise.solve`: dense for one image or few scalars, the Schur
+complement for shared + per-image blocks, whose cost grows linearly with the number of images), projects x + δ onto
+the bounds and accepts the step when the loss decreases.  The damping follows Nielsen's rule:
 after an accepted step with gain ratio ρ = actual / predicted decrease, μ ← μ·max(⅓, 1 − (2ρ − 1)³); after a rejected
 step μ ← μ·ν, ν ← 2ν.
 
@@ -28,7 +30,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..targets import Objective
+from .solve import BlockNormal, LinearSolve, choose_solve, decrement
 
 
 @dataclasses.dataclass
@@ -48,7 +50,7 @@ class MinimizeResult:
     iterations: int
     evaluations: int
     history: List[dict]
-    normal: Optional[tuple] = None  # (active, H, model) at x, when the minimiser computed them (LM)
+    normal: Optional[tuple] = None  # (active, BlockNormal, models per image) at x, when computed there (LM)
 
 
 def _free_at_bounds(x, g, lo, hi):
@@ -56,22 +58,9 @@ def _free_at_bounds(x, g, lo, hi):
     return ((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0))
 
 
-def gauss_newton_decrement(g: torch.Tensor, H: torch.Tensor, blocked: Optional[torch.Tensor] = None) -> float:
-    """½·gᵀH⁻¹g: the loss decrease the undamped Gauss–Newton step predicts (``blocked`` scalars left out)."""
-    keep = torch.ones_like(g, dtype=torch.bool) if blocked is None else ~blocked
-    if not bool(keep.any()):
-        return 0.0
-    gk, Hk = g[keep], H[keep][:, keep]
-    try:
-        sol = torch.linalg.solve(Hk, gk)
-    except RuntimeError:
-        sol = torch.linalg.lstsq(Hk, gk[:, None]).solution[:, 0]
-    return 0.5 * float(gk @ sol)
-
-
-def clipped_bounds(par, lower: Optional[torch.Tensor] = None, upper: Optional[torch.Tensor] = None):
-    """The parameterisation's bounds on x [n] intersected with extra ``lower``/``upper`` [n] (None: none)."""
-    lo, hi = par.bounds()
+def clipped_bounds(objective, lower: Optional[torch.Tensor] = None, upper: Optional[torch.Tensor] = None):
+    """The objective's bounds on x [n] intersected with extra ``lower``/``upper`` [n] (None: none)."""
+    lo, hi = objective.bounds()
     if lower is not None:
         lo = torch.maximum(lo, lower)
     if upper is not None:
@@ -90,21 +79,20 @@ class _Step(NamedTuple):
     evaluations: int
 
 
-def _damped_step(objective: Objective, x, act, lo, hi, L: float, g, H, mu: float, nu: float,
+def _damped_step(objective, x, act, lo, hi, L: float, blk: BlockNormal, solve: LinearSolve, mu: float, nu: float,
                  max_damping: float) -> _Step:
     """Solve (H + μ·diag H)δ = −g, project x + δ on the bounds, and raise μ (×ν, ν ← 2ν) until the loss falls or μ
     exceeds ``max_damping``."""
     evals = 0
     while True:
-        d = torch.diagonal(H).clamp_min(1e-12 * float(torch.diagonal(H).abs().max()) + 1e-300)
         try:
-            delta = torch.linalg.solve(H + mu * torch.diag(d), -g)
+            delta = solve.step(blk, mu)
         except RuntimeError:
             delta = None
         if delta is not None and bool(torch.isfinite(delta).all()):
             xa = torch.maximum(torch.minimum(x[act] + delta, hi), lo)
             delta = xa - x[act]
-            pred = -float(g @ delta + 0.5 * delta @ (H @ delta))
+            pred = blk.predicted_decrease(delta)
             x_new = x.index_put((act,), xa)
             L_new = objective.loss(x_new)
             evals += 1
@@ -116,10 +104,10 @@ def _damped_step(objective: Objective, x, act, lo, hi, L: float, g, H, mu: float
             return _Step(False, x, L, None, -1.0, mu, nu, evals)
 
 
-def _step_sigma(objective: Objective, H, delta, loss: float, k: int) -> float:
-    """Largest |δ|/σ of a step, σ from the normal matrix H in likelihood units."""
+def _step_sigma(objective, blk: BlockNormal, solve: LinearSolve, delta, loss: float, k: int) -> float:
+    """Largest |δ|/σ of a step, σ from the normal matrix in likelihood units."""
     try:
-        var = torch.diagonal(torch.linalg.inv(H)).clamp_min(1e-300)
+        var = solve.inverse_diagonal(blk).clamp_min(1e-300)
         return float((delta.abs() / torch.sqrt(var * objective.likelihood_unit(loss, k))).max())
     except RuntimeError:
         return math.inf
@@ -145,7 +133,7 @@ def next_damping(mu: float, rho: float) -> float:
 
 
 def levenberg_marquardt(
-    objective: Objective,
+    objective,
     x0: torch.Tensor,
     active: Optional[Sequence[int]] = None,
     *,
@@ -157,27 +145,31 @@ def levenberg_marquardt(
     callback: Optional[Callable[[dict], None]] = None,
     lower: Optional[torch.Tensor] = None,
     upper: Optional[torch.Tensor] = None,
+    solve: Optional[LinearSolve] = None,
 ) -> MinimizeResult:
     """Minimise ``objective`` from ``x0`` [n] over the ``active`` scalars (default all) by Levenberg–Marquardt.
 
     Args:
-        objective: :class:`~refine.targets.Objective` (model, target, pixels).
+        objective: :class:`~refine.targets.Objective` (models, target, pixels of N ≥ 1 images).
         x0: starting increments [n] (projected onto the bounds).
-        active: indices of x that move (others stay at x0).
+        active: positions in x that move (others stay at x0).
         max_iter: maximum accepted steps (each costs one Jacobian, ≈ one forward pass per active scalar).
         ftol: convergence threshold in log-likelihood units (see the module docstring).
         xtol: step threshold in standard errors.
         damping: initial μ (relative to diag(H)).
         max_damping: give up when μ exceeds this.
         callback: called after every iteration with the history dict (for progress displays).
-        lower, upper: extra bounds on x [n] (intersected with the parameterisation's), e.g. a trust region.
+        lower, upper: extra bounds on x [n] (intersected with the objective's), e.g. a trust region.
+        solve: the :class:`~refine.minimise.solve.LinearSolve` (default: dense for one image or few scalars, else
+            the Schur complement).
 
     Returns:
-        :class:`MinimizeResult` (``normal``: the active indices, H and the model at the final x).
+        :class:`MinimizeResult` (``normal``: the active positions, the normal equations and the models at the
+        final x).
     """
     t0 = time.perf_counter()
-    active = list(range(objective.par.n)) if active is None else list(active)
-    lo_all, hi_all = clipped_bounds(objective.par, lower, upper)
+    active = list(range(objective.n)) if active is None else sorted(active)
+    lo_all, hi_all = clipped_bounds(objective, lower, upper)
     x = torch.maximum(torch.minimum(x0.detach().clone(), hi_all), lo_all)
     if not active:
         L = objective.loss(x)
@@ -185,36 +177,41 @@ def levenberg_marquardt(
                               [dict(iteration=0, loss=L, step=0.0, damping=0.0, accepted=True, seconds=0.0)])
     act = torch.as_tensor(active, dtype=torch.long)
     lo, hi, k = lo_all[act], hi_all[act], len(active)
-    L, g, H, m_now = objective.normal_equations(x, active)
+    L, blk, models = objective.normal(x, active)
     if not math.isfinite(L):
         raise ValueError("the starting model gives an infinite or NaN loss (a non-positive model where photons were "
                          "observed?): check the starting model, the background and the mask")
+    solve = choose_solve(blk) if solve is None else solve
     log = IterationLog(t0, callback)
     mu, nu, evals, it = float(damping), 2.0, 1, 0
     log.add(0, L, 0.0, mu)
     converged, message = False, f"reached max_iter = {max_iter}"
-    if gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi)) < ftol * objective.likelihood_unit(L, k):
+
+    def gn(blk, x, L):  # the Gauss–Newton decrement in likelihood units
+        blocked = _free_at_bounds(x[act], blk.g, lo, hi)
+        return decrement(blk, solve, blocked) / objective.likelihood_unit(L, k)
+
+    if gn(blk, x, L) < ftol:
         converged, message = True, "converged at the start (Gauss–Newton decrement below ftol)"
     while not converged and it < max_iter:
         it += 1
-        st = _damped_step(objective, x, act, lo, hi, L, g, H, mu, nu, max_damping)
+        st = _damped_step(objective, x, act, lo, hi, L, blk, solve, mu, nu, max_damping)
         evals += st.evaluations
         if not st.accepted:
-            unit = objective.likelihood_unit(L, k)
-            gn = gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi))
-            converged = gn < 10 * ftol * unit
-            message = ("converged (no downhill step; Gauss–Newton decrement {:.3g})".format(gn / unit) if converged
+            dec = gn(blk, x, L)
+            converged = dec < 10 * ftol
+            message = (f"converged (no downhill step; Gauss–Newton decrement {dec:.3g})" if converged
                        else f"stopped: damping above {max_damping:g} without a downhill step")
             break
-        decrease, step_sig = L - st.loss, _step_sigma(objective, H, st.delta, st.loss, k)
+        decrease = (L - st.loss) / objective.likelihood_unit(st.loss, k)
+        step_sig = _step_sigma(objective, blk, solve, st.delta, st.loss, k)
         x, mu, nu = st.x, next_damping(st.mu, st.rho), 2.0
-        L, g, H, m_now = objective.normal_equations(x, active)
+        L, blk, models = objective.normal(x, active)
         evals += 1
         log.add(it, L, step_sig, mu)
-        unit = objective.likelihood_unit(L, k)
-        gn = gauss_newton_decrement(g, H, _free_at_bounds(x[act], g, lo, hi))
-        if gn < ftol * unit:
-            converged, message = True, f"converged: Gauss–Newton decrement {gn / unit:.3g} < ftol = {ftol:g}"
-        elif decrease < ftol * unit and step_sig < xtol:
+        dec = gn(blk, x, L)
+        if dec < ftol:
+            converged, message = True, f"converged: Gauss–Newton decrement {dec:.3g} < ftol = {ftol:g}"
+        elif decrease < ftol and step_sig < xtol:
             converged, message = True, f"converged: step {step_sig:.3g} σ < xtol and decrease below ftol"
-    return MinimizeResult(x, L, converged, message, it, evals, log.rows, normal=(list(active), H, m_now))
+    return MinimizeResult(x, L, converged, message, it, evals, log.rows, normal=(list(active), blk, models))

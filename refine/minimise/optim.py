@@ -17,18 +17,17 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .lm import MinimizeResult, clipped_bounds
-from ..targets import Objective
+from ..targets.objective import Objective
 
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
 
 
 def _setup(objective: Objective, x0: torch.Tensor, active, lower=None, upper=None):
-    par = objective.par
-    active = list(range(par.n)) if active is None else list(active)
+    active = list(range(objective.n)) if active is None else list(active)
     act = torch.as_tensor(active, dtype=torch.long)
-    lo, hi = clipped_bounds(par, lower, upper)
+    lo, hi = clipped_bounds(objective, lower, upper)
     x0 = torch.maximum(torch.minimum(x0.detach().clone(), hi), lo)
-    typ = par.typical()[act]
+    typ = objective.typical()[act]
     zlo, zhi = (lo[act] - x0[act]) / typ, (hi[act] - x0[act]) / typ
     z = torch.zeros(len(active), dtype=x0.dtype, device=x0.device, requires_grad=True)
 

@@ -69,20 +69,22 @@ class Predict:
         """Number of pixels predicted."""
         return int(self.index.shape[0])
 
-    def bragg(self, x: torch.Tensor, check: bool = False) -> torch.Tensor:
-        """What ``simulate`` gives at the pixels (photons [n]); ``check`` validates the parameter values."""
-        return simulate_pixels(self.par.unpack(x), self.setup, self.index, check=check, fused=self.fused)
+    def bragg(self, x: torch.Tensor, check: bool = False, par: Optional[Parameterisation] = None) -> torch.Tensor:
+        """What ``simulate`` gives at the pixels (photons [n]); ``check`` validates the parameter values; ``par``:
+        another parameterisation of the same scalars (an image of a batch), default ``self.par``."""
+        par = self.par if par is None else par
+        return simulate_pixels(par.unpack(x), self.setup, self.index, check=check, fused=self.fused)
 
-    def background(self, x: torch.Tensor) -> torch.Tensor:
+    def background(self, x: torch.Tensor, par: Optional[Parameterisation] = None) -> torch.Tensor:
         """The background plane at the pixels (photons [n]; zeros when the model has none)."""
         if self.basis is None:
             return x.new_zeros(self.n)
-        return self.par.plane(x) @ self.basis
+        return (self.par if par is None else par).plane(x) @ self.basis
 
-    def __call__(self, x: torch.Tensor, check: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, check: bool = False, par: Optional[Parameterisation] = None) -> torch.Tensor:
         """Model photons [n] at increments ``x`` [n_par]: :meth:`bragg` + :meth:`background`."""
-        m = self.bragg(x, check)
-        return m if self.basis is None else m + self.par.plane(x) @ self.basis
+        m = self.bragg(x, check, par)
+        return m if self.basis is None else m + (self.par if par is None else par).plane(x) @ self.basis
 
 
 def make_predict(par: Parameterisation, setup: Optional[Setup] = None, pixels=None,

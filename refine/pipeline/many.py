@@ -31,15 +31,16 @@ from nbtorch.validate import check_params
 
 from ..model.degeneracy import degenerate_pairs
 from .fit import fit_options
-from .joint import JointObjective, Layout, align_shared, make_layout
-from ..minimise.joint_lm import joint_levenberg_marquardt
+from ..minimise.lm import levenberg_marquardt
+from ..model.layout import Layout, align_shared, make_layout
+from ..model.predict import make_predict
 from .many_result import ImageResult, JointResult  # noqa: F401  (re-exported)
 from .options import FitOptions
 from ..model.parameters import Parameterisation, expand_free, parameterise
 from .search import prefit_scale
 from .strategy import (GEOMETRY_GROUPS, POSITION_GROUPS, PRELIMINARY_FTOL, TRUST, DegeneracyWarning, Stage,
                        apply_stage, trust_bounds)
-from ..targets import Target, make_target, observed_array, usable_mask
+from ..targets import Objective, Target, make_target, observed_array, usable_mask
 
 #: FitOptions a joint fit does not support, with their neutral values.
 UNSUPPORTED = {"method": "lm", "priors": None, "weights": None, "spots_only": False}
@@ -164,8 +165,6 @@ def prepare_many(observed_list, params_list, setup_list, shared, per_image, opti
 def start_point(pb: JointProblem) -> torch.Tensor:
     """X at the start: zeros, with each image's scale (and constant background) pre-fitted linearly when free
     (:func:`refine.search.prefit_scale`); a shared scale starts at the images' mean."""
-    from ..model.predict import make_predict
-
     xs = []
     for k, (par, o, idx) in enumerate(zip(pb.pars, pb.observed, pb.usable), start=1):
         x = par.zeros()
@@ -231,7 +230,7 @@ def _stage_pixels(pb: JointProblem, stage: Stage, position: int) -> List[np.ndar
 
 
 def run_joint_stage(pb: JointProblem, X: torch.Tensor, stage: Stage, position: int = 0, batch: bool = True):
-    """Run one stage from X: (X, stage summary dict, iteration records, JointRun or None)."""
+    """Run one stage from X: (X, stage summary dict, iteration records, MinimizeResult or None)."""
     o, t0 = pb.options, time.perf_counter()
     pars = _stage_pars(pb, stage)
     act_s, act_own = _stage_active(pb, stage)
@@ -243,8 +242,8 @@ def run_joint_stage(pb: JointProblem, X: torch.Tensor, stage: Stage, position: i
         return X, info, [], None
     target = pb.target if stage.target in (None, pb.target.name) else make_target(stage.target,
                                                                                   read_noise=o.read_noise)
-    obj = JointObjective(pars, pb.layout, pb.observed, _stage_pixels(pb, stage, position), target,
-                         o.chunk_pixels, o.fused, batch, pb.reporter(stage.name))
+    obj = Objective(pars, pb.observed, _stage_pixels(pb, stage, position), target, o.chunk_pixels, o.fused,
+                    layout=pb.layout, batch=batch, progress=pb.reporter(stage.name))
     lo, hi = _bounds(pb, pars, X, stage.trust)
     records: List[dict] = []
 
@@ -253,13 +252,14 @@ def run_joint_stage(pb: JointProblem, X: torch.Tensor, stage: Stage, position: i
         if o.callback:
             o.callback(records[-1])
 
-    run = joint_levenberg_marquardt(
-        obj, X, act_s, act_own, max_iter=o.final_max_iter if stage.max_iter is None else int(stage.max_iter),
+    active = list(act_s) + [pb.layout.offset[i] + j for i, own in enumerate(act_own) for j in own]
+    run = levenberg_marquardt(
+        obj, X, active, max_iter=o.final_max_iter if stage.max_iter is None else int(stage.max_iter),
         ftol=o.ftol if stage.ftol is None else stage.ftol, damping=getattr(o, "damping", 1e-3), lower=lo, upper=hi,
         callback=record)
     info.update(iterations=run.iterations, evaluations=run.evaluations, loss=run.loss, message=run.message,
                 converged=bool(run.converged), seconds=time.perf_counter() - t0)
-    return run.X, info, records, run
+    return run.x, info, records, run
 
 
 def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=(), per_image=(), *,
@@ -302,6 +302,6 @@ def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=
         history += records
         if run is not None and not stage.preliminary:  # its normal equations serve the ESDs if on the real model
             real = stage.target in (None, pb.target.name) and not stage.broadened
-            final = run if real else run._replace(normal=None)
+            final = run if real else dataclasses.replace(run, normal=None)
     return JointResult.build(pb, X, final, stages, history, time.perf_counter() - t0, batch)
 

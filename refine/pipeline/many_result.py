@@ -13,11 +13,11 @@ import torch
 from nbtorch.args import to_nanobragg_args
 from nbtorch.io._atomic import atomic_write
 
-from .joint import JointObjective
+from ..targets import Objective
 from ..model.parameters import Parameterisation
 from .report import correlation_from_covariance, propagate
 from .result import poor_fit_message
-from ..minimise.schur import _inverse, image_covariance, schur_covariance
+from ..minimise.solve import _inverse, image_covariance, schur_covariance
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,21 +80,20 @@ class ImageResult:
 
 
 def _full_normal(pb, X, final, batch: bool = True):
-    """(loss, BlockNormal, per-image H) over every free scalar at X on all usable pixels with the fit's target:
+    """(loss, BlockNormal, objective) over every free scalar at X on all usable pixels with the fit's target:
     the final stage's when it ended at X with everything active, else computed."""
     lay = pb.layout
-    act_s, act_own = list(range(len(lay.shared))), [list(range(len(p))) for p in lay.own_pos]
-    obj = JointObjective(pb.pars, lay, pb.observed, pb.usable, pb.target, pb.options.chunk_pixels,
-                         pb.options.fused, batch, pb.reporter("ESDs"))
-    if final is not None and final.normal is not None and torch.equal(final.X, X):
-        blk, Hs = final.normal
-        if blk.A.shape[0] == len(act_s) and all(C.shape[0] == len(a) for C, a in zip(blk.C, act_own)):
-            return final.loss, blk, Hs, obj
-    L, blk, Hs = obj.normal(X, act_s, act_own)
-    return L, blk, Hs, obj
+    obj = Objective(pb.pars, pb.observed, pb.usable, pb.target, pb.options.chunk_pixels, pb.options.fused,
+                    layout=lay, batch=batch, progress=pb.reporter("ESDs"))
+    if final is not None and final.normal is not None and torch.equal(final.x, X):
+        active, blk, _ = final.normal
+        if list(active) == list(range(lay.n)):
+            return final.loss, blk, obj
+    L, blk, _ = obj.normal(X)
+    return L, blk, obj
 
 
-def image_statistics(pb, obj: JointObjective, X) -> Tuple[List[float], List[float], List[float]]:
+def image_statistics(pb, obj: Objective, X) -> Tuple[List[float], List[float], List[float]]:
     """Per image at X, on its usable pixels with the fit's target (one simulation of every image): (loss, Pearson
     χ², degrees of freedom ν_i = n_i − own_i − n_s·n_i/N), with n_i its pixels, own_i its own free scalars and the n_s
     shared scalars shared out by pixels (N pixels in all), so that Σ ν_i = N − n as in the joint χ²/ν.  A loss is
@@ -190,14 +189,15 @@ class JointResult:
 
     @classmethod
     def build(cls, pb, X, final, stages, history, seconds: float, batch: bool = True) -> "JointResult":
-        """The result of a joint problem ``pb`` at X (``final``: the last non-preliminary JointRun or None)."""
-        L, blk, Hs, obj = _full_normal(pb, X, final, batch)
+        """The result of a joint problem ``pb`` at X (``final``: the last non-preliminary MinimizeResult or None)."""
+        L, blk, obj = _full_normal(pb, X, final, batch)
+        Hs = blk.H
         losses, chi2, dof = image_statistics(pb, obj, X)
         chi2_nu = sum(chi2) / max(obj.n_pixels - pb.layout.n, 1)
         k = _esd_factor(pb, chi2_nu)
         cov_s, cross, own = schur_covariance(blk)
         cov_s, cross, own = cov_s * k, [c * k for c in cross], [c * k for c in own]
-        converged = final is not None and torch.equal(final.X, X) and bool(final.converged)
+        converged = final is not None and torch.equal(final.x, X) and bool(final.converged)
         message = final.message if final is not None else "no final stage minimised"
         images = [_image(pb, i, X, image_covariance(cov_s, cross[i], own[i]), Hs[i], losses[i], converged,
                          chi2[i] / max(dof[i], 1.0)) for i in range(len(pb.pars))]

@@ -21,7 +21,7 @@ from ..model.table import REPORT_FIELDS  # noqa: F401  (re-exported)
 
 #: How ESDs are scaled: by χ²/ν for least squares only ('auto'), always ('chi2'), never ('none').
 ESD_SCALES = ("auto", "chi2", "none")
-from ..targets import Objective
+from ..targets.objective import Objective
 
 
 
@@ -75,7 +75,8 @@ def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", r
     the largest mark combinations of free parameters that the data do not determine (e.g. a crystal rotation about
     the beam together with an in-plane detector rotation): they are left out (pseudo-inverse) and named.
 
-    ``normal``: optional (H [n, n], model [n_pixels]) already computed at ``x`` (by the last LM iteration).
+    ``normal``: optional (BlockNormal, models) already computed at ``x`` over every scalar (by the last LM
+    iteration).
 
     Returns ``(cov [n, n], chi2_reduced, k, loss, degenerate)`` with ``degenerate`` a list of lists of scalar names
     (empty when H is well conditioned)."""
@@ -83,11 +84,12 @@ def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", r
         raise ValueError(f"esd_scale must be one of {', '.join(ESD_SCALES)}; got {esd_scale!r}")
     n = objective.par.n
     if normal is not None:
-        H, m = normal
+        blk, models = normal
         L = objective.loss(x)
     else:
-        L, g, H, m = objective.normal_equations(x)
-    chi2 = objective.chi2_reduced(m, n)
+        L, blk, models = objective.normal(x)
+    H = blk.dense()[0]
+    chi2 = objective.chi2_reduced(models, n)
     k = chi2 if (esd_scale == "chi2" or (esd_scale == "auto" and not objective.target.likelihood)) else 1.0
     d = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
     C = H / d[:, None] / d[None, :]

@@ -274,7 +274,7 @@ def finish(state: FitState, seconds: Optional[float] = None) -> Result:
         iterations=state.iterations, evaluations=state.evaluations,
         seconds=state.seconds if seconds is None else seconds, chi2_reduced=float(chi2), esd_factor=float(k),
         n_pixels=objective.n_pixels, stages=list(state.stages), params=par.unpack(x), setup=par.setup, par=par,
-        observed=pb.observed, pixels=objective.pixels, nanobragg_base=base, matrix_path=o.matrix_path,
+        observed=pb.observed, pixels=objective.pixels(), nanobragg_base=base, matrix_path=o.matrix_path,
         notes=pb.notes, crystal_system=par.crystal_system,
         loss_all=float(L) if objective is pb.objective else pb.objective.loss(x), start_loss=state.start_loss,
         n_usable=len(pb.usable_index), poor_fit=poor_fit_message(pb.target.likelihood, float(chi2)))

@@ -6,10 +6,13 @@ import os
 import warnings
 from typing import Optional
 
+import numpy as np
+import torch
+
 from nbtorch.io.images import RAW_EXTENSIONS, HeaderWarning, ObservedImage, header_mismatches, read_image
 from nbtorch.types import Params, Setup
 
-__all__ = ["read_observed"]
+__all__ = ["read_observed", "observed_array"]
 
 
 def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, label: str = "OBSERVED",
@@ -39,3 +42,16 @@ def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, l
         raise ValueError(f"{label} {path} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
                          f"flags describe a {setup.fpixels}×{setup.spixels} detector")
     return obs
+
+
+def observed_array(observed, setup: Setup):
+    """An observed image (tensor, array, :class:`nbtorch.io.images.ObservedImage` or a path read with
+    :func:`nbtorch.io.images.read_image`, raw files taking their shape from ``setup``) → (float64 array [slow, fast],
+    its own mask (bool [slow, fast]) or None)."""
+    if isinstance(observed, str) or hasattr(observed, "__fspath__"):
+        observed = read_observed(os.fspath(observed), setup, label="observed")
+    if isinstance(observed, ObservedImage):
+        return np.asarray(observed.data, dtype=np.float64), np.asarray(observed.mask, dtype=bool)
+    if torch.is_tensor(observed):
+        return observed.detach().cpu().double().numpy(), None
+    return np.asarray(observed, dtype=np.float64), None

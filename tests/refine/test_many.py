@@ -20,8 +20,9 @@ import nbtorch
 import refine
 from nbtorch.io.images import write_raw_float
 from refine.cli.fit import main
-from refine.pipeline.joint import JointObjective, make_layout
-from refine.minimise.schur import BlockNormal, schur_covariance, schur_solve
+from refine.minimise.solve import BlockNormal, schur_covariance, schur_solve
+from refine.model.layout import make_layout
+from refine.targets import Objective
 
 from .refine_cases import misorientation_deg, observe, rotate_crystal, with_beam, with_detector
 
@@ -109,12 +110,11 @@ def test_real_normal_equations_schur_dense_and_vmap_agree():
     idx = [np.arange(32 * 32)] * 2
     target = refine.make_target("poisson")
     X = torch.linspace(-0.05, 0.05, lay.n, dtype=torch.float64)
-    act = ([0, 1, 2], [[0, 1, 2, 3]] * 2)
-    batched = JointObjective(pars, lay, obs, idx, target, batch=True)
-    looped = JointObjective(pars, lay, obs, idx, target, batch=False)
+    batched = Objective(pars, obs, idx, target, layout=lay, batch=True)
+    looped = Objective(pars, obs, idx, target, layout=lay, batch=False)
     assert (len(batched.groups), len(looped.groups)) == (1, 2)
-    L1, b1, _ = batched.normal(X, *act)
-    L2, b2, _ = looped.normal(X, *act)
+    L1, b1, _ = batched.normal(X)
+    L2, b2, _ = looped.normal(X)
     H1, g1 = b1.dense()
     H2, g2 = b2.dense()
     assert L1 == pytest.approx(L2, rel=1e-12)

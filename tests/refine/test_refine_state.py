@@ -139,7 +139,7 @@ def test_targets_are_immutable_and_invalid_models_are_rejected_explicitly(case):
         t.weights = None
     par = refine.parameterise(p, s, ["cell"], crystal_system="triclinic")
     obj = Objective(par, obs, np.ones((40, 40), bool), t)
-    assert obj.w is not None and t.weights is not None and obj.w.shape == (1600,)
+    assert obj.groups[0].w is not None and t.weights is not None and obj.groups[0].w.shape == (1600,)
     bad = par.zeros()
     bad[par.index("cell.alpha")[0]] = 80.0  # α = β = 170°, γ = 90°: no such cell, the lattice is NaN
     bad[par.index("cell.beta")[0]] = 80.0

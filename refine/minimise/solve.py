@@ -1,0 +1,248 @@
+"""Normal equations in block form and the linear solves of a Levenberg–Marquardt step: dense, or through the Schur
+complement.
+
+A fit of N images has a vector X = (x_s, x_1, …, x_N): the shared scalars x_s [n_s] and each image's own
+x_i [n_i].  Image i only sees (x_s, x_i), so the normal matrix is block-arrowhead::
+
+    H = | A    B_1  B_2 … |     A = Σ_i A_i  [n_s, n_s]   (each image's shared-shared block, summed)
+        | B_1ᵀ C_1        |     B_i          [n_s, n_i]   (shared-own)
+        | B_2ᵀ      C_2   |     C_i          [n_i, n_i]   (own-own)
+
+and the gradient g = (g_s, g_1, …, g_N).  Eliminating the per-image blocks leaves the Schur complement
+S = A − Σ B_i C_i⁻¹ B_iᵀ [n_s, n_s]; solving costs O(N·(n_i³ + n_s²·n_i) + n_s³) time and O(N·n_i·(n_s + n_i))
+memory, linear in the number of images (a dense solve is cubic in N·n_i).  One image has no shared block: its H is
+C_1 and the dense solve is the natural one.  A solve is a :class:`LinearSolve` (:data:`DENSE`, :data:`SCHUR`):
+the step of the damped equations and the diagonal of H⁻¹ (a step's size in standard errors); a new one is one more
+instance.  Levenberg–Marquardt damping adds
+μ·diag(H) to every diagonal block (:meth:`BlockNormal.damped`).  The covariance of X is H⁻¹, whose blocks are
+S⁻¹ (shared), −S⁻¹·B_i·C_i⁻¹ (shared-own) and C_i⁻¹ + C_i⁻¹·B_iᵀ·S⁻¹·B_i·C_i⁻¹ (own), also computed per image.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+
+class BlockNormal(NamedTuple):
+    """Normal equations in block form (see the module docstring): ``A`` [n_s, n_s], ``gs`` [n_s], and per image
+    ``B`` [n_s, n_i], ``C`` [n_i, n_i], ``gp`` [n_i] (lists of length N); ``H``: each image's own normal matrix
+    [n_s + n_i, n_s + n_i] in (shared, own) order, data only (what that image alone would give), or None.  Units are
+    those of the loss per increment unit (log-likelihood / x-unit²)."""
+
+    A: torch.Tensor
+    gs: torch.Tensor
+    B: List[torch.Tensor]
+    C: List[torch.Tensor]
+    gp: List[torch.Tensor]
+    H: Optional[List[torch.Tensor]] = None
+
+    @property
+    def g(self) -> torch.Tensor:
+        """The gradient [n] in the order (shared, image 1, …, image N)."""
+        return torch.cat([self.gs] + list(self.gp))
+
+    def split(self, delta: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """A flat vector [n] → (shared part [n_s], per-image parts [n_i])."""
+        k, parts = self.A.shape[0], []
+        for C in self.C:
+            parts.append(delta[k:k + C.shape[0]])
+            k += C.shape[0]
+        return delta[:self.A.shape[0]], parts
+
+    def with_priors(self, terms: Sequence[Tuple[int, float, float]], active: Sequence[int], layout) -> "BlockNormal":
+        """These equations plus the Gauss–Newton terms of priors: (position in X, residual r, dr/dx) each adds
+        (dr/dx)² to its diagonal entry and r·dr/dx to its gradient entry, when active."""
+        rows = {p: j for j, p in enumerate(active)}
+        terms = [t for t in terms if t[0] in rows]
+        if not terms:
+            return self
+        A, gs, C, gp = self.A.clone(), self.gs.clone(), [c.clone() for c in self.C], [g.clone() for g in self.gp]
+        ns = A.shape[0]
+        for pos, r, d in terms:
+            j = rows[pos]
+            if j < ns:
+                A[j, j] += d * d
+                gs[j] += d * r
+                continue
+            i = max(k for k in range(len(C)) if layout.offset[k] <= pos)
+            c = j - ns - sum(cc.shape[0] for cc in C[:i])
+            C[i][c, c] += d * d
+            gp[i][c] += d * r
+        return self._replace(A=A, gs=gs, C=C, gp=gp)
+
+    def damped(self, mu: float) -> "BlockNormal":
+        """H + μ·diag(H) (Marquardt's scaling; a tiny floor keeps a zero diagonal entry solvable)."""
+        if mu == 0:
+            return self
+
+        def add(M):
+            return M + mu * torch.diag(_damping_diagonal(M)) if M.numel() else M
+
+        return self._replace(A=add(self.A), C=[add(C) for C in self.C])
+
+    def dense(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The dense (H [n, n], g [n]) in the order (shared, image 1, …, image N)."""
+        if self.A.shape[0] == 0 and len(self.C) == 1:
+            return self.C[0], self.gp[0]
+        sizes = [self.A.shape[0]] + [C.shape[0] for C in self.C]
+        n = sum(sizes)
+        H = self.A.new_zeros(n, n)
+        ns, k = sizes[0], sizes[0]
+        H[:ns, :ns] = self.A
+        for B, C in zip(self.B, self.C):
+            m = C.shape[0]
+            H[:ns, k:k + m], H[k:k + m, :ns], H[k:k + m, k:k + m] = B, B.T, C
+            k += m
+        return H, torch.cat([self.gs] + list(self.gp))
+
+    def predicted_decrease(self, delta: torch.Tensor) -> float:
+        """−(gᵀδ + ½·δᵀHδ) of a step δ [n] (the decrease of the quadratic model), blockwise."""
+        if self.A.shape[0] == 0 and len(self.C) == 1:
+            return -float(self.gp[0] @ delta + 0.5 * delta @ (self.C[0] @ delta))
+        ds, dp = self.split(delta)
+        q = ds @ self.A @ ds
+        for B, C, d in zip(self.B, self.C, dp):
+            q = q + 2.0 * (ds @ B @ d) + d @ C @ d
+        lin = self.gs @ ds + sum((g @ d for g, d in zip(self.gp, dp)), ds.new_zeros(()))
+        return -float(lin + 0.5 * q)
+
+
+def _solve(M: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """M⁻¹·R for a symmetric positive (semi-)definite M [k, k] and R [k] or [k, m]: Cholesky, else least squares."""
+    if M.shape[0] == 0:
+        return R
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return torch.cholesky_solve(R[:, None], L)[:, 0] if R.dim() == 1 else torch.cholesky_solve(R, L)
+    sol = torch.linalg.lstsq(M, R[:, None] if R.dim() == 1 else R).solution
+    return sol[:, 0] if R.dim() == 1 else sol
+
+
+def schur_complement(blocks: BlockNormal) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """(S [n_s, n_s], [C_i⁻¹·B_iᵀ] [n_i, n_s], [C_i⁻¹·g_i] [n_i]): the Schur complement of the per-image blocks and
+    the per-image solves it was built from."""
+    S = blocks.A.clone()
+    CB, Cg = [], []
+    for B, C, g in zip(blocks.B, blocks.C, blocks.gp):
+        rhs = torch.cat([B.T, g[:, None]], 1)  # one factorisation for both
+        sol = _solve(C, rhs)
+        CB.append(sol[:, :-1])
+        Cg.append(sol[:, -1])
+        S = S - B @ sol[:, :-1]
+    return S, CB, Cg
+
+
+def schur_solve(blocks: BlockNormal, mu: float = 0.0) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The step δ solving (H + μ·diag H)·δ = −g through the Schur complement: (δ_s [n_s], [δ_i [n_i]]).
+
+    S·δ_s = −g_s + Σ B_i·C_i⁻¹·g_i, then δ_i = −C_i⁻¹·(g_i + B_iᵀ·δ_s) (C_i, S damped when μ > 0)."""
+    blk = blocks.damped(mu)
+    S, CB, Cg = schur_complement(blk)
+    rhs = -blk.gs
+    for B, cg in zip(blk.B, Cg):
+        rhs = rhs + B @ cg
+    ds = _solve(S, rhs)
+    dp = [-(cg + cb @ ds) for cb, cg in zip(CB, Cg)]
+    return ds, dp
+
+
+def _inverse(M: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric matrix through its correlation form, null directions left out (pseudo-inverse)."""
+    if M.shape[0] == 0:
+        return M.clone()
+    d = torch.sqrt(torch.clamp(torch.diagonal(M), min=1e-300))
+    w, V = torch.linalg.eigh(M / d[:, None] / d[None, :])
+    bad = w < 1e-10 * float(w.max())
+    winv = torch.where(bad, torch.zeros_like(w), 1.0 / torch.where(bad, torch.ones_like(w), w))
+    return ((V * winv) @ V.T) / d[:, None] / d[None, :]
+
+
+def schur_covariance(blocks: BlockNormal) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """Blocks of H⁻¹: (shared [n_s, n_s], [shared-own [n_s, n_i]], [own [n_i, n_i]]), per image, without forming
+    the dense inverse (the covariance of the increments of a likelihood target)."""
+    S, CB, _ = schur_complement(blocks)
+    S_inv = _inverse(S)
+    cross, own = [], []
+    for C, cb in zip(blocks.C, CB):
+        X = -(S_inv @ cb.T)  # −S⁻¹·B_i·C_i⁻¹  [n_s, n_i]
+        cross.append(X)
+        own.append(_inverse(C) - cb @ X)  # C⁻¹ + C⁻¹Bᵀ S⁻¹ B C⁻¹
+    return S_inv, cross, own
+
+
+def image_covariance(shared: torch.Tensor, cross: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """One image's covariance [n_s + n_i, n_s + n_i] of (x_s, x_i) from the blocks of :func:`schur_covariance`."""
+    top = torch.cat([shared, cross], 1)
+    bottom = torch.cat([cross.T, own], 1)
+    return torch.cat([top, bottom], 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the solves
+
+
+def _damping_diagonal(M: torch.Tensor) -> torch.Tensor:
+    """diag(M) with a tiny floor, so that μ·diag keeps a zero diagonal entry solvable."""
+    return torch.diagonal(M).clamp_min(1e-12 * float(torch.diagonal(M).abs().max()) + 1e-300)
+
+
+def dense_step(blocks: BlockNormal, mu: float) -> torch.Tensor:
+    """δ [n] solving (H + μ·diag H)·δ = −g with the dense H (RuntimeError when singular)."""
+    H, g = blocks.dense()
+    return torch.linalg.solve(H + mu * torch.diag(_damping_diagonal(H)), -g)
+
+
+def dense_inverse_diagonal(blocks: BlockNormal) -> torch.Tensor:
+    """diag(H⁻¹) [n] of the dense H (RuntimeError when singular)."""
+    return torch.diagonal(torch.linalg.inv(blocks.dense()[0]))
+
+
+def schur_step(blocks: BlockNormal, mu: float) -> torch.Tensor:
+    """δ [n] of :func:`schur_solve`, flat in the order (shared, image 1, …)."""
+    ds, dp = schur_solve(blocks, mu)
+    return torch.cat([ds] + list(dp))
+
+
+def schur_inverse_diagonal(blocks: BlockNormal) -> torch.Tensor:
+    """diag(H⁻¹) [n] from the blocks of :func:`schur_covariance`, flat in the order (shared, image 1, …)."""
+    shared, _, own = schur_covariance(blocks)
+    return torch.cat([torch.diagonal(shared)] + [torch.diagonal(c) for c in own])
+
+
+class LinearSolve(NamedTuple):
+    """How a Levenberg–Marquardt step solves its normal equations: ``step(blocks, μ)`` → δ [n] solving
+    (H + μ·diag H)·δ = −g, and ``inverse_diagonal(blocks)`` → diag(H⁻¹) [n] (a step's size in standard errors)."""
+
+    name: str
+    step: Callable[[BlockNormal, float], torch.Tensor]
+    inverse_diagonal: Callable[[BlockNormal], torch.Tensor]
+
+
+DENSE = LinearSolve("dense", dense_step, dense_inverse_diagonal)
+SCHUR = LinearSolve("schur", schur_step, schur_inverse_diagonal)
+#: Above this many scalars a fit of several images solves through the Schur complement.
+DENSE_LIMIT = 64
+
+
+def choose_solve(blocks: BlockNormal) -> LinearSolve:
+    """Dense for one image or few scalars, the Schur complement for shared + per-image blocks beyond that."""
+    n = blocks.A.shape[0] + sum(C.shape[0] for C in blocks.C)
+    return DENSE if len(blocks.C) == 1 or n <= DENSE_LIMIT else SCHUR
+
+
+def decrement(blocks: BlockNormal, solve: LinearSolve = DENSE, blocked: Optional[torch.Tensor] = None) -> float:
+    """½·gᵀH⁻¹g: the loss decrease the undamped Gauss–Newton step predicts, the ``blocked`` entries (bool [n]:
+    scalars held on a bound) left out (least squares when H is singular)."""
+    if blocked is not None and bool(blocked.any()):
+        H, g = blocks.dense()
+        keep = ~blocked
+        if not bool(keep.any()):
+            return 0.0
+        g, H = g[keep], H[keep][:, keep]
+        blocks, solve = BlockNormal(H.new_zeros(0, 0), g.new_zeros(0), [H.new_zeros(0, len(g))], [H], [g]), DENSE
+    try:
+        return max(0.0, -0.5 * float(blocks.g @ solve.step(blocks, 0.0)))
+    except RuntimeError:
+        H, g = blocks.dense()
+        return max(0.0, 0.5 * float(g @ torch.linalg.lstsq(H, g[:, None]).solution[:, 0]))

@@ -1,0 +1,106 @@
+"""The flat vector of N images: which scalars are shared (one value for all images) and where each image's own
+scalars sit, X = (x_s [n_s], x_1 [n_1], …, x_N [n_N]).  Every image keeps its own
+:class:`~refine.model.parameters.Parameterisation` over (shared + own) scalars about its own starting model; the
+shared parts of the starting models are made identical first (:func:`align_shared`), so a shared increment means the
+same change in every image.  One image alone has no shared scalars: X is its x."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Sequence, Tuple
+
+import torch
+
+from nbtorch.types import Params
+
+from .parameters import Parameterisation, get_leaf, set_leaf
+from .table import SCALARS, SUBGROUPS
+
+
+def _specs_of(names: Sequence[str]):
+    """Table entries a list of groups / sub-groups / scalar names covers."""
+    out = []
+    for n in names:
+        sub = SUBGROUPS.get(n, ())
+        out += [s for s in SCALARS if n in (s.group, s.name) or s.name in sub]
+    return out
+
+
+def align_shared(params_list: Sequence[Params], shared: Sequence[str]) -> Tuple[List[Params], List[str]]:
+    """Copy the leaves of the ``shared`` groups/scalars from the first model to every other one: (models, notes
+    naming the leaves whose starting values differed).  The background plane is refine's (``FitOptions.background``)
+    and the same for every image."""
+    first, out, notes = params_list[0], [params_list[0]], []
+    leaves = []
+    for s in _specs_of(shared):
+        if s.transform == "rotation":
+            leaves += [("crystal.misset", None), ("crystal.orientation", None)]
+        elif s.leaf != "plane":
+            leaves.append((s.leaf, s.index if s.transform != "cell" else None))
+    leaves = list(dict.fromkeys(leaves))
+    for k, p in enumerate(params_list[1:], start=2):
+        for leaf, index in leaves:
+            ref, cur = get_leaf(first, leaf), get_leaf(p, leaf)
+            new = ref.clone() if index is None or ref.dim() == 0 else cur.clone().index_put((torch.tensor(index),),
+                                                                                             ref[index])
+            if new.shape != cur.shape or not torch.allclose(new.to(cur), cur, rtol=1e-9, atol=1e-12):
+                notes.append(f"image {k}: starting {leaf} differs from image 1's; the shared start is image 1's")
+            p = set_leaf(p, leaf, new.to(cur))
+        out.append(p)
+    return out, notes
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each image's scalars sit in the flat vector X.
+
+    ``shared`` (names, the first n_s entries of X); per image ``names`` (its parameterisation's order),
+    ``shared_pos`` (positions of the shared names in it), ``own_pos`` (positions of its own scalars, in order) and
+    ``offset`` (where its own scalars start in X)."""
+
+    shared: Tuple[str, ...]
+    names: Tuple[Tuple[str, ...], ...]
+    shared_pos: Tuple[Tuple[int, ...], ...]
+    own_pos: Tuple[Tuple[int, ...], ...]
+    offset: Tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        """Length of X."""
+        return len(self.shared) + sum(len(p) for p in self.own_pos)
+
+    def own_names(self, i: int) -> List[str]:
+        """Image ``i``'s own scalar names, in X order."""
+        return [self.names[i][j] for j in self.own_pos[i]]
+
+    def image_x(self, X: torch.Tensor, i: int) -> torch.Tensor:
+        """Image ``i``'s increments [n_i] (its parameterisation's order) from X."""
+        x = X.new_zeros(len(self.names[i]))
+        ns, o = len(self.shared), self.offset[i]
+        x[list(self.shared_pos[i])] = X[:ns]
+        x[list(self.own_pos[i])] = X[o:o + len(self.own_pos[i])]
+        return x
+
+    def pack(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """X from per-image increments (shared values from image 1)."""
+        parts = [xs[0][list(self.shared_pos[0])]] + [x[list(p)] for x, p in zip(xs, self.own_pos)]
+        return torch.cat(parts)
+
+
+def make_layout(pars: Sequence[Parameterisation], shared: Sequence[str]) -> Layout:
+    """The :class:`Layout` of parameterisations whose scalars in the ``shared`` groups are shared (ValueError when an
+    image lacks one of image 1's shared scalars)."""
+    wanted = {s.name for s in _specs_of(shared)}
+    shared_names = tuple(n for n in pars[0].names if n in wanted)
+    names, spos, opos, offs = [], [], [], []
+    k = len(shared_names)
+    for i, par in enumerate(pars):
+        missing = [n for n in shared_names if n not in par.names]
+        if missing:
+            raise ValueError(f"image {i + 1} has no shared scalar {missing[0]} (a different crystal system?)")
+        names.append(tuple(par.names))
+        spos.append(tuple(par.names.index(n) for n in shared_names))
+        own = tuple(j for j, n in enumerate(par.names) if n not in shared_names)
+        opos.append(own)
+        offs.append(k)
+        k += len(own)
+    return Layout(shared_names, tuple(names), tuple(spos), tuple(opos), tuple(offs))

@@ -1,0 +1,212 @@
+"""Targets (losses): per-pixel loss, ∂L/∂m and expected curvature of a model against observed photons.
+
+A *target* turns model pixel values ``m`` and observed values ``o`` (both ``[P]`` photons), with optional per-pixel
+weights ``w`` [P], into a loss and the two per-pixel quantities a Gauss–Newton / Fisher-scoring minimiser needs:
+
+* ``dloss(m, o)`` = ∂L/∂m  (so ∇_x L = Jᵀ·dloss with J = ∂m/∂x), and
+* ``fisher(m, o)`` = the expected curvature E[∂²L/∂m²] (so JᵀWJ approximates the Hessian).
+
+Targets (``make_target(name)``) are immutable; weights are passed in, never stored by the objective on them:
+
+* ``poisson``  — Poisson negative log-likelihood, reported as half the deviance: L = Σ m − o + o·ln(o/m);
+  ∂L/∂m = 1 − o/m, W = 1/m.  The model gets a tiny pedestal (``eps``, default 1e-6 photons) so empty pixels stay
+  finite; a negative model value, or zero where o > 0, makes the loss +inf (the step is rejected).
+* ``gaussian`` — Gaussian NLL with read noise: variance v = m + σ² (σ = ``read_noise`` photons),
+  L = ½ Σ (o − m)²/v + ln v;  W = 1/v + 1/(2v²).
+* ``lsq``      — least squares L = ½ Σ w (o − m)² with an optional weight image (``weights``); W = w.
+* ``anscombe`` — least squares on variance-stabilised counts, L = ½ Σ (2√(o+⅜) − 2√(m+⅜))², W = 1/(m+⅜): close to
+  the Poisson NLL near the solution but bounded far from it (used by the preliminary coarse-to-fine stages).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Optional
+
+import numpy as np
+import torch
+
+TARGETS = ("poisson", "gaussian", "lsq", "anscombe")
+
+
+class Target:
+    """Base class: a loss over pixels with its first derivative and expected curvature per pixel.
+
+    Subclasses give the unweighted per-pixel ``_terms``, ``_dloss``, ``_fisher`` (and ``_chi2``); the public methods
+    take model ``m`` [P], observed ``o`` [P] and optional weights ``w`` [P].  ``likelihood`` is True for proper
+    negative log-likelihoods (loss differences are in log-likelihood units and (JᵀWJ)⁻¹ is the covariance without
+    rescaling)."""
+
+    name: ClassVar[str] = "target"
+    likelihood: ClassVar[bool] = True
+
+    def _terms(self, m, o):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _dloss(self, m, o):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fisher(self, m, o):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _chi2(self, m, o):
+        return (o - m) ** 2 * self._fisher(m, o)
+
+    @staticmethod
+    def _weighted(t, w):
+        return t if w is None else w * t
+
+    def loss_terms(self, m: torch.Tensor, o: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-pixel loss [P]."""
+        return self._weighted(self._terms(m, o), w)
+
+    def loss(self, m: torch.Tensor, o: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scalar loss of model ``m`` [P] against observed ``o`` [P]."""
+        return self.loss_terms(m, o, w).sum()
+
+    def dloss(self, m, o, w=None):
+        """∂L/∂m per pixel [P]."""
+        return self._weighted(self._dloss(m, o), w)
+
+    def fisher(self, m, o, w=None):
+        """Expected curvature E[∂²L/∂m²] per pixel [P]."""
+        return self._weighted(self._fisher(m, o), w)
+
+    def chi2_terms(self, m: torch.Tensor, o: torch.Tensor, w=None) -> torch.Tensor:
+        """Pearson χ² contributions per pixel [P] (used for the reduced χ²)."""
+        return self._weighted(self._chi2(m, o), w)
+
+    def pixel_weights(self, index: np.ndarray, shape, dtype=torch.float64, device=None) -> Optional[torch.Tensor]:
+        """Per-pixel weights [n] at flat pixel ``index`` of an image of ``shape`` (None: unweighted)."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Poisson(Target):
+    """Poisson NLL (half deviance) with a pedestal ``eps`` (photons) added to the model."""
+
+    name: ClassVar[str] = "poisson"
+    eps: float = 1e-6
+
+    def _terms(self, m, o):
+        mm = m + self.eps
+        pos = o > 0
+        safe = torch.where(mm > 0, mm, torch.ones_like(mm))
+        osafe = torch.where(pos, o, torch.ones_like(o))
+        t = mm - o + torch.where(pos, o * (torch.log(osafe) - torch.log(safe)), torch.zeros_like(o))
+        bad = (mm < 0) | ((mm <= 0) & pos)  # a Poisson mean cannot be negative
+        return torch.where(bad, torch.full_like(t, math.inf), t)
+
+    def _dloss(self, m, o):
+        return 1.0 - o / (m + self.eps)
+
+    def _fisher(self, m, o):
+        return 1.0 / (m + self.eps)
+
+    def _chi2(self, m, o):
+        return (o - m) ** 2 / (m + self.eps).clamp_min(1e-3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gaussian(Target):
+    """Gaussian NLL with variance m + σ² (σ = ``read_noise``, photons)."""
+
+    name: ClassVar[str] = "gaussian"
+    read_noise: float = 1.0
+
+    def __post_init__(self):
+        if not self.read_noise >= 0:
+            raise ValueError(f"read_noise must be >= 0 photons; got {self.read_noise}")
+
+    def _v(self, m):
+        return (m + float(self.read_noise) ** 2).clamp_min(1e-12)
+
+    def _terms(self, m, o):
+        v = self._v(m)
+        t = 0.5 * ((o - m) ** 2 / v + torch.log(v))
+        return torch.where(m + float(self.read_noise) ** 2 > 0, t, torch.full_like(t, math.inf))
+
+    def _dloss(self, m, o):
+        v = self._v(m)
+        r = o - m
+        return -r / v + 0.5 * (1.0 / v - r * r / (v * v))
+
+    def _fisher(self, m, o):
+        v = self._v(m)
+        return 1.0 / v + 0.5 / (v * v)
+
+    def _chi2(self, m, o):
+        return (o - m) ** 2 / self._v(m)
+
+
+@dataclasses.dataclass(frozen=True)
+class Anscombe(Target):
+    """Least squares on variance-stabilised values: L = ½ Σ (2√(o + ⅜) − 2√(m + ⅜))².
+
+    For Poisson counts 2√(X + ⅜) has unit variance, so L behaves like a log-likelihood near the optimum, but unlike the
+    Poisson NLL it stays bounded where the model is ~0 and photons were observed (point-sampled sinc zeros far from
+    the solution): the robust target of the preliminary coarse-to-fine stages."""
+
+    name: ClassVar[str] = "anscombe"
+
+    def _s(self, m):
+        return torch.sqrt(torch.clamp(m + 0.375, min=1e-12))
+
+    def _terms(self, m, o):
+        r = 2.0 * (torch.sqrt(torch.clamp(o, min=0) + 0.375) - self._s(m))
+        t = 0.5 * r * r
+        return torch.where(m + 0.375 > 0, t, torch.full_like(t, math.inf))
+
+    def _dloss(self, m, o):
+        sm = self._s(m)
+        return -2.0 * (torch.sqrt(torch.clamp(o, min=0) + 0.375) - sm) / sm
+
+    def _fisher(self, m, o):
+        return 1.0 / (self._s(m) ** 2)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LeastSquares(Target):
+    """½ Σ w (o − m)² with an optional weight image ``weights`` [slow, fast] (None = all 1).
+
+    Not a likelihood: ESDs are scaled by the reduced χ² (``esd_scale='auto'``)."""
+
+    name: ClassVar[str] = "lsq"
+    likelihood: ClassVar[bool] = False
+    weights: object = None
+
+    def _terms(self, m, o):
+        return 0.5 * (o - m) ** 2
+
+    def _dloss(self, m, o):
+        return -(o - m)
+
+    def _fisher(self, m, o):
+        return torch.ones_like(m)
+
+    def pixel_weights(self, index, shape, dtype=torch.float64, device=None):
+        """The weight image's values [n] at flat pixel ``index`` (ValueError unless it is a non-negative image of
+        ``shape``)."""
+        if self.weights is None:
+            return None
+        w = torch.as_tensor(np.asarray(self.weights, dtype=np.float64))
+        if tuple(w.shape) != tuple(shape) or not bool((w >= 0).all()):
+            raise ValueError(f"least-squares weights must be a non-negative image of shape {tuple(shape)}")
+        return w.reshape(-1)[torch.as_tensor(index)].to(dtype=dtype, device=device)
+
+
+def make_target(name: str = "poisson", *, read_noise: float = 0.0, weights=None, eps: float = 1e-6) -> Target:
+    """Target by name: 'poisson', 'gaussian' (``read_noise`` σ in photons), 'lsq' (optional ``weights`` image) or
+    'anscombe' (variance-stabilised least squares, robust far from the solution); a :class:`Target` is returned as
+    is."""
+    if isinstance(name, Target):
+        return name
+    if name == "poisson":
+        return Poisson(eps)
+    if name == "gaussian":
+        return Gaussian(read_noise)
+    if name == "lsq":
+        return LeastSquares(weights)
+    if name == "anscombe":
+        return Anscombe()
+    raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {name!r}")

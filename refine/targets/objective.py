@@ -1,0 +1,381 @@
+"""The objective of a fit of N ≥ 1 images: model, loss, gradient and normal equations on the chosen pixels.
+
+The increments of all images form one flat vector X (:class:`~refine.model.layout.Layout`: the shared scalars, then
+each image's own; one image alone has only its own).  Images with the same set-up, pixels, free scalars and structure
+factors form a group whose models and Jacobians are computed in one ``torch.func.vmap`` over the images (a group of
+one image is called directly, so it may use the compiled tiles).  A group's pixels are split into chunks of
+:class:`~refine.model.predict.Predict` models (memory is set by the chunk, not by the detector): J = ∂m/∂x by
+``jacfwd`` per chunk, H = JᵀWJ and g = Jᵀ·∂L/∂m accumulated and J discarded.  The normal equations come in block
+form, shared + per image (:class:`~refine.minimise.solve.BlockNormal`), with the priors' terms added.  A model with a
+non-finite value gives an infinite loss: the step is rejected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import numbers
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.func import jacfwd, vmap
+
+from nbtorch.simulate import choose_fused
+from nbtorch.types import Params
+
+from ..minimise.solve import BlockNormal
+from ..model.layout import Layout, make_layout
+from ..model.parameters import Parameterisation
+from ..model.predict import Predict, pixel_index
+from .losses import Target
+
+
+def _batched_ref(pars: Sequence[Parameterisation]) -> Params:
+    """The images' reference models stacked on a leading axis, except the structure factors (shared, not copied)."""
+    refs = [p.ref._replace(structure=None) for p in pars]
+    fields = {}
+    for part in ("crystal", "beam", "detector", "background"):
+        node = getattr(refs[0], part)
+        fields[part] = type(node)(*(torch.stack([getattr(getattr(r, part), f) for r in refs])
+                                    for f in node._fields))
+    return Params(structure=pars[0].ref.structure, **fields)
+
+
+#: vmap's in_dims for a stacked reference model: every leaf batched but the structure factors.
+REF_DIMS = Params(0, 0, 0, None, 0)
+
+
+class ImageGroup:
+    """Images evaluated in one batch: same set-up, pixels and free scalars (``ids`` into the objective's images).
+
+    ``o`` [B, P] observed photons at the flat pixel ``index`` [P], ``w`` [P] the target's pixel weights (or None);
+    ``chunks``: one :class:`~refine.model.predict.Predict` per slice ``slices[k]`` of the pixels."""
+
+    def __init__(self, ids: Sequence[int], pars: Sequence[Parameterisation], observed: Sequence[torch.Tensor],
+                 index: np.ndarray, target: Target, chunk_pixels: int, fused: Optional[bool]):
+        t = pars[0]
+        self.ids, self.template = list(ids), t
+        # compiled tiles are not vmapped; one image chooses them by the work of all its chunks
+        fused = choose_fused(fused, t.setup, len(index)) if len(ids) == 1 else False
+        self.ref, self.R0 = _batched_ref(pars), torch.stack([p.R0 for p in pars])
+        self.cell_base = torch.stack([p.cell_base for p in pars])
+        self.plane_ref = torch.stack([p.background_ref for p in pars])
+        self.index = torch.as_tensor(index, dtype=torch.long, device=t.device)
+        self.o = torch.stack([o.reshape(-1)[self.index] for o in observed]).to(dtype=t.dtype, device=t.device)
+        self.w = target.pixel_weights(index, (t.setup.spixels, t.setup.fpixels), t.dtype, t.device)
+        step = max(1, int(chunk_pixels) // len(ids))
+        self.slices = [slice(a, a + step) for a in range(0, len(index), step)]
+        self.chunks = [Predict(t, t.setup, index[sl], fused) for sl in self.slices]
+
+    def _fn(self, k: int):
+        """model(x [n], ref, R0, cell_base, plane_ref) → photons [P_chunk] of chunk ``k`` for one image."""
+        t, chunk = self.template, self.chunks[k]
+
+        def model(x, ref, R0, cell_base, plane_ref):
+            par = t if ref is t.ref else dataclasses.replace(t, ref=ref, R0=R0, cell_base=cell_base,
+                                                             background_ref=plane_ref)
+            return chunk(x, par=par)
+
+        return model
+
+    def _apply(self, f, *xs):
+        """``f(*x, ref, R0, cell_base, plane_ref)`` for every image: vmapped over a group of several images, called
+        directly for one, outputs with a leading image axis."""
+        if len(self.ids) > 1:
+            dims = (0,) * len(xs) + (REF_DIMS, 0, 0, 0)
+            return vmap(f, in_dims=dims)(*xs, self.ref, self.R0, self.cell_base, self.plane_ref)
+        t = self.template
+        out = f(*(x[0] for x in xs), t.ref, t.R0, t.cell_base, t.background_ref)
+        return tuple(o[None] for o in out) if isinstance(out, tuple) else out[None]
+
+    def _w(self, k: int) -> Optional[torch.Tensor]:
+        return None if self.w is None else self.w[self.slices[k]]
+
+    def models(self, Xb: torch.Tensor, tick: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+        """Model photons [B, P] at increments Xb [B, n] (no gradient); ``tick(fraction done)`` after each chunk."""
+        out = []
+        with torch.no_grad():
+            for k in range(len(self.chunks)):
+                out.append(self._apply(self._fn(k), Xb))
+                if tick is not None:
+                    tick((k + 1) / len(self.chunks))
+        return torch.cat(out, 1)
+
+    def loss_and_grad(self, Xb: torch.Tensor, target: Target) -> Tuple[float, Optional[torch.Tensor]]:
+        """(loss, ∂loss/∂Xb [B, n]) by reverse mode chunk by chunk; (inf, None) where the model is not finite."""
+        g, total = torch.zeros_like(Xb), 0.0
+        for k, sl in enumerate(self.slices):
+            xr = Xb.detach().clone().requires_grad_(True)
+            m = self._apply(self._fn(k), xr)
+            Lc = target.loss(m, self.o[:, sl], self._w(k))
+            if not (bool(torch.isfinite(m.detach()).all()) and math.isfinite(float(Lc.detach()))):
+                return math.inf, None
+            (gc,) = torch.autograd.grad(Lc, xr)
+            total += float(Lc.detach())
+            g += gc
+        return total, g
+
+    def normal(self, Xb: torch.Tensor, act: Sequence[int], target: Target,
+               tick: Optional[Callable[[float], None]] = None):
+        """(models [B, P], g [B, k], H [B, k, k]) over the ``act`` positions of each image's x: J by forward mode
+        per pixel chunk (vmapped over the images), H = JᵀWJ, g = Jᵀ·∂L/∂m; ``tick(fraction done)`` per chunk."""
+        act_t = torch.as_tensor(list(act), dtype=torch.long, device=Xb.device)
+        B, k = Xb.shape[0], len(act)
+        H, g, ms = Xb.new_zeros(B, k, k), Xb.new_zeros(B, k), []
+        if k == 0:
+            return self.models(Xb, tick), g, H
+        for j, sl in enumerate(self.slices):
+            fn = self._fn(j)
+
+            def f(xa, x0, *rest, fn=fn):
+                m = fn(x0.index_put((act_t,), xa), *rest)
+                return m, m
+
+            J, m = self._apply(jacfwd(f, has_aux=True), Xb[:, act_t], Xb)
+            J = J.to(Xb.dtype)  # torch 2.13 gives a 0-dim tensor × Python float a float64 tangent (float32 fits)
+            o, w = self.o[:, sl], self._w(j)
+            H += torch.einsum("bpk,bp,bpl->bkl", J, target.fisher(m, o, w), J)
+            g += torch.einsum("bpk,bp->bk", J, target.dloss(m, o, w))
+            ms.append(m)
+            if tick is not None:
+                tick((j + 1) / len(self.slices))
+        return torch.cat(ms, 1), g, H
+
+
+def _group_key(par: Parameterisation, index: np.ndarray):
+    """Images with equal keys are simulated in one vmapped batch: same set-up, pixels, free scalars and structure
+    factors (which are not batched)."""
+    st = par.ref.structure
+    table = hashlib.blake2b(st.F.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    return (par.setup, tuple(par.names), hashlib.blake2b(index.tobytes(), digest_size=16).hexdigest(),
+            par.crystal_system, par.ncells_iso, tuple(par.cell_rows), tuple(st.F.shape), table,
+            float(st.default_F))
+
+
+def _observed_tensor(observed, par: Parameterisation) -> torch.Tensor:
+    """An observed image as a tensor [slow, fast] (ValueError naming the expected shape)."""
+    obs = observed if torch.is_tensor(observed) else torch.as_tensor(np.asarray(observed, dtype=np.float64))
+    S, F = par.setup.spixels, par.setup.fpixels
+    if tuple(obs.shape) != (S, F):
+        raise ValueError(f"observed image has shape {tuple(obs.shape)}, expected [slow, fast] = {(S, F)}")
+    return obs
+
+
+class Objective:
+    """Model, loss, gradient and normal equations of N ≥ 1 images on chosen pixels.
+
+    Args:
+        pars: one :class:`~refine.model.parameters.Parameterisation` (one image) or a sequence (one per image, shared
+            scalars about identical references).
+        observed: the observed image(s) [slow, fast] (tensors or arrays, photons), like ``pars``.
+        pixels: the pixels that take part, like ``pars``: bool [slow, fast] or flat slow-major indices.
+        target: a :class:`~refine.targets.losses.Target`.
+        chunk_pixels: pixels per Jacobian chunk, shared among a group's images (about chunk_pixels × n_params
+            tangents in memory).
+        fused: see :func:`nbtorch.simulate.simulate`.
+        layout: where each image's scalars sit in X (default: one image's x, nothing shared).
+        batch: simulate images of equal set-up together under vmap (False: one image per group).
+        progress: None, or ``progress(what, done, total)`` after every pixel chunk of a pass over the images
+            ('simulating' or 'Jacobians', ``done`` of ``total`` images).
+
+    X vectors have the parameterisations' dtype and length ``n``; ``active`` (sorted positions in X) restricts
+    derivatives to a subset.  Nothing is changed after construction.
+    """
+
+    def __init__(self, pars, observed, pixels, target: Target, chunk_pixels: int = 16384,
+                 fused: Optional[bool] = None, *, layout: Optional[Layout] = None, batch: bool = True,
+                 progress: Optional[Callable[[str, int, int], None]] = None):
+        if isinstance(pars, Parameterisation):
+            pars, observed, pixels = [pars], [observed], [pixels]
+        if isinstance(chunk_pixels, bool) or not isinstance(chunk_pixels, numbers.Integral) or chunk_pixels < 1:
+            raise ValueError(f"chunk_pixels must be an integer >= 1, got {chunk_pixels!r}")
+        self.pars, self.target, self.progress = list(pars), target, progress
+        self.layout = make_layout(self.pars, ()) if layout is None else layout
+        self.index = [pixel_index(p, par.setup) for p, par in zip(pixels, self.pars)]
+        if any(len(idx) == 0 for idx in self.index):
+            raise ValueError("no usable pixels: check the mask, the overload level and the ROI")
+        self.n_pixels = sum(len(idx) for idx in self.index)
+        obs = [_observed_tensor(o, par) for o, par in zip(observed, self.pars)]
+        keys: dict = {}
+        for i, (par, idx) in enumerate(zip(self.pars, self.index)):
+            keys.setdefault(_group_key(par, idx) if batch else i, []).append(i)
+        self.groups = [ImageGroup(ids, [self.pars[i] for i in ids], [obs[i] for i in ids], self.index[ids[0]],
+                                  target, chunk_pixels, fused) for ids in keys.values()]
+        self._before = np.cumsum([0] + [len(gr.ids) for gr in self.groups])[:-1].tolist()
+        self._priors = self._prior_slots()
+
+    # ------------------------------------------------------------------ the flat vector
+    @property
+    def par(self) -> Parameterisation:
+        """The first image's parameterisation (the only one of a one-image objective)."""
+        return self.pars[0]
+
+    @property
+    def n(self) -> int:
+        """Length of X."""
+        return self.layout.n
+
+    def _stack(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.layout.pack(vectors)
+
+    def bounds(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Lower and upper bounds on X ([n] each; ±inf where none)."""
+        b = [p.bounds() for p in self.pars]
+        return self._stack([lo for lo, _ in b]), self._stack([hi for _, hi in b])
+
+    def typical(self) -> torch.Tensor:
+        """Typical error of each entry of X ([n], x units)."""
+        return self._stack([p.typical() for p in self.pars])
+
+    def pixels(self, i: int = 0) -> np.ndarray:
+        """bool [slow, fast]: the pixels of image ``i`` that take part."""
+        st = self.pars[i].setup
+        out = np.zeros(st.spixels * st.fpixels, dtype=bool)
+        out[self.index[i]] = True
+        return out.reshape(st.spixels, st.fpixels)
+
+    def _xb(self, X: torch.Tensor, ids) -> torch.Tensor:
+        return torch.stack([self.layout.image_x(X, i) for i in ids])
+
+    def _tick(self, what: str, j: int) -> Optional[Callable[[float], None]]:
+        """The chunk reporter of group ``j`` in a pass called ``what`` (None without ``progress``)."""
+        if self.progress is None:
+            return None
+        start, size, total = self._before[j], len(self.groups[j].ids), len(self.pars)
+        return lambda fraction: self.progress(what, start + int(size * fraction), total)
+
+    # ------------------------------------------------------------------ priors
+    def _prior_slots(self) -> List[Tuple[int, int, int]]:
+        """(image, position in its x, position in X) of every scalar with a prior, each X position once."""
+        out, seen = [], set()
+        for i, par in enumerate(self.pars):
+            where = {j: self.layout.shared_pos[i].index(j) for j in self.layout.shared_pos[i]}
+            for j, s in enumerate(par.scalars):
+                pos = where[j] if j in where else self.layout.offset[i] + self.layout.own_pos[i].index(j)
+                if s.prior is not None and pos not in seen:
+                    seen.add(pos)
+                    out.append((i, j, pos))
+        return out
+
+    def prior_loss(self, X: torch.Tensor) -> torch.Tensor:
+        """½ Σ prior residuals² (differentiable in X)."""
+        tot = X.new_zeros(())
+        for i, j, pos in self._priors:
+            mean, sigma = self.pars[i].scalars[j].prior
+            tot = tot + 0.5 * ((self.pars[i].values(self.layout.image_x(X, i))[j] - mean) / sigma) ** 2
+        return tot
+
+    def _prior_normal(self, X: torch.Tensor) -> List[Tuple[int, float, float]]:
+        """(position in X, residual r = (u − mean)/sigma, dr/dx) of every prior at X (Gauss–Newton terms)."""
+        out = []
+        for i, j, pos in self._priors:
+            s, xi = self.pars[i].scalars[j], float(X[pos])
+            mean, sigma = s.prior
+            out.append((pos, (float(s.value(torch.tensor(xi, dtype=torch.float64))) - mean) / sigma,
+                        s.dvalue_dx(xi) / sigma))
+        return out
+
+    # ------------------------------------------------------------------ model and loss
+    def models(self, X: torch.Tensor) -> List[torch.Tensor]:
+        """Model photons at each image's pixels (list of [P_i], image order; no gradient)."""
+        out: List[Optional[torch.Tensor]] = [None] * len(self.pars)
+        for j, gr in enumerate(self.groups):
+            for b, m in zip(gr.ids, gr.models(self._xb(X, gr.ids), self._tick("simulating", j))):
+                out[b] = m
+        return out
+
+    def model(self, X: torch.Tensor) -> torch.Tensor:
+        """Model photons at every image's pixels, concatenated in image order [n_pixels]."""
+        ms = self.models(X)
+        return ms[0] if len(ms) == 1 else torch.cat(ms)
+
+    def image_terms(self, models: Sequence[torch.Tensor], what: str = "loss") -> List[torch.Tensor]:
+        """Per image, the per-pixel ``what`` ('loss' or 'chi2') terms [P_i] of its ``models``."""
+        out: List[Optional[torch.Tensor]] = [None] * len(self.pars)
+        for gr in self.groups:
+            f = self.target.loss_terms if what == "loss" else self.target.chi2_terms
+            for b, i in enumerate(gr.ids):
+                out[i] = f(models[i], gr.o[b], gr.w)
+        return out
+
+    def image_losses(self, X: torch.Tensor, models: Optional[Sequence[torch.Tensor]] = None) -> List[float]:
+        """Data loss of every image at X (+inf where a model value is not finite); priors not included."""
+        models = self.models(X) if models is None else models
+        out = []
+        for m, t in zip(models, self.image_terms(models)):
+            L = float(t.sum())
+            out.append(L if bool(torch.isfinite(m).all()) and math.isfinite(L) else math.inf)
+        return out
+
+    def loss(self, X: torch.Tensor) -> float:
+        """Total loss (data + priors) at X as a float; +inf where the model is not finite (a rejected step)."""
+        with torch.no_grad():
+            v = sum(self.image_losses(X)) + float(self.prior_loss(X))
+        return v if math.isfinite(v) else math.inf
+
+    def loss_and_grad(self, X: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        """Loss and its gradient [n] by reverse mode, chunk by chunk (bounded memory); (inf, partial) where the
+        model is not finite."""
+        g, total = torch.zeros_like(X), 0.0
+        for gr in self.groups:
+            Xr = X.detach().clone().requires_grad_(True)
+            Xb = self._xb(Xr, gr.ids)
+            L, gb = gr.loss_and_grad(Xb.detach(), self.target)
+            if gb is None:
+                return math.inf, g
+            (gx,) = torch.autograd.grad(Xb, Xr, gb)
+            g += gx
+            total += L
+        Xr = X.detach().clone().requires_grad_(True)
+        Lp = self.prior_loss(Xr)
+        if Lp.requires_grad:
+            (gp,) = torch.autograd.grad(Lp, Xr)
+            g += gp
+        total += float(Lp.detach())
+        return (total if math.isfinite(total) else math.inf), g
+
+    # ------------------------------------------------------------------ normal equations
+    def normal(self, X: torch.Tensor, active: Optional[Sequence[int]] = None):
+        """(loss, :class:`~refine.minimise.solve.BlockNormal`, models [P_i] per image) at X over the ``active``
+        positions of X (default all): the blocks of the active shared scalars and of each image's active own ones,
+        prior terms included.  The loss is +inf where the model is not finite."""
+        lay = self.layout
+        active = list(range(lay.n)) if active is None else sorted(active)
+        ns = len(lay.shared)
+        act_s = [p for p in active if p < ns]
+        act_own = [[p - lay.offset[i] for p in active if lay.offset[i] <= p < lay.offset[i] + len(lay.own_pos[i])]
+                   for i in range(len(self.pars))]
+        ks, n_img = len(act_s), len(self.pars)
+        A, gs = X.new_zeros(ks, ks), X.new_zeros(ks)
+        B, C, gp, Hs, ms = ([None] * n_img for _ in range(5))
+        for jg, gr in enumerate(self.groups):
+            i0 = gr.ids[0]
+            act = [lay.shared_pos[i0][j] for j in act_s] + [lay.own_pos[i0][j] for j in act_own[i0]]
+            m, g, H = gr.normal(self._xb(X, gr.ids), act, self.target, self._tick("Jacobians", jg))
+            for b, i in enumerate(gr.ids):
+                A += H[b, :ks, :ks]
+                gs += g[b, :ks]
+                B[i], C[i], gp[i], Hs[i], ms[i] = H[b, :ks, ks:], H[b, ks:, ks:], g[b, ks:], H[b], m[b]
+        blk = BlockNormal(A, gs, B, C, gp, Hs)
+        L = sum(self.image_losses(X, ms)) + float(self.prior_loss(X.detach()))
+        return (L if math.isfinite(L) else math.inf), blk.with_priors(self._prior_normal(X), active, lay), ms
+
+    def normal_equations(self, X: torch.Tensor, active: Optional[Sequence[int]] = None):
+        """Loss, gradient g [k], normal matrix H = JᵀWJ [k, k] (+ prior terms) over the ``active`` positions
+        (default all) and the model [n_pixels], all at X: :meth:`normal` in dense form."""
+        L, blk, ms = self.normal(X, active)
+        H, g = blk.dense()
+        return L, g, H, (ms[0] if len(ms) == 1 else torch.cat(ms))
+
+    # ------------------------------------------------------------------ statistics
+    def likelihood_unit(self, loss: float, n_free: int) -> float:
+        """Size of one log-likelihood unit of the loss: 1 for NLL targets, σ̂² = 2L/(n − p) for least squares."""
+        if self.target.likelihood:
+            return 1.0
+        return max(2.0 * loss / max(self.n_pixels - n_free, 1), 1e-300)
+
+    def chi2_reduced(self, models, n_free: int) -> float:
+        """Pearson χ²/(n − p) of the ``models`` (per image, or one image's [n_pixels])."""
+        models = [models] if torch.is_tensor(models) else list(models)
+        return float(sum(t.sum() for t in self.image_terms(models, "chi2"))) / max(self.n_pixels - n_free, 1)
