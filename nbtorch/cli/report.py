@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import kernel
-from ..pixels import rendered_mask, roi_mask
+from ..pixels import rendered_mask, rendered_pixels, roi_mask
 from ..shape import round_half_down
 from ..simulate import pixel_tile
 from ..types import Params, Setup
@@ -148,8 +148,7 @@ def print_pixel_block(out: TextIO, diag: Dict[str, torch.Tensor], i: int, f: int
 
 def print_all_pixels(out: TextIO, params: Params, setup: Setup, image: np.ndarray, chunk: int = 4096) -> None:
     """``-printout`` without a pixel: one line of diagnostics per visited pixel of ``image`` ``[S, F]``."""
-    sel = rendered_mask(setup)
-    idx = np.flatnonzero(sel.reshape(-1))
+    idx = rendered_pixels(setup)
     F = setup.fpixels
     out.write("# fast slow  stol(1/Å)  h k l  F_cell F_latt polar omega capture pixel  (first sample)\n")
     for start in range(0, len(idx), chunk):
