@@ -153,7 +153,7 @@ def prepare_many(observed_list, params_list, setup_list, shared, per_image, opti
             progress("preparing", k, len(obs))
     degs = degenerate_pairs(pars[0])
     if degs and not o.allow_degenerate:
-        raise ValueError(f"{degs[0].message()} (or allow it: --allow-degenerate, allow_degenerate=True)")
+        raise ValueError(f"{degs[0].message()} (or allow it: allow_degenerate=True)")
     for d in degs:
         warnings.warn(d.message(), DegeneracyWarning, stacklevel=3)
     notes = tuple(n for n in (pars[0].crystal_system_note,) if n) + tuple(notes) + tuple(d.message() for d in degs)

@@ -267,13 +267,13 @@ def prepare(observed, params: Params, setup: Setup, options: FitOptions, start=N
         usable &= obs_mask
     if usable.any() and not (np.nan_to_num(obs_np[usable]) > 0).any():
         raise ValueError("the observed image is zero (or negative) in every usable pixel: nothing to fit (a blank or "
-                         "wrong file, or an --adc offset larger than the counts)")
+                         "wrong file, or an ADC offset (adc) larger than the counts)")
     par = parameterise(params, setup, options.free, crystal_system=options.crystal_system,
                        ncells_mode=options.ncells_mode, background=options.background, bounds=options.bounds,
                        priors=options.priors)
     degs = tuple(degenerate_pairs(par))
     if degs and not options.allow_degenerate:
-        raise ValueError(f"{degs[0].message()} (or allow it: --allow-degenerate, allow_degenerate=True)")
+        raise ValueError(f"{degs[0].message()} (or allow it: allow_degenerate=True)")
     for d in degs:
         warnings.warn(d.message(), DegeneracyWarning, stacklevel=3)
     target = make_target(options.target, read_noise=options.read_noise, weights=options.weights)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from nbtorch.pixels import rendered_mask
 from nbtorch.types import Setup
 
 
@@ -29,14 +30,7 @@ def usable_mask(observed: np.ndarray, setup: Setup, mask=None, overload: Optiona
         if m.shape != o.shape:
             raise ValueError(f"mask has shape {m.shape}, expected {o.shape}")
         keep &= m.astype(bool)
-    if setup.roi is not None:
-        x0, x1, y0, y1 = setup.roi
-        r = np.zeros_like(keep)
-        r[max(y0, 0): y1 + 1, max(x0, 0): x1 + 1] = True
-        keep &= r
-    if setup.mask is not None:
-        keep &= np.frombuffer(setup.mask, dtype=np.uint8).reshape(o.shape) != 0
-    return keep
+    return keep & rendered_mask(setup)
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
