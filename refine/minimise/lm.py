@@ -149,23 +149,14 @@ def levenberg_marquardt(
 ) -> MinimizeResult:
     """Minimise ``objective`` from ``x0`` [n] over the ``active`` scalars (default all) by Levenberg–Marquardt.
 
-    Args:
-        objective: :class:`~refine.targets.Objective` (models, target, pixels of N ≥ 1 images).
-        x0: starting increments [n] (projected onto the bounds).
-        active: positions in x that move (others stay at x0).
-        max_iter: maximum accepted steps (each costs one Jacobian, ≈ one forward pass per active scalar).
-        ftol: convergence threshold in log-likelihood units (see the module docstring).
-        xtol: step threshold in standard errors.
-        damping: initial μ (relative to diag(H)).
-        max_damping: give up when μ exceeds this.
-        callback: called after every iteration with the history dict (for progress displays).
-        lower, upper: extra bounds on x [n] (intersected with the objective's), e.g. a trust region.
-        solve: the :class:`~refine.minimise.solve.LinearSolve` (default: dense for one image or few scalars, else
-            the Schur complement).
-
-    Returns:
-        :class:`MinimizeResult` (``normal``: the active positions, the normal equations and the models at the
-        final x).
+    ``objective``: :class:`~refine.targets.Objective` (N ≥ 1 images); ``x0`` [n] (projected onto the bounds);
+    ``active``: positions that move; ``max_iter``: accepted steps (each one Jacobian, ≈ one forward pass per active
+    scalar); ``ftol`` (log-likelihood units) and ``xtol`` (standard errors): see the module docstring; ``damping``:
+    initial μ (relative to diag H), given up above ``max_damping``; ``callback(history dict)`` after every
+    iteration; ``lower``/``upper`` [n]: extra bounds (a trust region); ``solve``: a
+    :class:`~refine.minimise.solve.LinearSolve` (default :func:`~refine.minimise.solve.choose_solve`).
+    Returns a :class:`MinimizeResult` whose ``normal`` holds the active positions, the normal equations and the
+    models at the final x.
     """
     t0 = time.perf_counter()
     active = list(range(objective.n)) if active is None else sorted(active)

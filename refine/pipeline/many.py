@@ -38,8 +38,9 @@ from .many_result import ImageResult, JointResult  # noqa: F401  (re-exported)
 from .options import FitOptions
 from ..model.parameters import Parameterisation, expand_free, parameterise
 from .search import prefit_scale
-from .strategy import (GEOMETRY_GROUPS, POSITION_GROUPS, PRELIMINARY_FTOL, TRUST, DegeneracyWarning, Stage,
-                       apply_stage, trust_bounds)
+from .stages import Stage, apply_stage, default_stages
+from .strategy import DegeneracyWarning, trust_bounds
+from ..model.table import POSITION_GROUPS
 from ..targets import Objective, Target, make_target, observed_array, usable_mask
 
 #: FitOptions a joint fit does not support, with their neutral values.
@@ -74,9 +75,9 @@ class JointProblem:
 
 
 def joint_stages(options: FitOptions) -> List[Stage]:
-    """The joint fit's stages: coarse (N × 0.3) and medium (N × 0.6) on the geometry with the robust target and a
-    trust region, robust (every free group), then the final stage with the fit's target (only the final stage when
-    ``coarse_to_fine`` is False; a sequence of :class:`~refine.strategy.Stage` is used as given)."""
+    """The joint fit's stages: the default schedule (:func:`refine.pipeline.stages.default_stages`) without its
+    search, or only the final stage when ``coarse_to_fine`` is False; a sequence of
+    :class:`~refine.pipeline.stages.Stage` is used as given."""
     ctf = options.coarse_to_fine
     if isinstance(ctf, tuple):
         if any(s.search_beam_center for s in ctf):
@@ -84,10 +85,7 @@ def joint_stages(options: FitOptions) -> List[Stage]:
         return list(ctf)
     if ctf is False or ctf is None:
         return [Stage("fine", preliminary=False)]
-    pre = dict(target="anscombe", trust=TRUST, ftol=PRELIMINARY_FTOL, preliminary=True)
-    return [Stage("coarse", ncells_factor=0.3, active=GEOMETRY_GROUPS, max_iter=options.coarse_iter, **pre),
-            Stage("medium", ncells_factor=0.6, active=GEOMETRY_GROUPS, max_iter=options.coarse_iter, **pre),
-            Stage("robust", max_iter=options.robust_iter, **pre), Stage("fine", preliminary=False)]
+    return [s for s in default_stages(options.coarse_iter, options.robust_iter) if not s.search_beam_center]
 
 
 def _joint_options(options, shared, per_image, kwargs) -> Tuple[FitOptions, Tuple[str, ...], Tuple[str, ...]]:

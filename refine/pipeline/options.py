@@ -14,15 +14,17 @@ import types
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 from ..model.cells import CRYSTAL_SYSTEMS
-from ..minimise.optim import SCHEDULES
+from ..minimise import MINIMISERS, SCHEDULES
 from ..model.parameters import NCELLS_MODES, expand_free
 from ..model.table import DEFAULT_FREE
 from ..targets import TARGETS, Target
 from .report import ESD_SCALES
+from .stages import Stage
 
-METHODS = ("lm", "lbfgs", "adam")
+#: The fit methods (:data:`refine.minimise.MINIMISERS`).
+METHODS = tuple(MINIMISERS)
 #: Iterations of the final stage when ``max_iter`` is None, per method.
-DEFAULT_MAX_ITER = {"lm": 30, "lbfgs": 100, "adam": 300}
+DEFAULT_MAX_ITER = {name: m.default_max_iter for name, m in MINIMISERS.items()}
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -107,7 +109,7 @@ class FitOptions:
         self._validate()
 
     def _validate(self) -> None:
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, tuple(MINIMISERS))
         if not isinstance(self.target, Target):
             _choice("target", self.target, TARGETS)
         _choice("crystal_system", self.crystal_system, ("auto",) + tuple(CRYSTAL_SYSTEMS))
@@ -134,8 +136,6 @@ class FitOptions:
         if isinstance(self.coarse_to_fine, str):
             _choice("coarse_to_fine", self.coarse_to_fine, ("auto",))
         elif isinstance(self.coarse_to_fine, tuple):
-            from .strategy import Stage  # strategy imports this module
-
             if not self.coarse_to_fine or not all(isinstance(s, Stage) for s in self.coarse_to_fine):
                 raise ValueError("coarse_to_fine must be 'auto', True, False or a non-empty list of "
                                  "refine.strategy.Stage")
@@ -143,7 +143,7 @@ class FitOptions:
     @property
     def final_max_iter(self) -> int:
         """Iterations of the final stage: ``max_iter`` or the method's default."""
-        return DEFAULT_MAX_ITER[self.method] if self.max_iter is None else int(self.max_iter)
+        return MINIMISERS[self.method].default_max_iter if self.max_iter is None else int(self.max_iter)
 
     def replace(self, **changes) -> "FitOptions":
         """A copy with ``changes`` (TypeError naming any unknown option)."""

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import refine
-from refine.minimise.lm import levenberg_marquardt
+from refine.minimise import MINIMISERS, Minimiser
+from refine.minimise.lm import MinimizeResult, levenberg_marquardt
+from refine.minimise.solve import DENSE, LinearSolve, dense_inverse_diagonal
 from refine.model.parameters import parameterise
 from refine.pipeline.strategy import Stage, translation_search
 from refine.targets import Objective, make_target, usable_mask
@@ -48,6 +50,58 @@ def test_lm_stops_on_its_rules_and_reports_history():
     assert all(b <= a for a, b in zip(losses, losses[1:]))  # LM only accepts downhill steps
     r1 = levenberg_marquardt(obj, par.zeros(), max_iter=1)
     assert not r1.converged and r1.iterations == 1 and "max_iter" in r1.message
+
+
+def test_a_new_solve_is_one_linear_solve_value():
+    """A new linear solve for LM is one LinearSolve: here by eigen-decomposition of the damped dense matrix; LM with
+    it takes the same path as with the default dense solve."""
+    def eigen_step(blocks, mu):
+        H, g = blocks.dense()
+        w, V = torch.linalg.eigh(H + mu * torch.diag(torch.diagonal(H)))
+        return -(V @ ((V.T @ g) / w))
+
+    eigen = LinearSolve("eigen", eigen_step, dense_inverse_diagonal)
+    p, s, _ = model("-detpixels 32")
+    obs = observe(p, s)
+    par = parameterise(_small_start(p, s), s, ["distance", "beam_center", "scale"])
+    obj = Objective(par, obs, usable_mask(obs.numpy(), s), make_target("anscombe"))
+    a = levenberg_marquardt(obj, par.zeros(), max_iter=20, solve=eigen)
+    b = levenberg_marquardt(obj, par.zeros(), max_iter=20, solve=DENSE)
+    assert a.converged and b.converged and a.iterations == b.iterations
+    torch.testing.assert_close(a.x, b.x, rtol=1e-6, atol=1e-6)
+
+
+def test_a_new_minimiser_is_one_function_and_one_table_entry(monkeypatch):
+    """A fit method is an entry of refine.minimise.MINIMISERS: a plain gradient descent registered there is accepted
+    by FitOptions, run by refine.fit with its own option, and reported as the result's method."""
+    seen = {}
+
+    def descent(objective, x0, active=None, *, max_iter=50, ftol=1e-3, callback=None, lower=None, upper=None,
+                lr=0.05):
+        seen["lr"] = lr
+        active = list(range(objective.n)) if active is None else list(active)
+        x, typ = x0.clone(), objective.typical()
+        L, g = objective.loss_and_grad(x)
+        step, it = lr, 0
+        while it < max_iter and step > 1e-9:  # steepest descent in typical-error units, step halved when uphill
+            trial = x.clone()
+            trial[active] -= step * typ[active] ** 2 * g[active] / (g[active] * typ[active]).norm()
+            L_new, g_new = objective.loss_and_grad(trial)
+            if L_new < L:
+                x, L, g, it = trial, L_new, g_new, it + 1
+            else:
+                step /= 2
+        return MinimizeResult(x, L, True, "descended", it, it + 1, [])
+
+    monkeypatch.setitem(MINIMISERS, "descent", Minimiser(descent, ("lr",), 20))
+    p, s, _ = model("-detpixels 32")
+    obs = observe(p, s)
+    start = with_detector(p, distance=p.detector.distance + 0.3)
+    res = refine.fit(obs, start, s, free=["distance"], method="descent", lr=0.5, coarse_to_fine=False)
+    assert res.method == "descent" and seen["lr"] == 0.5
+    assert res.loss_all < res.start_loss and abs(float(res.params.detector.distance - p.detector.distance)) < 0.3
+    with pytest.raises(ValueError, match="method must be one of"):
+        refine.FitOptions(method="newton")
 
 
 def test_spots_only_matches_the_full_fit_with_fewer_pixels():
