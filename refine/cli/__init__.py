@@ -1,3 +1,11 @@
 """The refine programs: ``nbtorch-refine`` (:mod:`.fit`, its ``--images`` modes :mod:`.many`), ``nbtorch-sweep``
-(:mod:`.sweep`) and ``nbtorch-demo`` (:mod:`.demo`), with the checks they share (:mod:`.checks`)."""
-from .fit import main  # noqa: F401  (the nbtorch-refine entry point)
+(:mod:`.sweep`) and ``nbtorch-demo`` (:mod:`.demo`), their option table (:mod:`.table`, :mod:`.docs`) and the checks
+they share (:mod:`.checks`)."""
+
+
+def main(argv=None) -> int:
+    """The ``nbtorch-refine`` entry point (:func:`refine.cli.fit.main`; imported on call, so that ``python -m
+    refine.cli.fit`` runs a module not yet imported)."""
+    from .fit import main as refine_main
+
+    return refine_main(argv)

@@ -1,5 +1,5 @@
-"""Checks of ``nbtorch-refine``'s command line made before any work: one-line errors (exit 2), output paths that can
-be written and the groups to refine.
+"""What the refine programs share: checks of the command line made before any work (one-line errors, exit 2; output
+paths that can be written; the groups to refine) and the per-iteration progress lines.
 
 Exit statuses of the refine programs (one place): :data:`EXIT_OK` … :data:`EXIT_POOR_FIT`; an interrupted run exits
 128 + the signal number (130 Ctrl-C, 143 SIGTERM, :mod:`nbtorch.interrupt`).
@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["fit_status", "check_adc_gain", "UsageError", "OneLineParser", "check_outputs", "flag_inputs", "free_groups", "check_threads",
-           "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED",
-           "EXIT_POOR_FIT"]
+__all__ = ["fit_status", "UsageError", "OneLineParser", "check_outputs", "flag_inputs", "free_groups", "Progress",
+           "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED", "EXIT_POOR_FIT"]
 
 EXIT_OK = 0             #: converged, and χ²/ν of a likelihood target near 1
 EXIT_OUTPUT = 1         #: an output file could not be written (after the fit)
@@ -88,17 +88,23 @@ def free_groups(text: str) -> List[str]:
     return groups
 
 
-def check_adc_gain(adc: Optional[float], gain: Optional[float]) -> None:
-    """``--adc`` must be a finite number, ``--gain`` a finite number > 0 (or absent): :class:`UsageError`."""
-    import math
+class Progress:
+    """Per-iteration progress lines on a stream (default stderr): stage, iteration, loss, change, step/σ, damping."""
 
-    if adc is not None and not math.isfinite(adc):
-        raise UsageError(f"--adc must be a finite number (ADC offset, counts); got {adc}")
-    if gain is not None and not (math.isfinite(gain) and gain > 0):
-        raise UsageError(f"--gain must be a finite number > 0 (counts per photon); got {gain}")
+    def __init__(self, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.prev = None
+        self.stage = None
+        self.started = False
 
-
-def check_threads(threads: Optional[int]) -> None:
-    """``--threads`` must be an integer >= 1 (or absent)."""
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be an integer >= 1, got {threads}")
+    def __call__(self, h: dict):
+        if not self.started:  # the header with the first iteration (a run refused before it prints one line only)
+            self.started = True
+            print(f"{'stage':9s} {'iter':>4s} {'loss':>17s} {'change':>12s} {'step/σ':>9s} {'damping':>10s}",
+                  file=self.stream)
+        if h.get("stage") != self.stage:
+            self.stage, self.prev = h.get("stage"), None
+        change = "" if self.prev is None else f"{h['loss'] - self.prev:12.5g}"
+        self.prev = h["loss"]
+        print(f"{str(h.get('stage', '')):9s} {h['iteration']:4d} {h['loss']:17.10g} {change:>12s} "
+              f"{h['step']:9.3g} {h['damping']:10.3g}", file=self.stream, flush=True)

@@ -18,9 +18,12 @@ import numpy as np
 import torch
 
 import nbtorch
-from nbtorch.io import atomic_write, atomic_write_from
+from nbtorch.interrupt import exit_status, interrupts
+from nbtorch.io import atomic_write, atomic_write_from, check_output_folder, check_output_paths, write_smv
 
 from ..model.table import DEFAULT_FREE
+from ..pipeline.fit import fit
+from .checks import OneLineParser, UsageError
 
 TRUE_ARGS = (
     "-cell 52 61 73 90 90 90 -misset 12 -25 31 -default_F 100 -N 8 -lambda 1.0 -distance 80 -pixel 0.2 "
@@ -55,12 +58,11 @@ def save_picture(path: str, images, titles, cmap="gray_r") -> None:
 def perturb(params, setup):
     """The demo's starting model: ``params`` with the :data:`START_CHANGES` applied."""
     c, d, b = params.crystal, params.detector, params.beam
-    px = setup.pixel_size
-    crystal = c._replace(cell=c.cell * torch.tensor([START_CHANGES["cell"]] * 3 + [1.0] * 3, dtype=c.cell.dtype),
-                         misset=c.misset + START_CHANGES["misset_deg"] * torch.tensor([1.0, -0.6, 0.8], dtype=c.cell.dtype))
-    detector = d._replace(distance=d.distance + START_CHANGES["distance_mm"],
-                          beam_center=d.beam_center + START_CHANGES["beam_center_px"] * px * torch.tensor([1.0, -0.7],
-                                                                                                          dtype=c.cell.dtype))
+    t = lambda values: torch.tensor(values, dtype=c.cell.dtype)  # noqa: E731
+    crystal = c._replace(cell=c.cell * t([START_CHANGES["cell"]] * 3 + [1.0] * 3),
+                         misset=c.misset + START_CHANGES["misset_deg"] * t([1.0, -0.6, 0.8]))
+    detector = d._replace(distance=d.distance + START_CHANGES["distance_mm"], beam_center=d.beam_center
+                          + START_CHANGES["beam_center_px"] * setup.pixel_size * t([1.0, -0.7]))
     beam = b._replace(fluence=b.fluence * START_CHANGES["scale"])
     return params._replace(crystal=crystal, detector=detector, beam=beam)
 
@@ -78,32 +80,17 @@ def _report(params, setup):
 MAX_SEED = 2**63 - 1
 
 
-def _seed(text: str) -> int:
-    """``--seed``: an integer in 0 … :data:`MAX_SEED` (argparse type: a one-line error otherwise)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0 … {MAX_SEED}, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0 … {MAX_SEED}, got {text}")
-    return value
-
-
 def main(argv=None) -> int:
     """Entry point of ``nbtorch-demo``: exit 0 converged, 3 not converged, 2 a bad option or an output folder that
     cannot be made (one line), 1 an output that cannot be written, 130/143 interrupted."""
-    from nbtorch.interrupt import exit_status, interrupts
-
-    from .checks import OneLineParser, UsageError
-
     ap = OneLineParser(prog="nbtorch-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="nbtorch-demo", help="output folder (default nbtorch-demo)")
-    ap.add_argument("--seed", type=_seed, default=1, help=f"noise seed, 0 … {MAX_SEED} (default 1)")
+    ap.add_argument("--seed", type=int, default=1, help=f"noise seed, 0 … {MAX_SEED} (default 1)")
     try:
         with interrupts():
             a = ap.parse_args(argv)
+            if not 0 <= a.seed <= MAX_SEED:
+                raise UsageError(f"--seed must be an integer in 0 … {MAX_SEED}, got {a.seed}")
             _prepare_out(a.out)
             return _run(a)
     except UsageError as exc:
@@ -121,11 +108,7 @@ def main(argv=None) -> int:
 
 def _prepare_out(out: str) -> None:
     """The ``--out`` folder, made when missing, and its :data:`FILES` under the safe-output rule
-    (:func:`nbtorch.io.check_output_paths`), before any work; :class:`~refine.cli_checks.UsageError` naming --out."""
-    from nbtorch.io import check_output_folder, check_output_paths
-
-    from .checks import UsageError
-
+    (:func:`nbtorch.io.check_output_paths`), before any work; :class:`~refine.cli.checks.UsageError` naming --out."""
     try:
         check_output_folder("--out", out)
         os.makedirs(out, exist_ok=True)
@@ -138,9 +121,6 @@ def _prepare_out(out: str) -> None:
 
 def _run(a) -> int:
     """Simulate, perturb, refine and report into ``a.out`` (see the module docstring); the exit status."""
-    import refine
-    from nbtorch.io import write_smv
-
     t0 = time.perf_counter()
     true, setup = nbtorch.from_nanobragg_args(TRUE_ARGS)
     ideal = nbtorch.simulate(true, setup)
@@ -155,7 +135,7 @@ def _run(a) -> int:
 
     start = perturb(true, setup)
     print(f"refining {', '.join(FREE)} from a perturbed start (Levenberg–Marquardt, coarse to fine) ...")
-    result = refine.fit(observed, start, setup, free=FREE, method="lm", nanobragg_args=TRUE_ARGS)
+    result = fit(observed, start, setup, free=FREE, method="lm", nanobragg_args=TRUE_ARGS)
     result.plot(os.path.join(a.out, "fit.png"))
     result.to_json(os.path.join(a.out, "fit.json"))
     flags = result.to_nanobragg_args(matrix_path=os.path.join(a.out, "refined.mat"))

@@ -95,7 +95,7 @@ def test_read_image_applies_header_and_explicit_offset_and_gain(noisy):
     (["--threads", "-2"], "--threads must be an integer >= 1"),
     (["--refine", ",,,"], "no group given"),
     (["--refine", "bogus"], "unknown parameter group"),
-    (["--max-iter", "-1"], "max_iter"),
+    (["--max-iter", "-1"], "--max-iter must be an integer >= 0"),
     (["--lr", "nan"], "lr"),
     (["--method", "newton"], "invalid choice"),
     (["--background", "1", "2"], "expected 3 arguments"),
