@@ -1,5 +1,5 @@
 """Figures of an Optuna study (matplotlib, imported lazily): the optimisation history, parameter importances and
-the loss over two searched parameters.  Re-exported by :mod:`refine.studies` as ``plot_*``.
+the loss over two searched parameters.  Re-exported by :mod:`refine.studies`.
 
     fig = refine.studies.plot_history(study, "history.png")
     fig = refine.studies.plot_importances(study, "importances.png")
@@ -10,37 +10,35 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from ..pipeline.plots import _pyplot, _save
 
 
-def _complete(study) -> List:
-    """COMPLETE trials with a finite value."""
+def _trials(study, state: str) -> List:
+    """The study's trials in ``state`` ('COMPLETE': only those with a finite value; 'PRUNED')."""
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)]
+    trials = study.get_trials(deepcopy=False, states=(TrialState[state],))
+    return [t for t in trials if state != "COMPLETE" or (t.value is not None and math.isfinite(t.value))]
 
 
 def plot_history(study, path: Optional[str] = None):
     """Loss of every COMPLETE trial against its number (dots), the best so far (line) and the last reported loss of
     PRUNED trials (crosses); log scale when every loss is positive.  Saved to ``path`` when given; returns the
     figure."""
-    from optuna.trial import TrialState
-
     plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(6, 4))
-    done = sorted(_complete(study), key=lambda t: t.number)
-    pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
+    done = sorted(_trials(study, "COMPLETE"), key=lambda t: t.number)
+    pruned = [t for t in _trials(study, "PRUNED") if t.intermediate_values]
+    v, last = [t.value for t in done], [t.intermediate_values[t.last_step] for t in pruned]
     if done:
-        n, v = [t.number for t in done], [t.value for t in done]
-        best = [min(v[: k + 1]) for k in range(len(v))]
+        n = [t.number for t in done]
         ax.plot(n, v, "o", ms=4, label="complete")
-        ax.step(n, best, where="post", color="k", lw=1.2, label="best so far")
+        ax.step(n, [min(v[: k + 1]) for k in range(len(v))], where="post", color="k", lw=1.2, label="best so far")
     if pruned:
-        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
         ax.plot([t.number for t in pruned], last, "x", color="0.5", label="pruned (last reported)")
-    values = [t.value for t in done] + ([t.intermediate_values[max(t.intermediate_values)] for t in pruned])
-    if values and min(values) > 0:
+    if v + last and min(v + last) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("trial")
     ax.set_ylabel("loss")
@@ -54,7 +52,7 @@ def importances(study) -> dict:
     3 trials or a single parameter's space."""
     import optuna
 
-    if len(_complete(study)) < 3:
+    if len(_trials(study, "COMPLETE")) < 3:
         return {}
     try:
         return dict(optuna.importance.get_param_importances(
@@ -80,7 +78,7 @@ def plot_importances(study, path: Optional[str] = None):
 def surface_parameters(study) -> Tuple[str, str]:
     """The two most important numeric parameters (or the first two), for :func:`plot_surface`; ValueError with
     fewer than two."""
-    done = _complete(study)
+    done = _trials(study, "COMPLETE")
     numeric = sorted({k for t in done for k, v in t.params.items() if isinstance(v, (int, float))})
     if len(numeric) < 2:
         raise ValueError(f"a loss surface needs two numeric searched parameters; the study has {numeric}")
@@ -92,10 +90,8 @@ def plot_surface(study, params: Optional[Sequence[str]] = None, path: Optional[s
     """The loss of COMPLETE trials over two searched parameters (default :func:`surface_parameters`): trials as
     points coloured by log10 of (loss − lowest + 1), with a filled contour of the same when there are ≥ 4 trials;
     the best trial is starred.  Saved to ``path``; returns the figure."""
-    import numpy as np
-
     px, py = params if params is not None else surface_parameters(study)
-    done = [t for t in _complete(study) if px in t.params and py in t.params]
+    done = [t for t in _trials(study, "COMPLETE") if px in t.params and py in t.params]
     plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     if done:

@@ -76,7 +76,7 @@ def test_study_spec_repr_hides_the_password():
     spec = studies.StudySpec("postgresql://u:s3cret@h/db", connect_timeout=3)
     assert "s3cret" not in repr(spec) and "u:***@h/db" in repr(spec) and spec.connect_timeout == 3.0
     for bad in (0, -1, float("nan"), float("inf"), "x", True):
-        with pytest.raises(ValueError, match="--storage-timeout must be a number of seconds > 0"):
+        with pytest.raises(ValueError, match="^connect_timeout must be a number of seconds > 0"):
             studies.StudySpec("sqlite:///x.db", connect_timeout=bad)
 
 
@@ -94,7 +94,7 @@ def test_driver_and_optuna_errors_and_logs_are_redacted(monkeypatch):
     with pytest.raises(ValueError) as err:
         studies.open_storage(url, connect_timeout=5)
     message = str(err.value)
-    assert message.startswith("--storage 'postgresql+psycopg://u:***@127.0.0.1:5432/db' cannot be opened: ")
+    assert message.startswith("storage 'postgresql+psycopg://u:***@127.0.0.1:5432/db' cannot be opened: ")
     assert "s3cr" not in message and "FATAL for postgresql+psycopg://u:***@127.0.0.1:5432/db" in message
 
     stream = io.StringIO()

@@ -1,10 +1,11 @@
 """Studies that persist and scale out: worker processes sharing SQLite / journal / PostgreSQL storages, a run killed
-with SIGKILL and resumed, orphaned trials, the JSON contract of nbtorch-sweep."""
+with SIGKILL and resumed, orphaned and stale trials, the JSON contract of nbtorch-sweep."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,12 +101,43 @@ def test_orphaned_running_trial_is_failed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial = study.ask()
-    trial.set_user_attr("worker", f"{studies.socket.gethostname()}:{dead.pid}")
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
     alive = study.ask()
     alive.set_user_attr("worker", studies.worker_id())
     assert studies.fail_orphaned_trials(study) == [trial.number]
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states == {trial.number: optuna.trial.TrialState.FAIL, alive.number: optuna.trial.TrialState.RUNNING}
+
+
+#: A process running one trial that sleeps, its ``worker`` attribute naming another machine (only a heartbeat can
+#: tell whether it is alive).
+SLEEPING_TRIAL = """
+import sys, time
+from refine import studies
+study = studies.load_study(studies.StudySpec(sys.argv[1], "stale", heartbeat_interval=1, grace_period=5))
+def objective(trial):
+    trial.set_user_attr("worker", "another-machine:1")
+    time.sleep(2)  # a heartbeat is recorded (a trial killed before its first one is never stale)
+    print("running", flush=True)
+    time.sleep(600)
+study.optimize(objective, n_trials=1)
+"""
+
+
+def test_stale_trial_of_another_machine_is_failed_by_its_heartbeat(tmp_path):
+    """Killed, its heartbeat stops: FAIL once the grace period has passed (optuna.storages.fail_stale_trials)."""
+    url = f"sqlite:///{tmp_path / 'stale.db'}"
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPING_TRIAL, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+    study = studies.load_study(studies.StudySpec(url, "stale", heartbeat_interval=1, grace_period=5))
+    assert studies.fail_orphaned_trials(study) == []                      # its last heartbeat is recent
+    time.sleep(6)
+    assert studies.fail_orphaned_trials(study) == [0]
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,321 @@
+"""The objectives of studies, ``objective(trial) -> loss``, apart from any storage or process: the search box of a
+global search and its trial, and the space and trial of a hyperparameter sweep.  Both work with
+``optuna.trial.FixedTrial``; :func:`finish_best` refines a study's best trial to convergence."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from nbtorch.units import DEG_PER_MRAD, percent_to_fraction
+
+from ..model.table import SEARCH_SUFFIX, SEARCH_UNITS, SPECS
+from ..pipeline.fit import fit, fit_options
+from ..pipeline.options import METHODS, FitOptions
+from ..pipeline.result import Result, finish
+from ..pipeline.strategy import FitState, Stage, default_stages, prepare, run_stage
+
+# the search box
+
+
+def parse_search(text: str) -> Dict[str, float]:
+    """``"orientation:5,cell:3"`` → {"orientation": 5.0, "cell": 3.0} (half-widths in the group's unit,
+    :data:`SEARCH_UNITS`; a single scalar such as ``orientation.z`` or ``beam_center.x`` may be named).
+
+    Raises ValueError naming ``search`` and an empty list, an entry without ':', an unknown group, or a range that
+    is not a positive number."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items):
+        raise ValueError(f"search is empty: give GROUP:RANGE[,GROUP:RANGE...] with groups {', '.join(SEARCH_UNITS)}")
+    out: Dict[str, float] = {}
+    for item in items:
+        name, sep, value = (part.strip() for part in item.partition(":"))
+        if not sep or not name:
+            raise ValueError(f"search entry {item!r} is malformed: expected GROUP:RANGE, e.g. orientation:5")
+        check_search_name(name)
+        try:
+            half = float(value)
+        except ValueError:
+            half = math.nan
+        if not (math.isfinite(half) and half > 0):
+            raise ValueError(f"search range {value!r} of {name} is not a number > 0 "
+                             f"({SEARCH_UNITS[name.split('.')[0]]})")
+        out[name] = half
+    return out
+
+
+def check_search_name(name: str) -> None:
+    """ValueError unless ``name`` is a searchable group (:data:`SEARCH_UNITS`) or one of its scalars (cell: the
+    lengths)."""
+    group = name.split(".")[0]
+    if group not in SEARCH_UNITS or ("." in name and (name not in SPECS or group == "cell" and
+                                                      SPECS[name].unit != "Å")):
+        raise ValueError(f"search group {name!r} is unknown: searchable groups are "
+                         f"{', '.join(f'{g} ({u})' for g, u in SEARCH_UNITS.items())}, or one of their scalars "
+                         "(orientation.z, cell.a, beam_center.x ...)")
+
+
+class Dimension(NamedTuple):
+    """One sampled scalar: ``name`` (the trial parameter, e.g. 'orientation.x_deg'), ``index`` (its position in x),
+    ``half`` (half-width in the group's unit), ``to_x`` (increment units per unit: mrad per degree, Å per percent,
+    1 per mm, mm per pixel)."""
+
+    name: str
+    index: int
+    half: float
+    to_x: float
+
+
+def search_dimensions(par, search: Mapping[str, float]) -> List[Dimension]:
+    """The sampled scalars of a search box ``search`` ({group or scalar: half-width}, units :data:`SEARCH_UNITS`)
+    for the parameterisation ``par``: every free scalar of each named group (cell: the free lengths).  ValueError
+    names a group that is not free."""
+    dims: Dict[int, Dimension] = {}
+    for name, half in search.items():
+        check_search_name(name)
+        group = name.split(".")[0]
+        idx = [i for i in par.index(name) if not (group == "cell" and par.scalars[i].unit != "Å")]
+        if not idx:
+            raise ValueError(f"search {name}: not refined here; add it to the free groups to search it")
+        for i in idx:
+            s = par.scalars[i]
+            to_x = {"orientation": 1.0 / DEG_PER_MRAD, "cell": percent_to_fraction(s.ref), "distance": 1.0,
+                    "beam_center": par.setup.pixel_size}[group]
+            dims[i] = Dimension(s.name + SEARCH_SUFFIX[group], i, float(half), float(to_x))
+    return [dims[i] for i in sorted(dims)]
+
+
+def trial_stages(iterations: int = 4) -> List[Stage]:
+    """A short coarse-to-fine schedule for one trial: the default stages with ``iterations`` minimiser iterations
+    each; the last, non-preliminary, stage is the real model with the fit's target."""
+    return default_stages(iterations, iterations, iterations)
+
+
+# the global search
+
+
+def _tensors(tree) -> List[torch.Tensor]:
+    """The tensors of a NamedTuple pytree (Params), in field order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [t for item in tree for t in _tensors(item)] if isinstance(tree, tuple) else []
+
+
+class GlobalSearchObjective:
+    """``objective(trial) -> loss`` of a global search (build with :func:`global_search_objective`).
+
+    Attributes: ``base`` (the prepared :class:`~refine.pipeline.strategy.FitState` at the user's start),
+    ``dimensions`` (:class:`Dimension` list), ``stages`` (run by every trial).  A trial suggests one value per
+    dimension (uniform within ± its half-width), starts from the corresponding increments, runs the stages and
+    reports each stage's ``loss_all`` (fit target, real model, all usable pixels) as step k, raising
+    ``optuna.TrialPruned`` when the pruner says so; it returns the final loss and stores the refined increments as
+    the user attribute ``x``.
+    """
+
+    def __init__(self, base: FitState, dimensions: Sequence[Dimension], stages: Sequence[Stage]):
+        self.base, self.dimensions, self.stages = base, list(dimensions), list(stages)
+
+    def fingerprint(self) -> str:
+        """A digest of what trials of this objective depend on (observed pixels, starting model, Setup, free
+        scalars, sampled dimensions and stages): a study's trials compare only under one fingerprint."""
+        pb = self.base.problem
+        h = hashlib.sha1()
+        for t in (pb.observed, *_tensors(pb.par.ref)):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(repr((pb.par.setup, pb.par.names, self.dimensions, self.stages, pb.target.name)).encode())
+        return h.hexdigest()[:16]
+
+    def start_params(self) -> Dict[str, float]:
+        """Trial parameters of the user's start (every value 0)."""
+        return {d.name: 0.0 for d in self.dimensions}
+
+    def start_x(self, values: Mapping[str, float]) -> torch.Tensor:
+        """Starting increments x [n] of trial parameters ``values`` ({dimension name: value in its unit})."""
+        x = self.base.x.clone()
+        for d in self.dimensions:
+            x[d.index] = x[d.index] + float(values[d.name]) * d.to_x
+        return x
+
+    def run(self, x0: torch.Tensor, report: Optional[Callable[[float, int], bool]] = None,
+            stages: Optional[Sequence[Stage]] = None) -> FitState:
+        """Run ``stages`` (default ``self.stages``) from increments ``x0``; ``report(loss_all, step)`` after each
+        stage that ran (True: stop).  Returns the last state."""
+        state = dataclasses.replace(self.base, x=x0, start_loss=self.base.problem.objective.loss(x0))
+        for step, stage in enumerate(self.stages if stages is None else stages):
+            state = run_stage(state, stage)
+            loss = state.stages[-1].get("loss_all")
+            if report is not None and loss is not None and report(float(loss), step):
+                break
+        return state
+
+    def __call__(self, trial) -> float:
+        from optuna import TrialPruned
+
+        values = {d.name: trial.suggest_float(d.name, -d.half, d.half) for d in self.dimensions}
+
+        def report(loss: float, step: int) -> bool:
+            trial.report(loss if math.isfinite(loss) else sys.float_info.max, step)
+            if step < len(self.stages) - 1 and trial.should_prune():  # after the last stage the trial is done
+                raise TrialPruned(f"pruned after stage {self.stages[step].name} (loss {loss:.6g})")
+            return False
+
+        state = self.run(self.start_x(values), report)
+        loss = state.stages[-1].get("loss_all") if state.stages else None  # the last stage's, at state.x
+        loss = state.problem.objective.loss(state.x) if loss is None else float(loss)
+        trial.set_user_attr("x", [float(v) for v in state.x])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"trial {trial.number}: the refined model's loss is not finite")
+        return float(loss)
+
+
+def global_search_objective(observed, params, setup, search: Mapping[str, float], *,
+                            options: Optional[FitOptions] = None, stages: Optional[Sequence[Stage]] = None,
+                            iterations: int = 4, **overrides) -> GlobalSearchObjective:
+    """Objective factory of a global search about a starting model.
+
+    Args:
+        observed: image [slow, fast] (photons; tensor, array, ObservedImage or path), as for :func:`refine.fit`.
+        params, setup: the user's starting model; x are increments about it.
+        search: {group or scalar: half-width}: orientation degrees, cell percent (lengths), distance mm, beam_center
+            pixels (:func:`parse_search` reads the command line's form).  Every searched group must be free.
+        options, overrides: the fit's :class:`~refine.pipeline.options.FitOptions` (``free`` etc.; keyword
+            overrides win).
+        stages: each trial's schedule (default :func:`trial_stages` with ``iterations`` per stage).
+
+    Returns:
+        :class:`GlobalSearchObjective`, ``objective(trial) -> loss`` (fit target on all usable pixels).
+    """
+    base = prepare(observed, params, setup, fit_options(options, **overrides))
+    dims = search_dimensions(base.problem.par, search)
+    return GlobalSearchObjective(base, dims, list(stages) if stages is not None else trial_stages(iterations))
+
+
+def best_x(study, objective: GlobalSearchObjective) -> Tuple[int, torch.Tensor]:
+    """(trial number, refined increments x [n]) of the study's best COMPLETE trial."""
+    trial = study.best_trial
+    x = torch.as_tensor(trial.user_attrs["x"], dtype=objective.base.x.dtype, device=objective.base.x.device)
+    return trial.number, x
+
+
+def finish_best(study, objective: GlobalSearchObjective, stages: Optional[Sequence[Stage]] = None) -> Result:
+    """The best trial's refined model refined to convergence (default: one final stage with the fit's minimiser,
+    target and ``max_iter``) → :class:`refine.Result` with ESDs."""
+    return finish(objective.run(best_x(study, objective)[1], stages=stages or [Stage("fine", preliminary=False)]))
+
+
+# hyperparameter sweeps
+
+#: The default hyperparameter space: a list is a categorical choice, a pair of ints an integer range, a pair of
+#: floats a log-uniform range.  ``damping`` (the initial LM μ) is suggested only for LM, ``lr`` only for Adam,
+#: ``coarse_iter`` only with the coarse-to-fine schedule; ``spot_roi`` 0 fits every usable pixel, k > 0 only pixels
+#: within k px of spots (plus a background sample); ``oversample`` sub-pixels per axis.
+HYPER_SPACE = {"method": list(METHODS), "damping": (1e-5, 1.0), "lr": (1e-3, 0.5),
+               "schedule": ["coarse_to_fine", "final_only"], "coarse_iter": (2, 12),
+               "target": ["poisson", "gaussian", "anscombe"], "spot_roi": (0, 6), "oversample": (1, 3)}
+#: Conditional hyperparameters: {name: (the one it depends on, the value for which it applies)}.
+CONDITIONS = {"lr": ("method", "adam"), "damping": ("method", "lm"), "coarse_iter": ("schedule", "coarse_to_fine")}
+
+
+def check_space(space: Mapping[str, object]) -> Dict[str, object]:
+    """``space`` checked against :data:`HYPER_SPACE`'s names and forms; ValueError names an unknown parameter or a
+    bad range."""
+    for name, spec in space.items():
+        if name not in HYPER_SPACE:
+            raise ValueError(f"hyperparameter {name!r} is unknown; known: {', '.join(HYPER_SPACE)}")
+        if isinstance(spec, tuple):
+            if len(spec) != 2 or not spec[0] < spec[1]:
+                raise ValueError(f"hyperparameter {name}: a range must be (low, high) with low < high; got {spec}")
+        elif not (isinstance(spec, list) and spec):
+            raise ValueError(f"hyperparameter {name}: give a non-empty list of choices or a (low, high) range")
+    return dict(space)
+
+
+def suggest_hyperparameters(trial, space: Mapping[str, object]) -> Dict[str, object]:
+    """One trial's hyperparameters from ``space`` (conditional ones only where they apply, :data:`CONDITIONS`:
+    ``damping`` for LM, ``lr`` for Adam, ``coarse_iter`` with the coarse-to-fine schedule)."""
+    hp: Dict[str, object] = {}
+    for name, spec in space.items():
+        on, value = CONDITIONS.get(name, (None, None))
+        if on is not None and hp.get(on, value) != value:
+            continue
+        if isinstance(spec, list):
+            hp[name] = trial.suggest_categorical(name, spec)
+        elif all(isinstance(v, int) for v in spec):
+            hp[name] = trial.suggest_int(name, spec[0], spec[1])
+        else:
+            hp[name] = trial.suggest_float(name, float(spec[0]), float(spec[1]), log=True)
+    return hp
+
+
+class HyperparameterObjective:
+    """``objective(trial) -> score`` of a hyperparameter sweep (build with :func:`hyperparameter_objective`).
+
+    Each trial fits with its hyperparameters (:func:`suggest_hyperparameters`) and is scored on a common reference
+    (``reference``: the base options' problem, real model, base target, all usable pixels): with a known ``truth``
+    the RMS error of the fitted free scalars in typical errors (x units: mrad, mm, Å …, divided by each scalar's
+    typical error), otherwise the loss of the fitted model on the reference.  The fit's summary values are stored
+    as user attributes."""
+
+    def __init__(self, observed, params, setup, options: FitOptions, space: Mapping[str, object], truth=None,
+                 truth_background=None):
+        self.observed, self.params, self.setup, self.options = observed, params, setup, options
+        self.space = check_space(space)
+        self.reference = prepare(observed, params, setup, options)
+        par = self.reference.problem.par
+        self.truth_x = None
+        if truth is not None:
+            plane = None if truth_background is None else torch.as_tensor(truth_background, dtype=par.dtype)
+            self.truth_x = par.pack(truth, plane)
+
+    def configure(self, hp: Mapping[str, object]):
+        """(FitOptions, Setup) of hyperparameters ``hp``."""
+        changes = {k: hp[k] for k in ("method", "target", "lr", "damping", "coarse_iter") if k in hp}
+        if "schedule" in hp:
+            changes["coarse_to_fine"] = hp["schedule"] == "coarse_to_fine"
+        if "spot_roi" in hp:
+            changes.update(spots_only=int(hp["spot_roi"]) > 0, spot_dilate=max(0, int(hp["spot_roi"])))
+        setup = self.setup.replace(oversample=int(hp["oversample"])) if "oversample" in hp else self.setup
+        return self.options.replace(callback=None, **changes), setup
+
+    def score(self, result: Result) -> float:
+        """The common score of a fitted result (lower is better)."""
+        pb = self.reference.problem
+        plane = torch.as_tensor(result.parameters["background"], dtype=pb.par.dtype)
+        x = pb.par.pack(result.params, plane)
+        if self.truth_x is None:
+            return float(pb.objective.loss(x))
+        err = (x - self.truth_x) / pb.par.typical()
+        return float(torch.sqrt(torch.mean(err ** 2))) if len(err) else 0.0
+
+    def __call__(self, trial) -> float:
+        options, setup = self.configure(suggest_hyperparameters(trial, self.space))
+        result = fit(self.observed, self.params, setup, options=options)
+        value = self.score(result)
+        for name, kind in (("converged", bool), ("iterations", int), ("seconds", float), ("loss_all", float)):
+            trial.set_user_attr(name, kind(getattr(result, name)))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"trial {trial.number}: the score is not finite")
+        return value
+
+
+def hyperparameter_objective(observed, params, setup, space: Optional[Mapping[str, object]] = None, *,
+                             truth=None, truth_background=None, options: Optional[FitOptions] = None,
+                             **overrides) -> HyperparameterObjective:
+    """Objective factory of a hyperparameter sweep.
+
+    Args:
+        observed, params, setup: image and starting model, as for :func:`refine.fit`.
+        space: {name: choices | (low, high)} (default :data:`HYPER_SPACE`; names from it).
+        truth: the true ``Params`` of synthetic data (and ``truth_background``, its plane c0, c_fast, c_slow in
+            photons/pixel): the score is the RMS error in typical errors; None: the loss on the data.
+        options, overrides: the base :class:`~refine.pipeline.options.FitOptions` (free groups ...).
+
+    Returns:
+        :class:`HyperparameterObjective`.
+    """
+    return HyperparameterObjective(observed, params, setup, fit_options(options, **overrides),
+                                   HYPER_SPACE if space is None else space, truth, truth_background)

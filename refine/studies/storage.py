@@ -1,0 +1,320 @@
+"""Where a study lives and how it samples: storage URLs (:data:`STORAGE_FORMS`, normalised, their passwords never
+shown: :func:`redact`, :func:`redact_text`), :func:`open_storage` within a connect time-out, samplers and pruners by
+name, :class:`StudySpec` and :func:`load_study`.  Optuna is imported when a function needs it."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import re
+import socket
+import time
+import warnings
+import zlib
+from typing import List, Optional, Tuple
+from urllib.parse import quote, unquote
+
+#: Storage URL schemes: SQLite file, journal file, PostgreSQL (also with a driver, postgresql+psycopg2://).
+STORAGE_FORMS = "sqlite:///FILE.db, journal:FILE.log (or FILE.log), postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
+#: Seconds a server storage (PostgreSQL, MySQL) may take to connect before opening it fails (the drivers wait at
+#: least 2 s: libpq's minimum).
+CONNECT_TIMEOUT = 10.0
+#: Samplers by name: (optuna, seed) → sampler.
+_SAMPLERS = {
+    "tpe": lambda optuna, seed: optuna.samplers.TPESampler(seed=seed),
+    "cmaes": lambda optuna, seed: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "gp": lambda optuna, seed: optuna.samplers.GPSampler(seed=seed),
+    "random": lambda optuna, seed: optuna.samplers.RandomSampler(seed=seed),
+}
+#: Pruners by name: (optuna, reported steps per trial, trials the median pruner waits for) → pruner.
+_PRUNERS = {
+    "median": lambda optuna, n_steps, startup: optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0),
+    "hyperband": lambda optuna, n_steps, startup: optuna.pruners.HyperbandPruner(min_resource=1,
+                                                                                 max_resource=max(1, int(n_steps))),
+    "none": lambda optuna, n_steps, startup: optuna.pruners.NopPruner(),
+}
+SAMPLERS = tuple(_SAMPLERS)
+PRUNERS = tuple(_PRUNERS)
+#: Where a URL's query string starts: '?' followed by NAME= (a '?' inside a password is not followed by NAME=).
+_QUERY_START = re.compile(r"\?(?=[A-Za-z_][A-Za-z0-9_]*=)")
+#: A password given as a query parameter (libpq's ``?password=...``).
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def require_optuna():
+    """The ``optuna`` module; ImportError with the install command when it is absent."""
+    try:
+        import optuna
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("refine.studies needs optuna: pip install 'nbtorch[optuna]' (or pip install optuna)") \
+            from exc
+    return optuna
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# URLs and their passwords
+
+
+def _credentials(url: str, guess: bool = True) -> Optional[Tuple[str, str, Optional[str], str]]:
+    """(``scheme://``, user, password or None, ``host...``) of a server URL, or None when it names no user.
+
+    The password ends at the LAST '@' before the query string, so it may hold '@', ':', '/' and '?' unencoded
+    (an '@' in the database name must be written %40); a URL whose part after ``://`` starts with '/'
+    (sqlite:///FILE, postgresql:///DB?host=...) has no user part.  With ``guess`` (for hiding a password), an
+    '@' only inside what looks like the query string also ends a user part."""
+    head, sep, rest = str(url).partition("://")
+    if not sep or rest.startswith("/"):
+        return None
+    query = _QUERY_START.search(rest)
+    at = rest.rfind("@", 0, query.start() if query else len(rest))
+    if at < 0 and guess:
+        at = rest.rfind("@")  # only after a '?': a password holding '?NAME=' (hidden: better too much than too little)
+    if at < 0:
+        return None
+    user, colon, password = rest[:at].partition(":")
+    return head + sep, user, (password if colon else None), rest[at + 1:]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by *** (the user part's, and a ``password=`` query parameter's);
+    a password may contain '@', ':', '/' (see :func:`_credentials`)."""
+    text = str(url)
+    parts = _credentials(text)
+    if parts is not None and parts[2]:
+        head, user, _, tail = parts
+        text = f"{head}{user}:***@{tail}"
+    return _QUERY_PASSWORD.sub(r"\1***", text)
+
+
+def _secrets(url: str) -> List[Tuple[str, str]]:
+    """(text that reveals ``url``'s password, its replacement): the URL as given and normalised (→ :func:`redact`'s
+    form), and the password as written, percent-decoded and percent-encoded (→ ***); longest first."""
+    forms = {str(url)}
+    try:
+        forms.add(normalise_url(url))
+    except ValueError:
+        pass
+    words = set()
+    for form in forms:
+        parts = _credentials(form)
+        passwords = [parts[2]] if parts is not None and parts[2] else []
+        passwords += [m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(form)]
+        for pw in filter(None, passwords):
+            words.update({pw, unquote(pw), quote(unquote(pw), safe="")})
+    found = [(f, redact(f)) for f in forms if f != redact(f)]
+    found += [(w, "***") for w in words if len(w) >= 3]  # hiding a 1-2 character one would blank out ordinary text
+    return sorted(found, key=lambda pair: len(pair[0]), reverse=True)
+
+
+def redact_text(text: str, *urls: Optional[str]) -> str:
+    """``text`` (an error message, a log line, a traceback) with the password of each storage URL in ``urls``
+    hidden: the URL itself (as given or normalised) becomes :func:`redact`'s form, the password on its own (as
+    written, percent-decoded or percent-encoded, 3 characters or more) becomes ***."""
+    out = str(text)
+    for url in filter(None, urls):
+        for secret, shown in _secrets(url):
+            out = out.replace(secret, shown)
+    return out
+
+
+#: Storage URLs opened in this process: log records of Optuna are redacted against them (:class:`_RedactLogs`).
+_OPENED: List[str] = []
+
+
+class _RedactLogs(logging.Filter):
+    """A logging filter hiding the passwords of the storages opened in this process (message and traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - logging API
+        if _OPENED:
+            record.msg, record.args = redact_text(record.getMessage(), *_OPENED), ()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = redact_text(record.exc_text, *_OPENED)
+        return True
+
+
+def _redact_logs_of(url: str) -> None:
+    """Remember ``url`` and make sure the handlers of Optuna's logger hide its password."""
+    if url not in _OPENED:
+        _OPENED.append(url)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _RedactLogs) for f in handler.filters):
+            handler.addFilter(_RedactLogs())
+
+
+def storage_kind(url: str) -> str:
+    """'sqlite', 'journal' or 'rdb' for a storage URL; ValueError (naming it and the accepted forms) otherwise."""
+    u = str(url).strip()
+    scheme = u.split("://", 1)[0] if "://" in u else ""
+    if u.startswith("sqlite:///") and len(u) > len("sqlite:///"):
+        return "sqlite"
+    if (u.startswith("journal:") and len(u) > len("journal:")) or ("://" not in u and u.endswith((".log", ".journal"))):
+        return "journal"
+    if scheme.split("+")[0] in ("postgresql", "postgres", "mysql") and len(u) > len(scheme) + 3:
+        return "rdb"
+    raise ValueError(f"storage {redact(u)!r} is not a storage URL: use {STORAGE_FORMS}")
+
+
+def normalise_url(url: str) -> str:
+    """Canonical form: FILE.log → journal:FILE.log; postgres:// and postgresql:// → postgresql+DRIVER:// with the
+    installed driver (psycopg 3, else psycopg2; SQLAlchemy's own default differs between its versions); an '@' in
+    a server URL's password is percent-encoded (the password ends at the last '@' before the host)."""
+    u = str(url).strip()
+    kind = storage_kind(u)
+    if kind == "journal" and not u.startswith("journal:"):
+        return "journal:" + u
+    parts = _credentials(u, guess=False) if kind == "rdb" else None
+    if parts is not None and parts[2] and "@" in parts[2]:  # SQLAlchemy would end the password at its first '@'
+        head, user, password, tail = parts
+        u = f"{head}{user}:{password.replace('@', '%40')}@{tail}"
+    for scheme in ("postgres://", "postgresql://"):
+        if u.startswith(scheme):
+            driver = next((d for d in ("psycopg", "psycopg2") if importlib.util.find_spec(d) is not None), "")
+            return f"postgresql{'+' + driver if driver else ''}://" + u[len(scheme):]
+    return u
+
+
+# opening a storage, samplers, pruners, studies
+
+
+def check_connect_timeout(seconds) -> float:
+    """``seconds`` as a float; ValueError naming ``connect_timeout`` unless it is a finite number > 0."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(seconds, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"connect_timeout must be a number of seconds > 0 (default {CONNECT_TIMEOUT:g}); "
+                         f"got {seconds!r}")
+    return value
+
+
+def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period: Optional[int] = None,
+                 connect_timeout: float = CONNECT_TIMEOUT):
+    """An Optuna storage for ``url`` (:data:`STORAGE_FORMS`): RDBStorage for SQLite and PostgreSQL (with heartbeats
+    every ``heartbeat_interval`` s; a trial silent for ``grace_period`` s, default 2 intervals, is stale and marked
+    FAIL by ``optuna.storages.fail_stale_trials``), JournalStorage on a journal file.  A server (PostgreSQL, MySQL)
+    must answer within ``connect_timeout`` seconds (:data:`CONNECT_TIMEOUT`; every connection, rounded up to whole
+    seconds).  ValueError naming ``storage`` and the URL (password hidden, also in the driver's words) when it is
+    malformed, cannot be opened or does not answer in time."""
+    optuna = require_optuna()
+    timeout = check_connect_timeout(connect_timeout)
+    url = normalise_url(url)
+    kind = storage_kind(url)
+    _redact_logs_of(url)
+    t0 = time.monotonic()
+    try:
+        path = url[len("sqlite:///" if kind == "sqlite" else "journal:"):]
+        if kind != "rdb":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if kind == "journal":
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+        engine = {"connect_args": {"timeout": 60}} if kind == "sqlite" else {
+            "pool_pre_ping": True, "connect_args": {"connect_timeout": max(1, math.ceil(timeout))}}
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
+                                              grace_period=grace_period)
+    except ValueError as exc:
+        raise ValueError(redact_text(f"storage {redact(url)!r}: {exc}", url)) from None
+    except Exception as exc:  # sqlalchemy's errors: no driver, server unreachable or silent, bad database
+        text, cause = str(exc), getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's exception
+        silent = kind == "rdb" and ("timeout" in type(cause).__name__.lower() or time.monotonic() - t0 >= timeout
+                                    or re.search(r"time(d)? ?out", text, re.IGNORECASE))
+        why = (f": the server did not answer within {timeout:g} s (connect_timeout); check the host, the port and "
+               "that a database server listens there") if silent else f" cannot be opened: {first_line(exc)}"
+        raise ValueError(redact_text(f"storage {redact(url)!r}{why}", url)) from None
+
+
+def make_sampler(name: str = "tpe", seed: Optional[int] = 0):
+    """Optuna sampler by name (:data:`SAMPLERS`): TPE (default), CMA-ES, GP or random, seeded with ``seed``."""
+    _check_choice("sampler", name, SAMPLERS)
+    return _SAMPLERS[name](require_optuna(), seed)
+
+
+def make_pruner(name: str = "median", n_steps: int = 5, startup: int = 5):
+    """Optuna pruner by name (:data:`PRUNERS`): median (after ``startup`` trials), Hyperband over ``n_steps``
+    reported steps, or none."""
+    _check_choice("pruner", name, PRUNERS)
+    return _PRUNERS[name](require_optuna(), n_steps, startup)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    """Where a study lives and how it samples: ``storage`` (URL, :data:`STORAGE_FORMS`; None: in memory, one
+    process), ``study_name``, ``sampler`` (:data:`SAMPLERS`), ``pruner`` (:data:`PRUNERS`), ``seed`` (worker k
+    of a new study seeds its sampler with seed + k; see :func:`worker_seed`), ``n_steps`` (reported steps per
+    trial, for Hyperband), ``pruner_startup`` (trials the median pruner waits for), ``heartbeat_interval`` and
+    ``grace_period`` (seconds, RDB storages), ``connect_timeout`` (seconds a server storage may take to connect,
+    :data:`CONNECT_TIMEOUT`).  Its repr hides the storage's password."""
+
+    storage: Optional[str] = None
+    study_name: str = "nbtorch-sweep"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: Optional[int] = 0
+    n_steps: int = 5
+    pruner_startup: int = 5
+    heartbeat_interval: Optional[int] = 10
+    grace_period: Optional[int] = None
+    connect_timeout: float = CONNECT_TIMEOUT
+
+    def __post_init__(self):
+        if self.storage is not None:
+            object.__setattr__(self, "storage", normalise_url(self.storage))
+        object.__setattr__(self, "connect_timeout", check_connect_timeout(self.connect_timeout))
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("pruner", self.pruner, PRUNERS)
+        if not str(self.study_name).strip():
+            raise ValueError("study_name must not be empty")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return redact_text(f"StudySpec({fields})", self.storage)
+
+
+def load_study(spec: StudySpec, worker: int = 0, n_existing: Optional[int] = None):
+    """Create or load (``load_if_exists``) the study ``spec`` describes, minimising, with worker ``worker``'s
+    seeded sampler (:func:`worker_seed`; ``n_existing``: the trial count the seed depends on, default the study's
+    trials now, waiting ones excluded)."""
+    optuna = require_optuna()
+    storage = None if spec.storage is None else open_storage(spec.storage, spec.heartbeat_interval,
+                                                             spec.grace_period, spec.connect_timeout)
+
+    def create(**how):
+        return optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
+                                   load_if_exists=True, **how)
+
+    if n_existing is None:
+        n_existing = count_started(create())
+    seed = None if spec.seed is None else worker_seed(spec.seed, worker, n_existing)
+    return create(sampler=make_sampler(spec.sampler, seed),
+                  pruner=make_pruner(spec.pruner, spec.n_steps, spec.pruner_startup))
+
+
+def worker_seed(seed: int, worker: int, n_existing: int) -> int:
+    """The sampler seed of worker ``worker`` joining a study that has ``n_existing`` trials: ``seed`` + worker on a
+    new study (reproducible), otherwise also mixed with this machine's name and the trial count, so that commands
+    joining a study (from other machines, or later) do not repeat each other's random draws."""
+    if n_existing == 0:
+        return int(seed) + int(worker)
+    return zlib.crc32(f"{seed}:{worker}:{n_existing}:{socket.gethostname()}".encode())
+
+
+def count_started(study) -> int:
+    """Trials of the study in every state but WAITING (enqueued, not yet run)."""
+    waiting = require_optuna().trial.TrialState.WAITING
+    return sum(t.state != waiting for t in study.get_trials(deepcopy=False))
