@@ -178,12 +178,13 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--workers", ("independent",), "local Dask worker processes", kind="int", name="workers", low=1,
            default_text="one per core"),
     Option("--scheduler", ("independent",), "address of a running Dask scheduler (tls://host:8786; an unprotected "
-           "tcp:// address is warned about) instead of a local cluster", metavar="ADDRESS"),
+           "tcp:// address is warned about) instead of a local cluster", name="scheduler", metavar="ADDRESS"),
     Option("--tls-ca-file", ("independent",), "tls:// scheduler: the CA certificate (PEM) that signed the "
-           "scheduler's and workers' certificates", metavar="CA", default_text="dask's configuration"),
-    Option("--tls-cert", ("independent",), "tls:// scheduler: this client's certificate (PEM)", metavar="CERT"),
+           "scheduler's and workers' certificates", name="ca_file", metavar="CA", default_text="dask's configuration"),
+    Option("--tls-cert", ("independent",), "tls:// scheduler: this client's certificate (PEM)", name="cert",
+           metavar="CERT"),
     Option("--tls-key", ("independent",), "tls:// scheduler: this client's private key (PEM; not needed when it is "
-           "in --tls-cert)", metavar="KEY"),
+           "in --tls-cert)", name="key", metavar="KEY"),
     Option("--results", ("independent",), "JSON-lines file, one line per image (a rerun skips the images already "
            "in it)", metavar="OUT.jsonl"),
     Option("--limit", ("independent",), "stop after this many new images", kind="int"),
@@ -283,12 +284,15 @@ def flag_message(text: str, command: str) -> str:
     """A library message for a command-line user: the Python names of the command's options written as flags —
     ``NAME=VALUE`` anywhere (``allow_degenerate=True`` → ``--allow-degenerate``, ``method='adam'`` → ``--method
     adam``), a name at the start or before ``must`` (``max_iter must be …``, ``search group …``), a name with an
-    underscore anywhere; never inside a path or a flag.  A flag then written twice in a row is written once."""
+    underscore anywhere; never inside a path or a flag, nor as a flag's value.  A flag then written twice in a row is
+    written once."""
     names = {o.python: o for o in options(*COMMANDS[command]) if o.python}
     words = "|".join(sorted(map(re.escape, names), key=len, reverse=True))
 
     def flag(m: re.Match) -> str:
         o, value = names[m[1]], m[2]
+        if re.search(r"(^|\s)(-[\w-]+|OBSERVED) $", text[: m.start()]):  # a file name after a flag
+            return m[0]
         if value is not None and o.kind == "switch":
             return o.flag if value == repr(o.const) else f"without {o.flag}"
         if value is not None:

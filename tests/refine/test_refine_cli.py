@@ -155,6 +155,7 @@ def test_parsers_take_their_defaults_and_choices_from_the_library(command, progr
     ("study_name 'x' already holds trials of another problem", "sweep", "--study-name 'x' already holds trials of "
      "another problem"),
     ("OBSERVED /data/max_iter.img: no such file", "refine", "OBSERVED /data/max_iter.img: no such file"),
+    ("--json coarse_iter: is a directory", "refine", "--json coarse_iter: is a directory"),
     ("fit_many does not support spots_only=True", "images", "fit_many does not support spots_only=True"),
     ("the target needs photons; see --target", "refine", "the target needs photons; see --target"),
 ])
