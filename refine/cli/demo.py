@@ -21,8 +21,8 @@ import nbtorch
 from nbtorch.interrupt import exit_status, interrupts
 from nbtorch.io import atomic_write, atomic_write_from, check_output_folder, check_output_paths, write_smv
 
+from .. import fit
 from ..model.table import DEFAULT_FREE
-from ..pipeline.fit import fit
 from .checks import OneLineParser, UsageError
 
 TRUE_ARGS = (

@@ -30,8 +30,8 @@ from nbtorch.interrupt import exit_status, interrupts, one_line_warnings
 from nbtorch.io.images import write_raw_float
 from nbtorch.io.smv import write_smv
 
+from .. import fit, fit_options
 from ..model.table import GROUPS
-from ..pipeline.fit import fit, fit_options
 from ..targets.observed import read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, PLOT_EXTENSIONS, Progress, UsageError, check_outputs,
                      fit_status, flag_inputs)

@@ -31,9 +31,8 @@ import torch
 
 from nbtorch.interrupt import one_line_warnings
 
+from .. import fit_many, fit_options
 from ..imagelist import load_entries, parse_image_list
-from ..pipeline.fit import fit_options
-from ..pipeline.many import fit_many
 from .checks import Progress, UsageError, check_outputs, fit_status, flag_inputs, free_groups
 from .table import arguments, check_values, flag_message, options, parser, split_argv
 

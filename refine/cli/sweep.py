@@ -31,8 +31,7 @@ from nbtorch.interrupt import one_line_warnings
 from nbtorch.io._atomic import atomic_write
 from nbtorch.io.safe_output import check_output_folder
 
-from .. import studies
-from ..pipeline.fit import fit_options
+from .. import fit_options, studies
 from ..targets.observed import read_observed
 from .checks import EXIT_USAGE, UsageError, check_outputs, fit_status, flag_inputs, free_groups
 from .table import arguments, check_values, flag_message, parser, split_argv
