@@ -25,20 +25,22 @@ from .model.cells import CRYSTAL_SYSTEMS, detect_crystal_system, symmetrize_cell
 from .model.degeneracy import Degeneracy, degenerate_pairs
 from .pipeline.fit import METHODS, covariance, fit, fit_options
 from .minimise.lm import MinimizeResult, levenberg_marquardt
-from .pipeline.many import ImageResult, JointResult, fit_many
+from .pipeline.fit import fit_many
 from .minimise.optim import adam, lbfgs
 from .pipeline.options import FitOptions
 from .model.parameters import Parameterisation, Scalar, pack, parameterise, total_rotation, unpack, xyz_angles
 from .model.predict import Predict, make_predict, predict_image
 from .pipeline.report import REPORT_FIELDS
-from .pipeline.result import Result, finish
-from .pipeline.strategy import FitState, Stage, default_stages, prepare, run_stage, schedule
+from .pipeline.result import ImageResult, JointResult, Result, finish, finish_many
+from .pipeline.problem import FitState, prepare
+from .pipeline.stages import Stage, default_stages
+from .pipeline.strategy import run_stage, schedule
 from .model.table import DEFAULT_FREE, GROUPS, SCALARS, ScalarSpec
 from .targets import TARGETS, Objective, make_target, select_pixels, usable_mask
 
 __all__ = [
     "fit", "fit_options", "fit_many", "JointResult", "ImageResult", "FitOptions", "Result", "METHODS", "covariance",
-    "prepare", "run_stage", "finish", "FitState", "Stage", "default_stages", "schedule",
+    "prepare", "run_stage", "finish", "finish_many", "FitState", "Stage", "default_stages", "schedule",
     "parameterise", "Parameterisation", "pack", "unpack", "Scalar", "SCALARS", "ScalarSpec", "GROUPS",
     "DEFAULT_FREE", "CRYSTAL_SYSTEMS", "symmetrize_cell", "detect_crystal_system", "total_rotation", "xyz_angles",
     "make_predict", "Predict", "predict_image",

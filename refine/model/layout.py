@@ -68,6 +68,13 @@ class Layout:
         """Length of X."""
         return len(self.shared) + sum(len(p) for p in self.own_pos)
 
+    def x_names(self) -> List[str]:
+        """The name of every entry of X: the shared scalars', then each image's own (with ``@image k`` when there
+        are several images)."""
+        if len(self.names) == 1:
+            return list(self.shared) + self.own_names(0)
+        return list(self.shared) + [f"{n}@image {i + 1}" for i in range(len(self.names)) for n in self.own_names(i)]
+
     def own_names(self, i: int) -> List[str]:
         """Image ``i``'s own scalar names, in X order."""
         return [self.names[i][j] for j in self.own_pos[i]]
@@ -79,6 +86,12 @@ class Layout:
         x[list(self.shared_pos[i])] = X[:ns]
         x[list(self.own_pos[i])] = X[o:o + len(self.own_pos[i])]
         return x
+
+    def position(self, i: int, j: int) -> int:
+        """Where scalar ``j`` of image ``i``'s parameterisation sits in X."""
+        if j in self.shared_pos[i]:
+            return self.shared_pos[i].index(j)
+        return self.offset[i] + self.own_pos[i].index(j)
 
     def pack(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """X from per-image increments (shared values from image 1)."""

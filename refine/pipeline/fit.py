@@ -1,23 +1,35 @@
-"""``refine.fit``: observed image + starting model → refined model with uncertainties.
+"""``refine.fit`` and ``refine.fit_many``: observed images + starting models → refined models with uncertainties.
 
     result = refine.fit(observed, params, setup, free=["cell", "orientation", "distance", "beam_center", "scale"])
     print(result.summary()); result.to_json("fit.json"); flags = result.to_nanobragg_args()
 
-It composes the pieces (see docs/refine.md): :func:`refine.strategy.prepare` (observed pixels, parameterisation,
-target, start), :func:`refine.strategy.run_stage` for every stage of :func:`refine.strategy.schedule`, and
-:func:`refine.result.finish` (values, ESDs, history).  A caller can run the same steps itself.
+    joint = refine.fit_many(observed_list, params_list, setup_list, shared=["distance", "beam_center"],
+                            per_image=["orientation", "scale"])
+    print(joint.summary()); joint.images[0].to_nanobragg_args()
+
+Both are the same pipeline: one image is a fit of N = 1 images with nothing shared.
+It composes the pieces (see docs/refine.md): :func:`refine.pipeline.problem.prepare` (observed pixels,
+parameterisation, target, start), :func:`refine.pipeline.strategy.run_stage` for every stage of
+:func:`refine.pipeline.strategy.schedule`, and :func:`refine.pipeline.result.finish` (values, ESDs, history).  A
+caller can run the same steps itself.  Many images: the shared scalars are solved through the Schur complement
+(:mod:`refine.minimise.solve`), so time and memory grow linearly with the number of images, and images of equal
+shape are simulated together under ``torch.func.vmap``; independent fits at scale: :mod:`refine.scaleout`.
 """
 from __future__ import annotations
 
+import os
+import shlex
 import time
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 from nbtorch.types import Params, Setup
 
+from ..model.parameters import expand_free
 from .options import DEFAULT_MAX_ITER, METHODS, FitOptions  # noqa: F401  (re-exported)
+from .problem import build_problem, initial_state, prepare
 from .report import covariance  # noqa: F401  (re-exported)
-from .result import Result, finish
-from .strategy import prepare, run_stage, schedule
+from .result import JointResult, Result, finish, finish_many
+from .strategy import run_stage, schedule, start_scales
 
 
 def fit_options(options: Optional[FitOptions] = None, **changes) -> FitOptions:
@@ -74,3 +86,71 @@ def fit(
     for stage in schedule(options, resuming=isinstance(start, Result)):
         state = run_stage(state, stage)
     return finish(state, seconds=time.perf_counter() - t0)
+
+
+def _joint_options(options, shared, per_image, kwargs):
+    """(FitOptions with free = shared + per-image, shared, per_image); ValueError for a group named both shared and
+    per image, or none at all."""
+    split = (lambda g: g.replace(",", " ").split() if isinstance(g, str) else [str(v) for v in g])
+    shared, per_image = tuple(split(shared)), tuple(split(per_image))
+    both = set(expand_free(shared)) & set(expand_free(per_image))
+    if both:
+        raise ValueError(f"{sorted(both)[0]} is named both shared and per image")
+    if not shared and not per_image:
+        raise ValueError("fit_many needs at least one shared or per-image group")
+    return fit_options(options, free=shared + per_image, **kwargs), shared, per_image
+
+
+def _inputs(observed_list, params_list, setup_list, paths, flags):
+    """Checked lists (observed, params, setups, paths, flags) of equal length."""
+    n = len(observed_list)
+    if n == 0:
+        raise ValueError("fit_many needs at least one image")
+    setups = list(setup_list) if isinstance(setup_list, (list, tuple)) else [setup_list] * n
+    if len(params_list) != n or len(setups) != n:
+        raise ValueError(f"fit_many: {n} observed images but {len(params_list)} models and {len(setups)} set-ups")
+    paths = list(paths) if paths is not None else [os.fspath(o) if isinstance(o, (str, os.PathLike)) else None
+                                                   for o in observed_list]
+    flags = [None] * n if flags is None else ([flags] * n if isinstance(flags, str) else list(flags))
+    flags = [None if f is None else (shlex.split(f) if isinstance(f, str) else [str(t) for t in f]) for f in flags]
+    if len(paths) != n or len(flags) != n:
+        raise ValueError(f"fit_many: {n} images but {len(paths)} paths and {len(flags)} flag lists")
+    return list(observed_list), list(params_list), setups, paths, flags
+
+
+def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=(), per_image=(), *,
+             options: Optional[FitOptions] = None, paths: Optional[Sequence[str]] = None, nanobragg_args=None,
+             batch: bool = True, progress: Optional[Callable[[str, int, int], None]] = None,
+             **kwargs) -> JointResult:
+    """Refine N images jointly: ``shared`` groups take one value for all images, ``per_image`` groups one per image.
+
+    Args:
+        observed_list: N observed images [slow, fast] (photons; tensors, arrays, ObservedImage or paths).
+        params_list, setup_list: the N starting models (a single Setup is used for every image); the shared parts
+            start from the first model's values (the others are overwritten and a note says so).
+        shared, per_image: groups, sub-groups or scalars (:data:`refine.table.GROUPS`; e.g. shared ``distance``,
+            ``beam_center``, ``detector_rotation.y``; per image ``orientation``, ``scale``).
+        options / keyword arguments: as :func:`refine.fit` (target, crystal_system, max_iter, coarse_to_fine,
+            coarse_iter, robust_iter, mask, overload, bounds, ftol, chunk_pixels, esd_scale, callback,
+            allow_degenerate, method, priors, spots_only …).
+        paths: a label per image for the result (default: the observed paths, when given as paths).
+        nanobragg_args: the starting flags per image (a list of N strings or token lists; one string is used for
+            every image), so that each image's refined model can be written back as flags.
+        batch: simulate images of equal shape together under vmap (False: one at a time; same numbers).
+        progress: None, or ``progress(what, done, total)`` called as the work on the images proceeds (``done`` of
+            ``total`` images): 'preparing', 'starting scales', then per stage '<stage>: simulating' and
+            '<stage>: Jacobians' (every pixel chunk), and 'ESDs: …' (a counter to show on a terminal; the
+            per-iteration records go to ``callback``).
+
+    Returns:
+        :class:`refine.pipeline.result.JointResult` (shared values and ESDs, and per image a
+        :class:`~refine.pipeline.result.Result`: its values, ESDs, correlations and refined flags).
+    """
+    t0 = time.perf_counter()
+    opts, shared, _ = _joint_options(options, shared, per_image, kwargs)
+    obs, params, setups, paths, flags = _inputs(observed_list, params_list, setup_list, paths, nanobragg_args)
+    pb = build_problem(obs, params, setups, opts, shared, paths, flags, batch, progress)
+    state = initial_state(pb, start_scales(pb, pb.layout.pack([par.zeros() for par in pb.pars])))
+    for stage in schedule(opts):
+        state = run_stage(state, stage)
+    return finish_many(state, seconds=time.perf_counter() - t0)

@@ -8,7 +8,7 @@ and its ESD is propagated with the Jacobian of that function (delta method).
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Sequence, Dict
 
 import torch
 from torch.func import jacfwd
@@ -68,37 +68,44 @@ def correlation_from_covariance(cov: torch.Tensor) -> torch.Tensor:
     return cov * inv[:, None] * inv[None, :]
 
 
-def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", rcond: float = 1e-10, normal=None):
-    """Covariance of the increments at ``x``: ``H⁻¹·k`` (see the module docstring).
+def esd_factor(esd_scale: str, likelihood: bool, chi2_reduced: float) -> float:
+    """The factor k of the covariance H⁻¹·k: the reduced χ² for least squares (``'auto'``) or always (``'chi2'``),
+    else 1."""
+    if esd_scale not in ESD_SCALES:
+        raise ValueError(f"esd_scale must be one of {', '.join(ESD_SCALES)}; got {esd_scale!r}")
+    return chi2_reduced if (esd_scale == "chi2" or (esd_scale == "auto" and not likelihood)) else 1.0
 
-    H is inverted through its correlation form C = D^-½·H·D^-½ (D = diag H); eigenvalues of C below ``rcond`` times
-    the largest mark combinations of free parameters that the data do not determine (e.g. a crystal rotation about
-    the beam together with an in-plane detector rotation): they are left out (pseudo-inverse) and named.
+
+def pseudo_inverse(H: torch.Tensor, names: Sequence[str], rcond: float = 1e-10):
+    """(H⁻¹ [n, n], degenerate): H inverted through its correlation form C = D^-½·H·D^-½ (D = diag H); eigenvalues of
+    C below ``rcond`` times the largest mark combinations of free parameters that the data do not determine (e.g. a
+    crystal rotation about the beam together with an in-plane detector rotation): they are left out and named
+    (``degenerate``: a list of lists of ``names``)."""
+    d = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
+    w, V = torch.linalg.eigh(H / d[:, None] / d[None, :])
+    bad = w < rcond * float(w.max())
+    degenerate = []
+    for j in torch.nonzero(bad).flatten().tolist():
+        v = V[:, j].abs()
+        degenerate.append([names[i] for i in torch.nonzero(v > 0.2 * float(v.max())).flatten().tolist()])
+    winv = torch.where(bad, torch.zeros_like(w), 1.0 / torch.where(bad, torch.ones_like(w), w))
+    return ((V * winv) @ V.T) / d[:, None] / d[None, :], degenerate
+
+
+def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", rcond: float = 1e-10, normal=None):
+    """Covariance of the increments at ``x``: ``H⁻¹·k`` (see the module docstring and :func:`pseudo_inverse`).
 
     ``normal``: optional (BlockNormal, models) already computed at ``x`` over every scalar (by the last LM
     iteration).
 
     Returns ``(cov [n, n], chi2_reduced, k, loss, degenerate)`` with ``degenerate`` a list of lists of scalar names
     (empty when H is well conditioned)."""
-    if esd_scale not in ESD_SCALES:
-        raise ValueError(f"esd_scale must be one of {', '.join(ESD_SCALES)}; got {esd_scale!r}")
-    n = objective.par.n
     if normal is not None:
         blk, models = normal
         L = objective.loss(x)
     else:
         L, blk, models = objective.normal(x)
-    H = blk.dense()[0]
-    chi2 = objective.chi2_reduced(models, n)
-    k = chi2 if (esd_scale == "chi2" or (esd_scale == "auto" and not objective.target.likelihood)) else 1.0
-    d = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
-    C = H / d[:, None] / d[None, :]
-    w, V = torch.linalg.eigh(C)
-    bad = w < rcond * float(w.max())
-    degenerate = []
-    for j in torch.nonzero(bad).flatten().tolist():
-        v = V[:, j].abs()
-        degenerate.append([objective.par.names[i] for i in torch.nonzero(v > 0.2 * float(v.max())).flatten().tolist()])
-    winv = torch.where(bad, torch.zeros_like(w), 1.0 / torch.where(bad, torch.ones_like(w), w))
-    cov = ((V * winv) @ V.T) / d[:, None] / d[None, :]
+    chi2 = objective.chi2_reduced(models, objective.n)
+    k = esd_factor(esd_scale, objective.target.likelihood, chi2)
+    cov, degenerate = pseudo_inverse(blk.dense()[0], objective.names, rcond)
     return cov * k, chi2, k, L, degenerate

@@ -1,12 +1,14 @@
 """Refinement results: values in reported units with standard uncertainties, correlations, history, JSON, plots, and
 the refined model written back as nanoBragg flags.  :func:`finish` turns the last :class:`~refine.strategy.FitState`
-into a :class:`Result` (uncertainties: :mod:`refine.report`)."""
+into a :class:`Result`, and a fit of many images into a :class:`JointResult` (the shared values and one
+:class:`Result` per image); uncertainties: :mod:`refine.pipeline.report`."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,12 +16,13 @@ import torch
 from nbtorch.args import to_nanobragg_args
 from nbtorch.io._atomic import atomic_write
 
-from . import plots
+from ..minimise.solve import DENSE, _inverse, choose_solve, image_covariance, schur_covariance
 from ..model.parameters import Parameterisation
 from ..model.predict import predict_image
-from .report import REPORT_FIELDS, correlation_from_covariance, covariance, propagate  # noqa: F401
-from .strategy import FitState
-from ..targets import Objective
+from ..targets.objective import Objective
+from . import plots
+from .problem import FitState, Problem
+from .report import REPORT_FIELDS, correlation_from_covariance, covariance, esd_factor, propagate  # noqa: F401
 
 
 #: A likelihood fit (Poisson, Gaussian, Anscombe) whose Pearson χ²/ν lies outside [1/POOR_FIT_CHI2, POOR_FIT_CHI2]
@@ -46,7 +49,7 @@ def poor_fit_message(target_likelihood: bool, chi2_reduced: float) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Result:
-    """Outcome of :func:`refine.fit` (immutable).
+    """Outcome of :func:`refine.fit`, and of each image of :func:`refine.fit_many` (immutable).
 
     Attributes:
         converged, message: whether the final stage met a convergence rule, and which (plus any undetermined
@@ -69,7 +72,9 @@ class Result:
         n_pixels: pixels in the final fit; n_usable: usable pixels.
         params, setup: the refined :class:`~nbtorch.types.Params` and the model's Setup; par: the
         :class:`~refine.parameters.Parameterisation`; crystal_system: the one refined; observed: image [slow, fast];
-        pixels: bool [slow, fast] of the fitted pixels.
+        pixels: bool [slow, fast] of the fitted pixels; path: the image's label; normal: its own normal matrix
+        [n, n] in the order (shared, own) at the solution (what a fit of this image alone would have; an image of a
+        joint fit) or None.
         nanobragg_base: the starting model's nanoBragg flags (list) if known; matrix_path: where
         :meth:`to_nanobragg_args` writes a MOSFLM matrix for ``-mat`` models; notes: what the fit had to say
         (automatic crystal system, degenerate pairs).
@@ -111,11 +116,18 @@ class Result:
     start_loss: float = float("nan")
     n_usable: int = 0
     poor_fit: str = ""
+    path: Optional[str] = None
+    normal: Optional[torch.Tensor] = None
 
     @property
     def ok(self) -> bool:
         """Converged and not a poor fit (what ``nbtorch-refine`` exits 0 for)."""
         return bool(self.converged) and not self.poor_fit
+
+    @property
+    def chi2_nu(self) -> float:
+        """Pearson χ²/ν of this image (:attr:`chi2_reduced`)."""
+        return self.chi2_reduced
 
     # ------------------------------------------------------------------ images
     def model_image(self) -> torch.Tensor:
@@ -182,12 +194,16 @@ class Result:
             "chi2_nu": float(self.chi2_reduced),  # the name every mode's JSON uses (lines, joint, sweep)
         }
 
+    def image_dict(self) -> dict:
+        """One image's entry in a joint fit's JSON: ``{"path", "converged", "ok", "chi2_nu", "poor_fit",
+        "parameters", "esd", "nanobragg_args"}`` (flags None when they cannot express the model)."""
+        d = self.to_dict()
+        return dict({k: d[k] for k in ("converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd",
+                                       "nanobragg_args")}, path=self.path)
+
     def to_json(self, path: Optional[str] = None, indent: int = 2) -> str:
         """JSON text of :meth:`to_dict`; also written (atomically) to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=True)
-        if path is not None:
-            atomic_write(path, (text + "\n").encode())
-        return text
+        return _json(self.to_dict(), path, indent)
 
     def summary(self) -> str:
         """Human-readable table of the free scalars with ESDs and flags, the notes, and the fit statistics."""
@@ -214,67 +230,252 @@ class Result:
         return plots.plot_loss(self, path)
 
 
+def _overall_poor_fit(likelihood: bool, chi2_nu: float, images: List[Result]) -> str:
+    """Why a joint fit is poor: its χ²/ν over all images (:func:`refine.result.poor_fit_message`), else the first
+    poor image's reason with the count of poor images; '' when no fit is poor."""
+    why = poor_fit_message(likelihood, chi2_nu)
+    poor = [(k, img) for k, img in enumerate(images, start=1) if img.poor_fit]
+    if why or not poor:
+        return why
+    k, img = poor[0]
+    return (f"poor fit of {len(poor)} of {len(images)} images; image {k} ({img.path or 'no path'}): "
+            f"{img.poor_fit.split(': ', 1)[-1]}")
+
+
+#: An image of a joint fit is a :class:`Result` (the name earlier versions used).
+ImageResult = Result
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class JointResult:
+    """Outcome of :func:`refine.fit_many`.
+
+    ``converged``/``message`` (the final stage's), ``loss`` (all images, all usable pixels, the fit's target),
+    ``seconds``, ``iterations``, ``evaluations``, ``target``; ``shared_names``, ``shared``/``shared_esd`` ({scalar:
+    reported value / ESD}), ``shared_covariance``/``shared_correlation`` [n_s, n_s] (of the increments);
+    ``images`` (one :class:`Result` each); ``stages``, ``history``, ``notes``; ``esd_factor``; ``X`` [n];
+    ``chi2_nu`` (Pearson χ²/(N − n) over all images) and ``poor_fit`` ('' or why the fit is poor: the whole fit's
+    χ²/ν, else the first poor image's; :func:`refine.result.poor_fit_message`)."""
+
+    converged: bool
+    message: str
+    loss: float
+    seconds: float
+    iterations: int
+    evaluations: int
+    target: str
+    shared_names: List[str]
+    shared: Dict[str, float]
+    shared_esd: Dict[str, float]
+    shared_covariance: torch.Tensor
+    shared_correlation: torch.Tensor
+    images: List[Result]
+    stages: List[dict]
+    history: List[dict]
+    notes: Tuple[str, ...]
+    esd_factor: float
+    X: torch.Tensor
+    chi2_nu: float = float("nan")
+    poor_fit: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Converged and no poor fit, overall or of any image (what ``nbtorch-refine --images`` exits 0 for)."""
+        return bool(self.converged) and not self.poor_fit and all(img.ok for img in self.images)
+
+    def single_image_esd(self) -> List[Dict[str, float]]:
+        """Per image, the ESD each shared scalar would have from that image alone ({name: ESD}, reported units):
+        its own normal matrix over (shared, own) inverted, at the joint solution."""
+        out = []
+        for img in self.images:
+            cov = _inverse(img.normal) * self.esd_factor
+            row = {}
+            for j, name in enumerate(self.shared_names):
+                s = img.par.scalars[img.names.index(name)]
+                xj = float(self.X[j])
+                row[name] = abs(s.dvalue_dx(xj)) * math.sqrt(max(float(cov[j, j]), 0.0))
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict:
+        """``{"converged", "ok", "chi2_nu", "poor_fit", "loss", "seconds", "shared", "shared_esd", "images":
+        [Result.image_dict()]}`` (``poor_fit`` null when no fit is poor)."""
+        return {"converged": bool(self.converged), "ok": self.ok, "chi2_nu": float(self.chi2_nu),
+                "poor_fit": self.poor_fit or None, "loss": float(self.loss), "seconds": float(self.seconds),
+                "shared": dict(self.shared), "shared_esd": dict(self.shared_esd),
+                "images": [img.image_dict() for img in self.images]}
+
+    def to_json(self, path: Optional[str] = None, indent: int = 2) -> str:
+        """JSON text of :meth:`to_dict`; also written atomically to ``path`` when given."""
+        return _json(self.to_dict(), path, indent)
+
+    def summary(self) -> str:
+        """The shared values ± ESD, then one line per image with its own values, and the fit statistics."""
+        lines = [f"{'shared':24s} {'value':>16s} {'esd':>12s}"]
+        lines += [f"{n:24s} {self.shared[n]:16.8g} {self.shared_esd[n]:12.4g}" for n in self.shared_names]
+        for k, img in enumerate(self.images, start=1):
+            own = [n for n in img.names if n not in self.shared]
+            vals = "  ".join(f"{n} {img.values[n]:.6g}±{img.esd[n]:.2g}" for n in own)
+            poor = "  POOR FIT" if img.poor_fit else ""
+            lines.append(f"image {k} {img.path or ''}: {vals}  χ²/ν {img.chi2_nu:.4g}{poor}")
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"loss {self.loss:.8g}  χ²/ν {self.chi2_nu:.4g}  images {len(self.images)}  iterations "
+                     f"{self.iterations}  {self.seconds:.2f} s  {'' if self.converged else 'NOT converged: '}"
+                     f"{self.message}")
+        if self.poor_fit:
+            lines.append(self.poor_fit.replace("poor fit", "POOR FIT", 1))
+        return "\n".join(lines)
+
+
+def _json(d: dict, path: Optional[str], indent: int) -> str:
+    """JSON text of ``d``; also written atomically to ``path`` when given."""
+    text = json.dumps(d, indent=indent, allow_nan=True)
+    if path is not None:
+        atomic_write(path, (text + "\n").encode())
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# from the last state to a Result
+# from the last state to the results
 
 
-def _statistics_objective(state: FitState):
-    """(objective, normal): the fit's target on the pixels the final stage fitted (all usable ones when no final
-    stage ran), and the final minimiser's normal equations when they can be reused at ``state.x``."""
-    pb, f = state.problem, state.final
-    if f is None or np.array_equal(f.pixels, pb.usable_index):
-        objective = pb.objective
+class _Statistics(NamedTuple):
+    """What finishing a fit computes once for all its images: the objective on the final stage's pixels, its loss,
+    the normal equations, the covariance of each image's x (its parameterisation's order) and of the shared scalars,
+    the ESD factor, the overall χ²/ν, per image loss and χ²/ν, and the undetermined combinations."""
+
+    objective: Objective
+    all_pixels: bool
+    loss: float
+    normal: object
+    covariances: List[torch.Tensor]
+    shared_covariance: torch.Tensor
+    esd_factor: float
+    chi2_nu: float
+    losses: List[float]
+    chi2_nus: List[float]
+    degenerate: List[List[str]]
+
+
+def _final_normal(state: FitState):
+    """(objective, loss, BlockNormal, models): the fit's target on the pixels the final stage fitted (every usable
+    one when no final stage ran; its passes reported as 'ESDs'), with the final minimiser's normal equations when they can be reused at
+    ``state.x``."""
+    pb, f, x = state.problem, state.final, state.x
+    same = f is None or all(np.array_equal(a, b) for a, b in zip(f.pixels, pb.usable_index))
+    objective = pb.objective_on(pixels=None if same else f.pixels, what="ESDs")
+    if (f is not None and f.normal is not None and f.target == pb.target.name and torch.equal(f.x, x)
+            and list(f.normal[0]) == list(range(pb.layout.n))):
+        return objective, objective.loss(x), f.normal[1], f.normal[2]
+    L, blk, models = objective.normal(x)
+    return objective, L, blk, models
+
+
+def _image_chi2(pb: Problem, objective: Objective, models) -> List[float]:
+    """Pearson χ²/ν_i per image, with ν_i = n_i − own_i − n_s·n_i/N: the n_s shared scalars shared out by pixels
+    (N pixels in all), so that Σ ν_i = N − n as in the overall χ²/ν."""
+    lay, n_all = pb.layout, max(objective.n_pixels, 1)
+    out = []
+    for i, t in enumerate(objective.image_terms(models, "chi2")):
+        n_i = len(objective.index[i])
+        out.append(float(t.sum()) / max(n_i - len(lay.own_pos[i]) - len(lay.shared) * n_i / n_all, 1.0))
+    return out
+
+
+def _statistics(state: FitState) -> _Statistics:
+    """Covariances (dense with the undetermined combinations named, or blockwise through the Schur complement for
+    many images), ESD factor and χ² of a fit's last state."""
+    pb, lay = state.problem, state.problem.layout
+    objective, L, blk, models = _final_normal(state)
+    all_pixels = objective.n_pixels == sum(len(i) for i in pb.usable_index)
+    if lay.n == 0:
+        chi2 = objective.chi2_reduced(models, 0)
+        empty = torch.zeros(0, 0, dtype=pb.par.dtype)
+        return _Statistics(objective, all_pixels, L, blk, [empty] * len(pb.pars), empty, 1.0, chi2,
+                           objective.image_losses(state.x, models), _image_chi2(pb, objective, models), [])
+    if choose_solve(blk) is DENSE:
+        cov, chi2, k, L, degenerate = covariance(objective, state.x, pb.options.esd_scale, normal=(blk, models))
+        covs = [cov[idx][:, idx] for idx in
+                (torch.as_tensor([lay.position(i, j) for j in range(p.n)]) for i, p in enumerate(pb.pars))]
+        shared = cov[:len(lay.shared), :len(lay.shared)]
     else:
-        o = pb.options
-        objective = Objective(pb.par, pb.observed, f.pixels, pb.target, o.chunk_pixels, fused=o.fused)
-    normal = None
-    if (f is not None and f.normal is not None and f.target == pb.target.name and torch.equal(f.x, state.x)
-            and list(f.normal[0]) == list(range(pb.par.n))):
-        normal = f.normal[1:]
-    return objective, normal
+        chi2 = objective.chi2_reduced(models, lay.n)
+        k, degenerate = esd_factor(pb.options.esd_scale, pb.target.likelihood, chi2), []
+        shared, cross, own = schur_covariance(blk)
+        shared, cross, own = shared * k, [c * k for c in cross], [c * k for c in own]
+        covs = []
+        for i, p in enumerate(pb.pars):
+            order = torch.as_tensor(list(lay.shared_pos[i]) + list(lay.own_pos[i]), dtype=torch.long)
+            block, c = image_covariance(shared, cross[i], own[i]), torch.zeros(p.n, p.n, dtype=shared.dtype)
+            c[order[:, None], order[None, :]] = block
+            covs.append(c)
+    return _Statistics(objective, all_pixels, float(L), blk, covs, shared, k, chi2, objective.image_losses(state.x, models),
+                       _image_chi2(pb, objective, models), degenerate)
 
 
-def _convergence(state: FitState) -> Tuple[bool, str]:
-    """(converged, message) of the final stage."""
+def _convergence(state: FitState, degenerate) -> Tuple[bool, str]:
+    """(converged, message) of the final stage, with the undetermined combinations."""
     f = state.final
-    if state.problem.par.n == 0:
+    if state.problem.layout.n == 0:
         return True, "nothing to refine"
     if f is None:
         return False, "no final stage minimised (max_iter = 0, or only preliminary stages ran)"
     if not torch.equal(f.x, state.x):
         return False, "a stage after the final one moved the model"
-    return f.converged, f.message
+    return f.converged, f.message + "".join(
+        f" (undetermined combination of {', '.join(c)}: fix one of them; their ESDs omit it)" for c in degenerate)
+
+
+def _image_result(state: FitState, st: _Statistics, i: int, seconds: float) -> Result:
+    """Image ``i``'s :class:`Result` (one image: the whole fit's loss; several: its share)."""
+    pb, o = state.problem, state.problem.options
+    par, x, cov, one = pb.pars[i], pb.layout.image_x(state.x, i), st.covariances[i], len(pb.pars) == 1
+    converged, message = _convergence(state, st.degenerate)
+    x_esd = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0))
+    parameters, parameter_esd = propagate(par, x, cov)
+    loss = st.loss if one else st.losses[i]
+    return Result(
+        converged=bool(converged), message=message, method=o.method, target=pb.target.name, names=par.names, x=x,
+        x_esd=x_esd, values={s.name: float(s.value(x[j])) for j, s in enumerate(par.scalars)},
+        esd={s.name: abs(s.dvalue_dx(float(x[j]))) * float(x_esd[j]) for j, s in enumerate(par.scalars)},
+        parameters=parameters, parameter_esd=parameter_esd, covariance=cov,
+        correlation=correlation_from_covariance(cov), loss=float(loss),
+        loss_history=[h["loss"] for h in state.history], history=list(state.history), iterations=state.iterations,
+        evaluations=state.evaluations, seconds=seconds, chi2_reduced=float(st.chi2_nus[i]),
+        esd_factor=float(st.esd_factor), n_pixels=len(st.objective.index[i]), stages=list(state.stages),
+        params=par.unpack(x), setup=par.setup, par=par, observed=pb.observed[i], pixels=st.objective.pixels(i),
+        nanobragg_base=pb.flags[i], matrix_path=o.matrix_path if one else None, notes=pb.notes,
+        crystal_system=par.crystal_system, start_loss=state.start_loss, n_usable=len(pb.usable_index[i]),
+        loss_all=float(loss) if st.all_pixels else (
+            pb.objective.loss(state.x) if one else pb.objective.image_losses(state.x)[i]),
+        poor_fit=poor_fit_message(pb.target.likelihood, float(st.chi2_nus[i])), path=pb.paths[i],
+        normal=None if one or st.normal.H is None else st.normal.H[i])
 
 
 def finish(state: FitState, seconds: Optional[float] = None) -> Result:
-    """The :class:`Result` of a fit's last state: values, ESDs (covariance on the final stage's pixels), the
-    final model's loss on all usable pixels, and the history.  ``seconds``: wall time to report (default: the
-    stages' time)."""
-    pb, x, par, o = state.problem, state.x, state.problem.par, state.problem.options
-    objective, normal = _statistics_objective(state)
-    converged, message = _convergence(state)
-    if par.n:
-        cov, chi2, k, L, degenerate = covariance(objective, x, o.esd_scale, normal=normal)
-        for combo in degenerate:
-            message += f" (undetermined combination of {', '.join(combo)}: fix one of them; their ESDs omit it)"
-    else:
-        cov, k = torch.zeros(0, 0, dtype=par.dtype), 1.0
-        L, chi2 = objective.loss(x), objective.chi2_reduced(objective.model(x), 0)
-    x_esd = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0))
-    parameters, parameter_esd = propagate(par, x, cov)
-    base = o.nanobragg_args
-    base = shlex.split(base) if isinstance(base, str) else (None if base is None else [str(t) for t in base])
-    return Result(
-        converged=bool(converged), message=message, method=o.method, target=pb.target.name, names=par.names, x=x,
-        x_esd=x_esd, values={s.name: float(s.value(x[i])) for i, s in enumerate(par.scalars)},
-        esd={s.name: abs(s.dvalue_dx(float(x[i]))) * float(x_esd[i]) for i, s in enumerate(par.scalars)},
-        parameters=parameters, parameter_esd=parameter_esd, covariance=cov,
-        correlation=correlation_from_covariance(cov),
-        loss=float(L), loss_history=[h["loss"] for h in state.history], history=list(state.history),
-        iterations=state.iterations, evaluations=state.evaluations,
-        seconds=state.seconds if seconds is None else seconds, chi2_reduced=float(chi2), esd_factor=float(k),
-        n_pixels=objective.n_pixels, stages=list(state.stages), params=par.unpack(x), setup=par.setup, par=par,
-        observed=pb.observed, pixels=objective.pixels(), nanobragg_base=base, matrix_path=o.matrix_path,
-        notes=pb.notes, crystal_system=par.crystal_system,
-        loss_all=float(L) if objective is pb.objective else pb.objective.loss(x), start_loss=state.start_loss,
-        n_usable=len(pb.usable_index), poor_fit=poor_fit_message(pb.target.likelihood, float(chi2)))
+    """The :class:`Result` of a one-image fit's last state: values, ESDs (covariance on the final stage's pixels),
+    the final model's loss on all usable pixels, and the history.  ``seconds``: wall time to report (default: the
+    stages' time).  A fit of several images: :func:`finish_many`."""
+    if len(state.problem.pars) != 1:
+        raise ValueError(f"finish: the state holds {len(state.problem.pars)} images; use finish_many")
+    return _image_result(state, _statistics(state), 0, state.seconds if seconds is None else seconds)
+
+
+def finish_many(state: FitState, seconds: Optional[float] = None) -> JointResult:
+    """The :class:`JointResult` of a fit's last state: the shared values with ESDs and one :class:`Result` per
+    image, from the joint normal matrix at the solution."""
+    pb, x, lay = state.problem, state.x, state.problem.layout
+    seconds = state.seconds if seconds is None else seconds
+    st = _statistics(state)
+    images = [_image_result(state, st, i, seconds) for i in range(len(pb.pars))]
+    shared, shared_esd, par0 = {}, {}, pb.pars[0]
+    for j, name in enumerate(lay.shared):
+        s, xj = par0.scalars[lay.shared_pos[0][j]], float(x[j])
+        shared[name] = float(s.value(torch.tensor(xj, dtype=torch.float64)))
+        shared_esd[name] = abs(s.dvalue_dx(xj)) * math.sqrt(max(float(st.shared_covariance[j, j]), 0.0))
+    converged, message = _convergence(state, st.degenerate)
+    return JointResult(bool(converged), message, st.loss, seconds, state.iterations, state.evaluations,
+                       pb.target.name, list(lay.shared), shared, shared_esd, st.shared_covariance,
+                       correlation_from_covariance(st.shared_covariance), images, list(state.stages),
+                       list(state.history), pb.notes, st.esd_factor, x, st.chi2_nu,
+                       _overall_poor_fit(pb.target.likelihood, st.chi2_nu, images))

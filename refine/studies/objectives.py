@@ -124,7 +124,7 @@ class GlobalSearchObjective:
         scalars, sampled dimensions and stages): a study's trials compare only under one fingerprint."""
         pb = self.base.problem
         h = hashlib.sha1()
-        for t in (pb.observed, *_tensors(pb.par.ref)):
+        for t in (*pb.observed, *_tensors(pb.par.ref)):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         h.update(repr((pb.par.setup, pb.par.names, self.dimensions, self.stages, pb.target.name)).encode())
         return h.hexdigest()[:16]

@@ -216,6 +216,11 @@ class Objective:
         """Length of X."""
         return self.layout.n
 
+    @property
+    def names(self) -> List[str]:
+        """The name of every entry of X (:meth:`~refine.model.layout.Layout.x_names`)."""
+        return self.layout.x_names()
+
     def _stack(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.layout.pack(vectors)
 
@@ -250,9 +255,8 @@ class Objective:
         """(image, position in its x, position in X) of every scalar with a prior, each X position once."""
         out, seen = [], set()
         for i, par in enumerate(self.pars):
-            where = {j: self.layout.shared_pos[i].index(j) for j in self.layout.shared_pos[i]}
             for j, s in enumerate(par.scalars):
-                pos = where[j] if j in where else self.layout.offset[i] + self.layout.own_pos[i].index(j)
+                pos = self.layout.position(i, j)
                 if s.prior is not None and pos not in seen:
                     seen.add(pos)
                     out.append((i, j, pos))

@@ -103,7 +103,7 @@ def test_read_image_applies_header_and_explicit_offset_and_gain(noisy):
 ])
 def test_user_errors_exit_2_with_one_line_before_any_work(noisy, tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(refine.strategy, "prepare", lambda *a, **k: pytest.fail("a fit started"))
+    monkeypatch.setattr(refine.pipeline.strategy, "prepare", lambda *a, **k: pytest.fail("a fit started"))
     rc = refine_main([str(noisy / "obs.img")] + args + SMALL)
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1, err

@@ -1,0 +1,251 @@
+"""What a fit is about and where it stands: the :class:`Problem` of N ≥ 1 images (observed pixels, one
+parameterisation per image, the scalars they share, the target and options) and the :class:`FitState` between stages.
+
+    state = refine.prepare(observed, params, setup, options)                       # one image
+    state = prepare_many(observed_list, params_list, setups, shared, options)      # N images (refine.fit_many)
+
+One image is N = 1 with nothing shared: its X is its x.  Every check, the usable pixels, the degenerate pairs and the
+start are the same for any N.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import shlex
+import warnings
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from nbtorch.types import Params, Setup
+from nbtorch.validate import check_params
+
+from ..model.degeneracy import Degeneracy, degenerate_pairs
+from ..model.layout import Layout, align_shared, make_layout
+from ..model.parameters import Parameterisation, parameterise, total_rotation
+from ..targets import Objective, Target, make_target, observed_array, usable_mask
+from .options import FitOptions
+
+
+class DegeneracyWarning(UserWarning):
+    """A free combination of parameters the image cannot determine (see :mod:`refine.model.degeneracy`)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """What a fit is about, the same for all its stages.
+
+    Per image (tuples of length N): ``observed`` [slow, fast] (photons, non-finite values zeroed), ``usable`` (bool
+    [slow, fast]), ``pars`` (parameterisations about the aligned starting models), ``paths`` (labels) and ``flags``
+    (the starting nanoBragg flags, or None).  ``layout`` (the scalars the images share and each one's own),
+    ``target``, ``options`` (:class:`~refine.pipeline.options.FitOptions`), ``notes`` (what a summary should say),
+    ``degeneracies``, ``batch`` (images of equal set-up simulated together under vmap), ``progress`` (None or
+    ``progress(what, done, total)`` over the images)."""
+
+    observed: Tuple[torch.Tensor, ...]
+    usable: Tuple[np.ndarray, ...]
+    pars: Tuple[Parameterisation, ...]
+    layout: Layout
+    target: Target
+    options: FitOptions
+    notes: Tuple[str, ...] = ()
+    degeneracies: Tuple[Degeneracy, ...] = ()
+    paths: Tuple[Optional[str], ...] = ()
+    flags: Tuple[Optional[List[str]], ...] = ()
+    batch: bool = True
+    progress: Optional[Callable[[str, int, int], None]] = None
+
+    @property
+    def par(self) -> Parameterisation:
+        """The first image's parameterisation (the only one of a one-image fit)."""
+        return self.pars[0]
+
+    @functools.cached_property
+    def usable_index(self) -> Tuple[np.ndarray, ...]:
+        """Flat slow-major indices of each image's usable pixels."""
+        return tuple(np.flatnonzero(u.reshape(-1)) for u in self.usable)
+
+    def reporter(self, prefix: str) -> Optional[Callable[[str, int, int], None]]:
+        """``progress`` with ``prefix: `` before each ``what`` (None without progress)."""
+        if self.progress is None:
+            return None
+        return lambda what, done, total: self.progress(f"{prefix}: {what}", done, total)
+
+    def objective_on(self, pars: Optional[Sequence[Parameterisation]] = None, pixels=None,
+                  target: Optional[Target] = None, what: str = "loss") -> Objective:
+        """The objective on ``pixels`` (per image; default every usable pixel) with ``pars`` (default the fit's) and
+        ``target`` (default the fit's)."""
+        o = self.options
+        return Objective(self.pars if pars is None else pars, self.observed,
+                         self.usable_index if pixels is None else pixels, self.target if target is None else target,
+                         o.chunk_pixels, o.fused, layout=self.layout, batch=self.batch, progress=self.reporter(what))
+
+    @functools.cached_property
+    def objective(self) -> Objective:
+        """The fit's target on every usable pixel with the real model (what ``loss_all`` evaluates)."""
+        return self.objective_on()
+
+
+class FinalRun(NamedTuple):
+    """The last minimisation of a non-preliminary stage: ``x``, ``converged``, ``message``, ``pixels`` (flat indices
+    it fitted, per image), ``target`` (name), ``normal`` ((active, BlockNormal, models) at x when the minimiser
+    computed them on the real model, else None)."""
+
+    x: torch.Tensor
+    converged: bool
+    message: str
+    pixels: Tuple[np.ndarray, ...]
+    target: str
+    normal: Optional[tuple]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitState:
+    """A fit between stages (immutable; :func:`~refine.pipeline.strategy.run_stage` returns a new one).
+
+    ``problem``; ``x`` [n] increments about the starting models (X of all images); ``history`` (one dict per
+    iteration: stage, iteration, loss on the stage's own pixels, step, damping, accepted, seconds, pixels);
+    ``stages`` (one dict per stage run or skipped, with ``loss_all`` on all usable pixels); ``iterations``,
+    ``evaluations`` (totals); ``start_loss`` (``loss_all`` at the start); ``final`` (:class:`FinalRun` or None);
+    ``seconds`` (stage time).
+    """
+
+    problem: Problem
+    x: torch.Tensor
+    history: Tuple[dict, ...] = ()
+    stages: Tuple[dict, ...] = ()
+    iterations: int = 0
+    evaluations: int = 0
+    start_loss: float = math.nan
+    final: Optional[FinalRun] = None
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _labelled(k: int, paths, exc: Exception) -> Exception:
+    """``exc`` with 'image k (path): ' before its message when there are several images."""
+    if len(paths) == 1:
+        return exc
+    return type(exc)(f"image {k}{f' ({paths[k - 1]})' if paths[k - 1] else ''}: {exc}")
+
+
+def _image(observed, params: Params, setup: Setup, options: FitOptions, crystal_system: str):
+    """(observed tensor, usable bool image, parameterisation) of one image, checked."""
+    check_params(params, setup)  # types, dtype, device and values first: one-line errors before any work
+    arr, own_mask = observed_array(observed, setup)
+    usable = usable_mask(arr, setup, options.mask, options.overload)
+    if own_mask is not None:
+        usable &= own_mask
+    if not usable.any():
+        raise ValueError("no usable pixels: check the mask, the overload level and the ROI")
+    if not (np.nan_to_num(arr[usable]) > 0).any():
+        raise ValueError("the observed image is zero (or negative) in every usable pixel: nothing to fit (a blank or "
+                         "wrong file, or an ADC offset (adc) larger than the counts)")
+    o = options
+    par = parameterise(params, setup, o.free, crystal_system=crystal_system, ncells_mode=o.ncells_mode,
+                       background=o.background, bounds=o.bounds, priors=o.priors)
+    observed_t = torch.as_tensor(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0), dtype=par.dtype,
+                                 device=par.device)
+    return observed_t, usable, par
+
+
+def _degeneracies(par: Parameterisation, options: FitOptions) -> Tuple[Degeneracy, ...]:
+    """Degenerate pairs of the free scalars: a ``DegeneracyWarning`` each, or ValueError unless allowed."""
+    degs = tuple(degenerate_pairs(par))
+    if degs and not options.allow_degenerate:
+        raise ValueError(f"{degs[0].message()} (or allow it: allow_degenerate=True)")
+    for d in degs:
+        warnings.warn(d.message(), DegeneracyWarning, stacklevel=4)
+    return degs
+
+
+def build_problem(observed_list, params_list, setups, options: FitOptions, shared: Sequence[str] = (),
+                  paths=None, flags=None, batch: bool = True, progress=None) -> Problem:
+    """The problem of N images: the ``shared`` groups' starting values aligned on image 1's, each image's observed
+    pixels and parameterisation (:func:`_image`), the layout of X, degenerate pairs, the target.
+    ``progress('preparing', k, N)`` after each image (when given)."""
+    n = len(observed_list)
+    paths = tuple(paths) if paths is not None else (None,) * n
+    params_list, notes = align_shared(list(params_list), shared) if shared else (list(params_list), [])
+    observed, usable, pars = [], [], []
+    for k, (ob, p, s) in enumerate(zip(observed_list, params_list, setups), start=1):
+        try:
+            system = options.crystal_system if k == 1 else pars[0].crystal_system
+            o_t, u, par = _image(ob, p, s, options, system)
+        except (ValueError, OSError) as exc:
+            raise _labelled(k, paths, exc) from None
+        observed.append(o_t)
+        usable.append(u)
+        pars.append(par)
+        if progress is not None:
+            progress("preparing", k, n)
+    degs = _degeneracies(pars[0], options)
+    notes = tuple(nt for nt in (pars[0].crystal_system_note,) if nt) + tuple(notes) + tuple(d.message() for d in degs)
+    target = make_target(options.target, read_noise=options.read_noise, weights=options.weights)
+    return Problem(tuple(observed), tuple(usable), tuple(pars), make_layout(pars, shared), target, options, notes,
+                   degs, paths, tuple(flags) if flags is not None else (None,) * n, batch, progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the start
+
+
+def _differing(a: Params, b: Params) -> List[str]:
+    """Leaves (and the crystal rotation) in which two models differ beyond rounding."""
+    out = []
+    for part in ("crystal", "beam", "detector", "background"):
+        for name, u in getattr(a, part)._asdict().items():
+            v = getattr(getattr(b, part), name)
+            if name not in ("misset", "orientation") and (
+                    u.shape != v.shape or not torch.allclose(u, v.to(u), rtol=1e-9, atol=1e-12)):
+                out.append(f"{part}.{name}")
+    if not torch.allclose(total_rotation(a), total_rotation(b).to(a.crystal.cell), rtol=0, atol=1e-12):
+        out.append("crystal orientation")
+    return out
+
+
+def start_point(par: Parameterisation, start=None) -> torch.Tensor:
+    """Starting increments [n]: zeros (None), the given increments, or a previous :class:`refine.Result`'s refined
+    model packed about ``par``'s reference (ValueError when it was fitted on another set-up or differs from the
+    reference in parameters that are not free here)."""
+    if start is None:
+        return par.zeros()
+    if hasattr(start, "params") and hasattr(start, "setup"):
+        if start.setup != par.setup:
+            raise ValueError("start: the Result was fitted with a different Setup than this fit's")
+        plane = torch.as_tensor(start.parameters["background"], dtype=par.dtype, device=par.device)
+        x = par.pack(start.params, plane)
+        bad = _differing(par.unpack(x), start.params)
+        if bad:
+            raise ValueError(f"start: the Result's model differs from the starting model in {', '.join(bad)}, which "
+                             "are not free here: pass result.params as the starting model, or free them")
+        return x
+    x = torch.as_tensor(start, dtype=par.dtype, device=par.device).reshape(-1)
+    if x.shape != (par.n,) or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"start must be {par.n} finite increments ({', '.join(par.names) or 'none'}) or a "
+                         f"refine.Result; got shape {tuple(x.shape)}")
+    return x.clone()
+
+
+def initial_state(pb: Problem, x0: torch.Tensor) -> FitState:
+    """The state before the first stage at X = ``x0`` (checked), with its loss on all usable pixels."""
+    for i, par in enumerate(pb.pars):
+        check_params(par.unpack(pb.layout.image_x(x0, i)), par.setup)
+    return FitState(pb, x0, start_loss=pb.objective.loss(x0))
+
+
+def prepare(observed, params: Params, setup: Setup, options: FitOptions, start=None) -> FitState:
+    """The state of a one-image fit before its first stage: observed image (tensor, array, ObservedImage or path)
+    and usable pixels, parameterisation, target, degenerate pairs (a ``DegeneracyWarning``, or ``ValueError`` unless
+    ``options.allow_degenerate``), starting point (:func:`start_point`) and its loss on all usable pixels."""
+    paths = (os.fspath(observed),) if isinstance(observed, (str, os.PathLike)) else (None,)
+    flags = options.nanobragg_args
+    flags = shlex.split(flags) if isinstance(flags, str) else (None if flags is None else [str(t) for t in flags])
+    pb = build_problem([observed], [params], [setup], options, paths=paths, flags=[flags])
+    return initial_state(pb, start_point(pb.par, start))
