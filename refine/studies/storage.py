@@ -1,8 +1,9 @@
-"""Where a study lives and how it samples: storage URLs (:data:`STORAGE_FORMS`, normalised, their passwords never
-shown: :func:`redact`, :func:`redact_text`), :func:`open_storage` within a connect time-out, samplers and pruners by
-name, :class:`StudySpec` and :func:`load_study`.  Optuna is imported when a function needs it."""
+"""Where a study lives and how it samples: storage URLs (:data:`STORAGE_FORMS`; passwords never shown:
+:func:`redact`, :func:`redact_text`), :func:`open_storage` within a connect time-out, samplers and pruners by name,
+:class:`StudySpec` and :func:`load_study`.  Optuna is imported when a function needs it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -13,8 +14,10 @@ import socket
 import time
 import warnings
 import zlib
-from typing import List, Optional, Tuple
+from typing import Optional, Set, Tuple
 from urllib.parse import quote, unquote
+
+from ..pipeline.options import _choice
 
 #: Storage URL schemes: SQLite file, journal file, PostgreSQL (also with a driver, postgresql+psycopg2://).
 STORAGE_FORMS = "sqlite:///FILE.db, journal:FILE.log (or FILE.log), postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
@@ -39,8 +42,10 @@ SAMPLERS = tuple(_SAMPLERS)
 PRUNERS = tuple(_PRUNERS)
 #: Where a URL's query string starts: '?' followed by NAME= (a '?' inside a password is not followed by NAME=).
 _QUERY_START = re.compile(r"\?(?=[A-Za-z_][A-Za-z0-9_]*=)")
-#: A password given as a query parameter (libpq's ``?password=...``).
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+#: A password given as a query parameter (libpq's ``?password=...``), the password in group 2.
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+#: Storage URLs opened in this process: Optuna's log records are redacted against them (:func:`_redact_record`).
+_OPENED: Set[str] = set()
 
 
 def require_optuna():
@@ -59,28 +64,20 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-# URLs and their passwords
-
-
 def _credentials(url: str, guess: bool = True) -> Optional[Tuple[str, str, Optional[str], str]]:
     """(``scheme://``, user, password or None, ``host...``) of a server URL, or None when it names no user.
 
     The password ends at the LAST '@' before the query string, so it may hold '@', ':', '/' and '?' unencoded
-    (an '@' in the database name must be written %40); a URL whose part after ``://`` starts with '/'
-    (sqlite:///FILE, postgresql:///DB?host=...) has no user part.  With ``guess`` (for hiding a password), an
-    '@' only inside what looks like the query string also ends a user part."""
+    (an '@' in the database name must be written %40); sqlite:///FILE and postgresql:///DB?host=... have no user
+    part.  With ``guess`` (for hiding a password), an '@' only inside what looks like the query string also ends a
+    user part (a password holding '?NAME=': better hide too much than too little)."""
     head, sep, rest = str(url).partition("://")
     if not sep or rest.startswith("/"):
         return None
     query = _QUERY_START.search(rest)
     at = rest.rfind("@", 0, query.start() if query else len(rest))
     if at < 0 and guess:
-        at = rest.rfind("@")  # only after a '?': a password holding '?NAME=' (hidden: better too much than too little)
+        at = rest.rfind("@")
     if at < 0:
         return None
     user, colon, password = rest[:at].partition(":")
@@ -88,71 +85,45 @@ def _credentials(url: str, guess: bool = True) -> Optional[Tuple[str, str, Optio
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by *** (the user part's, and a ``password=`` query parameter's);
-    a password may contain '@', ':', '/' (see :func:`_credentials`)."""
+    """``url`` with its password (the user part's, and a ``password=`` query parameter's) replaced by ***."""
     text = str(url)
     parts = _credentials(text)
     if parts is not None and parts[2]:
-        head, user, _, tail = parts
-        text = f"{head}{user}:***@{tail}"
+        text = f"{parts[0]}{parts[1]}:***@{parts[3]}"
     return _QUERY_PASSWORD.sub(r"\1***", text)
-
-
-def _secrets(url: str) -> List[Tuple[str, str]]:
-    """(text that reveals ``url``'s password, its replacement): the URL as given and normalised (→ :func:`redact`'s
-    form), and the password as written, percent-decoded and percent-encoded (→ ***); longest first."""
-    forms = {str(url)}
-    try:
-        forms.add(normalise_url(url))
-    except ValueError:
-        pass
-    words = set()
-    for form in forms:
-        parts = _credentials(form)
-        passwords = [parts[2]] if parts is not None and parts[2] else []
-        passwords += [m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(form)]
-        for pw in filter(None, passwords):
-            words.update({pw, unquote(pw), quote(unquote(pw), safe="")})
-    found = [(f, redact(f)) for f in forms if f != redact(f)]
-    found += [(w, "***") for w in words if len(w) >= 3]  # hiding a 1-2 character one would blank out ordinary text
-    return sorted(found, key=lambda pair: len(pair[0]), reverse=True)
 
 
 def redact_text(text: str, *urls: Optional[str]) -> str:
     """``text`` (an error message, a log line, a traceback) with the password of each storage URL in ``urls``
     hidden: the URL itself (as given or normalised) becomes :func:`redact`'s form, the password on its own (as
     written, percent-decoded or percent-encoded, 3 characters or more) becomes ***."""
-    out = str(text)
+    shown = {}
     for url in filter(None, urls):
-        for secret, shown in _secrets(url):
-            out = out.replace(secret, shown)
+        forms = {str(url)}
+        with contextlib.suppress(ValueError):
+            forms.add(normalise_url(url))
+        for form in forms:
+            shown[form] = redact(form)
+            passwords = [m.group(2) for m in _QUERY_PASSWORD.finditer(form)]
+            passwords.append((_credentials(form) or (None,) * 3)[2])
+            for pw in filter(None, passwords):
+                for word in (pw, unquote(pw), quote(unquote(pw), safe="")):
+                    if len(word) >= 3:  # hiding a 1-2 character one would blank out ordinary text
+                        shown[word] = "***"
+    out = str(text)
+    for secret in sorted(shown, key=len, reverse=True):
+        out = out.replace(secret, shown[secret])
     return out
 
 
-#: Storage URLs opened in this process: log records of Optuna are redacted against them (:class:`_RedactLogs`).
-_OPENED: List[str] = []
-
-
-class _RedactLogs(logging.Filter):
-    """A logging filter hiding the passwords of the storages opened in this process (message and traceback)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - logging API
-        if _OPENED:
-            record.msg, record.args = redact_text(record.getMessage(), *_OPENED), ()
-            if record.exc_info and not record.exc_text:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            if record.exc_text:
-                record.exc_text = redact_text(record.exc_text, *_OPENED)
-        return True
-
-
-def _redact_logs_of(url: str) -> None:
-    """Remember ``url`` and make sure the handlers of Optuna's logger hide its password."""
-    if url not in _OPENED:
-        _OPENED.append(url)
-    for handler in logging.getLogger("optuna").handlers:
-        if not any(isinstance(f, _RedactLogs) for f in handler.filters):
-            handler.addFilter(_RedactLogs())
+def _redact_record(record: logging.LogRecord) -> bool:
+    """Logging filter (on Optuna's handlers) hiding the passwords of the storages opened here, traceback included."""
+    if _OPENED:
+        record.msg, record.args = redact_text(record.getMessage(), *_OPENED), ()
+        if record.exc_info or record.exc_text:
+            trace = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_text = redact_text(trace, *_OPENED)
+    return True
 
 
 def storage_kind(url: str) -> str:
@@ -187,9 +158,6 @@ def normalise_url(url: str) -> str:
     return u
 
 
-# opening a storage, samplers, pruners, studies
-
-
 def check_connect_timeout(seconds) -> float:
     """``seconds`` as a float; ValueError naming ``connect_timeout`` unless it is a finite number > 0."""
     try:
@@ -214,7 +182,9 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period:
     timeout = check_connect_timeout(connect_timeout)
     url = normalise_url(url)
     kind = storage_kind(url)
-    _redact_logs_of(url)
+    _OPENED.add(url)
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_redact_record)  # once: a handler does not add a filter it holds
     t0 = time.monotonic()
     try:
         path = url[len("sqlite:///" if kind == "sqlite" else "journal:"):]
@@ -241,14 +211,14 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period:
 
 def make_sampler(name: str = "tpe", seed: Optional[int] = 0):
     """Optuna sampler by name (:data:`SAMPLERS`): TPE (default), CMA-ES, GP or random, seeded with ``seed``."""
-    _check_choice("sampler", name, SAMPLERS)
+    _choice("sampler", name, SAMPLERS)
     return _SAMPLERS[name](require_optuna(), seed)
 
 
 def make_pruner(name: str = "median", n_steps: int = 5, startup: int = 5):
     """Optuna pruner by name (:data:`PRUNERS`): median (after ``startup`` trials), Hyperband over ``n_steps``
     reported steps, or none."""
-    _check_choice("pruner", name, PRUNERS)
+    _choice("pruner", name, PRUNERS)
     return _PRUNERS[name](require_optuna(), n_steps, startup)
 
 
@@ -256,7 +226,7 @@ def make_pruner(name: str = "median", n_steps: int = 5, startup: int = 5):
 class StudySpec:
     """Where a study lives and how it samples: ``storage`` (URL, :data:`STORAGE_FORMS`; None: in memory, one
     process), ``study_name``, ``sampler`` (:data:`SAMPLERS`), ``pruner`` (:data:`PRUNERS`), ``seed`` (worker k
-    of a new study seeds its sampler with seed + k; see :func:`worker_seed`), ``n_steps`` (reported steps per
+    of a new study seeds its sampler with seed + k; see :func:`load_study`), ``n_steps`` (reported steps per
     trial, for Hyperband), ``pruner_startup`` (trials the median pruner waits for), ``heartbeat_interval`` and
     ``grace_period`` (seconds, RDB storages), ``connect_timeout`` (seconds a server storage may take to connect,
     :data:`CONNECT_TIMEOUT`).  Its repr hides the storage's password."""
@@ -276,8 +246,8 @@ class StudySpec:
         if self.storage is not None:
             object.__setattr__(self, "storage", normalise_url(self.storage))
         object.__setattr__(self, "connect_timeout", check_connect_timeout(self.connect_timeout))
-        _check_choice("sampler", self.sampler, SAMPLERS)
-        _check_choice("pruner", self.pruner, PRUNERS)
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("pruner", self.pruner, PRUNERS)
         if not str(self.study_name).strip():
             raise ValueError("study_name must not be empty")
 
@@ -288,8 +258,9 @@ class StudySpec:
 
 def load_study(spec: StudySpec, worker: int = 0, n_existing: Optional[int] = None):
     """Create or load (``load_if_exists``) the study ``spec`` describes, minimising, with worker ``worker``'s
-    seeded sampler (:func:`worker_seed`; ``n_existing``: the trial count the seed depends on, default the study's
-    trials now, waiting ones excluded)."""
+    sampler seeded ``spec.seed`` + worker on a new study (reproducible); joining a study that has ``n_existing``
+    trials (default: its trials now but waiting ones), the seed also mixes in this machine's name and that count,
+    so that commands joining a study (from other machines, or later) do not repeat each other's draws."""
     optuna = require_optuna()
     storage = None if spec.storage is None else open_storage(spec.storage, spec.heartbeat_interval,
                                                              spec.grace_period, spec.connect_timeout)
@@ -300,18 +271,12 @@ def load_study(spec: StudySpec, worker: int = 0, n_existing: Optional[int] = Non
 
     if n_existing is None:
         n_existing = count_started(create())
-    seed = None if spec.seed is None else worker_seed(spec.seed, worker, n_existing)
+    seed = spec.seed
+    if seed is not None:
+        seed = (int(seed) + int(worker) if n_existing == 0
+                else zlib.crc32(f"{seed}:{worker}:{n_existing}:{socket.gethostname()}".encode()))
     return create(sampler=make_sampler(spec.sampler, seed),
                   pruner=make_pruner(spec.pruner, spec.n_steps, spec.pruner_startup))
-
-
-def worker_seed(seed: int, worker: int, n_existing: int) -> int:
-    """The sampler seed of worker ``worker`` joining a study that has ``n_existing`` trials: ``seed`` + worker on a
-    new study (reproducible), otherwise also mixed with this machine's name and the trial count, so that commands
-    joining a study (from other machines, or later) do not repeat each other's random draws."""
-    if n_existing == 0:
-        return int(seed) + int(worker)
-    return zlib.crc32(f"{seed}:{worker}:{n_existing}:{socket.gethostname()}".encode())
 
 
 def count_started(study) -> int:
