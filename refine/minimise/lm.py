@@ -32,6 +32,10 @@ import torch
 
 from .solve import BlockNormal, LinearSolve, choose_solve, decrement
 
+#: Default convergence threshold (log-likelihood units) of every minimiser, and LM's initial damping.
+DEFAULT_FTOL = 1e-3
+DEFAULT_DAMPING = 1e-3
+
 
 @dataclasses.dataclass
 class MinimizeResult:
@@ -138,9 +142,9 @@ def levenberg_marquardt(
     active: Optional[Sequence[int]] = None,
     *,
     max_iter: int = 30,
-    ftol: float = 1e-3,
+    ftol: float = DEFAULT_FTOL,
     xtol: float = 1e-2,
-    damping: float = 1e-3,
+    damping: float = DEFAULT_DAMPING,
     max_damping: float = 1e10,
     callback: Optional[Callable[[dict], None]] = None,
     lower: Optional[torch.Tensor] = None,

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .lm import MinimizeResult, clipped_bounds
+from .lm import DEFAULT_FTOL, MinimizeResult, clipped_bounds
 from ..targets.objective import Objective
 
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
@@ -99,7 +99,7 @@ def lbfgs(
     active: Optional[Sequence[int]] = None,
     *,
     max_iter: int = 100,
-    ftol: float = 1e-3,
+    ftol: float = DEFAULT_FTOL,
     patience: int = 3,
     history_size: int = 20,
     callback: Optional[Callable[[dict], None]] = None,
@@ -131,7 +131,7 @@ def adam(
     max_iter: int = 300,
     lr: float = 0.05,
     schedule: str = "cosine",
-    ftol: float = 1e-3,
+    ftol: float = DEFAULT_FTOL,
     patience: int = 30,
     callback: Optional[Callable[[dict], None]] = None,
     lower: Optional[torch.Tensor] = None,

@@ -147,15 +147,27 @@ def schur_solve(blocks: BlockNormal, mu: float = 0.0) -> Tuple[torch.Tensor, Lis
     return ds, dp
 
 
-def _inverse(M: torch.Tensor) -> torch.Tensor:
-    """Inverse of a symmetric matrix through its correlation form, null directions left out (pseudo-inverse)."""
-    if M.shape[0] == 0:
-        return M.clone()
-    d = torch.sqrt(torch.clamp(torch.diagonal(M), min=1e-300))
-    w, V = torch.linalg.eigh(M / d[:, None] / d[None, :])
-    bad = w < 1e-10 * float(w.max())
+def pseudo_inverse(H: torch.Tensor, names: Sequence[str] = (), rcond: float = 1e-10):
+    """(H⁻¹ [n, n], degenerate) of a symmetric H, inverted through its correlation form C = D^-½·H·D^-½ (D = diag H):
+    eigenvalues of C below ``rcond`` times the largest mark combinations of free parameters that the data do not
+    determine (e.g. a crystal rotation about the beam together with an in-plane detector rotation); they are left
+    out and named (``degenerate``: a list of lists of ``names``, when given)."""
+    if H.shape[0] == 0:
+        return H.clone(), []
+    d = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
+    w, V = torch.linalg.eigh(H / d[:, None] / d[None, :])
+    bad = w < rcond * float(w.max())
+    degenerate = []
+    for j in torch.nonzero(bad).flatten().tolist() if names else ():
+        v = V[:, j].abs()
+        degenerate.append([names[i] for i in torch.nonzero(v > 0.2 * float(v.max())).flatten().tolist()])
     winv = torch.where(bad, torch.zeros_like(w), 1.0 / torch.where(bad, torch.ones_like(w), w))
-    return ((V * winv) @ V.T) / d[:, None] / d[None, :]
+    return ((V * winv) @ V.T) / d[:, None] / d[None, :], degenerate
+
+
+def _inverse(M: torch.Tensor) -> torch.Tensor:
+    """The pseudo-inverse of a symmetric matrix (:func:`pseudo_inverse`)."""
+    return pseudo_inverse(M)[0]
 
 
 def schur_covariance(blocks: BlockNormal) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 from ..model.cells import CRYSTAL_SYSTEMS
 from ..minimise import MINIMISERS, SCHEDULES
+from ..minimise.lm import DEFAULT_DAMPING, DEFAULT_FTOL
 from ..model.parameters import NCELLS_MODES, expand_free
 from ..model.table import DEFAULT_FREE
 from ..targets import TARGETS, Target
@@ -82,9 +83,9 @@ class FitOptions:
     spot_dilate: int = 3
     background_fraction: float = 0.05
     chunk_pixels: int = 16384
-    ftol: float = 1e-3
+    ftol: float = DEFAULT_FTOL
     lr: float = 0.05
-    damping: float = 1e-3
+    damping: float = DEFAULT_DAMPING
     schedule: str = "cosine"
     esd_scale: str = "auto"
     fused: Optional[bool] = None

@@ -8,7 +8,7 @@ and its ESD is propagated with the Jacobian of that function (delta method).
 """
 from __future__ import annotations
 
-from typing import Sequence, Dict
+from typing import Dict
 
 import torch
 from torch.func import jacfwd
@@ -21,6 +21,7 @@ from ..model.table import REPORT_FIELDS  # noqa: F401  (re-exported)
 
 #: How ESDs are scaled: by χ²/ν for least squares only ('auto'), always ('chi2'), never ('none').
 ESD_SCALES = ("auto", "chi2", "none")
+from ..minimise.solve import pseudo_inverse
 from ..targets.objective import Objective
 
 
@@ -74,22 +75,6 @@ def esd_factor(esd_scale: str, likelihood: bool, chi2_reduced: float) -> float:
     if esd_scale not in ESD_SCALES:
         raise ValueError(f"esd_scale must be one of {', '.join(ESD_SCALES)}; got {esd_scale!r}")
     return chi2_reduced if (esd_scale == "chi2" or (esd_scale == "auto" and not likelihood)) else 1.0
-
-
-def pseudo_inverse(H: torch.Tensor, names: Sequence[str], rcond: float = 1e-10):
-    """(H⁻¹ [n, n], degenerate): H inverted through its correlation form C = D^-½·H·D^-½ (D = diag H); eigenvalues of
-    C below ``rcond`` times the largest mark combinations of free parameters that the data do not determine (e.g. a
-    crystal rotation about the beam together with an in-plane detector rotation): they are left out and named
-    (``degenerate``: a list of lists of ``names``)."""
-    d = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
-    w, V = torch.linalg.eigh(H / d[:, None] / d[None, :])
-    bad = w < rcond * float(w.max())
-    degenerate = []
-    for j in torch.nonzero(bad).flatten().tolist():
-        v = V[:, j].abs()
-        degenerate.append([names[i] for i in torch.nonzero(v > 0.2 * float(v.max())).flatten().tolist()])
-    winv = torch.where(bad, torch.zeros_like(w), 1.0 / torch.where(bad, torch.ones_like(w), w))
-    return ((V * winv) @ V.T) / d[:, None] / d[None, :], degenerate
 
 
 def covariance(objective: Objective, x: torch.Tensor, esd_scale: str = "auto", rcond: float = 1e-10, normal=None):
