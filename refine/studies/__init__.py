@@ -33,6 +33,6 @@ from .plots import importances, plot_history, plot_importances, plot_surface, su
 from .storage import (CONNECT_TIMEOUT, PRUNERS, SAMPLERS, STORAGE_FORMS, StudySpec,  # noqa: F401
                       check_connect_timeout, count_started, load_study, make_pruner, make_sampler, normalise_url,
                       open_storage, redact, redact_text, require_optuna, storage_kind)
-from .sweeps import SearchOutcome, global_search, hyperparameter_sweep, option_fields  # noqa: F401
-from .workers import (TRIAL_ERRORS, TrialProgress, _worker, best_or_none, ensure_study_attrs,  # noqa: F401
-                      fail_orphaned_trials, optimize, run_study, split_trials, worker_id)
+from .workers import SearchOutcome, global_search, hyperparameter_sweep  # noqa: F401
+from .workers import (TRIAL_ERRORS, _worker, best_or_none,  # noqa: F401
+                      fail_orphaned_trials, optimize, run_study, worker_id)

@@ -1,18 +1,26 @@
-"""Running a study: :func:`run_study` shares trials among worker processes on one storage, every trial records the
-process that ran it (user attribute ``worker`` = 'host:pid'), trials whose process is gone are marked FAIL
-(:func:`fail_orphaned_trials`), a failing trial does not stop the study, and one progress line per trial goes to
-stderr.  Public Optuna API only."""
+"""Running studies: :func:`run_study` shares trials among worker processes on one storage (each trial records the
+process that ran it, trials whose process is gone are marked FAIL, a failing trial does not stop the study, one
+progress line per trial goes to stderr), and studies end to end: :func:`global_search` and
+:func:`hyperparameter_sweep`, an objective factory of :mod:`.objectives` built here and in every worker process.
+Public Optuna API only."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import multiprocessing
 import os
 import socket
 import sys
 import warnings
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, NamedTuple, Optional
 
 import torch
 
+from ..pipeline.fit import fit_options
+from ..pipeline.options import FitOptions
+from ..pipeline.result import Result
+from .objectives import (HYPER_SPACE, GlobalSearchObjective, best_x, finish_best, global_search_objective,
+                         hyperparameter_objective, trial_stages)
 from .storage import StudySpec, count_started, first_line, load_study, redact_text, require_optuna
 
 #: Exceptions a trial may raise without stopping the study (the trial is marked FAIL).
@@ -67,23 +75,15 @@ def best_or_none(study):
         return None
 
 
-class TrialProgress:
-    """Optuna callback printing one line per finished trial: number, state, loss (the last reported one for a
-    pruned trial), best so far and its trial."""
-
-    def __init__(self, stream=None):
-        self.stream = stream
-
-    def __call__(self, study, trial) -> None:
-        def fmt(v) -> str:
-            return "-" if v is None else f"{v:.10g}"
-
-        best, value = best_or_none(study), trial.value
-        value = trial.intermediate_values.get(trial.last_step) if value is None else value  # pruned: last reported
-        text = f"trial {trial.number:4d} {trial.state.name:8s} loss {fmt(value)}"
-        if best is not None:
-            text += f"  best {fmt(best.value)} (trial {best.number})"
-        print(text, file=self.stream or sys.stderr, flush=True)
+def _progress(study, trial) -> None:
+    """Optuna callback: one line on stderr per finished trial (number, state, loss — the last reported one for a
+    pruned trial —, best so far and its trial)."""
+    best = best_or_none(study)
+    value = trial.intermediate_values.get(trial.last_step) if trial.value is None else trial.value
+    text = f"trial {trial.number:4d} {trial.state.name:8s} loss {'-' if value is None else f'{value:.10g}'}"
+    if best is not None:
+        text += f"  best {best.value:.10g} (trial {best.number})"
+    print(text, file=sys.stderr, flush=True)
 
 
 def optimize(study, objective, n_trials: int, progress: bool = True) -> None:
@@ -96,7 +96,7 @@ def optimize(study, objective, n_trials: int, progress: bool = True) -> None:
         return objective(trial)
 
     study.optimize(recorded, n_trials=int(n_trials), catch=TRIAL_ERRORS,
-                   callbacks=[TrialProgress()] if progress else None)
+                   callbacks=[_progress] if progress else None)
 
 
 def _worker(make_objective, n_trials: int, spec: StudySpec, index: int, progress: bool, threads: int,
@@ -105,31 +105,14 @@ def _worker(make_objective, n_trials: int, spec: StudySpec, index: int, progress
     line on stderr (the storage's password hidden) and exit status 1."""
     try:
         torch.set_num_threads(max(1, int(threads)))
-        require_optuna().logging.set_verbosity(require_optuna().logging.WARNING)
+        optuna = require_optuna()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = load_study(spec, worker=index, n_existing=n_existing)
         optimize(study, make_objective(), n_trials, progress)
     except Exception as exc:  # noqa: BLE001 - reported by the parent as a failed worker
         print(redact_text(f"worker {index} ({worker_id()}): {first_line(exc)}", spec.storage), file=sys.stderr,
               flush=True)
         sys.exit(1)
-
-
-def split_trials(n_trials: int, workers: int) -> List[int]:
-    """Trials per worker: ``n_trials`` shared as evenly as possible (the first ones get one more)."""
-    return [n_trials // workers + (1 if k < n_trials % workers else 0) for k in range(workers)]
-
-
-def ensure_study_attrs(study, attrs: Mapping[str, str]) -> None:
-    """Record ``attrs`` on a new study; on an existing one, ValueError naming ``study_name`` and the first
-    attribute that differs (trials of different problems do not compare)."""
-    have = study.user_attrs
-    for key, value in attrs.items():
-        if key in have and have[key] != value:
-            raise ValueError(f"study_name {study.study_name!r} already holds trials of another problem ({key} "
-                             f"{have[key]} here, {value} now: a different image, start, search or free set); "
-                             "use another study_name")
-        if key not in have:
-            study.set_user_attr(key, value)
 
 
 def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: StudySpec, workers: int = 1,
@@ -140,9 +123,10 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
     ``make_objective()`` builds the objective in each worker process (picklable when ``workers`` > 1, e.g. a
     functools.partial of a factory); ``objective``, when given, serves this process.  ``enqueue``: trial parameters
     run first unless a trial has them (the user's start; with workers it runs here first, so that it runs once);
-    ``attrs``: what an existing study must match (:func:`ensure_study_attrs`).  Trials whose process is gone are
-    marked FAIL first (:func:`fail_orphaned_trials`).  ValueError naming ``n_trials`` or ``workers`` (bad counts,
-    ``workers`` > 1 without a storage URL); RuntimeError when a worker process fails.
+    ``attrs``: recorded on a new study, matched by an existing one (trials of different problems do not compare).
+    Trials whose process is gone are marked FAIL first (:func:`fail_orphaned_trials`).  ValueError naming
+    ``n_trials``, ``workers`` (bad counts, ``workers`` > 1 without a storage URL) or ``study_name`` (holding another
+    problem); RuntimeError when a worker process fails.
     """
     for name, value in (("n_trials", n_trials), ("workers", workers)):
         if not (isinstance(value, int) and value >= 1):
@@ -150,7 +134,14 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
     if workers > 1 and spec.storage is None:
         raise ValueError("workers > 1 needs a storage URL that processes share (sqlite, journal, postgresql)")
     study = load_study(spec)
-    ensure_study_attrs(study, attrs or {})
+    for key, value in (attrs or {}).items():
+        have = study.user_attrs.get(key)
+        if have is None:
+            study.set_user_attr(key, value)
+        elif have != value:
+            raise ValueError(f"study_name {study.study_name!r} already holds trials of another problem ({key} "
+                             f"{have} here, {value} now: a different image, start, search or free set); "
+                             "use another study_name")
     fail_orphaned_trials(study)
     n_existing = count_started(study)
     if enqueue is not None:
@@ -163,8 +154,10 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
         optimize(study, objective if objective is not None else make_objective(), here, progress)
     ctx = multiprocessing.get_context("spawn")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker, args=(make_objective, n, spec, k, progress, threads, n_existing), daemon=False)
-             for k, n in enumerate(split_trials(n_trials - here, workers)) if n]
+    rest = n_trials - here
+    shares = [rest // workers + (k < rest % workers) for k in range(workers)]  # the first workers get one more
+    procs = [ctx.Process(target=_worker, args=(make_objective, n, spec, k, progress, threads, n_existing))
+             for k, n in enumerate(shares) if n]
     for p in procs:
         p.start()
     for p in procs:
@@ -173,3 +166,58 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
     if bad:
         raise RuntimeError(f"{len(bad)} of {len(procs)} worker processes failed (exit status {bad[0]})")
     return study
+
+
+def _factory(factory, options: FitOptions, *args, **kwargs):
+    """``factory(*args, **kwargs)`` with the fit's ``options`` as a partial that pickles (bounds and priors as
+    plain dicts), so that worker processes build the same objective as this one."""
+    fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    fields.update({name: dict(fields[name]) for name in ("bounds", "priors") if fields[name] is not None})
+    return functools.partial(factory, *args, **kwargs, **fields)
+
+
+class SearchOutcome(NamedTuple):
+    """What :func:`global_search` found: ``study``, ``trial`` (best trial number), ``result`` (its model refined to
+    convergence, :class:`refine.Result`), ``objective`` (:class:`GlobalSearchObjective`)."""
+
+    study: object
+    trial: int
+    result: Result
+    objective: GlobalSearchObjective
+
+
+def global_search(observed, params, setup, search: Mapping[str, float], n_trials: int = 50, *,
+                  spec: Optional[StudySpec] = None, workers: int = 1, options: Optional[FitOptions] = None,
+                  iterations: int = 4, progress: bool = False, threads: Optional[int] = None,
+                  **overrides) -> SearchOutcome:
+    """Search starting models in a box about ``params`` and refine the best (see :mod:`refine.studies`).
+
+    ``search`` as for :func:`global_search_objective` (degrees, percent, mm, pixels); ``spec`` the storage, study
+    name, sampler and pruner (:class:`StudySpec`, default in memory, TPE seeded 0, median pruner); ``workers``
+    processes; ``iterations`` per stage of each trial; ``options``/``overrides`` the fit's options (``free`` ...).
+    The user's start is trial 0 (enqueued).  Returns :class:`SearchOutcome`; RuntimeError when no trial completed.
+    """
+    stages = trial_stages(iterations)
+    make = _factory(global_search_objective, fit_options(options, **overrides), observed, params, setup,
+                    dict(search), stages=stages)
+    objective = make()
+    spec = dataclasses.replace(spec or StudySpec(), n_steps=len(stages))
+    study = run_study(make, n_trials, spec, workers=workers, enqueue=objective.start_params(), progress=progress,
+                      threads=threads, objective=objective, attrs={"problem": objective.fingerprint()})
+    if best_or_none(study) is None:
+        raise RuntimeError("no trial of the study completed: nothing to refine (see the FAIL/PRUNED trials)")
+    return SearchOutcome(study, best_x(study, objective)[0], finish_best(study, objective), objective)
+
+
+def hyperparameter_sweep(observed, params, setup, n_trials: int, space: Optional[Mapping[str, object]] = None, *,
+                         truth=None, truth_background=None, spec: Optional[StudySpec] = None, workers: int = 1,
+                         progress: bool = False, threads: Optional[int] = None, options: Optional[FitOptions] = None,
+                         **overrides):
+    """Run a hyperparameter sweep (:func:`hyperparameter_objective`) as a study: ``n_trials`` fits in ``workers``
+    processes on ``spec``'s storage (default in memory, TPE seeded 0; no pruning, as the fits report no
+    intermediate values).  Returns the study; ``study.best_params`` are the best hyperparameters."""
+    space = HYPER_SPACE if space is None else dict(space)
+    make = _factory(hyperparameter_objective, fit_options(options, **overrides), observed, params, setup, space,
+                    truth=truth, truth_background=truth_background)
+    spec = dataclasses.replace(spec or StudySpec(study_name="nbtorch-hyperparameters"), pruner="none")
+    return run_study(make, n_trials, spec, workers=workers, progress=progress, threads=threads, objective=make())
