@@ -1,16 +1,9 @@
 """Image lists: the ``LIST`` file of ``nbtorch-refine --images LIST``.
 
-One line per image: ``PATH <nanoBragg flags of that image's starting model>``.  Blank lines and lines starting with
-``#`` are skipped; tokens are split as a shell would (quotes allowed).  A relative ``PATH``, and files named by the
-flags (``-hkl``, ``-mat``, …), are read relative to the LIST file's folder.  Flags given on the command line after the
-options come first on every line (the line's own flags win where both give one), so what all images share can be
-written once::
-
-    # run 7, one detector
-    img/still_0001.img -misset 10.2 20.1 30.5 -fluence 1e30
-    img/still_0002.img -misset 44.0 -5.3 12.9 -fluence 1.1e30
-
-Every error is one line naming the LIST file and the line number.
+One line per image, ``PATH <nanoBragg flags of its starting model>`` (blank lines and ``#`` comments skipped, tokens
+split as a shell would, quotes allowed); a relative ``PATH`` and the files the flags name (``-hkl``, ``-mat``, …) are
+read from the LIST's folder.  Flags given on the command line come first on every line (the line's own win), so what
+all images share is written once.  Every error is one line naming the LIST file and the line number.
 """
 from __future__ import annotations
 
@@ -22,6 +15,8 @@ import torch
 
 from nbtorch.args.build import build
 from nbtorch.args.parse import missing_inputs, parse_args
+
+from .targets.observed import read_observed
 
 
 class ImageEntry(NamedTuple):
@@ -40,45 +35,33 @@ class ImageEntry(NamedTuple):
         return f"{self.source} line {self.line}"
 
 
-def _split(text: str, where: str) -> List[str]:
-    try:
-        return shlex.split(text, comments=False)
-    except ValueError as exc:
-        raise ValueError(f"{where}: cannot split the line ({exc})") from None
-
-
-def _file_key(path: str):
-    """What identifies an image file: (device, inode) when it exists, so that a symbolic or hard link to a listed
-    image is the same image; else its real path."""
-    try:
-        st = os.stat(path)
-        return ("inode", st.st_dev, st.st_ino)
-    except OSError:
-        return ("path", os.path.realpath(path))
-
-
 def parse_image_list(path: str, common_flags: Sequence[str] = (), check_files: bool = True) -> List[ImageEntry]:
     """Read a LIST file: one :class:`ImageEntry` per image line.
 
     Each line's flags (after ``common_flags``) are parsed and checked for completeness (cell, structure factors)
     without building the model, which is cheap for thousands of lines.  ValueError (one line, naming the LIST line)
     for a missing image file (``check_files``), a line without flags, bad flags, or an image listed twice (the same
-    file, also through a symbolic or hard link: both lines named); OSError
-    when the LIST itself cannot be read."""
+    file, also through a symbolic or hard link: both lines named); OSError when the LIST itself cannot be read."""
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as fh:
         lines = fh.read().splitlines()
-    out: List[ImageEntry] = []
-    seen = {}
+    out, seen = [], {}
     for k, text in enumerate(lines, start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
         where = f"{path} line {k}"
-        toks = _split(text, where)
+        try:
+            toks = shlex.split(text, comments=False)
+        except ValueError as exc:
+            raise ValueError(f"{where}: cannot split the line ({exc})") from None
         image = os.path.normpath(os.path.join(base, toks[0]))
         if check_files and not os.path.isfile(image):
             raise ValueError(f"{where}: no such image file: {toks[0]}")
-        key = _file_key(image)
+        try:  # a symbolic or hard link to a listed image is the same image
+            st = os.stat(image)
+            key = (st.st_dev, st.st_ino)
+        except OSError:
+            key = os.path.realpath(image)
         if key in seen:
             first, first_tok = seen[key]
             same = "" if first_tok == toks[0] else f" as {first_tok} (the same file)"
@@ -110,12 +93,8 @@ def entry_model(entry: ImageEntry, dtype=torch.float64):
 
 
 def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, params=None):
-    """The entry's observed image (:class:`nbtorch.io.images.ObservedImage`, in photons: (value − ``adc``) / ``gain``,
-    None: the header's, else 0 and 1; raw files take their shape from ``setup``), read by
-    :func:`refine.observed.read_observed` (header warnings when ``params`` is given); ValueError naming the LIST line
-    when it cannot be read or its size differs from the model's."""
-    from .targets.observed import read_observed
-
+    """The entry's observed image in photons, read by :func:`refine.targets.observed.read_observed` (its arguments;
+    errors and header warnings start with the LIST line)."""
     return read_observed(entry.path, setup, params, label=f"{entry.where()}:", overload=overload, adc=adc, gain=gain)
 
 
