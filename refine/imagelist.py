@@ -86,10 +86,9 @@ def entry_model(entry: ImageEntry, dtype=torch.float64):
     """(params, setup) of an entry's starting model (files in the flags read from the LIST's folder); ValueError
     naming the LIST line when the flags do not describe a model."""
     try:
-        params, setup, _ = build(parse_args(entry.flags), dtype=dtype, base_dir=entry.base_dir)
+        return build(parse_args(entry.flags), dtype=dtype, base_dir=entry.base_dir)[:2]
     except (ValueError, OSError) as exc:
         raise ValueError(f"{entry.where()}: bad flags: {exc}") from None
-    return params, setup
 
 
 def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, params=None):

@@ -29,8 +29,8 @@ from .imagelist import ImageEntry, entry_image, entry_model
 from .pipeline.fit import fit
 
 #: Keys of a result line, in order, plus ``error`` when the image failed (the others then null, ``ok`` false):
-#: ``seconds`` the task's time, ``warnings`` the header's disagreements with the flags, the others those of
-#: :meth:`refine.Result.to_dict` (``chi2_nu`` Pearson χ²/ν, ``poor_fit`` the reason or null, ``ok``).
+#: ``seconds`` the task's time, ``warnings`` the header's disagreements with the flags, the rest from
+#: :meth:`refine.Result.to_dict`.
 RESULT_KEYS = ("path", "converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd", "loss", "seconds",
                "nanobragg_args", "warnings")
 
@@ -102,10 +102,6 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
                        warnings=[str(w.message) for w in caught])
     except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
         return _record(entry.path, t0, error=_one_line(exc))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the results file
 
 
 def _parse_results(results: str):
@@ -197,10 +193,6 @@ class ProgressBar:
         """End the line on a terminal."""
         if self.enabled and self.tty:
             print(file=self.stream, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the cluster and the run
 
 
 def scheduler_security(address: str, ca_file: Optional[str] = None, cert: Optional[str] = None,
@@ -295,8 +287,7 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
     ``progress``: the progress line on ``stream`` (default stderr); ``adc``, ``gain``: as :func:`refine_one`."""
     t0 = time.perf_counter()
     entries = list(entries)
-    with open(results, "ab"):  # fails now, not after the first fit, when the file cannot be written
-        pass
+    open(results, "ab").close()  # fails now, not after the first fit, when the file cannot be written
     done = done_paths(results)
     todo = [e for e in entries if e.path not in done]
     summary = RunSummary(total=len(entries), skipped=len(entries) - len(todo))
