@@ -1,19 +1,25 @@
-"""What the refine programs share: checks of the command line made before any work (one-line errors, exit 2; output
-paths that can be written; the groups to refine) and the per-iteration progress lines.
+"""What the refine programs share: their exit statuses, the runner of a program's ``main`` (one-line errors) and the
+checks of the command line made before any work (outputs that can be written, the groups to refine).
 
-Exit statuses of the refine programs (one place): :data:`EXIT_OK` … :data:`EXIT_POOR_FIT`; an interrupted run exits
-128 + the signal number (130 Ctrl-C, 143 SIGTERM, :mod:`nbtorch.interrupt`).
+Exit statuses (one place): :data:`EXIT_OK` … :data:`EXIT_POOR_FIT`; an interrupted run exits 128 + the signal number
+(130 Ctrl-C, 143 SIGTERM, :mod:`nbtorch.interrupt`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["fit_status", "UsageError", "OneLineParser", "check_outputs", "flag_inputs", "free_groups", "Progress",
-           "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED", "EXIT_POOR_FIT"]
+from nbtorch.interrupt import exit_status, interrupts
+
+from ..model.parameters import expand_free
+
+__all__ = ["fit_status", "UsageError", "OneLineParser", "run", "check_outputs", "flag_inputs", "matrix_output",
+           "free_groups", "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED",
+           "EXIT_POOR_FIT"]
 
 EXIT_OK = 0             #: converged, and χ²/ν of a likelihood target near 1
 EXIT_OUTPUT = 1         #: an output file could not be written (after the fit)
@@ -45,15 +51,37 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]], inputs: Iterable[Tuple[str, str]] = ()) -> None:
+def run(prog: str, body: Callable[[], int], said: Callable[[Exception], str], signals: bool = True) -> int:
+    """Program ``prog``'s exit status from ``body()``: a :class:`UsageError` is the line ``said(error)`` on stderr
+    and :data:`EXIT_USAGE`; ``--help`` exits 0; an interrupt (with ``signals``, SIGTERM too) one line and 128 + the
+    signal number (files being written are removed: atomic writes)."""
+    try:
+        with interrupts() if signals else contextlib.nullcontext():
+            return body()
+    except UsageError as exc:
+        print(said(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except KeyboardInterrupt as exc:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return exit_status(exc)
+
+
+def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]], inputs: Iterable[Tuple[str, str]] = (),
+                  folder: Tuple[str, Optional[str], Sequence[str]] = ("", None, ())) -> None:
     """Before any work: the safe-output rule (:func:`nbtorch.io.check_output_paths`: no output is the same file as an
     input or another output; its folder exists and is writable; it is not a directory) for every (option, path) with
-    a path, and figures (``--plot``, ``--image`` with a figure extension) need matplotlib.  :class:`UsageError`
-    naming the option."""
-    from nbtorch.io.safe_output import check_output_paths
+    a path; ``folder`` (option, directory, file names) one the run writes into (``--plots``, ``--out``; when it
+    exists, its files are outputs too); figures (``--plot``, a figure extension) need matplotlib.
+    :class:`UsageError` naming the option."""
+    from nbtorch.io.safe_output import check_output_folder, check_output_paths
 
-    outputs = [(option, path) for option, path in outputs if path is not None]
+    option, directory, names = folder
     try:
+        if directory is not None and check_output_folder(option, directory):
+            outputs = list(outputs) + [(option, os.path.join(directory, name)) for name in names]
+        outputs = [(option, path) for option, path in outputs if path is not None]
         check_output_paths(outputs, inputs)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -80,31 +108,19 @@ def flag_inputs(flags: Sequence[str], base_dir: str = "") -> List[Tuple[str, str
         return []
 
 
+def matrix_output(json: Optional[str], suffix: str = "") -> str:
+    """Where the refined MOSFLM matrix of a ``-mat`` model goes: next to ``json`` (its stem + ``suffix`` + .mat),
+    else refined``suffix``.mat."""
+    return (os.path.splitext(json)[0] if json else "refined") + suffix + ".mat"
+
+
 def free_groups(text: str) -> List[str]:
-    """The groups of ``--refine`` (comma or space separated); :class:`UsageError` when none is given."""
+    """The groups of ``--refine`` (comma or space separated), checked; :class:`UsageError` naming ``--refine``."""
     groups = [g for g in text.replace(",", " ").split() if g]
     if not groups:
         raise UsageError(f"--refine {text!r}: no group given (e.g. --refine distance,beam_center,scale)")
+    try:
+        expand_free(groups)
+    except ValueError as exc:
+        raise UsageError(f"--refine {text!r}: {exc}") from None
     return groups
-
-
-class Progress:
-    """Per-iteration progress lines on a stream (default stderr): stage, iteration, loss, change, step/σ, damping."""
-
-    def __init__(self, stream=None):
-        self.stream = sys.stderr if stream is None else stream
-        self.prev = None
-        self.stage = None
-        self.started = False
-
-    def __call__(self, h: dict):
-        if not self.started:  # the header with the first iteration (a run refused before it prints one line only)
-            self.started = True
-            print(f"{'stage':9s} {'iter':>4s} {'loss':>17s} {'change':>12s} {'step/σ':>9s} {'damping':>10s}",
-                  file=self.stream)
-        if h.get("stage") != self.stage:
-            self.stage, self.prev = h.get("stage"), None
-        change = "" if self.prev is None else f"{h['loss'] - self.prev:12.5g}"
-        self.prev = h["loss"]
-        print(f"{str(h.get('stage', '')):9s} {h['iteration']:4d} {h['loss']:17.10g} {change:>12s} "
-              f"{h['step']:9.3g} {h['damping']:10.3g}", file=self.stream, flush=True)

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 
 import nbtorch
-from nbtorch.interrupt import exit_status, interrupts
-from nbtorch.io import atomic_write, atomic_write_from, check_output_folder, check_output_paths, write_smv
+from nbtorch.io import atomic_write, atomic_write_from, write_smv
 
 from .. import fit
 from ..model.table import DEFAULT_FREE
-from .checks import OneLineParser, UsageError
+from .checks import EXIT_OUTPUT, OneLineParser, UsageError, check_outputs, run
 
 TRUE_ARGS = (
     "-cell 52 61 73 90 90 90 -misset 12 -25 31 -default_F 100 -N 8 -lambda 1.0 -distance 80 -pixel 0.2 "
@@ -34,6 +33,10 @@ START_CHANGES = {"cell": 1.007, "misset_deg": 0.4, "distance_mm": 1.5, "beam_cen
 FREE = list(DEFAULT_FREE)
 #: The files a run writes into ``--out`` (checked by the safe-output rule before any work).
 FILES = ("observed.img", "observed.png", "fit.png", "fit.json", "refined.mat", "refined_flags.txt", "summary.json")
+#: The table's rows: the model's reported values (:data:`KEYS`, flattened) and their labels.
+KEYS = ("cell", "misset_deg", "distance_mm", "beam_center", "fluence")
+LABELS = ("a (Å)", "b (Å)", "c (Å)", "alpha (deg)", "beta (deg)", "gamma (deg)", "misset x (deg)", "misset y (deg)",
+          "misset z (deg)", "distance (mm)", "Xbeam (mm)", "Ybeam (mm)", "fluence (ph/m²)")
 
 
 def save_picture(path: str, images, titles, cmap="gray_r") -> None:
@@ -67,13 +70,13 @@ def perturb(params, setup):
     return params._replace(crystal=crystal, detector=detector, beam=beam)
 
 
-def _report(params, setup):
-    """Comparable numbers of a model: cell, misset, distance, beam centre (mm), fluence."""
-    return {
-        "cell": params.crystal.cell.tolist(), "misset_deg": params.crystal.misset.tolist(),
-        "distance_mm": [params.detector.distance.item()], "beam_center": params.detector.beam_center.tolist(),
-        "fluence": [params.beam.fluence.item()],
-    }
+def _numbers(values) -> list:
+    """The :data:`LABELS` numbers of a model: ``Params``, or the reported values of a result (keyed by :data:`KEYS`;
+    beam centre in mm)."""
+    if not isinstance(values, dict):
+        c, d = values.crystal, values.detector
+        values = dict(zip(KEYS, (c.cell, c.misset, d.distance, d.beam_center, values.beam.fluence)))
+    return [float(v) for key in KEYS for v in np.atleast_1d(np.asarray(values[key], dtype=float))]
 
 
 #: Largest noise seed (torch's generators take a signed 64-bit seed).
@@ -86,41 +89,25 @@ def main(argv=None) -> int:
     ap = OneLineParser(prog="nbtorch-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="nbtorch-demo", help="output folder (default nbtorch-demo)")
     ap.add_argument("--seed", type=int, default=1, help=f"noise seed, 0 … {MAX_SEED} (default 1)")
+    return run("nbtorch-demo", lambda: _checked_run(ap.parse_args(argv)), lambda exc: f"nbtorch-demo: error: {exc}")
+
+
+def _checked_run(a) -> int:
+    """:func:`_run` once ``--seed`` and the ``--out`` folder and its :data:`FILES` (the safe-output rule) are
+    checked; :class:`~refine.cli.checks.UsageError`."""
+    if not 0 <= a.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer in 0 … {MAX_SEED}, got {a.seed}")
+    check_outputs([], folder=("--out", a.out, FILES))
     try:
-        with interrupts():
-            a = ap.parse_args(argv)
-            if not 0 <= a.seed <= MAX_SEED:
-                raise UsageError(f"--seed must be an integer in 0 … {MAX_SEED}, got {a.seed}")
-            _prepare_out(a.out)
-            return _run(a)
-    except UsageError as exc:
-        print(f"nbtorch-demo: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+        return _run(a)
     except OSError as exc:
         print(f"nbtorch-demo: error: cannot write an output: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print("\nnbtorch-demo: interrupted", file=sys.stderr)
-        return exit_status(exc)
-
-
-def _prepare_out(out: str) -> None:
-    """The ``--out`` folder, made when missing, and its :data:`FILES` under the safe-output rule
-    (:func:`nbtorch.io.check_output_paths`), before any work; :class:`~refine.cli.checks.UsageError` naming --out."""
-    try:
-        check_output_folder("--out", out)
-        os.makedirs(out, exist_ok=True)
-        check_output_paths([("--out", os.path.join(out, name)) for name in FILES])
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot make the folder: {exc.strerror or exc}") from None
+        return EXIT_OUTPUT
 
 
 def _run(a) -> int:
     """Simulate, perturb, refine and report into ``a.out`` (see the module docstring); the exit status."""
+    os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
     true, setup = nbtorch.from_nanobragg_args(TRUE_ARGS)
     ideal = nbtorch.simulate(true, setup)
@@ -141,25 +128,13 @@ def _run(a) -> int:
     flags = result.to_nanobragg_args(matrix_path=os.path.join(a.out, "refined.mat"))
     atomic_write(os.path.join(a.out, "refined_flags.txt"), (" ".join(flags) + "\n").encode())
 
-    t, s = _report(true, setup), _report(start, setup)
-    r, e = result.parameters, result.parameter_esd
-    rows = [("a (Å)", "cell", 0), ("b (Å)", "cell", 1), ("c (Å)", "cell", 2), ("alpha (deg)", "cell", 3),
-            ("beta (deg)", "cell", 4), ("gamma (deg)", "cell", 5), ("misset x (deg)", "misset_deg", 0),
-            ("misset y (deg)", "misset_deg", 1), ("misset z (deg)", "misset_deg", 2),
-            ("distance (mm)", "distance_mm", 0), ("Xbeam (mm)", "beam_center", 0), ("Ybeam (mm)", "beam_center", 1),
-            ("fluence (ph/m²)", "fluence", 0)]
-
-    def val(d, k, i):
-        v = d[k]
-        return float(v[i] if isinstance(v, (list, tuple)) else v)
-
+    columns = zip(LABELS, *map(_numbers, (true, start, result.parameters, result.parameter_esd)))
+    table = [dict(zip(("parameter", "true", "start", "refined", "esd"), row)) for row in columns]
     print(f"\n{'parameter':18s} {'true':>14s} {'start':>14s} {'refined':>14s} {'± ESD':>11s} {'|err|/ESD':>9s}")
-    table = []
-    for label, key, i in rows:
-        tv, sv, rv, ev = val(t, key, i), val(s, key, i), val(r, key, i), val(e, key, i)
+    for row in table:
+        tv, rv, ev = row["true"], row["refined"], row["esd"]
         z = abs(rv - tv) / ev if ev > 0 else float("nan")
-        table.append({"parameter": label, "true": tv, "start": sv, "refined": rv, "esd": ev})
-        print(f"{label:18s} {tv:14.6g} {sv:14.6g} {rv:14.6g} {ev:11.2g} {z:9.2f}")
+        print(f"{row['parameter']:18s} {tv:14.6g} {row['start']:14.6g} {rv:14.6g} {ev:11.2g} {z:9.2f}")
     print(f"\n{'converged' if result.converged else 'NOT converged'} in {result.iterations} iterations, "
           f"{result.seconds:.1f} s; reduced χ² {result.chi2_reduced:.3f}")
     summary = {"true_args": TRUE_ARGS, "free": FREE, "table": table, "converged": bool(result.converged),

@@ -1,31 +1,24 @@
 """``nbtorch-refine --images LIST``: many images, jointly or independently (:data:`USAGE`; options:
 :mod:`refine.cli.table`).  LIST has one line per image, ``PATH <nanoBragg flags of its starting model>``
 (:mod:`refine.imagelist`); flags given on the command line come first on every line.  The joint mode refines the
-shared groups once for all images and the per-image groups per image (:func:`refine.fit_many`) and writes
-``--json``; the independent mode refines each image on its own on Dask (:mod:`refine.scaleout`) and appends one JSON
-line per image to ``--results``.
+shared groups once and the per-image groups per image (:func:`refine.fit_many`) and writes ``--json``; the independent
+mode refines each image on its own on Dask (:mod:`refine.scaleout`), one JSON line per image in ``--results``.  Images
+are converted to photons as in single-image mode.  A local cluster (``--workers``) runs over TLS with credentials made
+for the run; ``--scheduler tls://HOST:PORT`` takes this client's from ``--tls-*`` or dask's configuration (``tcp://``
+is warned about: anyone who reaches it can run code).
 
-Images are converted to photons as in single-image mode: (value − ADC offset)/gain with ``--adc``/``--gain`` for
-every image, else each image's header ``ADC_OFFSET``/``GAIN``.  A local cluster (``--workers``) runs over TLS with
-credentials made for the run; ``--scheduler tls://HOST:PORT`` takes this client's certificates from ``--tls-ca-file``,
-``--tls-cert``, ``--tls-key`` or dask's configuration (``tcp://`` is warned about: anyone who reaches it can run code).
-
-Exit status (:mod:`refine.cli.checks`, as a single-image fit's; in the independent mode judged on every listed
-image's line in the results, this run's or an earlier one's): 0 converged with χ²/ν near 1, 3 finished but not
-converged, or some images failed or are still missing (a ``--limit``), 4 converged but a poor fit (of the whole fit
-or of any image: χ²/ν of a likelihood target outside [1/3, 3], ``poor_fit`` in the JSON), 1 bad input found while
-fitting (a degenerate pair without ``--allow-degenerate``), 2 bad usage or a bad LIST line (a missing file, bad
-flags, an image listed twice, in the joint mode an unreadable image: the message names the line).
+Exit statuses (:mod:`refine.cli.checks`) as a single-image fit's, judged on the whole fit and every image (in the
+independent mode on every listed image's line in the results, this run's or an earlier one's: 3 also when one failed
+or is missing); 1 bad input found while fitting; 2 also a bad LIST line (the message names it).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import math
-import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -33,8 +26,8 @@ from nbtorch.interrupt import one_line_warnings
 
 from .. import fit_many, fit_options
 from ..imagelist import load_entries, parse_image_list
-from .checks import Progress, UsageError, check_outputs, fit_status, flag_inputs, free_groups
-from .table import arguments, check_values, flag_message, options, parser, split_argv
+from .checks import UsageError, check_outputs, fit_status, flag_inputs, free_groups, matrix_output
+from .table import arguments, flag_message, options, parse
 
 USAGE = ("nbtorch-refine --images LIST (--shared GROUPS --per-image GROUPS [--json OUT] | --independent --refine "
          "GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS]) [options] [nanoBragg flags common to every "
@@ -49,47 +42,54 @@ def _fit_kwargs(ns) -> dict:
     return dict(kw, overload=ns.overload)
 
 
-def _usage_error(ns) -> str:
-    """The first inconsistency between the options and the mode ('' when none)."""
+def _check_mode(ns) -> None:
+    """The options agree with the mode (joint or independent); :class:`UsageError` naming the first that does not."""
     mode = "independent" if ns.independent else "joint"
-    wrong = [o.flag for o in options("joint", "independent") if mode not in o.programs
-             and getattr(ns, o.dest) != o.parser_default]
-    if wrong and ns.independent:
-        return f"{', '.join(wrong)} belong to the joint mode; --independent takes --refine"
-    if wrong:
-        return f"{', '.join(wrong)} need --independent"
-    if ns.independent and not ns.refine:
-        return "--independent needs --refine GROUPS"
-    if ns.independent and not ns.results:
-        return "--independent needs --results OUT.jsonl"
-    if any((ns.tls_ca_file, ns.tls_cert, ns.tls_key)) and not ns.scheduler:
-        return "--tls-ca-file, --tls-cert and --tls-key are for --scheduler tls://...; a local cluster makes its own"
-    if not ns.independent and not (ns.shared or ns.per_image):
-        return "the joint mode needs --shared and/or --per-image GROUPS (or --independent --refine GROUPS)"
-    return ""
+    wrong = ", ".join(o.flag for o in options("joint", "independent") if mode not in o.programs
+                      and getattr(ns, o.dest) != o.parser_default)
+    for broken, problem in (
+            (wrong and ns.independent, f"{wrong} belong to the joint mode; --independent takes --refine"),
+            (wrong, f"{wrong} need --independent"),
+            (ns.independent and not ns.refine, "--independent needs --refine GROUPS"),
+            (ns.independent and not ns.results, "--independent needs --results OUT.jsonl"),
+            (any((ns.tls_ca_file, ns.tls_cert, ns.tls_key)) and not ns.scheduler, "--tls-ca-file, --tls-cert and "
+             "--tls-key are for --scheduler tls://...; a local cluster makes its own"),
+            (not (ns.independent or ns.shared or ns.per_image), "the joint mode needs --shared and/or --per-image "
+             "GROUPS (or --independent --refine GROUPS)")):
+        if broken:
+            raise UsageError(problem)
 
 
 #: Seconds between two counter lines of a joint fit's progress when stderr is not a terminal (a log).
 LOG_INTERVAL = 10.0
 
 
-class JointProgress:
-    """A joint fit's progress on stderr: one line per Levenberg–Marquardt iteration
-    (:class:`~refine.cli.checks.Progress`) and, while the images are read, prepared, simulated or their Jacobians
-    computed, a counter ``what: done/total images`` — redrawn in place on a terminal (at most 5 times a second),
-    else printed as a line every :data:`LOG_INTERVAL` seconds of a long pass.  Call it with iteration records
-    (``callback``); :meth:`work` is ``fit_many``'s ``progress``."""
+class Progress:
+    """A fit's progress on a stream (default stderr): called with the fit's iteration records, one line per iteration
+    (stage, iteration, loss, change, step/σ, damping); from :meth:`work` (``fit_many``'s ``progress``), while the
+    images are read, prepared, simulated or their Jacobians computed, a counter ``what: done/total images`` — redrawn
+    in place on a terminal (at most 5 times a second), else printed as a line every :data:`LOG_INTERVAL` seconds."""
 
     def __init__(self, stream=None):
         self.stream = sys.stderr if stream is None else stream
-        self.lines = Progress(self.stream)
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.drawn, self.what, self.last = False, None, 0.0
+        self.prev = self.stage = self.what = None
+        self.started = self.drawn = False
+        self.last = 0.0
 
-    def __call__(self, record: dict) -> None:
-        """One iteration line (the counter on the terminal line is cleared first)."""
+    def __call__(self, h: dict) -> None:
+        """One iteration line (the counter on the terminal line cleared first; the header with the first)."""
         self.clear()
-        self.lines(record)
+        if not self.started:
+            self.started = True
+            print(f"{'stage':9s} {'iter':>4s} {'loss':>17s} {'change':>12s} {'step/σ':>9s} {'damping':>10s}",
+                  file=self.stream)
+        if h.get("stage") != self.stage:
+            self.stage, self.prev = h.get("stage"), None
+        change = "" if self.prev is None else f"{h['loss'] - self.prev:12.5g}"
+        self.prev = h["loss"]
+        print(f"{str(h.get('stage', '')):9s} {h['iteration']:4d} {h['loss']:17.10g} {change:>12s} "
+              f"{h['step']:9.3g} {h['damping']:10.3g}", file=self.stream, flush=True)
 
     def work(self, what: str, done: int, total: int) -> None:
         """Show that ``done`` of ``total`` images of the pass ``what`` are done."""
@@ -115,7 +115,7 @@ class JointProgress:
 
 def _run_joint(ns, entries) -> int:
     """The joint fit of the LIST: summary, ``--json`` and refined matrices; the exit status."""
-    shown = None if ns.quiet else JointProgress()
+    shown = None if ns.quiet else Progress()
     try:
         obs, params, setups = load_entries(entries, getattr(torch, ns.dtype), ns.overload, ns.adc, ns.gain,
                                            progress=shown and shown.work)
@@ -127,8 +127,7 @@ def _run_joint(ns, entries) -> int:
             shown.clear()
     for k, img in enumerate(result.images):
         if not img.setup.nanobragg_cell:  # a -mat model: its refined matrix goes next to the JSON
-            stem = os.path.splitext(ns.json)[0] if ns.json else "refined"
-            result.images[k] = dataclasses.replace(img, matrix_path=f"{stem}.image{k + 1}.mat")
+            result.images[k] = dataclasses.replace(img, matrix_path=matrix_output(ns.json, f".image{k + 1}"))
             if ns.json:
                 result.images[k].to_nanobragg_args(write_matrix=True)
     print(result.summary())
@@ -144,8 +143,7 @@ def _run_independent(ns, entries) -> int:
     for module, why in (("distributed", "--independent runs on Dask: pip install 'dask[distributed]'"),
                         ("cryptography", "a local Dask cluster runs over TLS: pip install cryptography")):
         if importlib.util.find_spec(module) is None:
-            print(f"nbtorch-refine: error: {why} (the dask extra: pip install -e '.[dask]')", file=sys.stderr)
-            return 2
+            raise UsageError(f"{why} (the dask extra: pip install -e '.[dask]')")
     if ns.scheduler_warning:
         print(f"nbtorch-refine: warning: {ns.scheduler_warning}", file=sys.stderr)
     summary = refine_images(entries, free_groups(ns.refine), ns.results, workers=ns.workers, scheduler=ns.scheduler,
@@ -188,19 +186,13 @@ def _scheduler_security(ns):
 def _checked(argv: Sequence[str]):
     """(options, LIST entries): every option, the LIST (each line's file and flags), the groups, the fit options
     and the output paths checked before any work; :class:`~refine.cli.checks.UsageError` (one line)."""
-    ours, flags = split_argv(argv, "images")
-    ns = parser("images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: jointly "
-                "(shared + per-image groups) or independently on Dask.").parse_args(ours)
-    problem = _usage_error(ns)
-    if problem:
-        raise UsageError(problem)
-    check_values(ns, "images")
+    ns, flags = parse(argv, "images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: "
+                      "jointly (shared + per-image groups) or independently on Dask.")
+    _check_mode(ns)
     ns.security, ns.scheduler_warning = _scheduler_security(ns)
-    check_outputs([("--json", ns.json), ("--results", ns.results)], inputs=[("--images", ns.images)])
     try:
         entries = parse_image_list(ns.images, flags)
-        free = (ns.refine,) if ns.independent else (ns.shared, ns.per_image)
-        fit_options(None, free=[g for groups in free for g in groups.replace(",", " ").split()], **_fit_kwargs(ns))
+        fit_options(None, free=f"{ns.shared},{ns.per_image}", **_fit_kwargs(ns))  # (--refine: checked as parsed)
     except OSError as exc:
         raise UsageError(f"--images {ns.images}: {exc.strerror or exc}") from None
     except ValueError as exc:
@@ -220,7 +212,7 @@ def _check_files(ns, entries) -> None:
         files = flag_inputs(e.flags, e.base_dir)
         inputs += [(e.where(), e.path)] + [(f"{e.where()} {flag}", path) for flag, path in files]
         if ns.json and any(flag == "-mat" for flag, _ in files):  # _run_joint writes its refined matrix
-            outputs.append((f"--json (-mat of image {k + 1})", f"{os.path.splitext(ns.json)[0]}.image{k + 1}.mat"))
+            outputs.append((f"--json (-mat of image {k + 1})", matrix_output(ns.json, f".image{k + 1}")))
     check_outputs(outputs, inputs)
     if ns.results:
         try:
@@ -231,10 +223,10 @@ def _check_files(ns, entries) -> None:
             raise UsageError(f"--results {ns.results}: {exc.strerror or exc}") from None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str]) -> int:
     """``nbtorch-refine --images`` (its exit status; bad usage is a :class:`~refine.cli.checks.UsageError`, which
     :func:`refine.cli.fit.main` reports)."""
-    ns, entries = _checked(list(sys.argv[1:] if argv is None else argv))
+    ns, entries = _checked(argv)
     one_line_warnings("nbtorch-refine")  # e.g. a results line cut short by a kill, dropped on resume
     if ns.threads:
         torch.set_num_threads(int(ns.threads))

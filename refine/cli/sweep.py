@@ -1,19 +1,15 @@
 """``nbtorch-sweep``: a global search (Optuna study) of starting models about a nanoBragg model (:data:`USAGE`;
 options: :mod:`refine.cli.table`).
 
-Each trial starts a short coarse-to-fine refinement from a model sampled in the ``--search`` box; the best trial's
-model is then refined to convergence and written as JSON (``nanobragg_args``, ``loss``, ``trial``, ``n_trials``,
-``parameters``, ``esd`` …).  The study lives in ``--storage`` (default: an SQLite file next to ``--json``, else
-``nbtorch-sweep.db``); re-running with the same storage and study name adds trials to it, and the same command on
-other machines with a ``postgresql://`` URL joins it (a server must answer within ``--storage-timeout`` seconds,
-default 10; its password is never printed).  One progress line per trial goes to stderr.
+Each trial runs a short coarse-to-fine refinement from a model sampled in the ``--search`` box; the best trial's model
+is then refined to convergence and written as JSON (:func:`summary`).  The study lives in ``--storage``; re-running
+with the same storage and study name adds trials to it, and the same command on other machines with a
+``postgresql://`` URL joins it (its password is never printed).  One progress line per trial goes to stderr.  OBSERVED
+is converted to photons as by ``nbtorch-refine``.
 
-Exit status: 0 done, 1 the study failed (no trial completed, a worker process died) or an output could not be
-written, 2 a user error (an option, --search, --storage, OBSERVED, the flags: one line naming it, nothing done),
-3 the best model's refinement did not converge, 4 it converged but is a poor fit (χ²/ν of a likelihood target
-outside [1/3, 3], as ``nbtorch-refine``; e.g. an image in counts, not photons: ``--adc``/``--gain``), 130
-interrupted (finished trials stay in the storage).  The observed image is converted to photons as by
-``nbtorch-refine``: (value − ``--adc``)/``--gain``, else the header's ``ADC_OFFSET``/``GAIN``.
+Exit statuses as ``nbtorch-refine``'s (:mod:`refine.cli.checks`: 2 also a bad ``--search`` or ``--storage``; 3, 4 of
+the best model's refinement) but 1: the study failed (no trial completed, a worker process died) or an output could
+not be written; 130 interrupted (finished trials stay in the storage).
 """
 from __future__ import annotations
 
@@ -29,69 +25,26 @@ import torch
 import nbtorch
 from nbtorch.interrupt import one_line_warnings
 from nbtorch.io._atomic import atomic_write
-from nbtorch.io.safe_output import check_output_folder
 
-from .. import fit_options, studies
+from .. import studies
 from ..targets.observed import read_observed
-from .checks import EXIT_USAGE, UsageError, check_outputs, fit_status, flag_inputs, free_groups
-from .table import arguments, check_values, flag_message, parser, split_argv
+from .checks import UsageError, check_outputs, fit_status, flag_inputs, matrix_output, run
+from .table import arguments, flag_message, parse
 
-#: Exit statuses (:mod:`refine.cli.checks` has the shared ones): the study failed (no trial completed, a worker
-#: process died) or an output could not be written.
+#: Exit status (:mod:`refine.cli.checks` has the shared ones): the study failed (no trial completed, a worker process
+#: died) or an output could not be written.
 EXIT_FAILED = 1
+#: The largest ``--seed``: NumPy seeds are below 2**32, and worker k seeds its sampler with seed + k.
+MAX_SEED = 2 ** 32 - 1
+#: The figures ``--plots DIR`` holds (surface.png only with two or more searched parameters).
+PLOT_NAMES = ("history.png", "importances.png", "surface.png")
 USAGE = ("nbtorch-sweep OBSERVED --search GROUP:RANGE[,GROUP:RANGE...] --n-trials N [--workers N] [--storage URL] "
          "[--study-name NAME] [--sampler tpe|cmaes|gp|random] [--pruner median|hyperband|none] [--json OUT] "
          "[--plots DIR] <nanoBragg flags of the start>")
-
-
-def _parser():
-    return parser("sweep", prog="nbtorch-sweep", usage=USAGE, description="Global search of starting models (an "
-                  "Optuna study) about a nanoBragg model, then a full refinement of the best.", epilog=(
-                      "Ranges: orientation degrees, cell percent, distance mm, beam_center pixels.  Storage: "
-                      f"{studies.STORAGE_FORMS}.  Example:\n  nbtorch-sweep obs.img --search orientation:5,"
-                      "beam_center:10 --n-trials 60 --json sweep.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 "
-                      "-default_F 100 -distance 60 -detpixels 96 -pixel 0.2"))
-
-
-def default_storage(ns) -> str:
-    """``--storage``, or an SQLite file next to ``--json`` (its stem + .db), or ./nbtorch-sweep.db."""
-    if ns.storage:
-        return ns.storage
-    stem = os.path.splitext(ns.json)[0] if ns.json else "nbtorch-sweep"
-    return "sqlite:///" + os.path.abspath(stem + ".db")
-
-
-#: The largest ``--seed``: NumPy seeds are below 2**32, and worker k seeds its sampler with seed + k.
-MAX_SEED = 2 ** 32 - 1
-
-
-def _usage_checks(ns, flags) -> Optional[str]:
-    """A usage error message naming the option and its allowed values, or None (before any work)."""
-    if not flags:
-        return "give the starting model as nanoBragg flags after OBSERVED (see --help)"
-    if not os.path.isfile(ns.observed):
-        return f"OBSERVED {ns.observed}: no such file"
-    try:
-        check_values(ns, "sweep")
-    except UsageError as exc:
-        return str(exc)
-    if not 0 <= ns.seed <= MAX_SEED - (ns.workers - 1):
-        return f"--seed must be an integer in [0, {MAX_SEED - (ns.workers - 1)}] (with --workers {ns.workers}); " \
-               f"got {ns.seed}"
-    try:
-        if ns.refine is not None:
-            fit_options(free=_free(ns, {}))
-    except (UsageError, ValueError) as exc:
-        return (f"--refine {ns.refine!r}: " if str(exc).startswith("unknown") else "") + str(exc)
-    return None
-
-
-def _free(ns, search) -> List[str]:
-    """The free groups: ``--refine``'s (comma or space separated; :class:`~refine.cli.checks.UsageError` when
-    empty), else the searched groups and scale."""
-    if ns.refine is not None:
-        return free_groups(ns.refine)
-    return list(dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
+EPILOG = (f"Ranges: orientation degrees, cell percent, distance mm, beam_center pixels.  Storage: "
+          f"{studies.STORAGE_FORMS}.  Example:\n  nbtorch-sweep obs.img --search orientation:5,beam_center:10 "
+          "--n-trials 60 --json sweep.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 "
+          "-detpixels 96 -pixel 0.2")
 
 
 def summary(outcome, spec, flags, n_run: int) -> dict:
@@ -115,10 +68,6 @@ def summary(outcome, spec, flags, n_run: int) -> dict:
     }
 
 
-#: The figures ``--plots DIR`` holds (surface.png only with two or more searched parameters).
-PLOT_NAMES = ("history.png", "importances.png", "surface.png")
-
-
 def write_plots(study, directory: str) -> List[str]:
     """history.png, importances.png and (with two or more searched parameters) surface.png in ``directory``, each
     written atomically under the safe-output rule (as every figure: :func:`refine.pipeline.plots._save`)."""
@@ -133,93 +82,69 @@ def write_plots(study, directory: str) -> List[str]:
     return paths
 
 
-def matrix_path(ns, flags) -> Optional[str]:
-    """Where the refined MOSFLM matrix of a ``-mat`` start goes (next to ``--json``, else refined.mat); None for a
-    ``-cell`` start."""
-    if not any(flag == "-mat" for flag, _ in flag_inputs(flags)):
-        return None
-    return (os.path.splitext(ns.json)[0] + ".mat") if ns.json else "refined.mat"
-
-
-def output_problem(ns, flags) -> Optional[str]:
-    """The safe-output rule before the study runs (:func:`refine.cli.checks.check_outputs`): ``--json``, the refined
-    matrix of a ``-mat`` start and the ``--plots`` folder and figures are not OBSERVED, a file of the flags or each
-    other, and can be written.  The message (naming the option), or None."""
-    outputs = [("--json", ns.json), ("--json (refined -mat)" if ns.json else "refined matrix", matrix_path(ns, flags))]
-    try:
-        if ns.plots is not None and check_output_folder("--plots", ns.plots):
-            outputs += [("--plots", os.path.join(ns.plots, n)) for n in PLOT_NAMES]
-        check_outputs(outputs, [("OBSERVED", ns.observed)] + flag_inputs(flags))
-    except (UsageError, ValueError) as exc:
-        return str(exc)
-    return None
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``nbtorch-sweep`` (returns the exit status)."""
-    ours, flags = split_argv(list(sys.argv[1:] if argv is None else argv), "sweep")
-    one_line_warnings("nbtorch-sweep")  # e.g. OBSERVED's header against the flags
-    try:
-        ns = _parser().parse_args(ours)
-    except UsageError as exc:
-        print(f"nbtorch-sweep: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    problem = _usage_checks(ns, flags) or output_problem(ns, flags)
-    if problem is None:
-        try:
-            studies.require_optuna()
-            search = studies.parse_search(ns.search)
-            spec = studies.StudySpec(**dict(arguments(ns, "sweep", "StudySpec"), storage=default_storage(ns)))
-        except (ValueError, ImportError) as exc:
-            problem = str(exc)
-    if problem:
-        print(_said(problem, ns), file=sys.stderr)
-        return EXIT_USAGE
-    return _run(ns, flags, search, spec)
-
-
 def _said(problem, ns) -> str:
-    """The line that reports ``problem`` (an exception: the first line of its message, else its type's name): Python
-    names written as flags (:func:`~refine.cli.table.flag_message`), the password of ``--storage`` hidden."""
+    """The message of ``problem`` (its first line, else its exception type's name) with flags for Python names
+    (:func:`~refine.cli.table.flag_message`) and the password of ``--storage`` hidden."""
     text = str(problem).strip()
     text = text.splitlines()[0] if text else type(problem).__name__
-    return studies.redact_text(f"nbtorch-sweep: {flag_message(text, 'sweep')}", ns.storage)
+    return studies.redact_text(flag_message(text, "sweep"), ns.storage)
 
 
-def _run(ns, flags, search, spec) -> int:
-    """Load the data, run the study, refine the best, write the outputs."""
+def _checked(argv: List[str]):
+    """(options, nanoBragg flags, searched ranges, StudySpec, refined matrix path or None): every option, the
+    outputs (``--json``, the refined matrix of a ``-mat`` start, the ``--plots`` folder) and the storage URL checked
+    before any work; :class:`~refine.cli.checks.UsageError`."""
+    ns, flags = parse(argv, "sweep", prog="nbtorch-sweep", usage=USAGE, epilog=EPILOG, description="Global search of "
+                      "starting models (an Optuna study) about a nanoBragg model, then a full refinement of the best.")
+    if not 0 <= ns.seed <= MAX_SEED - (ns.workers - 1):
+        raise UsageError(f"--seed must be an integer in [0, {MAX_SEED - (ns.workers - 1)}] (with --workers "
+                         f"{ns.workers}); got {ns.seed}")
+    arguments(ns, "sweep")  # --refine's groups
+    inputs = flag_inputs(flags)
+    matrix_out = matrix_output(ns.json) if any(flag == "-mat" for flag, _ in inputs) else None
+    check_outputs([("--json", ns.json), ("--json (refined -mat)" if ns.json else "refined matrix", matrix_out)],
+                  [("OBSERVED", ns.observed)] + inputs, folder=("--plots", ns.plots, PLOT_NAMES))
+    default = os.path.splitext(ns.json)[0] if ns.json else "nbtorch-sweep"  # the study's SQLite file
+    try:
+        studies.require_optuna()
+        spec = studies.StudySpec(**dict(arguments(ns, "sweep", "StudySpec"), storage=ns.storage or "sqlite:///"
+                                        + os.path.abspath(default + ".db")))
+        return ns, flags, studies.parse_search(ns.search), spec, matrix_out
+    except (ValueError, ImportError) as exc:
+        raise UsageError(_said(exc, ns)) from None
+
+
+def _run(argv: List[str]) -> int:
+    """Check, load the data, run the study, refine the best, write the outputs; the exit status."""
+    ns, flags, search, spec, matrix_out = _checked(argv)
     if ns.threads:
         torch.set_num_threads(int(ns.threads))
-    studies.require_optuna().logging.set_verbosity(studies.require_optuna().logging.WARNING)
+    optuna = studies.require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
-    free = _free(ns, search)
+    kw = arguments(ns, "sweep")
+    kw["free"] = tuple(kw.get("free") or dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
     try:
         params, setup = nbtorch.from_nanobragg_args(flags, dtype=getattr(torch, ns.dtype))
         obs = read_observed(ns.observed, setup, params, adc=ns.adc, gain=ns.gain)
         studies.open_storage(spec.storage, connect_timeout=spec.connect_timeout)  # reachable? (before any trial)
     except (ValueError, OSError, ImportError) as exc:  # the image, the flags or --storage: the user's
-        print(_said(exc, ns), file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("nbtorch-sweep: interrupted before the study started", file=sys.stderr)
-        return 130
+        raise UsageError(_said(exc, ns)) from None
     try:
-        matrix_out = matrix_path(ns, flags)  # a -mat model is written back with a new MOSFLM matrix
-        outcome = studies.global_search(
-            obs, params, setup, search, ns.n_trials, spec=spec, workers=ns.workers, iterations=ns.trial_iter,
-            progress=not ns.quiet, threads=ns.threads, **dict(arguments(ns, "sweep"), free=tuple(free),
-                                                              nanobragg_args=flags, matrix_path=matrix_out))
-        if matrix_out is not None:
+        outcome = studies.global_search(obs, params, setup, search, ns.n_trials, spec=spec, workers=ns.workers,
+                                        iterations=ns.trial_iter, progress=not ns.quiet, threads=ns.threads,
+                                        nanobragg_args=flags, matrix_path=matrix_out, **kw)
+        if matrix_out is not None:  # a -mat model is written back with a new MOSFLM matrix
             outcome.result.to_nanobragg_args(matrix_path=matrix_out, write_matrix=True)
     except KeyboardInterrupt:
         print(f"nbtorch-sweep: interrupted; the finished trials are kept in {studies.redact(spec.storage)} (run the "
               "same command again to add trials)", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as exc:  # ValueError: the options (groups, degeneracy ...)
-        print(_said(exc, ns), file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED
+    except ValueError as exc:  # the options (groups, degeneracy ...)
+        raise UsageError(_said(exc, ns)) from None
+    except (OSError, RuntimeError) as exc:
+        print(f"nbtorch-sweep: {_said(exc, ns)}", file=sys.stderr)
+        return EXIT_FAILED
     print(outcome.result.summary())
     print(f"best trial {outcome.trial} of {len(outcome.study.trials)} in study {spec.study_name!r} "
           f"({studies.redact(spec.storage)})")
@@ -233,6 +158,13 @@ def _run(ns, flags, search, spec) -> int:
     if not ns.quiet:
         print(f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return fit_status(outcome.result.converged, outcome.result.ok)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``nbtorch-sweep`` (returns the exit status)."""
+    one_line_warnings("nbtorch-sweep")  # e.g. OBSERVED's header against the flags
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run("nbtorch-sweep", lambda: _run(argv), lambda exc: f"nbtorch-sweep: {exc}", signals=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,17 +1,16 @@
 """The option table of the refine programs: every ``--`` option of ``nbtorch-refine`` (one image), of its
-``--images`` modes (joint, independent) and of ``nbtorch-sweep``, each described once (:class:`Option`).
-
-Defaults come from the ``FitOptions``/``StudySpec`` fields the options set, choice lists from the modules that define
-them.  From the table: a command's parser and ``--help`` (:func:`parser`), its split of the command line
-(:func:`split_argv`), range checks (:func:`check_values`), the keyword arguments of a fit or a study
-(:func:`arguments`), library messages with Python names written as flags (:func:`flag_message`) and docs/refine.md's
-option list (:func:`options_markdown`; ``python -m refine.cli.table --update docs/refine.md``, or ``--check``).
+``--images`` modes (joint, independent) and of ``nbtorch-sweep``, each described once (:class:`Option`; defaults from
+the ``FitOptions``/``StudySpec`` fields they set, choice lists from the modules that define them).  From it: each
+command's parser, ``--help``, split of the command line and checks (:func:`parse`), the arguments of a fit or a study
+(:func:`arguments`), library messages with flags for Python names (:func:`flag_message`) and docs/refine.md's option
+list (:func:`options_markdown`; ``python -m refine.cli.table --update docs/refine.md``, or ``--check``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -52,8 +51,8 @@ class Option:
     'switch' (no value).  nargs: its values.  field: what it sets, a ``FitOptions`` field (``max_iter``) or
     ``StudySpec.<field>``, whose default it takes; name: the Python argument library messages call it when it has
     no field.  choices: of a 'choice'.  const: a switch's field value when given (absent: ``not const``).
-    default, default_text: when no field supplies the default, or when it is a rule.  low: an 'int''s least value.
-    required, metavar: as argparse's."""
+    default, default_text: when no field supplies the default, or when it is a rule.  low: the least value of an 'int'
+    (>= low) or of a 'real' (finite, > low).  required, metavar: as argparse's."""
 
     flag: str
     programs: Tuple[str, ...]
@@ -66,7 +65,7 @@ class Option:
     const: object = True
     default: object = None
     default_text: str = ""
-    low: Optional[int] = None
+    low: Optional[float] = None
     required: bool = False
     metavar: object = None
 
@@ -81,16 +80,19 @@ class Option:
         return self.field.rpartition(".")[2] or self.name
 
     @property
-    def parser_default(self):
-        """What the parsed options hold when the option is not given (a field's default, else ``default``)."""
+    def default_value(self):
+        """The default value: its field's, else ``default``."""
         owner, _, name = self.field.rpartition(".")
-        return False if self.kind == "switch" else None if self.kind == "groups" else \
-            _DEFAULTS[owner][name] if self.field else self.default
+        return _DEFAULTS[owner][name] if self.field else self.default
+
+    @property
+    def parser_default(self):
+        """What the parsed options hold when the option is not given."""
+        return False if self.kind == "switch" else None if self.kind == "groups" else self.default_value
 
     def default_shown(self) -> str:
         """The default as ``--help`` and the docs show it ('' when none)."""
-        owner, _, name = self.field.rpartition(".")
-        value = _DEFAULTS[owner][name] if self.field else self.default
+        value = self.default_value
         shown = "" if value is None or value == "" or self.kind == "switch" else ",".join(value) if isinstance(
             value, tuple) else f"{value:g}" if isinstance(value, float) else str(value)
         return self.default_text.format(shown) if self.default_text else shown
@@ -162,8 +164,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--overload", _FITS, "exclude pixels at or above this value (in the file's counts)", kind="real",
            metavar="COUNTS"),
     Option("--adc", _ALL, "ADC offset (counts) subtracted from the observed images", kind="real", name="adc",
-           metavar="COUNTS", default_text="the header's ADC_OFFSET, which nbtorch writes, else 0"),
-    Option("--gain", _ALL, "counts per photon of the observed images", kind="real", name="gain", metavar="G",
+           low=-math.inf, metavar="COUNTS", default_text="the header's ADC_OFFSET, which nbtorch writes, else 0"),
+    Option("--gain", _ALL, "counts per photon of the observed images", kind="real", name="gain", low=0.0, metavar="G",
            default_text="the header's GAIN, else 1"),
     Option("--background", ("refine",), "starting background plane (photons/pixel)", kind="real", nargs=3,
            field="background", metavar=("C0", "CFAST", "CSLOW")),
@@ -254,17 +256,32 @@ def split_argv(argv: Sequence[str], command: str = "refine") -> Tuple[List[str],
 
 
 def check_values(ns, command: str) -> None:
-    """Before any work: ``--threads`` >= 1, ``--adc`` finite, ``--gain`` finite and > 0, every integer option at
-    least its ``low``; :class:`~refine.cli.checks.UsageError` naming the option."""
+    """Before any work: ``--threads`` >= 1 and every option at least its ``low``; :class:`UsageError` naming it."""
     if ns.threads is not None and ns.threads < 1:
         raise UsageError(f"--threads must be an integer >= 1, got {ns.threads}")
-    if ns.adc is not None and not math.isfinite(ns.adc):
-        raise UsageError(f"--adc must be a finite number (ADC offset, counts); got {ns.adc}")
-    if ns.gain is not None and not (math.isfinite(ns.gain) and ns.gain > 0):
-        raise UsageError(f"--gain must be a finite number > 0 (counts per photon); got {ns.gain}")
     for o in options(*COMMANDS[command]):
-        if o.low is not None and getattr(ns, o.dest) is not None and getattr(ns, o.dest) < o.low:
-            raise UsageError(f"{o.flag} must be an integer >= {o.low}; got {getattr(ns, o.dest)}")
+        value = getattr(ns, o.dest)
+        if o.low is None or value is None:
+            continue
+        if o.kind == "int" and value < o.low:
+            raise UsageError(f"{o.flag} must be an integer >= {o.low}; got {value}")
+        if o.kind == "real" and not (math.isfinite(value) and value > o.low):
+            raise UsageError(f"{o.flag} must be a finite number{'' if o.low == -math.inf else f' > {o.low:g}'}; "
+                             f"got {value}")
+
+
+def parse(argv: Sequence[str], command: str, **kw):
+    """(parsed options, nanoBragg flags) of a :data:`COMMANDS` key's command line (``kw``: :func:`parser`'s), each
+    value checked (:func:`check_values`) and, for a command of one image, the flags given and OBSERVED a file;
+    :class:`UsageError`."""
+    ours, flags = split_argv(argv, command)
+    ns = parser(command, **kw).parse_args(ours)
+    check_values(ns, command)
+    if command in OBSERVED_FIRST and not flags:
+        raise UsageError("give the starting model as nanoBragg flags after OBSERVED (see --help)")
+    if command in OBSERVED_FIRST and not os.path.isfile(ns.observed):
+        raise UsageError(f"OBSERVED {ns.observed}: no such file")
+    return ns, flags
 
 
 def arguments(ns, program: str, owner: str = "") -> dict:

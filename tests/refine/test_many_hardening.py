@@ -216,7 +216,7 @@ def test_joint_fit_progress_counts_images_in_every_pass(tmp_path, capsys, monkey
 
 def test_progress_counter_redraws_one_terminal_line():
     """On a terminal the counter is redrawn in place and erased before an iteration line."""
-    from refine.cli.many import JointProgress
+    from refine.cli.many import Progress as JointProgress
 
     class Tty(io.StringIO):
         def isatty(self):

@@ -10,7 +10,8 @@ import pytest
 import nbtorch
 from nbtorch.io.images import read_raw_float, write_raw_float
 from nbtorch.io.smv import write_smv
-from refine.cli.fit import main, split_argv
+from refine.cli.fit import main
+from refine.cli.table import split_argv
 
 from .refine_cases import model, observe
 
