@@ -7,10 +7,11 @@ import dataclasses
 import hashlib
 import math
 import sys
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
+from nbtorch.pytree import tree_leaves
 from nbtorch.units import DEG_PER_MRAD, percent_to_fraction
 
 from ..model.table import SEARCH_SUFFIX, SEARCH_UNITS, SPECS
@@ -19,15 +20,11 @@ from ..pipeline.options import METHODS, FitOptions
 from ..pipeline.result import Result, finish
 from ..pipeline.strategy import FitState, Stage, default_stages, prepare, run_stage
 
-# the search box
-
 
 def parse_search(text: str) -> Dict[str, float]:
-    """``"orientation:5,cell:3"`` → {"orientation": 5.0, "cell": 3.0} (half-widths in the group's unit,
-    :data:`SEARCH_UNITS`; a single scalar such as ``orientation.z`` or ``beam_center.x`` may be named).
-
-    Raises ValueError naming ``search`` and an empty list, an entry without ':', an unknown group, or a range that
-    is not a positive number."""
+    """``"orientation:5,cell:3"`` → {"orientation": 5.0, "cell": 3.0}: half-widths in the group's unit
+    (:data:`SEARCH_UNITS`) of groups or single scalars (``orientation.z``, ``beam_center.x``).  ValueError naming
+    ``search`` and what is wrong: an empty list, no ':', an unknown group, a range that is not a number > 0."""
     items = [t.strip() for t in str(text).split(",")]
     if not any(items):
         raise ValueError(f"search is empty: give GROUP:RANGE[,GROUP:RANGE...] with groups {', '.join(SEARCH_UNITS)}")
@@ -60,9 +57,8 @@ def check_search_name(name: str) -> None:
 
 
 class Dimension(NamedTuple):
-    """One sampled scalar: ``name`` (the trial parameter, e.g. 'orientation.x_deg'), ``index`` (its position in x),
-    ``half`` (half-width in the group's unit), ``to_x`` (increment units per unit: mrad per degree, Å per percent,
-    1 per mm, mm per pixel)."""
+    """One sampled scalar: trial parameter ``name`` ('orientation.x_deg'), ``index`` in x, ``half``-width in the
+    group's unit, ``to_x`` increment units per unit (mrad per degree, Å per percent, 1 per mm, mm per pixel)."""
 
     name: str
     index: int
@@ -71,9 +67,8 @@ class Dimension(NamedTuple):
 
 
 def search_dimensions(par, search: Mapping[str, float]) -> List[Dimension]:
-    """The sampled scalars of a search box ``search`` ({group or scalar: half-width}, units :data:`SEARCH_UNITS`)
-    for the parameterisation ``par``: every free scalar of each named group (cell: the free lengths).  ValueError
-    names a group that is not free."""
+    """The sampled scalars of a search box ``search`` ({group or scalar: half-width}) for the parameterisation
+    ``par``: every free scalar of each named group (cell: the free lengths).  ValueError names a group not free."""
     dims: Dict[int, Dimension] = {}
     for name, half in search.items():
         check_search_name(name)
@@ -90,41 +85,26 @@ def search_dimensions(par, search: Mapping[str, float]) -> List[Dimension]:
 
 
 def trial_stages(iterations: int = 4) -> List[Stage]:
-    """A short coarse-to-fine schedule for one trial: the default stages with ``iterations`` minimiser iterations
-    each; the last, non-preliminary, stage is the real model with the fit's target."""
+    """A trial's short coarse-to-fine schedule: the default stages with ``iterations`` iterations each."""
     return default_stages(iterations, iterations, iterations)
 
 
-# the global search
-
-
-def _tensors(tree) -> List[torch.Tensor]:
-    """The tensors of a NamedTuple pytree (Params), in field order."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    return [t for item in tree for t in _tensors(item)] if isinstance(tree, tuple) else []
-
-
 class GlobalSearchObjective:
-    """``objective(trial) -> loss`` of a global search (build with :func:`global_search_objective`).
-
-    Attributes: ``base`` (the prepared :class:`~refine.pipeline.strategy.FitState` at the user's start),
-    ``dimensions`` (:class:`Dimension` list), ``stages`` (run by every trial).  A trial suggests one value per
-    dimension (uniform within ± its half-width), starts from the corresponding increments, runs the stages and
-    reports each stage's ``loss_all`` (fit target, real model, all usable pixels) as step k, raising
-    ``optuna.TrialPruned`` when the pruner says so; it returns the final loss and stores the refined increments as
-    the user attribute ``x``.
-    """
+    """``objective(trial) -> loss`` of a global search (built by :func:`global_search_objective`): from the prepared
+    ``base`` state at the user's start, a trial suggests one value per :class:`Dimension` (uniform in ± its
+    half-width), runs the ``stages`` from those increments and reports each stage's ``loss_all`` (fit target, real
+    model, all usable pixels) as step k, raising ``optuna.TrialPruned`` when the pruner says so; it returns the final
+    loss and keeps the refined increments in the user attribute ``x``."""
 
     def __init__(self, base: FitState, dimensions: Sequence[Dimension], stages: Sequence[Stage]):
         self.base, self.dimensions, self.stages = base, list(dimensions), list(stages)
 
     def fingerprint(self) -> str:
-        """A digest of what trials of this objective depend on (observed pixels, starting model, Setup, free
-        scalars, sampled dimensions and stages): a study's trials compare only under one fingerprint."""
+        """A digest of what trials depend on (observed pixels, starting model, Setup, free scalars, dimensions,
+        stages, target): a study's trials compare only under one fingerprint."""
         pb = self.base.problem
         h = hashlib.sha1()
-        for t in (*pb.observed, *_tensors(pb.par.ref)):
+        for t in (*pb.observed, *(t for _, t in tree_leaves(pb.par.ref) if isinstance(t, torch.Tensor))):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         h.update(repr((pb.par.setup, pb.par.names, self.dimensions, self.stages, pb.target.name)).encode())
         return h.hexdigest()[:16]
@@ -140,29 +120,27 @@ class GlobalSearchObjective:
             x[d.index] = x[d.index] + float(values[d.name]) * d.to_x
         return x
 
-    def run(self, x0: torch.Tensor, report: Optional[Callable[[float, int], bool]] = None,
+    def run(self, x0: torch.Tensor, report: Optional[Callable[[float, int], None]] = None,
             stages: Optional[Sequence[Stage]] = None) -> FitState:
-        """Run ``stages`` (default ``self.stages``) from increments ``x0``; ``report(loss_all, step)`` after each
-        stage that ran (True: stop).  Returns the last state."""
+        """The last state of ``stages`` (default ``self.stages``) run from increments ``x0``; ``report(loss_all,
+        step)`` after each stage that has a ``loss_all``."""
         state = dataclasses.replace(self.base, x=x0, start_loss=self.base.problem.objective.loss(x0))
         for step, stage in enumerate(self.stages if stages is None else stages):
             state = run_stage(state, stage)
             loss = state.stages[-1].get("loss_all")
-            if report is not None and loss is not None and report(float(loss), step):
-                break
+            if report is not None and loss is not None:
+                report(float(loss), step)
         return state
 
     def __call__(self, trial) -> float:
         from optuna import TrialPruned
 
-        values = {d.name: trial.suggest_float(d.name, -d.half, d.half) for d in self.dimensions}
-
-        def report(loss: float, step: int) -> bool:
+        def report(loss: float, step: int) -> None:
             trial.report(loss if math.isfinite(loss) else sys.float_info.max, step)
             if step < len(self.stages) - 1 and trial.should_prune():  # after the last stage the trial is done
                 raise TrialPruned(f"pruned after stage {self.stages[step].name} (loss {loss:.6g})")
-            return False
 
+        values = {d.name: trial.suggest_float(d.name, -d.half, d.half) for d in self.dimensions}
         state = self.run(self.start_x(values), report)
         loss = state.stages[-1].get("loss_all") if state.stages else None  # the last stage's, at state.x
         loss = state.problem.objective.loss(state.x) if loss is None else float(loss)
@@ -175,54 +153,38 @@ class GlobalSearchObjective:
 def global_search_objective(observed, params, setup, search: Mapping[str, float], *,
                             options: Optional[FitOptions] = None, stages: Optional[Sequence[Stage]] = None,
                             iterations: int = 4, **overrides) -> GlobalSearchObjective:
-    """Objective factory of a global search about a starting model.
-
-    Args:
-        observed: image [slow, fast] (photons; tensor, array, ObservedImage or path), as for :func:`refine.fit`.
-        params, setup: the user's starting model; x are increments about it.
-        search: {group or scalar: half-width}: orientation degrees, cell percent (lengths), distance mm, beam_center
-            pixels (:func:`parse_search` reads the command line's form).  Every searched group must be free.
-        options, overrides: the fit's :class:`~refine.pipeline.options.FitOptions` (``free`` etc.; keyword
-            overrides win).
-        stages: each trial's schedule (default :func:`trial_stages` with ``iterations`` per stage).
-
-    Returns:
-        :class:`GlobalSearchObjective`, ``objective(trial) -> loss`` (fit target on all usable pixels).
-    """
+    """Objective factory of a global search about a starting model: ``observed`` [slow, fast] (photons), ``params``
+    and ``setup`` as for :func:`refine.fit` (x are increments about ``params``); ``search`` {group or scalar:
+    half-width} in degrees (orientation), percent (cell lengths), mm (distance), pixels (beam_center), every group
+    free (:func:`parse_search` reads the command line's form); ``options``/``overrides`` the fit's
+    :class:`~refine.pipeline.options.FitOptions` (``free`` ...); ``stages`` each trial's schedule (default
+    :func:`trial_stages` with ``iterations`` per stage).  Returns :class:`GlobalSearchObjective`."""
     base = prepare(observed, params, setup, fit_options(options, **overrides))
     dims = search_dimensions(base.problem.par, search)
     return GlobalSearchObjective(base, dims, list(stages) if stages is not None else trial_stages(iterations))
 
 
-def best_x(study, objective: GlobalSearchObjective) -> Tuple[int, torch.Tensor]:
-    """(trial number, refined increments x [n]) of the study's best COMPLETE trial."""
-    trial = study.best_trial
-    x = torch.as_tensor(trial.user_attrs["x"], dtype=objective.base.x.dtype, device=objective.base.x.device)
-    return trial.number, x
-
-
 def finish_best(study, objective: GlobalSearchObjective, stages: Optional[Sequence[Stage]] = None) -> Result:
-    """The best trial's refined model refined to convergence (default: one final stage with the fit's minimiser,
-    target and ``max_iter``) → :class:`refine.Result` with ESDs."""
-    return finish(objective.run(best_x(study, objective)[1], stages=stages or [Stage("fine", preliminary=False)]))
+    """The study's best COMPLETE trial's model refined to convergence (default: one final stage with the fit's
+    minimiser, target and ``max_iter``) → :class:`refine.Result` with ESDs."""
+    x = torch.as_tensor(study.best_trial.user_attrs["x"], dtype=objective.base.x.dtype, device=objective.base.x.device)
+    return finish(objective.run(x, stages=stages or [Stage("fine", preliminary=False)]))
 
-
-# hyperparameter sweeps
 
 #: The default hyperparameter space: a list is a categorical choice, a pair of ints an integer range, a pair of
-#: floats a log-uniform range.  ``damping`` (the initial LM μ) is suggested only for LM, ``lr`` only for Adam,
-#: ``coarse_iter`` only with the coarse-to-fine schedule; ``spot_roi`` 0 fits every usable pixel, k > 0 only pixels
-#: within k px of spots (plus a background sample); ``oversample`` sub-pixels per axis.
+#: floats a log-uniform range.  ``spot_roi`` 0 fits every usable pixel, k > 0 only pixels within k px of spots
+#: (plus a background sample); ``oversample`` sub-pixels per axis.
 HYPER_SPACE = {"method": list(METHODS), "damping": (1e-5, 1.0), "lr": (1e-3, 0.5),
                "schedule": ["coarse_to_fine", "final_only"], "coarse_iter": (2, 12),
                "target": ["poisson", "gaussian", "anscombe"], "spot_roi": (0, 6), "oversample": (1, 3)}
-#: Conditional hyperparameters: {name: (the one it depends on, the value for which it applies)}.
+#: Conditional hyperparameters, {name: (the one it depends on, the value for which it applies)}: the initial LM μ
+#: for LM, the learning rate for Adam, the coarse stages' iterations for the coarse-to-fine schedule.
 CONDITIONS = {"lr": ("method", "adam"), "damping": ("method", "lm"), "coarse_iter": ("schedule", "coarse_to_fine")}
 
 
 def check_space(space: Mapping[str, object]) -> Dict[str, object]:
-    """``space`` checked against :data:`HYPER_SPACE`'s names and forms; ValueError names an unknown parameter or a
-    bad range."""
+    """``space`` as a dict, checked against :data:`HYPER_SPACE`: ValueError names an unknown parameter or a bad
+    range."""
     for name, spec in space.items():
         if name not in HYPER_SPACE:
             raise ValueError(f"hyperparameter {name!r} is unknown; known: {', '.join(HYPER_SPACE)}")
@@ -235,8 +197,7 @@ def check_space(space: Mapping[str, object]) -> Dict[str, object]:
 
 
 def suggest_hyperparameters(trial, space: Mapping[str, object]) -> Dict[str, object]:
-    """One trial's hyperparameters from ``space`` (conditional ones only where they apply, :data:`CONDITIONS`:
-    ``damping`` for LM, ``lr`` for Adam, ``coarse_iter`` with the coarse-to-fine schedule)."""
+    """One trial's hyperparameters from ``space``, conditional ones only where they apply (:data:`CONDITIONS`)."""
     hp: Dict[str, object] = {}
     for name, spec in space.items():
         on, value = CONDITIONS.get(name, (None, None))
@@ -252,13 +213,9 @@ def suggest_hyperparameters(trial, space: Mapping[str, object]) -> Dict[str, obj
 
 
 class HyperparameterObjective:
-    """``objective(trial) -> score`` of a hyperparameter sweep (build with :func:`hyperparameter_objective`).
-
-    Each trial fits with its hyperparameters (:func:`suggest_hyperparameters`) and is scored on a common reference
-    (``reference``: the base options' problem, real model, base target, all usable pixels): with a known ``truth``
-    the RMS error of the fitted free scalars in typical errors (x units: mrad, mm, Å …, divided by each scalar's
-    typical error), otherwise the loss of the fitted model on the reference.  The fit's summary values are stored
-    as user attributes."""
+    """``objective(trial) -> score`` of a hyperparameter sweep (built by :func:`hyperparameter_objective`): each
+    trial fits with its hyperparameters and is scored on the ``reference`` problem (base options, real model, base
+    target, all usable pixels); it keeps the fit's summary values as user attributes."""
 
     def __init__(self, observed, params, setup, options: FitOptions, space: Mapping[str, object], truth=None,
                  truth_background=None):
@@ -282,7 +239,8 @@ class HyperparameterObjective:
         return self.options.replace(callback=None, **changes), setup
 
     def score(self, result: Result) -> float:
-        """The common score of a fitted result (lower is better)."""
+        """The score of a fitted result (lower is better): with a known truth the RMS error of the free scalars in
+        typical errors, otherwise the loss of the fitted model on the reference problem."""
         pb = self.reference.problem
         plane = torch.as_tensor(result.parameters["background"], dtype=pb.par.dtype)
         x = pb.par.pack(result.params, plane)
@@ -305,17 +263,10 @@ class HyperparameterObjective:
 def hyperparameter_objective(observed, params, setup, space: Optional[Mapping[str, object]] = None, *,
                              truth=None, truth_background=None, options: Optional[FitOptions] = None,
                              **overrides) -> HyperparameterObjective:
-    """Objective factory of a hyperparameter sweep.
-
-    Args:
-        observed, params, setup: image and starting model, as for :func:`refine.fit`.
-        space: {name: choices | (low, high)} (default :data:`HYPER_SPACE`; names from it).
-        truth: the true ``Params`` of synthetic data (and ``truth_background``, its plane c0, c_fast, c_slow in
-            photons/pixel): the score is the RMS error in typical errors; None: the loss on the data.
-        options, overrides: the base :class:`~refine.pipeline.options.FitOptions` (free groups ...).
-
-    Returns:
-        :class:`HyperparameterObjective`.
-    """
+    """Objective factory of a hyperparameter sweep: ``observed``, ``params``, ``setup`` as for :func:`refine.fit`;
+    ``space`` {name: choices | (low, high)} (default :data:`HYPER_SPACE`); ``truth`` the true ``Params`` of
+    synthetic data (``truth_background`` its plane c0, c_fast, c_slow in photons/pixel), scored by RMS error in
+    typical errors (None: by the loss on the data); ``options``/``overrides`` the base
+    :class:`~refine.pipeline.options.FitOptions` (free groups ...).  Returns :class:`HyperparameterObjective`."""
     return HyperparameterObjective(observed, params, setup, fit_options(options, **overrides),
                                    HYPER_SPACE if space is None else space, truth, truth_background)

@@ -1,10 +1,5 @@
 """Figures of an Optuna study (matplotlib, imported lazily): the optimisation history, parameter importances and
-the loss over two searched parameters.  Re-exported by :mod:`refine.studies`.
-
-    fig = refine.studies.plot_history(study, "history.png")
-    fig = refine.studies.plot_importances(study, "importances.png")
-    fig = refine.studies.plot_surface(study, ("orientation.x_deg", "orientation.y_deg"), "surface.png")
-"""
+the loss over two searched parameters; each saved to ``path`` when given, and returned."""
 from __future__ import annotations
 
 import math
@@ -25,8 +20,7 @@ def _trials(study, state: str) -> List:
 
 def plot_history(study, path: Optional[str] = None):
     """Loss of every COMPLETE trial against its number (dots), the best so far (line) and the last reported loss of
-    PRUNED trials (crosses); log scale when every loss is positive.  Saved to ``path`` when given; returns the
-    figure."""
+    PRUNED trials (crosses); log scale when every loss is positive."""
     plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(6, 4))
     done = sorted(_trials(study, "COMPLETE"), key=lambda t: t.number)
@@ -62,7 +56,7 @@ def importances(study) -> dict:
 
 
 def plot_importances(study, path: Optional[str] = None):
-    """Horizontal bars of :func:`importances` (most important on top).  Saved to ``path``; returns the figure."""
+    """Horizontal bars of :func:`importances` (most important on top)."""
     plt = _pyplot(path)
     imp = importances(study)
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(1, len(imp))))
@@ -87,9 +81,8 @@ def surface_parameters(study) -> Tuple[str, str]:
 
 
 def plot_surface(study, params: Optional[Sequence[str]] = None, path: Optional[str] = None):
-    """The loss of COMPLETE trials over two searched parameters (default :func:`surface_parameters`): trials as
-    points coloured by log10 of (loss − lowest + 1), with a filled contour of the same when there are ≥ 4 trials;
-    the best trial is starred.  Saved to ``path``; returns the figure."""
+    """The loss of COMPLETE trials over two searched parameters (default :func:`surface_parameters`): points
+    coloured by log10(loss − lowest + 1), a filled contour of it from 4 trials, the best trial starred."""
     px, py = params if params is not None else surface_parameters(study)
     done = [t for t in _trials(study, "COMPLETE") if px in t.params and py in t.params]
     plt = _pyplot(path)

@@ -21,8 +21,7 @@ from ..pipeline.options import _choice
 
 #: Storage URL schemes: SQLite file, journal file, PostgreSQL (also with a driver, postgresql+psycopg2://).
 STORAGE_FORMS = "sqlite:///FILE.db, journal:FILE.log (or FILE.log), postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
-#: Seconds a server storage (PostgreSQL, MySQL) may take to connect before opening it fails (the drivers wait at
-#: least 2 s: libpq's minimum).
+#: Seconds a server storage (PostgreSQL, MySQL) may take to connect (libpq waits at least 2 s).
 CONNECT_TIMEOUT = 10.0
 #: Samplers by name: (optuna, seed) → sampler.
 _SAMPLERS = {
@@ -65,12 +64,10 @@ def first_line(exc: BaseException) -> str:
 
 
 def _credentials(url: str, guess: bool = True) -> Optional[Tuple[str, str, Optional[str], str]]:
-    """(``scheme://``, user, password or None, ``host...``) of a server URL, or None when it names no user.
-
-    The password ends at the LAST '@' before the query string, so it may hold '@', ':', '/' and '?' unencoded
-    (an '@' in the database name must be written %40); sqlite:///FILE and postgresql:///DB?host=... have no user
-    part.  With ``guess`` (for hiding a password), an '@' only inside what looks like the query string also ends a
-    user part (a password holding '?NAME=': better hide too much than too little)."""
+    """(``scheme://``, user, password or None, ``host...``) of a server URL, or None when it names no user.  The
+    password ends at the LAST '@' before the query string (it may hold '@', ':', '/', '?'; an '@' in the database
+    name is written %40).  With ``guess`` (for hiding a password), an '@' only after the query string's start also
+    ends a user part (a password holding '?NAME=': better hide too much than too little)."""
     head, sep, rest = str(url).partition("://")
     if not sep or rest.startswith("/"):
         return None
@@ -140,9 +137,8 @@ def storage_kind(url: str) -> str:
 
 
 def normalise_url(url: str) -> str:
-    """Canonical form: FILE.log → journal:FILE.log; postgres:// and postgresql:// → postgresql+DRIVER:// with the
-    installed driver (psycopg 3, else psycopg2; SQLAlchemy's own default differs between its versions); an '@' in
-    a server URL's password is percent-encoded (the password ends at the last '@' before the host)."""
+    """Canonical form: FILE.log → journal:FILE.log; postgres(ql):// → postgresql+DRIVER:// with the installed
+    driver (psycopg 3, else psycopg2: SQLAlchemy's default varies); an '@' in a password percent-encoded."""
     u = str(url).strip()
     kind = storage_kind(u)
     if kind == "journal" and not u.startswith("journal:"):
@@ -172,12 +168,10 @@ def check_connect_timeout(seconds) -> float:
 
 def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period: Optional[int] = None,
                  connect_timeout: float = CONNECT_TIMEOUT):
-    """An Optuna storage for ``url`` (:data:`STORAGE_FORMS`): RDBStorage for SQLite and PostgreSQL (with heartbeats
-    every ``heartbeat_interval`` s; a trial silent for ``grace_period`` s, default 2 intervals, is stale and marked
-    FAIL by ``optuna.storages.fail_stale_trials``), JournalStorage on a journal file.  A server (PostgreSQL, MySQL)
-    must answer within ``connect_timeout`` seconds (:data:`CONNECT_TIMEOUT`; every connection, rounded up to whole
-    seconds).  ValueError naming ``storage`` and the URL (password hidden, also in the driver's words) when it is
-    malformed, cannot be opened or does not answer in time."""
+    """An Optuna storage for ``url`` (:data:`STORAGE_FORMS`): RDBStorage for SQLite and PostgreSQL with heartbeats
+    every ``heartbeat_interval`` s (a trial silent for ``grace_period`` s, default 2 intervals, is stale), else
+    JournalStorage.  A server must answer each connection within ``connect_timeout`` s (rounded up).  ValueError
+    naming ``storage`` and the URL (password hidden) when it is malformed, cannot be opened or does not answer."""
     optuna = require_optuna()
     timeout = check_connect_timeout(connect_timeout)
     url = normalise_url(url)
@@ -224,12 +218,10 @@ def make_pruner(name: str = "median", n_steps: int = 5, startup: int = 5):
 
 @dataclasses.dataclass(frozen=True)
 class StudySpec:
-    """Where a study lives and how it samples: ``storage`` (URL, :data:`STORAGE_FORMS`; None: in memory, one
-    process), ``study_name``, ``sampler`` (:data:`SAMPLERS`), ``pruner`` (:data:`PRUNERS`), ``seed`` (worker k
-    of a new study seeds its sampler with seed + k; see :func:`load_study`), ``n_steps`` (reported steps per
-    trial, for Hyperband), ``pruner_startup`` (trials the median pruner waits for), ``heartbeat_interval`` and
-    ``grace_period`` (seconds, RDB storages), ``connect_timeout`` (seconds a server storage may take to connect,
-    :data:`CONNECT_TIMEOUT`).  Its repr hides the storage's password."""
+    """Where a study lives and how it samples: ``storage`` (URL; None: in memory), ``study_name``, ``sampler``,
+    ``pruner``, ``seed`` (see :func:`load_study`), ``n_steps`` (reported steps per trial, for Hyperband),
+    ``pruner_startup`` (trials the median pruner waits for), ``heartbeat_interval``, ``grace_period`` and
+    ``connect_timeout`` (seconds, see :func:`open_storage`).  Its repr hides the storage's password."""
 
     storage: Optional[str] = None
     study_name: str = "nbtorch-sweep"
@@ -257,10 +249,9 @@ class StudySpec:
 
 
 def load_study(spec: StudySpec, worker: int = 0, n_existing: Optional[int] = None):
-    """Create or load (``load_if_exists``) the study ``spec`` describes, minimising, with worker ``worker``'s
-    sampler seeded ``spec.seed`` + worker on a new study (reproducible); joining a study that has ``n_existing``
-    trials (default: its trials now but waiting ones), the seed also mixes in this machine's name and that count,
-    so that commands joining a study (from other machines, or later) do not repeat each other's draws."""
+    """Create or load the (minimising) study ``spec`` describes, worker ``worker``'s sampler seeded ``spec.seed`` +
+    worker when new; joining a study with ``n_existing`` trials (default: now, waiting ones excluded) the seed mixes
+    in this machine's name and that count, so that joining commands do not repeat each other's draws."""
     optuna = require_optuna()
     storage = None if spec.storage is None else open_storage(spec.storage, spec.heartbeat_interval,
                                                              spec.grace_period, spec.connect_timeout)

@@ -1,7 +1,5 @@
-"""Running studies: :func:`run_study` shares trials among worker processes on one storage (each trial records the
-process that ran it, trials whose process is gone are marked FAIL, a failing trial does not stop the study, one
-progress line per trial goes to stderr), and studies end to end: :func:`global_search` and
-:func:`hyperparameter_sweep`, an objective factory of :mod:`.objectives` built here and in every worker process.
+"""Running studies: :func:`run_study` (worker processes sharing one storage, trials of dead processes marked FAIL,
+one progress line per trial) and studies end to end, :func:`global_search` and :func:`hyperparameter_sweep`.
 Public Optuna API only."""
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ import torch
 from ..pipeline.fit import fit_options
 from ..pipeline.options import FitOptions
 from ..pipeline.result import Result
-from .objectives import (HYPER_SPACE, GlobalSearchObjective, best_x, finish_best, global_search_objective,
+from .objectives import (HYPER_SPACE, GlobalSearchObjective, finish_best, global_search_objective,
                          hyperparameter_objective, trial_stages)
 from .storage import StudySpec, count_started, first_line, load_study, redact_text, require_optuna
 
@@ -43,12 +41,9 @@ def _alive(pid: int) -> bool:
 
 
 def fail_orphaned_trials(study) -> List[int]:
-    """Mark FAIL the RUNNING trials whose process is gone; returns their numbers.
-
-    Stale trials (no heartbeat for the storage's grace period: RDB storages, any machine) are failed by Optuna's
-    ``optuna.storages.fail_stale_trials``; trials started by a process of this machine that no longer exists (the
-    user attribute ``worker`` = 'host:pid') are told FAIL at once with ``study.tell`` (journal storages keep no
-    heartbeats, and a killed run is re-run sooner than a grace period)."""
+    """Mark FAIL the RUNNING trials whose process is gone; returns their numbers.  Stale trials (no heartbeat for
+    the grace period: RDB storages, any machine) by ``optuna.storages.fail_stale_trials``; those of a process of this
+    machine that no longer exists (user attribute ``worker``) at once by ``study.tell`` (journals have no heartbeat)."""
     optuna = require_optuna()
     state = optuna.trial.TrialState
     running = study.get_trials(deepcopy=False, states=(state.RUNNING,))
@@ -87,9 +82,8 @@ def _progress(study, trial) -> None:
 
 
 def optimize(study, objective, n_trials: int, progress: bool = True) -> None:
-    """``study.optimize`` for ``n_trials`` trials, each recording :func:`worker_id` as its user attribute
-    ``worker``; a trial raising one of :data:`TRIAL_ERRORS` is marked FAIL and the study goes on; one progress line
-    per trial on stderr unless ``progress`` is False."""
+    """``study.optimize`` for ``n_trials`` trials, each recording :func:`worker_id` as user attribute ``worker``; a
+    trial raising one of :data:`TRIAL_ERRORS` is marked FAIL; one progress line per trial on stderr if ``progress``."""
 
     def recorded(trial):
         trial.set_user_attr("worker", worker_id())
@@ -101,8 +95,7 @@ def optimize(study, objective, n_trials: int, progress: bool = True) -> None:
 
 def _worker(make_objective, n_trials: int, spec: StudySpec, index: int, progress: bool, threads: int,
             n_existing: int) -> None:
-    """Body of a worker process: load the study, build the objective, run ``n_trials`` trials.  An error is one
-    line on stderr (the storage's password hidden) and exit status 1."""
+    """Body of a worker process: run ``n_trials`` trials; an error is one line on stderr (password hidden), exit 1."""
     try:
         torch.set_num_threads(max(1, int(threads)))
         optuna = require_optuna()
@@ -120,14 +113,11 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
               objective=None, attrs: Optional[Mapping[str, str]] = None):
     """Run ``n_trials`` more trials of the study ``spec`` in ``workers`` processes sharing its storage; returns it.
 
-    ``make_objective()`` builds the objective in each worker process (picklable when ``workers`` > 1, e.g. a
-    functools.partial of a factory); ``objective``, when given, serves this process.  ``enqueue``: trial parameters
-    run first unless a trial has them (the user's start; with workers it runs here first, so that it runs once);
-    ``attrs``: recorded on a new study, matched by an existing one (trials of different problems do not compare).
-    Trials whose process is gone are marked FAIL first (:func:`fail_orphaned_trials`).  ValueError naming
-    ``n_trials``, ``workers`` (bad counts, ``workers`` > 1 without a storage URL) or ``study_name`` (holding another
-    problem); RuntimeError when a worker process fails.
-    """
+    ``make_objective()`` builds the objective in each worker (picklable, e.g. a functools.partial); ``objective``
+    serves this process.  ``enqueue``: trial parameters run first, here, unless a trial has them; ``attrs``:
+    recorded on a new study, matched by an existing one.  Orphaned trials are failed first.  ValueError naming
+    ``n_trials``, ``workers`` (also > 1 without a storage URL) or ``study_name`` (holding another problem);
+    RuntimeError when a worker process fails."""
     for name, value in (("n_trials", n_trials), ("workers", workers)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
@@ -169,8 +159,7 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
 
 
 def _factory(factory, options: FitOptions, *args, **kwargs):
-    """``factory(*args, **kwargs)`` with the fit's ``options`` as a partial that pickles (bounds and priors as
-    plain dicts), so that worker processes build the same objective as this one."""
+    """``factory(*args, **kwargs)`` with the fit's ``options`` as a partial that pickles (for worker processes)."""
     fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     fields.update({name: dict(fields[name]) for name in ("bounds", "priors") if fields[name] is not None})
     return functools.partial(factory, *args, **kwargs, **fields)
@@ -190,13 +179,10 @@ def global_search(observed, params, setup, search: Mapping[str, float], n_trials
                   spec: Optional[StudySpec] = None, workers: int = 1, options: Optional[FitOptions] = None,
                   iterations: int = 4, progress: bool = False, threads: Optional[int] = None,
                   **overrides) -> SearchOutcome:
-    """Search starting models in a box about ``params`` and refine the best (see :mod:`refine.studies`).
-
-    ``search`` as for :func:`global_search_objective` (degrees, percent, mm, pixels); ``spec`` the storage, study
-    name, sampler and pruner (:class:`StudySpec`, default in memory, TPE seeded 0, median pruner); ``workers``
-    processes; ``iterations`` per stage of each trial; ``options``/``overrides`` the fit's options (``free`` ...).
-    The user's start is trial 0 (enqueued).  Returns :class:`SearchOutcome`; RuntimeError when no trial completed.
-    """
+    """Search starting models in a box about ``params`` (``search`` as for :func:`global_search_objective`, the
+    user's start enqueued) in ``n_trials`` trials of ``iterations`` per stage, on ``spec`` (default in memory, TPE
+    seeded 0, median pruner) in ``workers`` processes, and refine the best; ``options``/``overrides`` the fit's
+    options.  Returns :class:`SearchOutcome`; RuntimeError when no trial completed."""
     stages = trial_stages(iterations)
     make = _factory(global_search_objective, fit_options(options, **overrides), observed, params, setup,
                     dict(search), stages=stages)
@@ -204,18 +190,18 @@ def global_search(observed, params, setup, search: Mapping[str, float], n_trials
     spec = dataclasses.replace(spec or StudySpec(), n_steps=len(stages))
     study = run_study(make, n_trials, spec, workers=workers, enqueue=objective.start_params(), progress=progress,
                       threads=threads, objective=objective, attrs={"problem": objective.fingerprint()})
-    if best_or_none(study) is None:
+    best = best_or_none(study)
+    if best is None:
         raise RuntimeError("no trial of the study completed: nothing to refine (see the FAIL/PRUNED trials)")
-    return SearchOutcome(study, best_x(study, objective)[0], finish_best(study, objective), objective)
+    return SearchOutcome(study, best.number, finish_best(study, objective), objective)
 
 
 def hyperparameter_sweep(observed, params, setup, n_trials: int, space: Optional[Mapping[str, object]] = None, *,
                          truth=None, truth_background=None, spec: Optional[StudySpec] = None, workers: int = 1,
                          progress: bool = False, threads: Optional[int] = None, options: Optional[FitOptions] = None,
                          **overrides):
-    """Run a hyperparameter sweep (:func:`hyperparameter_objective`) as a study: ``n_trials`` fits in ``workers``
-    processes on ``spec``'s storage (default in memory, TPE seeded 0; no pruning, as the fits report no
-    intermediate values).  Returns the study; ``study.best_params`` are the best hyperparameters."""
+    """:func:`hyperparameter_objective` as a study of ``n_trials`` fits in ``workers`` processes on ``spec``
+    (default in memory, TPE seeded 0; no pruning).  Returns the study (``study.best_params``)."""
     space = HYPER_SPACE if space is None else dict(space)
     make = _factory(hyperparameter_objective, fit_options(options, **overrides), observed, params, setup, space,
                     truth=truth, truth_background=truth_background)
