@@ -70,11 +70,11 @@ def joint_case(n: int):
 def time_normal(obs, starts, setups, batch: bool) -> float:
     """Seconds of one evaluation of the joint normal equations (after one warm-up call)."""
     from refine.targets import Objective
-    from refine.pipeline.fit import _inputs, _joint_options
-    from refine.pipeline.problem import build_problem
+    from refine.pipeline.fit import _joint_options
+    from refine.pipeline.problem import build_problem, image_inputs
 
     opts, sh, pi = _joint_options(None, ["distance", "beam_center"], ["orientation", "scale"], {})
-    pb = build_problem(*_inputs(obs, starts, setups, None, None)[:3], opts, sh)
+    pb = build_problem(*image_inputs(obs, starts, setups)[:3], opts, sh)
     X = pb.layout.pack([par.zeros() for par in pb.pars])
     obj = Objective(pb.pars, pb.observed, pb.usable, pb.target, layout=pb.layout, batch=batch)
     obj.normal(X)

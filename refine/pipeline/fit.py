@@ -17,8 +17,6 @@ shape are simulated together under ``torch.func.vmap``; independent fits at scal
 """
 from __future__ import annotations
 
-import os
-import shlex
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -26,7 +24,7 @@ from nbtorch.types import Params, Setup
 
 from ..model.parameters import expand_free
 from .options import DEFAULT_MAX_ITER, METHODS, FitOptions  # noqa: F401  (re-exported)
-from .problem import build_problem, initial_state, prepare
+from .problem import build_problem, image_inputs, initial_state, prepare
 from .report import covariance  # noqa: F401  (re-exported)
 from .result import JointResult, Result, finish, finish_many
 from .strategy import run_stage, schedule, start_scales
@@ -101,23 +99,6 @@ def _joint_options(options, shared, per_image, kwargs):
     return fit_options(options, free=shared + per_image, **kwargs), shared, per_image
 
 
-def _inputs(observed_list, params_list, setup_list, paths, flags):
-    """Checked lists (observed, params, setups, paths, flags) of equal length."""
-    n = len(observed_list)
-    if n == 0:
-        raise ValueError("fit_many needs at least one image")
-    setups = list(setup_list) if isinstance(setup_list, (list, tuple)) else [setup_list] * n
-    if len(params_list) != n or len(setups) != n:
-        raise ValueError(f"fit_many: {n} observed images but {len(params_list)} models and {len(setups)} set-ups")
-    paths = list(paths) if paths is not None else [os.fspath(o) if isinstance(o, (str, os.PathLike)) else None
-                                                   for o in observed_list]
-    flags = [None] * n if flags is None else ([flags] * n if isinstance(flags, str) else list(flags))
-    flags = [None if f is None else (shlex.split(f) if isinstance(f, str) else [str(t) for t in f]) for f in flags]
-    if len(paths) != n or len(flags) != n:
-        raise ValueError(f"fit_many: {n} images but {len(paths)} paths and {len(flags)} flag lists")
-    return list(observed_list), list(params_list), setups, paths, flags
-
-
 def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=(), per_image=(), *,
              options: Optional[FitOptions] = None, paths: Optional[Sequence[str]] = None, nanobragg_args=None,
              batch: bool = True, progress: Optional[Callable[[str, int, int], None]] = None,
@@ -148,7 +129,7 @@ def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=
     """
     t0 = time.perf_counter()
     opts, shared, _ = _joint_options(options, shared, per_image, kwargs)
-    obs, params, setups, paths, flags = _inputs(observed_list, params_list, setup_list, paths, nanobragg_args)
+    obs, params, setups, paths, flags = image_inputs(observed_list, params_list, setup_list, paths, nanobragg_args)
     pb = build_problem(obs, params, setups, opts, shared, paths, flags, batch, progress)
     state = initial_state(pb, start_scales(pb, pb.layout.pack([par.zeros() for par in pb.pars])))
     for stage in schedule(opts):

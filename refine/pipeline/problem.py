@@ -128,6 +128,24 @@ class FitState:
 # inputs
 
 
+def image_inputs(observed_list, params_list, setup_list, paths=None, flags=None):
+    """Checked lists (observed, params, setups, paths, flags) of equal length: one Setup serves every image, paths
+    default to the observed paths (when given as paths), one flag string to every image."""
+    n = len(observed_list)
+    if n == 0:
+        raise ValueError("fit_many needs at least one image")
+    setups = list(setup_list) if isinstance(setup_list, (list, tuple)) else [setup_list] * n
+    if len(params_list) != n or len(setups) != n:
+        raise ValueError(f"fit_many: {n} observed images but {len(params_list)} models and {len(setups)} set-ups")
+    paths = list(paths) if paths is not None else [os.fspath(o) if isinstance(o, (str, os.PathLike)) else None
+                                                   for o in observed_list]
+    flags = [None] * n if flags is None else ([flags] * n if isinstance(flags, str) else list(flags))
+    flags = [None if f is None else (shlex.split(f) if isinstance(f, str) else [str(t) for t in f]) for f in flags]
+    if len(paths) != n or len(flags) != n:
+        raise ValueError(f"fit_many: {n} images but {len(paths)} paths and {len(flags)} flag lists")
+    return list(observed_list), list(params_list), setups, paths, flags
+
+
 def _labelled(k: int, paths, exc: Exception) -> Exception:
     """``exc`` with 'image k (path): ' before its message when there are several images."""
     if len(paths) == 1:
@@ -244,8 +262,8 @@ def prepare(observed, params: Params, setup: Setup, options: FitOptions, start=N
     """The state of a one-image fit before its first stage: observed image (tensor, array, ObservedImage or path)
     and usable pixels, parameterisation, target, degenerate pairs (a ``DegeneracyWarning``, or ``ValueError`` unless
     ``options.allow_degenerate``), starting point (:func:`start_point`) and its loss on all usable pixels."""
-    paths = (os.fspath(observed),) if isinstance(observed, (str, os.PathLike)) else (None,)
     flags = options.nanobragg_args
-    flags = shlex.split(flags) if isinstance(flags, str) else (None if flags is None else [str(t) for t in flags])
-    pb = build_problem([observed], [params], [setup], options, paths=paths, flags=[flags])
+    obs, params, setups, paths, flags = image_inputs([observed], [params], setup, None,
+                                                     None if flags is None else [flags])
+    pb = build_problem(obs, params, setups, options, paths=paths, flags=flags)
     return initial_state(pb, start_point(pb.par, start))
