@@ -13,29 +13,26 @@
         state = refine.run_stage(state, stage)
     result = refine.finish(state)
 
-The pieces, each a module (see docs/refine.md): :mod:`refine.table` (one entry per refinable scalar),
-:mod:`refine.cells` (crystal systems), :mod:`refine.parameters` (increments ↔ Params), :mod:`refine.predict`
-(simulate + background), :mod:`refine.targets` (losses, pixels, objective), :mod:`refine.lm` and
-:mod:`refine.optim` (minimisers), :mod:`refine.search`, :mod:`refine.strategy` (stages, state, run_stage),
-:mod:`refine.options` (FitOptions), :mod:`refine.degeneracy`, :mod:`refine.report` (ESDs), :mod:`refine.result`,
-:mod:`refine.plots`, :mod:`refine.fit`.
+One image or many, it is one pipeline (see docs/refine.md for the diagram): :mod:`refine.model` (the refinable
+scalars, parameterisation, prediction), :mod:`refine.targets` (losses, pixels, the objective),
+:mod:`refine.minimise` (Levenberg–Marquardt with its linear solves, L-BFGS, Adam), :mod:`refine.pipeline` (options,
+problem, stages, results), :mod:`refine.studies` (Optuna), :mod:`refine.scaleout` (Dask) and :mod:`refine.cli`.
 """
 import nbtorch.interrupt  # noqa: F401  (first: a console script interrupted while importing is quiet)
+from .minimise.lm import MinimizeResult, levenberg_marquardt
+from .minimise.optim import adam, lbfgs
 from .model.cells import CRYSTAL_SYSTEMS, detect_crystal_system, symmetrize_cell
 from .model.degeneracy import Degeneracy, degenerate_pairs
-from .pipeline.fit import METHODS, covariance, fit, fit_options
-from .minimise.lm import MinimizeResult, levenberg_marquardt
-from .pipeline.fit import fit_many
-from .minimise.optim import adam, lbfgs
-from .pipeline.options import FitOptions
 from .model.parameters import Parameterisation, Scalar, pack, parameterise, total_rotation, unpack, xyz_angles
 from .model.predict import Predict, make_predict, predict_image
-from .pipeline.report import REPORT_FIELDS
-from .pipeline.result import ImageResult, JointResult, Result, finish, finish_many
+from .model.table import DEFAULT_FREE, GROUPS, REPORT_FIELDS, SCALARS, ScalarSpec
+from .pipeline.fit import fit, fit_many, fit_options
+from .pipeline.options import METHODS, FitOptions
 from .pipeline.problem import FitState, prepare
+from .pipeline.report import covariance
+from .pipeline.result import ImageResult, JointResult, Result, finish, finish_many
 from .pipeline.stages import Stage, default_stages
 from .pipeline.strategy import run_stage, schedule
-from .model.table import DEFAULT_FREE, GROUPS, SCALARS, ScalarSpec
 from .targets import TARGETS, Objective, make_target, select_pixels, usable_mask
 
 __all__ = [

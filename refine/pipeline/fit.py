@@ -23,9 +23,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 from nbtorch.types import Params, Setup
 
 from ..model.parameters import expand_free
-from .options import DEFAULT_MAX_ITER, METHODS, FitOptions  # noqa: F401  (re-exported)
+from .options import FitOptions
 from .problem import build_problem, image_inputs, initial_state, prepare
-from .report import covariance  # noqa: F401  (re-exported)
 from .result import JointResult, Result, finish, finish_many
 from .strategy import run_stage, schedule, start_scales
 

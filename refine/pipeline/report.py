@@ -17,7 +17,7 @@ from nbtorch.detector import beam_center_to_pixels
 from nbtorch.units import rad2deg
 
 from ..model.parameters import Parameterisation, total_rotation, xyz_angles
-from ..model.table import REPORT_FIELDS  # noqa: F401  (re-exported)
+from ..model.table import REPORT_FIELDS
 
 #: How ESDs are scaled: by χ²/ν for least squares only ('auto'), always ('chi2'), never ('none').
 ESD_SCALES = ("auto", "chi2", "none")

@@ -22,7 +22,7 @@ from ..model.predict import predict_image
 from ..targets.objective import Objective
 from . import plots
 from .problem import FitState, Problem
-from .report import REPORT_FIELDS, correlation_from_covariance, covariance, esd_factor, propagate  # noqa: F401
+from .report import correlation_from_covariance, covariance, esd_factor, propagate
 
 
 #: A likelihood fit (Poisson, Gaussian, Anscombe) whose Pearson χ²/ν lies outside [1/POOR_FIT_CHI2, POOR_FIT_CHI2]
