@@ -193,6 +193,35 @@ def test_joint_result_contract_and_flags(joint, tmp_path):
         assert float(p.detector.distance) == pytest.approx(d["shared"]["distance"], abs=1e-6)
 
 
+def test_one_image_through_fit_many_is_refine_fit():
+    """The single-image fit is the joint fit with N = 1: the same stages give the same values, ESDs and loss."""
+    p, s = nbtorch.from_nanobragg_args(f"{TINY} -misset {_misset(0)}")
+    obs = observe(p, s, seed=3)
+    start = with_detector(p, distance=p.detector.distance + 0.4)
+    free = ["distance", "beam_center", "orientation"]
+    one = refine.fit(obs, start, s, free=free, coarse_to_fine=False, max_iter=6)
+    many = refine.fit_many([obs], [start], s, per_image=free, coarse_to_fine=False, max_iter=6)
+    img = many.images[0]
+    assert img.names == one.names and img.converged == one.converged and many.shared_names == []
+    for name in one.names:
+        assert img.values[name] == pytest.approx(one.values[name], rel=1e-10, abs=1e-12)
+        assert img.esd[name] == pytest.approx(one.esd[name], rel=1e-8)
+    assert many.loss == pytest.approx(one.loss, rel=1e-12) and img.chi2_nu == pytest.approx(one.chi2_nu, rel=1e-12)
+
+
+def test_joint_fit_takes_priors_and_every_method():
+    """What the single fit takes, the joint fit takes: a tight prior on the shared distance holds it at the prior's
+    mean; L-BFGS refines the same problem."""
+    obs, starts, setups, truths = _joint_case(2)
+    true_d = float(truths[0].detector.distance)
+    kw = dict(shared=["distance"], per_image=["scale"], coarse_to_fine=False, max_iter=8)
+    held = refine.fit_many(obs, starts, setups, priors={"distance": (true_d + 0.3, 1e-6)}, **kw)
+    assert held.shared["distance"] == pytest.approx(true_d + 0.3, abs=1e-3)
+    free = refine.fit_many(obs, starts, setups, method="lbfgs", **kw)
+    assert abs(free.shared["distance"] - true_d) < abs(float(starts[0].detector.distance) - true_d)
+    assert all(h["stage"] == "fine" for h in free.history)
+
+
 # ------------------------------------------------------------------------------------------------ the command line
 
 
