@@ -1,6 +1,5 @@
-"""The objectives of studies, ``objective(trial) -> loss``, apart from any storage or process: the search box of a
-global search and its trial, and the space and trial of a hyperparameter sweep.  Both work with
-``optuna.trial.FixedTrial``; :func:`finish_best` refines a study's best trial to convergence."""
+"""The objectives of studies, ``objective(trial) -> loss``, apart from any storage or process: a global search's
+box and trial, a hyperparameter sweep's space and trial (both work with ``optuna.trial.FixedTrial``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +21,8 @@ from ..pipeline.strategy import FitState, Stage, default_stages, prepare, run_st
 
 
 def parse_search(text: str) -> Dict[str, float]:
-    """``"orientation:5,cell:3"`` → {"orientation": 5.0, "cell": 3.0}: half-widths in the group's unit
-    (:data:`SEARCH_UNITS`) of groups or single scalars (``orientation.z``, ``beam_center.x``).  ValueError naming
-    ``search`` and what is wrong: an empty list, no ':', an unknown group, a range that is not a number > 0."""
+    """``"orientation:5,cell:3"`` → {"orientation": 5.0, "cell": 3.0}: half-widths in :data:`SEARCH_UNITS` of
+    groups or single scalars (``beam_center.x``).  ValueError naming ``search`` and what is wrong."""
     items = [t.strip() for t in str(text).split(",")]
     if not any(items):
         raise ValueError(f"search is empty: give GROUP:RANGE[,GROUP:RANGE...] with groups {', '.join(SEARCH_UNITS)}")
@@ -46,8 +44,7 @@ def parse_search(text: str) -> Dict[str, float]:
 
 
 def check_search_name(name: str) -> None:
-    """ValueError unless ``name`` is a searchable group (:data:`SEARCH_UNITS`) or one of its scalars (cell: the
-    lengths)."""
+    """ValueError unless ``name`` is a searchable group or one of its scalars (cell: the lengths)."""
     group = name.split(".")[0]
     if group not in SEARCH_UNITS or ("." in name and (name not in SPECS or group == "cell" and
                                                       SPECS[name].unit != "Å")):
@@ -66,42 +63,21 @@ class Dimension(NamedTuple):
     to_x: float
 
 
-def search_dimensions(par, search: Mapping[str, float]) -> List[Dimension]:
-    """The sampled scalars of a search box ``search`` ({group or scalar: half-width}) for the parameterisation
-    ``par``: every free scalar of each named group (cell: the free lengths).  ValueError names a group not free."""
-    dims: Dict[int, Dimension] = {}
-    for name, half in search.items():
-        check_search_name(name)
-        group = name.split(".")[0]
-        idx = [i for i in par.index(name) if not (group == "cell" and par.scalars[i].unit != "Å")]
-        if not idx:
-            raise ValueError(f"search {name}: not refined here; add it to the free groups to search it")
-        for i in idx:
-            s = par.scalars[i]
-            to_x = {"orientation": 1.0 / DEG_PER_MRAD, "cell": percent_to_fraction(s.ref), "distance": 1.0,
-                    "beam_center": par.setup.pixel_size}[group]
-            dims[i] = Dimension(s.name + SEARCH_SUFFIX[group], i, float(half), float(to_x))
-    return [dims[i] for i in sorted(dims)]
-
-
 def trial_stages(iterations: int = 4) -> List[Stage]:
     """A trial's short coarse-to-fine schedule: the default stages with ``iterations`` iterations each."""
     return default_stages(iterations, iterations, iterations)
 
 
 class GlobalSearchObjective:
-    """``objective(trial) -> loss`` of a global search (built by :func:`global_search_objective`): from the prepared
-    ``base`` state at the user's start, a trial suggests one value per :class:`Dimension` (uniform in ± its
-    half-width), runs the ``stages`` from those increments and reports each stage's ``loss_all`` (fit target, real
-    model, all usable pixels) as step k, raising ``optuna.TrialPruned`` when the pruner says so; it returns the final
-    loss and keeps the refined increments in the user attribute ``x``."""
+    """``objective(trial) -> loss`` of a global search: a trial moves the ``base`` state's x by one value per
+    :class:`Dimension` (uniform in ± half), runs the ``stages``, reports each stage's ``loss_all`` as step k (pruned
+    when the pruner says so) and returns the last, keeping the refined increments in the user attribute ``x``."""
 
     def __init__(self, base: FitState, dimensions: Sequence[Dimension], stages: Sequence[Stage]):
         self.base, self.dimensions, self.stages = base, list(dimensions), list(stages)
 
     def fingerprint(self) -> str:
-        """A digest of what trials depend on (observed pixels, starting model, Setup, free scalars, dimensions,
-        stages, target): a study's trials compare only under one fingerprint."""
+        """A digest of what trials depend on (pixels, start, Setup, free scalars, dimensions, stages, target)."""
         pb = self.base.problem
         h = hashlib.sha1()
         for t in (*pb.observed, *(t for _, t in tree_leaves(pb.par.ref) if isinstance(t, torch.Tensor))):
@@ -112,13 +88,6 @@ class GlobalSearchObjective:
     def start_params(self) -> Dict[str, float]:
         """Trial parameters of the user's start (every value 0)."""
         return {d.name: 0.0 for d in self.dimensions}
-
-    def start_x(self, values: Mapping[str, float]) -> torch.Tensor:
-        """Starting increments x [n] of trial parameters ``values`` ({dimension name: value in its unit})."""
-        x = self.base.x.clone()
-        for d in self.dimensions:
-            x[d.index] = x[d.index] + float(values[d.name]) * d.to_x
-        return x
 
     def run(self, x0: torch.Tensor, report: Optional[Callable[[float, int], None]] = None,
             stages: Optional[Sequence[Stage]] = None) -> FitState:
@@ -140,8 +109,10 @@ class GlobalSearchObjective:
             if step < len(self.stages) - 1 and trial.should_prune():  # after the last stage the trial is done
                 raise TrialPruned(f"pruned after stage {self.stages[step].name} (loss {loss:.6g})")
 
-        values = {d.name: trial.suggest_float(d.name, -d.half, d.half) for d in self.dimensions}
-        state = self.run(self.start_x(values), report)
+        x0 = self.base.x.clone()
+        for d in self.dimensions:
+            x0[d.index] += trial.suggest_float(d.name, -d.half, d.half) * d.to_x
+        state = self.run(x0, report)
         loss = state.stages[-1].get("loss_all") if state.stages else None  # the last stage's, at state.x
         loss = state.problem.objective.loss(state.x) if loss is None else float(loss)
         trial.set_user_attr("x", [float(v) for v in state.x])
@@ -153,27 +124,35 @@ class GlobalSearchObjective:
 def global_search_objective(observed, params, setup, search: Mapping[str, float], *,
                             options: Optional[FitOptions] = None, stages: Optional[Sequence[Stage]] = None,
                             iterations: int = 4, **overrides) -> GlobalSearchObjective:
-    """Objective factory of a global search about a starting model: ``observed`` [slow, fast] (photons), ``params``
-    and ``setup`` as for :func:`refine.fit` (x are increments about ``params``); ``search`` {group or scalar:
-    half-width} in degrees (orientation), percent (cell lengths), mm (distance), pixels (beam_center), every group
-    free (:func:`parse_search` reads the command line's form); ``options``/``overrides`` the fit's
-    :class:`~refine.pipeline.options.FitOptions` (``free`` ...); ``stages`` each trial's schedule (default
+    """Objective factory of a global search: ``observed`` [slow, fast] (photons), ``params``, ``setup`` as for
+    :func:`refine.fit`; ``search`` {free group or scalar: half-width} in degrees, percent (cell lengths), mm, pixels
+    (:data:`SEARCH_UNITS`); ``options``/``overrides`` the fit's options; ``stages`` each trial's schedule (default
     :func:`trial_stages` with ``iterations`` per stage).  Returns :class:`GlobalSearchObjective`."""
     base = prepare(observed, params, setup, fit_options(options, **overrides))
-    dims = search_dimensions(base.problem.par, search)
-    return GlobalSearchObjective(base, dims, list(stages) if stages is not None else trial_stages(iterations))
+    par, dims = base.problem.par, {}
+    for name, half in search.items():  # every free scalar of each named group (cell: the free lengths)
+        check_search_name(name)
+        group = name.split(".")[0]
+        idx = [i for i in par.index(name) if not (group == "cell" and par.scalars[i].unit != "Å")]
+        if not idx:
+            raise ValueError(f"search {name}: not refined here; add it to the free groups to search it")
+        for i in idx:
+            s = par.scalars[i]
+            to_x = {"orientation": 1.0 / DEG_PER_MRAD, "cell": percent_to_fraction(s.ref), "distance": 1.0,
+                    "beam_center": par.setup.pixel_size}[group]
+            dims[i] = Dimension(s.name + SEARCH_SUFFIX[group], i, float(half), float(to_x))
+    stages = list(stages) if stages is not None else trial_stages(iterations)
+    return GlobalSearchObjective(base, [dims[i] for i in sorted(dims)], stages)
 
 
 def finish_best(study, objective: GlobalSearchObjective, stages: Optional[Sequence[Stage]] = None) -> Result:
-    """The study's best COMPLETE trial's model refined to convergence (default: one final stage with the fit's
-    minimiser, target and ``max_iter``) → :class:`refine.Result` with ESDs."""
+    """The study's best trial's model refined to convergence (default: one final stage) → :class:`refine.Result`."""
     x = torch.as_tensor(study.best_trial.user_attrs["x"], dtype=objective.base.x.dtype, device=objective.base.x.device)
     return finish(objective.run(x, stages=stages or [Stage("fine", preliminary=False)]))
 
 
 #: The default hyperparameter space: a list is a categorical choice, a pair of ints an integer range, a pair of
-#: floats a log-uniform range.  ``spot_roi`` 0 fits every usable pixel, k > 0 only pixels within k px of spots
-#: (plus a background sample); ``oversample`` sub-pixels per axis.
+#: floats a log-uniform range.  ``spot_roi`` k > 0 fits only pixels within k px of spots (0: all usable pixels).
 HYPER_SPACE = {"method": list(METHODS), "damping": (1e-5, 1.0), "lr": (1e-3, 0.5),
                "schedule": ["coarse_to_fine", "final_only"], "coarse_iter": (2, 12),
                "target": ["poisson", "gaussian", "anscombe"], "spot_roi": (0, 6), "oversample": (1, 3)}
@@ -182,45 +161,23 @@ HYPER_SPACE = {"method": list(METHODS), "damping": (1e-5, 1.0), "lr": (1e-3, 0.5
 CONDITIONS = {"lr": ("method", "adam"), "damping": ("method", "lm"), "coarse_iter": ("schedule", "coarse_to_fine")}
 
 
-def check_space(space: Mapping[str, object]) -> Dict[str, object]:
-    """``space`` as a dict, checked against :data:`HYPER_SPACE`: ValueError names an unknown parameter or a bad
-    range."""
-    for name, spec in space.items():
-        if name not in HYPER_SPACE:
-            raise ValueError(f"hyperparameter {name!r} is unknown; known: {', '.join(HYPER_SPACE)}")
-        if isinstance(spec, tuple):
-            if len(spec) != 2 or not spec[0] < spec[1]:
-                raise ValueError(f"hyperparameter {name}: a range must be (low, high) with low < high; got {spec}")
-        elif not (isinstance(spec, list) and spec):
-            raise ValueError(f"hyperparameter {name}: give a non-empty list of choices or a (low, high) range")
-    return dict(space)
-
-
-def suggest_hyperparameters(trial, space: Mapping[str, object]) -> Dict[str, object]:
-    """One trial's hyperparameters from ``space``, conditional ones only where they apply (:data:`CONDITIONS`)."""
-    hp: Dict[str, object] = {}
-    for name, spec in space.items():
-        on, value = CONDITIONS.get(name, (None, None))
-        if on is not None and hp.get(on, value) != value:
-            continue
-        if isinstance(spec, list):
-            hp[name] = trial.suggest_categorical(name, spec)
-        elif all(isinstance(v, int) for v in spec):
-            hp[name] = trial.suggest_int(name, spec[0], spec[1])
-        else:
-            hp[name] = trial.suggest_float(name, float(spec[0]), float(spec[1]), log=True)
-    return hp
-
-
 class HyperparameterObjective:
     """``objective(trial) -> score`` of a hyperparameter sweep (built by :func:`hyperparameter_objective`): each
-    trial fits with its hyperparameters and is scored on the ``reference`` problem (base options, real model, base
-    target, all usable pixels); it keeps the fit's summary values as user attributes."""
+    trial fits with hyperparameters from ``space`` (checked against :data:`HYPER_SPACE`) and is scored on the
+    ``reference`` problem (base options, all usable pixels); it keeps the fit's summary as user attributes."""
 
     def __init__(self, observed, params, setup, options: FitOptions, space: Mapping[str, object], truth=None,
                  truth_background=None):
+        for name, spec in space.items():
+            if name not in HYPER_SPACE:
+                raise ValueError(f"hyperparameter {name!r} is unknown; known: {', '.join(HYPER_SPACE)}")
+            if isinstance(spec, tuple):
+                if len(spec) != 2 or not spec[0] < spec[1]:
+                    raise ValueError(f"hyperparameter {name}: a range must be (low, high) with low < high; got {spec}")
+            elif not (isinstance(spec, list) and spec):
+                raise ValueError(f"hyperparameter {name}: give a non-empty list of choices or a (low, high) range")
         self.observed, self.params, self.setup, self.options = observed, params, setup, options
-        self.space = check_space(space)
+        self.space = dict(space)
         self.reference = prepare(observed, params, setup, options)
         par = self.reference.problem.par
         self.truth_x = None
@@ -239,8 +196,7 @@ class HyperparameterObjective:
         return self.options.replace(callback=None, **changes), setup
 
     def score(self, result: Result) -> float:
-        """The score of a fitted result (lower is better): with a known truth the RMS error of the free scalars in
-        typical errors, otherwise the loss of the fitted model on the reference problem."""
+        """Lower is better: the RMS error of the free scalars in typical errors with a truth, else the loss."""
         pb = self.reference.problem
         plane = torch.as_tensor(result.parameters["background"], dtype=pb.par.dtype)
         x = pb.par.pack(result.params, plane)
@@ -250,7 +206,18 @@ class HyperparameterObjective:
         return float(torch.sqrt(torch.mean(err ** 2))) if len(err) else 0.0
 
     def __call__(self, trial) -> float:
-        options, setup = self.configure(suggest_hyperparameters(trial, self.space))
+        hp: Dict[str, object] = {}
+        for name, spec in self.space.items():
+            on, value = CONDITIONS.get(name, (None, None))
+            if on is not None and hp.get(on, value) != value:  # a conditional one that does not apply
+                continue
+            if isinstance(spec, list):
+                hp[name] = trial.suggest_categorical(name, spec)
+            elif all(isinstance(v, int) for v in spec):
+                hp[name] = trial.suggest_int(name, spec[0], spec[1])
+            else:
+                hp[name] = trial.suggest_float(name, float(spec[0]), float(spec[1]), log=True)
+        options, setup = self.configure(hp)
         result = fit(self.observed, self.params, setup, options=options)
         value = self.score(result)
         for name, kind in (("converged", bool), ("iterations", int), ("seconds", float), ("loss_all", float)):
@@ -265,8 +232,7 @@ def hyperparameter_objective(observed, params, setup, space: Optional[Mapping[st
                              **overrides) -> HyperparameterObjective:
     """Objective factory of a hyperparameter sweep: ``observed``, ``params``, ``setup`` as for :func:`refine.fit`;
     ``space`` {name: choices | (low, high)} (default :data:`HYPER_SPACE`); ``truth`` the true ``Params`` of
-    synthetic data (``truth_background`` its plane c0, c_fast, c_slow in photons/pixel), scored by RMS error in
-    typical errors (None: by the loss on the data); ``options``/``overrides`` the base
-    :class:`~refine.pipeline.options.FitOptions` (free groups ...).  Returns :class:`HyperparameterObjective`."""
+    synthetic data (and ``truth_background``, its plane in photons/pixel) or None; ``options``/``overrides`` the
+    base fit options.  Returns :class:`HyperparameterObjective`."""
     return HyperparameterObjective(observed, params, setup, fit_options(options, **overrides),
                                    HYPER_SPACE if space is None else space, truth, truth_background)

@@ -2,6 +2,7 @@
 the loss over two searched parameters; each saved to ``path`` when given, and returned."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -34,16 +35,13 @@ def plot_history(study, path: Optional[str] = None):
         ax.plot([t.number for t in pruned], last, "x", color="0.5", label="pruned (last reported)")
     if v + last and min(v + last) > 0:
         ax.set_yscale("log")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{study.study_name}: optimisation history")
+    ax.set(xlabel="trial", ylabel="loss", title=f"{study.study_name}: optimisation history")
     ax.legend(fontsize=8)
     return _save(fig, plt, path)
 
 
 def importances(study) -> dict:
-    """{parameter: importance} of the COMPLETE trials (PED-ANOVA, no extra dependency); {} with fewer than
-    3 trials or a single parameter's space."""
+    """{parameter: importance} of the COMPLETE trials (PED-ANOVA); {} with fewer than 3 or a single parameter."""
     import optuna
 
     if len(_trials(study, "COMPLETE")) < 3:
@@ -64,14 +62,12 @@ def plot_importances(study, path: Optional[str] = None):
     ax.barh(names, [imp[n] for n in names])
     if not imp:
         ax.text(0.5, 0.5, "not enough complete trials", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("importance (PED-ANOVA)")
-    ax.set_title(f"{study.study_name}: parameter importances")
+    ax.set(xlabel="importance (PED-ANOVA)", title=f"{study.study_name}: parameter importances")
     return _save(fig, plt, path)
 
 
 def surface_parameters(study) -> Tuple[str, str]:
-    """The two most important numeric parameters (or the first two), for :func:`plot_surface`; ValueError with
-    fewer than two."""
+    """The two most important numeric parameters (or the first two); ValueError with fewer than two."""
     done = _trials(study, "COMPLETE")
     numeric = sorted({k for t in done for k, v in t.params.items() if isinstance(v, (int, float))})
     if len(numeric) < 2:
@@ -88,15 +84,12 @@ def plot_surface(study, params: Optional[Sequence[str]] = None, path: Optional[s
     plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     if done:
-        x = np.array([t.params[px] for t in done], float)
-        y = np.array([t.params[py] for t in done], float)
+        x, y = (np.array([t.params[p] for t in done], float) for p in (px, py))
         v = np.array([t.value for t in done], float)
         c = np.log10(v - v.min() + 1.0)
         if len(done) >= 4 and np.ptp(x) > 0 and np.ptp(y) > 0:
-            try:
+            with contextlib.suppress(ValueError, RuntimeError):  # collinear points
                 ax.tricontourf(x, y, c, levels=12, cmap="viridis", alpha=0.6)
-            except (ValueError, RuntimeError):  # collinear points
-                pass
         sc = ax.scatter(x, y, c=c, cmap="viridis", edgecolors="k", linewidths=0.4, s=24)
         fig.colorbar(sc, ax=ax, label="log10(loss − best + 1)")
         k = int(np.argmin(v))
@@ -107,7 +100,6 @@ def plot_surface(study, params: Optional[Sequence[str]] = None, path: Optional[s
             if hasattr(dist, "low") and hasattr(dist, "high"):
                 pad = 0.02 * (dist.high - dist.low)
                 setlim(dist.low - pad, dist.high + pad)
-    ax.set_xlabel(px)
-    ax.set_ylabel(py)
+    ax.set(xlabel=px, ylabel=py)
     ax.set_title(f"{study.study_name}: loss over two parameters", fontsize=10)
     return _save(fig, plt, path)

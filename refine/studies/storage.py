@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import logging
 import math
@@ -91,9 +92,8 @@ def redact(url: str) -> str:
 
 
 def redact_text(text: str, *urls: Optional[str]) -> str:
-    """``text`` (an error message, a log line, a traceback) with the password of each storage URL in ``urls``
-    hidden: the URL itself (as given or normalised) becomes :func:`redact`'s form, the password on its own (as
-    written, percent-decoded or percent-encoded, 3 characters or more) becomes ***."""
+    """``text`` with the password of each storage URL in ``urls`` hidden: the URL (as given or normalised) in
+    :func:`redact`'s form, the password alone (as written, percent-decoded or -encoded, ≥ 3 characters) as ***."""
     shown = {}
     for url in filter(None, urls):
         forms = {str(url)}
@@ -210,8 +210,7 @@ def make_sampler(name: str = "tpe", seed: Optional[int] = 0):
 
 
 def make_pruner(name: str = "median", n_steps: int = 5, startup: int = 5):
-    """Optuna pruner by name (:data:`PRUNERS`): median (after ``startup`` trials), Hyperband over ``n_steps``
-    reported steps, or none."""
+    """Optuna pruner by name: median (after ``startup`` trials), Hyperband (``n_steps`` reported steps), none."""
     _choice("pruner", name, PRUNERS)
     return _PRUNERS[name](require_optuna(), n_steps, startup)
 
@@ -255,11 +254,8 @@ def load_study(spec: StudySpec, worker: int = 0, n_existing: Optional[int] = Non
     optuna = require_optuna()
     storage = None if spec.storage is None else open_storage(spec.storage, spec.heartbeat_interval,
                                                              spec.grace_period, spec.connect_timeout)
-
-    def create(**how):
-        return optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
-                                   load_if_exists=True, **how)
-
+    create = functools.partial(optuna.create_study, storage=storage, study_name=spec.study_name,
+                               direction="minimize", load_if_exists=True)
     if n_existing is None:
         n_existing = count_started(create())
     seed = spec.seed

@@ -3,6 +3,7 @@ one progress line per trial) and studies end to end, :func:`global_search` and :
 Public Optuna API only."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import multiprocessing
@@ -54,10 +55,8 @@ def fail_orphaned_trials(study) -> List[int]:
     for t in running:
         w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
         if w_host == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            try:
+            with contextlib.suppress(RuntimeError):  # finished meanwhile (optuna's UpdateFinishedTrialError)
                 study.tell(t.number, state=state.FAIL, skip_if_finished=True)
-            except RuntimeError:  # finished by its process meanwhile (optuna's UpdateFinishedTrialError)
-                pass
     failed = {t.number for t in study.get_trials(deepcopy=False, states=(state.FAIL,))}
     return [t.number for t in running if t.number in failed]
 
@@ -71,8 +70,7 @@ def best_or_none(study):
 
 
 def _progress(study, trial) -> None:
-    """Optuna callback: one line on stderr per finished trial (number, state, loss — the last reported one for a
-    pruned trial —, best so far and its trial)."""
+    """Optuna callback: one line on stderr per trial: number, state, (last reported) loss, best so far."""
     best = best_or_none(study)
     value = trial.intermediate_values.get(trial.last_step) if trial.value is None else trial.value
     text = f"trial {trial.number:4d} {trial.state.name:8s} loss {'-' if value is None else f'{value:.10g}'}"
@@ -98,8 +96,7 @@ def _worker(make_objective, n_trials: int, spec: StudySpec, index: int, progress
     """Body of a worker process: run ``n_trials`` trials; an error is one line on stderr (password hidden), exit 1."""
     try:
         torch.set_num_threads(max(1, int(threads)))
-        optuna = require_optuna()
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        require_optuna().logging.set_verbosity(require_optuna().logging.WARNING)
         study = load_study(spec, worker=index, n_existing=n_existing)
         optimize(study, make_objective(), n_trials, progress)
     except Exception as exc:  # noqa: BLE001 - reported by the parent as a failed worker
@@ -112,12 +109,10 @@ def run_study(make_objective: Callable[[], Callable], n_trials: int, spec: Study
               enqueue: Optional[Mapping[str, float]] = None, progress: bool = True, threads: Optional[int] = None,
               objective=None, attrs: Optional[Mapping[str, str]] = None):
     """Run ``n_trials`` more trials of the study ``spec`` in ``workers`` processes sharing its storage; returns it.
-
-    ``make_objective()`` builds the objective in each worker (picklable, e.g. a functools.partial); ``objective``
-    serves this process.  ``enqueue``: trial parameters run first, here, unless a trial has them; ``attrs``:
-    recorded on a new study, matched by an existing one.  Orphaned trials are failed first.  ValueError naming
-    ``n_trials``, ``workers`` (also > 1 without a storage URL) or ``study_name`` (holding another problem);
-    RuntimeError when a worker process fails."""
+    ``make_objective()`` builds the objective in each worker (picklable: a functools.partial), ``objective`` serves
+    this process; ``enqueue``: trial parameters run first, here, unless a trial has them; ``attrs``: recorded on a
+    new study, matched by an existing one.  Orphaned trials are failed first.  ValueError naming ``n_trials``,
+    ``workers`` (also > 1 without storage URL) or ``study_name`` (another problem's); RuntimeError: a worker failed."""
     for name, value in (("n_trials", n_trials), ("workers", workers)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
@@ -166,8 +161,7 @@ def _factory(factory, options: FitOptions, *args, **kwargs):
 
 
 class SearchOutcome(NamedTuple):
-    """What :func:`global_search` found: ``study``, ``trial`` (best trial number), ``result`` (its model refined to
-    convergence, :class:`refine.Result`), ``objective`` (:class:`GlobalSearchObjective`)."""
+    """What :func:`global_search` found: the study, the best trial's number, its refined Result, the objective."""
 
     study: object
     trial: int
