@@ -28,7 +28,7 @@ METHODS = tuple(MINIMISERS)
 DEFAULT_MAX_ITER = {name: m.default_max_iter for name, m in MINIMISERS.items()}
 
 
-def _choice(name: str, value, allowed) -> None:
+def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
@@ -110,14 +110,14 @@ class FitOptions:
         self._validate()
 
     def _validate(self) -> None:
-        _choice("method", self.method, tuple(MINIMISERS))
+        check_choice("method", self.method, tuple(MINIMISERS))
         if not isinstance(self.target, Target):
-            _choice("target", self.target, TARGETS)
-        _choice("crystal_system", self.crystal_system, ("auto",) + tuple(CRYSTAL_SYSTEMS))
-        _choice("ncells_mode", self.ncells_mode, NCELLS_MODES)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("esd_scale", self.esd_scale, ESD_SCALES)
-        _choice("fused", self.fused, (None, True, False))
+            check_choice("target", self.target, TARGETS)
+        check_choice("crystal_system", self.crystal_system, ("auto",) + tuple(CRYSTAL_SYSTEMS))
+        check_choice("ncells_mode", self.ncells_mode, NCELLS_MODES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("esd_scale", self.esd_scale, ESD_SCALES)
+        check_choice("fused", self.fused, (None, True, False))
         for name in ("coarse_iter", "robust_iter", "max_shift", "spot_dilate"):
             _at_least(name, getattr(self, name), 0, integer=True)
         _at_least("max_iter", self.max_iter, 0, integer=True, optional=True)
@@ -135,7 +135,7 @@ class FitOptions:
             raise ValueError(f"background must be 3 numbers (c0, c_fast, c_slow) in photons/pixel; got "
                              f"{list(self.background)}")
         if isinstance(self.coarse_to_fine, str):
-            _choice("coarse_to_fine", self.coarse_to_fine, ("auto",))
+            check_choice("coarse_to_fine", self.coarse_to_fine, ("auto",))
         elif isinstance(self.coarse_to_fine, tuple):
             if not self.coarse_to_fine or not all(isinstance(s, Stage) for s in self.coarse_to_fine):
                 raise ValueError("coarse_to_fine must be 'auto', True, False or a non-empty list of "

@@ -18,7 +18,7 @@ import zlib
 from typing import Optional, Set, Tuple
 from urllib.parse import quote, unquote
 
-from ..pipeline.options import _choice
+from ..pipeline.options import check_choice
 
 #: Storage URL schemes: SQLite file, journal file, PostgreSQL (also with a driver, postgresql+psycopg2://).
 STORAGE_FORMS = "sqlite:///FILE.db, journal:FILE.log (or FILE.log), postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
@@ -205,13 +205,13 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = 10, grace_period:
 
 def make_sampler(name: str = "tpe", seed: Optional[int] = 0):
     """Optuna sampler by name (:data:`SAMPLERS`): TPE (default), CMA-ES, GP or random, seeded with ``seed``."""
-    _choice("sampler", name, SAMPLERS)
+    check_choice("sampler", name, SAMPLERS)
     return _SAMPLERS[name](require_optuna(), seed)
 
 
 def make_pruner(name: str = "median", n_steps: int = 5, startup: int = 5):
     """Optuna pruner by name: median (after ``startup`` trials), Hyperband (``n_steps`` reported steps), none."""
-    _choice("pruner", name, PRUNERS)
+    check_choice("pruner", name, PRUNERS)
     return _PRUNERS[name](require_optuna(), n_steps, startup)
 
 
@@ -237,8 +237,8 @@ class StudySpec:
         if self.storage is not None:
             object.__setattr__(self, "storage", normalise_url(self.storage))
         object.__setattr__(self, "connect_timeout", check_connect_timeout(self.connect_timeout))
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("pruner", self.pruner, PRUNERS)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("pruner", self.pruner, PRUNERS)
         if not str(self.study_name).strip():
             raise ValueError("study_name must not be empty")
 
