@@ -29,6 +29,7 @@ DEFAULT_MAX_ITER = {name: m.default_max_iter for name, m in MINIMISERS.items()}
 
 
 def check_choice(name: str, value, allowed) -> None:
+    """ValueError naming ``name`` and the ``allowed`` values unless ``value`` is one of them."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
