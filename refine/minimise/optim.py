@@ -108,7 +108,7 @@ def lbfgs(
 ) -> MinimizeResult:
     """Minimise with ``torch.optim.LBFGS`` (strong-Wolfe line search), one quasi-Newton step per iteration.
 
-    Args as :func:`refine.lm.levenberg_marquardt` (``lower``/``upper``: extra bounds on x); ``history_size`` is
+    Args as :func:`refine.minimise.lm.levenberg_marquardt` (``lower``/``upper``: extra bounds on x); ``history_size`` is
     L-BFGS' memory; ``patience`` the number of iterations over which the improvement must stay below ``ftol`` to
     stop."""
 

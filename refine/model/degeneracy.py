@@ -10,7 +10,7 @@
   so a two-theta swing about its axis is the same motion as a detector rotation about that axis: degenerate when the
   free detector rotations span the two-theta axis.
 
-:func:`refine.result.covariance` also names any null direction of the normal matrix after a fit.
+:func:`refine.pipeline.report.covariance` also names any null direction of the normal matrix after a fit.
 """
 from __future__ import annotations
 

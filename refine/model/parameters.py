@@ -4,9 +4,9 @@ A :class:`Parameterisation` (frozen) is built by :func:`parameterise` from a ref
 and a list of free groups, sub-groups or scalar names.  Its flat vector ``x`` holds **increments** about the
 reference, so a fit starts at ``x = 0`` and every entry is well scaled.  What each entry means — the leaf it moves,
 its transform, the units of x and of the reported value, its typical error — is the scalar's entry in
-:data:`refine.table.SCALARS`; :meth:`~Parameterisation.pack`, :meth:`~Parameterisation.unpack`, bounds, priors and
+:data:`refine.model.table.SCALARS`; :meth:`~Parameterisation.pack`, :meth:`~Parameterisation.unpack`, bounds, priors and
 reports are all derived from those entries.  Only the orientation (small rotations about the lab axes,
-U = Φz·Φy·Φx·U_ref) and the tied cell values of a crystal system (:mod:`refine.cells`) have code of their own.
+U = Φz·Φy·Φx·U_ref) and the tied cell values of a crystal system (:mod:`refine.model.cells`) have code of their own.
 
 Reported ("user") values: a linear scalar reports ``ref + scale·x`` and a log scalar ``ref·exp(scale·x)`` with ``ref``
 its leaf's reference value (cell in Å/deg, distance and beam centre in mm, tilts in degrees, λ in Å, N, mosaic
@@ -43,7 +43,7 @@ NCELLS_MODES = ("auto", "isotropic", "anisotropic")
 
 @dataclasses.dataclass(frozen=True)
 class Scalar:
-    """One free scalar of the flat vector: its description ``spec`` (:class:`refine.table.ScalarSpec`) and, about
+    """One free scalar of the flat vector: its description ``spec`` (:class:`refine.model.table.ScalarSpec`) and, about
     the reference model, ``ref`` (the reported value at x = 0), ``typical`` (a typical error of x, x units),
     ``lower``/``upper`` (bounds on x, ±inf when none) and ``prior`` ((mean, sigma) in reported units, or None)."""
 
@@ -414,7 +414,7 @@ def parameterise(
             ``background.water``) or scalar names (``cell.a``, ``orientation.z``, ``ncells.c`` …); a string is split
             on commas/spaces.
         crystal_system: 'auto' (default: the highest symmetry the starting cell satisfies within 0.1 % and 0.1°,
-            :func:`refine.cells.detect_crystal_system`) or one of :data:`CRYSTAL_SYSTEMS`; constrains the free cell
+            :func:`refine.model.cells.detect_crystal_system`) or one of :data:`CRYSTAL_SYSTEMS`; constrains the free cell
             values; the reference cell is made exactly symmetric (``ValueError`` if it is more than 2 % / 1° off).
         ncells_mode: 'isotropic' (one ln-scale for Na, Nb, Nc), 'anisotropic' (three), or 'auto' (isotropic when the
             reference Na = Nb = Nc).

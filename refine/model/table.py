@@ -1,4 +1,4 @@
-"""The refinable scalars, one entry each: what :mod:`refine.parameters` packs, unpacks, bounds and reports.
+"""The refinable scalars, one entry each: what :mod:`refine.model.parameters` packs, unpacks, bounds and reports.
 
 Each :class:`ScalarSpec` names the ``Params`` leaf it moves (and the component), how an increment ``x`` acts on it
 (its *transform*), the scale of the increment, the units of the reported value and of ``x``, a typical error of ``x``
@@ -13,11 +13,11 @@ Transforms (``leaf_ref`` the reference value of the leaf component, ``s`` the en
 * ``log``: leaf = leaf_ref·exp(s·x) (positive quantities; ``index=None`` scales every component of a vector leaf,
   e.g. isotropic N);
 * ``rotation``: a small rotation of the crystal about a lab axis, x in mrad (code of its own in
-  :mod:`refine.parameters`: U = Φz·Φy·Φx·U_ref, DIALS' U = Φ3·Φ2·Φ1·U0);
+  :mod:`refine.model.parameters`: U = Φz·Φy·Φx·U_ref, DIALS' U = Φ3·Φ2·Φ1·U0);
 * ``cell``: a free cell value of the crystal system; tied values move with it (code of its own:
-  :mod:`refine.cells`).
+  :mod:`refine.model.cells`).
 
-The leaf ``plane`` is refine's own background plane (c0, c_fast, c_slow) in photons/pixel (:mod:`refine.predict`),
+The leaf ``plane`` is refine's own background plane (c0, c_fast, c_slow) in photons/pixel (:mod:`refine.model.predict`),
 not part of ``Params``.
 """
 from __future__ import annotations

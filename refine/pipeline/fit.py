@@ -57,12 +57,12 @@ def fit(
             path read with :func:`nbtorch.io.images.read_image`, raw files taking their shape from ``setup``).
         params, setup: the starting model (e.g. from :func:`nbtorch.from_nanobragg_args`), float64 recommended;
             the increments of the result are about it.
-        free: groups to refine (:data:`refine.table.GROUPS`, sub-groups or single scalars; default
-            :data:`refine.table.DEFAULT_FREE`).
+        free: groups to refine (:data:`refine.model.table.GROUPS`, sub-groups or single scalars; default
+            :data:`refine.model.table.DEFAULT_FREE`).
         method: 'lm' (Levenberg–Marquardt, default), 'lbfgs' or 'adam'.
         target: 'poisson' (default), 'gaussian' (with ``read_noise`` σ in photons), 'lsq' (optional ``weights``
             image) or 'anscombe'.
-        options: a :class:`~refine.options.FitOptions` holding these and every other knob; keyword arguments
+        options: a :class:`~refine.pipeline.options.FitOptions` holding these and every other knob; keyword arguments
             (``crystal_system``, ``max_iter``, ``coarse_to_fine``, ``mask``, ``overload``, ``spots_only``, ``bounds``,
             ``priors``, ``callback``, ``nanobragg_args``, ``allow_degenerate`` … — the fields of FitOptions)
             override it.
@@ -71,7 +71,7 @@ def fit(
             final stage runs, as a resumed fit is already in the basin).
 
     Returns:
-        :class:`refine.result.Result`.
+        :class:`refine.pipeline.result.Result`.
 
     Raises:
         ValueError: bad options or input (one line naming what and the allowed values), a degenerate pair of free
@@ -108,7 +108,7 @@ def fit_many(observed_list: Sequence, params_list: Sequence, setup_list, shared=
         observed_list: N observed images [slow, fast] (photons; tensors, arrays, ObservedImage or paths).
         params_list, setup_list: the N starting models (a single Setup is used for every image); the shared parts
             start from the first model's values (the others are overwritten and a note says so).
-        shared, per_image: groups, sub-groups or scalars (:data:`refine.table.GROUPS`; e.g. shared ``distance``,
+        shared, per_image: groups, sub-groups or scalars (:data:`refine.model.table.GROUPS`; e.g. shared ``distance``,
             ``beam_center``, ``detector_rotation.y``; per image ``orientation``, ``scale``).
         options / keyword arguments: as :func:`refine.fit` (target, crystal_system, max_iter, coarse_to_fine,
             coarse_iter, robust_iter, mask, overload, bounds, ftol, chunk_pixels, esd_scale, callback,

@@ -54,7 +54,7 @@ class FitOptions:
     ``overload``, ``spots_only``, ``spot_dilate`` (pixels), ``background_fraction``.
     How: ``method``, ``max_iter`` (final stage; None: 30 LM, 100 L-BFGS, 300 Adam), ``coarse_to_fine`` ('auto':
     the default stages, or only the final stage when resuming from a Result; True; False; or a sequence of
-    :class:`~refine.strategy.Stage`), ``coarse_iter``, ``robust_iter``, ``max_shift`` (pixels),
+    :class:`~refine.pipeline.stages.Stage`), ``coarse_iter``, ``robust_iter``, ``max_shift`` (pixels),
     ``search_distance`` (relative), ``prelim_pixels``, ``chunk_pixels``, ``ftol`` (log-likelihood units), ``lr``,
     ``damping`` (initial LM μ, relative to diag H), ``schedule``, ``esd_scale``, ``fused``, ``callback``.
     Output: ``nanobragg_args`` (the starting flags), ``matrix_path``.
@@ -140,7 +140,7 @@ class FitOptions:
         elif isinstance(self.coarse_to_fine, tuple):
             if not self.coarse_to_fine or not all(isinstance(s, Stage) for s in self.coarse_to_fine):
                 raise ValueError("coarse_to_fine must be 'auto', True, False or a non-empty list of "
-                                 "refine.strategy.Stage")
+                                 "refine.pipeline.stages.Stage")
 
     @property
     def final_max_iter(self) -> int:

@@ -1,5 +1,5 @@
 """Refinement results: values in reported units with standard uncertainties, correlations, history, JSON, plots, and
-the refined model written back as nanoBragg flags.  :func:`finish` turns the last :class:`~refine.strategy.FitState`
+the refined model written back as nanoBragg flags.  :func:`finish` turns the last :class:`~refine.pipeline.problem.FitState`
 into a :class:`Result`, and a fit of many images into a :class:`JointResult` (the shared values and one
 :class:`Result` per image); uncertainties: :mod:`refine.pipeline.report`."""
 from __future__ import annotations
@@ -55,10 +55,10 @@ class Result:
         converged, message: whether the final stage met a convergence rule, and which (plus any undetermined
             combination of parameters).
         method, target: minimiser ('lm', 'lbfgs', 'adam') and target ('poisson', 'gaussian', 'lsq', 'anscombe').
-        names: free scalars (:data:`refine.table.SCALARS`); ``x`` their refined increments [n] and ``x_esd`` ESDs.
+        names: free scalars (:data:`refine.model.table.SCALARS`); ``x`` their refined increments [n] and ``x_esd`` ESDs.
         values, esd: {scalar name: reported value / ESD} (cell Å/deg, orientation increments mrad, distance and beam
             centre mm, tilts deg, λ Å, N cells, mosaic deg, scale, background photons, water µm).
-        parameters, parameter_esd: the whole refined model in reported units (:data:`refine.report.REPORT_FIELDS`;
+        parameters, parameter_esd: the whole refined model in reported units (:data:`refine.model.table.REPORT_FIELDS`;
             the beam centre in mm and in the convention's pixels) and ESDs (0 for fixed quantities).
         covariance [n, n] (of x), correlation [n, n].
         loss: final loss (data + priors) on the fitted pixels; loss_all: the final model's loss on all usable pixels;
@@ -71,7 +71,7 @@ class Result:
             :data:`POOR_FIT_CHI2`, and the likely causes); ``ok``: converged and not poor.
         n_pixels: pixels in the final fit; n_usable: usable pixels.
         params, setup: the refined :class:`~nbtorch.types.Params` and the model's Setup; par: the
-        :class:`~refine.parameters.Parameterisation`; crystal_system: the one refined; observed: image [slow, fast];
+        :class:`~refine.model.parameters.Parameterisation`; crystal_system: the one refined; observed: image [slow, fast];
         pixels: bool [slow, fast] of the fitted pixels; path: the image's label; normal: its own normal matrix
         [n, n] in the order (shared, own) at the solution (what a fit of this image alone would have; an image of a
         joint fit) or None.
@@ -221,17 +221,17 @@ class Result:
 
     # ------------------------------------------------------------------ plots
     def plot(self, path: Optional[str] = None, log: bool = True):
-        """Figure with observed / model / residual images and the loss per stage (:func:`refine.plots.plot_fit`);
+        """Figure with observed / model / residual images and the loss per stage (:func:`refine.pipeline.plots.plot_fit`);
         saved to ``path`` when given, atomically (:func:`nbtorch.io.atomic_write_from`)."""
         return plots.plot_fit(self, path, log)
 
     def plot_loss(self, path: Optional[str] = None):
-        """The loss per stage (:func:`refine.plots.plot_loss`); saved to ``path`` when given, atomically."""
+        """The loss per stage (:func:`refine.pipeline.plots.plot_loss`); saved to ``path`` when given, atomically."""
         return plots.plot_loss(self, path)
 
 
 def _overall_poor_fit(likelihood: bool, chi2_nu: float, images: List[Result]) -> str:
-    """Why a joint fit is poor: its χ²/ν over all images (:func:`refine.result.poor_fit_message`), else the first
+    """Why a joint fit is poor: its χ²/ν over all images (:func:`refine.pipeline.result.poor_fit_message`), else the first
     poor image's reason with the count of poor images; '' when no fit is poor."""
     why = poor_fit_message(likelihood, chi2_nu)
     poor = [(k, img) for k, img in enumerate(images, start=1) if img.poor_fit]
@@ -255,7 +255,7 @@ class JointResult:
     reported value / ESD}), ``shared_covariance``/``shared_correlation`` [n_s, n_s] (of the increments);
     ``images`` (one :class:`Result` each); ``stages``, ``history``, ``notes``; ``esd_factor``; ``X`` [n];
     ``chi2_nu`` (Pearson χ²/(N − n) over all images) and ``poor_fit`` ('' or why the fit is poor: the whole fit's
-    χ²/ν, else the first poor image's; :func:`refine.result.poor_fit_message`)."""
+    χ²/ν, else the first poor image's; :func:`refine.pipeline.result.poor_fit_message`)."""
 
     converged: bool
     message: str

@@ -10,7 +10,7 @@ spots without overlap, and the cell/distance pair (almost degenerate on a small 
 free at once.  :func:`default_stages` therefore refines in stages:
 
 1. ``search`` — spots broadened (N × 0.5, fluence × 2³ so integrated intensities are unchanged); scale (and constant
-   background) pre-fitted linearly, then a distance grid with a translation search (:mod:`refine.search`).
+   background) pre-fitted linearly, then a distance grid with a translation search (:mod:`refine.pipeline.search`).
 2. ``coarse`` (N × 0.3) and ``medium`` (N × 0.6) — the geometry only (orientation, distance, beam centre, tilts,
    two-theta, scale, background); cell, wavelength, N and mosaic fixed so nearly degenerate directions cannot drift.
 3. ``robust`` — every free group with the real spot model.
