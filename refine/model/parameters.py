@@ -414,8 +414,8 @@ def parameterise(
             ``background.water``) or scalar names (``cell.a``, ``orientation.z``, ``ncells.c`` …); a string is split
             on commas/spaces.
         crystal_system: 'auto' (default: the highest symmetry the starting cell satisfies within 0.1 % and 0.1°,
-            :func:`refine.model.cells.detect_crystal_system`) or one of :data:`CRYSTAL_SYSTEMS`; constrains the free cell
-            values; the reference cell is made exactly symmetric (``ValueError`` if it is more than 2 % / 1° off).
+            :func:`~refine.model.cells.detect_crystal_system`) or one of :data:`CRYSTAL_SYSTEMS`; constrains the free
+            cell values; the reference cell is made exactly symmetric (``ValueError`` if it is more than 2 % / 1° off).
         ncells_mode: 'isotropic' (one ln-scale for Na, Nb, Nc), 'anisotropic' (three), or 'auto' (isotropic when the
             reference Na = Nb = Nc).
         background: reference background plane (c0, c_fast, c_slow) in photons/pixel (default zeros).

@@ -23,8 +23,9 @@ def _pyplot(path: Optional[str]):
 
 
 def _save(fig, plt, path: Optional[str]):
-    """Lay out ``fig``; with a ``path``, write it there under the safe-output rule (:func:`nbtorch.io.atomic_write_from`:
-    never half-written, never over a special file) and close it.  Returns the figure."""
+    """Lay out ``fig``; with a ``path``, write it there under the safe-output rule
+    (:func:`nbtorch.io.atomic_write_from`: never half-written, never over a special file) and close it.  Returns the
+    figure."""
     from nbtorch.io import atomic_write_from
 
     fig.tight_layout()

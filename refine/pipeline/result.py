@@ -1,7 +1,8 @@
 """Refinement results: values in reported units with standard uncertainties, correlations, history, JSON, plots, and
-the refined model written back as nanoBragg flags.  :func:`finish` turns the last :class:`~refine.pipeline.problem.FitState`
-into a :class:`Result`, and a fit of many images into a :class:`JointResult` (the shared values and one
-:class:`Result` per image); uncertainties: :mod:`refine.pipeline.report`."""
+the refined model written back as nanoBragg flags.  :func:`finish` turns the last
+:class:`~refine.pipeline.problem.FitState` into a :class:`Result`, and a fit of many images into a
+:class:`JointResult` (the shared values and one :class:`Result` per image); uncertainties:
+:mod:`refine.pipeline.report`."""
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,8 @@ class Result:
             :data:`POOR_FIT_CHI2`, and the likely causes); ``ok``: converged and not poor.
         n_pixels: pixels in the final fit; n_usable: usable pixels.
         params, setup: the refined :class:`~nbtorch.types.Params` and the model's Setup; par: the
-        :class:`~refine.model.parameters.Parameterisation`; crystal_system: the one refined; observed: image [slow, fast];
+        :class:`~refine.model.parameters.Parameterisation`; crystal_system: the one refined; observed: image
+        [slow, fast];
         pixels: bool [slow, fast] of the fitted pixels; path: the image's label; normal: its own normal matrix
         [n, n] in the order (shared, own) at the solution (what a fit of this image alone would have; an image of a
         joint fit) or None.
@@ -221,8 +223,9 @@ class Result:
 
     # ------------------------------------------------------------------ plots
     def plot(self, path: Optional[str] = None, log: bool = True):
-        """Figure with observed / model / residual images and the loss per stage (:func:`refine.pipeline.plots.plot_fit`);
-        saved to ``path`` when given, atomically (:func:`nbtorch.io.atomic_write_from`)."""
+        """Figure with observed / model / residual images and the loss per stage
+        (:func:`refine.pipeline.plots.plot_fit`); saved to ``path`` when given, atomically
+        (:func:`nbtorch.io.atomic_write_from`)."""
         return plots.plot_fit(self, path, log)
 
     def plot_loss(self, path: Optional[str] = None):
@@ -231,8 +234,8 @@ class Result:
 
 
 def _overall_poor_fit(likelihood: bool, chi2_nu: float, images: List[Result]) -> str:
-    """Why a joint fit is poor: its χ²/ν over all images (:func:`refine.pipeline.result.poor_fit_message`), else the first
-    poor image's reason with the count of poor images; '' when no fit is poor."""
+    """Why a joint fit is poor: its χ²/ν over all images (:func:`poor_fit_message`), else the first poor image's
+    reason with the count of poor images; '' when no fit is poor."""
     why = poor_fit_message(likelihood, chi2_nu)
     poor = [(k, img) for k, img in enumerate(images, start=1) if img.poor_fit]
     if why or not poor:
@@ -359,8 +362,8 @@ class _Statistics(NamedTuple):
 
 def _final_normal(state: FitState):
     """(objective, loss, BlockNormal, models): the fit's target on the pixels the final stage fitted (every usable
-    one when no final stage ran; its passes reported as 'ESDs'), with the final minimiser's normal equations when they can be reused at
-    ``state.x``."""
+    one when no final stage ran; its passes reported as 'ESDs'), with the final minimiser's normal equations when
+    they can be reused at ``state.x``."""
     pb, f, x = state.problem, state.final, state.x
     same = f is None or all(np.array_equal(a, b) for a, b in zip(f.pixels, pb.usable_index))
     objective = pb.objective_on(pixels=None if same else f.pixels, what="ESDs")
@@ -409,8 +412,8 @@ def _statistics(state: FitState) -> _Statistics:
             block, c = image_covariance(shared, cross[i], own[i]), torch.zeros(p.n, p.n, dtype=shared.dtype)
             c[order[:, None], order[None, :]] = block
             covs.append(c)
-    return _Statistics(objective, all_pixels, float(L), blk, covs, shared, k, chi2, objective.image_losses(state.x, models),
-                       _image_chi2(pb, objective, models), degenerate)
+    return _Statistics(objective, all_pixels, float(L), blk, covs, shared, k, chi2,
+                       objective.image_losses(state.x, models), _image_chi2(pb, objective, models), degenerate)
 
 
 def _convergence(state: FitState, degenerate) -> Tuple[bool, str]:

@@ -26,8 +26,8 @@ class Stage:
     per axis so integrated spot intensities are unchanged); ``mosaic_factor`` (mosaic spread × factor); ``shape``
     (None = the model's, or 'square' | 'round' | 'gauss' | 'tophat'); ``active`` (groups refined, None = all free
     groups); ``max_iter`` (None = the fit's ``max_iter``; 0 = no minimisation); ``search_beam_center`` (distance
-    grid × beam-centre translation first, :func:`refine.pipeline.search.search_geometry`); ``prefit_scale`` (linear pre-fit
-    of scale and constant background); ``target`` (None = the fit's target, or a name such as 'anscombe');
+    grid × beam-centre translation first, :func:`~refine.pipeline.search.search_geometry`); ``prefit_scale`` (linear
+    pre-fit of scale and constant background); ``target`` (None = the fit's target, or a name such as 'anscombe');
     ``trust`` (None, or: every scalar but the linear background moves at most ``trust`` × its typical error from
     where the stage starts); ``ftol`` (None = the fit's tolerance, log-likelihood units); ``preliminary`` (at most
     ``prelim_pixels`` pixels, skipped when it has nothing to do, see :func:`skip_reason`; None: a schedule's stages
