@@ -1,6 +1,6 @@
 """The refine programs: ``nbtorch-refine`` (:mod:`.fit`, its ``--images`` modes :mod:`.many`), ``nbtorch-sweep``
-(:mod:`.sweep`) and ``nbtorch-demo`` (:mod:`.demo`), their option table (:mod:`.table`, :mod:`.docs`) and the checks
-they share (:mod:`.checks`)."""
+(:mod:`.sweep`), ``nbtorch-demo`` (:mod:`.demo`), their option table (:mod:`.table`) and what they share
+(:mod:`.checks`)."""
 
 
 def main(argv=None) -> int:

@@ -52,13 +52,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run(prog: str, body: Callable[[], int], said: Callable[[Exception], str], signals: bool = True) -> int:
-    """Program ``prog``'s exit status from ``body()``: a :class:`UsageError` is the line ``said(error)`` on stderr
-    and :data:`EXIT_USAGE`; ``--help`` exits 0; an interrupt (with ``signals``, SIGTERM too) one line and 128 + the
-    signal number (files being written are removed: atomic writes)."""
+    """Program ``prog``'s exit status from ``body()``: a :class:`UsageError` or ValueError (the library's word on a
+    user's input) is the line ``said(error)`` on stderr and :data:`EXIT_USAGE`; ``--help`` exits 0; an interrupt
+    (with ``signals``, SIGTERM too) one line and 128 + the signal number (files being written are removed)."""
     try:
         with interrupts() if signals else contextlib.nullcontext():
             return body()
-    except UsageError as exc:
+    except (UsageError, ValueError) as exc:
         print(said(exc), file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as exc:  # --help

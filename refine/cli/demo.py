@@ -39,20 +39,17 @@ LABELS = ("a (Å)", "b (Å)", "c (Å)", "alpha (deg)", "beta (deg)", "gamma (deg
           "misset z (deg)", "distance (mm)", "Xbeam (mm)", "Ybeam (mm)", "fluence (ph/m²)")
 
 
-def save_picture(path: str, images, titles, cmap="gray_r") -> None:
-    """Write a PNG of one or more ``[slow, fast]`` images side by side (log-scaled photons), atomically."""
+def save_picture(path: str, image, title: str) -> None:
+    """Write a PNG of a ``[slow, fast]`` image (log-scaled photons), atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images), 4.2), squeeze=False)
-    for ax, img, title in zip(axes[0], images, titles):
-        im = ax.imshow(np.log1p(np.clip(img, 0, None)), cmap=cmap, origin="upper")
-        ax.set_title(title)
-        ax.set_xlabel("fast (pixels)")
-        ax.set_ylabel("slow (pixels)")
-        fig.colorbar(im, ax=ax, fraction=0.046, label="log(1 + photons)")
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    im = ax.imshow(np.log1p(np.clip(image, 0, None)), cmap="gray_r", origin="upper")
+    ax.set(title=title, xlabel="fast (pixels)", ylabel="slow (pixels)")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="log(1 + photons)")
     fig.tight_layout()
     atomic_write_from(path, lambda scratch: fig.savefig(scratch, dpi=110))
     plt.close(fig)
@@ -118,7 +115,7 @@ def _run(a) -> int:
     write_smv(os.path.join(a.out, "observed.img"), np.clip(observed.numpy(), 0, 65535).astype(np.uint16),
               {"PIXEL_SIZE": setup.pixel_size, "DISTANCE": true.detector.distance.item(),
                "WAVELENGTH": true.beam.wavelength.item()})
-    save_picture(os.path.join(a.out, "observed.png"), [observed.numpy()], ["observed (photons)"])
+    save_picture(os.path.join(a.out, "observed.png"), observed.numpy(), "observed (photons)")
 
     start = perturb(true, setup)
     print(f"refining {', '.join(FREE)} from a perturbed start (Levenberg–Marquardt, coarse to fine) ...")

@@ -1,11 +1,7 @@
 """``nbtorch-refine``: refine a nanoBragg model against an observed image (:data:`USAGE`; options:
-:mod:`refine.cli.table`; many images: :mod:`refine.cli.many`; exit statuses: :mod:`refine.cli.checks`).
-
-Everything after OBSERVED that is not a ``--`` option is the starting model as nanoBragg flags.  OBSERVED (SMV, raw
-float shaped by the flags, or anything fabio reads) is converted to photons, (value − ADC offset)/gain, with the
-header's ``ADC_OFFSET``/``GAIN`` (nbtorch writes them) or ``--adc``/``--gain``.  Every option, flag, input file and
-output path is checked before any work.  Progress goes to stderr, the summary to stdout.
-"""
+:mod:`refine.cli.table`; many images: :mod:`refine.cli.many`; exit statuses: :mod:`refine.cli.checks`; the user's
+guide: docs/refine.md).  Every option, flag, input file and output path is checked before any work; progress goes to
+stderr, the summary to stdout."""
 from __future__ import annotations
 
 import os
@@ -30,8 +26,8 @@ from .many import Progress
 from .many import main as main_many
 from .table import arguments, flag_message, parse
 
-USAGE = ("nbtorch-refine OBSERVED [--refine GROUPS] [--method lm|lbfgs|adam] [--max-iter N] [--json OUT] [--image OUT] "
-         "[more --options] <nanoBragg flags of the starting model>")
+USAGE = ("nbtorch-refine OBSERVED [--refine GROUPS] [--method lm|lbfgs|adam] [--max-iter N] [--json OUT] "
+         "[--image OUT] [more --options] <nanoBragg flags of the starting model>")
 EPILOG = ("Groups: " + ", ".join(GROUPS) + " (sub-groups background.plane, background.constant, background.water; "
           "single scalars such as cell.a, orientation.z, detector_rotation.y).  Many images: nbtorch-refine --images "
           "LIST --help.  Example:\n  nbtorch-refine obs.img --refine cell,orientation,distance,beam_center,scale --json "
@@ -98,17 +94,11 @@ def _single(argv: List[str]) -> int:
     matrix_out = ns.matrix_out or (matrix_output(ns.json) if any(f == "-mat" for f, _ in inputs) else None)
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out)],
                   [("OBSERVED", ns.observed)] + inputs)
-    try:
-        options = fit_options(nanobragg_args=flags, matrix_path=matrix_out, **arguments(ns, "refine"))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    options = fit_options(nanobragg_args=flags, matrix_path=matrix_out, **arguments(ns, "refine"))
     one_line_warnings("nbtorch-refine")
     params, setup, obs = _load(ns, flags)
     t0 = time.perf_counter()
-    try:
-        result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
     if obs.adc_offset or obs.gain != 1.0:
         print(f"note: {ns.observed}: photons = (value - {obs.adc_offset:g}) / {obs.gain:g} (ADC offset, gain)")
     print(result.summary())

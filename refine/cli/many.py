@@ -1,16 +1,7 @@
-"""``nbtorch-refine --images LIST``: many images, jointly or independently (:data:`USAGE`; options:
-:mod:`refine.cli.table`).  LIST has one line per image, ``PATH <nanoBragg flags of its starting model>``
-(:mod:`refine.imagelist`); flags given on the command line come first on every line.  The joint mode refines the
-shared groups once and the per-image groups per image (:func:`refine.fit_many`) and writes ``--json``; the independent
-mode refines each image on its own on Dask (:mod:`refine.scaleout`), one JSON line per image in ``--results``.  Images
-are converted to photons as in single-image mode.  A local cluster (``--workers``) runs over TLS with credentials made
-for the run; ``--scheduler tls://HOST:PORT`` takes this client's from ``--tls-*`` or dask's configuration (``tcp://``
-is warned about: anyone who reaches it can run code).
-
-Exit statuses (:mod:`refine.cli.checks`) as a single-image fit's, judged on the whole fit and every image (in the
-independent mode on every listed image's line in the results, this run's or an earlier one's: 3 also when one failed
-or is missing); 1 bad input found while fitting; 2 also a bad LIST line (the message names it).
-"""
+"""``nbtorch-refine --images LIST``: many images, jointly (:func:`refine.fit_many`, ``--json``) or each on its own on
+Dask (:mod:`refine.scaleout`, one JSON line per image in ``--results``).  :data:`USAGE`; options:
+:mod:`refine.cli.table`; LIST: :mod:`refine.imagelist` (the command line's flags come first on every line); exit
+statuses and the cluster's security: docs/refine.md, Many images."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +17,7 @@ from nbtorch.interrupt import one_line_warnings
 
 from .. import fit_many, fit_options
 from ..imagelist import load_entries, parse_image_list
+from ..scaleout import read_results, refine_images, scheduler_security
 from .checks import UsageError, check_outputs, fit_status, flag_inputs, free_groups, matrix_output
 from .table import arguments, flag_message, options, parse
 
@@ -43,7 +35,8 @@ def _fit_kwargs(ns) -> dict:
 
 
 def _check_mode(ns) -> None:
-    """The options agree with the mode (joint or independent); :class:`UsageError` naming the first that does not."""
+    """The options agree with the mode (joint or independent) and Dask is there for ``--independent``;
+    :class:`UsageError` naming the first problem."""
     mode = "independent" if ns.independent else "joint"
     wrong = ", ".join(o.flag for o in options("joint", "independent") if mode not in o.programs
                       and getattr(ns, o.dest) != o.parser_default)
@@ -55,7 +48,11 @@ def _check_mode(ns) -> None:
             (any((ns.tls_ca_file, ns.tls_cert, ns.tls_key)) and not ns.scheduler, "--tls-ca-file, --tls-cert and "
              "--tls-key are for --scheduler tls://...; a local cluster makes its own"),
             (not (ns.independent or ns.shared or ns.per_image), "the joint mode needs --shared and/or --per-image "
-             "GROUPS (or --independent --refine GROUPS)")):
+             "GROUPS (or --independent --refine GROUPS)"),
+            (ns.independent and not importlib.util.find_spec("distributed"), "--independent runs on Dask: pip install "
+             "'dask[distributed]' (the dask extra: pip install -e '.[dask]')"),
+            (ns.independent and not importlib.util.find_spec("cryptography"), "a local Dask cluster runs over TLS: pip "
+             "install cryptography (the dask extra: pip install -e '.[dask]')")):
         if broken:
             raise UsageError(problem)
 
@@ -98,13 +95,9 @@ class Progress:
             self.what, self.last = what, (-math.inf if self.tty else now)
         if now - self.last < (0.2 if self.tty else LOG_INTERVAL) and not (self.tty and done >= total):
             return
-        self.last = now
+        self.last, self.drawn = now, self.tty
         text = f"{what}: {done}/{total} images"
-        if self.tty:
-            print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)
-            self.drawn = True
-        else:
-            print(text, file=self.stream, flush=True)
+        print(f"\r{text}\x1b[K" if self.tty else text, end="" if self.tty else "\n", file=self.stream, flush=True)
 
     def clear(self) -> None:
         """Erase the counter from the terminal line."""
@@ -138,12 +131,6 @@ def _run_joint(ns, entries) -> int:
 
 def _run_independent(ns, entries) -> int:
     """The LIST refined image by image on Dask into ``--results``; the exit status."""
-    from ..scaleout import refine_images
-
-    for module, why in (("distributed", "--independent runs on Dask: pip install 'dask[distributed]'"),
-                        ("cryptography", "a local Dask cluster runs over TLS: pip install cryptography")):
-        if importlib.util.find_spec(module) is None:
-            raise UsageError(f"{why} (the dask extra: pip install -e '.[dask]')")
     if ns.scheduler_warning:
         print(f"nbtorch-refine: warning: {ns.scheduler_warning}", file=sys.stderr)
     summary = refine_images(entries, free_groups(ns.refine), ns.results, workers=ns.workers, scheduler=ns.scheduler,
@@ -162,41 +149,25 @@ def _run_independent(ns, entries) -> int:
 def results_status(entries, results: str) -> int:
     """The exit status of an independent run, judged on every LIST entry's line in ``results`` (this run's or an
     earlier one's): 3 when one is missing, failed or not converged, else 4 when one is a poor fit, else 0."""
-    from ..scaleout import read_results
-
     recs = {r.get("path"): r for r in read_results(results)}
     lines = [recs.get(e.path) for e in entries]
     converged = all(r is not None and not r.get("error") and r.get("converged") for r in lines)
     return fit_status(converged, converged and not any(r.get("poor_fit") for r in lines))
 
 
-def _scheduler_security(ns):
-    """(credentials, warning) for ``--scheduler`` (:func:`refine.scaleout.scheduler_security`; (None, '') without
-    it, or without Dask installed, which the run reports); :class:`~refine.cli.checks.UsageError`."""
-    if not ns.scheduler or importlib.util.find_spec("distributed") is None:
-        return None, ""
-    from ..scaleout import scheduler_security
-
-    try:
-        return scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _checked(argv: Sequence[str]):
-    """(options, LIST entries): every option, the LIST (each line's file and flags), the groups, the fit options
-    and the output paths checked before any work; :class:`~refine.cli.checks.UsageError` (one line)."""
+    """(options, LIST entries): every option, the mode, ``--scheduler``, the LIST (each line's file and flags), the groups, the fit
+    options and the output paths checked before any work; :class:`~refine.cli.checks.UsageError`, ValueError."""
     ns, flags = parse(argv, "images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: "
                       "jointly (shared + per-image groups) or independently on Dask.")
     _check_mode(ns)
-    ns.security, ns.scheduler_warning = _scheduler_security(ns)
+    ns.security, ns.scheduler_warning = (scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
+                                         if ns.scheduler else (None, ""))
     try:
         entries = parse_image_list(ns.images, flags)
-        fit_options(None, free=f"{ns.shared},{ns.per_image}", **_fit_kwargs(ns))  # (--refine: checked as parsed)
     except OSError as exc:
         raise UsageError(f"--images {ns.images}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    fit_options(None, free=f"{ns.shared},{ns.per_image}", **_fit_kwargs(ns))  # (--refine: checked as parsed)
     _check_files(ns, entries)
     return ns, entries
 
@@ -205,8 +176,6 @@ def _check_files(ns, entries) -> None:
     """The safe-output rule over the whole run (:func:`refine.cli.checks.check_outputs`): ``--json`` (with the
     refined matrices of ``-mat`` models next to it) and ``--results`` against the LIST, every listed image and every
     line's input files; an existing ``--results`` must be a results file.  :class:`UsageError` (one line)."""
-    from ..scaleout import read_results
-
     inputs, outputs = [("--images", ns.images)], [("--json", ns.json), ("--results", ns.results)]
     for k, e in enumerate(entries):
         files = flag_inputs(e.flags, e.base_dir)

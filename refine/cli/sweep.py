@@ -1,16 +1,6 @@
-"""``nbtorch-sweep``: a global search (Optuna study) of starting models about a nanoBragg model (:data:`USAGE`;
-options: :mod:`refine.cli.table`).
-
-Each trial runs a short coarse-to-fine refinement from a model sampled in the ``--search`` box; the best trial's model
-is then refined to convergence and written as JSON (:func:`summary`).  The study lives in ``--storage``; re-running
-with the same storage and study name adds trials to it, and the same command on other machines with a
-``postgresql://`` URL joins it (its password is never printed).  One progress line per trial goes to stderr.  OBSERVED
-is converted to photons as by ``nbtorch-refine``.
-
-Exit statuses as ``nbtorch-refine``'s (:mod:`refine.cli.checks`: 2 also a bad ``--search`` or ``--storage``; 3, 4 of
-the best model's refinement) but 1: the study failed (no trial completed, a worker process died) or an output could
-not be written; 130 interrupted (finished trials stay in the storage).
-"""
+"""``nbtorch-sweep``: a global search (an Optuna study, :mod:`refine.studies`) of starting models about a nanoBragg
+model, then the best refined to convergence (:data:`USAGE`; options: :mod:`refine.cli.table`; its JSON:
+:func:`summary`; storage and exit statuses: docs/refine.md).  The password of ``--storage`` is never printed."""
 from __future__ import annotations
 
 import json
@@ -91,45 +81,41 @@ def _said(problem, ns) -> str:
 
 
 def _checked(argv: List[str]):
-    """(options, nanoBragg flags, searched ranges, StudySpec, refined matrix path or None): every option, the
-    outputs (``--json``, the refined matrix of a ``-mat`` start, the ``--plots`` folder) and the storage URL checked
-    before any work; :class:`~refine.cli.checks.UsageError`."""
+    """(options, nanoBragg flags, fit arguments, refined matrix path or None): every option and the outputs
+    (``--json``, the refined matrix of a ``-mat`` start, the ``--plots`` folder) checked before any work;
+    :class:`~refine.cli.checks.UsageError`."""
     ns, flags = parse(argv, "sweep", prog="nbtorch-sweep", usage=USAGE, epilog=EPILOG, description="Global search of "
                       "starting models (an Optuna study) about a nanoBragg model, then a full refinement of the best.")
     if not 0 <= ns.seed <= MAX_SEED - (ns.workers - 1):
         raise UsageError(f"--seed must be an integer in [0, {MAX_SEED - (ns.workers - 1)}] (with --workers "
                          f"{ns.workers}); got {ns.seed}")
-    arguments(ns, "sweep")  # --refine's groups
+    kw = arguments(ns, "sweep")
     inputs = flag_inputs(flags)
     matrix_out = matrix_output(ns.json) if any(flag == "-mat" for flag, _ in inputs) else None
     check_outputs([("--json", ns.json), ("--json (refined -mat)" if ns.json else "refined matrix", matrix_out)],
                   [("OBSERVED", ns.observed)] + inputs, folder=("--plots", ns.plots, PLOT_NAMES))
-    default = os.path.splitext(ns.json)[0] if ns.json else "nbtorch-sweep"  # the study's SQLite file
-    try:
-        studies.require_optuna()
-        spec = studies.StudySpec(**dict(arguments(ns, "sweep", "StudySpec"), storage=ns.storage or "sqlite:///"
-                                        + os.path.abspath(default + ".db")))
-        return ns, flags, studies.parse_search(ns.search), spec, matrix_out
-    except (ValueError, ImportError) as exc:
-        raise UsageError(_said(exc, ns)) from None
+    return ns, flags, kw, matrix_out
 
 
 def _run(argv: List[str]) -> int:
     """Check, load the data, run the study, refine the best, write the outputs; the exit status."""
-    ns, flags, search, spec, matrix_out = _checked(argv)
+    ns, flags, kw, matrix_out = _checked(argv)
     if ns.threads:
         torch.set_num_threads(int(ns.threads))
-    optuna = studies.require_optuna()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
-    kw = arguments(ns, "sweep")
-    kw["free"] = tuple(kw.get("free") or dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
-    try:
+    database = os.path.abspath((os.path.splitext(ns.json)[0] if ns.json else "nbtorch-sweep") + ".db")
+    try:  # --search, the storage, the flags, the image: the user's
+        optuna = studies.require_optuna()
+        search = studies.parse_search(ns.search)
+        spec = studies.StudySpec(**dict(arguments(ns, "sweep", "StudySpec"), storage=ns.storage or
+                                        f"sqlite:///{database}"))
         params, setup = nbtorch.from_nanobragg_args(flags, dtype=getattr(torch, ns.dtype))
         obs = read_observed(ns.observed, setup, params, adc=ns.adc, gain=ns.gain)
         studies.open_storage(spec.storage, connect_timeout=spec.connect_timeout)  # reachable? (before any trial)
-    except (ValueError, OSError, ImportError) as exc:  # the image, the flags or --storage: the user's
+    except (ValueError, OSError, ImportError) as exc:
         raise UsageError(_said(exc, ns)) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kw["free"] = tuple(kw.get("free") or dict.fromkeys([n.split(".")[0] for n in search] + ["scale"]))
     try:
         outcome = studies.global_search(obs, params, setup, search, ns.n_trials, spec=spec, workers=ns.workers,
                                         iterations=ns.trial_iter, progress=not ns.quiet, threads=ns.threads,

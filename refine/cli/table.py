@@ -255,28 +255,21 @@ def split_argv(argv: Sequence[str], command: str = "refine") -> Tuple[List[str],
     return ours, flags
 
 
-def check_values(ns, command: str) -> None:
-    """Before any work: ``--threads`` >= 1 and every option at least its ``low``; :class:`UsageError` naming it."""
+def parse(argv: Sequence[str], command: str, **kw):
+    """(parsed options, nanoBragg flags) of a :data:`COMMANDS` key's command line (``kw``: :func:`parser`'s), checked:
+    ``--threads`` >= 1, every option at least its ``low`` and, for a command of one image, the flags given and
+    OBSERVED a file; :class:`UsageError` naming the option."""
+    ours, flags = split_argv(argv, command)
+    ns = parser(command, **kw).parse_args(ours)
     if ns.threads is not None and ns.threads < 1:
         raise UsageError(f"--threads must be an integer >= 1, got {ns.threads}")
-    for o in options(*COMMANDS[command]):
+    for o in (o for o in options(*COMMANDS[command]) if o.low is not None and getattr(ns, o.dest) is not None):
         value = getattr(ns, o.dest)
-        if o.low is None or value is None:
-            continue
         if o.kind == "int" and value < o.low:
             raise UsageError(f"{o.flag} must be an integer >= {o.low}; got {value}")
         if o.kind == "real" and not (math.isfinite(value) and value > o.low):
             raise UsageError(f"{o.flag} must be a finite number{'' if o.low == -math.inf else f' > {o.low:g}'}; "
                              f"got {value}")
-
-
-def parse(argv: Sequence[str], command: str, **kw):
-    """(parsed options, nanoBragg flags) of a :data:`COMMANDS` key's command line (``kw``: :func:`parser`'s), each
-    value checked (:func:`check_values`) and, for a command of one image, the flags given and OBSERVED a file;
-    :class:`UsageError`."""
-    ours, flags = split_argv(argv, command)
-    ns = parser(command, **kw).parse_args(ours)
-    check_values(ns, command)
     if command in OBSERVED_FIRST and not flags:
         raise UsageError("give the starting model as nanoBragg flags after OBSERVED (see --help)")
     if command in OBSERVED_FIRST and not os.path.isfile(ns.observed):
