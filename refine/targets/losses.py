@@ -26,9 +26,6 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-TARGETS = ("poisson", "gaussian", "lsq", "anscombe")
-
-
 class Target:
     """Base class: a loss over pixels with its first derivative and expected curvature per pixel.
 
@@ -195,18 +192,22 @@ class LeastSquares(Target):
         return w.reshape(-1)[torch.as_tensor(index)].to(dtype=dtype, device=device)
 
 
+#: Each target by name, made from (read_noise, weights, eps).
+_MAKERS = {
+    "poisson": lambda read_noise, weights, eps: Poisson(eps),
+    "gaussian": lambda read_noise, weights, eps: Gaussian(read_noise),
+    "lsq": lambda read_noise, weights, eps: LeastSquares(weights),
+    "anscombe": lambda read_noise, weights, eps: Anscombe(),
+}
+TARGETS = tuple(_MAKERS)
+
+
 def make_target(name: str = "poisson", *, read_noise: float = 0.0, weights=None, eps: float = 1e-6) -> Target:
     """Target by name: 'poisson', 'gaussian' (``read_noise`` σ in photons), 'lsq' (optional ``weights`` image) or
     'anscombe' (variance-stabilised least squares, robust far from the solution); a :class:`Target` is returned as
     is."""
     if isinstance(name, Target):
         return name
-    if name == "poisson":
-        return Poisson(eps)
-    if name == "gaussian":
-        return Gaussian(read_noise)
-    if name == "lsq":
-        return LeastSquares(weights)
-    if name == "anscombe":
-        return Anscombe()
-    raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {name!r}")
+    if name not in _MAKERS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {name!r}")
+    return _MAKERS[name](read_noise, weights, eps)
