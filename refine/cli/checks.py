@@ -13,7 +13,10 @@ import os
 import sys
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+from nbtorch.args.build import input_files
+from nbtorch.args.parse import parse_args
 from nbtorch.interrupt import exit_status, interrupts
+from nbtorch.io.safe_output import check_output_folder, check_output_paths
 
 from ..model.parameters import expand_free
 
@@ -53,14 +56,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 def run(prog: str, body: Callable[[], int], said: Callable[[Exception], str], signals: bool = True) -> int:
     """Program ``prog``'s exit status from ``body()``: a :class:`UsageError` or ValueError (the library's word on a
-    user's input) is the line ``said(error)`` on stderr and :data:`EXIT_USAGE`; ``--help`` exits 0; an interrupt
-    (with ``signals``, SIGTERM too) one line and 128 + the signal number (files being written are removed)."""
+    user's input) is the line ``said(error)`` on stderr and :data:`EXIT_USAGE`, an OSError (an output that cannot be
+    written: inputs are checked first) that line and :data:`EXIT_OUTPUT`; ``--help`` exits 0; an interrupt (with
+    ``signals``, SIGTERM too) one line and 128 + the signal number (files being written are removed)."""
     try:
         with interrupts() if signals else contextlib.nullcontext():
             return body()
-    except (UsageError, ValueError) as exc:
+    except (UsageError, ValueError, OSError) as exc:
         print(said(exc), file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_OUTPUT if isinstance(exc, OSError) else EXIT_USAGE
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except KeyboardInterrupt as exc:
@@ -75,8 +79,6 @@ def check_outputs(outputs: Iterable[Tuple[str, Optional[str]]], inputs: Iterable
     a path; ``folder`` (option, directory, file names) one the run writes into (``--plots``, ``--out``; when it
     exists, its files are outputs too); figures (``--plot``, a figure extension) need matplotlib.
     :class:`UsageError` naming the option."""
-    from nbtorch.io.safe_output import check_output_folder, check_output_paths
-
     option, directory, names = folder
     try:
         if directory is not None and check_output_folder(option, directory):
@@ -99,9 +101,6 @@ def flag_inputs(flags: Sequence[str], base_dir: str = "") -> List[Tuple[str, str
     """``(flag, path)`` of the files nanoBragg ``flags`` read (``-hkl``, ``-mat``, ``-mask`` …: inputs that no output
     may overwrite), relative names joined to ``base_dir``; none when the flags do not parse (that error is reported
     where the model is built)."""
-    from nbtorch.args.build import input_files
-    from nbtorch.args.parse import parse_args
-
     try:
         return input_files(parse_args(list(flags)), base_dir)
     except ValueError:

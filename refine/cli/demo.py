@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -22,14 +21,12 @@ from nbtorch.io import atomic_write, atomic_write_from, write_smv
 
 from .. import fit
 from ..model.table import DEFAULT_FREE
-from .checks import EXIT_OUTPUT, OneLineParser, UsageError, check_outputs, run
+from .checks import OneLineParser, UsageError, check_outputs, run
 
 TRUE_ARGS = (
     "-cell 52 61 73 90 90 90 -misset 12 -25 31 -default_F 100 -N 8 -lambda 1.0 -distance 80 -pixel 0.2 "
     "-detpixels 256 -oversample 1 -polar 0.95 -water 0.1 -fluence 1e28"
 )
-# start = true model with errors typical of indexing
-START_CHANGES = {"cell": 1.007, "misset_deg": 0.4, "distance_mm": 1.5, "beam_center_px": 2.5, "scale": 2.0}
 FREE = list(DEFAULT_FREE)
 #: The files a run writes into ``--out`` (checked by the safe-output rule before any work).
 FILES = ("observed.img", "observed.png", "fit.png", "fit.json", "refined.mat", "refined_flags.txt", "summary.json")
@@ -56,14 +53,14 @@ def save_picture(path: str, image, title: str) -> None:
 
 
 def perturb(params, setup):
-    """The demo's starting model: ``params`` with the :data:`START_CHANGES` applied."""
+    """The demo's starting model: ``params`` with errors typical of indexing (cell lengths × 1.007, misset 0.4° ×
+    (1, −0.6, 0.8), distance + 1.5 mm, beam centre + 2.5 pixels × (1, −0.7), fluence × 2)."""
     c, d, b = params.crystal, params.detector, params.beam
     t = lambda values: torch.tensor(values, dtype=c.cell.dtype)  # noqa: E731
-    crystal = c._replace(cell=c.cell * t([START_CHANGES["cell"]] * 3 + [1.0] * 3),
-                         misset=c.misset + START_CHANGES["misset_deg"] * t([1.0, -0.6, 0.8]))
-    detector = d._replace(distance=d.distance + START_CHANGES["distance_mm"], beam_center=d.beam_center
-                          + START_CHANGES["beam_center_px"] * setup.pixel_size * t([1.0, -0.7]))
-    beam = b._replace(fluence=b.fluence * START_CHANGES["scale"])
+    crystal = c._replace(cell=c.cell * t([1.007] * 3 + [1.0] * 3), misset=c.misset + 0.4 * t([1.0, -0.6, 0.8]))
+    detector = d._replace(distance=d.distance + 1.5, beam_center=d.beam_center + 2.5 * setup.pixel_size
+                          * t([1.0, -0.7]))
+    beam = b._replace(fluence=b.fluence * 2.0)
     return params._replace(crystal=crystal, detector=detector, beam=beam)
 
 
@@ -86,7 +83,8 @@ def main(argv=None) -> int:
     ap = OneLineParser(prog="nbtorch-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="nbtorch-demo", help="output folder (default nbtorch-demo)")
     ap.add_argument("--seed", type=int, default=1, help=f"noise seed, 0 … {MAX_SEED} (default 1)")
-    return run("nbtorch-demo", lambda: _checked_run(ap.parse_args(argv)), lambda exc: f"nbtorch-demo: error: {exc}")
+    return run("nbtorch-demo", lambda: _checked_run(ap.parse_args(argv)), lambda exc: "nbtorch-demo: error: "
+               + ("cannot write an output: " if isinstance(exc, OSError) else "") + str(exc))
 
 
 def _checked_run(a) -> int:
@@ -95,11 +93,7 @@ def _checked_run(a) -> int:
     if not 0 <= a.seed <= MAX_SEED:
         raise UsageError(f"--seed must be an integer in 0 … {MAX_SEED}, got {a.seed}")
     check_outputs([], folder=("--out", a.out, FILES))
-    try:
-        return _run(a)
-    except OSError as exc:
-        print(f"nbtorch-demo: error: cannot write an output: {exc}", file=sys.stderr)
-        return EXIT_OUTPUT
+    return _run(a)
 
 
 def _run(a) -> int:

@@ -24,10 +24,10 @@ from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_ou
                      matrix_output, run)
 from .many import Progress
 from .many import main as main_many
-from .table import arguments, flag_message, parse
+from .table import arguments, flag_message, parse, usage
 
-USAGE = ("nbtorch-refine OBSERVED [--refine GROUPS] [--method lm|lbfgs|adam] [--max-iter N] [--json OUT] "
-         "[--image OUT] [more --options] <nanoBragg flags of the starting model>")
+USAGE = ("nbtorch-refine OBSERVED " + usage("refine", "--refine", "--method", "--max-iter", "--json", "--image")
+         + " [more --options] <nanoBragg flags of the starting model>")
 EPILOG = ("Groups: " + ", ".join(GROUPS) + " (sub-groups background.plane, background.constant, background.water; "
           "single scalars such as cell.a, orientation.z, detector_rotation.y).  Many images: nbtorch-refine --images "
           "LIST --help.  Example:\n  nbtorch-refine obs.img --refine cell,orientation,distance,beam_center,scale --json "

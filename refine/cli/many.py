@@ -155,23 +155,6 @@ def results_status(entries, results: str) -> int:
     return fit_status(converged, converged and not any(r.get("poor_fit") for r in lines))
 
 
-def _checked(argv: Sequence[str]):
-    """(options, LIST entries): every option, the mode, ``--scheduler``, the LIST (each line's file and flags), the groups, the fit
-    options and the output paths checked before any work; :class:`~refine.cli.checks.UsageError`, ValueError."""
-    ns, flags = parse(argv, "images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: "
-                      "jointly (shared + per-image groups) or independently on Dask.")
-    _check_mode(ns)
-    ns.security, ns.scheduler_warning = (scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
-                                         if ns.scheduler else (None, ""))
-    try:
-        entries = parse_image_list(ns.images, flags)
-    except OSError as exc:
-        raise UsageError(f"--images {ns.images}: {exc.strerror or exc}") from None
-    fit_options(None, free=f"{ns.shared},{ns.per_image}", **_fit_kwargs(ns))  # (--refine: checked as parsed)
-    _check_files(ns, entries)
-    return ns, entries
-
-
 def _check_files(ns, entries) -> None:
     """The safe-output rule over the whole run (:func:`refine.cli.checks.check_outputs`): ``--json`` (with the
     refined matrices of ``-mat`` models next to it) and ``--results`` against the LIST, every listed image and every
@@ -193,9 +176,20 @@ def _check_files(ns, entries) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``nbtorch-refine --images`` (its exit status; bad usage is a :class:`~refine.cli.checks.UsageError`, which
-    :func:`refine.cli.fit.main` reports)."""
-    ns, entries = _checked(argv)
+    """``nbtorch-refine --images``: every option, the mode, ``--scheduler``, the LIST (each line's file and flags),
+    the groups, the fit options and the output paths checked, then the run; its exit status (bad usage is a
+    :class:`~refine.cli.checks.UsageError` or ValueError, which :func:`refine.cli.fit.main` reports)."""
+    ns, flags = parse(argv, "images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: "
+                      "jointly (shared + per-image groups) or independently on Dask.")
+    _check_mode(ns)
+    ns.security, ns.scheduler_warning = (scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
+                                         if ns.scheduler else (None, ""))
+    try:
+        entries = parse_image_list(ns.images, flags)
+    except OSError as exc:
+        raise UsageError(f"--images {ns.images}: {exc.strerror or exc}") from None
+    fit_options(None, free=f"{ns.shared},{ns.per_image}", **_fit_kwargs(ns))  # (--refine: checked as parsed)
+    _check_files(ns, entries)
     one_line_warnings("nbtorch-refine")  # e.g. a results line cut short by a kill, dropped on resume
     if ns.threads:
         torch.set_num_threads(int(ns.threads))
@@ -205,6 +199,3 @@ def main(argv: Sequence[str]) -> int:
         line_error = " line " in str(exc) and ns.images in str(exc)
         print(f"nbtorch-refine: error: {flag_message(str(exc), 'images')}", file=sys.stderr)
         return 2 if line_error else 1
-    except OSError as exc:
-        print(f"nbtorch-refine: error: {exc}", file=sys.stderr)
-        return 1

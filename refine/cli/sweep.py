@@ -19,7 +19,7 @@ from nbtorch.io._atomic import atomic_write
 from .. import studies
 from ..targets.observed import read_observed
 from .checks import UsageError, check_outputs, fit_status, flag_inputs, matrix_output, run
-from .table import arguments, flag_message, parse
+from .table import arguments, flag_message, parse, usage
 
 #: Exit status (:mod:`refine.cli.checks` has the shared ones): the study failed (no trial completed, a worker process
 #: died) or an output could not be written.
@@ -28,9 +28,8 @@ EXIT_FAILED = 1
 MAX_SEED = 2 ** 32 - 1
 #: The figures ``--plots DIR`` holds (surface.png only with two or more searched parameters).
 PLOT_NAMES = ("history.png", "importances.png", "surface.png")
-USAGE = ("nbtorch-sweep OBSERVED --search GROUP:RANGE[,GROUP:RANGE...] --n-trials N [--workers N] [--storage URL] "
-         "[--study-name NAME] [--sampler tpe|cmaes|gp|random] [--pruner median|hyperband|none] [--json OUT] "
-         "[--plots DIR] <nanoBragg flags of the start>")
+USAGE = ("nbtorch-sweep OBSERVED " + usage("sweep", "--search", "--n-trials", "--workers", "--storage", "--study-name",
+                                          "--sampler", "--pruner", "--json", "--plots") + " <nanoBragg flags of the start>")
 EPILOG = (f"Ranges: orientation degrees, cell percent, distance mm, beam_center pixels.  Storage: "
           f"{studies.STORAGE_FORMS}.  Example:\n  nbtorch-sweep obs.img --search orientation:5,beam_center:10 "
           "--n-trials 60 --json sweep.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 "

@@ -33,7 +33,6 @@ PROGRAMS = {"refine": "nbtorch-refine", "joint": "--images (joint)", "independen
 COMMANDS = {"refine": ("refine",), "images": ("joint", "independent"), "sweep": ("sweep",)}
 #: Commands whose first bare word, before any nanoBragg flag, is OBSERVED.
 OBSERVED_FIRST = ("refine", "sweep")
-DTYPES = ("float64", "float32")
 #: Field defaults of the dataclasses options set: owner ('' FitOptions, 'StudySpec') → {field: default}.
 _DEFAULTS = {owner: {f.name: f.default for f in dataclasses.fields(cls)}
              for owner, cls in (("", FitOptions), ("StudySpec", StudySpec))}
@@ -73,11 +72,6 @@ class Option:
     def dest(self) -> str:
         """The attribute of the parsed options."""
         return self.flag[2:].replace("-", "_")
-
-    @property
-    def python(self) -> str:
-        """The Python argument it sets, as library messages name it ('' when none)."""
-        return self.field.rpartition(".")[2] or self.name
 
     @property
     def default_value(self):
@@ -212,7 +206,7 @@ OPTIONS: Tuple[Option, ...] = (
            field="prelim_pixels", low=1),
     Option("--threads", _ALL, "torch CPU threads (per worker with --independent, per process of nbtorch-sweep)",
            kind="int", name="threads"),
-    _choice("--dtype", _ALL, "floating-point type of the model and the fit", DTYPES, default="float64"),
+    _choice("--dtype", _ALL, "floating-point type of the model and the fit", ("float64", "float32"), default="float64"),
     _switch("--quiet", _ALL, "no progress output"),
 )
 
@@ -220,6 +214,13 @@ OPTIONS: Tuple[Option, ...] = (
 def options(*programs: str) -> List[Option]:
     """The options accepted by any of ``programs`` (keys of :data:`PROGRAMS`), in table order."""
     return [o for o in OPTIONS if set(o.programs) & set(programs)]
+
+
+def usage(command: str, *flags: str) -> str:
+    """A usage line's part for ``flags`` of a :data:`COMMANDS` key: each flag and its values, in brackets when
+    optional."""
+    table = {o.flag: o for o in options(*COMMANDS[command])}
+    return " ".join(table[f].usage() if table[f].required else f"[{table[f].usage()}]" for f in flags)
 
 
 def parser(command: str, **kw) -> argparse.ArgumentParser:
@@ -296,7 +297,8 @@ def flag_message(text: str, command: str) -> str:
     adam``), a name at the start or before ``must`` (``max_iter must be …``, ``search group …``), a name with an
     underscore anywhere; never inside a path or a flag, nor as a flag's value.  A flag then written twice in a row is
     written once."""
-    names = {o.python: o for o in options(*COMMANDS[command]) if o.python}
+    names = {o.field.rpartition(".")[2] or o.name: o for o in options(*COMMANDS[command])}  # as the library says
+    names.pop("", None)
     words = "|".join(sorted(map(re.escape, names), key=len, reverse=True))
 
     def flag(m: re.Match) -> str:
