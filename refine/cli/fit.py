@@ -30,8 +30,9 @@ USAGE = ("nbtorch-refine OBSERVED " + usage("refine", "--refine", "--method", "-
          + " [more --options] <nanoBragg flags of the starting model>")
 EPILOG = ("Groups: " + ", ".join(GROUPS) + " (sub-groups background.plane, background.constant, background.water; "
           "single scalars such as cell.a, orientation.z, detector_rotation.y).  Many images: nbtorch-refine --images "
-          "LIST --help.  Example:\n  nbtorch-refine obs.img --refine cell,orientation,distance,beam_center,scale --json "
-          "fit.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 -detpixels 96 -pixel 0.2")
+          "LIST --help.  Example:\n  nbtorch-refine obs.img --refine cell,orientation,distance,beam_center,scale "
+          "--json fit.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 -detpixels 96 "
+          "-pixel 0.2")
 
 
 def _write_image(path: str, result) -> None:

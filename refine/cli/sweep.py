@@ -19,19 +19,17 @@ from nbtorch.io._atomic import atomic_write
 from .. import studies
 from ..targets.observed import read_observed
 from .checks import UsageError, check_outputs, fit_status, flag_inputs, matrix_output, run
-from .table import arguments, flag_message, parse, usage
+from .table import PLOT_NAMES, arguments, flag_message, parse, usage
 
 #: Exit status (:mod:`refine.cli.checks` has the shared ones): the study failed (no trial completed, a worker process
 #: died) or an output could not be written.
 EXIT_FAILED = 1
 #: The largest ``--seed``: NumPy seeds are below 2**32, and worker k seeds its sampler with seed + k.
 MAX_SEED = 2 ** 32 - 1
-#: The figures ``--plots DIR`` holds (surface.png only with two or more searched parameters).
-PLOT_NAMES = ("history.png", "importances.png", "surface.png")
 USAGE = ("nbtorch-sweep OBSERVED " + usage("sweep", "--search", "--n-trials", "--workers", "--storage", "--study-name",
-                                          "--sampler", "--pruner", "--json", "--plots") + " <nanoBragg flags of the start>")
-EPILOG = (f"Ranges: orientation degrees, cell percent, distance mm, beam_center pixels.  Storage: "
-          f"{studies.STORAGE_FORMS}.  Example:\n  nbtorch-sweep obs.img --search orientation:5,beam_center:10 "
+                                          "--sampler", "--pruner", "--json", "--plots")
+         + " <nanoBragg flags of the start>")
+EPILOG = (f"Storage: {studies.STORAGE_FORMS}.  Example:\n  nbtorch-sweep obs.img --search orientation:5,beam_center:10 "
           "--n-trials 60 --json sweep.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 "
           "-detpixels 96 -pixel 0.2")
 
@@ -79,10 +77,9 @@ def _said(problem, ns) -> str:
     return studies.redact_text(flag_message(text, "sweep"), ns.storage)
 
 
-def _checked(argv: List[str]):
-    """(options, nanoBragg flags, fit arguments, refined matrix path or None): every option and the outputs
-    (``--json``, the refined matrix of a ``-mat`` start, the ``--plots`` folder) checked before any work;
-    :class:`~refine.cli.checks.UsageError`."""
+def _run(argv: List[str]) -> int:
+    """Check every option and the outputs (``--json``, the refined matrix of a ``-mat`` start, the ``--plots``
+    folder), load the data, run the study, refine the best, write the outputs; the exit status."""
     ns, flags = parse(argv, "sweep", prog="nbtorch-sweep", usage=USAGE, epilog=EPILOG, description="Global search of "
                       "starting models (an Optuna study) about a nanoBragg model, then a full refinement of the best.")
     if not 0 <= ns.seed <= MAX_SEED - (ns.workers - 1):
@@ -93,12 +90,6 @@ def _checked(argv: List[str]):
     matrix_out = matrix_output(ns.json) if any(flag == "-mat" for flag, _ in inputs) else None
     check_outputs([("--json", ns.json), ("--json (refined -mat)" if ns.json else "refined matrix", matrix_out)],
                   [("OBSERVED", ns.observed)] + inputs, folder=("--plots", ns.plots, PLOT_NAMES))
-    return ns, flags, kw, matrix_out
-
-
-def _run(argv: List[str]) -> int:
-    """Check, load the data, run the study, refine the best, write the outputs; the exit status."""
-    ns, flags, kw, matrix_out = _checked(argv)
     if ns.threads:
         torch.set_num_threads(int(ns.threads))
     t0 = time.perf_counter()

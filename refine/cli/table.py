@@ -20,6 +20,7 @@ from nbtorch.io._atomic import atomic_write
 from ..minimise.optim import SCHEDULES
 from ..model.cells import CRYSTAL_SYSTEMS
 from ..model.parameters import NCELLS_MODES
+from ..model.table import SEARCH_UNITS
 from ..pipeline.options import DEFAULT_MAX_ITER, METHODS, FitOptions
 from ..pipeline.report import ESD_SCALES
 from ..studies import PRUNERS, SAMPLERS, StudySpec
@@ -41,6 +42,8 @@ _ALL, _FITS, _IMAGES = ("refine", "joint", "independent", "sweep"), ("refine", "
 DOCS_BEGIN = ("<!-- BEGIN OPTION TABLE: generated from refine/cli/table.py by `python -m refine.cli.table --update "
               "docs/refine.md`; do not edit -->")
 DOCS_END = "<!-- END OPTION TABLE -->"
+#: The figures ``nbtorch-sweep --plots DIR`` writes (surface.png only with two or more searched parameters).
+PLOT_NAMES = ("history.png", "importances.png", "surface.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +187,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--results", ("independent",), "JSON-lines file, one line per image (a rerun skips the images already "
            "in it)", metavar="OUT.jsonl"),
     Option("--limit", ("independent",), "stop after this many new images", kind="int"),
-    Option("--search", ("sweep",), "half-widths of the box searched about the start (orientation degrees, cell "
-           "percent, distance mm, beam_center pixels)", name="search", required=True, metavar="GROUP:RANGE[,...]"),
+    Option("--search", ("sweep",), "half-widths of the box searched about the start (" + ", ".join(
+           f"{group} {unit}" for group, unit in SEARCH_UNITS.items()) + ")", name="search", required=True,
+           metavar="GROUP:RANGE[,...]"),
     Option("--n-trials", ("sweep",), "trials this command runs (shared by its workers)", kind="int",
            name="n_trials", low=1, required=True),
     Option("--workers", ("sweep",), "processes sharing the storage", kind="int", name="workers", low=1, default=1),
@@ -199,7 +203,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--seed", ("sweep",), "sampler seed in [0, 2**32 - workers] (worker k of a new study uses seed + k; "
            "workers joining a study also mix in the host name and trial count)", kind="int", field="StudySpec.seed",
            metavar="SEED"),
-    Option("--plots", ("sweep",), "write history.png, importances.png, surface.png here", metavar="DIR"),
+    Option("--plots", ("sweep",), f"write {', '.join(PLOT_NAMES)} here", metavar="DIR"),
     Option("--trial-iter", ("sweep",), "minimiser iterations per stage of a trial", kind="int", name="iterations",
            low=1, default=4),
     Option("--prelim-pixels", ("sweep",), "pixels of a trial's preliminary stages", kind="int",
