@@ -20,10 +20,6 @@ from nbtorch.io.safe_output import check_output_folder, check_output_paths
 
 from ..model.parameters import expand_free
 
-__all__ = ["fit_status", "UsageError", "OneLineParser", "run", "check_outputs", "flag_inputs", "matrix_output",
-           "free_groups", "PLOT_EXTENSIONS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "EXIT_NOT_CONVERGED",
-           "EXIT_POOR_FIT"]
-
 EXIT_OK = 0             #: converged, and χ²/ν of a likelihood target near 1
 EXIT_OUTPUT = 1         #: an output file could not be written (after the fit)
 EXIT_USAGE = 2          #: a user error: bad option, flag, value or input file (one line on stderr, nothing done)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 import nbtorch
-from nbtorch.interrupt import one_line_warnings
 from nbtorch.io.images import write_raw_float
 from nbtorch.io.smv import write_smv
 
@@ -24,7 +23,7 @@ from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_ou
                      matrix_output, run)
 from .many import Progress
 from .many import main as main_many
-from .table import arguments, flag_message, parse, usage
+from .table import arguments, flag_message, start, usage
 
 USAGE = ("nbtorch-refine OBSERVED " + usage("refine", "--refine", "--method", "--max-iter", "--json", "--image")
          + " [more --options] <nanoBragg flags of the starting model>")
@@ -50,8 +49,6 @@ def _write_image(path: str, result) -> None:
 
 def _load(ns, flags: List[str]):
     """(params, setup, observed image in photons) from the flags and OBSERVED; :class:`UsageError`."""
-    if ns.threads:
-        torch.set_num_threads(int(ns.threads))
     try:
         params, setup = nbtorch.from_nanobragg_args(flags, dtype=getattr(torch, ns.dtype))
         if ns.matrix_out is not None and setup.nanobragg_cell:
@@ -89,14 +86,13 @@ def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:
 
 def _single(argv: List[str]) -> int:
     """One observed image: parse and check, fit, report, write (the exit status)."""
-    ns, flags = parse(argv, "refine", prog="nbtorch-refine", usage=USAGE, epilog=EPILOG, description="Refine a "
+    ns, flags = start(argv, "refine", prog="nbtorch-refine", usage=USAGE, epilog=EPILOG, description="Refine a "
                       "nanoBragg model (given as nanoBragg flags) against an observed diffraction image.")
     inputs = flag_inputs(flags)
     matrix_out = ns.matrix_out or (matrix_output(ns.json) if any(f == "-mat" for f, _ in inputs) else None)
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out)],
                   [("OBSERVED", ns.observed)] + inputs)
     options = fit_options(nanobragg_args=flags, matrix_path=matrix_out, **arguments(ns, "refine"))
-    one_line_warnings("nbtorch-refine")
     params, setup, obs = _load(ns, flags)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())

@@ -13,13 +13,11 @@ from typing import Sequence
 
 import torch
 
-from nbtorch.interrupt import one_line_warnings
-
 from .. import fit_many, fit_options
 from ..imagelist import load_entries, parse_image_list
 from ..scaleout import read_results, refine_images, scheduler_security
 from .checks import UsageError, check_outputs, fit_status, flag_inputs, free_groups, matrix_output
-from .table import arguments, flag_message, options, parse
+from .table import arguments, flag_message, options, start
 
 USAGE = ("nbtorch-refine --images LIST (--shared GROUPS --per-image GROUPS [--json OUT] | --independent --refine "
          "GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS]) [options] [nanoBragg flags common to every "
@@ -179,7 +177,7 @@ def main(argv: Sequence[str]) -> int:
     """``nbtorch-refine --images``: every option, the mode, ``--scheduler``, the LIST (each line's file and flags),
     the groups, the fit options and the output paths checked, then the run; its exit status (bad usage is a
     :class:`~refine.cli.checks.UsageError` or ValueError, which :func:`refine.cli.fit.main` reports)."""
-    ns, flags = parse(argv, "images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: "
+    ns, flags = start(argv, "images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: "
                       "jointly (shared + per-image groups) or independently on Dask.")
     _check_mode(ns)
     ns.security, ns.scheduler_warning = (scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
@@ -190,9 +188,6 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError(f"--images {ns.images}: {exc.strerror or exc}") from None
     fit_options(None, free=f"{ns.shared},{ns.per_image}", **_fit_kwargs(ns))  # (--refine: checked as parsed)
     _check_files(ns, entries)
-    one_line_warnings("nbtorch-refine")  # e.g. a results line cut short by a kill, dropped on resume
-    if ns.threads:
-        torch.set_num_threads(int(ns.threads))
     try:
         return _run_independent(ns, entries) if ns.independent else _run_joint(ns, entries)
     except ValueError as exc:

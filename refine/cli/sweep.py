@@ -13,13 +13,12 @@ from typing import List, Optional, Sequence
 import torch
 
 import nbtorch
-from nbtorch.interrupt import one_line_warnings
 from nbtorch.io._atomic import atomic_write
 
 from .. import studies
 from ..targets.observed import read_observed
 from .checks import UsageError, check_outputs, fit_status, flag_inputs, matrix_output, run
-from .table import PLOT_NAMES, arguments, flag_message, parse, usage
+from .table import PLOT_NAMES, arguments, flag_message, start, usage
 
 #: Exit status (:mod:`refine.cli.checks` has the shared ones): the study failed (no trial completed, a worker process
 #: died) or an output could not be written.
@@ -80,7 +79,7 @@ def _said(problem, ns) -> str:
 def _run(argv: List[str]) -> int:
     """Check every option and the outputs (``--json``, the refined matrix of a ``-mat`` start, the ``--plots``
     folder), load the data, run the study, refine the best, write the outputs; the exit status."""
-    ns, flags = parse(argv, "sweep", prog="nbtorch-sweep", usage=USAGE, epilog=EPILOG, description="Global search of "
+    ns, flags = start(argv, "sweep", prog="nbtorch-sweep", usage=USAGE, epilog=EPILOG, description="Global search of "
                       "starting models (an Optuna study) about a nanoBragg model, then a full refinement of the best.")
     if not 0 <= ns.seed <= MAX_SEED - (ns.workers - 1):
         raise UsageError(f"--seed must be an integer in [0, {MAX_SEED - (ns.workers - 1)}] (with --workers "
@@ -90,8 +89,6 @@ def _run(argv: List[str]) -> int:
     matrix_out = matrix_output(ns.json) if any(flag == "-mat" for flag, _ in inputs) else None
     check_outputs([("--json", ns.json), ("--json (refined -mat)" if ns.json else "refined matrix", matrix_out)],
                   [("OBSERVED", ns.observed)] + inputs, folder=("--plots", ns.plots, PLOT_NAMES))
-    if ns.threads:
-        torch.set_num_threads(int(ns.threads))
     t0 = time.perf_counter()
     database = os.path.abspath((os.path.splitext(ns.json)[0] if ns.json else "nbtorch-sweep") + ".db")
     try:  # --search, the storage, the flags, the image: the user's
@@ -138,7 +135,6 @@ def _run(argv: List[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-sweep`` (returns the exit status)."""
-    one_line_warnings("nbtorch-sweep")  # e.g. OBSERVED's header against the flags
     argv = list(sys.argv[1:] if argv is None else argv)
     return run("nbtorch-sweep", lambda: _run(argv), lambda exc: f"nbtorch-sweep: {exc}", signals=False)
 

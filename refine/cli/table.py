@@ -1,7 +1,7 @@
 """The option table of the refine programs: every ``--`` option of ``nbtorch-refine`` (one image), of its
 ``--images`` modes (joint, independent) and of ``nbtorch-sweep``, each described once (:class:`Option`; defaults from
 the ``FitOptions``/``StudySpec`` fields they set, choice lists from the modules that define them).  From it: each
-command's parser, ``--help``, split of the command line and checks (:func:`parse`), the arguments of a fit or a study
+command's parser, ``--help``, split of the command line and checks (:func:`start`), the arguments of a fit or a study
 (:func:`arguments`), library messages with flags for Python names (:func:`flag_message`) and docs/refine.md's option
 list (:func:`options_markdown`; ``python -m refine.cli.table --update docs/refine.md``, or ``--check``).
 """
@@ -15,6 +15,9 @@ import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+import torch
+
+from nbtorch.interrupt import one_line_warnings
 from nbtorch.io._atomic import atomic_write
 
 from ..minimise.optim import SCHEDULES
@@ -107,11 +110,11 @@ class Option:
     def add_to(self, ap: argparse.ArgumentParser, programs: Sequence[str]) -> None:
         """Add the option to ``ap``, a parser of ``programs`` (the help of one mode's own option says so)."""
         mode = [p for p in self.programs if p in programs]
-        text = (f"{mode[0]}: " if len(programs) > len(mode) == 1 else "") + self.help + (
-            f" (default {self.default_shown()})" if self.default_shown() else "")
+        text = ((f"{mode[0]}: " if len(programs) > len(mode) == 1 else "") + self.help + (
+            f" (default {self.default_shown()})" if self.default_shown() else "")).replace("%", "%%")
         if self.kind == "switch":
-            return ap.add_argument(self.flag, action="store_true", help=text.replace("%", "%%"))
-        ap.add_argument(self.flag, help=text.replace("%", "%%"), type={"int": int, "real": float}.get(self.kind, str),
+            return ap.add_argument(self.flag, action="store_true", help=text)
+        ap.add_argument(self.flag, help=text, type={"int": int, "real": float}.get(self.kind, str),
                         default=self.parser_default, required=self.required, choices=self.choices or None,
                         nargs=self.nargs if self.nargs > 1 else None, metavar=None if self.choices else self.meta)
 
@@ -138,8 +141,8 @@ OPTIONS: Tuple[Option, ...] = (
            default_text="{} for one image; nbtorch-sweep: the searched groups and scale; --independent: required"),
     _choice("--method", ("refine", "sweep"), "minimiser", METHODS, field="method"),
     Option("--max-iter", _ALL, "iterations of the final stage (nbtorch-sweep: of the best model's refinement)",
-           kind="int", field="max_iter", low=0, default_text=", ".join(f"{n} {m}" for m, n in DEFAULT_MAX_ITER.items(
-               ))),
+           kind="int", field="max_iter", low=0,
+           default_text=", ".join(f"{n} {m}" for m, n in DEFAULT_MAX_ITER.items())),
     Option("--json", ("refine", "joint", "sweep"), "write the result as JSON here (nbtorch-sweep: the best refined "
            "model and the study summary)", metavar="OUT"),
     Option("--image", ("refine",), "write the refined model image here (.png/.pdf/.svg: a plot of observed/model/"
@@ -221,8 +224,7 @@ def options(*programs: str) -> List[Option]:
 
 
 def usage(command: str, *flags: str) -> str:
-    """A usage line's part for ``flags`` of a :data:`COMMANDS` key: each flag and its values, in brackets when
-    optional."""
+    """Part of a usage line: each of ``flags`` of a :data:`COMMANDS` key and its values, bracketed when optional."""
     table = {o.flag: o for o in options(*COMMANDS[command])}
     return " ".join(table[f].usage() if table[f].required else f"[{table[f].usage()}]" for f in flags)
 
@@ -260,10 +262,10 @@ def split_argv(argv: Sequence[str], command: str = "refine") -> Tuple[List[str],
     return ours, flags
 
 
-def parse(argv: Sequence[str], command: str, **kw):
+def start(argv: Sequence[str], command: str, **kw):
     """(parsed options, nanoBragg flags) of a :data:`COMMANDS` key's command line (``kw``: :func:`parser`'s), checked:
     ``--threads`` >= 1, every option at least its ``low`` and, for a command of one image, the flags given and
-    OBSERVED a file; :class:`UsageError` naming the option."""
+    OBSERVED a file (:class:`UsageError` naming the option); then torch's threads set and warnings made one line."""
     ours, flags = split_argv(argv, command)
     ns = parser(command, **kw).parse_args(ours)
     if ns.threads is not None and ns.threads < 1:
@@ -279,6 +281,9 @@ def parse(argv: Sequence[str], command: str, **kw):
         raise UsageError("give the starting model as nanoBragg flags after OBSERVED (see --help)")
     if command in OBSERVED_FIRST and not os.path.isfile(ns.observed):
         raise UsageError(f"OBSERVED {ns.observed}: no such file")
+    if ns.threads:
+        torch.set_num_threads(int(ns.threads))
+    one_line_warnings(kw["prog"].split()[0])  # e.g. OBSERVED's header against the flags
     return ns, flags
 
 
