@@ -89,7 +89,9 @@ def _single(argv: List[str]) -> int:
     ns, flags = start(argv, "refine", prog="nbtorch-refine", usage=USAGE, epilog=EPILOG, description="Refine a "
                       "nanoBragg model (given as nanoBragg flags) against an observed diffraction image.")
     inputs = flag_inputs(flags)
-    matrix_out = ns.matrix_out or (matrix_output(ns.json) if any(f == "-mat" for f, _ in inputs) else None)
+    matrix_out = ns.matrix_out
+    if matrix_out is None and any(flag == "-mat" for flag, _ in inputs):  # a -mat model: its refined matrix
+        matrix_out = matrix_output(ns.json)
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out)],
                   [("OBSERVED", ns.observed)] + inputs)
     options = fit_options(nanobragg_args=flags, matrix_path=matrix_out, **arguments(ns, "refine"))
