@@ -252,7 +252,8 @@ def make_client(workers: Optional[int] = None, scheduler: Optional[str] = None, 
         raise ImportError("a local Dask cluster runs with TLS credentials made for the run: pip install cryptography "
                           "(in the dask extra: pip install -e '.[dask]')") from None
     n = max(1, int(workers or available_cores()))
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+    # the scheduler's HTTP server on a free local port: its default, 8787, may be another cluster's (a warning)
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
                            host="127.0.0.1", protocol="tls://", security=security, silence_logs=logging.CRITICAL)
     return Client(cluster), cluster, max(1, available_cores() // n)
 

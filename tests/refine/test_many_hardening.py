@@ -251,13 +251,26 @@ def _refused(address, security=None):
 def test_local_cluster_takes_tasks_only_from_its_own_client(capfd):
     """The local cluster of --workers listens on 127.0.0.1 over TLS with credentials made for the run: its own
     client submits; a client without credentials, one with other self-made credentials and one over plain tcp://
-    cannot.  Its workers' Dask log lines (the heartbeat tracebacks of a --limit shutdown) are not printed."""
+    cannot.  Its workers' Dask log lines (the heartbeat tracebacks of a --limit shutdown) are not printed.  Dask's
+    default HTTP port (8787) held by someone else is no concern of it: no warning, its own free local port."""
+    import socket
+    import warnings
+
     from distributed.security import Security
 
     from refine.scaleout import make_client
 
-    client, cluster, _ = make_client(workers=1)
+    with socket.socket() as other, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            other.bind(("127.0.0.1", 8787))
+            other.listen()
+        except OSError:  # already taken: the same situation
+            pass
+        client, cluster, _ = make_client(workers=1)
+    assert not [w for w in caught if "already in use" in str(w.message)]
     try:
+        assert cluster.scheduler.http_server.port != 8787
         address = cluster.scheduler_address
         assert address.startswith("tls://127.0.0.1:")
         assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
