@@ -141,6 +141,22 @@ def test_no_import_cycle(package):
                         "module both can import):\n" + "\n".join(_describe(c, graph) for c in cycles))
 
 
+#: refine's layers, top to bottom (docs/refine.md): each imports only the layers before it.
+REFINE_LAYERS = (("model",), ("targets",), ("minimise",), ("pipeline",), ("imagelist", "studies", "scaleout"), ("cli",))
+
+
+def test_refine_layers_import_only_the_layers_above():
+    """model ← targets ← minimise ← pipeline ← studies / scaleout ← cli: no module of a layer imports one of a later
+    layer (the package ``refine`` itself re-exports and is left out)."""
+    rank = {name: k for k, layer in enumerate(REFINE_LAYERS) for name in layer}
+    layer = (lambda m: rank.get(m.split(".")[1]) if m.startswith("refine.") else None)
+    graph = import_graph(ROOT, PACKAGES)
+    assert set(rank) <= {m.split(".")[1] for m in graph if m.startswith("refine.")}
+    wrong = [f"  {m} -> {d} ({where})" for m, deps in graph.items() for d, where in deps.items()
+             if layer(m) is not None and layer(d) is not None and layer(d) > layer(m)]
+    assert not wrong, "a refine layer imports a later one:\n" + "\n".join(wrong)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the guard itself
 

@@ -30,7 +30,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .solve import BlockNormal, LinearSolve, choose_solve, decrement
+from ..targets.normal import BlockNormal
+from .solve import LinearSolve, choose_solve, decrement
 
 #: Default convergence threshold (log-likelihood units) of every minimiser, and LM's initial damping.
 DEFAULT_FTOL = 1e-3

@@ -1,5 +1,5 @@
-"""Normal equations in block form and the linear solves of a Levenberg–Marquardt step: dense, or through the Schur
-complement.
+"""The linear solves of a Levenberg–Marquardt step on normal equations in block form
+(:class:`~refine.targets.normal.BlockNormal`): dense, or through the Schur complement.
 
 A fit of N images has a vector X = (x_s, x_1, …, x_N): the shared scalars x_s [n_s] and each image's own
 x_i [n_i].  Image i only sees (x_s, x_i), so the normal matrix is block-arrowhead::
@@ -13,8 +13,8 @@ S = A − Σ B_i C_i⁻¹ B_iᵀ [n_s, n_s]; solving costs O(N·(n_i³ + n_s²·
 memory, linear in the number of images (a dense solve is cubic in N·n_i).  One image has no shared block: its H is
 C_1 and the dense solve is the natural one.  A solve is a :class:`LinearSolve` (:data:`DENSE`, :data:`SCHUR`):
 the step of the damped equations and the diagonal of H⁻¹ (a step's size in standard errors); a new one is one more
-instance.  Levenberg–Marquardt damping adds
-μ·diag(H) to every diagonal block (:meth:`BlockNormal.damped`).  The covariance of X is H⁻¹, whose blocks are
+instance.  Levenberg–Marquardt damping adds μ·diag(H) to every diagonal block
+(:meth:`~refine.targets.normal.BlockNormal.damped`).  The covariance of X is H⁻¹, whose blocks are
 S⁻¹ (shared), −S⁻¹·B_i·C_i⁻¹ (shared-own) and C_i⁻¹ + C_i⁻¹·B_iᵀ·S⁻¹·B_i·C_i⁻¹ (own), also computed per image.
 """
 from __future__ import annotations
@@ -23,89 +23,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-
-class BlockNormal(NamedTuple):
-    """Normal equations in block form (see the module docstring): ``A`` [n_s, n_s], ``gs`` [n_s], and per image
-    ``B`` [n_s, n_i], ``C`` [n_i, n_i], ``gp`` [n_i] (lists of length N); ``H``: each image's own normal matrix
-    [n_s + n_i, n_s + n_i] in (shared, own) order, data only (what that image alone would give), or None.  Units are
-    those of the loss per increment unit (log-likelihood / x-unit²)."""
-
-    A: torch.Tensor
-    gs: torch.Tensor
-    B: List[torch.Tensor]
-    C: List[torch.Tensor]
-    gp: List[torch.Tensor]
-    H: Optional[List[torch.Tensor]] = None
-
-    @property
-    def g(self) -> torch.Tensor:
-        """The gradient [n] in the order (shared, image 1, …, image N)."""
-        return torch.cat([self.gs] + list(self.gp))
-
-    def split(self, delta: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """A flat vector [n] → (shared part [n_s], per-image parts [n_i])."""
-        k, parts = self.A.shape[0], []
-        for C in self.C:
-            parts.append(delta[k:k + C.shape[0]])
-            k += C.shape[0]
-        return delta[:self.A.shape[0]], parts
-
-    def with_priors(self, terms: Sequence[Tuple[int, float, float]], active: Sequence[int], layout) -> "BlockNormal":
-        """These equations plus the Gauss–Newton terms of priors: (position in X, residual r, dr/dx) each adds
-        (dr/dx)² to its diagonal entry and r·dr/dx to its gradient entry, when active."""
-        rows = {p: j for j, p in enumerate(active)}
-        terms = [t for t in terms if t[0] in rows]
-        if not terms:
-            return self
-        A, gs, C, gp = self.A.clone(), self.gs.clone(), [c.clone() for c in self.C], [g.clone() for g in self.gp]
-        ns = A.shape[0]
-        for pos, r, d in terms:
-            j = rows[pos]
-            if j < ns:
-                A[j, j] += d * d
-                gs[j] += d * r
-                continue
-            i = max(k for k in range(len(C)) if layout.offset[k] <= pos)
-            c = j - ns - sum(cc.shape[0] for cc in C[:i])
-            C[i][c, c] += d * d
-            gp[i][c] += d * r
-        return self._replace(A=A, gs=gs, C=C, gp=gp)
-
-    def damped(self, mu: float) -> "BlockNormal":
-        """H + μ·diag(H) (Marquardt's scaling; a tiny floor keeps a zero diagonal entry solvable)."""
-        if mu == 0:
-            return self
-
-        def add(M):
-            return M + mu * torch.diag(_damping_diagonal(M)) if M.numel() else M
-
-        return self._replace(A=add(self.A), C=[add(C) for C in self.C])
-
-    def dense(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The dense (H [n, n], g [n]) in the order (shared, image 1, …, image N)."""
-        if self.A.shape[0] == 0 and len(self.C) == 1:
-            return self.C[0], self.gp[0]
-        sizes = [self.A.shape[0]] + [C.shape[0] for C in self.C]
-        n = sum(sizes)
-        H = self.A.new_zeros(n, n)
-        ns, k = sizes[0], sizes[0]
-        H[:ns, :ns] = self.A
-        for B, C in zip(self.B, self.C):
-            m = C.shape[0]
-            H[:ns, k:k + m], H[k:k + m, :ns], H[k:k + m, k:k + m] = B, B.T, C
-            k += m
-        return H, torch.cat([self.gs] + list(self.gp))
-
-    def predicted_decrease(self, delta: torch.Tensor) -> float:
-        """−(gᵀδ + ½·δᵀHδ) of a step δ [n] (the decrease of the quadratic model), blockwise."""
-        if self.A.shape[0] == 0 and len(self.C) == 1:
-            return -float(self.gp[0] @ delta + 0.5 * delta @ (self.C[0] @ delta))
-        ds, dp = self.split(delta)
-        q = ds @ self.A @ ds
-        for B, C, d in zip(self.B, self.C, dp):
-            q = q + 2.0 * (ds @ B @ d) + d @ C @ d
-        lin = self.gs @ ds + sum((g @ d for g, d in zip(self.gp, dp)), ds.new_zeros(()))
-        return -float(lin + 0.5 * q)
+from ..targets.normal import BlockNormal, damping_diagonal
 
 
 def _solve(M: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -194,15 +112,10 @@ def image_covariance(shared: torch.Tensor, cross: torch.Tensor, own: torch.Tenso
 # the solves
 
 
-def _damping_diagonal(M: torch.Tensor) -> torch.Tensor:
-    """diag(M) with a tiny floor, so that μ·diag keeps a zero diagonal entry solvable."""
-    return torch.diagonal(M).clamp_min(1e-12 * float(torch.diagonal(M).abs().max()) + 1e-300)
-
-
 def dense_step(blocks: BlockNormal, mu: float) -> torch.Tensor:
     """δ [n] solving (H + μ·diag H)·δ = −g with the dense H (RuntimeError when singular)."""
     H, g = blocks.dense()
-    return torch.linalg.solve(H + mu * torch.diag(_damping_diagonal(H)), -g)
+    return torch.linalg.solve(H + mu * torch.diag(damping_diagonal(H)), -g)
 
 
 def dense_inverse_diagonal(blocks: BlockNormal) -> torch.Tensor:

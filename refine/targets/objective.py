@@ -6,7 +6,7 @@ factors form a group whose models and Jacobians are computed in one ``torch.func
 one image is called directly, so it may use the compiled tiles).  A group's pixels are split into chunks of
 :class:`~refine.model.predict.Predict` models (memory is set by the chunk, not by the detector): J = ∂m/∂x by
 ``jacfwd`` per chunk, H = JᵀWJ and g = Jᵀ·∂L/∂m accumulated and J discarded.  The normal equations come in block
-form, shared + per image (:class:`~refine.minimise.solve.BlockNormal`), with the priors' terms added.  A model with a
+form, shared + per image (:class:`~refine.targets.normal.BlockNormal`), with the priors' terms added.  A model with a
 non-finite value gives an infinite loss: the step is rejected.
 """
 from __future__ import annotations
@@ -24,11 +24,11 @@ from torch.func import jacfwd, vmap
 from nbtorch.simulate import choose_fused
 from nbtorch.types import Params
 
-from ..minimise.solve import BlockNormal
 from ..model.layout import Layout, make_layout
 from ..model.parameters import Parameterisation
 from ..model.predict import Predict, pixel_index
 from .losses import Target
+from .normal import BlockNormal
 
 
 def _batched_ref(pars: Sequence[Parameterisation]) -> Params:
@@ -341,7 +341,7 @@ class Objective:
 
     # ------------------------------------------------------------------ normal equations
     def normal(self, X: torch.Tensor, active: Optional[Sequence[int]] = None):
-        """(loss, :class:`~refine.minimise.solve.BlockNormal`, models [P_i] per image) at X over the ``active``
+        """(loss, :class:`~refine.targets.normal.BlockNormal`, models [P_i] per image) at X over the ``active``
         positions of X (default all): the blocks of the active shared scalars and of each image's active own ones,
         prior terms included.  The loss is +inf where the model is not finite."""
         lay = self.layout
