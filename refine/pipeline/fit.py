@@ -7,13 +7,9 @@
                             per_image=["orientation", "scale"])
     print(joint.summary()); joint.images[0].to_nanobragg_args()
 
-Both are the same pipeline: one image is a fit of N = 1 images with nothing shared.
-It composes the pieces (see docs/refine.md): :func:`refine.pipeline.problem.prepare` (observed pixels,
-parameterisation, target, start), :func:`refine.pipeline.strategy.run_stage` for every stage of
-:func:`refine.pipeline.strategy.schedule`, and :func:`refine.pipeline.result.finish` (values, ESDs, history).  A
-caller can run the same steps itself.  Many images: the shared scalars are solved through the Schur complement
-(:mod:`refine.minimise.solve`), so time and memory grow linearly with the number of images, and images of equal
-shape are simulated together under ``torch.func.vmap``; independent fits at scale: :mod:`refine.scaleout`.
+Both run the one pipeline (one image is N = 1 with nothing shared): :func:`~refine.pipeline.problem.prepare`,
+:func:`~refine.pipeline.strategy.run_stage` for every stage of :func:`~refine.pipeline.strategy.schedule`, and
+:func:`~refine.pipeline.result.finish` / ``finish_many``, which a caller can also run step by step.
 """
 from __future__ import annotations
 

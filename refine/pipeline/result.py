@@ -144,20 +144,13 @@ class Result:
     # ------------------------------------------------------------------ nanoBragg flags
     def to_nanobragg_args(self, matrix_path: Optional[str] = None, write_matrix: bool = True,
                           base_args=None) -> List[str]:
-        """The refined model as nanoBragg flags (a list of tokens), by :func:`nbtorch.to_nanobragg_args`.
-
-        Every value a Params/Setup pair expresses is written from the refined model (``-cell``+``-misset``, or
-        ``-mat`` with a new MOSFLM matrix written to ``matrix_path`` for models from a matrix; ``-Na -Nb -Nc``,
-        ``-mosaic``, ``-lambda``, ``-fluence`` (scale × the starting fluence), ``-distance`` or ``-close_distance``,
-        the beam centre as the convention writes it (``-Xbeam/-Ybeam`` mm, ``-ORGX/-ORGY`` pixels), detector
-        rotations, ``-twotheta``, ``-water``, an explicit ``-oversample`` …); from the starting flags (``base_args``,
-        default the ones given to :func:`refine.fit`) only what a model cannot express is copied: ``-hkl``,
-        ``-mask``, source and divergence flags, a non-default ``-mosaic_seed``.  ValueError for what flags cannot
-        express (e.g. a structure-factor table without starting flags).
-
-        The background plane (refine-owned) has no nanoBragg flag: it is reported in ``parameters['background']``.
-        ``nbtorch.from_nanobragg_args(result.to_nanobragg_args())`` re-simulates ``result.params`` (the -mat route is
-        limited by the 8 decimals of the MOSFLM matrix format).
+        """The refined model as nanoBragg flags (a list of tokens), by :func:`nbtorch.to_nanobragg_args`: every
+        value the model expresses is written from it (``-cell``+``-misset``, or ``-mat`` with a new MOSFLM matrix at
+        ``matrix_path`` for models from a matrix; N, mosaic, λ, fluence, distance, the beam centre as the convention
+        writes it, tilts, water …); from the starting flags (``base_args``, default those given to the fit) only
+        what a model cannot express (``-hkl``, ``-mask``, sources, divergence, ``-mosaic_seed``).  ValueError for what
+        flags cannot express (e.g. a structure-factor table without starting flags).  The background plane has no
+        flag (``parameters['background']``); the flags re-simulate ``params`` (``-mat`` to its 8 decimals).
         """
         base = base_args if base_args is not None else self.nanobragg_base
         matrix_path = matrix_path if matrix_path is not None else self.matrix_path

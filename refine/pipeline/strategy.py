@@ -5,30 +5,17 @@
         state = refine.run_stage(state, stage)                      # pure: the old state stays valid
     result = refine.finish(state)
 
-A sharp still has a narrow basin: spots a pixel or two wide, a beam centre 2–3 pixels off leaves model and observed
-spots without overlap, and the cell/distance pair (almost degenerate on a small detector) drifts when everything is
-free at once.  :func:`default_stages` therefore refines in stages:
-
-1. ``search`` — spots broadened (N × 0.5, fluence × 2³ so integrated intensities are unchanged); scale (and constant
-   background) pre-fitted linearly, then a distance grid with a translation search (:mod:`refine.pipeline.search`).
-2. ``coarse`` (N × 0.3) and ``medium`` (N × 0.6) — the geometry only (orientation, distance, beam centre, tilts,
-   two-theta, scale, background); cell, wavelength, N and mosaic fixed so nearly degenerate directions cannot drift.
-3. ``robust`` — every free group with the real spot model.
-4. ``fine`` — every free group with the real model and the fit's target (Poisson by default), to convergence.
-
-Stages 1–4 are *preliminary*: they only have to bring the model into the final stage's basin.  They use at most
-``prelim_pixels`` randomly chosen pixels, stages 2–3 the ``anscombe`` target (bounded where the Poisson NLL of
-point-sampled sinc spots is singular), a trust region of :data:`TRUST` typical errors and a loose tolerance; a
-preliminary stage is skipped when it has nothing to do (:func:`skip_reason`).  N is broadened in log space, so the
-increments x carry over between stages unchanged.
-
-Every iteration is recorded with the loss on the stage's own pixels, model and target; every stage also records
-``loss_all``, the loss of its end point with the fit's target and the real model on all usable pixels, which is
-comparable from stage to stage.
-
-A fit of several images runs the same stages: the pre-fit and the search act on each image (the search only where an
-image's distance and beam centre are its own; a shared scale starts at the images' mean), the pixels are chosen per
-image, and Levenberg–Marquardt solves the shared + per-image blocks (:mod:`refine.minimise.solve`)."""
+A sharp still has a narrow basin, so a fit runs the coarse-to-fine stages of
+:func:`~refine.pipeline.stages.default_stages` (docs/refine.md, "Stages", says why each exists): search (broadened
+spots, linear pre-fits, distance × beam-centre search), coarse and medium (geometry only, broadened), robust, and the
+final stage (the real model and the fit's target).  A preliminary stage fits at most ``prelim_pixels`` random pixels
+with its own target, trust region and tolerance, and is skipped when it has nothing to do (:func:`skip_reason`).
+Every iteration is recorded with the loss on its stage's pixels, model and target; every stage records ``loss_all``,
+its end point's loss with the fit's target and real model on all usable pixels, comparable between stages.  With
+several images the pre-fit and the search act per image (the search only where an image's distance and beam centre
+are its own; a shared scale starts at the images' mean), pixels are chosen per image, and Levenberg–Marquardt solves
+the shared + per-image blocks (:mod:`refine.minimise.solve`).
+"""
 from __future__ import annotations
 
 import dataclasses
