@@ -206,13 +206,7 @@ class Result:
         for s in self.par.scalars:
             lines.append(f"{s.name:24s} {self.values[s.name]:16.8g} {self.esd[s.name]:12.4g}  {s.unit:6s} "
                          f"{'/'.join(s.spec.flags)}")
-        lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"loss {self.loss:.8g}  χ²/ν {self.chi2_reduced:.4g}  pixels {self.n_pixels}  "
-                     f"iterations {self.iterations}  {self.seconds:.2f} s  "
-                     f"{'' if self.converged else 'NOT converged: '}{self.message}")
-        if self.poor_fit:
-            lines.append(self.poor_fit.replace("poor fit", "POOR FIT", 1))
-        return "\n".join(lines)
+        return "\n".join(lines + _summary_end(self, f"pixels {self.n_pixels}"))
 
     # ------------------------------------------------------------------ plots
     def plot(self, path: Optional[str] = None, log: bool = True):
@@ -314,13 +308,16 @@ class JointResult:
             vals = "  ".join(f"{n} {img.values[n]:.6g}±{img.esd[n]:.2g}" for n in own)
             poor = "  POOR FIT" if img.poor_fit else ""
             lines.append(f"image {k} {img.path or ''}: {vals}  χ²/ν {img.chi2_nu:.4g}{poor}")
-        lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"loss {self.loss:.8g}  χ²/ν {self.chi2_nu:.4g}  images {len(self.images)}  iterations "
-                     f"{self.iterations}  {self.seconds:.2f} s  {'' if self.converged else 'NOT converged: '}"
-                     f"{self.message}")
-        if self.poor_fit:
-            lines.append(self.poor_fit.replace("poor fit", "POOR FIT", 1))
-        return "\n".join(lines)
+        return "\n".join(lines + _summary_end(self, f"images {len(self.images)}"))
+
+
+def _summary_end(result, count: str) -> List[str]:
+    """The closing lines of a summary: the notes, the statistics (``count``: pixels or images) and convergence, and
+    the poor-fit reason."""
+    lines = [f"note: {n}" for n in result.notes]
+    lines.append(f"loss {result.loss:.8g}  χ²/ν {result.chi2_nu:.4g}  {count}  iterations {result.iterations}  "
+                 f"{result.seconds:.2f} s  {'' if result.converged else 'NOT converged: '}{result.message}")
+    return lines + ([result.poor_fit.replace("poor fit", "POOR FIT", 1)] if result.poor_fit else [])
 
 
 def _json(d: dict, path: Optional[str], indent: int) -> str:
