@@ -1,25 +1,14 @@
-"""Crystal systems: which cell values are free, which are tied to them, which angles are fixed; and the system a
-starting cell satisfies (``crystal_system="auto"``).
-
-A cell is (a, b, c in Å; α, β, γ in degrees).  Monoclinic cells have the unique axis b (β free); hexagonal cells
-(and rhombohedral lattices in their hexagonal setting) have a = b, γ = 120°.  A rhombohedral cell on rhombohedral
-axes (a = b = c, α = β = γ ≠ 90°) is refined as triclinic: give it in the hexagonal setting to constrain it.
+"""Crystal systems: which cell values (a, b, c in Å; α, β, γ in degrees) are free, which are tied to them and which
+angles are fixed; and the system a starting cell satisfies (``crystal_system="auto"``).  Monoclinic cells have the
+unique axis b; hexagonal cells (and rhombohedral lattices in the hexagonal setting) have a = b, γ = 120°; a cell on
+rhombohedral axes is refined as triclinic.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
-#: Crystal systems → the free cell values; the others are tied (b = a, …) or fixed (90°, 120°).  Highest symmetry
-#: first: the order in which ``crystal_system="auto"`` tries them.
-CRYSTAL_SYSTEMS = {
-    "cubic": ("a",),
-    "hexagonal": ("a", "c"),
-    "tetragonal": ("a", "c"),
-    "orthorhombic": ("a", "b", "c"),
-    "monoclinic": ("a", "b", "c", "beta"),
-    "triclinic": ("a", "b", "c", "alpha", "beta", "gamma"),
-}
-#: Rows of the cell 6-vector each free value drives, per system.
+#: Per crystal system, highest symmetry first (the order ``crystal_system="auto"`` tries them): each free cell value
+#: → the rows of the cell 6-vector it drives (b = a, …).
 CELL_ROWS: Dict[str, Dict[str, Tuple[int, ...]]] = {
     "cubic": {"a": (0, 1, 2)},
     "hexagonal": {"a": (0, 1), "c": (2,)},
@@ -28,15 +17,16 @@ CELL_ROWS: Dict[str, Dict[str, Tuple[int, ...]]] = {
     "monoclinic": {"a": (0,), "b": (1,), "c": (2,), "beta": (4,)},
     "triclinic": {"a": (0,), "b": (1,), "c": (2,), "alpha": (3,), "beta": (4,), "gamma": (5,)},
 }
-#: Fixed angles (α, β, γ) per system (None: free).
+#: Crystal systems → their free cell values.
+CRYSTAL_SYSTEMS = {system: tuple(rows) for system, rows in CELL_ROWS.items()}
+_ANGLES = ("alpha", "beta", "gamma")
+#: Fixed angles (α, β, γ) per system, None where free: 90°, but the hexagonal γ = 120°.
 FIXED_ANGLES: Dict[str, Tuple[Optional[float], ...]] = {
-    "cubic": (90.0, 90.0, 90.0), "hexagonal": (90.0, 90.0, 120.0), "tetragonal": (90.0, 90.0, 90.0),
-    "orthorhombic": (90.0, 90.0, 90.0), "monoclinic": (90.0, None, 90.0), "triclinic": (None, None, None),
-}
+    system: tuple(None if a in free else 120.0 if (system, a) == ("hexagonal", "gamma") else 90.0 for a in _ANGLES)
+    for system, free in CRYSTAL_SYSTEMS.items()}
 #: Tolerances of ``crystal_system="auto"``: relative length difference and angle difference (degrees).
 AUTO_TOL_LENGTH = 1e-3
 AUTO_TOL_ANGLE = 0.1
-_ANGLES = ("alpha", "beta", "gamma")
 
 
 def check_system(system: str) -> None:

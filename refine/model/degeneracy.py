@@ -1,16 +1,11 @@
-"""Free parameter combinations that one image cannot determine, found before a fit starts.
+"""Free parameter combinations that one image cannot determine, found before a fit starts (after it,
+:func:`refine.pipeline.report.covariance` names any null direction of the normal matrix).
 
-* **Rotations about the beam.**  Rotating the crystal about the beam turns the whole diffraction pattern about the
-  direct beam; rotating the detector about the beam turns the pixel grid the opposite way.  Both move every spot
-  alike (only the polarization factor, fixed in the lab, tells them apart, and not at all for an unpolarized beam).
-  The increments are rotations about the lab axes, so the pair is degenerate when both the crystal's and the
-  detector's free rotation axes span the beam direction (MOSFLM/DENZO/ADXV: ``orientation.x`` with
-  ``detector_rotation.x``; XDS/DIALS: ``.z``).
-* **Two-theta under a beam pivot.**  With the beam pivot the direct-beam spot stays put and the detector only turns,
-  so a two-theta swing about its axis is the same motion as a detector rotation about that axis: degenerate when the
-  free detector rotations span the two-theta axis.
-
-:func:`refine.pipeline.report.covariance` also names any null direction of the normal matrix after a fit.
+* A crystal rotation about the beam turns the pattern about the direct beam and a detector rotation about the beam
+  turns the pixel grid the opposite way: every spot moves alike.  Degenerate when both the crystal's and the
+  detector's free (lab-axis) rotations span the beam direction.
+* Under a beam pivot a two-theta swing is the same motion as a detector rotation about the two-theta axis:
+  degenerate when the free detector rotations span that axis.
 """
 from __future__ import annotations
 

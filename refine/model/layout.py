@@ -1,11 +1,12 @@
-"""The flat vector of N images: which scalars are shared (one value for all images) and where each image's own
-scalars sit, X = (x_s [n_s], x_1 [n_1], …, x_N [n_N]).  Every image keeps its own
-:class:`~refine.model.parameters.Parameterisation` over (shared + own) scalars about its own starting model; the
-shared parts of the starting models are made identical first (:func:`align_shared`), so a shared increment means the
-same change in every image.  One image alone has no shared scalars: X is its x."""
+"""The flat vector of N images, X = (x_s [n_s], x_1 [n_1], …, x_N [n_N]): the shared scalars (one value for all
+images), then each image's own.  Every image keeps its own :class:`~refine.model.parameters.Parameterisation` about
+its own starting model, whose shared parts are made identical first (:func:`align_shared`), so a shared increment
+means the same change in every image.  One image alone has no shared scalars: X is its x."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from typing import List, Sequence, Tuple
 
 import torch
@@ -54,14 +55,17 @@ class Layout:
     """Where each image's scalars sit in the flat vector X.
 
     ``shared`` (names, the first n_s entries of X); per image ``names`` (its parameterisation's order),
-    ``shared_pos`` (positions of the shared names in it), ``own_pos`` (positions of its own scalars, in order) and
-    ``offset`` (where its own scalars start in X)."""
+    ``shared_pos`` (positions of the shared names in it) and ``own_pos`` (positions of its own scalars, in order)."""
 
     shared: Tuple[str, ...]
     names: Tuple[Tuple[str, ...], ...]
     shared_pos: Tuple[Tuple[int, ...], ...]
     own_pos: Tuple[Tuple[int, ...], ...]
-    offset: Tuple[int, ...]
+
+    @functools.cached_property
+    def offset(self) -> Tuple[int, ...]:
+        """Where each image's own scalars start in X."""
+        return tuple(itertools.accumulate((len(p) for p in self.own_pos[:-1]), initial=len(self.shared)))
 
     @property
     def n(self) -> int:
@@ -71,13 +75,9 @@ class Layout:
     def x_names(self) -> List[str]:
         """The name of every entry of X: the shared scalars', then each image's own (with ``@image k`` when there
         are several images)."""
-        if len(self.names) == 1:
-            return list(self.shared) + self.own_names(0)
-        return list(self.shared) + [f"{n}@image {i + 1}" for i in range(len(self.names)) for n in self.own_names(i)]
-
-    def own_names(self, i: int) -> List[str]:
-        """Image ``i``'s own scalar names, in X order."""
-        return [self.names[i][j] for j in self.own_pos[i]]
+        many = len(self.names) > 1
+        return list(self.shared) + [self.names[i][j] + (f"@image {i + 1}" if many else "")
+                                    for i, own in enumerate(self.own_pos) for j in own]
 
     def image_x(self, X: torch.Tensor, i: int) -> torch.Tensor:
         """Image ``i``'s increments [n_i] (its parameterisation's order) from X."""
@@ -95,8 +95,7 @@ class Layout:
 
     def pack(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """X from per-image increments (shared values from image 1)."""
-        parts = [xs[0][list(self.shared_pos[0])]] + [x[list(p)] for x, p in zip(xs, self.own_pos)]
-        return torch.cat(parts)
+        return torch.cat([xs[0][list(self.shared_pos[0])]] + [x[list(p)] for x, p in zip(xs, self.own_pos)])
 
 
 def make_layout(pars: Sequence[Parameterisation], shared: Sequence[str]) -> Layout:
@@ -104,16 +103,10 @@ def make_layout(pars: Sequence[Parameterisation], shared: Sequence[str]) -> Layo
     image lacks one of image 1's shared scalars)."""
     wanted = {s.name for s in _specs_of(shared)}
     shared_names = tuple(n for n in pars[0].names if n in wanted)
-    names, spos, opos, offs = [], [], [], []
-    k = len(shared_names)
     for i, par in enumerate(pars):
         missing = [n for n in shared_names if n not in par.names]
         if missing:
             raise ValueError(f"image {i + 1} has no shared scalar {missing[0]} (a different crystal system?)")
-        names.append(tuple(par.names))
-        spos.append(tuple(par.names.index(n) for n in shared_names))
-        own = tuple(j for j, n in enumerate(par.names) if n not in shared_names)
-        opos.append(own)
-        offs.append(k)
-        k += len(own)
-    return Layout(shared_names, tuple(names), tuple(spos), tuple(opos), tuple(offs))
+    return Layout(shared_names, tuple(tuple(par.names) for par in pars),
+                  tuple(tuple(par.names.index(n) for n in shared_names) for par in pars),
+                  tuple(tuple(j for j, n in enumerate(par.names) if n not in shared_names) for par in pars))

@@ -1,21 +1,9 @@
-"""Parameterisation: which parts of the model are free, as increments about a reference, packed in a flat vector.
+"""Parameterisation: the free parts of the model as increments x about a reference model (:func:`parameterise`).
 
-A :class:`Parameterisation` (frozen) is built by :func:`parameterise` from a reference model (``Params`` + ``Setup``)
-and a list of free groups, sub-groups or scalar names.  Its flat vector ``x`` holds **increments** about the
-reference, so a fit starts at ``x = 0`` and every entry is well scaled.  What each entry means — the leaf it moves,
-its transform, the units of x and of the reported value, its typical error — is the scalar's entry in
-:data:`refine.model.table.SCALARS`; :meth:`~Parameterisation.pack`, :meth:`~Parameterisation.unpack`, bounds, priors and
-reports are all derived from those entries.  Only the orientation (small rotations about the lab axes,
-U = Φz·Φy·Φx·U_ref) and the tied cell values of a crystal system (:mod:`refine.model.cells`) have code of their own.
-
-Reported ("user") values: a linear scalar reports ``ref + scale·x`` and a log scalar ``ref·exp(scale·x)`` with ``ref``
-its leaf's reference value (cell in Å/deg, distance and beam centre in mm, tilts in degrees, λ in Å, N, mosaic
-spread in degrees, water size in µm, background in photons/pixel); orientation increments are reported in mrad and
-the scale as fluence/fluence_ref.  Bounds and Gaussian priors are given in reported units and mapped onto ``x``.
-
-While the orientation is free, ``unpack`` returns ``crystal.orientation = Φ(x)·XYZ(misset_ref)·U_ref`` and
-``crystal.misset = 0``, which ``simulate`` turns into the same rotation.  ``pack`` and ``unpack`` are pure;
-``unpack`` is differentiable, so ``torch.func.jacfwd(lambda x: simulate(par.unpack(x), setup))(x)`` works.
+A fit starts at x = 0 and every entry is well scaled; what an entry means (leaf, transform, units, typical error) is
+its :data:`refine.model.table.SCALARS` entry, from which pack, unpack, bounds, priors and reports are derived.  With
+the orientation free, ``unpack`` returns ``crystal.orientation = Φz·Φy·Φx·XYZ(misset_ref)·U_ref`` and ``misset = 0``
+(the rotation ``simulate`` applies).  ``pack``/``unpack`` are pure; ``unpack`` is differentiable (``torch.func``).
 """
 from __future__ import annotations
 
@@ -27,13 +15,14 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from nbtorch.pytree import get_leaf, replace_leaf as set_leaf
 from nbtorch.rotation import rot_xyz, xyz_angles  # noqa: F401  (xyz_angles re-exported)
 from nbtorch.simulate import crystal_rotation
 from nbtorch.types import Params, Setup
 from nbtorch.units import mrad2rad, rad2mrad
 
-from .cells import CELL_ROWS, CRYSTAL_SYSTEMS, resolve_crystal_system, symmetrize_cell  # noqa: F401
-from .table import DEFAULT_FREE, GROUPS, REQUIRES, SCALARS, SUBGROUPS, ScalarSpec  # noqa: F401
+from .cells import CELL_ROWS, CRYSTAL_SYSTEMS, resolve_crystal_system, symmetrize_cell
+from .table import DEFAULT_FREE, GROUPS, REQUIRES, SCALARS, SUBGROUPS, ScalarSpec
 
 #: Log scalars stay within e^±LOG_RANGE of their reference by default.
 LOG_RANGE = 10.0
@@ -43,9 +32,9 @@ NCELLS_MODES = ("auto", "isotropic", "anisotropic")
 
 @dataclasses.dataclass(frozen=True)
 class Scalar:
-    """One free scalar of the flat vector: its description ``spec`` (:class:`refine.model.table.ScalarSpec`) and, about
-    the reference model, ``ref`` (the reported value at x = 0), ``typical`` (a typical error of x, x units),
-    ``lower``/``upper`` (bounds on x, ±inf when none) and ``prior`` ((mean, sigma) in reported units, or None)."""
+    """One free scalar of the flat vector: its table entry ``spec`` and, about the reference model, ``ref`` (the
+    reported value at x = 0), ``typical`` (a typical error of x, x units), ``lower``/``upper`` (bounds on x, ±inf when
+    none) and ``prior`` ((mean, sigma) in reported units, or None)."""
 
     spec: ScalarSpec
     ref: float
@@ -65,9 +54,7 @@ class Scalar:
 
     def value(self, x):
         """Reported value of increment ``x`` (tensor, any shape)."""
-        if self.kind == "log":
-            return self.ref * torch.exp(self.factor * x)
-        return self.ref + self.factor * x
+        return self.ref * torch.exp(self.factor * x) if self.kind == "log" else self.ref + self.factor * x
 
     def to_x(self, u: float) -> float:
         """Increment giving reported value ``u`` (inverse of :meth:`value`; -inf for a log value 0, NaN below)."""
@@ -79,9 +66,7 @@ class Scalar:
 
     def dvalue_dx(self, x: float) -> float:
         """Derivative of the reported value with respect to the increment at ``x``."""
-        if self.kind == "log":
-            return self.ref * self.factor * math.exp(self.factor * x)
-        return self.factor
+        return self.ref * self.factor * math.exp(self.factor * x) if self.kind == "log" else self.factor
 
 
 def total_rotation(params: Params) -> torch.Tensor:
@@ -89,43 +74,29 @@ def total_rotation(params: Params) -> torch.Tensor:
     return crystal_rotation(params.crystal)
 
 
-def get_leaf(params: Params, path: str) -> torch.Tensor:
-    """The leaf of ``params`` at a dotted path such as ``"detector.beam_center"``."""
-    obj = params
-    for a in path.split("."):
-        obj = getattr(obj, a)
-    return obj
-
-
-def set_leaf(params, path: str, value):
-    """``params`` with the leaf at the dotted ``path`` replaced by ``value`` (pure)."""
-    head, _, rest = path.partition(".")
-    return params._replace(**{head: set_leaf(getattr(params, head), rest, value) if rest else value})
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Parameterisation:
-    """Free scalars about a reference model; ``pack``/``unpack`` between a flat vector x [n] and :class:`Params`.
-
-    Build with :func:`parameterise`.  Fields: ``ref`` (reference Params), ``setup``, ``scalars`` (tuple of
-    :class:`Scalar`), ``crystal_system`` (and ``crystal_system_note`` when it was chosen automatically),
-    ``cell_base`` [6] (the reference cell made exactly symmetric), ``cell_rows`` (free cell value → rows it drives),
-    ``R0`` [3, 3] (reference crystal rotation), ``background_ref`` [3] (reference plane, photons/pixel),
-    ``ncells_iso``.
-    """
+    """Free scalars about a reference model (build with :func:`parameterise`); ``pack``/``unpack`` between a flat
+    vector x [n] and :class:`Params`.  Fields: ``ref`` (reference Params), ``setup``, ``scalars`` (of :class:`Scalar`),
+    ``crystal_system`` (``crystal_system_note`` when chosen automatically), ``cell_base`` [6] (the reference cell made
+    exactly symmetric), ``R0`` [3, 3] (reference crystal rotation), ``background_ref`` [3] (reference plane,
+    photons/pixel), ``ncells_iso``."""
 
     ref: Params
     setup: Setup
     scalars: Tuple[Scalar, ...]
     crystal_system: str
     cell_base: torch.Tensor
-    cell_rows: Mapping[str, Tuple[int, ...]]
     R0: torch.Tensor
     background_ref: torch.Tensor
     ncells_iso: bool
     crystal_system_note: str = ""
 
-    # ------------------------------------------------------------------ derived
+    names = property(lambda self: [s.name for s in self.scalars], doc="Names of the free scalars, in x order.")
+    n = property(lambda self: len(self.scalars), doc="Length of x.")
+    dtype = property(lambda self: self.ref.crystal.cell.dtype, doc="The reference model's dtype.")
+    device = property(lambda self: self.ref.crystal.cell.device, doc="The reference model's device.")
+
     @functools.cached_property
     def _slot(self) -> Dict[str, int]:
         return {s.name: i for i, s in enumerate(self.scalars)}
@@ -140,6 +111,12 @@ class Parameterisation:
         return out
 
     @functools.cached_property
+    def cell_rows(self) -> Mapping[str, Tuple[int, ...]]:
+        """Free cell value (``'a'``, ``'beta'`` …) → the rows of the cell 6-vector it drives (read-only)."""
+        rows = CELL_ROWS[self.crystal_system]
+        return types.MappingProxyType({s.name[5:]: rows[s.name[5:]] for s in self.scalars if s.group == "cell"})
+
+    @functools.cached_property
     def _cell_map(self) -> Tuple[List[int], torch.Tensor]:
         """(slots of the free cell values, M [6, k]): cell = cell_base + M·x[slots] (tied rows move together)."""
         slots = [self._slot[f"cell.{nm}"] for nm in self.cell_rows]
@@ -147,24 +124,6 @@ class Parameterisation:
         for j, rows in enumerate(self.cell_rows.values()):
             M[list(rows), j] = 1.0
         return slots, M
-
-    @property
-    def names(self) -> List[str]:
-        """Names of the free scalars, in the order of x."""
-        return [s.name for s in self.scalars]
-
-    @property
-    def n(self) -> int:
-        """Length of x."""
-        return len(self.scalars)
-
-    @property
-    def dtype(self):
-        return self.ref.crystal.cell.dtype
-
-    @property
-    def device(self):
-        return self.ref.crystal.cell.device
 
     def groups(self) -> List[str]:
         """The groups with at least one free scalar, in :data:`GROUPS` order."""
@@ -204,7 +163,6 @@ class Parameterisation:
         """True when the background plane is non-zero or free (so it must be added to the model)."""
         return bool((self.background_ref != 0).any()) or "plane" in self._leaves
 
-    # ------------------------------------------------------------------ unpack
     def _leaf(self, x: torch.Tensor, items: List[Tuple[int, Scalar]], ref: torch.Tensor) -> torch.Tensor:
         """A linear/log leaf at x: ref + inc or ref·exp(inc), inc from the entries that move it."""
         # scale·x on the whole vector, then indexed: a 0-dim tensor times a Python float gets a float64 tangent under
@@ -220,22 +178,16 @@ class Parameterisation:
             inc = torch.stack(comps, -1)
         return ref * torch.exp(inc) if items[0][1].spec.transform == "log" else ref + inc
 
-    def _rotations(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Orientation increments (rad) [..., 3] about lab x, y, z, or None when the orientation is fixed."""
-        slots = {s.spec.index: i for i, s in enumerate(self.scalars) if s.spec.transform == "rotation"}
-        if not slots:
-            return None
-        zero = x.new_zeros(x.shape[:-1])
-        return mrad2rad(torch.stack([x[..., slots[k]] if k in slots else zero for k in range(3)], -1))
-
     def unpack(self, x: torch.Tensor) -> Params:
         """Flat increments ``x`` [n] → :class:`Params` (pure, differentiable; works under ``torch.func``)."""
         p = self.ref
         if self.cell_rows:
             slots, M = self._cell_map
             p = set_leaf(p, "crystal.cell", self.cell_base + x[..., slots] @ M.T)
-        ang = self._rotations(x)
-        if ang is not None:
+        rot = {s.spec.index: i for i, s in enumerate(self.scalars) if s.spec.transform == "rotation"}
+        if rot:  # increments about lab x, y, z (mrad)
+            zero = x.new_zeros(x.shape[:-1])
+            ang = mrad2rad(torch.stack([x[..., rot[k]] if k in rot else zero for k in range(3)], -1))
             p = set_leaf(p, "crystal.orientation", rot_xyz(ang) @ self.R0)
             p = set_leaf(p, "crystal.misset", torch.zeros_like(self.ref.crystal.misset))
         for leaf, items in self._leaves.items():
@@ -250,18 +202,15 @@ class Parameterisation:
             return self.background_ref.expand(*x.shape[:-1], 3)
         return self._leaf(x, items, self.background_ref)
 
-    # ------------------------------------------------------------------ pack
     def _pack_one(self, s: Scalar, params: Params, plane, R) -> torch.Tensor:
         sp = s.spec
-        if sp.transform == "cell":
-            row = self.cell_rows[sp.name[len("cell."):]][0]
-            return params.crystal.cell[row] - self.cell_base[row]
         if sp.transform == "rotation":
             return R[sp.index]
         if sp.leaf == "plane":
             cur, ref = torch.as_tensor(plane, dtype=self.dtype, device=self.device), self.background_ref
         else:
-            cur, ref = get_leaf(params, sp.leaf), get_leaf(self.ref, sp.leaf)
+            cur = get_leaf(params, sp.leaf)
+            ref = self.cell_base if sp.transform == "cell" else get_leaf(self.ref, sp.leaf)
         if sp.index is not None:
             cur, ref = cur[..., sp.index], ref[..., sp.index]
         v = torch.log(cur / ref) if sp.transform == "log" else cur - ref
@@ -287,16 +236,9 @@ class Parameterisation:
         for s in self.scalars:
             b = "" if (s.lower == -math.inf and s.upper == math.inf) else f" x∈[{s.lower:g}, {s.upper:g}]"
             p = "" if s.prior is None else f" prior {s.prior[0]:g}±{s.prior[1]:g} {s.unit}"
-            flags = "/".join(s.spec.flags) or "-"
             lines.append(f"{s.name:24s} {s.spec.transform:8s} ref {s.ref:.6g} {s.unit} (x in {s.x_unit}) "
-                         f"{flags}{b}{p}")
+                         f"{'/'.join(s.spec.flags) or '-'}{b}{p}")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# building a parameterisation
-
-#: Scalars a model must support to be refined: name → (test on (params, setup), what to give otherwise).
 
 
 def expand_free(free: Iterable[str]) -> List[str]:
@@ -306,14 +248,11 @@ def expand_free(free: Iterable[str]) -> List[str]:
         free = free.replace(",", " ").split()
     wanted: List[str] = []
     for f in (str(f).strip() for f in free):
-        if f in GROUPS or ("." in f and f.split(".")[0] in GROUPS and f not in SUBGROUPS):
-            wanted.append(f)
-        elif f in SUBGROUPS:
-            wanted.extend(SUBGROUPS[f])
-        else:
+        if not (f in GROUPS or f in SUBGROUPS or ("." in f and f.split(".")[0] in GROUPS)):
             raise ValueError(
                 f"unknown parameter group {f!r}; allowed: {', '.join(GROUPS)} (sub-groups: {', '.join(SUBGROUPS)}; "
                 "or single scalars such as cell.a, orientation.z, ncells.c)")
+        wanted.extend(SUBGROUPS.get(f, (f,)))
     return wanted
 
 
@@ -341,45 +280,34 @@ def _check_names(wanted: Sequence[str], system: str, ncells_iso: bool) -> None:
             raise ValueError(f"unknown parameter {w!r}; scalars: {', '.join(sorted(known))}")
 
 
-def _reference_value(spec: ScalarSpec, params: Params, cell_base, plane_ref) -> float:
-    """The reported value of ``spec`` at x = 0."""
-    if spec.transform == "rotation":
-        return 0.0
-    if spec.relative:
-        return 1.0
-    if spec.transform == "cell":
-        return float(cell_base[spec.index])
-    leaf = plane_ref if spec.leaf == "plane" else get_leaf(params, spec.leaf)
-    return float(leaf.reshape(-1)[spec.index or 0])
-
-
 def _make_scalar(spec: ScalarSpec, params: Params, setup: Setup, cell_base, plane_ref) -> Scalar:
     """A :class:`Scalar` about the reference, with the entry's typical error and default bounds in x."""
-    ref = _reference_value(spec, params, cell_base, plane_ref)
-    per = {"": 1.0, "ref": abs(ref), "pixel": setup.pixel_size}[spec.typical_per]
-    s = Scalar(spec, ref, spec.typical * per)
-    lo, hi = -math.inf, math.inf
-    if spec.transform == "log":
-        lo, hi = -LOG_RANGE / s.factor, LOG_RANGE / s.factor
+    if spec.transform == "rotation" or spec.relative:
+        ref = 0.0 if spec.transform == "rotation" else 1.0
+    elif spec.transform == "cell":
+        ref = float(cell_base[spec.index])
+    else:
+        leaf = plane_ref if spec.leaf == "plane" else get_leaf(params, spec.leaf)
+        ref = float(leaf.reshape(-1)[spec.index or 0])
+    s = Scalar(spec, ref, spec.typical * {"": 1.0, "ref": abs(ref), "pixel": setup.pixel_size}[spec.typical_per])
+    lo, hi = (-LOG_RANGE / s.factor, LOG_RANGE / s.factor) if spec.transform == "log" else (-math.inf, math.inf)
     if spec.lower is not None:
         lo = max(lo, min(0.0, s.to_x(spec.lower)))
     return dataclasses.replace(s, lower=lo, upper=hi)
 
 
-def _targets(scalars: Sequence[Scalar], key: str, what: str) -> List[int]:
-    """Indices of the scalars a bounds/priors key names (scalar, group or sub-group)."""
-    hits = [i for i, s in enumerate(scalars)
-            if key in (s.name, s.group) or (key in SUBGROUPS and s.name in SUBGROUPS[key])]
-    if not hits:
-        raise ValueError(f"{what} given for {key!r}, which is not a free scalar or group "
-                         f"(free: {', '.join(s.name for s in scalars) or 'none'})")
-    return hits
+def _constrain(par: Parameterisation, bounds, priors) -> Parameterisation:
+    """``par`` with the user's bounds and priors (reported units, per scalar, group or sub-group) applied."""
+    scalars = list(par.scalars)
 
+    def targets(key, what):
+        if not par.index(key):
+            raise ValueError(f"{what} given for {key!r}, which is not a free scalar or group "
+                             f"(free: {', '.join(par.names) or 'none'})")
+        return par.index(key)
 
-def _constrain(scalars: List[Scalar], bounds, priors) -> List[Scalar]:
-    """Scalars with the user's bounds and priors (reported units) applied."""
     for key, (lo, hi) in (bounds or {}).items():
-        for i in _targets(scalars, key, "bounds"):
+        for i in targets(key, "bounds"):
             s = scalars[i]
             xlo = -math.inf if lo is None else s.to_x(float(lo))
             xhi = math.inf if hi is None else s.to_x(float(hi))
@@ -391,41 +319,33 @@ def _constrain(scalars: List[Scalar], bounds, priors) -> List[Scalar]:
     for key, (mean, sigma) in (priors or {}).items():
         if not float(sigma) > 0:
             raise ValueError(f"prior sigma for {key} must be > 0; got {sigma}")
-        for i in _targets(scalars, key, "prior"):
+        for i in targets(key, "prior"):
             scalars[i] = dataclasses.replace(scalars[i], prior=(float(mean), float(sigma)))
-    return scalars
+    return dataclasses.replace(par, scalars=tuple(scalars))
 
 
-def parameterise(
-    params: Params,
-    setup: Setup,
-    free: Iterable[str] = DEFAULT_FREE,
-    *,
-    crystal_system: str = "auto",
-    ncells_mode: str = "auto",
-    background: Optional[Sequence[float]] = None,
-    bounds: Optional[Mapping[str, Tuple[Optional[float], Optional[float]]]] = None,
-    priors: Optional[Mapping[str, Tuple[float, float]]] = None,
-) -> Parameterisation:
+def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FREE, *, crystal_system: str = "auto",
+                 ncells_mode: str = "auto", background: Optional[Sequence[float]] = None,
+                 bounds: Optional[Mapping[str, Tuple[Optional[float], Optional[float]]]] = None,
+                 priors: Optional[Mapping[str, Tuple[float, float]]] = None) -> Parameterisation:
     """Build a :class:`Parameterisation` about the reference ``params`` (Å, mm, degrees) and ``setup``.
 
     Args:
-        free: groups (:data:`GROUPS`), sub-groups (``background.plane``, ``background.constant``,
-            ``background.water``) or scalar names (``cell.a``, ``orientation.z``, ``ncells.c`` …); a string is split
-            on commas/spaces.
-        crystal_system: 'auto' (default: the highest symmetry the starting cell satisfies within 0.1 % and 0.1°,
-            :func:`~refine.model.cells.detect_crystal_system`) or one of :data:`CRYSTAL_SYSTEMS`; constrains the free
-            cell values; the reference cell is made exactly symmetric (``ValueError`` if it is more than 2 % / 1° off).
+        free: groups (:data:`GROUPS`), sub-groups (:data:`~refine.model.table.SUBGROUPS`) or scalar names
+            (``cell.a``, ``orientation.z``, ``ncells.c`` …); a string is split on commas/spaces.
+        crystal_system: 'auto' (default: the highest symmetry the starting cell satisfies,
+            :func:`~refine.model.cells.detect_crystal_system`) or one of :data:`CRYSTAL_SYSTEMS`; the reference cell is
+            made exactly symmetric (``ValueError`` if it is more than 2 % / 1° off).
         ncells_mode: 'isotropic' (one ln-scale for Na, Nb, Nc), 'anisotropic' (three), or 'auto' (isotropic when the
             reference Na = Nb = Nc).
         background: reference background plane (c0, c_fast, c_slow) in photons/pixel (default zeros).
-        bounds: {scalar-or-group name: (lower, upper)} in reported units (None = unbounded side).  ``ncells`` ≥ 1
-            (nanoBragg's smallest crystal) by default; log scalars stay within e^±10 of the reference.
-        priors: {scalar-or-group name: (mean, sigma)} Gaussian restraints in reported units.
+        bounds: {scalar, group or sub-group: (lower, upper)} in reported units (None = unbounded side); by default
+            ``ncells`` ≥ 1 (nanoBragg's smallest crystal) and log scalars stay within e^±10 of the reference.
+        priors: {scalar, group or sub-group: (mean, sigma)} Gaussian restraints in reported units.
 
     Raises:
-        ValueError: unknown names, a group that cannot be refined with this model (``mosaic`` with a single mosaic
-            domain, ``background.water`` with water_size = 0), bad bounds or priors.
+        ValueError: unknown names, a group this model cannot refine (``mosaic`` with one mosaic domain,
+            ``background.water`` with water_size = 0), bad bounds or priors.
     """
     if ncells_mode not in NCELLS_MODES:
         raise ValueError(f"ncells_mode must be one of {', '.join(NCELLS_MODES)}; got {ncells_mode!r}")
@@ -438,9 +358,8 @@ def parameterise(
     _check_names(wanted, system, ncells_iso)
     has_water = float(params.background.water_size) > 0
     specs = [sp for sp in SCALARS if _selected(sp, wanted, system, ncells_iso, has_water)]
-    for sp in specs:
-        test, why = REQUIRES.get(sp.name, (None, ""))
-        if test is not None and not test(params, setup):
+    for test, why in (REQUIRES[sp.name] for sp in specs if sp.name in REQUIRES):
+        if not test(params, setup):
             raise ValueError(why)
     cell_free = any(sp.group == "cell" for sp in specs)
     cell_base = torch.tensor(symmetrize_cell(cell_ref, system), dtype=dt, device=dev) if cell_free else c.cell
@@ -448,10 +367,10 @@ def parameterise(
         [float(v) for v in background], dtype=dt, device=dev)
     if plane_ref.shape != (3,):
         raise ValueError(f"background must be 3 numbers (c0, c_fast, c_slow) in photons/pixel; got {list(background)}")
-    scalars = _constrain([_make_scalar(sp, params, setup, cell_base, plane_ref) for sp in specs], bounds, priors)
-    rows = types.MappingProxyType({sp.name[5:]: CELL_ROWS[system][sp.name[5:]] for sp in specs if sp.group == "cell"})
-    return Parameterisation(params, setup, tuple(scalars), system, cell_base, rows, total_rotation(params), plane_ref,
-                            ncells_iso, note if cell_free else "")
+    scalars = tuple(_make_scalar(sp, params, setup, cell_base, plane_ref) for sp in specs)
+    par = Parameterisation(params, setup, scalars, system, cell_base, total_rotation(params), plane_ref, ncells_iso,
+                           note if cell_free else "")
+    return _constrain(par, bounds, priors)
 
 
 def unpack(par: Parameterisation, x: torch.Tensor) -> Params:

@@ -1,11 +1,7 @@
 """Prediction: the model photons at chosen pixels, ``simulate`` plus refine's background plane — the only copy.
 
-    model = make_predict(par, setup, pixels)    # pixels: None (all rendered), bool image [slow, fast] or flat indices
-    m = model(x)                                # [n] photons at increments x (differentiable, torch.func-safe)
-
-Pixels are rendered with :func:`nbtorch.simulate.simulate_pixels`, so memory and work scale with the number of
-pixels asked for, not with the detector.  The background plane b = c0 + c_f·u + c_s·v (photons/pixel) has u, v ∈
-[−½, ½] the fast/slow pixel-centre coordinates across the detector.
+``make_predict(par, setup, pixels)(x)`` → photons [n] at increments x (differentiable, torch.func-safe), rendered with
+:func:`nbtorch.simulate.simulate_pixels`: memory and work scale with the pixels asked for, not with the detector.
 """
 from __future__ import annotations
 
@@ -26,9 +22,7 @@ def pixel_index(pixels, setup: Setup) -> np.ndarray:
     S, F = setup.spixels, setup.fpixels
     if pixels is None:
         return np.asarray(rendered_pixels(setup), dtype=np.int64)
-    if torch.is_tensor(pixels):
-        pixels = pixels.detach().cpu().numpy()
-    pixels = np.asarray(pixels)
+    pixels = np.asarray(pixels.detach().cpu().numpy() if torch.is_tensor(pixels) else pixels)
     if pixels.dtype == bool:
         if pixels.shape != (S, F):
             raise ValueError(f"pixel selection has shape {pixels.shape}, expected [slow, fast] = {(S, F)}")
@@ -64,10 +58,7 @@ class Predict:
         self.index = torch.as_tensor(index, dtype=torch.long, device=par.device)
         self.basis = plane_basis(setup, par.dtype, par.device, self.index) if par.has_plane() else None
 
-    @property
-    def n(self) -> int:
-        """Number of pixels predicted."""
-        return int(self.index.shape[0])
+    n = property(lambda self: int(self.index.shape[0]), doc="Number of pixels predicted.")
 
     def bragg(self, x: torch.Tensor, check: bool = False, par: Optional[Parameterisation] = None) -> torch.Tensor:
         """What ``simulate`` gives at the pixels (photons [n]); ``check`` validates the parameter values; ``par``:
@@ -84,14 +75,13 @@ class Predict:
     def __call__(self, x: torch.Tensor, check: bool = False, par: Optional[Parameterisation] = None) -> torch.Tensor:
         """Model photons [n] at increments ``x`` [n_par]: :meth:`bragg` + :meth:`background`."""
         m = self.bragg(x, check, par)
-        return m if self.basis is None else m + (self.par if par is None else par).plane(x) @ self.basis
+        return m if self.basis is None else m + self.background(x, par)
 
 
 def make_predict(par: Parameterisation, setup: Optional[Setup] = None, pixels=None,
                  fused: Optional[bool] = None) -> Predict:
-    """The model at ``pixels`` (None: every pixel ``setup`` renders; a bool image [slow, fast]; or flat slow-major
-    indices) rendered with ``setup`` (default ``par.setup``): a :class:`Predict`, called as ``model(x)`` → photons
-    [n]."""
+    """The :class:`Predict` (``model(x)`` → photons [n]) at ``pixels`` (as :func:`pixel_index` takes them) rendered
+    with ``setup`` (default ``par.setup``)."""
     setup = par.setup if setup is None else setup
     return Predict(par, setup, pixel_index(pixels, setup), fused)
 
