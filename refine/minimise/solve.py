@@ -1,21 +1,12 @@
 """The linear solves of a Levenberg–Marquardt step on normal equations in block form
 (:class:`~refine.targets.normal.BlockNormal`): dense, or through the Schur complement.
 
-A fit of N images has a vector X = (x_s, x_1, …, x_N): the shared scalars x_s [n_s] and each image's own
-x_i [n_i].  Image i only sees (x_s, x_i), so the normal matrix is block-arrowhead::
-
-    H = | A    B_1  B_2 … |     A = Σ_i A_i  [n_s, n_s]   (each image's shared-shared block, summed)
-        | B_1ᵀ C_1        |     B_i          [n_s, n_i]   (shared-own)
-        | B_2ᵀ      C_2   |     C_i          [n_i, n_i]   (own-own)
-
-and the gradient g = (g_s, g_1, …, g_N).  Eliminating the per-image blocks leaves the Schur complement
-S = A − Σ B_i C_i⁻¹ B_iᵀ [n_s, n_s]; solving costs O(N·(n_i³ + n_s²·n_i) + n_s³) time and O(N·n_i·(n_s + n_i))
-memory, linear in the number of images (a dense solve is cubic in N·n_i).  One image has no shared block: its H is
-C_1 and the dense solve is the natural one.  A solve is a :class:`LinearSolve` (:data:`DENSE`, :data:`SCHUR`):
-the step of the damped equations and the diagonal of H⁻¹ (a step's size in standard errors); a new one is one more
-instance.  Levenberg–Marquardt damping adds μ·diag(H) to every diagonal block
-(:meth:`~refine.targets.normal.BlockNormal.damped`).  The covariance of X is H⁻¹, whose blocks are
-S⁻¹ (shared), −S⁻¹·B_i·C_i⁻¹ (shared-own) and C_i⁻¹ + C_i⁻¹·B_iᵀ·S⁻¹·B_i·C_i⁻¹ (own), also computed per image.
+A fit of N images has X = (x_s, x_1, …, x_N), the shared scalars [n_s] and each image's own [n_i].  Image i only sees
+(x_s, x_i), so H is block-arrowhead: A = Σ_i A_i [n_s, n_s] (shared-shared), B_i [n_s, n_i] (shared-own), C_i
+[n_i, n_i] (own-own).  Eliminating the C_i leaves the Schur complement S = A − Σ B_i C_i⁻¹ B_iᵀ [n_s, n_s], at a
+cost linear in N (a dense solve is cubic in N·n_i).  One image has no shared block: H = C_1, solved densely.  The
+covariance H⁻¹ has blocks S⁻¹ (shared), −S⁻¹·B_i·C_i⁻¹ (shared-own) and C_i⁻¹ + C_i⁻¹·B_iᵀ·S⁻¹·B_i·C_i⁻¹ (own).
+A solve is a :class:`LinearSolve` (:data:`DENSE`, :data:`SCHUR`); a new one is one more instance.
 """
 from __future__ import annotations
 
@@ -31,9 +22,8 @@ def _solve(M: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     if M.shape[0] == 0:
         return R
     L, info = torch.linalg.cholesky_ex(M)
-    if int(info) == 0:
-        return torch.cholesky_solve(R[:, None], L)[:, 0] if R.dim() == 1 else torch.cholesky_solve(R, L)
-    sol = torch.linalg.lstsq(M, R[:, None] if R.dim() == 1 else R).solution
+    R2 = R[:, None] if R.dim() == 1 else R
+    sol = torch.cholesky_solve(R2, L) if int(info) == 0 else torch.linalg.lstsq(M, R2).solution
     return sol[:, 0] if R.dim() == 1 else sol
 
 
@@ -43,8 +33,7 @@ def schur_complement(blocks: BlockNormal) -> Tuple[torch.Tensor, List[torch.Tens
     S = blocks.A.clone()
     CB, Cg = [], []
     for B, C, g in zip(blocks.B, blocks.C, blocks.gp):
-        rhs = torch.cat([B.T, g[:, None]], 1)  # one factorisation for both
-        sol = _solve(C, rhs)
+        sol = _solve(C, torch.cat([B.T, g[:, None]], 1))  # one factorisation for both
         CB.append(sol[:, :-1])
         Cg.append(sol[:, -1])
         S = S - B @ sol[:, :-1]
@@ -84,7 +73,6 @@ def pseudo_inverse(H: torch.Tensor, names: Sequence[str] = (), rcond: float = 1e
 
 
 def _inverse(M: torch.Tensor) -> torch.Tensor:
-    """The pseudo-inverse of a symmetric matrix (:func:`pseudo_inverse`)."""
     return pseudo_inverse(M)[0]
 
 
@@ -103,19 +91,7 @@ def schur_covariance(blocks: BlockNormal) -> Tuple[torch.Tensor, List[torch.Tens
 
 def image_covariance(shared: torch.Tensor, cross: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """One image's covariance [n_s + n_i, n_s + n_i] of (x_s, x_i) from the blocks of :func:`schur_covariance`."""
-    top = torch.cat([shared, cross], 1)
-    bottom = torch.cat([cross.T, own], 1)
-    return torch.cat([top, bottom], 0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the solves
-
-
-def dense_step(blocks: BlockNormal, mu: float) -> torch.Tensor:
-    """δ [n] solving (H + μ·diag H)·δ = −g with the dense H (RuntimeError when singular)."""
-    H, g = blocks.dense()
-    return torch.linalg.solve(H + mu * torch.diag(damping_diagonal(H)), -g)
+    return torch.cat([torch.cat([shared, cross], 1), torch.cat([cross.T, own], 1)], 0)
 
 
 def dense_inverse_diagonal(blocks: BlockNormal) -> torch.Tensor:
@@ -123,14 +99,17 @@ def dense_inverse_diagonal(blocks: BlockNormal) -> torch.Tensor:
     return torch.diagonal(torch.linalg.inv(blocks.dense()[0]))
 
 
-def schur_step(blocks: BlockNormal, mu: float) -> torch.Tensor:
-    """δ [n] of :func:`schur_solve`, flat in the order (shared, image 1, …)."""
+def _dense_step(blocks: BlockNormal, mu: float) -> torch.Tensor:
+    H, g = blocks.dense()
+    return torch.linalg.solve(H + mu * torch.diag(damping_diagonal(H)), -g)
+
+
+def _schur_step(blocks: BlockNormal, mu: float) -> torch.Tensor:
     ds, dp = schur_solve(blocks, mu)
     return torch.cat([ds] + list(dp))
 
 
-def schur_inverse_diagonal(blocks: BlockNormal) -> torch.Tensor:
-    """diag(H⁻¹) [n] from the blocks of :func:`schur_covariance`, flat in the order (shared, image 1, …)."""
+def _schur_inverse_diagonal(blocks: BlockNormal) -> torch.Tensor:
     shared, _, own = schur_covariance(blocks)
     return torch.cat([torch.diagonal(shared)] + [torch.diagonal(c) for c in own])
 
@@ -144,8 +123,8 @@ class LinearSolve(NamedTuple):
     inverse_diagonal: Callable[[BlockNormal], torch.Tensor]
 
 
-DENSE = LinearSolve("dense", dense_step, dense_inverse_diagonal)
-SCHUR = LinearSolve("schur", schur_step, schur_inverse_diagonal)
+DENSE = LinearSolve("dense", _dense_step, dense_inverse_diagonal)
+SCHUR = LinearSolve("schur", _schur_step, _schur_inverse_diagonal)
 #: Above this many scalars a fit of several images solves through the Schur complement.
 DENSE_LIMIT = 64
 

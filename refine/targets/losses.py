@@ -1,21 +1,9 @@
 """Targets (losses): per-pixel loss, ∂L/∂m and expected curvature of a model against observed photons.
 
-A *target* turns model pixel values ``m`` and observed values ``o`` (both ``[P]`` photons), with optional per-pixel
-weights ``w`` [P], into a loss and the two per-pixel quantities a Gauss–Newton / Fisher-scoring minimiser needs:
-
-* ``dloss(m, o)`` = ∂L/∂m  (so ∇_x L = Jᵀ·dloss with J = ∂m/∂x), and
-* ``fisher(m, o)`` = the expected curvature E[∂²L/∂m²] (so JᵀWJ approximates the Hessian).
-
-Targets (``make_target(name)``) are immutable; weights are passed in, never stored by the objective on them:
-
-* ``poisson``  — Poisson negative log-likelihood, reported as half the deviance: L = Σ m − o + o·ln(o/m);
-  ∂L/∂m = 1 − o/m, W = 1/m.  The model gets a tiny pedestal (``eps``, default 1e-6 photons) so empty pixels stay
-  finite; a negative model value, or zero where o > 0, makes the loss +inf (the step is rejected).
-* ``gaussian`` — Gaussian NLL with read noise: variance v = m + σ² (σ = ``read_noise`` photons),
-  L = ½ Σ (o − m)²/v + ln v;  W = 1/v + 1/(2v²).
-* ``lsq``      — least squares L = ½ Σ w (o − m)² with an optional weight image (``weights``); W = w.
-* ``anscombe`` — least squares on variance-stabilised counts, L = ½ Σ (2√(o+⅜) − 2√(m+⅜))², W = 1/(m+⅜): close to
-  the Poisson NLL near the solution but bounded far from it (used by the preliminary coarse-to-fine stages).
+A target turns model ``m`` and observed ``o`` values ([P] photons), with optional per-pixel weights ``w`` [P], into a
+loss and what a Fisher-scoring minimiser needs: ``dloss`` = ∂L/∂m (∇_x L = Jᵀ·dloss, J = ∂m/∂x) and ``fisher`` = the
+expected curvature E[∂²L/∂m²] (JᵀWJ approximates the Hessian).  The formulas of 'poisson', 'gaussian', 'lsq' and
+'anscombe' are tabulated in docs/refine.md ("Targets").  Targets are immutable; weights are passed in, never stored.
 """
 from __future__ import annotations
 
@@ -26,25 +14,17 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
+
 class Target:
     """Base class: a loss over pixels with its first derivative and expected curvature per pixel.
 
-    Subclasses give the unweighted per-pixel ``_terms``, ``_dloss``, ``_fisher`` (and ``_chi2``); the public methods
-    take model ``m`` [P], observed ``o`` [P] and optional weights ``w`` [P].  ``likelihood`` is True for proper
+    Subclasses give the unweighted per-pixel ``_terms``, ``_dloss``, ``_fisher`` (and ``_chi2``) of model ``m`` [P]
+    and observed ``o`` [P]; the public methods apply optional weights ``w`` [P].  ``likelihood`` is True for proper
     negative log-likelihoods (loss differences are in log-likelihood units and (JᵀWJ)⁻¹ is the covariance without
     rescaling)."""
 
     name: ClassVar[str] = "target"
     likelihood: ClassVar[bool] = True
-
-    def _terms(self, m, o):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _dloss(self, m, o):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _fisher(self, m, o):  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def _chi2(self, m, o):
         return (o - m) ** 2 * self._fisher(m, o)
@@ -80,7 +60,8 @@ class Target:
 
 @dataclasses.dataclass(frozen=True)
 class Poisson(Target):
-    """Poisson NLL (half deviance) with a pedestal ``eps`` (photons) added to the model."""
+    """Poisson NLL (half deviance) with a pedestal ``eps`` (photons) added to the model: L = Σ m − o + o·ln(o/m), +inf
+    where the model is negative, or zero where o > 0."""
 
     name: ClassVar[str] = "poisson"
     eps: float = 1e-6
@@ -106,7 +87,7 @@ class Poisson(Target):
 
 @dataclasses.dataclass(frozen=True)
 class Gaussian(Target):
-    """Gaussian NLL with variance m + σ² (σ = ``read_noise``, photons)."""
+    """Gaussian NLL with read noise: L = ½ Σ (o − m)²/v + ln v, variance v = m + σ² (σ = ``read_noise``, photons)."""
 
     name: ClassVar[str] = "gaussian"
     read_noise: float = 1.0
@@ -138,11 +119,8 @@ class Gaussian(Target):
 
 @dataclasses.dataclass(frozen=True)
 class Anscombe(Target):
-    """Least squares on variance-stabilised values: L = ½ Σ (2√(o + ⅜) − 2√(m + ⅜))².
-
-    For Poisson counts 2√(X + ⅜) has unit variance, so L behaves like a log-likelihood near the optimum, but unlike the
-    Poisson NLL it stays bounded where the model is ~0 and photons were observed (point-sampled sinc zeros far from
-    the solution): the robust target of the preliminary coarse-to-fine stages."""
+    """Least squares on variance-stabilised values, L = ½ Σ (2√(o + ⅜) − 2√(m + ⅜))²: like the Poisson NLL near the
+    optimum, bounded where the model is ~0 and photons were observed (the robust target of the coarse stages)."""
 
     name: ClassVar[str] = "anscombe"
 
@@ -164,9 +142,7 @@ class Anscombe(Target):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LeastSquares(Target):
-    """½ Σ w (o − m)² with an optional weight image ``weights`` [slow, fast] (None = all 1).
-
-    Not a likelihood: ESDs are scaled by the reduced χ² (``esd_scale='auto'``)."""
+    """½ Σ w (o − m)² with an optional weight image ``weights`` [slow, fast] (None = all 1); not a likelihood."""
 
     name: ClassVar[str] = "lsq"
     likelihood: ClassVar[bool] = False
@@ -193,12 +169,8 @@ class LeastSquares(Target):
 
 
 #: Each target by name, made from (read_noise, weights, eps).
-_MAKERS = {
-    "poisson": lambda read_noise, weights, eps: Poisson(eps),
-    "gaussian": lambda read_noise, weights, eps: Gaussian(read_noise),
-    "lsq": lambda read_noise, weights, eps: LeastSquares(weights),
-    "anscombe": lambda read_noise, weights, eps: Anscombe(),
-}
+_MAKERS = {"poisson": lambda r, w, e: Poisson(e), "gaussian": lambda r, w, e: Gaussian(r),
+           "lsq": lambda r, w, e: LeastSquares(w), "anscombe": lambda r, w, e: Anscombe()}
 TARGETS = tuple(_MAKERS)
 
 

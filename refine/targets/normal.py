@@ -32,14 +32,6 @@ class BlockNormal(NamedTuple):
         """The gradient [n] in the order (shared, image 1, …, image N)."""
         return torch.cat([self.gs] + list(self.gp))
 
-    def split(self, delta: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """A flat vector [n] → (shared part [n_s], per-image parts [n_i])."""
-        k, parts = self.A.shape[0], []
-        for C in self.C:
-            parts.append(delta[k:k + C.shape[0]])
-            k += C.shape[0]
-        return delta[:self.A.shape[0]], parts
-
     def with_priors(self, terms: Sequence[Tuple[int, float, float]], active: Sequence[int], layout) -> "BlockNormal":
         """These equations plus the Gauss–Newton terms of priors: (position in X, residual r, dr/dx) each adds
         (dr/dx)² to its diagonal entry and r·dr/dx to its gradient entry, when active."""
@@ -75,22 +67,22 @@ class BlockNormal(NamedTuple):
         """The dense (H [n, n], g [n]) in the order (shared, image 1, …, image N)."""
         if self.A.shape[0] == 0 and len(self.C) == 1:
             return self.C[0], self.gp[0]
-        sizes = [self.A.shape[0]] + [C.shape[0] for C in self.C]
-        n = sum(sizes)
-        H = self.A.new_zeros(n, n)
-        ns, k = sizes[0], sizes[0]
-        H[:ns, :ns] = self.A
-        for B, C in zip(self.B, self.C):
-            m = C.shape[0]
-            H[:ns, k:k + m], H[k:k + m, :ns], H[k:k + m, k:k + m] = B, B.T, C
-            k += m
-        return H, torch.cat([self.gs] + list(self.gp))
+        H = torch.block_diag(self.A, *self.C)
+        ns = k = self.A.shape[0]
+        for B in self.B:
+            H[:ns, k:k + B.shape[1]], H[k:k + B.shape[1], :ns] = B, B.T
+            k += B.shape[1]
+        return H, self.g
 
     def predicted_decrease(self, delta: torch.Tensor) -> float:
         """−(gᵀδ + ½·δᵀHδ) of a step δ [n] (the decrease of the quadratic model), blockwise."""
         if self.A.shape[0] == 0 and len(self.C) == 1:
             return -float(self.gp[0] @ delta + 0.5 * delta @ (self.C[0] @ delta))
-        ds, dp = self.split(delta)
+        k, dp = self.A.shape[0], []
+        for C in self.C:
+            dp.append(delta[k:k + C.shape[0]])
+            k += C.shape[0]
+        ds = delta[:self.A.shape[0]]
         q = ds @ self.A @ ds
         for B, C, d in zip(self.B, self.C, dp):
             q = q + 2.0 * (ds @ B @ d) + d @ C @ d

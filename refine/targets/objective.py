@@ -1,13 +1,10 @@
 """The objective of a fit of N ≥ 1 images: model, loss, gradient and normal equations on the chosen pixels.
 
-The increments of all images form one flat vector X (:class:`~refine.model.layout.Layout`: the shared scalars, then
-each image's own; one image alone has only its own).  Images with the same set-up, pixels, free scalars and structure
-factors form a group whose models and Jacobians are computed in one ``torch.func.vmap`` over the images (a group of
-one image is called directly, so it may use the compiled tiles).  A group's pixels are split into chunks of
-:class:`~refine.model.predict.Predict` models (memory is set by the chunk, not by the detector): J = ∂m/∂x by
-``jacfwd`` per chunk, H = JᵀWJ and g = Jᵀ·∂L/∂m accumulated and J discarded.  The normal equations come in block
-form, shared + per image (:class:`~refine.targets.normal.BlockNormal`), with the priors' terms added.  A model with a
-non-finite value gives an infinite loss: the step is rejected.
+The increments of all images form one flat vector X (:class:`~refine.model.layout.Layout`).  Images with the same
+set-up, pixels, free scalars and structure factors form a group computed in one ``torch.func.vmap`` (a group of one
+image is called directly, so it may use the compiled tiles), chunk by chunk of pixels (memory is set by the chunk):
+J = ∂m/∂x by ``jacfwd``, H = JᵀWJ and g = Jᵀ·∂L/∂m accumulated in block form (:mod:`refine.targets.normal`) and J
+discarded.  A model with a non-finite value gives an infinite loss: the step is rejected.
 """
 from __future__ import annotations
 
@@ -89,9 +86,6 @@ class ImageGroup:
         out = f(*(x[0] for x in xs), t.ref, t.R0, t.cell_base, t.background_ref)
         return tuple(o[None] for o in out) if isinstance(out, tuple) else out[None]
 
-    def _w(self, k: int) -> Optional[torch.Tensor]:
-        return None if self.w is None else self.w[self.slices[k]]
-
     def models(self, Xb: torch.Tensor, tick: Optional[Callable[[float], None]] = None) -> torch.Tensor:
         """Model photons [B, P] at increments Xb [B, n] (no gradient); ``tick(fraction done)`` after each chunk."""
         out = []
@@ -108,7 +102,7 @@ class ImageGroup:
         for k, sl in enumerate(self.slices):
             xr = Xb.detach().clone().requires_grad_(True)
             m = self._apply(self._fn(k), xr)
-            Lc = target.loss(m, self.o[:, sl], self._w(k))
+            Lc = target.loss(m, self.o[:, sl], None if self.w is None else self.w[sl])
             if not (bool(torch.isfinite(m.detach()).all()) and math.isfinite(float(Lc.detach()))):
                 return math.inf, None
             (gc,) = torch.autograd.grad(Lc, xr)
@@ -134,7 +128,7 @@ class ImageGroup:
 
             J, m = self._apply(jacfwd(f, has_aux=True), Xb[:, act_t], Xb)
             J = J.to(Xb.dtype)  # torch 2.13 gives a 0-dim tensor × Python float a float64 tangent (float32 fits)
-            o, w = self.o[:, sl], self._w(j)
+            o, w = self.o[:, sl], (None if self.w is None else self.w[sl])
             H += torch.einsum("bpk,bp,bpl->bkl", J, target.fisher(m, o, w), J)
             g += torch.einsum("bpk,bp->bk", J, target.dloss(m, o, w))
             ms.append(m)
@@ -151,15 +145,6 @@ def _group_key(par: Parameterisation, index: np.ndarray):
     return (par.setup, tuple(par.names), hashlib.blake2b(index.tobytes(), digest_size=16).hexdigest(),
             par.crystal_system, par.ncells_iso, tuple(par.cell_rows), tuple(st.F.shape), table,
             float(st.default_F))
-
-
-def _observed_tensor(observed, par: Parameterisation) -> torch.Tensor:
-    """An observed image as a tensor [slow, fast] (ValueError naming the expected shape)."""
-    obs = observed if torch.is_tensor(observed) else torch.as_tensor(np.asarray(observed, dtype=np.float64))
-    S, F = par.setup.spixels, par.setup.fpixels
-    if tuple(obs.shape) != (S, F):
-        raise ValueError(f"observed image has shape {tuple(obs.shape)}, expected [slow, fast] = {(S, F)}")
-    return obs
 
 
 class Objective:
@@ -196,21 +181,25 @@ class Objective:
         if any(len(idx) == 0 for idx in self.index):
             raise ValueError("no usable pixels: check the mask, the overload level and the ROI")
         self.n_pixels = sum(len(idx) for idx in self.index)
-        obs = [_observed_tensor(o, par) for o, par in zip(observed, self.pars)]
+        obs = [o if torch.is_tensor(o) else torch.as_tensor(np.asarray(o, dtype=np.float64)) for o in observed]
+        for o, st in zip(obs, (par.setup for par in self.pars)):
+            if tuple(o.shape) != (st.spixels, st.fpixels):
+                raise ValueError(f"observed image has shape {tuple(o.shape)}, expected [slow, fast] = "
+                                 f"{(st.spixels, st.fpixels)}")
         keys: dict = {}
         for i, (par, idx) in enumerate(zip(self.pars, self.index)):
             keys.setdefault(_group_key(par, idx) if batch else i, []).append(i)
         self.groups = [ImageGroup(ids, [self.pars[i] for i in ids], [obs[i] for i in ids], self.index[ids[0]],
                                   target, chunk_pixels, fused) for ids in keys.values()]
         self._before = np.cumsum([0] + [len(gr.ids) for gr in self.groups])[:-1].tolist()
-        self._priors = self._prior_slots()
+        slots: dict = {}  # X position → (image, position in its x) of every scalar with a prior, each X position once
+        for i, par in enumerate(self.pars):
+            for j, s in enumerate(par.scalars):
+                if s.prior is not None:
+                    slots.setdefault(self.layout.position(i, j), (i, j))
+        self._priors = [(i, j, pos) for pos, (i, j) in slots.items()]
 
     # ------------------------------------------------------------------ the flat vector
-    @property
-    def par(self) -> Parameterisation:
-        """The first image's parameterisation (the only one of a one-image objective)."""
-        return self.pars[0]
-
     @property
     def n(self) -> int:
         """Length of X."""
@@ -221,17 +210,14 @@ class Objective:
         """The name of every entry of X (:meth:`~refine.model.layout.Layout.x_names`)."""
         return self.layout.x_names()
 
-    def _stack(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.layout.pack(vectors)
-
     def bounds(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Lower and upper bounds on X ([n] each; ±inf where none)."""
         b = [p.bounds() for p in self.pars]
-        return self._stack([lo for lo, _ in b]), self._stack([hi for _, hi in b])
+        return self.layout.pack([lo for lo, _ in b]), self.layout.pack([hi for _, hi in b])
 
     def typical(self) -> torch.Tensor:
         """Typical error of each entry of X ([n], x units)."""
-        return self._stack([p.typical() for p in self.pars])
+        return self.layout.pack([p.typical() for p in self.pars])
 
     def pixels(self, i: int = 0) -> np.ndarray:
         """bool [slow, fast]: the pixels of image ``i`` that take part."""
@@ -251,17 +237,6 @@ class Objective:
         return lambda fraction: self.progress(what, start + int(size * fraction), total)
 
     # ------------------------------------------------------------------ priors
-    def _prior_slots(self) -> List[Tuple[int, int, int]]:
-        """(image, position in its x, position in X) of every scalar with a prior, each X position once."""
-        out, seen = [], set()
-        for i, par in enumerate(self.pars):
-            for j, s in enumerate(par.scalars):
-                pos = self.layout.position(i, j)
-                if s.prior is not None and pos not in seen:
-                    seen.add(pos)
-                    out.append((i, j, pos))
-        return out
-
     def prior_loss(self, X: torch.Tensor) -> torch.Tensor:
         """½ Σ prior residuals² (differentiable in X)."""
         tot = X.new_zeros(())
@@ -269,16 +244,6 @@ class Objective:
             mean, sigma = self.pars[i].scalars[j].prior
             tot = tot + 0.5 * ((self.pars[i].values(self.layout.image_x(X, i))[j] - mean) / sigma) ** 2
         return tot
-
-    def _prior_normal(self, X: torch.Tensor) -> List[Tuple[int, float, float]]:
-        """(position in X, residual r = (u − mean)/sigma, dr/dx) of every prior at X (Gauss–Newton terms)."""
-        out = []
-        for i, j, pos in self._priors:
-            s, xi = self.pars[i].scalars[j], float(X[pos])
-            mean, sigma = s.prior
-            out.append((pos, (float(s.value(torch.tensor(xi, dtype=torch.float64))) - mean) / sigma,
-                        s.dvalue_dx(xi) / sigma))
-        return out
 
     # ------------------------------------------------------------------ model and loss
     def models(self, X: torch.Tensor) -> List[torch.Tensor]:
@@ -289,16 +254,11 @@ class Objective:
                 out[b] = m
         return out
 
-    def model(self, X: torch.Tensor) -> torch.Tensor:
-        """Model photons at every image's pixels, concatenated in image order [n_pixels]."""
-        ms = self.models(X)
-        return ms[0] if len(ms) == 1 else torch.cat(ms)
-
     def image_terms(self, models: Sequence[torch.Tensor], what: str = "loss") -> List[torch.Tensor]:
         """Per image, the per-pixel ``what`` ('loss' or 'chi2') terms [P_i] of its ``models``."""
         out: List[Optional[torch.Tensor]] = [None] * len(self.pars)
+        f = self.target.loss_terms if what == "loss" else self.target.chi2_terms
         for gr in self.groups:
-            f = self.target.loss_terms if what == "loss" else self.target.chi2_terms
             for b, i in enumerate(gr.ids):
                 out[i] = f(models[i], gr.o[b], gr.w)
         return out
@@ -361,9 +321,15 @@ class Objective:
                 A += H[b, :ks, :ks]
                 gs += g[b, :ks]
                 B[i], C[i], gp[i], Hs[i], ms[i] = H[b, :ks, ks:], H[b, ks:, ks:], g[b, ks:], H[b], m[b]
-        blk = BlockNormal(A, gs, B, C, gp, Hs)
+        priors = []  # (position in X, residual r = (u − mean)/sigma, dr/dx) of every prior at X
+        for i, j, pos in self._priors:
+            s, xi = self.pars[i].scalars[j], float(X[pos])
+            mean, sigma = s.prior
+            priors.append((pos, (float(s.value(torch.tensor(xi, dtype=torch.float64))) - mean) / sigma,
+                           s.dvalue_dx(xi) / sigma))
         L = sum(self.image_losses(X, ms)) + float(self.prior_loss(X.detach()))
-        return (L if math.isfinite(L) else math.inf), blk.with_priors(self._prior_normal(X), active, lay), ms
+        blk = BlockNormal(A, gs, B, C, gp, Hs).with_priors(priors, active, lay)
+        return (L if math.isfinite(L) else math.inf), blk, ms
 
     def normal_equations(self, X: torch.Tensor, active: Optional[Sequence[int]] = None):
         """Loss, gradient g [k], normal matrix H = JᵀWJ [k, k] (+ prior terms) over the ``active`` positions

@@ -12,9 +12,6 @@ import torch
 from nbtorch.io.images import RAW_EXTENSIONS, HeaderWarning, ObservedImage, header_mismatches, read_image
 from nbtorch.types import Params, Setup
 
-__all__ = ["read_observed", "observed_array"]
-
-
 def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, label: str = "OBSERVED",
                   overload: Optional[float] = None, adc: Optional[float] = None,
                   gain: Optional[float] = None) -> ObservedImage:

@@ -45,25 +45,16 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def select_pixels(
-    observed: np.ndarray,
-    model: np.ndarray,
-    usable: np.ndarray,
-    *,
-    threshold: Optional[float] = None,
-    relative: float = 0.01,
-    dilate: int = 3,
-    background_fraction: float = 0.05,
-    seed: int = 0,
-) -> np.ndarray:
+def select_pixels(observed: np.ndarray, model: np.ndarray, usable: np.ndarray, *, threshold: Optional[float] = None,
+                  relative: float = 0.01, dilate: int = 3, background_fraction: float = 0.05,
+                  seed: int = 0) -> np.ndarray:
     """Pixels near spots plus a background sample, bool [slow, fast] (a subset of ``usable``).
 
     A pixel is a *spot* pixel when the model or the observed value exceeds ``threshold`` (default: the larger of the
-    median of the usable observed pixels plus 3·sqrt(median + 1), i.e. three Poisson sigmas above the typical
-    background, and ``relative`` × the 99.9th percentile of the model, which keeps the far tails of bright spots
-    out); spot pixels are dilated by ``dilate`` pixels (so spots that move during the fit stay inside).  A random
-    ``background_fraction`` of the remaining usable pixels (fixed ``seed``) keeps the background and the scale
-    determined.  Fitting only these pixels saves time on large, sparse detectors.
+    usable observed pixels' median + 3·sqrt(median + 1), three Poisson sigmas above the background, and ``relative``
+    × the model's 99.9th percentile, which keeps the far tails of bright spots out); spot pixels are dilated by
+    ``dilate`` pixels (spots that move during the fit stay inside).  A random ``background_fraction`` of the other
+    usable pixels (fixed ``seed``) keeps the background and the scale determined.
     """
     o = np.asarray(observed, dtype=np.float64)
     m = np.asarray(model, dtype=np.float64)
