@@ -53,17 +53,6 @@ def schedule(options: FitOptions, resuming: bool = False) -> List[Stage]:
     return out + [last if last.preliminary is not None else dataclasses.replace(last, preliminary=False)]
 
 
-def trust_bounds(par: Parameterisation, x: torch.Tensor, trust: Optional[float]):
-    """(lower, upper) [n] confining every scalar except the linear background to x ± trust·typical (None, None when
-    ``trust`` is None)."""
-    if trust is None:
-        return None, None
-    width = par.typical() * float(trust)
-    lin_bg = torch.tensor([s.group == "background" and s.kind == "linear" for s in par.scalars], device=x.device)
-    width = torch.where(lin_bg, torch.full_like(width, float("inf")), width)
-    return x - width, x + width
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # one stage
 
@@ -163,11 +152,15 @@ def _stage_pixels(state: FitState, stage: Stage, pars, x: torch.Tensor) -> Tuple
 
 
 def _bounds(pb: Problem, pars, x: torch.Tensor, trust: Optional[float]):
-    """The stage's trust region on X (None, None without one)."""
+    """The stage's trust region on X: every scalar but the linear background within ``trust`` typical errors of
+    where the stage starts (None, None without one)."""
     if trust is None:
         return None, None
-    parts = [trust_bounds(par, pb.layout.image_x(x, i), trust) for i, par in enumerate(pars)]
-    return pb.layout.pack([lo for lo, _ in parts]), pb.layout.pack([hi for _, hi in parts])
+    width = pb.layout.pack([par.typical() for par in pars]) * float(trust)
+    free = pb.layout.pack([torch.tensor([s.group == "background" and s.kind == "linear" for s in par.scalars])
+                           for par in pars]).to(x.device)
+    width = torch.where(free, torch.full_like(width, float("inf")), width)
+    return x - width, x + width
 
 
 def _minimise(objective: Objective, pb: Problem, pars, x: torch.Tensor, active: List[int], stage: Stage,
