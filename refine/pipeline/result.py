@@ -335,10 +335,10 @@ def _json(d: dict, path: Optional[str], indent: int) -> str:
 class _Statistics(NamedTuple):
     """What finishing a fit computes once for all its images: the objective on the final stage's pixels, its loss,
     the normal equations, the covariance of each image's x (its parameterisation's order) and of the shared scalars,
-    the ESD factor, the overall χ²/ν, per image loss and χ²/ν, and the undetermined combinations."""
+    the ESD factor, the overall χ²/ν, per image the loss (one image: the fit's, priors included) on those pixels and
+    on all usable ones and χ²/ν, and the undetermined combinations."""
 
     objective: Objective
-    all_pixels: bool
     loss: float
     normal: object
     covariances: List[torch.Tensor]
@@ -346,6 +346,7 @@ class _Statistics(NamedTuple):
     esd_factor: float
     chi2_nu: float
     losses: List[float]
+    losses_all: List[float]
     chi2_nus: List[float]
     degenerate: List[List[str]]
 
@@ -380,13 +381,10 @@ def _statistics(state: FitState) -> _Statistics:
     many images), ESD factor and χ² of a fit's last state."""
     pb, lay = state.problem, state.problem.layout
     objective, L, blk, models = _final_normal(state)
-    all_pixels = objective.n_pixels == sum(len(i) for i in pb.usable_index)
     if lay.n == 0:
-        chi2 = objective.chi2_reduced(models, 0)
-        empty = torch.zeros(0, 0, dtype=pb.par.dtype)
-        return _Statistics(objective, all_pixels, L, blk, [empty] * len(pb.pars), empty, 1.0, chi2,
-                           objective.image_losses(state.x, models), _image_chi2(pb, objective, models), [])
-    if choose_solve(blk) is DENSE:
+        chi2, k, degenerate = objective.chi2_reduced(models, 0), 1.0, []
+        covs, shared = [torch.zeros(0, 0, dtype=pb.par.dtype)] * len(pb.pars), torch.zeros(0, 0, dtype=pb.par.dtype)
+    elif choose_solve(blk) is DENSE:
         cov, chi2, k, L, degenerate = covariance(objective, state.x, pb.options.esd_scale, normal=(blk, models))
         covs = [cov[idx][:, idx] for idx in
                 (torch.as_tensor([lay.position(i, j) for j in range(p.n)]) for i, p in enumerate(pb.pars))]
@@ -402,8 +400,11 @@ def _statistics(state: FitState) -> _Statistics:
             block, c = image_covariance(shared, cross[i], own[i]), torch.zeros(p.n, p.n, dtype=shared.dtype)
             c[order[:, None], order[None, :]] = block
             covs.append(c)
-    return _Statistics(objective, all_pixels, float(L), blk, covs, shared, k, chi2,
-                       objective.image_losses(state.x, models), _image_chi2(pb, objective, models), degenerate)
+    one, same = len(pb.pars) == 1, objective.n_pixels == sum(len(i) for i in pb.usable_index)
+    losses = [float(L)] if one else objective.image_losses(state.x, models)
+    losses_all = losses if same else ([pb.objective.loss(state.x)] if one else pb.objective.image_losses(state.x))
+    return _Statistics(objective, float(L), blk, covs, shared, k, chi2, losses, losses_all,
+                       _image_chi2(pb, objective, models), degenerate)
 
 
 def _convergence(state: FitState, degenerate) -> Tuple[bool, str]:
@@ -426,21 +427,18 @@ def _image_result(state: FitState, st: _Statistics, i: int, seconds: float) -> R
     converged, message = _convergence(state, st.degenerate)
     x_esd = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0))
     parameters, parameter_esd = propagate(par, x, cov)
-    loss = st.loss if one else st.losses[i]
     return Result(
         converged=bool(converged), message=message, method=o.method, target=pb.target.name, names=par.names, x=x,
         x_esd=x_esd, values={s.name: float(s.value(x[j])) for j, s in enumerate(par.scalars)},
         esd={s.name: abs(s.dvalue_dx(float(x[j]))) * float(x_esd[j]) for j, s in enumerate(par.scalars)},
         parameters=parameters, parameter_esd=parameter_esd, covariance=cov,
-        correlation=correlation_from_covariance(cov), loss=float(loss),
+        correlation=correlation_from_covariance(cov), loss=st.losses[i], loss_all=float(st.losses_all[i]),
         loss_history=[h["loss"] for h in state.history], history=list(state.history), iterations=state.iterations,
         evaluations=state.evaluations, seconds=seconds, chi2_reduced=float(st.chi2_nus[i]),
         esd_factor=float(st.esd_factor), n_pixels=len(st.objective.index[i]), stages=list(state.stages),
         params=par.unpack(x), setup=par.setup, par=par, observed=pb.observed[i], pixels=st.objective.pixels(i),
         nanobragg_base=pb.flags[i], matrix_path=o.matrix_path if one else None, notes=pb.notes,
         crystal_system=par.crystal_system, start_loss=state.start_loss, n_usable=len(pb.usable_index[i]),
-        loss_all=float(loss) if st.all_pixels else (
-            pb.objective.loss(state.x) if one else pb.objective.image_losses(state.x)[i]),
         poor_fit=poor_fit_message(pb.target.likelihood, float(st.chi2_nus[i])), path=pb.paths[i],
         normal=None if one or st.normal.H is None else st.normal.H[i])
 
