@@ -52,34 +52,17 @@ def poor_fit_message(target_likelihood: bool, chi2_reduced: float) -> str:
 class Result:
     """Outcome of :func:`refine.fit`, and of each image of :func:`refine.fit_many` (immutable).
 
-    Attributes:
-        converged, message: whether the final stage met a convergence rule, and which (plus any undetermined
-            combination of parameters).
-        method, target: minimiser ('lm', 'lbfgs', 'adam') and target ('poisson', 'gaussian', 'lsq', 'anscombe').
-        names: free scalars (:data:`refine.model.table.SCALARS`); ``x`` their refined increments [n] and ``x_esd`` ESDs.
-        values, esd: {scalar name: reported value / ESD} (cell Å/deg, orientation increments mrad, distance and beam
-            centre mm, tilts deg, λ Å, N cells, mosaic deg, scale, background photons, water µm).
-        parameters, parameter_esd: the whole refined model in reported units (:data:`refine.model.table.REPORT_FIELDS`;
-            the beam centre in mm and in the convention's pixels) and ESDs (0 for fixed quantities).
-        covariance [n, n] (of x), correlation [n, n].
-        loss: final loss (data + priors) on the fitted pixels; loss_all: the final model's loss on all usable pixels;
-            start_loss: the starting model's; loss_history: the loss after every iteration of every stage, each on
-            its stage's own pixels, model and target; history: per-iteration dicts (stage, iteration, loss, step,
-            damping, accepted, seconds, pixels); stages: per-stage summaries (with ``loss_all``).
-        iterations, evaluations, seconds: totals over stages (wall time includes set-up and ESDs).
-        chi2_reduced: Pearson χ²/(n − p) on the fitted pixels; esd_factor: the factor applied to H⁻¹.
-        poor_fit: '' or why the fit is poor (a likelihood target with χ²/ν outside [1/3, 3],
-            :data:`POOR_FIT_CHI2`, and the likely causes); ``ok``: converged and not poor.
-        n_pixels: pixels in the final fit; n_usable: usable pixels.
-        params, setup: the refined :class:`~nbtorch.types.Params` and the model's Setup; par: the
-        :class:`~refine.model.parameters.Parameterisation`; crystal_system: the one refined; observed: image
-        [slow, fast];
-        pixels: bool [slow, fast] of the fitted pixels; path: the image's label; normal: its own normal matrix
-        [n, n] in the order (shared, own) at the solution (what a fit of this image alone would have; an image of a
-        joint fit) or None.
-        nanobragg_base: the starting model's nanoBragg flags (list) if known; matrix_path: where
-        :meth:`to_nanobragg_args` writes a MOSFLM matrix for ``-mat`` models; notes: what the fit had to say
-        (automatic crystal system, degenerate pairs).
+    Each field is described in docs/refine.md ("Results"): ``converged``/``message`` (the final stage's rule, and any
+    undetermined combination); ``names``, ``x`` [n] (refined increments), ``x_esd``, ``covariance``/``correlation``
+    [n, n] of x; ``values``/``esd`` ({scalar: reported value / ESD}: cell Å/deg, orientation mrad, distance and beam
+    centre mm, tilts deg, λ Å, N cells, mosaic deg, scale, background photons, water µm); ``parameters`` /
+    ``parameter_esd`` (the whole model, :data:`~refine.model.table.REPORT_FIELDS`); ``loss`` (fitted pixels),
+    ``loss_all`` and ``start_loss`` (all usable pixels), ``loss_history``, ``history``, ``stages``, totals;
+    ``chi2_reduced``, ``esd_factor``, ``poor_fit`` ('' or why χ²/ν of a likelihood fit is outside
+    [1/:data:`POOR_FIT_CHI2`, :data:`POOR_FIT_CHI2`]), ``n_pixels``, ``n_usable``; ``params``, ``setup``, ``par``,
+    ``crystal_system``, ``observed`` [slow, fast], ``pixels`` (bool [slow, fast], fitted), ``nanobragg_base``,
+    ``matrix_path``, ``notes``; an image of a joint fit also has ``path`` and ``normal`` (its own normal matrix
+    [n, n], shared then own scalars: what a fit of it alone would have).
     """
 
     converged: bool
