@@ -42,7 +42,9 @@ def _raise(signum, frame):
 @contextlib.contextmanager
 def interrupts() -> Iterator[None]:
     """Inside the block SIGINT and SIGTERM raise :class:`Interrupted` (a KeyboardInterrupt); the previous handlers
-    are restored after it.  A no-op outside the main thread (where signals cannot be handled)."""
+    are restored after it, except :func:`quiet_startup`'s: after a program's main block the program only reports
+    and exits, so a signal then is ignored (its status stands, and a printed error is never followed by
+    'interrupted').  A no-op outside the main thread (where signals cannot be handled)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -53,7 +55,7 @@ def interrupts() -> Iterator[None]:
         yield
     finally:
         for s, h in old.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if getattr(h, "startup", False) else h)
 
 
 def exit_status(exc: BaseException) -> int:
@@ -73,6 +75,7 @@ def quiet_startup() -> None:
         os.write(2, f"\n{prog}: interrupted\n".encode())
         os._exit(128 + signum)
 
+    _exit.startup = True  # what interrupts() does not restore
     for s in _SIGNALS:
         signal.signal(s, _exit)
 
