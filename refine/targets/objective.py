@@ -64,6 +64,8 @@ class ImageGroup:
         step = max(1, int(chunk_pixels) // len(ids))
         self.slices = [slice(a, a + step) for a in range(0, len(index), step)]
         self.chunks = [Predict(t, t.setup, index[sl], fused) for sl in self.slices]
+        # one image's model without gradients in one call (simulate tiles it itself): fewer calls per loss
+        self.whole = Predict(t, t.setup, index, fused) if len(ids) == 1 else None
 
     def _fn(self, k: int):
         """model(x [n], ref, R0, cell_base, plane_ref) → photons [P_chunk] of chunk ``k`` for one image."""
@@ -90,6 +92,11 @@ class ImageGroup:
         """Model photons [B, P] at increments Xb [B, n] (no gradient); ``tick(fraction done)`` after each chunk."""
         out = []
         with torch.no_grad():
+            if self.whole is not None:
+                m = self.whole(Xb[0])[None]
+                if tick is not None:
+                    tick(1.0)
+                return m
             for k in range(len(self.chunks)):
                 out.append(self._apply(self._fn(k), Xb))
                 if tick is not None:
