@@ -1,0 +1,798 @@
+"""CrystFEL geometry files (``.geom``): read a multi-panel detector, write it back (docs/io.md "CrystFEL geometry").
+
+The file is a list of ``key = value`` lines (``;`` starts a comment).  ``panel/key`` sets a key of one panel (a panel
+exists from its first mention); a bare ``key`` sets a default that every panel mentioned *later* takes, except the
+truly global keys (``clen``, ``photon_energy``/``wavelength``, groups …).  ``bad…/key`` lines describe bad regions,
+``group_NAME = a,b`` the panel hierarchy (top group ``all``), and the older ``rigid_group_NAME`` /
+``rigid_group_collection_NAME`` lines are turned into a hierarchy when no ``group_`` line is present.
+
+Lab frame (CrystFEL's): +z along the beam away from the source, +y up, +x completing a right-handed frame.  A panel's
+``corner_x``/``corner_y`` (pixels of that panel) place the outer corner of its first pixel; its z is ``clen`` +
+``coffset``; ``fs``/``ss`` are lab vectors in pixels.  Pixel (fs, ss) therefore has its centre at
+corner + (fs + ½)·fs_step + (ss + ½)·ss_step.  :class:`Panel` keeps the file's own numbers (pixels, metres,
+pixels per metre) so that read → write → read gives identical values; its properties give lab millimetres.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple
+
+from ._atomic import atomic_write
+from ._parse import display_name, read_bytes
+
+__all__ = [
+    "Panel", "Group", "BadRegion", "Mask", "Geometry", "GeometryFileError",
+    "read_geom", "parse_geom", "write_geom", "format_geom", "pixel_centers", "panel_normal", "panel_with_lab_frame",
+    "ORTHOGONALITY_TOLERANCE",
+]
+
+Vec = Tuple[float, float, float]
+
+#: Largest |cos| of the angle between a panel's fs and ss vectors that is still taken as orthogonal (≈ 0.57°).
+ORTHOGONALITY_TOLERANCE = 0.01
+#: Panel keys that nbtorch reads.
+_PANEL_KEYS = ("fs", "ss", "corner_x", "corner_y", "coffset", "res", "clen", "min_fs", "max_fs", "min_ss", "max_ss",
+               "adu_per_photon", "adu_per_eV", "data", "dimN", "mask", "mask_file", "mask_good", "mask_bad",
+               "maskN_data", "maskN_file", "maskN_goodbits", "maskN_badbits", "no_index")
+#: Panel keys CrystFEL knows that nbtorch keeps (and writes back) without using them.
+_PANEL_KEPT = ("max_adu", "flag_lessthan", "flag_morethan", "flag_equal", "mask_edge_pixels", "saturation_map",
+               "saturation_map_file", "badrow_direction", "peak_sep")
+#: Global keys (not panel defaults) that nbtorch keeps without using them.
+_GLOBAL_KEPT = ("peak_list", "peak_list_type", "bandwidth", "detector_shift_x", "detector_shift_y")
+_GLOBAL_KEYS = ("clen", "photon_energy", "wavelength", "group_NAME", "rigid_group_NAME",
+                "rigid_group_collection_NAME") + _GLOBAL_KEPT
+_BAD_KEYS = ("min_fs", "max_fs", "min_ss", "max_ss", "min_x", "max_x", "min_y", "max_y", "panel")
+_REQUIRED = ("fs", "ss", "corner_x", "corner_y", "res", "min_fs", "max_fs", "min_ss", "max_ss")
+_MASK_ALIASES = {"mask": "mask0_data", "mask_file": "mask0_file", "mask_good": "mask0_goodbits",
+                 "mask_bad": "mask0_badbits"}
+_MASK_SPELLING = {v: k for k, v in _MASK_ALIASES.items()}
+_MASK_RE = re.compile(r"mask([0-7])_(data|file|goodbits|badbits)\Z")
+_DIM_RE = re.compile(r"dim(\d+)\Z")
+_NUM = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_TERM_RE = re.compile(rf"([+-]?)({_NUM})?([xyz])")
+_FLOAT_RE = re.compile(rf"[+-]?{_NUM}\Z")
+_DEFAULT_DIMS = ("ss", "fs")
+_DEFAULT_DATA = "/data/data"
+
+
+class GeometryFileError(ValueError):
+    """A malformed ``.geom`` file: the message is one line ``"<file>, line <n>: <key>: <problem>"``."""
+
+
+@dataclass(frozen=True)
+class Mask:
+    """One bad-pixel mask of a panel (``maskN_data/_file/_goodbits/_badbits``; ``mask``… is mask 0).  ``data``: the
+    location in the data (or mask) file; ``file``: a separate mask file or None (the image's own file)."""
+    index: int
+    data: Optional[str] = None
+    file: Optional[str] = None
+    good_bits: Optional[int] = None
+    bad_bits: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class BadRegion:
+    """A ``bad…`` region: either inclusive fs/ss ranges in the panel's data-slab coordinates (``panel`` names the
+    panel; None where the detector has one panel), or x/y ranges in pixel units of the lab frame."""
+    name: str
+    panel: Optional[str] = None
+    fs: Optional[Tuple[int, int]] = None
+    ss: Optional[Tuple[int, int]] = None
+    x: Optional[Tuple[float, float]] = None
+    y: Optional[Tuple[float, float]] = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """A node of the panel hierarchy: ``members`` are panel names or names of other groups (the root is ``all``)."""
+    name: str
+    members: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One detector panel, in the file's own units (exactly as read; see the properties for lab millimetres).
+
+    ``corner_x``/``corner_y``: outer corner of the first pixel (pixels); ``fs``/``ss``: lab steps of one pixel along
+    the fast and slow scan (pixels; not normalised, as the file gives them); ``res``: pixels per metre; ``clen_m``,
+    ``coffset``: camera length and this panel's offset (m), the corner's z being their sum; ``clen``: the file's
+    clen text (a number with optional unit, or a data-file location); ``min_fs`` … ``max_ss``: inclusive ranges in
+    the data slab; ``data``/``dims``: where the slab is (``dims`` lists ``dim0``, ``dim1``, … as ``'%'``, ``'ss'``,
+    ``'fs'`` or a fixed index); ``extra``: keys CrystFEL knows that nbtorch keeps without using them.
+    """
+    name: str
+    fs: Vec
+    ss: Vec
+    corner_x: float
+    corner_y: float
+    res: float
+    clen_m: float
+    clen: str
+    min_fs: int
+    max_fs: int
+    min_ss: int
+    max_ss: int
+    coffset: float = 0.0
+    adu_per_photon: Optional[float] = None
+    adu_per_eV: Optional[float] = None
+    data: str = _DEFAULT_DATA
+    dims: Tuple[str, ...] = _DEFAULT_DIMS
+    masks: Tuple[Mask, ...] = ()
+    no_index: bool = False
+    extra: Tuple[Tuple[str, str], ...] = ()
+
+    @property
+    def pixel_size(self) -> float:
+        """Pixel size (mm) = 1000 / ``res``."""
+        return 1000.0 / self.res
+
+    @property
+    def n_fast(self) -> int:
+        """Pixels along the fast scan (``max_fs − min_fs + 1``)."""
+        return self.max_fs - self.min_fs + 1
+
+    @property
+    def n_slow(self) -> int:
+        """Pixels along the slow scan (``max_ss − min_ss + 1``)."""
+        return self.max_ss - self.min_ss + 1
+
+    @property
+    def corner(self) -> Vec:
+        """Lab position (mm) of the outer corner of pixel (0, 0): (corner_x·p, corner_y·p, 1000·(clen + coffset))."""
+        p = self.pixel_size
+        return (self.corner_x * p, self.corner_y * p, 1000.0 * (self.clen_m + self.coffset))
+
+    @property
+    def fs_step(self) -> Vec:
+        """Lab step of one pixel along the fast scan (mm): ``fs`` × pixel size."""
+        return tuple(c * self.pixel_size for c in self.fs)
+
+    @property
+    def ss_step(self) -> Vec:
+        """Lab step of one pixel along the slow scan (mm): ``ss`` × pixel size."""
+        return tuple(c * self.pixel_size for c in self.ss)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A detector read from a ``.geom`` file.
+
+    ``panels`` in file order; ``groups`` the hierarchy, children before parents and the root ``all`` last;
+    ``bad_regions`` in file order; ``photon_energy_eV`` the beam's photon energy (None when the file gives none);
+    ``beam``: the file's ``(key, text)`` for it; ``rigid_groups``/``rigid_group_collections``: the older lines as
+    ``(name, members)``; ``extra``: global keys kept without use.
+    """
+    panels: Tuple[Panel, ...]
+    groups: Tuple[Group, ...]
+    bad_regions: Tuple[BadRegion, ...] = ()
+    photon_energy_eV: Optional[float] = None
+    beam: Optional[Tuple[str, str]] = None
+    rigid_groups: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    rigid_group_collections: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    extra: Tuple[Tuple[str, str], ...] = ()
+
+    @property
+    def wavelength(self) -> Optional[float]:
+        """Wavelength (Å) from :attr:`photon_energy_eV` (nbtorch's hc), or None."""
+        from ..units import wavelength_from_energy
+
+        return None if self.photon_energy_eV is None else wavelength_from_energy(self.photon_energy_eV)
+
+    def panel(self, name: str) -> Panel:
+        """The panel called ``name`` (KeyError if none)."""
+        for p in self.panels:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def group(self, name: str) -> Group:
+        """The group called ``name`` (KeyError if none)."""
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def groups_at_level(self, level: int) -> Tuple[str, ...]:
+        """Names of the groups ``level`` steps below the root (level 0: ``('all',)``), in hierarchy order."""
+        names = {g.name for g in self.groups}
+        current = ("all",)
+        for _ in range(level):
+            current = tuple(m for n in current for m in self.group(n).members if m in names)
+        return current
+
+    def panels_in(self, name: str) -> Tuple[str, ...]:
+        """Names of the panels under group or panel ``name``, in hierarchy order."""
+        names = {g.name for g in self.groups}
+        if name not in names:
+            return (name,)
+        return tuple(p for m in self.group(name).members for p in self.panels_in(m))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading
+
+
+class _Ctx:
+    """The file name for messages."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def error(self, lineno: int, key: str, problem: str) -> GeometryFileError:
+        return GeometryFileError(f"{self.name}, line {lineno}: {key}: {problem}")
+
+
+def _lines(raw: bytes, ctx: _Ctx):
+    """Yield ``(lineno, key, value)`` for each ``key = value`` line (comments and blank lines skipped)."""
+    text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    for lineno, bline in enumerate(text.split(b"\n"), 1):
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GeometryFileError(f"{ctx.name}, line {lineno}: not valid UTF-8 text: {bline[:120]!r}") from None
+        line = line.split(";", 1)[0].strip()
+        if not line:
+            continue
+        if "=" not in line:
+            raise GeometryFileError(f"{ctx.name}, line {lineno}: expected 'key = value', got {line[:120]!r}")
+        key, value = (s.strip() for s in line.split("=", 1))
+        yield lineno, key, value
+
+
+def _float(ctx: _Ctx, lineno: int, key: str, text: str) -> float:
+    if not _FLOAT_RE.match(text):
+        raise ctx.error(lineno, key, f"expected a number, got {text!r}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ctx.error(lineno, key, f"{text!r} overflows a double")
+    return value
+
+
+def _int(ctx: _Ctx, lineno: int, key: str, text: str) -> int:
+    """An integer; an integral decimal (``513.0``) and, for bit masks, hex (``0xff``) are accepted."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        value = _float(ctx, lineno, key, text)
+    if value != math.floor(value) or abs(value) > 2**53:
+        raise ctx.error(lineno, key, f"expected an integer, got {text!r}")
+    return int(value)
+
+
+def _vector(ctx: _Ctx, lineno: int, key: str, text: str) -> Vec:
+    """``+0.0012x +0.99999y -0.002z``, ``x``, ``-y`` … → (x, y, z) (repeated axes add up, as in CrystFEL)."""
+    compact = re.sub(r"\s+", "", text)
+    out = {"x": 0.0, "y": 0.0, "z": 0.0}
+    pos = 0
+    for m in _TERM_RE.finditer(compact):
+        if m.start() != pos or (pos > 0 and not m.group(1)):
+            break
+        out[m.group(3)] += (-1.0 if m.group(1) == "-" else 1.0) * (float(m.group(2)) if m.group(2) else 1.0)
+        pos = m.end()
+    if not compact or pos != len(compact) or not all(map(math.isfinite, out.values())):
+        raise ctx.error(lineno, key, f"expected a vector such as '+0.9999x -0.0012y' or 'x', got {text!r}")
+    return (out["x"], out["y"], out["z"])
+
+
+def _bool(ctx: _Ctx, lineno: int, key: str, text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise ctx.error(lineno, key, f"expected true, false or an integer, got {text!r}")
+    return int(text) != 0
+
+
+def _panel_key_known(key: str) -> bool:
+    return key in _PANEL_KEYS or key in _PANEL_KEPT or key in _MASK_ALIASES or bool(
+        _MASK_RE.match(key) or _DIM_RE.match(key))
+
+
+def _unknown(ctx: _Ctx, lineno: int, key: str, where: str, allowed) -> GeometryFileError:
+    return ctx.error(lineno, key, f"unknown {where} key (allowed: {', '.join(allowed)})")
+
+
+class _Raw:
+    """What the lines say, before values are checked: panels' key → (text, line), globals, groups, bad regions."""
+
+    def __init__(self):
+        self.defaults: Dict[str, Tuple[str, int]] = {}
+        self.panels: Dict[str, Dict[str, Tuple[str, int]]] = {}
+        self.first_line: Dict[str, int] = {}
+        self.bad: Dict[str, Dict[str, Tuple[str, int]]] = {}
+        self.glob: Dict[str, Tuple[str, int]] = {}
+        self.groups: List[Tuple[str, List[str], int]] = []
+        self.rigid: List[Tuple[str, List[str], int]] = []
+        self.collections: List[Tuple[str, List[str], int]] = []
+        self.unused: Optional[Tuple[str, int]] = None  # a default set after the last new panel
+
+
+def _members(ctx: _Ctx, lineno: int, key: str, value: str) -> List[str]:
+    members = [m.strip() for m in value.split(",")]
+    if not value or any(not m for m in members):
+        raise ctx.error(lineno, key, f"expected a comma-separated list of names, got {value!r}")
+    dup = sorted({m for m in members if members.count(m) > 1})
+    if dup:
+        raise ctx.error(lineno, key, f"names {', '.join(dup)} more than once")
+    return members
+
+
+def _collect_global(raw: _Raw, ctx: _Ctx, lineno: int, key: str, value: str) -> None:
+    """A line without ``/``: a group line, a global key, or a default for panels mentioned later."""
+    for prefix, target in (("rigid_group_collection_", raw.collections), ("rigid_group_", raw.rigid),
+                           ("group_", raw.groups)):
+        if key.startswith(prefix) and len(key) > len(prefix):
+            name = key[len(prefix):]
+            if name in [t[0] for t in target]:
+                raise ctx.error(lineno, key, f"group {name!r} is defined twice")
+            target.append((name, _members(ctx, lineno, key, value), lineno))
+            return
+    if key in ("clen", "photon_energy", "wavelength") or key in _GLOBAL_KEPT:
+        raw.glob[key] = (value, lineno)
+    elif key == "electron_voltage":
+        raise ctx.error(lineno, key, "electron beams are not simulated by nbtorch (give photon_energy or wavelength)")
+    elif _panel_key_known(key):
+        raw.defaults[_MASK_ALIASES.get(key, key)] = (value, lineno)
+        raw.unused = (key, lineno)
+    else:
+        raise _unknown(ctx, lineno, key, "global", _GLOBAL_KEYS + _PANEL_KEYS + _PANEL_KEPT)
+
+
+def _collect(raw_bytes: bytes, ctx: _Ctx) -> _Raw:
+    raw = _Raw()
+    for lineno, key, value in _lines(raw_bytes, ctx):
+        if "/" not in key:
+            _collect_global(raw, ctx, lineno, key, value)
+            continue
+        owner, sub = key.split("/", 1)
+        if not owner:
+            raise ctx.error(lineno, key, "no panel name before '/'")
+        if owner.startswith("bad"):
+            if sub not in _BAD_KEYS:
+                raise _unknown(ctx, lineno, key, "bad-region", _BAD_KEYS)
+            raw.bad.setdefault(owner, {})[sub] = (value, lineno)
+            continue
+        if owner.startswith(("group", "rigid_group")):
+            raise ctx.error(lineno, key, "panel names may not start with 'bad', 'group' or 'rigid_group'")
+        if not _panel_key_known(sub):
+            raise _unknown(ctx, lineno, key, "panel", _PANEL_KEYS + _PANEL_KEPT)
+        if owner not in raw.panels:
+            raw.panels[owner] = dict(raw.defaults)
+            raw.first_line[owner] = lineno
+            raw.unused = None
+        raw.panels[owner][_MASK_ALIASES.get(sub, sub)] = (value, lineno)
+    if not raw.panels:
+        raise GeometryFileError(f"{ctx.name}: no panel lines ('name/key = value'): not a CrystFEL geometry file")
+    if raw.unused is not None:
+        raise ctx.error(raw.unused[1], raw.unused[0], "a default after the last panel's first line applies to no "
+                                                      "panel (set it before the panels, or as 'panel/key')")
+    return raw
+
+
+def _clen_m(ctx: _Ctx, lineno: int, text: str, clen_mm: Optional[float]) -> float:
+    """``clen`` text → metres: a number (m unless ``mm``/``m`` follows) or a data-file location (→ ``clen_mm``)."""
+    parts = text.split()
+    if len(parts) not in (1, 2) or (len(parts) == 2 and parts[1] not in ("m", "mm")):
+        raise ctx.error(lineno, "clen", f"expected a number or a data-file location with optional unit m or mm, "
+                                        f"got {text!r}")
+    if _FLOAT_RE.match(parts[0]):
+        return _float(ctx, lineno, "clen", parts[0]) * (1e-3 if parts[1:] == ["mm"] else 1.0)
+    if clen_mm is None:
+        raise ctx.error(lineno, "clen", f"the camera length is read from the data file ({parts[0]}): give its value "
+                                        "(clen=VALUE in mm)")
+    return float(clen_mm) * 1e-3
+
+
+def _photon_energy(raw: _Raw, ctx: _Ctx, energy_eV: Optional[float]):
+    """``(photon energy in eV or None, (key, text) or None)`` from ``photon_energy`` / ``wavelength``."""
+    keys = [k for k in ("photon_energy", "wavelength") if k in raw.glob]
+    if not keys:
+        return None, None
+    if len(keys) == 2:
+        raise ctx.error(raw.glob["wavelength"][1], "wavelength", "give either photon_energy or wavelength, not both")
+    key = keys[0]
+    text, lineno = raw.glob[key]
+    parts = text.split()
+    units = {"photon_energy": {None: 1.0, "eV": 1.0, "keV": 1e3}, "wavelength": {"m": 1e10, "A": 1.0}}[key]
+    unit = parts[1] if len(parts) == 2 else None
+    if len(parts) not in (1, 2) or unit not in units:
+        raise ctx.error(lineno, key, f"expected a number or data-file location with unit "
+                                     f"{' or '.join(u for u in units if u)}, got {text!r}")
+    if not _FLOAT_RE.match(parts[0]):
+        if energy_eV is None:
+            raise ctx.error(lineno, key, f"the beam energy is read from the data file ({parts[0]}): give its value "
+                                         "(photon_energy_eV=…)")
+        return float(energy_eV), (key, text)
+    value = _float(ctx, lineno, key, parts[0]) * units[unit]
+    if value <= 0:
+        raise ctx.error(lineno, key, f"must be > 0, got {text!r}")
+    if key == "photon_energy":
+        return value, (key, text)
+    from ..units import HC_EV_ANGSTROM
+
+    return HC_EV_ANGSTROM / value, (key, text)
+
+
+def _dims(ctx: _Ctx, keys: Dict[str, Tuple[str, int]], where: str) -> Tuple[str, ...]:
+    dims = dict(enumerate(_DEFAULT_DIMS))
+    line = {}
+    for key, (text, lineno) in keys.items():
+        m = _DIM_RE.match(key)
+        if m:
+            if text not in ("%", "ss", "fs") and not text.isdigit():
+                raise ctx.error(lineno, f"{where}{key}", f"expected '%', 'ss', 'fs' or an index, got {text!r}")
+            dims[int(m.group(1))] = text
+            line[int(m.group(1))] = lineno
+    out = tuple(dims.get(i) for i in range(max(dims) + 1))
+    last = max(line.values(), default=0)
+    if None in out or out.count("ss") != 1 or out.count("fs") != 1 or out.index("ss") > out.index("fs"):
+        raise ctx.error(last, f"{where}dim", f"dimensions {list(out)} must be dim0, dim1, … without gaps, with one "
+                                             "'ss' before one 'fs'")
+    return out
+
+
+def _masks(ctx: _Ctx, keys: Dict[str, Tuple[str, int]], where: str) -> Tuple[Mask, ...]:
+    slots: Dict[int, dict] = {}
+    for key, (text, lineno) in keys.items():
+        m = _MASK_RE.match(key)
+        if m:
+            part = m.group(2)
+            value = text if part in ("data", "file") else _int(ctx, lineno, f"{where}{key}", text)
+            slots.setdefault(int(m.group(1)), {})[part] = (value, lineno)
+    out = []
+    for index in sorted(slots):
+        got = slots[index]
+        if "data" not in got:
+            lineno = max(v[1] for v in got.values())
+            raise ctx.error(lineno, f"{where}mask{index}_data", "a mask file or good/bad bits but no mask location "
+                                                                 f"(mask{index}_data, or mask for mask 0)")
+        val = {k: v[0] for k, v in got.items()}
+        out.append(Mask(index, val.get("data"), val.get("file"), val.get("goodbits"), val.get("badbits")))
+    return tuple(out)
+
+
+def _panel(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], first: int, clen, clen_mm) -> Panel:
+    """One panel from its keys (its own and the defaults it took)."""
+    for key in _REQUIRED:
+        if key not in keys:
+            raise ctx.error(first, f"{name}/{key}", f"panel {name!r} has no {key} (give '{name}/{key} = …' or a "
+                                                    f"global '{key} = …' before the panel's first line)")
+    if "clen" in keys:
+        clen = keys["clen"]
+    if clen is None:
+        raise ctx.error(first, "clen", f"no camera length for panel {name!r} (give 'clen = VALUE m')")
+
+    def num(key, conv=_float):
+        text, lineno = keys[key]
+        return conv(ctx, lineno, f"{name}/{key}", text)
+
+    fs, ss = num("fs", _vector), num("ss", _vector)
+    _check_steps(ctx, name, fs, ss, keys)
+    rng = {k: num(k, _int) for k in ("min_fs", "max_fs", "min_ss", "max_ss")}
+    for axis in ("fs", "ss"):
+        if not 0 <= rng[f"min_{axis}"] <= rng[f"max_{axis}"]:
+            raise ctx.error(keys[f"max_{axis}"][1], f"{name}/max_{axis}",
+                            f"need 0 <= min_{axis} <= max_{axis}, got {rng[f'min_{axis}']}..{rng[f'max_{axis}']}")
+    res = num("res")
+    if res <= 0:
+        raise ctx.error(keys["res"][1], f"{name}/res", f"pixels per metre must be > 0, got {keys['res'][0]!r}")
+    adu = {k: num(k) if k in keys else None for k in ("adu_per_photon", "adu_per_eV")}
+    if None not in adu.values():  # the later line wins, as in CrystFEL
+        adu[min(adu, key=lambda k: keys[k][1])] = None
+    return Panel(name=name, fs=fs, ss=ss, corner_x=num("corner_x"), corner_y=num("corner_y"), res=res,
+                 clen_m=_clen_m(ctx, clen[1], clen[0], clen_mm), clen=clen[0], **rng,
+                 coffset=num("coffset") if "coffset" in keys else 0.0, **adu,
+                 data=keys.get("data", (_DEFAULT_DATA,))[0], dims=_dims(ctx, keys, f"{name}/"),
+                 masks=_masks(ctx, keys, f"{name}/"), no_index=num("no_index", _bool) if "no_index" in keys else False,
+                 extra=tuple((k, keys[k][0]) for k in _PANEL_KEPT if k in keys))
+
+
+def _check_steps(ctx: _Ctx, name: str, fs: Vec, ss: Vec, keys) -> None:
+    nf, ns = math.sqrt(sum(c * c for c in fs)), math.sqrt(sum(c * c for c in ss))
+    lineno = max(keys["fs"][1], keys["ss"][1])
+    if nf == 0 or ns == 0:
+        raise ctx.error(lineno, f"{name}/{'fs' if nf == 0 else 'ss'}", "a zero-length vector")
+    cos = sum(a * b for a, b in zip(fs, ss)) / (nf * ns)
+    if abs(cos) > ORTHOGONALITY_TOLERANCE:
+        raise ctx.error(lineno, f"{name}/ss", f"fs and ss are not orthogonal (angle {math.degrees(math.acos(cos)):.3f}"
+                                              f"°; |cos| must be <= {ORTHOGONALITY_TOLERANCE})")
+
+
+def _check_overlaps(ctx: _Ctx, panels: Tuple[Panel, ...], raw: _Raw) -> None:
+    """Panels reading the same slab (same data location and layout) must not share a pixel."""
+    seen: Dict[tuple, List[Panel]] = {}
+    for p in panels:
+        others = seen.setdefault((p.data, p.dims), [])
+        for q in others:
+            if p.min_fs <= q.max_fs and q.min_fs <= p.max_fs and p.min_ss <= q.max_ss and q.min_ss <= p.max_ss:
+                lineno = max(raw.panels[p.name][k][1] for k in ("min_fs", "max_fs", "min_ss", "max_ss"))
+                raise ctx.error(lineno, f"{p.name}/min_fs", f"fs {p.min_fs}..{p.max_fs}, ss {p.min_ss}..{p.max_ss} "
+                                f"overlaps panel {q.name!r} (fs {q.min_fs}..{q.max_fs}, ss {q.min_ss}..{q.max_ss}; "
+                                "ranges are inclusive)")
+        others.append(p)
+
+
+def _bad_region(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], panels: Dict[str, Panel]) -> BadRegion:
+    last = max(v[1] for v in keys.values())
+    fsss = [k for k in ("min_fs", "max_fs", "min_ss", "max_ss") if k in keys]
+    xy = [k for k in ("min_x", "max_x", "min_y", "max_y") if k in keys]
+    if (fsss and xy) or len(fsss + xy) != 4:
+        raise ctx.error(last, f"{name}/{(fsss + xy + ['min_fs'])[0]}", "a bad region needs all four of min_fs, max_fs,"
+                        " min_ss, max_ss or all four of min_x, max_x, min_y, max_y (not a mixture)")
+    panel = keys["panel"][0] if "panel" in keys else None
+    if panel is not None and panel not in panels:
+        raise ctx.error(keys["panel"][1], f"{name}/panel", f"no panel called {panel!r}")
+    if xy:
+        val = {k: _float(ctx, keys[k][1], f"{name}/{k}", keys[k][0]) for k in xy}
+        return BadRegion(name, panel, x=(val["min_x"], val["max_x"]), y=(val["min_y"], val["max_y"]))
+    val = {k: _int(ctx, keys[k][1], f"{name}/{k}", keys[k][0]) for k in fsss}
+    if panel is None and len(panels) != 1:
+        raise ctx.error(last, f"{name}/panel", "a bad region in fs/ss needs the panel it is on (bad…/panel = NAME)")
+    p = panels[panel] if panel is not None else next(iter(panels.values()))
+    if not (p.min_fs <= val["min_fs"] <= val["max_fs"] <= p.max_fs and p.min_ss <= val["min_ss"] <= val["max_ss"]
+            <= p.max_ss):
+        raise ctx.error(last, f"{name}/max_fs", f"fs {val['min_fs']}..{val['max_fs']}, ss {val['min_ss']}.."
+                        f"{val['max_ss']} is not inside panel {p.name!r} (fs {p.min_fs}..{p.max_fs}, ss {p.min_ss}.."
+                        f"{p.max_ss})")
+    return BadRegion(name, panel, fs=(val["min_fs"], val["max_fs"]), ss=(val["min_ss"], val["max_ss"]))
+
+
+def _tree_from_groups(ctx: _Ctx, raw: _Raw, panel_names: List[str]) -> Tuple[Group, ...]:
+    """The ``group_`` lines as a tree (every member a known panel or group, no member in two groups, no loop)."""
+    known = {name for name, _, _ in raw.groups}
+    parent: Dict[str, str] = {}
+    for name, members, lineno in raw.groups:
+        if name in panel_names:
+            raise ctx.error(lineno, f"group_{name}", "a group may not have the name of a panel")
+        for m in members:
+            if m not in known and m not in panel_names:
+                raise ctx.error(lineno, f"group_{name}", f"unknown member {m!r} (neither a panel nor a group)")
+            if m in parent:
+                raise ctx.error(lineno, f"group_{name}", f"{m!r} is already in group {parent[m]!r}")
+            parent[m] = name
+    groups = {name: list(members) for name, members, _ in raw.groups}
+    lines = {name: lineno for name, _, lineno in raw.groups}
+    if "all" not in groups:  # the top group is implied: every group and panel without a parent
+        groups["all"] = [n for n in [g[0] for g in raw.groups] + panel_names if n not in parent]
+    elif "all" in parent:
+        raise ctx.error(lines["all"], "group_all", f"the top group 'all' is a member of {parent['all']!r}")
+    parent.update({n: "all" for n in groups["all"]})
+    groups["all"] += [n for n in panel_names if not _reaches(n, parent)]
+    stray = [n for n in groups if n != "all" and not _reaches(n, parent)]
+    if stray:
+        raise ctx.error(lines[stray[0]], f"group_{stray[0]}", "the group is not under the top group 'all' (a loop?)")
+    return _post_order(groups)
+
+
+def _reaches(name: str, parent: Dict[str, str]) -> bool:
+    """Whether following ``parent`` from ``name`` ends at ``all`` (loops end False)."""
+    seen = set()
+    while name in parent and name not in seen:
+        seen.add(name)
+        name = parent[name]
+    return name == "all"
+
+
+def _post_order(groups: Dict[str, List[str]]) -> Tuple[Group, ...]:
+    out: List[Group] = []
+
+    def visit(name):
+        for m in groups[name]:
+            if m in groups:
+                visit(m)
+        out.append(Group(name, tuple(groups[name])))
+
+    visit("all")
+    return tuple(out)
+
+
+def _tree_from_rigid(ctx: _Ctx, raw: _Raw, panel_names: List[str]) -> Tuple[Group, ...]:
+    """The older ``rigid_group_`` lines as a tree: each group sits in the smallest group that holds all its panels
+    (ties: the later line inside the earlier); groups that share panels without one holding the other are an error.
+    A group's members are its child groups (file order), then its panels in no child (panel order)."""
+    sets = {}
+    for name, members, lineno in raw.rigid:
+        bad = [m for m in members if m not in panel_names]
+        if bad or name in panel_names or name == "all":
+            problem = f"unknown panel {bad[0]!r}" if bad else "a rigid group may not be called 'all' or like a panel"
+            raise ctx.error(lineno, f"rigid_group_{name}", problem)
+        sets[name] = frozenset(members)
+    for name, members, lineno in raw.collections:
+        bad = [m for m in members if m not in sets]
+        if bad:
+            raise ctx.error(lineno, f"rigid_group_collection_{name}", f"unknown rigid group {bad[0]!r}")
+    file_order = [name for name, _, _ in raw.rigid]
+    placed: List[str] = []  # largest first, so the last container met going backwards is the smallest
+    kids: Dict[str, List[str]] = {"all": []}
+    for name, _, lineno in sorted(raw.rigid, key=lambda g: (-len(g[1]), file_order.index(g[0]))):
+        host = "all"
+        for other in reversed(placed):
+            if sets[name] <= sets[other]:
+                host = other
+                break
+            if sets[name] & sets[other]:
+                raise ctx.error(lineno, f"rigid_group_{name}", f"shares panels with rigid_group_{other} without "
+                                "either holding the other: rigid groups must nest")
+        placed.append(name)
+        kids[host].append(name)
+        kids[name] = []
+    groups = {}
+    for name, children in kids.items():
+        inner = set().union(*(sets[k] for k in children))
+        own = sets.get(name, frozenset(panel_names))
+        groups[name] = sorted(children, key=file_order.index) + [p for p in panel_names if p in own - inner]
+    return _post_order(groups)
+
+
+def _hierarchy(ctx: _Ctx, raw: _Raw, panel_names: List[str]) -> Tuple[Group, ...]:
+    if raw.groups:
+        return _tree_from_groups(ctx, raw, panel_names)
+    if raw.rigid:
+        return _tree_from_rigid(ctx, raw, panel_names)
+    return (Group("all", tuple(panel_names)),)
+
+
+def parse_geom(raw_bytes: bytes, name: str, *, clen: Optional[float] = None,
+               photon_energy_eV: Optional[float] = None) -> Geometry:
+    """:func:`read_geom` on the file's bytes; ``name`` is used in messages."""
+    ctx = _Ctx(name)
+    raw = _collect(raw_bytes, ctx)
+    glob_clen = raw.glob.get("clen")
+    panels = tuple(_panel(ctx, n, keys, raw.first_line[n], glob_clen, clen) for n, keys in raw.panels.items())
+    _check_overlaps(ctx, panels, raw)
+    by_name = {p.name: p for p in panels}
+    bad = tuple(_bad_region(ctx, n, keys, by_name) for n, keys in raw.bad.items())
+    energy, beam = _photon_energy(raw, ctx, photon_energy_eV)
+    return Geometry(panels=panels, groups=_hierarchy(ctx, raw, list(by_name)), bad_regions=bad,
+                    photon_energy_eV=energy, beam=beam,
+                    rigid_groups=tuple((n, tuple(m)) for n, m, _ in raw.rigid),
+                    rigid_group_collections=tuple((n, tuple(m)) for n, m, _ in raw.collections),
+                    extra=tuple((k, raw.glob[k][0]) for k in _GLOBAL_KEPT if k in raw.glob))
+
+
+def read_geom(path: str | os.PathLike, *, clen: Optional[float] = None,
+              photon_energy_eV: Optional[float] = None) -> Geometry:
+    """Read a CrystFEL geometry file.
+
+    Args:
+        path: the ``.geom`` file.
+        clen: the camera length (mm) where the file takes it from the data file (``clen = /LCLS/…``); ignored where
+            the file gives a number.
+        photon_energy_eV: the photon energy (eV) where the file's ``photon_energy``/``wavelength`` is a data-file
+            location; ignored where the file gives a number.
+
+    Returns:
+        :class:`Geometry`: panels (file units kept; ``Panel.corner``, ``fs_step``, ``ss_step`` in lab mm), the group
+        hierarchy (root ``all``; implied, holding every panel, when the file has no group lines), bad regions, masks.
+
+    Raises:
+        GeometryFileError (a ValueError): one line naming the file, the line and the key — an unknown key (with the
+        allowed ones), a panel without a required key, overlapping min/max ranges, fs and ss not orthogonal
+        (:data:`ORTHOGONALITY_TOLERANCE`), a group naming an unknown member, a data-file location with no value given.
+        OSError if the file cannot be read.
+    """
+    return parse_geom(read_bytes(path), display_name(path), clen=clen, photon_energy_eV=photon_energy_eV)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _vec_text(v: Vec) -> str:
+    return " ".join(f"{c:+}{axis}" for c, axis in zip(v, "xyz"))
+
+
+def _panel_items(p: Panel) -> List[Tuple[str, str]]:
+    """``(key, text)`` of every key of a panel, values at full precision (``repr``)."""
+    items = [("min_fs", str(p.min_fs)), ("max_fs", str(p.max_fs)), ("min_ss", str(p.min_ss)),
+             ("max_ss", str(p.max_ss)), ("fs", _vec_text(p.fs)), ("ss", _vec_text(p.ss)),
+             ("corner_x", repr(p.corner_x)), ("corner_y", repr(p.corner_y)), ("coffset", repr(p.coffset)),
+             ("res", repr(p.res)), ("clen", p.clen), ("data", p.data)]
+    items += [(f"dim{i}", d) for i, d in enumerate(p.dims)]
+    for key in ("adu_per_photon", "adu_per_eV"):
+        if getattr(p, key) is not None:
+            items.append((key, repr(getattr(p, key))))
+    for m in p.masks:
+        for part, value in (("data", m.data), ("file", m.file), ("goodbits", m.good_bits), ("badbits", m.bad_bits)):
+            if value is not None:  # mask 0 in the older spelling, which every CrystFEL version reads
+                key = _MASK_SPELLING.get(f"mask{m.index}_{part}", f"mask{m.index}_{part}")
+                items.append((key, value if isinstance(value, str) else hex(value)))
+    if p.no_index:
+        items.append(("no_index", "1"))
+    return items + list(p.extra)
+
+
+#: Keys always written per panel (its place in the slab and in the lab), even where every panel has the same value.
+_OWN_KEYS = ("min_fs", "max_fs", "min_ss", "max_ss", "fs", "ss", "corner_x", "corner_y")
+
+
+def _bad_lines(b: BadRegion) -> List[str]:
+    pairs = [("fs", b.fs), ("ss", b.ss), ("x", b.x), ("y", b.y)]
+    out = [f"{b.name}/{end}_{axis} = {r[i]!r}" for axis, r in pairs if r is not None
+           for i, end in enumerate(("min", "max"))]
+    return out + ([f"{b.name}/panel = {b.panel}"] if b.panel is not None else [])
+
+
+def format_geom(geometry: Geometry) -> str:
+    """The text :func:`write_geom` writes: keys shared by every panel once at the top, then each panel's own keys,
+    bad regions, the older rigid-group lines, and the hierarchy as ``group_`` lines (children first, ``all`` last)."""
+    per_panel = [dict(_panel_items(p)) for p in geometry.panels]
+    keys = list(dict.fromkeys(k for items in per_panel for k in items))
+    shared = [k for k in keys if all(items.get(k) == per_panel[0].get(k) for items in per_panel)
+              and not _DIM_RE.match(k) and k not in _OWN_KEYS]
+    lines = ["; CrystFEL geometry file written by nbtorch", ""]
+    if geometry.beam is not None:
+        lines.append(f"{geometry.beam[0]} = {geometry.beam[1]}")
+    lines += [f"{k} = {v}" for k, v in geometry.extra]
+    lines += [f"{k} = {per_panel[0][k]}" for k in shared]
+    if len({p.dims for p in geometry.panels}) == 1:  # dims as globals: dim lines replace the defaults as a set
+        lines += [f"dim{i} = {d}" for i, d in enumerate(geometry.panels[0].dims)]
+        shared += [f"dim{i}" for i in range(len(geometry.panels[0].dims))]
+    for p, items in zip(geometry.panels, per_panel):
+        lines.append("")
+        lines += [f"{p.name}/{k} = {v}" for k, v in items.items() if k not in shared]
+    lines.append("")
+    for b in geometry.bad_regions:
+        lines += _bad_lines(b) + [""]
+    lines += [f"rigid_group_{n} = {','.join(m)}" for n, m in geometry.rigid_groups]
+    lines += [f"rigid_group_collection_{n} = {','.join(m)}" for n, m in geometry.rigid_group_collections]
+    lines += [f"group_{g.name} = {','.join(g.members)}" for g in geometry.groups]
+    return "\n".join(lines) + "\n"
+
+
+def write_geom(path: str | os.PathLike, geometry: Geometry) -> None:
+    """Write ``geometry`` as a CrystFEL geometry file, atomically (:func:`~nbtorch.io.atomic_write`).
+
+    Same panels, names, data layout, masks, bad regions and groups; numbers at full precision, so that
+    :func:`read_geom` of the result (with the same ``clen``/``photon_energy_eV`` arguments where the file names
+    data-file locations) gives an equal :class:`Geometry`.  A per-panel ``clen`` is written only where panels
+    differ (files of CrystFEL before 0.10)."""
+    atomic_write(path, format_geom(geometry).encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lab-frame helpers
+
+
+def pixel_centers(panel: Panel, dtype=None, device=None):
+    """Lab positions (mm) of every pixel centre of ``panel``: tensor [n_slow, n_fast, 3] (float64 by default);
+    pixel (fs, ss) at corner + (fs + ½)·fs_step + (ss + ½)·ss_step."""
+    import torch
+
+    dtype = torch.float64 if dtype is None else dtype
+    corner, fstep, sstep = (torch.tensor(v, dtype=dtype, device=device)
+                            for v in (panel.corner, panel.fs_step, panel.ss_step))
+    f = torch.arange(panel.n_fast, dtype=dtype, device=device) + 0.5
+    s = torch.arange(panel.n_slow, dtype=dtype, device=device) + 0.5
+    return corner + s[:, None, None] * sstep + f[None, :, None] * fstep
+
+
+def panel_normal(panel: Panel, dtype=None, device=None):
+    """Unit normal (tensor [3]) of ``panel`` pointing away from the sample (at the origin): ±(fs × ss)/|fs × ss|,
+    the sign chosen so that it points the way the panel's centre lies from the sample (for a left-handed panel,
+    whose fs × ss points towards the sample, that is −fs × ss).  A panel whose plane holds the sample takes the sign
+    that points along +z (the beam)."""
+    import torch
+
+    dtype = torch.float64 if dtype is None else dtype
+    fstep, sstep, corner = (torch.tensor(v, dtype=dtype, device=device)
+                            for v in (panel.fs_step, panel.ss_step, panel.corner))
+    n = torch.linalg.cross(fstep, sstep)
+    n = n / torch.linalg.norm(n)
+    centre = corner + 0.5 * panel.n_fast * fstep + 0.5 * panel.n_slow * sstep
+    side = torch.dot(n, centre)
+    if side == 0:
+        side = n[2]
+    return -n if side < 0 else n
+
+
+def panel_with_lab_frame(panel: Panel, corner: Vec, fs_step: Vec, ss_step: Vec) -> Panel:
+    """``panel`` moved to a new lab corner and steps (mm; e.g. after refinement), in the file's units: its pixel
+    size and ``clen`` are kept, ``coffset`` takes the change of z."""
+    p = panel.pixel_size
+    return replace(panel, corner_x=float(corner[0]) / p, corner_y=float(corner[1]) / p,
+                   coffset=float(corner[2]) / 1000.0 - panel.clen_m,
+                   fs=tuple(float(c) / p for c in fs_step), ss=tuple(float(c) / p for c in ss_step))
