@@ -26,7 +26,7 @@ from ._parse import display_name, read_bytes
 __all__ = [
     "Panel", "Group", "BadRegion", "Mask", "Geometry", "GeometryFileError",
     "read_geom", "parse_geom", "write_geom", "format_geom", "pixel_centers", "panel_normal", "panel_with_lab_frame",
-    "ORTHOGONALITY_TOLERANCE",
+    "bad_pixels", "ORTHOGONALITY_TOLERANCE",
 ]
 
 Vec = Tuple[float, float, float]
@@ -796,3 +796,26 @@ def panel_with_lab_frame(panel: Panel, corner: Vec, fs_step: Vec, ss_step: Vec) 
     return replace(panel, corner_x=float(corner[0]) / p, corner_y=float(corner[1]) / p,
                    coffset=float(corner[2]) / 1000.0 - panel.clen_m,
                    fs=tuple(float(c) / p for c in fs_step), ss=tuple(float(c) / p for c in ss_step))
+
+
+def bad_pixels(geometry: Geometry, name: str, device=None):
+    """The pixels of panel ``name`` that the file itself marks bad: bool tensor [n_slow, n_fast], True = bad.
+
+    ``no_index`` marks the whole panel; an fs/ss region its inclusive ranges (slab coordinates, as in the file) on the
+    panel it names (or the only panel); an x/y region every pixel of any panel whose position, as CrystFEL computes
+    it (corner_x + fs·fs_x + ss·ss_x, likewise y, in that panel's pixels, at the pixel's corner), lies strictly
+    inside.
+    Masks kept in data files (``mask``…) are not read here."""
+    import torch
+
+    p = geometry.panel(name)
+    bad = torch.full((p.n_slow, p.n_fast), p.no_index, dtype=torch.bool, device=device)
+    f = torch.arange(p.n_fast, dtype=torch.float64, device=device)[None, :]
+    s = torch.arange(p.n_slow, dtype=torch.float64, device=device)[:, None]
+    x, y = (c + f * fv + s * sv for c, fv, sv in ((p.corner_x, p.fs[0], p.ss[0]), (p.corner_y, p.fs[1], p.ss[1])))
+    for r in geometry.bad_regions:
+        if r.x is not None:
+            bad |= (x > r.x[0]) & (x < r.x[1]) & (y > r.y[0]) & (y < r.y[1])
+        elif r.panel == name or (r.panel is None and len(geometry.panels) == 1):
+            bad[r.ss[0] - p.min_ss:r.ss[1] - p.min_ss + 1, r.fs[0] - p.min_fs:r.fs[1] - p.min_fs + 1] = True
+    return bad

@@ -12,6 +12,7 @@ import torch
 from nbtorch.io import crystfel
 from nbtorch.io.crystfel import (
     GeometryFileError,
+    bad_pixels,
     panel_normal,
     panel_with_lab_frame,
     pixel_centers,
@@ -65,7 +66,7 @@ def test_two_panel_file_puts_known_pixels_where_crystfel_says():
     assert top.adu_per_photon == bottom.adu_per_photon == 2.0
     assert g.photon_energy_eV == 9500.0 and g.wavelength == pytest.approx(12398.42 / 9500, rel=1e-14)
     assert [(b.name, b.panel, b.fs, b.ss, b.x, b.y) for b in g.bad_regions] == [
-        ("bad_gap", "bottom", (0, 3), (60, 61), None, None), ("bad_beamstop", None, None, None, (-2.5, 2.5), (-1, 1))]
+        ("bad_gap", "bottom", (0, 3), (60, 61), None, None), ("bad_beamstop", None, None, None, (-2.5, 2.5), (-8, -6))]
     assert [(x.name, x.members) for x in g.groups] == [("all", ("top", "bottom"))]  # implied root
 
 
@@ -145,6 +146,23 @@ def test_masks_no_index_and_dims():
     assert a0.dims == ("%", "ss", "fs") and a0.data == "/entry/data/data"
     assert (a0.no_index, b0.no_index) == (False, True)
     assert (a0.adu_per_eV, a0.adu_per_photon) == (0.0005, None)
+
+
+def test_bad_pixels_from_no_index_and_bad_regions():
+    g = read_geom(TWO)
+    top, bottom = bad_pixels(g, "top"), bad_pixels(g, "bottom")
+    assert top.shape == (50, 100) and top.dtype == torch.bool
+    # bad_gap: fs 0..3, ss 60..61 of the slab = panel rows 10..11 of 'bottom'
+    expected = torch.zeros(50, 100, dtype=torch.bool)
+    expected[10:12, 0:4] = True
+    # bad_beamstop: -2.5 < x < 2.5, -8 < y < -6 strictly, in pixels at the pixel corner (x = 20 − 0.8·ss,
+    # y = −5 − fs on 'bottom'): ss 22..28 (x from 2.4 down to -2.4) and fs 2 only (y = −7)
+    expected[22:29, 2] = True
+    assert torch.equal(bottom, expected) and expected.sum() == 8 + 7
+    # on 'top' (x = −50 + fs, y = 10 + ss) the beamstop box holds no pixel corner: y >= 10
+    assert not top.any()
+    quad = read_geom(QUAD, clen=100.0, photon_energy_eV=12000.0)
+    assert bad_pixels(quad, "b0").all() and not bad_pixels(quad, "b1").any()
 
 
 # ----------------------------------------------------------------------------------------------------------------

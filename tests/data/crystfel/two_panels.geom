@@ -38,5 +38,5 @@ bad_gap/panel = bottom
 
 bad_beamstop/min_x = -2.5
 bad_beamstop/max_x = 2.5
-bad_beamstop/min_y = -1
-bad_beamstop/max_y = 1
+bad_beamstop/min_y = -8
+bad_beamstop/max_y = -6
