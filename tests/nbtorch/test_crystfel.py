@@ -91,9 +91,7 @@ def test_normal_points_away_from_the_sample_for_left_handed_panels():
     ("1e-3x + 1y", (1e-3, 1.0, 0.0)),
 ])
 def test_fs_ss_vectors_and_their_shorthands(tmp_path, text, expected):
-    other = "z" if expected[2] == 0.0 and text != "+z" else "x"
-    if text == "x":
-        other = "y"
+    other = "z" if expected[2] == 0.0 else "x"  # a (nearly) orthogonal ss
     p = read_geom(_write(tmp_path, HEAD + _panel_text("p", 0, 9, fs=text, ss=other))).panels[0]
     assert p.fs == expected
 
@@ -131,6 +129,18 @@ def test_clen_from_a_data_file_location_needs_its_value():
 def test_literal_clen_units_and_the_argument_is_ignored(tmp_path, clen, metres):
     p = read_geom(_write(tmp_path, f"clen = {clen}\nres = 10000\n" + _panel_text("p", 0, 9)), clen=1.0).panels[0]
     assert p.clen_m == pytest.approx(metres, rel=1e-15)
+
+
+def test_real_file_habits_parse(tmp_path):
+    """CRLF line ends, comments after values, trailing blanks, ranges written as 513.0, no_index = false."""
+    text = ("clen = 95.3 mm   ; camera length\r\nres = 13333.3  \r\n\tp/min_fs = 0.0\r\np/max_fs = 1029.0\r\n"
+            "p/min_ss = 0.0\r\np/max_ss = 513.0 ; 514 rows\r\np/fs = 0.0003420x -0.9999310y\r\n"
+            "p/ss = -0.9989760x -0.0000500y\r\np/corner_x = 2147.07110898\r\np/corner_y = 1131.30172146\r\n"
+            "p/no_index = false\r\n")
+    p = read_geom(_write(tmp_path, text)).panels[0]
+    assert (p.n_fast, p.n_slow, p.min_fs, p.max_ss, p.no_index) == (1030, 514, 0, 513, False)
+    assert p.clen_m == pytest.approx(0.0953, rel=1e-15) and p.res == 13333.3
+    assert p.fs == (0.000342, -0.999931, 0.0)
 
 
 def test_wavelength_units(tmp_path):
