@@ -8,13 +8,15 @@ positions, the curved detector, solid angle and sensor capture are computed wher
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import NamedTuple, Tuple
 
 import torch
 
 from .conventions import CONVENTION_TABLE
+from .panels import PanelFrames, PanelLayout, layout_frames
 from .rotation import rot_axis, rot_xyz
-from .types import Detector, Setup
+from .types import Detector, Params, Setup
 from .units import deg2rad
 
 
@@ -85,6 +87,36 @@ def detector_frame(det: Detector, setup: Setup) -> DetectorFrame:
     return DetectorFrame(pix0, f, s, o, close_r, close_r / ratio)
 
 
+def panel_frames(det: Detector, setup: Setup) -> PanelFrames:
+    """The lab frame of every panel for the detector parameters ``det``: a panel detector's (``setup.panels``,
+    :func:`nbtorch.panels.layout_frames`), or nanoBragg's one panel (:func:`detector_frame`) as a detector of
+    P = 1 (leaves ``[1, 3]``, ``[1]``)."""
+    if setup.panels is not None:
+        return layout_frames(setup.panels, det, setup)
+    fr = detector_frame(det, setup)
+    return PanelFrames(fr.pix0[None], fr.fdet[None], fr.sdet[None], fr.odet[None], fr.close[None], fr.distance)
+
+
+def with_panels(params: Params, setup: Setup, layout: PanelLayout) -> Tuple[Params, Setup]:
+    """``(params, setup)`` with the detector replaced by the panel detector ``layout``, as the file described it:
+    ``distance`` its nominal distance (mm), beam centre, rotations and rigid-body motions zero; the set-up's
+    ``fpixels``/``spixels`` from its largest panel, ``pixel_size`` its first panel's fast step (mm); everything else
+    (crystal, beam, sources, sampling) kept.  The set-up's beam must run along the layout's (``ValueError``
+    otherwise: the crystal and the panels would be in different lab frames)."""
+    b, lb = setup.beam, layout.beam
+    if sum(x * y for x, y in zip(b, lb)) < 1 - 1e-9:
+        raise ValueError(f"the panel detector was described with the beam along {tuple(lb)} but the set-up's beam "
+                         f"runs along {tuple(b)}: give -beam_vector {' '.join(f'{x:g}' for x in lb)}")
+    like = params.detector.distance
+    zeros = torch.zeros(len(layout.nodes), 3, dtype=like.dtype, device=like.device)
+    det = Detector(torch.as_tensor(layout.distance, dtype=like.dtype, device=like.device), torch.zeros_like(
+        params.detector.beam_center), torch.zeros_like(params.detector.rotation), torch.zeros_like(like), zeros, zeros)
+    new = Setup.for_panels(layout, **{f.name: getattr(setup, f.name) for f in dataclasses.fields(Setup)
+                                      if f.name not in ("fpixels", "spixels", "pixel_size", "panels", "roi", "mask",
+                                                        "curved_det", "distance_is_close", "convention", "pivot")})
+    return params._replace(detector=det), new
+
+
 def subpixel_offsets(setup: Setup, dtype, device=None) -> torch.Tensor:
     """Sub-pixel centre offsets from a pixel's corner, ``[n², 2]`` (fast, slow) in mm; slow-major order (j, i)."""
     n, p = setup.oversample, setup.pixel_size
@@ -106,6 +138,8 @@ def check_detector(det: Detector, setup: Setup) -> None:
     two-theta; |beam·normal| >= 1e-6), and the perpendicular sample–plane distance must exceed 1e-6 of |pix0| plus
     the detector's extent (mm).  Messages name the detector parameters and their flags.
     """
+    if setup.panels is not None:
+        return _check_panel_detector(det, setup)
     with torch.no_grad():
         det = type(det)(*(t.detach().double().cpu() for t in det))
         o0 = torch.tensor(setup.odet, dtype=torch.float64)
@@ -123,3 +157,20 @@ def check_detector(det: Detector, setup: Setup) -> None:
                 "detector geometry puts the detector plane behind or through the sample (close distance "
                 f"{close:.3g} mm): check detector.distance, detector.rotation and detector.twotheta "
                 "(-distance, -detector_rot*, -twotheta)")
+
+
+def _check_panel_detector(det: Detector, setup: Setup) -> None:
+    """Every panel of ``setup.panels`` in front of the sample: its plane's perpendicular distance > 1e-6 of its
+    corner's distance plus its extent (mm)."""
+    with torch.no_grad():
+        det = type(det)(*(t.detach().double().cpu() for t in det))
+        frames = panel_frames(det, setup)
+        for k, p in enumerate(setup.panels.panels):
+            extent = p.fpixels * (sum(c * c for c in p.fast) ** 0.5) + p.spixels * (sum(c * c for c in p.slow) ** 0.5)
+            scale = float(torch.linalg.vector_norm(frames.pix0[k])) + extent
+            close = float(frames.close[k])
+            if not close > 1e-6 * scale:
+                raise ValueError(
+                    f"detector geometry puts panel {p.name!r} behind or through the sample (close distance "
+                    f"{close:.3g} mm): check detector.distance, detector.rotation, detector.group_shift and "
+                    "detector.group_rotation")

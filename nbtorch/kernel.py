@@ -37,8 +37,10 @@ from .units import M_PER_MM
 class TileParams(NamedTuple):
     """Differentiable inputs of a tile (every leaf a tensor; units as in the API).
 
-    pix0, fdet, sdet, odet: [3] detector origin (mm) and rotated unit axes; close: [] perpendicular sample–plane
-    distance (mm, for Ω); distance: [] radius of the curved detector (mm); A: [O,3,3] rows a, b, c (Å) of every
+    pix0, fdet, sdet, odet: [3, P] every pixel's panel frame: the outer corner of its panel's pixel (0, 0) (mm), the
+    lab steps of one pixel over the pixel size (unit vectors for nanoBragg's detector) and the outward unit normal;
+    close: [P] perpendicular sample–plane distance of the pixel's panel (mm, for Ω); distance: [] radius of the
+    curved detector (mm); A: [O,3,3] rows a, b, c (Å) of every
     orientation of this tile's chunk; B0: [3,3] unrotated reciprocal basis (Å⁻¹, gauss/tophat); wavelength: [] λ0
     (Å); ncells: [3]; polarization: [] Kahn factor; F: [nh,nk,nl] amplitude table; default_F: []; I_bg: [] background
     added to every pixel's sum before the final scaling (nanoBragg's water term, spec Q10).
@@ -67,7 +69,8 @@ class TileConsts(NamedTuple):
     slow); layers: [T] sensor-layer offsets along the normal (mm); incident: [K,3] and lam_factor: [K] sources of this
     chunk (unit propagation directions, λ_k = λ0·factor_k); incident_all: [Ka,3] and lam_factor_all: [Ka] every
     source (polarization and the ``-dmin`` rule look at the first sample of the pixel); polar_axis: [3] E vector;
-    beam: [3] beam direction (curved detector); pixel: [] pixel size (mm); capture_k: [] layer thickness × μ;
+    beam: [3] beam direction (curved detector); pixel: [] pixel size (mm); area: [P] the pixel's area (mm²; the
+    pixel size squared for nanoBragg's detector); capture_k: [] layer thickness × μ;
     dmin: [] Å (0 = off); hkl_min: [3] first Miller index of the table.
     """
 
@@ -82,6 +85,7 @@ class TileConsts(NamedTuple):
     polar_axis: torch.Tensor
     beam: torch.Tensor
     pixel: torch.Tensor
+    area: torch.Tensor
     capture_k: torch.Tensor
     dmin: torch.Tensor
     hkl_min: torch.Tensor
@@ -216,11 +220,12 @@ def unit_directions(pos: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], to
 
 def solid_angle(R2: torch.Tensor, R: torch.Tensor, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tensor:
     """Solid angle Ω (sr) of a pixel seen from samples at squared distance ``R2`` (mm²) and distance ``R`` (mm), any
-    one shape: p²/R²·close/R (full pixel area, obliquity from the plane's perpendicular distance ``tp.close``);
+    one shape ending in the pixel axis: area/R²·close/R (full pixel area ``tc.area``, obliquity from the plane's
+    perpendicular distance ``tp.close``);
     ``-point_pixel``: 1/R² with R in metres (nanoBragg's convention, not a solid angle)."""
     if spec.point_pixel:
         return 1.0 / (R2 * M_PER_MM**2)
-    return tc.pixel * tc.pixel / R2 * tp.close / R
+    return tc.area / R2 * tp.close / R
 
 
 def capture_fraction(d: Sequence[torch.Tensor], t, tp: TileParams, tc: TileConsts) -> torch.Tensor:
@@ -434,19 +439,27 @@ def factor_jacobian(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[t
     """The once-per-pixel factor [P] and its Jacobian [n, P] over the scalars of :data:`FACTOR_FIELDS`, for a flat
     detector (:func:`has_fast_derivatives` cases).
 
-    Each pixel's factor depends on the shared parameters only through its own samples, so giving every pixel its
-    own copy of them makes one reverse pass over Σ_p factor_p return every pixel's partials at once (pixel-level
-    work only, a few dozen operations)."""
+    Each pixel's factor depends on the parameters only through its own samples, so giving every pixel its own copy
+    of them (the frame leaves already are per pixel) makes one reverse pass over Σ_p factor_p return every pixel's
+    partials at once (pixel-level work only, a few dozen operations)."""
     P = tc.fast.shape[0]
     with torch.enable_grad():
-        leaves = {k: getattr(tp, k).detach()[..., None].expand(*getattr(tp, k).shape, P).clone().requires_grad_()
-                  for k in _FACTOR_VARYING}
+        leaves = {k: _per_pixel(getattr(tp, k).detach(), k, P).clone().requires_grad_() for k in _FACTOR_VARYING}
         factor = pixel_factor(tp._replace(**leaves), tc, spec)
         grads = dict(zip(leaves, torch.autograd.grad(factor.sum(), list(leaves.values()), allow_unused=True,
                                                      materialize_grads=True)))
     rows = [grads[k].reshape(-1, P) if k in grads else torch.zeros(getattr(tp, k).numel(), P, dtype=factor.dtype,
                                                                      device=factor.device) for k in FACTOR_FIELDS]
     return factor.detach(), torch.cat(rows)
+
+
+#: The TileParams leaves that hold one value (or vector) per pixel: [3, P] or [P].
+PER_PIXEL = ("pix0", "fdet", "sdet", "odet", "close")
+
+
+def _per_pixel(t: torch.Tensor, field: str, P: int) -> torch.Tensor:
+    """A leaf of ``field`` as one copy per pixel (trailing axis P): per-pixel leaves as they are, others expanded."""
+    return t if field in PER_PIXEL else t[..., None].expand(*t.shape, P)
 
 
 def _masked(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -501,7 +514,8 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
 
 def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Ṡ [C, P], ḟactor [C, P]) for C tangent directions: a TileParams whose leaves carry a leading C axis, or are
-    None (no tangent; F must be None).  Cost ∝ C × pixels, independent of the samples."""
+    None (no tangent; F must be None).  Cost ∝ C × pixels, independent of the samples (the frame's tangents are
+    per pixel, [C, 3, P])."""
     C = next(t.shape[0] for t in tangents if t is not None)
     like = pm.S
 
@@ -509,9 +523,9 @@ def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> 
         t = getattr(tangents, k)
         return torch.zeros((C,) + getattr(tp, k).shape, dtype=like.dtype, device=like.device) if t is None else t
 
-    v = torch.stack([tan(k) for k in FRAME], 1)  # [C, 4, 3]
+    v = torch.stack([tan(k) for k in FRAME], 1)  # [C, 4, 3, P]: the frame is per pixel
     P = pm.S.shape[0]
-    Sdot = v.reshape(C, 12) @ pm.Q.reshape(12, P)
+    Sdot = (v * pm.Q).sum((1, 2))
     if tangents.A is not None:
         Sdot = Sdot + tangents.A.reshape(C, -1) @ pm.M.reshape(-1, P)
     if tangents.wavelength is not None:
@@ -522,8 +536,8 @@ def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> 
         Sdot = Sdot + tangents.default_F[:, None] * pm.F
     if tangents.I_bg is not None:
         Sdot = Sdot + tangents.I_bg[:, None]
-    xdot = torch.cat([tan(k).reshape(C, -1) for k in FACTOR_FIELDS], 1)  # [C, n]
-    return Sdot, xdot @ pm.J
+    xdot = torch.cat([_per_pixel(tan(k), k, P).reshape(C, -1, P) for k in FACTOR_FIELDS], 1)  # [C, n, P]
+    return Sdot, (xdot * pm.J).sum(1)
 
 
 def vjp_from_moments(moments: Sequence[torch.Tensor], tp: TileParams, tc: TileConsts, spec: KernelSpec,
@@ -537,7 +551,7 @@ def vjp_from_moments(moments: Sequence[torch.Tensor], tp: TileParams, tc: TileCo
     _, M, Q, Y, N, F = moments
     grads = {"A": M @ gS, "wavelength": -(Y @ gS) / tp.wavelength, "ncells": N @ gS, "default_F": F @ gS,
              "I_bg": gS.sum()}
-    frame = Q @ gS  # [4, 3]
+    frame = Q * gS  # [4, 3, P]: the frame leaves are per pixel
     with torch.enable_grad():
         leaves = {k: getattr(tp, k).detach().requires_grad_() for k in _FACTOR_VARYING}
         factor = pixel_factor(tp._replace(**leaves), tc, spec)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["roi_mask", "mask_array", "rendered_mask", "rendered_pixels"]
+__all__ = ["roi_mask", "mask_array", "panel_extent_mask", "rendered_mask", "rendered_pixels"]
 
 
 def roi_mask(shape: tuple[int, int], roi: tuple[int, int, int, int] | None = None,
@@ -39,20 +39,37 @@ def roi_mask(shape: tuple[int, int], roi: tuple[int, int, int, int] | None = Non
 
 
 def mask_array(setup) -> Optional[np.ndarray]:
-    """``Setup.mask`` as uint8 ``[spixels, fpixels]`` (0 = skipped), or None."""
+    """``Setup.mask`` as uint8 of the image's shape (``setup.image_shape``: ``[spixels, fpixels]``, or
+    ``[P, spixels, fpixels]`` for a panel detector; 0 = skipped), or None."""
     if setup.mask is None:
         return None
-    return np.frombuffer(setup.mask, dtype=np.uint8).reshape(setup.spixels, setup.fpixels)
+    return np.frombuffer(setup.mask, dtype=np.uint8).reshape(setup.image_shape)
+
+
+def panel_extent_mask(setup) -> np.ndarray:
+    """Bool ``[P, spixels, fpixels]``: True on the pixels each panel of ``setup.panels`` has (a smaller panel's
+    image is padded to the largest panel's counts)."""
+    layout = setup.panels
+    sel = np.zeros(setup.image_shape, dtype=bool)
+    for k, p in enumerate(layout.panels):
+        sel[k, :p.spixels, :p.fpixels] = True
+    return sel
 
 
 def rendered_mask(setup) -> np.ndarray:
-    """Bool ``[spixels, fpixels]``: True where the :class:`~nbtorch.types.Setup` renders a pixel (inside
-    ``setup.roi`` and not 0 in ``setup.mask``); :func:`nbtorch.simulate.simulate` leaves the others 0."""
-    return roi_mask((setup.spixels, setup.fpixels), setup.roi, mask_array(setup))
+    """Bool of the image's shape (``setup.image_shape``): True where the :class:`~nbtorch.types.Setup` renders a
+    pixel (inside ``setup.roi``, on a panel, and not 0 in ``setup.mask``); :func:`nbtorch.simulate.simulate` leaves
+    the others 0."""
+    if setup.panels is None:
+        return roi_mask((setup.spixels, setup.fpixels), setup.roi, mask_array(setup))
+    sel = panel_extent_mask(setup)
+    mask = mask_array(setup)
+    return sel if mask is None else sel & (mask != 0)
 
 
 @functools.lru_cache(maxsize=32)
 def rendered_pixels(setup) -> np.ndarray:
-    """Flat slow-major indices (``slow·fpixels + fast``, int64) of the pixels ``setup`` renders
+    """Flat slow-major indices (``slow·fpixels + fast``, plus ``panel·spixels·fpixels`` for a panel detector; int64)
+    of the pixels ``setup`` renders
     (:func:`rendered_mask`), in raster order (computed once per Setup)."""
     return np.flatnonzero(rendered_mask(setup))

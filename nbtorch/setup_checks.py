@@ -142,8 +142,29 @@ def _check_table_and_pixels(setup) -> None:
               f"Setup.roi (xmin, xmax, ymin, ymax) must satisfy 0 <= xmin <= xmax < {setup.fpixels} and "
               f"0 <= ymin <= ymax < {setup.spixels}; got {plain(setup.roi)}")
     if setup.mask is not None:
-        _need(len(setup.mask) == setup.fpixels * setup.spixels,
-              f"Setup.mask must hold fpixels*spixels = {setup.fpixels * setup.spixels} bytes, got {len(setup.mask)}")
+        what = "fpixels*spixels" if setup.panels is None else "panels*spixels*fpixels"
+        _need(len(setup.mask) == setup.n_pixels,
+              f"Setup.mask must hold {what} = {setup.n_pixels} bytes, got {len(setup.mask)}")
+
+
+def _check_panels(setup) -> None:
+    """A panel detector: image extents from its largest panel, no one-panel-only features, and every panel a proper
+    parallelogram of finite steps."""
+    layout = setup.panels
+    _need(layout.n_panels >= 1 and len(layout.nodes) >= 1, "Setup.panels must hold at least one panel")
+    _need((setup.fpixels, setup.spixels) == (layout.fpixels, layout.spixels),
+          f"Setup.fpixels, spixels must be the largest panel's counts {(layout.fpixels, layout.spixels)} with "
+          f"Setup.panels, got {(setup.fpixels, setup.spixels)} (Setup.for_panels sets them)")
+    for name, why in (("roi", "select pixels with Setup.mask"), ("curved_det", "panels are flat"),
+                      ("distance_is_close", "the distance is along the beam")):
+        _need(not getattr(setup, name), f"Setup.{name} is for nanoBragg's one-panel detector: {why}")
+    for p in layout.panels:
+        _need(p.fpixels >= 1 and p.spixels >= 1, f"panel {p.name!r}: pixel counts must be >= 1")
+        _need(all(math.isfinite(x) for x in (*p.corner, *p.fast, *p.slow)),
+              f"panel {p.name!r}: corner and steps must be finite")
+        _need(p.area > UNIT_TOL * _norm(p.fast) * _norm(p.slow) and p.area > 0,
+              f"panel {p.name!r}: the fast and slow steps must not be parallel or zero (|fast × slow| = "
+              f"{plain(p.area)} mm²)")
 
 
 def check_setup(setup) -> None:
@@ -154,3 +175,5 @@ def check_setup(setup) -> None:
     _check_scalars(setup)
     _check_vectors(setup)
     _check_table_and_pixels(setup)
+    if setup.panels is not None:
+        _check_panels(setup)

@@ -154,8 +154,9 @@ def _use_fused(fused: Optional[bool], spec: KernelSpec, setup: Setup, n_pixels: 
 
 
 def _tile_params(params: Params, setup: Setup) -> TileParams:
-    """The differentiable tile inputs of the whole image (all orientations)."""
-    frame = detmod.detector_frame(params.detector, setup)
+    """The differentiable tile inputs of the whole image (all orientations), the frame leaves per panel ([P, 3],
+    [P]; :func:`_pixel_frames` picks each pixel's)."""
+    frame = detmod.panel_frames(params.detector, setup)
     xtal = crystal_orientations(params, setup)
     st = params.structure
     return TileParams(frame.pix0, frame.fdet, frame.sdet, frame.odet, frame.close, frame.distance, xtal.A, xtal.B0,
@@ -163,8 +164,23 @@ def _tile_params(params: Params, setup: Setup) -> TileParams:
                       water_intensity(params))
 
 
+def _pixel_frames(tp: TileParams, panel: torch.Tensor) -> TileParams:
+    """``tp`` with its per-panel frame leaves replaced by every listed pixel's ([3, n], [n]); ``panel`` [n] long."""
+    return tp._replace(**{k: getattr(tp, k).index_select(0, panel).T for k in ("pix0", "fdet", "sdet", "odet")},
+                       close=tp.close.index_select(0, panel))
+
+
+def panel_areas(setup: Setup, like: torch.Tensor) -> torch.Tensor:
+    """Pixel area (mm²) of every panel → [P]: the pixel size squared for nanoBragg's detector, |fast × slow| of a
+    panel detector's steps."""
+    if setup.panels is None:
+        p = torch.as_tensor(setup.pixel_size, dtype=like.dtype, device=like.device)
+        return (p * p)[None]
+    return torch.tensor([q.area for q in setup.panels.panels], dtype=like.dtype, device=like.device)
+
+
 def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
-    """The non-differentiable tile inputs (pixel indices left empty: set per tile)."""
+    """The non-differentiable tile inputs (pixel indices and areas left empty: set per tile)."""
     dt, dev = like.dtype, like.device
 
     def T(v):
@@ -177,28 +193,40 @@ def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
         fast=empty, slow=empty, offsets=detmod.subpixel_offsets(setup, dt, dev),
         layers=torch.arange(setup.thicksteps, dtype=dt, device=dev) * um_to_mm(setup.thickstep_um),
         incident=inc, lam_factor=lamf, incident_all=inc, lam_factor_all=lamf, polar_axis=T(setup.polar_axis),
-        beam=T(setup.beam), pixel=T(setup.pixel_size), capture_k=T(setup.thickstep_um * setup.mu_per_um),
+        beam=T(setup.beam), pixel=T(setup.pixel_size), area=empty, capture_k=T(setup.thickstep_um * setup.mu_per_um),
         dmin=T(setup.dmin), hkl_min=T(setup.hkl_min))
 
 
-def pixel_tile(params: Params, setup: Setup, fast, slow) -> Tuple[KernelSpec, TileParams, TileConsts]:
+def _tile_of(tp: TileParams, tc: TileConsts, areas: torch.Tensor, panel: torch.Tensor, fast: torch.Tensor,
+             slow: torch.Tensor) -> Tuple[TileParams, TileConsts]:
+    """The tile inputs of the pixels (``panel``, ``slow``, ``fast``) ([n] long tensors) from the image's."""
+    like = tc.pixel
+    return _pixel_frames(tp, panel), tc._replace(fast=fast.to(like.dtype), slow=slow.to(like.dtype),
+                                                 area=areas.index_select(0, panel))
+
+
+def pixel_tile(params: Params, setup: Setup, fast, slow, panel=0) -> Tuple[KernelSpec, TileParams, TileConsts]:
     """The kernel inputs of one tile of the listed pixels: (spec, tile parameters, tile constants), for callers
-    that want the kernel's per-sample terms themselves (diagnostics, tests).  ``fast``, ``slow``: [P] pixel indices
-    (ints, numpy or tensors); all orientations and sources in one tile."""
+    that want the kernel's per-sample terms themselves (diagnostics, tests).  ``fast``, ``slow``: [n] pixel indices
+    (ints, numpy or tensors), ``panel``: their panel(s) (an int or [n]); all orientations and sources in one tile."""
     like = params.crystal.cell
 
     def T(v):
-        return torch.as_tensor(v, device=like.device).reshape(-1).to(like.dtype)
+        return torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, device=like.device).reshape(-1)
 
-    tc = _tile_consts(setup, like)._replace(fast=T(fast), slow=T(slow))
-    return kernel_spec(params, setup), _tile_params(params, setup), tc
+    fast, slow = T(fast), T(slow)
+    panel = T(panel).long().expand(fast.shape[0])
+    tp, tc = _tile_of(_tile_params(params, setup), _tile_consts(setup, like), panel_areas(setup, like), panel, fast,
+                      slow)
+    return kernel_spec(params, setup), tp, tc
 
 
-def pixel_lab_positions(params: Params, setup: Setup, fast, slow) -> torch.Tensor:
+def pixel_lab_positions(params: Params, setup: Setup, fast, slow, panel=0) -> torch.Tensor:
     """Lab positions (mm) of every (sensor layer, sub-pixel) sample of the listed pixels, as the kernel computes
-    them (parallax shift along the normal per layer, ``-curved_det`` bent onto its sphere): ``fast``, ``slow`` [P]
-    pixel indices → [P, T, n², 3] (T layers, n = oversample; sub-pixels slow-major)."""
-    spec, tp, tc = pixel_tile(params, setup, fast, slow)
+    them (parallax shift along the normal per layer, ``-curved_det`` bent onto its sphere): ``fast``, ``slow`` [n]
+    pixel indices of ``panel`` (an int or [n]) → [n, T, n², 3] (T layers, n = oversample; sub-pixels
+    slow-major)."""
+    spec, tp, tc = pixel_tile(params, setup, fast, slow, panel)
     return torch.stack(sample_positions(tp, tc, spec), -1).permute(2, 0, 1, 3)
 
 
@@ -219,7 +247,8 @@ def _tile_sum(spec, tc: TileConsts, tp: TileParams, p: Plan, fused: bool):
 
 def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Optional[bool] = None,
                   progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """Photons of the pixels with flat slow-major indices ``index`` [n] (long) → [n], tile by tile.
+    """Photons of the pixels with flat indices ``index`` [n] (long; into ``setup.image_shape``, slow-major in each
+    panel) → [n], tile by tile: every panel's pixels in the one stream of tiles.
 
     No validation (see :func:`simulate`).  ``fused``: compiled kernels (True), eager (False) or by the amount of work
     (None); ``progress(done, total)`` is called after every tile.
@@ -229,15 +258,16 @@ def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Opti
     p = plan(setup, n)
     spec = kernel_spec(params, setup)
     use = _use_fused(fused, spec, setup, n, like)
-    tp, tc = _tile_params(params, setup), _tile_consts(setup, like)
+    tp, tc, areas = _tile_params(params, setup), _tile_consts(setup, like), panel_areas(setup, like)
     scale = R_E_SQUARED_M2 * params.beam.fluence / setup.steps
+    S_, F_ = setup.spixels, setup.fpixels
     out: List[torch.Tensor] = []
     for start in range(0, n, p.tile):
         k = index[start:start + p.tile]
         if use and k.shape[0] < p.tile and n > p.tile:  # same tile shape throughout: no recompilation
             k = torch.cat([k, k[-1:].expand(p.tile - k.shape[0])])
-        t = tc._replace(fast=(k % setup.fpixels).to(like.dtype), slow=(k // setup.fpixels).to(like.dtype))
-        S, factor = _tile_sum(spec, t, tp, p, use)
+        tpk, t = _tile_of(tp, tc, areas, k // (S_ * F_), k % F_, (k // F_) % S_)
+        S, factor = _tile_sum(spec, t, tpk, p, use)
         out.append((scale * S * factor)[: min(p.tile, n - start)])
         if progress is not None:
             progress(min(start + p.tile, n), n)
@@ -247,17 +277,17 @@ def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Opti
 
 
 def simulate_pixels(params: Params, setup: Setup, index, check: bool = True, fused: Optional[bool] = None):
-    """Photons of selected pixels: ``index`` [n] flat slow-major pixel indices (slow·fpixels + fast; ints, numpy or a
-    long tensor) → [n] in the same order.  What :func:`simulate` computes for those pixels (ROI and mask are not
+    """Photons of selected pixels: ``index`` [n] flat slow-major pixel indices (slow·fpixels + fast, plus
+    panel·spixels·fpixels for a panel detector; ints, numpy or a long tensor) → [n] in the same order.  What :func:`simulate` computes for those pixels (ROI and mask are not
     applied: every listed pixel is rendered); memory and work scale with n, not with the detector."""
     if check:
         check_params(params, setup)
     dev = params.crystal.cell.device
     idx = torch.as_tensor(np.asarray(index, dtype=np.int64) if not torch.is_tensor(index) else index,
                           device=dev).reshape(-1).long()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= setup.fpixels * setup.spixels):
-        raise ValueError(f"pixel indices must be within [0, {setup.fpixels * setup.spixels - 1}] "
-                         f"(slow·fpixels + fast)")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= setup.n_pixels):
+        raise ValueError(f"pixel indices must be within [0, {setup.n_pixels - 1}] (slow·fpixels + fast"
+                         f"{'' if setup.panels is None else ' + panel·spixels·fpixels'})")
     return render_pixels(params, setup, idx, fused)
 
 
@@ -267,7 +297,9 @@ def simulate(params: Params, setup: Setup, check: bool = True, fused: Optional[b
 
     ``params``: :class:`~nbtorch.types.Params` pytree (all leaves the same dtype/device);
     ``setup``: :class:`~nbtorch.types.Setup`.  Returns photons per pixel, ``[spixels, fpixels]`` (slow, fast), the
-    quantity nanoBragg writes with ``-floatfile``; pixels outside the ROI or masked are 0.
+    quantity nanoBragg writes with ``-floatfile``; pixels outside the ROI or masked are 0.  A panel detector
+    (``setup.panels``) gives ``[P, spixels, fpixels]``, every panel rendered in the same stream of tiles (a panel
+    smaller than the largest is padded with zeros).
 
     Pure function of its arguments; works under ``torch.func`` transforms (``grad``, ``jacrev``, ``jacfwd``,
     ``vmap``, ``hessian``).  ``fused``: True runs compiled kernels (:mod:`nbtorch.fused`), False eager code, None
@@ -283,8 +315,8 @@ def simulate(params: Params, setup: Setup, check: bool = True, fused: Optional[b
     idx_np = rendered_pixels(setup)
     idx = torch.as_tensor(idx_np, device=like.device)
     vals = render_pixels(params, setup, idx, fused, progress)
-    npix = setup.fpixels * setup.spixels
+    npix = setup.n_pixels
     if len(idx_np) == npix:
-        return vals.reshape(setup.spixels, setup.fpixels)
+        return vals.reshape(setup.image_shape)
     image = torch.zeros(npix, dtype=vals.dtype, device=vals.device).index_put((idx,), vals)
-    return image.reshape(setup.spixels, setup.fpixels)
+    return image.reshape(setup.image_shape)

@@ -11,11 +11,13 @@ size, photons/m² for fluence.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .conventions import CONVENTIONS
+from .panels import PanelLayout
 from .pytree import get_leaf, replace_leaf, tree_leaves, tree_map
 from .setup_checks import SHAPES, check_setup
 
@@ -67,12 +69,21 @@ class Detector(NamedTuple):
                      converted at the flag boundary: :func:`nbtorch.detector.orgx_to_mm`).
     rotation:    [3] detector_rotx/y/z (degrees), applied XYZ about the sample.
     twotheta:    []  two-theta swing (degrees) about the convention's two-theta axis.
+    group_shift:    [G, 3] shift (mm) of every rigid body of a panel detector's hierarchy (``Setup.panels.nodes``;
+                    G = 0 for nanoBragg's one panel).
+    group_rotation: [G, 3] XYZ rotation (degrees) of every rigid body about its nominal centre.
+
+    For a panel detector (``Setup.panels``) ``distance`` places the point where the beam meets the detector along
+    the beam, ``beam_center`` (mm) is that point in the detector's nominal frame relative to where the beam met it
+    in the file (0, 0 as read), and ``rotation`` turns the detector about it (:mod:`nbtorch.panels`).
     """
 
     distance: torch.Tensor
     beam_center: torch.Tensor
     rotation: torch.Tensor
     twotheta: torch.Tensor
+    group_shift: torch.Tensor
+    group_rotation: torch.Tensor
 
 
 class Structure(NamedTuple):
@@ -125,6 +136,10 @@ class Setup:
     slightly sheared, see docs/nanobragg-differences.md); False gives the exact cell (used for ``-mat`` models).
     ``sample_budget``: samples (pixel × layer × sub-pixel × source × orientation) per tile: bounds memory, not
     results.
+    ``panels``: a detector of many panels (:class:`~nbtorch.panels.PanelLayout`; None = nanoBragg's one panel, set by
+    ``convention``, ``pivot`` and the vectors above).  With panels, ``fpixels``/``spixels`` are the largest panel's
+    counts (:meth:`for_panels` sets them), ``pixel_size`` the nominal pixel size the panel steps are measured in,
+    ``beam`` the beam direction in the layout's lab frame, and images are ``[P, spixels, fpixels]``.
     """
 
     fpixels: int = 1024
@@ -166,6 +181,7 @@ class Setup:
     mask: Optional[bytes] = None
     nanobragg_cell: bool = True
     sample_budget: int = 1 << 19
+    panels: Optional[PanelLayout] = None
 
     def __post_init__(self):
         check_setup(self)
@@ -182,6 +198,39 @@ class Setup:
     def steps(self) -> int:
         """nanoBragg's normalisation: sources · mosaic domains · phi steps · oversample²."""
         return self.n_sources * self.n_domains * self.phisteps * self.oversample**2
+
+    @property
+    def n_panels(self) -> int:
+        """Panels of the detector (1 for nanoBragg's)."""
+        return 1 if self.panels is None else self.panels.n_panels
+
+    @property
+    def image_shape(self) -> Tuple[int, ...]:
+        """Shape of an image: ``(spixels, fpixels)``, or ``(P, spixels, fpixels)`` for a panel detector."""
+        if self.panels is None:
+            return (self.spixels, self.fpixels)
+        return (self.n_panels, self.spixels, self.fpixels)
+
+    @property
+    def n_pixels(self) -> int:
+        """Pixels of an image (flat indices run over ``image_shape``, slow-major within each panel)."""
+        return math.prod(self.image_shape)
+
+    @property
+    def n_groups(self) -> int:
+        """Rigid bodies of the panel hierarchy (the first axis of ``Detector.group_shift``; 0 for one panel)."""
+        return 0 if self.panels is None else len(self.panels.nodes)
+
+    @classmethod
+    def for_panels(cls, panels: PanelLayout, **fields) -> "Setup":
+        """A Setup for the panel detector ``panels``: ``fpixels``/``spixels`` from its largest panel, ``beam`` its
+        beam direction, ``pixel_size`` its first panel's fast step length (mm) unless given; other fields as
+        given."""
+        p0 = panels.panels[0]
+        fields.setdefault("pixel_size", float(math.sqrt(sum(c * c for c in p0.fast))))
+        fields.setdefault("beam", tuple(panels.beam))
+        fields.setdefault("convention", "CUSTOM")
+        return cls(fpixels=panels.fpixels, spixels=panels.spixels, panels=panels, **fields)
 
     def replace(self, **changes) -> "Setup":
         """A copy with some fields changed (validated again)."""

@@ -70,7 +70,18 @@ def check_params(params, setup=_NO_SETUP) -> None:
     _check_leaves(leaves)
     if torch.compiler.is_compiling():
         return
+    if setup is not _NO_SETUP:
+        _check_group_shapes(params.detector, setup)
     _check_values(params, leaves, None if setup is _NO_SETUP else setup)
+
+
+def _check_group_shapes(det, setup) -> None:
+    """``group_shift``/``group_rotation`` hold one row per rigid body of ``setup.panels`` (none for one panel)."""
+    for name in ("group_shift", "group_rotation"):
+        t = getattr(det, name)
+        if tuple(t.shape) != (setup.n_groups, 3):
+            raise ValueError(f"params.detector.{name} must have shape [{setup.n_groups}, 3], got {list(t.shape)} "
+                             "(one row per rigid body of the set-up's panel hierarchy, Setup.panels.nodes)")
 
 
 def _check_leaves(leaves) -> None:

@@ -672,7 +672,8 @@ def _oversample(inp: Inputs, xtal: CrystalPart, lam: float, det: DetectorPart) -
     """-oversample, or nanoBragg's rule ceil(3·max(N·|axis|)/(λ·distance/pixel)) with the reported distance.
     Also checks the detector geometry (plane in front of the sample) first."""
     det64 = Detector(*(torch.tensor(v, dtype=torch.float64) for v in
-                       (det.distance, det.beam_center, det.rotation, det.twotheta)))
+                       (det.distance, det.beam_center, det.rotation, det.twotheta, np.zeros((0, 3)),
+                        np.zeros((0, 3)))))
     base = Setup(**det.setup)
     check_detector(det64, base)
     if inp.given("-oversample"):
@@ -832,7 +833,8 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     params = Params(
         crystal=Crystal(T(xtal.cell), T(xtal.misset), T(xtal.U0), T(xtal.N), T(spread)),
         beam=Beam(T(lam), T(_fluence(inp)), T(float(inp.get("-polar")))),
-        detector=Detector(T(det.distance), T(det.beam_center), T(det.rotation), T(det.twotheta)),
+        detector=Detector(T(det.distance), T(det.beam_center), T(det.rotation), T(det.twotheta),
+                          T(torch.zeros(0, 3)), T(torch.zeros(0, 3))),
         structure=Structure(T(np.zeros((0, 0, 0))), T(float(inp.get("-default_F")))),
         background=Background(T(float(inp.get("-water")))),
     )

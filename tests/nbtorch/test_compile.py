@@ -8,16 +8,13 @@ import torch._dynamo
 
 import nbtorch
 from nbtorch import kernel
-from nbtorch.simulate import _tile_consts, _tile_params, kernel_spec
+from nbtorch.simulate import pixel_tile
 
 
 def _tile(args):
     p, s = nbtorch.from_nanobragg_args(args, dtype=torch.float32)
-    spec = kernel_spec(p, s)
-    tc = _tile_consts(s, p.crystal.cell)
     k = torch.arange(40)
-    tc = tc._replace(fast=(k % s.fpixels).float(), slow=(k // s.fpixels).float())
-    return spec, _tile_params(p, s), tc
+    return pixel_tile(p, s, k % s.fpixels, k // s.fpixels)
 
 
 @pytest.mark.parametrize("fn", [kernel.tile_sums, kernel.sample_moments])

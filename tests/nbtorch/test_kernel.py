@@ -10,7 +10,7 @@ import torch
 
 import nbtorch
 from nbtorch import aot, fused, kernel
-from nbtorch.simulate import _tile_consts, _tile_params, kernel_spec, pixel_tile, plan
+from nbtorch.simulate import kernel_spec, pixel_tile, plan
 
 BASE = "-default_F 100 -cell 60 70 80 90 95 90 -misset 1 2 3 -N 4 -detpixels 8 -pixel 1.2 -distance 80 "
 DERIVATIVE_CASES = ["-mosaic 0.3 -mosaic_domains 3 -oversample 2 -dispersion 1 -dispsteps 3",
@@ -22,10 +22,8 @@ DERIVATIVE_CASES = ["-mosaic 0.3 -mosaic_domains 3 -oversample 2 -dispersion 1 -
 
 def _whole_image_tile(args):
     p, s = nbtorch.from_nanobragg_args(BASE + args)
-    spec = kernel_spec(p, s)
     idx = torch.arange(s.fpixels * s.spixels)
-    tc = _tile_consts(s, p.crystal.cell)._replace(fast=(idx % s.fpixels).double(), slow=(idx // s.fpixels).double())
-    return spec, _tile_params(p, s), tc
+    return pixel_tile(p, s, idx % s.fpixels, idx // s.fpixels)
 
 
 @pytest.mark.parametrize("args", DERIVATIVE_CASES)
@@ -121,8 +119,9 @@ def test_compiled_forward_any_sizes_and_strided_inputs():
     spec, tp, tc = pixel_tile(p, s, torch.arange(7), torch.arange(7) + 3)
     with _no_fallback():
         for O, K, P in ((3, 2, 7), (1, 1, 1), (2, 1, 5)):
-            tpo = tp._replace(A=tp.A.flip(0)[:O])  # a strided view
-            tco = tc._replace(fast=tc.fast[:P], slow=tc.slow[:P], incident=tc.incident_all[:K],
+            tpo = tp._replace(A=tp.A.flip(0)[:O], close=tp.close[:P],  # strided views
+                              **{k: getattr(tp, k)[:, :P] for k in ("pix0", "fdet", "sdet", "odet")})
+            tco = tc._replace(fast=tc.fast[:P], slow=tc.slow[:P], area=tc.area[:P], incident=tc.incident_all[:K],
                               lam_factor=tc.lam_factor_all[:K])
             comp, ref = fused.forward(spec, tco, tpo, True), kernel.tile_sums(tpo, tco, spec)
             for a, b in zip(comp, ref):

@@ -58,13 +58,15 @@ def test_Q7_oversample_flags_running_sum_matches_sequential_recurrence():
     spec, tp, tc = pixel_tile(p, s, [20, 21], [17, 17])
     dirs, R2, R = K.unit_directions(K.sample_positions(tp, tc, spec))  # 3 × [T, n², 2], [T, n², 2]
     for col in range(2):
+        tpc = tp._replace(**{k: getattr(tp, k)[..., col] for k in K.PER_PIXEL})  # this pixel's panel frame
+        tcc = tc._replace(area=tc.area[col])
         I = 0.0
         for t in range(s.thicksteps):
             for j in range(s.oversample**2):
                 dc = [c[t, j, col] for c in dirs]
                 d = torch.stack(dc)
-                cap = K.capture_fraction(dc, t, tp, tc)
-                om = K.solid_angle(R2[t, j, col], R[t, j, col], tp, tc, spec)
+                cap = K.capture_fraction(dc, t, tpc, tcc)
+                om = K.solid_angle(R2[t, j, col], R[t, j, col], tpc, tcc, spec)
                 pol = K.polarization(inc, dc, tc.polar_axis, tp.polarization)
                 h = xt.A[0] @ ((d - inc) / p.beam.wavelength)
                 x = (100.0 * square(h - torch.ceil(h - 0.5), p.crystal.ncells)) ** 2
