@@ -26,7 +26,8 @@ from ._parse import display_name, read_bytes
 __all__ = [
     "Panel", "Group", "BadRegion", "Mask", "Geometry", "GeometryFileError",
     "read_geom", "parse_geom", "write_geom", "format_geom", "pixel_centers", "panel_normal", "panel_with_lab_frame",
-    "bad_pixels", "ORTHOGONALITY_TOLERANCE",
+    "bad_pixels", "ORTHOGONALITY_TOLERANCE", "slab_shape", "slab_to_panels", "panels_to_slab", "geometry_mask",
+    "moved_geometry",
 ]
 
 Vec = Tuple[float, float, float]
@@ -819,3 +820,89 @@ def bad_pixels(geometry: Geometry, name: str, device=None):
         elif r.panel == name or (r.panel is None and len(geometry.panels) == 1):
             bad[r.ss[0] - p.min_ss:r.ss[1] - p.min_ss + 1, r.fs[0] - p.min_fs:r.fs[1] - p.min_fs + 1] = True
     return bad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the data layout: one frame's array in the file ↔ panel images [P, S, F]
+
+
+def _frame_dims(panel: Panel) -> Tuple[str, ...]:
+    """A panel's dims without the frame axis ``%``: ``'ss'``, ``'fs'`` or fixed indices (as text)."""
+    return tuple(d for d in panel.dims if d != "%")
+
+
+def slab_shape(geometry: Geometry) -> Tuple[int, ...]:
+    """Shape of one frame of the data array the file's panels index (the ``%`` axis left out): ``(max_ss + 1,
+    max_fs + 1)`` for the usual two dims, with a leading axis per fixed index (``dim1 = 3``: 4 at least) where the
+    file has them.  ``GeometryFileError`` if the panels disagree on their number of dims."""
+    kinds = {len(_frame_dims(p)) for p in geometry.panels}
+    if len(kinds) != 1:
+        raise GeometryFileError(f"panels index data arrays of different ranks ({sorted(kinds)}): nbtorch needs one "
+                                "layout for every panel")
+    shape = []
+    for axis in range(kinds.pop()):
+        top = 0
+        for p in geometry.panels:
+            d = _frame_dims(p)[axis]
+            top = max(top, p.max_ss + 1 if d == "ss" else p.max_fs + 1 if d == "fs" else int(d) + 1)
+        shape.append(top)
+    return tuple(shape)
+
+
+def _slab_index(panel: Panel) -> tuple:
+    return tuple(slice(panel.min_ss, panel.max_ss + 1) if d == "ss" else slice(panel.min_fs, panel.max_fs + 1)
+                 if d == "fs" else int(d) for d in _frame_dims(panel))
+
+
+def slab_to_panels(slab, geometry: Geometry):
+    """Panel images ``[P, S, F]`` (numpy; S, F the largest panel's counts, smaller panels zero-padded) from one frame
+    of the data array (``slab_shape(geometry)``; a trailing leading frame axis of length 1 is accepted).
+    ``ValueError`` names the expected shape."""
+    import numpy as np
+
+    slab = np.asarray(slab)
+    want = slab_shape(geometry)
+    if slab.shape != want and not (slab.ndim == len(want) + 1 and slab.shape[0] == 1 and slab.shape[1:] == want):
+        raise ValueError(f"the image is {list(slab.shape)} but the geometry's panels index a data array of "
+                         f"{list(want)} (slow, fast from every panel's min/max_ss/fs)")
+    slab = slab.reshape(want)
+    S = max(p.n_slow for p in geometry.panels)
+    F = max(p.n_fast for p in geometry.panels)
+    out = np.zeros((len(geometry.panels), S, F), dtype=slab.dtype)
+    for k, p in enumerate(geometry.panels):
+        out[k, :p.n_slow, :p.n_fast] = slab[_slab_index(p)]
+    return out
+
+
+def panels_to_slab(images, geometry: Geometry):
+    """One frame of the file's data array (``slab_shape(geometry)``, numpy) from panel images ``[P, S, F]``: every
+    panel at its ``min/max_ss/fs`` place, pixels in no panel 0."""
+    import numpy as np
+
+    images = np.asarray(images)
+    slab = np.zeros(slab_shape(geometry), dtype=images.dtype)
+    for k, p in enumerate(geometry.panels):
+        slab[_slab_index(p)] = images[k, :p.n_slow, :p.n_fast]
+    return slab
+
+
+def geometry_mask(geometry: Geometry):
+    """uint8 ``[P, S, F]`` (numpy): 1 where a pixel is usable, 0 where the file marks it bad (:func:`bad_pixels`:
+    ``no_index`` panels, ``bad…`` regions) — the layout of ``Setup.mask`` for a panel detector.  Masks kept in data
+    files are not read here."""
+    import numpy as np
+
+    S = max(p.n_slow for p in geometry.panels)
+    F = max(p.n_fast for p in geometry.panels)
+    out = np.ones((len(geometry.panels), S, F), dtype=np.uint8)
+    for k, p in enumerate(geometry.panels):
+        out[k, :p.n_slow, :p.n_fast] = ~bad_pixels(geometry, p.name).numpy()
+    return out
+
+
+def moved_geometry(geometry: Geometry, corners, fs_steps, ss_steps) -> Geometry:
+    """``geometry`` with every panel moved to new lab corners and steps (mm; ``[P, 3]`` arrays or tensors in panel
+    order, e.g. :func:`nbtorch.panels.panel_lab_vectors` of refined parameters): same panels, names, layout and
+    groups, new vectors, corners and coffsets (:func:`panel_with_lab_frame`)."""
+    rows = [[tuple(float(c) for c in v[k]) for v in (corners, fs_steps, ss_steps)] for k in range(len(geometry.panels))]
+    return replace(geometry, panels=tuple(panel_with_lab_frame(p, *r) for p, r in zip(geometry.panels, rows)))

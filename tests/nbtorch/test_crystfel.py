@@ -6,6 +6,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,10 +14,15 @@ from nbtorch.io import crystfel
 from nbtorch.io.crystfel import (
     GeometryFileError,
     bad_pixels,
+    geometry_mask,
+    moved_geometry,
     panel_normal,
     panel_with_lab_frame,
+    panels_to_slab,
     pixel_centers,
     read_geom,
+    slab_shape,
+    slab_to_panels,
     write_geom,
 )
 
@@ -347,3 +353,39 @@ def test_moved_panels_round_trip_at_full_precision(tmp_path, monkeypatch):
     write_geom(tmp_path / "refined.geom", refined)
     assert calls == [tmp_path / "refined.geom"]  # the safe-output rule
     assert read_geom(tmp_path / "refined.geom") == refined
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data layout, masks and moved panels
+
+
+def test_slab_round_trip_and_layout():
+    geom = read_geom(DATA / "two_panels.geom")
+    assert slab_shape(geom) == (100, 100)
+    slab = np.arange(100 * 100, dtype=np.float32).reshape(100, 100)
+    panels = slab_to_panels(slab, geom)
+    assert panels.shape == (2, 50, 100)
+    assert panels[1, 0, 0] == slab[50, 0] and panels[0, 49, 99] == slab[49, 99]
+    np.testing.assert_array_equal(panels_to_slab(panels, geom), slab)
+    with pytest.raises(ValueError, match=r"the image is \[100, 99\] but the geometry's panels index"):
+        slab_to_panels(slab[:, :99], geom)
+
+
+def test_geometry_mask_marks_bad_regions():
+    geom = read_geom(DATA / "two_panels.geom")
+    mask = geometry_mask(geom)
+    assert mask.shape == (2, 50, 100) and mask.dtype == np.uint8
+    assert mask[1, 10:12, 0:4].sum() == 0 and mask[1, 10:12, 4].all()  # bad_gap: ss 60-61 of 'bottom' (min_ss 50)
+    np.testing.assert_array_equal(mask == 0, np.stack([bad_pixels(geom, p.name).numpy() for p in geom.panels]))
+
+
+def test_moved_geometry_writes_new_vectors(tmp_path):
+    geom = read_geom(DATA / "two_panels.geom")
+    corners = np.array([p.corner for p in geom.panels]) + [[0.1, -0.2, 0.3], [0.0, 0.0, 0.0]]
+    fs = np.array([p.fs_step for p in geom.panels])
+    ss = np.array([p.ss_step for p in geom.panels])
+    moved = moved_geometry(geom, corners, fs, ss)
+    write_geom(tmp_path / "moved.geom", moved)
+    back = read_geom(tmp_path / "moved.geom")
+    np.testing.assert_allclose([p.corner for p in back.panels], corners, rtol=1e-12, atol=1e-12)
+    assert [p.name for p in back.panels] == [p.name for p in geom.panels] and back.groups == geom.groups
