@@ -13,49 +13,22 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from .report import write_results
+from .runner import env, timed, workload
 from .workloads import CASE_A, CASE_B
 
 HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent
 REFINE_TRUTH = ("-default_F 100 -cell 60 70 80 90 90 90 -misset 10 20 30 -N 8 -lambda 1 -distance 100 -pixel 0.1 "
                 "-detpixels 512 -mosaic 0.3 -mosaic_domains 25 -fluence 1e29 -seed 5")
 REFINE_START = REFINE_TRUTH.replace("-misset 10 20 30", "-misset 10.15 19.9 30.1").replace(
     "-N 8", "-N 7").replace("-mosaic 0.3", "-mosaic 0.4").replace("-fluence 1e29", "-fluence 1.5e29")
-
-
-def _env(threads: int, cache: Optional[str] = None) -> Dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    if cache:
-        env["NBTORCH_CACHE_DIR"] = cache
-    return env
-
-
-def timed(cmd: List[str], env: Dict[str, str], cwd: str, timeout: int = 3600) -> float:
-    """Wall seconds of one process run in ``cwd`` (where nanoBragg's default int and PGM images land); raises with
-    its stderr when it fails."""
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:4])} … failed ({proc.returncode}): {proc.stderr[-800:]}")
-    return time.perf_counter() - t
-
-
-def workload(name: str, threads: int, *args: str, cache: Optional[str] = None) -> dict:
-    """Run ``benchmarks.workloads NAME`` in a fresh process → its JSON figures."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.workloads", name, "--threads", str(threads), *args],
-                          env=_env(threads, cache), capture_output=True, text=True, timeout=7200, cwd=ROOT)
-    if proc.returncode:
-        raise RuntimeError(f"workload {name} failed: {proc.stderr[-800:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def command_lines(threads: int, tmp: str, c_binary: Optional[str]) -> dict:
@@ -66,13 +39,13 @@ def command_lines(threads: int, tmp: str, c_binary: Optional[str]) -> dict:
     for case, flags in (("A", CASE_A), ("B", CASE_B.format(n=512))):
         for dtype in ("float32", "float64"):
             cmd = [sys.executable, "-m", "nbtorch", *flags.split(), "-floatfile", img, "--dtype", dtype]
-            out[f"{case}_{dtype}_cold"] = timed(cmd, _env(threads, tempfile.mkdtemp(dir=cold)), tmp)
-            out[f"{case}_{dtype}_warm"] = timed(cmd, _env(threads), tmp)
-            out[f"{case}_{dtype}_nonoise"] = timed(cmd + ["-nonoise"], _env(threads), tmp)
+            out[f"{case}_{dtype}_cold"] = timed(cmd, env(threads, tempfile.mkdtemp(dir=cold)), tmp)
+            out[f"{case}_{dtype}_warm"] = timed(cmd, env(threads), tmp)
+            out[f"{case}_{dtype}_nonoise"] = timed(cmd + ["-nonoise"], env(threads), tmp)
         if c_binary:
-            out[f"{case}_C"] = timed([c_binary, *flags.split(), "-floatfile", img], _env(threads), tmp)
+            out[f"{case}_C"] = timed([c_binary, *flags.split(), "-floatfile", img], env(threads), tmp)
             out[f"{case}_C_nonoise"] = timed([c_binary, *flags.split(), "-floatfile", img, "-nonoise"],
-                                             _env(threads), tmp)
+                                             env(threads), tmp)
     return out
 
 
@@ -80,11 +53,11 @@ def refinement(threads: int, tmp: str) -> dict:
     """nbtorch-refine of a noisy 512² still with 25 mosaic domains: orientation, N, mosaic spread and scale."""
     obs = os.path.join(tmp, "obs.img")
     timed([sys.executable, "-m", "nbtorch", *REFINE_TRUTH.split(), "-noisefile", obs, "-floatfile",
-           os.path.join(tmp, "truth.bin")], _env(threads), tmp)
+           os.path.join(tmp, "truth.bin")], env(threads), tmp)
     fit = os.path.join(tmp, "fit.json")
     cmd = [sys.executable, "-m", "refine.cli", obs, "--refine", "orientation,ncells,mosaic,scale", "--json", fit,
            "--quiet", "--threads", str(threads), *REFINE_START.split()]
-    seconds = timed(cmd, _env(threads), tmp)
+    seconds = timed(cmd, env(threads), tmp)
     res = json.loads(pathlib.Path(fit).read_text())
     return {"seconds": seconds, "converged": res.get("converged"), "parameters": res.get("parameters")}
 

@@ -1,0 +1,41 @@
+"""Running the benchmarks' processes: every workload in a fresh process (its peak RSS and whole wall time are its
+own), with the thread count and the kernel cache of the run."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def env(threads: int, cache: Optional[str] = None) -> Dict[str, str]:
+    """The environment of a benchmark process: ``threads`` OpenMP threads, the repository on the path and, when
+    given, a kernel cache folder of its own (``cache``)."""
+    out = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    if cache:
+        out["NBTORCH_CACHE_DIR"] = cache
+    return out
+
+
+def timed(cmd: List[str], environ: Dict[str, str], cwd: str, timeout: int = 3600) -> float:
+    """Wall seconds of one process run in ``cwd`` (where nanoBragg's default int and PGM images land); raises with
+    its stderr when it fails."""
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} … failed ({proc.returncode}): {proc.stderr[-800:]}")
+    return time.perf_counter() - t
+
+
+def workload(name: str, threads: int, *args: str, cache: Optional[str] = None) -> dict:
+    """Run ``benchmarks.workloads NAME`` in a fresh process → its JSON figures."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.workloads", name, "--threads", str(threads), *args],
+                          env=env(threads, cache), capture_output=True, text=True, timeout=7200, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"workload {name} failed: {proc.stderr[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
