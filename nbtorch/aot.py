@@ -89,16 +89,16 @@ def _example(spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> Tupl
     tp = TileParams(pix0=z(3, 11), fdet=z(3, 11), sdet=z(3, 11), odet=z(3, 11), close=z(11), distance=z(),
                     A=z(13, 3, 3), B0=z(3, 3),
                     wavelength=z(), ncells=z(3), polarization=z(), F=F, default_F=z(), I_bg=z())
-    tc = TileConsts(fast=z(11), slow=z(11), offsets=z(9, 2), layers=z(2), incident=z(4, 3), lam_factor=z(4),
+    tc = TileConsts(fast=z(11), slow=z(11), offsets=z(9, 2), layers=z(2, 11), incident=z(4, 3), lam_factor=z(4),
                     incident_all=z(8, 3), lam_factor_all=z(8), polar_axis=z(3), beam=z(3), pixel=z(), area=z(11),
-                    capture_k=z(),
+                    capture_k=z(11),
                     dmin=z(), hkl_min=z(3))
     dyn_p = {f: None for f in TileParams._fields}
     dyn_p.update(A={0: O}, F={0: nh, 1: nk, 2: nl} if spec.table else None, pix0={1: P}, fdet={1: P}, sdet={1: P},
                  odet={1: P}, close={0: P})
     dyn_c = {f: None for f in TileConsts._fields}
-    dyn_c.update(fast={0: P}, slow={0: P}, area={0: P}, offsets={0: N2}, layers={0: T}, incident={0: K}, lam_factor={0: K},
-                 incident_all={0: Ka}, lam_factor_all={0: Ka})
+    dyn_c.update(fast={0: P}, slow={0: P}, area={0: P}, capture_k={0: P}, offsets={0: N2}, layers={0: T, 1: P},
+                 incident={0: K}, lam_factor={0: K}, incident_all={0: Ka}, lam_factor_all={0: Ka})
     return tuple(tp) + tuple(tc), (tuple(dyn_p.values()) + tuple(dyn_c.values()),)
 
 

@@ -66,11 +66,11 @@ class TileConsts(NamedTuple):
     """Non-differentiable inputs of a tile (tensors of the working dtype unless stated).
 
     fast, slow: [P] pixel indices (as floats); offsets: [n²,2] sub-pixel centres from the pixel corner (mm, fast and
-    slow); layers: [T] sensor-layer offsets along the normal (mm); incident: [K,3] and lam_factor: [K] sources of this
+    slow); layers: [T, P] sensor-layer offsets along the normal of each pixel's panel (mm); incident: [K,3] and lam_factor: [K] sources of this
     chunk (unit propagation directions, λ_k = λ0·factor_k); incident_all: [Ka,3] and lam_factor_all: [Ka] every
     source (polarization and the ``-dmin`` rule look at the first sample of the pixel); polar_axis: [3] E vector;
     beam: [3] beam direction (curved detector); pixel: [] pixel size (mm); area: [P] the pixel's area (mm²; the
-    pixel size squared for nanoBragg's detector); capture_k: [] layer thickness × μ;
+    pixel size squared for nanoBragg's detector); capture_k: [P] layer thickness × μ of each pixel's panel;
     dmin: [] Å (0 = off); hkl_min: [3] first Miller index of the table.
     """
 
@@ -137,10 +137,10 @@ def _dot3(u: Sequence[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
 
 def sample_coordinates(tc: TileConsts) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Detector-plane coordinates of every (layer, sub-pixel) sample: fast and slow offsets from pix0 (mm) ``[n², P]``
-    and the layer offset along the normal (mm) ``[T, 1, 1]``."""
+    and the layer offset along the normal (mm) ``[T, 1, P]``."""
     F = tc.fast[None, :] * tc.pixel + tc.offsets[:, 0, None]
     S = tc.slow[None, :] * tc.pixel + tc.offsets[:, 1, None]
-    return F, S, tc.layers[:, None, None]
+    return F, S, tc.layers[:, None, :]
 
 
 def sample_positions(tp: TileParams, tc: TileConsts, spec: KernelSpec, first_subpixel: bool = False):

@@ -54,7 +54,10 @@ def _norm(a) -> float:
 class PanelSpec:
     """One panel at its nominal place (lab frame, mm): ``corner`` the outer corner of pixel (0, 0), ``fast`` and
     ``slow`` the lab steps of one pixel, ``fpixels`` × ``spixels`` pixels; pixel (f, s) has its centre at
-    corner + (f + ½)·fast + (s + ½)·slow."""
+    corner + (f + ½)·fast + (s + ½)·slow.  ``thickness_um`` (µm) and ``mu_per_um`` (attenuation, 1/µm): the panel's
+    own sensor, None to take the set-up's (``Setup.thickness_um``, ``Setup.mu_per_um``).  A panel's own sensor is
+    sampled in ``Setup.thicksteps`` layers spaced as the set-up's are, scaled to its thickness (thickness /
+    thicksteps apart when the set-up has no sensor)."""
 
     name: str
     corner: Vec3
@@ -62,6 +65,8 @@ class PanelSpec:
     slow: Vec3
     fpixels: int
     spixels: int
+    thickness_um: Optional[float] = None
+    mu_per_um: Optional[float] = None
 
     @property
     def centre(self) -> Vec3:
@@ -215,12 +220,15 @@ def layout_from_crystfel(geometry) -> PanelLayout:
 
 def layout_from_dials(detector, beam_direction: Vec3 = (0.0, 0.0, 1.0)) -> PanelLayout:
     """The layout of a DIALS :class:`~nbtorch.io.dials.Detector` in DIALS's lab frame, whose beam travels along
-    −``beam_direction`` (the ``.expt`` beam ``direction`` points from the sample to the source).  Node names are the
+    −``beam_direction`` (the ``.expt`` beam ``direction`` points from the sample to the source); a panel's
+    ``thickness`` (mm) and ``mu`` (1/mm) become its own sensor.  Node names are the
     file's where they are unique and not empty, else their position (``group0.1``, ``panel3``)."""
     lab = detector.lab_panels
     pnames = [p.name if p.name and [q.name for q in lab].count(p.name) == 1 else f"panel{i}" for i, p in
               enumerate(lab)]
-    panels = [PanelSpec(n, p.corner, p.fs_step, p.ss_step, p.n_fast, p.n_slow) for n, p in zip(pnames, lab)]
+    sensors = [(1000.0 * p.thickness, p.mu / 1000.0) if p.thickness > 0 else (None, None) for p in detector.panels]
+    panels = [PanelSpec(n, p.corner, p.fs_step, p.ss_step, p.n_fast, p.n_slow, *sensor)
+              for n, p, sensor in zip(pnames, lab, sensors)]
     tree: Dict[str, List[str]] = {}
     used = set(pnames)
 

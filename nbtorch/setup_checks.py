@@ -97,7 +97,7 @@ def _check_scalars(setup) -> None:
     for name in ("thickness_um", "mu_per_um", "thickstep_um", "dmin"):
         v = getattr(setup, name)
         _need(v >= 0, f"Setup.{name} must be >= 0, got {plain(v)}")
-    _need(setup.thickness_um > 0 or setup.thicksteps == 1,
+    _need(setup.has_sensor or setup.thicksteps == 1,
           f"Setup.thicksteps must be 1 when Setup.thickness_um is 0 (a sensor without thickness is one layer), "
           f"got {plain(setup.thicksteps)}")
     _need(setup.convention in CONVENTIONS,
@@ -162,6 +162,12 @@ def _check_panels(setup) -> None:
         _need(p.fpixels >= 1 and p.spixels >= 1, f"panel {p.name!r}: pixel counts must be >= 1")
         _need(all(math.isfinite(x) for x in (*p.corner, *p.fast, *p.slow)),
               f"panel {p.name!r}: corner and steps must be finite")
+        _need(p.thickness_um is None or (math.isfinite(p.thickness_um) and p.thickness_um >= 0),
+              f"panel {p.name!r}: thickness_um must be a finite number >= 0")
+        _need(p.mu_per_um is None or (math.isfinite(p.mu_per_um) and p.mu_per_um >= 0),
+              f"panel {p.name!r}: mu_per_um must be a finite number >= 0")
+        _need(not setup.has_sensor or (p.thickness_um if p.thickness_um is not None else setup.thickness_um) > 0,
+              f"panel {p.name!r} has no sensor thickness while others have one: give every panel a thickness")
         _need(p.area > UNIT_TOL * _norm(p.fast) * _norm(p.slow) and p.area > 0,
               f"panel {p.name!r}: the fast and slow steps must not be parallel or zero (|fast × slow| = "
               f"{plain(p.area)} mm²)")

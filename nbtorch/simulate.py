@@ -74,7 +74,7 @@ def kernel_spec(params: Params, setup: Setup) -> KernelSpec:
     return KernelSpec(
         shape=setup.shape, fudge=float(setup.fudge), table=params.structure.F.numel() > 0,
         interpolate=bool(setup.interpolate), nopolar=bool(setup.nopolar), point_pixel=bool(setup.point_pixel),
-        curved=bool(setup.curved_det), thick=setup.thickness_um > 0.0, dmin=setup.dmin > 0.0,
+        curved=bool(setup.curved_det), thick=setup.has_sensor, dmin=setup.dmin > 0.0,
         running_thick=bool(setup.oversample_thick), running_polar=bool(setup.oversample_polar),
         running_omega=bool(setup.oversample_omega),
     )
@@ -170,17 +170,37 @@ def _pixel_frames(tp: TileParams, panel: torch.Tensor) -> TileParams:
                        close=tp.close.index_select(0, panel))
 
 
-def panel_areas(setup: Setup, like: torch.Tensor) -> torch.Tensor:
-    """Pixel area (mm²) of every panel → [P]: the pixel size squared for nanoBragg's detector, |fast × slow| of a
-    panel detector's steps."""
+class PanelConsts(NamedTuple):
+    """Per-panel constants of the pixel stage, each [P]: pixel ``area`` (mm²; the pixel size squared for nanoBragg's
+    detector, |fast × slow| of a panel's steps), sensor layer ``step`` (mm) and ``capture_k`` (layer thickness × μ)."""
+
+    area: torch.Tensor
+    step: torch.Tensor
+    capture_k: torch.Tensor
+
+
+def panel_consts(setup: Setup, like: torch.Tensor) -> PanelConsts:
+    """The :class:`PanelConsts` of ``setup``'s panels (one entry for nanoBragg's detector).  A panel with its own
+    sensor keeps the set-up's layer rule scaled to its thickness (or thickness/thicksteps without a set-up sensor)."""
+    def T(v):
+        return torch.as_tensor(v, dtype=like.dtype, device=like.device).reshape(-1)
+
     if setup.panels is None:
-        p = torch.as_tensor(setup.pixel_size, dtype=like.dtype, device=like.device)
-        return (p * p)[None]
-    return torch.tensor([q.area for q in setup.panels.panels], dtype=like.dtype, device=like.device)
+        p = T(setup.pixel_size)
+        return PanelConsts(p * p, T(um_to_mm(setup.thickstep_um)), T(setup.thickstep_um * setup.mu_per_um))
+    steps, ks = [], []
+    for q in setup.panels.panels:
+        thick = setup.thickness_um if q.thickness_um is None else q.thickness_um
+        mu = setup.mu_per_um if q.mu_per_um is None else q.mu_per_um
+        step = setup.thickstep_um * thick / setup.thickness_um if setup.thickness_um > 0 else thick / setup.thicksteps
+        steps.append(um_to_mm(step))
+        ks.append(step * mu)
+    return PanelConsts(T([q.area for q in setup.panels.panels]), T(steps), T(ks))
 
 
 def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
-    """The non-differentiable tile inputs (pixel indices and areas left empty: set per tile)."""
+    """The non-differentiable tile inputs (pixel indices, areas and capture left empty, ``layers`` the layer numbers:
+    set per tile by :func:`_tile_of`)."""
     dt, dev = like.dtype, like.device
 
     def T(v):
@@ -191,18 +211,21 @@ def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
     empty = T([])
     return TileConsts(
         fast=empty, slow=empty, offsets=detmod.subpixel_offsets(setup, dt, dev),
-        layers=torch.arange(setup.thicksteps, dtype=dt, device=dev) * um_to_mm(setup.thickstep_um),
+        layers=torch.arange(setup.thicksteps, dtype=dt, device=dev),
         incident=inc, lam_factor=lamf, incident_all=inc, lam_factor_all=lamf, polar_axis=T(setup.polar_axis),
-        beam=T(setup.beam), pixel=T(setup.pixel_size), area=empty, capture_k=T(setup.thickstep_um * setup.mu_per_um),
+        beam=T(setup.beam), pixel=T(setup.pixel_size), area=empty, capture_k=empty,
         dmin=T(setup.dmin), hkl_min=T(setup.hkl_min))
 
 
-def _tile_of(tp: TileParams, tc: TileConsts, areas: torch.Tensor, panel: torch.Tensor, fast: torch.Tensor,
+def _tile_of(tp: TileParams, tc: TileConsts, pc: PanelConsts, panel: torch.Tensor, fast: torch.Tensor,
              slow: torch.Tensor) -> Tuple[TileParams, TileConsts]:
-    """The tile inputs of the pixels (``panel``, ``slow``, ``fast``) ([n] long tensors) from the image's."""
+    """The tile inputs of the pixels (``panel``, ``slow``, ``fast``) ([n] long tensors) from the image's (``tc``
+    with the layer numbers as ``layers``)."""
     like = tc.pixel
-    return _pixel_frames(tp, panel), tc._replace(fast=fast.to(like.dtype), slow=slow.to(like.dtype),
-                                                 area=areas.index_select(0, panel))
+    layers = tc.layers[:, None] * pc.step.index_select(0, panel)[None, :]
+    return _pixel_frames(tp, panel), tc._replace(fast=fast.to(like.dtype), slow=slow.to(like.dtype), layers=layers,
+                                                 area=pc.area.index_select(0, panel),
+                                                 capture_k=pc.capture_k.index_select(0, panel))
 
 
 def pixel_tile(params: Params, setup: Setup, fast, slow, panel=0) -> Tuple[KernelSpec, TileParams, TileConsts]:
@@ -216,7 +239,7 @@ def pixel_tile(params: Params, setup: Setup, fast, slow, panel=0) -> Tuple[Kerne
 
     fast, slow = T(fast), T(slow)
     panel = T(panel).long().expand(fast.shape[0])
-    tp, tc = _tile_of(_tile_params(params, setup), _tile_consts(setup, like), panel_areas(setup, like), panel, fast,
+    tp, tc = _tile_of(_tile_params(params, setup), _tile_consts(setup, like), panel_consts(setup, like), panel, fast,
                       slow)
     return kernel_spec(params, setup), tp, tc
 
@@ -258,7 +281,7 @@ def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Opti
     p = plan(setup, n)
     spec = kernel_spec(params, setup)
     use = _use_fused(fused, spec, setup, n, like)
-    tp, tc, areas = _tile_params(params, setup), _tile_consts(setup, like), panel_areas(setup, like)
+    tp, tc, pc = _tile_params(params, setup), _tile_consts(setup, like), panel_consts(setup, like)
     scale = R_E_SQUARED_M2 * params.beam.fluence / setup.steps
     S_, F_ = setup.spixels, setup.fpixels
     out: List[torch.Tensor] = []
@@ -266,7 +289,7 @@ def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Opti
         k = index[start:start + p.tile]
         if use and k.shape[0] < p.tile and n > p.tile:  # same tile shape throughout: no recompilation
             k = torch.cat([k, k[-1:].expand(p.tile - k.shape[0])])
-        tpk, t = _tile_of(tp, tc, areas, k // (S_ * F_), k % F_, (k // F_) % S_)
+        tpk, t = _tile_of(tp, tc, pc, k // (S_ * F_), k % F_, (k // F_) % S_)
         S, factor = _tile_sum(spec, t, tpk, p, use)
         out.append((scale * S * factor)[: min(p.tile, n - start)])
         if progress is not None:

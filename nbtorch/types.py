@@ -217,6 +217,12 @@ class Setup:
         return math.prod(self.image_shape)
 
     @property
+    def has_sensor(self) -> bool:
+        """Whether the sensor has a thickness (the set-up's, or any panel's own): capture and parallax are on."""
+        own = self.panels is not None and any((p.thickness_um or 0.0) > 0 for p in self.panels.panels)
+        return self.thickness_um > 0 or own
+
+    @property
     def n_groups(self) -> int:
         """Rigid bodies of the panel hierarchy (the first axis of ``Detector.group_shift``; 0 for one panel)."""
         return 0 if self.panels is None else len(self.panels.nodes)
@@ -225,8 +231,11 @@ class Setup:
     def for_panels(cls, panels: PanelLayout, **fields) -> "Setup":
         """A Setup for the panel detector ``panels``: ``fpixels``/``spixels`` from its largest panel, ``beam`` its
         beam direction, ``pixel_size`` its first panel's fast step length (mm) unless given; other fields as
-        given."""
+        given.  Panels with their own sensor on a set-up without one are sampled as nanoBragg samples a sensor by
+        default: two layers, thickness/2 apart."""
         p0 = panels.panels[0]
+        if any((p.thickness_um or 0.0) > 0 for p in panels.panels) and not fields.get("thickness_um", 0.0) > 0:
+            fields["thicksteps"] = max(int(fields.get("thicksteps", 1)), 2)
         fields.setdefault("pixel_size", float(math.sqrt(sum(c * c for c in p0.fast))))
         fields.setdefault("beam", tuple(panels.beam))
         fields.setdefault("convention", "CUSTOM")

@@ -121,7 +121,8 @@ def test_compiled_forward_any_sizes_and_strided_inputs():
         for O, K, P in ((3, 2, 7), (1, 1, 1), (2, 1, 5)):
             tpo = tp._replace(A=tp.A.flip(0)[:O], close=tp.close[:P],  # strided views
                               **{k: getattr(tp, k)[:, :P] for k in ("pix0", "fdet", "sdet", "odet")})
-            tco = tc._replace(fast=tc.fast[:P], slow=tc.slow[:P], area=tc.area[:P], incident=tc.incident_all[:K],
+            tco = tc._replace(fast=tc.fast[:P], slow=tc.slow[:P], area=tc.area[:P], capture_k=tc.capture_k[:P],
+                              layers=tc.layers[:, :P], incident=tc.incident_all[:K],
                               lam_factor=tc.lam_factor_all[:K])
             comp, ref = fused.forward(spec, tco, tpo, True), kernel.tile_sums(tpo, tco, spec)
             for a, b in zip(comp, ref):

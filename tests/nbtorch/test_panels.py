@@ -4,6 +4,7 @@ image, rigid-body motions of the hierarchy move the panels as stated, and their 
 differences."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -41,11 +42,11 @@ def _layout():
     return make_layout(_panels(), {"all": ["g1", "c"], "g1": ["a", "b"]}, "all")
 
 
-def _model(extra: str = "", dtype=torch.float64):
+def _model(extra: str = "", dtype=torch.float64, layout=None):
     base = f"{CRYSTAL} {BEAM_Z} -fdet_vector 1 0 0 -sdet_vector 0 1 0 -odet_vector 0 0 1 -distance 100 " \
            f"-detpixels 8 -pixel {P} {extra}"
     params, setup = nbtorch.from_nanobragg_args(base, dtype=dtype)
-    return with_panels(params, setup, _layout())
+    return with_panels(params, setup, layout or _layout())
 
 
 def _custom_args(panel: PanelSpec, facing: float) -> str:
@@ -73,6 +74,26 @@ def test_each_panel_equals_a_custom_one_panel_simulation(extra):
                                                    dtype=torch.float64)
         assert one_s.convention == "CUSTOM"
         torch.testing.assert_close(image[k], nbtorch.simulate(one_p, one_s, fused=False), rtol=1e-11, atol=0)
+
+
+def test_each_panel_with_its_own_sensor_equals_a_custom_one_panel_with_that_sensor():
+    sensors = [(80.0, 1 / 150.0), (120.0, 1 / 400.0), (40.0, 1 / 90.0)]
+    panels = [dataclasses.replace(p, thickness_um=t, mu_per_um=mu) for p, (t, mu) in zip(_panels(), sensors)]
+    layout = make_layout(panels, {"all": ["g1", "c"], "g1": ["a", "b"]}, "all")
+    params, setup = _model("-detector_thick 100 -detector_thicksteps 3 -oversample 2", layout=layout)
+    bare_p, bare_s = _model(layout=layout)
+    assert bare_s.has_sensor and bare_s.thickness_um == 0 and bare_s.thicksteps == 2
+    image, bare = (nbtorch.simulate(*m, fused=False) for m in ((params, setup), (bare_p, bare_s)))
+    for k, (panel, (t, mu)) in enumerate(zip(panels, sensors)):
+        flags = f"{CRYSTAL} {BEAM_Z} -oversample 2 -detector_thick {t} -detector_abs {1 / mu} -detector_thicksteps 3"
+        one_p, one_s = nbtorch.from_nanobragg_args(f"{flags} {_custom_args(panel, panel.facing)}", dtype=torch.float64)
+        torch.testing.assert_close(image[k], nbtorch.simulate(one_p, one_s, fused=False), rtol=1e-11, atol=0)
+        flags = f"{CRYSTAL} {BEAM_Z} -detector_thick {t} -detector_abs {1 / mu}"
+        one_p, one_s = nbtorch.from_nanobragg_args(f"{flags} {_custom_args(panel, panel.facing)}", dtype=torch.float64)
+        torch.testing.assert_close(bare[k], nbtorch.simulate(one_p, one_s, fused=False), rtol=1e-11, atol=0)
+    half = [dataclasses.replace(p, thickness_um=t) for p, t in zip(_panels(), (80.0, None, None))]
+    with pytest.raises(ValueError, match=r"panel 'b' has no sensor thickness while others have one"):
+        with_panels(bare_p, bare_s, make_layout(half, {"all": ["a", "b", "c"]}, "all"))
 
 
 def test_left_handed_panel_normal_points_away_from_the_sample():

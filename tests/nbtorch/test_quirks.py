@@ -59,7 +59,7 @@ def test_Q7_oversample_flags_running_sum_matches_sequential_recurrence():
     dirs, R2, R = K.unit_directions(K.sample_positions(tp, tc, spec))  # 3 × [T, n², 2], [T, n², 2]
     for col in range(2):
         tpc = tp._replace(**{k: getattr(tp, k)[..., col] for k in K.PER_PIXEL})  # this pixel's panel frame
-        tcc = tc._replace(area=tc.area[col])
+        tcc = tc._replace(area=tc.area[col], capture_k=tc.capture_k[col])
         I = 0.0
         for t in range(s.thicksteps):
             for j in range(s.oversample**2):
