@@ -6,12 +6,20 @@
   detector's free (lab-axis) rotations span the beam direction.
 * Under a beam pivot a two-theta swing is the same motion as a detector rotation about the two-theta axis:
   degenerate when the free detector rotations span that axis.
+* A panel detector's rigid bodies (:mod:`nbtorch.panels`): when free panel groups hold every panel and their shifts
+  span a direction, they move the whole detector along it as ``distance`` (along the beam) and ``beam_center``
+  (across it) do; when their rotations span the beam (with shifts across it) they turn the whole detector about the
+  beam as a crystal or detector rotation about the beam does; a free group whose free sub-groups hold all its panels
+  shifts with them.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Set, Tuple
+
+from nbtorch.panels import _in_plane_axes
 
 from .parameters import Parameterisation
+from .table import NODE_GROUP
 
 #: A component of a unit vector below this counts as zero (the axis lies in the span of the others).
 _AXIS_TOL = 1e-6
@@ -39,6 +47,71 @@ def _spanning(par: Parameterisation, group: str, direction: Sequence[float]) -> 
     return tuple(free[k] for k in needed)
 
 
+def _node_axes(par: Parameterisation) -> Dict[int, Dict[int, str]]:
+    """Free panel-group scalars: {node: {axis 0-5 (shift x, y, z, rotation x, y, z): scalar name}}."""
+    out: Dict[int, Dict[int, str]] = {}
+    for i in par.index(NODE_GROUP):
+        sp = par.scalars[i].spec
+        node, k = divmod(sp.index, 3)
+        out.setdefault(node, {})[k + (3 if sp.leaf.endswith("rotation") else 0)] = sp.name
+    return out
+
+
+def _covering(par: Parameterisation, axes: Dict[int, Dict[int, str]], direction, first: int,
+              panels: Set[int]) -> Tuple[str, ...]:
+    """The free node scalars (``first`` 0: shifts, 3: rotations) spanning ``direction`` of the nodes that do, when
+    those nodes hold every panel in ``panels``; else ()."""
+    needed = [k for k in range(3) if abs(direction[k]) > _AXIS_TOL]
+    nodes = [g for g, ax in axes.items() if all(first + k in ax for k in needed)]
+    held = {p for g in nodes for p in par.setup.panels.nodes[g].panels}
+    if not needed or not panels <= held:
+        return ()
+    return tuple(axes[g][first + k] for g in nodes for k in needed)
+
+
+def _short(names: Tuple[str, ...]) -> str:
+    return ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])} … ({len(names)} scalars)"
+
+
+def _panel_pairs(par: Parameterisation) -> List[Degeneracy]:
+    """Panel groups against the whole detector's motions and against each other (module docstring)."""
+    layout, st = par.setup.panels, par.setup
+    axes = _node_axes(par) if layout is not None else {}
+    if not axes:
+        return []
+    out, every = [], set(range(layout.n_panels))
+    e1, e2 = _in_plane_axes(layout.beam)
+    for name, direction in (("distance", st.beam), ("beam_center.x", e1), ("beam_center.y", e2)):
+        shifts = _covering(par, axes, direction, 0, every)
+        if shifts and par.index(name):
+            out.append(Degeneracy((name, _short(shifts)), "both move the whole detector",
+                                  f"fix {name} or refine fewer panel groups"))
+    turns = _covering(par, axes, st.beam, 3, every)
+    across = _covering(par, axes, e1, 0, every) and _covering(par, axes, e2, 0, every)
+    for group in ("orientation", "detector_rotation"):
+        about = _spanning(par, group, st.beam)
+        if turns and across and about:
+            out.append(Degeneracy(about + (_short(turns),), "both turn the pattern about the beam",
+                                  f"fix {', '.join(about)} or refine fewer panel groups"))
+    for g, ax in axes.items():
+        below = {h: a for h, a in axes.items() if _descends(layout, h, g)}
+        for k in (k for k in range(3) if k in ax):
+            sub = _covering(par, below, [float(j == k) for j in range(3)], 0, set(layout.nodes[g].panels))
+            if sub:
+                out.append(Degeneracy((ax[k], _short(sub)), "the group moves with its sub-groups",
+                                      f"fix {ax[k]} or its sub-groups"))
+    return out
+
+
+def _descends(layout, node: int, ancestor: int) -> bool:
+    """Whether ``node`` lies below ``ancestor`` in the panel hierarchy."""
+    while node >= 0:
+        node = layout.nodes[node].parent
+        if node == ancestor:
+            return True
+    return False
+
+
 def degenerate_pairs(par: Parameterisation) -> List[Degeneracy]:
     """The degenerate combinations among ``par``'s free scalars (see the module docstring); empty when none."""
     st, out = par.setup, []
@@ -52,4 +125,4 @@ def degenerate_pairs(par: Parameterisation) -> List[Degeneracy]:
         if tilts:
             out.append(Degeneracy(("twotheta",) + tilts, "with the beam pivot both turn the detector about the "
                                   "two-theta axis", f"fix twotheta or {', '.join(tilts)}"))
-    return out
+    return out + _panel_pairs(par)

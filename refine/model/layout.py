@@ -13,26 +13,37 @@ import torch
 
 from nbtorch.types import Params
 
-from .parameters import Parameterisation, get_leaf, set_leaf
-from .table import SCALARS, SUBGROUPS
+from .parameters import Parameterisation, get_leaf, resolve_nodes, set_leaf
+from .table import SUBGROUPS, catalogue
 
 
-def _specs_of(names: Sequence[str]):
-    """Table entries a list of groups / sub-groups / scalar names covers."""
-    out = []
+def _specs_of(names: Sequence[str], panels=None):
+    """Table entries a list of groups / sub-groups / scalar names covers (panel-group names resolved on the panel
+    layout ``panels``)."""
+    out, names = [], resolve_nodes(names, panels)
     for n in names:
         sub = SUBGROUPS.get(n, ())
-        out += [s for s in SCALARS if n in (s.group, s.name) or s.name in sub]
+        out += [s for s in catalogue(panels) if n in (s.group, s.name) or s.name in sub]
     return out
 
 
-def align_shared(params_list: Sequence[Params], shared: Sequence[str]) -> Tuple[List[Params], List[str]]:
+def _copy_component(ref: torch.Tensor, cur: torch.Tensor, index) -> torch.Tensor:
+    """``cur`` with component ``index`` (of the flattened leaf; None or a scalar leaf: all of it) taken from ``ref``."""
+    if index is None or ref.dim() == 0:
+        return ref.clone()
+    flat = cur.reshape(-1).clone()
+    flat[index] = ref.reshape(-1)[index]
+    return flat.reshape(cur.shape)
+
+
+def align_shared(params_list: Sequence[Params], shared: Sequence[str],
+                 panels=None) -> Tuple[List[Params], List[str]]:
     """Copy the leaves of the ``shared`` groups/scalars from the first model to every other one: (models, notes
     naming the leaves whose starting values differed).  The background plane is refine's (``FitOptions.background``)
-    and the same for every image."""
+    and the same for every image; ``panels``: the panel layout that resolves panel-group names."""
     first, out, notes = params_list[0], [params_list[0]], []
     leaves = []
-    for s in _specs_of(shared):
+    for s in _specs_of(shared, panels):
         if s.transform == "rotation":
             leaves += [("crystal.misset", None), ("crystal.orientation", None)]
         elif s.leaf != "plane":
@@ -41,8 +52,7 @@ def align_shared(params_list: Sequence[Params], shared: Sequence[str]) -> Tuple[
     for k, p in enumerate(params_list[1:], start=2):
         for leaf, index in leaves:
             ref, cur = get_leaf(first, leaf), get_leaf(p, leaf)
-            new = ref.clone() if index is None or ref.dim() == 0 else cur.clone().index_put((torch.tensor(index),),
-                                                                                             ref[index])
+            new = _copy_component(ref, cur, index) if ref.shape == cur.shape else ref.clone()
             if new.shape != cur.shape or not torch.allclose(new.to(cur), cur, rtol=1e-9, atol=1e-12):
                 notes.append(f"image {k}: starting {leaf} differs from image 1's; the shared start is image 1's")
             p = set_leaf(p, leaf, new.to(cur))
@@ -101,7 +111,7 @@ class Layout:
 def make_layout(pars: Sequence[Parameterisation], shared: Sequence[str]) -> Layout:
     """The :class:`Layout` of parameterisations whose scalars in the ``shared`` groups are shared (ValueError when an
     image lacks one of image 1's shared scalars)."""
-    wanted = {s.name for s in _specs_of(shared)}
+    wanted = {s.name for s in _specs_of(shared, pars[0].setup.panels)}
     shared_names = tuple(n for n in pars[0].names if n in wanted)
     for i, par in enumerate(pars):
         missing = [n for n in shared_names if n not in par.names]

@@ -22,7 +22,8 @@ from nbtorch.types import Params, Setup
 from nbtorch.units import mrad2rad, rad2mrad
 
 from .cells import CELL_ROWS, CRYSTAL_SYSTEMS, resolve_crystal_system, symmetrize_cell
-from .table import DEFAULT_FREE, GROUPS, REQUIRES, SCALARS, SUBGROUPS, ScalarSpec
+from .table import (DEFAULT_FREE, GROUPS, NODE_GROUP, NODE_LEVELS, NODE_PREFIX, REQUIRES, SCALARS,  # noqa: F401
+                    SUBGROUPS, ScalarSpec, catalogue, is_node_name, node_selection)
 
 #: Log scalars stay within e^±LOG_RANGE of their reference by default.
 LOG_RANGE = 10.0
@@ -171,11 +172,11 @@ class Parameterisation:
             (slot, s), = items
             inc = (s.spec.scale * x)[..., slot]
             inc = inc[..., None] if ref.dim() else inc
-        else:
-            comps = [x.new_zeros(x.shape[:-1])] * ref.shape[-1]
+        else:  # index: of the flattened leaf (a panel detector's [G, 3] rigid motions)
+            comps = [x.new_zeros(x.shape[:-1])] * ref.numel()
             for slot, s in items:
                 comps[s.spec.index] = (s.spec.scale * x)[..., slot]
-            inc = torch.stack(comps, -1)
+            inc = torch.stack(comps, -1).reshape(*x.shape[:-1], *ref.shape)
         return ref * torch.exp(inc) if items[0][1].spec.transform == "log" else ref + inc
 
     def unpack(self, x: torch.Tensor) -> Params:
@@ -212,6 +213,8 @@ class Parameterisation:
             cur = get_leaf(params, sp.leaf)
             ref = self.cell_base if sp.transform == "cell" else get_leaf(self.ref, sp.leaf)
         if sp.index is not None:
+            if ref.dim() > 1:  # index of the flattened leaf ([G, 3] rigid motions)
+                cur, ref = cur.flatten(-ref.dim()), ref.flatten()
             cur, ref = cur[..., sp.index], ref[..., sp.index]
         v = torch.log(cur / ref) if sp.transform == "log" else cur - ref
         return (v.mean(-1) if v.dim() else v) / sp.scale
@@ -248,12 +251,28 @@ def expand_free(free: Iterable[str]) -> List[str]:
         free = free.replace(",", " ").split()
     wanted: List[str] = []
     for f in (str(f).strip() for f in free):
-        if not (f in GROUPS or f in SUBGROUPS or ("." in f and f.split(".")[0] in GROUPS)):
+        if is_node_name(f):  # resolved against the detector's hierarchy by parameterise
+            wanted.append(f)
+            continue
+        if f.split(".")[0] == NODE_GROUP or not (
+                f in GROUPS or f in SUBGROUPS or ("." in f and f.split(".")[0] in GROUPS)):
+            groups = ", ".join(g for g in GROUPS if g != NODE_GROUP)
             raise ValueError(
-                f"unknown parameter group {f!r}; allowed: {', '.join(GROUPS)} (sub-groups: {', '.join(SUBGROUPS)}; "
-                "or single scalars such as cell.a, orientation.z, ncells.c)")
+                f"unknown parameter group {f!r}; allowed: {groups} (sub-groups: {', '.join(SUBGROUPS)}; or single "
+                f"scalars such as cell.a, orientation.z, ncells.c; a panel detector's {NODE_LEVELS}, "
+                f"{NODE_LEVELS}.LEVEL, {NODE_PREFIX}NAME)")
         wanted.extend(SUBGROUPS.get(f, (f,)))
     return wanted
+
+
+def resolve_nodes(wanted: Sequence[str], layout) -> List[str]:
+    """``wanted`` (:func:`expand_free`'s names) with every panel-group name replaced by the scalars it frees on the
+    panel ``layout`` (:func:`~refine.model.table.node_selection`; ValueError for a one-panel detector or a group or
+    level it does not have)."""
+    out: List[str] = []
+    for w in wanted:
+        out.extend(node_selection(w, layout) if is_node_name(w) else (w,))
+    return list(dict.fromkeys(out))
 
 
 def _selected(spec: ScalarSpec, wanted: Sequence[str], system: str, ncells_iso: bool, has_water: bool) -> bool:
@@ -267,9 +286,9 @@ def _selected(spec: ScalarSpec, wanted: Sequence[str], system: str, ncells_iso: 
     return spec.group in wanted or spec.name in wanted
 
 
-def _check_names(wanted: Sequence[str], system: str, ncells_iso: bool) -> None:
+def _check_names(wanted: Sequence[str], system: str, ncells_iso: bool, layout=None) -> None:
     """ValueError for scalar names that this parameterisation cannot free."""
-    known = {s.name for s in SCALARS}
+    known = {s.name for s in catalogue(layout)}
     for w in wanted:
         if w.startswith("cell.") and w[5:] not in CRYSTAL_SYSTEMS[system]:
             raise ValueError(f"{w} is not a free cell value of a {system} cell "
@@ -332,7 +351,10 @@ def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FRE
 
     Args:
         free: groups (:data:`GROUPS`), sub-groups (:data:`~refine.model.table.SUBGROUPS`) or scalar names
-            (``cell.a``, ``orientation.z``, ``ncells.c`` …); a string is split on commas/spaces.
+            (``cell.a``, ``orientation.z``, ``ncells.c`` …); a string is split on commas/spaces.  A panel detector
+            (``setup.panels``) also takes ``panel_groups`` (every node of level 1), ``panel_groups.LEVEL`` and
+            ``panel_group:NAME`` (one group or panel; ``panel_group:NAME.shift_x`` … one scalar): six scalars per
+            node, shifts in mm and rotations as mrad increments (reported in degrees).
         crystal_system: 'auto' (default: the highest symmetry the starting cell satisfies,
             :func:`~refine.model.cells.detect_crystal_system`) or one of :data:`CRYSTAL_SYSTEMS`; the reference cell is
             made exactly symmetric (``ValueError`` if it is more than 2 % / 1° off).
@@ -352,12 +374,12 @@ def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FRE
     c, dt, dev = params.crystal, params.crystal.cell.dtype, params.crystal.cell.device
     N = [float(v) for v in c.ncells.detach().cpu()]
     ncells_iso = ncells_mode == "isotropic" or (ncells_mode == "auto" and max(N) - min(N) <= 1e-9 * max(N))
-    wanted = expand_free(free)
+    wanted = resolve_nodes(expand_free(free), setup.panels)
     cell_ref = [float(v) for v in c.cell.detach().cpu()]
     system, note = resolve_crystal_system(crystal_system, cell_ref)
-    _check_names(wanted, system, ncells_iso)
+    _check_names(wanted, system, ncells_iso, setup.panels)
     has_water = float(params.background.water_size) > 0
-    specs = [sp for sp in SCALARS if _selected(sp, wanted, system, ncells_iso, has_water)]
+    specs = [sp for sp in catalogue(setup.panels) if _selected(sp, wanted, system, ncells_iso, has_water)]
     for test, why in (REQUIRES[sp.name] for sp in specs if sp.name in REQUIRES):
         if not test(params, setup):
             raise ValueError(why)

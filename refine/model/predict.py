@@ -12,36 +12,44 @@ import torch
 
 from nbtorch.simulate import rendered_pixels, simulate_pixels
 from nbtorch.types import Setup
-
 from .parameters import Parameterisation
 
 
+def image_axes(setup: Setup) -> str:
+    """The axes of the set-up's images, for messages: ``[slow, fast]``, or ``[panel, slow, fast]`` for a panel
+    detector (``setup.image_shape``)."""
+    return "[slow, fast]" if setup.panels is None else "[panel, slow, fast]"
+
+
 def pixel_index(pixels, setup: Setup) -> np.ndarray:
-    """Flat slow-major pixel indices (slow·fpixels + fast) int64 [n] of a pixel choice: None (every pixel ``setup``
-    renders: inside its ROI and mask), a bool image [slow, fast], or indices (validated)."""
-    S, F = setup.spixels, setup.fpixels
+    """Flat slow-major pixel indices (slow·fpixels + fast, plus panel·spixels·fpixels for a panel detector) int64 [n]
+    of a pixel choice: None (every pixel ``setup`` renders: inside its ROI and mask), a bool image of
+    ``setup.image_shape``, or indices (validated)."""
+    shape, n = tuple(setup.image_shape), setup.n_pixels
     if pixels is None:
         return np.asarray(rendered_pixels(setup), dtype=np.int64)
     pixels = np.asarray(pixels.detach().cpu().numpy() if torch.is_tensor(pixels) else pixels)
     if pixels.dtype == bool:
-        if pixels.shape != (S, F):
-            raise ValueError(f"pixel selection has shape {pixels.shape}, expected [slow, fast] = {(S, F)}")
+        if pixels.shape != shape:
+            raise ValueError(f"pixel selection has shape {pixels.shape}, expected {image_axes(setup)} = {shape}")
         return np.flatnonzero(pixels.reshape(-1)).astype(np.int64)
     idx = pixels.reshape(-1).astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= S * F):
-        raise ValueError(f"pixel indices must be within [0, {S * F - 1}] (slow·fpixels + fast)")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"pixel indices must be within [0, {n - 1}] (slow·fpixels + fast"
+                         f"{'' if setup.panels is None else ' + panel·spixels·fpixels'})")
     return idx
 
 
 def plane_basis(setup: Setup, dtype=torch.float64, device=None, index=None) -> torch.Tensor:
     """Background-plane basis [3, n]: 1, u, v with u, v ∈ [−½, ½] the fast/slow pixel-centre coordinates, at the flat
-    pixel ``index`` [n] (default: every pixel, slow-major, n = slow·fast)."""
+    pixel ``index`` [n] (default: every pixel, slow-major, n = ``setup.n_pixels``).  A panel detector's u, v are
+    each panel's own (one plane, the same coefficients on every panel)."""
     F, S = setup.fpixels, setup.spixels
     if index is None:
-        index = torch.arange(S * F, device=device)
+        index = torch.arange(setup.n_pixels, device=device)
     k = torch.as_tensor(index, device=device)
     u = ((k % F).to(dtype) + 0.5) / F - 0.5
-    v = ((k // F).to(dtype) + 0.5) / S - 0.5
+    v = (((k // F) % S).to(dtype) + 0.5) / S - 0.5
     return torch.stack([torch.ones_like(u), u, v])
 
 
@@ -88,12 +96,13 @@ def make_predict(par: Parameterisation, setup: Optional[Setup] = None, pixels=No
 
 def predict_image(par: Parameterisation, x: torch.Tensor, setup: Optional[Setup] = None,
                   fused: Optional[bool] = None) -> torch.Tensor:
-    """Model image [slow, fast] (photons/pixel, background plane included) at ``x``: every pixel ``setup`` (default
-    ``par.setup``) renders, 0 elsewhere (outside its ROI or mask).  No gradient."""
+    """Model image of ``setup.image_shape`` ([slow, fast], or [panel, slow, fast]; photons/pixel, background plane
+    included) at ``x``: every pixel ``setup`` (default ``par.setup``) renders, 0 elsewhere (outside its ROI or mask,
+    or a smaller panel's padding).  No gradient."""
     model = make_predict(par, setup, None, fused)
-    S, F = model.setup.spixels, model.setup.fpixels
+    shape, n = tuple(model.setup.image_shape), model.setup.n_pixels
     with torch.no_grad():
         vals = model(x.detach(), check=True)
-    if model.n == S * F:
-        return vals.reshape(S, F)
-    return torch.zeros(S * F, dtype=vals.dtype, device=vals.device).index_put((model.index,), vals).reshape(S, F)
+    if model.n == n:
+        return vals.reshape(shape)
+    return torch.zeros(n, dtype=vals.dtype, device=vals.device).index_put((model.index,), vals).reshape(shape)

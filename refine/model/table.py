@@ -7,11 +7,17 @@ leaf_ref + s·x; ``log`` leaf = leaf_ref·exp(s·x) (``index=None`` scales every
 isotropic N); ``rotation`` a small crystal rotation about a lab axis, x in mrad; ``cell`` a free cell value of the
 crystal system, tied values moving with it (:mod:`refine.model.cells`).  The leaf ``plane`` is refine's own
 background plane (c0, c_fast, c_slow) in photons/pixel (:mod:`refine.model.predict`), not part of ``Params``.
+
+A panel detector (``Setup.panels``) has one rigid body per node of its hierarchy (:mod:`nbtorch.panels`): the six
+``panel_group.*`` entries are stated once and :func:`node_specs` derives each node's six, named
+``panel_group:NAME.shift_x`` … ``panel_group:NAME.rotation_z`` (index 3·node + axis of the flattened ``[G, 3]``
+leaf); :func:`node_selection` resolves the names that free them.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+import functools
+from typing import Callable, Dict, List, Optional, Tuple
 
 from nbtorch.args.table import FLAGS
 from nbtorch.units import DEG_PER_MRAD
@@ -68,6 +74,15 @@ def _axes(group, leaf, transform, scale, unit, x_unit, typical, names="xyz", fir
             for k, ax in enumerate(names)]
 
 
+#: The group of the panel hierarchy's rigid bodies; its entries are templates of one node's six scalars.
+NODE_GROUP = "panel_group"
+#: What carries a node's motion out of a fit: the refined detector written as a CrystFEL file (``--out-geom``).
+GEOM_FLAG = "-geom"
+#: The names that free nodes: every node of the first level, of a level (``panel_groups.LEVEL``), one node.
+NODE_LEVELS, NODE_PREFIX = "panel_groups", NODE_GROUP + ":"
+#: What a node's scalars are called after ``panel_group:NAME.``.
+NODE_AXES = ("shift_x", "shift_y", "shift_z", "rotation_x", "rotation_y", "rotation_z")
+
 #: Every refinable scalar, in the order of the flat vector x.
 SCALARS: Tuple[ScalarSpec, ...] = tuple([
     *_axes("cell", "crystal.cell", "cell", 1.0, "Å", "Å", 0.005, names="abc", typical_per="ref"),
@@ -77,6 +92,10 @@ SCALARS: Tuple[ScalarSpec, ...] = tuple([
     *_axes("beam_center", "detector.beam_center", "linear", 1.0, "mm", "mm", 1.0, names="xy", typical_per="pixel"),
     *_axes("detector_rotation", "detector.rotation", "linear", DEG_PER_MRAD, "deg", "mrad", 2.0),
     ScalarSpec("twotheta", "twotheta", "detector.twotheta", None, "linear", DEG_PER_MRAD, "deg", "mrad", 2.0),
+    *_axes(NODE_GROUP, "detector.group_shift", "linear", 1.0, "mm", "mm", 0.5, typical_per="pixel", flag=GEOM_FLAG,
+           names=NODE_AXES[:3]),
+    *_axes(NODE_GROUP, "detector.group_rotation", "linear", DEG_PER_MRAD, "deg", "mrad", 2.0, flag=GEOM_FLAG,
+           names=NODE_AXES[3:]),
     ScalarSpec("wavelength", "wavelength", "beam.wavelength", None, "log", 1.0, "Å", "ln", 1e-3),
     ScalarSpec("ncells", "ncells", "crystal.ncells", None, "log", 1.0, "cells", "ln", 0.1, lower=1.0),
     *_axes("ncells", "crystal.ncells", "log", 1.0, "cells", "ln", 0.1, names="abc", lower=1.0),
@@ -89,6 +108,8 @@ SCALARS: Tuple[ScalarSpec, ...] = tuple([
     ScalarSpec("background.water", "background", "background.water_size", None, "log", 1.0 / 3.0, "µm", "ln", 0.1),
 ])
 SPECS: Dict[str, ScalarSpec] = {s.name: s for s in SCALARS}
+#: One node's six scalars (templates: :func:`node_specs` names and indexes them per node).
+_NODE_TEMPLATE = tuple(s for s in SCALARS if s.group == NODE_GROUP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +138,7 @@ GROUP_SPECS: Tuple[GroupSpec, ...] = (
               report=(("beam_center", 2), ("beam_center_px", 2))),
     GroupSpec("detector_rotation", moves_spots=True, coarse=True, report=(("detector_rotation_deg", 3),)),
     GroupSpec("twotheta", moves_spots=True, coarse=True, report=(("twotheta_deg", 1),)),
+    GroupSpec(NODE_GROUP, moves_spots=True, coarse=True),  # reported per node: refine.pipeline.report
     GroupSpec("wavelength", report=(("wavelength_A", 1),)),
     GroupSpec("ncells", report=(("ncells", 3),)),
     GroupSpec("mosaic", report=(("mosaic_deg", 1),), requires=(
@@ -152,3 +174,59 @@ SUBGROUPS: Dict[str, Tuple[str, ...]] = {
 }
 #: Groups refined by default (:func:`refine.fit`).
 DEFAULT_FREE = ("cell", "orientation", "distance", "beam_center", "scale")
+
+
+@functools.lru_cache(maxsize=32)
+def node_specs(layout) -> Tuple[ScalarSpec, ...]:
+    """Every node's six scalars (node by node, in ``layout.nodes`` order) from the table's ``panel_group`` entries:
+    ``panel_group:NAME.shift_x`` …, index 3·node + axis of the flattened ``[G, 3]`` leaf (empty without a layout)."""
+    if layout is None:
+        return ()
+    return tuple(dataclasses.replace(s, name=f"{NODE_PREFIX}{node.name}.{axis}", index=3 * g + s.index)
+                 for g, node in enumerate(layout.nodes) for s, axis in zip(_NODE_TEMPLATE, NODE_AXES))
+
+
+def catalogue(layout) -> Tuple[ScalarSpec, ...]:
+    """Every scalar a set-up with the panel layout ``layout`` (None: nanoBragg's one panel) can free, in x order:
+    :data:`SCALARS` with the ``panel_group`` templates replaced by every node's six (:func:`node_specs`)."""
+    first = min(i for i, s in enumerate(SCALARS) if s.group == NODE_GROUP)
+    rest = tuple(s for s in SCALARS if s.group != NODE_GROUP)
+    return rest[:first] + node_specs(layout) + rest[first:]
+
+
+def is_node_name(name: str) -> bool:
+    """Whether ``name`` names panel-group nodes (``panel_groups``, ``panel_groups.LEVEL``, ``panel_group:NAME`` or
+    one of its scalars), to be resolved against a layout by :func:`node_selection`."""
+    return name == NODE_LEVELS or name.startswith(NODE_LEVELS + ".") or name.startswith(NODE_PREFIX)
+
+
+def _node_and_axis(text: str, names) -> Tuple[str, str]:
+    """(node name, scalar suffix or '') of ``panel_group:``'s ``text``: a node's name may itself hold dots."""
+    for axis in NODE_AXES:
+        if text not in names and text.endswith("." + axis):
+            return text[:-len(axis) - 1], axis
+    return text, ""
+
+
+def node_selection(name: str, layout) -> List[str]:
+    """The scalar names (:func:`node_specs`) that ``name`` frees on ``layout`` (None: nanoBragg's one panel).
+
+    ``panel_groups``: every node of level 1 (the root's children); ``panel_groups.LEVEL``: every node of that level;
+    ``panel_group:NAME``: one node (a group or a panel); ``panel_group:NAME.shift_x`` …: one scalar.  ValueError (one
+    line naming what exists) for a one-panel detector or a group or level this detector does not have."""
+    if layout is None or layout.n_panels < 2:
+        raise ValueError(f"{name}: panel groups need a detector of several panels (-geom FILE or -expt FILE, or "
+                         "nbtorch.detector.with_panels); this detector has one panel")
+    names = [n.name for n in layout.nodes]
+    if name.startswith(NODE_PREFIX):
+        node, axis = _node_and_axis(name[len(NODE_PREFIX):], names)
+        if node not in names:
+            shown = ", ".join(names[:40]) + (f" … ({len(names)} in all)" if len(names) > 40 else "")
+            raise ValueError(f"{name}: no panel group or panel {node!r}; this detector has {shown}")
+        g = names.index(node)
+        return [s.name for s in node_specs(layout)[6 * g: 6 * g + 6] if not axis or s.name.endswith("." + axis)]
+    level = name[len(NODE_LEVELS) + 1:] if name != NODE_LEVELS else "1"
+    if not (level.isdigit() and 1 <= int(level) <= layout.depth):
+        raise ValueError(f"{name}: the panel hierarchy has levels 1 to {layout.depth} (panel_groups.LEVEL; 1 = the "
+                         f"children of {layout.root!r})")
+    return [s.name for g in layout.nodes_at_level(int(level)) for s in node_specs(layout)[6 * g: 6 * g + 6]]

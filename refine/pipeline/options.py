@@ -13,6 +13,8 @@ import math
 import types
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+from nbtorch.io.crystfel import Geometry
+
 from ..model.cells import CRYSTAL_SYSTEMS
 from ..minimise import MINIMISERS, SCHEDULES
 from ..minimise.lm import DEFAULT_DAMPING, DEFAULT_FTOL
@@ -57,7 +59,9 @@ class FitOptions:
     :class:`~refine.pipeline.stages.Stage`), ``coarse_iter``, ``robust_iter``, ``max_shift`` (pixels),
     ``search_distance`` (relative), ``prelim_pixels``, ``chunk_pixels``, ``ftol`` (log-likelihood units), ``lr``,
     ``damping`` (initial LM μ, relative to diag H), ``schedule``, ``esd_scale``, ``fused``, ``callback``.
-    Output: ``nanobragg_args`` (the starting flags), ``matrix_path``.
+    Output: ``nanobragg_args`` (the starting flags), ``matrix_path``, ``geometry`` (the CrystFEL
+    :class:`~nbtorch.io.crystfel.Geometry` a panel detector was read from, :func:`nbtorch.io.crystfel.read_geom`: what
+    :meth:`~refine.pipeline.result.Result.write_geom` moves to the refined panels).
     """
 
     free: Tuple[str, ...] = DEFAULT_FREE
@@ -93,6 +97,7 @@ class FitOptions:
     callback: Optional[Callable[[dict], None]] = None
     nanobragg_args: Optional[Union[str, Sequence[str]]] = None
     matrix_path: Optional[str] = None
+    geometry: Any = None
 
     def __post_init__(self):
         def put(name, value):
@@ -135,6 +140,9 @@ class FitOptions:
         if self.background is not None and len(self.background) != 3:
             raise ValueError(f"background must be 3 numbers (c0, c_fast, c_slow) in photons/pixel; got "
                              f"{list(self.background)}")
+        if self.geometry is not None and not isinstance(self.geometry, Geometry):
+            raise ValueError(f"geometry must be a CrystFEL Geometry (nbtorch.io.crystfel.read_geom) or None; got "
+                             f"{type(self.geometry).__name__}")
         if isinstance(self.coarse_to_fine, str):
             check_choice("coarse_to_fine", self.coarse_to_fine, ("auto",))
         elif isinstance(self.coarse_to_fine, tuple):

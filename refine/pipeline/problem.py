@@ -183,6 +183,20 @@ def _degeneracies(par: Parameterisation, options: FitOptions) -> Tuple[Degenerac
     return degs
 
 
+def check_geometry(geometry, setup: Setup) -> None:
+    """ValueError unless ``geometry`` (a CrystFEL :class:`~nbtorch.io.crystfel.Geometry`, or None) describes the
+    panels of ``setup`` (the same names in the same order)."""
+    if geometry is None:
+        return
+    have = [p.name for p in setup.panels.panels] if setup.panels is not None else []
+    want = [p.name for p in geometry.panels]
+    if have != want:
+        raise ValueError(f"geometry: the CrystFEL file's {len(want)} panels ({', '.join(want[:4])}"
+                         f"{' …' if len(want) > 4 else ''}) are not the detector's "
+                         f"{'one nanoBragg panel' if not have else f'{len(have)} panels'}: build the set-up from "
+                         "that geometry (nbtorch.detector.with_panels and nbtorch.panels.layout_from_crystfel)")
+
+
 def build_problem(observed_list, params_list, setups, options: FitOptions, shared: Sequence[str] = (),
                   paths=None, flags=None, batch: bool = True, progress=None) -> Problem:
     """The problem of N images: the ``shared`` groups' starting values aligned on image 1's, each image's observed
@@ -190,7 +204,10 @@ def build_problem(observed_list, params_list, setups, options: FitOptions, share
     ``progress('preparing', k, N)`` after each image (when given)."""
     n = len(observed_list)
     paths = tuple(paths) if paths is not None else (None,) * n
-    params_list, notes = align_shared(list(params_list), shared) if shared else (list(params_list), [])
+    for s in dict.fromkeys(setups):
+        check_geometry(options.geometry, s)
+    params_list, notes = (align_shared(list(params_list), shared, setups[0].panels) if shared
+                          else (list(params_list), []))
     observed, usable, pars = [], [], []
     for k, (ob, p, s) in enumerate(zip(observed_list, params_list, setups), start=1):
         try:

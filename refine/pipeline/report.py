@@ -3,12 +3,13 @@
 At the solution the normal matrix H = JᵀWJ (+ prior terms) is built over every free scalar on the fitted pixels; the
 covariance of the increments is ``cov = H⁻¹·k`` with k = 1 for likelihood targets (Poisson, Gaussian, Anscombe: H is
 the Fisher information) and k = reduced χ² for least squares (``esd_scale='auto'``); ``'chi2'`` forces the χ²
-scaling, ``'none'`` disables it.  Every reported quantity (:data:`REPORT_FIELDS`) is a function of the increments,
-and its ESD is propagated with the Jacobian of that function (delta method).
+scaling, ``'none'`` disables it.  Every reported quantity (:data:`REPORT_FIELDS`, and the motion of every panel
+group with a free scalar) is a function of the increments, and its ESD is propagated with the Jacobian of that
+function (delta method).
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 from torch.func import jacfwd
@@ -17,7 +18,7 @@ from nbtorch.detector import beam_center_to_pixels
 from nbtorch.units import rad2deg
 
 from ..model.parameters import Parameterisation, total_rotation, xyz_angles
-from ..model.table import REPORT_FIELDS
+from ..model.table import NODE_GROUP, NODE_LEVELS, REPORT_FIELDS
 
 #: How ESDs are scaled: by χ²/ν for least squares only ('auto'), always ('chi2'), never ('none').
 ESD_SCALES = ("auto", "chi2", "none")
@@ -26,9 +27,15 @@ from ..targets.objective import Objective
 
 
 
+def refined_nodes(par: Parameterisation) -> Tuple[int, ...]:
+    """Indices (into ``par.setup.panels.nodes``) of the panel groups with at least one free scalar, in order."""
+    return tuple(sorted({s.spec.index // 3 for s in par.scalars if s.group == NODE_GROUP}))
+
+
 def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
-    """Every reported quantity at increments ``x`` [n] as one flat vector (order of :data:`REPORT_FIELDS`);
-    differentiable.  ``scale`` is the fluence relative to the parameterisation's reference (the starting model)."""
+    """Every reported quantity at increments ``x`` [n] as one flat vector (order of :data:`REPORT_FIELDS`, then per
+    refined panel group (:func:`refined_nodes`) its shift (mm, 3) and rotation (degrees, 3)); differentiable.
+    ``scale`` is the fluence relative to the parameterisation's reference (the starting model)."""
     p = par.unpack(x)
     st = par.setup
     misset = rad2deg(xyz_angles(total_rotation(p)))
@@ -38,16 +45,26 @@ def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
         p.detector.rotation, p.detector.twotheta, p.beam.wavelength, p.crystal.ncells, p.crystal.mosaic_spread,
         p.beam.fluence, p.beam.fluence / par.ref.beam.fluence, par.plane(x), p.background.water_size,
     ]
+    nodes = list(refined_nodes(par))
+    if nodes:
+        parts.append(torch.cat([p.detector.group_shift[nodes], p.detector.group_rotation[nodes]], -1))
     return torch.cat([t.reshape(-1).to(x.dtype) for t in parts])
 
 
-def split_report(vec) -> Dict[str, object]:
-    """Flat report vector → {name: float or list of floats}."""
+def split_report(vec, par: Parameterisation = None) -> Dict[str, object]:
+    """Flat report vector → {name: float or list of floats}; with refined panel groups (of ``par``) also
+    ``panel_groups``: {node name: {"shift_mm": [x, y, z], "rotation_deg": [x, y, z]}} (lab axes; rotation XYZ
+    about the node's nominal centre)."""
     out, k = {}, 0
     v = [float(t) for t in vec]
     for name, n in REPORT_FIELDS:
         out[name] = v[k] if n == 1 else v[k: k + n]
         k += n
+    nodes = refined_nodes(par) if par is not None else ()
+    if nodes:
+        names = [par.setup.panels.nodes[g].name for g in nodes]
+        out[NODE_LEVELS] = {nm: {"shift_mm": v[k + 6 * j: k + 6 * j + 3],
+                                 "rotation_deg": v[k + 6 * j + 3: k + 6 * j + 6]} for j, nm in enumerate(names)}
     return out
 
 
@@ -56,10 +73,10 @@ def propagate(par: Parameterisation, x: torch.Tensor, cov: torch.Tensor):
     method through the Jacobian of :func:`report_vector`), as two {name: value} dicts."""
     vec = report_vector(par, x)
     if par.n == 0:
-        return split_report(vec), split_report(torch.zeros_like(vec))
+        return split_report(vec, par), split_report(torch.zeros_like(vec), par)
     J = jacfwd(lambda xx: report_vector(par, xx))(x)
     var = torch.einsum("ij,jk,ik->i", J, cov.to(J.dtype), J).clamp_min(0)  # float32 fits: cov is float64
-    return split_report(vec), split_report(torch.sqrt(var))
+    return split_report(vec, par), split_report(torch.sqrt(var), par)
 
 
 def correlation_from_covariance(cov: torch.Tensor) -> torch.Tensor:

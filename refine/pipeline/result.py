@@ -16,6 +16,8 @@ import torch
 
 from nbtorch.args import to_nanobragg_args
 from nbtorch.io._atomic import atomic_write
+from nbtorch.io.crystfel import moved_geometry, write_geom
+from nbtorch.panels import panel_lab_vectors
 
 from ..minimise.solve import DENSE, _inverse, choose_solve, image_covariance, schur_covariance
 from ..model.parameters import Parameterisation
@@ -61,8 +63,10 @@ class Result:
     ``chi2_reduced``, ``esd_factor``, ``poor_fit`` ('' or why χ²/ν of a likelihood fit is outside
     [1/:data:`POOR_FIT_CHI2`, :data:`POOR_FIT_CHI2`]), ``n_pixels``, ``n_usable``; ``params``, ``setup``, ``par``,
     ``crystal_system``, ``observed`` [slow, fast], ``pixels`` (bool [slow, fast], fitted), ``nanobragg_base``,
-    ``matrix_path``, ``notes``; an image of a joint fit also has ``path`` and ``normal`` (its own normal matrix
-    [n, n], shared then own scalars: what a fit of it alone would have).
+    ``matrix_path``, ``notes``, ``geometry`` (the CrystFEL geometry the panel detector came from, or None); an image
+    of a joint fit also has ``path`` and ``normal`` (its own normal matrix [n, n], shared then own scalars: what a
+    fit of it alone would have).  A panel detector's images (``observed``, ``pixels``, :meth:`model_image`) are
+    [panel, slow, fast].
     """
 
     converged: bool
@@ -103,6 +107,7 @@ class Result:
     poor_fit: str = ""
     path: Optional[str] = None
     normal: Optional[torch.Tensor] = None
+    geometry: object = None
 
     @property
     def ok(self) -> bool:
@@ -143,6 +148,30 @@ class Result:
     def nanobragg_command(self, **kw) -> str:
         """:meth:`to_nanobragg_args` as one shell-quoted string."""
         return " ".join(shlex.quote(t) for t in self.to_nanobragg_args(**kw))
+
+    # ------------------------------------------------------------------ the refined panel detector
+    def panel_vectors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The refined panels in the lab frame: (outer corner of pixel (0, 0), fast step, slow step), mm, [P, 3] each
+        (:func:`nbtorch.panels.panel_lab_vectors`; ValueError for nanoBragg's one-panel detector)."""
+        st = self.setup
+        if st.panels is None:
+            raise ValueError("panel_vectors: the detector is nanoBragg's one panel, not a panel detector")
+        with torch.no_grad():
+            return panel_lab_vectors(st.panels, self.params.detector, st.beam, st.twotheta_axis)
+
+    def refined_geometry(self):
+        """The refined detector as a CrystFEL :class:`~nbtorch.io.crystfel.Geometry`: the starting file's (``geometry``)
+        with every panel moved to its refined corner and steps (:func:`nbtorch.io.crystfel.moved_geometry`; every other
+        key kept).  ValueError when the fit was not given the geometry (``FitOptions.geometry``; ``-geom FILE``)."""
+        if self.geometry is None:
+            raise ValueError("the refined detector is written as a CrystFEL geometry only for a detector read from "
+                             "one: give the fit geometry=read_geom(FILE) (nbtorch-refine: -geom FILE)")
+        corner, fast, slow = (t.detach().cpu().double() for t in self.panel_vectors())
+        return moved_geometry(self.geometry, corner, fast, slow)
+
+    def write_geom(self, path: str) -> None:
+        """Write :meth:`refined_geometry` to ``path`` (atomically, :func:`nbtorch.io.crystfel.write_geom`)."""
+        write_geom(path, self.refined_geometry())
 
     # ------------------------------------------------------------------ JSON and text
     def to_dict(self) -> dict:
@@ -423,7 +452,7 @@ def _image_result(state: FitState, st: _Statistics, i: int, seconds: float) -> R
         nanobragg_base=pb.flags[i], matrix_path=o.matrix_path if one else None, notes=pb.notes,
         crystal_system=par.crystal_system, start_loss=state.start_loss, n_usable=len(pb.usable_index[i]),
         poor_fit=poor_fit_message(pb.target.likelihood, float(st.chi2_nus[i])), path=pb.paths[i],
-        normal=None if one or st.normal.H is None else st.normal.H[i])
+        normal=None if one or st.normal.H is None else st.normal.H[i], geometry=o.geometry)
 
 
 def finish(state: FitState, seconds: Optional[float] = None) -> Result:

@@ -95,9 +95,10 @@ def skip_reason(pb: Problem, stage: Stage, par: Parameterisation, active: List[i
 
 
 def _searchable(pb: Problem, i: int, par: Parameterisation) -> bool:
-    """The geometry search moves image ``i``'s distance and beam centre: only when they are free and its own."""
+    """The geometry search moves image ``i``'s distance and beam centre: only when they are free and its own, on
+    nanoBragg's one-panel detector (the search correlates one [slow, fast] image)."""
     own = [j for g in ("distance", "beam_center") for j in par.index(g)]
-    return bool(own) and not any(j in pb.layout.shared_pos[i] for j in own)
+    return bool(own) and par.setup.panels is None and not any(j in pb.layout.shared_pos[i] for j in own)
 
 
 def _prefit_and_search(pb: Problem, stage: Stage, pars, x: torch.Tensor, what: str = "") -> Tuple[torch.Tensor, dict]:

@@ -23,7 +23,7 @@ from nbtorch.types import Params
 
 from ..model.layout import Layout, make_layout
 from ..model.parameters import Parameterisation
-from ..model.predict import Predict, pixel_index
+from ..model.predict import Predict, image_axes, pixel_index
 from .losses import Target
 from .normal import BlockNormal
 
@@ -60,7 +60,7 @@ class ImageGroup:
         self.plane_ref = torch.stack([p.background_ref for p in pars])
         self.index = torch.as_tensor(index, dtype=torch.long, device=t.device)
         self.o = torch.stack([o.reshape(-1)[self.index] for o in observed]).to(dtype=t.dtype, device=t.device)
-        self.w = target.pixel_weights(index, (t.setup.spixels, t.setup.fpixels), t.dtype, t.device)
+        self.w = target.pixel_weights(index, tuple(t.setup.image_shape), t.dtype, t.device)
         step = max(1, int(chunk_pixels) // len(ids))
         self.slices = [slice(a, a + step) for a in range(0, len(index), step)]
         self.chunks = [Predict(t, t.setup, index[sl], fused) for sl in self.slices]
@@ -161,7 +161,8 @@ class Objective:
         pars: one :class:`~refine.model.parameters.Parameterisation` (one image) or a sequence (one per image, shared
             scalars about identical references).
         observed: the observed image(s) [slow, fast] (tensors or arrays, photons), like ``pars``.
-        pixels: the pixels that take part, like ``pars``: bool [slow, fast] or flat slow-major indices.
+        pixels: the pixels that take part, like ``pars``: bool images (``setup.image_shape``) or flat slow-major
+            indices.
         target: a :class:`~refine.targets.losses.Target`.
         chunk_pixels: pixels per Jacobian chunk, shared among a group's images (about chunk_pixels × n_params
             tangents in memory).
@@ -190,9 +191,9 @@ class Objective:
         self.n_pixels = sum(len(idx) for idx in self.index)
         obs = [o if torch.is_tensor(o) else torch.as_tensor(np.asarray(o, dtype=np.float64)) for o in observed]
         for o, st in zip(obs, (par.setup for par in self.pars)):
-            if tuple(o.shape) != (st.spixels, st.fpixels):
-                raise ValueError(f"observed image has shape {tuple(o.shape)}, expected [slow, fast] = "
-                                 f"{(st.spixels, st.fpixels)}")
+            if tuple(o.shape) != tuple(st.image_shape):
+                raise ValueError(f"observed image has shape {tuple(o.shape)}, expected {image_axes(st)} = "
+                                 f"{tuple(st.image_shape)}")
         keys: dict = {}
         for i, (par, idx) in enumerate(zip(self.pars, self.index)):
             keys.setdefault(_group_key(par, idx) if batch else i, []).append(i)
@@ -227,11 +228,11 @@ class Objective:
         return self.layout.pack([p.typical() for p in self.pars])
 
     def pixels(self, i: int = 0) -> np.ndarray:
-        """bool [slow, fast]: the pixels of image ``i`` that take part."""
+        """bool of the image's shape (``setup.image_shape``): the pixels of image ``i`` that take part."""
         st = self.pars[i].setup
-        out = np.zeros(st.spixels * st.fpixels, dtype=bool)
+        out = np.zeros(st.n_pixels, dtype=bool)
         out[self.index[i]] = True
-        return out.reshape(st.spixels, st.fpixels)
+        return out.reshape(st.image_shape)
 
     def _xb(self, X: torch.Tensor, ids) -> torch.Tensor:
         return torch.stack([self.layout.image_x(X, i) for i in ids])

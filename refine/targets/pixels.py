@@ -10,18 +10,21 @@ import numpy as np
 from nbtorch.pixels import rendered_mask
 from nbtorch.types import Setup
 
+from ..model.predict import image_axes
+
 
 def usable_mask(observed: np.ndarray, setup: Setup, mask=None, overload: Optional[float] = None) -> np.ndarray:
-    """Pixels that may enter a fit, bool [slow, fast].
+    """Pixels that may enter a fit, bool of the image's shape (``setup.image_shape``: [slow, fast], or [panel, slow,
+    fast] for a panel detector).
 
     A pixel is usable when its observed value is finite and ≥ 0 (detector gaps are often negative), below
-    ``overload`` (when given), True in the user ``mask`` (bool/0-1 array [slow, fast], True = use), and rendered by
-    ``setup`` (inside ``setup.roi`` and not excluded by ``setup.mask``).
+    ``overload`` (when given), True in the user ``mask`` (bool/0-1 array of that shape, True = use), and rendered by
+    ``setup`` (inside ``setup.roi``, on a panel and not excluded by ``setup.mask``).
     """
     o = np.asarray(observed, dtype=np.float64)
-    if o.shape != (setup.spixels, setup.fpixels):
-        raise ValueError(f"observed image has shape {o.shape} but the model detector is [slow, fast] = "
-                         f"{(setup.spixels, setup.fpixels)}")
+    if o.shape != tuple(setup.image_shape):
+        raise ValueError(f"observed image has shape {o.shape} but the model detector is {image_axes(setup)} = "
+                         f"{tuple(setup.image_shape)}")
     keep = np.isfinite(o) & (np.where(np.isfinite(o), o, -1.0) >= 0.0)
     if overload is not None:
         keep &= o < float(overload)
@@ -37,10 +40,10 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     out = mask.copy()
     for _ in range(max(0, int(radius))):
         grown = out.copy()
-        grown[1:, :] |= out[:-1, :]
-        grown[:-1, :] |= out[1:, :]
-        grown[:, 1:] |= out[:, :-1]
-        grown[:, :-1] |= out[:, 1:]
+        grown[..., 1:, :] |= out[..., :-1, :]  # within each panel: slow and fast, never across panels
+        grown[..., :-1, :] |= out[..., 1:, :]
+        grown[..., 1:] |= out[..., :-1]
+        grown[..., :-1] |= out[..., 1:]
         out = grown
     return out
 
@@ -48,7 +51,8 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 def select_pixels(observed: np.ndarray, model: np.ndarray, usable: np.ndarray, *, threshold: Optional[float] = None,
                   relative: float = 0.01, dilate: int = 3, background_fraction: float = 0.05,
                   seed: int = 0) -> np.ndarray:
-    """Pixels near spots plus a background sample, bool [slow, fast] (a subset of ``usable``).
+    """Pixels near spots plus a background sample, bool of the image's shape (a subset of ``usable``; a panel
+    detector's spots are dilated within their panel).
 
     A pixel is a *spot* pixel when the model or the observed value exceeds ``threshold`` (default: the larger of the
     usable observed pixels' median + 3·sqrt(median + 1), three Poisson sigmas above the background, and ``relative``
