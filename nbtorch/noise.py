@@ -10,10 +10,16 @@ numpy-only (outside the differentiable path), reproducing nanoBragg bit for bit:
   ``+ 0.5`` is rounded to float32 before the floor (the C calls ``floorf`` on a double), which matters for values
   within ~1e−7 relative of a half-integer.
 
+Beyond nanoBragg, :func:`detector_adu` adds noisify's detector terms (:class:`DetectorNoise`: gain, read-out noise,
+source flicker, static calibration error) from numpy streams of their own, so that the photon counts stay nanoBragg's.
+
 Pixels outside the ROI are not visited and stay 0 in both images.  ROI = ``(xmin, xmax, ymin, ymax)``, inclusive
 bounds, x = fast index, y = slow index (nanoBragg's ``-roi`` order).
 """
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,6 +33,8 @@ __all__ = [
     "noise_image_uint16",
     "int_image_scale",
     "int_image_uint16",
+    "DetectorNoise",
+    "detector_adu",
 ]
 
 
@@ -116,3 +124,68 @@ def int_image_uint16(image: np.ndarray, scale: float | None = None, adc: float =
     sel = roi_mask(img.shape, roi)
     out = np.where(sel, vals, 0.0).astype(np.uint16)
     return out, scale
+
+
+#: noisify's default seed of the static calibration error (``-calib_seed``).
+DEFAULT_CALIB_SEED = 123456789
+
+
+class DetectorNoise(NamedTuple):
+    """The detector terms of noisify, beyond photon counting (all off by default: nanoBragg's noise image).
+
+    gain: ADU per photon (``-gain``, > 0); readout_adu: σ of the Gaussian read-out noise per pixel (ADU,
+    ``-readout_noise``); flicker: fractional σ of the source intensity, one draw per image (``-flicker``);
+    calibration: fractional σ of each pixel's static gain error (``-calibration``), drawn from its own stream
+    ``calib_seed`` (``-calib_seed``) so that every image of a detector shares it."""
+
+    gain: float = 1.0
+    readout_adu: float = 0.0
+    flicker: float = 0.0
+    calibration: float = 0.0
+    calib_seed: int = DEFAULT_CALIB_SEED
+
+    def check(self) -> "DetectorNoise":
+        """This, or ValueError naming the flag and its allowed range."""
+        for flag, v, ok, rule in (("-gain", self.gain, self.gain > 0, "> 0"),
+                                  ("-readout_noise", self.readout_adu, self.readout_adu >= 0, ">= 0"),
+                                  ("-flicker", self.flicker, 0 <= self.flicker < 1, "in [0, 1)"),
+                                  ("-calibration", self.calibration, 0 <= self.calibration < 1, "in [0, 1)")):
+            if not (math.isfinite(v) and ok):
+                raise ValueError(f"{flag} must be a finite number {rule}, got {v!r}")
+        return self
+
+    @property
+    def is_ideal(self) -> bool:
+        """Whether the noise image is nanoBragg's (photon counting and the ADC offset only)."""
+        return self.gain == 1.0 and self.readout_adu == 0.0 and self.flicker == 0.0 and self.calibration == 0.0
+
+
+def _stream(seed: int, term: int) -> np.random.Generator:
+    """A numpy stream for one noise term of the image with nanoBragg seed ``seed`` (terms never share draws)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, term]))
+
+
+def detector_adu(image: np.ndarray, seed: int, noise: DetectorNoise = DetectorNoise(),
+                 roi: tuple[int, int, int, int] | None = None, mask: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, float]:
+    """A noisy detector reading in ADU before the ADC offset: ``(adu [S, F] float64, photons counted)``.
+
+    In the order a photon meets them: the source flickers (expected photons × (1 + flicker·g), one g per image),
+    photons are counted (:func:`poisson_noise`, nanoBragg's stream for ``seed``), each pixel's static calibration
+    error multiplies the count (1 + calibration·g_pixel, stream ``calib_seed``), the gain converts to ADU and
+    read-out noise adds readout_adu·g_pixel.  With :attr:`DetectorNoise.is_ideal` the ADU are nanoBragg's photon
+    counts exactly.  Pixels outside ``roi`` or masked are 0."""
+    noise.check()
+    img = _check_image(image)
+    sel = roi_mask(img.shape, roi, mask)
+    if noise.flicker:
+        img = (img * max(0.0, 1.0 + noise.flicker * _stream(seed, 1).standard_normal())).astype(np.float32)
+    counts = poisson_noise(img, seed, roi=roi, mask=mask)
+    photons = float(counts.sum())
+    if noise.calibration:
+        gains = np.random.default_rng(int(noise.calib_seed) & 0xFFFFFFFF).standard_normal(img.shape)
+        counts = counts * np.maximum(0.0, 1.0 + noise.calibration * gains)
+    adu = counts * noise.gain
+    if noise.readout_adu:
+        adu = adu + noise.readout_adu * _stream(seed, 2).standard_normal(img.shape)
+    return np.where(sel, adu, 0.0), photons
