@@ -21,7 +21,7 @@ import torch
 from .. import lattice as latmod
 from ..beam import divergence_sources
 from ..conventions import CONVENTION_TABLE, VECTOR_FIELDS, Convention
-from ..detector import check_detector, detector_frame, orgx_to_mm
+from ..detector import check_detector, detector_frame, orgx_to_mm, with_panels
 from ..io.hkl import hkl_to_grid, read_hkl
 from ..io.images import HeaderWarning, header_mismatch, printed_tolerance
 from ..io.matrix import read_mosflm_matrix
@@ -31,6 +31,7 @@ from ..io.sources import read_sources
 from ..io.structure_files import detector_corner_resolution, is_mtz, model_cell, read_mtz
 from ..io.structure_files import ModelWorkError, structure_factors_from_model
 from ..mosaic import mosaic_domain_count, mosaic_domains, random_misset_angles
+from ..panels import PanelLayout
 from ..pytree import tree_map
 from ..setup_checks import MAX_ORIENTATIONS, MAX_SOURCES
 from ..simulate import plan, rendered_pixels
@@ -39,6 +40,7 @@ from ..units import deg2rad, m_to_angstrom, mm_to_angstrom, mm_to_m, mrad2rad, p
 from ..units import wavelength_from_energy
 from ..validate import check_cell
 from .parse import FLAG_VALUE, NanoBraggArgs, fmt_num, last_flag, missing_inputs, parse_args, parse_value
+from .panels import PanelSource, check_panel_flags, panel_source
 from .parse import range_phrase
 from .table import FLAGS, SWITCH_DEFAULTS, switch_states
 
@@ -92,6 +94,7 @@ class Inputs:
         self.notes: List[str] = []
         self.header: Dict[str, object] = {}
         self.header_texts: List[tuple] = []  # (source, flag, text, value) of each header value read
+        self.file_crystal: Optional[np.ndarray] = None  # real-space basis [3, 3] (Å) of an -expt crystal
         for flag, flip in (("-img", False), ("-mask", True)):  # the -mask header wins over the -img header
             if flag in opts:
                 src = f"{flag} {opts[flag]}"
@@ -159,12 +162,16 @@ def _wavelength(inp: Inputs) -> float:
 
 
 def _cell(inp: Inputs, lam: float) -> Tuple[torch.Tensor, torch.Tensor, bool, Optional[tuple]]:
-    """(cell [6] (Å, deg), U0 [3,3], nanobragg_cell, the -pdb model's own cell or None) from -mat (exact cell and
-    orientation), -cell, or a -pdb model's cell (built as -cell builds it).  A -pdb model's cell must agree with
-    -cell/-mat when they are given; a model without one is placed in theirs."""
+    """(cell [6] (Å, deg), U0 [3,3], nanobragg_cell, the -pdb model's own cell or None) from an -expt crystal or -mat
+    (exact cell and orientation), -cell, or a -pdb model's cell (built as -cell builds it).  A -pdb model's cell must
+    agree with -cell/-mat when they are given; a model without one is placed in theirs."""
     eye = torch.eye(3, dtype=torch.float64)
     model = _read(inp, "-pdb", model_cell) if inp.given("-pdb") else None
-    if inp.given("-mat"):
+    if inp.file_crystal is not None:  # real_space_a/b/c as given: the exact lattice, no -cell rebuild
+        M = torch.as_tensor(inp.file_crystal, dtype=torch.float64)
+        B = torch.linalg.inv(M).transpose(0, 1)
+        cell, U0, exact, flag = latmod.cell_from_real(M), latmod.orientation_from_reciprocal(B), False, "-expt"
+    elif inp.given("-mat"):
         name = inp.opts["-mat"]
         A = torch.as_tensor(read_mosflm_matrix(inp.path("-mat")), dtype=torch.float64)
         B = latmod.mosflm_to_reciprocal(A, lam)
@@ -668,19 +675,30 @@ def _fluence(inp: Inputs) -> float:
 # sampling, noise and output
 
 
-def _oversample(inp: Inputs, xtal: CrystalPart, lam: float, det: DetectorPart) -> int:
-    """-oversample, or nanoBragg's rule ceil(3·max(N·|axis|)/(λ·distance/pixel)) with the reported distance.
-    Also checks the detector geometry (plane in front of the sample) first."""
+def _sampling_geometry(det: DetectorPart, layout: Optional[PanelLayout]) -> Tuple[float, float]:
+    """(distance, pixel size) in mm for the automatic -oversample rule: nanoBragg's reported distance and -pixel,
+    after checking the detector geometry (plane in front of the sample); for a panel detector its nominal distance
+    and smallest pixel step (its panels are checked once placed)."""
+    if layout is not None:
+        steps = [math.sqrt(sum(c * c for c in v)) for p in layout.panels for v in (p.fast, p.slow)]
+        return layout.distance, min(steps)
     det64 = Detector(*(torch.tensor(v, dtype=torch.float64) for v in
                        (det.distance, det.beam_center, det.rotation, det.twotheta, np.zeros((0, 3)),
                         np.zeros((0, 3)))))
     base = Setup(**det.setup)
     check_detector(det64, base)
+    return float(detector_frame(det64, base).distance), base.pixel_size
+
+
+def _oversample(inp: Inputs, xtal: CrystalPart, lam: float, det: DetectorPart,
+                layout: Optional[PanelLayout] = None) -> int:
+    """-oversample, or nanoBragg's rule ceil(3·max(N·|axis|)/(λ·distance/pixel)) with the reported distance
+    (:func:`_sampling_geometry`, which checks the detector first)."""
+    distance, pixel = _sampling_geometry(det, layout)
     if inp.given("-oversample"):
         return int(inp.opts["-oversample"])
     M_real, _ = latmod.lattice(xtal.cell, torch.eye(3, dtype=torch.float64), nanobragg=xtal.nanobragg_cell)
     L_max = max(xtal.N[k] * float(torch.linalg.vector_norm(M_real[:, k])) for k in range(3))
-    distance, pixel = float(detector_frame(det64, base).distance), base.pixel_size
     n = max(1, int(math.ceil(3.0 * L_max / (lam * distance / pixel))))
     hi = int(FLAGS["-oversample"].interval.bounds()[1])
     if n > hi:
@@ -736,6 +754,9 @@ def _outputs(inp: Inputs, params: Params, setup: Setup) -> Outputs:
     if pix is not None and not (0 <= pix[0] < fpix and 0 <= pix[1] < spix):
         raise ValueError(f"-printout_pixel {pix[0]} {pix[1]}: needs pixel indices fast in 0..{fpix - 1} and slow in "
                          f"0..{spix - 1}")
+    if inp.given("-nexusfile") and setup.panels is not None:
+        raise ValueError(f"-nexusfile {inp.opts['-nexusfile']}: NXmx output of a detector of panels is not written "
+                         "yet; use -floatfile, -intfile or -noisefile")
     if inp.given("-nexusfile"):
         _check_nexus(inp, params, setup)
     scale = inp.get("-scale")
@@ -785,7 +806,8 @@ class Extras:
 
     opts: the parsed flags; xbeam_mm, ybeam_mm: the SMV header's BEAM_CENTER_X/Y; phi0, osc: its PHI/OSC_RANGE
     (deg); interpolate_auto: what the automatic interpolation rule chose; notes: remarks to print; outputs:
-    :class:`Outputs`."""
+    :class:`Outputs`; panels: the detector file of -geom/-expt (:class:`~nbtorch.args.panels.PanelSource`, whose
+    layout is the outputs') or None."""
 
     opts: NanoBraggArgs
     xbeam_mm: float = 0.0
@@ -795,6 +817,7 @@ class Extras:
     interpolate_auto: bool = False
     notes: List[str] = dataclasses.field(default_factory=list)
     outputs: Optional[Outputs] = None
+    panels: Optional[PanelSource] = None
 
 
 def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str = "."):
@@ -807,7 +830,10 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     missing = missing_inputs(opts)
     if missing:
         raise ValueError("missing required input" + ("s" if len(missing) > 1 else "") + ": " + "; and ".join(missing))
+    check_panel_flags(opts)
     inp = Inputs(opts, base_dir)
+    source = panel_source(inp, _read)  # -geom/-expt: the file's values merged into inp.opts
+    inp.file_crystal = None if source is None else source.crystal
     _check_structure_flags(inp)
     lam = _wavelength(inp)
     _check_header_agreement(inp, lam)
@@ -817,7 +843,8 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     det = _detector(inp)
     roi, mask = _roi_and_mask(inp, det.setup["fpixels"], det.setup["spixels"])
     setup = Setup(
-        **det.setup, **_sensor(inp), oversample=_oversample(inp, xtal, lam, det), phi0=phi0, phistep=phistep,
+        **det.setup, **_sensor(inp), oversample=_oversample(inp, xtal, lam, det, source and source.layout),
+        phi0=phi0, phistep=phistep,
         phisteps=phisteps, mosaic_axes=mosaic_axes, mosaic_fractions=mosaic_fractions,
         sources=sources_for(inp, det.setup["beam"], det.setup["polar_axis"], lam),
         point_pixel=inp.given("-point_pixel"), curved_det=inp.given("-curved_det"), nopolar=inp.given("-nopolar"),
@@ -825,7 +852,6 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
         oversample_omega=inp.given("-oversample_omega"), shape=xtal.shape, fudge=xtal.fudge,
         dmin=float(inp.get("-dmin")), roi=roi, mask=mask, nanobragg_cell=xtal.nanobragg_cell,
     )
-    plan(setup, len(rendered_pixels(setup)))  # refuses absurd work now, naming what to lower
 
     def T(v):
         return torch.as_tensor(v, dtype=dtype, device=device)
@@ -838,13 +864,28 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
         structure=Structure(T(np.zeros((0, 0, 0))), T(float(inp.get("-default_F")))),
         background=Background(T(float(inp.get("-water")))),
     )
+    if source is not None:
+        params, setup = _panel_model(params, setup, source)
+    plan(setup, len(rendered_pixels(setup)))  # refuses absurd work now, naming what to lower
     outputs = _outputs(inp, params, setup)
     table, hkl_min, interpolate, interp_auto = _structure(inp, xtal, params, setup)
     setup = setup.replace(hkl_min=hkl_min, interpolate=interpolate)
     params = params._replace(structure=params.structure._replace(F=T(table)))
     extras = Extras(opts=opts, xbeam_mm=det.xbeam, ybeam_mm=det.ybeam, phi0=phi0, osc=osc,
-                    interpolate_auto=interp_auto, notes=inp.notes, outputs=outputs)
+                    interpolate_auto=interp_auto, notes=inp.notes, outputs=outputs, panels=source)
     return params, setup, extras
+
+
+def _panel_model(params: Params, setup: Setup, source: PanelSource) -> Tuple[Params, Setup]:
+    """The model with the detector of ``source`` (:func:`nbtorch.detector.with_panels`) and its mask; every panel
+    checked to lie in front of the sample."""
+    params, setup = with_panels(params, setup, source.layout)
+    setup = setup.replace(mask=source.mask)
+    try:
+        check_detector(params.detector, setup)
+    except ValueError as exc:
+        raise ValueError(f"{source.flag} {source.name}: {exc}") from None
+    return params, setup
 
 
 def from_nanobragg_args(args: Union[str, Sequence[str]], dtype=torch.float64, device=None):

@@ -181,10 +181,10 @@ def last_flag(opts: NanoBraggArgs, states: Mapping[str, object], default):
 def missing_inputs(opts) -> List[str]:
     """What the parsed flags lack to define a simulation (empty list when complete).
 
-    nanoBragg needs a unit cell (``-cell`` or ``-mat``; nbtorch also takes a ``-pdb`` model's) and structure factors
-    (``-hkl``, ``-pdb`` or ``-default_F`` > 0)."""
+    nanoBragg needs a unit cell (``-cell`` or ``-mat``; nbtorch also takes a ``-pdb`` model's, or an ``-expt``
+    file's crystal) and structure factors (``-hkl``, ``-pdb`` or ``-default_F`` > 0)."""
     out = []
-    if not any(f in opts for f in ("-cell", "-mat", "-pdb")):
+    if not any(f in opts for f in ("-cell", "-mat", "-pdb", "-expt")):
         out.append("a unit cell: give -cell a b c alpha beta gamma (Å, deg), -mat FILE (MOSFLM A matrix) or -pdb FILE "
                    "(the model's cell)")
     if "-hkl" not in opts and "-pdb" not in opts and not opts.get("-default_F", 0.0):

@@ -25,6 +25,7 @@ __all__ = ["Flag", "Interval", "FLAGS", "ALIASES", "SECTIONS", "KINDS", "SWITCH_
 
 #: Sections in help order: key → title.
 SECTIONS: Dict[str, str] = {
+    "panels": "Detector of panels from a file: CrystFEL .geom, DIALS .expt",
     "crystal": "Crystal: cell, orientation, size, shape",
     "structure": "Structure factors",
     "mosaic": "Mosaicity and spindle rotation",
@@ -103,6 +104,7 @@ class Flag:
     back — "" (from ``field``), "no" (never: derived or without effect), "carry" (copied from the base flags: the
     model cannot express it), or the name of a rule there.  effect: "none" for flags accepted only for compatibility.
     metavar: the value placeholder shown in help (derived from the kind when empty).
+    replaced: the detector file of ``-geom``/``-expt`` gives what the flag sets (giving both is an error).
     """
 
     name: str
@@ -125,6 +127,7 @@ class Flag:
     write: str = ""
     effect: str = ""
     metavar: str = ""
+    replaced: bool = False
 
     @property
     def interval(self) -> Optional[Interval]:
@@ -161,6 +164,19 @@ _SOURCES = dict(sets="setup.sources (directions, wavelength factors)", write="ca
 _CELLS = "(-inf, 1e6]"  # below 1 means 1 (spec Q19)
 
 _TABLE = (
+    # ---- detector of panels from a file
+    _file("-geom", "panels", "CrystFEL geometry file: the detector's panels, hierarchy and bad pixels (and the photon "
+          "energy when the file gives one), in CrystFEL's lab frame: the beam along +z, the crystal, -polar_vector "
+          "and -spindle_axis read as CUSTOM with -beam_vector 0 0 1; outputs are the file's data layout (one 2-D "
+          "slab); flags the file replaces are refused", default_text="not used",
+          sets="setup.panels, setup.mask, setup.beam, params.detector", write="carry"),
+    _file("-expt", "panels", "DIALS experiment list: the first experiment's detector, beam (wavelength, direction, "
+          "polarization) and crystal (real_space_a/b/c as given) in DIALS's lab frame; flags after -expt override "
+          "the file's values; outputs are the panels stacked [P, slow, fast]", default_text="not used",
+          sets="setup.panels, setup.mask, setup.beam, params.detector, params.beam, params.crystal", write="carry"),
+    Flag("-clen", "panels", "camera length where the -geom file reads it from a data file (clen = /path): a length "
+         "with unit mm (the default) or m, e.g. 125, 125mm, 0.125m; the file's coffset is added", kind="text",
+         unit="mm", sets="setup.panels (panel z)", write="carry", metavar="VALUE[mm|m]"),
     # ---- crystal
     Flag("-cell", "crystal", "unit cell a b c (Å) alpha beta gamma (deg); missing b, c default to a, angles to 90",
          kind="cell", unit="Å, deg", within="(0, 1e6]", field="params.crystal.cell", write="crystal",
@@ -410,6 +426,16 @@ _TABLE = (
     _switch("-progress", "output", "show a progress bar", switch=("progress", True), write="no"),
 )
 
+#: The flags whose values the detector file of ``-geom``/``-expt`` gives (its panels' size, place, orientation, mask
+#: and the beam's direction): refused with either file (``-beam_vector`` only when not along the file's beam).
+_REPLACED_BY_FILE = (
+    "-distance", "-close_distance", "-pixel", "-detpixels", "-detpixels_f", "-detpixels_s", "-detsize", "-detsize_f",
+    "-detsize_s", "-Xbeam", "-Ybeam", "-Xclose", "-Yclose", "-ORGX", "-ORGY", "-mosflm", "-xds", "-adxv", "-denzo",
+    "-dials", "-fdet_vector", "-sdet_vector", "-odet_vector", "-twotheta_axis", "-pix0_vector", "-detector_rotx",
+    "-detector_roty", "-detector_rotz", "-twotheta", "-pivot", "-curved_det", "-roi", "-mask", "-img", "-beam_vector",
+)
+_TABLE = tuple(dataclasses.replace(f, replaced=True) if f.name in _REPLACED_BY_FILE else f for f in _TABLE)
+
 #: Canonical flag name → :class:`Flag`, in table (help) order.
 FLAGS: Dict[str, Flag] = {f.name: f for f in _TABLE}
 #: Alias → canonical flag name.
@@ -431,11 +457,15 @@ def _check_table() -> None:
     names = [f.name for f in _TABLE] + list(ALIASES)
     if len(names) != len(set(names)):
         raise AssertionError("a flag name or alias appears twice in the flag table")
+    if set(_REPLACED_BY_FILE) - set(FLAGS):
+        raise AssertionError(f"_REPLACED_BY_FILE names unknown flags {sorted(set(_REPLACED_BY_FILE) - set(FLAGS))}")
     for f in _TABLE:
         if f.section not in SECTIONS or f.kind not in KINDS:
             raise AssertionError(f"{f.name}: unknown section {f.section!r} or kind {f.kind!r}")
         if f.within:
             Interval(f.within).bounds()
+        if f.replaced and f.section not in ("detector", "beam"):
+            raise AssertionError(f"{f.name}: only detector and beam flags can be replaced by a detector file")
         if f.switch is not None and f.switch[0] not in SWITCH_DEFAULTS:
             raise AssertionError(f"{f.name}: switch group {f.switch[0]!r} has no entry in SWITCH_DEFAULTS")
 

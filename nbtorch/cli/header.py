@@ -11,7 +11,9 @@ from the detector frame exactly as the C program reports them (spec §4 step 5):
 * ``BEAM_CENTER_X/Y``: the input (or default) ``-Xbeam``/``-Ybeam`` in mm, not recomputed.
 
 All lengths in mm, angles in degrees, λ in Å; every value is formatted with C's ``%g`` by
-:func:`nbtorch.io.smv.nanobragg_header_items`.
+:func:`nbtorch.io.smv.nanobragg_header_items`.  A detector of panels has no one frame to report: its header
+(:func:`panel_header_items`) holds the pixel size, nominal distance, wavelength and spindle, and says how the panels
+are laid out.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..rotation import rot_xyz
 from ..types import Detector, Params, Setup
 from ..units import deg2rad
 
-__all__ = ["HeaderGeometry", "header_geometry", "header_beam_center", "smv_header_items"]
+__all__ = ["HeaderGeometry", "header_geometry", "header_beam_center", "smv_header_items", "panel_header_items"]
 
 
 class HeaderGeometry(NamedTuple):
@@ -109,8 +111,10 @@ def smv_header_items(params: Params, setup: Setup, extras, base_dir: str = ".") 
     WAVELENGTH (Å), BEAM_CENTER_X/Y (mm, input values), ADXV_CENTER_X/Y = (Fbeam, Ds − Sbeam),
     MOSFLM_CENTER_X/Y = (Sbeam − p/2, Fbeam − p/2), DENZO_X/Y_BEAM = (Sbeam, Fbeam), DIALS_ORIGIN (mm),
     XDS_ORGX/ORGY (pixels), CLOSE_DISTANCE (mm), PHI, OSC_START, OSC_RANGE, TWOTHETA (deg), DETECTOR_SN=000,
-    BEAMLINE=fake.  Pass them to :func:`nbtorch.io.smv.write_smv`.
+    BEAMLINE=fake.  Pass them to :func:`nbtorch.io.smv.write_smv`.  A detector of panels: :func:`panel_header_items`.
     """
+    if setup.panels is not None:
+        return panel_header_items(params, setup, extras)
     g = header_geometry(params, setup)
     p = setup.pixel_size
     bx, by = header_beam_center(params, setup, extras, base_dir)
@@ -138,3 +142,17 @@ def smv_header_items(params: Params, setup: Setup, extras, base_dir: str = ".") 
         osc_range_deg=float(extras.osc),
         twotheta_deg=float(torch.as_tensor(params.detector.twotheta).detach().cpu()),
     )
+
+
+def panel_header_items(params: Params, setup: Setup, extras) -> List[Tuple[str, str]]:
+    """SMV header items of a detector of panels (after SIZE2): PIXEL_SIZE (mm, the set-up's nominal pixel),
+    DISTANCE (mm, where the beam meets the detector), WAVELENGTH (Å), PHI, OSC_START, OSC_RANGE (deg), PANELS (the
+    count), PANEL_LAYOUT (``crystfel_slab``: a -geom file's data layout, else ``stacked``: panel after panel along
+    slow), DETECTOR_SN=000, BEAMLINE=fake; numbers in C's ``%g``.  ``extras``: :class:`nbtorch.args.Extras`."""
+    g = lambda x: "%g" % float(torch.as_tensor(x).detach().cpu())  # noqa: E731
+    source = getattr(extras, "panels", None)
+    layout = "stacked" if source is None or source.geometry is None else "crystfel_slab"
+    return [("PIXEL_SIZE", g(setup.pixel_size)), ("DISTANCE", g(params.detector.distance)),
+            ("WAVELENGTH", g(params.beam.wavelength)), ("PHI", g(extras.phi0)), ("OSC_START", g(extras.phi0)),
+            ("OSC_RANGE", g(extras.osc)), ("PANELS", str(setup.n_panels)), ("PANEL_LAYOUT", layout),
+            ("DETECTOR_SN", "000"), ("BEAMLINE", "fake")]

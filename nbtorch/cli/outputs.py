@@ -1,5 +1,5 @@
 """The command line's output files, written atomically in nanoBragg's order: float, int, PGM, noise; then nbtorch's
-NeXus file (``-nexusfile``)."""
+NeXus file (``-nexusfile``).  A detector of panels is written in its file's layout (:mod:`.layout`)."""
 from __future__ import annotations
 
 from typing import Callable, List, TextIO, Tuple
@@ -11,9 +11,9 @@ from ..io.images import write_pgm, write_raw_float
 from ..io.nexus import write_nxmx
 from ..io.smv import write_smv
 from ..noise import counts_to_uint16, int_image_uint16, poisson_noise
-from ..pixels import mask_array
 from ..types import Params, Setup
 from .header import smv_header_items
+from .layout import file_image
 from .report import ImageStats
 
 __all__ = ["OutputError", "write_outputs", "counts_items"]
@@ -40,16 +40,24 @@ def counts_items(adc: float, gain: float) -> List[Tuple[str, str]]:
 def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Params, setup: Setup, extras: Extras,
                   base_dir: str = ".") -> List[str]:
     """Write the float image, the SMV int image, the PGM preview, the noise image and the NXmx file as
-    ``extras.outputs`` asks, reporting each on ``out``.  ``image``: ``[spixels, fpixels]`` float32 photons.  Returns
-    the names written; :class:`OutputError` when a file cannot be written (the ones before it stay, complete)."""
+    ``extras.outputs`` asks, reporting each on ``out``.  ``image``: ``setup.image_shape`` float32 photons
+    (``[spixels, fpixels]``, or ``[P, spixels, fpixels]`` for a detector of panels, written in its file's layout:
+    :func:`.layout.file_image`; pixels in no panel are 0 in every file).  Returns the names written;
+    :class:`OutputError` when a file cannot be written (the ones before it stay, complete)."""
     o = extras.outputs
     written: List[str] = []
+    fimg = file_image(image, setup, extras)
+    if fimg.what:
+        out.write(f"image files: {fimg.what}\n")
+    image = fimg.image
     _write("float image", o.floatfile, write_raw_float, image)
     out.write(f"wrote {o.floatfile} as {image.size} 4-byte floats\n")
     written.append(o.floatfile)
 
     header = smv_header_items(params, setup, extras, base_dir=base_dir)
-    ints, scale = int_image_uint16(image, scale=o.scale, adc=o.adc, roi=setup.roi)
+    ints, scale = int_image_uint16(image, scale=o.scale, adc=o.adc, roi=fimg.roi)
+    if fimg.on_panel is not None:
+        ints[~fimg.on_panel] = 0
     out.write(f"intfile_scale = {scale:g}\n")
     _write("int image", o.intfile, write_smv, ints, header + counts_items(o.adc, scale))
     out.write(f"wrote {o.intfile} as {ints.size} 2-byte integers\n")
@@ -65,9 +73,8 @@ def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Par
         written.append(o.pgmfile)
 
     if o.write_noise:
-        mask = mask_array(setup)
-        counts = poisson_noise(image, o.seed, roi=setup.roi, mask=mask)
-        noisy, overloads = counts_to_uint16(counts, adc=o.adc, roi=setup.roi, mask=mask)
+        counts = poisson_noise(image, o.seed, roi=fimg.roi, mask=fimg.mask)
+        noisy, overloads = counts_to_uint16(counts, adc=o.adc, roi=fimg.roi, mask=fimg.mask)
         src = " (from the clock; pass -seed to reproduce)" if o.seed_from_clock else ""
         out.write(f"noise seed: {o.seed}{src}\n")
         out.write(f"{counts.sum():.0f} photons on noise image ({overloads} overloads)\n")

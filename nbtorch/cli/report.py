@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import kernel
-from ..pixels import rendered_mask, rendered_pixels, roi_mask
+from ..pixels import panel_extent_mask, rendered_mask, rendered_pixels, roi_mask
 from ..shape import round_half_down
 from ..simulate import pixel_tile
 from ..types import Params, Setup
@@ -23,7 +23,8 @@ class ImageStats(NamedTuple):
 
     max_I: largest visited pixel (photons; 0 if none is positive); max_fast, max_slow: its pixel indices (first in
     raster order); mean, rms: over visited pixels (ROI and mask), rms = sqrt(Σv²/(n−1)); rmsd: sqrt(Σ(v−mean)²/(m−1))
-    over the m ROI pixels (masked ones included, as nanoBragg); total: Σv (photons); n: visited pixels.
+    over the m ROI pixels (masked ones included, as nanoBragg; a panel detector's ROI is every pixel of its panels);
+    total: Σv (photons); n: visited pixels; max_panel: the panel of the largest pixel (0 for one panel).
     """
 
     max_I: float
@@ -34,16 +35,18 @@ class ImageStats(NamedTuple):
     rmsd: float
     total: float
     n: int
+    max_panel: int = 0
 
 
 def image_statistics(image: np.ndarray, setup: Setup) -> ImageStats:
-    """nanoBragg's image statistics of ``image`` (``[spixels, fpixels]`` float32 photons) for ``setup``'s ROI/mask.
+    """nanoBragg's image statistics of ``image`` (``setup.image_shape`` float32 photons: ``[spixels, fpixels]``, or
+    ``[P, spixels, fpixels]`` for a detector of panels) for ``setup``'s ROI/mask.
 
     Reproduces the C program's printed max_I, mean, rms and rmsd (its rms and rmsd divide by n − 1; its rmsd loop
     covers the whole ROI, including masked pixels, around the mean of the visited pixels).
     """
     img = np.asarray(image, dtype=np.float32).astype(np.float64)
-    roi = roi_mask(img.shape, setup.roi)
+    roi = roi_mask(img.shape, setup.roi) if setup.panels is None else panel_extent_mask(setup)
     visited = rendered_mask(setup)
     v = img[visited]
     n = int(v.size)
@@ -52,13 +55,14 @@ def image_statistics(image: np.ndarray, setup: Setup) -> ImageStats:
     rms = math.sqrt(float((v * v).sum()) / (max(n, 2) - 1))
     m = int(roi.sum())
     rmsd = math.sqrt(float(((img[roi] - mean) ** 2).sum()) / (max(m, 2) - 1))
-    max_I, mf, ms = 0.0, 0, 0
+    max_I, mf, ms, mp = 0.0, 0, 0, 0
+    S, F = img.shape[-2:]
     if n:
         flat = np.where(visited, img, -np.inf).reshape(-1)
         k = int(np.argmax(flat))
         if flat[k] > 0:
-            max_I, ms, mf = float(flat[k]), k // img.shape[1], k % img.shape[1]
-    return ImageStats(max_I, mf, ms, mean, rms, rmsd, total, n)
+            max_I, mp, ms, mf = float(flat[k]), k // (S * F), (k // F) % S, k % F
+    return ImageStats(max_I, mf, ms, mean, rms, rmsd, total, n, mp)
 
 
 def pixel_diagnostics(params: Params, setup: Setup, fast, slow) -> Dict[str, torch.Tensor]:
@@ -100,11 +104,18 @@ def pixel_diagnostics(params: Params, setup: Setup, fast, slow) -> Dict[str, tor
 
 
 def print_setup(out: TextIO, params: Params, setup: Setup) -> None:
-    """The few lines that say what will be simulated (size, convention, samples per pixel, crystal model)."""
+    """The few lines that say what will be simulated (size, convention or panels, samples per pixel, crystal
+    model)."""
     ncells = "x".join(f"{v:g}" for v in params.crystal.ncells.tolist())
+    if setup.panels is None:
+        detector = (f"{setup.fpixels}x{setup.spixels} pixels of {setup.pixel_size:g} mm, {setup.convention} "
+                    f"convention, {setup.pivot} pivot")
+    else:
+        detector = (f"{setup.n_panels} panels (up to {setup.fpixels}x{setup.spixels} pixels of about "
+                    f"{setup.pixel_size:g} mm), {len(rendered_pixels(setup))} pixels rendered, beam along "
+                    f"{' '.join(f'{x:g}' for x in setup.beam)}")
     out.write(
-        f"  {setup.fpixels}x{setup.spixels} pixels of {setup.pixel_size:g} mm, {setup.convention} convention, "
-        f"{setup.pivot} pivot\n"
+        f"  {detector}\n"
         f"  {setup.n_sources} sources x {setup.n_domains} mosaic domains x {setup.phisteps} phi steps x "
         f"{setup.oversample}x{setup.oversample} sub-pixels = {setup.steps} steps; {setup.thicksteps} sensor layer(s)\n"
         f"  {setup.shape} crystal {ncells} cells, {'tricubic' if setup.interpolate else 'nearest'} structure factors\n"
@@ -112,11 +123,15 @@ def print_setup(out: TextIO, params: Params, setup: Setup) -> None:
 
 
 def print_statistics(out: TextIO, stats: ImageStats, setup: Setup) -> None:
-    """nanoBragg's statistics lines (max_I with its position in metres, mean/rms/rmsd, total)."""
+    """nanoBragg's statistics lines (max_I with its position in metres, or its panel for a detector of panels,
+    mean/rms/rmsd, total)."""
     p, n = setup.pixel_size, setup.oversample
     last_sub = p - p / n / 2.0  # nanoBragg reports the position of the pixel's last sub-pixel (spec Q20)
-    out.write(f"max_I = {stats.max_I:g}  at {mm_to_m(stats.max_fast * p + last_sub):g} "
-              f"{mm_to_m(stats.max_slow * p + last_sub):g}  (pixel fast {stats.max_fast}, slow {stats.max_slow})\n")
+    if setup.panels is None:
+        where = f"at {mm_to_m(stats.max_fast * p + last_sub):g} {mm_to_m(stats.max_slow * p + last_sub):g}  (pixel"
+    else:
+        where = f"on panel {setup.panels.panels[stats.max_panel].name!r} (panel {stats.max_panel},"
+    out.write(f"max_I = {stats.max_I:g}  {where} fast {stats.max_fast}, slow {stats.max_slow})\n")
     out.write(f"mean= {stats.mean:g} rms= {stats.rms:g} rmsd= {stats.rmsd:g}\n")
     out.write(f"total= {stats.total:g} photons in {stats.n} pixels\n")
 

@@ -1,0 +1,320 @@
+"""``-geom FILE`` / ``-expt FILE``: a detector of panels from a CrystFEL geometry file or a DIALS experiment list
+(docs/cli.md "Detectors of panels").
+
+:func:`check_panel_flags` refuses, before any file is read, a command line that gives both files, a flag the file
+replaces (the table's ``replaced`` flags: ``-distance``, ``-Xbeam``, ``-detpixels`` …) or a feature a panel detector
+lacks.  :func:`panel_source` reads the file into a :class:`PanelSource` (layout, mask, output layout, crystal) and
+merges the values the file supplies into the build's flags:
+
+* ``-geom``: CrystFEL's lab frame, the beam along +z (``-beam_vector 0 0 1``, so the crystal, ``-polar_vector`` and
+  ``-spindle_axis`` read as nanoBragg's CUSTOM convention reads them; both vectors default to +x, horizontal in
+  CrystFEL's frame); the file's wavelength or photon energy unless ``-lambda``/``-energy`` is given.  A ``clen`` or
+  ``photon_energy`` the file reads from a data file takes ``-clen`` or ``-energy``/``-lambda``.
+* ``-expt``: the first experiment's beam (``-beam_vector`` = −direction, ``-lambda``, ``-polar`` = the Kahn factor
+  2·polarization_fraction − 1, ``-polar_vector`` ⟂ polarization_normal and the beam) and crystal (real_space_a/b/c,
+  Å, as given), in DIALS's lab frame.  A flag given *after* ``-expt`` overrides the file's value; one given before is
+  overridden by it (with a note).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..io.crystfel import Geometry, geometry_mask, read_geom
+from ..io.dials import ExperimentList, read_expt
+from ..panels import PanelLayout, layout_from_crystfel, layout_from_dials
+from ..units import HC_EV_ANGSTROM
+from .parse import NanoBraggArgs, fmt_num
+from .table import FLAGS
+
+__all__ = ["PANEL_FILE_FLAGS", "PanelSource", "panel_file_flag", "check_panel_flags", "panel_source", "clen_mm"]
+
+#: The flags naming a detector file.
+PANEL_FILE_FLAGS = ("-geom", "-expt")
+#: Features of nanoBragg's one-panel detector that a panel detector lacks (flag → why), refused with a detector file.
+_NOT_WITH_PANELS = {
+    "-printout": "per-pixel diagnostics are for nanoBragg's one-panel detector",
+    "-printout_pixel": "per-pixel diagnostics are for nanoBragg's one-panel detector",
+    "-pdb": "structure factors from a model need the one-panel detector's resolution; give -hkl (or -default_F)",
+}
+#: A -geom file's default E vector and spindle: +x, horizontal in CrystFEL's frame (CUSTOM's +z is the beam there).
+_GEOM_DEFAULT_AXIS = [1.0, 0.0, 0.0]
+#: Flags that give the same value as a file's key (a later one wins over the file, an earlier one loses to it).
+_SAME_VALUE = {"-lambda": ("-lambda", "-energy"), "crystal": ("-cell", "-mat")}
+_CLEN_RE = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(mm|m)?\s*\Z")
+
+
+class PanelSource(NamedTuple):
+    """A detector file read for a build.
+
+    flag: ``-geom`` or ``-expt``; name: the file as given; layout: the panels (:class:`~nbtorch.panels.PanelLayout`);
+    mask: ``Setup.mask`` bytes ([P, S, F], 1 = render) or None when no pixel is masked; geometry: the CrystFEL
+    :class:`~nbtorch.io.crystfel.Geometry` (its data layout is the output's) or None for ``-expt``; crystal: the
+    ``.expt`` crystal's real-space basis (Å, [3, 3], columns a, b, c) when it is used, else None."""
+
+    flag: str
+    name: str
+    layout: PanelLayout
+    mask: Optional[bytes]
+    geometry: Optional[Geometry] = None
+    crystal: Optional[np.ndarray] = None
+
+
+def panel_file_flag(opts) -> Optional[str]:
+    """``-geom`` or ``-expt`` when the flags name a detector file, else None (ValueError when they name both)."""
+    given = [f for f in PANEL_FILE_FLAGS if f in opts]
+    if len(given) == 2:
+        raise ValueError(f"-geom {opts['-geom']} and -expt {opts['-expt']} both describe the detector: give one")
+    return given[0] if given else None
+
+
+def check_panel_flags(opts: NanoBraggArgs) -> None:
+    """Refuse, before any file is read: ``-clen`` without ``-geom``; with a detector file, a flag the file replaces
+    (``-beam_vector`` is checked against the file's beam later) or a feature panels lack.  ValueError naming both."""
+    flag = panel_file_flag(opts)
+    if "-clen" in opts and flag != "-geom":
+        raise ValueError(f"-clen {opts['-clen']} gives the camera length a -geom file reads from a data file: give "
+                         "-geom FILE" + (" (an .expt file gives its own)" if flag == "-expt" else ""))
+    if flag is None:
+        return
+    for f in opts.order:
+        if FLAGS[f].replaced and f != "-beam_vector":
+            raise ValueError(f"{f} conflicts with {flag} {opts[flag]}: the detector (its panels, their size, place "
+                             f"and orientation) comes from the file; leave out {f}")
+        if f in _NOT_WITH_PANELS:
+            raise ValueError(f"{f} cannot be used with {flag} {opts[flag]}: {_NOT_WITH_PANELS[f]}")
+
+
+def clen_mm(text: str) -> float:
+    """``-clen`` text → mm: a number with an optional unit ``mm`` (the default) or ``m`` (``125``, ``125mm``,
+    ``0.125 m``).  ValueError naming the flag and the allowed range."""
+    m = _CLEN_RE.match(str(text))
+    if m is None:
+        raise ValueError(f"-clen expects a length with unit mm (the default) or m, e.g. 125, 125mm or 0.125m; got "
+                         f"{text!r}")
+    value = float(m[1]) * (1000.0 if m[2] == "m" else 1.0)
+    if not (math.isfinite(value) and 0 < value <= 1e7):
+        raise ValueError(f"-clen must be > 0 and <= 1e7 mm, got {text}")
+    return value
+
+
+def _from_data_file(text: Optional[str]) -> bool:
+    """Whether a ``clen``/``photon_energy`` text of a .geom file is a data-file location rather than a number."""
+    if not text or not text.split():
+        return False
+    try:
+        float(text.split()[0])
+    except ValueError:
+        return True
+    return False
+
+
+def _energy_eV(inp) -> Optional[float]:
+    """The photon energy (eV) the flags give (``-energy``, or hc/``-lambda``), or None."""
+    if "-energy" in inp.opts:
+        return float(inp.opts["-energy"])
+    return HC_EV_ANGSTROM / float(inp.opts["-lambda"]) if "-lambda" in inp.opts else None
+
+
+def _missing_value(inp, clen: Optional[float], energy: Optional[float]) -> None:
+    """ValueError naming the key (and what to give) when the .geom file reads a value from a data file that the
+    flags do not give; returns when the file fails for another reason."""
+    try:
+        probe = read_geom(inp.path("-geom"), clen=clen or 1.0, photon_energy_eV=energy or 1.0)
+    except (ValueError, OSError):
+        return
+    name = inp.opts["-geom"]
+    where = [p.clen.split()[0] for p in probe.panels if _from_data_file(p.clen)]
+    if clen is None and where:
+        raise ValueError(f"-geom {name}: clen is read from a data file ({where[0]}): give -clen VALUE[mm|m] (mm by "
+                         "default; the file's coffset is added)")
+    if energy is None and probe.beam is not None and _from_data_file(probe.beam[1]):
+        raise ValueError(f"-geom {name}: {probe.beam[0]} is read from a data file ({probe.beam[1].split()[0]}): give "
+                         "-energy eV or -lambda Å")
+
+
+def _read_geometry(inp, read: Callable) -> Geometry:
+    """The .geom file of ``-geom`` with ``-clen`` and the flags' photon energy for values kept in a data file."""
+    clen = clen_mm(inp.opts["-clen"]) if "-clen" in inp.opts else None
+    energy = _energy_eV(inp)
+    try:
+        geometry = read(inp, "-geom", read_geom, clen=clen, photon_energy_eV=energy)
+    except ValueError:
+        _missing_value(inp, clen, energy)
+        raise
+    name = inp.opts["-geom"]
+    if clen is not None and not any(_from_data_file(p.clen) for p in geometry.panels):
+        inp.notes.append(f"-clen ignored: -geom {name} gives clen as a number ({geometry.panels[0].clen})")
+    if geometry.beam is not None and energy is not None and not _from_data_file(geometry.beam[1]):
+        inp.notes.append(f"-geom {name}: {geometry.beam[0]} = {geometry.beam[1]} overridden by "
+                         f"{'-energy' if '-energy' in inp.opts else '-lambda'}")
+    masks = [(p.name, m) for p in geometry.panels for m in p.masks]
+    if masks:
+        panel, m = masks[0]
+        inp.notes.append(f"-geom {name}: the mask kept in a data file ({m.file or 'the image file'} {m.data or ''}"
+                         f"{'' if len(masks) == 1 else f' and {len(masks) - 1} more'}) is left out: only simulating")
+    return geometry
+
+
+def _geom_values(inp, geometry: Geometry, layout: PanelLayout) -> Dict[str, object]:
+    """The flag values a .geom file supplies: the beam along +z, +x E vector and spindle unless given, the file's
+    wavelength unless -lambda/-energy is given."""
+    values: Dict[str, object] = {"-beam_vector": list(layout.beam)}
+    for f in ("-polar_vector", "-spindle_axis"):
+        if f not in inp.opts:
+            values[f] = list(_GEOM_DEFAULT_AXIS)
+    if geometry.wavelength is not None and "-lambda" not in inp.opts and "-energy" not in inp.opts:
+        values["-lambda"] = _checked_wavelength(inp, geometry.wavelength, f"{geometry.beam[0]} = {geometry.beam[1]}")
+    return values
+
+
+def _checked_wavelength(inp, lam: float, what: str) -> float:
+    rng = FLAGS["-lambda"].interval
+    if lam not in rng:
+        flag = PANEL_FILE_FLAGS[0] if "-geom" in inp.opts else PANEL_FILE_FLAGS[1]
+        raise ValueError(f"{flag} {inp.opts[flag]}: {what} gives lambda = {lam:g} Å, outside {rng.text} Å")
+    return float(lam)
+
+
+def _dials_mask(expts: ExperimentList, layout: PanelLayout) -> Optional[bytes]:
+    """``Setup.mask`` of the .expt panels' untrusted rectangles (half-open [x0, x1) × [y0, y1), fast × slow), or
+    None when there are none."""
+    det = expts.detector_of(0)
+    if not any(p.mask for p in det.panels):
+        return None
+    out = np.ones((layout.n_panels, layout.spixels, layout.fpixels), dtype=np.uint8)
+    for k, p in enumerate(det.panels):
+        for x0, y0, x1, y1 in p.mask:
+            out[k, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 0
+    return out.tobytes()
+
+
+def _expt_crystal(expts: ExperimentList, name: str) -> Optional[np.ndarray]:
+    """Real-space basis [3, 3] (Å, columns a, b, c) of the first experiment's crystal, or None when it has none;
+    ValueError naming the file and key for a vector that is not 3 finite numbers or a singular or left-handed
+    basis."""
+    index = expts.experiments[0].crystal
+    if index is None:
+        return None
+    crystal, cols = expts.crystals[index], []
+    for key in ("real_space_a", "real_space_b", "real_space_c"):
+        v = crystal.get(key)
+        ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not ok:
+            raise ValueError(f"-expt {name}: crystal[{index}].{key}: expected 3 finite numbers (Å), got {v!r}")
+        cols.append([float(x) for x in v])
+    M = np.array(cols).T
+    det = float(np.linalg.det(M))
+    scale = float(np.prod(np.linalg.norm(M, axis=0)))
+    if not abs(det) > 1e-9 * scale:
+        raise ValueError(f"-expt {name}: crystal[{index}]: real_space_a, b, c are coplanar (a singular cell)")
+    if det < 0:
+        raise ValueError(f"-expt {name}: crystal[{index}]: real_space_a, b, c are left-handed (a · b × c < 0)")
+    return M
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=float)
+    return v / np.linalg.norm(v)
+
+
+def _expt_values(inp, expts: ExperimentList) -> Dict[str, object]:
+    """The flag values an .expt file's first beam supplies: -beam_vector (−direction), -lambda, -polar (Kahn factor)
+    and -polar_vector (beam × polarization_normal)."""
+    beam, name = expts.beam_of(0), inp.opts["-expt"]
+    s0 = -_unit(beam.direction)
+    e = np.cross(s0, np.asarray(beam.polarization_normal, dtype=float))
+    if not np.linalg.norm(e) > 1e-6 * max(np.linalg.norm(beam.polarization_normal), 1e-300):
+        raise ValueError(f"-expt {name}: beam[0].polarization_normal is along the beam: the plane of polarization is "
+                         "undefined")
+    if beam.divergence > 0 or beam.sigma_divergence > 0:
+        inp.notes.append(f"-expt {name}: the beam's divergence is not simulated (give -divergence)")
+    return {"-beam_vector": [float(x) for x in s0], "-lambda": _checked_wavelength(inp, beam.wavelength,
+            "beam[0].wavelength"), "-polar": float(beam.kahn_factor), "-polar_vector": [float(x) for x in _unit(e)]}
+
+
+def _last_index(order: Sequence[str], flag: str) -> int:
+    return max((i for i, f in enumerate(order) if f == flag), default=-1)
+
+
+def _merge(inp, flag: str, values: Dict[str, object], crystal_in_file: bool) -> Tuple[NanoBraggArgs, bool]:
+    """The build's flags with the file's ``values`` merged in: a value the flags give after ``flag`` (or, same
+    value, a flag of :data:`_SAME_VALUE`) is kept, an earlier one is replaced (with a note).  Returns the flags and
+    whether the file's crystal is used (no -cell/-mat after it)."""
+    opts, at = inp.opts, _last_index(inp.opts.order, flag)
+    merged = NanoBraggArgs(opts)
+    merged.order = list(opts.order)
+    keys = list(values) + (["crystal"] if crystal_in_file else [])
+    use_crystal = crystal_in_file
+    for key in keys:
+        group = _SAME_VALUE.get(key, (key,))
+        if any(_last_index(opts.order, g) > at for g in group):
+            use_crystal = use_crystal and key != "crystal"
+            continue
+        for g in group:
+            if g in merged:
+                inp.notes.append(f"{g} before {flag} {opts[flag]}: the file's value is used (give {g} after "
+                                 f"{flag} to override it)")
+                del merged[g]
+                merged.order = [f for f in merged.order if f != g]
+        if key != "crystal":
+            merged[key] = values[key]
+            merged.order.insert(merged.order.index(flag), key)
+    return merged, use_crystal
+
+
+def _check_beam_vector(inp, flag: str, beam: Sequence[float]) -> None:
+    """-beam_vector given with a detector file must run along the file's beam."""
+    given = inp.opts.get("-beam_vector")
+    if given is None:
+        return
+    g = np.asarray(given, dtype=float)
+    if not (np.linalg.norm(g) > 0 and float(np.dot(_unit(g), beam)) > 1 - 1e-9):
+        raise ValueError(f"-beam_vector {' '.join(fmt_num(x) for x in given)} conflicts with {flag} "
+                         f"{inp.opts[flag]}: the beam runs along {' '.join(fmt_num(x) for x in beam)} in the "
+                         "file's lab frame; leave out -beam_vector")
+
+
+def panel_source(inp, read: Callable) -> Optional[PanelSource]:
+    """Read the detector file of ``-geom``/``-expt`` (None without one) and merge the values it supplies into
+    ``inp.opts`` (a copy; see the module docstring), notes into ``inp.notes``.
+
+    ``inp``: the build's :class:`~nbtorch.args.build.Inputs`; ``read(inp, flag, reader, *args, **kw)``: the build's
+    reader (errors as one line naming the flag and the file).  ValueError naming the flag, file and key."""
+    flag = panel_file_flag(inp.opts)
+    if flag is None:
+        return None
+    name = inp.opts[flag]
+    if flag == "-geom":
+        geometry = _read_geometry(inp, read)
+        layout = layout_from_crystfel(geometry)
+        mask = geometry_mask(geometry)
+        source = PanelSource(flag, name, layout, None if mask.all() else mask.tobytes(), geometry)
+        values, crystal = _geom_values(inp, geometry, layout), None
+    else:
+        expts = read(inp, "-expt", read_expt)
+        _check_experiment(expts, name)
+        if len(expts.experiments) > 1:
+            inp.notes.append(f"-expt {name}: {len(expts.experiments)} experiments; the first is simulated")
+        layout = layout_from_dials(expts.detector_of(0), expts.beam_of(0).direction)
+        source = PanelSource(flag, name, layout, _dials_mask(expts, layout))
+        values, crystal = _expt_values(inp, expts), _expt_crystal(expts, name)
+    _check_beam_vector(inp, flag, layout.beam)
+    inp.opts, use_crystal = _merge(inp, flag, values, crystal is not None)
+    if flag == "-expt" and crystal is None and not any(f in inp.opts for f in ("-cell", "-mat")):
+        raise ValueError(f"-expt {name}: the first experiment has no crystal: give -cell or -mat")
+    return source._replace(crystal=crystal if use_crystal else None)
+
+
+def _check_experiment(expts: ExperimentList, name: str) -> None:
+    """The first experiment must have a detector and a beam (a note-free ValueError naming what is missing)."""
+    if not expts.experiments:
+        raise ValueError(f"-expt {name}: the file holds no experiment")
+    for what, model in (("detector", expts.detector_of(0)), ("beam", expts.beam_of(0))):
+        if model is None:
+            raise ValueError(f"-expt {name}: the first experiment has no {what}")
+
