@@ -4,7 +4,8 @@
 Every workload runs in a fresh process (``benchmarks.workloads``) so that its peak RSS and, for the command lines,
 its whole wall time (start-up and compilation included) are measured.  With ``NB_C_BINARY`` naming a nanoBragg
 executable the C program runs the same cases in the same run, and the figures are reported as ratios to it.
-Options: ``--threads T`` (default 2), ``--quick`` (skip the gradient-stability workload and the eager float64 case B).
+Panel detectors against one panel (``benchmarks.panels``) have their own section.  Options: ``--threads T`` (default
+2), ``--quick`` (skip the gradient-stability workload and the eager float64 case B; the panel comparison ``--small``).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .report import write_results
-from .runner import env, timed, workload
+from .report import write_panels, write_results
+from .runner import env, module_json, timed, workload
 from .workloads import CASE_A, CASE_B
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -80,8 +81,10 @@ def main(argv=None) -> None:
         if not a.quick:
             res["gradient_stability"] = workload("gradient_stability", a.threads)
         res["refinement"] = refinement(a.threads, tmp)
+    res["panels"] = module_json("benchmarks.panels", a.threads, *(["--small"] if a.quick else []))
     (HERE / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     write_results(res, HERE / "RESULTS.md")
+    write_panels(res["panels"], HERE / "RESULTS.md")
     print((HERE / "RESULTS.md").read_text())
 
 

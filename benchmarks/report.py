@@ -6,6 +6,7 @@ import re
 from typing import List, Optional
 
 HEADING = "## Performance"
+PANEL_HEADING = "## Panel detectors"
 
 
 def _ratio(x: Optional[float], ref: Optional[float]) -> str:
@@ -84,14 +85,72 @@ def section(res: dict) -> str:
     return "\n".join(head + _c_rows(res) + _other_rows(res)) + "\n"
 
 
-def write_results(res: dict, path: pathlib.Path) -> None:
-    """Replace (or add, first) the Performance section of ``path``; other sections are kept as they are."""
+def replace_section(path: pathlib.Path, heading: str, new: str, first: bool = True) -> None:
+    """Replace the section of ``path`` that starts with the line ``heading`` by ``new`` (its heading included), or
+    add it after the title (``first``) or at the end; other sections are kept as they are."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    new = section(res)
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: new + "\n", text, count=1)
-    else:
+    elif first:
         title, _, rest = text.partition("\n")
         text = f"{title}\n\n{new}\n{rest.lstrip()}"
+    else:
+        text = f"{text.rstrip()}\n\n{new}"
     path.write_text(text.rstrip() + "\n")
+
+
+def write_results(res: dict, path: pathlib.Path) -> None:
+    """Replace (or add, first) the Performance section of ``path``; other sections are kept as they are."""
+    replace_section(path, HEADING, section(res))
+
+
+def _panel_rows(res: dict) -> List[str]:
+    rows = []
+    for key, run in res["runs"].items():
+        if key.endswith("_C"):
+            continue
+        workload, dtype = key.split("_")
+        for name, d in run["detectors"].items():
+            n = run["samples_per_pixel"]
+            rows.append(f"| {workload} ({n} sample{'s' if n != 1 else ''} per pixel) | {dtype} | {name} | "
+                        f"{_s(d['warm_s'])} | {d['ns_per_sample']:.3g} | {run['ratio_to_1_panel'][name]:.3g}× | "
+                        f"{run['ratio_to_nanobragg'][name]:.3g}× | {_s(d['first_s'])} |")
+    return rows
+
+
+def _panel_c_rows(res: dict) -> List[str]:
+    rows = []
+    for key, c in res["runs"].items():
+        if not key.endswith("_C"):
+            continue
+        workload = key[:-2]
+        for dtype in ("float32", "float64"):
+            t = res["runs"][f"{workload}_{dtype}"]["detectors"]["64 panels"]["warm_s"]
+            rows.append(f"| {workload} | {c['processes']} C processes (one per ASIC): {_s(c['seconds'])} | nbtorch "
+                        f"64 panels, {dtype}, one warm call: {_s(t)} | {_ratio(t, c['seconds'])} |")
+    return rows
+
+
+def panel_section(res: dict) -> str:
+    """The markdown section of ``python -m benchmarks.panels`` figures ``res`` (heading included)."""
+    side = 8 * res["asic"]
+    n16 = [res["runs"][f"{w}_{d}"]["ratio_to_1_panel"]["16 panels"] for w in ("light", "mosaic")
+           for d in ("float32", "float64") if f"{w}_{d}" in res["runs"]]
+    head = [PANEL_HEADING, "", f"`python -m benchmarks.panels{' --small' if res['asic'] < 256 else ''}` on "
+            f"{res['machine']}: a Jungfrau-4M-like detector ({res['asic']}² ASICs, 8 modules of 2 × 4) as 64, 16 "
+            f"and 8 panels against one {side} × {side} panel (a panel layout, and nanoBragg's own detector), "
+            f"{side * side} pixels each; {'compiled kernel' if res.get('fused', True) else 'eager code'}, warm, best of {res['repeat']} rounds taken in turns.  "
+            f"Issue 20's target, 16 panels within 1.10× of one panel per sample: worst ratio "
+            f"{max(n16):.3g}× ({'met' if max(n16) <= 1.10 else 'not met'}).", "",
+            "| workload | dtype | detector | warm | ns/sample | vs 1 panel | vs nanoBragg detector | first call |",
+            "|---|---|---|---:|---:|---:|---:|---:|"]
+    c = _panel_c_rows(res)
+    tail = (["", "| workload | C nanoBragg | nbtorch | ratio |", "|---|---|---|---:|"] + c) if c else \
+        ["", "No C program given (`NB_C_BINARY`): the comparison with nanoBragg run once per ASIC was skipped."]
+    return "\n".join(head + _panel_rows(res) + tail) + "\n"
+
+
+def write_panels(res: dict, path: pathlib.Path) -> None:
+    """Replace (or add, last) the "Panel detectors" section of ``path``."""
+    replace_section(path, PANEL_HEADING, panel_section(res), first=False)

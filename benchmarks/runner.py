@@ -32,10 +32,15 @@ def timed(cmd: List[str], environ: Dict[str, str], cwd: str, timeout: int = 3600
     return time.perf_counter() - t
 
 
-def workload(name: str, threads: int, *args: str, cache: Optional[str] = None) -> dict:
-    """Run ``benchmarks.workloads NAME`` in a fresh process → its JSON figures."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.workloads", name, "--threads", str(threads), *args],
+def module_json(module: str, threads: int, *args: str, cache: Optional[str] = None) -> dict:
+    """Run ``python -m MODULE ARGS --threads T`` in a fresh process → the JSON figures of its last output line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args, "--threads", str(threads)],
                           env=env(threads, cache), capture_output=True, text=True, timeout=7200, cwd=ROOT)
     if proc.returncode:
-        raise RuntimeError(f"workload {name} failed: {proc.stderr[-800:]}")
+        raise RuntimeError(f"{module} {' '.join(args)} failed: {proc.stderr[-800:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def workload(name: str, threads: int, *args: str, cache: Optional[str] = None) -> dict:
+    """Run ``benchmarks.workloads NAME`` in a fresh process → its JSON figures."""
+    return module_json("benchmarks.workloads", threads, name, *args, cache=cache)
