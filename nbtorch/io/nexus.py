@@ -474,12 +474,7 @@ def write_nxmx(
             (:func:`nxmx_geometry`).  ImportError: h5py is not installed.
     """
     h5py = _h5py()
-    name = display_name(path)
-    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-    if arr.shape != tuple(setup.image_shape):
-        what = "(panels, spixels, fpixels)" if setup.panels is not None else "(spixels, fpixels)"
-        raise ValueError(f"write_nxmx {name}: image shape {arr.shape} is not {what} = {tuple(setup.image_shape)}")
-    check_finite(arr, f"write_nxmx {name}")
+    arr = _image_array(image, setup, f"write_nxmx {display_name(path)}")
     geo = nxmx_geometry(params, setup, sensor_material=sensor_material, sensor_thickness_mm=sensor_thickness_mm,
                         saturation_value=saturation_value)
     stamp = _timestamp(start_time)
@@ -509,6 +504,17 @@ def write_nxmx(
         _field(source, "probe", "x-ray")
         inst["source"] = source
     atomic_write(path, buf.getvalue())
+
+
+def _image_array(image, setup, where: str) -> np.ndarray:
+    """``image`` (array or tensor) as a numpy array of ``setup.image_shape`` with finite values, else ``ValueError``
+    starting with ``where``."""
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if arr.shape != tuple(setup.image_shape):
+        what = "(panels, spixels, fpixels)" if setup.panels is not None else "(spixels, fpixels)"
+        raise ValueError(f"{where}: image shape {arr.shape} is not {what} = {tuple(setup.image_shape)}")
+    check_finite(arr, where)
+    return arr
 
 
 def _pixel_mask(setup) -> np.ndarray:
@@ -798,10 +804,13 @@ def _read_frame(entry, det, rank: int, name: str) -> np.ndarray:
     return np.asarray(frame)
 
 
-def _frame_rank(modules) -> int:
-    """Rank of one frame of the data: the length of the modules' data_origin (2 without one)."""
-    m = modules[0]
-    return int(np.asarray(m["data_origin"][()]).size) if "data_origin" in m else 2
+def _frame_rank(modules, name: str) -> int:
+    """Rank of one frame of the data: the length of the modules' data_origin (2 without one); ``ValueError`` where
+    the modules disagree."""
+    ranks = {int(np.asarray(m["data_origin"][()]).size) for m in modules if "data_origin" in m} or {2}
+    if len(ranks) > 1:
+        raise ValueError(f"{name}: the NXdetector_modules' data_origin have different lengths {sorted(ranks)}")
+    return ranks.pop()
 
 
 def _observed(data: np.ndarray, header: dict, overload, geo: NexusGeometry, pm, blocks, name: str):
@@ -857,13 +866,13 @@ def read_nxmx(path: str | os.PathLike, overload: Optional[float] = None):
         modules = _nx_children(det, "NXdetector_module")
         if not modules:
             raise ValueError(f"{name}: the NXdetector {det.name} has no NXdetector_module")
-        frame = _read_frame(entry, det, _frame_rank(modules), name)
+        frame = _read_frame(entry, det, _frame_rank(modules, name), name)
         blocks = _module_blocks(modules, frame.shape, name)
         geo = _read_geometry(entry, det, blocks, name)
         pm = np.asarray(det["pixel_mask"][()]) if "pixel_mask" in det else None
         header = {"definition": "NXmx", "instrument": _text(det.parent["name"]) if "name" in det.parent else "",
                   "sensor_material": geo.sensor_material}
-    if pm is not None and pm.ndim == frame.ndim + 1:
+    if pm is not None and pm.shape[1:] == frame.shape:
         pm = pm[0]
     if pm is not None and pm.shape != frame.shape:
         raise ValueError(f"{name}: pixel_mask has shape {list(pm.shape)} but the image frames {list(frame.shape)}")

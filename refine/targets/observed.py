@@ -1,7 +1,14 @@
 """Reading an observed image for a model: the one place every refine entry (``nbtorch-refine``, its ``--images``
-modes, ``nbtorch-sweep`` and ``refine.fit`` given a path) turns a file into photons on the model's detector."""
+modes, ``nbtorch-sweep`` and ``refine.fit`` given a path) turns a file into photons on the model's detector.
+
+A panel detector's image (``Setup.panels``) is ``[P, S, F]``; its files come in the layouts detectors write: the
+file's data slab (raw, SMV, CBF or HDF5; the panels at their CrystFEL ``min/max_fs/ss`` places when the detector
+came from a ``.geom``), the panels stacked along slow (``[P·S, F]``, as nbtorch writes SMV for panels), HDF5
+``[P, S, F]``, or NXmx with one module per panel.
+"""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Optional
@@ -9,44 +16,148 @@ from typing import Optional
 import numpy as np
 import torch
 
-from nbtorch.io.images import RAW_EXTENSIONS, HeaderWarning, ObservedImage, header_mismatches, read_image
+from nbtorch.io.crystfel import geometry_mask, slab_shape, slab_to_panels
+from nbtorch.io.images import RAW_EXTENSIONS, HeaderWarning, ObservedImage, header_mismatches, read_image, to_photons
+from nbtorch.io.nexus import is_nxmx
+from nbtorch.io.observed import observed_image
+from nbtorch.pixels import panel_extent_mask
 from nbtorch.types import Params, Setup
+
+#: Where a CrystFEL detector keeps its data in an HDF5 file when no ``.geom`` says otherwise.
+DEFAULT_HDF5_DATA = "/data/data"
+
 
 def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, label: str = "OBSERVED",
                   overload: Optional[float] = None, adc: Optional[float] = None,
-                  gain: Optional[float] = None) -> ObservedImage:
-    """The image at ``path`` in photons, ``data`` [spixels, fpixels]: (value − ``adc``) / ``gain`` (None: the
-    header's, else 0 and 1); raw float files take their shape from ``setup``; ``overload`` (counts) marks saturated
-    pixels.  ``ValueError`` whose one line starts with ``label`` and the path when the file cannot be read or its
-    size is not the model's.  With ``params``, first a :class:`~nbtorch.io.images.HeaderWarning` line for each of the
-    header's pixel size (mm), distance (mm) and wavelength (Å) that disagrees with the model beyond the header's
-    precision."""
-    raw = os.path.splitext(path)[1].lower() in RAW_EXTENSIONS
+                  gain: Optional[float] = None, geometry=None) -> ObservedImage:
+    """The image at ``path`` in photons, ``data`` ``setup.image_shape`` ([spixels, fpixels], or [P, S, F] for a
+    panel detector): (value − ``adc``) / ``gain`` (None: the header's, else 0 and 1); ``overload`` (counts) marks
+    saturated pixels.  Raw float files take their shape from ``setup`` (a panel detector's: the data slab of
+    ``geometry``, else [P·S, F]).
+
+    Panel detectors: ``geometry`` is the CrystFEL :class:`~nbtorch.io.crystfel.Geometry` the detector came from, or
+    None.  A file holding the data slab (raw, SMV, CBF, HDF5 at the panels' ``data`` location, default
+    ``/data/data``, first frame) is cut into panels by :func:`~nbtorch.io.crystfel.slab_to_panels` and its pixels
+    masked as :func:`~nbtorch.io.crystfel.geometry_mask` says (with the masks an HDF5 image keeps in itself);
+    ``[P, S, F]`` (HDF5, NXmx with one module per panel) and ``[P·S, F]`` (panels stacked along slow) are taken as
+    they are.  A smaller panel's padding is never usable.
+
+    ``ValueError`` whose one line starts with ``label`` and the path when the file cannot be read or its size is not
+    the model's (naming both shapes).  With ``params``, first a :class:`~nbtorch.io.images.HeaderWarning` line for
+    each of the header's pixel size (mm), distance (mm; one-panel detectors) and wavelength (Å) that disagrees with
+    the model beyond the header's precision."""
     try:
-        obs = read_image(path, shape=(setup.spixels, setup.fpixels) if raw else None, overload=overload, adc=adc,
-                         gain=gain)
+        obs, data_file = _read(path, setup, geometry, overload, adc, gain)
     except (ValueError, OSError, ImportError) as exc:
         text = " ".join(str(exc).split())
         raise ValueError(f"{label} {text}" if text.startswith(path) else f"{label} {path}: {text}") from None
     if params is not None:
         given = {"pixel_size_mm": ("-pixel", setup.pixel_size),
                  "wavelength_A": ("-lambda", float(params.beam.wavelength))}
-        if not setup.distance_is_close:
+        if not setup.distance_is_close and setup.panels is None:
             given["distance_mm"] = ("-distance", float(params.detector.distance))
         for line in header_mismatches(obs, f"{label} {path}", given):
             warnings.warn(line, HeaderWarning, stacklevel=2)
+    if setup.panels is not None:
+        return _as_panels(obs, setup, geometry, data_file, f"{label} {path}")
     if obs.data.shape != (setup.spixels, setup.fpixels):
         raise ValueError(f"{label} {path} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
                          f"flags describe a {setup.fpixels}×{setup.spixels} detector")
     return obs
 
 
-def observed_array(observed, setup: Setup):
+def _stacked(setup: Setup) -> tuple:
+    """(P·S, F): a panel detector's images stacked along slow."""
+    return (setup.n_panels * setup.spixels, setup.fpixels)
+
+
+def _read(path: str, setup: Setup, geometry, overload, adc, gain):
+    """(the file's image in photons in the file's own layout, the path when it is a plain HDF5 data file else
+    None)."""
+    raw = os.path.splitext(path)[1].lower() in RAW_EXTENSIONS
+    if setup.panels is None:
+        return read_image(path, shape=(setup.spixels, setup.fpixels) if raw else None, overload=overload, adc=adc,
+                          gain=gain), None
+    if raw:
+        want = slab_shape(geometry) if geometry is not None else _stacked(setup)
+        return read_image(path, shape=(math.prod(want[:-1]), want[-1]), overload=overload, adc=adc, gain=gain), None
+    if _plain_hdf5(path):
+        return _read_hdf5(path, setup, geometry, overload, adc, gain), path
+    return read_image(path, overload=overload, adc=adc, gain=gain), None
+
+
+def _plain_hdf5(path: str) -> bool:
+    """An HDF5 file that is not NXmx (False where h5py is missing: :func:`read_image` then says what to install)."""
+    try:
+        import h5py  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError:
+        return False
+    return bool(h5py.is_hdf5(path)) and not is_nxmx(path)
+
+
+def _read_hdf5(path: str, setup: Setup, geometry, overload, adc, gain) -> ObservedImage:
+    """The first frame of the HDF5 dataset a panel detector reads (the geometry's ``data`` location, else
+    ``/data/data``) as an :class:`ObservedImage` of the frame's shape, in photons: the dataset itself where it is
+    ``[P, S, F]``, ``[P·S, F]`` or the geometry's slab, else its first entry along the first axis."""
+    import h5py  # noqa: PLC0415 - optional dependency, imported lazily
+
+    location = geometry.panels[0].data if geometry is not None else DEFAULT_HDF5_DATA
+    frames = {tuple(setup.image_shape), _stacked(setup)} | ({tuple(slab_shape(geometry))} if geometry else set())
+    with h5py.File(path, "r") as f:
+        ds = f.get(location)
+        if not isinstance(ds, h5py.Dataset):
+            raise ValueError(f"{path}: an HDF5 file without the image dataset {location} (nor NXmx)")
+        whole = tuple(ds.shape) in frames or (tuple(ds.shape[1:]) not in frames and ds.ndim <= 3)
+        frame = np.asarray(ds[()] if whole else ds[0])
+    if frame.ndim < 2:
+        raise ValueError(f"{path}: {location} has shape {list(frame.shape)}; expected an image")
+    flat = observed_image(frame.reshape(-1, frame.shape[-1]), {"location": location}, overload, None, None, None,
+                          None)
+    obs = _shaped(flat, frame.shape)
+    return to_photons(obs, path, adc, gain)
+
+
+def _shaped(obs: ObservedImage, shape) -> ObservedImage:
+    """``obs`` with its pixel arrays reshaped to ``shape`` (size stays (fast, slow) of the last two axes)."""
+    return obs._replace(data=obs.data.reshape(shape), mask=obs.mask.reshape(shape),
+                        saturated=obs.saturated.reshape(shape), size=(shape[-1], shape[-2]))
+
+
+def _as_panels(obs: ObservedImage, setup: Setup, geometry, data_file, where: str) -> ObservedImage:
+    """``obs`` as the panel images ``setup.image_shape`` [P, S, F]: as it is, a CrystFEL data slab cut by
+    ``geometry`` (masked as the geometry says, with the masks kept in ``data_file``, an HDF5 image, or None), or
+    panels stacked along slow; ``ValueError`` starting with ``where`` naming both shapes."""
+    want = tuple(setup.image_shape)
+    shape = tuple(obs.data.shape)
+    slab = tuple(slab_shape(geometry)) if geometry is not None else None
+    if shape == want:
+        out = obs
+    elif slab is not None and obs.data.size == math.prod(slab) and shape in (slab, (math.prod(slab[:-1]), slab[-1]),
+                                                                             (1, *slab)):
+        cut = {k: slab_to_panels(getattr(obs, k).reshape(slab), geometry) for k in ("data", "mask", "saturated")}
+        out = obs._replace(**cut)
+        try:
+            good = geometry_mask(geometry, data_file) != 0
+        except ValueError as exc:
+            raise ValueError(f"{where}: {' '.join(str(exc).split())}") from None
+        out = out._replace(mask=out.mask & good)
+    elif shape == _stacked(setup):
+        out = _shaped(obs, want)
+    else:
+        layouts = f"[P, S, F] = {list(want)}, panels stacked along slow {list(_stacked(setup))}"
+        if slab is not None:
+            layouts += f" or the geometry's data slab {list(slab)}"
+        raise ValueError(f"{where} is {list(shape)} but the model's panel detector needs {layouts}")
+    out = _shaped(out, want)
+    return out._replace(mask=out.mask & panel_extent_mask(setup))
+
+
+def observed_array(observed, setup: Setup, geometry=None):
     """An observed image (tensor, array, :class:`nbtorch.io.images.ObservedImage` or a path read with
-    :func:`nbtorch.io.images.read_image`, raw files taking their shape from ``setup``) → (float64 array [slow, fast],
-    its own mask (bool [slow, fast]) or None)."""
+    :func:`read_observed`, raw files taking their shape from ``setup``; ``geometry`` the CrystFEL geometry of a panel
+    detector, see there) → (float64 array ``setup.image_shape``, its own mask (bool, same shape) or None)."""
     if isinstance(observed, str) or hasattr(observed, "__fspath__"):
-        observed = read_observed(os.fspath(observed), setup, label="observed")
+        observed = read_observed(os.fspath(observed), setup, label="observed", geometry=geometry)
     if isinstance(observed, ObservedImage):
         return np.asarray(observed.data, dtype=np.float64), np.asarray(observed.mask, dtype=bool)
     if torch.is_tensor(observed):
