@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from ._atomic import atomic_write
@@ -27,7 +27,7 @@ __all__ = [
     "Panel", "Group", "BadRegion", "Mask", "Geometry", "GeometryFileError",
     "read_geom", "parse_geom", "write_geom", "format_geom", "pixel_centers", "panel_normal", "panel_with_lab_frame",
     "bad_pixels", "ORTHOGONALITY_TOLERANCE", "slab_shape", "slab_to_panels", "panels_to_slab", "geometry_mask",
-    "moved_geometry",
+    "moved_geometry", "data_file_masks",
 ]
 
 Vec = Tuple[float, float, float]
@@ -66,12 +66,16 @@ class GeometryFileError(ValueError):
 @dataclass(frozen=True)
 class Mask:
     """One bad-pixel mask of a panel (``maskN_data/_file/_goodbits/_badbits``; ``mask``… is mask 0).  ``data``: the
-    location in the data (or mask) file; ``file``: a separate mask file or None (the image's own file)."""
+    location in the data (or mask) file; ``file``: a separate mask file or None (the image's own file).  A pixel is
+    bad where its mask value lacks a bit of ``good_bits`` or has a bit of ``bad_bits`` (None: 0).  ``line``/``key``:
+    where the file names the mask (its ``…_file`` line if it has one), for messages; not compared."""
     index: int
     data: Optional[str] = None
     file: Optional[str] = None
     good_bits: Optional[int] = None
     bad_bits: Optional[int] = None
+    line: int = field(default=0, compare=False, repr=False)
+    key: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,8 @@ class Geometry:
     ``panels`` in file order; ``groups`` the hierarchy, children before parents and the root ``all`` last;
     ``bad_regions`` in file order; ``photon_energy_eV`` the beam's photon energy (None when the file gives none);
     ``beam``: the file's ``(key, text)`` for it; ``rigid_groups``/``rigid_group_collections``: the older lines as
-    ``(name, members)``; ``extra``: global keys kept without use.
+    ``(name, members)``; ``extra``: global keys kept without use; ``source``: the file it was read from (for
+    messages, and to find mask files named relative to it; not compared).
     """
     panels: Tuple[Panel, ...]
     groups: Tuple[Group, ...]
@@ -174,6 +179,7 @@ class Geometry:
     rigid_groups: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
     rigid_group_collections: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
     extra: Tuple[Tuple[str, str], ...] = ()
+    source: Optional[str] = field(default=None, compare=False)
 
     @property
     def wavelength(self) -> Optional[float]:
@@ -217,10 +223,11 @@ class Geometry:
 
 
 class _Ctx:
-    """The file name for messages."""
+    """The file name for messages, and each line's key as the file spells it."""
 
     def __init__(self, name: str):
         self.name = name
+        self.keys: Dict[int, str] = {}
 
     def error(self, lineno: int, key: str, problem: str) -> GeometryFileError:
         return GeometryFileError(f"{self.name}, line {lineno}: {key}: {problem}")
@@ -240,6 +247,7 @@ def _lines(raw: bytes, ctx: _Ctx):
         if "=" not in line:
             raise GeometryFileError(f"{ctx.name}, line {lineno}: expected 'key = value', got {line[:120]!r}")
         key, value = (s.strip() for s in line.split("=", 1))
+        ctx.keys[lineno] = key
         yield lineno, key, value
 
 
@@ -373,22 +381,80 @@ def _collect(raw_bytes: bytes, ctx: _Ctx) -> _Raw:
     return raw
 
 
-def _clen_m(ctx: _Ctx, lineno: int, text: str, clen_mm: Optional[float]) -> float:
-    """``clen`` text → metres: a number (m unless ``mm``/``m`` follows) or a data-file location (→ ``clen_mm``)."""
+class _Values:
+    """Values the file takes from a data file (``clen = /LCLS/detector_1/EncoderValue``): the ones given to
+    :func:`read_geom` (clen in mm, photon energy in eV) first, else read from ``data_file`` (HDF5: a scalar, or one
+    value per frame, ``frame`` picking one)."""
+
+    def __init__(self, clen_mm, energy_eV, data_file, frame: int):
+        self.given = {"clen": clen_mm, "photon_energy": energy_eV}
+        self.data_file, self.frame = data_file, frame
+
+    def read(self, ctx: _Ctx, lineno: int, key: str, location: str) -> Optional[float]:
+        """The value at ``location`` in the data file, in the file's own unit (None without a data file)."""
+        if self.data_file is None:
+            return None
+        name = display_name(self.data_file)
+        array = _h5_read(ctx, lineno, key, self.data_file, location, "the data file")
+        flat = array.reshape(-1)
+        if flat.dtype.kind not in "iuf" or flat.size == 0:
+            raise ctx.error(lineno, key, f"{location} in {name} is not a number ({array.dtype}, shape "
+                                         f"{list(array.shape)})")
+        if flat.size > 1 and not 0 <= self.frame < flat.size:
+            raise ctx.error(lineno, key, f"{location} in {name} has {flat.size} values; there is no frame {self.frame}")
+        value = float(flat[self.frame if flat.size > 1 else 0])
+        if not math.isfinite(value):
+            raise ctx.error(lineno, key, f"{location} in {name} is {value}")
+        return value
+
+
+def _h5_read(ctx: _Ctx, lineno: int, key: str, path, location: str, what: str, pick=None):
+    """The array at ``location`` of the HDF5 file ``path`` (numpy; ``pick(dataset)`` reads part of it, default
+    all); errors name the geometry line, key and file."""
+    import numpy as np
+
+    try:
+        import h5py  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError:
+        raise ctx.error(lineno, key, f"reading {what} {display_name(path)} needs the optional 'h5py' package: pip "
+                                     "install nbtorch[io]") from None
+    name = display_name(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            if location not in h5 or not hasattr(h5[location], "shape"):
+                raise ctx.error(lineno, key, f"{what} {name} has no dataset {location}")
+            dataset = h5[location]
+            return np.asarray(dataset[()] if pick is None else pick(dataset))
+    except OSError as exc:
+        raise ctx.error(lineno, key, f"cannot read {what} {name} as HDF5 ({exc})") from None
+
+
+def _clen_m(ctx: _Ctx, lineno: int, text: str, values: _Values) -> float:
+    """``clen`` text → metres: a number (m unless ``mm``/``m`` follows) or a data-file location (the value given
+    in mm, else the data file's, in mm unless ``m`` follows, as CrystFEL reads it)."""
     parts = text.split()
     if len(parts) not in (1, 2) or (len(parts) == 2 and parts[1] not in ("m", "mm")):
         raise ctx.error(lineno, "clen", f"expected a number or a data-file location with optional unit m or mm, "
                                         f"got {text!r}")
     if _FLOAT_RE.match(parts[0]):
         return _float(ctx, lineno, "clen", parts[0]) * (1e-3 if parts[1:] == ["mm"] else 1.0)
-    if clen_mm is None:
+    if values.given["clen"] is not None:
+        return float(values.given["clen"]) * 1e-3
+    value = values.read(ctx, lineno, "clen", parts[0])
+    if value is None:
         raise ctx.error(lineno, "clen", f"the camera length is read from the data file ({parts[0]}): give its value "
-                                        "(clen=VALUE in mm)")
-    return float(clen_mm) * 1e-3
+                                        "(clen=VALUE in mm) or the data file")
+    return value * (1.0 if parts[1:] == ["m"] else 1e-3)
 
 
-def _photon_energy(raw: _Raw, ctx: _Ctx, energy_eV: Optional[float]):
+#: Units of the beam keys (to eV for photon_energy, to Å for wavelength).
+_BEAM_UNITS = {"photon_energy": {None: 1.0, "eV": 1.0, "keV": 1e3}, "wavelength": {"m": 1e10, "A": 1.0}}
+
+
+def _photon_energy(raw: _Raw, ctx: _Ctx, values: _Values):
     """``(photon energy in eV or None, (key, text) or None)`` from ``photon_energy`` / ``wavelength``."""
+    from ..units import HC_EV_ANGSTROM
+
     keys = [k for k in ("photon_energy", "wavelength") if k in raw.glob]
     if not keys:
         return None, None
@@ -397,24 +463,24 @@ def _photon_energy(raw: _Raw, ctx: _Ctx, energy_eV: Optional[float]):
     key = keys[0]
     text, lineno = raw.glob[key]
     parts = text.split()
-    units = {"photon_energy": {None: 1.0, "eV": 1.0, "keV": 1e3}, "wavelength": {"m": 1e10, "A": 1.0}}[key]
+    units = _BEAM_UNITS[key]
     unit = parts[1] if len(parts) == 2 else None
     if len(parts) not in (1, 2) or unit not in units:
         raise ctx.error(lineno, key, f"expected a number or data-file location with unit "
                                      f"{' or '.join(u for u in units if u)}, got {text!r}")
-    if not _FLOAT_RE.match(parts[0]):
-        if energy_eV is None:
+    if _FLOAT_RE.match(parts[0]):
+        value = _float(ctx, lineno, key, parts[0])
+    elif values.given["photon_energy"] is not None:
+        return float(values.given["photon_energy"]), (key, text)
+    else:
+        value = values.read(ctx, lineno, key, parts[0])
+        if value is None:
             raise ctx.error(lineno, key, f"the beam energy is read from the data file ({parts[0]}): give its value "
-                                         "(photon_energy_eV=…)")
-        return float(energy_eV), (key, text)
-    value = _float(ctx, lineno, key, parts[0]) * units[unit]
+                                         "(photon_energy_eV=…) or the data file")
     if value <= 0:
-        raise ctx.error(lineno, key, f"must be > 0, got {text!r}")
-    if key == "photon_energy":
-        return value, (key, text)
-    from ..units import HC_EV_ANGSTROM
-
-    return HC_EV_ANGSTROM / value, (key, text)
+        raise ctx.error(lineno, key, f"must be > 0, got {value!r} ({text!r})")
+    value *= units[unit]
+    return (value if key == "photon_energy" else HC_EV_ANGSTROM / value), (key, text)
 
 
 def _dims(ctx: _Ctx, keys: Dict[str, Tuple[str, int]], where: str) -> Tuple[str, ...]:
@@ -451,11 +517,13 @@ def _masks(ctx: _Ctx, keys: Dict[str, Tuple[str, int]], where: str) -> Tuple[Mas
             raise ctx.error(lineno, f"{where}mask{index}_data", "a mask file or good/bad bits but no mask location "
                                                                  f"(mask{index}_data, or mask for mask 0)")
         val = {k: v[0] for k, v in got.items()}
-        out.append(Mask(index, val.get("data"), val.get("file"), val.get("goodbits"), val.get("badbits")))
+        lineno = got.get("file", got["data"])[1]
+        out.append(Mask(index, val.get("data"), val.get("file"), val.get("goodbits"), val.get("badbits"), lineno,
+                        ctx.keys.get(lineno, f"{where}mask{index}_data")))
     return tuple(out)
 
 
-def _panel(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], first: int, clen, clen_mm) -> Panel:
+def _panel(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], first: int, clen, values: _Values) -> Panel:
     """One panel from its keys (its own and the defaults it took)."""
     for key in _REQUIRED:
         if key not in keys:
@@ -477,6 +545,9 @@ def _panel(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], first: int, c
         if not 0 <= rng[f"min_{axis}"] <= rng[f"max_{axis}"]:
             raise ctx.error(keys[f"max_{axis}"][1], f"{name}/max_{axis}",
                             f"need 0 <= min_{axis} <= max_{axis}, got {rng[f'min_{axis}']}..{rng[f'max_{axis}']}")
+    edge = num("mask_edge_pixels", _int) if "mask_edge_pixels" in keys else 0
+    if edge < 0:
+        raise ctx.error(keys["mask_edge_pixels"][1], f"{name}/mask_edge_pixels", f"must be >= 0, got {edge}")
     res = num("res")
     if res <= 0:
         raise ctx.error(keys["res"][1], f"{name}/res", f"pixels per metre must be > 0, got {keys['res'][0]!r}")
@@ -484,11 +555,12 @@ def _panel(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], first: int, c
     if None not in adu.values():  # the later line wins, as in CrystFEL
         adu[min(adu, key=lambda k: keys[k][1])] = None
     return Panel(name=name, fs=fs, ss=ss, corner_x=num("corner_x"), corner_y=num("corner_y"), res=res,
-                 clen_m=_clen_m(ctx, clen[1], clen[0], clen_mm), clen=clen[0], **rng,
+                 clen_m=_clen_m(ctx, clen[1], clen[0], values), clen=clen[0], **rng,
                  coffset=num("coffset") if "coffset" in keys else 0.0, **adu,
                  data=keys.get("data", (_DEFAULT_DATA,))[0], dims=_dims(ctx, keys, f"{name}/"),
                  masks=_masks(ctx, keys, f"{name}/"), no_index=num("no_index", _bool) if "no_index" in keys else False,
-                 extra=tuple((k, keys[k][0]) for k in _PANEL_KEPT if k in keys))
+                 extra=tuple((k, str(edge) if k == "mask_edge_pixels" else keys[k][0]) for k in _PANEL_KEPT
+                             if k in keys))
 
 
 def _check_steps(ctx: _Ctx, name: str, fs: Vec, ss: Vec, keys) -> None:
@@ -637,25 +709,27 @@ def _hierarchy(ctx: _Ctx, raw: _Raw, panel_names: List[str]) -> Tuple[Group, ...
 
 
 def parse_geom(raw_bytes: bytes, name: str, *, clen: Optional[float] = None,
-               photon_energy_eV: Optional[float] = None) -> Geometry:
-    """:func:`read_geom` on the file's bytes; ``name`` is used in messages."""
+               photon_energy_eV: Optional[float] = None, data_file=None, frame: int = 0) -> Geometry:
+    """:func:`read_geom` on the file's bytes; ``name`` is used in messages (and to find mask files named relative
+    to the geometry file)."""
     ctx = _Ctx(name)
     raw = _collect(raw_bytes, ctx)
+    values = _Values(clen, photon_energy_eV, data_file, frame)
     glob_clen = raw.glob.get("clen")
-    panels = tuple(_panel(ctx, n, keys, raw.first_line[n], glob_clen, clen) for n, keys in raw.panels.items())
+    panels = tuple(_panel(ctx, n, keys, raw.first_line[n], glob_clen, values) for n, keys in raw.panels.items())
     _check_overlaps(ctx, panels, raw)
     by_name = {p.name: p for p in panels}
     bad = tuple(_bad_region(ctx, n, keys, by_name) for n, keys in raw.bad.items())
-    energy, beam = _photon_energy(raw, ctx, photon_energy_eV)
+    energy, beam = _photon_energy(raw, ctx, values)
     return Geometry(panels=panels, groups=_hierarchy(ctx, raw, list(by_name)), bad_regions=bad,
                     photon_energy_eV=energy, beam=beam,
                     rigid_groups=tuple((n, tuple(m)) for n, m, _ in raw.rigid),
                     rigid_group_collections=tuple((n, tuple(m)) for n, m, _ in raw.collections),
-                    extra=tuple((k, raw.glob[k][0]) for k in _GLOBAL_KEPT if k in raw.glob))
+                    extra=tuple((k, raw.glob[k][0]) for k in _GLOBAL_KEPT if k in raw.glob), source=name)
 
 
 def read_geom(path: str | os.PathLike, *, clen: Optional[float] = None,
-              photon_energy_eV: Optional[float] = None) -> Geometry:
+              photon_energy_eV: Optional[float] = None, data_file=None, frame: int = 0) -> Geometry:
     """Read a CrystFEL geometry file.
 
     Args:
@@ -664,18 +738,26 @@ def read_geom(path: str | os.PathLike, *, clen: Optional[float] = None,
             the file gives a number.
         photon_energy_eV: the photon energy (eV) where the file's ``photon_energy``/``wavelength`` is a data-file
             location; ignored where the file gives a number.
+        data_file: an HDF5 image file (path) to read such values from where ``clen``/``photon_energy_eV`` are not
+            given: a scalar, or one value per frame (``frame``, 0-based, picks one), in the unit the geometry file
+            names (``clen``: mm unless ``m`` follows, as CrystFEL reads a location; ``photon_energy``: eV or keV;
+            ``wavelength``: m or A).
+        frame: the frame of ``data_file`` whose values are read.
 
     Returns:
         :class:`Geometry`: panels (file units kept; ``Panel.corner``, ``fs_step``, ``ss_step`` in lab mm), the group
-        hierarchy (root ``all``; implied, holding every panel, when the file has no group lines), bad regions, masks.
+        hierarchy (root ``all``; implied, holding every panel, when the file has no group lines), bad regions, masks
+        (not opened here: :func:`geometry_mask` reads them).
 
     Raises:
         GeometryFileError (a ValueError): one line naming the file, the line and the key — an unknown key (with the
         allowed ones), a panel without a required key, overlapping min/max ranges, fs and ss not orthogonal
-        (:data:`ORTHOGONALITY_TOLERANCE`), a group naming an unknown member, a data-file location with no value given.
+        (:data:`ORTHOGONALITY_TOLERANCE`; parallel or zero-length steps included), a group naming an unknown member,
+        a data-file location with no value given or not in ``data_file``.
         OSError if the file cannot be read.
     """
-    return parse_geom(read_bytes(path), display_name(path), clen=clen, photon_energy_eV=photon_energy_eV)
+    return parse_geom(read_bytes(path), display_name(path), clen=clen, photon_energy_eV=photon_energy_eV,
+                      data_file=data_file, frame=frame)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -806,14 +888,21 @@ def bad_pixels(geometry: Geometry, name: str, device=None):
     panel it names (or the only panel); an x/y region every pixel of any panel whose position, as CrystFEL computes
     it (corner_x + fs·fs_x + ss·ss_x, likewise y, in that panel's pixels, at the pixel's corner), lies strictly
     inside.
-    Masks kept in data files (``mask``…) are not read here."""
+    ``mask_edge_pixels = n`` marks a border n pixels wide.  Masks (``mask``…) are not read here
+    (:func:`geometry_mask`)."""
     import torch
 
     p = geometry.panel(name)
     bad = torch.full((p.n_slow, p.n_fast), p.no_index, dtype=torch.bool, device=device)
-    f = torch.arange(p.n_fast, dtype=torch.float64, device=device)[None, :]
-    s = torch.arange(p.n_slow, dtype=torch.float64, device=device)[:, None]
-    x, y = (c + f * fv + s * sv for c, fv, sv in ((p.corner_x, p.fs[0], p.ss[0]), (p.corner_y, p.fs[1], p.ss[1])))
+    edge = int(dict(p.extra).get("mask_edge_pixels", 0))
+    if edge > 0:
+        for index in ((slice(None, edge),), (slice(-edge, None),), (Ellipsis, slice(None, edge)),
+                      (Ellipsis, slice(-edge, None))):
+            bad[index] = True
+    if any(r.x is not None for r in geometry.bad_regions):
+        f = torch.arange(p.n_fast, dtype=torch.float64, device=device)[None, :]
+        s = torch.arange(p.n_slow, dtype=torch.float64, device=device)[:, None]
+        x, y = (c + f * fv + s * sv for c, fv, sv in ((p.corner_x, p.fs[0], p.ss[0]), (p.corner_y, p.fs[1], p.ss[1])))
     for r in geometry.bad_regions:
         if r.x is not None:
             bad |= (x > r.x[0]) & (x < r.x[1]) & (y > r.y[0]) & (y < r.y[1])
@@ -886,18 +975,86 @@ def panels_to_slab(images, geometry: Geometry):
     return slab
 
 
-def geometry_mask(geometry: Geometry):
-    """uint8 ``[P, S, F]`` (numpy): 1 where a pixel is usable, 0 where the file marks it bad (:func:`bad_pixels`:
-    ``no_index`` panels, ``bad…`` regions) — the layout of ``Setup.mask`` for a panel detector.  Masks kept in data
-    files are not read here."""
+def geometry_mask(geometry: Geometry, data_file=None, *, frame: int = 0):
+    """uint8 ``[P, S, F]`` (numpy): 1 where a pixel is usable, 0 where the file marks it bad — the layout of
+    ``Setup.mask`` for a panel detector.
+
+    Marks: :func:`bad_pixels` (``no_index`` panels, ``bad…`` regions, ``mask_edge_pixels``) and the panels' masks
+    (``maskN_…``, HDF5 arrays in the file's data layout): a pixel is bad where its value lacks a bit of
+    ``goodbits`` or has one of ``badbits``.  A mask in its own file (``maskN_file``; a relative name is looked up in
+    the working directory, as CrystFEL does, then next to the geometry file) is always read; a mask kept in the data
+    file only with ``data_file`` (the image's HDF5 file; ``frame`` picks the frame where the mask has one per
+    frame) and left out otherwise (:func:`data_file_masks` lists them, for a note).
+
+    Raises:
+        GeometryFileError: one line naming the geometry file, the line and key of the mask, and the mask file: a mask
+        file that does not exist or cannot be read, a location not in it, an array too small for the panels.
+    """
     import numpy as np
 
     S = max(p.n_slow for p in geometry.panels)
     F = max(p.n_fast for p in geometry.panels)
     out = np.ones((len(geometry.panels), S, F), dtype=np.uint8)
+    cache: Dict[tuple, object] = {}
     for k, p in enumerate(geometry.panels):
-        out[k, :p.n_slow, :p.n_fast] = ~bad_pixels(geometry, p.name).numpy()
+        bad = bad_pixels(geometry, p.name).numpy()
+        for m in p.masks:
+            if m.file is None and data_file is None:
+                continue
+            values = _mask_array(geometry, p, m, data_file, frame, cache)[_slab_index(p)].astype(np.int64)
+            good_bits, bad_bits = m.good_bits or 0, m.bad_bits or 0
+            bad |= ((values & good_bits) != good_bits) | ((values & bad_bits) != 0)
+        out[k, :p.n_slow, :p.n_fast] = ~bad
     return out
+
+
+def data_file_masks(geometry: Geometry) -> Tuple[str, ...]:
+    """Locations of the masks the panels keep in the image's own data file (no ``maskN_file``), in file order:
+    :func:`geometry_mask` applies them only when given that file."""
+    return tuple(dict.fromkeys(m.data for p in geometry.panels for m in p.masks if m.file is None))
+
+
+def _mask_path(geometry: Geometry, ctx: _Ctx, m: Mask) -> str:
+    """Where mask file ``m.file`` is: as given if absolute or found from the working directory, else next to the
+    geometry file; an error naming it otherwise."""
+    if os.path.isabs(m.file) or os.path.exists(m.file) or not geometry.source:
+        found = m.file
+    else:
+        found = os.path.join(os.path.dirname(geometry.source), m.file)
+    if not os.path.isfile(found):
+        where = "" if os.path.isabs(m.file) else " (looked in the working directory and next to the geometry file)"
+        raise ctx.error(m.line, m.key, f"mask file {m.file!r} not found{where}")
+    return found
+
+
+def _mask_array(geometry: Geometry, panel: Panel, m: Mask, data_file, frame: int, cache):
+    """One frame of mask ``m`` of ``panel`` as an array in the slab layout (read once per file and location)."""
+    ctx = _Ctx(geometry.source or "<geometry>")
+    path = _mask_path(geometry, ctx, m) if m.file is not None else data_file
+    what = "mask file" if m.file is not None else "data file"
+    if "%" in m.data:
+        raise ctx.error(m.line, m.key, f"mask location {m.data!r} has a '%' placeholder: nbtorch reads masks from "
+                                       "one fixed location")
+    rank = len(_frame_dims(panel))
+    per_frame = "%" in panel.dims
+
+    def pick(dataset):  # one frame of a mask with a frame axis, else the whole array
+        if per_frame and len(dataset.shape) == rank + 1:
+            if not 0 <= frame < dataset.shape[0]:
+                raise ctx.error(m.line, m.key, f"{m.data} in {what} {display_name(path)} has {dataset.shape[0]} "
+                                               f"frames; there is no frame {frame}")
+            return dataset[frame]
+        return dataset[()]
+
+    if (path, m.data) not in cache:
+        cache[(path, m.data)] = _h5_read(ctx, m.line, m.key, path, m.data, what, pick)
+    array = cache[(path, m.data)]
+    need = slab_shape(replace(geometry, panels=(panel,)))
+    if array.ndim != rank or array.dtype.kind not in "iub" or any(a < n for a, n in zip(array.shape, need)):
+        raise ctx.error(m.line, m.key, f"{m.data} in {what} {display_name(path)} is {array.dtype} "
+                                       f"{list(array.shape)}; panel {panel.name!r} needs integers of at least "
+                                       f"{list(need)}")
+    return array
 
 
 def moved_geometry(geometry: Geometry, corners, fs_steps, ss_steps) -> Geometry:
