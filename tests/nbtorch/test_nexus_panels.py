@@ -2,7 +2,9 @@
 their layout, and observed images of panel detectors in every file layout (refine.targets.observed.read_observed)."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -14,12 +16,20 @@ import nbtorch  # noqa: E402
 import nbtorch.io as nio  # noqa: E402
 from nbtorch.detector import with_panels  # noqa: E402
 from nbtorch.io.crystfel import read_geom, slab_to_panels  # noqa: E402
+from nbtorch.io.dials import parse_expt  # noqa: E402
 from nbtorch.io.nexus import nxmx_geometry, nxmx_layout, write_nxmx  # noqa: E402
-from nbtorch.panels import PanelSpec, layout_from_crystfel, make_layout, panel_lab_vectors  # noqa: E402
+from nbtorch.panels import (  # noqa: E402
+    PanelSpec,
+    layout_from_crystfel,
+    layout_from_dials,
+    make_layout,
+    panel_lab_vectors,
+)
 from nbtorch.pixels import panel_extent_mask  # noqa: E402
 from nbtorch.simulate import pixel_lab_positions  # noqa: E402
 from refine.targets.observed import read_observed  # noqa: E402
 
+DATA = pathlib.Path(__file__).parents[1] / "data"
 P = 0.2  # mm
 CRYSTAL = "-default_F 100 -cell 50 60 70 90 95 90 -N 5 -lambda 1 -misset 10 20 30"
 
@@ -82,6 +92,29 @@ def test_panel_image_and_layout_round_trip(tmp_path, moved):
         assert lay == setup.panels  # the file's layout is the set-up's
 
 
+def test_dials_hierarchy_round_trip(tmp_path):
+    """A DIALS detector (lab frame with the beam along −z, non-square pixels, a nested hierarchy) comes back from
+    its NXmx file as the same layout."""
+    expts = parse_expt((DATA / "dials" / "hierarchy.expt").read_bytes(), "hierarchy.expt")
+    layout = layout_from_dials(expts.detector_of(0), expts.beam_of(0).direction)
+    layout = dataclasses.replace(layout, panels=tuple(dataclasses.replace(p, thickness_um=None, mu_per_um=None)
+                                                      for p in layout.panels))  # NXmx: one sensor per detector
+    flags = f"{CRYSTAL} -beam_vector 0 0 -1 -polar_vector 1 0 0 -odet_vector 0 0 -1 -distance 100 -detpixels 8"
+    params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64)
+    params, setup = with_panels(params, setup, layout)
+    image = np.random.default_rng(2).uniform(0, 1, setup.image_shape) * panel_extent_mask(setup)
+    write_nxmx(tmp_path / "d.h5", image, params, setup)
+    obs = nio.read_image(tmp_path / "d.h5")
+    np.testing.assert_array_equal(obs.data, image)
+    lay = nxmx_layout(obs.geometry)
+    assert _nodes(lay) == _nodes(layout) and lay.root == layout.root and lay.beam == (0.0, 0.0, -1.0)
+    for a, b in zip(lay.panels, layout.panels):
+        np.testing.assert_allclose(np.array([a.corner, a.fast, a.slow]), np.array([b.corner, b.fast, b.slow]),
+                                   rtol=0, atol=1e-9)
+        assert (a.fpixels, a.spixels) == (b.fpixels, b.spixels)
+    assert obs.geometry.modules[0].pixel_size_mm == pytest.approx((0.1, 0.2), rel=1e-14)
+
+
 def _nexus_pixel_centres(path):
     """Every module's pixel centres [P][S_k, F_k, 3] in the NeXus frame, found as DIALS's NXmx reader (the ``nxmx``
     package) walks the depends_on chains, the data array's shape, and the stored lab → NeXus rotation."""
@@ -142,7 +175,8 @@ def test_one_panel_files_keep_one_module(tmp_path):
                                       "beam_center_x", "beam_center_y", "beam_center_derived", "sensor_material",
                                       "sensor_thickness", "type", "pixel_mask", "pixel_mask_applied",
                                       "transformations", "module"])
-        assert det["module/fast_pixel_direction"].attrs["depends_on"] == "/entry/instrument/detector/module/module_offset"
+        chain = det["module/fast_pixel_direction"].attrs["depends_on"]
+        assert chain == "/entry/instrument/detector/module/module_offset"
         assert "panel_names" not in f["/entry/nbtorch"] and det["data"].shape == (1, 30, 40)
     obs = nio.read_image(path)
     assert obs.data.shape == (30, 40) and len(obs.geometry.modules) == 1 and obs.geometry.panel_tree is None
