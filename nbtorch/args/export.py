@@ -8,6 +8,11 @@ first flag's place in the table (so ``-pivot``, last in the detector section, fo
 
 Numbers are written as the shortest text that reads back as the same float, so that
 ``from_nanobragg_args(to_nanobragg_args(params, setup))`` rebuilds the same Params and Setup and the same image.
+
+A detector of panels is written as the base flags' ``-geom``/``-expt`` file (first, so that the flags after it
+override the values the file supplies, which are written explicitly), without the flags that file replaces; a panel
+detector moved from the file's place has no flags (write it as a geometry file, e.g.
+:func:`nbtorch.io.crystfel.moved_geometry`, and give that file).
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ class _Context:
         self.matrix_path, self.write_matrix, self.base_dir = matrix_path, write_matrix, base_dir
         # a carried -mask header would supply defaults: then every header-backed value is written explicitly
         self.explicit = "-mask" in base
+        # a detector file supplies values of these flags: they are written explicitly
+        self.file_values = _FILE_VALUES if setup.panels is not None else ()
 
     def field(self, path: str):
         """Value of a table field path (``params.beam.wavelength``, ``params.crystal.ncells[0]``, ``setup.roi``) as
@@ -78,7 +85,8 @@ def _from_field(flag: Flag, ctx: _Context) -> List[str]:
     if flag.kind == "switch":
         on = v == flag.switch[1] if flag.switch is not None else v is True
         return [flag.name] if on else []
-    if v is None or (flag.default is not None and v == flag.default and not (ctx.explicit and flag.header)):
+    if v is None or (flag.default is not None and v == flag.default and not (ctx.explicit and flag.header)
+                     and flag.name not in ctx.file_values):
         return []
     return _tokens(flag, v)
 
@@ -149,11 +157,12 @@ def _phi(ctx: _Context) -> List[str]:
 
 
 def _convention(ctx: _Context) -> List[str]:
-    """The convention flag, or every vector of a CUSTOM set-up (the convention whose pivot and vectors are flags)."""
+    """The convention flag, or every vector of a CUSTOM set-up (the convention whose pivot and vectors are flags;
+    with a detector file, those it does not replace)."""
     st = ctx.setup
-    if CONVENTION_TABLE[st.convention].pivot is not None:
+    if st.panels is None and CONVENTION_TABLE[st.convention].pivot is not None:
         return [f.name for f in FLAGS.values() if f.switch == ("convention", st.convention)]
-    vec = [f for f in FLAGS.values() if f.kind == "vector" and f.field]
+    vec = [f for f in FLAGS.values() if f.kind == "vector" and f.field and not (st.panels and f.replaced)]
     return [t for f in vec for t in _tokens(f, getattr(st, f.field.split(".")[1]))]
 
 
@@ -225,6 +234,9 @@ def _interpolate(ctx: _Context) -> List[str]:
     return ["-interpolate" if ctx.setup.interpolate else "-nointerpolate"]
 
 
+#: Flags whose values a detector file supplies (written explicitly with one, even at their defaults).
+_FILE_VALUES = ("-lambda", "-polar", "-polar_vector", "-spindle_axis")
+
 _RULES: Dict[str, Callable[[_Context], List[str]]] = {
     "crystal": _crystal, "mosaic": _mosaic, "phi": _phi, "convention": _convention, "distance": _distance,
     "beam_center": _beam_center, "pivot": _pivot, "sensor": _sensor, "interpolate": _interpolate,
@@ -241,7 +253,9 @@ def _check_expressible(ctx: _Context) -> None:
     if ctx.params.structure.F.numel() > 0 and "-hkl" not in ctx.base and "-pdb" not in ctx.base:
         raise ValueError("the model uses a structure-factor table: pass the flags it came from (with -hkl or -pdb) "
                          "as base")
-    if ctx.setup.mask is not None and "-mask" not in ctx.base:
+    if ctx.setup.panels is not None:
+        _check_panel_file(ctx)
+    elif ctx.setup.mask is not None and "-mask" not in ctx.base:
         raise ValueError("the model has a pixel mask: pass the flags it came from (with -mask) as base")
     carried = NanoBraggArgs({f: v for f, v in ctx.base.items() if FLAGS[f].sets.startswith("setup.sources")})
     carried.order = [f for f in ctx.base.order if f in carried]
@@ -255,6 +269,21 @@ def _check_expressible(ctx: _Context) -> None:
         raise ValueError(f"the base flags' source flags {what} the set-up's {ctx.setup.n_sources} sources "
                          "(divergence, dispersion or -sourcefile; a -sourcefile λ is absolute, so a refined "
                          "-lambda changes them): pass the flags the model came from as base")
+
+
+def _check_panel_file(ctx: _Context) -> None:
+    """A detector of panels: the base flags name its file, and it is where the file put it (ValueError otherwise)."""
+    if not any(f in ctx.base for f in ("-geom", "-expt")):
+        raise ValueError("the model has a detector of panels: pass the flags it came from (with -geom or -expt) as "
+                         "base")
+    det, layout = ctx.params.detector, ctx.setup.panels
+    moved = [name for name, t in zip(det._fields, det) if name != "distance" and bool(torch.any(t != 0))]
+    if float(det.distance) != layout.distance:
+        moved.insert(0, "distance")
+    if moved:
+        raise ValueError(f"the detector of panels has moved from its file's place ({', '.join(moved)}): flags cannot "
+                         "say so; write the moved detector as a geometry file (nbtorch.io.crystfel.moved_geometry, "
+                         "nbtorch-refine --out-geom) and give that file")
 
 
 def to_nanobragg_args(params: Params, setup: Setup, base: Union[None, str, Sequence[str]] = None,
@@ -283,7 +312,7 @@ by the last place of (ORGX − ½)·pixel, which not every float is).  ``ValueEr
     out: List[str] = []
     done = set()
     for flag in FLAGS.values():
-        if flag.write == "no":
+        if flag.write == "no" or (setup.panels is not None and flag.replaced):
             continue
         if flag.write == "carry":
             out += _carry(flag, ctx)

@@ -6,13 +6,14 @@ replaces (the table's ``replaced`` flags: ``-distance``, ``-Xbeam``, ``-detpixel
 lacks.  :func:`panel_source` reads the file into a :class:`PanelSource` (layout, mask, output layout, crystal) and
 merges the values the file supplies into the build's flags:
 
-* ``-geom``: CrystFEL's lab frame, the beam along +z (``-beam_vector 0 0 1``, so the crystal, ``-polar_vector`` and
+* ``-geom``: masks (``no_index``, ``bad…`` regions, masks in their own files) apply; a mask kept in the data file
+  is left out with a note (only simulating).  CrystFEL's lab frame, the beam along +z (``-beam_vector 0 0 1``, so the crystal, ``-polar_vector`` and
   ``-spindle_axis`` read as nanoBragg's CUSTOM convention reads them; both vectors default to +x, horizontal in
   CrystFEL's frame); the file's wavelength or photon energy unless ``-lambda``/``-energy`` is given.  A ``clen`` or
   ``photon_energy`` the file reads from a data file takes ``-clen`` or ``-energy``/``-lambda``.
 * ``-expt``: the first experiment's beam (``-beam_vector`` = −direction, ``-lambda``, ``-polar`` = the Kahn factor
   2·polarization_fraction − 1, ``-polar_vector`` ⟂ polarization_normal and the beam) and crystal (real_space_a/b/c,
-  Å, as given), in DIALS's lab frame.  A flag given *after* ``-expt`` overrides the file's value; one given before is
+  Å, as given), in DIALS's lab frame; ``-spindle_axis`` defaults to +x.  A flag given *after* ``-expt`` overrides the file's value; one given before is
   overridden by it (with a note).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..io.crystfel import Geometry, geometry_mask, read_geom
+from ..io.crystfel import Geometry, data_file_masks, geometry_mask, read_geom
 from ..io.dials import ExperimentList, read_expt
 from ..panels import PanelLayout, layout_from_crystfel, layout_from_dials
 from ..units import HC_EV_ANGSTROM
@@ -40,8 +41,9 @@ _NOT_WITH_PANELS = {
     "-printout_pixel": "per-pixel diagnostics are for nanoBragg's one-panel detector",
     "-pdb": "structure factors from a model need the one-panel detector's resolution; give -hkl (or -default_F)",
 }
-#: A -geom file's default E vector and spindle: +x, horizontal in CrystFEL's frame (CUSTOM's +z is the beam there).
-_GEOM_DEFAULT_AXIS = [1.0, 0.0, 0.0]
+#: A -geom file's default E vector and spindle, and an -expt file's default spindle: +x (horizontal in both frames;
+#: CUSTOM's default +z runs along the beam there).
+_DEFAULT_AXIS = (1.0, 0.0, 0.0)
 #: Flags that give the same value as a file's key (a later one wins over the file, an earlier one loses to it).
 _SAME_VALUE = {"-lambda": ("-lambda", "-energy"), "crystal": ("-cell", "-mat")}
 _CLEN_RE = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(mm|m)?\s*\Z")
@@ -151,11 +153,10 @@ def _read_geometry(inp, read: Callable) -> Geometry:
     if geometry.beam is not None and energy is not None and not _from_data_file(geometry.beam[1]):
         inp.notes.append(f"-geom {name}: {geometry.beam[0]} = {geometry.beam[1]} overridden by "
                          f"{'-energy' if '-energy' in inp.opts else '-lambda'}")
-    masks = [(p.name, m) for p in geometry.panels for m in p.masks]
-    if masks:
-        panel, m = masks[0]
-        inp.notes.append(f"-geom {name}: the mask kept in a data file ({m.file or 'the image file'} {m.data or ''}"
-                         f"{'' if len(masks) == 1 else f' and {len(masks) - 1} more'}) is left out: only simulating")
+    kept = data_file_masks(geometry)
+    if kept:
+        inp.notes.append(f"-geom {name}: the mask{'s' if len(kept) > 1 else ''} kept in the data file "
+                         f"({', '.join(kept)}) left out: only simulating")
     return geometry
 
 
@@ -165,7 +166,7 @@ def _geom_values(inp, geometry: Geometry, layout: PanelLayout) -> Dict[str, obje
     values: Dict[str, object] = {"-beam_vector": list(layout.beam)}
     for f in ("-polar_vector", "-spindle_axis"):
         if f not in inp.opts:
-            values[f] = list(_GEOM_DEFAULT_AXIS)
+            values[f] = list(_DEFAULT_AXIS)
     if geometry.wavelength is not None and "-lambda" not in inp.opts and "-energy" not in inp.opts:
         values["-lambda"] = _checked_wavelength(inp, geometry.wavelength, f"{geometry.beam[0]} = {geometry.beam[1]}")
     return values
@@ -224,7 +225,7 @@ def _unit(v) -> np.ndarray:
 
 def _expt_values(inp, expts: ExperimentList) -> Dict[str, object]:
     """The flag values an .expt file's first beam supplies: -beam_vector (−direction), -lambda, -polar (Kahn factor)
-    and -polar_vector (beam × polarization_normal)."""
+    and -polar_vector (beam × polarization_normal); -spindle_axis +x (DIALS's usual axis) unless given."""
     beam, name = expts.beam_of(0), inp.opts["-expt"]
     s0 = -_unit(beam.direction)
     e = np.cross(s0, np.asarray(beam.polarization_normal, dtype=float))
@@ -233,8 +234,12 @@ def _expt_values(inp, expts: ExperimentList) -> Dict[str, object]:
                          "undefined")
     if beam.divergence > 0 or beam.sigma_divergence > 0:
         inp.notes.append(f"-expt {name}: the beam's divergence is not simulated (give -divergence)")
-    return {"-beam_vector": [float(x) for x in s0], "-lambda": _checked_wavelength(inp, beam.wavelength,
-            "beam[0].wavelength"), "-polar": float(beam.kahn_factor), "-polar_vector": [float(x) for x in _unit(e)]}
+    values = {"-beam_vector": [float(x) + 0.0 for x in s0], "-polar": float(beam.kahn_factor),
+              "-lambda": _checked_wavelength(inp, beam.wavelength, "beam[0].wavelength"),
+              "-polar_vector": [float(x) + 0.0 for x in _unit(e)]}
+    if "-spindle_axis" not in inp.opts:
+        values["-spindle_axis"] = list(_DEFAULT_AXIS)
+    return values
 
 
 def _last_index(order: Sequence[str], flag: str) -> int:
@@ -292,7 +297,7 @@ def panel_source(inp, read: Callable) -> Optional[PanelSource]:
     if flag == "-geom":
         geometry = _read_geometry(inp, read)
         layout = layout_from_crystfel(geometry)
-        mask = geometry_mask(geometry)
+        mask = read(inp, "-geom", lambda _: geometry_mask(geometry))  # bad regions, no_index, mask files
         source = PanelSource(flag, name, layout, None if mask.all() else mask.tobytes(), geometry)
         values, crystal = _geom_values(inp, geometry, layout), None
     else:
