@@ -703,13 +703,14 @@ def _module_blocks(modules, frame_shape, name: str):
     """``[(module, origin, size)]`` in data order; ``ValueError`` naming two modules that share pixels."""
     blocks = sorted(((m, *_module_block(m, frame_shape, len(modules) == 1, name)) for m in modules),
                     key=lambda b: b[1])
-    seen = np.full(frame_shape, -1, dtype=np.int64)
+    taken = np.zeros(frame_shape, dtype=bool)
     for k, (m, origin, size) in enumerate(blocks):
-        region = seen[tuple(slice(o, o + n) for o, n in zip(origin, size))]
-        if (region >= 0).any():
-            other = blocks[int(region[region >= 0].flat[0])][0].name
+        region = taken[tuple(slice(o, o + n) for o, n in zip(origin, size))]
+        if region.any():
+            other = next(b[0].name for b in blocks[:k] if all(
+                o < bo + bn and bo < o + n for o, n, bo, bn in zip(origin, size, b[1], b[2])))
             raise ValueError(f"{name}: NXdetector_modules {other} and {m.name} cover the same pixels of the image data")
-        region[...] = k
+        region[...] = True
     return blocks
 
 
@@ -827,8 +828,8 @@ def _observed(data: np.ndarray, header: dict, overload, geo: NexusGeometry, pm, 
             extent[k, :size[-2], :size[-1]] = True
         obs = obs._replace(mask=obs.mask & extent)
     if pm is not None:
-        bits = (_stack(pm.astype(np.int64), blocks) & 0xFFFF) == 0
-        obs = obs._replace(mask=obs.mask & bits)
+        ints = pm if pm.dtype.kind in "iu" else pm.astype(np.int64)
+        obs = obs._replace(mask=obs.mask & _stack((ints & 0xFFFF) == 0, blocks))
     return obs._replace(geometry=geo)
 
 

@@ -92,6 +92,20 @@ def test_panel_image_and_layout_round_trip(tmp_path, moved):
         assert lay == setup.panels  # the file's layout is the set-up's
 
 
+def test_masked_pixels_come_back_unusable(tmp_path):
+    params, setup = _model()
+    mask = np.ones(setup.image_shape, np.uint8)
+    mask[1, 2, 3] = mask[2, 6, 0] = 0
+    masked = setup.replace(mask=mask.tobytes())
+    write_nxmx(tmp_path / "m.h5", np.ones(setup.image_shape, np.float32), params, masked, saturation_value=5)
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        pm = f["/entry/instrument/detector/pixel_mask"][()].reshape(setup.image_shape)
+    assert pm[1, 2, 3] == pm[2, 6, 0] == 256 and pm[0].max() == 0  # user mask; padding is a gap (bit 0)
+    obs = nio.read_image(tmp_path / "m.h5")
+    np.testing.assert_array_equal(obs.mask, panel_extent_mask(setup) & (mask != 0))
+    assert nio.read_image(tmp_path / "m.h5", overload=1.0).mask.sum() == 0  # every pixel at the overload
+
+
 def test_dials_hierarchy_round_trip(tmp_path):
     """A DIALS detector (lab frame with the beam along −z, non-square pixels, a nested hierarchy) comes back from
     its NXmx file as the same layout."""
