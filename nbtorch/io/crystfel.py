@@ -665,7 +665,9 @@ def _post_order(groups: Dict[str, List[str]]) -> Tuple[Group, ...]:
 def _tree_from_rigid(ctx: _Ctx, raw: _Raw, panel_names: List[str]) -> Tuple[Group, ...]:
     """The older ``rigid_group_`` lines as a tree: each group sits in the smallest group that holds all its panels
     (ties: the later line inside the earlier); groups that share panels without one holding the other are an error.
-    A group's members are its child groups (file order), then its panels in no child (panel order)."""
+    A group's members are its child groups (file order), then its panels in no child (panel order).  The
+    ``rigid_group_collection_`` lines are kept as written, unchecked: real files name rigid groups they no longer
+    define in them, and CrystFEL since 0.10 ignores the older lines."""
     sets = {}
     for name, members, lineno in raw.rigid:
         bad = [m for m in members if m not in panel_names]
@@ -673,10 +675,6 @@ def _tree_from_rigid(ctx: _Ctx, raw: _Raw, panel_names: List[str]) -> Tuple[Grou
             problem = f"unknown panel {bad[0]!r}" if bad else "a rigid group may not be called 'all' or like a panel"
             raise ctx.error(lineno, f"rigid_group_{name}", problem)
         sets[name] = frozenset(members)
-    for name, members, lineno in raw.collections:
-        bad = [m for m in members if m not in sets]
-        if bad:
-            raise ctx.error(lineno, f"rigid_group_collection_{name}", f"unknown rigid group {bad[0]!r}")
     file_order = [name for name, _, _ in raw.rigid]
     placed: List[str] = []  # largest first, so the last container met going backwards is the smallest
     kids: Dict[str, List[str]] = {"all": []}

@@ -202,8 +202,6 @@ def _two(extra_a="", extra_b="", head=HEAD, b_ss=(10, 19), b_fs="x", b_ss_vec="y
     (_two() + "group_all = a,c\n", 19, "group_all", "unknown member 'c'"),
     (_two() + "group_g = a\ngroup_all = g,a,b\n", 20, "group_all", "'a' is already in group 'g'"),
     (_two() + "rigid_group_r = a,z\n", 19, "rigid_group_r", "unknown panel 'z'"),
-    (_two() + "rigid_group_r = a,b\nrigid_group_s = b\nrigid_group_t = a,b\nrigid_group_u = b,a\n"
-     "rigid_group_collection_c = r,v\n", 23, "rigid_group_collection_c", "unknown rigid group 'v'"),
     ("clen = /det/z\nres = 10000\n" + _panel_text("a", 0, 9), 1, "clen", "read from the data file (/det/z)"),
     ("photon_energy = 9 MeV\n" + _two(), 1, "photon_energy", "unit eV or keV"),
     ("res = 10000\n" + _panel_text("a", 0, 9), 2, "clen", "no camera length"),

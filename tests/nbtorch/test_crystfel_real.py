@@ -56,8 +56,8 @@ def _error(path, **kwargs) -> str:
 
 
 def _panel_setup(geometry, extra: str = ""):
-    params, setup = nbtorch.from_nanobragg_args(f"{BEAM_Z} {extra} -fdet_vector 1 0 0 -sdet_vector 0 1 0 -odet_vector 0 0 1 "
-                                                "-distance 100 -detpixels 8 -pixel 0.1",
+    params, setup = nbtorch.from_nanobragg_args(f"{BEAM_Z} {extra} -fdet_vector 1 0 0 -sdet_vector 0 1 0 "
+                                                "-odet_vector 0 0 1 -distance 100 -detpixels 8 -pixel 0.1",
                                                 dtype=torch.float64)
     return with_panels(params, setup, layout_from_crystfel(geometry))
 
@@ -192,6 +192,11 @@ def test_cspad_camera_length_comes_from_the_data_file(tmp_path):
     assert read_geom(CSPAD, data_file=h5, clen=-400.0).panels[0].corner[2] == pytest.approx(181.2)  # given wins
     message = _error(CSPAD, data_file=h5, frame=2)
     assert "clen: /LCLS/detector_1/EncoderValue in " in message and "has 2 values; there is no frame 2" in message
+    in_metres = _edited(tmp_path, CSPAD, "EncoderValue   ;", "EncoderValue m ;")  # a location's unit: m
+    with h5py.File(tmp_path / "run_m.cxi", "w") as f:
+        f["LCLS/detector_1/EncoderValue"] = ENCODER_MM / 1000
+    in_m = read_geom(in_metres, data_file=tmp_path / "run_m.cxi", photon_energy_eV=ENERGY_EV)
+    assert [p.corner for p in in_m.panels] == [p.corner for p in g.panels]
     message = _error(CSPAD, data_file=tmp_path / "none.h5")
     assert message.startswith(f"{CSPAD}, line {_line(CSPAD, 'clen')}: clen: cannot read the data file "), message
     assert "none.h5 as HDF5" in message
@@ -291,8 +296,8 @@ def _edited(tmp_path, path: Path, old: str, new: str) -> Path:
     (CSPAD, "group_a5 = q0a10,q0a11", "group_a5 = q0a10,q0a11,q0a12", "group_a6", "group_a6",
      "'q0a12' is already in group 'a5'"),
     (EIGER, "bad_h6/max_fs = 2074", "bad_h6/max_fs = 2075", "bad_h6/max_ss", "bad_h6/max_fs", "is not inside panel"),
-    (EIGER, "panel0/fs = x", "panel0/fs = x\npanel0/mask_edge_pixels = -1", "panel0/mask_edge", "panel0/mask_edge_pixels",
-     "must be >= 0"),
+    (EIGER, "panel0/fs = x", "panel0/fs = x\npanel0/mask_edge_pixels = -1", "panel0/mask_edge",
+     "panel0/mask_edge_pixels", "must be >= 0"),
 ])
 def test_bad_real_files_get_one_line_naming_file_line_and_key(tmp_path, path, old, new, line_of, key, problem):
     bad = _edited(tmp_path, path, old, new)
@@ -331,6 +336,37 @@ def test_wavelength_from_the_data_file_in_metres(tmp_path):
     message = _error(geom, data_file=tmp_path / "image.h5")
     assert message.startswith(f"{geom}, line {_line(geom, 'wavelength')}: wavelength: the data file "), message
     assert message.endswith("image.h5 has no dataset /beam/wavelength")
+
+
+def test_older_rigid_group_files_from_geoptimiser_days(tmp_path):
+    """Habits of files written for geoptimiser (CrystFEL < 0.10): a collection naming rigid groups the file no longer
+    defines (CrystFEL now ignores these lines; they are kept as written), two rigid groups with the same panels
+    (nested, the later inside), a panel called ``0`` and an x/y beam-stop region."""
+    text = ("clen = 0.120\nphoton_energy = 12000\nres = 5000\n\n"
+            "rigid_group_q0 = p0a0,p0a1\nrigid_group_p0 = p0a0,p0a1\n"
+            "rigid_group_collection_quadrants = q0,q1,q2,q3\nrigid_group_collection_asics = p0,p1,p2,p3\n\n")
+    for a in range(2):
+        text += (f"p0a{a}/min_fs = 0\np0a{a}/min_ss = {64 * a}\np0a{a}/max_fs = 127\np0a{a}/max_ss = {64 * a + 63}\n"
+                 f"p0a{a}/fs = +0.001590x -0.999999y\np0a{a}/ss = +0.999999x +0.001590y\n"
+                 f"p0a{a}/corner_x = {-110.0 + 65 * a}\np0a{a}/corner_y = 175.6\n\n")
+    path = tmp_path / "agipd.geom"
+    path.write_text(text)
+    g = read_geom(path)
+    assert g.rigid_group_collections == (("quadrants", ("q0", "q1", "q2", "q3")), ("asics", ("p0", "p1", "p2", "p3")))
+    layout = layout_from_crystfel(g)
+    assert [(n.name, n.level) for n in layout.nodes] == [("q0", 1), ("p0", 2), ("p0a0", 3), ("p0a1", 3)]
+    write_geom(tmp_path / "out.geom", g)
+    assert read_geom(tmp_path / "out.geom") == g
+    pilatus = tmp_path / "pilatus.geom"
+    pilatus.write_text("photon_energy = 12688\nclen = 0.125 \ncoffset=0 \nres = 5814.0  ; 172 um\nrigid_group_q0 = 0\n"
+                       "rigid_group_a0 = 0\nrigid_group_collection_quadrants = q0\n0/min_fs = 0\n0/max_fs = 99\n"
+                       "0/min_ss = 0\n0/max_ss = 79\n0/corner_x = -50\n0/corner_y = -40\n0/fs = x\n0/ss = y\n"
+                       "bad_beamstop/min_x = -50\nbad_beamstop/max_x = 2\nbad_beamstop/min_y = -6\n"
+                       "bad_beamstop/max_y = 4\n")
+    g = read_geom(pilatus)
+    assert [n.name for n in layout_from_crystfel(g).nodes] == ["q0", "a0", "0"]
+    mask = geometry_mask(g)[0]  # pixel corners strictly inside -50 < x < 2, -6 < y < 4: fs 1..51, ss 35..43
+    assert int((mask == 0).sum()) == 51 * 9 and mask[35:44, 1:52].max() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
