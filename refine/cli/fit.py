@@ -12,12 +12,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-import nbtorch
+from nbtorch.args import build, parse_args
 from nbtorch.io.images import write_raw_float
 from nbtorch.io.smv import write_smv
 
 from .. import fit, fit_options
-from ..model.table import GROUPS
+from ..model.table import GROUPS, NODE_GROUP
 from ..targets.observed import read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_outputs, fit_status, flag_inputs,
                      matrix_output, run)
@@ -27,8 +27,10 @@ from .table import arguments, flag_message, start, usage
 
 USAGE = ("nbtorch-refine OBSERVED " + usage("refine", "--refine", "--method", "--max-iter", "--json", "--image")
          + " [more --options] <nanoBragg flags of the starting model>")
-EPILOG = ("Groups: " + ", ".join(GROUPS) + " (sub-groups background.plane, background.constant, background.water; "
-          "single scalars such as cell.a, orientation.z, detector_rotation.y).  Many images: nbtorch-refine --images "
+EPILOG = ("Groups: " + ", ".join(g for g in GROUPS if g != NODE_GROUP) + " (sub-groups background.plane, "
+          "background.constant, background.water; single scalars such as cell.a, orientation.z, detector_rotation.y; "
+          "a -geom/-expt detector's panel groups: panel_groups (the first level), panel_groups.LEVEL, "
+          "panel_group:NAME).  Many images: nbtorch-refine --images "
           "LIST --help.  Example:\n  nbtorch-refine obs.img --refine cell,orientation,distance,beam_center,scale "
           "--json fit.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 -detpixels 96 "
           "-pixel 0.2")
@@ -48,14 +50,19 @@ def _write_image(path: str, result) -> None:
 
 
 def _load(ns, flags: List[str]):
-    """(params, setup, observed image in photons) from the flags and OBSERVED; :class:`UsageError`."""
+    """(params, setup, observed image in photons, the CrystFEL geometry of ``-geom`` or None) from the flags and
+    OBSERVED; :class:`UsageError`."""
     try:
-        params, setup = nbtorch.from_nanobragg_args(flags, dtype=getattr(torch, ns.dtype))
+        params, setup, extras = build(parse_args(flags), dtype=getattr(torch, ns.dtype))
         if ns.matrix_out is not None and setup.nanobragg_cell:
             raise UsageError(f"--matrix-out {ns.matrix_out}: the starting model has a -cell, not a -mat matrix; its "
                              "refined cell is written as -cell (drop --matrix-out)")
+        geometry = extras.panels.geometry if extras.panels is not None else None
+        if ns.out_geom is not None and geometry is None:
+            raise UsageError(f"--out-geom {ns.out_geom}: the refined detector is written as a CrystFEL geometry only "
+                             "for a detector read from one: give -geom FILE")
         return params, setup, read_observed(ns.observed, setup, params, overload=ns.overload, adc=ns.adc,
-                                            gain=ns.gain)
+                                            gain=ns.gain, geometry=geometry), geometry
     except (ValueError, OSError, ImportError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -74,7 +81,8 @@ def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:
     except ValueError as exc:
         print(f"nbtorch-refine: cannot write the model as flags: {exc}", file=sys.stderr)
     for option, path, write in (("--json", ns.json, result.to_json), ("--image", ns.image,
-                                lambda p: _write_image(p, result)), ("--plot", ns.plot, result.plot)):
+                                lambda p: _write_image(p, result)), ("--plot", ns.plot, result.plot),
+                                ("--out-geom", ns.out_geom, result.write_geom)):
         if path:
             try:
                 write(path)
@@ -92,10 +100,11 @@ def _single(argv: List[str]) -> int:
     matrix_out = ns.matrix_out
     if matrix_out is None and any(flag == "-mat" for flag, _ in inputs):  # a -mat model: its refined matrix
         matrix_out = matrix_output(ns.json)
-    check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out)],
-                  [("OBSERVED", ns.observed)] + inputs)
+    check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out),
+                   ("--out-geom", ns.out_geom)], [("OBSERVED", ns.observed)] + inputs)
     options = fit_options(nanobragg_args=flags, matrix_path=matrix_out, **arguments(ns, "refine"))
-    params, setup, obs = _load(ns, flags)
+    params, setup, obs, geometry = _load(ns, flags)
+    options = options.replace(geometry=geometry)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
     if obs.adc_offset or obs.gain != 1.0:

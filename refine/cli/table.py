@@ -137,7 +137,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--per-image", ("joint",), "groups with one value per image (e.g. orientation,scale)", default="",
            metavar="GROUPS"),
     Option("--refine", ("refine", "independent", "sweep"), "groups to refine, comma-separated (also sub-groups such "
-           "as background.plane and scalars such as cell.a)", kind="groups", field="free", metavar="GROUPS",
+           "as background.plane, scalars such as cell.a and, for a -geom/-expt detector, panel_groups, "
+           "panel_groups.LEVEL, panel_group:NAME)", kind="groups", field="free", metavar="GROUPS",
            default_text="{} for one image; nbtorch-sweep: the searched groups and scale; --independent: required"),
     _choice("--method", ("refine", "sweep"), "minimiser", METHODS, field="method"),
     Option("--max-iter", _ALL, "iterations of the final stage (nbtorch-sweep: of the best model's refinement)",
@@ -172,6 +173,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--matrix-out", ("refine",), "where to write the refined MOSFLM matrix of a -mat model", metavar="OUT",
            default_text="next to --json, else refined.mat"),
     Option("--plot", ("refine",), "also save the observed/model/residual/loss figure here", metavar="OUT"),
+    Option("--out-geom", ("refine",), "write the refined detector of a -geom model here as a CrystFEL geometry file "
+           "(the file's panels, layout, groups and keys; refined corners, vectors and coffsets)", metavar="OUT.geom"),
     _choice("--esd-scale", _FITS, "scale the ESDs by χ²/ν: for least squares only (auto), always (chi2), never "
             "(none)", ESD_SCALES, field="esd_scale"),
     Option("--lr", ("refine",), "Adam learning rate (typical errors per step)", kind="real", field="lr",

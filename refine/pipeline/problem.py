@@ -156,7 +156,7 @@ def _labelled(k: int, paths, exc: Exception) -> Exception:
 def _image(observed, params: Params, setup: Setup, options: FitOptions, crystal_system: str):
     """(observed tensor, usable bool image, parameterisation) of one image, checked."""
     check_params(params, setup)  # types, dtype, device and values first: one-line errors before any work
-    arr, own_mask = observed_array(observed, setup)
+    arr, own_mask = observed_array(observed, setup, options.geometry)
     usable = usable_mask(arr, setup, options.mask, options.overload)
     if own_mask is not None:
         usable &= own_mask

@@ -214,9 +214,10 @@ class Result:
 
     def summary(self) -> str:
         """Human-readable table of the free scalars with ESDs and flags, the notes, and the fit statistics."""
-        lines = [f"{'parameter':24s} {'value':>16s} {'esd':>12s}  {'unit':6s} flag"]
+        w = max([24] + [len(s.name) for s in self.par.scalars])  # panel groups have long names
+        lines = [f"{'parameter':{w}s} {'value':>16s} {'esd':>12s}  {'unit':6s} flag"]
         for s in self.par.scalars:
-            lines.append(f"{s.name:24s} {self.values[s.name]:16.8g} {self.esd[s.name]:12.4g}  {s.unit:6s} "
+            lines.append(f"{s.name:{w}s} {self.values[s.name]:16.8g} {self.esd[s.name]:12.4g}  {s.unit:6s} "
                          f"{'/'.join(s.spec.flags)}")
         return "\n".join(lines + _summary_end(self, f"pixels {self.n_pixels}"))
 
@@ -313,8 +314,9 @@ class JointResult:
 
     def summary(self) -> str:
         """The shared values ± ESD, then one line per image with its own values, and the fit statistics."""
-        lines = [f"{'shared':24s} {'value':>16s} {'esd':>12s}"]
-        lines += [f"{n:24s} {self.shared[n]:16.8g} {self.shared_esd[n]:12.4g}" for n in self.shared_names]
+        w = max([24] + [len(n) for n in self.shared_names])
+        lines = [f"{'shared':{w}s} {'value':>16s} {'esd':>12s}"]
+        lines += [f"{n:{w}s} {self.shared[n]:16.8g} {self.shared_esd[n]:12.4g}" for n in self.shared_names]
         for k, img in enumerate(self.images, start=1):
             own = [n for n in img.names if n not in self.shared]
             vals = "  ".join(f"{n} {img.values[n]:.6g}±{img.esd[n]:.2g}" for n in own)

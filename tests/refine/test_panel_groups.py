@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.func import jacfwd
@@ -13,8 +14,10 @@ from torch.func import jacfwd
 import nbtorch
 import refine
 from nbtorch.detector import with_panels
-from nbtorch.io.crystfel import read_geom
+from nbtorch.io.crystfel import panels_to_slab, read_geom
+from nbtorch.io.images import write_raw_float
 from nbtorch.panels import layout_from_crystfel, panel_lab_vectors
+from refine.cli.fit import main
 from refine.model.degeneracy import degenerate_pairs
 from refine.model.parameters import parameterise
 
@@ -27,14 +30,15 @@ FLAGS = ("-default_F 100 -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -lambda 1
 MOTION = {"top": ((0.1, -0.08, 0.05), (0.1, -0.08, 0.1)), "bottom": ((-0.09, 0.1, -0.06), (-0.07, 0.1, -0.1))}
 
 
-def _panel(name, ss0, cx, cy):
-    return (f"{name}/min_fs = 0\n{name}/max_fs = 47\n{name}/min_ss = {ss0}\n{name}/max_ss = {ss0 + 47}\n"
+def _panel(name, fs0, ss0, cx, cy):
+    return (f"{name}/min_fs = {fs0}\n{name}/max_fs = {fs0 + 47}\n{name}/min_ss = {ss0}\n{name}/max_ss = {ss0 + 47}\n"
             f"{name}/fs = x\n{name}/ss = y\n{name}/corner_x = {cx}\n{name}/corner_y = {cy}\n\n")
 
 
-#: Four 48×48 panels around the beam at 60 mm in two groups (one data slab of 192×48), with keys a fit leaves alone.
+#: Four 48×48 panels around the beam at 60 mm in two groups (one data slab of 96×96), with keys a fit leaves alone.
 GEOM = ("clen = 60 mm\nres = 5000\nphoton_energy = 12398.4\nadu_per_photon = 2.5\ndata = /entry/data/data\n\n"
-        + _panel("p0", 0, -49, -49) + _panel("p1", 48, 1, -49) + _panel("p2", 96, -49, 1) + _panel("p3", 144, 1, 1)
+        + _panel("p0", 0, 0, -49, -49) + _panel("p1", 48, 0, 1, -49) + _panel("p2", 0, 48, -49, 1)
+        + _panel("p3", 48, 48, 1, 1)
         + "bad_edge/min_fs = 0\nbad_edge/max_fs = 1\nbad_edge/min_ss = 0\nbad_edge/max_ss = 47\nbad_edge/panel = p0\n\n"
         + "group_top = p0,p1\ngroup_bottom = p2,p3\ngroup_all = top,bottom\n")
 
@@ -207,3 +211,46 @@ def test_groups_holding_every_panel_are_degenerate_with_the_whole_detector(tmp_p
     J = jacfwd(lambda x: nbtorch.simulate(par.unpack(x), setup, fused=False).reshape(-1)[pixels])(par.zeros())
     i = [par.names.index(n) for n in ("distance", "panel_group:top.shift_z", "panel_group:bottom.shift_z")]
     torch.testing.assert_close(J[:, i[0]], J[:, i[1]] + J[:, i[2]], rtol=1e-9, atol=1e-9 * float(J.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_out_geom_needs_a_geom_detector_and_one_panel_has_no_groups(tmp_path, capsys):
+    p1, s1 = nbtorch.from_nanobragg_args("-default_F 100 -cell 40 50 60 90 90 90 -N 6 -detpixels 16",
+                                         dtype=torch.float64)
+    obs = tmp_path / "obs.bin"
+    write_raw_float(str(obs), _observe(p1, s1).numpy().astype(np.float32))
+    flags = ["-default_F", "100", "-cell", "40", "50", "60", "90", "90", "90", "-N", "6", "-detpixels", "16"]
+    out = tmp_path / "refined.geom"
+    assert main([str(obs), "--refine", "distance", "--out-geom", str(out)] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out-geom" in err and "give -geom FILE" in err and not out.exists()
+    assert main([str(obs), "--refine", "panel_groups,scale", "--quiet"] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "panel_groups: panel groups need a detector of several panels" in err
+    assert main([str(obs), "--refine", "panel_group"] + flags) == 2
+    assert "panel_groups.LEVEL" in capsys.readouterr().err
+
+
+def test_cli_geom_refine_out_geom(fitted, tmp_path, capsys):
+    """``nbtorch-refine OBSERVED -geom det.geom --refine panel_groups,scale --out-geom refined.geom``: the observed
+    image as the file's data slab, the refined file's panels where the Python fit put them."""
+    res, truth, geometry = fitted
+    geom = tmp_path / "det.geom"
+    geom.write_text(GEOM)
+    obs = tmp_path / "obs.bin"
+    slab = panels_to_slab(res.observed.numpy(), geometry)
+    assert slab.shape == (96, 96)  # the file's data layout, not the panels stacked
+    write_raw_float(str(obs), slab.astype(np.float32))
+    out, out_json = tmp_path / "refined.geom", tmp_path / "fit.json"
+    flags = ["-geom", str(geom)] + [t for t in FLAGS.split("-beam_vector")[0].split()]
+    rc = main([str(obs), "--refine", "panel_groups,scale", "--quiet", "--out-geom", str(out), "--json",
+               str(out_json)] + flags)
+    assert rc == 0, capsys.readouterr().err
+    back, d = read_geom(out), json.loads(out_json.read_text())
+    st = res.setup
+    want = panel_lab_vectors(st.panels, truth.detector, st.beam, st.twotheta_axis)[0]
+    for k, panel in enumerate(back.panels):
+        assert float((torch.tensor(panel.corner, dtype=torch.float64) - want[k]).abs().max()) < 0.1 * PIXEL
+    assert sorted(d["parameters"]["panel_groups"]) == ["bottom", "top"]
