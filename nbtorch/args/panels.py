@@ -6,15 +6,16 @@ replaces (the table's ``replaced`` flags: ``-distance``, ``-Xbeam``, ``-detpixel
 lacks.  :func:`panel_source` reads the file into a :class:`PanelSource` (layout, mask, output layout, crystal) and
 merges the values the file supplies into the build's flags:
 
-* ``-geom``: masks (``no_index``, ``bad…`` regions, masks in their own files) apply; a mask kept in the data file
-  is left out with a note (only simulating).  CrystFEL's lab frame, the beam along +z (``-beam_vector 0 0 1``, so the crystal, ``-polar_vector`` and
+* ``-geom``: CrystFEL's lab frame, the beam along +z (``-beam_vector 0 0 1``, so the crystal, ``-polar_vector`` and
   ``-spindle_axis`` read as nanoBragg's CUSTOM convention reads them; both vectors default to +x, horizontal in
   CrystFEL's frame); the file's wavelength or photon energy unless ``-lambda``/``-energy`` is given.  A ``clen`` or
-  ``photon_energy`` the file reads from a data file takes ``-clen`` or ``-energy``/``-lambda``.
+  ``photon_energy`` the file reads from a data file takes ``-clen`` or ``-energy``/``-lambda``.  Masks
+  (``no_index``, ``bad…`` regions, masks in their own files) apply; a mask kept in the data file is left out with a
+  note (only simulating).
 * ``-expt``: the first experiment's beam (``-beam_vector`` = −direction, ``-lambda``, ``-polar`` = the Kahn factor
   2·polarization_fraction − 1, ``-polar_vector`` ⟂ polarization_normal and the beam) and crystal (real_space_a/b/c,
-  Å, as given), in DIALS's lab frame; ``-spindle_axis`` defaults to +x.  A flag given *after* ``-expt`` overrides the file's value; one given before is
-  overridden by it (with a note).
+  Å, as given), in DIALS's lab frame; ``-spindle_axis`` defaults to +x.  A flag given *after* ``-expt`` overrides
+  the file's value; one given before is overridden by it (with a note).
 """
 from __future__ import annotations
 
@@ -167,7 +168,13 @@ def _geom_values(inp, geometry: Geometry, layout: PanelLayout) -> Dict[str, obje
     for f in ("-polar_vector", "-spindle_axis"):
         if f not in inp.opts:
             values[f] = list(_DEFAULT_AXIS)
-    if geometry.wavelength is not None and "-lambda" not in inp.opts and "-energy" not in inp.opts:
+    if "-lambda" in inp.opts or "-energy" in inp.opts:
+        return values
+    if geometry.wavelength is None:
+        default = fmt_num(FLAGS["-lambda"].default)
+        inp.notes.append(f"-geom {inp.opts['-geom']} gives no photon energy: lambda = {default} Å (the default; give "
+                         "-lambda or -energy)")
+    else:
         values["-lambda"] = _checked_wavelength(inp, geometry.wavelength, f"{geometry.beam[0]} = {geometry.beam[1]}")
     return values
 

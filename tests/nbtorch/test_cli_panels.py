@@ -14,8 +14,9 @@ import torch
 
 import nbtorch
 from nbtorch import cli
+from nbtorch.cli.layout import file_image
 from nbtorch.detector import with_panels
-from nbtorch.io.crystfel import panels_to_slab, read_geom
+from nbtorch.io.crystfel import panels_to_slab, read_geom, slab_shape
 from nbtorch.io.smv import read_smv
 from nbtorch.lattice import lattice
 from nbtorch.panels import layout_from_crystfel
@@ -318,3 +319,28 @@ def test_help_lists_the_panel_flags(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for words in ("-geom FILE", "-expt FILE", "-clen VALUE[mm|m]", "flags after -expt override"):
         assert words in text, words
+
+
+def test_crystfel_example_detectors_build_from_the_command_line_flags():
+    """The CrystFEL-style example files of tests/data/crystfel (helper files of test_crystfel_real.py) as they come:
+    CSPAD with clen and photon energy in the data file, Eiger 16M binned as one panel with bad strips."""
+    folder = DATA.parent / "crystfel"
+    cspad = f"-geom {folder / 'cspad_cxi.geom'} -cell 78 78 37 90 90 90 -default_F 10 -N 5"
+    with pytest.raises(ValueError, match="clen is read from a data file"):
+        nbtorch.from_nanobragg_args(cspad)
+    p, s, extras = nbtorch.args.build(nbtorch.parse_args(f"{cspad} -clen 0.12m -energy 9000"))
+    assert s.image_shape == (64, 185, 194) and s.n_groups > 64 and s.mask is None
+    assert float(p.beam.wavelength) == pytest.approx(12398.42 / 9000, rel=1e-15)
+    assert any("left out: only simulating" in n for n in extras.notes)
+    shape = file_image(np.zeros(s.image_shape, np.float32), s, extras).shape
+    assert shape == slab_shape(read_geom(folder / "cspad_cxi.geom", clen=120, photon_energy_eV=9000))
+    p, s = nbtorch.from_nanobragg_args(f"-geom {folder / 'eiger16m_bin2.geom'} -cell 78 78 37 90 90 90 -default_F 1")
+    assert s.n_panels == 1 and s.mask is not None and 0 < np.frombuffer(s.mask, np.uint8).mean() < 1
+
+
+def test_a_geom_file_without_photon_energy_takes_lambda_or_notes_the_default(tmp_path):
+    geom = _geom_variant(tmp_path, [("photon_energy = 12398.42 eV", "")])
+    p, _, extras = nbtorch.args.build(nbtorch.parse_args(f"-geom {geom} {XTAL}"))
+    assert float(p.beam.wavelength) == 1.0 and any("gives no photon energy" in n for n in extras.notes)
+    p, _ = nbtorch.from_nanobragg_args(f"-geom {geom} {XTAL} -energy 10000")
+    assert float(p.beam.wavelength) == pytest.approx(1.239842, rel=1e-15)
