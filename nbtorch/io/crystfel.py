@@ -40,9 +40,11 @@ _PANEL_KEYS = ("fs", "ss", "corner_x", "corner_y", "coffset", "res", "clen", "mi
                "maskN_data", "maskN_file", "maskN_goodbits", "maskN_badbits", "no_index")
 #: Panel keys CrystFEL knows that nbtorch keeps (and writes back) without using them.
 _PANEL_KEPT = ("max_adu", "flag_lessthan", "flag_morethan", "flag_equal", "mask_edge_pixels", "saturation_map",
-               "saturation_map_file", "badrow_direction", "peak_sep")
-#: Global keys (not panel defaults) that nbtorch keeps without using them.
-_GLOBAL_KEPT = ("peak_list", "peak_list_type", "bandwidth", "detector_shift_x", "detector_shift_y")
+               "saturation_map_file", "badrow_direction", "peak_sep", "rail_direction", "clen_for_centering")
+#: Global keys (not panel defaults) that nbtorch keeps without using them (``photon_energy_scale``, of files for
+#: CrystFEL before 0.10, scales the file's photon energy).
+_GLOBAL_KEPT = ("peak_list", "peak_list_type", "bandwidth", "detector_shift_x", "detector_shift_y",
+                "photon_energy_bandwidth", "photon_energy_scale", "peak_info_location")
 _GLOBAL_KEYS = ("clen", "photon_energy", "wavelength", "group_NAME", "rigid_group_NAME",
                 "rigid_group_collection_NAME") + _GLOBAL_KEPT
 _BAD_KEYS = ("min_fs", "max_fs", "min_ss", "max_ss", "min_x", "max_x", "min_y", "max_y", "panel")
@@ -480,7 +482,18 @@ def _photon_energy(raw: _Raw, ctx: _Ctx, values: _Values):
     if value <= 0:
         raise ctx.error(lineno, key, f"must be > 0, got {value!r} ({text!r})")
     value *= units[unit]
-    return (value if key == "photon_energy" else HC_EV_ANGSTROM / value), (key, text)
+    return (value * _energy_scale(raw, ctx) if key == "photon_energy" else HC_EV_ANGSTROM / value), (key, text)
+
+
+def _energy_scale(raw: _Raw, ctx: _Ctx) -> float:
+    """The older ``photon_energy_scale`` (a factor > 0 on the file's photon energy; 1 without it)."""
+    if "photon_energy_scale" not in raw.glob:
+        return 1.0
+    text, lineno = raw.glob["photon_energy_scale"]
+    scale = _float(ctx, lineno, "photon_energy_scale", text)
+    if scale <= 0:
+        raise ctx.error(lineno, "photon_energy_scale", f"must be > 0, got {text!r}")
+    return scale
 
 
 def _dims(ctx: _Ctx, keys: Dict[str, Tuple[str, int]], where: str) -> Tuple[str, ...]:
@@ -667,18 +680,20 @@ def _tree_from_rigid(ctx: _Ctx, raw: _Raw, panel_names: List[str]) -> Tuple[Grou
     (ties: the later line inside the earlier); groups that share panels without one holding the other are an error.
     A group's members are its child groups (file order), then its panels in no child (panel order).  The
     ``rigid_group_collection_`` lines are kept as written, unchecked: real files name rigid groups they no longer
-    define in them, and CrystFEL since 0.10 ignores the older lines."""
+    define in them, and CrystFEL since 0.10 ignores the older lines.  A rigid group named like its one panel
+    (``rigid_group_det = det``) is that panel's own rigid body, not a node of its own."""
     sets = {}
-    for name, members, lineno in raw.rigid:
+    rigid = [g for g in raw.rigid if not (g[1] == [g[0]] and g[0] in panel_names)]
+    for name, members, lineno in rigid:
         bad = [m for m in members if m not in panel_names]
         if bad or name in panel_names or name == "all":
             problem = f"unknown panel {bad[0]!r}" if bad else "a rigid group may not be called 'all' or like a panel"
             raise ctx.error(lineno, f"rigid_group_{name}", problem)
         sets[name] = frozenset(members)
-    file_order = [name for name, _, _ in raw.rigid]
+    file_order = [name for name, _, _ in rigid]
     placed: List[str] = []  # largest first, so the last container met going backwards is the smallest
     kids: Dict[str, List[str]] = {"all": []}
-    for name, _, lineno in sorted(raw.rigid, key=lambda g: (-len(g[1]), file_order.index(g[0]))):
+    for name, _, lineno in sorted(rigid, key=lambda g: (-len(g[1]), file_order.index(g[0]))):
         host = "all"
         for other in reversed(placed):
             if sets[name] <= sets[other]:

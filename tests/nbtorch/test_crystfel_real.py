@@ -21,6 +21,7 @@ import nbtorch
 from nbtorch.detector import panel_frames, with_panels
 from nbtorch.io.crystfel import (
     GeometryFileError,
+    Group,
     data_file_masks,
     geometry_mask,
     panel_normal,
@@ -367,6 +368,28 @@ def test_older_rigid_group_files_from_geoptimiser_days(tmp_path):
     assert [n.name for n in layout_from_crystfel(g).nodes] == ["q0", "a0", "0"]
     mask = geometry_mask(g)[0]  # pixel corners strictly inside -50 < x < 2, -6 < y < 4: fs 1..51, ss 35..43
     assert int((mask == 0).sum()) == 51 * 9 and mask[35:44, 1:52].max() == 0
+
+
+def test_older_keys_and_a_rigid_group_named_like_its_panel(tmp_path):
+    """Keys of CrystFEL before 0.10 (photon_energy_bandwidth, photon_energy_scale, per-panel rail_direction and
+    clen_for_centering) are kept, the scale applied; a rigid group named like its one panel is that panel."""
+    path = tmp_path / "jf4m.geom"
+    path.write_text("photon_energy = 11500 ;11560 eV   ; a comment\nphoton_energy_bandwidth = 0.01\n"
+                    "photon_energy_scale = 1.002\nadu_per_photon = 1\nclen = 0.1766 ;0.1756 ;0.1771\n"
+                    "res = 13333.3   ; 75 um\nflag_morethan = 2100000000\nrail_direction = z\n"
+                    "clen_for_centering = 0.1\n\nrigid_group_detector = detector\n"
+                    "rigid_group_collection_detector = detector\n\n"
+                    "detector/min_fs = 0\ndetector/max_fs = 99\ndetector/min_ss = 0\ndetector/max_ss = 79\n"
+                    "detector/fs = +1.000000x +0.000063y\ndetector/ss = -0.000063x +1.000000y\n"
+                    "detector/corner_x = -50.3\ndetector/corner_y = -40.1\n\nbad_v_0/min_fs = 25\n"
+                    "bad_v_0/min_ss = 0\nbad_v_0/max_fs = 26\nbad_v_0/max_ss = 79\n\ndetector/coffset = -0.000118\n")
+    g = read_geom(path)
+    assert g.photon_energy_eV == pytest.approx(11500 * 1.002, rel=1e-15)
+    assert g.groups == (Group("all", ("detector",)),) and g.rigid_groups == (("detector", ("detector",)),)
+    assert dict(g.panels[0].extra)["rail_direction"] == "z" and g.panels[0].corner[2] == pytest.approx(176.482)
+    assert int((geometry_mask(g) == 0).sum()) == 2 * 80
+    write_geom(tmp_path / "out.geom", g)
+    assert read_geom(tmp_path / "out.geom") == g
 
 
 # ----------------------------------------------------------------------------------------------------------------
