@@ -421,6 +421,8 @@ def _h5_read(ctx: _Ctx, lineno: int, key: str, path, location: str, what: str, p
         raise ctx.error(lineno, key, f"reading {what} {display_name(path)} needs the optional 'h5py' package: pip "
                                      "install nbtorch[io]") from None
     name = display_name(path)
+    if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
+        raise ctx.error(lineno, key, f"{what} {name} not found")
     try:
         with h5py.File(path, "r") as h5:
             if location not in h5 or not hasattr(h5[location], "shape"):

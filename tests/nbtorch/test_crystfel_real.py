@@ -199,8 +199,11 @@ def test_cspad_camera_length_comes_from_the_data_file(tmp_path):
     in_m = read_geom(in_metres, data_file=tmp_path / "run_m.cxi", photon_energy_eV=ENERGY_EV)
     assert [p.corner for p in in_m.panels] == [p.corner for p in g.panels]
     message = _error(CSPAD, data_file=tmp_path / "none.h5")
+    assert message == f"{CSPAD}, line {_line(CSPAD, 'clen')}: clen: the data file {tmp_path / 'none.h5'} not found"
+    (tmp_path / "text.h5").write_text("not HDF5")
+    message = _error(CSPAD, data_file=tmp_path / "text.h5")
     assert message.startswith(f"{CSPAD}, line {_line(CSPAD, 'clen')}: clen: cannot read the data file "), message
-    assert "none.h5 as HDF5" in message
+    assert "text.h5 as HDF5" in message
 
 
 def test_cspad_quadrants_hold_two_by_ones_that_hold_asics():
