@@ -754,9 +754,6 @@ def _outputs(inp: Inputs, params: Params, setup: Setup) -> Outputs:
     if pix is not None and not (0 <= pix[0] < fpix and 0 <= pix[1] < spix):
         raise ValueError(f"-printout_pixel {pix[0]} {pix[1]}: needs pixel indices fast in 0..{fpix - 1} and slow in "
                          f"0..{spix - 1}")
-    if inp.given("-nexusfile") and setup.panels is not None:
-        raise ValueError(f"-nexusfile {inp.opts['-nexusfile']}: NXmx output of a detector of panels is not written "
-                         "yet; use -floatfile, -intfile or -noisefile")
     if inp.given("-nexusfile"):
         _check_nexus(inp, params, setup)
     scale = inp.get("-scale")

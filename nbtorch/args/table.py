@@ -408,7 +408,8 @@ _TABLE = (
     _file("-pgmfile", "output", "8-bit PGM preview (turns -nopgm off)", default="image.pgm", aliases=("-pgmimage",),
           field="cli.pgmfile", switch=("pgm", True), write="no"),
     _file("-nexusfile", "output", "NeXus/HDF5 NXmx file: the float image (photons/pixel, as -floatfile) with its "
-          "geometry, readable by DIALS (flat detectors only; needs h5py, nbtorch[io])", default_text="not written",
+          "geometry, readable by DIALS (flat detectors only; -geom/-expt: one module per panel; needs h5py, "
+          "nbtorch[io])", default_text="not written",
           field="cli.nexusfile", write="no"),
     _real("-scale", "output", "intfile counts per photon (0: automatic)", default_text="55000/max",
           within="[0, 1e30]", field="cli.scale", write="no"),

@@ -49,7 +49,7 @@ def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Par
     fimg = file_image(image, setup, extras)
     if fimg.what:
         out.write(f"image files: {fimg.what}\n")
-    image = fimg.image
+    simulated, image = image, fimg.image
     _write("float image", o.floatfile, write_raw_float, image)
     out.write(f"wrote {o.floatfile} as {image.size} 4-byte floats\n")
     written.append(o.floatfile)
@@ -83,7 +83,9 @@ def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Par
         written.append(o.noisefile)
 
     if o.nexusfile is not None:
-        _write("NeXus file", o.nexusfile, write_nxmx, image, params, setup)
-        out.write(f"wrote {o.nexusfile} as an NXmx file of {image.size} 4-byte floats with its geometry\n")
+        _write("NeXus file", o.nexusfile, write_nxmx, simulated, params, setup)
+        modules = f" in {setup.n_panels} modules" if setup.panels is not None else ""
+        out.write(f"wrote {o.nexusfile} as an NXmx file of {simulated.size} 4-byte floats{modules} with its "
+                  "geometry\n")
         written.append(o.nexusfile)
     return written

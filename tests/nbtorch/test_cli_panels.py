@@ -290,8 +290,8 @@ def test_expt_without_crystal_needs_a_cell(tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["-nexusfile", "x.h5"], ["-nexusfile x.h5", "panels"]),
     (["-lambda", "1e9"], ["-lambda", "1e9"]),
+    (["-polar_vector", "0", "0", "1"], ["-polar_vector", "parallel"]),
 ])
 def test_errors_write_nothing(extra, words, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -344,3 +344,18 @@ def test_a_geom_file_without_photon_energy_takes_lambda_or_notes_the_default(tmp
     assert float(p.beam.wavelength) == 1.0 and any("gives no photon energy" in n for n in extras.notes)
     p, _ = nbtorch.from_nanobragg_args(f"-geom {geom} {XTAL} -energy 10000")
     assert float(p.beam.wavelength) == pytest.approx(1.239842, rel=1e-15)
+
+
+def test_nexusfile_of_panels_holds_one_module_per_panel(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("h5py")
+    from nbtorch.io import read_nxmx
+
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _main(["-expt", EXPT, "-default_F", "100", "-N", "3", "-oversample", "1", *QUIET, *OUTS,
+                          "-nexusfile", "x.h5"], capsys)
+    assert rc == 0, err
+    assert "in 2 modules" in out
+    obs = read_nxmx("x.h5")
+    floats = np.fromfile("f.bin", dtype="<f4").reshape(2, 6, 10)
+    np.testing.assert_array_equal(np.asarray(obs.data, dtype=np.float32)[0, :, :10], floats[0])
+    np.testing.assert_array_equal(np.asarray(obs.data, dtype=np.float32)[1, :, :8], floats[1, :, :8])
