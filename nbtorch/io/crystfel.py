@@ -41,8 +41,9 @@ _PANEL_KEYS = ("fs", "ss", "corner_x", "corner_y", "coffset", "res", "clen", "mi
 #: Panel keys CrystFEL knows that nbtorch keeps (and writes back) without using them.
 _PANEL_KEPT = ("max_adu", "flag_lessthan", "flag_morethan", "flag_equal", "mask_edge_pixels", "saturation_map",
                "saturation_map_file", "badrow_direction", "peak_sep", "rail_direction", "clen_for_centering")
-#: Global keys (not panel defaults) that nbtorch keeps without using them (``photon_energy_scale``, of files for
-#: CrystFEL before 0.10, scales the file's photon energy).
+#: Global keys (not panel defaults) that nbtorch keeps and writes back (``detector_shift_x/_y`` move every panel;
+#: ``photon_energy_scale``, of files for CrystFEL before 0.10, scales the file's photon energy; the others are
+#: not used).
 _GLOBAL_KEPT = ("peak_list", "peak_list_type", "bandwidth", "detector_shift_x", "detector_shift_y",
                 "photon_energy_bandwidth", "photon_energy_scale", "peak_info_location")
 _GLOBAL_KEYS = ("clen", "photon_energy", "wavelength", "group_NAME", "rigid_group_NAME",
@@ -108,7 +109,8 @@ class Panel:
     ``coffset``: camera length and this panel's offset (m), the corner's z being their sum; ``clen``: the file's
     clen text (a number with optional unit, or a data-file location); ``min_fs`` … ``max_ss``: inclusive ranges in
     the data slab; ``data``/``dims``: where the slab is (``dims`` lists ``dim0``, ``dim1``, … as ``'%'``, ``'ss'``,
-    ``'fs'`` or a fixed index); ``extra``: keys CrystFEL knows that nbtorch keeps without using them.
+    ``'fs'`` or a fixed index); ``extra``: keys CrystFEL knows that nbtorch keeps without using them;
+    ``shift_mm``: the file's whole-detector ``detector_shift_x``/``_y`` (mm), added to the corner's x and y.
     """
     name: str
     fs: Vec
@@ -130,6 +132,7 @@ class Panel:
     masks: Tuple[Mask, ...] = ()
     no_index: bool = False
     extra: Tuple[Tuple[str, str], ...] = ()
+    shift_mm: Tuple[float, float] = (0.0, 0.0)
 
     @property
     def pixel_size(self) -> float:
@@ -148,9 +151,11 @@ class Panel:
 
     @property
     def corner(self) -> Vec:
-        """Lab position (mm) of the outer corner of pixel (0, 0): (corner_x·p, corner_y·p, 1000·(clen + coffset))."""
+        """Lab position (mm) of the outer corner of pixel (0, 0): (corner_x·p + shift x, corner_y·p + shift y,
+        1000·(clen + coffset))."""
         p = self.pixel_size
-        return (self.corner_x * p, self.corner_y * p, 1000.0 * (self.clen_m + self.coffset))
+        return (self.corner_x * p + self.shift_mm[0], self.corner_y * p + self.shift_mm[1],
+                1000.0 * (self.clen_m + self.coffset))
 
     @property
     def fs_step(self) -> Vec:
@@ -451,6 +456,26 @@ def _clen_m(ctx: _Ctx, lineno: int, text: str, values: _Values) -> float:
     return value * (1.0 if parts[1:] == ["m"] else 1e-3)
 
 
+def _detector_shift(raw: _Raw, ctx: _Ctx, values: _Values) -> Tuple[float, float]:
+    """``detector_shift_x``/``_y`` (a number or a data-file location, m unless ``mm`` follows) → (x, y) in mm."""
+    out = []
+    for key in ("detector_shift_x", "detector_shift_y"):
+        text, lineno = raw.glob.get(key, ("0", 0))
+        parts = text.split()
+        if len(parts) not in (1, 2) or parts[1:] not in ([], ["m"], ["mm"]):
+            raise ctx.error(lineno, key, f"expected a number or a data-file location with optional unit m or mm, "
+                                         f"got {text!r}")
+        if _FLOAT_RE.match(parts[0]):
+            value = _float(ctx, lineno, key, parts[0])
+        else:
+            value = values.read(ctx, lineno, key, parts[0])
+            if value is None:
+                raise ctx.error(lineno, key, f"the detector shift is read from the data file ({parts[0]}): give the "
+                                             "data file")
+        out.append(value * (1.0 if parts[1:] == ["mm"] else 1000.0))
+    return out[0], out[1]
+
+
 #: Units of the beam keys (to eV for photon_energy, to Å for wavelength).
 _BEAM_UNITS = {"photon_energy": {None: 1.0, "eV": 1.0, "keV": 1e3}, "wavelength": {"m": 1e10, "A": 1.0}}
 
@@ -731,7 +756,9 @@ def parse_geom(raw_bytes: bytes, name: str, *, clen: Optional[float] = None,
     raw = _collect(raw_bytes, ctx)
     values = _Values(clen, photon_energy_eV, data_file, frame)
     glob_clen = raw.glob.get("clen")
-    panels = tuple(_panel(ctx, n, keys, raw.first_line[n], glob_clen, values) for n, keys in raw.panels.items())
+    shift = _detector_shift(raw, ctx, values)
+    panels = tuple(replace(_panel(ctx, n, keys, raw.first_line[n], glob_clen, values), shift_mm=shift)
+                   for n, keys in raw.panels.items())
     _check_overlaps(ctx, panels, raw)
     by_name = {p.name: p for p in panels}
     bad = tuple(_bad_region(ctx, n, keys, by_name) for n, keys in raw.bad.items())
@@ -891,7 +918,8 @@ def panel_with_lab_frame(panel: Panel, corner: Vec, fs_step: Vec, ss_step: Vec) 
     """``panel`` moved to a new lab corner and steps (mm; e.g. after refinement), in the file's units: its pixel
     size and ``clen`` are kept, ``coffset`` takes the change of z."""
     p = panel.pixel_size
-    return replace(panel, corner_x=float(corner[0]) / p, corner_y=float(corner[1]) / p,
+    return replace(panel, corner_x=(float(corner[0]) - panel.shift_mm[0]) / p,
+                   corner_y=(float(corner[1]) - panel.shift_mm[1]) / p,
                    coffset=float(corner[2]) / 1000.0 - panel.clen_m,
                    fs=tuple(float(c) / p for c in fs_step), ss=tuple(float(c) / p for c in ss_step))
 

@@ -24,6 +24,7 @@ from nbtorch.io.crystfel import (
     Group,
     data_file_masks,
     geometry_mask,
+    moved_geometry,
     panel_normal,
     panels_to_slab,
     read_geom,
@@ -393,6 +394,22 @@ def test_older_keys_and_a_rigid_group_named_like_its_panel(tmp_path):
     assert int((geometry_mask(g) == 0).sum()) == 2 * 80
     write_geom(tmp_path / "out.geom", g)
     assert read_geom(tmp_path / "out.geom") == g
+
+
+def test_detector_shift_moves_every_panel(tmp_path):
+    path = _edited(tmp_path, EIGER, "clen = 0.1", "clen = 0.1\ndetector_shift_x = 1.5 mm\ndetector_shift_y = -0.002")
+    g, plain = read_geom(path), read_geom(EIGER)
+    assert np.subtract(g.panels[0].corner, plain.panels[0].corner) == pytest.approx([1.5, -2.0, 0.0], abs=1e-12)
+    assert g.panels[0].corner_x == plain.panels[0].corner_x
+    write_geom(tmp_path / "out.geom", g)
+    assert read_geom(tmp_path / "out.geom") == g
+    p = g.panels[0]
+    assert moved_geometry(g, [p.corner], [p.fs_step], [p.ss_step]).panels[0].corner_x == pytest.approx(p.corner_x,
+                                                                                                      rel=1e-14)
+    located = _edited(tmp_path, EIGER, "clen = 0.1", "clen = 0.1\ndetector_shift_x = /shift/x")
+    message = _error(located)
+    assert message.startswith(f"{located}, line {_line(located, 'detector_shift_x')}: detector_shift_x: the detector "
+                              "shift is read from the data file (/shift/x)"), message
 
 
 # ----------------------------------------------------------------------------------------------------------------
