@@ -312,6 +312,9 @@ def panel_source(inp, read: Callable) -> Optional[PanelSource]:
         _check_experiment(expts, name)
         if len(expts.experiments) > 1:
             inp.notes.append(f"-expt {name}: {len(expts.experiments)} experiments; the first is simulated")
+        if expts.experiments[0].goniometer is not None or expts.experiments[0].scan is not None:
+            inp.notes.append(f"-expt {name}: the goniometer and scan are not used (give -spindle_axis, -phi and -osc "
+                             "for a rotation)")
         layout = layout_from_dials(expts.detector_of(0), expts.beam_of(0).direction)
         source = PanelSource(flag, name, layout, _dials_mask(expts, layout))
         values, crystal = _expt_values(inp, expts), _expt_crystal(expts, name)
