@@ -82,19 +82,28 @@ def parse_image_list(path: str, common_flags: Sequence[str] = (), check_files: b
     return out
 
 
-def entry_model(entry: ImageEntry, dtype=torch.float64):
-    """(params, setup) of an entry's starting model (files in the flags read from the LIST's folder); ValueError
-    naming the LIST line when the flags do not describe a model."""
+def entry_start(entry: ImageEntry, dtype=torch.float64):
+    """(params, setup, geometry) of an entry's starting model (files in the flags read from the LIST's folder;
+    geometry: the CrystFEL Geometry of a ``-geom`` detector, else None); ValueError naming the LIST line when the
+    flags do not describe a model."""
     try:
-        return build(parse_args(entry.flags), dtype=dtype, base_dir=entry.base_dir)[:2]
+        params, setup, extras = build(parse_args(entry.flags), dtype=dtype, base_dir=entry.base_dir)
     except (ValueError, OSError) as exc:
         raise ValueError(f"{entry.where()}: bad flags: {exc}") from None
+    return params, setup, extras.panels.geometry if extras.panels is not None else None
 
 
-def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, params=None):
+def entry_model(entry: ImageEntry, dtype=torch.float64):
+    """(params, setup) of an entry's starting model (:func:`entry_start`)."""
+    return entry_start(entry, dtype)[:2]
+
+
+def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, params=None, geometry=None):
     """The entry's observed image in photons, read by :func:`refine.targets.observed.read_observed` (its arguments;
-    errors and header warnings start with the LIST line)."""
-    return read_observed(entry.path, setup, params, label=f"{entry.where()}:", overload=overload, adc=adc, gain=gain)
+    a ``-geom`` detector's ``geometry`` cuts a data slab into panels; errors and header warnings start with the LIST
+    line)."""
+    return read_observed(entry.path, setup, params, label=f"{entry.where()}:", overload=overload, adc=adc, gain=gain,
+                         geometry=geometry)
 
 
 def load_entries(entries: Sequence[ImageEntry], dtype=torch.float64, overload=None, adc=None, gain=None,
@@ -103,8 +112,8 @@ def load_entries(entries: Sequence[ImageEntry], dtype=torch.float64, overload=No
     ``gain`` as :func:`entry_image`; ``progress('reading images', k, N)`` after each entry (when given)."""
     obs, params, setups = [], [], []
     for k, e in enumerate(entries, start=1):
-        p, s = entry_model(e, dtype)
-        obs.append(entry_image(e, s, overload, adc, gain, params=p))
+        p, s, geometry = entry_start(e, dtype)
+        obs.append(entry_image(e, s, overload, adc, gain, params=p, geometry=geometry))
         params.append(p)
         setups.append(s)
         if progress is not None:

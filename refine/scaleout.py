@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .imagelist import ImageEntry, entry_image, entry_model
+from .imagelist import ImageEntry, entry_image, entry_start
 from .pipeline.fit import fit
 
 #: Keys of a result line, in order, plus ``error`` when the image failed (the others then null, ``ok`` false):
@@ -87,10 +87,11 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
     t0 = time.perf_counter()
     try:
         torch.set_num_threads(_task_threads(threads, host_workers))
-        params, setup = entry_model(entry, torch.float64 if dtype == "float64" else torch.float32)
+        params, setup, geometry = entry_start(entry, torch.float64 if dtype == "float64" else torch.float32)
         with warnings.catch_warnings(record=True) as caught:  # header values against the flags: into the line
             warnings.simplefilter("always")
-            obs = entry_image(entry, setup, options.get("overload"), adc=adc, gain=gain, params=params)
+            obs = entry_image(entry, setup, options.get("overload"), adc=adc, gain=gain, params=params,
+                              geometry=geometry)
         matrix = None if setup.nanobragg_cell else os.path.join(matrix_dir or entry.base_dir, f"{entry.line:06d}.mat")
         if matrix is not None:
             os.makedirs(os.path.dirname(matrix), exist_ok=True)

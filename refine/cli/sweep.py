@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-import nbtorch
+from nbtorch.args import build, parse_args
 from nbtorch.io._atomic import atomic_write
 
 from .. import studies
@@ -96,8 +96,9 @@ def _run(argv: List[str]) -> int:
         search = studies.parse_search(ns.search)
         spec = studies.StudySpec(**dict(arguments(ns, "sweep", "StudySpec"), storage=ns.storage or
                                         f"sqlite:///{database}"))
-        params, setup = nbtorch.from_nanobragg_args(flags, dtype=getattr(torch, ns.dtype))
-        obs = read_observed(ns.observed, setup, params, adc=ns.adc, gain=ns.gain)
+        params, setup, extras = build(parse_args(flags), dtype=getattr(torch, ns.dtype))
+        obs = read_observed(ns.observed, setup, params, adc=ns.adc, gain=ns.gain,
+                            geometry=extras.panels.geometry if extras.panels is not None else None)
         studies.open_storage(spec.storage, connect_timeout=spec.connect_timeout)  # reachable? (before any trial)
     except (ValueError, OSError, ImportError) as exc:
         raise UsageError(_said(exc, ns)) from None

@@ -18,6 +18,7 @@ from nbtorch.io.crystfel import panels_to_slab, read_geom
 from nbtorch.io.images import write_raw_float
 from nbtorch.panels import layout_from_crystfel, panel_lab_vectors
 from refine.cli.fit import main
+from refine.imagelist import entry_start, load_entries, parse_image_list
 from refine.model.degeneracy import degenerate_pairs
 from refine.model.parameters import parameterise
 
@@ -254,3 +255,18 @@ def test_cli_geom_refine_out_geom(fitted, tmp_path, capsys):
     for k, panel in enumerate(back.panels):
         assert float((torch.tensor(panel.corner, dtype=torch.float64) - want[k]).abs().max()) < 0.1 * PIXEL
     assert sorted(d["parameters"]["panel_groups"]) == ["bottom", "top"]
+
+
+def test_image_lists_read_a_geom_slab_as_panels(fitted, tmp_path):
+    """``nbtorch-refine --images LIST`` lines with ``-geom``: the observed data slab is cut into the file's panels."""
+    res, _, geometry = fitted
+    (tmp_path / "det.geom").write_text(GEOM)
+    write_raw_float(str(tmp_path / "obs.bin"), panels_to_slab(res.observed.numpy(), geometry).astype(np.float32))
+    crystal = FLAGS.split("-beam_vector")[0]
+    (tmp_path / "list.txt").write_text(f"obs.bin -geom det.geom {crystal}\n")
+    entries = parse_image_list(str(tmp_path / "list.txt"))
+    assert entry_start(entries[0])[2] == geometry
+    (obs,), _, (setup,) = load_entries(entries)
+    assert setup.image_shape == (4, 48, 48)
+    torch.testing.assert_close(torch.as_tensor(obs.data, dtype=torch.float64), res.observed, rtol=0, atol=0)
+    assert not obs.mask[0, :, :2].any() and obs.mask[0, :, 2:].all()  # the file's bad_edge region
