@@ -34,8 +34,8 @@ import tempfile
 import warnings
 from typing import Callable, Optional, TypeVar
 
-__all__ = ["CACHE_ENV", "UntrustedCacheError", "cache_root", "cache_subdir", "file_problem", "load_or_build",
-           "scratch_dir", "sha256_of"]
+__all__ = ["CACHE_ENV", "UntrustedCacheError", "builder_lock", "cache_root", "cache_subdir", "file_problem",
+           "load_or_build", "scratch_dir", "sha256_of"]
 
 #: Environment variable: the root of nbtorch's on-disk cache.
 CACHE_ENV = "NBTORCH_CACHE_DIR"
@@ -184,7 +184,7 @@ def _tmp_file(path: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(tmp)
 
 
-def _lock(path: pathlib.Path, blocking: bool = True, create: bool = True) -> Optional[int]:
+def builder_lock(path: pathlib.Path, blocking: bool = True, create: bool = True) -> Optional[int]:
     """An open descriptor holding the exclusive builder lock of ``path``, or None when ``blocking`` is False and
     another process holds it (or, with ``create`` False, when there is no lock file).  Release with ``os.close``."""
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
@@ -214,7 +214,7 @@ def _sweep(directory: pathlib.Path, held: str) -> None:
             continue
         target = directory / m["target"]
         if m["target"] != held and os.path.lexists(target.with_name(target.name + LOCK_SUFFIX)):
-            fd = _lock(target, blocking=False, create=False)
+            fd = builder_lock(target, blocking=False, create=False)
             if fd is None:
                 continue  # its builder is still at work
             os.close(fd)  # (a builder starting now makes a temporary file of another name)
@@ -273,10 +273,10 @@ def load_or_build(path: pathlib.Path, build: Callable[[pathlib.Path], None], loa
             load_failed = True
     if not build_missing:
         return None
-    fd = _lock(path, blocking=False)
+    fd = builder_lock(path, blocking=False)
     if fd is None:
         _log.info("waiting for another process building %s", path)
-        fd = _lock(path)
+        fd = builder_lock(path)
     try:
         _sweep(path.parent, held=path.name)
         if file_problem(path) is None and not (load_failed and _identity(path) == before):

@@ -18,6 +18,7 @@ compiler works, or the cache is not the user's own, the eager code runs instead,
 """
 from __future__ import annotations
 
+import enum
 import os
 import pathlib
 import warnings
@@ -28,13 +29,35 @@ from torch._C._functorch import (TransformType, get_unwrapped, is_functorch_wrap
                                  peek_interpreter_stack)
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-from . import aot
+from . import aot, builder
 from .cachedir import UntrustedCacheError, cache_root, cache_subdir, scratch_dir
 from .kernel import (KernelSpec, PixelMoments, TileConsts, TileParams, factor_jacobian, has_fast_derivatives,
                      jvp_from_moments, sample_moments, tile_sums, vjp_from_moments)
 
 #: Environment variable: "0" forces the eager kernels, "1" the compiled ones (``simulate(fused=...)`` wins).
 FUSED_ENV = "NBTORCH_FUSED"
+#: Environment variable: "wait" makes jobs that chose compiled kernels by themselves build a missing one first (as an
+#: explicit ``fused=True`` does); "background" (default) runs them eagerly while another process builds it.
+BUILD_ENV = "NBTORCH_BUILD"
+
+
+class Compiled(enum.IntEnum):
+    """What a ``fused`` argument asks for (``False``/``True`` are ``NO``/``YES``): eager code; compiled kernels, a
+    missing one built first; compiled kernels when they are in the cache, else eager code while a background process
+    builds them (:func:`nbtorch.builder.start_background_build`; what ``simulate(fused=None)`` picks by itself)."""
+
+    NO = 0
+    YES = 1
+    WHEN_READY = 2
+
+
+def build_in_background() -> bool:
+    """Whether jobs that chose compiled kernels by themselves leave a missing kernel to a background builder
+    (:data:`BUILD_ENV`; ValueError for a value other than "background" or "wait")."""
+    v = os.environ.get(BUILD_ENV, "background").strip().lower() or "background"
+    if v not in ("background", "wait"):
+        raise ValueError(f"{BUILD_ENV} must be 'background' or 'wait', got {v!r}")
+    return v == "background"
 _compiled: Dict[tuple, object] = {}
 _broken: Dict[tuple, str] = {}
 
@@ -66,7 +89,7 @@ def _compiled_ok_marker() -> pathlib.Path:
     return pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"nbtorch-compiled-ok-{capability}"
 
 
-def _prepare_compiler() -> None:
+def prepare_compiler() -> None:
     """Point inductor's cache at :func:`_inductor_dir` (unless the user chose one with ``TORCHINDUCTOR_CACHE_DIR``)
     and skip its per-process CPU-ISA probe once a previous process has shown that compiled kernels work on this
     machine with this CPU capability."""
@@ -80,7 +103,7 @@ def _prepare_compiler() -> None:
         inductor_config.cpp.vec_isa_ok = True
 
 
-def _mark_compiled_ok() -> None:
+def mark_compiled_ok() -> None:
     try:
         marker = _compiled_ok_marker()
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +142,7 @@ def _kernel(kind: str, spec: KernelSpec):
         return None
     fn = _compiled.get(key)
     if fn is None:
-        _prepare_compiler()
+        prepare_compiler()
 
         def tile(tp, tc):
             return tile_sums(tp, tc, spec)
@@ -151,7 +174,7 @@ def _run(kind: str, spec: KernelSpec, eager, *args, grad: bool = False):
         warnings.warn(f"nbtorch: compiled {kind} kernel unavailable ({type(err).__name__}); using eager code",
                       RuntimeWarning, stacklevel=3)
         return eager(*args)
-    _mark_compiled_ok()
+    mark_compiled_ok()
     return out
 
 
@@ -178,26 +201,29 @@ def _zeros_for_none(tp: TileParams, tan: TileParams) -> TileParams:
 def forward(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(S [P], factor [P]) of a tile; compiled ahead of time (:mod:`nbtorch.aot`) when ``fused`` and every input is a
     plain tensor, else eager."""
-    fn = _aot_kernel("forward", spec, tp.A) if fused and _unrecorded(tp) else None
+    fn = _aot_kernel("forward", spec, tp.A, fused) if fused and _unrecorded(tp) else None
     if fn is None:
         return tile_sums(tp, tc, spec)
     with torch.no_grad():
         return fn(tp, tc)
 
 
-def _aot_kernel(kind: str, spec: KernelSpec, like: torch.Tensor):
-    """The ahead-of-time compiled kernel ``kind`` (built into the cache on first use), or None — with a warning,
-    once — when it cannot be built or loaded here."""
+def _aot_kernel(kind: str, spec: KernelSpec, like: torch.Tensor, fused: int = Compiled.YES):
+    """The ahead-of-time compiled kernel ``kind``, or None: with a warning, once, when it cannot be built or loaded
+    here; silently while a background process builds it (``fused`` is :attr:`Compiled.WHEN_READY`).  With
+    :attr:`Compiled.YES` a missing kernel is built first, in this process."""
     key = (kind, spec, like.dtype, like.device.type)
     if key in _broken:
         return None
     try:
         root = cache_root()
         fn = aot.load(root, kind, spec, like.dtype, like.device, build_missing=False)  # no dynamo, no inductor
+        if fn is None and fused == Compiled.WHEN_READY:
+            return _left_to_builder(root, kind, spec, like)
         if fn is None:  # only a build needs the compiler
-            _prepare_compiler()
+            prepare_compiler()
             fn = aot.load(root, kind, spec, like.dtype, like.device)
-            _mark_compiled_ok()
+            mark_compiled_ok()
     except UntrustedCacheError as err:  # already warned (once for all kernels): compute eagerly
         _broken[key] = f"{type(err).__name__}: {err}"
         return None
@@ -207,6 +233,20 @@ def _aot_kernel(kind: str, spec: KernelSpec, like: torch.Tensor):
                       "using eager code", RuntimeWarning, stacklevel=4)
         return None
     return fn
+
+
+def _left_to_builder(root: pathlib.Path, kind: str, spec: KernelSpec, like: torch.Tensor) -> None:
+    """Start (or leave at work) the background builder of a missing kernel; warn once, and stop asking, when its
+    build failed recently.  Always None: this call computes eagerly."""
+    path = aot.package_path(root, kind, spec, like.dtype, like.device)
+    failure = builder.build_failure(path)
+    if failure is not None:
+        _broken[(kind, spec, like.dtype, like.device.type)] = failure
+        warnings.warn(f"nbtorch: compiled {kind} kernel unavailable (its build failed: {failure[:200]}; log "
+                      f"{path}{builder.LOG_SUFFIX}); using eager code", RuntimeWarning, stacklevel=5)
+        return None
+    builder.start_background_build(root, kind, spec, like.dtype, like.device)
+    return None
 
 
 def _tangent(tangents: TileParams, c: int) -> TileParams:
@@ -250,7 +290,7 @@ def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: 
     chosen = [tp[i] for i in idx]
     plain = fused and _is_plain(tp) and _is_plain((gS, gf))
     if plain and has_fast_derivatives(spec):
-        grads = _vjp_from_moments(spec, tc, tp, gS, gf, idx)
+        grads = _vjp_from_moments(spec, tc, tp, gS, gf, idx, fused)
     elif plain:
         grads = _compiled_vjp(spec, tc, tile_of, chosen, (gS, gf), eager)
     else:
@@ -261,7 +301,7 @@ def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: 
 def _sample_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, ...]:
     """:func:`~nbtorch.kernel.sample_moments` of a tile of plain tensors, compiled ahead of time when ``fused``
     (eager where the kernel cannot be built)."""
-    fn = _aot_kernel("moments", spec, tp.A) if fused else None
+    fn = _aot_kernel("moments", spec, tp.A, fused) if fused else None
     return sample_moments(tp, tc, spec) if fn is None else fn(tp, tc)
 
 
@@ -271,11 +311,11 @@ def _moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> P
     return PixelMoments(*_sample_moments(spec, tc, tp, fused), *factor_jacobian(tp, tc, spec))
 
 
-def _vjp_from_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS, gf, idx) -> list:
+def _vjp_from_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS, gf, idx, fused: int) -> list:
     """Reverse mode from the compiled sample moments: the gradients of the leaves ``idx`` (zeros where the tile
     does not depend on a leaf)."""
     with torch.no_grad():
-        grads = vjp_from_moments(_sample_moments(spec, tc, tp, True), tp, tc, spec, gS, gf)
+        grads = vjp_from_moments(_sample_moments(spec, tc, tp, fused), tp, tc, spec, gS, gf)
     return [grads.get(TileParams._fields[i], torch.zeros_like(tp[i])) for i in idx]
 
 
@@ -394,20 +434,20 @@ class TileMoments(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(spec, tc, *leaves):
+    def forward(spec, tc, fused, *leaves):
         tp = TileParams(*leaves)
         with torch.no_grad(), temporarily_clear_interpreter_stack():  # plain tensors: no transform applies here
-            pm = _moments(spec, tc, tp, True)
+            pm = _moments(spec, tc, tp, fused)
         return (tp.I_bg + pm.S, pm.factor, *pm)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _spec, _tc, *leaves = inputs
+        _spec, _tc, _fused, *leaves = inputs
         ctx.mark_non_differentiable(*output[2:])
         ctx.save_for_forward(*output[2:], *leaves)
 
     @staticmethod
-    def jvp(ctx, _spec, _tc, *tangents):
+    def jvp(ctx, _spec, _tc, _fused, *tangents):
         saved = ctx.saved_tensors
         n = len(PixelMoments._fields)
         pm, tp = PixelMoments(*saved[:n]), TileParams(*saved[n:])
@@ -435,7 +475,7 @@ def apply_tile(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) ->
     if _unrecorded(tp):
         return forward(spec, tc, tp, fused)
     if fused and has_fast_derivatives(spec) and _forward_mode_of_plain(tp):
-        return TileMoments.apply(spec, tc, *tp)[:2]
+        return TileMoments.apply(spec, tc, fused, *tp)[:2]
     return TileFunction.apply(spec, tc, fused, *tp)
 
 

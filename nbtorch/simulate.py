@@ -133,23 +133,29 @@ def plan(setup: Setup, n_pixels: int) -> Plan:
 # rendering
 
 
-def choose_fused(fused: Optional[bool], setup: Setup, n_pixels: int) -> bool:
+def choose_fused(fused: Optional[bool], setup: Setup, n_pixels: int) -> int:
     """Resolve ``simulate(fused=...)`` for a job that renders ``n_pixels`` pixels of ``setup`` (in one call or in
-    many — a refinement renders the same pixels chunk by chunk at every iteration): an explicit value wins, then the
-    environment variable ``NBTORCH_FUSED``, else compiled kernels when the job has at least
-    :data:`FUSED_MIN_SAMPLES` samples."""
+    many — a refinement renders the same pixels chunk by chunk at every iteration) → a
+    :class:`~nbtorch.fused.Compiled` value: an explicit value wins, then the environment variable ``NBTORCH_FUSED``
+    (both build a missing kernel first), else compiled kernels when the job has at least :data:`FUSED_MIN_SAMPLES`
+    samples — used when they are in the cache, left to a background builder otherwise (``NBTORCH_BUILD=wait``:
+    built first).  A :class:`~nbtorch.fused.Compiled` value is already resolved and returned as it is."""
+    if isinstance(fused, fusedmod.Compiled):
+        return fused
     if fused is None:
         fused = fusedmod.fused_default()
-    if fused is None:
-        fused = n_pixels * samples_per_pixel(setup) >= FUSED_MIN_SAMPLES
-    return bool(fused)
+    if fused is not None:
+        return fusedmod.Compiled(bool(fused))
+    if n_pixels * samples_per_pixel(setup) < FUSED_MIN_SAMPLES:
+        return fusedmod.Compiled.NO
+    return fusedmod.Compiled.WHEN_READY if fusedmod.build_in_background() else fusedmod.Compiled.YES
 
 
-def _use_fused(fused: Optional[bool], spec: KernelSpec, setup: Setup, n_pixels: int, like: torch.Tensor) -> bool:
+def _use_fused(fused: Optional[bool], spec: KernelSpec, setup: Setup, n_pixels: int, like: torch.Tensor) -> int:
     """:func:`choose_fused` for one call; the running-sum quirk path is always eager.  (A kernel that cannot be built
     here falls back to eager code, warned once.)"""
     if spec.running_sum or like.device.type not in ("cpu", "cuda"):
-        return False
+        return fusedmod.Compiled.NO
     return choose_fused(fused, setup, n_pixels)
 
 

@@ -312,8 +312,8 @@ def test_sweep_keeps_the_temporary_files_of_a_live_builder(cache):
     busy_tmp, dead_tmp, legacy_tmp = d / ".busy.so.abc123.tmp.so", d / ".dead.so.x_y9.tmp.so", d / ".poidev-1.so.tmp"
     for p in (busy_tmp, dead_tmp, legacy_tmp):
         p.touch()
-    os.close(cachedir._lock(dead))  # a lock file whose holder is gone
-    fd = cachedir._lock(busy)
+    os.close(cachedir.builder_lock(dead))  # a lock file whose holder is gone
+    fd = cachedir.builder_lock(busy)
     try:
         assert rngmod._native_poidev() is not None  # the first load from the directory sweeps it
         assert busy_tmp.exists() and not dead_tmp.exists() and not legacy_tmp.exists()
@@ -422,10 +422,10 @@ def test_inductor_is_pointed_at_the_private_cache_even_after_torch_chose_its_def
 
     monkeypatch.setattr(fused, "_USER_INDUCTOR_DIR", None)
     assert torch_cache_dir() != str((cache / "inductor").resolve())  # torch's own default, now in os.environ
-    fused._prepare_compiler()
+    fused.prepare_compiler()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((cache / "inductor").resolve())
     monkeypatch.setattr(fused, "_USER_INDUCTOR_DIR", str(cache / "mine"))
-    fused._prepare_compiler()
+    fused.prepare_compiler()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "mine")
 
 
@@ -433,8 +433,8 @@ def test_compiled_ok_marker_is_per_cpu_capability(cache, monkeypatch):
     """Skipping inductor's ISA probe is right only for the capability that compiled before: AVX-512 code does not
     build where ATEN_CPU_CAPABILITY=default (it gave 'at::vec has not been declared')."""
     monkeypatch.setattr(fused, "_USER_INDUCTOR_DIR", None)
-    fused._prepare_compiler()
-    fused._mark_compiled_ok()
+    fused.prepare_compiler()
+    fused.mark_compiled_ok()
     here = fused._compiled_ok_marker()
     monkeypatch.setattr(torch._C, "_get_cpu_capability", lambda: "OTHER")
     assert fused._compiled_ok_marker() != here and not fused._compiled_ok_marker().exists() and here.exists()
