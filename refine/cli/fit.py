@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from nbtorch.args import build, parse_args
+from nbtorch.io.crystfel import panels_to_slab
 from nbtorch.io.images import write_raw_float
 from nbtorch.io.smv import write_smv
 
@@ -38,11 +39,14 @@ EPILOG = ("Groups: " + ", ".join(g for g in GROUPS if g != NODE_GROUP) + " (sub-
 
 def _write_image(path: str, result) -> None:
     """The refined model image at ``path``: a figure (:data:`~refine.cli.checks.PLOT_EXTENSIONS`), SMV float
-    (.img/.smv) or raw float32 (photons/pixel, [slow, fast])."""
+    (.img/.smv) or raw float32 (photons/pixel, [slow, fast]; a panel detector's in the layout nbtorch writes it: a
+    -geom file's data slab, else the panels stacked along slow)."""
     ext = os.path.splitext(path)[1].lower()
     if ext in PLOT_EXTENSIONS:
         return result.plot(path)
     img = result.model_image().detach().cpu().numpy().astype(np.float32)
+    if img.ndim == 3:
+        img = panels_to_slab(img, result.geometry) if result.geometry is not None else img.reshape(-1, img.shape[-1])
     if ext not in (".img", ".smv"):
         return write_raw_float(path, img)
     write_smv(path, img, {"PIXEL_SIZE": result.setup.pixel_size, "DISTANCE": float(result.params.detector.distance),

@@ -71,11 +71,11 @@ def loss_axes(ax, result) -> None:
 
 def plot_fit(result, path: Optional[str] = None, log: bool = True):
     """Figure with observed / model / residual images and :func:`loss_axes`; saved to ``path`` when given.
-    ``log``: show images as log10(1 + photons)."""
+    ``log``: show images as log10(1 + photons).  A panel detector's panels are shown stacked along slow."""
     plt = _pyplot(path)
-    obs = result.observed.detach().cpu().numpy()
-    mod = result.model_image().detach().cpu().numpy()
-    res = result.residual_image().detach().cpu().numpy()
+    obs, mod, res = (t.detach().cpu().numpy() for t in (result.observed, result.model_image(),
+                                                        result.residual_image()))
+    obs, mod, res = (a.reshape(-1, a.shape[-1]) for a in (obs, mod, res))
     tf = (lambda a: np.log10(1.0 + np.clip(a, 0, None))) if log else (lambda a: a)
     fig, ax = plt.subplots(1, 4, figsize=(16, 4))
     vmax = float(max(tf(obs).max(), tf(mod).max()))

@@ -121,11 +121,12 @@ class Result:
 
     # ------------------------------------------------------------------ images
     def model_image(self) -> torch.Tensor:
-        """The refined model image [slow, fast] (photons/pixel, including the background plane)."""
+        """The refined model image ``setup.image_shape`` ([slow, fast] or [panel, slow, fast]; photons/pixel,
+        including the background plane)."""
         return predict_image(self.par, self.x)
 
     def residual_image(self) -> torch.Tensor:
-        """observed − model [slow, fast] (0 outside the fitted pixels)."""
+        """observed − model (``setup.image_shape``; 0 outside the fitted pixels)."""
         r = self.observed - self.model_image()
         return torch.where(torch.as_tensor(self.pixels), r, torch.zeros_like(r))
 

@@ -15,7 +15,7 @@ import nbtorch
 import refine
 from nbtorch.detector import with_panels
 from nbtorch.io.crystfel import panels_to_slab, read_geom
-from nbtorch.io.images import write_raw_float
+from nbtorch.io.images import read_raw_float, write_raw_float
 from nbtorch.panels import layout_from_crystfel, panel_lab_vectors
 from refine.cli.fit import main
 from refine.imagelist import entry_start, load_entries, parse_image_list
@@ -244,11 +244,13 @@ def test_cli_geom_refine_out_geom(fitted, tmp_path, capsys):
     slab = panels_to_slab(res.observed.numpy(), geometry)
     assert slab.shape == (96, 96)  # the file's data layout, not the panels stacked
     write_raw_float(str(obs), slab.astype(np.float32))
-    out, out_json = tmp_path / "refined.geom", tmp_path / "fit.json"
+    out, out_json, model, figure = (tmp_path / n for n in ("refined.geom", "fit.json", "model.bin", "fit.png"))
     flags = ["-geom", str(geom)] + [t for t in FLAGS.split("-beam_vector")[0].split()]
     rc = main([str(obs), "--refine", "panel_groups,scale", "--quiet", "--out-geom", str(out), "--json",
-               str(out_json)] + flags)
+               str(out_json), "--image", str(model), "--plot", str(figure)] + flags)
     assert rc == 0, capsys.readouterr().err
+    fitted_slab = read_raw_float(str(model), (96, 96))  # the model in the file's data layout, like the observed
+    assert np.corrcoef(fitted_slab[:, 2:].ravel(), slab[:, 2:].ravel())[0, 1] > 0.99 and figure.stat().st_size > 0
     back, d = read_geom(out), json.loads(out_json.read_text())
     st = res.setup
     want = panel_lab_vectors(st.panels, truth.detector, st.beam, st.twotheta_axis)[0]
