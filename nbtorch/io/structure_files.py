@@ -965,19 +965,34 @@ def detector_corner_resolution(params, setup) -> float:
     """
     import torch  # noqa: PLC0415 - the io package stays importable without touching torch at import time
 
-    from ..detector import detector_frame
+    from ..detector import detector_frame, panel_frames
     from ..kernel import curve
     from ..pytree import tree_map
 
     det = tree_map(lambda t: torch.as_tensor(t).detach().to(torch.float64), params.detector)
-    frame = detector_frame(det, setup)
     p = setup.pixel_size
+    if setup.panels is not None:  # the four corners of every panel, from its own counts and steps
+        fr = panel_frames(det, setup)
+        counts = torch.tensor([(q.fpixels, q.spixels) for q in setup.panels.panels], dtype=torch.float64)
+        cf = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+        cs = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+        pos = (fr.pix0[:, None, :] + (cf[None, :, None] * counts[:, None, 0:1]) * p * fr.fdet[:, None, :]
+               + (cs[None, :, None] * counts[:, None, 1:2]) * p * fr.sdet[:, None, :]).reshape(-1, 3)
+        return _corner_d(pos, params, setup)
+    frame = detector_frame(det, setup)
     F = torch.tensor([0.0, setup.fpixels * p, 0.0, setup.fpixels * p], dtype=torch.float64)
     S = torch.tensor([0.0, 0.0, setup.spixels * p, setup.spixels * p], dtype=torch.float64)
     pos = frame.pix0 + F[:, None] * frame.fdet + S[:, None] * frame.sdet  # [4, 3] mm
     if setup.curved_det:
         beam = torch.tensor(setup.beam, dtype=torch.float64)
         pos = torch.stack(curve(pos.unbind(-1), frame.fdet, frame.sdet, beam, frame.distance), -1)
+    return _corner_d(pos, params, setup)
+
+
+def _corner_d(pos, params, setup) -> float:
+    """The smallest d (Å) over the corner positions ``pos`` [n, 3] (mm, float64) and every source."""
+    import torch  # noqa: PLC0415 - the io package stays importable without touching torch at import time
+
     s = pos / torch.linalg.vector_norm(pos, dim=-1, keepdim=True)
     s0 = torch.tensor([src[0] for src in setup.sources], dtype=torch.float64)  # [K, 3]
     lam = float(params.beam.wavelength) * torch.tensor([src[1] for src in setup.sources], dtype=torch.float64)

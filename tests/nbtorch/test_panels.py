@@ -17,6 +17,7 @@ import nbtorch
 from nbtorch.detector import panel_frames, with_panels
 from nbtorch.io.crystfel import read_geom
 from nbtorch.io.dials import crystfel_to_dials_frame, parse_expt
+from nbtorch.io.structure_files import detector_corner_resolution
 from nbtorch.panels import PanelSpec, layout_from_crystfel, layout_from_dials, make_layout, panel_lab_vectors
 from nbtorch.rotation import rot_xyz
 from nbtorch.simulate import crystal_rotation, pixel_lab_positions, simulate_pixels
@@ -317,3 +318,14 @@ def test_bad_panel_setups_are_refused():
     with pytest.raises(ValueError, match=r"give -beam_vector 0 0 1"):
         p2, s2 = nbtorch.from_nanobragg_args(CRYSTAL + " -detpixels 8", dtype=torch.float64)
         with_panels(p2, s2, _layout())
+
+
+def test_corner_resolution_covers_every_panel():
+    params, setup = _model()
+    each = []
+    for panel in setup.panels.panels:
+        one_p, one_s = nbtorch.from_nanobragg_args(f"{CRYSTAL} {BEAM_Z} {_custom_args(panel, panel.facing)}",
+                                                   dtype=torch.float64)
+        each.append(detector_corner_resolution(one_p, one_s))
+    assert detector_corner_resolution(params, setup) == pytest.approx(min(each), rel=1e-12)
+    assert len(set(round(d, 9) for d in each)) == 3  # the panels differ: the minimum is a real choice
