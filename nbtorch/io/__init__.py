@@ -7,8 +7,10 @@
 * :mod:`.images` — raw float images (``-floatfile``), PGM previews, and observed images with masks.
 * :mod:`.structure_files` — structure factors from MTZ files and PDB/mmCIF models (``-hkl FILE.mtz``, ``-pdb``;
   optional gemmi).
-* :mod:`.nexus` — NXmx NeXus/HDF5 images with their geometry (``-nexusfile``; optional h5py), read back by
-  :func:`read_image`.
+* :mod:`.nexus` — NXmx NeXus/HDF5 images with their geometry (``-nexusfile``; optional h5py; one module per panel
+  for panel detectors), read back by :func:`read_image`; :func:`nxmx_layout` the panels of a multi-module file.
+* :mod:`.crystfel` — CrystFEL geometry files (``-geom``): panels, hierarchy, masks, data-array layout.
+* :mod:`.dials` — DIALS experiment lists (``-expt``); :mod:`.refl` — DIALS reflection tables (optional msgpack).
 
 Every writer follows one safe-output rule (:mod:`.safe_output`, docs/io.md "Output files"): command lines refuse,
 before any work, an output that is an input or another output, a directory, or in a missing or unwritable folder
@@ -28,8 +30,10 @@ from .images import (
     write_pgm,
     write_raw_float,
 )
+from .crystfel import Geometry, GeometryFileError, geometry_mask, read_geom, write_geom
 from .matrix import mosflm_matrix_cell, read_mosflm_matrix, write_mosflm_matrix
-from .nexus import NexusGeometry, lab_to_nexus, nxmx_geometry, read_nxmx, write_nxmx
+from .nexus import NexusGeometry, lab_to_nexus, nxmx_geometry, nxmx_layout, read_nxmx, write_nxmx
+from .refl import ReflectionFileError, ReflectionTable, read_reflections, table_from_columns, write_reflections
 from .safe_output import OutputRefused, check_output_folder, check_output_paths, output_target, same_file
 from .smv import SMV_TYPES, nanobragg_header_items, read_smv, read_smv_mask, write_smv
 from .sources import SOURCE_COLUMNS, read_sources, write_sources
@@ -87,4 +91,15 @@ __all__ = [
     "nxmx_geometry",
     "lab_to_nexus",
     "NexusGeometry",
+    "nxmx_layout",
+    "Geometry",
+    "GeometryFileError",
+    "read_geom",
+    "write_geom",
+    "geometry_mask",
+    "ReflectionTable",
+    "ReflectionFileError",
+    "read_reflections",
+    "write_reflections",
+    "table_from_columns",
 ]
