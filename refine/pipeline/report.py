@@ -9,7 +9,7 @@ function (delta method).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch.func import jacfwd
@@ -51,7 +51,7 @@ def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.reshape(-1).to(x.dtype) for t in parts])
 
 
-def split_report(vec, par: Parameterisation = None) -> Dict[str, object]:
+def split_report(vec, par: Optional[Parameterisation] = None) -> Dict[str, object]:
     """Flat report vector → {name: float or list of floats}; with refined panel groups (of ``par``) also
     ``panel_groups``: {node name: {"shift_mm": [x, y, z], "rotation_deg": [x, y, z]}} (lab axes; rotation XYZ
     about the node's nominal centre)."""
