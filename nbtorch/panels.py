@@ -282,7 +282,7 @@ def _apply_groups(layout: PanelLayout, det, corner, f, s):
     return corner, f, s
 
 
-def _in_plane_axes(beam: Vec3) -> Tuple[Vec3, Vec3]:
+def in_plane_axes(beam: Vec3) -> Tuple[Vec3, Vec3]:
     """Two unit axes ⟂ ``beam`` along which ``beam_center`` counts: the lab x and y made orthogonal to the beam (y
     and z for a beam along x)."""
     first = (1.0, 0.0, 0.0) if abs(beam[0]) < 0.9 else (0.0, 1.0, 0.0)
@@ -302,7 +302,7 @@ def panel_lab_vectors(layout: PanelLayout, det, beam: Vec3, twotheta_axis: Vec3)
     corner, f, s = (T([getattr(p, k) for p in layout.panels]) for k in ("corner", "fast", "slow"))
     corner, f, s = _apply_groups(layout, det, corner, f, s)
     b = T(beam)
-    e1, e2 = (T(e) for e in _in_plane_axes(beam))
+    e1, e2 = (T(e) for e in in_plane_axes(beam))
     R = rot_xyz(deg2rad(det.rotation))
     rel = corner - layout.distance * b - det.beam_center[..., 0, None] * e1 - det.beam_center[..., 1, None] * e2
     corner = det.distance[..., None] * b + (R @ rel[..., None])[..., 0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Sequence, Set, Tuple
 
-from nbtorch.panels import _in_plane_axes
+from nbtorch.panels import in_plane_axes
 
 from .parameters import Parameterisation
 from .table import NODE_GROUP
@@ -80,7 +80,7 @@ def _panel_pairs(par: Parameterisation) -> List[Degeneracy]:
     if not axes:
         return []
     out, every = [], set(range(layout.n_panels))
-    e1, e2 = _in_plane_axes(layout.beam)
+    e1, e2 = in_plane_axes(layout.beam)
     for name, direction in (("distance", st.beam), ("beam_center.x", e1), ("beam_center.y", e2)):
         shifts = _covering(par, axes, direction, 0, every)
         if shifts and par.index(name):
