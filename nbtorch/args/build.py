@@ -31,6 +31,7 @@ from ..io.sources import read_sources
 from ..io.structure_files import detector_corner_resolution, is_mtz, model_cell, read_mtz
 from ..io.structure_files import ModelWorkError, structure_factors_from_model
 from ..mosaic import mosaic_domain_count, mosaic_domains, random_misset_angles
+from ..noise import DEFAULT_CALIB_SEED, DetectorNoise
 from ..panels import PanelLayout
 from ..pytree import tree_map
 from ..setup_checks import MAX_ORIENTATIONS, MAX_SOURCES
@@ -41,6 +42,7 @@ from ..units import wavelength_from_energy
 from ..validate import check_cell
 from .parse import FLAG_VALUE, NanoBraggArgs, fmt_num, last_flag, missing_inputs, parse_args, parse_value
 from .panels import PanelSource, check_panel_flags, panel_source
+from .response import detector_noise, psf_choice
 from .parse import range_phrase
 from .table import FLAGS, SWITCH_DEFAULTS, switch_states
 
@@ -714,7 +716,9 @@ class Outputs(NamedTuple):
     floatfile, intfile, noisefile, pgmfile: output names; nexusfile: the NXmx output or None (not written);
     write_noise, write_pgm, progress: the switches (last flag wins); scale (counts/photon, None = automatic),
     pgmscale (0 = automatic), adc (counts); seed: noise seed (seed_from_clock when not given); printout;
-    printout_pixel: (fast, slow) or None."""
+    printout_pixel: (fast, slow) or None.  Detector response (:mod:`.response`): psf ('gauss', 'fiber' or None: no
+    blur), psf_fwhm (µm), psf_radius (pixels, resolved; None without -psf); gain (ADU/photon), readout_noise (ADU),
+    flicker, calibration (fractions), calib_seed: the noise image's detector terms (:attr:`detector_noise`)."""
 
     floatfile: str
     intfile: str
@@ -731,6 +735,19 @@ class Outputs(NamedTuple):
     seed_from_clock: bool
     printout: bool
     printout_pixel: Optional[Tuple[int, int]]
+    psf: Optional[str] = None
+    psf_fwhm: float = 46.0
+    psf_radius: Optional[int] = None
+    gain: float = 1.0
+    readout_noise: float = 0.0
+    flicker: float = 0.0
+    calibration: float = 0.0
+    calib_seed: int = DEFAULT_CALIB_SEED
+
+    @property
+    def detector_noise(self) -> DetectorNoise:
+        """The noise image's detector terms (:class:`nbtorch.noise.DetectorNoise`; ideal by default)."""
+        return DetectorNoise(self.gain, self.readout_noise, self.flicker, self.calibration, self.calib_seed)
 
 
 def _check_nexus(inp: Inputs, params: Params, setup: Setup) -> None:
@@ -757,6 +774,8 @@ def _outputs(inp: Inputs, params: Params, setup: Setup) -> Outputs:
     if inp.given("-nexusfile"):
         _check_nexus(inp, params, setup)
     scale = inp.get("-scale")
+    psf, psf_fwhm, psf_r = psf_choice(inp, setup)
+    noise = detector_noise(inp, write_noise=bool(inp.last("noise")))
     return Outputs(
         floatfile=str(inp.get("-floatfile")), intfile=str(inp.get("-intfile")), noisefile=str(inp.get("-noisefile")),
         pgmfile=str(inp.get("-pgmfile")), nexusfile=inp.opts.get("-nexusfile"), write_noise=bool(inp.last("noise")),
@@ -765,6 +784,8 @@ def _outputs(inp: Inputs, params: Params, setup: Setup) -> Outputs:
         adc=float(inp.get("-adc")), seed=int(inp.get("-seed", int(time.time()))),
         seed_from_clock=not inp.given("-seed"), printout=inp.given("-printout"),
         printout_pixel=None if pix is None else (int(pix[0]), int(pix[1])),
+        psf=psf, psf_fwhm=psf_fwhm, psf_radius=psf_r, gain=noise.gain, readout_noise=noise.readout_adu,
+        flicker=noise.flicker, calibration=noise.calibration, calib_seed=noise.calib_seed,
     )
 
 

@@ -18,6 +18,8 @@ import re
 from typing import Dict, Optional, Tuple
 
 from ..mosaic import DEFAULT_MOSAIC_SEED
+from ..noise import DEFAULT_CALIB_SEED
+from ..psf import PSF_KINDS
 from ..units import DEFAULT_FLUENCE
 
 __all__ = ["Flag", "Interval", "FLAGS", "ALIASES", "SECTIONS", "KINDS", "SWITCH_DEFAULTS", "switch_states",
@@ -32,6 +34,7 @@ SECTIONS: Dict[str, str] = {
     "beam": "Beam: wavelength, dispersion, divergence, sources, polarization, fluence",
     "detector": "Detector geometry, sensor, sampling",
     "background": "Background",
+    "response": "Detector response (noisify's): point-spread function, gain, read-out and calibration noise",
     "output": "Noise and output",
 }
 
@@ -398,6 +401,28 @@ _TABLE = (
     # ---- background
     _real("-water", "background", "edge of a cube of water in the beam", "µm", default=0.0, within="[0, 1e6]",
           field="params.background.water_size"),
+    # ---- detector response (noisify's flags and meanings; nanoBragg has none of them)
+    Flag("-psf", "response", "point-spread function applied to the float image (photons, each panel on its own, "
+         "photons spread off a panel lost) before the int and noise images: a 2-D Gaussian, or the fibre-optic "
+         "taper's g/(2π(g² + r²)^(3/2)) with g = 0.652383·FWHM, both integrated over each pixel",
+         kind="choice", choices=PSF_KINDS, default_text="none (no blur, as nanoBragg)", field="cli.psf", write="no",
+         metavar="gauss|fiber"),
+    _real("-psf_fwhm", "response", "full width at half maximum of the -psf profile (needs -psf)", "µm", default=46.0,
+          within="(0, 1e5]", field="cli.psf_fwhm", write="no"),
+    _count("-psf_radius", "response", "half-width of the -psf kernel (2·radius + 1 pixels a side; needs -psf)",
+           unit="px", default_text="automatic: < 0.1 % of a pixel's photons beyond the kernel", within="[0, 1000]",
+           field="cli.psf_radius", write="no"),
+    _real("-gain", "response", "detector gain of the noise image (the noise image's GAIN header item)",
+          "ADU/photon", default=1.0, within="(0, 65535]", field="cli.gain", write="no"),
+    _real("-readout_noise", "response", "σ of the Gaussian read-out noise added to each noise-image pixel", "ADU",
+          default=0.0, within="[0, 65535]", field="cli.readout_noise", write="no"),
+    _real("-flicker", "response", "fractional σ of the source intensity, one draw per noise image (from -seed)",
+          default=0.0, within="[0, 1)", field="cli.flicker", write="no"),
+    _real("-calibration", "response", "fractional σ of each pixel's static gain error in the noise image "
+          "(the same for every image of one -calib_seed)", default=0.0, within="[0, 1)", field="cli.calibration",
+          write="no"),
+    Flag("-calib_seed", "response", "seed of the -calibration error map", default=DEFAULT_CALIB_SEED,
+         field="cli.calib_seed", write="no", **_SEED),
     # ---- noise and output
     _file("-floatfile", "output", "raw float32 output image", default="floatimage.bin", aliases=("-floatimage",),
           field="cli.floatfile", write="no"),

@@ -34,11 +34,13 @@ from .. import __version__
 from ..args import build, missing_inputs, parse_args
 from ..args.build import INPUT_FILE_FLAGS, input_files, output_files
 from ..interrupt import exit_status, interrupts, one_line_warnings
+from .. import precompile as kernel_sets
+from ..cachedir import cache_root
 from ..io.safe_output import check_output_paths
-from ..pixels import rendered_mask
+from ..pixels import rendered_mask, rendered_pixels
 from ..simulate import simulate
 from .help import FLAG_GROUPS, PROG, format_help
-from .outputs import OutputError, write_outputs
+from .outputs import OutputError, blur_image, psf_summary, write_outputs
 from .progress import render
 from .report import ImageStats, image_statistics, pixel_diagnostics, print_all_pixels, print_pixel_block
 from .report import print_setup, print_statistics
@@ -65,7 +67,9 @@ def _split_extras(argv: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
             extra["help"] = "1"
         elif tok == "--version":
             extra["version"] = "1"
-        elif name in ("--dtype", "--device"):
+        elif tok == "--precompile":
+            extra["precompile"] = "1"
+        elif name in ("--dtype", "--device", "--specs"):
             if "=" in tok:
                 extra[name[2:]] = tok.split("=", 1)[1]
             elif i + 1 < len(argv):
@@ -84,16 +88,50 @@ def _precision(extra: Dict[str, str]):
     name = extra.get("dtype", "float64")
     if name not in _DTYPES:
         raise UsageError(f"--dtype must be float32 or float64, got {name!r}")
+    return _DTYPES[name], _device(extra)
+
+
+def _device(extra: Dict[str, str]) -> Optional[torch.device]:
+    """The ``--device`` (None when not given); :class:`UsageError` for a name torch does not know or CUDA absent."""
     device = extra.get("device")
     if device is None:
-        return _DTYPES[name], None
+        return None
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {device!r} is not a torch device (use cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    return _DTYPES[name], dev
+    return dev
+
+
+def _precompile(rest: List[str], extra: Dict[str, str], out: TextIO) -> int:
+    """``nbtorch --precompile [--dtype float32,float64] [--specs common|all] [--device D]``: build the kernel set
+    into the cache (:func:`nbtorch.precompile.precompile`) and simulate nothing.  Exit 0 when every kernel was built,
+    1 when some failed (each reported); :class:`UsageError` for nanoBragg flags or bad option values."""
+    if rest:
+        raise UsageError(f"--precompile fills the kernel cache and simulates nothing: it takes only --dtype, --specs "
+                         f"and --device, not {rest[0]!r}")
+    text = extra.get("dtype", "float32,float64")
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names or any(d not in _DTYPES for d in names):
+        raise UsageError(f"--dtype with --precompile must be float32 and/or float64, comma-separated, got {text!r}")
+    specs = extra.get("specs", "common")
+    if specs not in kernel_sets.SETS:
+        raise UsageError(f"--specs must be {' or '.join(kernel_sets.SETS)}, got {specs!r}")
+    device = _device(extra) or torch.device("cpu")
+    dtypes = list(dict.fromkeys(_DTYPES[d] for d in names))
+    out.write(f"{PROG} --precompile: building the {specs} kernels for {', '.join(str(d)[6:] for d in dtypes)} on "
+              f"{device} into {cache_root()}\n")
+    out.flush()
+
+    def progress(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+
+    failed = kernel_sets.precompile(dtypes, specs, str(device), progress=progress)
+    out.write(f"kernel cache {cache_root()}: {'all built' if not failed else f'{failed} failed'}\n")
+    return 1 if failed else 0
 
 
 def _model(flags: List[str], dtype, device, base_dir: str, out: TextIO):
@@ -166,6 +204,10 @@ def _run(argv: List[str], out: TextIO, err: TextIO) -> int:
     if "version" in extra:
         out.write(f"{PROG} {__version__}\n")
         return 0
+    if "precompile" in extra:
+        return _precompile(rest, extra, out)
+    if "specs" in extra:
+        raise UsageError("--specs is an option of --precompile (nbtorch --precompile --specs common|all)")
     dtype, device = _precision(extra)
     base_dir = os.getcwd()
     params, setup, extras = _model(rest, dtype, device, base_dir, out)
@@ -177,9 +219,12 @@ def _run(argv: List[str], out: TextIO, err: TextIO) -> int:
     out.flush()
     t0 = time.perf_counter()
     image = _simulate(params, setup, extras, err)
-    stats = image_statistics(image, setup)
-    out.write(f"simulated {stats.n} pixels in {time.perf_counter() - t0:.2f} s\n")
+    out.write(f"simulated {len(rendered_pixels(setup))} pixels in {time.perf_counter() - t0:.2f} s\n")
     _diagnostics(out, params, setup, extras, image)
+    if extras.outputs.psf is not None:  # the files hold the detector's blurred photons (the diagnostics: unblurred)
+        image = blur_image(image, setup, extras.outputs)
+        out.write(psf_summary(extras.outputs) + "\n")
+    stats = image_statistics(image, setup)
     print_statistics(out, stats, setup)
     written = write_outputs(out, image, stats, params, setup, extras, base_dir)
     out.write(f"files written: {', '.join(written)}\n")

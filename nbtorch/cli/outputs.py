@@ -1,22 +1,29 @@
 """The command line's output files, written atomically in nanoBragg's order: float, int, PGM, noise; then nbtorch's
-NeXus file (``-nexusfile``).  A detector of panels is written in its file's layout (:mod:`.layout`)."""
+NeXus file (``-nexusfile``).  A detector of panels is written in its file's layout (:mod:`.layout`).
+
+The detector response (noisify's flags, :mod:`nbtorch.args.response`): :func:`blur_image` applies ``-psf`` to the
+simulated photons before any file is made from them; the noise image adds ``-gain``, ``-readout_noise``,
+``-flicker`` and ``-calibration`` (:func:`nbtorch.noise.detector_adu`), and is nanoBragg's without them."""
 from __future__ import annotations
 
 from typing import Callable, List, TextIO, Tuple
 
 import numpy as np
+import torch
 
-from ..args import Extras
+from ..args import Extras, Outputs
 from ..io.images import write_pgm, write_raw_float
 from ..io.nexus import write_nxmx
 from ..io.smv import write_smv
-from ..noise import counts_to_uint16, int_image_uint16, poisson_noise
+from ..noise import counts_to_uint16, detector_adu, int_image_uint16
+from ..pixels import panel_extent_mask, rendered_mask
+from ..psf import apply_psf, psf_kernel
 from ..types import Params, Setup
 from .header import smv_header_items
 from .layout import file_image
 from .report import ImageStats
 
-__all__ = ["OutputError", "write_outputs", "counts_items"]
+__all__ = ["OutputError", "write_outputs", "counts_items", "blur_image", "psf_summary", "noise_summary"]
 
 
 class OutputError(Exception):
@@ -32,9 +39,63 @@ def _write(kind: str, name: str, fn: Callable, *args) -> None:
 
 def counts_items(adc: float, gain: float) -> List[Tuple[str, str]]:
     """nbtorch's extra SMV header items of an int/noise image (after nanoBragg's): ``ADC_OFFSET`` (counts added to
-    every pixel, ``-adc``) and ``GAIN`` (counts per photon: ``-scale`` of the int image, 1 for the noise image), in
+    every pixel, ``-adc``) and ``GAIN`` (counts per photon: ``-scale`` of the int image, ``-gain`` (default 1) for the noise image), in
     the shortest text that reads back exactly.  :func:`nbtorch.io.read_image` returns (value − ADC_OFFSET)/GAIN."""
     return [("ADC_OFFSET", repr(float(adc))), ("GAIN", repr(float(gain)))]
+
+
+def blur_image(image: np.ndarray, setup: Setup, o: Outputs) -> np.ndarray:
+    """The simulated ``image`` (``setup.image_shape`` float32 photons/pixel) blurred by the ``-psf`` kernel
+    (:func:`nbtorch.psf.psf_kernel` of ``o.psf``, ``o.psf_fwhm`` µm, ``o.psf_radius`` px on ``setup.pixel_size``)
+    in float64, each panel on its own within its extent (:func:`nbtorch.psf.apply_psf`; photons spread off a panel
+    are lost); pixels not rendered (outside the ROI, masked, in no panel) give no photons and stay 0.  ``image``
+    itself when ``o.psf`` is None.  Returns float32 of the same shape."""
+    if o.psf is None:
+        return image
+    kernel = psf_kernel(o.psf, float(o.psf_fwhm), float(setup.pixel_size), radius=o.psf_radius)
+    rendered = torch.from_numpy(rendered_mask(setup))
+    img = torch.from_numpy(np.asarray(image, dtype=np.float32)).to(torch.float64)
+    if setup.panels is None:
+        out = apply_psf(img, kernel)
+    else:
+        extent = torch.from_numpy(panel_extent_mask(setup))
+        out = torch.stack([apply_psf(img[k], kernel, extent[k]) for k in range(img.shape[0])])
+    out = torch.where(rendered, out, torch.zeros((), dtype=out.dtype))
+    return out.numpy().astype(np.float32)
+
+
+def psf_summary(o: Outputs) -> str:
+    """One summary line of the ``-psf`` applied ("" without one)."""
+    if o.psf is None:
+        return ""
+    side = 2 * o.psf_radius + 1
+    return (f"point-spread function: {o.psf}, FWHM {o.psf_fwhm:g} um, radius {o.psf_radius} px (kernel {side} x "
+            f"{side}), applied to the float image before the int and noise images")
+
+
+def noise_summary(o: Outputs) -> str:
+    """One summary line of the noise image's detector terms ("" for nanoBragg's noise image)."""
+    n = o.detector_noise
+    if n.is_ideal:
+        return ""
+    return (f"detector: gain {n.gain:g} ADU/photon, read-out noise {n.readout_adu:g} ADU, flicker {n.flicker:g}, "
+            f"calibration {n.calibration:g} (calib seed {n.calib_seed})")
+
+
+def _write_noise(out: TextIO, image: np.ndarray, fimg, o: Outputs, header: List[Tuple[str, str]]) -> str:
+    """The noise image: photon counts (nanoBragg's stream for ``-seed``) through the detector terms
+    (:func:`nbtorch.noise.detector_adu`) plus the ADC offset, header GAIN = ``-gain``.  Returns its name."""
+    noise = o.detector_noise
+    adu, photons = detector_adu(image, o.seed, noise, roi=fimg.roi, mask=fimg.mask)
+    noisy, overloads = counts_to_uint16(adu, adc=o.adc, roi=fimg.roi, mask=fimg.mask)
+    src = " (from the clock; pass -seed to reproduce)" if o.seed_from_clock else ""
+    out.write(f"noise seed: {o.seed}{src}\n")
+    if not noise.is_ideal:
+        out.write(noise_summary(o) + "\n")
+    out.write(f"{photons:.0f} photons on noise image ({overloads} overloads)\n")
+    _write("noise image", o.noisefile, write_smv, noisy, header + counts_items(o.adc, noise.gain))
+    out.write(f"wrote {o.noisefile} as {noisy.size} 2-byte integers\n")
+    return o.noisefile
 
 
 def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Params, setup: Setup, extras: Extras,
@@ -73,14 +134,7 @@ def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Par
         written.append(o.pgmfile)
 
     if o.write_noise:
-        counts = poisson_noise(image, o.seed, roi=fimg.roi, mask=fimg.mask)
-        noisy, overloads = counts_to_uint16(counts, adc=o.adc, roi=fimg.roi, mask=fimg.mask)
-        src = " (from the clock; pass -seed to reproduce)" if o.seed_from_clock else ""
-        out.write(f"noise seed: {o.seed}{src}\n")
-        out.write(f"{counts.sum():.0f} photons on noise image ({overloads} overloads)\n")
-        _write("noise image", o.noisefile, write_smv, noisy, header + counts_items(o.adc, 1.0))
-        out.write(f"wrote {o.noisefile} as {noisy.size} 2-byte integers\n")
-        written.append(o.noisefile)
+        written.append(_write_noise(out, image, fimg, o, header))
 
     if o.nexusfile is not None:
         _write("NeXus file", o.nexusfile, write_nxmx, simulated, params, setup)
