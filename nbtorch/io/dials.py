@@ -22,15 +22,21 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import crystfel
+from ._atomic import atomic_write
 from ._parse import display_name, read_bytes
+from .dials_experiments import DialsExperiment, experiment_models, refined_document
+from .dials_json import MISSING as _MISSING
+from .dials_json import ExptFileError
+from .dials_json import Node as _Node
+from .dials_json import optional as _opt
 
 __all__ = [
     "Panel", "Group", "LabPanel", "Detector", "Beam", "Experiment", "ExperimentList", "ExptFileError",
     "read_expt", "parse_expt", "pixel_centers", "panel_normal", "dials_to_crystfel_frame",
-    "crystfel_to_dials_frame",
+    "crystfel_to_dials_frame", "read_experiments", "write_experiments", "DialsExperiment",
 ]
 
 Vec = Tuple[float, float, float]
@@ -39,14 +45,10 @@ Vec = Tuple[float, float, float]
 MODELS = ("beam", "detector", "goniometer", "scan", "crystal", "imageset")
 #: ``__id__`` values accepted for the models that carry one.
 _IDS = {"crystal": ("crystal",), "imageset": ("ImageSet", "ImageSequence", "ImageSweep", "ImageGrid", "MemImageSet"),
-        "beam": ("monochromatic",)}
+        "beam": ("monochromatic", "MonochromaticBeam")}
 #: Pixel centres in the lab frame, reused from the CrystFEL reader (the formula is the same):
 #: ``pixel_centers(lab_panel)`` → tensor [n_slow, n_fast, 3] (mm).
 pixel_centers = crystfel.pixel_centers
-
-
-class ExptFileError(ValueError):
-    """A malformed ``.expt`` file: the message is one line ``"<file>: <JSON path>: <problem>"``."""
 
 
 @dataclass(frozen=True)
@@ -127,24 +129,34 @@ class Detector:
     hierarchy: Optional[Group] = None
 
     @cached_property
-    def lab_panels(self) -> Tuple[LabPanel, ...]:
-        """Every panel in the lab frame (mm), in panel order, composed down the hierarchy as dxtbx does."""
+    def lab_frames(self) -> Tuple[Tuple[Tuple[Vec, Vec, Vec], ...], Tuple[Tuple[Group, int, Tuple[Vec, Vec, Vec]], ...]]:
+        """Every node's lab frame, composed down the hierarchy as dxtbx does: ``(panels, groups)``, ``panels[i]`` the
+        (fast, slow, origin) of panel i and ``groups`` the ``(group, level, (fast, slow, origin))`` of every group in
+        pre-order (the root at level 0).  Vectors in mm; the fast and slow axes are unit where every group above is
+        orthogonal."""
         identity = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 0.0))
-        frames = {}
+        panels, groups = {}, []
 
-        def visit(node, parent):
+        def visit(node, parent, level):
             if isinstance(node, int):
-                frames[node] = _compose(parent, self.panels[node])
+                panels[node] = _compose(parent, self.panels[node])
                 return
             f, s, o = _compose(parent, node)
+            groups.append((node, level, (f, s, o)))
             for child in node.children:
-                visit(child, (_unit(f), _unit(s), o))
+                visit(child, (_unit(f), _unit(s), o), level + 1)
 
         if self.hierarchy is None:
             for i in range(len(self.panels)):
-                visit(i, identity)
+                visit(i, identity, 0)
         else:
-            visit(self.hierarchy, identity)
+            visit(self.hierarchy, identity, 0)
+        return tuple(panels[i] for i in range(len(self.panels))), tuple(groups)
+
+    @cached_property
+    def lab_panels(self) -> Tuple[LabPanel, ...]:
+        """Every panel in the lab frame (mm), in panel order, composed down the hierarchy as dxtbx does."""
+        frames = self.lab_frames[0]
         return tuple(LabPanel(p.name, frames[i][2], frames[i][0], frames[i][1], p.pixel_size, *p.image_size)
                      for i, p in enumerate(self.panels))
 
@@ -257,81 +269,6 @@ def panel_normal(panel: LabPanel, dtype=None, device=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # reading
-
-_MISSING = object()
-
-
-class _Node:
-    """A JSON value with the file name and its JSON path, for one-line messages."""
-
-    def __init__(self, name: str, path: str, value):
-        self.name, self.path, self.value = name, path, value
-
-    def error(self, problem: str) -> ExptFileError:
-        return ExptFileError(f"{self.name}: {self.path or '(top level)'}: {problem}")
-
-    def obj(self) -> "_Node":
-        if not isinstance(self.value, dict):
-            raise self.error(f"expected a JSON object, got {_kind(self.value)}")
-        return self
-
-    def key(self, key: str, default=_MISSING) -> Optional["_Node"]:
-        """The member ``key`` (an error naming it when missing and no default is given; None for a default)."""
-        value = self.obj().value.get(key, _MISSING)
-        path = f"{self.path}.{key}" if self.path else key
-        if value is _MISSING:
-            if default is _MISSING:
-                raise ExptFileError(f"{self.name}: {path}: missing")
-            return None
-        return _Node(self.name, path, value)
-
-    def items(self, length: Optional[int] = None):
-        if not isinstance(self.value, list):
-            raise self.error(f"expected a JSON list, got {_kind(self.value)}")
-        if length is not None and len(self.value) != length:
-            raise self.error(f"expected {length} values, got {len(self.value)}")
-        return [_Node(self.name, f"{self.path}[{i}]", v) for i, v in enumerate(self.value)]
-
-    def number(self, low: Optional[float] = None, strict: bool = False) -> float:
-        v = self.value
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise self.error(f"expected a number, got {_kind(v)}")
-        if low is not None and (v < low or (strict and v == low)):
-            raise self.error(f"must be {'>' if strict else '>='} {low}, got {v!r}")
-        return float(v)
-
-    def integer(self, low: Optional[int] = None) -> int:
-        v = self.value
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.error(f"expected an integer, got {_kind(v)}")
-        if low is not None and v < low:
-            raise self.error(f"must be >= {low}, got {v}")
-        return v
-
-    def string(self) -> str:
-        if not isinstance(self.value, str):
-            raise self.error(f"expected a string, got {_kind(self.value)}")
-        return self.value
-
-    def vector(self, length: int = 3, nonzero: bool = False) -> tuple:
-        out = tuple(n.number() for n in self.items(length))
-        if nonzero and not any(out):
-            raise self.error("a zero-length vector")
-        return out
-
-
-def _kind(value) -> str:
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    names = {dict: "an object", list: "a list", str: "a string"}
-    return names.get(type(value), repr(value) if isinstance(value, (int, float)) else type(value).__name__)
-
-
-def _opt(node: _Node, key: str, default, read):
-    """``read(member)`` of member ``key``, or ``default`` when the key is absent."""
-    child = node.key(key, None)
-    return default if child is None else read(child)
-
 
 def _frame(node: _Node) -> Tuple[Vec, Vec, Vec]:
     """A node's (fast, slow, origin): axes normalised as dxtbx does, after checking them (non-zero, orthogonal
@@ -513,3 +450,68 @@ def read_expt(path: str | os.PathLike) -> ExperimentList:
         naming a model the file does not hold.  OSError if the file cannot be read.
     """
     return parse_expt(read_bytes(path), display_name(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# experiments as nbtorch models
+
+
+def read_experiments(path: str | os.PathLike, image: int = 0, *, check_images: bool = False, dtype=None,
+                     device=None) -> List[DialsExperiment]:
+    """Read a DIALS experiment list as the models nbtorch simulates, one per experiment (docs/io.md).
+
+    Args:
+        path: the ``.expt`` file (relative image paths in it are resolved against its folder).
+        image: K, the image of each experiment to model (0-based; 0 = the first): a scan's K-th image gives the
+            rotation's φ range, an imageset's K-th file (and frame) the observed image.
+        check_images: refuse a missing image file.
+        dtype, device: of the parameter tensors (float64 by default).
+
+    Returns:
+        A list of :class:`~nbtorch.io.dials_experiments.DialsExperiment` ``(params, setup, images, identifier, …)``:
+        the beam (wavelength Å, set-up beam = −``direction``, Kahn factor 2·``polarization_fraction`` − 1, E vector
+        ⟂ ``polarization_normal`` and the beam), every panel with the hierarchy composed (each panel's sensor and
+        untrusted rectangles), the crystal (``real_space_a/b/c`` in Å, the goniometer's S·F applied; crystal system
+        from ``space_group_hall_symbol`` via gemmi; mosaic spread and domain size when given), a rotation's spindle
+        (S·datum axis) and φ of image K, and the image source.  ``params`` is None for an experiment without a
+        crystal.
+
+    Raises:
+        ExptFileError (a ValueError): one line naming the file and the JSON key (those of :func:`read_expt`, and: an
+        experiment without a beam or detector, a malformed goniometer, scan or crystal, a singular or left-handed
+        cell, a polarization normal along the beam, an image beyond the imageset or scan, a missing image file with
+        ``check_images``).  ValueError for a negative ``image``; OSError if the file cannot be read.
+    """
+    expts = read_expt(path)
+    base = os.path.dirname(os.path.abspath(os.fspath(path)))
+    return experiment_models(expts, display_name(path), base, image, check_images, dtype, device)
+
+
+def write_experiments(path: str | os.PathLike, source, experiments: Sequence[DialsExperiment] = ()) -> None:
+    """Write an experiment list with refined models (docs/io.md), atomically (:func:`nbtorch.io.atomic_write`).
+
+    Args:
+        path: the output ``.expt``.
+        source: the experiment list the models came from: its path, its bytes, or its JSON document (a dict).
+        experiments: records of :func:`read_experiments` of that list with refined ``params`` (all or some; those
+            whose ``params`` is None are skipped).
+
+    The output keeps the input's structure (identifiers, imagesets, beams, goniometers, scans, every experiment
+    and model, unknown keys) and replaces each given experiment's crystal ``real_space_a/b/c`` (Å, the goniometer's
+    S·F undone), detector (every panel's and group's ``fast_axis``, ``slow_axis`` and ``origin`` in its parent's
+    frame, the inverse of the reader's composition) and beam ``wavelength``.  Plain JSON, as DIALS writes it.
+
+    Raises:
+        ExptFileError for a malformed ``source``; ValueError when experiments sharing a model give it different
+        values or a record does not belong to ``source``; OSError when writing fails (nothing is written).
+    """
+    if isinstance(source, dict):
+        doc, name = source, "experiment list"
+        expts = parse_expt(json.dumps(doc).encode("utf-8"), name)
+    else:
+        raw = source if isinstance(source, (bytes, bytearray)) else read_bytes(source)
+        name = "experiment list" if isinstance(source, (bytes, bytearray)) else display_name(source)
+        expts = parse_expt(bytes(raw), name)
+        doc = json.loads(bytes(raw).decode("utf-8"))
+    out = refined_document(doc, expts, experiments)
+    atomic_write(path, (json.dumps(out, indent=2) + "\n").encode("utf-8"))
