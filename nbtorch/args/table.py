@@ -402,10 +402,11 @@ _TABLE = (
     _real("-water", "background", "edge of a cube of water in the beam", "µm", default=0.0, within="[0, 1e6]",
           field="params.background.water_size"),
     # ---- detector response (noisify's flags and meanings; nanoBragg has none of them)
-    Flag("-psf", "response", "point-spread function applied to the float image (photons, each panel on its own, "
-         "photons spread off a panel lost) before the int and noise images: a 2-D Gaussian, or the fibre-optic "
-         "taper's g/(2π(g² + r²)^(3/2)) with g = 0.652383·FWHM, both integrated over each pixel",
-         kind="choice", choices=PSF_KINDS, default_text="none (no blur, as nanoBragg)", field="cli.psf", write="no",
+    Flag("-psf", "response", "point-spread function of the detector: every output image (float, int, PGM, noise, "
+         "NeXus) is made from the blurred photons, each panel blurred on its own (photons spread off a panel or "
+         "outside the -roi are lost): a 2-D Gaussian, or the fibre-optic taper's g/(2π(g² + r²)^(3/2)) with "
+         "g = 0.652383·FWHM, integrated over each pixel", kind="choice", choices=PSF_KINDS,
+         default_text="no blur (as nanoBragg)", field="cli.psf", write="no",
          metavar="gauss|fiber"),
     _real("-psf_fwhm", "response", "full width at half maximum of the -psf profile (needs -psf)", "µm", default=46.0,
           within="(0, 1e5]", field="cli.psf_fwhm", write="no"),

@@ -18,6 +18,8 @@ FLAG_GROUPS: Dict[str, str] = {flags_in_section(key)[0].name: title for key, tit
 EXTRA_OPTIONS = (
     ("--dtype float32|float64", "nbtorch extra: floating-point precision of the simulation (default float64)"),
     ("--device cpu|cuda[:N]", "nbtorch extra: torch device to simulate on (default cpu)"),
+    ("--precompile", "nbtorch extra: build the compiled kernels into the cache and exit (nothing simulated)"),
+    ("--specs common|all", "with --precompile: which kernels (default common); --dtype float32,float64 (default)"),
     ("-h, --help", "show this help and exit"),
     ("--version", "print the nbtorch version and exit"),
 )
