@@ -12,8 +12,9 @@ The detectors, all at 100 mm with 75 µm pixels, the beam along +z through their
   (``setup.panels`` None).
 
 All have 4 194 304 pixels.  Every image is rendered by ``nbtorch.simulate(..., fused=True)``, the compiled kernel
-that the command line uses for images of this size, warm (best of ``--repeat`` rounds, the detectors taking turns
-in every round so that the load of a shared machine falls on all of them), in float32 and float64, for two
+that the command line uses for images of this size, warm (``--repeat`` rounds, the detectors taking turns in every
+round; a detector's time relative to another is the median over the rounds of the two times' ratio in one round, so
+that the changing load of a shared machine falls on both alike), in float32 and float64, for two
 workloads: ``light`` (one sample per pixel: the per-pixel work, panel look-ups included, weighs most) and
 ``mosaic`` (2 × 2 sub-pixels × 5 mosaic domains = 20 samples per pixel).  ``--small`` divides every side by 4
 (ASICs of 64 × 64 pixels, 262 144 pixels in all).
@@ -113,24 +114,36 @@ def _render(model, fused: bool) -> float:
     return time.perf_counter() - t
 
 
-def measure(asic: int, workload: str, dtype: torch.dtype, repeat: int = 3, fused: bool = True) -> dict:
-    """Every detector's first call (compilation or the kernel cache's load included) and best warm time (s) and
-    ns per sample, rendered in turns over ``repeat`` rounds; ratios of the panel layouts to the flat ones.
-    ``fused``: the compiled kernel (the benchmark) or eager code (quick checks of this module)."""
+def _paired(rounds: List[Dict[str, float]], ref: str) -> Dict[str, List[float]]:
+    """For every detector, (median, lowest, highest) over the rounds of its time divided by ``ref``'s time in the
+    same round: a ratio that the load of a shared machine, which changes between rounds, disturbs least."""
+    out = {}
+    for name in rounds[0]:
+        r = sorted(t[name] / t[ref] for t in rounds)
+        out[name] = [float(np.median(r)), r[0], r[-1]]
+    return out
+
+
+def measure(asic: int, workload: str, dtype: torch.dtype, repeat: int = 5, fused: bool = True) -> dict:
+    """Every detector's first call (compilation or the kernel cache's load included), best warm time (s) and ns
+    per sample over ``repeat`` rounds in which the detectors take turns (the order rotating from round to round),
+    and its time relative to the flat ones (:func:`_paired`).  ``fused``: the compiled kernel (the benchmark) or
+    eager code (quick checks of this module)."""
     models = detectors(asic, workload, dtype)
-    first = {name: _render(m, fused) for name, m in models.items()}
-    best = dict.fromkeys(models, float("inf"))
-    for _ in range(repeat):
-        for name, m in models.items():
-            best[name] = min(best[name], _render(m, fused))
+    names = list(models)
+    first = {name: _render(models[name], fused) for name in names}
+    rounds = []
+    for r in range(repeat):
+        order = names[r % len(names):] + names[:r % len(names)]
+        rounds.append({name: _render(models[name], fused) for name in order})
     setup = models["1 panel"][1]
     samples = setup.n_pixels * samples_per_pixel(setup)
+    best = {name: min(t[name] for t in rounds) for name in names}
     out = {name: {"first_s": first[name], "warm_s": best[name], "ns_per_sample": best[name] / samples * 1e9}
-           for name in models}
-    ref = best["1 panel"]
+           for name in names}
     return {"pixels": setup.n_pixels, "samples_per_pixel": samples_per_pixel(setup), "detectors": out,
-            "ratio_to_1_panel": {name: best[name] / ref for name in models},
-            "ratio_to_nanobragg": {name: best[name] / best["nanoBragg detector"] for name in models}}
+            "ratio_to_1_panel": _paired(rounds, "1 panel"),
+            "ratio_to_nanobragg": _paired(rounds, "nanoBragg detector")}
 
 
 def custom_flags(panel: PanelSpec, beam=(0.0, 0.0, 1.0)) -> str:
@@ -168,6 +181,7 @@ def run(asic: int, threads: int, repeat: int, c_binary: Optional[str], fused: bo
     """Every workload in float32 and float64 with ASICs of ``asic`` pixels on ``threads`` threads (and the C program
     once per ASIC when ``c_binary`` is given; skipped when it is None)."""
     torch.set_num_threads(threads)
+    load = os.getloadavg()[0]  # the machine's 1-minute load average before and after: other work running
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {threads} threads, torch "
                             f"{torch.__version__}, {time.strftime('%Y-%m-%d')}", "asic": asic, "repeat": repeat,
                  "c_binary": bool(c_binary), "fused": fused, "runs": {}}
@@ -176,6 +190,7 @@ def run(asic: int, threads: int, repeat: int, c_binary: Optional[str], fused: bo
             res["runs"][f"{workload}_{dtype}"] = measure(asic, workload, getattr(torch, dtype), repeat, fused)
         if c_binary:
             res["runs"][f"{workload}_C"] = c_per_asic(c_binary, asic, workload, threads)
+    res["load"] = [load, os.getloadavg()[0]]
     return res
 
 
