@@ -12,7 +12,8 @@ merges the values the file supplies into the build's flags:
   ``photon_energy`` the file reads from a data file takes ``-clen`` or ``-energy``/``-lambda``.  Masks
   (``no_index``, ``bad…`` regions, masks in their own files) apply; a mask kept in the data file is left out with a
   note (only simulating).
-* ``-expt``: the first experiment's beam (``-beam_vector`` = −direction, ``-lambda``, ``-polar`` = the Kahn factor
+* ``-expt``: the first experiment of :func:`nbtorch.io.dials.read_experiments` — its panels and untrusted
+  rectangles, beam (``-beam_vector`` = −direction, ``-lambda``, ``-polar`` = the Kahn factor
   2·polarization_fraction − 1, ``-polar_vector`` ⟂ polarization_normal and the beam) and crystal (real_space_a/b/c,
   Å, as given), in DIALS's lab frame; ``-spindle_axis`` defaults to +x.  A flag given *after* ``-expt`` overrides
   the file's value; one given before is overridden by it (with a note).
@@ -26,8 +27,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from ..io.crystfel import Geometry, data_file_masks, geometry_mask, read_geom
-from ..io.dials import ExperimentList, read_expt
-from ..panels import PanelLayout, layout_from_crystfel, layout_from_dials
+from ..io.dials import DialsExperiment, read_experiments
+from ..panels import PanelLayout, layout_from_crystfel
 from ..units import HC_EV_ANGSTROM
 from .parse import NanoBraggArgs, fmt_num
 from .table import FLAGS
@@ -187,63 +188,15 @@ def _checked_wavelength(inp, lam: float, what: str) -> float:
     return float(lam)
 
 
-def _dials_mask(expts: ExperimentList, layout: PanelLayout) -> Optional[bytes]:
-    """``Setup.mask`` of the .expt panels' untrusted rectangles (half-open [x0, x1) × [y0, y1), fast × slow), or
-    None when there are none."""
-    det = expts.detector_of(0)
-    if not any(p.mask for p in det.panels):
-        return None
-    out = np.ones((layout.n_panels, layout.spixels, layout.fpixels), dtype=np.uint8)
-    for k, p in enumerate(det.panels):
-        for x0, y0, x1, y1 in p.mask:
-            out[k, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 0
-    return out.tobytes()
-
-
-def _expt_crystal(expts: ExperimentList, name: str) -> Optional[np.ndarray]:
-    """Real-space basis [3, 3] (Å, columns a, b, c) of the first experiment's crystal, or None when it has none;
-    ValueError naming the file and key for a vector that is not 3 finite numbers or a singular or left-handed
-    basis."""
-    index = expts.experiments[0].crystal
-    if index is None:
-        return None
-    crystal, cols = expts.crystals[index], []
-    for key in ("real_space_a", "real_space_b", "real_space_c"):
-        v = crystal.get(key)
-        ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-        if not ok:
-            raise ValueError(f"-expt {name}: crystal[{index}].{key}: expected 3 finite numbers (Å), got {v!r}")
-        cols.append([float(x) for x in v])
-    M = np.array(cols).T
-    det = float(np.linalg.det(M))
-    scale = float(np.prod(np.linalg.norm(M, axis=0)))
-    if not abs(det) > 1e-9 * scale:
-        raise ValueError(f"-expt {name}: crystal[{index}]: real_space_a, b, c are coplanar (a singular cell)")
-    if det < 0:
-        raise ValueError(f"-expt {name}: crystal[{index}]: real_space_a, b, c are left-handed (a · b × c < 0)")
-    return M
-
-
-def _unit(v) -> np.ndarray:
-    v = np.asarray(v, dtype=float)
-    return v / np.linalg.norm(v)
-
-
-def _expt_values(inp, expts: ExperimentList) -> Dict[str, object]:
-    """The flag values an .expt file's first beam supplies: -beam_vector (−direction), -lambda, -polar (Kahn factor)
-    and -polar_vector (beam × polarization_normal); -spindle_axis +x (DIALS's usual axis) unless given."""
-    beam, name = expts.beam_of(0), inp.opts["-expt"]
-    s0 = -_unit(beam.direction)
-    e = np.cross(s0, np.asarray(beam.polarization_normal, dtype=float))
-    if not np.linalg.norm(e) > 1e-6 * max(np.linalg.norm(beam.polarization_normal), 1e-300):
-        raise ValueError(f"-expt {name}: beam[0].polarization_normal is along the beam: the plane of polarization is "
-                         "undefined")
-    if beam.divergence > 0 or beam.sigma_divergence > 0:
-        inp.notes.append(f"-expt {name}: the beam's divergence is not simulated (give -divergence)")
-    values = {"-beam_vector": [float(x) + 0.0 for x in s0], "-polar": float(beam.kahn_factor),
-              "-lambda": _checked_wavelength(inp, beam.wavelength, "beam[0].wavelength"),
-              "-polar_vector": [float(x) + 0.0 for x in _unit(e)]}
+def _expt_values(inp, rec: DialsExperiment) -> Dict[str, object]:
+    """The flag values an .expt file's first experiment supplies (:func:`~nbtorch.io.dials.read_experiments`):
+    -beam_vector, -lambda, -polar (Kahn factor) and -polar_vector from its model; -spindle_axis +x (DIALS's usual
+    axis) unless given."""
+    if rec.beam.divergence > 0 or rec.beam.sigma_divergence > 0:
+        inp.notes.append(f"-expt {inp.opts['-expt']}: the beam's divergence is not simulated (give -divergence)")
+    values = {"-beam_vector": list(rec.setup.beam), "-polar": float(rec.beam.kahn_factor),
+              "-lambda": _checked_wavelength(inp, rec.beam.wavelength, f"beam[{rec.models.beam}].wavelength"),
+              "-polar_vector": list(rec.setup.polar_axis)}
     if "-spindle_axis" not in inp.opts:
         values["-spindle_axis"] = list(_DEFAULT_AXIS)
     return values
@@ -285,7 +238,7 @@ def _check_beam_vector(inp, flag: str, beam: Sequence[float]) -> None:
     if given is None:
         return
     g = np.asarray(given, dtype=float)
-    if not (np.linalg.norm(g) > 0 and float(np.dot(_unit(g), beam)) > 1 - 1e-9):
+    if not (np.linalg.norm(g) > 0 and float(np.dot(g / np.linalg.norm(g), beam)) > 1 - 1e-9):
         raise ValueError(f"-beam_vector {' '.join(fmt_num(x) for x in given)} conflicts with {flag} "
                          f"{inp.opts[flag]}: the beam runs along {' '.join(fmt_num(x) for x in beam)} in the "
                          "file's lab frame; leave out -beam_vector")
@@ -308,28 +261,21 @@ def panel_source(inp, read: Callable) -> Optional[PanelSource]:
         source = PanelSource(flag, name, layout, None if mask.all() else mask.tobytes(), geometry)
         values, crystal = _geom_values(inp, geometry, layout), None
     else:
-        expts = read(inp, "-expt", read_expt)
-        _check_experiment(expts, name)
-        if len(expts.experiments) > 1:
-            inp.notes.append(f"-expt {name}: {len(expts.experiments)} experiments; the first is simulated")
-        if expts.experiments[0].goniometer is not None or expts.experiments[0].scan is not None:
+        records = read(inp, "-expt", read_experiments)
+        if not records:
+            raise ValueError(f"-expt {name}: the file holds no experiment")
+        if len(records) > 1:
+            inp.notes.append(f"-expt {name}: {len(records)} experiments; the first is simulated")
+        rec = records[0]
+        if rec.models.goniometer is not None or rec.models.scan is not None:
             inp.notes.append(f"-expt {name}: the goniometer and scan are not used (give -spindle_axis, -phi and -osc "
                              "for a rotation)")
-        layout = layout_from_dials(expts.detector_of(0), expts.beam_of(0).direction)
-        source = PanelSource(flag, name, layout, _dials_mask(expts, layout))
-        values, crystal = _expt_values(inp, expts), _expt_crystal(expts, name)
+        layout = rec.setup.panels
+        source = PanelSource(flag, name, layout, rec.setup.mask)
+        values = _expt_values(inp, rec)
+        crystal = None if rec.crystal is None else np.array(rec.crystal.lab_real_space).T
     _check_beam_vector(inp, flag, layout.beam)
     inp.opts, use_crystal = _merge(inp, flag, values, crystal is not None)
     if flag == "-expt" and crystal is None and not any(f in inp.opts for f in ("-cell", "-mat")):
         raise ValueError(f"-expt {name}: the first experiment has no crystal: give -cell or -mat")
     return source._replace(crystal=crystal if use_crystal else None)
-
-
-def _check_experiment(expts: ExperimentList, name: str) -> None:
-    """The first experiment must have a detector and a beam (a note-free ValueError naming what is missing)."""
-    if not expts.experiments:
-        raise ValueError(f"-expt {name}: the file holds no experiment")
-    for what, model in (("detector", expts.detector_of(0)), ("beam", expts.beam_of(0))):
-        if model is None:
-            raise ValueError(f"-expt {name}: the first experiment has no {what}")
-
