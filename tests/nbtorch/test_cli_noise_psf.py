@@ -97,6 +97,20 @@ def test_without_psf_the_files_are_unchanged_and_photons_are_conserved_away_from
         assert Path("a" + ext).read_bytes() == Path("c" + ext).read_bytes()
 
 
+def test_psf_with_roi_keeps_pixels_outside_it_zero(tmp_path, monkeypatch, capsys):
+    """Pixels outside the -roi are not rendered: they add no photons to the blur and stay 0 in every file."""
+    monkeypatch.chdir(tmp_path)
+    roi = ["-roi", "5", "30", "8", "25"]
+    assert _run([*BASE, *roi], capsys, "plain")[0] == 0
+    assert _run([*BASE, *roi, "-psf", "gauss", "-psf_fwhm", "200"], capsys, "psf")[0] == 0
+    plain, blurred = _float("plain", (40, 40)), _float("psf", (40, 40))
+    inside = np.zeros((40, 40), bool)
+    inside[8:26, 5:31] = True
+    want = np.where(inside, _blur(plain, "gauss", 200.0, 0.1), 0.0)
+    np.testing.assert_allclose(blurred, want, rtol=1e-6, atol=1e-6 * plain.max())
+    assert (blurred[~inside] == 0).all() and (read_smv("psf_noise.img")[0][~inside] == 0).all()
+
+
 def test_psf_blurs_each_panel_of_a_geom_file_on_its_own(tmp_path, monkeypatch, capsys):
     """-geom: the blur acts on [P, S, F] before the slab is written; photons never cross into the other panel."""
     monkeypatch.chdir(tmp_path)
