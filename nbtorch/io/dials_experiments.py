@@ -198,6 +198,8 @@ def scan_oscillation(scan: Node, index: int) -> Tuple[float, float]:
     images) or the older ``oscillation`` [start, width]; (0, 0) for a scan without oscillation (a still)."""
     first, last = _image_range(scan)
     count = last - first + 1
+    if not 0 <= index < count:
+        raise scan.key("image_range").error(f"no image {index} (0-based): the scan has {count} images")
     props = scan.key("properties", None)
     if props is not None and "oscillation" in props.obj().value:
         osc = props.key("oscillation").items(count)
@@ -207,7 +209,8 @@ def scan_oscillation(scan: Node, index: int) -> Tuple[float, float]:
         elif count > 1:
             width = osc[1].number() - osc[0].number()
         else:
-            raise props.key("oscillation_width").error("missing (a scan of one image needs its width)")
+            raise ExptFileError(f"{props.name}: {props.path}.oscillation_width: missing (a scan of one image needs "
+                                "its width)")
         return osc[index].number(), width
     legacy = scan.key("oscillation", None)
     if legacy is None:
