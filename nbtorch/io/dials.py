@@ -4,7 +4,9 @@ experiment lists").
 An experiment list holds shared model lists (``beam``, ``detector``, ``goniometer``, ``scan``, ``crystal``,
 ``imageset``) and experiments that refer to them by index; models shared between experiments stay shared here.
 Detectors and beams are read into frozen dataclasses; crystals, imagesets, goniometers and scans are kept as the
-file's JSON objects (their ``__id__`` checked) for later readers.
+file's JSON objects (their ``__id__`` checked) for later readers.  :func:`read_experiments` turns every experiment
+into the model nbtorch simulates (:mod:`nbtorch.io.dials_experiments`) and :func:`write_experiments` writes refined
+models back into the list.
 
 Frames (dxtbx's): a panel's and a group's ``fast_axis``, ``slow_axis`` and ``origin`` (mm) are stored in the frame
 of its parent group; dxtbx normalises the axes when it reads them, and so does :func:`read_expt`.  With the
