@@ -14,11 +14,13 @@ import torch
 
 from nbtorch.args import build, parse_args
 from nbtorch.io.crystfel import panels_to_slab
+from nbtorch.io.dials import read_expt
 from nbtorch.io.images import write_raw_float
 from nbtorch.io.smv import write_smv
 
 from .. import fit, fit_options
 from ..model.table import GROUPS, NODE_GROUP
+from ..targets.detector import DetectorResponse, from_crystfel, from_dials, photon_energy_eV, read_gain_map
 from ..targets.observed import read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_outputs, fit_status, flag_inputs,
                      matrix_output, run)
@@ -65,10 +67,30 @@ def _load(ns, flags: List[str]):
         if ns.out_geom is not None and geometry is None:
             raise UsageError(f"--out-geom {ns.out_geom}: the refined detector is written as a CrystFEL geometry only "
                              "for a detector read from one: give -geom FILE")
+        gain = _gain_option(ns, setup, geometry)
         return params, setup, read_observed(ns.observed, setup, params, overload=ns.overload, adc=ns.adc,
-                                            gain=ns.gain, geometry=geometry), geometry
+                                            gain=gain, geometry=geometry,
+                                            detector=_detector_file(extras.panels, setup, params)), geometry
     except (ValueError, OSError, ImportError) as exc:
         raise UsageError(str(exc)) from None
+
+
+def _gain_option(ns, setup, geometry):
+    """The gain the options give: ``--gain`` (a number), the ``--gain-map`` file's per-pixel map, or None."""
+    if ns.gain_map is None:
+        return ns.gain
+    if ns.gain is not None:
+        raise UsageError(f"--gain {ns.gain:g} and --gain-map {ns.gain_map} both give the gain: give one")
+    return read_gain_map(ns.gain_map, setup, geometry)
+
+
+def _detector_file(source, setup, params) -> Optional[DetectorResponse]:
+    """What the -geom or -expt file says of the detector's values (:mod:`refine.targets.detector`), or None."""
+    if source is None:
+        return None
+    if source.geometry is not None:
+        return from_crystfel(source.geometry, setup, photon_energy_eV(float(params.beam.wavelength)))
+    return from_dials(read_expt(source.name).detector_of(0), setup, f"-expt {source.name}")
 
 
 def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:
@@ -111,7 +133,10 @@ def _single(argv: List[str]) -> int:
     options = options.replace(geometry=geometry)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
-    if obs.adc_offset or obs.gain != 1.0:
+    if np.ndim(obs.gain) > 0:
+        print(f"note: {ns.observed}: photons = (value - {obs.adc_offset:g}) / gain per pixel "
+              f"({np.nanmin(obs.gain):g}–{np.nanmax(obs.gain):g} ADU/photon)")
+    elif obs.adc_offset or obs.gain != 1.0:
         print(f"note: {ns.observed}: photons = (value - {obs.adc_offset:g}) / {obs.gain:g} (ADC offset, gain)")
     print(result.summary())
     status = _write_outputs(ns, result, matrix_out)

@@ -151,6 +151,9 @@ OPTIONS: Tuple[Option, ...] = (
     _choice("--target", _ALL, "fit target", TARGETS, field="target"),
     Option("--read-noise", _FITS, "read noise σ (photons) of the gaussian target", kind="real", field="read_noise",
            metavar="SIGMA"),
+    Option("--readout-noise-adu", _FITS, "read-out noise σ_r (ADU) of the gaussian target (the Gaussian–Poisson "
+           "likelihood, variance gain·model + σ_r² in ADU); replaces --read-noise by σ_r/gain photons per pixel",
+           kind="real", field="readout_noise_adu", metavar="SIGMA_ADU"),
     _choice("--crystal-system", _FITS, "constrain the cell (auto: the highest symmetry the starting cell satisfies "
             "within 0.1% and 0.1 deg)", ("auto",) + tuple(CRYSTAL_SYSTEMS), field="crystal_system"),
     _switch("--allow-degenerate", _ALL, "refine free parameters the images cannot tell apart (a detector rotation "
@@ -162,12 +165,16 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--max-shift", ("refine",), "beam-centre translation search radius", kind="int", field="max_shift",
            metavar="PIXELS"),
     _switch("--spots-only", ("refine",), "fit only pixels near spots plus a background sample", field="spots_only"),
-    Option("--overload", _FITS, "exclude pixels at or above this value (in the file's counts)", kind="real",
-           metavar="COUNTS"),
+    Option("--overload", _FITS, "exclude pixels at or above this value (in the file's counts: the detector's "
+           "saturation, max ADU)", kind="real", metavar="COUNTS", default_text="65535 for 16-bit SMV, the SMV "
+           "SATURATED_VALUE, CBF Count_cutoff; also the -geom max_adu and the -expt trusted_range"),
     Option("--adc", _ALL, "ADC offset (counts) subtracted from the observed images", kind="real", name="adc",
            low=-math.inf, metavar="COUNTS", default_text="the header's ADC_OFFSET, which nbtorch writes, else 0"),
-    Option("--gain", _ALL, "counts per photon of the observed images", kind="real", name="gain", low=0.0, metavar="G",
-           default_text="the header's GAIN, else 1"),
+    Option("--gain", _ALL, "counts (ADU) per photon of the observed images", kind="real", field="gain", low=0.0,
+           metavar="G", default_text="the header's GAIN, else the -geom/-expt file's, else 1"),
+    Option("--gain-map", ("refine",), "per-pixel gain (ADU per photon) of the observed image: a file of its shape "
+           "(raw float32, SMV, CBF, HDF5); a pixel whose gain is not > 0 is left out", name="gain_map",
+           metavar="FILE"),
     Option("--background", ("refine",), "starting background plane (photons/pixel)", kind="real", nargs=3,
            field="background", metavar=("C0", "CFAST", "CSLOW")),
     Option("--matrix-out", ("refine",), "where to write the refined MOSFLM matrix of a -mat model", metavar="OUT",

@@ -13,6 +13,7 @@ import math
 import types
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+import numpy as np
 from nbtorch.io.crystfel import Geometry
 
 from ..model.cells import CRYSTAL_SYSTEMS
@@ -52,8 +53,11 @@ class FitOptions:
     What to refine: ``free`` (groups, sub-groups or scalars), ``crystal_system`` ('auto' or a system),
     ``ncells_mode``, ``background`` (starting plane c0, c_fast, c_slow, photons/pixel), ``bounds``, ``priors``
     (reported units), ``allow_degenerate`` (False: refuse combinations the image cannot determine).
-    Against what: ``target``, ``read_noise`` (photons), ``weights`` (lsq image), ``mask`` (bool image, True = use),
-    ``overload``, ``spots_only``, ``spot_dilate`` (pixels), ``background_fraction``.
+    Against what: ``target``, ``read_noise`` (photons), ``readout_noise_adu`` (ADU; the gaussian target's
+    read-out noise is then this / ``gain`` per pixel, overriding ``read_noise``), ``gain`` (ADU per photon: a number
+    or a per-pixel map of the image's shape; None: the gain the observed image was read with, else 1),
+    ``weights`` (lsq image), ``mask`` (bool image, True = use), ``overload``, ``spots_only``, ``spot_dilate``
+    (pixels), ``background_fraction``.
     How: ``method``, ``max_iter`` (final stage; None: 30 LM, 100 L-BFGS, 300 Adam), ``coarse_to_fine`` ('auto':
     the default stages, or only the final stage when resuming from a Result; True; False; or a sequence of
     :class:`~refine.pipeline.stages.Stage`), ``coarse_iter``, ``robust_iter``, ``max_shift`` (pixels),
@@ -70,6 +74,8 @@ class FitOptions:
     mask: Any = None
     overload: Optional[float] = None
     read_noise: float = 1.0
+    readout_noise_adu: Optional[float] = None
+    gain: Any = None
     weights: Any = None
     crystal_system: str = "auto"
     ncells_mode: str = "auto"
@@ -111,6 +117,8 @@ class FitOptions:
             put(name, None if value is None else types.MappingProxyType(dict(value)))
         if self.background is not None:
             put("background", tuple(float(v) for v in self.background))
+        if self.gain is not None and np.ndim(self.gain) > 0:
+            put("gain", np.asarray(self.gain, dtype=np.float64))
         if not isinstance(self.coarse_to_fine, (str, bool)) and self.coarse_to_fine is not None:
             put("coarse_to_fine", tuple(self.coarse_to_fine))
         self._validate()
@@ -130,6 +138,7 @@ class FitOptions:
         _at_least("prelim_pixels", self.prelim_pixels, 1, integer=True, optional=True)
         _at_least("chunk_pixels", self.chunk_pixels, 1, integer=True)
         _at_least("read_noise", self.read_noise, 0)
+        self._validate_detector()
         for name in ("ftol", "lr", "damping"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a number > 0; got {getattr(self, name)!r}")
@@ -149,6 +158,22 @@ class FitOptions:
             if not self.coarse_to_fine or not all(isinstance(s, Stage) for s in self.coarse_to_fine):
                 raise ValueError("coarse_to_fine must be 'auto', True, False or a non-empty list of "
                                  "refine.pipeline.stages.Stage")
+
+    def _validate_detector(self) -> None:
+        """``readout_noise_adu`` (>= 0 ADU, with the gaussian target) and ``gain`` (> 0, or a per-pixel map)."""
+        _at_least("readout_noise_adu", self.readout_noise_adu, 0, optional=True)
+        if self.readout_noise_adu is not None and self.target != "gaussian":
+            raise ValueError(f"readout_noise_adu is the read-out noise of the Gaussian–Poisson target: give "
+                             f"target='gaussian' (got target={getattr(self.target, 'name', self.target)!r})")
+        if self.gain is None:
+            return
+        if np.ndim(self.gain) == 0:
+            _at_least("gain", self.gain, 0)
+            if not self.gain > 0:
+                raise ValueError(f"gain must be a number > 0 (ADU per photon) or a per-pixel map; got {self.gain!r}")
+        elif self.gain.ndim < 2:
+            raise ValueError(f"gain must be a number > 0 (ADU per photon) or a per-pixel map of the image's shape; "
+                             f"got shape {list(self.gain.shape)}")
 
     @property
     def final_max_iter(self) -> int:

@@ -26,7 +26,8 @@ from nbtorch.validate import check_params
 from ..model.degeneracy import Degeneracy, degenerate_pairs
 from ..model.layout import Layout, align_shared, make_layout
 from ..model.parameters import Parameterisation, parameterise, total_rotation
-from ..targets import Objective, Target, make_target, observed_array, usable_mask
+from ..targets import Gaussian, Objective, Target, make_target, observed_array, usable_mask
+from ..targets.detector import check_gain, read_noise_photons
 from .options import FitOptions
 
 
@@ -153,11 +154,40 @@ def _labelled(k: int, paths, exc: Exception) -> Exception:
     return type(exc)(f"image {k}{f' ({paths[k - 1]})' if paths[k - 1] else ''}: {exc}")
 
 
+def fit_target(options: FitOptions, image_gain=None, shape=None) -> Target:
+    """The target of a fit: ``options.target``; the gaussian target's read-out noise in photons is
+    ``options.readout_noise_adu`` / gain per pixel (gain: ``options.gain``, else ``image_gain``, the gain the
+    observed image was read with, else 1; ValueError naming ``gain`` when a map is not of ``shape``), else
+    ``options.read_noise``."""
+    if options.readout_noise_adu is None:
+        return make_target(options.target, read_noise=options.read_noise, weights=options.weights)
+    gain = check_gain(options.gain if options.gain is not None else image_gain, shape)
+    sigma = read_noise_photons(options.readout_noise_adu, gain)
+    if np.ndim(sigma) == 0:
+        return make_target("gaussian", read_noise=sigma)
+    return make_target("gaussian", read_noise_map=sigma)
+
+
+def _target_note(target: Target, options: FitOptions) -> str:
+    """What the summary says of a Gaussian–Poisson target whose read-out noise came in ADU ('' otherwise)."""
+    if options.readout_noise_adu is None or not isinstance(target, Gaussian):
+        return ""
+    if target.read_noise_map is None:
+        return (f"gaussian target: read-out noise {options.readout_noise_adu:g} ADU = {target.read_noise:.4g} "
+                f"photons (gain {options.readout_noise_adu / target.read_noise if target.read_noise else 1:.4g} "
+                "ADU/photon)")
+    sig = target.read_noise_map[np.isfinite(target.read_noise_map)]
+    return (f"gaussian target: read-out noise {options.readout_noise_adu:g} ADU over a per-pixel gain map = "
+            f"{sig.min():.4g}–{sig.max():.4g} photons")
+
+
 def _image(observed, params: Params, setup: Setup, options: FitOptions, crystal_system: str):
-    """(observed tensor, usable bool image, parameterisation) of one image, checked."""
+    """(observed tensor, usable bool image, parameterisation, target) of one image, checked (the target as
+    :func:`fit_target` makes it with this image's gain)."""
     check_params(params, setup)  # types, dtype, device and values first: one-line errors before any work
-    arr, own_mask = observed_array(observed, setup, options.geometry)
-    usable = usable_mask(arr, setup, options.mask, options.overload)
+    arr, own_mask, gain = observed_array(observed, setup, options.geometry)
+    target = fit_target(options, gain, arr.shape)
+    usable = usable_mask(arr, setup, options.mask, options.overload, target.lowest_observed(arr.shape))
     if own_mask is not None:
         usable &= own_mask
     if not usable.any():
@@ -170,7 +200,7 @@ def _image(observed, params: Params, setup: Setup, options: FitOptions, crystal_
                        background=o.background, bounds=o.bounds, priors=o.priors)
     observed_t = torch.as_tensor(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0), dtype=par.dtype,
                                  device=par.device)
-    return observed_t, usable, par
+    return observed_t, usable, par, target
 
 
 def _degeneracies(par: Parameterisation, options: FitOptions) -> Tuple[Degeneracy, ...]:
@@ -208,21 +238,23 @@ def build_problem(observed_list, params_list, setups, options: FitOptions, share
         check_geometry(options.geometry, s)
     params_list, notes = (align_shared(list(params_list), shared, setups[0].panels) if shared
                           else (list(params_list), []))
-    observed, usable, pars = [], [], []
+    observed, usable, pars, targets = [], [], [], []
     for k, (ob, p, s) in enumerate(zip(observed_list, params_list, setups), start=1):
         try:
             system = options.crystal_system if k == 1 else pars[0].crystal_system
-            o_t, u, par = _image(ob, p, s, options, system)
+            o_t, u, par, target = _image(ob, p, s, options, system)
         except (ValueError, OSError) as exc:
             raise _labelled(k, paths, exc) from None
         observed.append(o_t)
         usable.append(u)
         pars.append(par)
+        targets.append(target)
         if progress is not None:
             progress("preparing", k, n)
     degs = _degeneracies(pars[0], options)
-    notes = tuple(nt for nt in (pars[0].crystal_system_note,) if nt) + tuple(notes) + tuple(d.message() for d in degs)
-    target = make_target(options.target, read_noise=options.read_noise, weights=options.weights)
+    target = targets[0]  # one target for all images: the first image's gain converts a read-out noise in ADU
+    notes = tuple(nt for nt in (pars[0].crystal_system_note, _target_note(target, options)) if nt) + tuple(notes) \
+        + tuple(d.message() for d in degs)
     return Problem(tuple(observed), tuple(usable), tuple(pars), make_layout(pars, shared), target, options, notes,
                    degs, paths, tuple(flags) if flags is not None else (None,) * n, batch, progress)
 

@@ -23,17 +23,28 @@ from nbtorch.io.observed import observed_image
 from nbtorch.pixels import panel_extent_mask
 from nbtorch.types import Params, Setup
 
+from .detector import DetectorResponse, check_gain, from_crystfel, good_gain, photon_energy_eV
+
 #: Where a CrystFEL detector keeps its data in an HDF5 file when no ``.geom`` says otherwise.
 DEFAULT_HDF5_DATA = "/data/data"
 
 
 def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, label: str = "OBSERVED",
                   overload: Optional[float] = None, adc: Optional[float] = None,
-                  gain: Optional[float] = None, geometry=None) -> ObservedImage:
+                  gain=None, geometry=None, detector: Optional[DetectorResponse] = None) -> ObservedImage:
     """The image at ``path`` in photons, ``data`` ``setup.image_shape`` ([spixels, fpixels], or [P, S, F] for a
-    panel detector): (value − ``adc``) / ``gain`` (None: the header's, else 0 and 1); ``overload`` (counts) marks
-    saturated pixels.  Raw float files take their shape from ``setup`` (a panel detector's: the data slab of
-    ``geometry``, else [P·S, F]).
+    panel detector): (value − ADC offset) / gain, per pixel (:func:`_to_photons`, the one place refine turns a
+    file's values into photons).  Raw float files take their shape from ``setup`` (a panel detector's: the data slab
+    of ``geometry``, else [P·S, F]).
+
+    The ADC offset: ``adc``, else the header's ``ADC_OFFSET``, else 0.  The gain (ADU per photon): ``gain`` (a
+    number, or a per-pixel map of ``setup.image_shape``), else the header's ``GAIN``, else the detector files'
+    (``detector``, else what ``geometry`` says: :func:`~refine.targets.detector.from_crystfel`), else 1;
+    ``ObservedImage.gain`` is the one applied (a number or the map).  Values that are not measurements leave the
+    mask: at or above ``overload`` (file values; default 65535 for 16-bit SMV, the SMV header's
+    ``SATURATED_VALUE``, miniCBF's ``Count_cutoff``) or outside the detector's trusted range (CrystFEL
+    ``max_adu``, DIALS ``trusted_range``, inclusive) — ``saturated`` marks those above —, negative file values
+    (gaps), and pixels whose gain is not finite and > 0.
 
     Panel detectors: ``geometry`` is the CrystFEL :class:`~nbtorch.io.crystfel.Geometry` the detector came from, or
     None.  A file holding the data slab (raw, SMV, CBF, HDF5 at the panels' ``data`` location, default
@@ -47,7 +58,7 @@ def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, l
     each of the header's pixel size (mm), distance (mm; one-panel detectors) and wavelength (Å) that disagrees with
     the model beyond the header's precision."""
     try:
-        obs, data_file = _read(path, setup, geometry, overload, adc, gain)
+        obs, data_file = _read(path, setup, geometry, overload, adc, 1.0)
     except (ValueError, OSError, ImportError) as exc:
         text = " ".join(str(exc).split())
         raise ValueError(f"{label} {text}" if text.startswith(path) else f"{label} {path}: {text}") from None
@@ -59,11 +70,60 @@ def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, l
         for line in header_mismatches(obs, f"{label} {path}", given):
             warnings.warn(line, HeaderWarning, stacklevel=2)
     if setup.panels is not None:
-        return _as_panels(obs, setup, geometry, data_file, f"{label} {path}")
-    if obs.data.shape != (setup.spixels, setup.fpixels):
+        obs = _as_panels(obs, setup, geometry, data_file, f"{label} {path}")
+    elif obs.data.shape != (setup.spixels, setup.fpixels):
         raise ValueError(f"{label} {path} is {obs.data.shape[1]}×{obs.data.shape[0]} pixels (fast × slow) but the "
                          f"flags describe a {setup.fpixels}×{setup.spixels} detector")
-    return obs
+    if detector is None and geometry is not None:
+        energy = photon_energy_eV(float(params.beam.wavelength)) if params is not None else geometry.photon_energy_eV
+        detector = from_crystfel(geometry, setup, energy)
+    try:
+        return _to_photons(obs, detector or DetectorResponse(), overload, gain)
+    except ValueError as exc:
+        raise ValueError(f"{label} {path}: {exc}") from None
+
+
+def _header_number(header: dict, key: str) -> Optional[float]:
+    """A header value (key in any case) as a number, None when absent; ValueError naming the key."""
+    head = {str(k).upper(): v for k, v in header.items()}
+    if key not in head:
+        return None
+    try:
+        return float(str(head[key]).strip())
+    except ValueError:
+        raise ValueError(f"header {key} = {head[key]!r} is not a number") from None
+
+
+def _to_photons(obs: ObservedImage, detector: DetectorResponse, overload, gain) -> ObservedImage:
+    """``obs`` (values − ADC offset, counts) in photons with its measurements masked (see :func:`read_observed`):
+    the saturation and trusted-range tests on the file's values, then the division by the gain."""
+    shape = obs.data.shape
+    raw = obs.data + obs.adc_offset
+    finite = np.isfinite(raw)
+    val = np.where(finite, raw, 0.0)
+    saturated = obs.saturated.copy()
+    smv_level = _header_number(obs.header, "SATURATED_VALUE") if overload is None else None
+    if smv_level is not None:
+        saturated |= finite & (val >= smv_level)
+    low, high = detector.trusted
+    with np.errstate(invalid="ignore"):
+        if high is not None:
+            saturated |= finite & (val > high)
+        mask = obs.mask & ~saturated
+        if low is not None:
+            mask &= ~(finite & (val < low))
+    if gain is not None:
+        g = check_gain(gain, shape)
+    else:
+        g = _header_number(obs.header, "GAIN")
+        if g is not None:
+            g = check_gain(g, shape, "header GAIN")
+        elif detector.gain is not None:
+            g = check_gain(detector.gain, shape, "the detector file's gain")
+    g = 1.0 if g is None else g
+    ok = good_gain(g, shape)
+    data = obs.data / (g if np.ndim(g) == 0 else np.where(ok, g, 1.0))
+    return obs._replace(data=data, mask=mask & ok, saturated=saturated, gain=g)
 
 
 def _stacked(setup: Setup) -> tuple:
@@ -155,11 +215,12 @@ def _as_panels(obs: ObservedImage, setup: Setup, geometry, data_file, where: str
 def observed_array(observed, setup: Setup, geometry=None):
     """An observed image (tensor, array, :class:`nbtorch.io.images.ObservedImage` or a path read with
     :func:`read_observed`, raw files taking their shape from ``setup``; ``geometry`` the CrystFEL geometry of a panel
-    detector, see there) → (float64 array ``setup.image_shape``, its own mask (bool, same shape) or None)."""
+    detector, see there) → (float64 array ``setup.image_shape``, its own mask (bool, same shape) or None, the gain
+    its values were divided by (ADU per photon: a number or a per-pixel map; None for tensors and arrays))."""
     if isinstance(observed, str) or hasattr(observed, "__fspath__"):
         observed = read_observed(os.fspath(observed), setup, label="observed", geometry=geometry)
     if isinstance(observed, ObservedImage):
-        return np.asarray(observed.data, dtype=np.float64), np.asarray(observed.mask, dtype=bool)
+        return np.asarray(observed.data, dtype=np.float64), np.asarray(observed.mask, dtype=bool), observed.gain
     if torch.is_tensor(observed):
-        return observed.detach().cpu().double().numpy(), None
-    return np.asarray(observed, dtype=np.float64), None
+        return observed.detach().cpu().double().numpy(), None, None
+    return np.asarray(observed, dtype=np.float64), None, None

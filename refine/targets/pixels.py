@@ -13,19 +13,23 @@ from nbtorch.types import Setup
 from ..model.predict import image_axes
 
 
-def usable_mask(observed: np.ndarray, setup: Setup, mask=None, overload: Optional[float] = None) -> np.ndarray:
+def usable_mask(observed: np.ndarray, setup: Setup, mask=None, overload: Optional[float] = None,
+                lowest=0.0) -> np.ndarray:
     """Pixels that may enter a fit, bool of the image's shape (``setup.image_shape``: [slow, fast], or [panel, slow,
     fast] for a panel detector).
 
-    A pixel is usable when its observed value is finite and ≥ 0 (detector gaps are often negative), below
-    ``overload`` (when given), True in the user ``mask`` (bool/0-1 array of that shape, True = use), and rendered by
-    ``setup`` (inside ``setup.roi``, on a panel and not excluded by ``setup.mask``).
+    A pixel is usable when its observed value is finite and ≥ ``lowest`` (photons, a number or an array of the
+    image's shape: the target's :meth:`~refine.targets.losses.Target.lowest_observed`; 0 by default, as detector
+    gaps are often negative), below ``overload`` (when given), True in the user ``mask`` (bool/0-1 array of that
+    shape, True = use), and rendered by ``setup`` (inside ``setup.roi``, on a panel and not excluded by
+    ``setup.mask``).
     """
     o = np.asarray(observed, dtype=np.float64)
     if o.shape != tuple(setup.image_shape):
         raise ValueError(f"observed image has shape {o.shape} but the model detector is {image_axes(setup)} = "
                          f"{tuple(setup.image_shape)}")
-    keep = np.isfinite(o) & (np.where(np.isfinite(o), o, -1.0) >= 0.0)
+    finite = np.isfinite(o)
+    keep = finite & (np.where(finite, o, -np.inf) >= lowest)
     if overload is not None:
         keep &= o < float(overload)
     if mask is not None:
