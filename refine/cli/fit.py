@@ -20,8 +20,8 @@ from nbtorch.io.smv import write_smv
 
 from .. import fit, fit_options
 from ..model.table import GROUPS, NODE_GROUP
-from ..targets.detector import DetectorResponse, from_crystfel, from_dials, photon_energy_eV, read_gain_map
-from ..targets.observed import read_observed
+from ..targets.detector import DetectorResponse, from_crystfel, from_dials, photon_energy_eV
+from ..targets.observed import read_gain_map, read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_outputs, fit_status, flag_inputs,
                      matrix_output, run)
 from .many import Progress

@@ -3,17 +3,17 @@ measurements.
 
 A detector reads ``value = gain · photons + ADC offset + read-out noise`` (ADU; ``gain`` ADU per photon, a scalar or
 one per pixel; read-out noise Gaussian with σ_r ADU).  :class:`DetectorResponse` holds what the detector files say
-(a CrystFEL ``.geom``'s ``adu_per_photon``/``adu_per_eV`` and ``max_adu``, a DIALS ``.expt`` panel's ``gain`` and
-``trusted_range``) or the options (``--gain-map``, ``--readout-noise-adu``); :func:`~refine.targets.observed.read_observed`
-applies it (the one place values become photons), and the Gaussian–Poisson target takes its read-out noise in photons,
-σ_r / gain, per pixel (:func:`read_noise_photons`).  Neither file format records a read-out noise: σ_r comes from the
-options only.
+(a CrystFEL ``.geom``'s ``adu_per_photon``/``adu_per_eV`` and ``max_adu``: :func:`from_crystfel`; a DIALS
+``.expt`` panel's ``gain`` and ``trusted_range``: :func:`from_dials`).
+:func:`~refine.targets.observed.read_observed` applies it (the one place values become photons; a per-pixel gain map
+file: :func:`~refine.targets.observed.read_gain_map`), and the Gaussian–Poisson target takes its read-out noise in
+photons, σ_r / gain, per pixel (:func:`read_noise_photons`).  Neither file format records a read-out noise: σ_r
+comes from the options only.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -139,18 +139,3 @@ def read_noise_photons(readout_adu: float, gain, shape=None):
     g = np.asarray(gain, dtype=np.float64)
     ok = good_gain(g, g.shape)
     return np.where(ok, float(readout_adu) / np.where(ok, g, 1.0), math.inf)
-
-
-def read_gain_map(path: str, setup: Setup, geometry=None) -> np.ndarray:
-    """A per-pixel gain map (ADU per photon) of ``setup.image_shape`` from ``path``: raw float32 (the image's
-    shape, as an observed image's), SMV, CBF or HDF5 — read like an observed image (a panel detector's data slab cut
-    by ``geometry``), without offset, gain or saturation.  ValueError starting with ``--gain-map``."""
-    from .observed import read_observed  # noqa: PLC0415 - observed imports this module
-
-    if not os.path.isfile(path):
-        raise ValueError(f"--gain-map {path}: no such file")
-    obs = read_observed(path, setup, label="--gain-map", adc=0.0, gain=1.0, geometry=geometry, overload=math.inf)
-    data = np.asarray(obs.data, dtype=np.float64)
-    if not good_gain(data, data.shape).any():
-        raise ValueError(f"--gain-map {path}: no pixel has a gain that is finite and > 0 (ADU per photon)")
-    return data

@@ -224,3 +224,16 @@ def observed_array(observed, setup: Setup, geometry=None):
     if torch.is_tensor(observed):
         return observed.detach().cpu().double().numpy(), None, None
     return np.asarray(observed, dtype=np.float64), None, None
+
+
+def read_gain_map(path: str, setup: Setup, geometry=None) -> np.ndarray:
+    """A per-pixel gain map (ADU per photon) of ``setup.image_shape`` from ``path``: raw float32 (the image's
+    shape, as an observed image's), SMV, CBF or HDF5 — read like an observed image (a panel detector's data slab cut
+    by ``geometry``), without offset, gain or saturation.  ValueError starting with ``--gain-map``."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--gain-map {path}: no such file")
+    obs = read_observed(path, setup, label="--gain-map", adc=0.0, gain=1.0, geometry=geometry, overload=math.inf)
+    data = np.asarray(obs.data, dtype=np.float64)
+    if not good_gain(data, data.shape).any():
+        raise ValueError(f"--gain-map {path}: no pixel has a gain that is finite and > 0 (ADU per photon)")
+    return data

@@ -192,7 +192,8 @@ def test_crystfel_gain_and_max_adu_per_panel(tmp_path):
     """``a/adu_per_photon = 2``, ``b/adu_per_eV`` (× 12398.42 eV = 4 ADU/photon), ``max_adu = 100``: photons are
     ADU/gain per panel, values above 100 ADU saturated; ``gain`` (the option) wins over the file."""
     per_eV = 4.0 / 12398.42
-    geometry, params, setup = _geometry(tmp_path, "max_adu = 100\n", f"a/adu_per_photon = 2\nb/adu_per_eV = {per_eV!r}\n")
+    geometry, params, setup = _geometry(tmp_path, "max_adu = 100\n",
+                                        f"a/adu_per_photon = 2\nb/adu_per_eV = {per_eV!r}\n")
     resp = from_crystfel(geometry, setup, 12398.42)
     assert resp.gain.shape == (2, 6, 10) and resp.gain[0].max() == 2.0 and resp.gain[1].min() == pytest.approx(4.0)
     assert resp.trusted == (None, 100.0)
