@@ -106,12 +106,13 @@ def detectors(asic: int, workload: str, dtype: torch.dtype) -> Dict[str, tuple]:
     return out
 
 
-def _render(model, fused: bool) -> float:
-    """Wall seconds of one ``simulate`` of ``model`` = (params, setup), compiled (``fused``) or eager."""
-    t = time.perf_counter()
+def _render(model, fused: bool) -> Tuple[float, float]:
+    """(wall, CPU) seconds of one ``simulate`` of ``model`` = (params, setup), compiled (``fused``) or eager; the CPU
+    time is this process's, all threads."""
+    t, c = time.perf_counter(), time.process_time()
     with torch.no_grad():
         nbtorch.simulate(*model, fused=fused)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def _paired(rounds: List[Dict[str, float]], ref: str) -> Dict[str, List[float]]:
@@ -125,25 +126,27 @@ def _paired(rounds: List[Dict[str, float]], ref: str) -> Dict[str, List[float]]:
 
 
 def measure(asic: int, workload: str, dtype: torch.dtype, repeat: int = 5, fused: bool = True) -> dict:
-    """Every detector's first call (compilation or the kernel cache's load included), best warm time (s) and ns
-    per sample over ``repeat`` rounds in which the detectors take turns (the order rotating from round to round),
-    and its time relative to the flat ones (:func:`_paired`).  ``fused``: the compiled kernel (the benchmark) or
-    eager code (quick checks of this module)."""
+    """Every detector's first call (compilation or the kernel cache's load included), best warm wall time (s), its
+    CPU time and ns per sample over ``repeat`` rounds in which the detectors take turns (the order rotating from
+    round to round), and its wall and CPU times relative to the flat ones (:func:`_paired`).  ``fused``: the
+    compiled kernel (the benchmark) or eager code (quick checks of this module)."""
     models = detectors(asic, workload, dtype)
     names = list(models)
-    first = {name: _render(models[name], fused) for name in names}
+    first = {name: _render(models[name], fused)[0] for name in names}
     rounds = []
     for r in range(repeat):
         order = names[r % len(names):] + names[:r % len(names)]
         rounds.append({name: _render(models[name], fused) for name in order})
+    wall = [{k: v[0] for k, v in t.items()} for t in rounds]
+    cpu = [{k: v[1] for k, v in t.items()} for t in rounds]
     setup = models["1 panel"][1]
     samples = setup.n_pixels * samples_per_pixel(setup)
-    best = {name: min(t[name] for t in rounds) for name in names}
-    out = {name: {"first_s": first[name], "warm_s": best[name], "ns_per_sample": best[name] / samples * 1e9}
-           for name in names}
+    best = {name: min(t[name] for t in wall) for name in names}
+    out = {name: {"first_s": first[name], "warm_s": best[name], "cpu_s": min(t[name] for t in cpu),
+                  "ns_per_sample": best[name] / samples * 1e9} for name in names}
     return {"pixels": setup.n_pixels, "samples_per_pixel": samples_per_pixel(setup), "detectors": out,
-            "ratio_to_1_panel": _paired(rounds, "1 panel"),
-            "ratio_to_nanobragg": _paired(rounds, "nanoBragg detector")}
+            "ratio_to_1_panel": _paired(wall, "1 panel"), "ratio_to_nanobragg": _paired(wall, "nanoBragg detector"),
+            "cpu_ratio_to_1_panel": _paired(cpu, "1 panel")}
 
 
 def custom_flags(panel: PanelSpec, beam=(0.0, 0.0, 1.0)) -> str:

@@ -77,6 +77,7 @@ def _check_run(res, with_c: bool):
     for key in ("light_float32", "mosaic_float64"):
         run = res["runs"][key]
         assert run["pixels"] == 32 * 32 and run["ratio_to_1_panel"]["1 panel"] == [1.0, 1.0, 1.0]
+        assert run["cpu_ratio_to_1_panel"]["1 panel"] == [1.0, 1.0, 1.0]
         assert all(math.isfinite(r) and r > 0 for rs in run["ratio_to_nanobragg"].values() for r in rs)
     assert res["runs"]["mosaic_float64"]["samples_per_pixel"] == 20
 
