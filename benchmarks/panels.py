@@ -185,7 +185,7 @@ def run(asic: int, threads: int, repeat: int, c_binary: Optional[str], fused: bo
     once per ASIC when ``c_binary`` is given; skipped when it is None)."""
     torch.set_num_threads(threads)
     load = os.getloadavg()[0]  # the machine's 1-minute load average before and after: other work running
-    res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {threads} threads, torch "
+    res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {threads} thread{'s' * (threads != 1)}, torch "
                             f"{torch.__version__}, {time.strftime('%Y-%m-%d')}", "asic": asic, "repeat": repeat,
                  "c_binary": bool(c_binary), "fused": fused, "runs": {}}
     for workload in WORKLOADS:

@@ -146,8 +146,10 @@ def _panel_c_rows(res: dict) -> List[str]:
 def panel_section(res: dict) -> str:
     """The markdown section of ``python -m benchmarks.panels`` figures ``res`` (heading included)."""
     side = 8 * res["asic"]
-    n16 = [res["runs"][f"{w}_{d}"]["ratio_to_1_panel"]["16 panels"][0] for w in ("light", "mosaic")
-           for d in ("float32", "float64") if f"{w}_{d}" in res["runs"]]
+    runs = [res["runs"][f"{w}_{d}"] for w in ("light", "mosaic") for d in ("float32", "float64")
+            if f"{w}_{d}" in res["runs"]]
+    n16 = [run["ratio_to_1_panel"]["16 panels"][0] for run in runs]
+    c16 = [run.get("cpu_ratio_to_1_panel", run["ratio_to_1_panel"])["16 panels"][0] for run in runs]
     head = [PANEL_HEADING, "", f"`python -m benchmarks.panels{' --small' if res['asic'] < 256 else ''}` on "
             f"{res['machine']}{_load(res)}: a Jungfrau-4M-like detector ({res['asic']}² ASICs, 8 modules of 2 × 4) as 64, 16 "
             f"and 8 panels against one {side} × {side} panel (a panel layout, and nanoBragg's own detector), "
@@ -155,7 +157,8 @@ def panel_section(res: dict) -> str:
             f"{res['repeat']} rounds in which the detectors take turns.  \"warm\": the best round; \"vs\": the median "
             f"over the rounds of the ratio of two wall times (or process CPU times, all threads) of one round "
             f"(lowest–highest in brackets).  Issue 20's target, 16 panels within 1.10× of one panel per sample: worst "
-            f"median ratio {max(n16):.3g}× in wall time ({'met' if max(n16) <= 1.10 else 'not met'}).", "",
+            f"median ratio {max(n16):.3g}× in wall time ({'met' if max(n16) <= 1.10 else 'not met'}), {max(c16):.3g}× "
+            f"in CPU time ({'met' if max(c16) <= 1.10 else 'not met'}).", "",
             "| workload | dtype | detector | warm | ns/sample | vs 1 panel | vs 1 panel, CPU time | vs nanoBragg "
             "detector | first call |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     c = _panel_c_rows(res)
