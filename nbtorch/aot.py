@@ -92,13 +92,14 @@ def _example(spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> Tupl
     tc = TileConsts(fast=z(11), slow=z(11), offsets=z(9, 2), layers=z(2, 11), incident=z(4, 3), lam_factor=z(4),
                     incident_all=z(8, 3), lam_factor_all=z(8), polar_axis=z(3), beam=z(3), pixel=z(), area=z(11),
                     capture_k=z(11),
-                    dmin=z(), hkl_min=z(3))
+                    dmin=z(), hkl_min=z(3), weight=z(4), weight_all=z(8))
     dyn_p = {f: None for f in TileParams._fields}
     dyn_p.update(A={0: O}, F={0: nh, 1: nk, 2: nl} if spec.table else None, pix0={1: P}, fdet={1: P}, sdet={1: P},
                  odet={1: P}, close={0: P})
     dyn_c = {f: None for f in TileConsts._fields}
     dyn_c.update(fast={0: P}, slow={0: P}, area={0: P}, capture_k={0: P}, offsets={0: N2}, layers={0: T, 1: P},
-                 incident={0: K}, lam_factor={0: K}, incident_all={0: Ka}, lam_factor_all={0: Ka})
+                 incident={0: K}, lam_factor={0: K}, incident_all={0: Ka}, lam_factor_all={0: Ka}, weight={0: K},
+                 weight_all={0: Ka})
     return tuple(tp) + tuple(tc), (tuple(dyn_p.values()) + tuple(dyn_c.values()),)
 
 

@@ -71,7 +71,8 @@ class TileConsts(NamedTuple):
     source (polarization and the ``-dmin`` rule look at the first sample of the pixel); polar_axis: [3] E vector;
     beam: [3] beam direction (curved detector); pixel: [] pixel size (mm); area: [P] the pixel's area (mm²; the
     pixel size squared for nanoBragg's detector); capture_k: [P] layer thickness × μ of each pixel's panel;
-    dmin: [] Å (0 = off); hkl_min: [3] first Miller index of the table.
+    dmin: [] Å (0 = off); hkl_min: [3] first Miller index of the table; weight: [K] and weight_all: [Ka] each
+    source's weight (1 for nanoBragg's sources; a spectrum's channel weights, mean 1).
     """
 
     fast: torch.Tensor
@@ -89,6 +90,8 @@ class TileConsts(NamedTuple):
     capture_k: torch.Tensor
     dmin: torch.Tensor
     hkl_min: torch.Tensor
+    weight: torch.Tensor
+    weight_all: torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +336,11 @@ def sample_factors(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor,
     return lookup_nearest_hkl(h0, F, default_F, hkl_min), F_latt
 
 
+def _source_weight(tc: TileConsts) -> torch.Tensor:
+    """The sources' weights shaped for the sample tensors [TN, K, O, P] → [1, K, 1, 1]."""
+    return tc.weight[None, :, None, None]
+
+
 def sample_x(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor, default_F: torch.Tensor,
              hkl_min: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
     """x = (F_cell·F_latt)² of every sample from its Miller indices ``h`` (3 tensors of one shape) → that shape."""
@@ -345,7 +353,7 @@ def _samples(tp: TileParams, tc: TileConsts, spec: KernelSpec, geo: Geometry):
     invlam = 1.0 / (tp.wavelength * tc.lam_factor)
     Ad, Ai = miller_parts(geo.d, tp.A, tc.incident)
     h = [miller(Ad, Ai, invlam, i) for i in range(3)]
-    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
+    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec) * _source_weight(tc)
     if geo.keep is not None:
         x = torch.where(geo.keep[:, :, None, :], x, torch.zeros_like(x))
     return x, h, invlam
@@ -490,6 +498,8 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
     Ad, Ai = miller_parts(d, tp.A, tc.incident)
     h = [miller(Ad, Ai, invlam, i) for i in range(3)]
     x, parts = square_partials(h, tp.ncells, tp.default_F)
+    w = _source_weight(tc)  # x and its partials are linear in the weight: every moment carries it
+    x, parts = x * w, Partials([p * w for p in parts.h], [n * w for n in parts.N], parts.default_F * w)
     il = invlam[None, :, None, None]
     W = [_masked(parts.h[i] * il, keep) for i in range(3)]  # [TN, K, O, P]
     dj = [d[j][:, None, None, :] for j in range(3)]  # [TN, 1, 1, P]
@@ -603,7 +613,7 @@ def running_sum_tile(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[
     Ad, Ai = miller_parts(torch.stack(flat), tp.A, tc.incident)
     h = [miller(Ad, Ai, invlam, i) for i in range(3)]
     F_cell, F_latt = sample_factors(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
-    x = (F_cell * F_latt) ** 2
+    x = (F_cell * F_latt) ** 2 * _source_weight(tc)
     keep = _keep(flat, tc.incident, tp.wavelength * tc.lam_factor, tc.dmin)[:, :, None, :] if spec.dmin else None
     c = torch.ones_like(x)
     if spec.running_thick:

@@ -130,6 +130,12 @@ def _check_vectors(setup) -> None:
     for k, (d, lf) in enumerate(setup.sources):
         _need(_is_unit(d), f"Setup.sources[{k}] direction must be a finite unit vector, got {plain(d)}")
         _need(math.isfinite(lf) and lf > 0, f"Setup.sources[{k}] wavelength factor must be > 0, got {plain(lf)}")
+    w = setup.source_weights
+    if w is not None:
+        _need(len(w) == len(setup.sources), f"Setup.source_weights must hold one weight per source "
+              f"({len(setup.sources)}), got {len(w)}")
+        _need(all(math.isfinite(x) and x >= 0 for x in w) and sum(w) > 0,
+              "Setup.source_weights must be finite, >= 0 and not all 0")
 
 
 def _check_table_and_pixels(setup) -> None:

@@ -214,13 +214,14 @@ def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
 
     inc = T([s[0] for s in setup.sources])
     lamf = T([s[1] for s in setup.sources])
+    w = T(setup.normalised_source_weights)
     empty = T([])
     return TileConsts(
         fast=empty, slow=empty, offsets=detmod.subpixel_offsets(setup, dt, dev),
         layers=torch.arange(setup.thicksteps, dtype=dt, device=dev),
         incident=inc, lam_factor=lamf, incident_all=inc, lam_factor_all=lamf, polar_axis=T(setup.polar_axis),
         beam=T(setup.beam), pixel=T(setup.pixel_size), area=empty, capture_k=empty,
-        dmin=T(setup.dmin), hkl_min=T(setup.hkl_min))
+        dmin=T(setup.dmin), hkl_min=T(setup.hkl_min), weight=w, weight_all=w)
 
 
 def _tile_of(tp: TileParams, tc: TileConsts, pc: PanelConsts, panel: torch.Tensor, fast: torch.Tensor,
@@ -268,7 +269,8 @@ def _tile_sum(spec, tc: TileConsts, tp: TileParams, p: Plan, fused: bool):
             first = S is None
             tpc = tp._replace(A=tp.A[o0:o0 + p.o_chunk], I_bg=tp.I_bg if first else torch.zeros_like(tp.I_bg))
             tcc = tc._replace(incident=tc.incident_all[k0:k0 + p.k_chunk],
-                              lam_factor=tc.lam_factor_all[k0:k0 + p.k_chunk])
+                              lam_factor=tc.lam_factor_all[k0:k0 + p.k_chunk],
+                              weight=tc.weight_all[k0:k0 + p.k_chunk])
             s, f = fusedmod.apply_tile(spec, tcc, tpc, fused)
             S, factor = (s, f) if first else (S + s, factor)
     return S, factor

@@ -126,7 +126,8 @@ class Setup:
     (E vector), ``spindle``, ``twotheta_axis`` in the lab frame.
     Sampling: ``oversample`` (n×n sub-pixels), ``phi0``/``phistep``/``phisteps``, mosaic domain axes and angle fractions
     (``mosaic_axes`` [M] unit vectors, ``mosaic_fractions`` [M], angle_m = spread·fraction_m), ``sources``: incident
-    unit vectors (direction of propagation) with wavelength factors (λ_k = λ0·factor_k).
+    unit vectors (direction of propagation) with wavelength factors (λ_k = λ0·factor_k), ``source_weights`` their
+    relative weights (None: all equal, as nanoBragg's sources; a spectrum's channel weights otherwise).
     Sensor: ``thickness_um``, ``mu_per_um`` (attenuation coefficient, 1/µm), ``thicksteps``, ``thickstep_um``.
     Switches: ``point_pixel``, ``curved_det``, ``nopolar``, ``oversample_thick/_polar/_omega`` (nanoBragg's
     running-sum behaviour, spec Q7), ``shape`` (:data:`SHAPES`) with ``fudge``, ``interpolate`` (tricubic F),
@@ -182,6 +183,7 @@ class Setup:
     nanobragg_cell: bool = True
     sample_budget: int = 1 << 19
     panels: Optional[PanelLayout] = None
+    source_weights: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self):
         check_setup(self)
@@ -193,6 +195,15 @@ class Setup:
     @property
     def n_sources(self) -> int:
         return len(self.sources)
+
+    @property
+    def normalised_source_weights(self) -> Tuple[float, ...]:
+        """Each source's weight scaled to mean 1 (nanoBragg's normalisation divides by the number of sources, so
+        the image is the weighted mean over sources); all 1.0 without ``source_weights``."""
+        if self.source_weights is None:
+            return (1.0,) * self.n_sources
+        total = math.fsum(self.source_weights)
+        return tuple(w * self.n_sources / total for w in self.source_weights)
 
     @property
     def steps(self) -> int:

@@ -253,6 +253,9 @@ def _check_expressible(ctx: _Context) -> None:
     if ctx.params.structure.F.numel() > 0 and "-hkl" not in ctx.base and "-pdb" not in ctx.base:
         raise ValueError("the model uses a structure-factor table: pass the flags it came from (with -hkl or -pdb) "
                          "as base")
+    if len(set(ctx.setup.normalised_source_weights)) > 1:
+        raise ValueError("the model's sources have unequal weights (a spectrum): nanoBragg's flags weigh every source "
+                         "alike (its -sourcefile intensity column is ignored, Q11)")
     if ctx.setup.panels is not None:
         _check_panel_file(ctx)
     elif ctx.setup.mask is not None and "-mask" not in ctx.base:

@@ -79,7 +79,7 @@ def pixel_diagnostics(params: Params, setup: Setup, fast, slow) -> Dict[str, tor
     """
     spec, tp, tc = pixel_tile(params, setup, fast, slow)
     tp = tp._replace(A=tp.A[:1])
-    tc = tc._replace(incident=tc.incident_all[:1], lam_factor=tc.lam_factor_all[:1])
+    tc = tc._replace(incident=tc.incident_all[:1], lam_factor=tc.lam_factor_all[:1], weight=tc.weight_all[:1])
     pos = kernel.sample_positions(tp, tc, spec, first_subpixel=True)  # 3 × [T, 1, P]
     d, R2, R = kernel.unit_directions(pos)
     d0 = [c[0, 0] for c in d]  # the first sample's direction, 3 × [P]

@@ -123,7 +123,7 @@ def test_compiled_forward_any_sizes_and_strided_inputs():
                               **{k: getattr(tp, k)[:, :P] for k in ("pix0", "fdet", "sdet", "odet")})
             tco = tc._replace(fast=tc.fast[:P], slow=tc.slow[:P], area=tc.area[:P], capture_k=tc.capture_k[:P],
                               layers=tc.layers[:, :P], incident=tc.incident_all[:K],
-                              lam_factor=tc.lam_factor_all[:K])
+                              lam_factor=tc.lam_factor_all[:K], weight=tc.weight_all[:K])
             comp, ref = fused.forward(spec, tco, tpo, True), kernel.tile_sums(tpo, tco, spec)
             for a, b in zip(comp, ref):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
