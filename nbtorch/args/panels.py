@@ -41,7 +41,6 @@ PANEL_FILE_FLAGS = ("-geom", "-expt")
 _NOT_WITH_PANELS = {
     "-printout": "per-pixel diagnostics are for nanoBragg's one-panel detector",
     "-printout_pixel": "per-pixel diagnostics are for nanoBragg's one-panel detector",
-    "-pdb": "structure factors from a model need the one-panel detector's resolution; give -hkl (or -default_F)",
 }
 #: A -geom file's default E vector and spindle, and an -expt file's default spindle: +x (horizontal in both frames;
 #: CUSTOM's default +z runs along the beam there).

@@ -4,6 +4,7 @@ that override the file, and the Python path (``from_nanobragg_args``) that nbtor
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from nbtorch.cli.layout import file_image
 from nbtorch.detector import with_panels
 from nbtorch.io.crystfel import panels_to_slab, read_geom, slab_shape
 from nbtorch.io.smv import read_smv
+from nbtorch.io.structure_files import detector_corner_resolution
 from nbtorch.lattice import lattice
 from nbtorch.panels import layout_from_crystfel
 from nbtorch.simulate import crystal_rotation, pixel_lab_positions
@@ -121,7 +123,6 @@ def test_a_beam_vector_along_the_files_beam_is_accepted():
     (f"-clen 80 {XTAL}", ["-clen 80", "give -geom FILE"]),
     (f"-expt {EXPT} -clen 80 -default_F 1", ["-clen", "-geom"]),
     (f"-geom {GEOM} {XTAL} -printout_pixel 1 1", ["-printout_pixel", "-geom"]),
-    (f"-geom {GEOM} -pdb x.pdb -cell 50 50 50 90 90 90", ["-pdb", "-geom", "-hkl"]),
 ])
 def test_combinations_that_cannot_work_are_refused(args, words):
     with pytest.raises(ValueError) as info:
@@ -361,3 +362,16 @@ def test_nexusfile_of_panels_holds_one_module_per_panel(tmp_path, capsys, monkey
     floats = np.fromfile("f.bin", dtype="<f4").reshape(2, 6, 10)
     np.testing.assert_array_equal(np.asarray(obs.data, dtype=np.float32)[0, :, :10], floats[0])
     np.testing.assert_array_equal(np.asarray(obs.data, dtype=np.float32)[1, :, :8], floats[1, :, :8])
+
+
+def test_structure_factors_from_a_model_reach_every_panels_corners(tmp_path):
+    pdb = tmp_path / "tiny.pdb"
+    pdb.write_text("CRYST1   20.000   25.000   30.000  90.00  90.00  90.00 P 1           1\n"
+                   "ATOM      1  CA  GLY A   1       3.200   3.500   4.600  1.00 12.00           C\n"
+                   "ATOM      2  O   GLY A   1       4.000   1.200   4.800  1.00 20.00           O\nEND\n")
+    params, setup = nbtorch.from_nanobragg_args(f"-geom {GEOM} -pdb {pdb} -N 3 -misset 10 20 30 -oversample 1")
+    d = detector_corner_resolution(params, setup)
+    F = params.structure.F
+    assert F.numel() > 0 and setup.panels is not None
+    for axis, a in enumerate((20.0, 25.0, 30.0)):
+        assert -setup.hkl_min[axis] >= math.floor(a / d) and F.shape[axis] + setup.hkl_min[axis] - 1 >= a / d - 1
