@@ -31,6 +31,7 @@ from .images import (
     write_raw_float,
 )
 from .crystfel import Geometry, GeometryFileError, geometry_mask, read_geom, write_geom
+from .dials import read_experiments, read_expt, write_experiments
 from .matrix import mosflm_matrix_cell, read_mosflm_matrix, write_mosflm_matrix
 from .nexus import NexusGeometry, lab_to_nexus, nxmx_geometry, nxmx_layout, read_nxmx, write_nxmx
 from .refl import ReflectionFileError, ReflectionTable, read_reflections, table_from_columns, write_reflections
@@ -102,4 +103,7 @@ __all__ = [
     "read_reflections",
     "write_reflections",
     "table_from_columns",
+    "read_expt",
+    "read_experiments",
+    "write_experiments",
 ]
