@@ -46,7 +46,8 @@ REF_DIMS = Params(0, 0, 0, None, 0)
 class ImageGroup:
     """Images evaluated in one batch: same set-up, pixels and free scalars (``ids`` into the objective's images).
 
-    ``o`` [B, P] observed photons at the flat pixel ``index`` [P], ``w`` [P] the target's pixel weights (or None);
+    ``o`` [B, P] observed photons at the flat pixel ``index`` [P], ``w`` [P] the target's per-pixel data (weights,
+    or a Gaussian's σ² per pixel: :meth:`~refine.targets.losses.Target.pixel_weights`; or None);
     ``chunks``: one :class:`~refine.model.predict.Predict` per slice ``slices[k]`` of the pixels."""
 
     def __init__(self, ids: Sequence[int], pars: Sequence[Parameterisation], observed: Sequence[torch.Tensor],

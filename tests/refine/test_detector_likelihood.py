@@ -18,7 +18,8 @@ from nbtorch.io.dials import parse_expt
 from nbtorch.io.images import write_raw_float
 from nbtorch.io.smv import write_smv
 from nbtorch.noise import DetectorNoise, detector_adu
-from refine.cli.fit import main
+from nbtorch.args import build, parse_args
+from refine.cli.fit import _detector_file, main
 from refine.pipeline.problem import fit_target
 from refine.targets import make_target, usable_mask
 from refine.targets.detector import from_crystfel, from_dials, read_noise_photons
@@ -231,6 +232,24 @@ def test_dials_gain_and_trusted_range(tmp_path):
     headed = tmp_path / "gain.img"
     write_smv(headed, img, [("GAIN", "5")])
     assert read_observed(str(headed), setup, params, detector=resp).gain == 5.0
+
+
+def test_cli_takes_the_response_of_its_detector_file(tmp_path):
+    """``nbtorch-refine … -expt FILE`` / ``-geom FILE``: the file's gain and trusted range reach ``read_observed``."""
+    raw = json.loads((DATA / "two_small.expt").read_text())
+    raw["detector"][0]["panels"][1]["gain"] = 3.0
+    expt = tmp_path / "g.expt"
+    expt.write_text(json.dumps(raw))
+    for flags in (["-expt", str(expt), "-default_F", "10", "-N", "2"],
+                  ["-geom", str(DATA / "two_small.geom"), "-default_F", "10", "-N", "2", "-cell", "40", "50", "60",
+                   "90", "90", "90"]):
+        params, setup, extras = build(parse_args(flags), dtype=torch.float64)
+        resp = _detector_file(extras.panels, setup, params)
+        if flags[0] == "-expt":
+            assert resp.gain[0].max() == 1.0 and resp.gain[1].min() == 3.0 and resp.trusted == (-1.0, 65535.0)
+        else:
+            assert resp.gain == 1.0 and resp.trusted == (None, None)
+    assert _detector_file(None, setup, params) is None
 
 
 def test_cli_gain_map_and_readout_noise(tmp_path, capsys):
