@@ -43,6 +43,7 @@ from ..validate import check_cell
 from .parse import FLAG_VALUE, NanoBraggArgs, fmt_num, last_flag, missing_inputs, parse_args, parse_value
 from .panels import PanelSource, check_panel_flags, panel_source
 from .response import detector_noise, psf_choice
+from .spectrum import SpectrumPart, apply_spectrum, check_spectrum_flags, read_spectrum
 from .parse import range_phrase
 from .table import FLAGS, SWITCH_DEFAULTS, switch_states
 
@@ -97,6 +98,7 @@ class Inputs:
         self.header: Dict[str, object] = {}
         self.header_texts: List[tuple] = []  # (source, flag, text, value) of each header value read
         self.file_crystal: Optional[np.ndarray] = None  # real-space basis [3, 3] (Å) of an -expt crystal
+        self.spectrum: Optional[SpectrumPart] = None  # the -spectrum channels (read by build)
         for flag, flip in (("-img", False), ("-mask", True)):  # the -mask header wins over the -img header
             if flag in opts:
                 src = f"{flag} {opts[flag]}"
@@ -152,7 +154,9 @@ class CrystalPart(NamedTuple):
 
 
 def _wavelength(inp: Inputs) -> float:
-    """λ0 (Å) from -lambda (or an image header), or from -energy."""
+    """λ0 (Å): a -spectrum's weighted mean wavelength, -lambda (or an image header), or -energy."""
+    if inp.spectrum is not None:
+        return inp.spectrum.mean
     if not inp.given("-energy"):
         return float(inp.hget("-lambda"))
     energy = inp.opts["-energy"]
@@ -849,7 +853,9 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     if missing:
         raise ValueError("missing required input" + ("s" if len(missing) > 1 else "") + ": " + "; and ".join(missing))
     check_panel_flags(opts)
+    check_spectrum_flags(opts)
     inp = Inputs(opts, base_dir)
+    inp.spectrum = read_spectrum(inp, _read)
     source = panel_source(inp, _read)  # -geom/-expt: the file's values merged into inp.opts
     inp.file_crystal = None if source is None else source.crystal
     _check_structure_flags(inp)
@@ -884,6 +890,8 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
     )
     if source is not None:
         params, setup = _panel_model(params, setup, source)
+    if inp.spectrum is not None:
+        params, setup = apply_spectrum(params, setup, inp.spectrum, inp.opts["-spectrum"], inp.notes)
     plan(setup, len(rendered_pixels(setup)))  # refuses absurd work now, naming what to lower
     outputs = _outputs(inp, params, setup)
     table, hkl_min, interpolate, interp_auto = _structure(inp, xtal, params, setup)

@@ -255,7 +255,8 @@ def _check_expressible(ctx: _Context) -> None:
                          "as base")
     if len(set(ctx.setup.normalised_source_weights)) > 1:
         raise ValueError("the model's sources have unequal weights (a spectrum): nanoBragg's flags weigh every source "
-                         "alike (its -sourcefile intensity column is ignored, Q11)")
+                         "alike (its -sourcefile intensity column is ignored, Q11); write the spectrum as a .lam file "
+                         "(nbtorch.spectrum.write_lam) and give nbtorch -spectrum FILE")
     if ctx.setup.panels is not None:
         _check_panel_file(ctx)
     elif ctx.setup.mask is not None and "-mask" not in ctx.base:

@@ -8,8 +8,9 @@ merges the values the file supplies into the build's flags:
 
 * ``-geom``: CrystFEL's lab frame, the beam along +z (``-beam_vector 0 0 1``, so the crystal, ``-polar_vector`` and
   ``-spindle_axis`` read as nanoBragg's CUSTOM convention reads them; both vectors default to +x, horizontal in
-  CrystFEL's frame); the file's wavelength or photon energy unless ``-lambda``/``-energy`` is given.  A ``clen`` or
-  ``photon_energy`` the file reads from a data file takes ``-clen`` or ``-energy``/``-lambda``.  Masks
+  CrystFEL's frame); the file's wavelength or photon energy unless ``-lambda``/``-energy``/``-spectrum`` is given.
+  A ``clen`` or ``photon_energy`` the file reads from a data file takes ``-clen`` or ``-energy``/``-lambda`` (or the
+  ``-spectrum``'s weighted mean).  Masks
   (``no_index``, ``bad…`` regions, masks in their own files) apply; a mask kept in the data file is left out with a
   note (only simulating).
 * ``-expt``: the first experiment of :func:`nbtorch.io.dials.read_experiments` — its panels and untrusted
@@ -116,7 +117,9 @@ def _from_data_file(text: Optional[str]) -> bool:
 
 
 def _energy_eV(inp) -> Optional[float]:
-    """The photon energy (eV) the flags give (``-energy``, or hc/``-lambda``), or None."""
+    """The photon energy (eV) the flags give (``-energy``, hc/``-lambda`` or hc/λ0 of a ``-spectrum``), or None."""
+    if getattr(inp, "spectrum", None) is not None:
+        return HC_EV_ANGSTROM / inp.spectrum.mean
     if "-energy" in inp.opts:
         return float(inp.opts["-energy"])
     return HC_EV_ANGSTROM / float(inp.opts["-lambda"]) if "-lambda" in inp.opts else None
@@ -152,8 +155,7 @@ def _read_geometry(inp, read: Callable) -> Geometry:
     if clen is not None and not any(_from_data_file(p.clen) for p in geometry.panels):
         inp.notes.append(f"-clen ignored: -geom {name} gives clen as a number ({geometry.panels[0].clen})")
     if geometry.beam is not None and energy is not None and not _from_data_file(geometry.beam[1]):
-        inp.notes.append(f"-geom {name}: {geometry.beam[0]} = {geometry.beam[1]} overridden by "
-                         f"{'-energy' if '-energy' in inp.opts else '-lambda'}")
+        inp.notes.append(f"-geom {name}: {geometry.beam[0]} = {geometry.beam[1]} overridden by {_wavelength_flag(inp)}")
     kept = data_file_masks(geometry)
     if kept:
         inp.notes.append(f"-geom {name}: the mask{'s' if len(kept) > 1 else ''} kept in the data file "
@@ -161,14 +163,19 @@ def _read_geometry(inp, read: Callable) -> Geometry:
     return geometry
 
 
+def _wavelength_flag(inp) -> str:
+    """The flag that gives the wavelength instead of a detector file: -spectrum, -energy or -lambda."""
+    return next(f for f in ("-spectrum", "-energy", "-lambda") if f in inp.opts)
+
+
 def _geom_values(inp, geometry: Geometry, layout: PanelLayout) -> Dict[str, object]:
     """The flag values a .geom file supplies: the beam along +z, +x E vector and spindle unless given, the file's
-    wavelength unless -lambda/-energy is given."""
+    wavelength unless -lambda/-energy/-spectrum is given."""
     values: Dict[str, object] = {"-beam_vector": list(layout.beam)}
     for f in ("-polar_vector", "-spindle_axis"):
         if f not in inp.opts:
             values[f] = list(_DEFAULT_AXIS)
-    if "-lambda" in inp.opts or "-energy" in inp.opts:
+    if any(f in inp.opts for f in ("-lambda", "-energy", "-spectrum")):
         return values
     if geometry.wavelength is None:
         default = fmt_num(FLAGS["-lambda"].default)
@@ -189,8 +196,8 @@ def _checked_wavelength(inp, lam: float, what: str) -> float:
 
 def _expt_values(inp, rec: DialsExperiment) -> Dict[str, object]:
     """The flag values an .expt file's first experiment supplies (:func:`~nbtorch.io.dials.read_experiments`):
-    -beam_vector, -lambda, -polar (Kahn factor) and -polar_vector from its model; -spindle_axis +x (DIALS's usual
-    axis) unless given."""
+    -beam_vector, -lambda (not with -spectrum: a note says it is replaced), -polar (Kahn factor) and -polar_vector
+    from its model; -spindle_axis +x (DIALS's usual axis) unless given."""
     if rec.beam.divergence > 0 or rec.beam.sigma_divergence > 0:
         inp.notes.append(f"-expt {inp.opts['-expt']}: the beam's divergence is not simulated (give -divergence)")
     values = {"-beam_vector": list(rec.setup.beam), "-polar": float(rec.beam.kahn_factor),
@@ -198,6 +205,9 @@ def _expt_values(inp, rec: DialsExperiment) -> Dict[str, object]:
               "-polar_vector": list(rec.setup.polar_axis)}
     if "-spindle_axis" not in inp.opts:
         values["-spindle_axis"] = list(_DEFAULT_AXIS)
+    if "-spectrum" in inp.opts:
+        inp.notes.append(f"-expt {inp.opts['-expt']}: the beam's wavelength {fmt_num(values.pop('-lambda'))} Å is "
+                         f"replaced by -spectrum {inp.opts['-spectrum']}")
     return values
 
 

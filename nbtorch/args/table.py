@@ -31,7 +31,7 @@ SECTIONS: Dict[str, str] = {
     "crystal": "Crystal: cell, orientation, size, shape",
     "structure": "Structure factors",
     "mosaic": "Mosaicity and spindle rotation",
-    "beam": "Beam: wavelength, dispersion, divergence, sources, polarization, fluence",
+    "beam": "Beam: wavelength, spectrum, dispersion, divergence, sources, polarization, fluence",
     "detector": "Detector geometry, sensor, sampling",
     "background": "Background",
     "response": "Detector response (noisify's): point-spread function, gain, read-out and calibration noise",
@@ -298,6 +298,14 @@ _TABLE = (
     _switch("-square_div", "beam", "keep the full divergence grid", switch=("round_div", False), **_SOURCES),
     _file("-sourcefile", "beam", "file of sources: X Y Z (position, any length) I (ignored) lambda (m)",
           **_SOURCES),
+    _file("-spectrum", "beam", "beam spectrum: a diffBragg .lam file (a header row, then 'wavelength,weight' "
+          "lines, Å); one source per channel (× each divergence direction), the image the weighted mean over the "
+          "channels, lambda0 the weighted mean wavelength; not with -lambda/-energy, -dispersion/-dispsteps or "
+          "-sourcefile", default_text="one wavelength (-lambda)",
+          sets="setup.sources, setup.source_weights, params.beam.wavelength", write="no"),
+    _count("-spectrum_bins", "beam", "rebin the -spectrum to at most this many channels (equal-width wavelength "
+           "bins; total weight and weighted mean wavelength kept); needs -spectrum", default_text="every channel",
+           within="[1, 1e6]", sets="setup.sources, setup.source_weights", write="no"),
     _real("-polar", "beam", "Kahn polarization factor (0 = unpolarized)", default=0.0, within="[-1, 1]",
           field="params.beam.polarization"),
     _switch("-nopolar", "beam", "polarization factor = 1", field="setup.nopolar"),

@@ -409,7 +409,8 @@ def read_image(
     Geometry (None where the header lacks it): SMV ``PIXEL_SIZE`` (mm), ``DISTANCE`` (mm), ``WAVELENGTH`` (Å),
     ``BEAM_CENTER_X/Y`` (mm); the same keys from fabio headers, or miniCBF ``Pixel_size``/``Detector_distance`` (m →
     mm), ``Wavelength`` (Å) and ``Beam_xy`` (pixels × pixel size → mm, (x, y)); for NXmx the values derived from the
-    detector's ``depends_on`` chain (beam centre (fast, slow) mm from the outer corner of pixel (0, 0)).
+    detector's ``depends_on`` chain (beam centre (fast, slow) mm from the outer corner of pixel (0, 0)) and an
+    NXbeam spectrum (``geometry.spectrum``: wavelengths Å and weights; the wavelength is their weighted mean).
 
     Photons: the values are returned as (value − ADC offset)/gain (:func:`to_photons`): the offset and gain given
     here, else the header's ``ADC_OFFSET`` and ``GAIN`` (nbtorch writes them into its ``-intfile``/``-noisefile``

@@ -136,6 +136,9 @@ class NexusGeometry(NamedTuple):
             ``lab_to_nexus.T @ v`` takes a vector back to the lab frame.
         modules: every module (:class:`NexusModule`), in the order of the image's panels.
         panel_tree: ``{"root": name, "groups": {group: [members]}}``, the panel hierarchy nbtorch wrote, or None.
+        spectrum: ``(wavelengths [m] Å, weights [m])`` of a beam of several wavelengths (NXbeam
+            ``incident_wavelength`` with ``incident_wavelength_weights``; the first frame's where they vary per
+            frame), else None; ``wavelength_A`` is then its weighted mean.  nbtorch writes the weights summing to 1.
     """
 
     fast_axis: np.ndarray
@@ -156,6 +159,7 @@ class NexusGeometry(NamedTuple):
     lab_to_nexus: Optional[np.ndarray]
     modules: tuple = ()
     panel_tree: Optional[dict] = None
+    spectrum: Optional[tuple] = None
 
 
 def _h5py():
@@ -264,6 +268,20 @@ def _one_module(det, setup, R):
     return module, float(t), (float(a), float(b))
 
 
+def _source_spectrum(params, setup) -> Optional[tuple]:
+    """``(wavelengths [m] Å, weights [m])`` of the set-up's sources grouped by wavelength (weights summed over the
+    directions and scaled to sum 1; channels in the order they first appear), or None when every source has one
+    wavelength."""
+    totals: dict = {}
+    for (_, factor), w in zip(setup.sources, setup.normalised_source_weights):
+        totals[factor] = totals.get(factor, 0.0) + w
+    if len(totals) < 2:
+        return None
+    lam0, total = float(params.beam.wavelength), math.fsum(totals.values())
+    return (np.array([lam0 * f for f in totals], dtype=np.float64),
+            np.array([w / total for w in totals.values()], dtype=np.float64))
+
+
 def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thickness_mm: Optional[float] = None,
                   saturation_value: Optional[float] = None) -> NexusGeometry:
     """The :class:`NexusGeometry` that :func:`write_nxmx` writes for ``(params, setup)`` (no file is touched).
@@ -273,6 +291,8 @@ def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thicknes
     thickness defaults to ``setup.thickness_um`` (0 when nanoBragg models no sensor depth), or the panels' own.  A
     panel detector (``setup.panels``) gives one module per panel (``modules``; the top-level axes are the first
     panel's, ``distance_mm`` is ``Detector.distance``, ``beam_center_mm`` None) and its hierarchy (``panel_tree``).
+    Sources of several wavelengths (a ``-spectrum``, ``-dispersion`` or a ``-sourcefile``'s) give ``spectrum``:
+    each wavelength λ0·factor with its sources' weights summed (``wavelength_A`` stays λ0).
 
     Raises:
         ValueError: a curved detector (``-curved_det``: NXmx describes flat modules), a beam parallel to the detector,
@@ -294,7 +314,7 @@ def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thicknes
         wavelength_A=float(params.beam.wavelength), beam=R @ _unit(setup.beam), spindle=R @ _unit(setup.spindle),
         phi_deg=float(setup.phi0), osc_deg=float(setup.phistep * setup.phisteps), sensor_material=str(sensor_material),
         sensor_thickness_mm=thick, saturation_value=None if saturation_value is None else float(saturation_value),
-        lab_to_nexus=R, modules=modules, panel_tree=tree,
+        lab_to_nexus=R, modules=modules, panel_tree=tree, spectrum=_source_spectrum(params, setup),
     )
 
 
@@ -420,7 +440,11 @@ def _write_sample_and_beam(entry, inst, geo: NexusGeometry, params, setup, sampl
         _field(tr, "phi_end", [geo.phi_deg + geo.osc_deg], "deg")
         _field(tr, "phi_increment_set", geo.osc_deg, "deg")
     beam = _group(inst, "beam", "NXbeam", flux="flux_integrated")
-    _field(beam, "incident_wavelength", geo.wavelength_A, "angstrom")
+    if geo.spectrum is None:
+        _field(beam, "incident_wavelength", geo.wavelength_A, "angstrom")
+    else:  # NXbeam's polychromatic beam: the wavelengths with their relative weights
+        _field(beam, "incident_wavelength", geo.spectrum[0], "angstrom")
+        _field(beam, "incident_wavelength_weights", geo.spectrum[1])
     _field(beam, "flux_integrated", float(params.beam.fluence), "1/m^2")
     K = float(params.beam.polarization)  # Kahn factor = degree of linear polarization along E
     _field(beam, "incident_polarization_stokes", _stokes(setup, geo.lab_to_nexus, K))
@@ -466,8 +490,10 @@ def write_nxmx(
         compression: h5py compression of the image (``"gzip"``), default none.
 
     Pixels outside ``setup.roi`` or masked by ``setup.mask`` get bit 8 (user mask) in ``pixel_mask``, a smaller
-    panel's padding bit 0 (gap).  Only the central beam direction and wavelength are written (NXmx has no place for
-    nanoBragg's source lists).
+    panel's padding bit 0 (gap).  Only the central beam direction is written (NXmx has no place for nanoBragg's
+    source lists); sources of several wavelengths are written as NXbeam's spectrum (``incident_wavelength`` [m]
+    with ``incident_wavelength_weights`` [m], summing to 1; :func:`nxmx_geometry`), which DIALS reads as its
+    weighted mean wavelength.
 
     Raises:
         ValueError: image shape differs from ``setup.image_shape``; geometry that NXmx cannot express
@@ -759,6 +785,24 @@ def _module_centre(m: NexusModule) -> np.ndarray:
                                 + m.image_size[1] * m.pixel_size_mm[1] * m.slow_axis)
 
 
+def _beam_wavelength(beam, name: str) -> tuple:
+    """(wavelength Å, spectrum or None) of an NXbeam: ``incident_wavelength`` alone is one wavelength per frame (the
+    first frame's is used); with ``incident_wavelength_weights`` ([m], or [frames, m]) the wavelengths [m] (or
+    [frames, m]) are a spectrum (the first frame's) and the wavelength its weighted mean."""
+    lam = np.asarray(_scaled(beam["incident_wavelength"], _MM_PER, name), dtype=np.float64) * ANGSTROM_PER_MM
+    if "incident_wavelength_weights" not in beam:
+        return float(np.atleast_1d(lam).reshape(-1)[0]), None
+    w = np.asarray(beam["incident_wavelength_weights"][()], dtype=np.float64)
+    lam, w = (np.atleast_1d(a[0] if a.ndim == 2 else a) for a in (lam, w))
+    if lam.ndim != 1 or lam.shape != w.shape:
+        raise ValueError(f"{name}: NXbeam incident_wavelength has shape {list(lam.shape)} but "
+                         f"incident_wavelength_weights {list(w.shape)}: expected one weight per wavelength")
+    if not (np.isfinite(lam).all() and (lam > 0).all() and np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise ValueError(f"{name}: NXbeam spectrum: wavelengths must be finite and > 0, weights finite, >= 0 and not "
+                         "all 0")
+    return math.fsum((lam * w).tolist()) / math.fsum(w.tolist()), (lam, w)
+
+
 def _read_geometry(entry, det, blocks, name: str) -> NexusGeometry:
     modules, tree = _read_modules(entry, blocks, name)
     m0 = modules[0]
@@ -767,7 +811,7 @@ def _read_geometry(entry, det, blocks, name: str) -> NexusGeometry:
     beams += [b for s in _nx_children(entry, "NXsample") for b in _nx_children(s, "NXbeam")]
     if not beams:
         raise ValueError(f"{name}: NXmx file has no NXbeam")
-    wl = float(np.atleast_1d(_scaled(beams[0]["incident_wavelength"], _MM_PER, name))[0]) * ANGSTROM_PER_MM
+    wl, spectrum = _beam_wavelength(beams[0], name)
     beam = np.array([0.0, 0.0, 1.0])
     if len(modules) == 1:
         a, b, t = _beam_hit(m0.origin_mm, m0.fast_axis, m0.slow_axis, beam)
@@ -783,7 +827,7 @@ def _read_geometry(entry, det, blocks, name: str) -> NexusGeometry:
         else 0.0
     R = np.asarray(entry["nbtorch/lab_to_nexus"][()], dtype=np.float64) if "nbtorch/lab_to_nexus" in entry else None
     return NexusGeometry(m0.fast_axis, m0.slow_axis, m0.origin_mm, m0.pixel_size_mm, m0.image_size, distance, centre,
-                         wl, beam, spindle, phi, osc, material, thick, sat, R, modules, tree)
+                         wl, beam, spindle, phi, osc, material, thick, sat, R, modules, tree, spectrum)
 
 
 def _read_frame(entry, det, rank: int, name: str) -> np.ndarray:
@@ -844,7 +888,8 @@ def read_nxmx(path: str | os.PathLike, overload: Optional[float] = None):
     The geometry (``ObservedImage.geometry``, a :class:`NexusGeometry`) follows the modules' ``depends_on`` chains as
     dxtbx does: the fast axis's own offset is ignored, the beam is along +z.  ``pixel_size_mm`` is the (first)
     module's fast pixel size, ``distance_mm``/``beam_center_mm`` where the beam meets the detector (mm; (fast, slow)
-    from the outer corner of pixel (0, 0); None for several modules), ``wavelength_A`` from NXbeam.  Masking: as
+    from the outer corner of pixel (0, 0); None for several modules), ``wavelength_A`` from NXbeam (a spectrum's
+    weighted mean; ``geometry.spectrum`` has its wavelengths and weights).  Masking: as
     :func:`~nbtorch.io.read_image`, plus pixels with any of the low 16 bits of ``pixel_mask`` set; the default
     overload is ``saturation_value``.
 
