@@ -29,10 +29,12 @@ from ..lattice import reciprocal_matrix
 from ..mosaic import DEFAULT_MOSAIC_SEED, mosaic_domains
 from ..rotation import xyz_angles
 from ..simulate import crystal_rotation
+from ..spectrum import with_spectrum
 from ..types import Params, Setup
 from ..units import deg2rad, rad2deg
 from .build import Inputs, sources_for
 from .parse import NanoBraggArgs, fmt_num, last_flag, parse_args
+from .spectrum import SPECTRUM_SETS, read_spectrum
 from .table import FLAGS, Flag, switch_states
 
 __all__ = ["to_nanobragg_args"]
@@ -253,7 +255,7 @@ def _check_expressible(ctx: _Context) -> None:
     if ctx.params.structure.F.numel() > 0 and "-hkl" not in ctx.base and "-pdb" not in ctx.base:
         raise ValueError("the model uses a structure-factor table: pass the flags it came from (with -hkl or -pdb) "
                          "as base")
-    if len(set(ctx.setup.normalised_source_weights)) > 1:
+    if len(set(ctx.setup.normalised_source_weights)) > 1 and "-spectrum" not in ctx.base:
         raise ValueError("the model's sources have unequal weights (a spectrum): nanoBragg's flags weigh every source "
                          "alike (its -sourcefile intensity column is ignored, Q11); write the spectrum as a .lam file "
                          "(nbtorch.spectrum.write_lam) and give nbtorch -spectrum FILE")
@@ -264,15 +266,36 @@ def _check_expressible(ctx: _Context) -> None:
     carried = NanoBraggArgs({f: v for f, v in ctx.base.items() if FLAGS[f].sets.startswith("setup.sources")})
     carried.order = [f for f in ctx.base.order if f in carried]
     try:
-        expected = sources_for(Inputs(carried, ctx.base_dir), ctx.setup.beam, ctx.setup.polar_axis,
-                               ctx.field("params.beam.wavelength"))
+        inp = Inputs(carried, ctx.base_dir)
+        expected = sources_for(inp, ctx.setup.beam, ctx.setup.polar_axis, ctx.field("params.beam.wavelength"))
+        weights = _base_spectrum(ctx, inp, expected)
     except OSError as exc:
-        raise ValueError(f"cannot read the base flags' -sourcefile: {exc}") from None
-    if expected != ctx.setup.sources:
+        raise ValueError(f"cannot read the base flags' -sourcefile or -spectrum: {exc}") from None
+    if weights is not None:
+        expected, weights = weights
+    if expected != ctx.setup.sources or (weights is not None and weights != ctx.setup.normalised_source_weights):
         what = "do not give" if carried else "(none given) cannot give"
         raise ValueError(f"the base flags' source flags {what} the set-up's {ctx.setup.n_sources} sources "
                          "(divergence, dispersion or -sourcefile; a -sourcefile λ is absolute, so a refined "
                          "-lambda changes them): pass the flags the model came from as base")
+
+
+def _base_spectrum(ctx: _Context, inp: Inputs, directions: tuple) -> Optional[tuple]:
+    """The base flags' ``-spectrum`` (rebinned by their ``-spectrum_bins``) given to the base's source
+    ``directions`` as the command line gives it: ``(sources, normalised weights)``, or None without one.
+    ValueError when the model's λ0 is not the spectrum's weighted mean (a refined wavelength)."""
+    if "-spectrum" not in ctx.base:
+        return None
+    spectrum = read_spectrum(inp, lambda i, flag, reader: reader(i.path(flag)))
+    base = ctx.setup.replace(sources=directions, source_weights=None)
+    params, setup = with_spectrum(ctx.params, base, spectrum.wavelengths, spectrum.weights)
+    lam0 = ctx.field("params.beam.wavelength")
+    if float(params.beam.wavelength) != lam0:
+        raise ValueError(f"the model's lambda0 {fmt_num(lam0)} Å is not the weighted mean "
+                         f"{fmt_num(float(params.beam.wavelength))} Å of the base flags' -spectrum "
+                         f"{ctx.base['-spectrum']} (a refined wavelength): write the model's spectrum with "
+                         "nbtorch.spectrum.write_lam and give that file")
+    return setup.sources, setup.normalised_source_weights
 
 
 def _check_panel_file(ctx: _Context) -> None:
@@ -300,7 +323,8 @@ def to_nanobragg_args(params: Params, setup: Setup, base: Union[None, str, Seque
     a model cannot express by itself and copied from there: ``-hkl`` (a structure-factor table, text or MTZ, with
     ``-mtz_column``/``-mtz_anomalous``) or ``-pdb`` (with ``-pdb_bfactor``; its table is recalculated to the
     resolution of the detector corners of the written geometry), ``-mask``, source
-    flags (``-divergence``…, ``-dispersion``…, ``-sourcefile``) and a non-default ``-mosaic_seed``.  Output-only and
+    flags (``-divergence``…, ``-dispersion``…, ``-sourcefile``, ``-spectrum`` with ``-spectrum_bins``: then λ0
+    must be the spectrum's weighted mean and ``-lambda`` is not written) and a non-default ``-mosaic_seed``.  Output-only and
     derived flags (``-N``, ``-energy``, ``-flux``, ``-xtalsize``…) are never written: their effect is.
     A model from ``-mat`` (``setup.nanobragg_cell`` False) is written as ``-mat matrix_path``, with the MOSFLM
     matrix written there unless ``write_matrix`` is False.  ``base_dir``: where relative files of ``base`` are.
@@ -316,7 +340,8 @@ by the last place of (ORGX − ½)·pixel, which not every float is).  ``ValueEr
     out: List[str] = []
     done = set()
     for flag in FLAGS.values():
-        if flag.write == "no" or (setup.panels is not None and flag.replaced):
+        if flag.write == "no" or (setup.panels is not None and flag.replaced) or \
+                (flag.name in SPECTRUM_SETS and "-spectrum" in opts):
             continue
         if flag.write == "carry":
             out += _carry(flag, ctx)

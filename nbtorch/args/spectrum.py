@@ -21,7 +21,7 @@ from ..types import Params, Setup
 from .parse import NanoBraggArgs, fmt_num
 from .table import FLAGS
 
-__all__ = ["SpectrumPart", "check_spectrum_flags", "read_spectrum", "apply_spectrum"]
+__all__ = ["SpectrumPart", "SPECTRUM_SETS", "check_spectrum_flags", "read_spectrum", "apply_spectrum"]
 
 #: Flags that give the beam's wavelengths another way (flag → why it conflicts with -spectrum).
 _NOT_WITH_SPECTRUM = {
@@ -32,6 +32,9 @@ _NOT_WITH_SPECTRUM = {
     "-sourcefile": "both give the beam's wavelengths (a -sourcefile's intensity column is ignored, Q11: a spectrum "
                    "is the way to weight sources)",
 }
+
+#: The flags whose value a -spectrum sets (not written back beside a carried -spectrum).
+SPECTRUM_SETS = ("-lambda",)
 
 
 class SpectrumPart(NamedTuple):

@@ -302,10 +302,10 @@ _TABLE = (
           "lines, Å); one source per channel (× each divergence direction), the image the weighted mean over the "
           "channels, lambda0 the weighted mean wavelength; not with -lambda/-energy, -dispersion/-dispsteps or "
           "-sourcefile", default_text="one wavelength (-lambda)",
-          sets="setup.sources, setup.source_weights, params.beam.wavelength", write="no"),
+          sets="setup.sources, setup.source_weights, params.beam.wavelength", write="carry"),
     _count("-spectrum_bins", "beam", "rebin the -spectrum to at most this many channels (equal-width wavelength "
            "bins; total weight and weighted mean wavelength kept); needs -spectrum", default_text="every channel",
-           within="[1, 1e6]", sets="setup.sources, setup.source_weights", write="no"),
+           within="[1, 1e6]", sets="setup.sources, setup.source_weights", write="carry"),
     _real("-polar", "beam", "Kahn polarization factor (0 = unpolarized)", default=0.0, within="[-1, 1]",
           field="params.beam.polarization"),
     _switch("-nopolar", "beam", "polarization factor = 1", field="setup.nopolar"),

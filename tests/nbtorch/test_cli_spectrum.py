@@ -116,6 +116,26 @@ def test_to_nanobragg_args_names_the_spectrum_flag():
     np.testing.assert_array_equal(nbtorch.simulate(p1, s1).numpy(), nbtorch.simulate(p2, s2).numpy())
 
 
+@pytest.mark.parametrize("extra", [
+    ["-spectrum_bins", "6", "-divergence", "0.4", "-divsteps", "2"],
+    ["-geom", str(GEOM), "-cell", "50", "50", "50", "90", "90", "90"],
+])
+def test_to_nanobragg_args_carries_the_base_spectrum(extra):
+    flags = [*(f for f in BASE if f not in ("-distance", "40", "-pixel", "0.5", "-detpixels", "24")), *extra,
+             "-spectrum", str(SASE)] if "-geom" in extra else [*BASE, *extra, "-spectrum", str(SASE)]
+    p, s = nbtorch.from_nanobragg_args(flags)
+    out = nbtorch.to_nanobragg_args(p, s, base=flags)
+    assert out[out.index("-spectrum") + 1] == str(SASE) and "-lambda" not in out
+    assert ("-spectrum_bins" in out) == ("-spectrum_bins" in flags)
+    p2, s2 = nbtorch.from_nanobragg_args(out)
+    assert s2 == s and float(p2.beam.wavelength) == float(p.beam.wavelength)
+    np.testing.assert_array_equal(nbtorch.simulate(p2, s2).numpy(), nbtorch.simulate(p, s).numpy())
+    # a refined wavelength (the spectrum stretched) is no longer the file's
+    moved = p._replace(beam=p.beam._replace(wavelength=p.beam.wavelength * 1.001))
+    with pytest.raises(ValueError, match="not the weighted mean .* refined wavelength.*write_lam"):
+        nbtorch.to_nanobragg_args(moved, s, base=flags)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # errors: one line, exit 2, nothing written
 
