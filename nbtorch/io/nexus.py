@@ -268,17 +268,22 @@ def _one_module(det, setup, R):
     return module, float(t), (float(a), float(b))
 
 
+def _shift(params) -> float:
+    """The beam's ``spectrum_shift`` (Å added to every source's wavelength), 0 where the Beam has none."""
+    return float(getattr(params.beam, "spectrum_shift", 0.0))
+
+
 def _source_spectrum(params, setup) -> Optional[tuple]:
-    """``(wavelengths [m] Å, weights [m])`` of the set-up's sources grouped by wavelength (weights summed over the
-    directions and scaled to sum 1; channels in the order they first appear), or None when every source has one
-    wavelength."""
+    """``(wavelengths [m] Å: λ0·factor + spectrum_shift, weights [m])`` of the set-up's sources grouped by
+    wavelength (weights summed over the directions and scaled to sum 1; channels in the order they first appear),
+    or None when every source has one wavelength."""
     totals: dict = {}
     for (_, factor), w in zip(setup.sources, setup.normalised_source_weights):
         totals[factor] = totals.get(factor, 0.0) + w
     if len(totals) < 2:
         return None
-    lam0, total = float(params.beam.wavelength), math.fsum(totals.values())
-    return (np.array([lam0 * f for f in totals], dtype=np.float64),
+    lam0, total, shift = float(params.beam.wavelength), math.fsum(totals.values()), _shift(params)
+    return (np.array([lam0 * f + shift for f in totals], dtype=np.float64),
             np.array([w / total for w in totals.values()], dtype=np.float64))
 
 
@@ -292,7 +297,8 @@ def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thicknes
     panel detector (``setup.panels``) gives one module per panel (``modules``; the top-level axes are the first
     panel's, ``distance_mm`` is ``Detector.distance``, ``beam_center_mm`` None) and its hierarchy (``panel_tree``).
     Sources of several wavelengths (a ``-spectrum``, ``-dispersion`` or a ``-sourcefile``'s) give ``spectrum``:
-    each wavelength λ0·factor with its sources' weights summed (``wavelength_A`` stays λ0).
+    each wavelength λ0·factor (+ ``beam.spectrum_shift``) with its sources' weights summed (``wavelength_A`` is
+    λ0 + shift).
 
     Raises:
         ValueError: a curved detector (``-curved_det``: NXmx describes flat modules), a beam parallel to the detector,
@@ -311,7 +317,8 @@ def nxmx_geometry(params, setup, *, sensor_material: str = "Si", sensor_thicknes
     return NexusGeometry(
         fast_axis=m0.fast_axis, slow_axis=m0.slow_axis, origin_mm=m0.origin_mm, pixel_size_mm=m0.pixel_size_mm,
         image_size=m0.image_size, distance_mm=distance, beam_center_mm=centre,
-        wavelength_A=float(params.beam.wavelength), beam=R @ _unit(setup.beam), spindle=R @ _unit(setup.spindle),
+        wavelength_A=float(params.beam.wavelength) + _shift(params), beam=R @ _unit(setup.beam),
+        spindle=R @ _unit(setup.spindle),
         phi_deg=float(setup.phi0), osc_deg=float(setup.phistep * setup.phisteps), sensor_material=str(sensor_material),
         sensor_thickness_mm=thick, saturation_value=None if saturation_value is None else float(saturation_value),
         lab_to_nexus=R, modules=modules, panel_tree=tree, spectrum=_source_spectrum(params, setup),
