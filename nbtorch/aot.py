@@ -88,7 +88,7 @@ def _example(spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> Tupl
     F = z(5, 6, 7) if spec.table else z(0, 0, 0)
     tp = TileParams(pix0=z(3, 11), fdet=z(3, 11), sdet=z(3, 11), odet=z(3, 11), close=z(11), distance=z(),
                     A=z(13, 3, 3), B0=z(3, 3),
-                    wavelength=z(), ncells=z(3), polarization=z(), F=F, default_F=z(), I_bg=z())
+                    wavelength=z(), ncells=z(3), polarization=z(), F=F, default_F=z(), I_bg=z(), lam_shift=z())
     tc = TileConsts(fast=z(11), slow=z(11), offsets=z(9, 2), layers=z(2, 11), incident=z(4, 3), lam_factor=z(4),
                     incident_all=z(8, 3), lam_factor_all=z(8), polar_axis=z(3), beam=z(3), pixel=z(), area=z(11),
                     capture_k=z(11),

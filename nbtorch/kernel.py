@@ -43,7 +43,8 @@ class TileParams(NamedTuple):
     curved detector (mm); A: [O,3,3] rows a, b, c (Å) of every
     orientation of this tile's chunk; B0: [3,3] unrotated reciprocal basis (Å⁻¹, gauss/tophat); wavelength: [] λ0
     (Å); ncells: [3]; polarization: [] Kahn factor; F: [nh,nk,nl] amplitude table; default_F: []; I_bg: [] background
-    added to every pixel's sum before the final scaling (nanoBragg's water term, spec Q10).
+    added to every pixel's sum before the final scaling (nanoBragg's water term, spec Q10); lam_shift: [] Å added to
+    every source's wavelength, λ_k = λ0·factor_k + lam_shift (a spectrum's shift; 0 for nanoBragg).
     """
 
     pix0: torch.Tensor
@@ -60,6 +61,7 @@ class TileParams(NamedTuple):
     F: torch.Tensor
     default_F: torch.Tensor
     I_bg: torch.Tensor
+    lam_shift: torch.Tensor
 
 
 class TileConsts(NamedTuple):
@@ -251,7 +253,7 @@ def _factor(d, R2, R, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch
     if not spec.dmin:
         return factor * polarization(tc.incident_all[0], [c[0, 0] for c in d], tc.polar_axis, tp.polarization)
     flat = [c.reshape(-1, c.shape[-1]) for c in d]
-    keep_all = _keep(flat, tc.incident_all, tp.wavelength * tc.lam_factor_all, tc.dmin)  # [TN, Ka, P]
+    keep_all = _keep(flat, tc.incident_all, source_wavelengths(tp, tc.lam_factor_all), tc.dmin)  # [TN, Ka, P]
     pol = polarization(tc.incident_all[:, None, :], [c[:, None, :] for c in flat], tc.polar_axis, tp.polarization)
     return factor * _first_kept(pol, keep_all)
 
@@ -273,7 +275,7 @@ def keep_mask(d: torch.Tensor, tp: TileParams, tc: TileConsts, spec: KernelSpec)
     """``-dmin`` mask [TN, K, P] of this chunk's sources (None when the cut is off)."""
     if not spec.dmin:
         return None
-    return _keep(list(d), tc.incident, tp.wavelength * tc.lam_factor, tc.dmin)
+    return _keep(list(d), tc.incident, source_wavelengths(tp, tc.lam_factor), tc.dmin)
 
 
 def pixel_geometry(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Geometry:
@@ -336,6 +338,11 @@ def sample_factors(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor,
     return lookup_nearest_hkl(h0, F, default_F, hkl_min), F_latt
 
 
+def source_wavelengths(tp: TileParams, lam_factor: torch.Tensor) -> torch.Tensor:
+    """λ_k = λ0·factor_k + lam_shift (Å) of the sources with wavelength factors ``lam_factor`` [K] → [K]."""
+    return tp.wavelength * lam_factor + tp.lam_shift
+
+
 def _source_weight(tc: TileConsts) -> torch.Tensor:
     """The sources' weights shaped for the sample tensors [TN, K, O, P] → [1, K, 1, 1]."""
     return tc.weight[None, :, None, None]
@@ -350,7 +357,7 @@ def sample_x(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: to
 
 def _samples(tp: TileParams, tc: TileConsts, spec: KernelSpec, geo: Geometry):
     """(x [TN,K,O,P] with ``-dmin`` rejects zeroed, Miller parts, 1/λ [K]) of a tile."""
-    invlam = 1.0 / (tp.wavelength * tc.lam_factor)
+    invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
     Ad, Ai = miller_parts(geo.d, tp.A, tc.incident)
     h = [miller(Ad, Ai, invlam, i) for i in range(3)]
     x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec) * _source_weight(tc)
@@ -424,13 +431,15 @@ class PixelMoments(NamedTuple):
 
     S = I_bg-free Σ x; M [O,3,3,P] = Σ_tn (U_i·d_j − V_ij) (∂S/∂a_oij); Q [4,3,P] = Σ_tn c_m·(Σ_oi a_oij U_i −
     d_j·Σ_oi U_i·(a_oi·d))/R (∂S/∂v_mj for the frame vectors v = pix0, fdet, sdet, odet with c = 1, F, S, L);
-    Y = Σ Y; N [3,P]; F = Σ F; factor [P] and its Jacobian J [n, P] over the scalars of :data:`FACTOR_FIELDS`.
+    Y = Σ Y·λ0·factor_k/λ_k and Ys = Σ Y·λ0/λ_k (∂S/∂λ0 = −Y/λ0, ∂S/∂lam_shift = −Ys/λ0; Y = Σ_i ∂x/∂h_i·h_i);
+    N [3,P]; F = Σ F; factor [P] and its Jacobian J [n, P] over the scalars of :data:`FACTOR_FIELDS`.
     """
 
     S: torch.Tensor
     M: torch.Tensor
     Q: torch.Tensor
     Y: torch.Tensor
+    Ys: torch.Tensor
     N: torch.Tensor
     F: torch.Tensor
     factor: torch.Tensor
@@ -481,7 +490,7 @@ def derivative_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Pixe
 
 
 def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, ...]:
-    """The sample part of :func:`derivative_moments`: (S, M, Q, Y, N, F) of :class:`PixelMoments`.
+    """The sample part of :func:`derivative_moments`: (S, M, Q, Y, Ys, N, F) of :class:`PixelMoments`.
 
     Per sample, with W_i = ∂x/∂h_i/λ_k (``-dmin`` rejects 0) and a = the orientation's rows: ∂x/∂a_oij = W_i·(d_j −
     i_kj); through the directions, ∂x/∂d_j = Σ_i W_i·a_oij and ∂d/∂pos = (1 − d dᵀ)/R, so a frame vector v_m (pix0,
@@ -494,7 +503,7 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
     d, R = directions(tp, tc, spec)
     keep = keep_mask(d, tp, tc, spec)
     keep = None if keep is None else keep[:, :, None, :]
-    invlam = 1.0 / (tp.wavelength * tc.lam_factor)
+    invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
     Ad, Ai = miller_parts(d, tp.A, tc.incident)
     h = [miller(Ad, Ai, invlam, i) for i in range(3)]
     x, parts = square_partials(h, tp.ncells, tp.default_F)
@@ -518,7 +527,9 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
 
     M = torch.stack([torch.stack([red(W[i] * (dj[j] - inc[j])) for j in range(3)]) for i in range(3)])  # [3,3,O,P]
     Q = torch.stack([torch.stack([red(c[m] * e[j]) for j in range(3)]) for m in range(4)]).sum(2)  # [4, 3, P]
-    return (total(x), M.permute(2, 0, 1, 3), Q, total(parts.h[0] * h[0] + parts.h[1] * h[1] + parts.h[2] * h[2]),
+    hh = parts.h[0] * h[0] + parts.h[1] * h[1] + parts.h[2] * h[2]
+    q = (tp.wavelength * invlam)[None, :, None, None]  # λ0/λ_k
+    return (total(x), M.permute(2, 0, 1, 3), Q, total(hh * (q * tc.lam_factor[None, :, None, None])), total(hh * q),
             torch.stack([total(n) for n in parts.N]), total(parts.default_F))
 
 
@@ -540,6 +551,8 @@ def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> 
         Sdot = Sdot + tangents.A.reshape(C, -1) @ pm.M.reshape(-1, P)
     if tangents.wavelength is not None:
         Sdot = Sdot - (tangents.wavelength / tp.wavelength)[:, None] * pm.Y
+    if tangents.lam_shift is not None:
+        Sdot = Sdot - (tangents.lam_shift / tp.wavelength)[:, None] * pm.Ys
     if tangents.ncells is not None:
         Sdot = Sdot + tangents.ncells @ pm.N
     if tangents.default_F is not None:
@@ -558,9 +571,9 @@ def vjp_from_moments(moments: Sequence[torch.Tensor], tp: TileParams, tc: TileCo
     The sample part is the transpose of :func:`jvp_from_moments`: each moment of :func:`sample_moments` (``moments``)
     contracted with gS over pixels; the factor part is one reverse pass through :func:`pixel_factor` (pixel-level
     work).  Leaves reached by neither (B0, distance, F) are absent."""
-    _, M, Q, Y, N, F = moments
-    grads = {"A": M @ gS, "wavelength": -(Y @ gS) / tp.wavelength, "ncells": N @ gS, "default_F": F @ gS,
-             "I_bg": gS.sum()}
+    _, M, Q, Y, Ys, N, F = moments
+    grads = {"A": M @ gS, "wavelength": -(Y @ gS) / tp.wavelength, "lam_shift": -(Ys @ gS) / tp.wavelength,
+             "ncells": N @ gS, "default_F": F @ gS, "I_bg": gS.sum()}
     frame = Q * gS  # [4, 3, P]: the frame leaves are per pixel
     with torch.enable_grad():
         leaves = {k: getattr(tp, k).detach().requires_grad_() for k in _FACTOR_VARYING}
@@ -609,12 +622,12 @@ def running_sum_tile(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[
     """
     flat, omega, capture, pol = _per_sample_factors(tp, tc, spec)
     TN, K, P = pol.shape
-    invlam = 1.0 / (tp.wavelength * tc.lam_factor)
+    invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
     Ad, Ai = miller_parts(torch.stack(flat), tp.A, tc.incident)
     h = [miller(Ad, Ai, invlam, i) for i in range(3)]
     F_cell, F_latt = sample_factors(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
     x = (F_cell * F_latt) ** 2 * _source_weight(tc)
-    keep = _keep(flat, tc.incident, tp.wavelength * tc.lam_factor, tc.dmin)[:, :, None, :] if spec.dmin else None
+    keep = _keep(flat, tc.incident, source_wavelengths(tp, tc.lam_factor), tc.dmin)[:, :, None, :] if spec.dmin else None
     c = torch.ones_like(x)
     if spec.running_thick:
         c = c * capture.reshape(TN, 1, 1, P)

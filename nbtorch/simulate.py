@@ -167,7 +167,7 @@ def _tile_params(params: Params, setup: Setup) -> TileParams:
     st = params.structure
     return TileParams(frame.pix0, frame.fdet, frame.sdet, frame.odet, frame.close, frame.distance, xtal.A, xtal.B0,
                       params.beam.wavelength, params.crystal.ncells, params.beam.polarization, st.F, st.default_F,
-                      water_intensity(params))
+                      water_intensity(params), params.beam.spectrum_shift)
 
 
 def _pixel_frames(tp: TileParams, panel: torch.Tensor) -> TileParams:

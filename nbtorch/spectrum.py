@@ -3,8 +3,10 @@
 An XFEL pulse has a spectrum of its own (tens to ~100 channels over ~0.5 %).  nbtorch renders it as one source per
 channel (and per beam direction when the set-up already has several), each with its wavelength factor λ_c/λ0 and
 its weight (``Setup.source_weights``): the image is the weighted mean over channels, Σ w_c·I(λ_c) / Σ w_c, so a
-spectrum of total weight 1 keeps the fluence's meaning.  λ0 (``Beam.wavelength``) is the spectrum's weighted mean,
-and scaling it stretches the whole spectrum (λ_c' = lam1·λ_c; the ``wavelength`` parameter of ``refine``).
+spectrum of total weight 1 keeps the fluence's meaning.  λ0 (``Beam.wavelength``) is the spectrum's weighted mean;
+scaling it stretches the whole spectrum (λ_c' = lam1·λ_c), and ``Beam.spectrum_shift`` shifts it (λ_c' = lam0 +
+λ_c): the two parameters of diffBragg's λ' = lam0 + lam1·λ, both differentiable (shift 0 and λ0 as read: the file's
+spectrum).
 
 Files: diffBragg's ``.lam`` (comma-separated, a header row, columns wavelength in Å and weight).
 :func:`rebin_spectrum` reduces many channels to fewer, conserving the total weight and each bin's weighted mean

@@ -51,11 +51,14 @@ class Beam(NamedTuple):
     wavelength:   []  central wavelength λ0 (Å); every source's wavelength scales with it.
     fluence:      []  integrated fluence (photons/m²).
     polarization: []  Kahn polarization factor K (0 = unpolarized, 1 = fully polarized along the E vector).
+    spectrum_shift: [] Å added to every source's wavelength: λ_k = λ0·factor_k + spectrum_shift (0 for nanoBragg's
+                  beams; with a spectrum, the shift lam0 of λ' = lam0 + lam1·λ, lam1 being λ0's scale).
     """
 
     wavelength: torch.Tensor
     fluence: torch.Tensor
     polarization: torch.Tensor
+    spectrum_shift: torch.Tensor
 
 
 class Detector(NamedTuple):

@@ -33,6 +33,7 @@ _SHAPES = {
     "beam.wavelength": (),
     "beam.fluence": (),
     "beam.polarization": (),
+    "beam.spectrum_shift": (),
     "detector.distance": (),
     "detector.beam_center": (2,),
     "detector.rotation": (3,),
@@ -129,6 +130,9 @@ def _check_values(params, leaves, setup) -> None:
         raise ValueError("params.crystal.orientation must be a proper rotation matrix (orthonormal, det +1)")
     if setup is not None:
         check_detector(params.detector, setup)
+        shortest = params.beam.wavelength * min(f for _, f in setup.sources) + params.beam.spectrum_shift
+        _positive("beam.spectrum_shift", shortest, f"> -λ0·(smallest source factor) (every source's wavelength "
+                  f"λ0·factor + shift > 0 Å; the shortest would be {plain(shortest)} Å)")
 
 
 def _positive(name, t, allowed):

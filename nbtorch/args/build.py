@@ -882,7 +882,7 @@ def build(opts: NanoBraggArgs, dtype=torch.float64, device=None, base_dir: str =
 
     params = Params(
         crystal=Crystal(T(xtal.cell), T(xtal.misset), T(xtal.U0), T(xtal.N), T(spread)),
-        beam=Beam(T(lam), T(_fluence(inp)), T(float(inp.get("-polar")))),
+        beam=Beam(T(lam), T(_fluence(inp)), T(float(inp.get("-polar"))), T(0.0)),
         detector=Detector(T(det.distance), T(det.beam_center), T(det.rotation), T(det.twotheta),
                           T(torch.zeros(0, 3)), T(torch.zeros(0, 3))),
         structure=Structure(T(np.zeros((0, 0, 0))), T(float(inp.get("-default_F")))),

@@ -255,6 +255,9 @@ def _check_expressible(ctx: _Context) -> None:
     if ctx.params.structure.F.numel() > 0 and "-hkl" not in ctx.base and "-pdb" not in ctx.base:
         raise ValueError("the model uses a structure-factor table: pass the flags it came from (with -hkl or -pdb) "
                          "as base")
+    if bool(ctx.params.beam.spectrum_shift != 0):
+        raise ValueError("the model's spectrum is shifted (beam.spectrum_shift ≠ 0): nanoBragg's flags have no "
+                         "wavelength shift; write the shifted wavelengths as a spectrum file instead")
     if len(set(ctx.setup.normalised_source_weights)) > 1 and "-spectrum" not in ctx.base:
         raise ValueError("the model's sources have unequal weights (a spectrum): nanoBragg's flags weigh every source "
                          "alike (its -sourcefile intensity column is ignored, Q11); write the spectrum as a .lam file "

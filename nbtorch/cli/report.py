@@ -83,7 +83,7 @@ def pixel_diagnostics(params: Params, setup: Setup, fast, slow) -> Dict[str, tor
     pos = kernel.sample_positions(tp, tc, spec, first_subpixel=True)  # 3 × [T, 1, P]
     d, R2, R = kernel.unit_directions(pos)
     d0 = [c[0, 0] for c in d]  # the first sample's direction, 3 × [P]
-    lam = tp.wavelength * tc.lam_factor
+    lam = kernel.source_wavelengths(tp, tc.lam_factor)
     stol = 0.5 * kernel.q_length(d0, tc.incident, lam)[0]
     Ad, Ai = kernel.miller_parts(torch.stack(d0)[:, None, :], tp.A, tc.incident)
     h = [kernel.miller(Ad, Ai, 1.0 / lam, i)[0, 0, 0] for i in range(3)]

@@ -388,7 +388,7 @@ def _model(layout: PanelLayout, beam, polar: Vec, crystal: Optional[CrystalModel
     xtal = Crystal(T([1.0, 1.0, 1.0, 90.0, 90.0, 90.0]), T(torch.zeros(3)), T(torch.eye(3)), T(torch.ones(3)),
                    T(0.0)) if crystal is None else _crystal_params(crystal, T)
     zeros = T(torch.zeros(0, 3))
-    params = Params(xtal, Beam(T(beam.wavelength), T(DEFAULT_FLUENCE), T(beam.kahn_factor)),
+    params = Params(xtal, Beam(T(beam.wavelength), T(DEFAULT_FLUENCE), T(beam.kahn_factor), T(0.0)),
                     Detector(T(0.0), T(torch.zeros(2)), T(torch.zeros(3)), T(0.0), zeros, zeros),
                     Structure(T(np.zeros((0, 0, 0))), T(0.0)), Background(T(0.0)))
     params, setup = with_panels(params, setup, layout)

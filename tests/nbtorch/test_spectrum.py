@@ -112,3 +112,40 @@ def test_bad_spectra_and_weights_are_refused(tmp_path):
     ps, ss = with_spectrum(params, setup, [1.0, 1.01], [1.0, 2.0])
     with pytest.raises(ValueError, match=r"unequal weights \(a spectrum\)"):
         nbtorch.to_nanobragg_args(ps, ss)
+
+
+def _shifted(params, s):
+    return params._replace(beam=params.beam._replace(spectrum_shift=torch.as_tensor(s, dtype=torch.float64)))
+
+
+def test_a_shift_moves_every_channel():
+    params, setup = _model()
+    lam, w = _sase(5, seed=4)
+    ps, ss = with_spectrum(params, setup, lam, w)
+    shifted = nbtorch.simulate(_shifted(ps, 0.002), ss, fused=False)
+    moved = nbtorch.simulate(*with_spectrum(params, setup, lam + 0.002, w), fused=False)
+    torch.testing.assert_close(shifted, moved, rtol=1e-10, atol=1e-12 * float(moved.max()))
+    with pytest.raises(ValueError, match=r"params\.beam\.spectrum_shift must be > -λ0"):
+        nbtorch.simulate(_shifted(ps, -1.5), ss)
+    with pytest.raises(ValueError, match=r"spectrum is shifted"):
+        nbtorch.to_nanobragg_args(_shifted(params, 0.001), setup)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_shift_and_stretch_derivatives_match_finite_differences(fused):
+    """lam0 (spectrum_shift) and lam1 (λ0's scale) of λ' = lam0 + lam1·λ, at a shift away from 0 (where the
+    moments' per-channel factors differ from 1), eager and compiled."""
+    params, setup = _model("-detpixels 12")
+    ps, ss = with_spectrum(params, setup, *_sase(6, seed=5))
+    ps = _shifted(ps, 0.003)
+
+    def total(v):
+        beam = ps.beam._replace(wavelength=v[0], spectrum_shift=v[1])
+        return nbtorch.simulate(ps._replace(beam=beam), ss, fused=fused).sum()
+
+    v = torch.stack([ps.beam.wavelength, ps.beam.spectrum_shift])
+    h = 1e-7
+    fd = torch.stack([(total(v + h * e) - total(v - h * e)) / (2 * h) for e in torch.eye(2, dtype=torch.float64)])
+    for got in (torch.func.jacfwd(total)(v), torch.func.grad(total)(v)):
+        torch.testing.assert_close(got, fd, rtol=1e-5, atol=1e-7 * float(fd.abs().max()))
+    assert float(fd.abs().min()) > 0

@@ -54,7 +54,7 @@ def test_base_is_valid():
     params, setup = base_params()
     img = nbtorch.simulate(params, setup)
     assert torch.isfinite(img).all() and float(img.max()) > 0
-    assert len(ALL_LEAVES) == 17
+    assert len(ALL_LEAVES) == 18
 
 
 # ---------------------------------------------------------------------------------------------------------------
