@@ -10,13 +10,12 @@ made.  A ``-geom``/``-expt`` file's wavelength is replaced by the spectrum's (wi
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from ..setup_checks import MAX_SOURCES
-from ..spectrum import read_lam, rebin_spectrum, with_spectrum
+from ..spectrum import read_lam, rebin_spectrum, spectrum_mean, with_spectrum
 from ..types import Params, Setup
 from .parse import NanoBraggArgs, fmt_num
 from .table import FLAGS
@@ -60,11 +59,6 @@ def check_spectrum_flags(opts: NanoBraggArgs) -> None:
                              f"out {flag}")
 
 
-def _weighted_mean(wavelengths: np.ndarray, weights: np.ndarray) -> float:
-    # as nbtorch.spectrum.with_spectrum sets lambda0
-    return math.fsum((wavelengths * weights).tolist()) / math.fsum(weights.tolist())
-
-
 def read_spectrum(inp, read: Callable) -> Optional[SpectrumPart]:
     """The spectrum of ``-spectrum`` (None without the flag), rebinned to at most ``-spectrum_bins`` channels; its
     weighted mean must be a -lambda the table allows.  ``inp``: the build's
@@ -81,7 +75,7 @@ def read_spectrum(inp, read: Callable) -> Optional[SpectrumPart]:
     if outside:
         raise ValueError(f"-spectrum {inp.opts['-spectrum']}: wavelength {fmt_num(outside[0])} Å is outside "
                          f"{rng.text} Å")
-    return SpectrumPart(lam, w, _weighted_mean(lam, w), n_file)
+    return SpectrumPart(lam, w, spectrum_mean(lam, w), n_file)
 
 
 def apply_spectrum(params: Params, setup: Setup, spectrum: SpectrumPart, name: str,

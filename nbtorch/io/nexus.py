@@ -47,6 +47,7 @@ from ..units import ANGSTROM_PER_MM, DEG_PER_RAD, MM_PER_CM, MM_PER_M, MM_PER_NM
 from ._atomic import atomic_write, check_finite
 from ._parse import display_name
 from .observed import observed_image
+from .spectra import spectrum_mean
 
 __all__ = [
     "NexusGeometry",
@@ -269,8 +270,8 @@ def _one_module(det, setup, R):
 
 
 def _shift(params) -> float:
-    """The beam's ``spectrum_shift`` (Å added to every source's wavelength), 0 where the Beam has none."""
-    return float(getattr(params.beam, "spectrum_shift", 0.0))
+    """The beam's ``spectrum_shift`` (Å added to every source's wavelength)."""
+    return float(params.beam.spectrum_shift)
 
 
 def _source_spectrum(params, setup) -> Optional[tuple]:
@@ -807,7 +808,7 @@ def _beam_wavelength(beam, name: str) -> tuple:
     if not (np.isfinite(lam).all() and (lam > 0).all() and np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
         raise ValueError(f"{name}: NXbeam spectrum: wavelengths must be finite and > 0, weights finite, >= 0 and not "
                          "all 0")
-    return math.fsum((lam * w).tolist()) / math.fsum(w.tolist()), (lam, w)
+    return spectrum_mean(lam, w), (lam, w)
 
 
 def _read_geometry(entry, det, blocks, name: str) -> NexusGeometry:
