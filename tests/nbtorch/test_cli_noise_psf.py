@@ -22,19 +22,12 @@ from nbtorch.io.smv import read_smv
 from nbtorch.noise import DetectorNoise, counts_to_uint16, detector_adu, noise_image_uint16
 from nbtorch.pixels import panel_extent_mask
 from nbtorch.psf import apply_psf, psf_kernel, psf_radius
+from tests.nbtorch.cli_run import run_cli
 
 GEOM = Path(__file__).resolve().parents[1] / "data" / "cli_panels" / "two_small.geom"  # two panels in a 14 x 10 slab
 BASE = ("-cell 60 60 60 90 90 90 -default_F 100 -N 4 -misset 10 20 30 -lambda 1 -distance 80 -detpixels 40 "
         "-oversample 1 -seed 9 -nopgm -noprogress").split()
 PANEL_XTAL = "-cell 50 50 50 90 90 90 -default_F 100 -N 3 -misset 10 20 30 -oversample 1 -seed 9".split()
-
-
-def _run(argv, capsys, name="run"):
-    """Run the CLI writing ``name``.bin/.img/_noise.img in the current folder → (rc, stdout, stderr)."""
-    rc = cli.main([*map(str, argv), "-floatfile", f"{name}.bin", "-intfile", f"{name}.img",
-                   "-noisefile", f"{name}_noise.img"])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _float(name, shape):
@@ -57,8 +50,8 @@ def _blur(image, kind, fwhm, pixel, radius=None, extent=None):
 def test_psf_float_image_is_apply_psf_of_the_unblurred_image(flags, kind, fwhm, radius, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.chdir(tmp_path)
-    assert _run(BASE, capsys, "plain")[0] == 0
-    rc, out, err = _run([*BASE, *flags], capsys, "psf")
+    assert run_cli(BASE, capsys, "plain")[0] == 0
+    rc, out, err = run_cli([*BASE, *flags], capsys, "psf")
     assert rc == 0, err
     r = psf_radius(kind, fwhm, 0.1) if radius is None else radius
     assert f"point-spread function: {kind}, FWHM {fwhm:g} um, radius {r} px" in out
@@ -76,8 +69,8 @@ def test_psf_float_image_is_apply_psf_of_the_unblurred_image(flags, kind, fwhm, 
 def test_without_psf_the_files_are_unchanged_and_photons_are_conserved_away_from_edges(tmp_path, monkeypatch,
                                                                                        capsys):
     monkeypatch.chdir(tmp_path)
-    assert _run(BASE, capsys, "a")[0] == 0
-    assert _run([*BASE, "-psf_radius", "3", "-psf", "gauss"], capsys, "b")[0] == 0
+    assert run_cli(BASE, capsys, "a")[0] == 0
+    assert run_cli([*BASE, "-psf_radius", "3", "-psf", "gauss"], capsys, "b")[0] == 0
     a, b = _float("a", (40, 40)), _float("b", (40, 40))
     lost = float(a.astype(np.float64).sum() - b.astype(np.float64).sum())
     edge = a.astype(np.float64).copy()
@@ -92,7 +85,7 @@ def test_without_psf_the_files_are_unchanged_and_photons_are_conserved_away_from
     assert blurred.sum() == pytest.approx(1000.0, rel=1e-6)
     assert blurred[16:25, 13:22].sum() == pytest.approx(1000.0, rel=1e-6)
     # nothing given: the same bytes as before (nanoBragg has no PSF)
-    assert _run(BASE, capsys, "c")[0] == 0
+    assert run_cli(BASE, capsys, "c")[0] == 0
     for ext in (".bin", ".img", "_noise.img"):
         assert Path("a" + ext).read_bytes() == Path("c" + ext).read_bytes()
 
@@ -101,8 +94,8 @@ def test_psf_with_roi_keeps_pixels_outside_it_zero(tmp_path, monkeypatch, capsys
     """Pixels outside the -roi are not rendered: they add no photons to the blur and stay 0 in every file."""
     monkeypatch.chdir(tmp_path)
     roi = ["-roi", "5", "30", "8", "25"]
-    assert _run([*BASE, *roi], capsys, "plain")[0] == 0
-    assert _run([*BASE, *roi, "-psf", "gauss", "-psf_fwhm", "200"], capsys, "psf")[0] == 0
+    assert run_cli([*BASE, *roi], capsys, "plain")[0] == 0
+    assert run_cli([*BASE, *roi, "-psf", "gauss", "-psf_fwhm", "200"], capsys, "psf")[0] == 0
     plain, blurred = _float("plain", (40, 40)), _float("psf", (40, 40))
     inside = np.zeros((40, 40), bool)
     inside[8:26, 5:31] = True
@@ -115,8 +108,8 @@ def test_psf_blurs_each_panel_of_a_geom_file_on_its_own(tmp_path, monkeypatch, c
     """-geom: the blur acts on [P, S, F] before the slab is written; photons never cross into the other panel."""
     monkeypatch.chdir(tmp_path)
     geometry = read_geom(GEOM)
-    assert _run(["-geom", GEOM, *PANEL_XTAL, "-nopgm", "-noprogress"], capsys, "plain")[0] == 0
-    rc, out, err = _run(["-geom", GEOM, *PANEL_XTAL, "-nopgm", "-noprogress", "-psf", "gauss", "-psf_fwhm", "800",
+    assert run_cli(["-geom", GEOM, *PANEL_XTAL, "-nopgm", "-noprogress"], capsys, "plain")[0] == 0
+    rc, out, err = run_cli(["-geom", GEOM, *PANEL_XTAL, "-nopgm", "-noprogress", "-psf", "gauss", "-psf_fwhm", "800",
                          "-psf_radius", "2"], capsys, "psf")
     assert rc == 0, err
     plain = slab_to_panels(_float("plain", (14, 10)), geometry)
@@ -153,7 +146,7 @@ def test_noise_flags_give_detector_adu_plus_the_adc_offset(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     flags = ["-gain", "2.5", "-readout_noise", "3", "-flicker", "0.05", "-calibration", "0.02", "-calib_seed", "4",
              "-adc", "100"]
-    rc, out, err = _run([*BASE, *flags], capsys, "n")
+    rc, out, err = run_cli([*BASE, *flags], capsys, "n")
     assert rc == 0, err
     assert "detector: gain 2.5 ADU/photon, read-out noise 3 ADU, flicker 0.05, calibration 0.02 (calib seed 4)" in out
     image = _float("n", (40, 40))
@@ -165,15 +158,15 @@ def test_noise_flags_give_detector_adu_plus_the_adc_offset(tmp_path, monkeypatch
     assert float(header["GAIN"]) == 2.5 and float(header["ADC_OFFSET"]) == 100.0
     assert f"{photons:.0f} photons on noise image" in out
     # the same seed: the same file; another calibration seed: another file
-    assert _run([*BASE, *flags], capsys, "m")[0] == 0
+    assert run_cli([*BASE, *flags], capsys, "m")[0] == 0
     assert Path("n_noise.img").read_bytes() == Path("m_noise.img").read_bytes()
-    assert _run([*BASE, *flags[:-4], "-calib_seed", "5", "-adc", "100"], capsys, "o")[0] == 0
+    assert run_cli([*BASE, *flags[:-4], "-calib_seed", "5", "-adc", "100"], capsys, "o")[0] == 0
     assert not np.array_equal(read_smv("o_noise.img")[0], pixels)
 
 
 def test_without_noise_flags_the_noise_image_is_nanobraggs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc, out, _ = _run([*BASE, "-gain", "1", "-calib_seed", "77"], capsys, "n")  # ideal values: nanoBragg's image
+    rc, out, _ = run_cli([*BASE, "-gain", "1", "-calib_seed", "77"], capsys, "n")  # ideal values: nanoBragg's image
     assert rc == 0 and "detector:" not in out
     pixels, header = read_smv("n_noise.img")
     np.testing.assert_array_equal(pixels, noise_image_uint16(_float("n", (40, 40)), 9, adc=40.0)[0])
@@ -206,7 +199,7 @@ def test_noise_flags_with_nonoise_are_noted(tmp_path, monkeypatch, capsys):
 ])
 def test_bad_response_values_name_the_flag_and_write_nothing(flags, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc, _, err = _run([*BASE, *flags], capsys)
+    rc, _, err = run_cli([*BASE, *flags], capsys)
     assert rc == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     for w in words:

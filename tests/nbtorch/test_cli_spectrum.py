@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import nbtorch
-from nbtorch import cli
 from nbtorch.io.images import read_image, read_raw_float
 from nbtorch.io.nexus import read_nxmx, write_nxmx
 from nbtorch.io.smv import read_smv
 from nbtorch.spectrum import read_lam, rebin_spectrum, with_spectrum, write_lam
+from tests.nbtorch.cli_run import run_cli
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SASE = DATA / "spectra" / "sase40.lam"  # 40 channels over 0.5 % around 1 Å, spiky weights
@@ -27,14 +27,6 @@ EXPT = DATA / "cli_panels" / "two_small.expt"
 BASE = ("-cell 60 60 60 90 90 90 -default_F 100 -N 10 -misset 10 20 30 -distance 40 -pixel 0.5 -detpixels 24 "
         "-oversample 1 -seed 9 -nopgm -noprogress").split()
 PANEL = "-cell 50 50 50 90 90 90 -default_F 100 -N 3 -misset 10 20 30 -oversample 1 -seed 9 -nopgm -noprogress".split()
-
-
-def _run(argv, capsys, name="run"):
-    """Run the CLI writing ``name``.bin/.img/_noise.img in the current folder → (rc, stdout, stderr)."""
-    rc = cli.main([*map(str, argv), "-floatfile", f"{name}.bin", "-intfile", f"{name}.img",
-                   "-noisefile", f"{name}_noise.img"])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _image(flags, lam=None, w=None):
@@ -52,7 +44,7 @@ def _image(flags, lam=None, w=None):
 def test_spectrum_image_equals_with_spectrum_of_the_same_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     div = ["-divergence", "0.4", "-divsteps", "2"]
-    rc, out, err = _run([*BASE, *div, "-spectrum", SASE], capsys)
+    rc, out, err = run_cli([*BASE, *div, "-spectrum", SASE], capsys)
     assert rc == 0, err
     lam, w = read_lam(SASE)
     mean = math.fsum(lam * w) / math.fsum(w)
@@ -83,10 +75,10 @@ def test_spectrum_bins_is_the_rebinned_spectrum():
 
 def test_one_channel_spectrum_is_the_monochromatic_image(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc, out, err = _run([*BASE, "-spectrum", ONE], capsys, "one")
+    rc, out, err = run_cli([*BASE, "-spectrum", ONE], capsys, "one")
     assert rc == 0, err
     assert "1 channel, weighted mean lambda 1 Å" in out
-    assert _run([*BASE, "-lambda", "1"], capsys, "mono")[0] == 0
+    assert run_cli([*BASE, "-lambda", "1"], capsys, "mono")[0] == 0
     assert Path("one.bin").read_bytes() == Path("mono.bin").read_bytes()
     assert read_raw_float("one.bin", (24, 24)).max() > 0
 
@@ -150,7 +142,7 @@ def test_to_nanobragg_args_carries_the_base_spectrum(extra):
 def test_conflicting_wavelength_flags_are_refused(extra, names, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("src.txt").write_text("0 0 -10 1 1e-10\n")
-    rc, out, err = _run([*BASE, "-spectrum", SASE, *extra], capsys)
+    rc, out, err = run_cli([*BASE, "-spectrum", SASE, *extra], capsys)
     assert rc == 2
     line = err.strip()
     assert "\n" not in line and all(n in line for n in names), err
@@ -159,9 +151,9 @@ def test_conflicting_wavelength_flags_are_refused(extra, names, tmp_path, monkey
 
 def test_spectrum_bins_needs_a_spectrum(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc, _, err = _run([*BASE, "-spectrum_bins", "5"], capsys)
+    rc, _, err = run_cli([*BASE, "-spectrum_bins", "5"], capsys)
     assert rc == 2 and "-spectrum_bins" in err and "-spectrum FILE" in err
-    rc, _, err = _run([*BASE, "-spectrum", SASE, "-spectrum_bins", "0"], capsys)
+    rc, _, err = run_cli([*BASE, "-spectrum", SASE, "-spectrum_bins", "0"], capsys)
     assert rc == 2 and "-spectrum_bins" in err
     assert os.listdir(".") == []
 
@@ -177,7 +169,7 @@ def test_spectrum_bins_needs_a_spectrum(tmp_path, monkeypatch, capsys):
 def test_bad_lam_files_name_the_file(text, what, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("bad.lam").write_text(text)
-    rc, out, err = _run([*BASE, "-spectrum", "bad.lam"], capsys)
+    rc, out, err = run_cli([*BASE, "-spectrum", "bad.lam"], capsys)
     assert rc == 2
     line = err.strip()
     assert "\n" not in line and "-spectrum bad.lam" in line and what in line, err
@@ -191,7 +183,7 @@ def test_bad_lam_files_name_the_file(text, what, tmp_path, monkeypatch, capsys):
 def test_nexusfile_stores_the_spectrum_and_read_image_returns_it(tmp_path, monkeypatch, capsys):
     pytest.importorskip("h5py")
     monkeypatch.chdir(tmp_path)
-    rc, out, err = _run([*BASE, "-spectrum", SASE, "-spectrum_bins", "7", "-divergence", "0.4", "-divsteps", "2",
+    rc, out, err = run_cli([*BASE, "-spectrum", SASE, "-spectrum_bins", "7", "-divergence", "0.4", "-divsteps", "2",
                          "-nexusfile", "run.h5"], capsys)
     assert rc == 0, err
     lam, w = rebin_spectrum(*read_lam(SASE), 7)
