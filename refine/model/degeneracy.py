@@ -11,6 +11,10 @@
   (across it) do; when their rotations span the beam (with shifts across it) they turn the whole detector about the
   beam as a crystal or detector rotation about the beam does; a free group whose free sub-groups hold all its panels
   shifts with them.
+* A beam of one wavelength (every source's wavelength factor alike: no spectrum, no dispersion): a spectrum's shift
+  ``spectrum.lam0`` moves that wavelength as ``wavelength`` or the stretch ``spectrum.lam1`` does.  (``wavelength``
+  and ``spectrum.lam1`` scale the same λ0 and are never free together: :func:`refine.model.parameters.parameterise`
+  refuses them.)
 """
 from __future__ import annotations
 
@@ -112,6 +116,16 @@ def _descends(layout, node: int, ancestor: int) -> bool:
     return False
 
 
+def _wavelength_pairs(par: Parameterisation) -> List[Degeneracy]:
+    """A spectrum's shift against the scale of a beam of one wavelength (module docstring)."""
+    free = [n for n in ("wavelength", "spectrum.lam1") if par.index(n)]
+    one = len({float(factor) for _, factor in par.setup.sources}) == 1
+    if not (one and free and par.index("spectrum.lam0")):
+        return []
+    return [Degeneracy(("spectrum.lam0", free[0]), "a beam of one wavelength: both move it",
+                       f"fix spectrum.lam0 or {free[0]} (or give the beam a spectrum: -spectrum FILE.lam)")]
+
+
 def degenerate_pairs(par: Parameterisation) -> List[Degeneracy]:
     """The degenerate combinations among ``par``'s free scalars (see the module docstring); empty when none."""
     st, out = par.setup, []
@@ -125,4 +139,4 @@ def degenerate_pairs(par: Parameterisation) -> List[Degeneracy]:
         if tilts:
             out.append(Degeneracy(("twotheta",) + tilts, "with the beam pivot both turn the detector about the "
                                   "two-theta axis", f"fix twotheta or {', '.join(tilts)}"))
-    return out + _panel_pairs(par)
+    return out + _panel_pairs(par) + _wavelength_pairs(par)

@@ -24,6 +24,8 @@ from nbtorch.units import mrad2rad, rad2mrad
 from .cells import CELL_ROWS, CRYSTAL_SYSTEMS, resolve_crystal_system, symmetrize_cell
 from .table import (DEFAULT_FREE, GROUPS, NODE_GROUP, NODE_LEVELS, NODE_PREFIX, REQUIRES, SCALARS,  # noqa: F401
                     SUBGROUPS, ScalarSpec, catalogue, is_node_name, node_selection)
+from .psf import PointSpread
+from .table import OWN_LEAVES, PSF_GROUP
 
 #: Log scalars stay within e^±LOG_RANGE of their reference by default.
 LOG_RANGE = 10.0
@@ -92,6 +94,7 @@ class Parameterisation:
     background_ref: torch.Tensor
     ncells_iso: bool
     crystal_system_note: str = ""
+    psf: Optional[PointSpread] = None  # the detector's point-spread function (None: no blur); psf_fwhm(x) its FWHM
 
     names = property(lambda self: [s.name for s in self.scalars], doc="Names of the free scalars, in x order.")
     n = property(lambda self: len(self.scalars), doc="Length of x.")
@@ -192,7 +195,7 @@ class Parameterisation:
             p = set_leaf(p, "crystal.orientation", rot_xyz(ang) @ self.R0)
             p = set_leaf(p, "crystal.misset", torch.zeros_like(self.ref.crystal.misset))
         for leaf, items in self._leaves.items():
-            if leaf != "plane":
+            if leaf not in OWN_LEAVES:
                 p = set_leaf(p, leaf, self._leaf(x, items, get_leaf(self.ref, leaf)))
         return p
 
@@ -203,11 +206,23 @@ class Parameterisation:
             return self.background_ref.expand(*x.shape[:-1], 3)
         return self._leaf(x, items, self.background_ref)
 
-    def _pack_one(self, s: Scalar, params: Params, plane, R) -> torch.Tensor:
+    def psf_fwhm(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The point-spread function's FWHM (µm) [...] at ``x`` (None without a PSF; differentiable)."""
+        if self.psf is None:
+            return None
+        ref = torch.tensor(self.psf.fwhm_um, dtype=self.dtype, device=self.device)
+        items = self._leaves.get(PSF_GROUP)
+        return self._leaf(x, items, ref) if items else ref.expand(x.shape[:-1])
+
+    def _pack_one(self, s: Scalar, params: Params, plane, R, psf_fwhm=None) -> torch.Tensor:
         sp = s.spec
         if sp.transform == "rotation":
             return R[sp.index]
-        if sp.leaf == "plane":
+        if sp.leaf == PSF_GROUP:
+            cur = torch.as_tensor(self.psf.fwhm_um if psf_fwhm is None else psf_fwhm, dtype=self.dtype,
+                                  device=self.device)
+            ref = torch.tensor(self.psf.fwhm_um, dtype=self.dtype, device=self.device)
+        elif sp.leaf == "plane":
             cur, ref = torch.as_tensor(plane, dtype=self.dtype, device=self.device), self.background_ref
         else:
             cur = get_leaf(params, sp.leaf)
@@ -219,9 +234,9 @@ class Parameterisation:
         v = torch.log(cur / ref) if sp.transform == "log" else cur - ref
         return (v.mean(-1) if v.dim() else v) / sp.scale
 
-    def pack(self, params: Params, plane: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:class:`Params` (and optional plane coefficients [3], photons/pixel) → increments x [n] about the reference
-        (pure).  Inverse of :meth:`unpack` for models of the parameterised family (fixed parts equal to the
+    def pack(self, params: Params, plane: Optional[torch.Tensor] = None, psf_fwhm=None) -> torch.Tensor:
+        """:class:`Params` (and optional plane coefficients [3], photons/pixel, and PSF FWHM, µm) → increments x [n]
+        about the reference (pure).  Inverse of :meth:`unpack` for models of the parameterised family (fixed parts equal to the
         reference)."""
         if not self.scalars:
             return self.zeros()
@@ -229,7 +244,7 @@ class Parameterisation:
         R = None
         if any(s.spec.transform == "rotation" for s in self.scalars):
             R = rad2mrad(xyz_angles(total_rotation(params) @ self.R0.transpose(-1, -2)))
-        out = [self._pack_one(s, params, plane, R) for s in self.scalars]
+        out = [self._pack_one(s, params, plane, R, psf_fwhm) for s in self.scalars]
         return torch.stack([torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in out])
 
     def describe(self) -> str:
@@ -299,12 +314,31 @@ def _check_names(wanted: Sequence[str], system: str, ncells_iso: bool, layout=No
             raise ValueError(f"unknown parameter {w!r}; scalars: {', '.join(sorted(known))}")
 
 
-def _make_scalar(spec: ScalarSpec, params: Params, setup: Setup, cell_base, plane_ref) -> Scalar:
+def _check_shared_leaves(specs: Sequence[ScalarSpec]) -> None:
+    """ValueError (one line) when two free scalars would move the same leaf component (``wavelength`` and
+    ``spectrum.lam1`` both scale λ0, ``beam.wavelength``)."""
+    seen: Dict[str, List[ScalarSpec]] = {}
+    for sp in specs:
+        if sp.transform not in ("linear", "log"):
+            continue
+        for other in seen.get(sp.leaf, ()):
+            if None in (sp.index, other.index) or sp.index == other.index:
+                raise ValueError(f"{other.name} and {sp.name} both move {sp.leaf}: free one of them, not both")
+        seen.setdefault(sp.leaf, []).append(sp)
+
+
+def _make_scalar(spec: ScalarSpec, params: Params, setup: Setup, cell_base, plane_ref,
+                 psf: Optional[PointSpread] = None) -> Scalar:
     """A :class:`Scalar` about the reference, with the entry's typical error and default bounds in x."""
     if spec.transform == "rotation" or spec.relative:
         ref = 0.0 if spec.transform == "rotation" else 1.0
     elif spec.transform == "cell":
         ref = float(cell_base[spec.index])
+    elif spec.leaf == PSF_GROUP:
+        if psf is None:
+            raise ValueError("psf can only be refined with a point-spread function (refine: psf='gauss' or 'fiber' "
+                             "with psf_fwhm µm; nbtorch flags -psf gauss|fiber -psf_fwhm µm)")
+        ref = psf.fwhm_um
     else:
         leaf = plane_ref if spec.leaf == "plane" else get_leaf(params, spec.leaf)
         ref = float(leaf.reshape(-1)[spec.index or 0])
@@ -346,7 +380,8 @@ def _constrain(par: Parameterisation, bounds, priors) -> Parameterisation:
 def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FREE, *, crystal_system: str = "auto",
                  ncells_mode: str = "auto", background: Optional[Sequence[float]] = None,
                  bounds: Optional[Mapping[str, Tuple[Optional[float], Optional[float]]]] = None,
-                 priors: Optional[Mapping[str, Tuple[float, float]]] = None) -> Parameterisation:
+                 priors: Optional[Mapping[str, Tuple[float, float]]] = None,
+                 psf: Optional[PointSpread] = None) -> Parameterisation:
     """Build a :class:`Parameterisation` about the reference ``params`` (Å, mm, degrees) and ``setup``.
 
     Args:
@@ -364,10 +399,13 @@ def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FRE
         bounds: {scalar, group or sub-group: (lower, upper)} in reported units (None = unbounded side); by default
             ``ncells`` ≥ 1 (nanoBragg's smallest crystal) and log scalars stay within e^±10 of the reference.
         priors: {scalar, group or sub-group: (mean, sigma)} Gaussian restraints in reported units.
+        psf: the detector's point-spread function (:func:`refine.model.psf.point_spread`; None: no blur), whose FWHM
+            the ``psf`` group frees.
 
     Raises:
         ValueError: unknown names, a group this model cannot refine (``mosaic`` with one mosaic domain,
-            ``background.water`` with water_size = 0), bad bounds or priors.
+            ``background.water`` with water_size = 0), two scalars that move one leaf (``wavelength`` with
+            ``spectrum.lam1``), bad bounds or priors.
     """
     if ncells_mode not in NCELLS_MODES:
         raise ValueError(f"ncells_mode must be one of {', '.join(NCELLS_MODES)}; got {ncells_mode!r}")
@@ -380,6 +418,7 @@ def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FRE
     _check_names(wanted, system, ncells_iso, setup.panels)
     has_water = float(params.background.water_size) > 0
     specs = [sp for sp in catalogue(setup.panels) if _selected(sp, wanted, system, ncells_iso, has_water)]
+    _check_shared_leaves(specs)
     for test, why in (REQUIRES[sp.name] for sp in specs if sp.name in REQUIRES):
         if not test(params, setup):
             raise ValueError(why)
@@ -389,9 +428,9 @@ def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FRE
         [float(v) for v in background], dtype=dt, device=dev)
     if plane_ref.shape != (3,):
         raise ValueError(f"background must be 3 numbers (c0, c_fast, c_slow) in photons/pixel; got {list(background)}")
-    scalars = tuple(_make_scalar(sp, params, setup, cell_base, plane_ref) for sp in specs)
+    scalars = tuple(_make_scalar(sp, params, setup, cell_base, plane_ref, psf) for sp in specs)
     par = Parameterisation(params, setup, scalars, system, cell_base, total_rotation(params), plane_ref, ncells_iso,
-                           note if cell_free else "")
+                           note if cell_free else "", psf)
     return _constrain(par, bounds, priors)
 
 

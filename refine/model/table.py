@@ -97,6 +97,12 @@ SCALARS: Tuple[ScalarSpec, ...] = tuple([
     *_axes(NODE_GROUP, "detector.group_rotation", "linear", DEG_PER_MRAD, "deg", "mrad", 2.0, flag=GEOM_FLAG,
            names=NODE_AXES[3:]),
     ScalarSpec("wavelength", "wavelength", "beam.wavelength", None, "log", 1.0, "Å", "ln", 1e-3),
+    # a spectrum's λ' = lam0 + lam1·λ (diffBragg's; nbtorch.spectrum): lam0 the shift (Å), lam1 λ0's scale; both
+    # carried out of a fit by a spectrum file (-spectrum).  lam1 and wavelength move one leaf: never free together
+    ScalarSpec("spectrum.lam0", "spectrum", "beam.spectrum_shift", None, "linear", 1.0, "Å", "Å", 1e-3,
+               flag="-spectrum"),
+    ScalarSpec("spectrum.lam1", "spectrum", "beam.wavelength", None, "log", 1.0, "", "ln", 1e-3, relative=True,
+               flag="-spectrum"),
     ScalarSpec("ncells", "ncells", "crystal.ncells", None, "log", 1.0, "cells", "ln", 0.1, lower=1.0),
     *_axes("ncells", "crystal.ncells", "log", 1.0, "cells", "ln", 0.1, names="abc", lower=1.0),
     ScalarSpec("mosaic", "mosaic", "crystal.mosaic_spread", None, "log", 1.0, "deg", "ln", 0.1),
@@ -106,6 +112,8 @@ SCALARS: Tuple[ScalarSpec, ...] = tuple([
     ScalarSpec("background.slow", "background", "plane", 2, "linear", 1.0, "photons", "photons", 1.0),
     # nanoBragg's water intensity goes as water_size³: x = ln of the intensity scale, so the size scales by e^(x/3)
     ScalarSpec("background.water", "background", "background.water_size", None, "log", 1.0 / 3.0, "µm", "ln", 0.1),
+    # the detector's point-spread function: its FWHM (refine's own, like the plane: refine.model.psf)
+    ScalarSpec("psf", "psf", "psf", None, "log", 1.0, "µm", "ln", 0.1, flag="-psf_fwhm"),
 ])
 SPECS: Dict[str, ScalarSpec] = {s.name: s for s in SCALARS}
 #: One node's six scalars (templates: :func:`node_specs` names and indexes them per node).
@@ -140,6 +148,7 @@ GROUP_SPECS: Tuple[GroupSpec, ...] = (
     GroupSpec("twotheta", moves_spots=True, coarse=True, report=(("twotheta_deg", 1),)),
     GroupSpec(NODE_GROUP, moves_spots=True, coarse=True),  # reported per node: refine.pipeline.report
     GroupSpec("wavelength", report=(("wavelength_A", 1),)),
+    GroupSpec("spectrum", report=(("spectrum_lam0_A", 1), ("spectrum_lam1", 1), ("spectrum_mean_A", 1))),
     GroupSpec("ncells", report=(("ncells", 3),)),
     GroupSpec("mosaic", report=(("mosaic_deg", 1),), requires=(
         ("mosaic", lambda p, s: s.n_domains >= 2 and float(p.crystal.mosaic_spread) > 0,
@@ -149,7 +158,12 @@ GROUP_SPECS: Tuple[GroupSpec, ...] = (
     GroupSpec("background", coarse=True, report=(("background", 3), ("water_size_um", 1)), requires=(
         ("background.water", lambda p, s: float(p.background.water_size) > 0,
          "background.water needs a starting water_size > 0 (-water SIZE_um)"),)),
+    GroupSpec("psf"),  # reported as the scalar psf (µm) of Result.values/esd
 )
+#: The group of the point-spread function's FWHM; refine's own leaves (not part of Params): the background plane
+#: and the PSF FWHM (refine.model.parameters keeps their reference values).
+PSF_GROUP = "psf"
+OWN_LEAVES = ("plane", PSF_GROUP)
 #: Groups in report order (each the prefix of its scalars' names).
 GROUPS = tuple(g.name for g in GROUP_SPECS)
 assert GROUPS == tuple(dict.fromkeys(s.group for s in SCALARS)), "every group has a GroupSpec, in scalar order"

@@ -9,6 +9,7 @@ function (delta method).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -32,17 +33,28 @@ def refined_nodes(par: Parameterisation) -> Tuple[int, ...]:
     return tuple(sorted({s.spec.index // 3 for s in par.scalars if s.group == NODE_GROUP}))
 
 
+def mean_factor(setup) -> float:
+    """The weighted mean wavelength factor of ``setup``'s sources (1 for a spectrum made by
+    :func:`nbtorch.spectrum.with_spectrum`): their mean wavelength is λ0·this + ``spectrum_shift`` (Å)."""
+    factors = [float(f) for _, f in setup.sources]
+    return math.fsum(w * f for w, f in zip(setup.normalised_source_weights, factors)) / len(factors)
+
+
 def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
     """Every reported quantity at increments ``x`` [n] as one flat vector (order of :data:`REPORT_FIELDS`, then per
     refined panel group (:func:`refined_nodes`) its shift (mm, 3) and rotation (degrees, 3)); differentiable.
-    ``scale`` is the fluence relative to the parameterisation's reference (the starting model)."""
+    ``scale`` is the fluence relative to the parameterisation's reference (the starting model); so is
+    ``spectrum_lam1``, λ0 relative to it (``spectrum_lam0_A``: the spectrum's shift, Å; ``spectrum_mean_A``: the
+    weighted mean wavelength of the sources, Å, which a still determines far better than lam0 or lam1 alone)."""
     p = par.unpack(x)
     st = par.setup
     misset = rad2deg(xyz_angles(total_rotation(p)))
     bc = p.detector.beam_center
     parts = [
         p.crystal.cell, misset, p.detector.distance, bc, beam_center_to_pixels(bc, st.convention, st.pixel_size),
-        p.detector.rotation, p.detector.twotheta, p.beam.wavelength, p.crystal.ncells, p.crystal.mosaic_spread,
+        p.detector.rotation, p.detector.twotheta, p.beam.wavelength,
+        p.beam.spectrum_shift, p.beam.wavelength / par.ref.beam.wavelength,
+        p.beam.wavelength * mean_factor(st) + p.beam.spectrum_shift, p.crystal.ncells, p.crystal.mosaic_spread,
         p.beam.fluence, p.beam.fluence / par.ref.beam.fluence, par.plane(x), p.background.water_size,
     ]
     nodes = list(refined_nodes(par))

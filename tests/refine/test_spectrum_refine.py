@@ -1,0 +1,147 @@
+"""The refinable ``spectrum`` group (diffBragg's λ' = lam0 + lam1·λ of a beam's spectrum, issue 22 item 1): names,
+units, flags and the JSON keys; the refusal of ``wavelength`` with ``spectrum.lam1``; the degeneracy of a shift on a
+beam of one wavelength; lam0/lam1 recovered from a noisy 20-channel SASE-like still; and spectra given per shot on
+the lines of an image LIST."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import nbtorch
+import refine
+from nbtorch.io.images import write_raw_float
+from nbtorch.spectrum import with_spectrum, write_lam
+from refine.imagelist import load_entries, parse_image_list
+from refine.model.degeneracy import degenerate_pairs
+from refine.model.parameters import parameterise
+from refine.model.table import REPORT_FIELDS, SPECS
+
+from .refine_cases import with_beam
+
+#: A 48×48 still of 0.2 mm pixels at 60 mm, λ ≈ 1 Å: peaks ~35000 photons.
+STILL = ("-default_F 100 -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -lambda 1 -distance 60 -pixel 0.2 "
+         "-detpixels 48 -oversample 1 -fluence 1e30")
+#: The true spectrum's shift (Å) and stretch about the file's.
+TRUE_LAM0, TRUE_LAM1 = 0.002, 0.999
+
+
+def _sase(n: int, seed: int = 0):
+    """A SASE-like spectrum: spikes under a Gaussian envelope, 0.5 % wide around 1 Å."""
+    rng = np.random.default_rng(seed)
+    lam = np.linspace(0.9975, 1.0025, n)
+    return lam, np.exp(-0.5 * ((lam - 1.0) / 0.001) ** 2) * rng.exponential(1.0, n)
+
+
+def _spectral_model(flags: str = STILL, n: int = 20, seed: int = 0):
+    params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64)
+    return with_spectrum(params, setup, *_sase(n, seed))
+
+
+def test_names_units_flags_and_report_keys():
+    lam0, lam1 = SPECS["spectrum.lam0"], SPECS["spectrum.lam1"]
+    assert (lam0.group, lam0.leaf, lam0.transform, lam0.unit) == ("spectrum", "beam.spectrum_shift", "linear", "Å")
+    assert (lam1.group, lam1.leaf, lam1.transform, lam1.unit, lam1.relative) == (
+        "spectrum", "beam.wavelength", "log", "", True)
+    assert lam0.flags == lam1.flags == ("-spectrum",)
+    fields = dict(REPORT_FIELDS)
+    assert fields["spectrum_lam0_A"] == fields["spectrum_lam1"] == fields["spectrum_mean_A"] == 1
+    params, setup = _spectral_model(n=5)
+    par = parameterise(params, setup, "spectrum")
+    assert par.names == ["spectrum.lam0", "spectrum.lam1"]
+    assert [s.ref for s in par.scalars] == [0.0, 1.0]  # diffBragg's start (0, 1)
+    x = torch.tensor([0.003, math.log(0.998)], dtype=torch.float64)
+    q = par.unpack(x)
+    assert float(q.beam.spectrum_shift) == pytest.approx(0.003)
+    assert float(q.beam.wavelength) == pytest.approx(0.998 * float(params.beam.wavelength), rel=1e-14)
+    torch.testing.assert_close(par.pack(q), x, rtol=0, atol=1e-14)
+    assert [float(v) for v in par.values(x)] == pytest.approx([0.003, 0.998], rel=1e-14)
+
+
+def test_wavelength_and_lam1_are_never_free_together():
+    params, setup = _spectral_model(n=5)
+    for free in (["wavelength", "spectrum"], ["spectrum.lam1", "wavelength"]):
+        with pytest.raises(ValueError, match=r"^wavelength and spectrum.lam1 both move beam.wavelength: free one"):
+            parameterise(params, setup, free)
+    assert parameterise(params, setup, ["wavelength", "spectrum.lam0"]).names == ["wavelength", "spectrum.lam0"]
+
+
+def test_a_shift_of_one_wavelength_is_a_degeneracy():
+    mono, setup = nbtorch.from_nanobragg_args(STILL, dtype=torch.float64)
+    for other in ("wavelength", "spectrum.lam1"):
+        (d,) = degenerate_pairs(parameterise(mono, setup, ["spectrum.lam0", other]))
+        assert d.names == ("spectrum.lam0", other) and "one wavelength" in d.why
+        with pytest.raises(ValueError, match="spectrum.lam0 and .* cannot be told apart"):
+            refine.fit(nbtorch.simulate(mono, setup, fused=False), mono, setup, ["spectrum.lam0", other], max_iter=1,
+                       allow_degenerate=False)
+    assert not degenerate_pairs(parameterise(*_spectral_model(n=5), ["spectrum"]))
+    assert not degenerate_pairs(parameterise(mono, setup, ["spectrum.lam0"]))
+
+
+@pytest.fixture(scope="module")
+def sase_fit():
+    """A noisy 20-channel still whose true spectrum is the file's shifted by TRUE_LAM0 and stretched by TRUE_LAM1,
+    refined (spectrum and scale) from lam0 = 0, lam1 = 1 and a fluence 20 % high."""
+    params, setup = _spectral_model()
+    true = with_beam(params, wavelength=params.beam.wavelength * TRUE_LAM1,
+                     spectrum_shift=torch.tensor(TRUE_LAM0, dtype=torch.float64))
+    observed = torch.poisson(nbtorch.simulate(true, setup, fused=False), generator=torch.Generator().manual_seed(1))
+    start = with_beam(params, fluence=params.beam.fluence * 1.2)
+    return params, refine.fit(observed, start, setup, ["spectrum", "scale"], fused=False)
+
+
+def test_lam0_and_lam1_recovered_within_two_esds(sase_fit):
+    params, r = sase_fit
+    assert r.converged, r.message
+    for name, truth in (("spectrum.lam0", TRUE_LAM0), ("spectrum.lam1", TRUE_LAM1)):
+        assert r.esd[name] > 0 and abs(r.values[name] - truth) < 2 * r.esd[name], (name, r.values, r.esd)
+    assert abs(r.values["scale"] - 1 / 1.2) < 2 * r.esd["scale"]
+    # a 0.5 % band hardly tells a shift from a stretch; their sum, the mean wavelength, is sharp
+    assert float(r.correlation[0, 1]) < -0.99
+    mean, esd = r.parameters["spectrum_mean_A"], r.parameter_esd["spectrum_mean_A"]
+    true_mean = TRUE_LAM0 + TRUE_LAM1 * float(params.beam.wavelength)
+    assert 0 < esd < 1e-4 and abs(mean - true_mean) < 2 * esd
+    assert mean == pytest.approx(r.values["spectrum.lam0"] + r.values["spectrum.lam1"] * float(params.beam.wavelength),
+                                 rel=1e-13)
+
+
+def test_values_esds_and_json_keys(sase_fit):
+    params, r = sase_fit
+    d = json.loads(r.to_json())
+    assert d["units"]["spectrum.lam0"] == "Å" and d["units"]["spectrum.lam1"] == ""
+    assert d["flags"]["spectrum.lam0"] == d["flags"]["spectrum.lam1"] == "-spectrum"
+    assert d["parameters"]["spectrum_lam0_A"] == pytest.approx(r.values["spectrum.lam0"], rel=1e-12)
+    assert d["parameters"]["spectrum_lam1"] == pytest.approx(r.values["spectrum.lam1"], rel=1e-12)
+    assert d["esd"]["spectrum_lam0_A"] == pytest.approx(r.esd["spectrum.lam0"], rel=1e-6)
+    assert d["esd"]["spectrum_lam1"] == pytest.approx(r.esd["spectrum.lam1"], rel=1e-6)
+    assert d["parameters"]["wavelength_A"] == pytest.approx(r.values["spectrum.lam1"] * float(params.beam.wavelength),
+                                                            rel=1e-12)
+    assert "spectrum.lam0" in r.summary() and "spectrum.lam1" in r.summary()
+
+
+def test_each_line_of_an_image_list_carries_its_own_spectrum(tmp_path):
+    """``-spectrum FILE.lam`` on a LIST line (read from the LIST's folder) gives that image's model its channels."""
+    (tmp_path / "spectra").mkdir()
+    small = STILL.replace("-detpixels 48", "-detpixels 16").replace(" -lambda 1", "")
+    lines = []
+    for k, n in enumerate((3, 5)):
+        lam, w = _sase(n, seed=k)
+        write_lam(tmp_path / "spectra" / f"shot{k}.lam", lam, w)
+        p, s = nbtorch.from_nanobragg_args(f"{small} -lambda 1", dtype=torch.float64)
+        write_raw_float(str(tmp_path / f"shot{k}.bin"),
+                        nbtorch.simulate(*with_spectrum(p, s, lam, w), fused=False).numpy().astype(np.float32))
+        lines.append(f"shot{k}.bin -spectrum spectra/shot{k}.lam")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    entries = parse_image_list(str(tmp_path / "list.txt"), small.split())
+    observed, params, setups = load_entries(entries)
+    for k, n in enumerate((3, 5)):
+        lam, w = _sase(n, seed=k)
+        assert setups[k].n_sources == n
+        assert [f for _, f in setups[k].sources] == pytest.approx(list(lam / float(params[k].beam.wavelength)))
+        assert float(params[k].beam.wavelength) == pytest.approx(float((lam * w).sum() / w.sum()), rel=1e-14)
+        model = nbtorch.simulate(params[k], setups[k], fused=False)
+        torch.testing.assert_close(torch.as_tensor(np.asarray(observed[k].data), dtype=torch.float64), model,
+                                   rtol=1e-6, atol=1e-6 * float(model.max()))
