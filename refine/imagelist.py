@@ -3,7 +3,8 @@
 One line per image, ``PATH <nanoBragg flags of its starting model>`` (blank lines and ``#`` comments skipped, tokens
 split as a shell would, quotes allowed); a relative ``PATH`` and the files the flags name (``-hkl``, ``-mat``, …) are
 read from the LIST's folder.  Flags given on the command line come first on every line (the line's own win), so what
-all images share is written once.  Every error is one line naming the LIST file and the line number.
+all images share is written once; a line's ``-spectrum FILE.lam`` gives that shot its own spectrum (leave ``-lambda``
+out of the shared flags).  Every error is one line naming the LIST file and the line number.
 """
 from __future__ import annotations
 
