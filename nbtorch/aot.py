@@ -130,31 +130,47 @@ def build(path: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, d
 # loading
 
 
-def load(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, device: torch.device,
-         build_missing: bool = True) -> Optional[Callable[[TileParams, TileConsts], Tuple[torch.Tensor, ...]]]:
-    """The compiled kernel ``kind`` of ``spec`` for inputs of ``dtype`` on ``device`` as ``f(tp, tc) -> tuple``
-    (what the function of :data:`KERNELS` returns: (S [P], factor [P]) for "forward", the sample moments for
-    "moments"), from the package cache under ``root`` (:mod:`nbtorch.cachedir`: loaded only from the user's own
-    directory and when its SHA-256 matches the record; built first — or rebuilt, with a warning, when it fails a
-    check or does not load — when ``build_missing``, else None).  Loaded once per process.  Raises
-    :class:`~nbtorch.cachedir.UntrustedCacheError` when the cache is not the user's own."""
-    key = (kind, spec, dtype, device.type, device.index)
-    fn = _loaded.get(key)
-    if fn is not None:
-        return fn
-    path = cachedir.cache_subdir("aot", root) / package_path(root, kind, spec, dtype, device).name
-    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda"
-                                                           else -1)
-    runner = cachedir.load_or_build(path, lambda tmp: build(tmp, kind, spec, dtype, device),
-                                    lambda p: torch._C._aoti.AOTIModelPackageLoader(str(p), "model", False, 1, index),
-                                    build_missing=build_missing)
-    if runner is None:
-        return None
+def _device_index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" else -1
 
+
+def _package_loader(device: torch.device) -> Callable[[pathlib.Path], object]:
+    index = _device_index(device)
+    return lambda p: torch._C._aoti.AOTIModelPackageLoader(str(p), "model", False, 1, index)
+
+
+def _kernel_of(runner) -> Callable[[TileParams, TileConsts], Tuple[torch.Tensor, ...]]:
     def fn(tp: TileParams, tc: TileConsts):
         # the compiled code assumes the contiguous layout of the example inputs (the orientation stack, for one,
         # often arrives as a strided view)
         return tuple(runner.run([t.contiguous() for t in (*tp, *tc)]))
 
-    _loaded[key] = fn
+    return fn
+
+
+def load(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, device: torch.device,
+         build_missing: bool = True) -> Optional[Callable[[TileParams, TileConsts], Tuple[torch.Tensor, ...]]]:
+    """The compiled kernel ``kind`` of ``spec`` for inputs of ``dtype`` on ``device`` as ``f(tp, tc) -> tuple``
+    (what the function of :data:`KERNELS` returns: (S [P], factor [P]) for "forward", the sample moments for
+    "moments"): from a shared read-only cache when one is set and holds it (:func:`nbtorch.cachedir.shared_subdir`),
+    else from the package cache under ``root`` (:mod:`nbtorch.cachedir`: loaded only from the user's own directory
+    and when its SHA-256 matches the record; built first — or rebuilt, with a warning, when it fails a check or does
+    not load — when ``build_missing``, else None).  Loaded once per process.  Raises
+    :class:`~nbtorch.cachedir.UntrustedCacheError` when the cache is not the user's own."""
+    key = (kind, spec, dtype, device.type, device.index)
+    fn = _loaded.get(key)
+    if fn is not None:
+        return fn
+    name = package_path(root, kind, spec, dtype, device).name
+    shared = cachedir.shared_subdir("aot")
+    runner = None if shared is None else cachedir.load_shared(shared / name, _package_loader(device))
+    if runner is None:
+        path = cachedir.cache_subdir("aot", root) / name
+        runner = cachedir.load_or_build(path, lambda tmp: build(tmp, kind, spec, dtype, device),
+                                        _package_loader(device), build_missing=build_missing)
+    if runner is None:
+        return None
+    _loaded[key] = fn = _kernel_of(runner)
     return fn

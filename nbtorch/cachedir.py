@@ -34,9 +34,11 @@ import tempfile
 import warnings
 from typing import Callable, Optional, TypeVar
 
-__all__ = ["CACHE_ENV", "UntrustedCacheError", "builder_lock", "cache_root", "cache_subdir", "file_problem",
-           "load_or_build", "scratch_dir", "sha256_of"]
+__all__ = ["CACHE_ENV", "SHARED_ENV", "UntrustedCacheError", "builder_lock", "cache_root", "cache_subdir",
+           "file_problem", "load_or_build", "load_shared", "scratch_dir", "sha256_of", "shared_subdir"]
 
+#: Environment variable: a shared, read-only cache of compiled kernels, looked at before the user's own.
+SHARED_ENV = "NBTORCH_SHARED_CACHE"
 #: Environment variable: the root of nbtorch's on-disk cache.
 CACHE_ENV = "NBTORCH_CACHE_DIR"
 #: Suffix of a compiled file's hash record.
@@ -74,15 +76,16 @@ def _describe(path, st: os.stat_result) -> str:
     return f"{path} (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
 
 
-def _stat_problem(path, st: os.stat_result, want_dir: bool) -> Optional[str]:
-    """Why the entry ``path`` with ``lstat`` result ``st`` is not the user's own, or None."""
+def _stat_problem(path, st: os.stat_result, want_dir: bool, shared: bool = False) -> Optional[str]:
+    """Why the entry ``path`` with ``lstat`` result ``st`` is not the user's own (with ``shared``: the user's or
+    root's), or None."""
     if stat.S_ISLNK(st.st_mode):
         return f"{path} is a symbolic link"
     if want_dir and not stat.S_ISDIR(st.st_mode):
         return f"{path} is not a directory"
     if not want_dir and not stat.S_ISREG(st.st_mode):
         return f"{path} is not a regular file"
-    if st.st_uid != os.geteuid():
+    if st.st_uid != os.geteuid() and not (shared and st.st_uid == 0):
         return f"{_describe(path, st)} is owned by another user (this process runs as uid {os.geteuid()})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"{_describe(path, st)} is writable by group or others"
@@ -104,13 +107,14 @@ def _make_private(path: pathlib.Path) -> None:
         os.chmod(p, 0o700)
 
 
-def _trusted_root(root: pathlib.Path) -> pathlib.Path:
-    """The real path of ``root`` once it is checked to be the user's own; raises UntrustedCacheError."""
+def _trusted_root(root: pathlib.Path, shared: bool = False) -> pathlib.Path:
+    """The real path of ``root`` once it is checked to be the user's own (``shared``: or root's); raises
+    UntrustedCacheError."""
     st = os.lstat(root)
     if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.geteuid(), 0):
         raise UntrustedCacheError(f"{_describe(root, st)} is a symbolic link owned by another user")
     real = pathlib.Path(os.path.realpath(root))
-    problem = _stat_problem(real, os.lstat(real), want_dir=True)
+    problem = _stat_problem(real, os.lstat(real), want_dir=True, shared=shared)
     if problem:
         raise UntrustedCacheError(problem)
     return real
@@ -137,6 +141,41 @@ def cache_subdir(kind: str, root: Optional[pathlib.Path] = None) -> pathlib.Path
     return real
 
 
+def shared_subdir(kind: str) -> Optional[pathlib.Path]:
+    """The real path of ``<shared cache>/<kind>`` when :data:`SHARED_ENV` names a shared, read-only cache (one that
+    ``python -m nbtorch.precompile`` filled, e.g. in a container image or on a cluster's file system) and it is
+    there: the directory and its ``kind`` sub-directory must belong to the user or to root and not be writable by
+    group or others (else one warning, and None).  Never created or written."""
+    root = os.environ.get(SHARED_ENV)
+    if not root or not os.path.isdir(os.path.join(root, kind)):
+        return None
+    try:
+        real = _trusted_root(pathlib.Path(root), shared=True) / kind
+        problem = _stat_problem(real, os.lstat(real), want_dir=True, shared=True)
+        if problem:
+            raise UntrustedCacheError(problem)
+    except UntrustedCacheError as err:
+        _warn_once(str(err), f"nbtorch: the shared kernel cache {root} is not used: {err}")
+        return None
+    return real
+
+
+def load_shared(path: pathlib.Path, load: Callable[[pathlib.Path], T]) -> Optional[T]:
+    """``load(path)`` for a compiled file in a directory :func:`shared_subdir` returned, when it passes
+    :func:`file_problem` (the user's or root's, its hash matching its record) and loads; None otherwise (one warning
+    when the file is there but not usable).  Nothing is built or written."""
+    if not os.path.lexists(path):
+        return None
+    problem = file_problem(path, shared=True)
+    if problem is None:
+        try:
+            return load(path)
+        except Exception as err:  # noqa: BLE001 - an unusable shared file is skipped, not fatal
+            problem = f"loading it failed ({type(err).__name__}: {str(err)[:200]})"
+    _warn_once(f"shared {path}", f"nbtorch: shared cached compiled code {path} is not used ({problem})")
+    return None
+
+
 def scratch_dir() -> pathlib.Path:
     """A private temporary directory (mode 0700) for this process, deleted when it exits."""
     if not _scratch:
@@ -158,15 +197,16 @@ def _record(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + HASH_SUFFIX)
 
 
-def file_problem(path: pathlib.Path) -> Optional[str]:
-    """Why the compiled file ``path`` (in a directory :func:`cache_subdir` returned) must not be loaded — missing,
-    not the user's own regular file, no readable hash record, or a hash that does not match it — or None."""
+def file_problem(path: pathlib.Path, shared: bool = False) -> Optional[str]:
+    """Why the compiled file ``path`` (in a directory :func:`cache_subdir` or :func:`shared_subdir` returned) must
+    not be loaded — missing, not the user's own regular file (``shared``: nor root's), no readable hash record, or a
+    hash that does not match it — or None."""
     try:
-        problem = _stat_problem(path, os.lstat(path), want_dir=False)
+        problem = _stat_problem(path, os.lstat(path), want_dir=False, shared=shared)
         if problem:
             return problem
         rec = _record(path)
-        if _stat_problem(rec, os.lstat(rec), want_dir=False):
+        if _stat_problem(rec, os.lstat(rec), want_dir=False, shared=shared):
             return f"its hash record {rec} is not the user's own regular file"
         fields = rec.read_text(encoding="ascii", errors="replace").split()
         if not fields or fields[0] != sha256_of(path):

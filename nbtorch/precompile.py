@@ -4,7 +4,9 @@
 whose kernel is missing starts in the background, :func:`nbtorch.builder.start_background_build`; on failure it leaves
 a mark that stops later jobs from starting the same build for a day).  ``python -m nbtorch.precompile [--dtype
 float32,float64] [--specs common|all] [--device cpu]`` (also ``nbtorch --precompile``) builds a set of kernels in
-the foreground, so that no job on the machine (or in a container image made from it) pays for the compiler.
+the foreground, so that no job on the machine (or in a container image made from it) pays for the compiler; a cache
+filled this way and made readable to all can serve everyone as a shared, read-only cache
+(``NBTORCH_SHARED_CACHE``, :func:`nbtorch.cachedir.shared_subdir`).
 
 The sets: ``common`` — the forward tile of every crystal shape with and without an F table, and the derivative
 moments of the default spec (what ``nbtorch`` and ``nbtorch-refine`` use on nanoBragg's defaults); ``all`` — those

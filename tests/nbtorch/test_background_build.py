@@ -33,6 +33,7 @@ def empty_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(simmod, "FUSED_MIN_SAMPLES", 1)
     monkeypatch.setattr(builder, "_started", {})
     monkeypatch.setattr(fused, "_broken", {})
+    monkeypatch.setattr(aot, "_loaded", {})  # nothing loaded by earlier tests of this process
     started = []
     monkeypatch.setattr(builder.subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)))
     return started
