@@ -236,8 +236,8 @@ class Parameterisation:
 
     def pack(self, params: Params, plane: Optional[torch.Tensor] = None, psf_fwhm=None) -> torch.Tensor:
         """:class:`Params` (and optional plane coefficients [3], photons/pixel, and PSF FWHM, µm) → increments x [n]
-        about the reference (pure).  Inverse of :meth:`unpack` for models of the parameterised family (fixed parts equal to the
-        reference)."""
+        about the reference (pure).  Inverse of :meth:`unpack` for models of the parameterised family (fixed parts
+        equal to the reference)."""
         if not self.scalars:
             return self.zeros()
         plane = self.background_ref if plane is None else plane

@@ -2,6 +2,9 @@
 
 ``make_predict(par, setup, pixels)(x)`` → photons [n] at increments x (differentiable, torch.func-safe), rendered with
 :func:`nbtorch.simulate.simulate_pixels`: memory and work scale with the pixels asked for, not with the detector.
+With a point-spread function (``par.psf``) the pixels and a margin of the kernel radius are rendered and blurred
+(:class:`~refine.model.psf.PixelBlur`); the background plane is added after the blur (a plane blurred by a kernel of
+sum 1 is the plane, but for the photons lost off a panel's edge).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 from nbtorch.simulate import rendered_pixels, simulate_pixels
 from nbtorch.types import Setup
 from .parameters import Parameterisation
+from .psf import PixelBlur
 
 
 def image_axes(setup: Setup) -> str:
@@ -57,22 +61,28 @@ class Predict:
     """Model photons at fixed pixels as a function of the increments: ``model(x)`` → [n].
 
     Attributes: ``par``, ``setup`` (the set-up rendered; a stage may broaden the spots), ``index`` (long [n], flat
-    slow-major pixel indices), ``basis`` ([3, n] plane basis, or None when the model has no plane), ``fused``
-    (passed to :func:`~nbtorch.simulate.simulate_pixels`).
+    slow-major pixel indices), ``basis`` ([3, n] plane basis, or None when the model has no plane), ``blur``
+    (:class:`~refine.model.psf.PixelBlur` of ``par.psf``, or None), ``fused`` (passed to
+    :func:`~nbtorch.simulate.simulate_pixels`).
     """
 
     def __init__(self, par: Parameterisation, setup: Setup, index: np.ndarray, fused: Optional[bool] = None):
         self.par, self.setup, self.fused = par, setup, fused
         self.index = torch.as_tensor(index, dtype=torch.long, device=par.device)
         self.basis = plane_basis(setup, par.dtype, par.device, self.index) if par.has_plane() else None
+        self.blur = None if par.psf is None else PixelBlur(par.psf, setup, index, par.device)
 
     n = property(lambda self: int(self.index.shape[0]), doc="Number of pixels predicted.")
 
     def bragg(self, x: torch.Tensor, check: bool = False, par: Optional[Parameterisation] = None) -> torch.Tensor:
-        """What ``simulate`` gives at the pixels (photons [n]); ``check`` validates the parameter values; ``par``:
-        another parameterisation of the same scalars (an image of a batch), default ``self.par``."""
+        """What ``simulate`` gives at the pixels (photons [n]), blurred by the point-spread function when there is
+        one; ``check`` validates the parameter values; ``par``: another parameterisation of the same scalars (an
+        image of a batch), default ``self.par``."""
         par = self.par if par is None else par
-        return simulate_pixels(par.unpack(x), self.setup, self.index, check=check, fused=self.fused)
+        if self.blur is None:
+            return simulate_pixels(par.unpack(x), self.setup, self.index, check=check, fused=self.fused)
+        source = simulate_pixels(par.unpack(x), self.setup, self.blur.source, check=check, fused=self.fused)
+        return self.blur(source, par.psf_fwhm(x))
 
     def background(self, x: torch.Tensor, par: Optional[Parameterisation] = None) -> torch.Tensor:
         """The background plane at the pixels (photons [n]; zeros when the model has none)."""

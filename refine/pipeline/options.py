@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from nbtorch.io.crystfel import Geometry
+from nbtorch.psf import PSF_KINDS
 
 from ..model.cells import CRYSTAL_SYSTEMS
 from ..minimise import MINIMISERS, SCHEDULES
@@ -58,6 +59,9 @@ class FitOptions:
     or a per-pixel map of the image's shape; None: the gain the observed image was read with, else 1),
     ``weights`` (lsq image), ``mask`` (bool image, True = use), ``overload``, ``spots_only``, ``spot_dilate``
     (pixels), ``background_fraction``.
+    The detector's point-spread function: ``psf`` ('gauss', 'fiber' or None: no blur), ``psf_fwhm`` (its starting
+    FWHM, µm; the ``psf`` group refines it), ``psf_radius`` (kernel radius in pixels, fixed during the fit; None:
+    :func:`refine.model.psf.point_spread`'s default) — nbtorch's ``-psf``/``-psf_fwhm``/``-psf_radius``.
     How: ``method``, ``max_iter`` (final stage; None: 30 LM, 100 L-BFGS, 300 Adam), ``coarse_to_fine`` ('auto':
     the default stages, or only the final stage when resuming from a Result; True; False; or a sequence of
     :class:`~refine.pipeline.stages.Stage`), ``coarse_iter``, ``robust_iter``, ``max_shift`` (pixels),
@@ -104,6 +108,9 @@ class FitOptions:
     nanobragg_args: Optional[Union[str, Sequence[str]]] = None
     matrix_path: Optional[str] = None
     geometry: Any = None
+    psf: Optional[str] = None
+    psf_fwhm: Optional[float] = None
+    psf_radius: Optional[int] = None
 
     def __post_init__(self):
         def put(name, value):
@@ -139,6 +146,7 @@ class FitOptions:
         _at_least("chunk_pixels", self.chunk_pixels, 1, integer=True)
         _at_least("read_noise", self.read_noise, 0)
         self._validate_detector()
+        self._validate_psf()
         for name in ("ftol", "lr", "damping"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a number > 0; got {getattr(self, name)!r}")
@@ -174,6 +182,20 @@ class FitOptions:
         elif self.gain.ndim < 2:
             raise ValueError(f"gain must be a number > 0 (ADU per photon) or a per-pixel map of the image's shape; "
                              f"got shape {list(self.gain.shape)}")
+
+    def _validate_psf(self) -> None:
+        """``psf`` (None or a profile), ``psf_fwhm`` (> 0 µm, needed with a profile), ``psf_radius`` (>= 0 pixels);
+        ``psf_fwhm``/``psf_radius`` only with ``psf``."""
+        check_choice("psf", self.psf, (None,) + PSF_KINDS)
+        if self.psf is None:
+            given = [n for n in ("psf_fwhm", "psf_radius") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{given[0]} needs psf='gauss' or 'fiber' (the point-spread function it describes)")
+            return
+        _at_least("psf_fwhm", self.psf_fwhm, 0)
+        if not self.psf_fwhm > 0:
+            raise ValueError(f"psf_fwhm must be a number of µm > 0 with psf={self.psf!r}; got {self.psf_fwhm!r}")
+        _at_least("psf_radius", self.psf_radius, 0, integer=True, optional=True)
 
     @property
     def final_max_iter(self) -> int:

@@ -26,6 +26,7 @@ from nbtorch.validate import check_params
 from ..model.degeneracy import Degeneracy, degenerate_pairs
 from ..model.layout import Layout, align_shared, make_layout
 from ..model.parameters import Parameterisation, parameterise, total_rotation
+from ..model.psf import point_spread
 from ..targets import Gaussian, Objective, Target, make_target, observed_array, usable_mask
 from ..targets.detector import check_gain, read_noise_photons
 from .options import FitOptions
@@ -197,7 +198,8 @@ def _image(observed, params: Params, setup: Setup, options: FitOptions, crystal_
                          "wrong file, or an ADC offset (adc) larger than the counts)")
     o = options
     par = parameterise(params, setup, o.free, crystal_system=crystal_system, ncells_mode=o.ncells_mode,
-                       background=o.background, bounds=o.bounds, priors=o.priors)
+                       background=o.background, bounds=o.bounds, priors=o.priors,
+                       psf=point_spread(o.psf, o.psf_fwhm, setup, o.psf_radius))
     observed_t = torch.as_tensor(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0), dtype=par.dtype,
                                  device=par.device)
     return observed_t, usable, par, target
@@ -287,7 +289,7 @@ def start_point(par: Parameterisation, start=None) -> torch.Tensor:
         if start.setup != par.setup:
             raise ValueError("start: the Result was fitted with a different Setup than this fit's")
         plane = torch.as_tensor(start.parameters["background"], dtype=par.dtype, device=par.device)
-        x = par.pack(start.params, plane)
+        x = par.pack(start.params, plane, getattr(start, "values", {}).get("psf"))  # a refined PSF FWHM (µm)
         bad = _differing(par.unpack(x), start.params)
         if bad:
             raise ValueError(f"start: the Result's model differs from the starting model in {', '.join(bad)}, which "

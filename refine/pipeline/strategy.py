@@ -65,7 +65,7 @@ def _stage_pars(pb: Problem, stage: Stage) -> Tuple[Parameterisation, ...]:
         sp, ss = apply_stage(par.ref, par.setup, stage)
         out.append(par if (sp is par.ref and ss is par.setup) else parameterise(
             sp, ss, o.free, crystal_system=par.crystal_system, ncells_mode=o.ncells_mode, background=o.background,
-            bounds=o.bounds, priors=o.priors))
+            bounds=o.bounds, priors=o.priors, psf=par.psf))
     return pb.pars if all(a is b for a, b in zip(out, pb.pars)) else tuple(out)
 
 

@@ -146,13 +146,13 @@ class ImageGroup:
 
 
 def _group_key(par: Parameterisation, index: np.ndarray):
-    """Images with equal keys are simulated in one vmapped batch: same set-up, pixels, free scalars and structure
-    factors (which are not batched)."""
+    """Images with equal keys are simulated in one vmapped batch: same set-up, pixels, free scalars, structure
+    factors and point-spread function (which are not batched)."""
     st = par.ref.structure
     table = hashlib.blake2b(st.F.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
     return (par.setup, tuple(par.names), hashlib.blake2b(index.tobytes(), digest_size=16).hexdigest(),
             par.crystal_system, par.ncells_iso, tuple(par.cell_rows), tuple(st.F.shape), table,
-            float(st.default_F))
+            float(st.default_F), par.psf)
 
 
 class Objective:
