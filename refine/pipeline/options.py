@@ -32,6 +32,15 @@ METHODS = tuple(MINIMISERS)
 DEFAULT_MAX_ITER = {name: m.default_max_iter for name, m in MINIMISERS.items()}
 
 
+def psf_options(outputs) -> dict:
+    """The :class:`FitOptions` (``psf``, ``psf_fwhm``, ``psf_radius``) of nbtorch's ``-psf``/``-psf_fwhm``/
+    ``-psf_radius`` flags, from :func:`nbtorch.args.build`'s ``Extras.outputs`` (its radius resolved): {} without
+    ``-psf``.  ``refine.fit(..., **psf_options(extras.outputs))`` fits the blurred model the flags describe."""
+    if getattr(outputs, "psf", None) is None:
+        return {}
+    return dict(psf=str(outputs.psf), psf_fwhm=float(outputs.psf_fwhm), psf_radius=outputs.psf_radius)
+
+
 def check_choice(name: str, value, allowed) -> None:
     """ValueError naming ``name`` and the ``allowed`` values unless ``value`` is one of them."""
     if value not in allowed:

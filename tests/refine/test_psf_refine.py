@@ -11,6 +11,7 @@ import torch
 import nbtorch
 import refine
 import refine.model.psf as psfmod
+from nbtorch.args import build, parse_args
 from nbtorch.detector import with_panels
 from nbtorch.panels import PanelSpec, make_layout
 from nbtorch.psf import apply_psf, psf_kernel
@@ -18,6 +19,7 @@ from nbtorch.simulate import simulate_pixels
 from refine.model.parameters import parameterise
 from refine.model.predict import make_predict, predict_image
 from refine.model.psf import point_spread
+from refine.pipeline.options import psf_options
 from refine.pipeline.problem import start_point
 from refine.targets import Objective, make_target
 
@@ -203,3 +205,14 @@ def test_bad_psf_options_are_one_line_errors(still, kw, message):
     with pytest.raises(ValueError, match=message) as err:
         refine.fit(image, params, setup, coarse_to_fine=False, max_iter=0, fused=False, **kw)
     assert "\n" not in str(err.value)
+
+
+def test_psf_flags_give_the_fit_options(still):
+    """nbtorch's -psf flags (build's Extras.outputs, radius resolved) become the fit's options; none without -psf."""
+    params, setup, _ = still
+    _, _, extras = build(parse_args(FLAGS + " -psf fiber -psf_fwhm 40"), dtype=torch.float64)
+    kw = psf_options(extras.outputs)
+    assert kw == dict(psf="fiber", psf_fwhm=40.0, psf_radius=extras.outputs.psf_radius)
+    assert kw["psf_radius"] > 0
+    assert refine.FitOptions(**kw).psf == "fiber"
+    assert psf_options(build(parse_args(FLAGS), dtype=torch.float64)[2].outputs) == {}
