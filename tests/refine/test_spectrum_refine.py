@@ -120,28 +120,37 @@ def test_values_esds_and_json_keys(sase_fit):
     assert d["parameters"]["wavelength_A"] == pytest.approx(r.values["spectrum.lam1"] * float(params.beam.wavelength),
                                                             rel=1e-12)
     assert "spectrum.lam0" in r.summary() and "spectrum.lam1" in r.summary()
+    # nanoBragg's flags have no wavelength shift: no flags, and a note says why
+    assert d["nanobragg_args"] is None and any("spectrum_shift" in n for n in d["notes"])
 
 
 def test_each_line_of_an_image_list_carries_its_own_spectrum(tmp_path):
-    """``-spectrum FILE.lam`` on a LIST line (read from the LIST's folder) gives that image's model its channels."""
+    """``-spectrum FILE.lam`` on a LIST line (read from the LIST's folder) gives that image's model its channels, and
+    a joint fit refines each shot's shift on its own spectrum."""
     (tmp_path / "spectra").mkdir()
-    small = STILL.replace("-detpixels 48", "-detpixels 16").replace(" -lambda 1", "")
-    lines = []
-    for k, n in enumerate((3, 5)):
+    small = STILL.replace("-detpixels 48", "-detpixels 32").replace("-pixel 0.2", "-pixel 0.3")
+    small = small.replace(" -lambda 1", "")  # each line's spectrum gives lambda0
+    shots, lines = [], []
+    for k, n in enumerate((4, 7)):
         lam, w = _sase(n, seed=k)
         write_lam(tmp_path / "spectra" / f"shot{k}.lam", lam, w)
-        p, s = nbtorch.from_nanobragg_args(f"{small} -lambda 1", dtype=torch.float64)
-        write_raw_float(str(tmp_path / f"shot{k}.bin"),
-                        nbtorch.simulate(*with_spectrum(p, s, lam, w), fused=False).numpy().astype(np.float32))
+        p, s = with_spectrum(*nbtorch.from_nanobragg_args(f"{small} -lambda 1", dtype=torch.float64), lam, w)
+        true = with_beam(p, spectrum_shift=torch.tensor(0.001 * (k + 1), dtype=torch.float64))
+        noisy = torch.poisson(nbtorch.simulate(true, s, fused=False), generator=torch.Generator().manual_seed(k))
+        write_raw_float(str(tmp_path / f"shot{k}.bin"), noisy.numpy().astype(np.float32))
         lines.append(f"shot{k}.bin -spectrum spectra/shot{k}.lam")
+        shots.append((p, s))
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     entries = parse_image_list(str(tmp_path / "list.txt"), small.split())
     observed, params, setups = load_entries(entries)
-    for k, n in enumerate((3, 5)):
-        lam, w = _sase(n, seed=k)
-        assert setups[k].n_sources == n
-        assert [f for _, f in setups[k].sources] == pytest.approx(list(lam / float(params[k].beam.wavelength)))
-        assert float(params[k].beam.wavelength) == pytest.approx(float((lam * w).sum() / w.sum()), rel=1e-14)
-        model = nbtorch.simulate(params[k], setups[k], fused=False)
-        torch.testing.assert_close(torch.as_tensor(np.asarray(observed[k].data), dtype=torch.float64), model,
-                                   rtol=1e-6, atol=1e-6 * float(model.max()))
+    for k, (p, s) in enumerate(shots):
+        assert setups[k].n_sources == (4, 7)[k]
+        assert [f for _, f in setups[k].sources] == pytest.approx([f for _, f in s.sources], rel=1e-14)
+        assert setups[k].normalised_source_weights == pytest.approx(s.normalised_source_weights, rel=1e-14)
+        assert float(params[k].beam.wavelength) == pytest.approx(float(p.beam.wavelength), rel=1e-14)
+        torch.testing.assert_close(nbtorch.simulate(params[k], setups[k], fused=False),
+                                   nbtorch.simulate(p, s, fused=False), rtol=1e-12, atol=0)
+    r = refine.fit_many([np.asarray(o.data) for o in observed], params, setups,
+                        per_image=["spectrum.lam0", "scale"], fused=False)
+    for k, im in enumerate(r.images):
+        assert abs(im.values["spectrum.lam0"] - 0.001 * (k + 1)) < 2 * im.esd["spectrum.lam0"] < 2e-3, im.values
