@@ -4,6 +4,7 @@ guide: docs/refine.md).  Every option, flag, input file and output path is check
 stderr, the summary to stdout."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -24,11 +25,13 @@ from ..targets.detector import DetectorResponse, from_crystfel, from_dials, phot
 from ..targets.observed import read_gain_map, read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_outputs, fit_status, flag_inputs,
                      matrix_output, run)
+from .expt import ExptInput, expt_input, observed_image
 from .many import Progress
 from .many import main as main_many
 from .table import arguments, flag_message, start, usage
 
-USAGE = ("nbtorch-refine OBSERVED " + usage("refine", "--refine", "--method", "--max-iter", "--json", "--image")
+USAGE = ("nbtorch-refine OBSERVED|--expt FILE " + usage("refine", "--experiment", "--refine", "--method",
+                                                        "--max-iter", "--json", "--out-expt", "--image")
          + " [more --options] <nanoBragg flags of the starting model>")
 EPILOG = ("Groups: " + ", ".join(g for g in GROUPS if g != NODE_GROUP) + " (sub-groups background.plane, "
           "background.constant, background.water; single scalars such as cell.a, orientation.z, detector_rotation.y; "
@@ -36,7 +39,8 @@ EPILOG = ("Groups: " + ", ".join(g for g in GROUPS if g != NODE_GROUP) + " (sub-
           "panel_group:NAME).  Many images: nbtorch-refine --images "
           "LIST --help.  Example:\n  nbtorch-refine obs.img --refine cell,orientation,distance,beam_center,scale "
           "--json fit.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 -detpixels 96 "
-          "-pixel 0.2")
+          "-pixel 0.2\n  nbtorch-refine --expt indexed.expt --experiment 0 --refine orientation,cell,panel_groups,"
+          "scale --out-expt refined.expt --json fit.json -default_F 100 -N 10 -fluence 1e24")
 
 
 def _write_image(path: str, result) -> None:
@@ -55,9 +59,9 @@ def _write_image(path: str, result) -> None:
                           "WAVELENGTH": float(result.params.beam.wavelength)})
 
 
-def _load(ns, flags: List[str]):
+def _load(ns, flags: List[str], observed: str):
     """(params, setup, observed image in photons, the CrystFEL geometry of ``-geom`` or None) from the flags and
-    OBSERVED; :class:`UsageError`."""
+    the ``observed`` file; :class:`UsageError`."""
     try:
         params, setup, extras = build(parse_args(flags), dtype=getattr(torch, ns.dtype))
         if ns.matrix_out is not None and setup.nanobragg_cell:
@@ -68,7 +72,7 @@ def _load(ns, flags: List[str]):
             raise UsageError(f"--out-geom {ns.out_geom}: the refined detector is written as a CrystFEL geometry only "
                              "for a detector read from one: give -geom FILE")
         gain = _gain_option(ns, setup, geometry)
-        return params, setup, read_observed(ns.observed, setup, params, overload=ns.overload, adc=ns.adc,
+        return params, setup, read_observed(observed, setup, params, overload=ns.overload, adc=ns.adc,
                                             gain=gain, geometry=geometry,
                                             detector=_detector_file(extras.panels, setup, params)), geometry
     except (ValueError, OSError, ImportError) as exc:
@@ -93,22 +97,38 @@ def _detector_file(source, setup, params) -> Optional[DetectorResponse]:
     return from_dials(read_expt(source.name).detector_of(0), setup, f"-expt {source.name}")
 
 
-def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:
-    """The matrix, JSON, image and plot a run asked for: :data:`EXIT_OK`, or :data:`EXIT_OUTPUT` when one could not
-    be written (one line each; the others are still written)."""
-    status = EXIT_OK
+def _write_flags(result, matrix_out: Optional[str], source: Optional[ExptInput]) -> int:
+    """Print the refined model as flags (and write the ``--matrix-out`` matrix): :data:`EXIT_OK`, or
+    :data:`EXIT_OUTPUT` when the matrix could not be written.  A model whose crystal is an ``.expt``'s exact lattice
+    has no flags without a matrix: a note names the outputs that hold it."""
+    if source is not None and (not source.own_flags or (matrix_out is None and not result.setup.nanobragg_cell)):
+        why = "its crystal is the .expt's exact lattice" if source.own_flags else \
+            f"-expt builds a list's first experiment, not experiment {source.index}"
+        print(f"nbtorch-refine: note: the refined model is not written as flags ({why}): the refined crystal is "
+              "written with --out-expt OUT.expt" + (" or --matrix-out OUT.mat" if source.own_flags else ""),
+              file=sys.stderr)
+        return EXIT_OK
     try:
         if matrix_out is not None:
             result.to_nanobragg_args(matrix_path=matrix_out, write_matrix=True)
         print("refined model: nbtorch " + result.nanobragg_command(write_matrix=False))
     except OSError as exc:
         print(f"nbtorch-refine: error: cannot write --matrix-out {matrix_out}: {exc}", file=sys.stderr)
-        status = EXIT_OUTPUT
+        return EXIT_OUTPUT
     except ValueError as exc:
         print(f"nbtorch-refine: cannot write the model as flags: {exc}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _write_outputs(ns, result, matrix_out: Optional[str], source: Optional[ExptInput]) -> int:
+    """The matrix, JSON, image, plot and detector or experiment files a run asked for: :data:`EXIT_OK`, or
+    :data:`EXIT_OUTPUT` when one could not be written (one line each; the others are still written)."""
+    status = _write_flags(result, matrix_out, source)
     for option, path, write in (("--json", ns.json, result.to_json), ("--image", ns.image,
                                 lambda p: _write_image(p, result)), ("--plot", ns.plot, result.plot),
-                                ("--out-geom", ns.out_geom, result.write_geom)):
+                                ("--out-geom", ns.out_geom, result.write_geom),
+                                ("--out-expt", ns.out_expt, lambda p: result.write_expt(p, source.path,
+                                                                                        source.record))):
         if path:
             try:
                 write(path)
@@ -118,28 +138,52 @@ def _write_outputs(ns, result, matrix_out: Optional[str]) -> int:
     return status
 
 
-def _single(argv: List[str]) -> int:
-    """One observed image: parse and check, fit, report, write (the exit status)."""
-    ns, flags = start(argv, "refine", prog="nbtorch-refine", usage=USAGE, epilog=EPILOG, description="Refine a "
-                      "nanoBragg model (given as nanoBragg flags) against an observed diffraction image.")
+def _inputs(ns, flags: List[str], source: Optional[ExptInput]):
+    """(nanoBragg flags of the build, observed image file, matrix output or None), checked with every output before
+    any work: a ``-mat`` model's matrix goes next to ``--json`` unless ``--matrix-out`` says where.
+    :class:`UsageError`."""
+    if source is not None:
+        flags = source.flags
+        if ns.matrix_out is not None and not source.own_flags:
+            raise UsageError(f"--matrix-out {ns.matrix_out} with --experiment {source.index}: -expt builds a list's "
+                             "first experiment, so the refined crystal is written with --out-expt only")
+    observed = ns.observed if ns.observed is not None else observed_image(source)
     inputs = flag_inputs(flags)
     matrix_out = ns.matrix_out
     if matrix_out is None and any(flag == "-mat" for flag, _ in inputs):  # a -mat model: its refined matrix
         matrix_out = matrix_output(ns.json)
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out),
-                   ("--out-geom", ns.out_geom)], [("OBSERVED", ns.observed)] + inputs)
-    options = fit_options(nanobragg_args=flags, matrix_path=matrix_out, **arguments(ns, "refine"))
-    params, setup, obs, geometry = _load(ns, flags)
+                   ("--out-geom", ns.out_geom), ("--out-expt", ns.out_expt)],
+                  [("OBSERVED", observed)] + inputs + ([("--expt", source.path)] if source is not None else []))
+    return flags, observed, matrix_out
+
+
+def _single(argv: List[str]) -> int:
+    """One observed image: parse and check, fit, report, write (the exit status)."""
+    ns, flags = start(argv, "refine", prog="nbtorch-refine", usage=USAGE, epilog=EPILOG, description="Refine a "
+                      "nanoBragg model (given as nanoBragg flags, or an experiment of a DIALS .expt) against an "
+                      "observed diffraction image.")
+    with expt_input(ns, flags) as source:
+        flags, observed, matrix_out = _inputs(ns, flags, source)
+        own = source is None or source.own_flags
+        options = fit_options(nanobragg_args=flags if own else None, matrix_path=matrix_out,
+                              **arguments(ns, "refine"))
+        try:
+            params, setup, obs, geometry = _load(ns, flags, observed)
+        except UsageError as exc:
+            raise UsageError(source.message(str(exc)) if source is not None else str(exc)) from None
     options = options.replace(geometry=geometry)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
+    if source is not None:
+        result = dataclasses.replace(result, expt=source.report(ns.out_expt))
     if np.ndim(obs.gain) > 0:
-        print(f"note: {ns.observed}: photons = (value - {obs.adc_offset:g}) / gain per pixel "
+        print(f"note: {observed}: photons = (value - {obs.adc_offset:g}) / gain per pixel "
               f"({np.nanmin(obs.gain):g}–{np.nanmax(obs.gain):g} ADU/photon)")
     elif obs.adc_offset or obs.gain != 1.0:
-        print(f"note: {ns.observed}: photons = (value - {obs.adc_offset:g}) / {obs.gain:g} (ADC offset, gain)")
+        print(f"note: {observed}: photons = (value - {obs.adc_offset:g}) / {obs.gain:g} (ADC offset, gain)")
     print(result.summary())
-    status = _write_outputs(ns, result, matrix_out)
+    status = _write_outputs(ns, result, matrix_out, source)
     if not ns.quiet:
         print(f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return status if status != EXIT_OK else fit_status(result.converged, result.ok)

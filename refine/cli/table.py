@@ -180,6 +180,14 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--matrix-out", ("refine",), "where to write the refined MOSFLM matrix of a -mat model", metavar="OUT",
            default_text="next to --json, else refined.mat"),
     Option("--plot", ("refine",), "also save the observed/model/residual/loss figure here", metavar="OUT"),
+    Option("--expt", ("refine",), "DIALS experiment list (.expt): experiment --experiment K is the starting model "
+           "(as -expt FILE builds it; the nanoBragg flags add -default_F/-hkl, -N, -fluence … and override the file) "
+           "and, without OBSERVED, its imageset's image is the observed one", metavar="FILE"),
+    Option("--experiment", ("refine",), "the experiment of --expt to refine (0-based)", kind="int", low=0,
+           metavar="K", default_text="0, the first"),
+    Option("--out-expt", ("refine",), "write the refined experiment list here: the --expt file with experiment K's "
+           "crystal (real_space_a/b/c), detector (panel and group frames) and wavelength refined, everything else as "
+           "read", metavar="OUT.expt"),
     Option("--out-geom", ("refine",), "write the refined detector of a -geom model here as a CrystFEL geometry file "
            "(the file's panels, layout, groups and keys; refined corners, vectors and coffsets)", metavar="OUT.geom"),
     _choice("--esd-scale", _FITS, "scale the ESDs by χ²/ν: for least squares only (auto), always (chi2), never "
@@ -243,9 +251,10 @@ def parser(command: str, **kw) -> argparse.ArgumentParser:
     """The parser (and ``--help``) of a :data:`COMMANDS` key; ``kw``: prog, usage, description, epilog.  Errors are
     :class:`~refine.cli.checks.UsageError` (one line)."""
     ap = OneLineParser(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-    if command in OBSERVED_FIRST:
-        ap.add_argument("observed", help="observed image (SMV .img, raw float .bin with the shape of the flags, CBF, "
-                        "...)")
+    if command in OBSERVED_FIRST:  # nbtorch-refine: optional with --expt (the imageset's image)
+        ap.add_argument("observed", nargs="?" if command == "refine" else None, help="observed image (SMV .img, raw "
+                        "float .bin with the shape of the flags, CBF, ...)" + ("; default: the --expt experiment's "
+                                                                              "image" if command == "refine" else ""))
     for o in options(*COMMANDS[command]):
         o.add_to(ap, COMMANDS[command])
     return ap
@@ -287,9 +296,13 @@ def start(argv: Sequence[str], command: str, **kw):
         if o.kind == "real" and not (math.isfinite(value) and value > o.low):
             raise UsageError(f"{o.flag} must be a finite number{'' if o.low == -math.inf else f' > {o.low:g}'}; "
                              f"got {value}")
-    if command in OBSERVED_FIRST and not flags:
+    expt = getattr(ns, "expt", None)
+    if command in OBSERVED_FIRST and ns.observed is None and expt is None:
+        raise UsageError(f"OBSERVED is missing: give the observed image first, before the nanoBragg flags, or --expt "
+                         f"FILE ({kw['prog']} OBSERVED [--options] <flags>)")
+    if command in OBSERVED_FIRST and not flags and expt is None:
         raise UsageError("give the starting model as nanoBragg flags after OBSERVED (see --help)")
-    if command in OBSERVED_FIRST and not os.path.isfile(ns.observed):
+    if command in OBSERVED_FIRST and ns.observed is not None and not os.path.isfile(ns.observed):
         raise UsageError(f"OBSERVED {ns.observed}: no such file")
     if ns.threads:
         torch.set_num_threads(int(ns.threads))

@@ -17,6 +17,7 @@ import torch
 from nbtorch.args import to_nanobragg_args
 from nbtorch.io._atomic import atomic_write
 from nbtorch.io.crystfel import moved_geometry, write_geom
+from nbtorch.io.dials import write_experiments
 from nbtorch.panels import panel_lab_vectors
 
 from ..minimise.solve import DENSE, _inverse, choose_solve, image_covariance, schur_covariance
@@ -65,8 +66,9 @@ class Result:
     ``crystal_system``, ``observed`` [slow, fast], ``pixels`` (bool [slow, fast], fitted), ``nanobragg_base``,
     ``matrix_path``, ``notes``, ``geometry`` (the CrystFEL geometry the panel detector came from, or None); an image
     of a joint fit also has ``path`` and ``normal`` (its own normal matrix [n, n], shared then own scalars: what a
-    fit of it alone would have).  A panel detector's images (``observed``, ``pixels``, :meth:`model_image`) are
-    [panel, slow, fast].
+    fit of it alone would have); ``expt`` (None, or where the model came from in a DIALS experiment list:
+    ``{"input", "experiment", "identifier", "out"}``, the JSON report's ``expt``).  A panel detector's images
+    (``observed``, ``pixels``, :meth:`model_image`) are [panel, slow, fast].
     """
 
     converged: bool
@@ -108,6 +110,7 @@ class Result:
     path: Optional[str] = None
     normal: Optional[torch.Tensor] = None
     geometry: object = None
+    expt: Optional[dict] = None
 
     @property
     def ok(self) -> bool:
@@ -174,6 +177,15 @@ class Result:
         """Write :meth:`refined_geometry` to ``path`` (atomically, :func:`nbtorch.io.crystfel.write_geom`)."""
         write_geom(path, self.refined_geometry())
 
+    def write_expt(self, path: str, source, record) -> None:
+        """Write the refined experiment list to ``path`` (atomically, :func:`nbtorch.io.dials.write_experiments`):
+        ``source`` (the ``.expt`` path, bytes or JSON document the model came from) with ``record``'s experiment (a
+        :func:`~nbtorch.io.dials.read_experiments` record of it) given this result's refined crystal
+        (``real_space_a/b/c``), detector (panel and group frames in the hierarchy's local frames) and wavelength;
+        every other experiment and model as read.  ValueError when the model's panels are not that experiment's
+        detector's; OSError when writing fails (nothing is written)."""
+        write_experiments(path, source, [record._replace(params=self.params, setup=self.setup)])
+
     # ------------------------------------------------------------------ JSON and text
     def to_dict(self) -> dict:
         """Plain-Python summary (what :meth:`to_json` writes); does not change the result."""
@@ -200,7 +212,7 @@ class Result:
             "n_pixels": int(self.n_pixels), "n_usable": int(self.n_usable), "stages": list(self.stages),
             "nanobragg_args": flags, "notes": notes, "poor_fit": self.poor_fit or None, "ok": self.ok,
             "chi2_nu": float(self.chi2_reduced),  # the name every mode's JSON uses (lines, joint, sweep)
-        }
+        } | ({"expt": dict(self.expt)} if self.expt is not None else {})
 
     def image_dict(self) -> dict:
         """One image's entry in a joint fit's JSON: ``{"path", "converged", "ok", "chi2_nu", "poor_fit",
