@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +184,12 @@ def test_expt_flag_model_prints_where_the_crystal_goes(tmp_path, capsys):
               r"first frame is read"),
     ("matrix-out with experiment", r"--matrix-out \S+ with --experiment 1: -expt builds a list's first experiment"),
     ("out-expt is the input", r"--out-expt \S+stills\.expt: the same file as the input"),
+    ("flag the file gives", r"-distance conflicts with -expt \S+stills\.expt \(experiment 1\): the detector"),
+    ("no structure factors", r"missing required input: structure factors: give -hkl FILE"),
 ])
-def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, capsys, case, pattern):
+def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, case, pattern):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the copy of experiment K goes
     expt = _copy(tmp_path)
     obs, out = tmp_path / "obs.bin", tmp_path / "out.expt"
     obs.write_bytes(np.zeros((128, 32), np.float32).tobytes())
@@ -206,11 +211,14 @@ def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, capsys, case,
         "matrix-out with experiment": [str(obs), "--expt", str(expt), "--experiment", "1", "--matrix-out",
                                        str(tmp_path / "r.mat")] + outputs,
         "out-expt is the input": [str(obs), "--expt", str(expt), "--out-expt", str(expt)],
+        "flag the file gives": [str(obs), "--expt", str(expt), "--experiment", "1", "-distance", "50"] + outputs,
+        "no structure factors": [str(obs), "--expt", str(expt)] + outputs,
     }[case]
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(argv + ["--refine", "scale"] + FLAGS) == 2
+    flags = [] if case == "no structure factors" else FLAGS  # the temporary copy's name never shows
+    assert main(argv + ["--refine", "scale"] + flags) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("nbtorch-refine: error: "), err
     assert re.search(pattern, err), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "tmp").iterdir())
     assert json.loads(expt.read_text()) == json.loads(EXPT.read_text())
