@@ -14,7 +14,7 @@ import torch
 from nbtorch.types import Params
 
 from .parameters import Parameterisation, get_leaf, resolve_nodes, set_leaf
-from .table import SUBGROUPS, catalogue
+from .table import OWN_LEAVES, SUBGROUPS, catalogue
 
 
 def _specs_of(names: Sequence[str], panels=None):
@@ -39,14 +39,15 @@ def _copy_component(ref: torch.Tensor, cur: torch.Tensor, index) -> torch.Tensor
 def align_shared(params_list: Sequence[Params], shared: Sequence[str],
                  panels=None) -> Tuple[List[Params], List[str]]:
     """Copy the leaves of the ``shared`` groups/scalars from the first model to every other one: (models, notes
-    naming the leaves whose starting values differed).  The background plane is refine's (``FitOptions.background``)
-    and the same for every image; ``panels``: the panel layout that resolves panel-group names."""
+    naming the leaves whose starting values differed).  The background plane and the PSF FWHM are refine's
+    (``FitOptions.background``, ``psf_fwhm``) and the same for every image; ``panels``: the panel layout that
+    resolves panel-group names."""
     first, out, notes = params_list[0], [params_list[0]], []
     leaves = []
     for s in _specs_of(shared, panels):
         if s.transform == "rotation":
             leaves += [("crystal.misset", None), ("crystal.orientation", None)]
-        elif s.leaf != "plane":
+        elif s.leaf not in OWN_LEAVES:
             leaves.append((s.leaf, s.index if s.transform != "cell" else None))
     leaves = list(dict.fromkeys(leaves))
     for k, p in enumerate(params_list[1:], start=2):

@@ -216,3 +216,16 @@ def test_psf_flags_give_the_fit_options(still):
     assert kw["psf_radius"] > 0
     assert refine.FitOptions(**kw).psf == "fiber"
     assert psf_options(build(parse_args(FLAGS), dtype=torch.float64)[2].outputs) == {}
+
+
+def test_two_images_share_one_fwhm(still):
+    """fit_many with a shared psf (each image its own scale): one FWHM for both, within 2 ESDs of the truth."""
+    params, setup, image = still
+    truth = apply_psf(image, psf_kernel("gauss", FWHM, PIXEL_MM, RADIUS))
+    obs = [torch.poisson(truth * f, generator=torch.Generator().manual_seed(k)) for k, f in enumerate((1.0, 0.7))]
+    joint = refine.fit_many(obs, [params, params], setup, shared=["psf"], per_image=["scale"], psf="gauss",
+                            psf_fwhm=1.25 * FWHM, psf_radius=RADIUS, coarse_to_fine=False, fused=False)
+    assert joint.converged
+    assert abs(joint.shared["psf"] - FWHM) <= 2 * joint.shared_esd["psf"]
+    assert [im.values["psf"] for im in joint.images] == [joint.shared["psf"]] * 2
+    assert joint.images[1].values["scale"] == pytest.approx(0.7, rel=0.02)
