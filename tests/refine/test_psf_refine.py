@@ -64,7 +64,7 @@ def test_model_at_chosen_pixels_is_the_blurred_image_read_there(still, kind, fwh
     model.blur = psfmod.PixelBlur(par.psf, setup, idx, dense=dense)
     want = apply_psf(image, psf_kernel(kind, fwhm, PIXEL_MM, radius)).reshape(-1)[idx]
     got = model(par.zeros())
-    assert float((got - want).abs().max()) <= 1e-12 * float(want.max())
+    assert float((got - want).abs().max()) <= 1e-10 * float(want.max())
     # the blur moves photons: the unblurred pixels differ by far more than that
     assert float((image.reshape(-1)[idx] - want).abs().max()) > 0.05 * float(want.max())
 
@@ -92,22 +92,19 @@ def test_panel_detector_blurs_each_panel_on_its_own(still):
         model = make_predict(par, s2, idx, fused=False)
         model.blur = psfmod.PixelBlur(par.psf, s2, idx, dense=dense)
         got = model(par.zeros())
-        assert float((got - want[idx]).abs().max()) <= 1e-12 * float(want.max())
+        assert float((got - want[idx]).abs().max()) <= 1e-10 * float(want.max())
     edge = image[0, :, -1].sum() - apply_psf(image[0], kernel, extent[0])[:, -1].sum()
     assert float(edge) > 0  # photons spread off panel a's edge are lost, not moved onto panel b
 
 
-def _objective(params, setup, observed, idx, fwhm=FWHM, radius=RADIUS, free=("psf", "scale")):
-    par = parameterise(params, setup, list(free), psf=point_spread("gauss", fwhm, setup, radius))
-    return par, Objective(par, observed, idx, make_target("poisson"), chunk_pixels=1000, fused=False)
-
-
-def test_loss_gradient_and_normal_equations_wrt_fwhm_match_finite_differences(still):
+@pytest.mark.parametrize("kind, fwhm, radius", [("gauss", FWHM, RADIUS), ("fiber", 60.0, 12)])
+def test_loss_gradient_and_normal_equations_wrt_fwhm_match_finite_differences(still, kind, fwhm, radius):
     params, setup, image = still
-    observed = torch.poisson(apply_psf(image, psf_kernel("gauss", FWHM, PIXEL_MM, RADIUS)) + 1.0,
+    observed = torch.poisson(apply_psf(image, psf_kernel(kind, fwhm, PIXEL_MM, radius)) + 1.0,
                              generator=torch.Generator().manual_seed(1))
-    idx = _random_pixels(setup, 1500)
-    par, obj = _objective(params, setup, observed, idx, fwhm=1.2 * FWHM)
+    idx = _random_pixels(setup, 1000)
+    par = parameterise(params, setup, ["psf", "scale"], psf=point_spread(kind, 1.2 * fwhm, setup, radius))
+    obj = Objective(par, observed, idx, make_target("poisson"), chunk_pixels=600, fused=False)
     j = par.index("psf")[0]
     x = par.zeros() + 0.01
     h = 1e-5
@@ -118,7 +115,7 @@ def test_loss_gradient_and_normal_equations_wrt_fwhm_match_finite_differences(st
     assert abs(float(g[j]) - fd) <= 1e-6 * abs(fd) + 1e-6
     assert abs(fd) > 1.0  # the FWHM matters to the loss
     L2, g2, H, _ = obj.normal_equations(x)  # forward mode (jacfwd through the kernel)
-    assert L2 == pytest.approx(L, rel=1e-12)
+    assert L2 == pytest.approx(L, rel=1e-10)
     assert torch.allclose(g2, g, rtol=1e-9, atol=1e-9)
     assert float(H[j, j]) > 0
     # the model's derivative itself, by forward mode against central differences
@@ -149,7 +146,7 @@ def test_batched_images_with_a_psf_equal_one_at_a_time(still, monkeypatch):
             out[dense_limit, batch] = (L, g, obj.normal_equations(X)[1])
     L0, g0, n0 = out[psfmod.GATHER_LIMIT, False]
     for L, g, gn in out.values():
-        assert L == pytest.approx(L0, rel=1e-12)
+        assert L == pytest.approx(L0, rel=1e-10)
         assert torch.allclose(g, g0, rtol=1e-9, atol=1e-9)
         assert torch.allclose(gn, g0, rtol=1e-9, atol=1e-9)
 
@@ -170,7 +167,7 @@ def test_refined_psf_in_the_model_image_and_a_resumed_start(blurred_fit, still):
     image = predict_image(result.par, result.x, fused=False)  # the refined model image is blurred too
     assert float((image - truth).abs().max()) <= 0.02 * float(truth.max())
     x = start_point(result.par, result)
-    assert torch.allclose(x, result.x, rtol=0, atol=1e-12)
+    assert torch.allclose(x, result.x, rtol=0, atol=1e-10)
 
 
 def test_without_a_psf_nothing_changes(still):
@@ -187,8 +184,8 @@ def test_without_a_psf_nothing_changes(still):
     kw = dict(free=["scale", "background.constant"], coarse_to_fine=False, fused=False)
     plain = refine.fit(observed, params, setup, **kw)
     one = refine.fit(observed, params, setup, psf="gauss", psf_fwhm=10.0, psf_radius=0, **kw)
-    assert torch.allclose(one.x, plain.x, rtol=0, atol=1e-12)
-    assert one.loss == pytest.approx(plain.loss, rel=1e-12)
+    assert torch.allclose(one.x, plain.x, rtol=0, atol=1e-10)
+    assert one.loss == pytest.approx(plain.loss, rel=1e-10)
 
 
 @pytest.mark.parametrize("kw, message", [
