@@ -191,6 +191,9 @@ class Result:
         """Plain-Python summary (what :meth:`to_json` writes); does not change the result."""
         notes = list(self.notes)
         try:
+            if self.expt is not None and self.matrix_path is None and not self.setup.nanobragg_cell:
+                raise ValueError("the crystal is the .expt's exact lattice, written with --out-expt (write_expt); "
+                                 "as flags it needs a matrix file (--matrix-out, matrix_path)")
             flags = self.to_nanobragg_args(matrix_path=self.matrix_path or "refined.mat", write_matrix=False)
         except ValueError as exc:
             flags = None

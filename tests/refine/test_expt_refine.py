@@ -84,6 +84,7 @@ def test_expt_refine_moves_the_crystal_and_the_group_to_the_truth(refined):
     rc, tmp, expt, out, fit = refined
     assert rc == 0, fit["message"]
     assert fit["expt"] == {"input": str(expt), "experiment": 0, "identifier": "shot-0", "out": str(out)}
+    assert fit["nanobragg_args"] is None and any("written with --out-expt" in n for n in fit["notes"])
     got, truth, start = (json.loads(p.read_text()) for p in (out, tmp / "truth.expt", expt))
     for key in ("real_space_a", "real_space_b", "real_space_c"):
         err = np.subtract(got["crystal"][0][key], truth["crystal"][0][key])
@@ -166,6 +167,13 @@ def test_expt_flag_model_prints_where_the_crystal_goes(tmp_path, capsys):
     assert main(argv + ["--matrix-out", str(tmp_path / "r.mat"), "--out-expt", str(tmp_path / "r.expt")]) == 0
     out = capsys.readouterr().out
     assert f"-expt {expt} -mat {tmp_path / 'r.mat'}" in out and (tmp_path / "r.expt").is_file()
+    assert main(argv + ["--matrix-out", str(tmp_path / "r.mat"), "--json", str(tmp_path / "fit.json"), "--image",
+                        str(tmp_path / "model.bin")]) == 0
+    flags = json.loads((tmp_path / "fit.json").read_text())["nanobragg_args"]
+    assert flags[:4] == ["-expt", str(expt), "-mat", str(tmp_path / "r.mat")]
+    again = nbtorch.simulate(*nbtorch.from_nanobragg_args(flags, dtype=torch.float64), fused=False)  # the flags
+    model = np.fromfile(tmp_path / "model.bin", dtype="<f4").reshape(again.shape)  # re-simulate the refined model
+    np.testing.assert_allclose(model, again.numpy(), rtol=5e-4, atol=1e-4 * float(again.max()))  # -mat: 8 decimals
 
 
 @pytest.mark.parametrize("case,pattern", [
