@@ -226,3 +226,20 @@ def test_two_images_share_one_fwhm(still):
     assert abs(joint.shared["psf"] - FWHM) <= 2 * joint.shared_esd["psf"]
     assert [im.values["psf"] for im in joint.images] == [joint.shared["psf"]] * 2
     assert joint.images[1].values["scale"] == pytest.approx(0.7, rel=0.02)
+
+
+def test_an_roi_keeps_a_margin_of_the_kernel_radius(still):
+    """With an ROI the pixels just outside it are rendered too: the model on the ROI equals the whole detector's
+    blurred image there (photons from outside the ROI blur into it), not the blur of the ROI alone."""
+    params, setup, image = still
+    p_roi, s_roi = nbtorch.from_nanobragg_args(FLAGS + " -roi 20 40 10 30", dtype=torch.float64)
+    par = parameterise(p_roi, s_roi, ["psf"], psf=point_spread("gauss", 200.0, s_roi, 4))
+    model = make_predict(par, s_roi, None, fused=False)
+    idx = model.index.numpy()
+    assert len(idx) == 21 * 21 and len(model.blur.source) == 29 * 29
+    kernel = psf_kernel("gauss", 200.0, PIXEL_MM, 4)
+    want = apply_psf(image, kernel).reshape(-1)[idx]
+    got = model(par.zeros())
+    assert float((got - want).abs().max()) <= 1e-10 * float(want.max())
+    roi_only = apply_psf(nbtorch.simulate(p_roi, s_roi, fused=False), kernel).reshape(-1)[idx]
+    assert float((roi_only - want).abs().max()) > 1e-3 * float(want.max())
