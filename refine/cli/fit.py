@@ -21,6 +21,7 @@ from nbtorch.io.smv import write_smv
 
 from .. import fit, fit_options
 from ..model.table import GROUPS, NODE_GROUP
+from ..pipeline.options import psf_options
 from ..targets.detector import DetectorResponse, from_crystfel, from_dials, photon_energy_eV
 from ..targets.observed import read_gain_map, read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_outputs, fit_status, flag_inputs,
@@ -60,8 +61,9 @@ def _write_image(path: str, result) -> None:
 
 
 def _load(ns, flags: List[str], observed: str):
-    """(params, setup, observed image in photons, the CrystFEL geometry of ``-geom`` or None) from the flags and
-    the ``observed`` file; :class:`UsageError`."""
+    """(params, setup, observed image in photons, the CrystFEL geometry of ``-geom`` or None, the fit options of the
+    flags' point-spread function (``-psf``; {} without)) from the flags and the ``observed`` file;
+    :class:`UsageError`."""
     try:
         params, setup, extras = build(parse_args(flags), dtype=getattr(torch, ns.dtype))
         if ns.matrix_out is not None and setup.nanobragg_cell:
@@ -74,7 +76,8 @@ def _load(ns, flags: List[str], observed: str):
         gain = _gain_option(ns, setup, geometry)
         return params, setup, read_observed(observed, setup, params, overload=ns.overload, adc=ns.adc,
                                             gain=gain, geometry=geometry,
-                                            detector=_detector_file(extras.panels, setup, params)), geometry
+                                            detector=_detector_file(extras.panels, setup, params)), geometry, \
+            psf_options(extras.outputs)
     except (ValueError, OSError, ImportError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -169,10 +172,10 @@ def _single(argv: List[str]) -> int:
         options = fit_options(nanobragg_args=flags if own else None, matrix_path=matrix_out,
                               **arguments(ns, "refine"))
         try:
-            params, setup, obs, geometry = _load(ns, flags, observed)
+            params, setup, obs, geometry, psf = _load(ns, flags, observed)
         except UsageError as exc:
             raise UsageError(source.message(str(exc)) if source is not None else str(exc)) from None
-    options = options.replace(geometry=geometry)
+    options = options.replace(geometry=geometry, **psf)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
     if source is not None:

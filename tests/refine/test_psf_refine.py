@@ -4,6 +4,8 @@ gradients with respect to the FWHM match finite differences (reverse mode, forwa
 batches); the FWHM is recovered from a blurred noisy still; without a PSF nothing changes."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -243,3 +245,18 @@ def test_an_roi_keeps_a_margin_of_the_kernel_radius(still):
     assert float((got - want).abs().max()) <= 1e-10 * float(want.max())
     roi_only = apply_psf(nbtorch.simulate(p_roi, s_roi, fused=False), kernel).reshape(-1)[idx]
     assert float((roi_only - want).abs().max()) > 1e-3 * float(want.max())
+
+
+def test_command_line_psf_flags_refine_the_fwhm(tmp_path, monkeypatch):
+    from nbtorch import cli as sim_cli
+    from refine.cli import main as refine_main
+    monkeypatch.chdir(tmp_path)
+    base = ("-default_F 100 -cell 40 50 60 90 90 90 -N 8 -misset 10 20 30 -lambda 1 -distance 60 -detpixels 64 "
+            "-pixel 0.1 -psf gauss -fluence 5e29").split()
+    assert sim_cli.main(base + ["-psf_fwhm", "150", "-noisefile", "obs.img", "-seed", "3", "-nopgm", "-noprogress",
+                                "-floatfile", "f.bin", "-intfile", "i.img"]) == 0
+    assert refine_main(["obs.img", *base, "-psf_fwhm", "110", "-psf_radius", "5", "--refine", "psf,scale",
+                        "--quiet", "--json", "fit.json"]) == 0
+    res = json.loads((tmp_path / "fit.json").read_text())
+    fwhm, esd = res["values"]["psf"], res["value_esd"]["psf"]
+    assert abs(fwhm - 150.0) < max(3 * esd, 1.5)
