@@ -97,7 +97,9 @@ def prepare_compiler() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_inductor_dir())
     else:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_INDUCTOR_DIR
-    if _compiled_ok_marker().exists():
+    # (not with ATEN's default capability: skipping the probe there lets inductor emit vector code that its
+    # precompiled header for that capability does not declare)
+    if _compiled_ok_marker().exists() and torch._C._get_cpu_capability().lower() != "default":
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.vec_isa_ok = True
