@@ -188,6 +188,16 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--out-expt", ("refine",), "write the refined experiment list here: the --expt file with experiment K's "
            "crystal (real_space_a/b/c), detector (panel and group frames) and wavelength refined, everything else as "
            "read", metavar="OUT.expt"),
+    Option("--refl", ("refine",), "DIALS reflection table (.refl) of the --expt experiment: only pixels in square "
+           "boxes around its observed spots (xyzobs.px.value, panel) enter the fit, each box with its own refinable "
+           "background plane (spot-ROI refinement)", metavar="FILE"),
+    Option("--roi-size", ("refine",), "side of each spot's box with --refl (pixels; clipped at panel edges, "
+           "overlapping boxes merged)", kind="int", field="roi_size", low=1, metavar="PIXELS"),
+    Option("--max-spots", ("refine",), "with --refl, only the N strongest spots (intensity.sum.value)", kind="int",
+           field="max_spots", low=1, default_text="every spot"),
+    Option("--out-refl", ("refine",), "write a reflection table here: the --refl rows of the experiment with the "
+           "refined model's predicted centroids (xyzcal.px, xyzcal.mm), miller_index, panel and id; the input's "
+           "columns kept", metavar="OUT.refl"),
     Option("--out-geom", ("refine",), "write the refined detector of a -geom model here as a CrystFEL geometry file "
            "(the file's panels, layout, groups and keys; refined corners, vectors and coffsets)", metavar="OUT.geom"),
     _choice("--esd-scale", _FITS, "scale the ESDs by χ²/ν: for least squares only (auto), always (chi2), never "

@@ -120,6 +120,9 @@ class FitOptions:
     psf: Optional[str] = None
     psf_fwhm: Optional[float] = None
     psf_radius: Optional[int] = None
+    spots: Any = None
+    roi_size: int = 11
+    max_spots: Optional[int] = None
 
     def __post_init__(self):
         def put(name, value):
