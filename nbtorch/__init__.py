@@ -12,13 +12,14 @@ _quiet_startup()  # first: Ctrl-C while a console script imports torch ends it q
 
 from .args import from_nanobragg_args, parse_args, to_nanobragg_args  # noqa: E402
 from .simulate import crystal_orientations, crystal_rotation, simulate  # noqa: E402
+from .spots import predict_spots  # noqa: E402
 from .pytree import get_leaf, replace_leaf, tree_leaves, tree_map  # noqa: E402
 from .types import Background, Beam, Crystal, Detector, Params, Setup, Structure  # noqa: E402
 from .validate import check_params  # noqa: E402
 
 __all__ = [
     "simulate", "from_nanobragg_args", "to_nanobragg_args", "parse_args", "check_params", "crystal_orientations",
-    "crystal_rotation",
+    "crystal_rotation", "predict_spots",
     "Params", "Crystal", "Beam", "Detector", "Structure", "Background", "Setup",
     "get_leaf", "replace_leaf", "tree_leaves", "tree_map",
 ]
