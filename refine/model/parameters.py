@@ -13,6 +13,7 @@ import math
 import types
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from nbtorch.pytree import get_leaf, replace_leaf as set_leaf
@@ -25,7 +26,7 @@ from .cells import CELL_ROWS, CRYSTAL_SYSTEMS, resolve_crystal_system, symmetriz
 from .table import (DEFAULT_FREE, GROUPS, NODE_GROUP, NODE_LEVELS, NODE_PREFIX, REQUIRES, SCALARS,  # noqa: F401
                     SUBGROUPS, ScalarSpec, catalogue, is_node_name, node_selection)
 from .psf import PointSpread
-from .table import OWN_LEAVES, PSF_GROUP
+from .table import OWN_LEAVES, PSF_GROUP, box_names
 
 #: Log scalars stay within e^±LOG_RANGE of their reference by default.
 LOG_RANGE = 10.0
@@ -83,7 +84,8 @@ class Parameterisation:
     vector x [n] and :class:`Params`.  Fields: ``ref`` (reference Params), ``setup``, ``scalars`` (of :class:`Scalar`),
     ``crystal_system`` (``crystal_system_note`` when chosen automatically), ``cell_base`` [6] (the reference cell made
     exactly symmetric), ``R0`` [3, 3] (reference crystal rotation), ``background_ref`` [3] (reference plane,
-    photons/pixel), ``ncells_iso``."""
+    photons/pixel; [B, 3] with ``boxes``), ``ncells_iso``, ``psf`` (the point-spread function or None), ``boxes``
+    (a spot-ROI fit's :class:`~refine.targets.boxes.SpotBoxes`, one background plane per region, or None)."""
 
     ref: Params
     setup: Setup
@@ -95,6 +97,7 @@ class Parameterisation:
     ncells_iso: bool
     crystal_system_note: str = ""
     psf: Optional[PointSpread] = None  # the detector's point-spread function (None: no blur); psf_fwhm(x) its FWHM
+    boxes: Optional[object] = None  # spot-ROI regions (refine.targets.boxes.SpotBoxes): one plane per region
 
     names = property(lambda self: [s.name for s in self.scalars], doc="Names of the free scalars, in x order.")
     n = property(lambda self: len(self.scalars), doc="Length of x.")
@@ -200,10 +203,11 @@ class Parameterisation:
         return p
 
     def plane(self, x: torch.Tensor) -> torch.Tensor:
-        """Refine-owned background coefficients (c0, c_fast, c_slow) [..., 3] (photons/pixel) at ``x``."""
+        """Refine-owned background coefficients (c0, c_fast, c_slow) [..., 3] (photons/pixel) at ``x``; [..., B, 3]
+        with ``boxes``, one plane per region."""
         items = self._leaves.get("plane")
         if not items:
-            return self.background_ref.expand(*x.shape[:-1], 3)
+            return self.background_ref.expand(*x.shape[:-1], *self.background_ref.shape)
         return self._leaf(x, items, self.background_ref)
 
     def psf_fwhm(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -301,9 +305,9 @@ def _selected(spec: ScalarSpec, wanted: Sequence[str], system: str, ncells_iso: 
     return spec.group in wanted or spec.name in wanted
 
 
-def _check_names(wanted: Sequence[str], system: str, ncells_iso: bool, layout=None) -> None:
+def _check_names(wanted: Sequence[str], system: str, ncells_iso: bool, layout=None, n_boxes: int = 0) -> None:
     """ValueError for scalar names that this parameterisation cannot free."""
-    known = {s.name for s in catalogue(layout)}
+    known = {s.name for s in catalogue(layout, n_boxes)}
     for w in wanted:
         if w.startswith("cell.") and w[5:] not in CRYSTAL_SYSTEMS[system]:
             raise ValueError(f"{w} is not a free cell value of a {system} cell "
@@ -325,6 +329,32 @@ def _check_shared_leaves(specs: Sequence[ScalarSpec]) -> None:
             if None in (sp.index, other.index) or sp.index == other.index:
                 raise ValueError(f"{other.name} and {sp.name} both move {sp.leaf}: free one of them, not both")
         seen.setdefault(sp.leaf, []).append(sp)
+
+
+def resolve_boxes(wanted: Sequence[str], n_boxes: int) -> List[str]:
+    """``wanted`` with the background plane's scalar names (``background.constant`` …, as ``background.plane``
+    expands) replaced by every region's (:func:`~refine.model.table.box_names`) in a spot-ROI fit of ``n_boxes``
+    regions (unchanged without regions)."""
+    if not n_boxes:
+        return list(wanted)
+    plane = {s.name for s in SCALARS if s.leaf == "plane"}
+    return list(dict.fromkeys(n for w in wanted for n in (box_names(w, n_boxes) if w in plane else (w,))))
+
+
+def _plane_reference(background, boxes, dt, dev) -> torch.Tensor:
+    """The reference plane: [3] (c0, c_fast, c_slow), or [B, 3] with ``boxes`` (3 numbers: every region's; or [B, 3]),
+    photons/pixel, zeros by default.  ValueError naming ``background``."""
+    shape = (3,) if boxes is None else (boxes.n, 3)
+    if background is None:
+        return torch.zeros(shape, dtype=dt, device=dev)
+    ref = background.detach().to(dtype=dt, device=dev) if torch.is_tensor(background) else torch.as_tensor(
+        np.asarray(background, dtype=np.float64), dtype=dt, device=dev)
+    if boxes is not None and ref.shape == (3,):
+        ref = ref.expand(shape).clone()
+    if tuple(ref.shape) != shape or not bool(torch.isfinite(ref).all()):
+        want = "3 numbers (c0, c_fast, c_slow)" + ("" if boxes is None else f" or [{boxes.n}, 3], one per region")
+        raise ValueError(f"background must be {want} in photons/pixel, finite; got shape {list(ref.shape)}")
+    return ref
 
 
 def _make_scalar(spec: ScalarSpec, params: Params, setup: Setup, cell_base, plane_ref,
@@ -381,7 +411,7 @@ def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FRE
                  ncells_mode: str = "auto", background: Optional[Sequence[float]] = None,
                  bounds: Optional[Mapping[str, Tuple[Optional[float], Optional[float]]]] = None,
                  priors: Optional[Mapping[str, Tuple[float, float]]] = None,
-                 psf: Optional[PointSpread] = None) -> Parameterisation:
+                 psf: Optional[PointSpread] = None, boxes=None) -> Parameterisation:
     """Build a :class:`Parameterisation` about the reference ``params`` (Å, mm, degrees) and ``setup``.
 
     Args:
@@ -401,6 +431,8 @@ def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FRE
         priors: {scalar, group or sub-group: (mean, sigma)} Gaussian restraints in reported units.
         psf: the detector's point-spread function (:func:`refine.model.psf.point_spread`; None: no blur), whose FWHM
             the ``psf`` group frees.
+        boxes: a spot-ROI fit's regions (:func:`refine.targets.boxes.spot_boxes`): one background plane per region
+            (``background.constant[k]`` …; ``background`` then [B, 3] or 3 numbers for every region).
 
     Raises:
         ValueError: unknown names, a group this model cannot refine (``mosaic`` with one mosaic domain,
@@ -412,25 +444,23 @@ def parameterise(params: Params, setup: Setup, free: Iterable[str] = DEFAULT_FRE
     c, dt, dev = params.crystal, params.crystal.cell.dtype, params.crystal.cell.device
     N = [float(v) for v in c.ncells.detach().cpu()]
     ncells_iso = ncells_mode == "isotropic" or (ncells_mode == "auto" and max(N) - min(N) <= 1e-9 * max(N))
-    wanted = resolve_nodes(expand_free(free), setup.panels)
+    n_boxes = 0 if boxes is None else boxes.n
+    wanted = resolve_boxes(resolve_nodes(expand_free(free), setup.panels), n_boxes)
     cell_ref = [float(v) for v in c.cell.detach().cpu()]
     system, note = resolve_crystal_system(crystal_system, cell_ref)
-    _check_names(wanted, system, ncells_iso, setup.panels)
+    _check_names(wanted, system, ncells_iso, setup.panels, n_boxes)
     has_water = float(params.background.water_size) > 0
-    specs = [sp for sp in catalogue(setup.panels) if _selected(sp, wanted, system, ncells_iso, has_water)]
+    specs = [sp for sp in catalogue(setup.panels, n_boxes) if _selected(sp, wanted, system, ncells_iso, has_water)]
     _check_shared_leaves(specs)
     for test, why in (REQUIRES[sp.name] for sp in specs if sp.name in REQUIRES):
         if not test(params, setup):
             raise ValueError(why)
     cell_free = any(sp.group == "cell" for sp in specs)
     cell_base = torch.tensor(symmetrize_cell(cell_ref, system), dtype=dt, device=dev) if cell_free else c.cell
-    plane_ref = torch.zeros(3, dtype=dt, device=dev) if background is None else torch.as_tensor(
-        [float(v) for v in background], dtype=dt, device=dev)
-    if plane_ref.shape != (3,):
-        raise ValueError(f"background must be 3 numbers (c0, c_fast, c_slow) in photons/pixel; got {list(background)}")
+    plane_ref = _plane_reference(background, boxes, dt, dev)
     scalars = tuple(_make_scalar(sp, params, setup, cell_base, plane_ref, psf) for sp in specs)
     par = Parameterisation(params, setup, scalars, system, cell_base, total_rotation(params), plane_ref, ncells_iso,
-                           note if cell_free else "", psf)
+                           note if cell_free else "", psf, boxes)
     return _constrain(par, bounds, priors)
 
 

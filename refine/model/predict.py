@@ -61,7 +61,8 @@ class Predict:
     """Model photons at fixed pixels as a function of the increments: ``model(x)`` → [n].
 
     Attributes: ``par``, ``setup`` (the set-up rendered; a stage may broaden the spots), ``index`` (long [n], flat
-    slow-major pixel indices), ``basis`` ([3, n] plane basis, or None when the model has no plane), ``blur``
+    slow-major pixel indices), ``basis`` ([3, n] plane basis, or None when the model has no plane), ``region`` (long
+    [n]: each pixel's plane, all 0 but in a spot-ROI fit's regions, ``par.boxes``), ``blur``
     (:class:`~refine.model.psf.PixelBlur` of ``par.psf``, or None), ``fused`` (passed to
     :func:`~nbtorch.simulate.simulate_pixels`).
     """
@@ -69,7 +70,12 @@ class Predict:
     def __init__(self, par: Parameterisation, setup: Setup, index: np.ndarray, fused: Optional[bool] = None):
         self.par, self.setup, self.fused = par, setup, fused
         self.index = torch.as_tensor(index, dtype=torch.long, device=par.device)
-        self.basis = plane_basis(setup, par.dtype, par.device, self.index) if par.has_plane() else None
+        self.basis, self.region = None, None
+        if par.has_plane() and par.boxes is not None:
+            self.region, self.basis = par.boxes.basis(self.index, par.dtype, par.device)
+        elif par.has_plane():
+            self.basis = plane_basis(setup, par.dtype, par.device, self.index)
+            self.region = torch.zeros_like(self.index)
         self.blur = None if par.psf is None else PixelBlur(par.psf, setup, index, par.device)
 
     n = property(lambda self: int(self.index.shape[0]), doc="Number of pixels predicted.")
@@ -88,7 +94,18 @@ class Predict:
         """The background plane at the pixels (photons [n]; zeros when the model has none)."""
         if self.basis is None:
             return x.new_zeros(self.n)
-        return (self.par if par is None else par).plane(x) @ self.basis
+        plane = (self.par if par is None else par).plane(x).reshape(-1, 3)
+        return (plane.index_select(0, self.region) * self.basis.T).sum(-1)
+
+    def plane_jacobian(self, slots, specs) -> torch.Tensor:
+        """∂(model)/∂x [n, k] of the background plane's scalars (linear: the basis of each one's region, times its
+        scale) — the closed form that spares a forward-mode tangent per plane scalar.  ``slots``: their positions in
+        the returned columns; ``specs``: their :class:`~refine.model.table.ScalarSpec` (index c, or 3·region + c)."""
+        J = self.basis.new_zeros(self.n, len(specs))
+        for j, sp in zip(slots, specs):
+            k, c = divmod(int(sp.index), 3)
+            J[:, j] = torch.where(self.region == k, sp.scale * self.basis[c], 0.0)
+        return J
 
     def __call__(self, x: torch.Tensor, check: bool = False, par: Optional[Parameterisation] = None) -> torch.Tensor:
         """Model photons [n] at increments ``x`` [n_par]: :meth:`bragg` + :meth:`background`."""

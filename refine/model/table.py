@@ -158,7 +158,7 @@ GROUP_SPECS: Tuple[GroupSpec, ...] = (
     GroupSpec("background", coarse=True, report=(("background", 3), ("water_size_um", 1)), requires=(
         ("background.water", lambda p, s: float(p.background.water_size) > 0,
          "background.water needs a starting water_size > 0 (-water SIZE_um)"),)),
-    GroupSpec("psf"),  # reported as the scalar psf (µm) of Result.values/esd
+    GroupSpec("psf", report=(("psf_fwhm_um", 1),)),  # the FWHM (µm; 0 without a point-spread function)
 )
 #: The group of the point-spread function's FWHM; refine's own leaves (not part of Params): the background plane
 #: and the PSF FWHM (refine.model.parameters keeps their reference values).
@@ -200,12 +200,36 @@ def node_specs(layout) -> Tuple[ScalarSpec, ...]:
                  for g, node in enumerate(layout.nodes) for s, axis in zip(_NODE_TEMPLATE, NODE_AXES))
 
 
-def catalogue(layout) -> Tuple[ScalarSpec, ...]:
+#: The background plane's three scalars (one plane for the image: index c of the [3] leaf).
+PLANE_SPECS = tuple(s for s in SCALARS if s.leaf == "plane")
+
+
+@functools.lru_cache(maxsize=32)
+def box_specs(n_boxes: int) -> Tuple[ScalarSpec, ...]:
+    """The background planes of a spot-ROI fit's ``n_boxes`` regions (:mod:`refine.targets.boxes`), region by region:
+    ``background.constant[k]``, ``background.fast[k]``, ``background.slow[k]``, index 3·k + c of the flattened
+    ``[B, 3]`` plane leaf."""
+    return tuple(dataclasses.replace(s, name=f"{s.name}[{k}]", index=3 * k + s.index)
+                 for k in range(n_boxes) for s in PLANE_SPECS)
+
+
+def box_names(name: str, n_boxes: int) -> Tuple[str, ...]:
+    """A plane scalar's name (``background.constant`` …) → the same scalar of every one of ``n_boxes`` regions (the
+    name itself without regions)."""
+    return (name,) if not n_boxes else tuple(f"{name}[{k}]" for k in range(n_boxes))
+
+
+def catalogue(layout, n_boxes: int = 0) -> Tuple[ScalarSpec, ...]:
     """Every scalar a set-up with the panel layout ``layout`` (None: nanoBragg's one panel) can free, in x order:
-    :data:`SCALARS` with the ``panel_group`` templates replaced by every node's six (:func:`node_specs`)."""
+    :data:`SCALARS` with the ``panel_group`` templates replaced by every node's six (:func:`node_specs`) and, in a
+    spot-ROI fit of ``n_boxes`` regions, the background plane by one plane per region (:func:`box_specs`)."""
     first = min(i for i, s in enumerate(SCALARS) if s.group == NODE_GROUP)
     rest = tuple(s for s in SCALARS if s.group != NODE_GROUP)
-    return rest[:first] + node_specs(layout) + rest[first:]
+    out = rest[:first] + node_specs(layout) + rest[first:]
+    if not n_boxes:
+        return out
+    at = out.index(PLANE_SPECS[0])
+    return out[:at] + box_specs(n_boxes) + tuple(s for s in out[at:] if s.leaf != "plane")
 
 
 def is_node_name(name: str) -> bool:

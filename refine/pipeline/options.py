@@ -71,6 +71,11 @@ class FitOptions:
     The detector's point-spread function: ``psf`` ('gauss', 'fiber' or None: no blur), ``psf_fwhm`` (its starting
     FWHM, µm; the ``psf`` group refines it), ``psf_radius`` (kernel radius in pixels, fixed during the fit; None:
     :func:`refine.model.psf.point_spread`'s default) — nbtorch's ``-psf``/``-psf_fwhm``/``-psf_radius``.
+    Spot-ROI refinement: ``spots`` (a DIALS :class:`~nbtorch.io.refl.ReflectionTable` of the image's observed spots,
+    or an array [n, 2|3] of (fast, slow[, panel]) pixel coordinates; None: the whole image): only pixels in square
+    boxes of side ``roi_size`` pixels about them take part, each box (overlapping boxes merged) with its own
+    background plane (:mod:`refine.targets.boxes`; ``background`` is then every region's starting plane, by default
+    each region's median with no slope); ``max_spots`` keeps the strongest.
     How: ``method``, ``max_iter`` (final stage; None: 30 LM, 100 L-BFGS, 300 Adam), ``coarse_to_fine`` ('auto':
     the default stages, or only the final stage when resuming from a Result; True; False; or a sequence of
     :class:`~refine.pipeline.stages.Stage`), ``coarse_iter``, ``robust_iter``, ``max_shift`` (pixels),
@@ -157,6 +162,8 @@ class FitOptions:
         _at_least("prelim_pixels", self.prelim_pixels, 1, integer=True, optional=True)
         _at_least("chunk_pixels", self.chunk_pixels, 1, integer=True)
         _at_least("read_noise", self.read_noise, 0)
+        _at_least("roi_size", self.roi_size, 1, integer=True)
+        _at_least("max_spots", self.max_spots, 1, integer=True, optional=True)
         self._validate_detector()
         self._validate_psf()
         for name in ("ftol", "lr", "damping"):

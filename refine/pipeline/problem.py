@@ -28,8 +28,10 @@ from ..model.layout import Layout, align_shared, make_layout
 from ..model.parameters import Parameterisation, parameterise, total_rotation
 from ..model.psf import point_spread
 from ..targets import Gaussian, Objective, Target, make_target, observed_array, usable_mask
+from ..targets.boxes import spot_boxes
 from ..targets.detector import check_gain, read_noise_photons
 from .options import FitOptions
+from .report import reported_plane
 
 
 class DegeneracyWarning(UserWarning):
@@ -182,24 +184,42 @@ def _target_note(target: Target, options: FitOptions) -> str:
             f"{sig.min():.4g}–{sig.max():.4g} photons")
 
 
-def _image(observed, params: Params, setup: Setup, options: FitOptions, crystal_system: str):
+def image_spots(spots, n: int) -> list:
+    """Each of ``n`` images' spots (``FitOptions.spots``): None, one table or array for one image, or a list / tuple
+    of ``n`` of them (one per image; an image's entry may be None: its whole image).  ValueError naming ``spots``."""
+    if isinstance(spots, (list, tuple)):
+        if len(spots) != n:
+            raise ValueError(f"spots: {len(spots)} spot lists for {n} images (give one per image, or an array)")
+        return list(spots)
+    if spots is not None and n > 1:
+        raise ValueError(f"spots: give one spot list per image (a list of {n}), not one for all")
+    return [spots] * n
+
+
+def _image(observed, params: Params, setup: Setup, options: FitOptions, crystal_system: str, spots=None):
     """(observed tensor, usable bool image, parameterisation, target) of one image, checked (the target as
-    :func:`fit_target` makes it with this image's gain)."""
+    :func:`fit_target` makes it with this image's gain); ``spots``: this image's spots (a spot-ROI fit) or None."""
     check_params(params, setup)  # types, dtype, device and values first: one-line errors before any work
     arr, own_mask, gain = observed_array(observed, setup, options.geometry)
     target = fit_target(options, gain, arr.shape)
     usable = usable_mask(arr, setup, options.mask, options.overload, target.lowest_observed(arr.shape))
     if own_mask is not None:
         usable &= own_mask
+    o = options
+    boxes, background = None, o.background
+    if spots is not None:
+        boxes = spot_boxes(setup, spots, options.roi_size, options.max_spots)
+        usable &= boxes.mask
+        background = boxes.starting_planes(arr, usable) if o.background is None else o.background
     if not usable.any():
-        raise ValueError("no usable pixels: check the mask, the overload level and the ROI")
+        raise ValueError("no usable pixels: check the mask, the overload level and the ROI"
+                         + (" (and the spots' boxes)" if boxes is not None else ""))
     if not (np.nan_to_num(arr[usable]) > 0).any():
         raise ValueError("the observed image is zero (or negative) in every usable pixel: nothing to fit (a blank or "
                          "wrong file, or an ADC offset (adc) larger than the counts)")
-    o = options
     par = parameterise(params, setup, o.free, crystal_system=crystal_system, ncells_mode=o.ncells_mode,
-                       background=o.background, bounds=o.bounds, priors=o.priors,
-                       psf=point_spread(o.psf, o.psf_fwhm, setup, o.psf_radius))
+                       background=background, bounds=o.bounds, priors=o.priors,
+                       psf=point_spread(o.psf, o.psf_fwhm, setup, o.psf_radius), boxes=boxes)
     observed_t = torch.as_tensor(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0), dtype=par.dtype,
                                  device=par.device)
     return observed_t, usable, par, target
@@ -241,10 +261,10 @@ def build_problem(observed_list, params_list, setups, options: FitOptions, share
     params_list, notes = (align_shared(list(params_list), shared, setups[0].panels) if shared
                           else (list(params_list), []))
     observed, usable, pars, targets = [], [], [], []
-    for k, (ob, p, s) in enumerate(zip(observed_list, params_list, setups), start=1):
+    for k, (ob, p, s, sp) in enumerate(zip(observed_list, params_list, setups, image_spots(options.spots, n)), 1):
         try:
             system = options.crystal_system if k == 1 else pars[0].crystal_system
-            o_t, u, par, target = _image(ob, p, s, options, system)
+            o_t, u, par, target = _image(ob, p, s, options, system, sp)
         except (ValueError, OSError) as exc:
             raise _labelled(k, paths, exc) from None
         observed.append(o_t)
@@ -288,7 +308,7 @@ def start_point(par: Parameterisation, start=None) -> torch.Tensor:
     if hasattr(start, "params") and hasattr(start, "setup"):
         if start.setup != par.setup:
             raise ValueError("start: the Result was fitted with a different Setup than this fit's")
-        plane = torch.as_tensor(start.parameters["background"], dtype=par.dtype, device=par.device)
+        plane = torch.as_tensor(reported_plane(start.parameters), dtype=par.dtype, device=par.device)
         x = par.pack(start.params, plane, getattr(start, "values", {}).get("psf"))  # a refined PSF FWHM (µm)
         bad = _differing(par.unpack(x), start.params)
         if bad:

@@ -23,6 +23,8 @@ from ..model.table import NODE_GROUP, NODE_LEVELS, REPORT_FIELDS
 
 #: How ESDs are scaled: by χ²/ν for least squares only ('auto'), always ('chi2'), never ('none').
 ESD_SCALES = ("auto", "chi2", "none")
+#: The report key of a spot-ROI fit's per-region background planes.
+BOX_PLANES = "background_boxes"
 from ..minimise.solve import pseudo_inverse
 from ..targets.objective import Objective
 
@@ -40,12 +42,21 @@ def mean_factor(setup) -> float:
     return math.fsum(w * f for w, f in zip(setup.normalised_source_weights, factors)) / len(factors)
 
 
+def psf_fwhm_report(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
+    """The reported ``psf_fwhm_um``: the point-spread function's FWHM (µm) at ``x``, 0 without one."""
+    fwhm = par.psf_fwhm(x)
+    return x.new_zeros(()) if fwhm is None else fwhm
+
+
 def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
     """Every reported quantity at increments ``x`` [n] as one flat vector (order of :data:`REPORT_FIELDS`, then per
     refined panel group (:func:`refined_nodes`) its shift (mm, 3) and rotation (degrees, 3)); differentiable.
     ``scale`` is the fluence relative to the parameterisation's reference (the starting model); so is
     ``spectrum_lam1``, λ0 relative to it (``spectrum_lam0_A``: the spectrum's shift, Å; ``spectrum_mean_A``: the
-    weighted mean wavelength of the sources, Å, which a still determines far better than lam0 or lam1 alone)."""
+    weighted mean wavelength of the sources, Å, which a still determines far better than lam0 or lam1 alone).  In a
+    spot-ROI fit ``background`` is the mean of the regions' planes, and every region's plane follows (c0, c_fast,
+    c_slow per region, :data:`BOX_PLANES`).  ``psf_fwhm_um``: the point-spread function's FWHM
+    (:func:`psf_fwhm_report`)."""
     p = par.unpack(x)
     st = par.setup
     misset = rad2deg(xyz_angles(total_rotation(p)))
@@ -55,18 +66,22 @@ def report_vector(par: Parameterisation, x: torch.Tensor) -> torch.Tensor:
         p.detector.rotation, p.detector.twotheta, p.beam.wavelength,
         p.beam.spectrum_shift, p.beam.wavelength / par.ref.beam.wavelength,
         p.beam.wavelength * mean_factor(st) + p.beam.spectrum_shift, p.crystal.ncells, p.crystal.mosaic_spread,
-        p.beam.fluence, p.beam.fluence / par.ref.beam.fluence, par.plane(x), p.background.water_size,
+        p.beam.fluence, p.beam.fluence / par.ref.beam.fluence, par.plane(x).reshape(-1, 3).mean(0),
+        p.background.water_size, psf_fwhm_report(par, x),
     ]
     nodes = list(refined_nodes(par))
     if nodes:
         parts.append(torch.cat([p.detector.group_shift[nodes], p.detector.group_rotation[nodes]], -1))
+    if par.boxes is not None:
+        parts.append(par.plane(x))
     return torch.cat([t.reshape(-1).to(x.dtype) for t in parts])
 
 
 def split_report(vec, par: Optional[Parameterisation] = None) -> Dict[str, object]:
     """Flat report vector → {name: float or list of floats}; with refined panel groups (of ``par``) also
     ``panel_groups``: {node name: {"shift_mm": [x, y, z], "rotation_deg": [x, y, z]}} (lab axes; rotation XYZ
-    about the node's nominal centre)."""
+    about the node's nominal centre); in a spot-ROI fit also ``background_boxes``: [[c0, c_fast, c_slow] per region]
+    (photons/pixel; u, v in box sides about the region's centre, :mod:`refine.targets.boxes`)."""
     out, k = {}, 0
     v = [float(t) for t in vec]
     for name, n in REPORT_FIELDS:
@@ -77,7 +92,16 @@ def split_report(vec, par: Optional[Parameterisation] = None) -> Dict[str, objec
         names = [par.setup.panels.nodes[g].name for g in nodes]
         out[NODE_LEVELS] = {nm: {"shift_mm": v[k + 6 * j: k + 6 * j + 3],
                                  "rotation_deg": v[k + 6 * j + 3: k + 6 * j + 6]} for j, nm in enumerate(names)}
+        k += 6 * len(nodes)
+    if par is not None and par.boxes is not None:
+        out[BOX_PLANES] = [v[k + 3 * b: k + 3 * b + 3] for b in range(par.boxes.n)]
     return out
+
+
+def reported_plane(parameters: Dict[str, object]):
+    """The background coefficients of a report (:func:`split_report`): [c0, c_fast, c_slow], or one per region of a
+    spot-ROI fit ([B, 3]) — what :meth:`~refine.model.parameters.Parameterisation.pack` takes as ``plane``."""
+    return parameters[BOX_PLANES] if BOX_PLANES in parameters else parameters["background"]
 
 
 def propagate(par: Parameterisation, x: torch.Tensor, cov: torch.Tensor):

@@ -138,10 +138,10 @@ def prefit_scale(par, x: torch.Tensor, observed: torch.Tensor, bragg: torch.Tens
     i_s, i_c = par.index("scale"), par.index("background.constant")
     if not i_s and not i_c:
         return x
-    c0 = float(par.plane(x)[0])
-    rest = observed - (background - c0)  # observed less the plane's slopes
     x = x.clone()
-    if i_s and i_c:
+    if i_s and i_c:  # one plane (a spot-ROI fit's per-region planes have no background.constant: scale alone)
+        c0 = float(par.plane(x)[0])
+        rest = observed - (background - c0)  # observed less the plane's slopes
         A = torch.stack([bragg, torch.ones_like(bragg)], 1)
         s, c = (float(v) for v in torch.linalg.lstsq(A, rest[:, None]).solution[:, 0])
         if s > 0:

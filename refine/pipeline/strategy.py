@@ -64,8 +64,8 @@ def _stage_pars(pb: Problem, stage: Stage) -> Tuple[Parameterisation, ...]:
     for par in pb.pars:
         sp, ss = apply_stage(par.ref, par.setup, stage)
         out.append(par if (sp is par.ref and ss is par.setup) else parameterise(
-            sp, ss, o.free, crystal_system=par.crystal_system, ncells_mode=o.ncells_mode, background=o.background,
-            bounds=o.bounds, priors=o.priors, psf=par.psf))
+            sp, ss, o.free, crystal_system=par.crystal_system, ncells_mode=o.ncells_mode,
+            background=par.background_ref, bounds=o.bounds, priors=o.priors, psf=par.psf, boxes=par.boxes))
     return pb.pars if all(a is b for a, b in zip(out, pb.pars)) else tuple(out)
 
 
@@ -221,7 +221,13 @@ def run_stage(state: FitState, stage: Stage) -> FitState:
     if run is not None and not stage.preliminary:
         real = pars is pb.pars and target is pb.target
         final = FinalRun(x, bool(run.converged), run.message, pixels, target.name, run.normal if real else None)
-    info.update(seconds=time.perf_counter() - t0, pixels=n_pixels, loss_all=pb.objective.loss(x))
+    loss_all = pb.objective.loss(x)
+    if stage.preliminary and not math.isfinite(loss_all) and math.isfinite(pb.objective.loss(state.x)):
+        # a robust target tolerates a model ≤ 0 where photons were seen; the fit's own target does not
+        x, loss_all = state.x, pb.objective.loss(state.x)
+        info.update(message=info["message"] + " (discarded: the model it reached is not positive where photons were "
+                    "observed)")
+    info.update(seconds=time.perf_counter() - t0, pixels=n_pixels, loss_all=loss_all)
     return dataclasses.replace(
         state, x=x, history=state.history + tuple(records), stages=state.stages + (info,), final=final,
         iterations=state.iterations + (run.iterations if run else 0),

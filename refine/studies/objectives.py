@@ -16,6 +16,7 @@ from nbtorch.units import DEG_PER_MRAD, percent_to_fraction
 from ..model.table import SEARCH_SUFFIX, SEARCH_UNITS, SPECS
 from ..pipeline.fit import fit, fit_options
 from ..pipeline.options import METHODS, FitOptions
+from ..pipeline.report import reported_plane
 from ..pipeline.result import Result, finish
 from ..pipeline.strategy import FitState, Stage, default_stages, prepare, run_stage
 
@@ -198,7 +199,7 @@ class HyperparameterObjective:
     def score(self, result: Result) -> float:
         """Lower is better: the RMS error of the free scalars in typical errors with a truth, else the loss."""
         pb = self.reference.problem
-        plane = torch.as_tensor(result.parameters["background"], dtype=pb.par.dtype)
+        plane = torch.as_tensor(reported_plane(result.parameters), dtype=pb.par.dtype)
         x = pb.par.pack(result.params, plane)
         if self.truth_x is None:
             return float(pb.objective.loss(x))

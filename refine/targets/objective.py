@@ -122,20 +122,16 @@ class ImageGroup:
                tick: Optional[Callable[[float], None]] = None):
         """(models [B, P], g [B, k], H [B, k, k]) over the ``act`` positions of each image's x: J by forward mode
         per pixel chunk (vmapped over the images), H = JᵀWJ, g = Jᵀ·∂L/∂m; ``tick(fraction done)`` per chunk."""
-        act_t = torch.as_tensor(list(act), dtype=torch.long, device=Xb.device)
         B, k = Xb.shape[0], len(act)
         H, g, ms = Xb.new_zeros(B, k, k), Xb.new_zeros(B, k), []
         if k == 0:
             return self.models(Xb, tick), g, H
+        specs = [self.template.scalars[a].spec for a in act]
+        lin = [j for j, sp in enumerate(specs) if sp.leaf == "plane"]  # linear: their columns in closed form
+        mod = [j for j, sp in enumerate(specs) if sp.leaf != "plane"]
+        act_t = torch.as_tensor([act[j] for j in mod], dtype=torch.long, device=Xb.device)
         for j, sl in enumerate(self.slices):
-            fn = self._fn(j)
-
-            def f(xa, x0, *rest, fn=fn):
-                m = fn(x0.index_put((act_t,), xa), *rest)
-                return m, m
-
-            J, m = self._apply(jacfwd(f, has_aux=True), Xb[:, act_t], Xb)
-            J = J.to(Xb.dtype)  # torch 2.13 gives a 0-dim tensor × Python float a float64 tangent (float32 fits)
+            J, m = self._jacobian(j, Xb, act_t, mod, lin, specs)
             o, w = self.o[:, sl], (None if self.w is None else self.w[sl])
             H += torch.einsum("bpk,bp,bpl->bkl", J, target.fisher(m, o, w), J)
             g += torch.einsum("bpk,bp->bk", J, target.dloss(m, o, w))
@@ -145,6 +141,29 @@ class ImageGroup:
         return torch.cat(ms, 1), g, H
 
 
+    def _jacobian(self, j: int, Xb: torch.Tensor, act_t: torch.Tensor, mod, lin, specs):
+        """(J [B, P_chunk, k], models [B, P_chunk]) of chunk ``j``: the columns ``mod`` (positions ``act_t`` of x) by
+        forward mode, the background plane's columns ``lin`` in closed form (the same for every image)."""
+        fn = self._fn(j)
+
+        def f(xa, x0, *rest):
+            m = fn(x0.index_put((act_t,), xa), *rest)
+            return m, m
+
+        if mod:
+            Jm, m = self._apply(jacfwd(f, has_aux=True), Xb[:, act_t], Xb)
+            Jm = Jm.to(Xb.dtype)  # torch 2.13 gives a 0-dim tensor × Python float a float64 tangent (float32 fits)
+        else:
+            Jm, m = None, self._apply(fn, Xb)
+        if not lin:
+            return Jm, m
+        J = Xb.new_zeros(Xb.shape[0], m.shape[1], len(specs))
+        if mod:
+            J[:, :, mod] = Jm
+        J[:, :, lin] = self.chunks[j].plane_jacobian(range(len(lin)), [specs[i] for i in lin]).to(Xb.dtype)
+        return J, m
+
+
 def _group_key(par: Parameterisation, index: np.ndarray):
     """Images with equal keys are simulated in one vmapped batch: same set-up, pixels, free scalars, structure
     factors and point-spread function (which are not batched)."""
@@ -152,7 +171,7 @@ def _group_key(par: Parameterisation, index: np.ndarray):
     table = hashlib.blake2b(st.F.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
     return (par.setup, tuple(par.names), hashlib.blake2b(index.tobytes(), digest_size=16).hexdigest(),
             par.crystal_system, par.ncells_iso, tuple(par.cell_rows), tuple(st.F.shape), table,
-            float(st.default_F), par.psf)
+            float(st.default_F), par.psf, id(par.boxes) if par.boxes is not None else None)
 
 
 class Objective:
