@@ -148,11 +148,13 @@ def _mosaic(ctx: _Context) -> List[str]:
 
 
 def _phi(ctx: _Context) -> List[str]:
-    """-phi, and -osc/-phistep/-phisteps all three (so no automatic rule applies) when the spindle moves."""
+    """-phi, and -osc/-phistep/-phisteps all three (so no automatic rule applies) when the spindle moves; always
+    with a carried -mask header or an -expt file (whose scan may give other values)."""
     st, out = ctx.setup, []
-    if st.phi0 != 0 or ctx.explicit:
+    explicit = ctx.explicit or "-expt" in ctx.base
+    if st.phi0 != 0 or explicit:
         out += ["-phi", fmt_num(st.phi0)]
-    if st.phisteps > 1 or st.phistep != 0 or ctx.explicit:
+    if st.phisteps > 1 or st.phistep != 0 or explicit:
         out += ["-osc", fmt_num(st.phistep * st.phisteps), "-phistep", fmt_num(st.phistep), "-phisteps",
                 str(st.phisteps)]
     return out

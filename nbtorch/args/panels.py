@@ -13,11 +13,15 @@ merges the values the file supplies into the build's flags:
   ``-spectrum``'s weighted mean).  Masks
   (``no_index``, ``bad…`` regions, masks in their own files) apply; a mask kept in the data file is left out with a
   note (only simulating).
-* ``-expt``: the first experiment of :func:`nbtorch.io.dials.read_experiments` — its panels and untrusted
-  rectangles, beam (``-beam_vector`` = −direction, ``-lambda``, ``-polar`` = the Kahn factor
-  2·polarization_fraction − 1, ``-polar_vector`` ⟂ polarization_normal and the beam) and crystal (real_space_a/b/c,
-  Å, as given), in DIALS's lab frame; ``-spindle_axis`` defaults to +x.  A flag given *after* ``-expt`` overrides
-  the file's value; one given before is overridden by it (with a note).
+* ``-expt``: experiment ``-expt_experiment`` K (0-based, default the first) of the list
+  (:func:`nbtorch.io.dials_experiments.experiment_of`) — its panels and untrusted rectangles, beam (``-beam_vector``
+  = −direction, ``-lambda``, ``-polar`` = the Kahn factor 2·polarization_fraction − 1, ``-polar_vector`` ⟂
+  polarization_normal and the beam) and crystal (real_space_a/b/c, Å, with a goniometer's S·F applied), in DIALS's
+  lab frame.  A rotation (an experiment with a goniometer): ``-spindle_axis`` = S·(scan axis) (the goniometer
+  composed as dxtbx does: :mod:`nbtorch.io.dials_experiments`), ``-phi`` and ``-osc`` the scan's oscillation of
+  image ``-expt_image`` K (start + K·width and width, degrees; ``-phisteps`` from the flags); a still's
+  ``-spindle_axis`` defaults to +x.  A flag given *after* ``-expt`` overrides the file's value; one given before is
+  overridden by it (with a note).
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from ..io.crystfel import Geometry, data_file_masks, geometry_mask, read_geom
-from ..io.dials import DialsExperiment, read_experiments
+from ..io.dials import DialsExperiment, read_expt
+from ..io.dials_experiments import experiment_of
 from ..panels import PanelLayout, layout_from_crystfel
 from ..units import HC_EV_ANGSTROM
 from .parse import NanoBraggArgs, fmt_num
@@ -46,6 +51,8 @@ _NOT_WITH_PANELS = {
 #: A -geom file's default E vector and spindle, and an -expt file's default spindle: +x (horizontal in both frames;
 #: CUSTOM's default +z runs along the beam there).
 _DEFAULT_AXIS = (1.0, 0.0, 0.0)
+#: Flags that choose what an -expt file gives (valid only with -expt).
+EXPT_CHOICE_FLAGS = ("-expt_experiment", "-expt_image")
 #: Flags that give the same value as a file's key (a later one wins over the file, an earlier one loses to it).
 _SAME_VALUE = {"-lambda": ("-lambda", "-energy"), "crystal": ("-cell", "-mat")}
 _CLEN_RE = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(mm|m)?\s*\Z")
@@ -57,7 +64,8 @@ class PanelSource(NamedTuple):
     flag: ``-geom`` or ``-expt``; name: the file as given; layout: the panels (:class:`~nbtorch.panels.PanelLayout`);
     mask: ``Setup.mask`` bytes ([P, S, F], 1 = render) or None when no pixel is masked; geometry: the CrystFEL
     :class:`~nbtorch.io.crystfel.Geometry` (its data layout is the output's) or None for ``-expt``; crystal: the
-    ``.expt`` crystal's real-space basis (Å, [3, 3], columns a, b, c) when it is used, else None."""
+    ``.expt`` crystal's real-space basis (Å, [3, 3], columns a, b, c) when it is used, else None; experiment: the
+    ``.expt`` experiment read (``-expt_experiment``; 0 for ``-geom``)."""
 
     flag: str
     name: str
@@ -65,6 +73,7 @@ class PanelSource(NamedTuple):
     mask: Optional[bytes]
     geometry: Optional[Geometry] = None
     crystal: Optional[np.ndarray] = None
+    experiment: int = 0
 
 
 def panel_file_flag(opts) -> Optional[str]:
@@ -82,6 +91,9 @@ def check_panel_flags(opts: NanoBraggArgs) -> None:
     if "-clen" in opts and flag != "-geom":
         raise ValueError(f"-clen {opts['-clen']} gives the camera length a -geom file reads from a data file: give "
                          "-geom FILE" + (" (an .expt file gives its own)" if flag == "-expt" else ""))
+    for f in EXPT_CHOICE_FLAGS:
+        if f in opts and flag != "-expt":
+            raise ValueError(f"{f} {opts[f]} chooses what a DIALS experiment list gives: give -expt FILE")
     if flag is None:
         return
     for f in opts.order:
@@ -195,15 +207,19 @@ def _checked_wavelength(inp, lam: float, what: str) -> float:
 
 
 def _expt_values(inp, rec: DialsExperiment) -> Dict[str, object]:
-    """The flag values an .expt file's first experiment supplies (:func:`~nbtorch.io.dials.read_experiments`):
+    """The flag values an .expt file's experiment supplies (:func:`~nbtorch.io.dials_experiments.experiment_of`):
     -beam_vector, -lambda (not with -spectrum: a note says it is replaced), -polar (Kahn factor) and -polar_vector
-    from its model; -spindle_axis +x (DIALS's usual axis) unless given."""
+    from its model; a rotation's -spindle_axis, -phi and -osc (:class:`~nbtorch.io.dials_experiments.RotationModel`
+    of the image read), a still's -spindle_axis +x (DIALS's usual axis) unless given."""
     if rec.beam.divergence > 0 or rec.beam.sigma_divergence > 0:
         inp.notes.append(f"-expt {inp.opts['-expt']}: the beam's divergence is not simulated (give -divergence)")
     values = {"-beam_vector": list(rec.setup.beam), "-polar": float(rec.beam.kahn_factor),
               "-lambda": _checked_wavelength(inp, rec.beam.wavelength, f"beam[{rec.models.beam}].wavelength"),
               "-polar_vector": list(rec.setup.polar_axis)}
-    if "-spindle_axis" not in inp.opts:
+    if rec.rotation is not None:
+        values.update({"-spindle_axis": list(rec.rotation.spindle), "-phi": rec.rotation.phi_start,
+                       "-osc": rec.rotation.phi_width})
+    elif "-spindle_axis" not in inp.opts:
         values["-spindle_axis"] = list(_DEFAULT_AXIS)
     if "-spectrum" in inp.opts:
         inp.notes.append(f"-expt {inp.opts['-expt']}: the beam's wavelength {fmt_num(values.pop('-lambda'))} Å is "
@@ -253,6 +269,27 @@ def _check_beam_vector(inp, flag: str, beam: Sequence[float]) -> None:
                          "file's lab frame; leave out -beam_vector")
 
 
+def _expt_record(inp, read: Callable) -> DialsExperiment:
+    """Experiment ``-expt_experiment`` K of the ``-expt`` file for its image ``-expt_image`` (both 0 by default),
+    notes for a list of several and an unused scan.  ValueError naming the flag and the range for K outside the
+    list, naming the file and key for the rest (a scan or imageset without the image asked for …)."""
+    name = inp.opts["-expt"]
+    expts = read(inp, "-expt", read_expt)
+    count, k = len(expts.experiments), int(inp.opts.get("-expt_experiment", 0))
+    if count == 0:
+        raise ValueError(f"-expt {name}: the file holds no experiment")
+    if k >= count:
+        raise ValueError(f"-expt_experiment {k}: -expt {name} holds {count} experiment{'s' if count != 1 else ''} "
+                         f"(0 to {count - 1})")
+    if count > 1 and "-expt_experiment" not in inp.opts:
+        inp.notes.append(f"-expt {name}: {count} experiments; the first is simulated (give -expt_experiment K)")
+    image = int(inp.opts.get("-expt_image", 0))
+    rec = read(inp, "-expt", lambda path: experiment_of(expts, path, k, image))
+    if rec.rotation is None and rec.models.scan is not None:
+        inp.notes.append(f"-expt {name}: experiment {k}'s scan is not used (a still: it has no goniometer)")
+    return rec
+
+
 def panel_source(inp, read: Callable) -> Optional[PanelSource]:
     """Read the detector file of ``-geom``/``-expt`` (None without one) and merge the values it supplies into
     ``inp.opts`` (a copy; see the module docstring), notes into ``inp.notes``.
@@ -270,21 +307,13 @@ def panel_source(inp, read: Callable) -> Optional[PanelSource]:
         source = PanelSource(flag, name, layout, None if mask.all() else mask.tobytes(), geometry)
         values, crystal = _geom_values(inp, geometry, layout), None
     else:
-        records = read(inp, "-expt", read_experiments)
-        if not records:
-            raise ValueError(f"-expt {name}: the file holds no experiment")
-        if len(records) > 1:
-            inp.notes.append(f"-expt {name}: {len(records)} experiments; the first is simulated")
-        rec = records[0]
-        if rec.models.goniometer is not None or rec.models.scan is not None:
-            inp.notes.append(f"-expt {name}: the goniometer and scan are not used (give -spindle_axis, -phi and -osc "
-                             "for a rotation)")
+        rec = _expt_record(inp, read)
         layout = rec.setup.panels
-        source = PanelSource(flag, name, layout, rec.setup.mask)
+        source = PanelSource(flag, name, layout, rec.setup.mask, experiment=rec.index)
         values = _expt_values(inp, rec)
         crystal = None if rec.crystal is None else np.array(rec.crystal.lab_real_space).T
     _check_beam_vector(inp, flag, layout.beam)
     inp.opts, use_crystal = _merge(inp, flag, values, crystal is not None)
     if flag == "-expt" and crystal is None and not any(f in inp.opts for f in ("-cell", "-mat")):
-        raise ValueError(f"-expt {name}: the first experiment has no crystal: give -cell or -mat")
+        raise ValueError(f"-expt {name}: experiment {rec.index} has no crystal: give -cell or -mat")
     return source._replace(crystal=crystal if use_crystal else None)

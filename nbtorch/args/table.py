@@ -173,10 +173,18 @@ _TABLE = (
           "and -spindle_axis read as CUSTOM with -beam_vector 0 0 1; outputs are the file's data layout (one 2-D "
           "slab); flags the file replaces are refused", default_text="not used",
           sets="setup.panels, setup.mask, setup.beam, params.detector", write="carry"),
-    _file("-expt", "panels", "DIALS experiment list: the first experiment's detector, beam (wavelength, direction, "
-          "polarization) and crystal (real_space_a/b/c as given) in DIALS's lab frame; flags after -expt override "
-          "the file's values; outputs are the panels stacked [P, slow, fast]", default_text="not used",
+    _file("-expt", "panels", "DIALS experiment list: an experiment's (-expt_experiment) detector, beam (wavelength, "
+          "direction, polarization) and crystal (real_space_a/b/c, with a goniometer's fixed and setting rotations) "
+          "in DIALS's lab frame, and a rotation's goniometer and scan (-spindle_axis, -phi, -osc of image "
+          "-expt_image); flags after -expt override the file's values; outputs are the panels stacked [P, slow, "
+          "fast]", default_text="not used",
           sets="setup.panels, setup.mask, setup.beam, params.detector, params.beam, params.crystal", write="carry"),
+    _count("-expt_experiment", "panels", "the experiment of the -expt list to build (0-based; only with -expt)",
+           default_text="0 (the first)", sets="which experiment -expt reads", write="carry", metavar="K"),
+    _count("-expt_image", "panels", "the image of the -expt experiment (0-based within its scan or imageset; only "
+           "with -expt): a rotation's spindle start and range are the scan's oscillation of that image (-phi = "
+           "start + K·width, -osc = width; -phisteps from the flags)", default_text="0 (the first)",
+           sets="setup.phi0, setup.phistep (a rotation's)", write="carry", metavar="K"),
     Flag("-clen", "panels", "camera length where the -geom file reads it from a data file (clen = /path): a length "
          "with unit mm (the default) or m, e.g. 125, 125mm, 0.125m; the file's coffset is added", kind="text",
          unit="mm", sets="setup.panels (panel z)", write="carry", metavar="VALUE[mm|m]"),

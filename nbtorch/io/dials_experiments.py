@@ -29,9 +29,10 @@ from ..panels import PanelLayout, layout_from_dials, panel_lab_vectors
 from ..simulate import crystal_rotation
 from ..types import Background, Beam, Crystal, Detector, Params, Setup, Structure
 from ..units import DEFAULT_FLUENCE
+from ._parse import display_name
 from .dials_json import ExptFileError, Node, optional
 
-__all__ = ["ImageSource", "CrystalModel", "RotationModel", "DialsExperiment", "experiment_models",
+__all__ = ["ImageSource", "CrystalModel", "RotationModel", "DialsExperiment", "experiment_models", "experiment_of",
            "refined_document", "CELL_SYSTEMS"]
 
 Vec = Tuple[float, float, float]
@@ -192,6 +193,11 @@ def _image_range(scan: Node) -> Tuple[int, int]:
     return first, last
 
 
+def _no_image(node: Node, index: int, count: int, what: str) -> ExptFileError:
+    """The error for image ``index`` beyond a ``what`` (scan, imageset) of ``count`` images, naming the key."""
+    return node.error(f"no image {index} (0-based): the {what} has {count} image{'s' if count != 1 else ''}")
+
+
 def scan_oscillation(scan: Node, index: int) -> Tuple[float, float]:
     """(start, width) in degrees of image ``index`` (0-based) of a scan's JSON: ``properties.oscillation`` (one
     start angle per image; the width from ``properties.oscillation_width`` or the step between the first two
@@ -199,7 +205,7 @@ def scan_oscillation(scan: Node, index: int) -> Tuple[float, float]:
     first, last = _image_range(scan)
     count = last - first + 1
     if not 0 <= index < count:
-        raise scan.key("image_range").error(f"no image {index} (0-based): the scan has {count} images")
+        raise _no_image(scan.key("image_range"), index, count, "scan")
     props = scan.key("properties", None)
     if props is not None and "oscillation" in props.obj().value:
         osc = props.key("oscillation").items(count)
@@ -270,13 +276,13 @@ def image_source(imageset: Node, scan: Optional[Node], index: int, base_dir: str
         first, last = _image_range(scan)
         count, key = last - first + 1, template
         if not 0 <= index < count:
-            raise scan.key("image_range").error(f"no image {index} (0-based): the scan has {count} images")
+            raise _no_image(scan.key("image_range"), index, count, "scan")
         path, frame = _template_path(template, first + index)
     else:
         images = imageset.key("images").items()
         count = len(images)
         if not 0 <= index < count:
-            raise imageset.key("images").error(f"no image {index} (0-based): the imageset has {count} images")
+            raise _no_image(imageset.key("images"), index, count, "imageset")
         key = images[index]
         path = key.string()
         frames = imageset.key("single_file_indices", None)
@@ -402,9 +408,10 @@ def _needed(expts, k: int, name: str) -> None:
 
 
 def experiment_models(expts, name: str, base_dir: str, image: int = 0, check_images: bool = False,
-                      dtype=None, device=None) -> List[DialsExperiment]:
+                      dtype=None, device=None, only: Optional[int] = None) -> List[DialsExperiment]:
     """Every experiment of ``expts`` (an :class:`nbtorch.io.dials.ExperimentList` read from the file ``name`` in
-    ``base_dir``) as a :class:`DialsExperiment` for image ``image`` (0-based) of each.  Experiments that share a
+    ``base_dir``) as a :class:`DialsExperiment` for image ``image`` (0-based) of each; with ``only`` = K experiment
+    K alone (a list of one; the others are not modelled, nor their images checked).  Experiments that share a
     detector and a beam share one layout object.  ExptFileError naming the file and key."""
     dtype = torch.float64 if dtype is None else dtype
     if isinstance(image, bool) or not isinstance(image, int) or image < 0:
@@ -412,6 +419,8 @@ def experiment_models(expts, name: str, base_dir: str, image: int = 0, check_ima
     layouts: Dict[Tuple[int, int], Tuple[PanelLayout, Optional[bytes]]] = {}
     out = []
     for k, exp in enumerate(expts.experiments):
+        if only is not None and k != only:
+            continue
         _needed(expts, k, name)
         key = (exp.detector, exp.beam)
         if key not in layouts:
@@ -435,6 +444,20 @@ def experiment_models(expts, name: str, base_dir: str, image: int = 0, check_ima
             raise ExptFileError(f"{name}: experiment[{k}]: {exc}") from None
         out.append(DialsExperiment(params, setup, images, exp.identifier, k, exp, beam, crystal, rotation))
     return out
+
+
+def experiment_of(expts, path, index: int, image: int = 0, check_images: bool = False, dtype=None,
+                  device=None) -> DialsExperiment:
+    """Experiment ``index`` (0-based) of the list ``expts`` read from the file ``path``
+    (:func:`nbtorch.io.dials.read_expt`) as a :class:`DialsExperiment` for its image ``image`` (relative image paths
+    resolved against the file's folder); the other experiments are not modelled.  ValueError naming the file and
+    the range for an index outside the list; ExptFileError (see :func:`nbtorch.io.dials.read_experiments`)."""
+    name, count = display_name(path), len(expts.experiments)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(f"{name}: no experiment {index!r} (0-based): the file holds {count} experiment"
+                         f"{'s' if count != 1 else ''} (0 to {count - 1})")
+    base = os.path.dirname(os.path.abspath(os.fspath(path)))
+    return experiment_models(expts, name, base, image, check_images, dtype, device, only=index)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -294,9 +294,36 @@ def _read_observed_smv(buf: bytes, name: str, overload) -> ObservedImage:
     )
 
 
-def _fabio_frame(path: str, name: str, hdf5: bool):
-    """(first frame as an array, header dict of strings) through fabio; any failure of fabio to read the file (a
-    truncated CBF raises AssertionError, an HDF5 file it does not know NotGoodReader) is a one-line ValueError."""
+def _fabio_open(fabio, path: str, frame: int):
+    """(frame ``frame`` of the file as an array, its header as a dict of strings) through fabio's ``getframe`` (the
+    image itself for frame 0); :class:`_FrameError` when the file holds fewer frames."""
+    img = fabio.open(path)
+    count = int(getattr(img, "nframes", 1) or 1)
+    if frame >= count:
+        raise _FrameError(frame, count)
+    if frame > 0:
+        img = img.getframe(frame)
+    return np.asarray(img.data), {str(k): str(v) for k, v in dict(img.header).items()}
+
+
+class _FrameError(Exception):
+    """A frame beyond a multi-frame file's (``frame``, ``count``)."""
+
+    def __init__(self, frame: int, count: int):
+        super().__init__(frame, count)
+        self.frame, self.count = frame, count
+
+
+def _frames_text(name: str, frame: int, count: int) -> str:
+    """The one line for a frame beyond a file: the file, the frame asked and how many it holds."""
+    return f"{name}: no frame {frame} (0-based): the file holds {count} frame{'s' if count != 1 else ''} " \
+           f"(0 to {count - 1})"
+
+
+def _fabio_frame(path: str, name: str, hdf5: bool, frame: int = 0):
+    """(frame ``frame`` (0-based) as an array, header dict of strings) through fabio; a frame beyond the file's, or
+    any failure of fabio to read the file (a truncated CBF raises AssertionError, an HDF5 file it does not know
+    NotGoodReader), is a one-line ValueError."""
     try:
         import fabio  # noqa: PLC0415 - optional dependency, imported lazily
     except ImportError as exc:
@@ -307,9 +334,9 @@ def _fabio_frame(path: str, name: str, hdf5: bool):
     level = log.level
     log.setLevel(logging.CRITICAL)  # fabio logs what it then raises (a checksum mismatch ...): one line is ours
     try:
-        img = fabio.open(path)
-        data = np.asarray(img.data)
-        header = {str(k): str(v) for k, v in dict(img.header).items()}
+        data, header = _fabio_open(fabio, path, frame)
+    except _FrameError as exc:
+        raise ValueError(_frames_text(name, exc.frame, exc.count)) from None
     except OSError as exc:
         if exc.errno is not None:  # the file itself cannot be read
             raise
@@ -328,9 +355,9 @@ def _fabio_frame(path: str, name: str, hdf5: bool):
                      f"{why[:200]})") from None
 
 
-def _read_observed_fabio(path: str, name: str, overload, hdf5: bool = False) -> ObservedImage:
-    data, header = _fabio_frame(path, name, hdf5)
-    if data.ndim == 3 and data.shape[0] >= 1:  # multi-frame containers (HDF5/Eiger): first frame
+def _read_observed_fabio(path: str, name: str, overload, hdf5: bool = False, frame: int = 0) -> ObservedImage:
+    data, header = _fabio_frame(path, name, hdf5, frame)
+    if data.ndim == 3 and data.shape[0] >= 1:  # a frame that is itself a stack (HDF5/Eiger): its first
         data = data[0]
     if data.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D image, fabio returned shape {data.shape}")
@@ -393,14 +420,15 @@ def read_image(
     dtype="<f4",
     adc: float | None = None,
     gain: float | None = None,
+    frame: int = 0,
 ) -> ObservedImage:
-    """Read an observed detector image with a usable-pixel mask.
+    """Read an observed detector image (one frame of it) with a usable-pixel mask.
 
     Format selection: a raw extension (``.bin``, ``.raw``, ``.f32``, ``.flt``, ``.float``) → headerless raw image of
     ``shape`` (required) and ``dtype``; ``.img``/``.smv``, or a ``{`` header declaring ``HEADER_BYTES`` → SMV, read
     natively; an HDF5 file with an NXmx entry → :func:`~nbtorch.io.nexus.read_nxmx` (h5py; first frame, geometry in
     ``ObservedImage.geometry``); otherwise if ``shape`` is given → raw; otherwise CBF/HDF5/EDF/... through ``fabio``
-    (imported lazily; first frame of multi-frame files).
+    (imported lazily; its ``getframe`` for a frame of a multi-frame file).
 
     Masking: a pixel is usable when finite, ≥ 0 (detector gaps are often −1/−2 in CBF) and not saturated.
     Saturated means ≥ ``overload``; the default overload is 65535 for ``unsigned_short`` SMV, miniCBF's
@@ -424,6 +452,8 @@ def read_image(
         dtype: on-disk dtype of raw images.
         adc: ADC offset (counts) to subtract, overriding the header's.
         gain: counts per photon to divide by (> 0), overriding the header's.
+        frame: the frame of a multi-frame file (0-based; NXmx and other HDF5 files, fabio's multi-frame formats);
+            a raw or SMV file holds one.
 
     Returns:
         :class:`ObservedImage` (data float64 [slow, fast], photons).
@@ -431,21 +461,32 @@ def read_image(
     Raises:
         ValueError: malformed SMV/raw files, missing ``shape`` for a raw file, unparseable geometry header values, a
             file fabio cannot read (truncated CBF, damaged file), an HDF5 file that is neither NXmx nor Eiger (one
-            line naming the file).
+            line naming the file); a frame beyond the file's (naming the frame and how many the file holds).
         ImportError: if fabio (or h5py for HDF5) is needed but not installed (``pip install nbtorch[io]``).
     """
-    return to_photons(_read_values(path, shape, overload, dtype), display_name(path), adc, gain)
+    return to_photons(_read_values(path, shape, overload, dtype, frame), display_name(path), adc, gain)
 
 
-def _read_values(path, shape, overload, dtype) -> ObservedImage:
+def _single_frame(name: str, frame: int, what: str) -> None:
+    """ValueError naming the file when ``frame`` > 0: a ``what`` file (raw, SMV) holds one frame."""
+    if frame:
+        raise ValueError(_frames_text(name, frame, 1).replace("the file holds", f"a {what} file holds"))
+
+
+def _read_values(path, shape, overload, dtype, frame: int = 0) -> ObservedImage:
     """:func:`read_image` before the conversion to photons."""
     name = display_name(path)
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or frame < 0:
+        raise ValueError(f"frame must be an integer >= 0 (0 = the first), got {frame!r}")
+    frame = int(frame)
     ext = os.path.splitext(name)[1].lower()
     if ext in RAW_EXTENSIONS:
         if shape is None:
             raise ValueError(f"{name}: raw image needs shape=(slow, fast)")
+        _single_frame(name, frame, "raw")
         return observed_image(read_raw_float(path, shape, dtype), {}, overload, None, None, None, None)
     if ext in SMV_EXTENSIONS or _looks_like_smv(path):
+        _single_frame(name, frame, "SMV")
         return _read_observed_smv(read_bytes(path), name, overload)
     hdf5 = _is_hdf5(path)
     if hdf5:
@@ -454,7 +495,8 @@ def _read_values(path, shape, overload, dtype) -> ObservedImage:
         except OSError as exc:  # h5py cannot open it (truncated)
             raise ValueError(f"{name}: an unreadable HDF5 file ({' '.join(str(exc).split())})") from None
         if nxmx:
-            return read_nxmx(path, overload)
+            return read_nxmx(path, overload, frame)
     if shape is not None:
+        _single_frame(name, frame, "raw")
         return observed_image(read_raw_float(path, shape, dtype), {}, overload, None, None, None, None)
-    return _read_observed_fabio(os.fspath(path), name, overload, hdf5)
+    return _read_observed_fabio(os.fspath(path), name, overload, hdf5, frame)

@@ -38,6 +38,7 @@ import io
 import json
 import math
 import os
+import re
 from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -59,6 +60,8 @@ __all__ = [
     "write_nxmx",
     "read_nxmx",
     "is_nxmx",
+    "hdf5_module",
+    "hdf5_frame",
 ]
 
 #: Paths (and ``path@attribute``) that the NXmx application definition requires, as :func:`write_nxmx` names the
@@ -169,7 +172,35 @@ def _h5py():
     except ImportError as exc:
         raise ImportError("reading and writing NeXus files needs the optional 'h5py' package: pip install nbtorch[io]"
                           ) from exc
+    try:
+        import hdf5plugin  # noqa: F401, PLC0415 - registers the bitshuffle/LZ4 … filters of detector files with h5py
+    except ImportError:
+        pass  # compressed data then fails with a line naming hdf5plugin (hdf5_frame)
     return h5py
+
+
+def hdf5_module():
+    """h5py, with hdf5plugin's compression filters (bitshuffle/LZ4, Blosc …, as Eiger and Jungfrau files use)
+    registered when hdf5plugin is installed.  ImportError naming ``pip install nbtorch[io]`` without h5py."""
+    return _h5py()
+
+
+def hdf5_frame(ds, frame: int, stacked: bool, name: str) -> np.ndarray:
+    """Frame ``frame`` (0-based) of the HDF5 image dataset ``ds`` of the file ``name``: ``ds[frame]`` when the
+    dataset has a leading frame axis (``stacked``: ``[N, S, F]``, ``[N, P, S, F]`` …), else the dataset itself (one
+    frame).  ValueError naming the file, the dataset, the frame and how many frames the dataset holds when the frame
+    is beyond it; a dataset h5py cannot decompress names hdf5plugin."""
+    count = int(ds.shape[0]) if stacked and ds.ndim else 1
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or not 0 <= frame < count:
+        raise ValueError(f"{name}: no frame {frame} (0-based) in {ds.name}: it holds {count} frame"
+                         f"{'s' if count != 1 else ''} (0 to {count - 1})")
+    try:
+        return np.asarray(ds[int(frame)] if stacked else ds[()])
+    except OSError as exc:
+        text = " ".join(str(exc).split())
+        hint = ("; compressed data: install hdf5plugin (pip install hdf5plugin) for its filters (bitshuffle/LZ4 …)"
+                if "filter" in text.lower() else "")
+        raise ValueError(f"{name}: cannot read frame {frame} of {ds.name} ({text}){hint}") from None
 
 
 def _unit(v) -> np.ndarray:
@@ -690,8 +721,9 @@ def _module_geometry(module, name: str):
     return A[:3, :3] @ f_unit, A[:3, :3] @ s_unit, A[:3, 3], pix
 
 
-def _sample_axis(entry, name: str):
-    """(spindle, phi_deg, osc_deg) from the sample's first rotation axis, or (None, None, 0.0)."""
+def _sample_axis(entry, name: str, frame: int = 0):
+    """(spindle, phi_deg, osc_deg) of frame ``frame`` (0-based; the last value where the axis has fewer) from the
+    sample's first rotation axis, or (None, None, 0.0)."""
     samples = _nx_children(entry, "NXsample")
     if not samples or "depends_on" not in samples[0]:
         return None, None, 0.0
@@ -701,13 +733,15 @@ def _sample_axis(entry, name: str):
     start = entry.file[dep] if dep.startswith("/") else samples[0][dep]
     for ds in _chain(start, name):
         if _text(ds.attrs.get("transformation_type", "")) == "rotation":
-            values = np.atleast_1d(_scaled(ds, _DEG_PER, name))
+            values = np.atleast_1d(_scaled(ds, _DEG_PER, name)).reshape(-1)
+            k = min(frame, len(values) - 1)
             osc = 0.0
             if ds.name + "_end" in ds.file:
-                osc = float(np.atleast_1d(_scaled(ds.file[ds.name + "_end"], _DEG_PER, name))[0] - values[0])
+                ends = np.atleast_1d(_scaled(ds.file[ds.name + "_end"], _DEG_PER, name)).reshape(-1)
+                osc = float(ends[min(k, len(ends) - 1)] - values[k])
             elif len(values) > 1:
-                osc = float(values[1] - values[0])
-            return _unit(ds.attrs["vector"]), float(values[0]), osc
+                osc = float(values[k + 1] - values[k]) if k + 1 < len(values) else float(values[k] - values[k - 1])
+            return _unit(ds.attrs["vector"]), float(values[k]), osc
     return None, None, 0.0
 
 
@@ -793,15 +827,17 @@ def _module_centre(m: NexusModule) -> np.ndarray:
                                 + m.image_size[1] * m.pixel_size_mm[1] * m.slow_axis)
 
 
-def _beam_wavelength(beam, name: str) -> tuple:
-    """(wavelength Å, spectrum or None) of an NXbeam: ``incident_wavelength`` alone is one wavelength per frame (the
-    first frame's is used); with ``incident_wavelength_weights`` ([m], or [frames, m]) the wavelengths [m] (or
-    [frames, m]) are a spectrum (the first frame's) and the wavelength its weighted mean."""
+def _beam_wavelength(beam, name: str, frame: int = 0) -> tuple:
+    """(wavelength Å, spectrum or None) of an NXbeam for frame ``frame``: ``incident_wavelength`` alone is one
+    wavelength, or one per frame; with ``incident_wavelength_weights`` ([m], or [frames, m]) the wavelengths [m] (or
+    [frames, m]) are a spectrum (the frame's) and the wavelength its weighted mean.  A value per frame with fewer
+    frames than ``frame``: the last one."""
     lam = np.asarray(_scaled(beam["incident_wavelength"], _MM_PER, name), dtype=np.float64) * ANGSTROM_PER_MM
     if "incident_wavelength_weights" not in beam:
-        return float(np.atleast_1d(lam).reshape(-1)[0]), None
+        values = np.atleast_1d(lam).reshape(-1)
+        return float(values[min(frame, len(values) - 1)]), None
     w = np.asarray(beam["incident_wavelength_weights"][()], dtype=np.float64)
-    lam, w = (np.atleast_1d(a[0] if a.ndim == 2 else a) for a in (lam, w))
+    lam, w = (np.atleast_1d(a[min(frame, len(a) - 1)] if a.ndim == 2 else a) for a in (lam, w))
     if lam.ndim != 1 or lam.shape != w.shape:
         raise ValueError(f"{name}: NXbeam incident_wavelength has shape {list(lam.shape)} but "
                          f"incident_wavelength_weights {list(w.shape)}: expected one weight per wavelength")
@@ -811,7 +847,7 @@ def _beam_wavelength(beam, name: str) -> tuple:
     return spectrum_mean(lam, w), (lam, w)
 
 
-def _read_geometry(entry, det, blocks, name: str) -> NexusGeometry:
+def _read_geometry(entry, det, blocks, name: str, frame: int = 0) -> NexusGeometry:
     modules, tree = _read_modules(entry, blocks, name)
     m0 = modules[0]
     inst = det.parent
@@ -819,7 +855,7 @@ def _read_geometry(entry, det, blocks, name: str) -> NexusGeometry:
     beams += [b for s in _nx_children(entry, "NXsample") for b in _nx_children(s, "NXbeam")]
     if not beams:
         raise ValueError(f"{name}: NXmx file has no NXbeam")
-    wl, spectrum = _beam_wavelength(beams[0], name)
+    wl, spectrum = _beam_wavelength(beams[0], name, frame)
     beam = np.array([0.0, 0.0, 1.0])
     if len(modules) == 1:
         a, b, t = _beam_hit(m0.origin_mm, m0.fast_axis, m0.slow_axis, beam)
@@ -828,7 +864,7 @@ def _read_geometry(entry, det, blocks, name: str) -> NexusGeometry:
         distance, centre = float(np.atleast_1d(_scaled(det["distance"], _MM_PER, name))[0]), None
     else:
         distance, centre = float(np.mean([_module_centre(m)[2] for m in modules])), None
-    spindle, phi, osc = _sample_axis(entry, name)
+    spindle, phi, osc = _sample_axis(entry, name, frame)
     sat = float(det["saturation_value"][()]) if "saturation_value" in det else None
     material = _text(det["sensor_material"]) if "sensor_material" in det else ""
     thick = float(np.atleast_1d(_scaled(det["sensor_thickness"], _MM_PER, name))[0]) if "sensor_thickness" in det \
@@ -838,23 +874,55 @@ def _read_geometry(entry, det, blocks, name: str) -> NexusGeometry:
                          wl, beam, spindle, phi, osc, material, thick, sat, R, modules, tree, spectrum)
 
 
-def _read_frame(entry, det, rank: int, name: str) -> np.ndarray:
-    """The first frame of the image data (rank ``rank``: the modules' data_origin length)."""
+#: The image datasets of an Eiger master file's NXdata: ``data_000001``, ``data_000002`` … (external links, each a
+#: block of frames).
+_DATA_BLOCK = re.compile(r"data_\d+\Z")
+
+
+def _linked(group, key: str, name: str):
+    """``group[key]``; ValueError naming the file and the link when it leads nowhere (a missing data file)."""
+    try:
+        return group[key]
+    except (KeyError, OSError) as exc:
+        raise ValueError(f"{name}: {group.name}/{key} cannot be opened (a missing or unreadable linked data file: "
+                         f"{' '.join(str(exc).split())})") from None
+
+
+def _image_datasets(entry, det, name: str) -> list:
+    """The image datasets in frame order: NXdata's signal (default ``data``), else its ``data_000001``,
+    ``data_000002`` … blocks (Eiger master files), else NXdetector ``data``."""
     datas = _nx_children(entry, "NXdata")
-    ds = None
     if datas:
         signal = datas[0].attrs.get("signal")
         key = _text(signal) if signal is not None else "data"
-        ds = datas[0][key] if key in datas[0] else None
-    if ds is None:
-        ds = det.get("data")
-    if ds is None:
-        raise ValueError(f"{name}: NXmx file has no image data (NXdata or NXdetector/data)")
-    frame = ds[0] if ds.ndim == rank + 1 else ds[()] if ds.ndim == rank else None
-    if frame is None:
-        axes = "[frames, slow, fast] or [slow, fast]" if rank == 2 else "[frames, modules, slow, fast]"
-        raise ValueError(f"{name}: image data has shape {list(ds.shape)}; expected {axes}")
-    return np.asarray(frame)
+        if key in datas[0]:
+            return [_linked(datas[0], key, name)]
+        blocks = sorted(k for k in datas[0].keys() if _DATA_BLOCK.match(k))
+        if blocks:
+            return [_linked(datas[0], k, name) for k in blocks]
+    if "data" in det:
+        return [_linked(det, "data", name)]
+    raise ValueError(f"{name}: NXmx file has no image data (NXdata or NXdetector/data)")
+
+
+def _read_frame(entry, det, rank: int, name: str, frame: int = 0) -> np.ndarray:
+    """Frame ``frame`` (0-based) of the image data (rank ``rank``: the modules' data_origin length), counted
+    through the data blocks in order; ValueError naming the file, the frame and how many frames it holds."""
+    datasets = _image_datasets(entry, det, name)
+    for ds in datasets:
+        if ds.ndim not in (rank, rank + 1):
+            axes = "[frames, slow, fast] or [slow, fast]" if rank == 2 else "[frames, modules, slow, fast]"
+            raise ValueError(f"{name}: image data {ds.name} has shape {list(ds.shape)}; expected {axes}")
+    counts = [int(ds.shape[0]) if ds.ndim == rank + 1 else 1 for ds in datasets]
+    total = sum(counts)
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or not 0 <= frame < total:
+        raise ValueError(f"{name}: no frame {frame} (0-based): the file holds {total} frame"
+                         f"{'s' if total != 1 else ''} (0 to {total - 1})")
+    for ds, count in zip(datasets, counts):
+        if frame < count:
+            return hdf5_frame(ds, frame, ds.ndim == rank + 1, name)
+        frame -= count
+    raise AssertionError("unreachable: the frame is within the total")
 
 
 def _frame_rank(modules, name: str) -> int:
@@ -885,8 +953,11 @@ def _observed(data: np.ndarray, header: dict, overload, geo: NexusGeometry, pm, 
     return obs._replace(geometry=geo)
 
 
-def read_nxmx(path: str | os.PathLike, overload: Optional[float] = None):
-    """Read the first frame of an NXmx file as an :class:`~nbtorch.io.images.ObservedImage` with its geometry.
+def read_nxmx(path: str | os.PathLike, overload: Optional[float] = None, frame: int = 0):
+    """Read frame ``frame`` (0-based; default the first) of an NXmx file as an
+    :class:`~nbtorch.io.images.ObservedImage` with its geometry (the frame's wavelength and rotation angle where the
+    file gives one per frame).  The frames are counted through NXdata's ``data``, or an Eiger master file's
+    ``data_000001``, ``data_000002`` … blocks in order.
 
     One module: ``data`` [slow, fast].  Several modules (a panel detector): ``data`` [P, S, F], the modules in the
     order of their ``data_origin`` in the data array (2-D frames, panels side by side, or 3-D frames with a module
@@ -903,7 +974,8 @@ def read_nxmx(path: str | os.PathLike, overload: Optional[float] = None):
 
     Raises:
         ValueError: not an NXmx file, no detector module, modules without their pixel directions, data blocks
-            outside the data or sharing pixels, missing data/beam, unknown or missing units (one line naming the file).
+            outside the data or sharing pixels, missing data/beam, unknown or missing units, a frame beyond the
+            file's (naming how many it holds), a linked data file missing (one line naming the file).
         ImportError: h5py is not installed.
     """
     h5py = _h5py()
@@ -920,17 +992,17 @@ def read_nxmx(path: str | os.PathLike, overload: Optional[float] = None):
         modules = _nx_children(det, "NXdetector_module")
         if not modules:
             raise ValueError(f"{name}: the NXdetector {det.name} has no NXdetector_module")
-        frame = _read_frame(entry, det, _frame_rank(modules, name), name)
-        blocks = _module_blocks(modules, frame.shape, name)
-        geo = _read_geometry(entry, det, blocks, name)
+        pixels = _read_frame(entry, det, _frame_rank(modules, name), name, frame)
+        blocks = _module_blocks(modules, pixels.shape, name)
+        geo = _read_geometry(entry, det, blocks, name, frame)
         pm = np.asarray(det["pixel_mask"][()]) if "pixel_mask" in det else None
         header = {"definition": "NXmx", "instrument": _text(det.parent["name"]) if "name" in det.parent else "",
                   "sensor_material": geo.sensor_material}
-    if pm is not None and pm.shape[1:] == frame.shape:
-        pm = pm[0]
-    if pm is not None and pm.shape != frame.shape:
-        raise ValueError(f"{name}: pixel_mask has shape {list(pm.shape)} but the image frames {list(frame.shape)}")
-    return _observed(_stack(frame, blocks), header, geo.saturation_value if overload is None else overload, geo, pm,
+    if pm is not None and pm.shape[1:] == pixels.shape:  # a mask per frame, or one for all
+        pm = pm[frame] if frame < pm.shape[0] else pm[0]
+    if pm is not None and pm.shape != pixels.shape:
+        raise ValueError(f"{name}: pixel_mask has shape {list(pm.shape)} but the image frames {list(pixels.shape)}")
+    return _observed(_stack(pixels, blocks), header, geo.saturation_value if overload is None else overload, geo, pm,
                      blocks, name)
 
 

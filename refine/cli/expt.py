@@ -1,43 +1,37 @@
 """``nbtorch-refine --expt FILE [--experiment K] [--out-expt OUT.expt]``: a DIALS experiment list as the front door of
 a refinement (docs/refine.md "Refining a DIALS experiment").
 
-Experiment K of the list (:func:`nbtorch.io.dials.read_experiments`) gives the starting model through nbtorch's own
-``-expt`` flag (the nanoBragg flags after the options add what the file does not hold — ``-default_F``/``-hkl``,
-``-N``, ``-fluence``, ``-oversample`` … — and override what it does), and its imageset gives the observed image when
-no OBSERVED is given.  ``-expt`` builds a list's first experiment; for K > 0 the build reads a one-experiment copy of
-the list (experiment K alone, every model kept) in a temporary folder that lives as long as the run.  The refined
-model is written back into a copy of the list by :meth:`refine.pipeline.result.Result.write_expt` (experiment K's
-crystal, detector and beam; everything else as read).
+Experiment K of the list (:func:`nbtorch.io.dials_experiments.experiment_of`) gives the starting model through
+nbtorch's own flags ``-expt FILE -expt_experiment K`` (the nanoBragg flags after the options add what the file does
+not hold — ``-default_F``/``-hkl``, ``-N``, ``-fluence``, ``-oversample`` … — and override what it does; an
+``-expt_image I`` among them picks a rotation's image), and its imageset gives the observed image (its file, and
+the frame of a multi-frame file) when no OBSERVED is given.  The refined model is written back into a copy of the
+list by :meth:`refine.pipeline.result.Result.write_expt` (experiment K's crystal, detector and beam; everything else
+as read), and as flags (which name the list and K).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import tempfile
-from typing import Iterator, List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 from nbtorch.args import parse_args
-from nbtorch.io.dials import DialsExperiment, read_experiments
+from nbtorch.io.dials import DialsExperiment, read_expt
+from nbtorch.io.dials_experiments import experiment_of
 
 from .checks import UsageError
 
-__all__ = ["ExptInput", "expt_input", "observed_image"]
+__all__ = ["ExptInput", "ObservedFile", "expt_input", "observed_image"]
 
 
 class ExptInput(NamedTuple):
     """The experiment a run refines.  ``path``: the ``.expt`` file as given; ``index``: K (0-based); ``record``:
-    its :class:`~nbtorch.io.dials_experiments.DialsExperiment`; ``flags``: the nanoBragg flags of the build (``-expt``
-    and the file it reads first, then the user's flags); ``own_flags``: whether those flags name ``path`` itself
-    (K = 0: the refined model can be written as flags), not a temporary copy; ``temporary``: the copy's path or
-    ''."""
+    its :class:`~nbtorch.io.dials_experiments.DialsExperiment` (for image ``-expt_image`` of the flags, default the
+    first); ``flags``: the nanoBragg flags of the build (``-expt path -expt_experiment K``, then the user's)."""
 
     path: str
     index: int
     record: DialsExperiment
     flags: List[str]
-    own_flags: bool
-    temporary: str = ""
 
     def report(self, out_expt: Optional[str]) -> dict:
         """The JSON report's ``expt`` entry: ``{"input", "experiment", "identifier", "out"}`` (out None when no
@@ -45,18 +39,28 @@ class ExptInput(NamedTuple):
         return {"input": self.path, "experiment": self.index, "identifier": self.record.identifier,
                 "out": out_expt}
 
-    def message(self, text: str) -> str:
-        """A build message with the temporary copy's name replaced by the file and experiment it holds."""
-        return text.replace(self.temporary, f"{self.path} (experiment {self.index})") if self.temporary else text
+
+class ObservedFile(NamedTuple):
+    """The observed image of a run: ``path``, ``frame`` (0-based, of a multi-frame file) and ``label``, how
+    messages about it start (``OBSERVED``, or the ``.expt`` experiment and imageset key it came from)."""
+
+    path: str
+    frame: int = 0
+    label: str = "OBSERVED"
 
 
-def _given_file(ns, flags: List[str]) -> Optional[str]:
-    """The ``.expt`` file of the run: ``--expt``, else a ``-expt`` flag (K must then be 0), else None.
-    :class:`UsageError` for both, or ``--experiment``/``--out-expt`` without either."""
+def _flag_values(flags: List[str]) -> dict:
+    """The parsed flags (only what this module reads), {} when they do not parse (the build reports that)."""
     try:
-        in_flags = parse_args(list(flags)).get("-expt") if "-expt" in flags else None
+        return dict(parse_args(list(flags)))
     except ValueError:
-        in_flags = None  # the build reports a bad flag
+        return {}
+
+
+def _given_file(ns, given: dict) -> Optional[str]:
+    """The ``.expt`` file of the run: ``--expt``, else a ``-expt`` flag, else None.  :class:`UsageError` for both,
+    ``--experiment``/``--out-expt`` without either, or the experiment given both ways."""
+    in_flags = given.get("-expt")
     if ns.expt is not None and in_flags is not None:
         raise UsageError(f"--expt {ns.expt} and -expt {in_flags} both give the experiment list: give one")
     if ns.expt is None and in_flags is None:
@@ -64,62 +68,53 @@ def _given_file(ns, flags: List[str]) -> Optional[str]:
             if value is not None:
                 raise UsageError(f"{option} {value}: the model does not come from a DIALS experiment list: give "
                                  "--expt FILE")
-    if in_flags is not None and ns.experiment not in (None, 0):
-        raise UsageError(f"--experiment {ns.experiment} with -expt {in_flags}: the -expt flag builds the first "
-                         "experiment; give --expt FILE instead")
+    if in_flags is not None and ns.experiment is not None:
+        raise UsageError(f"--experiment {ns.experiment} with -expt {in_flags}: give the experiment as "
+                         f"-expt_experiment {ns.experiment} after the flag, or --expt FILE")
+    if ns.expt is not None and "-expt_experiment" in given:
+        raise UsageError(f"-expt_experiment {given['-expt_experiment']} with --expt {ns.expt}: give the experiment "
+                         f"as --experiment {given['-expt_experiment']}")
     return ns.expt if ns.expt is not None else (None if in_flags is None else str(in_flags))
 
 
-def _one_experiment_copy(path: str, index: int, folder: str) -> str:
-    """A copy of the list at ``path`` holding experiment ``index`` alone (every model list kept), in ``folder``."""
-    with open(path, "rb") as fh:
-        doc = json.loads(fh.read().decode("utf-8"))
-    doc["experiment"] = [doc["experiment"][index]]
-    copy = os.path.join(folder, f"experiment_{index}.expt")
-    with open(copy, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh)
-    return copy
-
-
-@contextlib.contextmanager
-def expt_input(ns, flags: List[str]) -> Iterator[Optional[ExptInput]]:
-    """The run's :class:`ExptInput` (None when the model does not come from an ``.expt``), its temporary copy (K >
-    0) removed on exit.  :class:`UsageError` naming the option: a file that cannot be read or is malformed, K outside
-    the list."""
-    path = _given_file(ns, flags)
+def expt_input(ns, flags: List[str]) -> Optional[ExptInput]:
+    """The run's :class:`ExptInput` (None when the model does not come from an ``.expt``).  :class:`UsageError`
+    naming the option: a file that cannot be read or is malformed, K outside the list, an image the experiment does
+    not have."""
+    given = _flag_values(flags)
+    path = _given_file(ns, given)
     if path is None:
-        yield None
-        return
-    index = 0 if ns.experiment is None else ns.experiment
+        return None
+    option = "--expt" if ns.expt is not None else "-expt"
+    index = int(given.get("-expt_experiment", 0) if ns.expt is None else (ns.experiment or 0))
     try:
-        records = read_experiments(path)
+        expts = read_expt(path)
+        count = len(expts.experiments)
+        if not 0 <= index < count:
+            which = "--experiment" if ns.expt is not None else "-expt_experiment"
+            raise UsageError(f"{which} {index}: {path} holds {count} experiment{'s' if count != 1 else ''} "
+                             f"(0 to {count - 1})")
+        record = experiment_of(expts, path, index, int(given.get("-expt_image", 0)))
     except (ValueError, OSError) as exc:
-        raise UsageError(f"--expt {path}: {exc}" if ns.expt is not None else f"-expt {path}: {exc}") from None
-    if not 0 <= index < len(records):
-        raise UsageError(f"--experiment {index}: {path} holds {len(records)} experiment"
-                         f"{'s' if len(records) != 1 else ''} (0 to {len(records) - 1})")
+        text = " ".join(str(exc).split())
+        raise UsageError(f"{option} {path}: {text[len(path) + 2:] if text.startswith(path + ': ') else text}") \
+            from None
     if ns.expt is None:  # the -expt flag: the flags are the build's as given
-        yield ExptInput(path, 0, records[0], list(flags), True)
-        return
-    if index == 0:
-        yield ExptInput(path, 0, records[0], ["-expt", path] + list(flags), True)
-        return
-    with tempfile.TemporaryDirectory(prefix="nbtorch-refine-") as folder:
-        copy = _one_experiment_copy(path, index, folder)
-        yield ExptInput(path, index, records[index], ["-expt", copy] + list(flags), False, copy)
+        return ExptInput(path, index, record, list(flags))
+    return ExptInput(path, index, record, ["-expt", path, "-expt_experiment", str(index)] + list(flags))
 
 
-def observed_image(source: ExptInput) -> str:
-    """The observed image file of the experiment (its imageset's image, the path resolved against the ``.expt``'s
-    folder).  :class:`UsageError` naming the file and the key: no imageset, a missing file, a frame other than a
-    multi-frame file's first (give OBSERVED)."""
+def observed_image(source: ExptInput) -> ObservedFile:
+    """The observed image of the experiment: its imageset's file (the path resolved against the ``.expt``'s
+    folder) and frame (``single_file_indices``, or an HDF5 sequence's image number − 1; 0 for a file per image).
+    :class:`UsageError` naming the file and the key: no imageset, a missing file.  A frame beyond the file is
+    reported when it is read, after the label."""
     where = f"--expt {source.path}: experiment {source.index}"
     image = source.record.images
     if image is None:
         raise UsageError(f"{where} has no imageset (or one held in memory): give the observed image as OBSERVED")
     if not os.path.isfile(image.path):
         raise UsageError(f"{where}: image {image.path} ({image.key}) not found")
-    if image.frame:
-        raise UsageError(f"{where}: the image is frame {image.frame} of {image.path} ({image.key}); only a file's "
-                         "first frame is read: give the frame as OBSERVED")
-    return image.path
+    frame = image.frame or 0
+    return ObservedFile(image.path, frame, f"{where}: image {image.index} ({image.key}"
+                        + (f", frame {frame})" if image.frame is not None else ")"))

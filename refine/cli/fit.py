@@ -26,7 +26,7 @@ from ..targets.detector import DetectorResponse, from_crystfel, from_dials, phot
 from ..targets.observed import read_gain_map, read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_outputs, fit_status, flag_inputs,
                      matrix_output, run)
-from .expt import ExptInput, expt_input, observed_image
+from .expt import ExptInput, ObservedFile, expt_input, observed_image
 from .many import Progress
 from .many import main as main_many
 from .table import arguments, flag_message, start, usage
@@ -60,9 +60,9 @@ def _write_image(path: str, result) -> None:
                           "WAVELENGTH": float(result.params.beam.wavelength)})
 
 
-def _load(ns, flags: List[str], observed: str):
+def _load(ns, flags: List[str], observed: ObservedFile):
     """(params, setup, observed image in photons, the CrystFEL geometry of ``-geom`` or None, the fit options of the
-    flags' point-spread function (``-psf``; {} without)) from the flags and the ``observed`` file;
+    flags' point-spread function (``-psf``; {} without)) from the flags and the ``observed`` file (its frame);
     :class:`UsageError`."""
     try:
         params, setup, extras = build(parse_args(flags), dtype=getattr(torch, ns.dtype))
@@ -74,8 +74,9 @@ def _load(ns, flags: List[str], observed: str):
             raise UsageError(f"--out-geom {ns.out_geom}: the refined detector is written as a CrystFEL geometry only "
                              "for a detector read from one: give -geom FILE")
         gain = _gain_option(ns, setup, geometry)
-        return params, setup, read_observed(observed, setup, params, overload=ns.overload, adc=ns.adc,
-                                            gain=gain, geometry=geometry,
+        return params, setup, read_observed(observed.path, setup, params, overload=ns.overload, adc=ns.adc,
+                                            gain=gain, geometry=geometry, label=observed.label,
+                                            frame=observed.frame,
                                             detector=_detector_file(extras.panels, setup, params)), geometry, \
             psf_options(extras.outputs)
     except (ValueError, OSError, ImportError) as exc:
@@ -97,18 +98,16 @@ def _detector_file(source, setup, params) -> Optional[DetectorResponse]:
         return None
     if source.geometry is not None:
         return from_crystfel(source.geometry, setup, photon_energy_eV(float(params.beam.wavelength)))
-    return from_dials(read_expt(source.name).detector_of(0), setup, f"-expt {source.name}")
+    return from_dials(read_expt(source.name).detector_of(source.experiment), setup, f"-expt {source.name}")
 
 
 def _write_flags(result, matrix_out: Optional[str], source: Optional[ExptInput]) -> int:
     """Print the refined model as flags (and write the ``--matrix-out`` matrix): :data:`EXIT_OK`, or
     :data:`EXIT_OUTPUT` when the matrix could not be written.  A model whose crystal is an ``.expt``'s exact lattice
     has no flags without a matrix: a note names the outputs that hold it."""
-    if source is not None and (not source.own_flags or (matrix_out is None and not result.setup.nanobragg_cell)):
-        why = "its crystal is the .expt's exact lattice" if source.own_flags else \
-            f"-expt builds a list's first experiment, not experiment {source.index}"
-        print(f"nbtorch-refine: note: the refined model is not written as flags ({why}): the refined crystal is "
-              "written with --out-expt OUT.expt" + (" or --matrix-out OUT.mat" if source.own_flags else ""),
+    if source is not None and matrix_out is None and not result.setup.nanobragg_cell:
+        print("nbtorch-refine: note: the refined model is not written as flags (its crystal is the .expt's exact "
+              "lattice): the refined crystal is written with --out-expt OUT.expt or --matrix-out OUT.mat",
               file=sys.stderr)
         return EXIT_OK
     try:
@@ -142,22 +141,19 @@ def _write_outputs(ns, result, matrix_out: Optional[str], source: Optional[ExptI
 
 
 def _inputs(ns, flags: List[str], source: Optional[ExptInput]):
-    """(nanoBragg flags of the build, observed image file, matrix output or None), checked with every output before
-    any work: a ``-mat`` model's matrix goes next to ``--json`` unless ``--matrix-out`` says where.
-    :class:`UsageError`."""
+    """(nanoBragg flags of the build, observed image file (:class:`~refine.cli.expt.ObservedFile`), matrix output or
+    None), checked with every output before any work: a ``-mat`` model's matrix goes next to ``--json`` unless
+    ``--matrix-out`` says where.  :class:`UsageError`."""
     if source is not None:
         flags = source.flags
-        if ns.matrix_out is not None and not source.own_flags:
-            raise UsageError(f"--matrix-out {ns.matrix_out} with --experiment {source.index}: -expt builds a list's "
-                             "first experiment, so the refined crystal is written with --out-expt only")
-    observed = ns.observed if ns.observed is not None else observed_image(source)
+    observed = ObservedFile(ns.observed) if ns.observed is not None else observed_image(source)
     inputs = flag_inputs(flags)
     matrix_out = ns.matrix_out
     if matrix_out is None and any(flag == "-mat" for flag, _ in inputs):  # a -mat model: its refined matrix
         matrix_out = matrix_output(ns.json)
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out),
                    ("--out-geom", ns.out_geom), ("--out-expt", ns.out_expt)],
-                  [("OBSERVED", observed)] + inputs + ([("--expt", source.path)] if source is not None else []))
+                  [("OBSERVED", observed.path)] + inputs + ([("--expt", source.path)] if source is not None else []))
     return flags, observed, matrix_out
 
 
@@ -166,25 +162,20 @@ def _single(argv: List[str]) -> int:
     ns, flags = start(argv, "refine", prog="nbtorch-refine", usage=USAGE, epilog=EPILOG, description="Refine a "
                       "nanoBragg model (given as nanoBragg flags, or an experiment of a DIALS .expt) against an "
                       "observed diffraction image.")
-    with expt_input(ns, flags) as source:
-        flags, observed, matrix_out = _inputs(ns, flags, source)
-        own = source is None or source.own_flags
-        options = fit_options(nanobragg_args=flags if own else None, matrix_path=matrix_out,
-                              **arguments(ns, "refine"))
-        try:
-            params, setup, obs, geometry, psf = _load(ns, flags, observed)
-        except UsageError as exc:
-            raise UsageError(source.message(str(exc)) if source is not None else str(exc)) from None
+    source = expt_input(ns, flags)
+    flags, observed, matrix_out = _inputs(ns, flags, source)
+    options = fit_options(nanobragg_args=flags, matrix_path=matrix_out, **arguments(ns, "refine"))
+    params, setup, obs, geometry, psf = _load(ns, flags, observed)
     options = options.replace(geometry=geometry, **psf)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
     if source is not None:
         result = dataclasses.replace(result, expt=source.report(ns.out_expt))
     if np.ndim(obs.gain) > 0:
-        print(f"note: {observed}: photons = (value - {obs.adc_offset:g}) / gain per pixel "
+        print(f"note: {observed.path}: photons = (value - {obs.adc_offset:g}) / gain per pixel "
               f"({np.nanmin(obs.gain):g}–{np.nanmax(obs.gain):g} ADU/photon)")
     elif obs.adc_offset or obs.gain != 1.0:
-        print(f"note: {observed}: photons = (value - {obs.adc_offset:g}) / {obs.gain:g} (ADC offset, gain)")
+        print(f"note: {observed.path}: photons = (value - {obs.adc_offset:g}) / {obs.gain:g} (ADC offset, gain)")
     print(result.summary())
     status = _write_outputs(ns, result, matrix_out, source)
     if not ns.quiet:

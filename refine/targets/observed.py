@@ -18,7 +18,7 @@ import torch
 
 from nbtorch.io.crystfel import geometry_mask, slab_shape, slab_to_panels
 from nbtorch.io.images import RAW_EXTENSIONS, HeaderWarning, ObservedImage, header_mismatches, read_image, to_photons
-from nbtorch.io.nexus import is_nxmx
+from nbtorch.io.nexus import hdf5_frame, hdf5_module, is_nxmx
 from nbtorch.io.observed import observed_image
 from nbtorch.pixels import panel_extent_mask
 from nbtorch.types import Params, Setup
@@ -27,11 +27,14 @@ from .detector import DetectorResponse, check_gain, from_crystfel, good_gain, ph
 
 #: Where a CrystFEL detector keeps its data in an HDF5 file when no ``.geom`` says otherwise.
 DEFAULT_HDF5_DATA = "/data/data"
+#: Where else a plain (not NXmx) HDF5 file of a detector without a ``.geom`` keeps its frames (Eiger's layout).
+OTHER_HDF5_DATA = ("/entry/data/data",)
 
 
 def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, label: str = "OBSERVED",
                   overload: Optional[float] = None, adc: Optional[float] = None,
-                  gain=None, geometry=None, detector: Optional[DetectorResponse] = None) -> ObservedImage:
+                  gain=None, geometry=None, detector: Optional[DetectorResponse] = None,
+                  frame: int = 0) -> ObservedImage:
     """The image at ``path`` in photons, ``data`` ``setup.image_shape`` ([spixels, fpixels], or [P, S, F] for a
     panel detector): (value − ADC offset) / gain, per pixel (:func:`_to_photons`, the one place refine turns a
     file's values into photons).  Raw float files take their shape from ``setup`` (a panel detector's: the data slab
@@ -48,17 +51,21 @@ def read_observed(path: str, setup: Setup, params: Optional[Params] = None, *, l
 
     Panel detectors: ``geometry`` is the CrystFEL :class:`~nbtorch.io.crystfel.Geometry` the detector came from, or
     None.  A file holding the data slab (raw, SMV, CBF, HDF5 at the panels' ``data`` location, default
-    ``/data/data``, first frame) is cut into panels by :func:`~nbtorch.io.crystfel.slab_to_panels` and its pixels
+    ``/data/data`` or ``/entry/data/data``) is cut into panels by :func:`~nbtorch.io.crystfel.slab_to_panels` and its pixels
     masked as :func:`~nbtorch.io.crystfel.geometry_mask` says (with the masks an HDF5 image keeps in itself);
     ``[P, S, F]`` (HDF5, NXmx with one module per panel) and ``[P·S, F]`` (panels stacked along slow) are taken as
     they are.  A smaller panel's padding is never usable.
+
+    ``frame``: the frame (0-based) of a multi-frame file (HDF5 ``[N, S, F]``/``[N, P, S, F]``, NXmx, fabio's
+    multi-frame formats), as DIALS's ``single_file_indices`` name it; one beyond the file's is a ValueError naming
+    the file, the frame and how many frames it holds.
 
     ``ValueError`` whose one line starts with ``label`` and the path when the file cannot be read or its size is not
     the model's (naming both shapes).  With ``params``, first a :class:`~nbtorch.io.images.HeaderWarning` line for
     each of the header's pixel size (mm), distance (mm; one-panel detectors) and wavelength (Å) that disagrees with
     the model beyond the header's precision."""
     try:
-        obs, data_file = _read(path, setup, geometry, overload, adc, 1.0)
+        obs, data_file = _read(path, setup, geometry, overload, adc, 1.0, frame)
     except (ValueError, OSError, ImportError) as exc:
         text = " ".join(str(exc).split())
         raise ValueError(f"{label} {text}" if text.startswith(path) else f"{label} {path}: {text}") from None
@@ -131,44 +138,45 @@ def _stacked(setup: Setup) -> tuple:
     return (setup.n_panels * setup.spixels, setup.fpixels)
 
 
-def _read(path: str, setup: Setup, geometry, overload, adc, gain):
-    """(the file's image in photons in the file's own layout, the path when it is a plain HDF5 data file else
-    None)."""
+def _read(path: str, setup: Setup, geometry, overload, adc, gain, frame: int = 0):
+    """(frame ``frame`` of the file in photons in the file's own layout, the path when it is a plain HDF5 data file
+    else None)."""
     raw = os.path.splitext(path)[1].lower() in RAW_EXTENSIONS
+    read = dict(overload=overload, adc=adc, gain=gain, frame=frame)
     if setup.panels is None:
-        return read_image(path, shape=(setup.spixels, setup.fpixels) if raw else None, overload=overload, adc=adc,
-                          gain=gain), None
+        return read_image(path, shape=(setup.spixels, setup.fpixels) if raw else None, **read), None
     if raw:
         want = slab_shape(geometry) if geometry is not None else _stacked(setup)
-        return read_image(path, shape=(math.prod(want[:-1]), want[-1]), overload=overload, adc=adc, gain=gain), None
+        return read_image(path, shape=(math.prod(want[:-1]), want[-1]), **read), None
     if _plain_hdf5(path):
-        return _read_hdf5(path, setup, geometry, overload, adc, gain), path
-    return read_image(path, overload=overload, adc=adc, gain=gain), None
+        return _read_hdf5(path, setup, geometry, overload, adc, gain, frame), path
+    return read_image(path, **read), None
 
 
 def _plain_hdf5(path: str) -> bool:
     """An HDF5 file that is not NXmx (False where h5py is missing: :func:`read_image` then says what to install)."""
     try:
-        import h5py  # noqa: PLC0415 - optional dependency, imported lazily
+        h5py = hdf5_module()
     except ImportError:
         return False
     return bool(h5py.is_hdf5(path)) and not is_nxmx(path)
 
 
-def _read_hdf5(path: str, setup: Setup, geometry, overload, adc, gain) -> ObservedImage:
-    """The first frame of the HDF5 dataset a panel detector reads (the geometry's ``data`` location, else
-    ``/data/data``) as an :class:`ObservedImage` of the frame's shape, in photons: the dataset itself where it is
-    ``[P, S, F]``, ``[P·S, F]`` or the geometry's slab, else its first entry along the first axis."""
-    import h5py  # noqa: PLC0415 - optional dependency, imported lazily
-
-    location = geometry.panels[0].data if geometry is not None else DEFAULT_HDF5_DATA
+def _read_hdf5(path: str, setup: Setup, geometry, overload, adc, gain, index: int = 0) -> ObservedImage:
+    """Frame ``index`` of the HDF5 dataset a panel detector reads (the geometry's ``data`` location, else
+    ``/data/data`` or ``/entry/data/data``) as an :class:`ObservedImage` of the frame's shape, in photons: the
+    dataset itself (one frame) where it is ``[P, S, F]``, ``[P·S, F]`` or the geometry's slab, else its entry
+    ``index`` along the first axis (``[N, S, F]``, ``[N, P, S, F]`` …)."""
+    h5py = hdf5_module()
+    wanted = (geometry.panels[0].data,) if geometry is not None else (DEFAULT_HDF5_DATA, *OTHER_HDF5_DATA)
     frames = {tuple(setup.image_shape), _stacked(setup)} | ({tuple(slab_shape(geometry))} if geometry else set())
     with h5py.File(path, "r") as f:
-        ds = f.get(location)
-        if not isinstance(ds, h5py.Dataset):
-            raise ValueError(f"{path}: an HDF5 file without the image dataset {location} (nor NXmx)")
+        location = next((w for w in wanted if isinstance(f.get(w), h5py.Dataset)), None)
+        if location is None:
+            raise ValueError(f"{path}: an HDF5 file without the image dataset {' or '.join(wanted)} (nor NXmx)")
+        ds = f[location]
         whole = tuple(ds.shape) in frames or (tuple(ds.shape[1:]) not in frames and ds.ndim <= 3)
-        frame = np.asarray(ds[()] if whole else ds[0])
+        frame = hdf5_frame(ds, index, not whole, path)
     if frame.ndim < 2:
         raise ValueError(f"{path}: {location} has shape {list(frame.shape)}; expected an image")
     flat = observed_image(frame.reshape(-1, frame.shape[-1]), {"location": location}, overload, None, None, None,

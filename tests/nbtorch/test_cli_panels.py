@@ -275,17 +275,18 @@ def test_expt_outputs_are_panels_stacked_with_padding_and_masked_pixels_zero(tmp
     assert not noise[6, 0:2].any()
 
 
-def test_expt_without_crystal_needs_a_cell_and_a_goniometer_is_noted(tmp_path):
+def test_expt_without_crystal_needs_a_cell_and_a_goniometer_gives_the_spindle(tmp_path):
     doc = json.loads(EXPT.read_text())
     del doc["experiment"][0]["crystal"]
     doc["experiment"][0]["goniometer"] = 0
-    doc["goniometer"] = [{"rotation_axis": [1.0, 0.0, 0.0]}]
+    doc["goniometer"] = [{"rotation_axis": [0.0, 2.0, 0.0]}]  # no scan: φ 0, no oscillation
     path = tmp_path / "nocrystal.expt"
     path.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=r"-expt .*no crystal: give -cell or -mat"):
+    with pytest.raises(ValueError, match=r"-expt .*experiment 0 has no crystal: give -cell or -mat"):
         nbtorch.from_nanobragg_args(f"-expt {path} -default_F 100")
     _, s, extras = nbtorch.args.build(nbtorch.parse_args(f"-expt {path} -cell 50 50 50 90 90 90 -default_F 100"))
-    assert s.n_panels == 2 and any("goniometer and scan are not used" in n for n in extras.notes)
+    assert s.n_panels == 2 and s.spindle == (0.0, 1.0, 0.0) and (s.phi0, s.phistep, s.phisteps) == (0.0, 0.0, 1)
+    assert not extras.notes
 
 
 # ----------------------------------------------------------------------------------------------------------------

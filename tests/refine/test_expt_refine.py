@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -185,14 +186,19 @@ def test_expt_flag_model_prints_where_the_crystal_goes(tmp_path, capsys):
                               r"--expt FILE"),
     ("experiment without expt", r"--experiment 1: the model does not come from a DIALS experiment list"),
     ("both", r"--expt \S+ and -expt \S+ both give the experiment list: give one"),
-    ("flag and experiment", r"--experiment 1 with -expt \S+: the -expt flag builds the first experiment"),
+    ("flag and experiment", r"--experiment 1 with -expt \S+: give the experiment as -expt_experiment 1 after the "
+                            r"flag, or --expt FILE"),
+    ("expt_experiment with expt", r"-expt_experiment 1 with --expt \S+: give the experiment as --experiment 1"),
+    ("flag experiment beyond", r"-expt_experiment 2: \S+stills\.expt holds 2 experiments \(0 to 1\)"),
+    ("image beyond", r"--expt \S+stills\.expt: imageset\[0\]\.images: no image 1 \(0-based\): the imageset has 1 "
+                     r"image$"),
     ("no observed", r"OBSERVED is missing: give the observed image first, before the nanoBragg flags, or --expt FILE"),
-    ("bad file", r"--expt \S+bad\.expt: \S+bad\.expt: line 1, column 1: not valid JSON"),
-    ("frame", r"experiment 0: the image is frame 4 of \S+run7\.h5 \(imageset\[0\]\.images\[0\]\); only a file's "
-              r"first frame is read"),
-    ("matrix-out with experiment", r"--matrix-out \S+ with --experiment 1: -expt builds a list's first experiment"),
+    ("bad file", r"--expt \S+bad\.expt: line 1, column 1: not valid JSON"),
+    ("frame beyond the file", r"--expt \S+one_panel\.expt: experiment 0: image 0 \(imageset\[0\]\.images\[0\], "
+                              r"frame 4\) \S+run7\.h5: no frame 4 \(0-based\) in /entry/data/data: it holds 3 frames "
+                              r"\(0 to 2\)"),
     ("out-expt is the input", r"--out-expt \S+stills\.expt: the same file as the input"),
-    ("flag the file gives", r"-distance conflicts with -expt \S+stills\.expt \(experiment 1\): the detector"),
+    ("flag the file gives", r"-distance conflicts with -expt \S+stills\.expt: the detector"),
     ("no structure factors", r"missing required input: structure factors: give -hkl FILE"),
 ])
 def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, case, pattern):
@@ -203,7 +209,8 @@ def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, capsys, monke
     obs.write_bytes(np.zeros((128, 32), np.float32).tobytes())
     (tmp_path / "bad.expt").write_text("not json")
     shutil.copy(DATA / "dials" / "one_panel.expt", tmp_path / "one_panel.expt")
-    (tmp_path / "run7.h5").write_bytes(b"")
+    with h5py.File(tmp_path / "run7.h5", "w") as f:  # 3 frames of one_panel.expt's 48 × 40 panel
+        f["/entry/data/data"] = np.zeros((3, 40, 48), np.float32)
     outputs = ["--out-expt", str(out), "--json", str(tmp_path / "fit.json")]
     argv = {
         "missing image": ["--expt", str(expt)] + outputs,
@@ -213,11 +220,12 @@ def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, capsys, monke
         "experiment without expt": [str(obs), "--experiment", "1", "-cell", "40", "50", "60", "90", "90", "90"],
         "both": ["--expt", str(expt), "-expt", str(expt)] + outputs,
         "flag and experiment": [str(obs), "--experiment", "1", "-expt", str(expt)] + outputs,
+        "expt_experiment with expt": [str(obs), "--expt", str(expt)] + outputs + ["-expt_experiment", "1"],
+        "flag experiment beyond": [str(obs), "-expt", str(expt), "-expt_experiment", "2"] + outputs,
+        "image beyond": ["--expt", str(expt)] + outputs + ["-expt_image", "1"],
         "no observed": outputs,
         "bad file": ["--expt", str(tmp_path / "bad.expt")] + outputs,
-        "frame": ["--expt", str(tmp_path / "one_panel.expt")] + outputs,
-        "matrix-out with experiment": [str(obs), "--expt", str(expt), "--experiment", "1", "--matrix-out",
-                                       str(tmp_path / "r.mat")] + outputs,
+        "frame beyond the file": ["--expt", str(tmp_path / "one_panel.expt")] + outputs,
         "out-expt is the input": [str(obs), "--expt", str(expt), "--out-expt", str(expt)],
         "flag the file gives": [str(obs), "--expt", str(expt), "--experiment", "1", "-distance", "50"] + outputs,
         "no structure factors": [str(obs), "--expt", str(expt)] + outputs,
