@@ -198,6 +198,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--out-refl", ("refine",), "write a reflection table here: the --refl rows of the experiment with the "
            "refined model's predicted centroids (xyzcal.px, xyzcal.mm), miller_index, panel and id; the input's "
            "columns kept", metavar="OUT.refl"),
+    Option("--out-spectrum", ("refine",), "write the refined beam spectrum here as a diffBragg .lam file (one "
+           "channel per wavelength, lambda0·f + lam0 Å with its weight); the printed and JSON flags then name it "
+           "with -spectrum (without it, a refined spectrum has no flags)", metavar="OUT.lam"),
     Option("--out-geom", ("refine",), "write the refined detector of a -geom model here as a CrystFEL geometry file "
            "(the file's panels, layout, groups and keys; refined corners, vectors and coffsets)", metavar="OUT.geom"),
     _choice("--esd-scale", _FITS, "scale the ESDs by χ²/ν: for least squares only (auto), always (chi2), never "

@@ -15,10 +15,15 @@
   ``spectrum.lam0`` moves that wavelength as ``wavelength`` or the stretch ``spectrum.lam1`` does.  (``wavelength``
   and ``spectrum.lam1`` scale the same λ0 and are never free together: :func:`refine.model.parameters.parameterise`
   refuses them.)
+
+Near degeneracies are found after a fit, from the correlation of the increments (:func:`near_degenerate_notes`):
+the point-spread function's FWHM (``psf``) widens every spot as a small crystal (``ncells``) or a mosaic spread
+(``mosaic``) does, and on coarse pixels or weak spots a still barely tells them apart.  A pair whose |correlation|
+exceeds :data:`NEAR_CORRELATION` gets a note in the result.
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from nbtorch.panels import in_plane_axes
 
@@ -27,6 +32,10 @@ from .table import NODE_GROUP
 
 #: A component of a unit vector below this counts as zero (the axis lies in the span of the others).
 _AXIS_TOL = 1e-6
+#: Groups whose free scalars a still may barely tell apart, and the motion they share (:func:`near_degenerate_notes`).
+NEAR_PAIRS = (("psf", "ncells", "both widen every spot"), ("psf", "mosaic", "both widen every spot"))
+#: A near-degenerate pair is noted when the |correlation| of its increments exceeds this.
+NEAR_CORRELATION = 0.9
 
 
 class Degeneracy(NamedTuple):
@@ -140,3 +149,22 @@ def degenerate_pairs(par: Parameterisation) -> List[Degeneracy]:
             out.append(Degeneracy(("twotheta",) + tilts, "with the beam pivot both turn the detector about the "
                                   "two-theta axis", f"fix twotheta or {', '.join(tilts)}"))
     return out + _panel_pairs(par) + _wavelength_pairs(par)
+
+
+def _in_group(name: str, group: str) -> bool:
+    return name == group or name.startswith(group + ".")
+
+
+def near_degenerate_notes(names: Sequence[str], correlation, threshold: Optional[float] = None) -> List[str]:
+    """One note per free pair of :data:`NEAR_PAIRS` groups whose increments (scalar ``names`` [n], ``correlation``
+    [n, n]) correlate beyond ``threshold`` (default :data:`NEAR_CORRELATION`) in absolute value: the pair, the
+    correlation, why, and what to do."""
+    threshold, out = NEAR_CORRELATION if threshold is None else threshold, []
+    for first, second, why in NEAR_PAIRS:
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                c = float(correlation[i][j])
+                if _in_group(a, first) and _in_group(b, second) and abs(c) > threshold:
+                    out.append(f"{a} and {b} are nearly degenerate (correlation {c:+.3f}: {why}): their ESDs are "
+                               f"large; fix one of them, or give it a prior, unless the spots are well sampled")
+    return out

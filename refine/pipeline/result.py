@@ -14,17 +14,19 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from nbtorch.args import to_nanobragg_args
 from nbtorch.io._atomic import atomic_write
 from nbtorch.io.crystfel import moved_geometry, write_geom
 from nbtorch.io.dials import write_experiments
 from nbtorch.panels import panel_lab_vectors
+from nbtorch.spectrum import write_lam
 
 from ..minimise.solve import DENSE, _inverse, choose_solve, image_covariance, schur_covariance
+from ..model.degeneracy import near_degenerate_notes
 from ..model.parameters import Parameterisation
 from ..model.predict import predict_image
 from ..targets.objective import Objective
 from . import plots
+from .model_flags import model_flags, refined_spectrum
 from .problem import FitState, Problem
 from .report import correlation_from_covariance, covariance, esd_factor, propagate
 
@@ -64,7 +66,10 @@ class Result:
     ``chi2_reduced``, ``esd_factor``, ``poor_fit`` ('' or why χ²/ν of a likelihood fit is outside
     [1/:data:`POOR_FIT_CHI2`, :data:`POOR_FIT_CHI2`]), ``n_pixels``, ``n_usable``; ``params``, ``setup``, ``par``,
     ``crystal_system``, ``observed`` [slow, fast], ``pixels`` (bool [slow, fast], fitted), ``nanobragg_base``,
-    ``matrix_path``, ``notes``, ``geometry`` (the CrystFEL geometry the panel detector came from, or None); an image
+    ``matrix_path``, ``spectrum_path`` (where :meth:`write_spectrum` writes the refined spectrum, which the flags then
+    name; None: the flags of a moved spectrum are unavailable, with a note), ``notes`` (with a note for each nearly
+    degenerate pair, :func:`refine.model.degeneracy.near_degenerate_notes`), ``geometry`` (the CrystFEL geometry the
+    panel detector came from, or None); an image
     of a joint fit also has ``path`` and ``normal`` (its own normal matrix [n, n], shared then own scalars: what a
     fit of it alone would have); ``expt`` (None, or where the model came from in a DIALS experiment list:
     ``{"input", "experiment", "identifier", "out"}``, the JSON report's ``expt``).  A panel detector's images
@@ -111,6 +116,7 @@ class Result:
     normal: Optional[torch.Tensor] = None
     geometry: object = None
     expt: Optional[dict] = None
+    spectrum_path: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -135,19 +141,31 @@ class Result:
 
     # ------------------------------------------------------------------ nanoBragg flags
     def to_nanobragg_args(self, matrix_path: Optional[str] = None, write_matrix: bool = True,
-                          base_args=None) -> List[str]:
+                          base_args=None, spectrum_path: Optional[str] = None) -> List[str]:
         """The refined model as nanoBragg flags (a list of tokens), by :func:`nbtorch.to_nanobragg_args`: every
         value the model expresses is written from it (``-cell``+``-misset``, or ``-mat`` with a new MOSFLM matrix at
         ``matrix_path`` for models from a matrix; N, mosaic, λ, fluence, distance, the beam centre as the convention
         writes it, tilts, water …); from the starting flags (``base_args``, default those given to the fit) only
-        what a model cannot express (``-hkl``, ``-mask``, sources, divergence, ``-mosaic_seed``).  ValueError for what
-        flags cannot express (e.g. a structure-factor table without starting flags).  The background plane has no
-        flag (``parameters['background']``); the flags re-simulate ``params`` (``-mat`` to its 8 decimals).
+        what a model cannot express (``-hkl``, ``-mask``, sources, divergence, ``-mosaic_seed``).  A fit with a
+        point-spread function adds ``-psf KIND -psf_fwhm µm -psf_radius px`` (the refined FWHM when ``psf`` was
+        free).  ``spectrum_path`` (default :attr:`spectrum_path`): the model's spectrum as ``-spectrum
+        spectrum_path`` (in place of the starting flags' wavelengths; the file is written by
+        :meth:`write_spectrum`) — needed when the spectrum moved (``spectrum.lam0``/``lam1`` refined, or λ0 of a
+        ``-spectrum`` beam).  ValueError for what flags cannot express (e.g. a structure-factor table without
+        starting flags, a moved spectrum without ``spectrum_path``).  The background plane has no flag
+        (``parameters['background']``); the flags re-simulate ``params`` (``-mat`` to its 8 decimals).
         """
         base = base_args if base_args is not None else self.nanobragg_base
         matrix_path = matrix_path if matrix_path is not None else self.matrix_path
-        return to_nanobragg_args(self.params, self.setup, base=base, matrix_path=matrix_path,
-                                 write_matrix=write_matrix)
+        spectrum_path = spectrum_path if spectrum_path is not None else self.spectrum_path
+        return model_flags(self, base, matrix_path, write_matrix, spectrum_path)
+
+    def write_spectrum(self, path: str) -> None:
+        """Write the refined model's spectrum to ``path`` as a diffBragg ``.lam`` file (atomically,
+        :func:`nbtorch.spectrum.write_lam`): one channel per wavelength of a beam direction, λ0·f_c +
+        ``spectrum_shift`` Å with its weight (:func:`refine.pipeline.model_flags.refined_spectrum`; one channel for a
+        beam of one wavelength).  ValueError for sources that are not one spectrum (a ``-sourcefile``'s)."""
+        write_lam(path, *refined_spectrum(self.params, self.setup))
 
     def nanobragg_command(self, **kw) -> str:
         """:meth:`to_nanobragg_args` as one shell-quoted string."""
@@ -457,17 +475,19 @@ def _image_result(state: FitState, st: _Statistics, i: int, seconds: float) -> R
     converged, message = _convergence(state, st.degenerate)
     x_esd = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0))
     parameters, parameter_esd = propagate(par, x, cov)
+    correlation = correlation_from_covariance(cov)
     return Result(
         converged=bool(converged), message=message, method=o.method, target=pb.target.name, names=par.names, x=x,
         x_esd=x_esd, values={s.name: float(s.value(x[j])) for j, s in enumerate(par.scalars)},
         esd={s.name: abs(s.dvalue_dx(float(x[j]))) * float(x_esd[j]) for j, s in enumerate(par.scalars)},
         parameters=parameters, parameter_esd=parameter_esd, covariance=cov,
-        correlation=correlation_from_covariance(cov), loss=st.losses[i], loss_all=float(st.losses_all[i]),
+        correlation=correlation, loss=st.losses[i], loss_all=float(st.losses_all[i]),
         loss_history=[h["loss"] for h in state.history], history=list(state.history), iterations=state.iterations,
         evaluations=state.evaluations, seconds=seconds, chi2_reduced=float(st.chi2_nus[i]),
         esd_factor=float(st.esd_factor), n_pixels=len(st.objective.index[i]), stages=list(state.stages),
         params=par.unpack(x), setup=par.setup, par=par, observed=pb.observed[i], pixels=st.objective.pixels(i),
-        nanobragg_base=pb.flags[i], matrix_path=o.matrix_path if one else None, notes=pb.notes,
+        nanobragg_base=pb.flags[i], matrix_path=o.matrix_path if one else None,
+        notes=pb.notes + tuple(near_degenerate_notes(par.names, correlation)),
         crystal_system=par.crystal_system, start_loss=state.start_loss, n_usable=len(pb.usable_index[i]),
         poor_fit=poor_fit_message(pb.target.likelihood, float(st.chi2_nus[i])), path=pb.paths[i],
         normal=None if one or st.normal.H is None else st.normal.H[i], geometry=o.geometry)

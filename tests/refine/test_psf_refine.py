@@ -1,7 +1,8 @@
 """The detector's point-spread function in refine (issue 22, item 2): the model at chosen pixels equals the whole
 blurred image (nbtorch.psf.apply_psf) read there, for both profiles, both forms of the blur and a panel detector;
 gradients with respect to the FWHM match finite differences (reverse mode, forward-mode normal equations, vmapped
-batches); the FWHM is recovered from a blurred noisy still; without a PSF nothing changes."""
+batches); the FWHM is recovered from a blurred noisy still; without a PSF nothing changes; the refined -psf flags
+re-simulate the model; psf_fwhm_um is reported; its near degeneracy with ncells/mosaic is noted."""
 from __future__ import annotations
 
 import json
@@ -12,12 +13,14 @@ import torch
 
 import nbtorch
 import refine
+import refine.model.degeneracy as degeneracy
 import refine.model.psf as psfmod
 from nbtorch.args import build, parse_args
 from nbtorch.detector import with_panels
 from nbtorch.panels import PanelSpec, make_layout
 from nbtorch.psf import apply_psf, psf_kernel
 from nbtorch.simulate import simulate_pixels
+from refine.model.degeneracy import near_degenerate_notes
 from refine.model.parameters import parameterise
 from refine.model.predict import make_predict, predict_image
 from refine.model.psf import point_spread
@@ -260,3 +263,64 @@ def test_command_line_psf_flags_refine_the_fwhm(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "fit.json").read_text())
     fwhm, esd = res["values"]["psf"], res["value_esd"]["psf"]
     assert abs(fwhm - 150.0) < max(3 * esd, 1.5)
+
+
+def test_refined_psf_flags_resimulate_the_model_image(blurred_fit, still):
+    """The result's flags carry -psf KIND -psf_fwhm (refined) -psf_radius; nbtorch's blur of the flags' image (as
+    build reads them) plus the refined background plane is the refined model image to 1e-9."""
+    _, _, result = blurred_fit
+    flags = result.to_nanobragg_args()
+    k = flags.index("-psf")
+    assert flags[k: k + 6] == ["-psf", "gauss", "-psf_fwhm", flags[k + 3], "-psf_radius", str(RADIUS)]
+    assert float(flags[k + 3]) == result.values["psf"] and float(flags[k + 3]) != 1.3 * FWHM
+    assert json.loads(result.to_json())["nanobragg_args"] == flags
+    params, setup, extras = build(parse_args(flags), dtype=torch.float64)
+    o = extras.outputs
+    assert (o.psf, o.psf_fwhm, o.psf_radius) == ("gauss", result.values["psf"], RADIUS)
+    again = apply_psf(nbtorch.simulate(params, setup, fused=False),
+                      psf_kernel(o.psf, o.psf_fwhm, setup.pixel_size, radius=o.psf_radius))
+    model = predict_image(result.par, result.x, fused=False)
+    again = again + result.parameters["background"][0]
+    assert float((again - model).abs().max()) <= 1e-9 * float(model.max())
+
+
+def test_psf_fwhm_is_reported_with_its_esd(blurred_fit, still):
+    _, _, result = blurred_fit
+    assert result.parameters["psf_fwhm_um"] == pytest.approx(result.values["psf"], rel=1e-12)
+    assert result.parameter_esd["psf_fwhm_um"] == pytest.approx(result.esd["psf"], rel=1e-6)
+    d = json.loads(result.to_json())
+    assert d["parameters"]["psf_fwhm_um"] == pytest.approx(result.values["psf"], rel=1e-12)
+    params, setup, image = still
+    plain = refine.fit(image, params, setup, free=["scale"], coarse_to_fine=False, max_iter=1, fused=False)
+    assert plain.parameters["psf_fwhm_um"] == 0.0 and plain.parameter_esd["psf_fwhm_um"] == 0.0
+
+
+def test_near_degenerate_notes_from_the_correlation():
+    names = ["ncells.a", "ncells.b", "mosaic", "scale", "psf"]
+    corr = np.eye(5)
+    corr[0, 4] = corr[4, 0] = -0.95
+    corr[2, 4] = corr[4, 2] = 0.85
+    corr[0, 3] = corr[3, 0] = 0.99  # not a pair of NEAR_PAIRS
+    (note,) = near_degenerate_notes(names, corr)
+    assert note.startswith("psf and ncells.a are nearly degenerate (correlation -0.950: both widen every spot)")
+    assert len(near_degenerate_notes(names, corr, threshold=0.8)) == 2  # psf with mosaic at 0.85 too
+    assert near_degenerate_notes(["psf", "scale"], np.eye(2)) == []
+
+
+def test_a_fit_notes_psf_near_degeneracy(monkeypatch):
+    """A fit of psf with ncells notes the pair exactly when |corr| exceeds NEAR_CORRELATION (in notes, the summary
+    and the JSON)."""
+    flags = FLAGS.replace("-N 6", "-N 20").replace("-detpixels 64", "-detpixels 48").replace("1e30", "1e29")
+    params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64)
+    truth = apply_psf(nbtorch.simulate(params, setup, fused=False), psf_kernel("gauss", FWHM, PIXEL_MM, RADIUS))
+    observed = torch.poisson(truth + 2.0, generator=torch.Generator().manual_seed(3))
+    kw = dict(free=["psf", "ncells", "scale", "background.constant"], psf="gauss", psf_fwhm=1.2 * FWHM,
+              psf_radius=RADIUS, coarse_to_fine=False, fused=False)
+    r = refine.fit(observed, params, setup, **kw)
+    c = abs(float(r.correlation[r.names.index("psf"), r.names.index("ncells")]))
+    assert (c > degeneracy.NEAR_CORRELATION) == any("nearly degenerate" in n for n in r.notes)
+    monkeypatch.setattr(degeneracy, "NEAR_CORRELATION", c / 2)
+    r = refine.fit(observed, params, setup, **kw)
+    (note,) = [n for n in r.notes if "nearly degenerate" in n]
+    assert note.startswith("psf and ncells are nearly degenerate (correlation ") and f"{c:.3f}: both widen" in note
+    assert note in r.summary() and note in json.loads(r.to_json())["notes"]

@@ -1,9 +1,11 @@
 """The refinable ``spectrum`` group (diffBragg's λ' = lam0 + lam1·λ of a beam's spectrum, issue 22 item 1): names,
 units, flags and the JSON keys; the refusal of ``wavelength`` with ``spectrum.lam1``; the degeneracy of a shift on a
-beam of one wavelength; lam0/lam1 recovered from a noisy 20-channel SASE-like still; and spectra given per shot on
-the lines of an image LIST."""
+beam of one wavelength; lam0/lam1 recovered from a noisy 20-channel SASE-like still; the refined spectrum written
+back as a .lam file whose flags re-simulate the model (library and nbtorch-refine --out-spectrum); and spectra given
+per shot on the lines of an image LIST."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,7 +16,7 @@ import torch
 import nbtorch
 import refine
 from nbtorch.io.images import write_raw_float
-from nbtorch.spectrum import with_spectrum, write_lam
+from nbtorch.spectrum import read_lam, with_spectrum, write_lam
 from refine.imagelist import load_entries, parse_image_list
 from refine.model.degeneracy import degenerate_pairs
 from refine.model.parameters import parameterise
@@ -120,8 +122,79 @@ def test_values_esds_and_json_keys(sase_fit):
     assert d["parameters"]["wavelength_A"] == pytest.approx(r.values["spectrum.lam1"] * float(params.beam.wavelength),
                                                             rel=1e-12)
     assert "spectrum.lam0" in r.summary() and "spectrum.lam1" in r.summary()
-    # nanoBragg's flags have no wavelength shift: no flags, and a note says why
-    assert d["nanobragg_args"] is None and any("spectrum_shift" in n for n in d["notes"])
+    # a moved spectrum needs a .lam file: without one, no flags, and a note says how to write it
+    assert d["nanobragg_args"] is None and any("--out-spectrum" in n and "spectrum.lam0" in n for n in d["notes"])
+
+
+def _resimulated(flags):
+    p, s = nbtorch.from_nanobragg_args(flags, dtype=torch.float64)
+    return nbtorch.simulate(p, s, fused=False)
+
+
+def test_refined_spectrum_written_as_a_lam_file_resimulates_the_model(sase_fit, tmp_path):
+    """write_spectrum + the flags naming it (-spectrum OUT.lam) give the refined model image to 1e-9; the file's
+    channels are lam0 + lam1·λ of the starting ones, with their weights."""
+    params, r = sase_fit
+    out = tmp_path / "refined.lam"
+    r.write_spectrum(str(out))
+    flags = r.to_nanobragg_args(spectrum_path=str(out))
+    assert flags[flags.index("-spectrum") + 1] == str(out) and "-lambda" not in flags
+    model = r.model_image()
+    assert float((_resimulated(flags) - model).abs().max()) <= 1e-9 * float(model.max())
+    lam, w = read_lam(out)
+    start, w0 = _sase(20)
+    lam0, lam1 = r.values["spectrum.lam0"], r.values["spectrum.lam1"]
+    np.testing.assert_allclose(lam, lam0 + lam1 * start, rtol=1e-13)
+    np.testing.assert_allclose(w, w0 / w0.sum(), rtol=1e-13)
+    # the JSON of a result that knows where its spectrum goes carries those flags
+    d = json.loads(dataclasses.replace(r, spectrum_path=str(out)).to_json())
+    assert d["nanobragg_args"] == flags
+
+
+def test_refined_spectrum_from_flags_with_divergence_keeps_the_directions(tmp_path):
+    """A -spectrum beam with divergence (every direction × every channel): λ0 refined (wavelength) moves the
+    spectrum; the written file and the starting flags' divergence re-simulate the model; without a file no flags."""
+    lam, w = _sase(6)
+    write_lam(tmp_path / "start.lam", lam, w)
+    flags = (STILL.replace(" -lambda 1", "").replace("-detpixels 48", "-detpixels 24") +
+             f" -spectrum {tmp_path / 'start.lam'} -divergence 0.2 -divsteps 2")
+    params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64)
+    assert setup.n_sources == 6 * 4
+    true = with_beam(params, wavelength=params.beam.wavelength * 1.001)
+    observed = nbtorch.simulate(true, setup, fused=False)
+    r = refine.fit(observed, params, setup, ["wavelength", "scale"], nanobragg_args=flags, coarse_to_fine=False,
+                   fused=False, max_iter=3)
+    with pytest.raises(ValueError, match="--out-spectrum"):
+        r.to_nanobragg_args()
+    out = tmp_path / "out.lam"
+    r.write_spectrum(str(out))
+    again = r.to_nanobragg_args(spectrum_path=str(out))
+    assert "-divergence" in again and "-spectrum_bins" not in again
+    model = r.model_image()
+    assert float((_resimulated(again) - model).abs().max()) <= 1e-9 * float(model.max())
+
+
+def test_command_line_writes_the_refined_spectrum(tmp_path, monkeypatch):
+    """nbtorch-refine --out-spectrum OUT.lam writes the refined channels and the JSON flags name the file."""
+    from refine.cli import main as refine_main
+    monkeypatch.chdir(tmp_path)
+    lam, w = _sase(5)
+    write_lam(tmp_path / "start.lam", lam, w)
+    small = STILL.replace(" -lambda 1", "").replace("-detpixels 48", "-detpixels 32").replace("-pixel 0.2",
+                                                                                               "-pixel 0.3")
+    flags = (small + " -spectrum start.lam").split()
+    params, setup = nbtorch.from_nanobragg_args(flags, dtype=torch.float64)
+    true = with_beam(params, spectrum_shift=torch.tensor(0.001, dtype=torch.float64))
+    noisy = torch.poisson(nbtorch.simulate(true, setup, fused=False), generator=torch.Generator().manual_seed(2))
+    write_raw_float("obs.bin", noisy.numpy().astype(np.float32))
+    assert refine_main(["obs.bin", *flags, "--refine", "spectrum.lam0,scale", "--quiet", "--json", "fit.json",
+                        "--out-spectrum", "out.lam"]) == 0
+    d = json.loads((tmp_path / "fit.json").read_text())
+    args = d["nanobragg_args"]
+    assert args[args.index("-spectrum") + 1] == "out.lam"
+    got, _ = read_lam(tmp_path / "out.lam")
+    np.testing.assert_allclose(got, lam + d["values"]["spectrum.lam0"], rtol=1e-12)
+    assert abs(d["values"]["spectrum.lam0"] - 0.001) < 3 * d["value_esd"]["spectrum.lam0"]
 
 
 def test_each_line_of_an_image_list_carries_its_own_spectrum(tmp_path):
