@@ -129,6 +129,7 @@ def _write_outputs(ns, result, matrix_out: Optional[str], source: Optional[ExptI
     for option, path, write in (("--json", ns.json, result.to_json), ("--image", ns.image,
                                 lambda p: _write_image(p, result)), ("--plot", ns.plot, result.plot),
                                 ("--out-geom", ns.out_geom, result.write_geom),
+                                ("--out-spectrum", ns.out_spectrum, result.write_spectrum),
                                 ("--out-expt", ns.out_expt, lambda p: result.write_expt(p, source.path,
                                                                                         source.record))):
         if path:
@@ -152,7 +153,8 @@ def _inputs(ns, flags: List[str], source: Optional[ExptInput]):
     if matrix_out is None and any(flag == "-mat" for flag, _ in inputs):  # a -mat model: its refined matrix
         matrix_out = matrix_output(ns.json)
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out),
-                   ("--out-geom", ns.out_geom), ("--out-expt", ns.out_expt)],
+                   ("--out-geom", ns.out_geom), ("--out-expt", ns.out_expt),
+                   ("--out-spectrum", ns.out_spectrum)],
                   [("OBSERVED", observed.path)] + inputs + ([("--expt", source.path)] if source is not None else []))
     return flags, observed, matrix_out
 
@@ -169,6 +171,7 @@ def _single(argv: List[str]) -> int:
     options = options.replace(geometry=geometry, **psf)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
+    result = dataclasses.replace(result, spectrum_path=ns.out_spectrum)
     if source is not None:
         result = dataclasses.replace(result, expt=source.report(ns.out_expt))
     if np.ndim(obs.gain) > 0:
