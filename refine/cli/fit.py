@@ -17,11 +17,13 @@ from nbtorch.args import build, parse_args
 from nbtorch.io.crystfel import panels_to_slab
 from nbtorch.io.dials import read_expt
 from nbtorch.io.images import write_raw_float
+from nbtorch.io.refl import ReflectionTable, read_reflections, write_reflections
 from nbtorch.io.smv import write_smv
 
 from .. import fit, fit_options
 from ..model.table import GROUPS, NODE_GROUP
 from ..pipeline.options import psf_options
+from ..pipeline.predicted import check_rows, predicted_rows, predicted_table, rows_of_experiment
 from ..targets.detector import DetectorResponse, from_crystfel, from_dials, photon_energy_eV
 from ..targets.observed import read_gain_map, read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_outputs, fit_status, flag_inputs,
@@ -42,6 +44,56 @@ EPILOG = ("Groups: " + ", ".join(g for g in GROUPS if g != NODE_GROUP) + " (sub-
           "--json fit.json -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 -default_F 100 -distance 60 -detpixels 96 "
           "-pixel 0.2\n  nbtorch-refine --expt indexed.expt --experiment 0 --refine orientation,cell,panel_groups,"
           "scale --out-expt refined.expt --json fit.json -default_F 100 -N 10 -fluence 1e24")
+
+
+def _reflections(ns, source: Optional[ExptInput], setup) -> Optional[ReflectionTable]:
+    """The ``--refl`` rows of the refined experiment (:func:`~refine.pipeline.predicted.rows_of_experiment`: its
+    ``id``, or its identifier in the table's map; experiment 0 without ``--expt``), read before the fit; None without
+    ``--refl``.  :class:`UsageError`: ``--out-refl`` without ``--refl`` or ``--expt``, a table that cannot be read,
+    none of its rows the experiment's, rows ``--out-refl`` cannot predict for ``setup`` (no ``miller_index``, a
+    panel the detector lacks)."""
+    if ns.out_refl is not None and (ns.refl is None or source is None):
+        raise UsageError(f"--out-refl {ns.out_refl}: the predicted table holds the rows of the input reflections of "
+                         "a DIALS experiment: give " + ("--refl FILE" if ns.refl is None else "--expt FILE"))
+    if ns.refl is None:
+        return None
+    index, identifier = (0, "") if source is None else (source.index, source.record.identifier)
+    try:
+        rows = rows_of_experiment(read_reflections(ns.refl), index, identifier)
+        if ns.out_refl is not None:
+            check_rows(rows, setup)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--refl {ns.refl}: " + ("no such file" if isinstance(exc, FileNotFoundError) else str(exc))) \
+            from None
+    if rows.nrows == 0:
+        raise UsageError(f"--refl {ns.refl}: no reflection of experiment {index}"
+                         + (f" ({identifier!r})" if identifier else "") + " (column 'id')")
+    return rows
+
+
+def _expt_report(ns, source: ExptInput) -> dict:
+    """The JSON report's ``expt`` entry (:meth:`~refine.cli.expt.ExptInput.report`), with ``out_refl`` when
+    ``--out-refl`` is given."""
+    entry = source.report(ns.out_expt)
+    return entry if ns.out_refl is None else {**entry, "out_refl": ns.out_refl}
+
+
+def _write_out_refl(ns, result, rows: Optional[ReflectionTable], source: Optional[ExptInput]) -> int:
+    """Write the ``--out-refl`` table (atomically): ``rows`` with the refined model's predicted centroids
+    (:func:`~refine.pipeline.predicted.predicted_table`).  :data:`EXIT_OK`, or :data:`EXIT_OUTPUT` when it could not
+    be written (one line)."""
+    if ns.out_refl is None:
+        return EXIT_OK
+    try:
+        table = predicted_table(rows, result.params, result.setup, source.index)
+        write_reflections(ns.out_refl, table)
+    except (ValueError, OSError) as exc:
+        print(f"nbtorch-refine: error: cannot write --out-refl {ns.out_refl}: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+    if not ns.quiet:
+        print(f"{ns.out_refl}: {int(predicted_rows(table).sum())} of {table.nrows} reflections predicted",
+              file=sys.stderr)
+    return EXIT_OK
 
 
 def _write_image(path: str, result) -> None:
@@ -154,8 +206,9 @@ def _inputs(ns, flags: List[str], source: Optional[ExptInput]):
         matrix_out = matrix_output(ns.json)
     check_outputs([("--json", ns.json), ("--image", ns.image), ("--plot", ns.plot), ("--matrix-out", matrix_out),
                    ("--out-geom", ns.out_geom), ("--out-expt", ns.out_expt),
-                   ("--out-spectrum", ns.out_spectrum)],
-                  [("OBSERVED", observed.path)] + inputs + ([("--expt", source.path)] if source is not None else []))
+                   ("--out-spectrum", ns.out_spectrum), ("--out-refl", ns.out_refl)],
+                  [("OBSERVED", observed.path)] + inputs + ([("--expt", source.path)] if source is not None else [])
+                  + ([("--refl", ns.refl)] if ns.refl is not None else []))
     return flags, observed, matrix_out
 
 
@@ -169,11 +222,12 @@ def _single(argv: List[str]) -> int:
     options = fit_options(nanobragg_args=flags, matrix_path=matrix_out, **arguments(ns, "refine"))
     params, setup, obs, geometry, psf = _load(ns, flags, observed)
     options = options.replace(geometry=geometry, **psf)
+    reflections = _reflections(ns, source, setup)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
     result = dataclasses.replace(result, spectrum_path=ns.out_spectrum)
     if source is not None:
-        result = dataclasses.replace(result, expt=source.report(ns.out_expt))
+        result = dataclasses.replace(result, expt=_expt_report(ns, source))
     if np.ndim(obs.gain) > 0:
         print(f"note: {observed.path}: photons = (value - {obs.adc_offset:g}) / gain per pixel "
               f"({np.nanmin(obs.gain):g}–{np.nanmax(obs.gain):g} ADU/photon)")
@@ -181,6 +235,7 @@ def _single(argv: List[str]) -> int:
         print(f"note: {observed.path}: photons = (value - {obs.adc_offset:g}) / {obs.gain:g} (ADC offset, gain)")
     print(result.summary())
     status = _write_outputs(ns, result, matrix_out, source)
+    status = _write_out_refl(ns, result, reflections, source) or status
     if not ns.quiet:
         print(f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return status if status != EXIT_OK else fit_status(result.converged, result.ok)
