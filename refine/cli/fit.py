@@ -223,6 +223,8 @@ def _single(argv: List[str]) -> int:
     params, setup, obs, geometry, psf = _load(ns, flags, observed)
     options = options.replace(geometry=geometry, **psf)
     reflections = _reflections(ns, source, setup)
+    if reflections is not None:  # a spot-ROI fit: the boxes about the experiment's observed spots
+        options = options.replace(spots=reflections)
     t0 = time.perf_counter()
     result = fit(obs, params, setup, options=options, callback=None if ns.quiet else Progress())
     result = dataclasses.replace(result, spectrum_path=ns.out_spectrum)
