@@ -11,6 +11,11 @@ Lab frame (CrystFEL's): +z along the beam away from the source, +y up, +x comple
 ``coffset``; ``fs``/``ss`` are lab vectors in pixels.  Pixel (fs, ss) therefore has its centre at
 corner + (fs + ½)·fs_step + (ss + ½)·ss_step.  :class:`Panel` keeps the file's own numbers (pixels, metres,
 pixels per metre) so that read → write → read gives identical values; its properties give lab millimetres.
+
+``readout_noise`` (a panel's read-out noise σ_r in ADU, >= 0; global as a default for later panels, or
+``panel/readout_noise``) is an nbtorch extension key, not CrystFEL's (CrystFEL rejects unknown keys: strip it before
+giving the file to CrystFEL): kept in :attr:`Panel.extra` and written back, it gives ``nbtorch-refine``'s Gaussian–
+Poisson target its read-out noise (:func:`refine.targets.detector.from_crystfel`).
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ _PANEL_KEYS = ("fs", "ss", "corner_x", "corner_y", "coffset", "res", "clen", "mi
                "maskN_data", "maskN_file", "maskN_goodbits", "maskN_badbits", "no_index")
 #: Panel keys CrystFEL knows that nbtorch keeps (and writes back) without using them.
 _PANEL_KEPT = ("max_adu", "flag_lessthan", "flag_morethan", "flag_equal", "mask_edge_pixels", "saturation_map",
-               "saturation_map_file", "badrow_direction", "peak_sep", "rail_direction", "clen_for_centering")
+               "saturation_map_file", "badrow_direction", "peak_sep", "rail_direction", "clen_for_centering",
+               "readout_noise")
 #: Global keys (not panel defaults) that nbtorch keeps and writes back (``detector_shift_x/_y`` move every panel;
 #: ``photon_energy_scale``, of files for CrystFEL before 0.10, scales the file's photon energy; the others are
 #: not used).
@@ -588,6 +594,9 @@ def _panel(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], first: int, c
     edge = num("mask_edge_pixels", _int) if "mask_edge_pixels" in keys else 0
     if edge < 0:
         raise ctx.error(keys["mask_edge_pixels"][1], f"{name}/mask_edge_pixels", f"must be >= 0, got {edge}")
+    if "readout_noise" in keys and not num("readout_noise") >= 0:  # nbtorch's extension key (module docstring)
+        raise ctx.error(keys["readout_noise"][1], f"{name}/readout_noise",
+                        f"the read-out noise must be a number of ADU >= 0, got {keys['readout_noise'][0]!r}")
     res = num("res")
     if res <= 0:
         raise ctx.error(keys["res"][1], f"{name}/res", f"pixels per metre must be > 0, got {keys['res'][0]!r}")

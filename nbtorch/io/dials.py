@@ -61,7 +61,9 @@ class Panel:
     pixel (0, 0) (mm, parent frame); ``image_size``: (fast, slow) pixels; ``pixel_size``: (fast, slow) mm;
     ``thickness`` (mm), ``mu`` (1/mm), ``material``: the sensor; ``trusted_range``: (min, max) counts; ``gain``
     (counts per photon), ``pedestal``; ``mask``: untrusted rectangles (x0, y0, x1, y1) in pixels, half-open
-    [x0, x1) × [y0, y1) along fast × slow; ``raw_image_offset``: (fast, slow); ``px_mm_strategy``: its ``type``.
+    [x0, x1) × [y0, y1) along fast × slow; ``raw_image_offset``: (fast, slow); ``px_mm_strategy``: its ``type``;
+    ``readout_noise``: the read-out noise σ_r (ADU, >= 0) of an nbtorch extension key ``"readout_noise"`` (DIALS
+    has none; dxtbx ignores it), None when absent.
     """
     name: str
     type: str
@@ -80,6 +82,7 @@ class Panel:
     identifier: str = ""
     raw_image_offset: Tuple[int, int] = (0, 0)
     px_mm_strategy: str = "SimplePxMmStrategy"
+    readout_noise: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -317,7 +320,8 @@ def _panel(node: _Node) -> Panel:
         mask=_opt(node, "mask", (), _mask),
         identifier=_opt(node, "identifier", "", _Node.string),
         raw_image_offset=_opt(node, "raw_image_offset", (0, 0), lambda n: tuple(m.integer() for m in n.items(2))),
-        px_mm_strategy=strategy)
+        px_mm_strategy=strategy,
+        readout_noise=_opt(node, "readout_noise", None, lambda n: n.number(low=0.0)))
 
 
 def _group(node: _Node, n_panels: int, used: dict) -> Group:

@@ -24,7 +24,7 @@ from .. import fit, fit_options
 from ..model.table import GROUPS, NODE_GROUP
 from ..pipeline.options import psf_options
 from ..pipeline.predicted import check_rows, predicted_rows, predicted_table, rows_of_experiment
-from ..targets.detector import DetectorResponse, from_crystfel, from_dials, photon_energy_eV
+from ..targets.detector import DetectorResponse, from_crystfel, from_dials, photon_energy_eV, readout_option
 from ..targets.observed import read_gain_map, read_observed
 from .checks import (EXIT_OK, EXIT_OUTPUT, PLOT_EXTENSIONS, UsageError, check_outputs, fit_status, flag_inputs,
                      matrix_output, run)
@@ -114,7 +114,8 @@ def _write_image(path: str, result) -> None:
 
 def _load(ns, flags: List[str], observed: ObservedFile):
     """(params, setup, observed image in photons, the CrystFEL geometry of ``-geom`` or None, the fit options of the
-    flags' point-spread function (``-psf``; {} without)) from the flags and the ``observed`` file (its frame);
+    flags' point-spread function (``-psf``) and of the -geom/-expt file's read-out noise when the gaussian target has
+    no ``--readout-noise-adu`` ({} without)) from the flags and the ``observed`` file (its frame);
     :class:`UsageError`."""
     try:
         params, setup, extras = build(parse_args(flags), dtype=getattr(torch, ns.dtype))
@@ -125,12 +126,11 @@ def _load(ns, flags: List[str], observed: ObservedFile):
         if ns.out_geom is not None and geometry is None:
             raise UsageError(f"--out-geom {ns.out_geom}: the refined detector is written as a CrystFEL geometry only "
                              "for a detector read from one: give -geom FILE")
-        gain = _gain_option(ns, setup, geometry)
+        gain, detector = _gain_option(ns, setup, geometry), _detector_file(extras.panels, setup, params)
         return params, setup, read_observed(observed.path, setup, params, overload=ns.overload, adc=ns.adc,
                                             gain=gain, geometry=geometry, label=observed.label,
-                                            frame=observed.frame,
-                                            detector=_detector_file(extras.panels, setup, params)), geometry, \
-            psf_options(extras.outputs)
+                                            frame=observed.frame, detector=detector), geometry, \
+            {**psf_options(extras.outputs), **readout_option(detector, ns.target, ns.readout_noise_adu)}
     except (ValueError, OSError, ImportError) as exc:
         raise UsageError(str(exc)) from None
 

@@ -23,6 +23,7 @@ from ..minimise.lm import DEFAULT_DAMPING, DEFAULT_FTOL
 from ..model.parameters import NCELLS_MODES, expand_free
 from ..model.table import DEFAULT_FREE
 from ..targets import TARGETS, Target
+from ..targets.detector import check_readout
 from .report import ESD_SCALES
 from .stages import Stage
 
@@ -63,9 +64,10 @@ class FitOptions:
     What to refine: ``free`` (groups, sub-groups or scalars), ``crystal_system`` ('auto' or a system),
     ``ncells_mode``, ``background`` (starting plane c0, c_fast, c_slow, photons/pixel), ``bounds``, ``priors``
     (reported units), ``allow_degenerate`` (False: refuse combinations the image cannot determine).
-    Against what: ``target``, ``read_noise`` (photons), ``readout_noise_adu`` (ADU; the gaussian target's
-    read-out noise is then this / ``gain`` per pixel, overriding ``read_noise``), ``gain`` (ADU per photon: a number
-    or a per-pixel map of the image's shape; None: the gain the observed image was read with, else 1),
+    Against what: ``target``, ``read_noise`` (photons), ``readout_noise_adu`` (ADU, a number or a per-pixel map;
+    the gaussian target's read-out noise is then this / ``gain`` per pixel, overriding ``read_noise``), ``gain``
+    (ADU per photon: a number or a per-pixel map of the image's shape; None: the gain the observed image was read
+    with, else 1),
     ``weights`` (lsq image), ``mask`` (bool image, True = use), ``overload``, ``spots_only``, ``spot_dilate``
     (pixels), ``background_fraction``.
     The detector's point-spread function: ``psf`` ('gauss', 'fiber' or None: no blur), ``psf_fwhm`` (its starting
@@ -92,7 +94,7 @@ class FitOptions:
     mask: Any = None
     overload: Optional[float] = None
     read_noise: float = 1.0
-    readout_noise_adu: Optional[float] = None
+    readout_noise_adu: Any = None
     gain: Any = None
     weights: Any = None
     crystal_system: str = "auto"
@@ -143,6 +145,8 @@ class FitOptions:
             put("background", tuple(float(v) for v in self.background))
         if self.gain is not None and np.ndim(self.gain) > 0:
             put("gain", np.asarray(self.gain, dtype=np.float64))
+        if self.readout_noise_adu is not None:  # a number or a per-pixel map (a detector file's, one per panel)
+            put("readout_noise_adu", check_readout(self.readout_noise_adu))
         if not isinstance(self.coarse_to_fine, (str, bool)) and self.coarse_to_fine is not None:
             put("coarse_to_fine", tuple(self.coarse_to_fine))
         self._validate()
@@ -188,7 +192,6 @@ class FitOptions:
 
     def _validate_detector(self) -> None:
         """``readout_noise_adu`` (>= 0 ADU, with the gaussian target) and ``gain`` (> 0, or a per-pixel map)."""
-        _at_least("readout_noise_adu", self.readout_noise_adu, 0, optional=True)
         if self.readout_noise_adu is not None and self.target != "gaussian":
             raise ValueError(f"readout_noise_adu is the read-out noise of the Gaussian–Poisson target: give "
                              f"target='gaussian' (got target={getattr(self.target, 'name', self.target)!r})")

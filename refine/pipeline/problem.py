@@ -29,7 +29,7 @@ from ..model.parameters import Parameterisation, parameterise, total_rotation
 from ..model.psf import point_spread
 from ..targets import Gaussian, Objective, Target, make_target, observed_array, usable_mask
 from ..targets.boxes import spot_boxes
-from ..targets.detector import check_gain, read_noise_photons
+from ..targets.detector import check_gain, read_noise_photons, readout_text
 from .options import FitOptions
 from .report import reported_plane
 
@@ -180,7 +180,8 @@ def _target_note(target: Target, options: FitOptions) -> str:
                 f"photons (gain {options.readout_noise_adu / target.read_noise if target.read_noise else 1:.4g} "
                 "ADU/photon)")
     sig = target.read_noise_map[np.isfinite(target.read_noise_map)]
-    return (f"gaussian target: read-out noise {options.readout_noise_adu:g} ADU over a per-pixel gain map = "
+    over = " over a per-pixel gain map" if np.ndim(options.readout_noise_adu) == 0 else ""
+    return (f"gaussian target: read-out noise {readout_text(options.readout_noise_adu)}{over} = "
             f"{sig.min():.4g}–{sig.max():.4g} photons")
 
 
