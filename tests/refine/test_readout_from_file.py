@@ -13,11 +13,12 @@ import torch
 
 import nbtorch
 import refine
+from nbtorch.args import build, parse_args
 from nbtorch.io.crystfel import GeometryFileError, format_geom, parse_geom, read_geom
 from nbtorch.io.dials import parse_expt
 from nbtorch.io.images import write_raw_float
 from refine.cli.checks import EXIT_POOR_FIT
-from refine.cli.fit import main
+from refine.cli.fit import _detector_file, main
 from refine.pipeline.problem import fit_target
 from refine.targets.detector import from_crystfel, from_dials, read_noise_photons, readout_option
 
@@ -93,6 +94,11 @@ def test_expt_panel_readout_noise(tmp_path):
     resp = from_dials(detector, setup, "-expt x.expt")
     assert resp.readout[0].max() == 2.0 and resp.readout[1].min() == 3.0
     assert "readout_noise from -expt x.expt" in resp.sources
+    expt = tmp_path / "r.expt"  # the command line's -expt route: its detector response gives the option
+    expt.write_text(json.dumps(raw))
+    params, setup, extras = build(parse_args(["-expt", str(expt), "-default_F", "10", "-N", "2"]), dtype=torch.float64)
+    option = readout_option(_detector_file(extras.panels, setup, params), "gaussian", None)["readout_noise_adu"]
+    assert option.shape == (2, 6, 10) and option[0].max() == 2.0 and option[1].min() == 3.0
     raw["detector"][0]["panels"][1]["readout_noise"] = -1.0
     with pytest.raises(ValueError, match="readout_noise.*must be >= 0.0"):
         parse_expt(json.dumps(raw).encode(), "x.expt")
