@@ -9,7 +9,9 @@ Each image of a LIST is one Dask task running :func:`refine.fit`: on a local clu
 scheduler (``scheduler="tls://host:8786"``, ``security=`` from :func:`scheduler_security`; ``dask scheduler`` /
 ``dask worker``, or dask-jobqueue on Slurm).  Every finished image appends one JSON line (:data:`RESULT_KEYS`) to
 the results file at once; a rerun skips the images already there (a line cut short by a kill is dropped first), so
-a killed run is resumed by running it again; a failed image records its ``error`` and the others go on.
+a killed run is resumed by running it again; a failed image records its ``error`` and the others go on.  A shot of
+an ``--expt-list`` (:func:`refine.imagelist.parse_expt_list`) also writes its refined experiment list into
+``expt_dir`` and its line gains :data:`EXPT_KEYS`.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .imagelist import ImageEntry, entry_image, entry_start
+from .imagelist import (ImageEntry, entry_image, entry_spots, entry_start, refined_expt_dir, result_key,
+                        write_refined_expt)
 from .pipeline.fit import fit
 
 #: Keys of a result line, in order, plus ``error`` when the image failed (the others then null, ``ok`` false):
@@ -33,6 +36,10 @@ from .pipeline.fit import fit
 #: :meth:`refine.Result.to_dict`.
 RESULT_KEYS = ("path", "converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd", "loss", "seconds",
                "nanobragg_args", "warnings")
+#: The keys a shot of an --expt-list adds: ``expt`` (:meth:`refine.imagelist.ImageEntry.expt_report`: the input
+#: ``.expt``, the experiment K, its identifier, the line's REFL and the refined list written) and ``out_expt`` (that
+#: refined list, null when the shot failed).
+EXPT_KEYS = ("expt", "out_expt")
 
 
 def available_cores() -> int:
@@ -54,10 +61,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else repr(exc)}"
 
 
-def _record(path: str, t0: float, **values) -> dict:
-    """A result line: every key of :data:`RESULT_KEYS` (null unless given; ``converged`` and ``ok`` false)."""
-    return {**dict.fromkeys(RESULT_KEYS), "path": path, "converged": False, "ok": False,
-            "seconds": time.perf_counter() - t0, **values}
+def _record(entry: ImageEntry, t0: float, **values) -> dict:
+    """A result line of ``entry``: every key of :data:`RESULT_KEYS` (and of :data:`EXPT_KEYS` for a shot of an
+    --expt-list; null unless given; ``converged`` and ``ok`` false)."""
+    expt = {"expt": entry.expt_report(None), "out_expt": None} if entry.expt else {}
+    return {**dict.fromkeys(RESULT_KEYS), "path": entry.path, "converged": False, "ok": False,
+            "seconds": time.perf_counter() - t0, **expt, **values}
 
 
 def _task_threads(threads: Optional[int], host_workers: Optional[Dict[str, int]]) -> int:
@@ -77,13 +86,17 @@ def _task_threads(threads: Optional[int], host_workers: Optional[Dict[str, int]]
 def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object], threads: Optional[int] = None,
                dtype: str = "float64", matrix_dir: Optional[str] = None,
                host_workers: Optional[Dict[str, int]] = None, adc: Optional[float] = None,
-               gain: Optional[float] = None) -> dict:
+               gain: Optional[float] = None, gain_map: Optional[str] = None, expt_dir: Optional[str] = None) -> dict:
     """Refine one LIST entry with :func:`refine.fit` (a Dask task; never raises): the result line as a dict.
 
     ``options``: keyword arguments of :func:`refine.fit` (plain values); ``threads``: torch threads (None: see
     :func:`_task_threads`, ``host_workers`` {host: Dask workers on it}); ``matrix_dir``: where refined MOSFLM
     matrices of ``-mat`` models go (``<line>.mat``); ``adc``/``gain``: photons = (value − adc) / gain (None: the
-    header's, else 0 and 1).  A failure gives the line with ``error`` (type and message, one line)."""
+    header's, else 0 and 1); ``gain_map``: a per-pixel gain file instead (:func:`refine.imagelist.entry_image`);
+    ``expt_dir``: where a shot of an --expt-list writes its refined experiment list
+    (:func:`refine.imagelist.write_refined_expt`; default the LIST's folder); a shot with a REFL is a spot-ROI fit
+    of its rows (:func:`refine.imagelist.entry_spots`).  A failure gives the line with ``error`` (type and message,
+    one line)."""
     t0 = time.perf_counter()
     try:
         torch.set_num_threads(_task_threads(threads, host_workers))
@@ -91,18 +104,25 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
         with warnings.catch_warnings(record=True) as caught:  # header values against the flags: into the line
             warnings.simplefilter("always")
             obs = entry_image(entry, setup, options.get("overload"), adc=adc, gain=gain, params=params,
-                              geometry=geometry)
-        matrix = None if setup.nanobragg_cell else os.path.join(matrix_dir or entry.base_dir, f"{entry.line:06d}.mat")
+                              geometry=geometry, gain_map=gain_map)
+        matrix = None if setup.nanobragg_cell or entry.expt else \
+            os.path.join(matrix_dir or entry.base_dir, f"{entry.line:06d}.mat")
         if matrix is not None:
             os.makedirs(os.path.dirname(matrix), exist_ok=True)
-        res = fit(obs, params, setup, free=list(free), nanobragg_args=entry.flags, matrix_path=matrix, **options)
+        res = fit(obs, params, setup, free=list(free), nanobragg_args=entry.flags, matrix_path=matrix,
+                  spots=entry_spots(entry), **options)
+        expt = {}
+        if entry.expt:
+            out = write_refined_expt(entry, res, expt_dir or entry.base_dir)
+            res = dataclasses.replace(res, expt=entry.expt_report(out))
+            expt = {"expt": res.expt, "out_expt": out}
         d = res.to_dict()
         if matrix is not None and d["nanobragg_args"] is not None:
             res.to_nanobragg_args(matrix_path=matrix, write_matrix=True)
-        return _record(entry.path, t0, **{k: d[k] for k in RESULT_KEYS if k in d and k != "seconds"},
-                       warnings=[str(w.message) for w in caught])
+        return _record(entry, t0, **{k: d[k] for k in RESULT_KEYS if k in d and k != "seconds"},
+                       warnings=[str(w.message) for w in caught], **expt)
     except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
-        return _record(entry.path, t0, error=_one_line(exc))
+        return _record(entry, t0, error=_one_line(exc))
 
 
 def _parse_results(results: str):
@@ -134,16 +154,21 @@ def _parse_results(results: str):
     return records, 0
 
 
-def done_paths(results: str) -> set:
-    """Paths already in a results file (ValueError when it is not one).  A last line cut short by a kill is dropped
-    with a warning, so that its image is refined again."""
+def done_keys(results: str) -> set:
+    """The :func:`refine.imagelist.result_key` of every line already in a results file (ValueError when it is not
+    one).  A last line cut short by a kill is dropped with a warning, so that its image is refined again."""
     records, cut = _parse_results(results)
     if cut:
         warnings.warn(f"{results}: dropped its last line, cut short by a killed run ({cut} bytes); that image is "
                       "refined again")
         with open(results, "r+b") as fh:
             fh.truncate(os.path.getsize(results) - cut)
-    return {rec["path"] for rec in records}
+    return {result_key(rec) for rec in records}
+
+
+def done_paths(results: str) -> set:
+    """The image paths already in a results file (:func:`done_keys`' first members)."""
+    return {key[0] for key in done_keys(results)}
 
 
 def read_results(results: str) -> List[dict]:
@@ -278,7 +303,8 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
                   scheduler: Optional[str] = None, options: Optional[Dict[str, object]] = None,
                   threads: Optional[int] = None, dtype: str = "float64", limit: Optional[int] = None,
                   progress: bool = True, stream=None, security=None, adc: Optional[float] = None,
-                  gain: Optional[float] = None) -> RunSummary:
+                  gain: Optional[float] = None, gain_map: Optional[str] = None,
+                  expt_dir: Optional[str] = None) -> RunSummary:
     """Refine every entry not yet in ``results`` (JSON lines) independently on Dask; see the module docstring.
 
     ``entries``: the LIST (:func:`refine.imagelist.parse_image_list`); ``free``: groups refined per image;
@@ -286,12 +312,14 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
     (``tls://host:8786`` with ``security`` from :func:`scheduler_security`, else dask's configuration; or an
     unprotected ``tcp://``); ``options``: keyword arguments of :func:`refine.fit` (plain, picklable values);
     ``threads``: torch threads per task (default: cores / workers); ``limit``: stop after this many new results;
-    ``progress``: the progress line on ``stream`` (default stderr); ``adc``, ``gain``: as :func:`refine_one`."""
+    ``progress``: the progress line on ``stream`` (default stderr); ``adc``, ``gain``, ``gain_map``: as
+    :func:`refine_one`; ``expt_dir``: where the shots of an --expt-list write their refined experiment lists
+    (default: next to ``results``, its stem + ``_refined``; made when missing)."""
     t0 = time.perf_counter()
     entries = list(entries)
     open(results, "ab").close()  # fails now, not after the first fit, when the file cannot be written
-    done = done_paths(results)
-    todo = [e for e in entries if e.path not in done]
+    done = done_keys(results)
+    todo = [e for e in entries if e.key() not in done]
     summary = RunSummary(total=len(entries), skipped=len(entries) - len(todo))
     bar = ProgressBar(len(entries), summary.skipped, stream, progress)
     if not todo:
@@ -308,16 +336,19 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
             addresses = list(client.scheduler_info()["workers"])
             host_workers = dict(collections.Counter(_host(a) for a in addresses))
             summary.workers, summary.threads = len(addresses), threads or 0
-            matrix_dir = os.path.splitext(os.path.abspath(results))[0] + "_matrices"
-            futures = {client.submit(refine_one, e, list(free), dict(options or {}), threads, dtype, matrix_dir,
-                                     host_workers, adc, gain, pure=False,
-                                     key=f"refine-{e.line}-{os.path.basename(e.path)}-{time.time_ns()}"): e
+            stem = os.path.splitext(os.path.abspath(results))[0]
+            expt_dir = os.path.abspath(expt_dir or refined_expt_dir(results))
+            if any(e.expt for e in todo):
+                os.makedirs(expt_dir, exist_ok=True)
+            futures = {client.submit(refine_one, e, list(free), dict(options or {}), threads, dtype,
+                                     stem + "_matrices", host_workers, adc, gain, gain_map, expt_dir, pure=False,
+                                     key=f"refine-{e.line}-{e.experiment}-{os.path.basename(e.path)}-{time.time_ns()}"): e
                        for e in todo}
             for fut in as_completed(futures):  # each line appended as it arrives
                 try:
                     rec = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a worker died (killed, out of memory)
-                    rec = _record(futures[fut].path, time.perf_counter(), error=_one_line(exc))
+                    rec = _record(futures[fut], time.perf_counter(), error=_one_line(exc))
                 append_line(results, rec)
                 failed = rec.get("error") is not None
                 summary.fitted, summary.failed = summary.fitted + (not failed), summary.failed + failed

@@ -246,7 +246,7 @@ def _single(argv: List[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nbtorch-refine`` (its exit status, :mod:`refine.cli.checks`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    images = any(t == "--images" or t.startswith("--images=") for t in argv)  # many images: .many
+    images = any(t.split("=", 1)[0] in ("--images", "--expt-list") for t in argv)  # many images: .many
     command = "images" if images else "refine"
     return run("nbtorch-refine", lambda: main_many(argv) if images else _single(argv),
                lambda exc: f"nbtorch-refine: error: {flag_message(str(exc), command)}")

@@ -1,12 +1,14 @@
-"""``nbtorch-refine --images LIST``: many images, jointly (:func:`refine.fit_many`, ``--json``) or each on its own on
-Dask (:mod:`refine.scaleout`, one JSON line per image in ``--results``).  :data:`USAGE`; options:
-:mod:`refine.cli.table`; LIST: :mod:`refine.imagelist` (the command line's flags come first on every line); exit
-statuses and the cluster's security: docs/refine.md, Many images."""
+"""``nbtorch-refine --images LIST`` / ``--expt-list LIST``: many images, jointly (:func:`refine.fit_many`, ``--json``)
+or each on its own on Dask (:mod:`refine.scaleout`, one JSON line per image in ``--results``).  :data:`USAGE`;
+options: :mod:`refine.cli.table`; LIST: :mod:`refine.imagelist` (``--images``: the command line's flags come first on
+every line; ``--expt-list``: DIALS stills, one shot per experiment, their refined experiment lists written into
+``--out-dir``); exit statuses and the cluster's security: docs/refine.md, Many images and Many stills."""
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import math
+import os
 import sys
 import time
 from typing import Sequence
@@ -14,12 +16,14 @@ from typing import Sequence
 import torch
 
 from .. import fit_many, fit_options
-from ..imagelist import load_entries, parse_image_list
+from ..imagelist import (entry_spots, load_entries, parse_expt_list, parse_image_list, refined_expt_dir,
+                         result_key, write_refined_expt)
 from ..scaleout import read_results, refine_images, scheduler_security
-from .checks import UsageError, check_outputs, fit_status, flag_inputs, free_groups, matrix_output
+from .checks import (EXIT_OK, EXIT_OUTPUT, UsageError, check_outputs, fit_status, flag_inputs, free_groups,
+                     matrix_output)
 from .table import arguments, flag_message, options, start
 
-USAGE = ("nbtorch-refine --images LIST (--shared GROUPS --per-image GROUPS [--json OUT] | --independent --refine "
+USAGE = ("nbtorch-refine --images LIST|--expt-list LIST (--shared GROUPS --per-image GROUPS [--json OUT] | --independent --refine "
          "GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS]) [options] [nanoBragg flags common to every "
          "line]")
 
@@ -32,13 +36,26 @@ def _fit_kwargs(ns) -> dict:
     return dict(kw, overload=ns.overload)
 
 
+def _list(ns):
+    """(option, LIST path) of the run: ``--images`` or ``--expt-list``."""
+    return ("--expt-list", ns.expt_list) if ns.expt_list is not None else ("--images", ns.images)
+
+
 def _check_mode(ns) -> None:
-    """The options agree with the mode (joint or independent) and Dask is there for ``--independent``;
-    :class:`UsageError` naming the first problem."""
+    """The options agree with the mode (joint or independent) and the LIST option, and Dask is there for
+    ``--independent``; :class:`UsageError` naming the first problem."""
     mode = "independent" if ns.independent else "joint"
     wrong = ", ".join(o.flag for o in options("joint", "independent") if mode not in o.programs
                       and getattr(ns, o.dest) != o.parser_default)
     for broken, problem in (
+            (ns.images is not None and ns.expt_list is not None, f"--images {ns.images} and --expt-list "
+             f"{ns.expt_list} both give the LIST: give one"),
+            (ns.images is None and ns.expt_list is None, "give the LIST: --images LIST (an image path and flags per "
+             "line) or --expt-list LIST (EXPT [REFL] [SPECTRUM] per line)"),
+            (ns.out_dir is not None and ns.expt_list is None, f"--out-dir {ns.out_dir}: the refined experiment lists "
+             "it holds are of --expt-list shots; give --expt-list LIST"),
+            (ns.gain is not None and ns.gain_map is not None, f"--gain {ns.gain} and --gain-map {ns.gain_map} both "
+             "give the gain: give one"),
             (wrong and ns.independent, f"{wrong} belong to the joint mode; --independent takes --refine"),
             (wrong, f"{wrong} need --independent"),
             (ns.independent and not ns.refine, "--independent needs --refine GROUPS"),
@@ -53,6 +70,16 @@ def _check_mode(ns) -> None:
              "install cryptography (the dask extra: pip install -e '.[dask]')")):
         if broken:
             raise UsageError(problem)
+
+
+def _expt_dir(ns):
+    """Where the --expt-list shots' refined experiment lists go: ``--out-dir``, else next to ``--results`` (or, joint,
+    ``--json``) as :func:`refine.imagelist.refined_expt_dir` names it; None for --images, or a joint fit without
+    either."""
+    if ns.expt_list is None:
+        return None
+    next_to = ns.results if ns.independent else ns.json
+    return ns.out_dir if ns.out_dir is not None else (refined_expt_dir(next_to) if next_to else None)
 
 
 #: Seconds between two counter lines of a joint fit's progress when stderr is not a terminal (a log).
@@ -104,27 +131,48 @@ class Progress:
             self.drawn = False
 
 
-def _run_joint(ns, entries) -> int:
-    """The joint fit of the LIST: summary, ``--json`` and refined matrices; the exit status."""
-    shown = None if ns.quiet else Progress()
-    try:
-        obs, params, setups = load_entries(entries, getattr(torch, ns.dtype), ns.overload, ns.adc, ns.gain,
-                                           progress=shown and shown.work)
-        result = fit_many(obs, params, setups, shared=ns.shared, per_image=ns.per_image,
-                          paths=[e.path for e in entries], nanobragg_args=[e.flags for e in entries],
-                          callback=shown, progress=shown and shown.work, **_fit_kwargs(ns))
-    finally:
-        if shown is not None:
-            shown.clear()
-    for k, img in enumerate(result.images):
-        if not img.setup.nanobragg_cell:  # a -mat model: its refined matrix goes next to the JSON
+def _write_shots(ns, result, entries) -> int:
+    """Each image's refined outputs: an --expt-list shot's experiment list (into :func:`_expt_dir`; its image's
+    ``expt`` entry in the JSON), a ``-mat`` model's matrix next to ``--json``.  :data:`EXIT_OK`, or
+    :data:`EXIT_OUTPUT` when a file could not be written (one line each; the others are still written)."""
+    folder, status = _expt_dir(ns), EXIT_OK
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+    for k, (img, entry) in enumerate(zip(result.images, entries)):
+        if entry.expt:
+            try:
+                out = write_refined_expt(entry, img, folder) if folder is not None else None
+            except (ValueError, OSError) as exc:
+                print(f"nbtorch-refine: error: cannot write the refined experiment list of {entry.where()}: {exc}",
+                      file=sys.stderr)
+                out, status = None, EXIT_OUTPUT
+            result.images[k] = dataclasses.replace(img, expt=entry.expt_report(out))
+        elif not img.setup.nanobragg_cell:  # a -mat model: its refined matrix goes next to the JSON
             result.images[k] = dataclasses.replace(img, matrix_path=matrix_output(ns.json, f".image{k + 1}"))
             if ns.json:
                 result.images[k].to_nanobragg_args(write_matrix=True)
+    return status
+
+
+def _run_joint(ns, entries) -> int:
+    """The joint fit of the LIST: summary, ``--json``, refined matrices and experiment lists; the exit status."""
+    shown = None if ns.quiet else Progress()
+    try:
+        obs, params, setups = load_entries(entries, getattr(torch, ns.dtype), ns.overload, ns.adc, ns.gain,
+                                           progress=shown and shown.work, gain_map=ns.gain_map)
+        spots = [entry_spots(e) for e in entries]  # a shot with a REFL: a spot-ROI fit of its rows
+        result = fit_many(obs, params, setups, shared=ns.shared, per_image=ns.per_image,
+                          paths=[e.path for e in entries], nanobragg_args=[e.flags for e in entries],
+                          spots=spots if any(s is not None for s in spots) else None, callback=shown,
+                          progress=shown and shown.work, **_fit_kwargs(ns))
+    finally:
+        if shown is not None:
+            shown.clear()
+    status = _write_shots(ns, result, entries)
     print(result.summary())
     if ns.json:
         result.to_json(ns.json)
-    return fit_status(result.converged, result.ok)
+    return status if status != EXIT_OK else fit_status(result.converged, result.ok)
 
 
 def _run_independent(ns, entries) -> int:
@@ -133,7 +181,8 @@ def _run_independent(ns, entries) -> int:
         print(f"nbtorch-refine: warning: {ns.scheduler_warning}", file=sys.stderr)
     summary = refine_images(entries, free_groups(ns.refine), ns.results, workers=ns.workers, scheduler=ns.scheduler,
                             options=_fit_kwargs(ns), threads=ns.threads, dtype=ns.dtype, limit=ns.limit,
-                            progress=not ns.quiet, security=ns.security, adc=ns.adc, gain=ns.gain)
+                            progress=not ns.quiet, security=ns.security, adc=ns.adc, gain=ns.gain,
+                            gain_map=ns.gain_map, expt_dir=_expt_dir(ns))
     if not ns.quiet and summary.skipped == summary.total:
         print(f"all {summary.total} images are already in {ns.results}: nothing to do", file=sys.stderr)
     elif not ns.quiet:
@@ -147,23 +196,26 @@ def _run_independent(ns, entries) -> int:
 def results_status(entries, results: str) -> int:
     """The exit status of an independent run, judged on every LIST entry's line in ``results`` (this run's or an
     earlier one's): 3 when one is missing, failed or not converged, else 4 when one is a poor fit, else 0."""
-    recs = {r.get("path"): r for r in read_results(results)}
-    lines = [recs.get(e.path) for e in entries]
+    recs = {result_key(r): r for r in read_results(results)}
+    lines = [recs.get(e.key()) for e in entries]
     converged = all(r is not None and not r.get("error") and r.get("converged") for r in lines)
     return fit_status(converged, converged and not any(r.get("poor_fit") for r in lines))
 
 
 def _check_files(ns, entries) -> None:
     """The safe-output rule over the whole run (:func:`refine.cli.checks.check_outputs`): ``--json`` (with the
-    refined matrices of ``-mat`` models next to it) and ``--results`` against the LIST, every listed image and every
-    line's input files; an existing ``--results`` must be a results file.  :class:`UsageError` (one line)."""
-    inputs, outputs = [("--images", ns.images)], [("--json", ns.json), ("--results", ns.results)]
+    refined matrices of ``-mat`` models next to it), ``--results`` and the refined experiment lists in
+    :func:`_expt_dir` against the LIST, every listed image and every line's input files (``.expt``, REFL,
+    spectrum …); an existing ``--results`` must be a results file.  :class:`UsageError` (one line)."""
+    inputs, outputs = [_list(ns)], [("--json", ns.json), ("--results", ns.results)]
     for k, e in enumerate(entries):
         files = flag_inputs(e.flags, e.base_dir)
         inputs += [(e.where(), e.path)] + [(f"{e.where()} {flag}", path) for flag, path in files]
-        if ns.json and any(flag == "-mat" for flag, _ in files):  # _run_joint writes its refined matrix
+        inputs += [(f"{e.where()} REFL", e.refl)] if e.refl else []
+        if ns.json and not e.expt and any(flag == "-mat" for flag, _ in files):  # _run_joint writes its matrix
             outputs.append((f"--json (-mat of image {k + 1})", matrix_output(ns.json, f".image{k + 1}")))
-    check_outputs(outputs, inputs)
+    folder = _expt_dir(ns)
+    check_outputs(outputs, inputs, ("--out-dir", folder, [e.out_expt_name() for e in entries if e.expt]))
     if ns.results:
         try:
             read_results(ns.results)
@@ -174,23 +226,24 @@ def _check_files(ns, entries) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``nbtorch-refine --images``: every option, the mode, ``--scheduler``, the LIST (each line's file and flags),
-    the groups, the fit options and the output paths checked, then the run; its exit status (bad usage is a
-    :class:`~refine.cli.checks.UsageError` or ValueError, which :func:`refine.cli.fit.main` reports)."""
+    """``nbtorch-refine --images`` / ``--expt-list``: every option, the mode, ``--scheduler``, the LIST (each line's
+    files and flags), the groups, the fit options and the output paths checked, then the run; its exit status (bad
+    usage is a :class:`~refine.cli.checks.UsageError` or ValueError, which :func:`refine.cli.fit.main` reports)."""
     ns, flags = start(argv, "images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: "
                       "jointly (shared + per-image groups) or independently on Dask.")
     _check_mode(ns)
     ns.security, ns.scheduler_warning = (scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
                                          if ns.scheduler else (None, ""))
+    option, path = _list(ns)
     try:
-        entries = parse_image_list(ns.images, flags)
+        entries = (parse_expt_list if ns.expt_list is not None else parse_image_list)(path, flags)
     except OSError as exc:
-        raise UsageError(f"--images {ns.images}: {exc.strerror or exc}") from None
+        raise UsageError(f"{option} {path}: {exc.strerror or exc}") from None
     fit_options(None, free=f"{ns.shared},{ns.per_image}", **_fit_kwargs(ns))  # (--refine: checked as parsed)
     _check_files(ns, entries)
     try:
         return _run_independent(ns, entries) if ns.independent else _run_joint(ns, entries)
     except ValueError as exc:
-        line_error = " line " in str(exc) and ns.images in str(exc)
+        line_error = " line " in str(exc) and path in str(exc)
         print(f"nbtorch-refine: error: {flag_message(str(exc), 'images')}", file=sys.stderr)
         return 2 if line_error else 1

@@ -130,7 +130,14 @@ def _choice(flag: str, programs, help: str, choices, **kw) -> Option:
 #: Every option, in help order.
 OPTIONS: Tuple[Option, ...] = (
     Option("--images", _IMAGES, "LIST file: one line per image, its path and the nanoBragg flags of its starting "
-           "model", required=True, metavar="LIST"),
+           "model (give --images or --expt-list)", metavar="LIST"),
+    Option("--expt-list", _IMAGES, "LIST file of DIALS stills: one line per experiment list, EXPT [REFL] [SPECTRUM] "
+           "(paths relative to the LIST; every experiment of EXPT is a shot: its model as --expt builds it, then the "
+           "nanoBragg flags, then -spectrum SPECTRUM; its observed image its imageset's)", name="expt_list",
+           metavar="LIST"),
+    Option("--out-dir", _IMAGES, "with --expt-list: write each shot's refined experiment list here as "
+           "<EXPT stem>_line<N>[_exp<K>]_refined.expt (made when missing)", name="out_dir", metavar="DIR",
+           default_text="--results' or --json's stem + _refined"),
     _switch("--independent", ("independent",), "refine each image on its own, in parallel on Dask"),
     Option("--shared", ("joint",), "groups with one value for all images (e.g. distance,beam_center,"
            "detector_rotation.y,detector_rotation.z)", default="", metavar="GROUPS"),
@@ -172,9 +179,9 @@ OPTIONS: Tuple[Option, ...] = (
            low=-math.inf, metavar="COUNTS", default_text="the header's ADC_OFFSET, which nbtorch writes, else 0"),
     Option("--gain", _ALL, "counts (ADU) per photon of the observed images", kind="real", field="gain", low=0.0,
            metavar="G", default_text="the header's GAIN, else the -geom/-expt file's, else 1"),
-    Option("--gain-map", ("refine",), "per-pixel gain (ADU per photon) of the observed image: a file of its shape "
-           "(raw float32, SMV, CBF, HDF5); a pixel whose gain is not > 0 is left out", name="gain_map",
-           metavar="FILE"),
+    Option("--gain-map", _FITS, "per-pixel gain (ADU per photon) of the observed image: a file of its shape "
+           "(raw float32, SMV, CBF, HDF5); a pixel whose gain is not > 0 is left out (--images/--expt-list: one map "
+           "for every image, each of the map's shape)", name="gain_map", metavar="FILE"),
     Option("--background", ("refine",), "starting background plane (photons/pixel)", kind="real", nargs=3,
            field="background", metavar=("C0", "CFAST", "CSLOW")),
     Option("--matrix-out", ("refine",), "where to write the refined MOSFLM matrix of a -mat model", metavar="OUT",
@@ -191,9 +198,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--refl", ("refine",), "DIALS reflection table (.refl) of the --expt experiment: only pixels in square "
            "boxes around its observed spots (xyzobs.px.value, panel) enter the fit, each box with its own refinable "
            "background plane (spot-ROI refinement)", metavar="FILE"),
-    Option("--roi-size", ("refine",), "side of each spot's box with --refl (pixels; clipped at panel edges, "
+    Option("--roi-size", _FITS, "side of each spot's box with --refl or an --expt-list line's REFL (pixels; clipped at panel edges, "
            "overlapping boxes merged)", kind="int", field="roi_size", low=1, metavar="PIXELS"),
-    Option("--max-spots", ("refine",), "with --refl, only the N strongest spots (intensity.sum.value)", kind="int",
+    Option("--max-spots", _FITS, "with --refl or a REFL, only the N strongest spots (intensity.sum.value)", kind="int",
            field="max_spots", low=1, default_text="every spot"),
     Option("--out-refl", ("refine",), "write a reflection table here: the --refl rows of the experiment with the "
            "refined model's predicted centroids (xyzcal.px, xyzcal.mm), miller_index, panel and id; the input's "

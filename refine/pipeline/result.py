@@ -237,10 +237,11 @@ class Result:
 
     def image_dict(self) -> dict:
         """One image's entry in a joint fit's JSON: ``{"path", "converged", "ok", "chi2_nu", "poor_fit",
-        "parameters", "esd", "nanobragg_args"}`` (flags None when they cannot express the model)."""
+        "parameters", "esd", "nanobragg_args"}`` (flags None when they cannot express the model), and ``expt`` for
+        a model of an experiment list."""
         d = self.to_dict()
         return dict({k: d[k] for k in ("converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd",
-                                       "nanobragg_args")}, path=self.path)
+                                       "nanobragg_args", "expt") if k in d}, path=self.path)
 
     def to_json(self, path: Optional[str] = None, indent: int = 2) -> str:
         """JSON text of :meth:`to_dict`; also written (atomically) to ``path`` when given."""
