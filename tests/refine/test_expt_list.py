@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,7 @@ from refine.cli import many
 from refine.cli.checks import UsageError
 from refine.cli.fit import main
 from refine.cli.many import main as main_many
-from refine.imagelist import entry_start, parse_expt_list, result_key
+from refine.imagelist import entry_start, load_entries, parse_expt_list, result_key
 from refine.scaleout import read_results
 
 #: What an .expt does not hold: structure factors, crystal size, fluence, sampling (every line's).
@@ -292,3 +293,23 @@ def test_a_lines_refl_gives_each_shot_its_rows_as_spots(tmp_path, monkeypatch):
     errors = {rec["expt"]["experiment"]: rec.get("error") for rec in read_results(str(tmp_path / "r.jsonl"))}
     assert rc == 3 and len(errors) == 2 and errors[1] is None  # (experiment 1's fit of a flat image: no error)
     assert f"{lst} line 1 experiment 0: REFL " in errors[0] and "no reflection of experiment 0 ('shot-0')" in errors[0]
+
+
+def test_shots_in_frames_of_one_hdf5_file(stills, tmp_path):
+    """Two experiments whose images are frames 1 and 0 of one HDF5 file (``single_file_indices``): each shot reads its
+    own frame (what nbtorch-refine --expt reads)."""
+    doc = json.loads((stills / "shot0.expt").read_text())
+    doc["experiment"].append(dict(doc["experiment"][0], identifier="shot-1"))
+    doc["imageset"] = [{"__id__": "ImageSet", "images": ["run.h5"], "single_file_indices": [k]} for k in (1, 0)]
+    doc["experiment"][1]["imageset"] = 1
+    (tmp_path / "run.expt").write_text(json.dumps(doc))
+    frames = np.stack([np.full((64, 64), 3.0), np.fromfile(stills / "shot0.bin", np.float32).reshape(64, 64)])
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        f["/entry/data/data"] = frames.astype(np.float32)
+    (tmp_path / "list.txt").write_text("run.expt\n")
+    entries = parse_expt_list(str(tmp_path / "list.txt"), FLAGS)
+    assert [(e.experiment, e.frame, e.path) for e in entries] == [(0, 1, str(tmp_path / "run.h5")),
+                                                                (1, 0, str(tmp_path / "run.h5"))]
+    observed, _, _ = load_entries(entries)
+    for e, obs in zip(entries, observed):
+        np.testing.assert_array_equal(np.asarray(obs.data).reshape(64, 64), frames[e.frame])
