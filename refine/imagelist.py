@@ -243,9 +243,9 @@ def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, pa
                 gain_map: Optional[str] = None):
     """The entry's observed image in photons, read by :func:`refine.targets.observed.read_observed` (its arguments;
     a ``-geom`` detector's ``geometry`` cuts a data slab into panels; an --expt-list shot's frame is read, and its
-    detector gives its gain and trusted range, as ``nbtorch-refine --expt`` reads them; ``gain_map``: a per-pixel gain file,
-    :func:`~refine.targets.observed.read_gain_map`, instead of ``gain``; errors and header warnings start with the
-    LIST line)."""
+    detector gives its gain and trusted range, as ``nbtorch-refine --expt`` reads them; ``gain_map``: a per-pixel
+    gain file, :func:`~refine.targets.observed.read_gain_map`, instead of ``gain``; errors and header warnings start
+    with the LIST line)."""
     detector = None
     if entry.expt:
         detector = from_dials(read_expt(entry.expt).detector_of(entry.experiment), setup, f"-expt {entry.expt}")

@@ -342,7 +342,8 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
                 os.makedirs(expt_dir, exist_ok=True)
             futures = {client.submit(refine_one, e, list(free), dict(options or {}), threads, dtype,
                                      stem + "_matrices", host_workers, adc, gain, gain_map, expt_dir, pure=False,
-                                     key=f"refine-{e.line}-{e.experiment}-{os.path.basename(e.path)}-{time.time_ns()}"): e
+                                     key=f"refine-{e.line}-{e.experiment}-{os.path.basename(e.path)}-"
+                                         f"{time.time_ns()}"): e
                        for e in todo}
             for fut in as_completed(futures):  # each line appended as it arrives
                 try:

@@ -23,9 +23,9 @@ from .checks import (EXIT_OK, EXIT_OUTPUT, UsageError, check_outputs, fit_status
                      matrix_output)
 from .table import arguments, flag_message, options, start
 
-USAGE = ("nbtorch-refine --images LIST|--expt-list LIST (--shared GROUPS --per-image GROUPS [--json OUT] | --independent --refine "
-         "GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS]) [options] [nanoBragg flags common to every "
-         "line]")
+USAGE = ("nbtorch-refine --images LIST|--expt-list LIST (--shared GROUPS --per-image GROUPS [--json OUT] | "
+         "--independent --refine GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS]) [options] [nanoBragg "
+         "flags common to every line]")
 
 
 def _fit_kwargs(ns) -> dict:

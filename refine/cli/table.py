@@ -198,8 +198,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--refl", ("refine",), "DIALS reflection table (.refl) of the --expt experiment: only pixels in square "
            "boxes around its observed spots (xyzobs.px.value, panel) enter the fit, each box with its own refinable "
            "background plane (spot-ROI refinement)", metavar="FILE"),
-    Option("--roi-size", _FITS, "side of each spot's box with --refl or an --expt-list line's REFL (pixels; clipped at panel edges, "
-           "overlapping boxes merged)", kind="int", field="roi_size", low=1, metavar="PIXELS"),
+    Option("--roi-size", _FITS, "side of each spot's box with --refl or an --expt-list line's REFL (pixels; clipped "
+           "at panel edges, overlapping boxes merged)", kind="int", field="roi_size", low=1, metavar="PIXELS"),
     Option("--max-spots", _FITS, "with --refl or a REFL, only the N strongest spots (intensity.sum.value)", kind="int",
            field="max_spots", low=1, default_text="every spot"),
     Option("--out-refl", ("refine",), "write a reflection table here: the --refl rows of the experiment with the "
