@@ -268,7 +268,9 @@ def write_refined_expt(entry: ImageEntry, result, folder: str) -> str:
     """Write an --expt-list shot's refined experiment list into ``folder`` as :meth:`ImageEntry.out_expt_name`:
     ``entry.expt`` with experiment K's crystal, detector and wavelength from ``result`` (a
     :class:`refine.pipeline.result.Result` of its model; :meth:`~refine.pipeline.result.Result.write_expt`), every
-    other experiment and model as read.  Its path; ValueError or OSError as ``write_expt``'s (nothing written)."""
+    other experiment and model as read; ``folder`` made when missing (also on a worker of another host).  Its path;
+    ValueError or OSError as ``write_expt``'s (nothing written)."""
+    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, entry.out_expt_name())
     result.write_expt(path, entry.expt, experiment_of(read_expt(entry.expt), entry.expt, entry.experiment))
     return path

@@ -338,8 +338,6 @@ def refine_images(entries: Iterable[ImageEntry], free: Sequence[str], results: s
             summary.workers, summary.threads = len(addresses), threads or 0
             stem = os.path.splitext(os.path.abspath(results))[0]
             expt_dir = os.path.abspath(expt_dir or refined_expt_dir(results))
-            if any(e.expt for e in todo):
-                os.makedirs(expt_dir, exist_ok=True)
             futures = {client.submit(refine_one, e, list(free), dict(options or {}), threads, dtype,
                                      stem + "_matrices", host_workers, adc, gain, gain_map, expt_dir, pure=False,
                                      key=f"refine-{e.line}-{e.experiment}-{os.path.basename(e.path)}-"

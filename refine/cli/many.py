@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import os
 import sys
 import time
 from typing import Sequence
@@ -136,8 +135,6 @@ def _write_shots(ns, result, entries) -> int:
     ``expt`` entry in the JSON), a ``-mat`` model's matrix next to ``--json``.  :data:`EXIT_OK`, or
     :data:`EXIT_OUTPUT` when a file could not be written (one line each; the others are still written)."""
     folder, status = _expt_dir(ns), EXIT_OK
-    if folder is not None:
-        os.makedirs(folder, exist_ok=True)
     for k, (img, entry) in enumerate(zip(result.images, entries)):
         if entry.expt:
             try:
