@@ -239,6 +239,14 @@ def entry_model(entry: ImageEntry, dtype=torch.float64):
     return entry_start(entry, dtype)[:2]
 
 
+def entry_detector(entry: ImageEntry, setup):
+    """What an --expt-list shot's ``.expt`` says of its detector (gain, trusted range, read-out noise:
+    :func:`refine.targets.detector.from_dials`), or None for a LIST line of flags."""
+    if not entry.expt:
+        return None
+    return from_dials(read_expt(entry.expt).detector_of(entry.experiment), setup, f"-expt {entry.expt}")
+
+
 def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, params=None, geometry=None,
                 gain_map: Optional[str] = None):
     """The entry's observed image in photons, read by :func:`refine.targets.observed.read_observed` (its arguments;
@@ -246,9 +254,7 @@ def entry_image(entry: ImageEntry, setup, overload=None, adc=None, gain=None, pa
     detector gives its gain and trusted range, as ``nbtorch-refine --expt`` reads them; ``gain_map``: a per-pixel
     gain file, :func:`~refine.targets.observed.read_gain_map`, instead of ``gain``; errors and header warnings start
     with the LIST line)."""
-    detector = None
-    if entry.expt:
-        detector = from_dials(read_expt(entry.expt).detector_of(entry.experiment), setup, f"-expt {entry.expt}")
+    detector = entry_detector(entry, setup)
     if gain_map is not None:
         try:
             gain = read_gain_map(gain_map, setup, geometry)

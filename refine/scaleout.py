@@ -27,9 +27,10 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .imagelist import (ImageEntry, entry_image, entry_spots, entry_start, refined_expt_dir, result_key,
-                        write_refined_expt)
+from .imagelist import (ImageEntry, entry_detector, entry_image, entry_spots, entry_start, refined_expt_dir,
+                        result_key, write_refined_expt)
 from .pipeline.fit import fit
+from .targets.detector import readout_option
 
 #: Keys of a result line, in order, plus ``error`` when the image failed (the others then null, ``ok`` false):
 #: ``seconds`` the task's time, ``warnings`` the header's disagreements with the flags, the rest from
@@ -109,8 +110,9 @@ def refine_one(entry: ImageEntry, free: Sequence[str], options: Dict[str, object
             os.path.join(matrix_dir or entry.base_dir, f"{entry.line:06d}.mat")
         if matrix is not None:
             os.makedirs(os.path.dirname(matrix), exist_ok=True)
+        own = readout_option(entry_detector(entry, setup), options.get("target"), options.get("readout_noise_adu"))
         res = fit(obs, params, setup, free=list(free), nanobragg_args=entry.flags, matrix_path=matrix,
-                  spots=entry_spots(entry), **options)
+                  spots=entry_spots(entry), **dict(options, **own))
         expt = {}
         if entry.expt:
             out = write_refined_expt(entry, res, expt_dir or entry.base_dir)

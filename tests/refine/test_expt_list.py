@@ -311,3 +311,19 @@ def test_shots_in_frames_of_one_hdf5_file(stills, tmp_path):
     observed, _, _ = load_entries(entries)
     for e, obs in zip(entries, observed):
         np.testing.assert_array_equal(np.asarray(obs.data).reshape(64, 64), frames[e.frame])
+
+
+def test_a_shots_expt_read_out_noise_reaches_its_gaussian_fit(tmp_path, monkeypatch):
+    """A panel's ``readout_noise`` (ADU, nbtorch's .expt extension) is each --independent shot's σ_r with the
+    gaussian target; the option wins over the file, and the poisson target takes none."""
+    lst = _two_experiment_list(tmp_path)
+    doc = json.loads((tmp_path / "two.expt").read_text())
+    for panel in doc["detector"][0]["panels"]:
+        panel["readout_noise"] = 4.0
+    (tmp_path / "two.expt").write_text(json.dumps(doc))
+    entry = parse_expt_list(str(lst), FLAGS)[0]
+    given = []
+    monkeypatch.setattr(scaleout, "fit", lambda *a, **kw: given.append(kw.get("readout_noise_adu")) or 1 / 0)
+    for options in ({"target": "gaussian"}, {"target": "gaussian", "readout_noise_adu": 9.0}, {"target": "poisson"}):
+        assert scaleout.refine_one(entry, ["scale"], options, threads=1)["error"].startswith("ZeroDivisionError")
+    assert np.all(np.asarray(given[0]) == 4.0) and given[1] == 9.0 and given[2] is None
