@@ -144,10 +144,12 @@ def prefit_scale(par, x: torch.Tensor, observed: torch.Tensor, bragg: torch.Tens
         rest = observed - (background - c0)  # observed less the plane's slopes
         A = torch.stack([bragg, torch.ones_like(bragg)], 1)
         s, c = (float(v) for v in torch.linalg.lstsq(A, rest[:, None]).solution[:, 0])
-        if s > 0:
+        if s > 0 and c >= 0:
             x[i_s[0]] += math.log(s)
             x[i_c[0]] += c - c0
-    elif i_s:
+            return x
+        i_c = []  # a negative background (broadened spots explain the background): the scale alone
+    if i_s:
         num, den = float((observed - background).sum()), float(bragg.sum())
         if num > 0 and den > 0:
             x[i_s[0]] += math.log(num / den)

@@ -30,7 +30,7 @@ from ..minimise import MINIMISERS
 from ..minimise.lm import MinimizeResult
 from ..model.parameters import Parameterisation, parameterise
 from ..model.predict import make_predict, predict_image
-from ..model.table import GEOMETRY_GROUPS, POSITION_GROUPS  # noqa: F401  (re-exported)
+from ..model.table import GEOMETRY_GROUPS, GROUPS, POSITION_GROUPS  # noqa: F401  (re-exported)
 from ..targets import Objective, make_target, select_pixels
 from .options import FitOptions
 from .problem import DegeneracyWarning, FinalRun, FitState, Problem, prepare  # noqa: F401  (re-exported)
@@ -70,11 +70,15 @@ def _stage_pars(pb: Problem, stage: Stage) -> Tuple[Parameterisation, ...]:
 
 
 def _active(pb: Problem, pars: Sequence[Parameterisation], stage: Stage) -> List[int]:
-    """Positions in X refined by the stage."""
-    if stage.active is None:
+    """Positions in X refined by the stage.  A spot-ROI fit's per-region planes stay fixed while spots are broadened
+    (broadened spots fill a small box, and its plane would sink below the background to make room)."""
+    groups = None if stage.active is None else list(stage.active)
+    if stage.broadened and any(par.boxes is not None for par in pars):
+        every = list(GROUPS if groups is None else groups)
+        groups = [g for g in every if g != "background"] + (["background.water"] if "background" in every else [])
+    if groups is None:
         return list(range(pb.layout.n))
-    return sorted({pb.layout.position(i, j) for i, par in enumerate(pars) for g in stage.active
-                   for j in par.index(g)})
+    return sorted({pb.layout.position(i, j) for i, par in enumerate(pars) for g in groups for j in par.index(g)})
 
 
 def skip_reason(pb: Problem, stage: Stage, par: Parameterisation, active: List[int]) -> str:

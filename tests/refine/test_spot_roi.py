@@ -165,3 +165,57 @@ def test_roi_report_has_every_region_plane(fits):
     c0 = np.array([p[0] for p in planes])
     assert np.all(np.abs(c0 - 5.0) < 1.0)  # the flat 5-photon background, region by region
     assert np.isclose(roi.parameters["background"][0], c0.mean())
+
+
+def test_region_planes_stay_fixed_while_spots_are_broadened():
+    from refine.pipeline.options import FitOptions
+    from refine.pipeline.problem import prepare
+    from refine.pipeline.strategy import _active, _stage_pars, default_stages
+    params, setup = _setup(FLAGS.replace("-detpixels 128", "-detpixels 48"))
+    observed = torch.poisson(nbtorch.simulate(params, setup) + 4.0, generator=torch.Generator().manual_seed(1))
+    state = prepare(observed, params, setup, FitOptions(free=FREE, spots=np.array([[10.5, 12.5], [30.5, 30.5]])))
+    pb = state.problem
+    plane = {j for j, n in enumerate(pb.par.names) if n.startswith("background.")}
+    assert len(plane) == 6
+    for stage in default_stages():
+        active = set(_active(pb, _stage_pars(pb, stage), stage))
+        assert (active & plane == set()) == stage.broadened, stage.name
+        if not stage.broadened and stage.active is None:
+            assert plane <= active
+
+
+def test_scale_prefit_keeps_the_background_when_the_joint_fit_wants_it_negative():
+    """o = 2·m − 1 exactly: the linear fit of scale and constant asks for c = −1 photons; the pre-fit then fits the
+    scale alone (a non-negative background) instead of making the model negative."""
+    from refine.pipeline.search import prefit_scale
+    params, setup = _setup(FLAGS.replace("-detpixels 128", "-detpixels 16"))
+    par = parameterise(params, setup, ("scale", "background"))
+    x = par.zeros()
+    bragg = torch.linspace(0.5, 20.0, 50, dtype=torch.float64)
+    background = torch.zeros(50, dtype=torch.float64)
+    new = prefit_scale(par, x, 2.0 * bragg - 1.0, bragg, background)
+    (i_s,), (i_c,) = par.index("scale"), par.index("background.constant")
+    assert float(new[i_c]) == 0.0
+    assert np.isclose(float(torch.exp(new[i_s])), float((2.0 * bragg - 1.0).sum() / bragg.sum()))
+    good = prefit_scale(par, x, 2.0 * bragg + 1.0, bragg, background)  # c = +1: both fitted
+    assert np.isclose(float(torch.exp(good[i_s])), 2.0) and np.isclose(float(good[i_c]), 1.0)
+
+
+def test_a_preliminary_stage_whose_model_the_fit_finds_infinite_is_discarded(monkeypatch):
+    """A robust stage may reach a model ≤ 0 where photons were seen (its target allows it; Poisson does not): the
+    stage's result is discarded and the fit goes on from where the stage started."""
+    from refine.minimise.lm import MinimizeResult
+    from refine.pipeline import strategy
+    from refine.pipeline.options import FitOptions
+    from refine.pipeline.problem import prepare
+    from refine.pipeline.stages import Stage
+    params, setup = _setup(FLAGS.replace("-detpixels 128", "-detpixels 24"))
+    observed = torch.poisson(nbtorch.simulate(params, setup) + 4.0, generator=torch.Generator().manual_seed(1))
+    state = prepare(observed, params, setup, FitOptions(free=("scale", "background"), background=(4.0, 0.0, 0.0)))
+    (i_c,) = state.problem.par.index("background.constant")
+    bad = state.x.clone()
+    bad[i_c] = -50.0  # a constant background of −46 photons: the model is negative where photons were seen
+    monkeypatch.setattr(strategy, "_minimise", lambda *a, **k: MinimizeResult(bad, 0.0, True, "converged", 1, 1, []))
+    after = strategy.run_stage(state, Stage("robust", target="anscombe", max_iter=3, preliminary=True))
+    assert torch.equal(after.x, state.x) and "discarded" in after.stages[-1]["message"]
+    assert np.isfinite(after.stages[-1]["loss_all"])
