@@ -211,9 +211,11 @@ def make_layout(panels: Sequence[PanelSpec], tree: Dict[str, Sequence[str]], roo
 
 def layout_from_crystfel(geometry) -> PanelLayout:
     """The layout of a CrystFEL :class:`~nbtorch.io.crystfel.Geometry` (CrystFEL's lab frame: beam along +z):
-    panels with their lab corners and steps (mm), the hierarchy of its ``group_``/``rigid_group`` lines (root
+    panels with their lab corners and steps (mm) and their own sensors (nbtorch's ``thickness_um``/``mu_per_um``
+    keys, :attr:`~nbtorch.io.crystfel.Panel.sensor`), the hierarchy of its ``group_``/``rigid_group`` lines (root
     ``all``)."""
-    panels = [PanelSpec(p.name, p.corner, p.fs_step, p.ss_step, p.n_fast, p.n_slow) for p in geometry.panels]
+    panels = [PanelSpec(p.name, p.corner, p.fs_step, p.ss_step, p.n_fast, p.n_slow, *p.sensor)
+              for p in geometry.panels]
     tree = {g.name: list(g.members) for g in geometry.groups}
     return make_layout(panels, tree, "all", (0.0, 0.0, 1.0))
 

@@ -15,7 +15,10 @@ pixels per metre) so that read → write → read gives identical values; its pr
 ``readout_noise`` (a panel's read-out noise σ_r in ADU, >= 0; global as a default for later panels, or
 ``panel/readout_noise``) is an nbtorch extension key, not CrystFEL's (CrystFEL rejects unknown keys: strip it before
 giving the file to CrystFEL): kept in :attr:`Panel.extra` and written back, it gives ``nbtorch-refine``'s Gaussian–
-Poisson target its read-out noise (:func:`refine.targets.detector.from_crystfel`).
+Poisson target its read-out noise (:func:`refine.targets.detector.from_crystfel`).  So are ``thickness_um`` (the
+sensor's thickness, µm) and ``mu_per_um`` (its attenuation coefficient, 1/µm), global or per panel: a panel with them
+absorbs in its own sensor, layer by layer (:attr:`Panel.sensor`, :func:`nbtorch.panels.layout_from_crystfel`: the
+parallax of a thick sensor, as an ``.expt`` panel's ``thickness``/``mu`` give it).
 """
 from __future__ import annotations
 
@@ -46,7 +49,9 @@ _PANEL_KEYS = ("fs", "ss", "corner_x", "corner_y", "coffset", "res", "clen", "mi
 #: Panel keys CrystFEL knows that nbtorch keeps (and writes back) without using them.
 _PANEL_KEPT = ("max_adu", "flag_lessthan", "flag_morethan", "flag_equal", "mask_edge_pixels", "saturation_map",
                "saturation_map_file", "badrow_direction", "peak_sep", "rail_direction", "clen_for_centering",
-               "readout_noise")
+               "readout_noise", "thickness_um", "mu_per_um")
+#: nbtorch's extension keys of a panel's sensor (module docstring): thickness (µm) and attenuation (1/µm).
+_SENSOR_KEYS = ("thickness_um", "mu_per_um")
 #: Global keys (not panel defaults) that nbtorch keeps and writes back (``detector_shift_x/_y`` move every panel;
 #: ``photon_energy_scale``, of files for CrystFEL before 0.10, scales the file's photon energy; the others are
 #: not used).
@@ -139,6 +144,15 @@ class Panel:
     no_index: bool = False
     extra: Tuple[Tuple[str, str], ...] = ()
     shift_mm: Tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def sensor(self) -> Tuple[Optional[float], Optional[float]]:
+        """The panel's own sensor from nbtorch's extension keys: (thickness µm, attenuation 1/µm), or (None, None)
+        without ``thickness_um`` (the set-up's sensor then applies)."""
+        kept = dict(self.extra)
+        if "thickness_um" not in kept:
+            return None, None
+        return float(kept["thickness_um"]), float(kept.get("mu_per_um", 0.0))
 
     @property
     def pixel_size(self) -> float:
@@ -597,6 +611,7 @@ def _panel(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], first: int, c
     if "readout_noise" in keys and not num("readout_noise") >= 0:  # nbtorch's extension key (module docstring)
         raise ctx.error(keys["readout_noise"][1], f"{name}/readout_noise",
                         f"the read-out noise must be a number of ADU >= 0, got {keys['readout_noise'][0]!r}")
+    _check_sensor(ctx, name, keys, num)
     res = num("res")
     if res <= 0:
         raise ctx.error(keys["res"][1], f"{name}/res", f"pixels per metre must be > 0, got {keys['res'][0]!r}")
@@ -610,6 +625,18 @@ def _panel(ctx: _Ctx, name: str, keys: Dict[str, Tuple[str, int]], first: int, c
                  masks=_masks(ctx, keys, f"{name}/"), no_index=num("no_index", _bool) if "no_index" in keys else False,
                  extra=tuple((k, str(edge) if k == "mask_edge_pixels" else keys[k][0]) for k in _PANEL_KEPT
                              if k in keys))
+
+
+def _check_sensor(ctx: _Ctx, name: str, keys, num) -> None:
+    """A panel's sensor keys (nbtorch's extension): ``thickness_um`` > 0 and ``mu_per_um`` > 0, both or neither."""
+    given = [k for k in _SENSOR_KEYS if k in keys]
+    if len(given) == 1:
+        other = [k for k in _SENSOR_KEYS if k not in keys][0]
+        raise ctx.error(keys[given[0]][1], f"{name}/{other}", f"panel {name!r} has {given[0]} but no {other}: give "
+                        "both (the sensor's thickness in µm and its attenuation coefficient in 1/µm)")
+    for key in given:
+        if not num(key) > 0:
+            raise ctx.error(keys[key][1], f"{name}/{key}", f"must be a number > 0, got {keys[key][0]!r}")
 
 
 def _check_steps(ctx: _Ctx, name: str, fs: Vec, ss: Vec, keys) -> None:
