@@ -1,0 +1,230 @@
+"""Shots of an ensemble refinement, where they live (this process or a Dask worker): per-shot fits with the current
+|F|, and each shot's share of the F objective, its gradient and its Gauss–Newton curvature.
+
+A :class:`Shard` is a list of :class:`Shot` that stays where it was loaded; every function here takes a shard and
+returns a new one or small arrays (tables of |F|, gradients, curvatures, per-shot records), so a Dask worker can run
+them on the shard it holds and the images never move.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from nbtorch.types import Params, Setup, Structure
+
+from ..imagelist import ImageEntry, entry_image, entry_spots, entry_start
+from ..model.predict import Predict
+from ..pipeline.fit import fit, fit_options
+from ..pipeline.problem import fit_target
+from ..targets.pixels import usable_mask
+from .design import Design, shot_design
+
+#: Keys of a shot's record (a JSON line of the per-shot models): ``label`` (its image path or name), ``cycle``, and
+#: refine's :meth:`~refine.pipeline.result.Result.to_dict` entries.
+SHOT_KEYS = ("label", "cycle", "converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd", "loss", "n_pixels",
+             "seconds", "nanobragg_args")
+
+
+@dataclasses.dataclass
+class Shot:
+    """One still: ``label``, ``observed`` image (photons), ``setup``, ``model`` (its current per-shot model; its
+    table is replaced by the current |F| before each fit), ``pos`` (its place in the run), ``flags`` (its starting
+    flags, for the refined ones), ``spots`` (a spot-ROI fit's, or None).  After :func:`fit_shot`: ``index`` (flat
+    indices of every usable pixel: a selection by observed values would bias weak |F|), ``o`` (observed there),
+    ``w`` (the target's per-pixel data or None), ``background`` (refine's plane there, photons), ``design``
+    (:class:`~refine.ensemble.design.Design`), ``record`` (:data:`SHOT_KEYS`), ``target`` (the per-shot fit's
+    :class:`~refine.targets.losses.Target`: the F step uses the same loss)."""
+
+    label: str
+    observed: torch.Tensor
+    setup: Setup
+    model: Params
+    pos: int = 0
+    flags: Optional[List[str]] = None
+    spots: object = None
+    index: Optional[np.ndarray] = None
+    o: Optional[torch.Tensor] = None
+    w: Optional[torch.Tensor] = None
+    background: Optional[torch.Tensor] = None
+    design: Optional[Design] = None
+    record: Optional[dict] = None
+    target: object = None
+
+
+@dataclasses.dataclass
+class Shard:
+    """Shots held together (one Dask task each step) and what they share: ``ids`` long [N] (each table entry's
+    class, −1 none), ``n`` classes, ``per_image`` groups refined per shot, ``options`` (keyword arguments of
+    :func:`refine.fit`), ``fused`` (simulate's), ``threads`` (torch threads, None: as set)."""
+
+    shots: List[Shot]
+    ids: torch.Tensor
+    n: int
+    per_image: Sequence[str]
+    options: Dict[str, object]
+    fused: Optional[bool] = False
+    threads: Optional[int] = None
+
+
+def entry_shot(entry: ImageEntry, pos: int, load: dict) -> Shot:
+    """A shot of a LIST entry (:mod:`refine.imagelist`), read where this runs; ``load``: ``dtype`` ('float64' or
+    'float32'), ``overload``, ``adc``, ``gain``, ``gain_map`` as :func:`refine.imagelist.entry_image` takes them and
+    ``hkl_min`` (the table's first index, when the run made the table)."""
+    params, setup, geometry = entry_start(entry, getattr(torch, load.get("dtype", "float64")))
+    obs = entry_image(entry, setup, load.get("overload"), adc=load.get("adc"), gain=load.get("gain"), params=params,
+                      geometry=geometry, gain_map=load.get("gain_map"))
+    return Shot(entry.path, obs, setup, params, pos, list(entry.flags), entry_spots(entry))
+
+
+def _with_table(params: Params, table: torch.Tensor, shape) -> Params:
+    F = table.to(params.crystal.cell.dtype).reshape(shape)
+    return params._replace(structure=Structure(F, params.structure.default_F))
+
+
+def fit_shot(shot: Shot, table: torch.Tensor, shape, hkl_min, per_image, options, fused, cycle: int) -> Shot:
+    """``shot`` refitted (:func:`refine.fit` of the ``per_image`` groups with ``options``) with the flat |F| table
+    ``table`` [N] of ``shape`` starting at ``hkl_min``, its fitted pixels' design built at the refined model."""
+    t0 = time.perf_counter()
+    setup = shot.setup if tuple(shot.setup.hkl_min) == tuple(hkl_min) else shot.setup.replace(hkl_min=tuple(hkl_min))
+    start = _with_table(shot.model, table, shape)
+    res = fit(shot.observed, start, setup, free=list(per_image), spots=shot.spots, nanobragg_args=shot.flags,
+              **options)
+    if res.par.psf is not None:
+        raise ValueError("refining |F| does not take a point-spread function (psf) in the per-shot model")
+    opts = fit_options(None, **{k: v for k, v in options.items() if k != "callback"})
+    shape = tuple(res.setup.image_shape)
+    target = fit_target(opts, None, shape)
+    obs = np.asarray(res.observed)
+    # every usable pixel, not the per-shot fit's selection: pixels picked by their observed values bias weak |F|
+    index = np.flatnonzero(usable_mask(obs, res.setup, opts.mask, opts.overload, target.lowest_observed(shape)))
+    pred = Predict(res.par, res.setup, index)
+    with torch.no_grad():
+        background = pred.background(res.x.detach())
+    design = shot_design(res.params, res.setup, index, fused=fused)
+    d = res.to_dict()
+    record = {"label": shot.label, "cycle": cycle, **{k: d.get(k) for k in SHOT_KEYS[2:] if k in d},
+              "n_pixels": int(len(index)), "seconds": time.perf_counter() - t0}
+    o = torch.as_tensor(obs.reshape(-1)[index], dtype=background.dtype)
+    return dataclasses.replace(shot, setup=setup, model=res.params, index=index, o=o,
+                               w=target.pixel_weights(index, shape, background.dtype),
+                               background=background, design=design, record=record, target=target)
+
+
+def shot_model(shot: Shot, T: torch.Tensor, s: float = 0.0):
+    """(model photons [n], Bragg part [n]) of the shot's fitted pixels at the flat intensity table ``T`` = F² [N] and
+    the log-scale ``s`` of its Bragg part (the F step's per-shot scale; the plane is not scaled)."""
+    bragg = math.exp(s) * shot.design.model(T)
+    return bragg + shot.background, bragg
+
+
+def shot_value_grad(shot: Shot, T: torch.Tensor, s: float = 0.0):
+    """(loss, ∂loss/∂T [N], ∂loss/∂s) of the shot at the intensity table ``T`` [N] and log-scale ``s`` (its
+    per-shot model otherwise held fixed)."""
+    target = shot.target
+    m, bragg = shot_model(shot, T, s)
+    loss = float(target.loss(m, shot.o, shot.w))
+    dm = target.dloss(m, shot.o, shot.w)
+    d = shot.design
+    gT = torch.zeros_like(T).index_add(0, d.col, math.exp(s) * d.coef * dm.index_select(0, d.row))
+    return loss, gT, float((dm * bragg).sum())
+
+
+def shot_curvature(shot: Shot, T: torch.Tensor, ids: torch.Tensor, n: int, s: float = 0.0):
+    """Gauss–Newton terms of the shot w.r.t. the classes' log-scales x and its log-scale s: (diag [n] =
+    Σ_p W_p·J_pa², profile [n] = (Σ_p W_p·J_pa·B_p)² / c, the part of the diagonal its scale explains, c =
+    Σ_p W_p·B_p² its scale's own), with J_pa = Σ_{h in class a} e^s·A[p, h]·2T_h, B the Bragg photons and W the
+    target's expected curvature (members of one class seen by one pixel are summed before squaring)."""
+    target = shot.target
+    m, bragg = shot_model(shot, T, s)
+    W = target.fisher(m, shot.o, shot.w)
+    d = shot.design
+    cls = ids.index_select(0, d.col)
+    keep = cls >= 0
+    rows, cls = d.row[keep], cls[keep]
+    vals = (math.exp(s) * d.coef * 2.0 * T.index_select(0, d.col))[keep]
+    key = rows * n + cls
+    uniq, inv = torch.unique(key, return_inverse=True)
+    J = torch.zeros(len(uniq), dtype=T.dtype).index_add(0, inv, vals)
+    pix, a = uniq // n, uniq % n
+    diag = torch.zeros(n, dtype=T.dtype).index_add(0, a, W.index_select(0, pix) * J * J)
+    cross = torch.zeros(n, dtype=T.dtype).index_add(0, a, (W * bragg).index_select(0, pix) * J)
+    c = float((W * bragg * bragg).sum())
+    return diag, (cross * cross / c if c > 0 else torch.zeros_like(cross)), c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shard steps (what a Dask task runs)
+
+
+def _threads(shard: Shard) -> None:
+    if shard.threads:
+        torch.set_num_threads(int(shard.threads))
+
+
+def shard_fit(shard: Shard, table: np.ndarray, shape, hkl_min, cycle: int) -> Shard:
+    """Every shot refitted with the |F| table ``table`` (flat numpy [N]) — a new shard."""
+    _threads(shard)
+    t = torch.as_tensor(table)
+    shots = [fit_shot(s, t, shape, hkl_min, shard.per_image, shard.options, shard.fused, cycle) for s in shard.shots]
+    return dataclasses.replace(shard, shots=shots)
+
+
+def shard_value_grad(shard: Shard, T: np.ndarray, scales: np.ndarray):
+    """(loss, ∂loss/∂T numpy [N], ∂loss/∂s numpy [S]) summed over the shard's shots at the intensity table ``T``
+    [N] and the run's per-shot log-scales ``scales`` [S] (each shot's at its ``pos``)."""
+    _threads(shard)
+    T = torch.as_tensor(T)
+    loss, grad, gs = 0.0, torch.zeros_like(T), np.zeros(len(scales))
+    for shot in shard.shots:
+        v, g, gs[shot.pos] = shot_value_grad(shot, T, float(scales[shot.pos]))
+        loss, grad = loss + v, grad + g
+    return loss, grad.numpy(), gs
+
+
+def shard_curvature(shard: Shard, T: np.ndarray, scales: np.ndarray):
+    """(Gauss–Newton diagonal [n], its per-shot-scale part [n], each shot's scale curvature [S] at its ``pos``),
+    numpy, summed over the shard's shots (:func:`shot_curvature`) at the intensity table ``T`` and the per-shot
+    log-scales ``scales`` [S]."""
+    _threads(shard)
+    T = torch.as_tensor(T)
+    diag, profile, cs = torch.zeros(shard.n, dtype=T.dtype), torch.zeros(shard.n, dtype=T.dtype), np.zeros(len(scales))
+    for shot in shard.shots:
+        d, p, cs[shot.pos] = shot_curvature(shot, T, shard.ids, shard.n, float(scales[shot.pos]))
+        diag, profile = diag + d, profile + p
+    return diag.numpy(), profile.numpy(), cs
+
+
+def shard_apply_scales(shard: Shard, scales: np.ndarray) -> Shard:
+    """The shard with each shot's fluence multiplied by e^s of its F-step log-scale (its model then predicts what
+    the F step fitted; the next per-shot fit starts there)."""
+    shots = []
+    for shot in shard.shots:
+        beam = shot.model.beam
+        shots.append(dataclasses.replace(shot, model=shot.model._replace(
+            beam=beam._replace(fluence=beam.fluence * math.exp(float(scales[shot.pos]))))))
+    return dataclasses.replace(shard, shots=shots)
+
+
+def shard_records(shard: Shard) -> List[dict]:
+    """Each shot's record of its last fit, with its refined model without the table (``model``: a
+    :class:`~nbtorch.types.Params` whose ``structure.F`` is empty) — what a checkpoint keeps."""
+    out = []
+    for s in shard.shots:
+        st = s.model.structure
+        model = s.model._replace(structure=Structure(st.F.new_zeros((0, 0, 0)), st.default_F))
+        out.append({"record": s.record, "model": model})
+    return out
+
+
+def shard_set_models(shard: Shard, models: Sequence[Params], labels: Sequence[str]) -> Shard:
+    """The shard with its shots' per-shot models replaced (a resumed run's, from its checkpoint): ``models`` in the
+    order of the run's ``labels``, each shot's picked by its label."""
+    where = {lab: k for k, lab in enumerate(labels)}
+    shots = [dataclasses.replace(s, model=models[where[s.label]]._replace(structure=s.model.structure))
+             for s in shard.shots]
+    return dataclasses.replace(shard, shots=shots)
