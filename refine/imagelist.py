@@ -102,6 +102,16 @@ def _list_lines(path: str) -> Iterator[Tuple[int, str, List[str]]]:
             raise ValueError(f"{where}: cannot split the line ({exc})") from None
 
 
+def _listed_once(seen: dict, key, line: int, token: str, where: str, what: str) -> None:
+    """Record the file ``key`` (:func:`_file_key`) of LIST line ``line`` (written ``token``) in ``seen``; ValueError
+    naming both lines when an earlier line listed it (``what``: how the message names the column)."""
+    if key in seen:
+        first, first_tok = seen[key]
+        same = "" if first_tok == token else f" as {first_tok} (the same file)"
+        raise ValueError(f"{where}: {what}{token} is already listed on line {first}{same}")
+    seen[key] = (line, token)
+
+
 def _file_key(path: str):
     """What identifies a file: (device, inode) — a symbolic or hard link is the same file —, else its real path."""
     try:
@@ -138,12 +148,7 @@ def parse_image_list(path: str, common_flags: Sequence[str] = (), check_files: b
         image = os.path.normpath(os.path.join(base, toks[0]))
         if check_files and not os.path.isfile(image):
             raise ValueError(f"{where}: no such image file: {toks[0]}")
-        key = _file_key(image)
-        if key in seen:
-            first, first_tok = seen[key]
-            same = "" if first_tok == toks[0] else f" as {first_tok} (the same file)"
-            raise ValueError(f"{where}: {toks[0]} is already listed on line {first}{same}")
-        seen[key] = (k, toks[0])
+        _listed_once(seen, _file_key(image), k, toks[0], where, "")
         flags = _checked_flags([str(t) for t in common_flags] + toks[1:], where, "image path")
         out.append(ImageEntry(k, image, flags, base, path))
     if not out:
@@ -199,12 +204,7 @@ def parse_expt_list(path: str, common_flags: Sequence[str] = (), check_files: bo
     out, seen = [], {}
     for k, where, toks in _list_lines(path):
         expt, refl, spectrum = _expt_columns(toks, where, base)
-        key = _file_key(expt)
-        if key in seen:
-            first, first_tok = seen[key]
-            same = "" if first_tok == toks[0] else f" as {first_tok} (the same file)"
-            raise ValueError(f"{where}: EXPT {toks[0]} is already listed on line {first}{same}")
-        seen[key] = (k, toks[0])
+        _listed_once(seen, _file_key(expt), k, toks[0], where, "EXPT ")
         try:
             expts = read_expt(expt)
             records = [experiment_of(expts, expt, i) for i in range(len(expts.experiments))]
