@@ -5,7 +5,9 @@ Every workload runs in a fresh process (``benchmarks.workloads``) so that its pe
 its whole wall time (start-up and compilation included) are measured.  With ``NB_C_BINARY`` naming a nanoBragg
 executable the C program runs the same cases in the same run, and the figures are reported as ratios to it.
 Panel detectors against one panel (``benchmarks.panels``) have their own section.  Options: ``--threads T`` (default
-2), ``--quick`` (skip the gradient-stability workload and the eager float64 case B; the panel comparison ``--small``).
+2), ``--quick`` (skip the gradient-stability workload and the eager float64 case B; the panel comparison ``--small``),
+``--only SECTION,…`` (rerun these sections of results.json — command_lines, case_b, derivatives, backward_memory,
+gradient_stability, refinement, panels — and keep the others as recorded).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Dict, Optional
 import torch
 
 from .report import write_panels, write_results
-from .runner import env, module_json, timed, workload
+from .runner import env, module_json, timed, wait_for_builders, workload
 from .workloads import CASE_A, CASE_B
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -33,7 +35,9 @@ REFINE_START = REFINE_TRUTH.replace("-misset 10 20 30", "-misset 10.15 19.9 30.1
 
 
 def command_lines(threads: int, tmp: str, c_binary: Optional[str]) -> dict:
-    """Cases A and B as whole processes: nbtorch with a cold and a warm kernel cache, float32 and float64; C."""
+    """Cases A and B as whole processes: nbtorch with a cold kernel cache (the job runs eagerly while a background
+    builder compiles; the next run waits for that builder to finish), a warm one, and eager (``NBTORCH_FUSED=0``),
+    float32 and float64; C."""
     out: Dict[str, float] = {}
     img = os.path.join(tmp, "img.bin")
     cold = tempfile.mkdtemp(dir=tmp)
@@ -41,6 +45,8 @@ def command_lines(threads: int, tmp: str, c_binary: Optional[str]) -> dict:
         for dtype in ("float32", "float64"):
             cmd = [sys.executable, "-m", "nbtorch", *flags.split(), "-floatfile", img, "--dtype", dtype]
             out[f"{case}_{dtype}_cold"] = timed(cmd, env(threads, tempfile.mkdtemp(dir=cold)), tmp)
+            wait_for_builders()
+            out[f"{case}_{dtype}_eager"] = timed(cmd, dict(env(threads), NBTORCH_FUSED="0"), tmp)
             out[f"{case}_{dtype}_warm"] = timed(cmd, env(threads), tmp)
             out[f"{case}_{dtype}_nonoise"] = timed(cmd + ["-nonoise"], env(threads), tmp)
         if c_binary:
@@ -67,22 +73,39 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated sections to rerun (default: all)")
     a = ap.parse_args(argv)
+    path = HERE / "results.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    only = set(filter(None, a.only.split(",")))
+    run = (lambda name: not only or name in only)
     c_binary = os.environ.get("NB_C_BINARY")
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch "
                             f"{torch.__version__}, {time.strftime('%Y-%m-%d')}", "c_binary": bool(c_binary)}
     with tempfile.TemporaryDirectory() as tmp:
-        res["command_lines"] = command_lines(a.threads, tmp, c_binary)
-        res["case_b"] = {f"{dt}_{'eager' if eager else 'compiled'}": workload(
-            "case_b", a.threads, "--dtype", dt, *(["--eager"] if eager else []))
-            for dt in ("float32", "float64") for eager in (False, True) if not (a.quick and eager and dt == "float64")}
-        res["derivatives"] = workload("derivatives", a.threads)
-        res["backward_memory"] = workload("backward_memory", a.threads)
-        if not a.quick:
-            res["gradient_stability"] = workload("gradient_stability", a.threads)
-        res["refinement"] = refinement(a.threads, tmp)
-    res["panels"] = module_json("benchmarks.panels", a.threads, *(["--small"] if a.quick else []))
-    (HERE / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        sections = {
+            "command_lines": lambda: command_lines(a.threads, tmp, c_binary),
+            "case_b": lambda: {f"{dt}_{'eager' if eager else 'compiled'}": workload(
+                "case_b", a.threads, "--dtype", dt, *(["--eager"] if eager else []))
+                for dt in ("float32", "float64") for eager in (False, True)
+                if not (a.quick and eager and dt == "float64")},
+            "derivatives": lambda: workload("derivatives", a.threads),
+            "backward_memory": lambda: workload("backward_memory", a.threads),
+            "gradient_stability": lambda: None if a.quick else workload("gradient_stability", a.threads),
+            "refinement": lambda: refinement(a.threads, tmp),
+            "panels": lambda: module_json("benchmarks.panels", a.threads, *(["--small"] if a.quick else [])),
+        }
+        for name, measure in sections.items():
+            value = measure() if run(name) else old.get(name)
+            if value is not None:
+                res[name] = value
+    carried = {k: v for k, v in old.get("command_lines", {}).items() if "_C" in k}
+    if not c_binary and carried and "command_lines" in res and not any("_C" in k for k in res["command_lines"]):
+        res["command_lines"].update(carried)  # the C program's times of an earlier run, said so in the report
+        res["c_from"] = old.get("c_from") or old.get("machine", "an earlier run").split(", ")[-1]
+    if only:
+        res["machine"] += f" (sections {', '.join(sorted(only))}; the others as recorded before)"
+    path.write_text(json.dumps(dict(old, **res), indent=1) + "\n")
     write_results(res, HERE / "RESULTS.md")
     write_panels(res["panels"], HERE / "RESULTS.md")
     print((HERE / "RESULTS.md").read_text())

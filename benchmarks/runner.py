@@ -32,6 +32,17 @@ def timed(cmd: List[str], environ: Dict[str, str], cwd: str, timeout: int = 3600
     return time.perf_counter() - t
 
 
+def wait_for_builders(timeout: float = 900.0) -> None:
+    """Wait (at most ``timeout`` seconds) until no background kernel builder (``python -m nbtorch.precompile build``,
+    :mod:`nbtorch.builder`) runs on this machine, so that the next timing has the cores to itself."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = subprocess.run(["pgrep", "-f", "nbtorch.precompile build"], capture_output=True, text=True)
+        if not found.stdout.strip():
+            return
+        time.sleep(2.0)
+
+
 def module_json(module: str, threads: int, *args: str, cache: Optional[str] = None) -> dict:
     """Run ``python -m MODULE ARGS --threads T`` in a fresh process → the JSON figures of its last output line."""
     proc = subprocess.run([sys.executable, "-m", module, *args, "--threads", str(threads)],
