@@ -26,6 +26,7 @@ from .model.degeneracy import Degeneracy, degenerate_pairs
 from .model.parameters import Parameterisation, Scalar, pack, parameterise, total_rotation, unpack, xyz_angles
 from .model.predict import Predict, make_predict, predict_image
 from .model.table import DEFAULT_FREE, GROUPS, REPORT_FIELDS, SCALARS, ScalarSpec
+from .ensemble import fit_structure_factors
 from .pipeline.fit import fit, fit_many, fit_options
 from .pipeline.options import METHODS, FitOptions
 from .pipeline.problem import FitState, prepare
@@ -36,7 +37,7 @@ from .pipeline.strategy import run_stage, schedule
 from .targets import TARGETS, Objective, make_target, select_pixels, usable_mask
 
 __all__ = [
-    "fit", "fit_options", "fit_many", "JointResult", "ImageResult", "FitOptions", "Result", "METHODS", "covariance",
+    "fit", "fit_options", "fit_many", "fit_structure_factors", "JointResult", "ImageResult", "FitOptions", "Result", "METHODS", "covariance",
     "prepare", "run_stage", "finish", "finish_many", "FitState", "Stage", "default_stages", "schedule",
     "parameterise", "Parameterisation", "pack", "unpack", "Scalar", "SCALARS", "ScalarSpec", "GROUPS",
     "DEFAULT_FREE", "CRYSTAL_SYSTEMS", "symmetrize_cell", "detect_crystal_system", "total_rotation", "xyz_angles",

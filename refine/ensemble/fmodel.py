@@ -5,8 +5,8 @@ The parameters are log-scales about a reference (the starting |F| of each reflec
 systematically absent entry (id −1) keep their table value.  Only the classes that some shot's pixels see are
 refined (:attr:`FModel.refined`); the others stay at their start and are reported as such.
 
-Restraints, each ½·w·Σ(…)² with a weight w ≥ 0 (0: off), read as Gaussian priors of standard deviation 1/√w on
-a log-amplitude (w = 100: ±10 % at one σ):
+Restraints, each ½·w·Σ(…)² with a weight w ≥ 0 (0: off), read as Gaussian priors of standard deviation
+1/√w on a log-amplitude (w = 100: ±10 % at one σ):
 
 * ``start``: each ln|F| towards its starting value, ln|F_start| (keeps weakly measured reflections near the model or
   merged data the run started from);

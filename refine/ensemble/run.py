@@ -12,9 +12,10 @@ Each outer cycle (docs/refine.md, "Structure factors from many stills"):
 3. an F step: L-BFGS (strong-Wolfe) on the summed loss of all shots plus the restraints, over the refined log-scales
    x preconditioned by the Gauss–Newton diagonal; every evaluation sends the table to the shards and sums their
    (loss, ∂loss/∂T) in shard order;
-4. SIGF = |F|·(H_aa)^(−1/2), H the Gauss–Newton diagonal of the data (+ the restraints' curvature) at the new |F|
-   with the per-shot models held fixed — not profiled out, and the coupling of neighbouring reflections through
-   shared pixels left out: an approximation that slightly underestimates σ where spots overlap;
+4. SIGF = |F|·(H_aa)^(−1/2), H the diagonal of the Gauss–Newton matrix of the data at the new |F| with every
+   shot's own free scalars profiled out (per shot the Schur complement's diagonal, from ∂m/∂θ at its fit), plus
+   the restraints' curvature: the diagonal of H, not of H⁻¹ — the coupling of reflections through shared pixels
+   and shared shots is left out (σ is slightly underestimated where it matters);
 5. the cycle's row (objective, R of the |F| change, CC to the previous cycle) and, with ``checkpoint``, a checkpoint
    a later run resumes from.
 """
@@ -63,8 +64,8 @@ def _shards(shots, n_shards, ids, n, per_image, options, fused, threads=None):
 
 
 class Curvature(NamedTuple):
-    """The Gauss–Newton terms at a point: ``diag`` [n] (data, w.r.t. x), ``profile`` [n] (the part the per-shot
-    scales explain), ``shot`` [S] (each shot's scale curvature)."""
+    """The Gauss–Newton terms at a point: ``diag`` [n] (data, w.r.t. x), ``profile`` [n] (the part the shots' own
+    free scalars explain), ``shot`` [S] (each shot's log-scale curvature)."""
 
     diag: np.ndarray
     profile: np.ndarray
@@ -119,8 +120,8 @@ def _f_step(backend, fm: FModel, x: torch.Tensor, cfg: "RunConfig", H: np.ndarra
 
 def _sigma(fm: FModel, x: torch.Tensor, curv: Curvature, cfg: "RunConfig") -> np.ndarray:
     """SIGF [n]: |F|·(H_aa)^(−1/2) of the refined classes, NaN for the others; H the data's diagonal less the part
-    the per-shot scales explain (when they are refined) plus the restraints'."""
-    H = curv.diag - (curv.profile if cfg.scales else 0.0) + fm.restraint_curvature(cfg.restraints)
+    the shots' own parameters explain (profiled out) plus the restraints'."""
+    H = curv.diag - curv.profile + fm.restraint_curvature(cfg.restraints)
     F = fm.amplitudes(x).detach().numpy()
     ok = fm.refined & fm.movable() & (H > 0)
     return np.where(ok, F / np.sqrt(np.where(ok, H, 1.0)), np.nan)
@@ -170,11 +171,11 @@ def run_cycles(backend, fm: FModel, table_shape, hkl_min, labels, cfg: RunConfig
         shots = [r for part in backend.map(shard_records) for r in part]
         records = [r["record"] for r in shots]
         rows.append(cycle_row(cycle, objective, fm, x_old, x, records, time.perf_counter() - t0))
-        if cfg.callback is not None:
-            cfg.callback(rows[-1])
         if cfg.checkpoint:
             save_checkpoint(cfg.checkpoint, fm, labels, {"cycle": cycle, "x": x, "rows": rows, "records": records,
                                                           "sigF": sig, "refined": fm.refined, "shots": shots})
+        if cfg.callback is not None:
+            cfg.callback(rows[-1])
     return EnsembleResult.build(fm, x, sig, rows, records, table_shape, hkl_min)
 
 

@@ -14,7 +14,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.func import jacfwd
 
+from nbtorch.simulate import simulate_pixels
 from nbtorch.types import Params, Setup, Structure
 
 from ..imagelist import ImageEntry, entry_image, entry_spots, entry_start
@@ -38,7 +40,8 @@ class Shot:
     indices of every usable pixel: a selection by observed values would bias weak |F|), ``o`` (observed there),
     ``w`` (the target's per-pixel data or None), ``background`` (refine's plane there, photons), ``design``
     (:class:`~refine.ensemble.design.Design`), ``record`` (:data:`SHOT_KEYS`), ``target`` (the per-shot fit's
-    :class:`~refine.targets.losses.Target`: the F step uses the same loss)."""
+    :class:`~refine.targets.losses.Target`: the F step uses the same loss), ``jacobian`` (∂m/∂θ [n, k] of its
+    free scalars θ at the fit, :func:`shot_jacobian`)."""
 
     label: str
     observed: torch.Tensor
@@ -54,6 +57,7 @@ class Shot:
     design: Optional[Design] = None
     record: Optional[dict] = None
     target: object = None
+    jacobian: Optional[torch.Tensor] = None
 
 
 @dataclasses.dataclass
@@ -97,22 +101,31 @@ def fit_shot(shot: Shot, table: torch.Tensor, shape, hkl_min, per_image, options
     if res.par.psf is not None:
         raise ValueError("refining |F| does not take a point-spread function (psf) in the per-shot model")
     opts = fit_options(None, **{k: v for k, v in options.items() if k != "callback"})
-    shape = tuple(res.setup.image_shape)
-    target = fit_target(opts, None, shape)
+    image_shape = tuple(res.setup.image_shape)
+    target = fit_target(opts, None, image_shape)
     obs = np.asarray(res.observed)
     # every usable pixel, not the per-shot fit's selection: pixels picked by their observed values bias weak |F|
-    index = np.flatnonzero(usable_mask(obs, res.setup, opts.mask, opts.overload, target.lowest_observed(shape)))
+    index = np.flatnonzero(usable_mask(obs, res.setup, opts.mask, opts.overload, target.lowest_observed(image_shape)))
     pred = Predict(res.par, res.setup, index)
     with torch.no_grad():
         background = pred.background(res.x.detach())
     design = shot_design(res.params, res.setup, index, fused=fused)
+    K = shot_jacobian(res, index, fused)
     d = res.to_dict()
     record = {"label": shot.label, "cycle": cycle, **{k: d.get(k) for k in SHOT_KEYS[2:] if k in d},
               "n_pixels": int(len(index)), "seconds": time.perf_counter() - t0}
     o = torch.as_tensor(obs.reshape(-1)[index], dtype=background.dtype)
     return dataclasses.replace(shot, setup=setup, model=res.params, index=index, o=o,
-                               w=target.pixel_weights(index, shape, background.dtype),
-                               background=background, design=design, record=record, target=target)
+                               w=target.pixel_weights(index, image_shape, background.dtype),
+                               background=background, design=design, record=record, target=target, jacobian=K)
+
+
+def shot_jacobian(res, index: np.ndarray, fused, chunk: int = 16384) -> torch.Tensor:
+    """∂m/∂θ [n, k] at the pixels ``index`` of a per-shot fit ``res`` (θ its k free scalars, at its refined
+    increments; forward mode, ``chunk`` pixels at a time), detached."""
+    x = res.x.detach()
+    parts = [jacfwd(Predict(res.par, res.setup, index[a:a + chunk], fused))(x) for a in range(0, len(index), chunk)]
+    return torch.cat(parts).detach() if parts else x.new_zeros(0, len(x))
 
 
 def shot_model(shot: Shot, T: torch.Tensor, s: float = 0.0):
@@ -134,11 +147,22 @@ def shot_value_grad(shot: Shot, T: torch.Tensor, s: float = 0.0):
     return loss, gT, float((dm * bragg).sum())
 
 
+def shot_loss_direct(shot: Shot, table: torch.Tensor, s=0.0) -> torch.Tensor:
+    """The shot's loss at the flat |F| table ``table`` [N] (differentiable) and log-scale ``s``, by a full
+    simulation of its pixels (:func:`nbtorch.simulate.simulate_pixels`, reverse mode through the kernel): what the
+    design computes, for checks."""
+    params = _with_table(shot.model, table, shot.model.structure.F.shape)
+    bragg = simulate_pixels(params, shot.setup, shot.index, check=False, fused=False) * torch.exp(torch.as_tensor(s))
+    return shot.target.loss(bragg + shot.background, shot.o, shot.w)
+
+
 def shot_curvature(shot: Shot, T: torch.Tensor, ids: torch.Tensor, n: int, s: float = 0.0):
-    """Gauss–Newton terms of the shot w.r.t. the classes' log-scales x and its log-scale s: (diag [n] =
-    Σ_p W_p·J_pa², profile [n] = (Σ_p W_p·J_pa·B_p)² / c, the part of the diagonal its scale explains, c =
-    Σ_p W_p·B_p² its scale's own), with J_pa = Σ_{h in class a} e^s·A[p, h]·2T_h, B the Bragg photons and W the
-    target's expected curvature (members of one class seen by one pixel are summed before squaring)."""
+    """Gauss–Newton terms of the shot w.r.t. the classes' log-scales x: (diag [n] = Σ_p W_p·J_pa², profile [n] =
+    c_aᵀ·M⁻¹·c_a, the part of the diagonal the shot's own free scalars θ explain (c_a = Σ_p W_p·J_pa·K_p, M =
+    KᵀWK, K = ∂m/∂θ at its fit, scaled by e^s), c = Σ_p W_p·B_p² the curvature of its log-scale s), with
+    J_pa = Σ_{h in class a} e^s·A[p, h]·2T_h, B the Bragg photons and W the target's expected curvature (members
+    of one class seen by one pixel are summed before squaring).  H_aa − Σ_shots profile_a is the curvature with
+    every shot's parameters profiled out (the Schur complement's diagonal)."""
     target = shot.target
     m, bragg = shot_model(shot, T, s)
     W = target.fisher(m, shot.o, shot.w)
@@ -151,10 +175,20 @@ def shot_curvature(shot: Shot, T: torch.Tensor, ids: torch.Tensor, n: int, s: fl
     uniq, inv = torch.unique(key, return_inverse=True)
     J = torch.zeros(len(uniq), dtype=T.dtype).index_add(0, inv, vals)
     pix, a = uniq // n, uniq % n
-    diag = torch.zeros(n, dtype=T.dtype).index_add(0, a, W.index_select(0, pix) * J * J)
-    cross = torch.zeros(n, dtype=T.dtype).index_add(0, a, (W * bragg).index_select(0, pix) * J)
-    c = float((W * bragg * bragg).sum())
-    return diag, (cross * cross / c if c > 0 else torch.zeros_like(cross)), c
+    WJ = W.index_select(0, pix) * J
+    diag = torch.zeros(n, dtype=T.dtype).index_add(0, a, WJ * J)
+    return diag, _profile(shot, W, WJ, pix, a, n, s), float((W * bragg * bragg).sum())
+
+
+def _profile(shot: Shot, W, WJ, pix, a, n: int, s: float) -> torch.Tensor:
+    """c_aᵀ·M⁻¹·c_a [n] of :func:`shot_curvature` (zeros without free scalars)."""
+    K = shot.jacobian
+    if K is None or K.shape[1] == 0:
+        return torch.zeros(n, dtype=W.dtype)
+    K = K * math.exp(s)
+    C = torch.zeros(n, K.shape[1], dtype=W.dtype).index_add(0, a, WJ[:, None] * K.index_select(0, pix))
+    M = K.T @ (W[:, None] * K)
+    return (C * torch.linalg.lstsq(M, C.T).solution.T).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,10 +201,12 @@ def _threads(shard: Shard) -> None:
 
 
 def shard_fit(shard: Shard, table: np.ndarray, shape, hkl_min, cycle: int) -> Shard:
-    """Every shot refitted with the |F| table ``table`` (flat numpy [N]) — a new shard."""
+    """Every shot refitted with the |F| table ``table`` (flat numpy [N]) — a new shard.  From the second cycle on a
+    shot starts in its basin: only the final stage runs (``coarse_to_fine=False``) unless the options say otherwise."""
     _threads(shard)
     t = torch.as_tensor(table)
-    shots = [fit_shot(s, t, shape, hkl_min, shard.per_image, shard.options, shard.fused, cycle) for s in shard.shots]
+    options = shard.options if cycle == 1 else {"coarse_to_fine": False, **shard.options}
+    shots = [fit_shot(s, t, shape, hkl_min, shard.per_image, options, shard.fused, cycle) for s in shard.shots]
     return dataclasses.replace(shard, shots=shots)
 
 
