@@ -59,6 +59,7 @@ def start_table(params_list: Sequence, setups: Sequence):
 
 
 def _shards(shots, n_shards, ids, n, per_image, options, fused, threads=None):
+    """The shots dealt into ``n_shards`` :class:`~.shots.Shard` (shot k into shard k mod n_shards)."""
     return [Shard(shots[k::n_shards], ids, n, list(per_image), dict(options), fused, threads)
             for k in range(n_shards) if shots[k::n_shards]]
 
@@ -179,6 +180,30 @@ def run_cycles(backend, fm: FModel, table_shape, hkl_min, labels, cfg: RunConfig
     return EnsembleResult.build(fm, x, sig, rows, records, table_shape, hkl_min)
 
 
+def run_ensemble(make, params_list, setups, labels, cfg: RunConfig, options: dict, dask_args: Optional[dict]):
+    """The run of :func:`fit_structure_factors` and of ``nbtorch-refine --refine-f``: the table and classes from the
+    starting models, the shards (``make(n_shards, threads, common)`` → shards, or on Dask loaders ``(fn, args)``
+    that build one on a worker; ``common`` = (ids, n, per_image, options, fused)), in this process (``dask_args``
+    None) or on Dask (:func:`~.backend.dask_shards`' keyword arguments), then :func:`run_cycles`."""
+    t0 = time.perf_counter()
+    options = {k: v for k, v in options.items() if k != "callback"}
+    fused = options.pop("fused", False)
+    table, hkl_min = start_table(params_list, setups)
+    fm = FModel(asu_map(hkl_min, table.shape, cfg.space_group, cfg.anomalous), table,
+                params_list[0].crystal.cell.tolist())
+    common = (torch.as_tensor(fm.ids), fm.n, list(cfg.per_image), options, fused)
+    if dask_args is not None:
+        backend = dask_shards(lambda k, threads: make(k, threads, common), **dask_args)
+    else:
+        backend = LocalShards([s if isinstance(s, Shard) else s[0](*s[1]) for s in make(1, None, common)])
+    try:
+        result = run_cycles(backend, fm, table.shape, hkl_min, labels, cfg)
+    finally:
+        backend.close()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
 def fit_structure_factors(observed_list=None, params_list=None, setup_list=None, *, space_group: str = "P 1",
                           anomalous: bool = False, per_image=("orientation", "scale"), cycles: int = 3,
                           restraints: Optional[Restraints] = None, f_iter: int = 50, labels=None,
@@ -216,23 +241,15 @@ def fit_structure_factors(observed_list=None, params_list=None, setup_list=None,
                          f"{len(params_list)} models, {len(setups)} set-ups")
     labels = list(labels) if labels is not None else [f"shot{k + 1}" for k in range(n)]
     flags = nanobragg_args if nanobragg_args is not None else [None] * n
-    table, hkl_min = start_table(params_list, setups)
-    fm = FModel(asu_map(hkl_min, table.shape, space_group, anomalous), table, params_list[0].crystal.cell.tolist())
-    ids = torch.as_tensor(fm.ids)
     shots = [Shot(lab, torch.as_tensor(o), s, p, k, f) for k, (lab, o, p, s, f) in
              enumerate(zip(labels, observed_list, params_list, setups, flags))]
-    options = {k: v for k, v in options.items() if k != "callback"}
     cfg = RunConfig(space_group, anomalous, tuple(per_image), int(cycles), restraints or Restraints(), int(f_iter),
                     checkpoint, callback)
-    if dask or client is not None or workers is not None or scheduler is not None:
-        backend = dask_shards(lambda k, threads: _shards(shots, k, ids, fm.n, cfg.per_image, options, fused,
-                                                         threads), client, workers, scheduler, security)
-    else:
-        backend = LocalShards(_shards(shots, 1, ids, fm.n, cfg.per_image, options, fused))
-    try:
-        result = run_cycles(backend, fm, table.shape, hkl_min, labels, cfg)
-    finally:
-        backend.close()
+    on_dask = dask or client is not None or workers is not None or scheduler is not None
+    result = run_ensemble(lambda k, threads, common: _shards(shots, k, *common, threads), params_list, setups,
+                          labels, cfg, dict(options, fused=fused),
+                          dict(client=client, workers=workers, scheduler=scheduler, security=security) if on_dask
+                          else None)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -77,12 +77,26 @@ class Shard:
 
 def entry_shot(entry: ImageEntry, pos: int, load: dict) -> Shot:
     """A shot of a LIST entry (:mod:`refine.imagelist`), read where this runs; ``load``: ``dtype`` ('float64' or
-    'float32'), ``overload``, ``adc``, ``gain``, ``gain_map`` as :func:`refine.imagelist.entry_image` takes them and
-    ``hkl_min`` (the table's first index, when the run made the table)."""
+    'float32'), ``overload``, ``adc``, ``gain``, ``gain_map`` as :func:`refine.imagelist.entry_image` takes them."""
     params, setup, geometry = entry_start(entry, getattr(torch, load.get("dtype", "float64")))
     obs = entry_image(entry, setup, load.get("overload"), adc=load.get("adc"), gain=load.get("gain"), params=params,
                       geometry=geometry, gain_map=load.get("gain_map"))
-    return Shot(entry.path, obs, setup, params, pos, list(entry.flags), entry_spots(entry))
+    return Shot(entry_label(entry), obs, setup, params, pos, list(entry.flags), entry_spots(entry))
+
+
+def entry_label(entry: ImageEntry) -> str:
+    """A LIST entry's shot label: its image path, or ``EXPT#K`` for a shot of an --expt-list."""
+    return f"{entry.expt}#{entry.experiment}" if entry.expt else entry.path
+
+
+def load_shard(entries: Sequence[ImageEntry], positions: Sequence[int], load: dict, ids, n: int, per_image,
+               options, fused, threads=None) -> Shard:
+    """A :class:`Shard` of LIST ``entries`` (at ``positions`` in the run), read where this runs (a Dask task: the
+    images are read on the worker that keeps them); ``load`` as :func:`entry_shot`'s."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    return Shard([entry_shot(e, k, load) for e, k in zip(entries, positions)], ids, n, list(per_image),
+                 dict(options), fused, threads)
 
 
 def _with_table(params: Params, table: torch.Tensor, shape) -> Params:

@@ -291,3 +291,49 @@ def test_anomalous_keeps_friedel_mates_apart_and_writes_their_columns(p1_stills,
     labels = [c.label for c in gemmi.read_mtz_file(str(tmp_path / "anom.mtz")).columns]
     assert labels == ["H", "K", "L", "F", "SIGF", "F(+)", "SIGF(+)", "F(-)", "SIGF(-)"]
     assert math.isfinite(res.rows[0]["objective"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+def _write_list(folder, stills, n: int) -> str:
+    """n stills as raw float images, their starting |F| as an h k l F file and a LIST of their starting models."""
+    obs, starts, setup, amap, F_true, F_start = stills
+    from nbtorch.io.hkl import write_hkl
+    from nbtorch.io.images import write_raw_float
+    from refine.ensemble.asu import table_indices
+
+    table = _table(amap, F_start).numpy().reshape(-1)
+    write_hkl(str(folder / "start.hkl"), table_indices(HKL_MIN, SHAPE), table)
+    lines = []
+    for k in range(n):
+        write_raw_float(str(folder / f"img{k}.bin"), obs[k].numpy().astype(np.float32))
+        m = " ".join(f"{float(v)!r}" for v in starts[k].crystal.misset)
+        lines.append(f"img{k}.bin -misset {m} -fluence {float(starts[k].beam.fluence)!r}")
+    (folder / "list.txt").write_text("\n".join(lines) + "\n")
+    return str(folder / "list.txt")
+
+
+def test_command_line_refines_f_from_a_list(p1_stills, tmp_path, capsys):
+    from refine.cli.fit import main
+
+    lst = _write_list(tmp_path, p1_stills, 4)
+    common = ["--images", lst, "-cell", *CELLS["P 1"].split(), *BASE.replace("-default_F 1", "-default_F 0").split(),
+              "-hkl", str(tmp_path / "start.hkl")]
+    out = str(tmp_path / "F.mtz")
+    argv = common + ["--refine-f", "--per-image", "scale", "--cycles", "1", "--max-iter", "5", "--no-coarse",
+                     "--out-mtz", out, "--checkpoint", str(tmp_path / "ck"), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "structure factors from 4 stills, P 1" in printed and "R(change)" in printed
+    assert gemmi.read_mtz_file(out).nreflections > 50
+    assert len((tmp_path / "F_shots.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "ck" / CHECKPOINT_NAME).exists()
+    for extra, message in ((["--space-group", "P 7"], "--space-group"), (["--restrain-start", "-1"], "--restrain-start"),
+                           (["--independent"], "two modes"), (["--results", "r.jsonl"], "--results")):
+        bad = [a for a in argv if a != "--quiet"] + extra
+        bad[bad.index("--out-mtz") + 1] = str(tmp_path / "G.mtz")
+        assert main(bad) == 2 and message in capsys.readouterr().err
+    assert main([a for a in argv if a not in ("--out-mtz", out)]) == 2
+    assert "--out-mtz" in capsys.readouterr().err
