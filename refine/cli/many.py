@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from .. import fit_many, fit_options
+from ..ensemble.cli import f_start_flags, problem as ensemble_problem, run_cli as run_ensemble_cli, shots_path
 from ..imagelist import (entry_spots, load_entries, parse_expt_list, parse_image_list, refined_expt_dir,
                          result_key, write_refined_expt)
 from ..scaleout import read_results, refine_images, scheduler_security
@@ -23,14 +24,20 @@ from .checks import (EXIT_OK, EXIT_OUTPUT, UsageError, check_outputs, fit_status
 from .table import arguments, flag_message, options, start
 
 USAGE = ("nbtorch-refine --images LIST|--expt-list LIST (--shared GROUPS --per-image GROUPS [--json OUT] | "
-         "--independent --refine GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS]) [options] [nanoBragg "
-         "flags common to every line]")
+         "--independent --refine GROUPS --results OUT.jsonl [--workers N] [--scheduler ADDRESS] | --refine-f "
+         "--out-mtz F.mtz [--space-group SG] [--per-image GROUPS] [--cycles N] [--checkpoint DIR] [--workers N]) "
+         "[options] [nanoBragg flags common to every line]")
+
+
+def _mode(ns) -> str:
+    """The mode of the command line: 'ensemble' (--refine-f), 'independent' or 'joint'."""
+    return "ensemble" if ns.refine_f else "independent" if ns.independent else "joint"
 
 
 def _fit_kwargs(ns) -> dict:
     """Keyword arguments of refine.fit / fit_many from the options (plain values, picklable; ``--refine`` apart);
     ``--overload`` also masks the image in photons here."""
-    kw = arguments(ns, "independent" if ns.independent else "joint")
+    kw = arguments(ns, _mode(ns))
     kw.pop("free", None)
     return dict(kw, overload=ns.overload)
 
@@ -43,9 +50,12 @@ def _list(ns):
 def _check_mode(ns) -> None:
     """The options agree with the mode (joint or independent) and the LIST option, and Dask is there for
     ``--independent``; :class:`UsageError` naming the first problem."""
-    mode = "independent" if ns.independent else "joint"
-    wrong = ", ".join(o.flag for o in options("joint", "independent") if mode not in o.programs
-                      and getattr(ns, o.dest) != o.parser_default)
+    mode = _mode(ns)
+    bad = [o for o in options("joint", "independent", "ensemble") if mode not in o.programs
+           and getattr(ns, o.dest) != o.parser_default]
+    wrong = ", ".join(o.flag for o in bad)
+    need = " or ".join(f for m, f in (("independent", "--independent"), ("ensemble", "--refine-f"))
+                       if any(m in o.programs for o in bad))
     for broken, problem in (
             (ns.images is not None and ns.expt_list is not None, f"--images {ns.images} and --expt-list "
              f"{ns.expt_list} both give the LIST: give one"),
@@ -55,18 +65,22 @@ def _check_mode(ns) -> None:
              "it holds are of --expt-list shots; give --expt-list LIST"),
             (ns.gain is not None and ns.gain_map is not None, f"--gain {ns.gain} and --gain-map {ns.gain_map} both "
              "give the gain: give one"),
+            (ns.refine_f and ns.independent, "--refine-f and --independent are two modes: give one"),
+            (wrong and ns.refine_f, f"{wrong} do not go with --refine-f"),
+            (ns.refine_f and bool(ensemble_problem(ns)), ensemble_problem(ns) if ns.refine_f else ""),
             (wrong and ns.independent, f"{wrong} belong to the joint mode; --independent takes --refine"),
-            (wrong, f"{wrong} need --independent"),
+            (wrong, f"{wrong} need {need}"),
             (ns.independent and not ns.refine, "--independent needs --refine GROUPS"),
             (ns.independent and not ns.results, "--independent needs --results OUT.jsonl"),
             (any((ns.tls_ca_file, ns.tls_cert, ns.tls_key)) and not ns.scheduler, "--tls-ca-file, --tls-cert and "
              "--tls-key are for --scheduler tls://...; a local cluster makes its own"),
-            (not (ns.independent or ns.shared or ns.per_image), "the joint mode needs --shared and/or --per-image "
-             "GROUPS (or --independent --refine GROUPS)"),
-            (ns.independent and not importlib.util.find_spec("distributed"), "--independent runs on Dask: pip install "
+            (not (ns.refine_f or ns.independent or ns.shared or ns.per_image), "the joint mode needs --shared and/or "
+             "--per-image GROUPS (or --independent --refine GROUPS)"),
+            ((ns.independent or ns.workers or ns.scheduler) and not importlib.util.find_spec("distributed"),
+             f"{'--independent' if ns.independent else '--workers/--scheduler'} runs on Dask: pip install "
              "'dask[distributed]' (the dask extra: pip install -e '.[dask]')"),
-            (ns.independent and not importlib.util.find_spec("cryptography"), "a local Dask cluster runs over TLS: pip "
-             "install cryptography (the dask extra: pip install -e '.[dask]')")):
+            ((ns.independent or ns.workers) and not importlib.util.find_spec("cryptography"), "a local Dask cluster "
+             "runs over TLS: pip install cryptography (the dask extra: pip install -e '.[dask]')")):
         if broken:
             raise UsageError(problem)
 
@@ -204,7 +218,8 @@ def _check_files(ns, entries) -> None:
     refined matrices of ``-mat`` models next to it), ``--results`` and the refined experiment lists in
     :func:`_expt_dir` against the LIST, every listed image and every line's input files (``.expt``, REFL,
     spectrum …); an existing ``--results`` must be a results file.  :class:`UsageError` (one line)."""
-    inputs, outputs = [_list(ns)], [("--json", ns.json), ("--results", ns.results)]
+    inputs, outputs = [_list(ns)], [("--json", ns.json), ("--results", ns.results), ("--out-mtz", ns.out_mtz),
+                                    ("--out-shots", ns.out_mtz and shots_path(ns))]
     for k, e in enumerate(entries):
         files = flag_inputs(e.flags, e.base_dir)
         inputs += [(e.where(), e.path)] + [(f"{e.where()} {flag}", path) for flag, path in files]
@@ -232,6 +247,7 @@ def main(argv: Sequence[str]) -> int:
     ns.security, ns.scheduler_warning = (scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
                                          if ns.scheduler else (None, ""))
     option, path = _list(ns)
+    flags = flags + (f_start_flags(ns.f_start) if ns.f_start else [])
     try:
         entries = (parse_expt_list if ns.expt_list is not None else parse_image_list)(path, flags)
     except OSError as exc:
@@ -239,6 +255,8 @@ def main(argv: Sequence[str]) -> int:
     fit_options(None, free=f"{ns.shared},{ns.per_image}", **_fit_kwargs(ns))  # (--refine: checked as parsed)
     _check_files(ns, entries)
     try:
+        if ns.refine_f:
+            return run_ensemble_cli(ns, entries, _fit_kwargs(ns))
         return _run_independent(ns, entries) if ns.independent else _run_joint(ns, entries)
     except ValueError as exc:
         line_error = " line " in str(exc) and path in str(exc)

@@ -32,16 +32,17 @@ from .checks import OneLineParser, UsageError, free_groups
 
 #: The programs and modes, as the docs name them.
 PROGRAMS = {"refine": "nbtorch-refine", "joint": "--images (joint)", "independent": "--images --independent",
-            "sweep": "nbtorch-sweep"}
+            "ensemble": "--images --refine-f", "sweep": "nbtorch-sweep"}
 #: A command line's parser → the programs whose options it accepts.
-COMMANDS = {"refine": ("refine",), "images": ("joint", "independent"), "sweep": ("sweep",)}
+COMMANDS = {"refine": ("refine",), "images": ("joint", "independent", "ensemble"), "sweep": ("sweep",)}
 #: Commands whose first bare word, before any nanoBragg flag, is OBSERVED.
 OBSERVED_FIRST = ("refine", "sweep")
 #: Field defaults of the dataclasses options set: owner ('' FitOptions, 'StudySpec') → {field: default}.
 _DEFAULTS = {owner: {f.name: f.default for f in dataclasses.fields(cls)}
              for owner, cls in (("", FitOptions), ("StudySpec", StudySpec))}
-_ALL, _FITS, _IMAGES = ("refine", "joint", "independent", "sweep"), ("refine", "joint", "independent"), \
-    ("joint", "independent")
+_ALL, _FITS, _IMAGES = ("refine", "joint", "independent", "ensemble", "sweep"), \
+    ("refine", "joint", "independent", "ensemble"), ("joint", "independent", "ensemble")
+_DASK = ("independent", "ensemble")
 DOCS_BEGIN = ("<!-- BEGIN OPTION TABLE: generated from refine/cli/table.py by `python -m refine.cli.table --update "
               "docs/refine.md`; do not edit -->")
 DOCS_END = "<!-- END OPTION TABLE -->"
@@ -141,8 +142,8 @@ OPTIONS: Tuple[Option, ...] = (
     _switch("--independent", ("independent",), "refine each image on its own, in parallel on Dask"),
     Option("--shared", ("joint",), "groups with one value for all images (e.g. distance,beam_center,"
            "detector_rotation.y,detector_rotation.z)", default="", metavar="GROUPS"),
-    Option("--per-image", ("joint",), "groups with one value per image (e.g. orientation,scale)", default="",
-           metavar="GROUPS"),
+    Option("--per-image", ("joint", "ensemble"), "groups with one value per image (e.g. orientation,scale)",
+           default="", metavar="GROUPS", default_text="--refine-f: scale"),
     Option("--refine", ("refine", "independent", "sweep"), "groups to refine, comma-separated (also sub-groups such "
            "as background.plane, scalars such as cell.a and, for a -geom/-expt detector, panel_groups, "
            "panel_groups.LEVEL, panel_group:NAME)", kind="groups", field="free", metavar="GROUPS",
@@ -215,19 +216,43 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--lr", ("refine",), "Adam learning rate (typical errors per step)", kind="real", field="lr",
            metavar="RATE"),
     _choice("--schedule", ("refine",), "learning-rate schedule of lbfgs/adam", SCHEDULES, field="schedule"),
-    Option("--workers", ("independent",), "local Dask worker processes", kind="int", name="workers", low=1,
+    Option("--workers", _DASK, "local Dask worker processes", kind="int", name="workers", low=1,
            default_text="one per core"),
-    Option("--scheduler", ("independent",), "address of a running Dask scheduler (tls://host:8786; an unprotected "
+    Option("--scheduler", _DASK, "address of a running Dask scheduler (tls://host:8786; an unprotected "
            "tcp:// address is warned about) instead of a local cluster", name="scheduler", metavar="ADDRESS"),
-    Option("--tls-ca-file", ("independent",), "tls:// scheduler: the CA certificate (PEM) that signed the "
+    Option("--tls-ca-file", _DASK, "tls:// scheduler: the CA certificate (PEM) that signed the "
            "scheduler's and workers' certificates", name="ca_file", metavar="CA", default_text="dask's configuration"),
-    Option("--tls-cert", ("independent",), "tls:// scheduler: this client's certificate (PEM)", name="cert",
+    Option("--tls-cert", _DASK, "tls:// scheduler: this client's certificate (PEM)", name="cert",
            metavar="CERT"),
-    Option("--tls-key", ("independent",), "tls:// scheduler: this client's private key (PEM; not needed when it is "
+    Option("--tls-key", _DASK, "tls:// scheduler: this client's private key (PEM; not needed when it is "
            "in --tls-cert)", name="key", metavar="KEY"),
     Option("--results", ("independent",), "JSON-lines file, one line per image (a rerun skips the images already "
            "in it)", metavar="OUT.jsonl"),
     Option("--limit", ("independent",), "stop after this many new images", kind="int"),
+    _switch("--refine-f", ("ensemble",), "refine the structure factors of the asymmetric unit jointly with every "
+            "shot's --per-image groups (docs/refine.md, Structure factors from many stills)", name="refine_f"),
+    Option("--space-group", ("ensemble",), "space group of the |F| (symmetry equivalents share one value)",
+           name="space_group", default="P 1", metavar="SG"),
+    _switch("--anomalous", ("ensemble",), "F(+) and F(-) apart (else Friedel mates share one |F|)",
+            name="anomalous"),
+    Option("--f-start", ("ensemble",), "starting |F|: an MTZ or h k l F file (as -hkl FILE), or a PDB/mmCIF model "
+           "(as -pdb FILE), for every line", metavar="FILE", default_text="every line's -hkl/-pdb/-default_F"),
+    Option("--cycles", ("ensemble",), "outer cycles (per-shot fits, then an F step)", kind="int", name="cycles",
+           low=1, default=3),
+    Option("--f-iter", ("ensemble",), "L-BFGS iterations of each F step", kind="int", name="f_iter", low=1,
+           default=50),
+    Option("--restrain-start", ("ensemble",), "weight w of the restraint of each ln|F| towards its start (a prior "
+           "of σ = 1/√w; 0: none)", kind="real", name="restrain_start", default=1.0, metavar="W"),
+    Option("--restrain-bins", ("ensemble",), "weight of the restraint of each ln|F| towards its resolution bin's "
+           "mean starting ln|F|", kind="real", name="restrain_bins", default=0.0, metavar="W"),
+    Option("--restrain-friedel", ("ensemble",), "with --anomalous, weight of the restraint of ln|F(+)| − ln|F(−)| "
+           "towards 0", kind="real", name="restrain_friedel", default=0.0, metavar="W"),
+    Option("--out-mtz", ("ensemble",), "write the refined |F| here (MTZ: H K L F SIGF, F(+)/F(-) with --anomalous)",
+           metavar="F.mtz"),
+    Option("--out-shots", ("ensemble",), "write each shot's refined model here (JSON lines)", metavar="OUT.jsonl",
+           default_text="--out-mtz's stem + _shots.jsonl"),
+    Option("--checkpoint", ("ensemble",), "save the state here after every cycle; a rerun resumes from it",
+           metavar="DIR"),
     Option("--search", ("sweep",), "half-widths of the box searched about the start (" + ", ".join(
            f"{group} {unit}" for group, unit in SEARCH_UNITS.items()) + ")", name="search", required=True,
            metavar="GROUP:RANGE[,...]"),
