@@ -337,3 +337,27 @@ def test_command_line_refines_f_from_a_list(p1_stills, tmp_path, capsys):
         assert main(bad) == 2 and message in capsys.readouterr().err
     assert main([a for a in argv if a not in ("--out-mtz", out)]) == 2
     assert "--out-mtz" in capsys.readouterr().err
+
+
+def test_list_shots_read_on_their_dask_worker_give_the_local_run(p1_stills, tmp_path):
+    """The --images path on Dask: each shard is read by a task on its worker (refine.ensemble.cli's loaders)."""
+    pytest.importorskip("distributed")
+    from distributed import Client
+
+    from refine.ensemble.cli import _loaders
+    from refine.ensemble.run import RunConfig, run_ensemble
+    from refine.ensemble.shots import entry_label
+    from refine.imagelist import entry_start, parse_image_list
+
+    lst = _write_list(tmp_path, p1_stills, 3)
+    flags = ["-cell", *CELLS["P 1"].split(), *BASE.replace("-default_F 1", "-default_F 0").split(), "-hkl",
+             str(tmp_path / "start.hkl")]
+    entries = parse_image_list(lst, flags)
+    models = [entry_start(e)[:2] for e in entries]
+    cfg = RunConfig("P 1", False, ("scale",), 1, Restraints(), 30)
+    args = ([p for p, _ in models], [s for _, s in models], [entry_label(e) for e in entries], cfg,
+            {"max_iter": 5, "coarse_to_fine": False, "fused": False})
+    local = run_ensemble(_loaders(entries, {"dtype": "float64"}), *args, None)
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        on_dask = run_ensemble(_loaders(entries, {"dtype": "float64"}), *args, {"client": client})
+    assert local.refined.sum() > 20 and np.allclose(on_dask.F, local.F, rtol=1e-9)
