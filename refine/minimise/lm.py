@@ -44,6 +44,15 @@ class MinimizeResult:
     normal: Optional[tuple] = None  # (active, BlockNormal, models per image) at x, when computed there (LM)
 
 
+#: Chord steps in a row (each reusing the last Jacobian), and the gain ratio a step needs for a chord step next.
+MAX_CHORDS = 2
+CHORD_RHO = 0.5
+
+
+class InfiniteStart(ValueError):
+    """The starting model gives an infinite or NaN loss (raised by :func:`levenberg_marquardt`)."""
+
+
 def clipped_bounds(objective, lower: Optional[torch.Tensor] = None, upper: Optional[torch.Tensor] = None):
     """The objective's bounds on x [n] intersected with extra ``lower``/``upper`` [n] (None: none)."""
     lo, hi = objective.bounds()
@@ -54,10 +63,11 @@ def clipped_bounds(objective, lower: Optional[torch.Tensor] = None, upper: Optio
     return lo, hi
 
 
-def _damped_step(objective, x, act, lo, hi, L: float, blk: BlockNormal, solve: LinearSolve, mu: float, nu: float,
+def _damped_step(evaluate, x, act, lo, hi, L: float, blk: BlockNormal, solve: LinearSolve, mu: float, nu: float,
                  max_damping: float):
     """Solve (H + μ·diag H)δ = −g, project x + δ on the bounds, and raise μ (×ν, ν ← 2ν) until the loss falls or μ
-    exceeds ``max_damping``: (x, loss, δ (None: no downhill step), gain ratio ρ, μ, ν, loss evaluations)."""
+    exceeds ``max_damping``: (x, loss, δ (None: no downhill step), gain ratio ρ, μ, ν, loss evaluations, what
+    ``evaluate(x)`` → (loss, what) gave at the new x)."""
     evals = 0
     while True:
         try:
@@ -69,14 +79,14 @@ def _damped_step(objective, x, act, lo, hi, L: float, blk: BlockNormal, solve: L
             delta = xa - x[act]
             pred = blk.predicted_decrease(delta)
             x_new = x.index_put((act,), xa)
-            L_new = objective.loss(x_new)
+            L_new, extra = evaluate(x_new)
             evals += 1
             if math.isfinite(L_new) and L_new < L:
                 rho = (L - L_new) / pred if pred > 0 else 1.0
-                return x_new, L_new, delta, rho, mu, nu, evals
+                return x_new, L_new, delta, rho, mu, nu, evals, extra
         mu, nu = mu * nu, nu * 2.0
         if mu > max_damping:
-            return x, L, None, -1.0, mu, nu, evals
+            return x, L, None, -1.0, mu, nu, evals, None
 
 
 class IterationLog:
@@ -93,6 +103,15 @@ class IterationLog:
             self.callback(self.rows[-1])
 
 
+def _step_sigma(solve: LinearSolve, blk: BlockNormal, delta: torch.Tensor, unit: float) -> float:
+    """The largest |δ|/σ of a step, σ from the normal matrix in likelihood units (inf when it is singular)."""
+    try:
+        var = solve.inverse_diagonal(blk).clamp_min(1e-300)
+        return float((delta.abs() / torch.sqrt(var * unit)).max())
+    except RuntimeError:
+        return math.inf
+
+
 def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[int]] = None, *, max_iter: int = 30,
                         ftol: float = DEFAULT_FTOL, xtol: float = 1e-2, damping: float = DEFAULT_DAMPING,
                         max_damping: float = 1e10, callback: Optional[Callable[[dict], None]] = None,
@@ -101,11 +120,14 @@ def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[i
     """Minimise ``objective`` (:class:`~refine.targets.Objective`) from ``x0`` [n] (projected onto the bounds) over
     the ``active`` positions (default all) by Levenberg–Marquardt.
 
-    ``max_iter``: accepted steps (one Jacobian each); ``ftol``, ``xtol``: see the module docstring; ``damping``:
-    initial μ (relative to diag H), given up above ``max_damping``; ``callback(history row)`` after every iteration;
-    ``lower``/``upper`` [n]: extra bounds (a trust region); ``solve``: a :class:`~refine.minimise.solve.LinearSolve`
-    (default :func:`~refine.minimise.solve.choose_solve`).  The result's ``normal`` holds the active positions, the
-    normal equations and the models at the final x."""
+    ``max_iter``: accepted steps; ``ftol``, ``xtol``: see the module docstring; ``damping``: initial μ (relative to
+    diag H), given up above ``max_damping``; ``callback(history row)`` after every iteration; ``lower``/``upper``
+    [n]: extra bounds (a trust region); ``solve``: a :class:`~refine.minimise.solve.LinearSolve` (default
+    :func:`~refine.minimise.solve.choose_solve`).  After a step the quadratic model predicted well, the next may be a
+    chord step (the objective's :meth:`~refine.targets.Objective.chord`: the last Jacobian with the gradient at the
+    new point, at no derivative cost; at most :data:`MAX_CHORDS` in a row); convergence is only ever decided on a
+    new Jacobian.  The result's ``normal`` holds the active positions, the normal equations and the models at the
+    final x (None when the last step was a chord step)."""
     t0 = time.perf_counter()
     active = list(range(objective.n)) if active is None else sorted(active)
     lo_all, hi_all = clipped_bounds(objective, lower, upper)
@@ -116,28 +138,35 @@ def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[i
                               [dict(iteration=0, loss=L, step=0.0, damping=0.0, accepted=True, seconds=0.0)])
     act = torch.as_tensor(active, dtype=torch.long)
     lo, hi, k = lo_all[act], hi_all[act], len(active)
-    L, blk, models = objective.normal(x, active)
+    chords = hasattr(objective, "chord")
+    kw = {"keep": True} if chords else {}
+    evaluate = objective.loss_models if chords else (lambda z: (objective.loss(z), None))
+    L, blk, models = objective.normal(x, active, **kw)
     if not math.isfinite(L):
-        raise ValueError("the starting model gives an infinite or NaN loss (a non-positive model where photons were "
-                         "observed?): check the starting model, the background and the mask")
+        raise InfiniteStart("the starting model gives an infinite or NaN loss (a non-positive model where photons "
+                            "were observed?): check the starting model, the background and the mask")
     solve = choose_solve(blk) if solve is None else solve
     log = IterationLog(t0, callback)
-    mu, nu, evals, it = float(damping), 2.0, 1, 0
-    log.add(0, L, 0.0, mu)
-    converged, message = False, f"reached max_iter = {max_iter}"
+    mu, nu, evals, it, chord = float(damping), 2.0, 1, 0, 0  # chord: chord steps since the last Jacobian
 
     def gn(blk, x, L):  # the Gauss–Newton decrement in likelihood units
         xa, g = x[act], blk.g  # scalars on a bound with the gradient pushing outwards are left out
         blocked = ((xa <= lo) & (g > 0)) | ((xa >= hi) & (g < 0))
         return decrement(blk, solve, blocked) / objective.likelihood_unit(L, k)
 
-    if gn(blk, x, L) < ftol:
-        converged, message = True, "converged at the start (Gauss–Newton decrement below ftol)"
+    log.add(0, L, 0.0, mu)
+    converged, message = gn(blk, x, L) < ftol, f"reached max_iter = {max_iter}"
+    message = "converged at the start (Gauss–Newton decrement below ftol)" if converged else message
     while not converged and it < max_iter:
         it += 1
-        x_new, L_new, delta, rho, mu, nu, n_eval = _damped_step(objective, x, act, lo, hi, L, blk, solve, mu, nu,
-                                                                max_damping)
+        mu0, nu0 = mu, nu  # a chord step tries μ and 2μ only, then a new Jacobian takes over from μ
+        x_new, L_new, delta, rho, mu, nu, n_eval, ms_new = _damped_step(evaluate, x, act, lo, hi, L, blk, solve, mu,
+                                                                        nu, 4 * mu if chord else max_damping)
         evals += n_eval
+        if delta is None and chord:  # the chord's model has no downhill step: a new Jacobian, and try again
+            it, chord, evals, mu, nu = it - 1, 0, evals + 1, mu0, nu0
+            L, blk, models = objective.normal(x, active, **kw)
+            continue
         if delta is None:
             dec = gn(blk, x, L)
             converged = dec < 10 * ftol
@@ -145,18 +174,20 @@ def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[i
                        else f"stopped: damping above {max_damping:g} without a downhill step")
             break
         decrease = (L - L_new) / objective.likelihood_unit(L_new, k)
-        try:  # the largest |δ|/σ, σ from the normal matrix in likelihood units
-            var = solve.inverse_diagonal(blk).clamp_min(1e-300)
-            step_sig = float((delta.abs() / torch.sqrt(var * objective.likelihood_unit(L_new, k))).max())
-        except RuntimeError:
-            step_sig = math.inf
+        step_sig = _step_sigma(solve, blk, delta, objective.likelihood_unit(L_new, k))
         x, mu, nu = x_new, mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0  # Nielsen
-        L, blk, models = objective.normal(x, active)
-        evals += 1
+        nxt = objective.chord(x, ms_new) if (chords and chord < MAX_CHORDS and rho >= CHORD_RHO) else None
+        if nxt is not None and gn(nxt[1], x, nxt[0]) >= ftol:  # far from converged still: a chord step next
+            (L, blk, models), chord = nxt, chord + 1
+            log.add(it, L, step_sig, mu)
+            continue
+        L, blk, models = objective.normal(x, active, **kw)
+        evals, chord = evals + 1, 0
         log.add(it, L, step_sig, mu)
         dec = gn(blk, x, L)
         if dec < ftol:
             converged, message = True, f"converged: Gauss–Newton decrement {dec:.3g} < ftol = {ftol:g}"
         elif decrease < ftol and step_sig < xtol:
             converged, message = True, f"converged: step {step_sig:.3g} σ < xtol and decrease below ftol"
-    return MinimizeResult(x, L, converged, message, it, evals, log.rows, normal=(list(active), blk, models))
+    return MinimizeResult(x, L, converged, message, it, evals, log.rows,
+                          normal=None if chord else (list(active), blk, models))

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .lm import DEFAULT_FTOL, IterationLog, MinimizeResult, clipped_bounds
+from .lm import DEFAULT_FTOL, InfiniteStart, IterationLog, MinimizeResult, clipped_bounds
 from ..targets.objective import Objective
 
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
@@ -44,7 +44,7 @@ def _run(objective, x0, active, make_opt, max_iter, ftol, patience, callback, lo
     opt, sched = make_opt(z)
     L0 = objective.loss(x0)
     if not math.isfinite(L0):
-        raise ValueError("the starting model gives an infinite or NaN loss: check the starting model and the mask")
+        raise InfiniteStart("the starting model gives an infinite or NaN loss: check the starting model and the mask")
     best_L, best_x = L0, x0.clone()
     log = IterationLog(t0, callback)
     log.add(0, L0, 0.0, float(opt.param_groups[0]["lr"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from nbtorch.types import Params, Setup
@@ -31,7 +32,8 @@ class Stage:
     ``trust`` (None, or: every scalar but the linear background moves at most ``trust`` × its typical error from
     where the stage starts); ``ftol`` (None = the fit's tolerance, log-likelihood units); ``preliminary`` (at most
     ``prelim_pixels`` pixels, skipped when it has nothing to do, see :func:`skip_reason`; None: a schedule's stages
-    but the last are preliminary, a stage run on its own is not).
+    but the last are preliminary, a stage run on its own is not); ``skip_in_place`` (a broadened preliminary stage is
+    skipped when the real model's spots are already on the observed ones, :func:`spots_close`).
     """
 
     name: str = "fine"
@@ -46,6 +48,7 @@ class Stage:
     trust: Optional[float] = None
     ftol: Optional[float] = None
     preliminary: Optional[bool] = None
+    skip_in_place: bool = True
 
     @property
     def broadened(self) -> bool:
@@ -82,3 +85,25 @@ def apply_stage(params: Params, setup: Setup, stage: Stage) -> Tuple[Params, Set
     p = params._replace(crystal=c._replace(ncells=Ns, mosaic_spread=c.mosaic_spread * stage.mosaic_factor),
                         beam=b._replace(fluence=fluence), background=params.background._replace(water_size=water))
     return p, (setup if stage.shape in (None, setup.shape) else setup.replace(shape=stage.shape))
+
+
+def spots_close(observed: np.ndarray, model: np.ndarray, background: np.ndarray, min_pixels: int = 10,
+                fraction: float = 0.5) -> bool:
+    """True when the model's spots already lie on the observed ones (the fit is in the sharp model's basin, so
+    broadened spots have nothing to add): on the pixels where either is 3 Poisson σ above the ``background``, the
+    correlation of the observed and model spot photons is at least ``fraction`` of the highest that the observed
+    image's Poisson noise allows (sharp spots half a pixel off, or rotated by about their angular width, fall below
+    it).  ``observed``, ``model`` (photons, background included) and ``background`` are 1-d arrays over the usable
+    pixels.  Fewer than ``min_pixels`` such pixels, or spots too weak to tell (that highest correlation below 0.3):
+    False."""
+    sigma = np.sqrt(np.maximum(background, 0.0) + 1.0)
+    seen, spot = observed - background, model - background
+    sel = (seen > 3.0 * sigma) | (spot > 3.0 * sigma)
+    if int(sel.sum()) < min_pixels:
+        return False
+    a, b = seen[sel] - seen[sel].mean(), spot[sel] - spot[sel].mean()
+    var_a, var_b = float((a * a).sum()), float((b * b).sum())
+    if var_a <= 0 or var_b <= 0:
+        return False
+    ceiling = np.sqrt(max(0.0, 1.0 - float(np.maximum(observed[sel], 0.0).sum()) / var_a))
+    return bool(ceiling >= 0.3 and float((a * b).sum()) / np.sqrt(var_a * var_b) >= fraction * ceiling)

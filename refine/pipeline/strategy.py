@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..minimise import MINIMISERS
-from ..minimise.lm import MinimizeResult
+from ..minimise.lm import InfiniteStart, MinimizeResult
 from ..model.parameters import Parameterisation, parameterise
 from ..model.predict import make_predict, predict_image
 from ..model.table import GEOMETRY_GROUPS, GROUPS, POSITION_GROUPS  # noqa: F401  (re-exported)
@@ -35,7 +35,7 @@ from ..targets import Objective, make_target, select_pixels
 from .options import FitOptions
 from .problem import DegeneracyWarning, FinalRun, FitState, Problem, prepare  # noqa: F401  (re-exported)
 from .search import prefit_scale, search_geometry, translation_search  # noqa: F401  (re-exported)
-from .stages import PRELIMINARY_FTOL, TRUST, Stage, apply_stage, default_stages  # noqa: F401  (re-exported)
+from .stages import PRELIMINARY_FTOL, TRUST, Stage, apply_stage, default_stages, spots_close  # noqa: F401
 
 
 def schedule(options: FitOptions, resuming: bool = False) -> List[Stage]:
@@ -96,6 +96,22 @@ def skip_reason(pb: Problem, stage: Stage, par: Parameterisation, active: List[i
     if not (stage.search_beam_center or stage.prefit_scale or pb.options.spots_only):
         return "nothing to do"
     return ""
+
+
+def spots_in_place(pb: Problem, x: torch.Tensor) -> bool:
+    """Every image's real model at X already has its spots on the observed ones (:func:`~refine.pipeline.stages.
+    spots_close`, the background being the model's plane plus the median of the rest): broadened spots would not
+    widen a basin the fit is already in.  The models come from the last loss on every usable pixel (no pass)."""
+    _, models = pb.objective.loss_models(x)
+    for i, par in enumerate(pb.pars):
+        idx = pb.usable_index[i]
+        with torch.no_grad():
+            plane = make_predict(par, par.setup, idx, pb.options.fused).background(pb.layout.image_x(x, i))
+        m, b = models[i].detach().cpu().numpy(), plane.detach().cpu().numpy()
+        b = b + float(np.median(m - b))
+        if not spots_close(pb.observed[i].reshape(-1)[idx].detach().cpu().numpy(), m, b):
+            return False
+    return True
 
 
 def _searchable(pb: Problem, i: int, par: Parameterisation) -> bool:
@@ -201,6 +217,9 @@ def run_stage(state: FitState, stage: Stage) -> FitState:
     active = _active(pb, pars, stage)
     info = dict(stage=stage.name, iterations=0, loss=None, message="")
     reason = skip_reason(pb, stage, pars[0], active)
+    if (not reason and stage.skip_in_place and stage.broadened and stage.preliminary and stage.max_iter != 0
+            and spots_in_place(pb, state.x)):
+        reason = "the spots are already in place"
     if reason:
         info.update(message=f"skipped: {reason}", seconds=0.0, pixels=0, loss_all=None)
         return dataclasses.replace(state, stages=state.stages + (info,))
@@ -215,10 +234,13 @@ def run_stage(state: FitState, stage: Stage) -> FitState:
     records, record = _recorder(state, stage, n_pixels)
     run, final = None, state.final
     if stage.max_iter != 0 and active:
-        if stage.preliminary and not math.isfinite(objective.loss(x)):
+        try:
+            run = _minimise(objective, pb, pars, x, active, stage, record)
+        except InfiniteStart:
+            if not stage.preliminary:
+                raise
             info.update(message="skipped: infinite loss at the start of the stage")
         else:
-            run = _minimise(objective, pb, pars, x, active, stage, record)
             x = run.x
             info.update(iterations=run.iterations, evaluations=run.evaluations, loss=run.loss, message=run.message,
                         converged=bool(run.converged))

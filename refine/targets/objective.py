@@ -8,10 +8,12 @@ discarded.  A model with a non-finite value gives an infinite loss: the step is 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import math
 import numbers
+import weakref
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -119,32 +121,52 @@ class ImageGroup:
         return total, g
 
     def normal(self, Xb: torch.Tensor, act: Sequence[int], target: Target,
-               tick: Optional[Callable[[float], None]] = None):
+               tick: Optional[Callable[[float], None]] = None, keep: Optional[list] = None):
         """(models [B, P], g [B, k], H [B, k, k]) over the ``act`` positions of each image's x: J by forward mode
-        per pixel chunk (vmapped over the images), H = JᵀWJ, g = Jᵀ·∂L/∂m; ``tick(fraction done)`` per chunk."""
+        per pixel chunk (vmapped over the images), H = JᵀWJ, g = Jᵀ·∂L/∂m; ``tick(fraction done)`` per chunk;
+        ``keep``: a list that receives every chunk's J [B, P_chunk, k] (for :meth:`chord_gradient`)."""
         B, k = Xb.shape[0], len(act)
         H, g, ms = Xb.new_zeros(B, k, k), Xb.new_zeros(B, k), []
         if k == 0:
             return self.models(Xb, tick), g, H
         specs = [self.template.scalars[a].spec for a in act]
         lin = [j for j, sp in enumerate(specs) if sp.leaf == "plane"]  # linear: their columns in closed form
-        mod = [j for j, sp in enumerate(specs) if sp.leaf != "plane"]
+        scale = [j for j, sp in enumerate(specs) if self._closed_scale(sp)]  # Bragg photons ∝ fluence
+        mod = [j for j, sp in enumerate(specs) if sp.leaf != "plane" and j not in scale]
         act_t = torch.as_tensor([act[j] for j in mod], dtype=torch.long, device=Xb.device)
         for j, sl in enumerate(self.slices):
-            J, m = self._jacobian(j, Xb, act_t, mod, lin, specs)
+            J, m = self._jacobian(j, Xb, act_t, (mod, lin, scale), specs)
             o, w = self.o[:, sl], (None if self.w is None else self.w[sl])
             H += torch.einsum("bpk,bp,bpl->bkl", J, target.fisher(m, o, w), J)
             g += torch.einsum("bpk,bp->bk", J, target.dloss(m, o, w))
             ms.append(m)
+            if keep is not None:
+                keep.append(J)
             if tick is not None:
                 tick((j + 1) / len(self.slices))
         return torch.cat(ms, 1), g, H
 
+    def chord_gradient(self, Js: Sequence[torch.Tensor], models: torch.Tensor, target: Target) -> torch.Tensor:
+        """g [B, k] = J₀ᵀ·∂L/∂m at ``models`` [B, P] with the chunks' Jacobians ``Js`` kept by :meth:`normal` at
+        another point (a chord step's gradient: no derivative pass)."""
+        g = models.new_zeros(models.shape[0], Js[0].shape[2])
+        for J, sl in zip(Js, self.slices):
+            g += torch.einsum("bpk,bp->bk", J, target.dloss(models[:, sl], self.o[:, sl],
+                                                             None if self.w is None else self.w[sl]))
+        return g
 
-    def _jacobian(self, j: int, Xb: torch.Tensor, act_t: torch.Tensor, mod, lin, specs):
+    def _closed_scale(self, spec) -> bool:
+        """True when ``spec`` is the log fluence and the model's photons are Bragg + plane only (no water, whose
+        term goes as fluence²): its column is then scale·(model − plane)."""
+        return (spec.leaf == "beam.fluence" and spec.transform == "log" and spec.index is None
+                and not bool((self.ref.background.water_size != 0).any()))
+
+    def _jacobian(self, j: int, Xb: torch.Tensor, act_t: torch.Tensor, cols, specs):
         """(J [B, P_chunk, k], models [B, P_chunk]) of chunk ``j``: the columns ``mod`` (positions ``act_t`` of x) by
-        forward mode, the background plane's columns ``lin`` in closed form (the same for every image)."""
-        fn = self._fn(j)
+        forward mode, the background plane's columns ``lin`` in closed form (the same for every image), the log
+        fluence's ``scale`` as scale·(model − plane) (``cols`` = (mod, lin, scale))."""
+        mod, lin, scale = cols
+        fn, chunk = self._fn(j), self.chunks[j]
 
         def f(xa, x0, *rest):
             m = fn(x0.index_put((act_t,), xa), *rest)
@@ -155,13 +177,27 @@ class ImageGroup:
             Jm = Jm.to(Xb.dtype)  # torch 2.13 gives a 0-dim tensor × Python float a float64 tangent (float32 fits)
         else:
             Jm, m = None, self._apply(fn, Xb)
-        if not lin:
+        if not lin and not scale:
             return Jm, m
         J = Xb.new_zeros(Xb.shape[0], m.shape[1], len(specs))
         if mod:
             J[:, :, mod] = Jm
-        J[:, :, lin] = self.chunks[j].plane_jacobian(range(len(lin)), [specs[i] for i in lin]).to(Xb.dtype)
+        if lin:
+            J[:, :, lin] = chunk.plane_jacobian(range(len(lin)), [specs[i] for i in lin]).to(Xb.dtype)
+        for i in scale:
+            bragg = m if chunk.basis is None else m - self._apply(self._plane_fn(j), Xb)
+            J[:, :, i] = specs[i].scale * bragg
         return J, m
+
+    def _plane_fn(self, k: int):
+        """plane(x [n], ref, R0, cell_base, plane_ref) → the background plane's photons [P_chunk] of chunk ``k``."""
+        t, chunk = self.template, self.chunks[k]
+
+        def plane(x, ref, R0, cell_base, plane_ref):
+            return chunk.background(x, par=t if plane_ref is t.background_ref else
+                                    dataclasses.replace(t, background_ref=plane_ref))
+
+        return plane
 
 
 def _group_key(par: Parameterisation, index: np.ndarray):
@@ -172,6 +208,37 @@ def _group_key(par: Parameterisation, index: np.ndarray):
     return (par.setup, tuple(par.names), hashlib.blake2b(index.tobytes(), digest_size=16).hexdigest(),
             par.crystal_system, par.ncells_iso, tuple(par.cell_rows), tuple(st.F.shape), table,
             float(st.default_F), par.psf, id(par.boxes) if par.boxes is not None else None)
+
+
+#: Largest Jacobian (pixels × images × active scalars) an objective keeps for chord steps (64 MB in float64).
+CHORD_ENTRIES = 8 * 2**20
+
+
+class _ProblemKey:
+    """A hashable identity of an objective's inputs: the objects (compared by identity, held weakly: the losses of a
+    problem are forgotten when one of its objects is) and the pixel choice's digest and options."""
+
+    def __init__(self, objects, rest):
+        self.key = (tuple(id(o) for o in objects), rest)
+        self.refs = [weakref.ref(o, self._forget) for o in objects]
+
+    def _forget(self, _ref) -> None:
+        for k in [k for k in _LOSSES if k[0] == self]:
+            _LOSSES.pop(k, None)
+
+    alive = property(lambda self: all(r() is not None for r in self.refs), doc="Every object still exists.")
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _ProblemKey) and self.key == other.key
+
+
+#: Most model values the loss memo keeps (those of its newest entry only).
+MEMO_PIXELS = 4 * 2**20
+#: The last few losses computed, by (problem, X): see :meth:`Objective._remember`.
+_LOSSES: "collections.OrderedDict" = collections.OrderedDict()
 
 
 class Objective:
@@ -193,7 +260,7 @@ class Objective:
             ('simulating' or 'Jacobians', ``done`` of ``total`` images).
 
     X vectors have the parameterisations' dtype and length ``n``; ``active`` (sorted positions in X) restricts
-    derivatives to a subset.  Nothing is changed after construction.
+    derivatives to a subset.  Nothing is changed after construction but the Jacobians kept for chord steps.
     """
 
     def __init__(self, pars, observed, pixels, target: Target, chunk_pixels: int = 16384,
@@ -226,6 +293,13 @@ class Objective:
                 if s.prior is not None:
                     slots.setdefault(self.layout.position(i, j), (i, j))
         self._priors = [(i, j, pos) for pos, (i, j) in slots.items()]
+        self._kept = None  # (active, per group (Jacobian chunks, H)) of the last normal(..., keep=True)
+        # identifies the problem for the loss memo (weakly: see _ProblemKey)
+        lay = self.layout
+        self._problem = _ProblemKey(list(self.pars) + list(obs) + [target],
+                                    (tuple(hashlib.blake2b(i.tobytes(), digest_size=16).hexdigest()
+                                           for i in self.index), bool(batch), fused,
+                                     (lay.shared, lay.names, lay.shared_pos, lay.own_pos)))
 
     # ------------------------------------------------------------------ the flat vector
     @property
@@ -302,9 +376,40 @@ class Objective:
 
     def loss(self, X: torch.Tensor) -> float:
         """Total loss (data + priors) at X as a float; +inf where the model is not finite (a rejected step)."""
+        hit = _LOSSES.get(self._signature(X))
+        return self.loss_models(X)[0] if hit is None else hit[0]
+
+    def loss_models(self, X: torch.Tensor) -> Tuple[float, List[torch.Tensor]]:
+        """(:meth:`loss`, :meth:`models`) at X."""
+        hit = _LOSSES.get(self._signature(X))
+        if hit is not None and hit[1] is not None:
+            return hit
         with torch.no_grad():
-            v = sum(self.image_losses(X)) + float(self.prior_loss(X))
-        return v if math.isfinite(v) else math.inf
+            ms = self.models(X)
+            v = sum(self.image_losses(X, ms)) + float(self.prior_loss(X))
+        v = v if math.isfinite(v) else math.inf
+        self._remember(X, v, ms)
+        return v, ms
+
+    def _signature(self, X: torch.Tensor):
+        """What a loss at X depends on: this problem (images, pixels, target, models) and X's values."""
+        x = X.detach().to("cpu", torch.float64).numpy()
+        return (self._problem, x.tobytes())
+
+    def _remember(self, X: torch.Tensor, value: float, models: Optional[List[torch.Tensor]] = None) -> None:
+        """Keep the loss at X for any objective of the same problem (a stage's loss on every pixel repeats its
+        minimiser's last one, the result's the final stage's); the most recent few are kept, and the models of the
+        newest (up to :data:`MEMO_PIXELS`)."""
+        if not self._problem.alive:
+            return
+        key = self._signature(X)
+        _LOSSES.pop(key, None)
+        if _LOSSES:
+            last = next(reversed(_LOSSES))
+            _LOSSES[last] = (_LOSSES[last][0], None)
+        _LOSSES[key] = (value, list(models) if models is not None and self.n_pixels <= MEMO_PIXELS else None)
+        while len(_LOSSES) > 8:
+            _LOSSES.popitem(last=False)
 
     def loss_and_grad(self, X: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """Loss and its gradient [n] by reverse mode, chunk by chunk (bounded memory); (inf, partial) where the
@@ -328,23 +433,56 @@ class Objective:
         return (total if math.isfinite(total) else math.inf), g
 
     # ------------------------------------------------------------------ normal equations
-    def normal(self, X: torch.Tensor, active: Optional[Sequence[int]] = None):
+    def normal(self, X: torch.Tensor, active: Optional[Sequence[int]] = None, keep: bool = False):
         """(loss, :class:`~refine.targets.normal.BlockNormal`, models [P_i] per image) at X over the ``active``
         positions of X (default all): the blocks of the active shared scalars and of each image's active own ones,
-        prior terms included.  The loss is +inf where the model is not finite."""
-        lay = self.layout
-        active = list(range(lay.n)) if active is None else sorted(active)
-        ns = len(lay.shared)
+        prior terms included.  The loss is +inf where the model is not finite.  ``keep``: hold the Jacobians (when
+        they fit in :data:`CHORD_ENTRIES`) for :meth:`chord` steps about X."""
+        active = list(range(self.layout.n)) if active is None else sorted(active)
+        acts = self._group_active(active)
+        big = sum(len(gr.ids) * len(gr.index) for gr in self.groups) * len(active) > CHORD_ENTRIES
+        kept = None if (not keep or big) else []
+        parts = []
+        for jg, (gr, act) in enumerate(zip(self.groups, acts)):
+            Js = None if kept is None else []
+            m, g, H = gr.normal(self._xb(X, gr.ids), act, self.target, self._tick("Jacobians", jg), Js)
+            parts.append((g, H, m))
+            if kept is not None:
+                kept.append((Js, H))
+        self._kept = None if kept is None else (list(active), kept)
+        return self._assemble(X, active, parts)
+
+    def chord(self, X: torch.Tensor, models: Sequence[torch.Tensor]):
+        """(loss, BlockNormal, models) at X as :meth:`normal` gives them, but for H and J, which are those kept by
+        the last ``normal(..., keep=True)`` (a chord step: g = J₀ᵀ·∂L/∂m at X's ``models`` [P_i] per image, no
+        derivative pass); None when nothing is kept."""
+        if self._kept is None:
+            return None
+        active, kept = self._kept
+        parts = []
+        for gr, (Js, H) in zip(self.groups, kept):
+            mb = torch.stack([models[i] for i in gr.ids])
+            parts.append((gr.chord_gradient(Js, mb, self.target), H, mb))
+        return self._assemble(X, active, parts)
+
+    def _group_active(self, active: Sequence[int]) -> List[List[int]]:
+        """Per group, the positions in its images' x of the ``active`` positions of X (shared ones first)."""
+        lay, ns = self.layout, len(self.layout.shared)
         act_s = [p for p in active if p < ns]
-        act_own = [[p - lay.offset[i] for p in active if lay.offset[i] <= p < lay.offset[i] + len(lay.own_pos[i])]
-                   for i in range(len(self.pars))]
-        ks, n_img = len(act_s), len(self.pars)
+        out = []
+        for gr in self.groups:
+            i0 = gr.ids[0]
+            own = [p - lay.offset[i0] for p in active if lay.offset[i0] <= p < lay.offset[i0] + len(lay.own_pos[i0])]
+            out.append([lay.shared_pos[i0][j] for j in act_s] + [lay.own_pos[i0][j] for j in own])
+        return out
+
+    def _assemble(self, X: torch.Tensor, active: Sequence[int], parts):
+        """(loss, BlockNormal, models per image) from each group's (g [B, k], H [B, k, k], models [B, P])."""
+        lay, n_img = self.layout, len(self.pars)
+        ks = len([p for p in active if p < len(lay.shared)])
         A, gs = X.new_zeros(ks, ks), X.new_zeros(ks)
         B, C, gp, Hs, ms = ([None] * n_img for _ in range(5))
-        for jg, gr in enumerate(self.groups):
-            i0 = gr.ids[0]
-            act = [lay.shared_pos[i0][j] for j in act_s] + [lay.own_pos[i0][j] for j in act_own[i0]]
-            m, g, H = gr.normal(self._xb(X, gr.ids), act, self.target, self._tick("Jacobians", jg))
+        for gr, (g, H, m) in zip(self.groups, parts):
             for b, i in enumerate(gr.ids):
                 A += H[b, :ks, :ks]
                 gs += g[b, :ks]
@@ -357,7 +495,9 @@ class Objective:
                            s.dvalue_dx(xi) / sigma))
         L = sum(self.image_losses(X, ms)) + float(self.prior_loss(X.detach()))
         blk = BlockNormal(A, gs, B, C, gp, Hs).with_priors(priors, active, lay)
-        return (L if math.isfinite(L) else math.inf), blk, ms
+        L = L if math.isfinite(L) else math.inf
+        self._remember(X, L, ms)
+        return L, blk, ms
 
     def normal_equations(self, X: torch.Tensor, active: Optional[Sequence[int]] = None):
         """Loss, gradient g [k], normal matrix H = JᵀWJ [k, k] (+ prior terms) over the ``active`` positions
