@@ -91,7 +91,7 @@ def _expt_dir(ns):
     either."""
     if ns.expt_list is None:
         return None
-    next_to = ns.results if ns.independent else ns.json
+    next_to = ns.results if ns.independent else ns.out_mtz if ns.refine_f else ns.json
     return ns.out_dir if ns.out_dir is not None else (refined_expt_dir(next_to) if next_to else None)
 
 
@@ -256,7 +256,7 @@ def main(argv: Sequence[str]) -> int:
     _check_files(ns, entries)
     try:
         if ns.refine_f:
-            return run_ensemble_cli(ns, entries, _fit_kwargs(ns))
+            return run_ensemble_cli(ns, entries, _fit_kwargs(ns), _expt_dir(ns))
         return _run_independent(ns, entries) if ns.independent else _run_joint(ns, entries)
     except ValueError as exc:
         line_error = " line " in str(exc) and path in str(exc)

@@ -62,9 +62,10 @@ def _loaders(entries, load: dict):
     return make
 
 
-def run_cli(ns, entries, fit_kwargs: dict) -> int:
+def run_cli(ns, entries, fit_kwargs: dict, expt_dir=None) -> int:
     """Run ``--refine-f`` for the LIST ``entries`` with the parsed options ``ns`` and the per-shot fits' keyword
-    arguments ``fit_kwargs``; print the summary and write the outputs; the exit status (0)."""
+    arguments ``fit_kwargs``; print the summary and write the outputs (an --expt-list shot's refined experiment
+    list into ``expt_dir``); the exit status (0)."""
     dtype = getattr(torch, ns.dtype)
     params, setups = [], []
     for e in entries:
@@ -77,7 +78,7 @@ def run_cli(ns, entries, fit_kwargs: dict) -> int:
                                                      f"{row['cc_previous']:.4f}", file=sys.stderr, flush=True))
     cfg = RunConfig(ns.space_group, ns.anomalous, tuple((ns.per_image or "scale").replace(",", " ").split()),
                     ns.cycles, Restraints(ns.restrain_start, ns.restrain_bins, ns.restrain_friedel), ns.f_iter,
-                    ns.checkpoint, shown)
+                    ns.checkpoint, shown, expt_dir)
     on_dask = ns.workers is not None or ns.scheduler is not None
     dask_args = dict(workers=ns.workers, scheduler=ns.scheduler, security=ns.security) if on_dask else None
     result = run_ensemble(_loaders(entries, load), params, setups, [entry_label(e) for e in entries], cfg,

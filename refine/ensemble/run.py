@@ -38,7 +38,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .fmodel import FModel, Restraints
 from .result import EnsembleResult, cycle_row
 from .shots import (Shard, Shot, shard_apply_scales, shard_curvature, shard_fit, shard_records, shard_set_models,
-                    shard_value_grad)
+                    shard_value_grad, shard_write_expt)
 
 
 def start_table(params_list: Sequence, setups: Sequence):
@@ -140,6 +140,7 @@ class RunConfig:
     f_iter: int = 50
     checkpoint: Optional[str] = None
     callback: Optional[Callable[[dict], None]] = None
+    expt_dir: Optional[str] = None
 
     @property
     def scales(self) -> bool:
@@ -177,6 +178,9 @@ def run_cycles(backend, fm: FModel, table_shape, hkl_min, labels, cfg: RunConfig
                                                           "sigF": sig, "refined": fm.refined, "shots": shots})
         if cfg.callback is not None:
             cfg.callback(rows[-1])
+    if cfg.expt_dir and done < cfg.cycles:  # the shots fitted in this run: their refined experiment lists
+        backend.update(shard_write_expt, cfg.expt_dir)
+        records = [r["record"] for part in backend.map(shard_records) for r in part]
     return EnsembleResult.build(fm, x, sig, rows, records, table_shape, hkl_min)
 
 

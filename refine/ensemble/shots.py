@@ -19,7 +19,7 @@ from torch.func import jacfwd
 from nbtorch.simulate import simulate_pixels
 from nbtorch.types import Params, Setup, Structure
 
-from ..imagelist import ImageEntry, entry_image, entry_spots, entry_start
+from ..imagelist import ImageEntry, entry_image, entry_spots, entry_start, write_refined_expt
 from ..model.predict import Predict
 from ..pipeline.fit import fit, fit_options
 from ..pipeline.problem import fit_target
@@ -41,7 +41,8 @@ class Shot:
     ``w`` (the target's per-pixel data or None), ``background`` (refine's plane there, photons), ``design``
     (:class:`~refine.ensemble.design.Design`), ``record`` (:data:`SHOT_KEYS`), ``target`` (the per-shot fit's
     :class:`~refine.targets.losses.Target`: the F step uses the same loss), ``jacobian`` (∂m/∂θ [n, k] of its
-    free scalars θ at the fit, :func:`shot_jacobian`)."""
+    free scalars θ at the fit, :func:`shot_jacobian`), ``entry`` (its LIST entry, or None), ``result`` (its last
+    :class:`~refine.pipeline.result.Result`)."""
 
     label: str
     observed: torch.Tensor
@@ -58,6 +59,8 @@ class Shot:
     record: Optional[dict] = None
     target: object = None
     jacobian: Optional[torch.Tensor] = None
+    entry: Optional[ImageEntry] = None
+    result: object = None
 
 
 @dataclasses.dataclass
@@ -81,7 +84,7 @@ def entry_shot(entry: ImageEntry, pos: int, load: dict) -> Shot:
     params, setup, geometry = entry_start(entry, getattr(torch, load.get("dtype", "float64")))
     obs = entry_image(entry, setup, load.get("overload"), adc=load.get("adc"), gain=load.get("gain"), params=params,
                       geometry=geometry, gain_map=load.get("gain_map"))
-    return Shot(entry_label(entry), obs, setup, params, pos, list(entry.flags), entry_spots(entry))
+    return Shot(entry_label(entry), obs, setup, params, pos, list(entry.flags), entry_spots(entry), entry=entry)
 
 
 def entry_label(entry: ImageEntry) -> str:
@@ -131,7 +134,8 @@ def fit_shot(shot: Shot, table: torch.Tensor, shape, hkl_min, per_image, options
     o = torch.as_tensor(obs.reshape(-1)[index], dtype=background.dtype)
     return dataclasses.replace(shot, setup=setup, model=res.params, index=index, o=o,
                                w=target.pixel_weights(index, image_shape, background.dtype),
-                               background=background, design=design, record=record, target=target, jacobian=K)
+                               background=background, design=design, record=record, target=target, jacobian=K,
+                               result=res)
 
 
 def shot_jacobian(res, index: np.ndarray, fused, chunk: int = 16384) -> torch.Tensor:
@@ -269,6 +273,24 @@ def shard_records(shard: Shard) -> List[dict]:
         model = s.model._replace(structure=Structure(st.F.new_zeros((0, 0, 0)), st.default_F))
         out.append({"record": s.record, "model": model})
     return out
+
+
+def shard_write_expt(shard: Shard, folder: str) -> Shard:
+    """Write the refined experiment list of every --expt-list shot fitted in this run into ``folder``
+    (:func:`refine.imagelist.write_refined_expt`), its record gaining ``expt`` (the entry's report) and
+    ``out_expt`` (the file, or null with ``expt_error`` when it could not be written) — a new shard."""
+    shots = []
+    for shot in shard.shots:
+        if shot.entry is not None and shot.entry.expt and shot.result is not None:
+            try:
+                out, error = write_refined_expt(shot.entry, shot.result, folder), None
+            except (ValueError, OSError) as exc:
+                out, error = None, f"{type(exc).__name__}: {exc}"
+            extra = {"expt": shot.entry.expt_report(out), "out_expt": out}
+            shot = dataclasses.replace(shot, record={**shot.record, **extra, **({"expt_error": error} if error
+                                                                                else {})})
+        shots.append(shot)
+    return dataclasses.replace(shard, shots=shots)
 
 
 def shard_set_models(shard: Shard, models: Sequence[Params], labels: Sequence[str]) -> Shard:

@@ -5,7 +5,9 @@ from 20 stills (P1 and P 43 21 2), SIGF coverage, Dask = one process, resume fro
 Stills of 48×48 pixels, one sample per pixel, a 25–29 Å cell (a few hundred reflections), float64."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import gemmi
 import numpy as np
@@ -60,6 +62,15 @@ def coverage(result, F_true):
     w = 1 / S ** 2
     k = (w * F * T).sum() / (w * F * F).sum()
     return float(np.corrcoef(F, T)[0, 1]), float(np.mean(np.abs(k * F - T) <= 2 * k * S))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in this module: its many small simulations run faster so on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +372,26 @@ def test_list_shots_read_on_their_dask_worker_give_the_local_run(p1_stills, tmp_
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
         on_dask = run_ensemble(_loaders(entries, {"dtype": "float64"}), *args, {"client": client})
     assert local.refined.sum() > 20 and np.allclose(on_dask.F, local.F, rtol=1e-9)
+
+
+def test_expt_list_shots_from_default_f_write_their_refined_experiment_lists(tmp_path, capsys):
+    """--expt-list stills (P 2 2 2, three .expt) from -default_F alone: the table is made to the detector corners'
+    resolution, and each shot's refined experiment list is written next to --out-mtz."""
+    from refine.cli.fit import main
+
+    from .test_expt_list import FLAGS, _write_shot
+
+    for k in range(3):
+        _write_shot(tmp_path, k)
+    (tmp_path / "list.txt").write_text("".join(f"shot{k}.expt\n" for k in range(3)))
+    out = tmp_path / "F.mtz"
+    assert main(["--expt-list", str(tmp_path / "list.txt"), "--refine-f", "--space-group", "P 2 2 2", "--per-image",
+                 "scale", "--cycles", "1", "--max-iter", "3", "--no-coarse", "--out-mtz", str(out), "--quiet"]
+                + FLAGS) == 0, capsys.readouterr().err
+    mtz = gemmi.read_mtz_file(str(out))
+    assert mtz.spacegroup.hm == "P 2 2 2" and mtz.nreflections > 20
+    lines = [json.loads(t) for t in (tmp_path / "F_shots.jsonl").read_text().splitlines()]
+    assert [rec["label"] for rec in lines] == [f"{tmp_path / f'shot{k}.expt'}#0" for k in range(3)]
+    for k, rec in enumerate(lines):
+        assert rec["out_expt"] == str(tmp_path / "F_refined" / f"shot{k}_line{k + 1}_refined.expt")
+        assert Path(rec["out_expt"]).exists()
