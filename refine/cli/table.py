@@ -138,7 +138,7 @@ OPTIONS: Tuple[Option, ...] = (
            metavar="LIST"),
     Option("--out-dir", _IMAGES, "with --expt-list: write each shot's refined experiment list here as "
            "<EXPT stem>_line<N>[_exp<K>]_refined.expt (made when missing)", name="out_dir", metavar="DIR",
-           default_text="--results' or --json's stem + _refined"),
+           default_text="--results', --json's or --out-mtz's stem + _refined"),
     _switch("--independent", ("independent",), "refine each image on its own, in parallel on Dask"),
     Option("--shared", ("joint",), "groups with one value for all images (e.g. distance,beam_center,"
            "detector_rotation.y,detector_rotation.z)", default="", metavar="GROUPS"),
