@@ -242,7 +242,8 @@ def main(argv: Sequence[str]) -> int:
     files and flags), the groups, the fit options and the output paths checked, then the run; its exit status (bad
     usage is a :class:`~refine.cli.checks.UsageError` or ValueError, which :func:`refine.cli.fit.main` reports)."""
     ns, flags = start(argv, "images", prog="nbtorch-refine --images", usage=USAGE, description="Refine many images: "
-                      "jointly (shared + per-image groups) or independently on Dask.")
+                      "jointly (shared + per-image groups), independently on Dask, or their structure factors "
+                      "with per-shot models (--refine-f).")
     _check_mode(ns)
     ns.security, ns.scheduler_warning = (scheduler_security(ns.scheduler, ns.tls_ca_file, ns.tls_cert, ns.tls_key)
                                          if ns.scheduler else (None, ""))

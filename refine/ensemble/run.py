@@ -238,6 +238,9 @@ def fit_structure_factors(observed_list=None, params_list=None, setup_list=None,
         :class:`~refine.ensemble.result.EnsembleResult`.
     """
     t0 = time.perf_counter()
+    for name, value in (("cycles", cycles), ("f_iter", f_iter)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     n = len(observed_list)
     setups = list(setup_list) if isinstance(setup_list, (list, tuple)) else [setup_list] * n
     if not (len(params_list) == n == len(setups)) or n == 0:

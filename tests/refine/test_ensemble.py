@@ -272,6 +272,8 @@ def test_a_run_stopped_after_a_cycle_resumes_from_its_checkpoint(small_run, tmp_
     assert len(cycles) == 1 and np.array_equal(again.F, resumed.F)  # all done: nothing runs
     with pytest.raises(ValueError, match="another run"):
         refine.fit_structure_factors(*data, checkpoint=str(tmp_path), **dict(kw, space_group="P -1"))
+    with pytest.raises(ValueError, match="cycles must be an integer >= 1"):
+        refine.fit_structure_factors(*data, **dict(kw, cycles=0))
 
 
 def test_mtz_holds_the_refined_reflections_and_reads_back(p1_result, tmp_path):
