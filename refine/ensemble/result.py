@@ -15,7 +15,8 @@ from nbtorch.io._atomic import atomic_write
 from .fmodel import FModel
 
 #: Columns of the outer cycles' table (:func:`cycle_row`).
-CYCLE_KEYS = ("cycle", "objective", "r_change", "cc_previous", "refined", "fixed", "mean_chi2_nu", "seconds")
+CYCLE_KEYS = ("cycle", "objective", "r_change", "cc_previous", "refined", "fixed", "mean_chi2_nu", "failed",
+              "seconds")
 
 
 def _cc(a: np.ndarray, b: np.ndarray) -> float:
@@ -28,7 +29,7 @@ def _cc(a: np.ndarray, b: np.ndarray) -> float:
 def cycle_row(cycle: int, objective: float, fm: FModel, x_old: torch.Tensor, x: torch.Tensor, records, seconds):
     """One row of the cycles' table: ``objective`` (summed loss + restraints after the F step), ``r_change`` =
     Σ|F − F_prev| / Σ F_prev and ``cc_previous`` over the refined classes, ``refined``/``fixed`` class counts,
-    ``mean_chi2_nu`` of the per-shot fits, ``seconds``."""
+    ``mean_chi2_nu`` of the per-shot fits, ``failed`` shots (left out of the cycle), ``seconds``."""
     on = fm.refined & fm.movable()
     F0 = fm.amplitudes(x_old).detach().numpy()[on]
     F1 = fm.amplitudes(x).detach().numpy()[on]
@@ -36,7 +37,8 @@ def cycle_row(cycle: int, objective: float, fm: FModel, x_old: torch.Tensor, x: 
     return {"cycle": cycle, "objective": float(objective),
             "r_change": float(np.abs(F1 - F0).sum() / max(F0.sum(), 1e-300)), "cc_previous": _cc(F0, F1),
             "refined": int(on.sum()), "fixed": int(fm.n - on.sum()),
-            "mean_chi2_nu": float(np.mean(chi)) if chi else float("nan"), "seconds": float(seconds)}
+            "mean_chi2_nu": float(np.mean(chi)) if chi else float("nan"),
+            "failed": sum(1 for r in records if r.get("error")), "seconds": float(seconds)}
 
 
 @dataclasses.dataclass
@@ -124,16 +126,20 @@ class EnsembleResult:
     def table_text(self) -> str:
         """The outer cycles as a text table."""
         head = f"{'cycle':>5s} {'objective':>16s} {'R(change)':>10s} {'CC(prev)':>9s} {'refined':>8s} " \
-               f"{'fixed':>6s} {'<chi2/nu>':>9s} {'seconds':>8s}"
+               f"{'fixed':>6s} {'<chi2/nu>':>9s} {'failed':>6s} {'seconds':>8s}"
         lines = [head] + [f"{r['cycle']:5d} {r['objective']:16.8g} {r['r_change']:10.4f} {r['cc_previous']:9.4f} "
-                          f"{r['refined']:8d} {r['fixed']:6d} {r['mean_chi2_nu']:9.3f} {r['seconds']:8.1f}"
+                          f"{r['refined']:8d} {r['fixed']:6d} {r['mean_chi2_nu']:9.3f} {r.get('failed', 0):6d} "
+                          f"{r['seconds']:8.1f}"
                           for r in self.rows]
         return "\n".join(lines)
 
     def summary(self) -> str:
         """A few lines: the space group, reflections refined and fixed, the cycles' table."""
         n_on = int(self.refined.sum())
+        failed = [r for r in self.records if r.get("error")]
         text = (f"structure factors from {len(self.records)} stills, {self.space_group}"
                 f"{' (anomalous)' if self.anomalous else ''}: {n_on} reflections refined, "
-                f"{len(self.F) - n_on} not on any image (kept at their start)\n" + self.table_text())
+                f"{len(self.F) - n_on} not on any image (kept at their start)\n"
+                + "".join(f"shot {r['label']} left out of cycle {r['cycle']}: {r['error']}\n" for r in failed)
+                + self.table_text())
         return text

@@ -84,16 +84,20 @@ def _f_step(backend, fm: FModel, x: torch.Tensor, cfg: "RunConfig", H: np.ndarra
     ``cfg.scales``, the shots' log-scales (mean 0: the overall level of |F| stays the data's), preconditioned by the
     curvature diagonals ``H`` [n] and ``Hs`` [S]."""
     act = torch.as_tensor(np.flatnonzero(fm.refined & fm.movable()))
-    n_act, n_s = len(act), (len(Hs) if cfg.scales else 0)
+    live = torch.as_tensor(np.flatnonzero(Hs > 0))  # shots in this F step (a failed fit has no pixels)
+    n_act, n_s = len(act), (len(live) if cfg.scales else 0)
     sx = torch.as_tensor(np.sqrt(H[act.numpy()]), dtype=x.dtype)
-    ss = torch.as_tensor(np.sqrt(np.maximum(Hs, 1e-300)), dtype=x.dtype)
+    ss = torch.as_tensor(np.sqrt(Hs[live.numpy()]), dtype=x.dtype)
     z = torch.zeros(n_act + n_s, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([z], lr=1.0, max_iter=cfg.f_iter, max_eval=2 * cfg.f_iter, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
 
     def unpack(zz):
-        u = zz[n_act:] / ss if n_s else zz.new_zeros(len(Hs))
-        return x.index_add(0, act, zz[:n_act] / sx), (u - u.mean() if n_s else u)
+        s = zz.new_zeros(len(Hs))
+        if n_s:
+            u = zz[n_act:] / ss
+            s = s.index_add(0, live, u - u.mean())
+        return x.index_add(0, act, zz[:n_act] / sx), s
 
     def objective(zz):
         xx, s = unpack(zz)

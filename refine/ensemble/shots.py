@@ -23,6 +23,7 @@ from ..imagelist import ImageEntry, entry_image, entry_spots, entry_start, write
 from ..model.predict import Predict
 from ..pipeline.fit import fit, fit_options
 from ..pipeline.problem import fit_target
+from ..scaleout import _one_line  # the one copy of a failure's one-line text
 from ..targets.pixels import usable_mask
 from .design import Design, shot_design
 
@@ -30,6 +31,7 @@ from .design import Design, shot_design
 #: refine's :meth:`~refine.pipeline.result.Result.to_dict` entries.
 SHOT_KEYS = ("label", "cycle", "converged", "ok", "chi2_nu", "poor_fit", "parameters", "esd", "loss", "n_pixels",
              "seconds", "nanobragg_args")
+# (a shot whose fit failed has ``error`` too, the others null; it sits out that cycle's F step)
 
 
 @dataclasses.dataclass
@@ -224,8 +226,19 @@ def shard_fit(shard: Shard, table: np.ndarray, shape, hkl_min, cycle: int) -> Sh
     _threads(shard)
     t = torch.as_tensor(table)
     options = shard.options if cycle == 1 else {"coarse_to_fine": False, **shard.options}
-    shots = [fit_shot(s, t, shape, hkl_min, shard.per_image, options, shard.fused, cycle) for s in shard.shots]
+    shots = [_fit_or_fail(s, t, shape, hkl_min, shard.per_image, options, shard.fused, cycle) for s in shard.shots]
     return dataclasses.replace(shard, shots=shots)
+
+
+def _fit_or_fail(shot: Shot, *args) -> Shot:
+    """:func:`fit_shot`, or, when its fit fails, the shot left out of this cycle's F step (no design) with its
+    record's ``error`` (type and message, one line): one bad shot does not stop the others."""
+    try:
+        return fit_shot(shot, *args)
+    except Exception as exc:  # noqa: BLE001 - one shot's failure must not stop the run
+        record = {**dict.fromkeys(SHOT_KEYS), "label": shot.label, "cycle": args[-1], "converged": False,
+                  "ok": False, "error": _one_line(exc)}
+        return dataclasses.replace(shot, design=None, jacobian=None, result=None, record=record)
 
 
 def shard_value_grad(shard: Shard, T: np.ndarray, scales: np.ndarray):
@@ -234,7 +247,7 @@ def shard_value_grad(shard: Shard, T: np.ndarray, scales: np.ndarray):
     _threads(shard)
     T = torch.as_tensor(T)
     loss, grad, gs = 0.0, torch.zeros_like(T), np.zeros(len(scales))
-    for shot in shard.shots:
+    for shot in (s for s in shard.shots if s.design is not None):
         v, g, gs[shot.pos] = shot_value_grad(shot, T, float(scales[shot.pos]))
         loss, grad = loss + v, grad + g
     return loss, grad.numpy(), gs
@@ -247,7 +260,7 @@ def shard_curvature(shard: Shard, T: np.ndarray, scales: np.ndarray):
     _threads(shard)
     T = torch.as_tensor(T)
     diag, profile, cs = torch.zeros(shard.n, dtype=T.dtype), torch.zeros(shard.n, dtype=T.dtype), np.zeros(len(scales))
-    for shot in shard.shots:
+    for shot in (s for s in shard.shots if s.design is not None):
         d, p, cs[shot.pos] = shot_curvature(shot, T, shard.ids, shard.n, float(scales[shot.pos]))
         diag, profile = diag + d, profile + p
     return diag.numpy(), profile.numpy(), cs

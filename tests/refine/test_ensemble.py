@@ -397,3 +397,14 @@ def test_expt_list_shots_from_default_f_write_their_refined_experiment_lists(tmp
     for k, rec in enumerate(lines):
         assert rec["out_expt"] == str(tmp_path / "F_refined" / f"shot{k}_line{k + 1}_refined.expt")
         assert Path(rec["out_expt"]).exists()
+
+
+def test_a_shot_whose_fit_fails_sits_out_and_is_reported(p1_stills):
+    obs, starts, setup, *_ = p1_stills
+    bad = torch.full_like(obs[0], float("nan"))  # no usable pixel: its fit raises
+    res = refine.fit_structure_factors([obs[0], bad, obs[2]], [starts[0], starts[1], starts[2]], setup,
+                                       space_group="P 1", per_image=["scale"], cycles=1, max_iter=5,
+                                       coarse_to_fine=False)
+    assert res.records[1]["error"] and not res.records[1]["ok"] and res.rows[0]["failed"] == 1
+    assert res.records[0].get("error") is None and res.refined.sum() > 20 and np.isfinite(res.F).all()
+    assert "shot shot2 left out of cycle 1" in res.summary()
