@@ -350,6 +350,12 @@ def test_command_line_refines_f_from_a_list(p1_stills, tmp_path, capsys):
         assert main(bad) == 2 and message in capsys.readouterr().err
     assert main([a for a in argv if a not in ("--out-mtz", out)]) == 2
     assert "--out-mtz" in capsys.readouterr().err
+    again = str(tmp_path / "again.mtz")  # a run started from the first one's MTZ (--f-start, as -hkl F.mtz)
+    start = [a for a in common if a not in ("-hkl", str(tmp_path / "start.hkl"))]
+    assert main(start + ["--refine-f", "--f-start", out, "--per-image", "scale", "--cycles", "1", "--max-iter", "5",
+                         "--no-coarse", "--out-mtz", again, "--quiet"]) == 0
+    first, second = (gemmi.read_mtz_file(p) for p in (out, again))
+    assert second.nreflections >= 0.9 * first.nreflections
 
 
 def test_list_shots_read_on_their_dask_worker_give_the_local_run(p1_stills, tmp_path):
