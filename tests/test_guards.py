@@ -142,13 +142,13 @@ def test_no_import_cycle(package):
 
 
 #: refine's layers, top to bottom (docs/refine.md): each imports only the layers before it.
-REFINE_LAYERS = (("model",), ("targets",), ("minimise",), ("pipeline",), ("imagelist", "studies", "scaleout"), ("ensemble",),
-                 ("cli",))
+REFINE_LAYERS = (("model",), ("targets",), ("minimise",), ("pipeline",), ("imagelist", "studies", "scaleout"),
+                 ("ensemble",), ("cli",))
 
 
 def test_refine_layers_import_only_the_layers_above():
-    """model ← targets ← minimise ← pipeline ← studies / scaleout ← ensemble ← cli: no module of a layer imports one of a later
-    layer (the package ``refine`` itself re-exports and is left out)."""
+    """model ← targets ← minimise ← pipeline ← studies / scaleout ← ensemble ← cli: no module of a layer imports one
+    of a later layer (the package ``refine`` itself re-exports and is left out)."""
     rank = {name: k for k, layer in enumerate(REFINE_LAYERS) for name in layer}
     layer = (lambda m: rank.get(m.split(".")[1]) if m.startswith("refine.") else None)
     graph = import_graph(ROOT, PACKAGES)
