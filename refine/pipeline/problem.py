@@ -259,10 +259,15 @@ def build_problem(observed_list, params_list, setups, options: FitOptions, share
     paths = tuple(paths) if paths is not None else (None,) * n
     for s in dict.fromkeys(setups):
         check_geometry(options.geometry, s)
+    spots = image_spots(options.spots, n)
+    plane = [g for g in shared if str(g).split(".")[0] == "background" and str(g) != "background.water"]
+    if plane and any(sp is not None for sp in spots):
+        raise ValueError(f"shared {plane[0]}: a spot-ROI fit gives every image's boxes their own background planes; "
+                         "refine them per image")
     params_list, notes = (align_shared(list(params_list), shared, setups[0].panels) if shared
                           else (list(params_list), []))
     observed, usable, pars, targets = [], [], [], []
-    for k, (ob, p, s, sp) in enumerate(zip(observed_list, params_list, setups, image_spots(options.spots, n)), 1):
+    for k, (ob, p, s, sp) in enumerate(zip(observed_list, params_list, setups, spots), 1):
         try:
             system = options.crystal_system if k == 1 else pars[0].crystal_system
             o_t, u, par, target = _image(ob, p, s, options, system, sp)

@@ -219,3 +219,14 @@ def test_a_preliminary_stage_whose_model_the_fit_finds_infinite_is_discarded(mon
     after = strategy.run_stage(state, Stage("robust", target="anscombe", max_iter=3, preliminary=True))
     assert torch.equal(after.x, state.x) and "discarded" in after.stages[-1]["message"]
     assert np.isfinite(after.stages[-1]["loss_all"])
+
+
+def test_region_planes_cannot_be_shared_between_images():
+    params, setup = _setup(FLAGS.replace("-detpixels 128", "-detpixels 24"))
+    observed = torch.poisson(nbtorch.simulate(params, setup) + 4.0, generator=torch.Generator().manual_seed(1))
+    spots = np.array([[10.5, 12.5]])
+    with pytest.raises(ValueError, match="shared background.*own background planes"):
+        refine.fit_many([observed, observed], [params, params], setup, shared=("background",), per_image=("scale",),
+                        spots=[spots, spots])
+    with pytest.raises(ValueError, match="one spot list per image"):
+        refine.fit_many([observed, observed], [params, params], setup, per_image=("scale",), spots=spots)
