@@ -1,7 +1,7 @@
 """Wall time of a Levenberg–Marquardt refinement of a noisy still (refine.fit, issues #4 and #24).
 
 Usage: python benchmarks/bench_refine.py [--case ortho|triclinic|mosaic] [--size N] [--threads 2] [--seed 1]
-       [--spots-only] [--compare DIR [--repeat R]] [--json]
+       [--spots-only] [--compare DIR [--repeat R]] [--json] [--append-readme]
 
 Cases: ``ortho`` (512², orthorhombic: cell, orientation, distance, beam centre and scale from errors typical of
 indexing: cell ~1 %, orientation 0.4°, distance 1.5 mm, beam centre 2.5 px, scale × 2); ``triclinic`` (384², a
@@ -12,6 +12,7 @@ scale).  Prints wall time to convergence, iterations, per-stage seconds and the 
 ``--compare DIR`` runs the case ``--repeat`` times (default 2) alternately with the ``refine`` package of DIR (a
 checkout of another revision: ``git worktree add DIR REV``) and of this tree, each in a fresh process, and prints the
 best times and their ratio with the load average (compare ratios of one run: the machine may be shared).
+``--append-readme`` appends an ``ortho``/``triclinic`` result row to benchmarks/README.md (section "refine").
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ ARGS = {"ortho": ("-default_F 100 -cell 40 50 60 90 90 90 -misset 10 20 30 -N 6 
         "triclinic": ("-default_F 100 -cell 40 50 60 80 95 105 -misset 10 20 30 -N 6 -lambda 1 -distance 100 "
                       "-pixel 0.1 -detpixels {n} -oversample 1 -fluence 1e30", 384, "triclinic")}
 FREE = ["cell", "orientation", "distance", "beam_center", "scale"]
-TILTS = ["detector_rotation.x", "detector_rotation.y"]
+TILTS = ["detector_rotation.y", "detector_rotation.z"]  # x is the beam (MOSFLM)
 MOSAIC_TRUTH = ("-default_F 100 -cell 60 70 80 90 90 90 -misset 10 20 30 -N 8 -lambda 1 -distance 100 -pixel 0.1 "
                 "-detpixels 512 -mosaic 0.3 -mosaic_domains 25 -fluence 1e29 -seed 5")
 MOSAIC_START = MOSAIC_TRUTH.replace("-misset 10 20 30", "-misset 10.15 19.9 30.1").replace(
@@ -59,7 +60,7 @@ def start_model(p, s, seed, tilt_mrad: float = 0.0):
     cell[:3] *= torch.tensor([1.008, 0.994, 1.01], dtype=torch.float64)
     d = p.detector
     bc = d.beam_center + torch.tensor([2.5, -2.5], dtype=torch.float64) * s.pixel_size
-    rot = d.rotation + torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) * math.degrees(tilt_mrad / 1000)
+    rot = d.rotation + torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64) * math.degrees(tilt_mrad / 1000)
     return p._replace(crystal=p.crystal._replace(cell=cell, misset=mis, orientation=torch.eye(3, dtype=torch.float64)),
                       detector=d._replace(distance=d.distance + 1.5, beam_center=bc, rotation=rot),
                       beam=p.beam._replace(fluence=p.beam.fluence * 2))
@@ -79,7 +80,7 @@ def still(a) -> dict:
     R = total_rotation(res.params) @ total_rotation(p).T
     return {"case": a.case, "pixels": s.fpixels * s.spixels, "fitted": res.n_pixels, "parameters": len(res.names),
             "seconds": wall, "iterations": res.iterations, "converged": bool(res.converged),
-            "stages": {st["stage"]: round(st["seconds"], 2) for st in res.stages},
+            "stages": {st["stage"]: [round(st["seconds"], 2), st.get("iterations"), st.get("evaluations")] for st in res.stages},
             "orientation_deg": math.degrees(math.acos(min(1.0, (float(torch.trace(R)) - 1) / 2))),
             "cell_pct": float(((res.params.crystal.cell[:3] - p.crystal.cell[:3]) / p.crystal.cell[:3]).abs().max())
             * 100, "distance_mm": abs(float(res.params.detector.distance - p.detector.distance)),
@@ -100,7 +101,27 @@ def mosaic(a) -> dict:
         wall = time.perf_counter() - t0
         res = json.loads(open(fit).read())
     return {"case": "mosaic", "seconds": wall, "iterations": res["iterations"], "converged": res["converged"],
-            "stages": {st["stage"]: round(st["seconds"], 2) for st in res["stages"]}, "values": res["values"]}
+            "stages": {st["stage"]: [round(st["seconds"], 2), st.get("iterations"), st.get("evaluations")] for st in res["stages"]}, "values": res["values"]}
+
+
+def append_readme(res: dict, threads: int) -> None:
+    """Append ``res`` (an ``ortho``/``triclinic`` fit) as a row of benchmarks/README.md's "refine" table."""
+    path = os.path.join(ROOT, "benchmarks", "README.md")
+    head = "## refine: joint LM refinement of a still (benchmarks/bench_refine.py)"
+    side = int(round(math.sqrt(res["pixels"])))
+    row = (f"| {side}×{side} | {res['fitted']} px | {res['parameters']} | {threads} | {res['seconds']:.1f} | "
+           f"{res['iterations']} | {res['converged']} | {res['cell_pct']:.4f} % / {res['orientation_deg']:.4f}° / "
+           f"{res['distance_mm']:.4f} mm / — | {platform.processor() or platform.machine()} |")
+    lines = open(path).read().rstrip("\n").split("\n")
+    end = lines.index(head) + 1
+    while end < len(lines) and not lines[end].startswith("## "):
+        end += 1
+    while not lines[end - 1].startswith("|"):
+        end -= 1
+    lines.insert(end, row)
+    from nbtorch.io._atomic import atomic_write
+
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def compare(a) -> None:
@@ -133,16 +154,20 @@ def main():
     ap.add_argument("--compare", metavar="DIR", help="a tree with another revision's refine package")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    ap.add_argument("--append-readme", action="store_true", help="add the result row to benchmarks/README.md")
     a = ap.parse_args()
     if a.compare:
         return compare(a)
     torch.set_num_threads(a.threads)
     res = mosaic(a) if a.case == "mosaic" else still(a)
+    if a.append_readme and a.case != "mosaic":
+        append_readme(res, a.threads)
     if a.json:
         print(json.dumps(res))
         return None
     print(f"{a.case}: converged={res['converged']}; wall {res['seconds']:.1f} s; iterations {res['iterations']}; "
           f"stages {res['stages']}; {a.threads} threads, torch {torch.__version__}")
+    print({k: v for k, v in res.items() if k.endswith(("_deg", "_pct", "_mm"))})
     return None
 
 

@@ -44,9 +44,11 @@ class MinimizeResult:
     normal: Optional[tuple] = None  # (active, BlockNormal, models per image) at x, when computed there (LM)
 
 
-#: Chord steps in a row (each reusing the last Jacobian), and the gain ratio a step needs for a chord step next.
+#: Chord steps in a row (each reusing the last Jacobian); a chord step follows a step whose gain ratio was within
+#: CHORD_RHO of 1 at a damping μ ≤ CHORD_DAMPING (the quadratic model holds: the Jacobian barely changes).
 MAX_CHORDS = 2
-CHORD_RHO = 0.5
+CHORD_RHO = 0.25
+CHORD_DAMPING = 1e-2
 
 
 class InfiniteStart(ValueError):
@@ -112,6 +114,13 @@ def _step_sigma(solve: LinearSolve, blk: BlockNormal, delta: torch.Tensor, unit:
         return math.inf
 
 
+def _chord_hooks(objective):
+    """(chord steps possible, normal()'s keyword arguments, x → (loss, what a chord step needs)) of ``objective``."""
+    if hasattr(objective, "chord"):
+        return True, {"keep": True}, objective.loss_models
+    return False, {}, (lambda z: (objective.loss(z), None))
+
+
 def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[int]] = None, *, max_iter: int = 30,
                         ftol: float = DEFAULT_FTOL, xtol: float = 1e-2, damping: float = DEFAULT_DAMPING,
                         max_damping: float = 1e10, callback: Optional[Callable[[dict], None]] = None,
@@ -120,12 +129,13 @@ def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[i
     """Minimise ``objective`` (:class:`~refine.targets.Objective`) from ``x0`` [n] (projected onto the bounds) over
     the ``active`` positions (default all) by Levenberg–Marquardt.
 
-    ``max_iter``: accepted steps; ``ftol``, ``xtol``: see the module docstring; ``damping``: initial μ (relative to
-    diag H), given up above ``max_damping``; ``callback(history row)`` after every iteration; ``lower``/``upper``
-    [n]: extra bounds (a trust region); ``solve``: a :class:`~refine.minimise.solve.LinearSolve` (default
-    :func:`~refine.minimise.solve.choose_solve`).  After a step the quadratic model predicted well, the next may be a
-    chord step (the objective's :meth:`~refine.targets.Objective.chord`: the last Jacobian with the gradient at the
-    new point, at no derivative cost; at most :data:`MAX_CHORDS` in a row); convergence is only ever decided on a
+    ``max_iter``: accepted steps on a new Jacobian; ``ftol``, ``xtol``: see the module docstring; ``damping``:
+    initial μ (relative to diag H), given up above ``max_damping``; ``callback(history row)`` after every step;
+    ``lower``/``upper`` [n]: extra bounds (a trust region); ``solve``: a :class:`~refine.minimise.solve.LinearSolve`
+    (default :func:`~refine.minimise.solve.choose_solve`).  After a near Gauss–Newton step the quadratic model
+    predicted well (:data:`CHORD_RHO`, :data:`CHORD_DAMPING`), the next may be a chord step (the objective's
+    :meth:`~refine.targets.Objective.chord`: the last Jacobian with the gradient at the new point, at no derivative
+    cost; at most :data:`MAX_CHORDS` in a row, not counted in ``max_iter``); convergence is only ever decided on a
     new Jacobian.  The result's ``normal`` holds the active positions, the normal equations and the models at the
     final x (None when the last step was a chord step)."""
     t0 = time.perf_counter()
@@ -138,16 +148,14 @@ def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[i
                               [dict(iteration=0, loss=L, step=0.0, damping=0.0, accepted=True, seconds=0.0)])
     act = torch.as_tensor(active, dtype=torch.long)
     lo, hi, k = lo_all[act], hi_all[act], len(active)
-    chords = hasattr(objective, "chord")
-    kw = {"keep": True} if chords else {}
-    evaluate = objective.loss_models if chords else (lambda z: (objective.loss(z), None))
+    chords, kw, evaluate = _chord_hooks(objective)
     L, blk, models = objective.normal(x, active, **kw)
     if not math.isfinite(L):
         raise InfiniteStart("the starting model gives an infinite or NaN loss (a non-positive model where photons "
                             "were observed?): check the starting model, the background and the mask")
     solve = choose_solve(blk) if solve is None else solve
     log = IterationLog(t0, callback)
-    mu, nu, evals, it, chord = float(damping), 2.0, 1, 0, 0  # chord: chord steps since the last Jacobian
+    mu, nu, evals, it, chord, steps = float(damping), 2.0, 1, 0, 0, 0  # chord: chord steps since the Jacobian
 
     def gn(blk, x, L):  # the Gauss–Newton decrement in likelihood units
         xa, g = x[act], blk.g  # scalars on a bound with the gradient pushing outwards are left out
@@ -158,13 +166,13 @@ def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[i
     converged, message = gn(blk, x, L) < ftol, f"reached max_iter = {max_iter}"
     message = "converged at the start (Gauss–Newton decrement below ftol)" if converged else message
     while not converged and it < max_iter:
-        it += 1
+        it += 0 if chord else 1  # iterations: steps on a new Jacobian (the chord steps between them are extra)
         mu0, nu0 = mu, nu  # a chord step tries μ and 2μ only, then a new Jacobian takes over from μ
         x_new, L_new, delta, rho, mu, nu, n_eval, ms_new = _damped_step(evaluate, x, act, lo, hi, L, blk, solve, mu,
                                                                         nu, 4 * mu if chord else max_damping)
         evals += n_eval
         if delta is None and chord:  # the chord's model has no downhill step: a new Jacobian, and try again
-            it, chord, evals, mu, nu = it - 1, 0, evals + 1, mu0, nu0
+            chord, evals, mu, nu = 0, evals + 1, mu0, nu0
             L, blk, models = objective.normal(x, active, **kw)
             continue
         if delta is None:
@@ -175,15 +183,16 @@ def levenberg_marquardt(objective, x0: torch.Tensor, active: Optional[Sequence[i
             break
         decrease = (L - L_new) / objective.likelihood_unit(L_new, k)
         step_sig = _step_sigma(solve, blk, delta, objective.likelihood_unit(L_new, k))
-        x, mu, nu = x_new, mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0  # Nielsen
-        nxt = objective.chord(x, ms_new) if (chords and chord < MAX_CHORDS and rho >= CHORD_RHO) else None
+        x, mu, nu, steps = x_new, mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0, steps + 1  # Nielsen
+        quadratic = abs(rho - 1.0) <= CHORD_RHO and mu <= CHORD_DAMPING  # a near Gauss–Newton step, well predicted
+        nxt = objective.chord(x, ms_new) if (chords and chord < MAX_CHORDS and quadratic) else None
         if nxt is not None and gn(nxt[1], x, nxt[0]) >= ftol:  # far from converged still: a chord step next
             (L, blk, models), chord = nxt, chord + 1
-            log.add(it, L, step_sig, mu)
+            log.add(steps, L, step_sig, mu)
             continue
         L, blk, models = objective.normal(x, active, **kw)
         evals, chord = evals + 1, 0
-        log.add(it, L, step_sig, mu)
+        log.add(steps, L, step_sig, mu)
         dec = gn(blk, x, L)
         if dec < ftol:
             converged, message = True, f"converged: Gauss–Newton decrement {dec:.3g} < ftol = {ftol:g}"

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import math
 import numbers
+import threading
 import weakref
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -223,8 +224,7 @@ class _ProblemKey:
         self.refs = [weakref.ref(o, self._forget) for o in objects]
 
     def _forget(self, _ref) -> None:
-        for k in [k for k in _LOSSES if k[0] == self]:
-            _LOSSES.pop(k, None)
+        _DEAD.append(self)  # purged before the memo's next use (a callback may run inside one)
 
     alive = property(lambda self: all(r() is not None for r in self.refs), doc="Every object still exists.")
 
@@ -239,6 +239,17 @@ class _ProblemKey:
 MEMO_PIXELS = 4 * 2**20
 #: The last few losses computed, by (problem, X): see :meth:`Objective._remember`.
 _LOSSES: "collections.OrderedDict" = collections.OrderedDict()
+_DEAD: list = []  # problems one of whose objects is gone
+_LOCK = threading.RLock()
+
+
+def _memo_get(key):
+    """The memo's (loss, models or None) at ``key``, or None (call under ``_LOCK``; forgotten problems purged)."""
+    while _DEAD:
+        gone = _DEAD.pop()
+        for k in [k for k in _LOSSES if k[0] == gone]:
+            _LOSSES.pop(k, None)
+    return _LOSSES.get(key)
 
 
 class Objective:
@@ -376,12 +387,14 @@ class Objective:
 
     def loss(self, X: torch.Tensor) -> float:
         """Total loss (data + priors) at X as a float; +inf where the model is not finite (a rejected step)."""
-        hit = _LOSSES.get(self._signature(X))
+        with _LOCK:
+            hit = _memo_get(self._signature(X))
         return self.loss_models(X)[0] if hit is None else hit[0]
 
     def loss_models(self, X: torch.Tensor) -> Tuple[float, List[torch.Tensor]]:
         """(:meth:`loss`, :meth:`models`) at X."""
-        hit = _LOSSES.get(self._signature(X))
+        with _LOCK:
+            hit = _memo_get(self._signature(X))
         if hit is not None and hit[1] is not None:
             return hit
         with torch.no_grad():
@@ -403,13 +416,16 @@ class Objective:
         if not self._problem.alive:
             return
         key = self._signature(X)
-        _LOSSES.pop(key, None)
-        if _LOSSES:
-            last = next(reversed(_LOSSES))
-            _LOSSES[last] = (_LOSSES[last][0], None)
-        _LOSSES[key] = (value, list(models) if models is not None and self.n_pixels <= MEMO_PIXELS else None)
-        while len(_LOSSES) > 8:
-            _LOSSES.popitem(last=False)
+        kept = list(models) if models is not None and self.n_pixels <= MEMO_PIXELS else None
+        with _LOCK:
+            _memo_get(key)
+            _LOSSES.pop(key, None)
+            if _LOSSES:
+                last = next(reversed(_LOSSES))
+                _LOSSES[last] = (_LOSSES[last][0], None)
+            _LOSSES[key] = (value, kept)
+            while len(_LOSSES) > 8:
+                _LOSSES.popitem(last=False)
 
     def loss_and_grad(self, X: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """Loss and its gradient [n] by reverse mode, chunk by chunk (bounded memory); (inf, partial) where the

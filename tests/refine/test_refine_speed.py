@@ -141,3 +141,23 @@ def test_broadened_stages_are_skipped_when_the_spots_are_in_place():
     slow = refine.fit(obs, far, s, free=["orientation", "scale"], max_iter=3)
     coarse = [st for st in slow.stages if st["stage"] == "coarse"][0]
     assert coarse["iterations"] > 0 and "in place" not in coarse["message"]  # (medium may find them in place)
+
+
+def test_the_loss_memo_does_not_keep_a_problem_alive():
+    """The memo holds a problem's objects weakly: once they are gone, so are its entries."""
+    import gc
+    import weakref
+
+    p, s, _ = model("-detpixels 32")
+    obs = observe(p, s)
+    par = parameterise(p, s, ["distance", "scale"])
+    obj = Objective(par, obs, usable_mask(obs.numpy(), s), make_target("poisson"))
+    obj.normal(par.zeros())
+    key, ref = obj._problem, weakref.ref(par)
+    assert any(k[0] == key for k in objective_module._LOSSES)
+    del obj, par
+    gc.collect()
+    assert ref() is None
+    with objective_module._LOCK:
+        objective_module._memo_get(None)
+    assert not any(k[0] == key for k in objective_module._LOSSES)

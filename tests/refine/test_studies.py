@@ -89,7 +89,8 @@ def test_sweep_exit_status_is_that_of_the_final_refinement(capsys, tmp_path):
     obs = write_tiny(tmp_path)
     db = f"sqlite:///{tmp_path / 's.db'}"
     assert sweep_cli.main(sweep_argv(obs, db, 1, "--quiet")) == 0
-    assert sweep_cli.main(sweep_argv(obs, db, 1, "--quiet", "--max-iter", "0")) == 3
+    argv = sweep_argv(obs, db + "2", 1, "--quiet", "--max-iter", "0", "--refine", "distance,scale,ncells")
+    assert sweep_cli.main(argv) == 3  # N free too: the best trial's end is not already converged
     assert "NOT converged: reached max_iter = 0" in capsys.readouterr().out
 
 
