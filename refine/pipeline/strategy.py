@@ -70,10 +70,11 @@ def _stage_pars(pb: Problem, stage: Stage) -> Tuple[Parameterisation, ...]:
 
 
 def _active(pb: Problem, pars: Sequence[Parameterisation], stage: Stage) -> List[int]:
-    """Positions in X refined by the stage.  A spot-ROI fit's per-region planes stay fixed while spots are broadened
-    (broadened spots fill a small box, and its plane would sink below the background to make room)."""
+    """Positions in X refined by the stage.  A spot-ROI fit's per-region planes stay fixed in the preliminary stages:
+    with spots broadened or still a few pixels off, a box's plane would take up the observed spot (or sink below the
+    background to make room for the model's), and the geometry would not move; the final stage frees them."""
     groups = None if stage.active is None else list(stage.active)
-    if stage.broadened and any(par.boxes is not None for par in pars):
+    if stage.preliminary and any(par.boxes is not None for par in pars):
         every = list(GROUPS if groups is None else groups)
         groups = [g for g in every if g != "background"] + (["background.water"] if "background" in every else [])
     if groups is None:
@@ -116,9 +117,12 @@ def spots_in_place(pb: Problem, x: torch.Tensor) -> bool:
 
 def _searchable(pb: Problem, i: int, par: Parameterisation) -> bool:
     """The geometry search moves image ``i``'s distance and beam centre: only when they are free and its own, on
-    nanoBragg's one-panel detector (the search correlates one [slow, fast] image)."""
+    nanoBragg's one-panel detector (the search correlates one [slow, fast] image), and not in a spot-ROI fit (its
+    boxes sit on the observed spots: a start whose spots lie outside them is beyond the search anyway, and the
+    search would render the whole image)."""
     own = [j for g in ("distance", "beam_center") for j in par.index(g)]
-    return bool(own) and par.setup.panels is None and not any(j in pb.layout.shared_pos[i] for j in own)
+    return (bool(own) and par.setup.panels is None and par.boxes is None
+            and not any(j in pb.layout.shared_pos[i] for j in own))
 
 
 def _prefit_and_search(pb: Problem, stage: Stage, pars, x: torch.Tensor, what: str = "") -> Tuple[torch.Tensor, dict]:

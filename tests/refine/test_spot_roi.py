@@ -167,7 +167,7 @@ def test_roi_report_has_every_region_plane(fits):
     assert np.isclose(roi.parameters["background"][0], c0.mean())
 
 
-def test_region_planes_stay_fixed_while_spots_are_broadened():
+def test_region_planes_stay_fixed_in_the_preliminary_stages():
     from refine.pipeline.options import FitOptions
     from refine.pipeline.problem import prepare
     from refine.pipeline.strategy import _active, _stage_pars, default_stages
@@ -179,8 +179,8 @@ def test_region_planes_stay_fixed_while_spots_are_broadened():
     assert len(plane) == 6
     for stage in default_stages():
         active = set(_active(pb, _stage_pars(pb, stage), stage))
-        assert (active & plane == set()) == stage.broadened, stage.name
-        if not stage.broadened and stage.active is None:
+        assert (active & plane == set()) == stage.preliminary, stage.name
+        if not stage.preliminary:
             assert plane <= active
 
 
