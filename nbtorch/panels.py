@@ -209,6 +209,12 @@ def make_layout(panels: Sequence[PanelSpec], tree: Dict[str, Sequence[str]], roo
 # from the file readers
 
 
+def without_panel_sensors(layout: PanelLayout) -> PanelLayout:
+    """``layout`` with no panel's own sensor (every panel takes the set-up's: ``Setup.thickness_um``, 0 for none)."""
+    return dataclasses.replace(layout, panels=tuple(dataclasses.replace(p, thickness_um=None, mu_per_um=None)
+                                                    for p in layout.panels))
+
+
 def layout_from_crystfel(geometry) -> PanelLayout:
     """The layout of a CrystFEL :class:`~nbtorch.io.crystfel.Geometry` (CrystFEL's lab frame: beam along +z):
     panels with their lab corners and steps (mm) and their own sensors (nbtorch's ``thickness_um``/``mu_per_um``

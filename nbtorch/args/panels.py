@@ -34,7 +34,7 @@ import numpy as np
 from ..io.crystfel import Geometry, data_file_masks, geometry_mask, read_geom
 from ..io.dials import DialsExperiment, read_expt
 from ..io.dials_experiments import experiment_of
-from ..panels import PanelLayout, layout_from_crystfel
+from ..panels import PanelLayout, layout_from_crystfel, without_panel_sensors
 from ..units import HC_EV_ANGSTROM
 from .parse import NanoBraggArgs, fmt_num
 from .table import FLAGS
@@ -313,6 +313,12 @@ def panel_source(inp, read: Callable) -> Optional[PanelSource]:
         values = _expt_values(inp, rec)
         crystal = None if rec.crystal is None else np.array(rec.crystal.lab_real_space).T
     _check_beam_vector(inp, flag, layout.beam)
+    if "-detector_thick" in inp.opts and any(p.thickness_um is not None for p in layout.panels):
+        # the flag replaces the file's sensors: -detector_thick 0 turns them off, T > 0 gives every panel the
+        # set-up's sensor of T µm (-detector_abs)
+        inp.notes.append(f"{flag} {name}: -detector_thick {fmt_num(inp.opts['-detector_thick'])} replaces the "
+                         "file's sensor thickness and attenuation")
+        source = source._replace(layout=without_panel_sensors(layout))
     inp.opts, use_crystal = _merge(inp, flag, values, crystal is not None)
     if flag == "-expt" and crystal is None and not any(f in inp.opts for f in ("-cell", "-mat")):
         raise ValueError(f"-expt {name}: experiment {rec.index} has no crystal: give -cell or -mat")

@@ -2,6 +2,8 @@
 5): read, written back, given to the panel layout, and rendered as the same panel with that sensor built directly."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
 
@@ -76,3 +78,30 @@ def test_a_geom_panels_sensor_renders_as_that_panel_with_its_sensor(tmp_path):
 def test_bad_sensor_keys_name_the_key(lines, key):
     with pytest.raises(GeometryFileError, match=key):
         parse_geom(GEOM.format(sensor=lines).encode(), "det.geom")
+
+
+def test_detector_thick_flag_replaces_the_files_sensors(tmp_path):
+    """``-detector_thick 0`` after ``-geom``/``-expt`` turns the file's panel sensors off (the image equals the
+    sensor-less panels'); ``-detector_thick T`` gives every panel the set-up's sensor instead."""
+    import json
+    path = tmp_path / "det.geom"
+    path.write_text(GEOM.format(sensor=SENSORS))
+    plain = tmp_path / "plain.geom"
+    plain.write_text(GEOM.format(sensor=""))
+    off_p, off_s = nbtorch.from_nanobragg_args(f"-geom {path} {CRYSTAL} -detector_thick 0", dtype=torch.float64)
+    bare_p, bare_s = nbtorch.from_nanobragg_args(f"-geom {plain} {CRYSTAL}", dtype=torch.float64)
+    assert not off_s.has_sensor and off_s.panels == bare_s.panels
+    torch.testing.assert_close(nbtorch.simulate(off_p, off_s, fused=False),
+                               nbtorch.simulate(bare_p, bare_s, fused=False), rtol=1e-12, atol=0)
+    doc = json.loads((pathlib.Path(__file__).parents[1] / "data" / "cli_panels" / "two_small.expt").read_text())
+    for panel in doc["detector"][0]["panels"]:
+        panel.update(thickness=0.45, mu=3.9, material="Si")
+    expt = tmp_path / "thick.expt"
+    expt.write_text(json.dumps(doc))
+    _, own = nbtorch.from_nanobragg_args(f"-expt {expt} -default_F 10 -N 2", dtype=torch.float64)
+    assert own.has_sensor and own.panels.panels[0].thickness_um == 450.0
+    _, off = nbtorch.from_nanobragg_args(f"-expt {expt} -default_F 10 -N 2 -detector_thick 0", dtype=torch.float64)
+    assert not off.has_sensor and off.panels.panels[0].thickness_um is None
+    _, other = nbtorch.from_nanobragg_args(f"-expt {expt} -default_F 10 -N 2 -detector_thick 300",
+                                           dtype=torch.float64)
+    assert other.has_sensor and other.thickness_um == 300.0 and other.panels.panels[1].thickness_um is None
