@@ -135,3 +135,21 @@ def test_precompile_sets_and_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         precompile.main(["--specs", "most"])
     assert exit_.value.code == 2
+
+
+def test_a_builder_runs_in_the_idle_scheduling_class():
+    """The builder process (and whatever it starts) runs only on cores nothing else wants: Linux's SCHED_IDLE, else
+    the lowest priority (a niced builder still slowed a job's threads tenfold on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+
+    from nbtorch.builder import _idle_priority
+
+    code = ("import os, sys; print(os.sched_getscheduler(0) == getattr(os, 'SCHED_IDLE', -1) or os.nice(0) >= 19)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=_idle_priority,
+                         check=True).stdout.strip()
+    assert out == "True"
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert child == str(getattr(os, "SCHED_OTHER", 0))  # this process is left as it was
