@@ -7,8 +7,9 @@ background plane (as diffBragg's hopper fits stills from a DIALS reflection tabl
 
 A spot at pixel coordinates (fast, slow) — DIALS's ``xyzobs.px.value``, in which pixel i spans [i, i + 1) — gets the
 box of ``roi_size`` × ``roi_size`` pixels centred on the pixel that holds it (for an even size, the extra row and
-column lie after it), clipped at its panel's edges.  Boxes that overlap or touch are merged into one region (one
-background plane: a plane per box would be undetermined where two boxes share pixels).  Each region's plane is
+column lie after it), clipped at its panel's edges.  Boxes that share pixels are merged into one region (one
+background plane: a plane per box would be undetermined where two boxes share pixels); boxes that only touch stay
+apart.  Each region's plane is
 c0 + c_fast·u + c_slow·v with u, v = (pixel centre − the region's centre) / the region's extent (the larger side of
 its bounding box), so u, v ∈ [−½, ½] as in the whole image's plane (:func:`refine.model.predict.plane_basis`) and
 every coefficient is in photons per pixel.
