@@ -117,14 +117,25 @@ class FModel:
             total = total + 0.5 * r.friedel * ((lnF[a] - lnF[b]) ** 2).sum()
         return total
 
-    def restraint_curvature(self, r: Restraints) -> np.ndarray:
-        """∂²(restraints)/∂x_a² [n] (the diagonal; each restraint is quadratic in x)."""
-        h = np.full(self.n, float(r.start) + float(r.bins))
+    def restraint_hessian(self, r: Restraints):
+        """∂²(restraints)/∂x_a∂x_b as sparse entries (rows int64 [e], cols int64 [e], values [e]; repeated entries
+        add), exact everywhere (each restraint is quadratic in x): ``start`` + ``bins`` on the diagonal of the
+        refined classes, ``friedel`` w on both diagonal entries of each refined acentric pair and −w on its two
+        off-diagonal ones."""
+        on = np.flatnonzero(self.refined & self.movable())
+        rows, cols, vals = [on], [on], [np.full(len(on), float(r.start) + float(r.bins))]
         if r.friedel and self.amap.anomalous:
-            a, b = self._pairs()
-            np.add.at(h, a, r.friedel)
-            np.add.at(h, b, r.friedel)
-        return h
+            a, b = (t.numpy() for t in self._pairs())
+            w = np.full(len(a), float(r.friedel))
+            rows, cols, vals = rows + [a, b, a, b], cols + [a, b, b, a], vals + [w, w, -w, -w]
+        return (np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64),
+                np.concatenate(vals))
+
+    def restraint_curvature(self, r: Restraints) -> np.ndarray:
+        """∂²(restraints)/∂x_a² [n]: the diagonal of :meth:`restraint_hessian` (0 for a class not refined)."""
+        rows, cols, vals = self.restraint_hessian(r)
+        on = rows == cols
+        return np.bincount(rows[on], weights=vals[on], minlength=self.n).astype(np.float64)
 
     def _bin_targets(self, n_bins: int) -> np.ndarray:
         """Each class's bin mean of the starting ln|F| (over the movable classes) [n]."""

@@ -16,7 +16,7 @@ from .fmodel import FModel
 
 #: Columns of the outer cycles' table (:func:`cycle_row`).
 CYCLE_KEYS = ("cycle", "objective", "r_change", "cc_previous", "refined", "fixed", "mean_chi2_nu", "failed",
-              "seconds")
+              "seconds", "sigf_method", "sigf_note", "sigf_seconds")
 
 
 def _cc(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,10 +26,13 @@ def _cc(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def cycle_row(cycle: int, objective: float, fm: FModel, x_old: torch.Tensor, x: torch.Tensor, records, seconds):
+def cycle_row(cycle: int, objective: float, fm: FModel, x_old: torch.Tensor, x: torch.Tensor, records, seconds,
+              sigf_method: str = "", sigf_note: str = "", sigf_seconds: float = 0.0):
     """One row of the cycles' table: ``objective`` (summed loss + restraints after the F step), ``r_change`` =
     Σ|F − F_prev| / Σ F_prev and ``cc_previous`` over the refined classes, ``refined``/``fixed`` class counts,
-    ``mean_chi2_nu`` of the per-shot fits, ``failed`` shots (left out of the cycle), ``seconds``."""
+    ``mean_chi2_nu`` of the per-shot fits, ``failed`` shots (left out of the cycle), ``seconds``; how SIGF was found
+    (:class:`refine.ensemble.run.Sigma`): ``sigf_method`` ('inverse' or 'diagonal'), ``sigf_note`` (why the
+    diagonal, else ''), ``sigf_seconds`` (its share of ``seconds``)."""
     on = fm.refined & fm.movable()
     F0 = fm.amplitudes(x_old).detach().numpy()[on]
     F1 = fm.amplitudes(x).detach().numpy()[on]
@@ -38,7 +41,8 @@ def cycle_row(cycle: int, objective: float, fm: FModel, x_old: torch.Tensor, x: 
             "r_change": float(np.abs(F1 - F0).sum() / max(F0.sum(), 1e-300)), "cc_previous": _cc(F0, F1),
             "refined": int(on.sum()), "fixed": int(fm.n - on.sum()),
             "mean_chi2_nu": float(np.mean(chi)) if chi else float("nan"),
-            "failed": sum(1 for r in records if r.get("error")), "seconds": float(seconds)}
+            "failed": sum(1 for r in records if r.get("error")), "seconds": float(seconds),
+            "sigf_method": sigf_method, "sigf_note": sigf_note, "sigf_seconds": float(sigf_seconds)}
 
 
 @dataclasses.dataclass
@@ -133,13 +137,26 @@ class EnsembleResult:
                           for r in self.rows]
         return "\n".join(lines)
 
+    @property
+    def sigf_method(self) -> str:
+        """How the last cycle found SIGF: 'inverse', 'diagonal' (its row's ``sigf_note`` says why), '' (no cycle)."""
+        return self.rows[-1].get("sigf_method", "") if self.rows else ""
+
+    def _sigf_line(self) -> str:
+        """The summary's line on SIGF ('' without cycles)."""
+        if self.sigf_method == "inverse":
+            return "SIGF from the diagonal of the inverse of the profiled Gauss–Newton matrix\n"
+        if self.sigf_method:
+            return f"SIGF from the diagonal of the profiled Gauss–Newton matrix only: {self.rows[-1]['sigf_note']}\n"
+        return ""
+
     def summary(self) -> str:
-        """A few lines: the space group, reflections refined and fixed, the cycles' table."""
+        """A few lines: the space group, reflections refined and fixed, how SIGF was found, the cycles' table."""
         n_on = int(self.refined.sum())
         failed = [r for r in self.records if r.get("error")]
         text = (f"structure factors from {len(self.records)} stills, {self.space_group}"
                 f"{' (anomalous)' if self.anomalous else ''}: {n_on} reflections refined, "
                 f"{len(self.F) - n_on} not on any image (kept at their start)\n"
                 + "".join(f"shot {r['label']} left out of cycle {r['cycle']}: {r['error']}\n" for r in failed)
-                + self.table_text())
+                + self._sigf_line() + self.table_text())
         return text

@@ -12,10 +12,14 @@ Each outer cycle (docs/refine.md, "Structure factors from many stills"):
 3. an F step: L-BFGS (strong-Wolfe) on the summed loss of all shots plus the restraints, over the refined log-scales
    x preconditioned by the Gauss–Newton diagonal; every evaluation sends the table to the shards and sums their
    (loss, ∂loss/∂T) in shard order;
-4. SIGF = |F|·(H_aa)^(−1/2), H the diagonal of the Gauss–Newton matrix of the data at the new |F| with every
-   shot's own free scalars profiled out (per shot the Schur complement's diagonal, from ∂m/∂θ at its fit), plus
-   the restraints' curvature: the diagonal of H, not of H⁻¹ — the coupling of reflections through shared pixels
-   and shared shots is left out (σ is slightly underestimated where it matters);
+4. SIGF_a = |F_a|·((H⁻¹)_aa)^(1/2), H the Gauss–Newton matrix over the refined classes at the new |F| with every
+   shot's own free scalars profiled out, plus the restraints' Hessian: H = Σ_shots (JᵀWJ − C·M⁻¹·Cᵀ) + R
+   (C = JᵀWK, M = KᵀWK, K = ∂m/∂θ of the shot's free scalars at its fit) — the diagonal of the inverse, so the
+   coupling of reflections through shared pixels and through the shots' parameters (their common scale included)
+   is in σ.  Each shard returns its summed sparse JᵀWJ and each shot's low-rank G with G·Gᵀ = C·M⁻¹·Cᵀ; the client
+   assembles H densely and inverts it by Cholesky while there are at most :data:`DENSE_SIGF_MAX` refined classes.
+   Above that, or when H is not positive definite, SIGF = |F|·(H_aa)^(−1/2) from H's diagonal alone (slightly
+   small where the couplings matter); the cycle's row says which (``sigf_method``, ``sigf_note``);
 5. the cycle's row (objective, R of the |F| change, CC to the previous cycle) and, with ``checkpoint``, a checkpoint
    a later run resumes from.
 """
@@ -64,19 +68,33 @@ def _shards(shots, n_shards, ids, n, per_image, options, fused, threads=None):
             for k in range(n_shards) if shots[k::n_shards]]
 
 
+#: Most refined classes for which SIGF comes from the inverse of the dense profiled Gauss–Newton matrix: n² float64
+#: (6000 classes: 288 MB, about three such arrays at once) and a Cholesky factorisation and inverse of ~n³ flops
+#: (seconds); above it the diagonal formula (module docstring, item 4).
+DENSE_SIGF_MAX = 6000
+
+
 class Curvature(NamedTuple):
-    """The Gauss–Newton terms at a point: ``diag`` [n] (data, w.r.t. x), ``profile`` [n] (the part the shots' own
-    free scalars explain), ``shot`` [S] (each shot's log-scale curvature)."""
+    """The Gauss–Newton terms at a point, summed over the shards (:class:`~.shots.ShardCurvature`): ``diag`` [n]
+    (data, w.r.t. x), ``profile`` [n] (the part the shots' own free scalars explain), ``shot`` [S] (each shot's
+    log-scale curvature); with ``full``: ``pairs`` (a, b, v) the sparse JᵀWJ (repeats add) and ``factors`` every
+    shot's (cls, G), else None."""
 
     diag: np.ndarray
     profile: np.ndarray
     shot: np.ndarray
+    pairs: Optional[tuple] = None
+    factors: Optional[list] = None
 
 
-def _curvature(backend, fm: FModel, x: torch.Tensor, scales: np.ndarray) -> Curvature:
+def _curvature(backend, fm: FModel, x: torch.Tensor, scales: np.ndarray, full: bool = False) -> Curvature:
     T = (fm.table(x) ** 2).detach().numpy()
-    parts = backend.map(shard_curvature, T, scales)
-    return Curvature(*(np.sum([p[i] for p in parts], axis=0) for i in range(3)))
+    parts = backend.map(shard_curvature, T, scales, full)
+    diag, profile, shot = (np.sum([p[i] for p in parts], axis=0) for i in range(3))
+    if not full:
+        return Curvature(diag, profile, shot)
+    pairs = tuple(np.concatenate([p.pairs[i] for p in parts]) for i in range(3))
+    return Curvature(diag, profile, shot, pairs, [f for p in parts for f in p.factors])
 
 
 def _f_step(backend, fm: FModel, x: torch.Tensor, cfg: "RunConfig", H: np.ndarray, Hs: np.ndarray):
@@ -123,13 +141,82 @@ def _f_step(backend, fm: FModel, x: torch.Tensor, cfg: "RunConfig", H: np.ndarra
     return new, s.numpy(), value
 
 
-def _sigma(fm: FModel, x: torch.Tensor, curv: Curvature, cfg: "RunConfig") -> np.ndarray:
-    """SIGF [n]: |F|·(H_aa)^(−1/2) of the refined classes, NaN for the others; H the data's diagonal less the part
-    the shots' own parameters explain (profiled out) plus the restraints'."""
-    H = curv.diag - curv.profile + fm.restraint_curvature(cfg.restraints)
+class Sigma(NamedTuple):
+    """SIGF [n] (NaN where not refined) and how it was found: ``method`` 'inverse' (the diagonal of H⁻¹) or
+    'diagonal' (1/H_aa), ``note`` why the diagonal ('' for the inverse)."""
+
+    sigF: np.ndarray
+    method: str
+    note: str
+
+
+def diagonal_sigma(fm: FModel, x: torch.Tensor, curv: Curvature, r: Restraints) -> np.ndarray:
+    """SIGF [n] = |F|·(H_aa)^(−1/2) of the refined classes (NaN for the others and where H_aa ≤ 0); H_aa the data's
+    diagonal less the part the shots' own parameters explain (profiled out) plus the restraints'."""
+    H = curv.diag - curv.profile + fm.restraint_curvature(r)
     F = fm.amplitudes(x).detach().numpy()
     ok = fm.refined & fm.movable() & (H > 0)
     return np.where(ok, F / np.sqrt(np.where(ok, H, 1.0)), np.nan)
+
+
+def profiled_matrix(fm: FModel, curv: Curvature, r: Restraints) -> np.ndarray:
+    """H [m, m] over the m refined classes (ascending class order): the summed JᵀWJ (``curv.pairs``) less every
+    shot's G·Gᵀ (``curv.factors``) plus the restraints' Hessian (:meth:`~.fmodel.FModel.restraint_hessian`)."""
+    act = np.flatnonzero(fm.refined & fm.movable())
+    m = len(act)
+    pos = np.full(fm.n, -1, dtype=np.int64)
+    pos[act] = np.arange(m)
+    a, b, v = (np.concatenate(t) for t in zip(curv.pairs, fm.restraint_hessian(r)))
+    pa, pb = pos[a], pos[b]
+    ok = (pa >= 0) & (pb >= 0)
+    H = np.bincount(pa[ok] * m + pb[ok], weights=v[ok], minlength=m * m).astype(np.float64).reshape(m, m)
+    for cls, G in curv.factors:
+        p = pos[cls]
+        keep = p >= 0
+        H[np.ix_(p[keep], p[keep])] -= G[keep] @ G[keep].T
+    return H
+
+
+def inverse_diagonal(H: np.ndarray, block: int = 512):
+    """((H⁻¹)_aa [m], '') of a symmetric positive definite ``H`` [m, m], or (None, why not) when it is not.  H is
+    overwritten: scaled to a unit diagonal, then factorised, H = L·Lᵀ (:func:`torch.linalg.cholesky_ex`), and
+    (H⁻¹)_aa = Σ_i (L⁻¹)_ia² with L⁻¹ found ``block`` columns at a time (a column of L⁻¹ is 0 above its diagonal, so
+    each block solves only the trailing triangle: ~m³/3 flops in all, m·block more memory)."""
+    Ht = torch.as_tensor(H)
+    d = torch.diagonal(Ht).clone()
+    if not bool((d > 0).all()):
+        return None, "the profiled Gauss–Newton matrix is not positive definite (a diagonal entry <= 0)"
+    s = d.rsqrt()
+    Ht.mul_(s[:, None]).mul_(s[None, :])
+    L, info = torch.linalg.cholesky_ex(Ht)
+    if int(info):
+        return None, f"the profiled Gauss–Newton matrix is not positive definite (Cholesky fails at column {int(info)})"
+    m = len(d)
+    var = torch.empty(m, dtype=L.dtype)
+    for j0 in range(0, m, block):
+        j1 = min(m, j0 + block)
+        E = torch.zeros(m - j0, j1 - j0, dtype=L.dtype)
+        E.diagonal().fill_(1.0)
+        var[j0:j1] = (torch.linalg.solve_triangular(L[j0:, j0:], E, upper=False) ** 2).sum(0)
+    return (var * s * s).numpy(), ""
+
+
+def structure_factor_sigmas(backend, fm: FModel, x: torch.Tensor, scales: np.ndarray, r: Restraints) -> Sigma:
+    """SIGF of the refined classes at log-scales ``x`` and the shots' log-scales ``scales`` [S] with restraints
+    ``r``: |F|·((H⁻¹)_aa)^(1/2) of :func:`profiled_matrix` while at most :data:`DENSE_SIGF_MAX` classes are refined
+    and H is positive definite, else :func:`diagonal_sigma` (module docstring, item 4)."""
+    act = fm.refined & fm.movable()
+    m = int(act.sum())
+    full = m <= DENSE_SIGF_MAX
+    curv = _curvature(backend, fm, x, scales, full)
+    note = f"{m} refined classes > DENSE_SIGF_MAX = {DENSE_SIGF_MAX}"
+    if full:
+        var, note = inverse_diagonal(profiled_matrix(fm, curv, r))
+        if var is not None:
+            sig = np.full(fm.n, np.nan)
+            sig[act] = fm.amplitudes(x).detach().numpy()[act] * np.sqrt(var)
+            return Sigma(sig, "inverse", "")
+    return Sigma(diagonal_sigma(fm, x, curv, r), "diagonal", note)
 
 
 @dataclasses.dataclass
@@ -172,11 +259,14 @@ def run_cycles(backend, fm: FModel, table_shape, hkl_min, labels, cfg: RunConfig
         x_old = x
         x, scales, objective = _f_step(backend, fm, x, cfg, curv.diag + fm.restraint_curvature(cfg.restraints),
                                        curv.shot)
-        sig = _sigma(fm, x, _curvature(backend, fm, x, scales), cfg)
+        t1 = time.perf_counter()
+        sigma = structure_factor_sigmas(backend, fm, x, scales, cfg.restraints)
+        sig = sigma.sigF
+        sigf = {"sigf_method": sigma.method, "sigf_note": sigma.note, "sigf_seconds": time.perf_counter() - t1}
         backend.update(shard_apply_scales, scales)
         shots = [r for part in backend.map(shard_records) for r in part]
         records = [r["record"] for r in shots]
-        rows.append(cycle_row(cycle, objective, fm, x_old, x, records, time.perf_counter() - t0))
+        rows.append(cycle_row(cycle, objective, fm, x_old, x, records, time.perf_counter() - t0, **sigf))
         if cfg.checkpoint:
             save_checkpoint(cfg.checkpoint, fm, labels, {"cycle": cycle, "x": x, "rows": rows, "records": records,
                                                           "sigF": sig, "refined": fm.refined, "shots": shots})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,10 @@ from ..pipeline.problem import fit_target
 from ..scaleout import _one_line  # the one copy of a failure's one-line text
 from ..targets.pixels import usable_mask
 from .design import Design, shot_design
+
+#: Eigenvalues of a shot's M = KᵀWK scaled to a unit diagonal below this fraction of the largest are taken as 0
+#: (:func:`inverse_root`): rounding, a direction of its free scalars that no pixel constrains.
+PSEUDO_RCOND = 1e-12
 
 #: Keys of a shot's record (a JSON line of the per-shot models): ``label`` (its image path or name), ``cycle``, and
 #: refine's :meth:`~refine.pipeline.result.Result.to_dict` entries.
@@ -176,13 +180,33 @@ def shot_loss_direct(shot: Shot, table: torch.Tensor, s=0.0) -> torch.Tensor:
     return shot.target.loss(bragg + shot.background, shot.o, shot.w)
 
 
-def shot_curvature(shot: Shot, T: torch.Tensor, ids: torch.Tensor, n: int, s: float = 0.0):
-    """Gauss–Newton terms of the shot w.r.t. the classes' log-scales x: (diag [n] = Σ_p W_p·J_pa², profile [n] =
-    c_aᵀ·M⁻¹·c_a, the part of the diagonal the shot's own free scalars θ explain (c_a = Σ_p W_p·J_pa·K_p, M =
-    KᵀWK, K = ∂m/∂θ at its fit, scaled by e^s), c = Σ_p W_p·B_p² the curvature of its log-scale s), with
-    J_pa = Σ_{h in class a} e^s·A[p, h]·2T_h, B the Bragg photons and W the target's expected curvature (members
-    of one class seen by one pixel are summed before squaring).  H_aa − Σ_shots profile_a is the curvature with
-    every shot's parameters profiled out (the Schur complement's diagonal)."""
+class ShotCurvature(NamedTuple):
+    """A shot's Gauss–Newton terms w.r.t. the classes' log-scales x (:func:`shot_curvature`): ``diag`` [n],
+    ``profile`` [n], ``shot`` (its log-scale's curvature), ``factor`` (cls long [n_s], G [n_s, k]) and ``pairs``
+    (a long [e], b long [e], v [e]: the sparse JᵀWJ, both triangles, or None when not asked for)."""
+
+    diag: torch.Tensor
+    profile: torch.Tensor
+    shot: float
+    factor: tuple
+    pairs: Optional[tuple]
+
+
+def shot_curvature(shot: Shot, T: torch.Tensor, ids: torch.Tensor, n: int, s: float = 0.0,
+                   pairs: bool = False) -> ShotCurvature:
+    """Gauss–Newton terms of the shot w.r.t. the classes' log-scales x at the intensity table ``T`` [N] and its
+    log-scale ``s``, with J_pa = Σ_{h in class a} e^s·A[p, h]·2T_h (members of one class seen by one pixel summed),
+    W the target's expected curvature per pixel, K = e^s·∂m/∂θ of its own free scalars θ at its fit, C = JᵀWK [n, k]
+    and M = KᵀWK [k, k]:
+
+    * ``diag`` [n] = Σ_p W_p·J_pa² and ``pairs``, with ``pairs=True``, the whole sparse JᵀWJ: an entry (a, b) for
+      every two classes that share a pixel;
+    * ``factor`` = (cls, G): the classes the shot sees and G [n_s, k] with G·Gᵀ = C·M⁻¹·Cᵀ on them
+      (:func:`inverse_root`; M⁻ a generalized inverse when M is singular), the part of JᵀWJ the shot's θ explain;
+      ``profile`` [n] its diagonal;
+    * ``shot`` = Σ_p W_p·B_p², the curvature of ``s`` (B the Bragg photons).
+
+    Σ_shots (JᵀWJ − G·Gᵀ) is the curvature with every shot's θ profiled out (the Schur complement)."""
     target = shot.target
     m, bragg = shot_model(shot, T, s)
     W = target.fisher(m, shot.o, shot.w)
@@ -192,23 +216,57 @@ def shot_curvature(shot: Shot, T: torch.Tensor, ids: torch.Tensor, n: int, s: fl
     rows, cls = d.row[keep], cls[keep]
     vals = (math.exp(s) * d.coef * 2.0 * T.index_select(0, d.col))[keep]
     key = rows * n + cls
-    uniq, inv = torch.unique(key, return_inverse=True)
+    uniq, inv = torch.unique(key, return_inverse=True)  # sorted: by pixel, then class
     J = torch.zeros(len(uniq), dtype=T.dtype).index_add(0, inv, vals)
     pix, a = uniq // n, uniq % n
     WJ = W.index_select(0, pix) * J
     diag = torch.zeros(n, dtype=T.dtype).index_add(0, a, WJ * J)
-    return diag, _profile(shot, W, WJ, pix, a, n, s), float((W * bragg * bragg).sum())
+    factor = _factor(shot, W, WJ, pix, a, s)
+    profile = torch.zeros(n, dtype=T.dtype).index_add(0, factor[0], (factor[1] ** 2).sum(1))
+    return ShotCurvature(diag, profile, float((W * bragg * bragg).sum()), factor,
+                         _pairs(pix, a, WJ, J, n) if pairs else None)
 
 
-def _profile(shot: Shot, W, WJ, pix, a, n: int, s: float) -> torch.Tensor:
-    """c_aᵀ·M⁻¹·c_a [n] of :func:`shot_curvature` (zeros without free scalars)."""
+def inverse_root(M: torch.Tensor) -> torch.Tensor:
+    """R [k, k] with R·Rᵀ a generalized inverse of the symmetric positive semi-definite ``M`` [k, k] (M⁻¹ when M is
+    regular): M is scaled to a unit diagonal (D = diag(M)^(−1/2), 0 where that is 0), D·M·D = V·Λ·Vᵀ, and
+    R = D·V·Λ^(−1/2) over the eigenvalues above :data:`PSEUDO_RCOND`·λ_max (the others' columns 0).  For c in the
+    range of M, cᵀ·R·Rᵀ·c = cᵀ·M⁻·c is the same for every generalized inverse."""
+    d = torch.diagonal(M)
+    D = torch.where(d > 0, d.clamp_min(torch.finfo(M.dtype).tiny).rsqrt(), torch.zeros_like(d))
+    lam, V = torch.linalg.eigh(D[:, None] * M * D[None, :])
+    keep = lam > PSEUDO_RCOND * lam.max().clamp_min(0)
+    root = torch.where(keep, lam.clamp_min(torch.finfo(M.dtype).tiny).rsqrt(), torch.zeros_like(lam))
+    return D[:, None] * V * root[None, :]
+
+
+def _factor(shot: Shot, W, WJ, pix, a, s: float):
+    """(cls long [n_s], G [n_s, k]) of :func:`shot_curvature` (k = 0 without free scalars)."""
     K = shot.jacobian
     if K is None or K.shape[1] == 0:
-        return torch.zeros(n, dtype=W.dtype)
+        return a.new_zeros(0), W.new_zeros(0, 0)
     K = K * math.exp(s)
-    C = torch.zeros(n, K.shape[1], dtype=W.dtype).index_add(0, a, WJ[:, None] * K.index_select(0, pix))
-    M = K.T @ (W[:, None] * K)
-    return (C * torch.linalg.lstsq(M, C.T).solution.T).sum(1)
+    cls, inv = torch.unique(a, return_inverse=True)
+    C = torch.zeros(len(cls), K.shape[1], dtype=W.dtype).index_add(0, inv, WJ[:, None] * K.index_select(0, pix))
+    return cls, C @ inverse_root(K.T @ (W[:, None] * K))
+
+
+def _pairs(pix, a, WJ, J, n: int):
+    """(a, b, v): Σ_p W_p·J_pa·J_pb of every two classes a, b that share a pixel (both orders, a = b included),
+    from the entries (``pix``, ``a``) sorted by pixel, ``WJ`` = W·J and ``J`` [E]."""
+    _, group, counts = torch.unique_consecutive(pix, return_inverse=True, return_counts=True)
+    start = torch.cumsum(counts, 0) - counts
+    reps = counts.index_select(0, group)  # each entry meets every entry of its pixel
+    i = torch.repeat_interleave(torch.arange(len(pix)), reps)
+    j = start.index_select(0, group.index_select(0, i)) + torch.arange(len(i)) - torch.repeat_interleave(
+        torch.cumsum(reps, 0) - reps, reps)
+    return sum_pairs(a.index_select(0, i), a.index_select(0, j), WJ.index_select(0, i) * J.index_select(0, j), n)
+
+
+def sum_pairs(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, n: int):
+    """Sparse entries (``a``, ``b`` long [e], ``v`` [e]) of an n×n matrix with repeats summed → (a, b, v), sorted."""
+    uk, inv = torch.unique(a * n + b, return_inverse=True)
+    return uk // n, uk % n, torch.zeros(len(uk), dtype=v.dtype).index_add(0, inv, v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,17 +311,37 @@ def shard_value_grad(shard: Shard, T: np.ndarray, scales: np.ndarray):
     return loss, grad.numpy(), gs
 
 
-def shard_curvature(shard: Shard, T: np.ndarray, scales: np.ndarray):
-    """(Gauss–Newton diagonal [n], its per-shot-scale part [n], each shot's scale curvature [S] at its ``pos``),
-    numpy, summed over the shard's shots (:func:`shot_curvature`) at the intensity table ``T`` and the per-shot
-    log-scales ``scales`` [S]."""
+class ShardCurvature(NamedTuple):
+    """:func:`shard_curvature`'s sums (numpy): ``diag`` [n], ``profile`` [n], ``shot`` [S]; with ``full``,
+    ``pairs`` (a, b, v): the shard's JᵀWJ summed over its shots, and ``factors``: each shot's (cls, G); else None."""
+
+    diag: np.ndarray
+    profile: np.ndarray
+    shot: np.ndarray
+    pairs: Optional[tuple]
+    factors: Optional[list]
+
+
+def shard_curvature(shard: Shard, T: np.ndarray, scales: np.ndarray, full: bool = False) -> ShardCurvature:
+    """The Gauss–Newton terms of the shard's shots (:func:`shot_curvature`) at the intensity table ``T`` and the
+    per-shot log-scales ``scales`` [S] (each shot's at its ``pos``): the diagonals summed, each shot's scale
+    curvature at its ``pos``, and with ``full`` the summed sparse JᵀWJ and every shot's low-rank factor."""
     _threads(shard)
     T = torch.as_tensor(T)
     diag, profile, cs = torch.zeros(shard.n, dtype=T.dtype), torch.zeros(shard.n, dtype=T.dtype), np.zeros(len(scales))
+    pairs, factors = [], []
     for shot in (s for s in shard.shots if s.design is not None):
-        d, p, cs[shot.pos] = shot_curvature(shot, T, shard.ids, shard.n, float(scales[shot.pos]))
-        diag, profile = diag + d, profile + p
-    return diag.numpy(), profile.numpy(), cs
+        c = shot_curvature(shot, T, shard.ids, shard.n, float(scales[shot.pos]), full)
+        diag, profile, cs[shot.pos] = diag + c.diag, profile + c.profile, c.shot
+        if full:
+            pairs.append(c.pairs)
+            factors.append(tuple(t.numpy() for t in c.factor))
+    if not full:
+        return ShardCurvature(diag.numpy(), profile.numpy(), cs, None, None)
+    cat = [torch.cat([p[i] for p in pairs]) if pairs else torch.zeros(0, dtype=torch.long if i < 2 else T.dtype)
+           for i in range(3)]
+    return ShardCurvature(diag.numpy(), profile.numpy(), cs, tuple(t.numpy() for t in sum_pairs(*cat, shard.n)),
+                          factors)
 
 
 def shard_apply_scales(shard: Shard, scales: np.ndarray) -> Shard:

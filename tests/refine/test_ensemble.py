@@ -22,7 +22,7 @@ from refine.ensemble import Restraints, asu_map
 from refine.ensemble.checkpoint import CHECKPOINT_NAME
 from refine.ensemble.design import shot_design
 from refine.ensemble.fmodel import FModel
-from refine.ensemble.shots import Shot, fit_shot, shot_loss_direct, shot_value_grad
+from refine.ensemble.shots import Shot, fit_shot, inverse_root, shot_loss_direct, shot_value_grad
 
 BASE = ("-default_F 1 -N 5 -lambda 1 -distance 50 -pixel 0.3 -detpixels 48 -oversample 1 -fluence 1e30")
 CELLS = {"P 1": "25 27 29 90 90 90", "P 43 21 2": "25 25 29 90 90 90"}
@@ -34,10 +34,11 @@ def _table(amap, values):
     return torch.as_tensor(np.where(ids >= 0, values[np.maximum(ids, 0)], 0.0).reshape(SHAPE))
 
 
-def make_stills(space_group: str, n: int, seed: int = 0):
+def make_stills(space_group: str, n: int, seed: int = 0, flags: str = ""):
     """n noisy stills at random orientations from known |F| (uniform 40–160 per class), and starting models with
-    |F| 30 % off (uniform, per class) and fluence × 1.2: (observed, starts, setup, amap, F_true, F_start)."""
-    p0, s0 = nbtorch.from_nanobragg_args(f"{BASE} -cell {CELLS[space_group]}", dtype=torch.float64)
+    |F| 30 % off (uniform, per class) and fluence × 1.2: (observed, starts, setup, amap, F_true, F_start); ``flags``
+    added to :data:`BASE`."""
+    p0, s0 = nbtorch.from_nanobragg_args(f"{BASE} {flags} -cell {CELLS[space_group]}", dtype=torch.float64)
     setup = s0.replace(hkl_min=HKL_MIN)
     amap = asu_map(HKL_MIN, SHAPE, space_group)
     rng = np.random.default_rng(seed)
@@ -163,6 +164,134 @@ def test_objective_gradient_matches_finite_differences(fitted_shots):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# SIGF: the profiled Gauss–Newton matrix
+
+
+@pytest.fixture(scope="module")
+def sigma_problem():
+    """3 stills of 2×2 samples per pixel (a pixel between reflections sees two classes) fitted with orientation and
+    scale (4 free scalars each), an anomalous P1 model of their classes with every restraint on (Friedel pairs
+    couple), log-scales x and shot log-scales s away from 0: (shots, fm, backend, x, s, restraints)."""
+    from refine.ensemble.backend import LocalShards
+    from refine.ensemble.run import _curvature
+    from refine.ensemble.shots import Shard
+
+    obs, starts, setup, amap, F_true, F_start = make_stills("P 1", 3, seed=4, flags="-oversample 2")
+    table = _table(amap, F_start).reshape(-1)
+    options = {"max_iter": 5, "coarse_to_fine": False}
+    shots = [fit_shot(Shot(f"s{k}", obs[k], setup, starts[k], k), table, SHAPE, HKL_MIN, ["orientation", "scale"],
+                      options, False, 1) for k in range(3)]
+    fm = FModel(asu_map(HKL_MIN, SHAPE, "P 1", anomalous=True), table.numpy(), [25, 27, 29, 90, 90, 90])
+    backend = LocalShards([Shard(shots, torch.as_tensor(fm.ids), fm.n, ["orientation", "scale"], {}, False)])
+    fm.refined = _curvature(backend, fm, torch.zeros(fm.n, dtype=torch.float64), np.zeros(3)).diag > 0
+    x = torch.as_tensor(np.random.default_rng(5).normal(0, 0.05, fm.n))
+    return shots, fm, backend, x, np.array([0.1, -0.05, 0.02]), Restraints(start=1.0, bins=2.0, friedel=5.0)
+
+
+def joint_matrix(shots, fm, x, scales, r):
+    """The full Gauss–Newton matrix [m + Σk, m + Σk] of (x of the m refined classes, every shot's θ), dense from
+    explicit Jacobians (jacfwd of the design model in x, the shot's ∂m/∂θ), plus the restraints' Hessian (autograd),
+    and the refined classes' indices."""
+    act = torch.as_tensor(np.flatnonzero(fm.refined & fm.movable()))
+    m, ks = len(act), [s.jacobian.shape[1] for s in shots]
+    H = torch.zeros(m + sum(ks), m + sum(ks), dtype=torch.float64)
+    off = m
+    for shot, s, k in zip(shots, scales, ks):
+        def model(xa, shot=shot, s=s):
+            T = fm.table(x.index_put((act,), xa)) ** 2
+            return math.exp(s) * shot.design.model(T) + shot.background
+
+        J = torch.zeros(len(shot.o), m + sum(ks), dtype=torch.float64)
+        J[:, :m] = torch.func.jacfwd(model)(x[act])
+        J[:, off:off + k] = math.exp(s) * shot.jacobian
+        W = shot.target.fisher(model(x[act]), shot.o, shot.w)
+        H += J.T @ (W[:, None] * J)
+        off += k
+    H[:m, :m] += torch.func.hessian(lambda xa: fm.restraint(x.index_put((act,), xa), r))(x[act])
+    return H, act.numpy()
+
+
+def test_sigf_is_the_diagonal_of_the_inverse_of_the_joint_gauss_newton_matrix(sigma_problem):
+    """The Schur-complement identity: SIGF from the shards' sparse JᵀWJ and low-rank factors equals |F|·sqrt of the
+    x block's diagonal of the inverse of the full joint matrix; the diagonal-only formula is 1/(Schur complement)_aa
+    and never larger."""
+    from refine.ensemble.run import _curvature, diagonal_sigma, structure_factor_sigmas
+
+    shots, fm, backend, x, scales, r = sigma_problem
+    H, act = joint_matrix(shots, fm, x, scales, r)
+    m = len(act)
+    assert m > 200 and len(H) == m + 12 and np.any(fm.restraint_hessian(r)[2] < 0)  # Friedel pairs are coupled
+    a, b, _ = _curvature(backend, fm, x, scales, full=True).pairs
+    assert np.sum(a != b) > 100  # classes that share pixels are coupled
+    d = H.diagonal().rsqrt()
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(H * d[:, None] * d[None, :])) * d[:, None] * d[None, :]
+    F = fm.amplitudes(x).numpy()[act]
+    sigma = structure_factor_sigmas(backend, fm, x, scales, r)
+    assert sigma.method == "inverse" and sigma.note == ""
+    assert np.allclose(sigma.sigF[act], F * np.sqrt(inv.diagonal()[:m].numpy()), rtol=1e-9, atol=0)
+    assert np.isnan(np.delete(sigma.sigF, act)).all()
+    schur = H[:m, :m] - H[:m, m:] @ torch.linalg.solve(H[m:, m:], H[m:, :m])
+    diag = diagonal_sigma(fm, x, _curvature(backend, fm, x, scales), r)
+    assert np.allclose(diag[act], F / np.sqrt(schur.diagonal().numpy()), rtol=1e-9, atol=0)
+    ratio = sigma.sigF[act] / diag[act]
+    print(f"SIGF inverse / diagonal over {m} classes: median {np.median(ratio):.3f}, max {ratio.max():.3f}")
+    assert np.all(ratio >= 1 - 1e-12) and ratio.max() > 1.01
+
+
+def test_sigf_falls_back_to_the_diagonal_above_the_dense_limit(sigma_problem, monkeypatch):
+    from refine.ensemble import run
+    from refine.ensemble.run import _curvature, diagonal_sigma, inverse_diagonal, structure_factor_sigmas
+
+    shots, fm, backend, x, scales, r = sigma_problem
+    monkeypatch.setattr(run, "DENSE_SIGF_MAX", 10)
+    sigma = structure_factor_sigmas(backend, fm, x, scales, r)
+    m = int((fm.refined & fm.movable()).sum())
+    assert sigma.method == "diagonal" and sigma.note == f"{m} refined classes > DENSE_SIGF_MAX = 10"
+    assert np.array_equal(sigma.sigF, diagonal_sigma(fm, x, _curvature(backend, fm, x, scales), r), equal_nan=True)
+    var, note = inverse_diagonal(np.array([[1.0, 2.0], [2.0, 1.0]]))  # indefinite
+    assert var is None and "not positive definite" in note
+    var, note = inverse_diagonal(np.array([[4.0, 1.0], [1.0, 2.0]]))
+    assert note == "" and np.allclose(var, [2 / 7, 4 / 7], rtol=1e-14)
+
+
+def test_a_run_reports_how_it_found_sigf(p1_stills, monkeypatch):
+    """The cycles' rows and the summary say which SIGF a run gives; the limit forced low: the diagonal formula."""
+    from refine.ensemble import run
+
+    obs, starts, setup, *_ = p1_stills
+    kw = dict(space_group="P 1", per_image=["scale"], cycles=1, max_iter=5, coarse_to_fine=False)
+    dense = refine.fit_structure_factors(obs[:3], starts[:3], setup, **kw)
+    monkeypatch.setattr(run, "DENSE_SIGF_MAX", 10)
+    diagonal = refine.fit_structure_factors(obs[:3], starts[:3], setup, **kw)
+    on = dense.refined
+    assert dense.sigf_method == "inverse" and dense.rows[0]["sigf_note"] == "" and dense.rows[0]["sigf_seconds"] >= 0
+    assert "SIGF from the diagonal of the inverse" in dense.summary()
+    assert diagonal.sigf_method == "diagonal" and "DENSE_SIGF_MAX = 10" in diagonal.summary()
+    assert np.array_equal(dense.F, diagonal.F) and np.all(dense.SIGF[on] >= diagonal.SIGF[on] * (1 - 1e-12))
+
+
+def test_inverse_root_is_a_generalized_inverse_when_free_scalars_are_redundant():
+    """M = KᵀWK of badly scaled columns, then with a column that repeats a sum of two others (M singular): C·R·Rᵀ·Cᵀ
+    is C·M⁻¹·Cᵀ and unchanged by the redundant column."""
+    rng = np.random.default_rng(2)
+    K = torch.as_tensor(rng.normal(size=(300, 4)) * np.array([1e-3, 1.0, 1e2, 1e4]))
+    W = torch.as_tensor(rng.uniform(0.5, 2.0, 300))
+    J = torch.as_tensor(rng.normal(size=(300, 6)))
+
+    def schur_part(K):
+        C = J.T @ (W[:, None] * K)
+        R = inverse_root(K.T @ (W[:, None] * K))
+        return (C @ R) @ (C @ R).T
+
+    M = K.T @ (W[:, None] * K)
+    C = J.T @ (W[:, None] * K)
+    exact = C @ torch.linalg.solve(M, C.T)
+    assert torch.allclose(schur_part(K), exact, rtol=1e-10, atol=1e-12 * float(exact.abs().max()))
+    redundant = torch.cat([K, (K[:, 1] + K[:, 2])[:, None]], 1)
+    assert torch.allclose(schur_part(redundant), exact, rtol=1e-9, atol=1e-10 * float(exact.abs().max()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # recovery
 
 
@@ -180,6 +309,7 @@ def test_p1_structure_factors_recovered_from_20_stills(p1_stills, p1_result):
     row = res.rows[0]
     assert row["cycle"] == 1 and row["refined"] == on.sum() and 0 < row["r_change"] < 0.5
     assert len(res.records) == 20 and all(r["converged"] is not None for r in res.records)
+    assert row["sigf_method"] == "inverse"
 
 
 @pytest.fixture(scope="module")
