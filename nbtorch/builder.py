@@ -1,15 +1,20 @@
 """Background builders of compiled kernels: a job never waits for the compiler.
 
 A job that chose compiled kernels by itself (:class:`nbtorch.fused.Compiled` ``WHEN_READY``) and finds one missing
-from the cache runs eagerly and starts one detached, low-priority process that builds it
-(``python -m nbtorch.precompile build …``, output in ``<package>.log``); later calls, or later jobs, load it once it
-is there.  One builder per package and machine: the cache's builder lock (:mod:`nbtorch.cachedir`) — a process that
-finds the lock held starts none, and parallel builders wait for each other and then load what the first built.  A
+from the cache runs eagerly and asks for a build (:func:`request_build`): one detached, idle-priority process that
+builds it (``python -m nbtorch.precompile build …``, output in ``<package>.log``) starts as the job exits, or, in a
+job still running :data:`START_AFTER_S` seconds after its first request, then; later calls, or later jobs, load it
+once it is there.  (A builder beside a running job, even in the idle scheduling class, slowed the job's eager code
+several-fold on 2 cores — the compiler shares the caches and memory bandwidth — so a short job never shares the
+machine with one.)  One builder per package and machine: the cache's builder lock (:mod:`nbtorch.cachedir`) — a
+process that finds the lock held starts none, and parallel builders wait for each other and then load what the first
+built.  A
 builder that fails leaves ``<package>.failed`` (its error) and for :data:`RETRY_FAILED_AFTER_S` no job starts that
 build again.  (Kept out of :mod:`nbtorch.aot`, whose source is part of every package's key.)
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
@@ -24,8 +29,8 @@ import torch
 from . import aot, cachedir
 from .kernel import KernelSpec
 
-__all__ = ["start_background_build", "build_failure", "spec_to_text", "spec_from_text", "LOG_SUFFIX",
-           "FAILED_SUFFIX"]
+__all__ = ["request_build", "start_pending", "start_background_build", "build_failure", "spec_to_text",
+           "spec_from_text", "LOG_SUFFIX", "FAILED_SUFFIX"]
 
 #: Next to a package: the log of its background build, and the mark left by one that failed.
 LOG_SUFFIX, FAILED_SUFFIX = ".log", ".failed"
@@ -33,7 +38,13 @@ LOG_SUFFIX, FAILED_SUFFIX = ".log", ".failed"
 RETRY_FAILED_AFTER_S = 24 * 3600.0
 #: The module whose ``build`` command a background builder runs (``python -m nbtorch.precompile build …``).
 BUILDER_MODULE = "nbtorch.precompile"
+#: Seconds after a job's first request for a missing kernel from which it starts the builder while running (a job
+#: that ends sooner starts it as it exits).
+START_AFTER_S = 60.0
 _started: Dict[tuple, float] = {}
+#: Requested builds not yet started: key → (arguments of :func:`start_background_build`, monotonic time asked).
+_pending: Dict[tuple, tuple] = {}
+_at_exit: list = []
 
 
 def spec_to_text(spec: KernelSpec) -> str:
@@ -62,6 +73,39 @@ def build_failure(path: pathlib.Path) -> Optional[str]:
         return None
 
 
+def _key(kind: str, spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> tuple:
+    return (kind, spec, dtype, device.type, device.index)
+
+
+def request_build(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype, device: torch.device) -> bool:
+    """Ask for the background build of kernel ``kind`` of ``spec`` into the cache under ``root``: remembered, and
+    started (:func:`start_background_build`) when this process exits or, on a request :data:`START_AFTER_S` seconds
+    or more after the first one for it, at once.  Returns at once: whether a builder was started now."""
+    key = _key(kind, spec, dtype, device)
+    if key in _started:
+        return False
+    asked = _pending.setdefault(key, ((root, kind, spec, dtype, device), time.monotonic()))[1]
+    if not _at_exit:
+        atexit.register(start_pending)
+        _at_exit.append(True)
+    if time.monotonic() - asked < START_AFTER_S:
+        return False
+    del _pending[key]
+    return start_background_build(root, kind, spec, dtype, device)
+
+
+def start_pending() -> int:
+    """Start every requested build not started yet (what runs as the process exits); returns how many started."""
+    started = 0
+    while _pending:
+        args, _ = _pending.pop(next(iter(_pending)))
+        try:
+            started += bool(start_background_build(*args))
+        except OSError:  # a cache that cannot be written to: the next job asks again
+            pass
+    return started
+
+
 def start_background_build(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype,
                            device: torch.device) -> bool:
     """Start a detached, low-priority process that builds kernel ``kind`` of ``spec`` into the cache under ``root``
@@ -69,7 +113,7 @@ def start_background_build(root: pathlib.Path, kind: str, spec: KernelSpec, dtyp
     already, another process holds the package's builder lock, or a build failed recently (:func:`build_failure`).
     Returns at once: whether a builder was started.  The builder outlives this process; the cache's lock makes
     parallel builders of one package wait for each other (:mod:`nbtorch.cachedir`)."""
-    key = (kind, spec, dtype, device.type, device.index)
+    key = _key(kind, spec, dtype, device)
     if key in _started:
         return False
     path = cachedir.cache_subdir("aot", root) / aot.package_path(root, kind, spec, dtype, device).name

@@ -44,7 +44,7 @@ BUILD_ENV = "NBTORCH_BUILD"
 class Compiled(enum.IntEnum):
     """What a ``fused`` argument asks for (``False``/``True`` are ``NO``/``YES``): eager code; compiled kernels, a
     missing one built first; compiled kernels when they are in the cache, else eager code while a background process
-    builds them (:func:`nbtorch.builder.start_background_build`; what ``simulate(fused=None)`` picks by itself)."""
+    builds them (:func:`nbtorch.builder.request_build`; what ``simulate(fused=None)`` picks by itself)."""
 
     NO = 0
     YES = 1
@@ -247,7 +247,7 @@ def _left_to_builder(root: pathlib.Path, kind: str, spec: KernelSpec, like: torc
         warnings.warn(f"nbtorch: compiled {kind} kernel unavailable (its build failed: {failure[:200]}; log "
                       f"{path}{builder.LOG_SUFFIX}); using eager code", RuntimeWarning, stacklevel=5)
         return None
-    builder.start_background_build(root, kind, spec, like.dtype, like.device)
+    builder.request_build(root, kind, spec, like.dtype, like.device)
     return None
 
 

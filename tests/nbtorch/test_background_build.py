@@ -32,6 +32,7 @@ def empty_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(fused.BUILD_ENV, "background")
     monkeypatch.setattr(simmod, "FUSED_MIN_SAMPLES", 1)
     monkeypatch.setattr(builder, "_started", {})
+    monkeypatch.setattr(builder, "_pending", {})
     monkeypatch.setattr(fused, "_broken", {})
     monkeypatch.setattr(aot, "_loaded", {})  # nothing loaded by earlier tests of this process
     started = []
@@ -46,13 +47,29 @@ def test_a_missing_kernel_is_left_to_one_background_builder(empty_cache):
     image = nbtorch.simulate(params, setup)
     assert time.perf_counter() - t < 20  # no compiler in this process
     torch.testing.assert_close(image, nbtorch.simulate(params, setup, fused=False), rtol=1e-12, atol=0)
-    assert len(empty_cache) == 1
+    assert empty_cache == []  # asked for, started as the job exits (a builder beside a short job slows it)
+    assert builder.start_pending() == 1 and len(empty_cache) == 1
     cmd, kw = empty_cache[0]
     assert cmd[1:4] == ["-m", "nbtorch.precompile", "build"] and kw["start_new_session"]
     assert builder.spec_from_text(cmd[cmd.index("--spec") + 1]) == kernel_spec(params, setup)
     assert cmd[cmd.index("--dtype") + 1] == "float64"
     nbtorch.simulate(params, setup)
-    assert len(empty_cache) == 1  # this process started its builder already
+    assert builder.start_pending() == 0 and len(empty_cache) == 1  # this process started its builder already
+
+
+def test_a_job_still_running_after_the_delay_starts_its_builder_itself(empty_cache, monkeypatch):
+    params, setup = nbtorch.from_nanobragg_args(FLAGS, dtype=torch.float64)
+    clock = [1000.0]
+    monkeypatch.setattr(builder.time, "monotonic", lambda: clock[0])
+    nbtorch.simulate(params, setup)
+    clock[0] += builder.START_AFTER_S - 1
+    nbtorch.simulate(params, setup)
+    assert empty_cache == []
+    clock[0] += 1
+    nbtorch.simulate(params, setup)
+    assert len(empty_cache) == 1 and builder.start_pending() == 0
+    nbtorch.simulate(params, setup)
+    assert len(empty_cache) == 1
 
 
 def test_no_builder_while_another_holds_the_lock_and_none_after_a_failure(empty_cache):
@@ -63,6 +80,7 @@ def test_no_builder_while_another_holds_the_lock_and_none_after_a_failure(empty_
     fd = cachedir.builder_lock(path)
     try:
         nbtorch.simulate(params, setup)
+        assert builder.start_pending() == 0
     finally:
         os.close(fd)
     assert empty_cache == []
