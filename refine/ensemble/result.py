@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import List
 
@@ -16,7 +17,7 @@ from .fmodel import FModel
 
 #: Columns of the outer cycles' table (:func:`cycle_row`).
 CYCLE_KEYS = ("cycle", "objective", "r_change", "cc_previous", "refined", "fixed", "mean_chi2_nu", "failed",
-              "seconds", "sigf_method", "sigf_note", "sigf_seconds")
+              "seconds", "sigf_method", "sigf_note", "sigf_seconds", "scale_esd")
 
 
 def _cc(a: np.ndarray, b: np.ndarray) -> float:
@@ -27,12 +28,13 @@ def _cc(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cycle_row(cycle: int, objective: float, fm: FModel, x_old: torch.Tensor, x: torch.Tensor, records, seconds,
-              sigf_method: str = "", sigf_note: str = "", sigf_seconds: float = 0.0):
+              sigf_method: str = "", sigf_note: str = "", sigf_seconds: float = 0.0, scale_esd: float = math.nan):
     """One row of the cycles' table: ``objective`` (summed loss + restraints after the F step), ``r_change`` =
     Σ|F − F_prev| / Σ F_prev and ``cc_previous`` over the refined classes, ``refined``/``fixed`` class counts,
     ``mean_chi2_nu`` of the per-shot fits, ``failed`` shots (left out of the cycle), ``seconds``; how SIGF was found
     (:class:`refine.ensemble.run.Sigma`): ``sigf_method`` ('inverse' or 'diagonal'), ``sigf_note`` (why the
-    diagonal, else ''), ``sigf_seconds`` (its share of ``seconds``)."""
+    diagonal, else ''), ``sigf_seconds`` (its share of ``seconds``), ``scale_esd`` (the σ of the mean ln|F| that
+    SIGF holds fixed when the shots' scales are refined, ≈ the relative σ of the common scale; NaN otherwise)."""
     on = fm.refined & fm.movable()
     F0 = fm.amplitudes(x_old).detach().numpy()[on]
     F1 = fm.amplitudes(x).detach().numpy()[on]
@@ -42,7 +44,8 @@ def cycle_row(cycle: int, objective: float, fm: FModel, x_old: torch.Tensor, x: 
             "refined": int(on.sum()), "fixed": int(fm.n - on.sum()),
             "mean_chi2_nu": float(np.mean(chi)) if chi else float("nan"),
             "failed": sum(1 for r in records if r.get("error")), "seconds": float(seconds),
-            "sigf_method": sigf_method, "sigf_note": sigf_note, "sigf_seconds": float(sigf_seconds)}
+            "sigf_method": sigf_method, "sigf_note": sigf_note, "sigf_seconds": float(sigf_seconds),
+            "scale_esd": float(scale_esd)}
 
 
 @dataclasses.dataclass
@@ -145,7 +148,10 @@ class EnsembleResult:
     def _sigf_line(self) -> str:
         """The summary's line on SIGF ('' without cycles)."""
         if self.sigf_method == "inverse":
-            return "SIGF from the diagonal of the inverse of the profiled Gauss–Newton matrix\n"
+            esd = self.rows[-1].get("scale_esd", math.nan)
+            scale = ("" if not math.isfinite(esd) else f", on the run's common scale of |F| (held; the data leave it "
+                     f"to the restraints, which fix it to ±{100 * esd:.2g} %)")
+            return f"SIGF from the diagonal of the inverse of the profiled Gauss–Newton matrix{scale}\n"
         if self.sigf_method:
             return f"SIGF from the diagonal of the profiled Gauss–Newton matrix only: {self.rows[-1]['sigf_note']}\n"
         return ""

@@ -15,8 +15,10 @@ Each outer cycle (docs/refine.md, "Structure factors from many stills"):
 4. SIGF_a = |F_a|·((H⁻¹)_aa)^(1/2), H the Gauss–Newton matrix over the refined classes at the new |F| with every
    shot's own free scalars profiled out, plus the restraints' Hessian: H = Σ_shots (JᵀWJ − C·M⁻¹·Cᵀ) + R
    (C = JᵀWK, M = KᵀWK, K = ∂m/∂θ of the shot's free scalars at its fit) — the diagonal of the inverse, so the
-   coupling of reflections through shared pixels and through the shots' parameters (their common scale included)
-   is in σ.  Each shard returns its summed sparse JᵀWJ and each shot's low-rank G with G·Gᵀ = C·M⁻¹·Cᵀ; the client
+   coupling of reflections through shared pixels and through the shots' parameters is in σ.  With the shots' scales
+   refined the data leave the common scale of all |F| to the restraints; SIGF then holds it (the variance given the
+   mean of the refined x, as merging programs give σ on their data's own scale) and the cycle's ``scale_esd`` is the
+   σ of that mean.  Each shard returns its summed sparse JᵀWJ and each shot's low-rank G with G·Gᵀ = C·M⁻¹·Cᵀ; the client
    assembles H densely and inverts it by Cholesky while there are at most :data:`DENSE_SIGF_MAX` refined classes.
    Above that, or when H is not positive definite, SIGF = |F|·(H_aa)^(−1/2) from H's diagonal alone (slightly
    small where the couplings matter); the cycle's row says which (``sigf_method``, ``sigf_note``);
@@ -143,11 +145,13 @@ def _f_step(backend, fm: FModel, x: torch.Tensor, cfg: "RunConfig", H: np.ndarra
 
 class Sigma(NamedTuple):
     """SIGF [n] (NaN where not refined) and how it was found: ``method`` 'inverse' (the diagonal of H⁻¹) or
-    'diagonal' (1/H_aa), ``note`` why the diagonal ('' for the inverse)."""
+    'diagonal' (1/H_aa), ``note`` why the diagonal ('' for the inverse); ``scale_sigma`` the σ of the mean
+    log-scale of the refined |F| (≈ the relative σ of their common scale) when SIGF holds it fixed, else NaN."""
 
     sigF: np.ndarray
     method: str
     note: str
+    scale_sigma: float = math.nan
 
 
 def diagonal_sigma(fm: FModel, x: torch.Tensor, curv: Curvature, r: Restraints) -> np.ndarray:
@@ -177,20 +181,23 @@ def profiled_matrix(fm: FModel, curv: Curvature, r: Restraints) -> np.ndarray:
     return H
 
 
-def inverse_diagonal(H: np.ndarray, block: int = 512):
-    """((H⁻¹)_aa [m], '') of a symmetric positive definite ``H`` [m, m], or (None, why not) when it is not.  H is
-    overwritten: scaled to a unit diagonal, then factorised, H = L·Lᵀ (:func:`torch.linalg.cholesky_ex`), and
-    (H⁻¹)_aa = Σ_i (L⁻¹)_ia² with L⁻¹ found ``block`` columns at a time (a column of L⁻¹ is 0 above its diagonal, so
-    each block solves only the trailing triangle: ~m³/3 flops in all, m·block more memory)."""
+def inverse_diagonal(H: np.ndarray, block: int = 512, fixed: Optional[np.ndarray] = None):
+    """((H⁻¹)_aa [m], '', uᵀH⁻¹u or None) of a symmetric positive definite ``H`` [m, m], or (None, why not, None)
+    when it is not.  With ``fixed`` = u [m] the variances are those with uᵀx held (the conditional Gaussian:
+    (H⁻¹)_aa − (H⁻¹u)_a²/(uᵀH⁻¹u)) and the third item is uᵀH⁻¹u, the variance of uᵀx itself.  H is overwritten:
+    scaled to a unit diagonal, then factorised, H = L·Lᵀ (:func:`torch.linalg.cholesky_ex`), and (H⁻¹)_aa =
+    Σ_i (L⁻¹)_ia² with L⁻¹ found ``block`` columns at a time (a column of L⁻¹ is 0 above its diagonal, so each
+    block solves only the trailing triangle: ~m³/3 flops in all, m·block more memory)."""
     Ht = torch.as_tensor(H)
     d = torch.diagonal(Ht).clone()
     if not bool((d > 0).all()):
-        return None, "the profiled Gauss–Newton matrix is not positive definite (a diagonal entry <= 0)"
+        return None, "the profiled Gauss–Newton matrix is not positive definite (a diagonal entry <= 0)", None
     s = d.rsqrt()
     Ht.mul_(s[:, None]).mul_(s[None, :])
     L, info = torch.linalg.cholesky_ex(Ht)
     if int(info):
-        return None, f"the profiled Gauss–Newton matrix is not positive definite (Cholesky fails at column {int(info)})"
+        return (None, f"the profiled Gauss–Newton matrix is not positive definite (Cholesky fails at column "
+                      f"{int(info)})", None)
     m = len(d)
     var = torch.empty(m, dtype=L.dtype)
     for j0 in range(0, m, block):
@@ -198,24 +205,34 @@ def inverse_diagonal(H: np.ndarray, block: int = 512):
         E = torch.zeros(m - j0, j1 - j0, dtype=L.dtype)
         E.diagonal().fill_(1.0)
         var[j0:j1] = (torch.linalg.solve_triangular(L[j0:, j0:], E, upper=False) ** 2).sum(0)
-    return (var * s * s).numpy(), ""
+    var = var * s * s
+    if fixed is None:
+        return var.numpy(), "", None
+    u = torch.as_tensor(fixed, dtype=L.dtype)
+    z = torch.cholesky_solve((u * s)[:, None], L)[:, 0] * s  # H⁻¹u
+    uz = float(u @ z)
+    return (var - z * z / uz).numpy(), "", uz
 
 
-def structure_factor_sigmas(backend, fm: FModel, x: torch.Tensor, scales: np.ndarray, r: Restraints) -> Sigma:
+def structure_factor_sigmas(backend, fm: FModel, x: torch.Tensor, scales: np.ndarray, r: Restraints,
+                            fixed_scale: bool = False) -> Sigma:
     """SIGF of the refined classes at log-scales ``x`` and the shots' log-scales ``scales`` [S] with restraints
     ``r``: |F|·((H⁻¹)_aa)^(1/2) of :func:`profiled_matrix` while at most :data:`DENSE_SIGF_MAX` classes are refined
-    and H is positive definite, else :func:`diagonal_sigma` (module docstring, item 4)."""
+    and H is positive definite, else :func:`diagonal_sigma` (module docstring, item 4).  With ``fixed_scale`` (the
+    shots' scales are refined, so the data leave the common scale of all |F| to the restraints) the variances are
+    those with the mean log-scale of the refined classes held, and :attr:`Sigma.scale_sigma` is that mean's own σ."""
     act = fm.refined & fm.movable()
     m = int(act.sum())
     full = m <= DENSE_SIGF_MAX
     curv = _curvature(backend, fm, x, scales, full)
     note = f"{m} refined classes > DENSE_SIGF_MAX = {DENSE_SIGF_MAX}"
     if full:
-        var, note = inverse_diagonal(profiled_matrix(fm, curv, r))
+        u = np.ones(m) if fixed_scale else None
+        var, note, uHu = inverse_diagonal(profiled_matrix(fm, curv, r), fixed=u)
         if var is not None:
             sig = np.full(fm.n, np.nan)
             sig[act] = fm.amplitudes(x).detach().numpy()[act] * np.sqrt(var)
-            return Sigma(sig, "inverse", "")
+            return Sigma(sig, "inverse", "", math.nan if uHu is None else math.sqrt(uHu) / m)
     return Sigma(diagonal_sigma(fm, x, curv, r), "diagonal", note)
 
 
@@ -260,9 +277,10 @@ def run_cycles(backend, fm: FModel, table_shape, hkl_min, labels, cfg: RunConfig
         x, scales, objective = _f_step(backend, fm, x, cfg, curv.diag + fm.restraint_curvature(cfg.restraints),
                                        curv.shot)
         t1 = time.perf_counter()
-        sigma = structure_factor_sigmas(backend, fm, x, scales, cfg.restraints)
+        sigma = structure_factor_sigmas(backend, fm, x, scales, cfg.restraints, fixed_scale=cfg.scales)
         sig = sigma.sigF
-        sigf = {"sigf_method": sigma.method, "sigf_note": sigma.note, "sigf_seconds": time.perf_counter() - t1}
+        sigf = {"sigf_method": sigma.method, "sigf_note": sigma.note, "sigf_seconds": time.perf_counter() - t1,
+                "scale_esd": sigma.scale_sigma}
         backend.update(shard_apply_scales, scales)
         shots = [r for part in backend.map(shard_records) for r in part]
         records = [r["record"] for r in shots]

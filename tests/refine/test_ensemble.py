@@ -213,8 +213,9 @@ def joint_matrix(shots, fm, x, scales, r):
 
 def test_sigf_is_the_diagonal_of_the_inverse_of_the_joint_gauss_newton_matrix(sigma_problem):
     """The Schur-complement identity: SIGF from the shards' sparse JᵀWJ and low-rank factors equals |F|·sqrt of the
-    x block's diagonal of the inverse of the full joint matrix; the diagonal-only formula is 1/(Schur complement)_aa
-    and never larger."""
+    x block's diagonal of the inverse of the full joint matrix, and, with the common scale held, of that block's
+    conditional covariance given the mean of x; the diagonal-only formula is 1/(Schur complement)_aa and never
+    larger than the full inverse's."""
     from refine.ensemble.run import _curvature, diagonal_sigma, structure_factor_sigmas
 
     shots, fm, backend, x, scales, r = sigma_problem
@@ -227,14 +228,19 @@ def test_sigf_is_the_diagonal_of_the_inverse_of_the_joint_gauss_newton_matrix(si
     inv = torch.cholesky_inverse(torch.linalg.cholesky(H * d[:, None] * d[None, :])) * d[:, None] * d[None, :]
     F = fm.amplitudes(x).numpy()[act]
     sigma = structure_factor_sigmas(backend, fm, x, scales, r)
-    assert sigma.method == "inverse" and sigma.note == ""
+    assert sigma.method == "inverse" and sigma.note == "" and math.isnan(sigma.scale_sigma)
     assert np.allclose(sigma.sigF[act], F * np.sqrt(inv.diagonal()[:m].numpy()), rtol=1e-9, atol=0)
     assert np.isnan(np.delete(sigma.sigF, act)).all()
+    z = inv[:m, :m].sum(1).numpy()  # Σu, u = 1: the covariance with the mean of x
+    held = structure_factor_sigmas(backend, fm, x, scales, r, fixed_scale=True)
+    assert np.allclose(held.sigF[act], F * np.sqrt(inv.diagonal()[:m].numpy() - z * z / z.sum()), rtol=1e-9, atol=0)
+    assert held.scale_sigma == pytest.approx(math.sqrt(z.sum()) / m, rel=1e-9)
     schur = H[:m, :m] - H[:m, m:] @ torch.linalg.solve(H[m:, m:], H[m:, :m])
     diag = diagonal_sigma(fm, x, _curvature(backend, fm, x, scales), r)
     assert np.allclose(diag[act], F / np.sqrt(schur.diagonal().numpy()), rtol=1e-9, atol=0)
     ratio = sigma.sigF[act] / diag[act]
-    print(f"SIGF inverse / diagonal over {m} classes: median {np.median(ratio):.3f}, max {ratio.max():.3f}")
+    print(f"SIGF inverse / diagonal over {m} classes: median {np.median(ratio):.3f}, max {ratio.max():.3f}; scale "
+          f"held: median {np.median(held.sigF[act] / diag[act]):.3f}")
     assert np.all(ratio >= 1 - 1e-12) and ratio.max() > 1.01
 
 
@@ -248,10 +254,12 @@ def test_sigf_falls_back_to_the_diagonal_above_the_dense_limit(sigma_problem, mo
     m = int((fm.refined & fm.movable()).sum())
     assert sigma.method == "diagonal" and sigma.note == f"{m} refined classes > DENSE_SIGF_MAX = 10"
     assert np.array_equal(sigma.sigF, diagonal_sigma(fm, x, _curvature(backend, fm, x, scales), r), equal_nan=True)
-    var, note = inverse_diagonal(np.array([[1.0, 2.0], [2.0, 1.0]]))  # indefinite
+    var, note, _ = inverse_diagonal(np.array([[1.0, 2.0], [2.0, 1.0]]))  # indefinite
     assert var is None and "not positive definite" in note
-    var, note = inverse_diagonal(np.array([[4.0, 1.0], [1.0, 2.0]]))
-    assert note == "" and np.allclose(var, [2 / 7, 4 / 7], rtol=1e-14)
+    var, note, uHu = inverse_diagonal(np.array([[4.0, 1.0], [1.0, 2.0]]))
+    assert note == "" and uHu is None and np.allclose(var, [2 / 7, 4 / 7], rtol=1e-14)
+    var, note, uHu = inverse_diagonal(np.array([[4.0, 1.0], [1.0, 2.0]]), fixed=np.ones(2))
+    assert np.allclose(var, [1 / 4, 1 / 4], rtol=1e-14) and uHu == pytest.approx(4 / 7, rel=1e-14)  # x1 | x1 + x2
 
 
 def test_a_run_reports_how_it_found_sigf(p1_stills, monkeypatch):
@@ -265,9 +273,12 @@ def test_a_run_reports_how_it_found_sigf(p1_stills, monkeypatch):
     diagonal = refine.fit_structure_factors(obs[:3], starts[:3], setup, **kw)
     on = dense.refined
     assert dense.sigf_method == "inverse" and dense.rows[0]["sigf_note"] == "" and dense.rows[0]["sigf_seconds"] >= 0
+    esd = dense.rows[0]["scale_esd"]  # the shots' scales are refined: SIGF holds the common scale, its σ apart
+    assert 0 < esd < 1 and f"fix it to ±{100 * esd:.2g} %" in dense.summary()
     assert "SIGF from the diagonal of the inverse" in dense.summary()
     assert diagonal.sigf_method == "diagonal" and "DENSE_SIGF_MAX = 10" in diagonal.summary()
-    assert np.array_equal(dense.F, diagonal.F) and np.all(dense.SIGF[on] >= diagonal.SIGF[on] * (1 - 1e-12))
+    assert math.isnan(diagonal.rows[0]["scale_esd"])
+    assert np.array_equal(dense.F, diagonal.F) and np.median(dense.SIGF[on] / diagonal.SIGF[on]) > 1
 
 
 def test_inverse_root_is_a_generalized_inverse_when_free_scalars_are_redundant():
