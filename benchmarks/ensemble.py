@@ -1,20 +1,23 @@
 """Structure factors from many stills (issue 23): stills per minute and seconds per outer cycle of
 ``refine.fit_structure_factors`` against the number of stills and of Dask workers.
 
-Usage: python benchmarks/ensemble.py [--stills 5,10,20] [--workers 0,1,2] [--cycles 2] [--per-image scale]
+Usage: python benchmarks/ensemble.py [--stills 5,10,20] [--workers 0,1,2] [--cycles 2] [--per-image scale] [--write]
 
 Each case: N Poisson-noisy 48×48 stills (one sample per pixel, a 25 × 27 × 29 Å P1 cell, N = 5 cells, ~300
 reflections in view) of random orientations, started from |F| 30 % off (uniform, per reflection) and fluence × 1.2;
 ``--per-image`` groups refined per shot (final stage only, 10 iterations), then the F step.  Workers 0: in this
 process; k ≥ 1: a local Dask cluster of k worker processes (``refine.scaleout.make_client``; its start is timed
 apart).  Reported: seconds per cycle (the mean), stills per minute (stills × cycles / run minutes, cluster start
-excluded) and the final CC to the true |F|, after a warm-up run.  Prints a Markdown table (nothing is written);
-run it on an idle machine: the numbers are wall-clock times.
+excluded) and the final CC to the true |F|, after a warm-up run; and the memory of one still's design (the sparse
+pixel × table coefficients the F step works from, :mod:`refine.ensemble.design`) against its observed pixels.
+Prints a Markdown table; ``--write`` also puts it in benchmarks/RESULTS.md (section "Structure factors from many
+stills").  Run it on an idle machine: the numbers are wall-clock times.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import platform
 import sys
 import time
@@ -33,6 +36,7 @@ from refine.ensemble import asu_map  # noqa: E402
 BASE = ("-default_F 1 -cell 25 27 29 90 90 90 -N 5 -lambda 1 -distance 50 -pixel 0.3 -detpixels 48 -oversample 1 "
         "-fluence 1e30")
 SHAPE, HKL_MIN = (13, 13, 13), (-6, -6, -6)
+HEADING = "## Structure factors from many stills"
 
 
 def stills(n: int, seed: int = 0):
@@ -84,15 +88,30 @@ def run_case(n: int, workers: int, cycles: int, per_image) -> dict:
             "refined": int(on.sum()), "cc": float(np.corrcoef(res.F[on], F_true[on])[0, 1])}
 
 
-def table(rows, cycles: int, per_image) -> str:
-    """The Markdown table of the runs."""
+def design_memory() -> dict:
+    """Bytes of one still's design (all its pixels; row, col int64, coef float64, const float64) and of its observed
+    pixels (float64), and the design's entries per pixel."""
+    from refine.ensemble.design import shot_design
+
+    obs, starts, setup, _ = stills(1)
+    index = torch.arange(obs[0].numel())
+    d = shot_design(starts[0], setup, index)
+    nbytes = sum(t.numel() * t.element_size() for t in (d.row, d.col, d.coef, d.const))
+    return {"design_bytes": nbytes, "observed_bytes": obs[0].numel() * 8, "per_pixel": len(d.row) / len(index)}
+
+
+def table(rows, cycles: int, per_image, memory: dict) -> str:
+    """The Markdown table of the runs, with a line on the design's memory."""
     head = (f"`python benchmarks/ensemble.py` on {platform.processor() or platform.machine()}, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads; {cycles} cycles, per image: "
             f"{','.join(per_image)}\n\n| stills | workers | cluster start (s) | run (s) | s per cycle | stills/min | "
             "refined | CC to truth |\n|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['stills']} | {r['workers'] or 'in process'} | {r['start']:.1f} | {r['seconds']:.1f} | "
              f"{r['per_cycle']:.2f} | {r['per_minute']:.0f} | {r['refined']} | {r['cc']:.4f} |" for r in rows]
-    return "\n".join([head] + lines)
+    mem = (f"\nOne still's design: {memory['per_pixel']:.2f} entries per pixel, {memory['design_bytes'] / 1024:.0f} KiB "
+           f"= {memory['design_bytes'] / memory['observed_bytes']:.1f}× its observed pixels in float64 (memory grows "
+           "with the pixels fitted, not with pixels × reflections).")
+    return "\n".join([head] + lines) + "\n" + mem
 
 
 def main(argv=None) -> int:
@@ -102,12 +121,19 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="0,1,2", help="Dask workers per case (0: in this process)")
     ap.add_argument("--cycles", type=int, default=2)
     ap.add_argument("--per-image", default="scale", help="groups refined per shot")
+    ap.add_argument("--write", action="store_true", help="also write the table to benchmarks/RESULTS.md")
     ns = ap.parse_args(argv)
     per_image = ns.per_image.split(",")
     run_case(2, 0, 1, per_image)  # warm-up: first calls, caches
     rows = [run_case(int(n), int(w), ns.cycles, per_image) for n in ns.stills.split(",")
             for w in ns.workers.split(",")]
-    print(table(rows, ns.cycles, per_image))
+    text = table(rows, ns.cycles, per_image, design_memory())
+    print(text)
+    if ns.write:
+        from benchmarks.report import replace_section
+
+        replace_section(pathlib.Path(ROOT) / "benchmarks" / "RESULTS.md", HEADING, f"{HEADING}\n\n{text}\n",
+                        first=False)
     return 0
 
 

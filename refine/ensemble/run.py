@@ -223,9 +223,9 @@ def structure_factor_sigmas(backend, fm: FModel, x: torch.Tensor, scales: np.nda
     those with the mean log-scale of the refined classes held, and :attr:`Sigma.scale_sigma` is that mean's own σ."""
     act = fm.refined & fm.movable()
     m = int(act.sum())
-    full = m <= DENSE_SIGF_MAX
+    full = 0 < m <= DENSE_SIGF_MAX
     curv = _curvature(backend, fm, x, scales, full)
-    note = f"{m} refined classes > DENSE_SIGF_MAX = {DENSE_SIGF_MAX}"
+    note = f"{m} refined classes > DENSE_SIGF_MAX = {DENSE_SIGF_MAX}" if m else "no refined classes"
     if full:
         u = np.ones(m) if fixed_scale else None
         var, note, uHu = inverse_diagonal(profiled_matrix(fm, curv, r), fixed=u)
