@@ -6,7 +6,7 @@ its whole wall time (start-up and compilation included) are measured.  With ``NB
 executable the C program runs the same cases in the same run, and the figures are reported as ratios to it.
 Panel detectors against one panel (``benchmarks.panels``) have their own section.  Options: ``--threads T`` (default
 2), ``--quick`` (skip the gradient-stability workload and the eager float64 case B; the panel comparison ``--small``),
-``--only SECTION,…`` (rerun these sections of results.json — command_lines, case_b, derivatives, backward_memory,
+``--only SECTION,…`` (rerun these sections of results.json — command_lines, startup, case_b, derivatives, backward_memory,
 gradient_stability, refinement, panels — and keep the others as recorded).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from typing import Dict, Optional
 import torch
 
 from .report import write_panels, write_results
-from .runner import env, module_json, timed, wait_for_builders, workload
+from .runner import env, module_json, timed, timed_output, wait_for_builders, workload
 from .workloads import CASE_A, CASE_B
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -35,24 +36,48 @@ REFINE_START = REFINE_TRUTH.replace("-misset 10 20 30", "-misset 10.15 19.9 30.1
 
 
 def command_lines(threads: int, tmp: str, c_binary: Optional[str]) -> dict:
-    """Cases A and B as whole processes: nbtorch with a cold kernel cache (the job runs eagerly while a background
-    builder compiles; the next run waits for that builder to finish), a warm one, and eager (``NBTORCH_FUSED=0``),
-    float32 and float64; C."""
+    """Cases A and B as whole processes: nbtorch with a cold kernel cache (the job runs eagerly and starts the
+    builder as it exits; the next run waits for that builder to finish), then eager (``NBTORCH_FUSED=0``) and with
+    the cache the builder filled (warm), float32 and float64; C."""
     out: Dict[str, float] = {}
     img = os.path.join(tmp, "img.bin")
-    cold = tempfile.mkdtemp(dir=tmp)
+    caches = tempfile.mkdtemp(dir=tmp)
     for case, flags in (("A", CASE_A), ("B", CASE_B.format(n=512))):
         for dtype in ("float32", "float64"):
             cmd = [sys.executable, "-m", "nbtorch", *flags.split(), "-floatfile", img, "--dtype", dtype]
-            out[f"{case}_{dtype}_cold"] = timed(cmd, env(threads, tempfile.mkdtemp(dir=cold)), tmp)
+            cache = tempfile.mkdtemp(dir=caches)
+            out[f"{case}_{dtype}_cold"] = timed(cmd, env(threads, cache), tmp)
             wait_for_builders()
             out[f"{case}_{dtype}_eager"] = timed(cmd, dict(env(threads), NBTORCH_FUSED="0"), tmp)
-            out[f"{case}_{dtype}_warm"] = timed(cmd, env(threads), tmp)
-            out[f"{case}_{dtype}_nonoise"] = timed(cmd + ["-nonoise"], env(threads), tmp)
+            out[f"{case}_{dtype}_warm"] = timed(cmd, env(threads, cache), tmp)
+            out[f"{case}_{dtype}_nonoise"] = timed(cmd + ["-nonoise"], env(threads, cache), tmp)
         if c_binary:
             out[f"{case}_C"] = timed([c_binary, *flags.split(), "-floatfile", img], env(threads), tmp)
             out[f"{case}_C_nonoise"] = timed([c_binary, *flags.split(), "-floatfile", img, "-nonoise"],
                                              env(threads), tmp)
+    return out
+
+
+def startup(threads: int, tmp: str, repeats: int = 3) -> dict:
+    """Case A's process start-up (float32, warm kernel cache), best of ``repeats`` runs each: the interpreter alone
+    (``python -c pass``), ``python -c "import torch"``, and the ``nbtorch`` command with the simulation it reports
+    ("simulated … in T s"); nbtorch's own start-up (flag parsing, planning, loading, writing) is the command's wall
+    time less importing torch and that simulation."""
+    cmd = [sys.executable, "-m", "nbtorch", *CASE_A.split(), "-floatfile", os.path.join(tmp, "a.bin"),
+           "--dtype", "float32"]
+    cache = tempfile.mkdtemp(dir=tmp)
+    timed(cmd, env(threads, cache), tmp)  # its builder fills the cache as it exits
+    wait_for_builders()
+
+    def best(c):
+        return min(timed(c, env(threads, cache), tmp) for _ in range(repeats))
+
+    runs = [timed_output(cmd, env(threads, cache), tmp) for _ in range(repeats)]
+    wall, text = min(runs)
+    simulate_s = float(re.search(r"simulated \d+ pixels in ([0-9.]+) s", text).group(1))
+    out = {"python_s": best([sys.executable, "-c", "pass"]),
+           "import_torch_s": best([sys.executable, "-c", "import torch"]), "wall_s": wall, "simulate_s": simulate_s}
+    out["own_s"] = wall - out["import_torch_s"] - simulate_s
     return out
 
 
@@ -85,6 +110,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sections = {
             "command_lines": lambda: command_lines(a.threads, tmp, c_binary),
+            "startup": lambda: startup(a.threads, tmp),
             "case_b": lambda: {f"{dt}_{'eager' if eager else 'compiled'}": workload(
                 "case_b", a.threads, "--dtype", dt, *(["--eager"] if eager else []))
                 for dt in ("float32", "float64") for eager in (False, True)

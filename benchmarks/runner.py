@@ -8,7 +8,7 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -25,11 +25,16 @@ def env(threads: int, cache: Optional[str] = None) -> Dict[str, str]:
 def timed(cmd: List[str], environ: Dict[str, str], cwd: str, timeout: int = 3600) -> float:
     """Wall seconds of one process run in ``cwd`` (where nanoBragg's default int and PGM images land); raises with
     its stderr when it fails."""
+    return timed_output(cmd, environ, cwd, timeout)[0]
+
+
+def timed_output(cmd: List[str], environ: Dict[str, str], cwd: str, timeout: int = 3600) -> Tuple[float, str]:
+    """(wall seconds, stdout) of one process run as :func:`timed` runs it."""
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:4])} … failed ({proc.returncode}): {proc.stderr[-800:]}")
-    return time.perf_counter() - t
+    return time.perf_counter() - t, proc.stdout
 
 
 def wait_for_builders(timeout: float = 900.0) -> None:
