@@ -1,4 +1,5 @@
-"""File input/output for nbtorch (numpy only at import time; gemmi and h5py are imported when first needed).
+"""File input/output for nbtorch (each submodule imported when one of its names is first used; gemmi and h5py when
+first needed).
 
 * :mod:`.smv` — SMV/ADSC images (``-intfile``, ``-noisefile``, ``-mask``, ``-img``) in nanoBragg's exact layout.
 * :mod:`.hkl` — ``h k l F`` structure-factor text files (``-hkl``); never an ``Fdump.bin`` cache.
@@ -19,91 +20,39 @@ and devices/FIFOs in place (:func:`atomic_write`).
 """
 from __future__ import annotations
 
-from ._atomic import atomic_write, atomic_write_from
-from .hkl import HKLData, hkl_to_grid, read_hkl, write_hkl
-from .images import (
-    ObservedImage,
-    pgm_pixels,
-    read_image,
-    read_pgm,
-    read_raw_float,
-    write_pgm,
-    write_raw_float,
-)
-from .crystfel import Geometry, GeometryFileError, geometry_mask, read_geom, write_geom
-from .dials import read_experiments, read_expt, write_experiments
-from .matrix import mosflm_matrix_cell, read_mosflm_matrix, write_mosflm_matrix
-from .nexus import NexusGeometry, lab_to_nexus, nxmx_geometry, nxmx_layout, read_nxmx, write_nxmx
-from .refl import ReflectionFileError, ReflectionTable, read_reflections, table_from_columns, write_reflections
-from .safe_output import OutputRefused, check_output_folder, check_output_paths, output_target, same_file
-from .smv import SMV_TYPES, nanobragg_header_items, read_smv, read_smv_mask, write_smv
-from .sources import SOURCE_COLUMNS, read_sources, write_sources
-from .structure_files import (
-    StructureFactorInfo,
-    StructureFileError,
-    detector_corner_resolution,
-    expand_to_p1,
-    is_mtz,
-    model_cell,
-    read_mtz,
-    structure_factors_from_model,
-)
+import importlib
 
-__all__ = [
-    "atomic_write",
-    "atomic_write_from",
-    "check_output_paths",
-    "check_output_folder",
-    "output_target",
-    "same_file",
-    "OutputRefused",
-    "HKLData",
-    "read_hkl",
-    "write_hkl",
-    "hkl_to_grid",
-    "read_mosflm_matrix",
-    "write_mosflm_matrix",
-    "mosflm_matrix_cell",
-    "read_sources",
-    "write_sources",
-    "SOURCE_COLUMNS",
-    "read_smv",
-    "write_smv",
-    "read_smv_mask",
-    "nanobragg_header_items",
-    "SMV_TYPES",
-    "read_raw_float",
-    "write_raw_float",
-    "write_pgm",
-    "read_pgm",
-    "pgm_pixels",
-    "read_image",
-    "ObservedImage",
-    "is_mtz",
-    "read_mtz",
-    "model_cell",
-    "structure_factors_from_model",
-    "expand_to_p1",
-    "detector_corner_resolution",
-    "StructureFactorInfo",
-    "StructureFileError",
-    "write_nxmx",
-    "read_nxmx",
-    "nxmx_geometry",
-    "lab_to_nexus",
-    "NexusGeometry",
-    "nxmx_layout",
-    "Geometry",
-    "GeometryFileError",
-    "read_geom",
-    "write_geom",
-    "geometry_mask",
-    "ReflectionTable",
-    "ReflectionFileError",
-    "read_reflections",
-    "write_reflections",
-    "table_from_columns",
-    "read_expt",
-    "read_experiments",
-    "write_experiments",
-]
+#: The package's public names, by the submodule that defines them (imported on first use: a command line that reads
+#: no DIALS, CrystFEL or NeXus file does not pay for those readers at start-up).
+_EXPORTS = {
+    "_atomic": ("atomic_write", "atomic_write_from"),
+    "safe_output": ("check_output_paths", "check_output_folder", "output_target", "same_file", "OutputRefused"),
+    "hkl": ("HKLData", "read_hkl", "write_hkl", "hkl_to_grid"),
+    "matrix": ("read_mosflm_matrix", "write_mosflm_matrix", "mosflm_matrix_cell"),
+    "sources": ("read_sources", "write_sources", "SOURCE_COLUMNS"),
+    "smv": ("read_smv", "write_smv", "read_smv_mask", "nanobragg_header_items", "SMV_TYPES"),
+    "images": ("read_raw_float", "write_raw_float", "write_pgm", "read_pgm", "pgm_pixels", "read_image",
+               "ObservedImage"),
+    "structure_files": ("is_mtz", "read_mtz", "model_cell", "structure_factors_from_model", "expand_to_p1",
+                        "detector_corner_resolution", "StructureFactorInfo", "StructureFileError"),
+    "nexus": ("write_nxmx", "read_nxmx", "nxmx_geometry", "lab_to_nexus", "NexusGeometry", "nxmx_layout"),
+    "crystfel": ("Geometry", "GeometryFileError", "read_geom", "write_geom", "geometry_mask"),
+    "refl": ("ReflectionTable", "ReflectionFileError", "read_reflections", "write_reflections", "table_from_columns"),
+    "dials": ("read_expt", "read_experiments", "write_experiments"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    """A public name, from its submodule (imported now if it was not)."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
