@@ -170,10 +170,36 @@ def _tile_params(params: Params, setup: Setup) -> TileParams:
                       water_intensity(params), params.beam.spectrum_shift)
 
 
-def _pixel_frames(tp: TileParams, panel: torch.Tensor) -> TileParams:
-    """``tp`` with its per-panel frame leaves replaced by every listed pixel's ([3, n], [n]); ``panel`` [n] long."""
-    return tp._replace(**{k: getattr(tp, k).index_select(0, panel).T for k in ("pix0", "fdet", "sdet", "odet")},
-                       close=tp.close.index_select(0, panel))
+def _per_pixel(t: torch.Tensor, panel: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """Every listed pixel's entry of a per-panel tensor ``t`` [P, ...] → [..., n]: gathered by ``panel`` [n] (long),
+    or, with ``panel`` None (a detector of one panel), panel 0's entry copied to the n pixels (no gather; a copy,
+    not a broadcast view: the compiled tiles read contiguous inputs, and forward-mode transforms write into
+    tangents shaped like these)."""
+    if panel is None:
+        return t[0].unsqueeze(-1).expand(*t.shape[1:], n).contiguous()
+    return t.index_select(0, panel).movedim(0, -1)
+
+
+def _pixel_frames(tp: TileParams, panel: Optional[torch.Tensor], n: int) -> TileParams:
+    """``tp`` with its per-panel frame leaves replaced by every listed pixel's ([3, n], [n]); ``panel`` [n] long, or
+    None for a detector of one panel (see :func:`_per_pixel`)."""
+    return tp._replace(**{k: _per_pixel(getattr(tp, k), panel, n) for k in ("pix0", "fdet", "sdet", "odet", "close")})
+
+
+def pixel_indices(index: torch.Tensor, setup: Setup) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(panel [n] long — None for a detector of one panel —, fast [n], slow [n] (float64)) of the flat pixel indices
+    ``index`` [n] (long; panel·spixels·fpixels + slow·fpixels + fast).
+
+    Float64 arithmetic, exact here: for integers k < 2⁵⁰ and m ≥ 1, (k + ½)/m lies at least 1/(2m) from an integer
+    and its rounding error is below that, so floor((k + ½)/m) is k // m (integer division has no vector
+    instructions on most CPUs: it cost as much as the compiled tile with a few samples per pixel)."""
+    k = index.to(torch.float64)
+    row = torch.floor((k + 0.5) / setup.fpixels)
+    fast = k - row * setup.fpixels
+    if setup.n_panels == 1:
+        return None, fast, row
+    panel = torch.floor((row + 0.5) / setup.spixels)
+    return panel.long(), fast, row - panel * setup.spixels
 
 
 class PanelConsts(NamedTuple):
@@ -224,15 +250,15 @@ def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
         dmin=T(setup.dmin), hkl_min=T(setup.hkl_min), weight=w, weight_all=w)
 
 
-def _tile_of(tp: TileParams, tc: TileConsts, pc: PanelConsts, panel: torch.Tensor, fast: torch.Tensor,
+def _tile_of(tp: TileParams, tc: TileConsts, pc: PanelConsts, panel: Optional[torch.Tensor], fast: torch.Tensor,
              slow: torch.Tensor) -> Tuple[TileParams, TileConsts]:
-    """The tile inputs of the pixels (``panel``, ``slow``, ``fast``) ([n] long tensors) from the image's (``tc``
-    with the layer numbers as ``layers``)."""
-    like = tc.pixel
-    layers = tc.layers[:, None] * pc.step.index_select(0, panel)[None, :]
-    return _pixel_frames(tp, panel), tc._replace(fast=fast.to(like.dtype), slow=slow.to(like.dtype), layers=layers,
-                                                 area=pc.area.index_select(0, panel),
-                                                 capture_k=pc.capture_k.index_select(0, panel))
+    """The tile inputs of the pixels (``panel``, ``slow``, ``fast``) ([n] tensors; ``panel`` long, or None for a
+    detector of one panel) from the image's (``tc`` with the layer numbers as ``layers``)."""
+    like, n = tc.pixel, fast.shape[0]
+    layers = tc.layers[:, None] * _per_pixel(pc.step, panel, n)[None, :]
+    return _pixel_frames(tp, panel, n), tc._replace(fast=fast.to(like.dtype), slow=slow.to(like.dtype),
+                                                    layers=layers, area=_per_pixel(pc.area, panel, n),
+                                                    capture_k=_per_pixel(pc.capture_k, panel, n))
 
 
 def pixel_tile(params: Params, setup: Setup, fast, slow, panel=0) -> Tuple[KernelSpec, TileParams, TileConsts]:
@@ -291,13 +317,12 @@ def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Opti
     use = _use_fused(fused, spec, setup, n, like)
     tp, tc, pc = _tile_params(params, setup), _tile_consts(setup, like), panel_consts(setup, like)
     scale = R_E_SQUARED_M2 * params.beam.fluence / setup.steps
-    S_, F_ = setup.spixels, setup.fpixels
     out: List[torch.Tensor] = []
     for start in range(0, n, p.tile):
         k = index[start:start + p.tile]
         if use and k.shape[0] < p.tile and n > p.tile:  # same tile shape throughout: no recompilation
             k = torch.cat([k, k[-1:].expand(p.tile - k.shape[0])])
-        tpk, t = _tile_of(tp, tc, pc, k // (S_ * F_), k % F_, (k // F_) % S_)
+        tpk, t = _tile_of(tp, tc, pc, *pixel_indices(k, setup))
         S, factor = _tile_sum(spec, t, tpk, p, use)
         out.append((scale * S * factor)[: min(p.tile, n - start)])
         if progress is not None:
