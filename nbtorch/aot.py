@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import cachedir
-from .kernel import KernelSpec, TileConsts, TileParams, sample_moments, tile_sums
+from .kernel import KernelSpec, TileConsts, TileParams, orientation_moments, sample_moments, tile_sums
 
 __all__ = ["KERNELS", "package_path", "load", "build"]
 
@@ -34,11 +34,13 @@ _SOURCES = ("kernel.py", "shape.py", "structure.py", "units.py", "aot.py")
 #: The kernels compiled ahead of time: name → (function of (tp, tc, spec) returning a tuple of tensors, inductor
 #: settings).  The forward tile fuses the whole per-sample expression into its reduction loop; the derivative
 #: moments (:func:`nbtorch.kernel.sample_moments`, for forward mode) build faster and run faster with inductor's
-#: default fusion.  Both read the OpenMP thread count at run time.
+#: default fusion, as does the orientation moment alone (:func:`nbtorch.kernel.orientation_moments`, reverse mode
+#: for crystal parameters).  All read the OpenMP thread count at run time.
 KERNELS = {
     "forward": (tile_sums, {"realize_opcount_threshold": 1000, "realize_reads_threshold": 16,
                             "cpp.dynamic_threads": True}),
     "moments": (sample_moments, {"cpp.dynamic_threads": True}),
+    "orientation": (orientation_moments, {"cpp.dynamic_threads": True}),
 }
 
 _NP = len(TileParams._fields)

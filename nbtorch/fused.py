@@ -32,7 +32,8 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from . import aot, builder
 from .cachedir import UntrustedCacheError, cache_root, cache_subdir, scratch_dir
 from .kernel import (KernelSpec, PixelMoments, TileConsts, TileParams, factor_jacobian, has_fast_derivatives,
-                     jvp_from_moments, sample_moments, tile_sums, vjp_from_moments)
+                     ORIENTATION_FIELDS, jvp_from_moments, orientation_moments, sample_moments, tile_sums,
+                     vjp_from_moments)
 
 #: Environment variable: "0" forces the eager kernels, "1" the compiled ones (``simulate(fused=...)`` wins).
 FUSED_ENV = "NBTORCH_FUSED"
@@ -300,11 +301,15 @@ def vjp(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS: torch.Tensor, gf: 
     return TileParams(*_substitute([None] * len(tp), idx, grads))
 
 
-def _sample_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, ...]:
-    """:func:`~nbtorch.kernel.sample_moments` of a tile of plain tensors, compiled ahead of time when ``fused``
-    (eager where the kernel cannot be built)."""
-    fn = _aot_kernel("moments", spec, tp.A, fused) if fused else None
-    return sample_moments(tp, tc, spec) if fn is None else fn(tp, tc)
+def _sample_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool,
+                    kind: str = "moments") -> Tuple[torch.Tensor, ...]:
+    """:func:`~nbtorch.kernel.sample_moments` (``kind`` "moments") or :func:`~nbtorch.kernel.orientation_moments`
+    ("orientation") of a tile of plain tensors, compiled ahead of time when ``fused`` (eager where the kernel cannot
+    be built)."""
+    fn = _aot_kernel(kind, spec, tp.A, fused) if fused else None
+    if fn is None:
+        return (sample_moments if kind == "moments" else orientation_moments)(tp, tc, spec)
+    return fn(tp, tc)
 
 
 def _moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> PixelMoments:
@@ -316,8 +321,10 @@ def _moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> P
 def _vjp_from_moments(spec: KernelSpec, tc: TileConsts, tp: TileParams, gS, gf, idx, fused: int) -> list:
     """Reverse mode from the compiled sample moments: the gradients of the leaves ``idx`` (zeros where the tile
     does not depend on a leaf)."""
+    fields = [TileParams._fields[i] for i in idx]
+    kind = "orientation" if set(fields) <= set(ORIENTATION_FIELDS) else "moments"  # crystal parameters alone
     with torch.no_grad():
-        grads = vjp_from_moments(_sample_moments(spec, tc, tp, fused), tp, tc, spec, gS, gf)
+        grads = vjp_from_moments(_sample_moments(spec, tc, tp, fused, kind), tp, tc, spec, gS, gf, fields)
     return [grads.get(TileParams._fields[i], torch.zeros_like(tp[i])) for i in idx]
 
 

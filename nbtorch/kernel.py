@@ -489,6 +489,56 @@ def derivative_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Pixe
     return PixelMoments(*sample_moments(tp, tc, spec), *factor_jacobian(tp, tc, spec))
 
 
+class SampleTerms(NamedTuple):
+    """The per-sample terms that the moment kernels start from (:func:`sample_terms`)."""
+
+    d: torch.Tensor  # [3, TN, P] unit directions
+    R: torch.Tensor  # [TN, P] distances (mm)
+    keep: Optional[torch.Tensor]  # [TN, K, 1, P] ``-dmin`` mask, or None
+    invlam: torch.Tensor  # [K] 1/λ_k (Å⁻¹)
+    Ad: torch.Tensor  # [O, 3, TN, P] a·d
+    h: List[torch.Tensor]  # 3 × [TN, K, O, P] Miller indices
+    x: torch.Tensor  # [TN, K, O, P] x times the source weight
+    parts: Partials  # its partials, times the source weight
+    W: List[torch.Tensor]  # 3 × [TN, K, O, P] W_i = ∂x/∂h_i/λ_k, 0 where ``-dmin`` rejects
+
+
+def sample_terms(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> SampleTerms:
+    """Directions, Miller indices, x and its partials of every sample (:func:`has_fast_derivatives` cases)."""
+    d, R = directions(tp, tc, spec)
+    keep = keep_mask(d, tp, tc, spec)
+    keep = None if keep is None else keep[:, :, None, :]
+    invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
+    Ad, Ai = miller_parts(d, tp.A, tc.incident)
+    h = [miller(Ad, Ai, invlam, i) for i in range(3)]
+    x, parts = square_partials(h, tp.ncells, tp.default_F)
+    w = _source_weight(tc)  # x and its partials are linear in the weight: every moment carries it
+    x, parts = x * w, Partials([p * w for p in parts.h], [n * w for n in parts.N], parts.default_F * w)
+    il = invlam[None, :, None, None]
+    W = [_masked(parts.h[i] * il, keep) for i in range(3)]
+    return SampleTerms(d, R, keep, invlam, Ad, h, x, parts, W)
+
+
+def _orientation_moment(t: SampleTerms, tc: TileConsts) -> torch.Tensor:
+    """M [O, 3, 3, P] = Σ_tn,k W_i·(d_j − i_kj) = ∂S/∂a_oij of every pixel."""
+    dj = [t.d[j][:, None, None, :] for j in range(3)]  # [TN, 1, 1, P]
+    inc = [tc.incident[None, :, j, None, None] for j in range(3)]  # [1, K, 1, 1]
+    M = torch.stack([torch.stack([(t.W[i] * (dj[j] - inc[j])).sum((0, 1)) for j in range(3)]) for i in range(3)])
+    return M.permute(2, 0, 1, 3)
+
+
+#: The leaves whose reverse-mode gradient needs the orientation moment M alone (:func:`orientation_moments`): the
+#: orientations, and the leaves that a :func:`has_fast_derivatives` tile does not depend on (B0, distance, F).
+ORIENTATION_FIELDS = ("A", "B0", "distance", "F")
+
+
+def orientation_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor]:
+    """(M,): the orientation moment of :func:`sample_moments` alone, [O, 3, 3, P] — what reverse mode needs for
+    the leaves of :data:`ORIENTATION_FIELDS` (a gradient of crystal parameters: cell, misset, mosaic), at about half
+    the cost of every moment (no frame, wavelength or N moments)."""
+    return (_orientation_moment(sample_terms(tp, tc, spec), tc),)
+
+
 def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, ...]:
     """The sample part of :func:`derivative_moments`: (S, M, Q, Y, Ys, N, F) of :class:`PixelMoments`.
 
@@ -500,19 +550,9 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
     per-sample values to memory.  Forward mode for any number of tangents (:func:`jvp_from_moments`) is a small
     product of the moments, which is what makes ``jacfwd`` over many parameters cost one pass over the samples.
     """
-    d, R = directions(tp, tc, spec)
-    keep = keep_mask(d, tp, tc, spec)
-    keep = None if keep is None else keep[:, :, None, :]
-    invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
-    Ad, Ai = miller_parts(d, tp.A, tc.incident)
-    h = [miller(Ad, Ai, invlam, i) for i in range(3)]
-    x, parts = square_partials(h, tp.ncells, tp.default_F)
-    w = _source_weight(tc)  # x and its partials are linear in the weight: every moment carries it
-    x, parts = x * w, Partials([p * w for p in parts.h], [n * w for n in parts.N], parts.default_F * w)
-    il = invlam[None, :, None, None]
-    W = [_masked(parts.h[i] * il, keep) for i in range(3)]  # [TN, K, O, P]
+    t = sample_terms(tp, tc, spec)
+    d, R, keep, invlam, Ad, h, x, parts, W = t
     dj = [d[j][:, None, None, :] for j in range(3)]  # [TN, 1, 1, P]
-    inc = [tc.incident[None, :, j, None, None] for j in range(3)]  # [1, K, 1, 1]
     Adi = [Ad[:, i].transpose(0, 1)[:, None] for i in range(3)]  # [TN, 1, O, P]
     a = tp.A[None, None, :, :, :, None]  # [1, 1, O, 3, 3, 1]
     G = W[0] * Adi[0] + W[1] * Adi[1] + W[2] * Adi[2]
@@ -525,12 +565,11 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
     def total(t):
         return red(_masked(t, keep)).sum(0)
 
-    M = torch.stack([torch.stack([red(W[i] * (dj[j] - inc[j])) for j in range(3)]) for i in range(3)])  # [3,3,O,P]
     Q = torch.stack([torch.stack([red(c[m] * e[j]) for j in range(3)]) for m in range(4)]).sum(2)  # [4, 3, P]
     hh = parts.h[0] * h[0] + parts.h[1] * h[1] + parts.h[2] * h[2]
     q = (tp.wavelength * invlam)[None, :, None, None]  # λ0/λ_k
-    return (total(x), M.permute(2, 0, 1, 3), Q, total(hh * (q * tc.lam_factor[None, :, None, None])), total(hh * q),
-            torch.stack([total(n) for n in parts.N]), total(parts.default_F))
+    return (total(x), _orientation_moment(t, tc), Q, total(hh * (q * tc.lam_factor[None, :, None, None])),
+            total(hh * q), torch.stack([total(n) for n in parts.N]), total(parts.default_F))
 
 
 def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -564,22 +603,32 @@ def jvp_from_moments(pm: PixelMoments, tp: TileParams, tangents: TileParams) -> 
 
 
 def vjp_from_moments(moments: Sequence[torch.Tensor], tp: TileParams, tc: TileConsts, spec: KernelSpec,
-                     gS: torch.Tensor, gf: torch.Tensor) -> dict:
+                     gS: torch.Tensor, gf: torch.Tensor, fields: Optional[Sequence[str]] = None) -> dict:
     """Reverse mode of a tile (:func:`has_fast_derivatives` cases): the gradients of ⟨gS, S⟩ + ⟨gf, factor⟩ (gS, gf:
     [P]) with respect to the leaves of ``tp`` they reach, as a dict field → tensor of the leaf's shape.
 
     The sample part is the transpose of :func:`jvp_from_moments`: each moment of :func:`sample_moments` (``moments``)
     contracted with gS over pixels; the factor part is one reverse pass through :func:`pixel_factor` (pixel-level
-    work).  Leaves reached by neither (B0, distance, F) are absent."""
+    work), run only when ``fields`` (the leaves asked for; None: all) names a leaf the factor varies with — a
+    gradient of the cell alone needs none.  Leaves reached by neither (B0, distance, F) are absent; leaves that the
+    factor varies with are absent too when ``fields`` leaves them out.  ``moments`` may also be the (M,) of
+    :func:`orientation_moments` when ``fields`` lie within :data:`ORIENTATION_FIELDS`: then "A" alone is returned."""
+    if len(moments) == 1:
+        return {"A": moments[0] @ gS}
     _, M, Q, Y, Ys, N, F = moments
     grads = {"A": M @ gS, "wavelength": -(Y @ gS) / tp.wavelength, "lam_shift": -(Ys @ gS) / tp.wavelength,
              "ncells": N @ gS, "default_F": F @ gS, "I_bg": gS.sum()}
+    varying = [k for k in _FACTOR_VARYING if fields is None or k in fields]
+    if not varying:
+        return grads
     frame = Q * gS  # [4, 3, P]: the frame leaves are per pixel
     with torch.enable_grad():
-        leaves = {k: getattr(tp, k).detach().requires_grad_() for k in _FACTOR_VARYING}
+        leaves = {k: getattr(tp, k).detach().requires_grad_(k in varying) for k in _FACTOR_VARYING}
         factor = pixel_factor(tp._replace(**leaves), tc, spec)
-        fgrads = torch.autograd.grad(factor @ gf, list(leaves.values()), allow_unused=True, materialize_grads=True)
-    for k, g in zip(leaves, fgrads):
+        asked = [leaves[k] for k in varying]
+        fgrads = (torch.autograd.grad(factor @ gf, asked, allow_unused=True, materialize_grads=True)
+                  if factor.requires_grad else [torch.zeros_like(v) for v in asked])
+    for k, g in zip(varying, fgrads):
         grads[k] = g + frame[FRAME.index(k)] if k in FRAME else g
     return grads
 

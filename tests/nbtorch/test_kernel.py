@@ -197,7 +197,7 @@ def test_compiled_backward_equals_eager(extra):
         torch.testing.assert_close(g, grads[0], rtol=1e-10, atol=1e-10 * float(grads[0].abs().max()))
     if fused.compiler_available():
         assert (("grad", spec) in fused._compiled) != fast, "wrong backward kernel"
-        assert (("moments", spec, torch.float64, "cpu", None) in aot._loaded) == fast
+        assert (("orientation", spec, torch.float64, "cpu", None) in aot._loaded) == fast  # the cell alone: M
 
 
 @pytest.mark.parametrize("args", DERIVATIVE_CASES)
@@ -214,6 +214,18 @@ def test_one_pass_reverse_mode_equals_autograd(args):
         assert name in got or scale == 0, name
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9 * scale, msg=name)
     assert float(got["A"].abs().max()) > 0
+    with torch.no_grad():  # asked for some leaves only: the same values for those (no pass over the factor for A)
+        for fields in (("A",), ("A", "close"), ("fdet",)):
+            part = kernel.vjp_from_moments(kernel.sample_moments(tp, tc, spec), tp, tc, spec, gS, gf, fields)
+            assert set(fields) <= set(part) and not (set(part) & {"pix0", "fdet", "sdet", "odet", "close"} - set(fields))
+            for name in fields:
+                torch.testing.assert_close(part[name], got[name], rtol=0, atol=0, msg=name)
+        # the orientation moment alone (the kernel of reverse mode for crystal parameters): the same M and A gradient
+        M = kernel.orientation_moments(tp, tc, spec)
+        torch.testing.assert_close(M[0], kernel.sample_moments(tp, tc, spec)[1], rtol=0, atol=0)
+        only = kernel.vjp_from_moments(M, tp, tc, spec, gS, gf, kernel.ORIENTATION_FIELDS)
+        assert set(only) == {"A"}
+        torch.testing.assert_close(only["A"], got["A"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("with_distance", [False, True])
