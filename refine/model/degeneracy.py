@@ -161,10 +161,13 @@ def near_degenerate_notes(names: Sequence[str], correlation, threshold: Optional
     correlation, why, and what to do."""
     threshold, out = NEAR_CORRELATION if threshold is None else threshold, []
     for first, second, why in NEAR_PAIRS:
-        for i, a in enumerate(names):
-            for j, b in enumerate(names):
-                c = float(correlation[i][j])
-                if _in_group(a, first) and _in_group(b, second) and abs(c) > threshold:
+        rows = [i for i, a in enumerate(names) if _in_group(a, first)]
+        cols = [j for j, b in enumerate(names) if _in_group(b, second)]
+        for i in rows:
+            a = names[i]
+            for j in cols:
+                b, c = names[j], float(correlation[i][j])
+                if abs(c) > threshold:
                     out.append(f"{a} and {b} are nearly degenerate (correlation {c:+.3f}: {why}): their ESDs are "
                                f"large; fix one of them, or give it a prior, unless the spots are well sampled")
     return out
