@@ -148,12 +148,17 @@ def sample_coordinates(tc: TileConsts) -> Tuple[torch.Tensor, torch.Tensor, torc
     return F, S, tc.layers[:, None, :]
 
 
-def sample_positions(tp: TileParams, tc: TileConsts, spec: KernelSpec, first_subpixel: bool = False):
+def sample_positions(tp: TileParams, tc: TileConsts, spec: KernelSpec, first_subpixel: bool = False,
+                     flat: bool = False):
     """Lab positions (mm) of every (layer, sub-pixel) sample: three tensors x, y, z of shape [T, n², P] (n² = 1 with
-    ``first_subpixel``)."""
+    ``first_subpixel``), or [T·n², P] with ``flat`` (the same values: a compiled tile splits the loops over that
+    grid across threads, where a loop over the layers alone has one iteration without a sensor)."""
     F, S, L = sample_coordinates(tc)
     if first_subpixel:
         F, S = F[:1], S[:1]
+    if flat:
+        T, n2, P = L.shape[0], F.shape[0], F.shape[1]
+        F, S, L = (c.expand(T, n2, P).reshape(T * n2, P) for c in (F, S, L))
     pos = [tp.pix0[j] + F * tp.fdet[j] + S * tp.sdet[j] + L * tp.odet[j] for j in range(3)]
     if spec.curved:
         pos = curve(pos, tp.fdet, tp.sdet, tc.beam, tp.distance)
@@ -266,9 +271,8 @@ def pixel_factor(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> torch.Tens
 
 def directions(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
     """Unit scattered directions d [3, TN, P] and distances R [TN, P] (mm) of every (layer, sub-pixel) sample."""
-    d, _, R = unit_directions(sample_positions(tp, tc, spec))
-    T, n2, P = R.shape
-    return torch.stack([c.reshape(T * n2, P) for c in d]), R.reshape(T * n2, P)
+    d, _, R = unit_directions(sample_positions(tp, tc, spec, flat=True))
+    return torch.stack(d), R
 
 
 def keep_mask(d: torch.Tensor, tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Optional[torch.Tensor]:
@@ -280,10 +284,13 @@ def keep_mask(d: torch.Tensor, tp: TileParams, tc: TileConsts, spec: KernelSpec)
 
 def pixel_geometry(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Geometry:
     """Directions of every (layer, sub-pixel) sample, the once-per-pixel factor and the ``-dmin`` mask."""
-    d, R2, R = unit_directions(sample_positions(tp, tc, spec))
-    factor = _factor(d, R2, R, tp, tc, spec)
-    T, n2, P = R.shape
-    flat = torch.stack([c.reshape(T * n2, P) for c in d])
+    d, R2, R = unit_directions(sample_positions(tp, tc, spec, flat=True))  # each [TN, P]
+
+    def grid(c):  # [TN, P] → [T, n², P]
+        return c.reshape(tc.layers.shape[0], tc.offsets.shape[0], c.shape[-1])
+
+    factor = _factor([grid(c) for c in d], grid(R2), grid(R), tp, tc, spec)
+    flat = torch.stack(d)
     return Geometry(flat, factor, keep_mask(flat, tp, tc, spec))
 
 
