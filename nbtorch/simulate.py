@@ -180,10 +180,15 @@ def _per_pixel(t: torch.Tensor, panel: Optional[torch.Tensor], n: int) -> torch.
     return t.index_select(0, panel).movedim(0, -1)
 
 
+#: The tile inputs given per pixel from per-panel values (trailing axis: pixels): frame leaves and constants.
+PANEL_PARAMS = ("pix0", "fdet", "sdet", "odet", "close")
+PANEL_CONSTS = ("layers", "area", "capture_k")
+
+
 def _pixel_frames(tp: TileParams, panel: Optional[torch.Tensor], n: int) -> TileParams:
     """``tp`` with its per-panel frame leaves replaced by every listed pixel's ([3, n], [n]); ``panel`` [n] long, or
     None for a detector of one panel (see :func:`_per_pixel`)."""
-    return tp._replace(**{k: _per_pixel(getattr(tp, k), panel, n) for k in ("pix0", "fdet", "sdet", "odet", "close")})
+    return tp._replace(**{k: _per_pixel(getattr(tp, k), panel, n) for k in PANEL_PARAMS})
 
 
 def pixel_indices(index: torch.Tensor, setup: Setup) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -250,15 +255,36 @@ def _tile_consts(setup: Setup, like: torch.Tensor) -> TileConsts:
         dmin=T(setup.dmin), hkl_min=T(setup.hkl_min), weight=w, weight_all=w)
 
 
-def _tile_of(tp: TileParams, tc: TileConsts, pc: PanelConsts, panel: Optional[torch.Tensor], fast: torch.Tensor,
-             slow: torch.Tensor) -> Tuple[TileParams, TileConsts]:
-    """The tile inputs of the pixels (``panel``, ``slow``, ``fast``) ([n] tensors; ``panel`` long, or None for a
-    detector of one panel) from the image's (``tc`` with the layer numbers as ``layers``)."""
-    like, n = tc.pixel, fast.shape[0]
+def _panel_inputs(tp: TileParams, tc: TileConsts, pc: PanelConsts, panel: Optional[torch.Tensor],
+                  n: int) -> Tuple[TileParams, TileConsts]:
+    """``tp``, ``tc`` (with the layer numbers as ``layers``) with the inputs of :data:`PANEL_PARAMS` and
+    :data:`PANEL_CONSTS` given for n pixels of the panels ``panel`` ([n] long, or None for a detector of one panel:
+    the same for every tile of n pixels); ``fast``, ``slow`` left as they are."""
     layers = tc.layers[:, None] * _per_pixel(pc.step, panel, n)[None, :]
-    return _pixel_frames(tp, panel, n), tc._replace(fast=fast.to(like.dtype), slow=slow.to(like.dtype),
-                                                    layers=layers, area=_per_pixel(pc.area, panel, n),
+    return _pixel_frames(tp, panel, n), tc._replace(layers=layers, area=_per_pixel(pc.area, panel, n),
                                                     capture_k=_per_pixel(pc.capture_k, panel, n))
+
+
+def _first_pixels(tp: TileParams, tc: TileConsts, m: int) -> Tuple[TileParams, TileConsts]:
+    """Per-pixel tile inputs (:func:`_panel_inputs`) cut to their first ``m`` pixels."""
+    return (tp._replace(**{k: getattr(tp, k)[..., :m] for k in PANEL_PARAMS}),
+            tc._replace(**{k: getattr(tc, k)[..., :m] for k in PANEL_CONSTS}))
+
+
+def _tile_of(tp: TileParams, tc: TileConsts, pc: PanelConsts, panel: Optional[torch.Tensor], fast: torch.Tensor,
+             slow: torch.Tensor, shared: Optional[Tuple[TileParams, TileConsts]] = None
+             ) -> Tuple[TileParams, TileConsts]:
+    """The tile inputs of the pixels (``panel``, ``slow``, ``fast``) ([n] tensors; ``panel`` long, or None for a
+    detector of one panel) from the image's (``tc`` with the layer numbers as ``layers``).  ``shared``: for a
+    detector of one panel, :func:`_panel_inputs` of at least n pixels, computed once for all tiles."""
+    like, n = tc.pixel, fast.shape[0]
+    tpk, tck = _panel_inputs(tp, tc, pc, panel, n) if shared is None else _first_pixels(*shared, n)
+    return tpk, tck._replace(fast=fast.to(like.dtype), slow=slow.to(like.dtype))
+
+
+def _padded(c: torch.Tensor, m: int) -> torch.Tensor:
+    """``c`` [n ≤ m] followed by copies of its last entry up to m entries."""
+    return torch.cat([c, c[-1:].expand(m - c.shape[0])])
 
 
 def pixel_tile(params: Params, setup: Setup, fast, slow, panel=0) -> Tuple[KernelSpec, TileParams, TileConsts]:
@@ -317,12 +343,15 @@ def render_pixels(params: Params, setup: Setup, index: torch.Tensor, fused: Opti
     use = _use_fused(fused, spec, setup, n, like)
     tp, tc, pc = _tile_params(params, setup), _tile_consts(setup, like), panel_consts(setup, like)
     scale = R_E_SQUARED_M2 * params.beam.fluence / setup.steps
+    coords = pixel_indices(index, setup)  # (panel or None, fast, slow), each cut into tiles below
+    # a detector of one panel: the per-pixel copies of the panel's inputs are the same for every tile
+    shared = _panel_inputs(tp, tc, pc, None, min(p.tile, n)) if coords[0] is None else None
     out: List[torch.Tensor] = []
     for start in range(0, n, p.tile):
-        k = index[start:start + p.tile]
-        if use and k.shape[0] < p.tile and n > p.tile:  # same tile shape throughout: no recompilation
-            k = torch.cat([k, k[-1:].expand(p.tile - k.shape[0])])
-        tpk, t = _tile_of(tp, tc, pc, *pixel_indices(k, setup))
+        cols = [None if c is None else c[start:start + p.tile] for c in coords]
+        if use and cols[1].shape[0] < p.tile and n > p.tile:  # same tile shape throughout: no recompilation
+            cols = [None if c is None else _padded(c, p.tile) for c in cols]
+        tpk, t = _tile_of(tp, tc, pc, *cols, shared=shared)
         S, factor = _tile_sum(spec, t, tpk, p, use)
         out.append((scale * S * factor)[: min(p.tile, n - start)])
         if progress is not None:
