@@ -8,8 +8,9 @@ the foreground, so that no job on the machine (or in a container image made from
 filled this way and made readable to all can serve everyone as a shared, read-only cache
 (``NBTORCH_SHARED_CACHE``, :func:`nbtorch.cachedir.shared_subdir`).
 
-The sets: ``common`` — the forward tile of every crystal shape with and without an F table, and the derivative
-moments of the default spec (what ``nbtorch`` and ``nbtorch-refine`` use on nanoBragg's defaults); ``all`` — those
+The sets: ``common`` — the forward tile of every crystal shape with and without an F table, the derivative
+moments of the default spec and its crystal-only reverse-mode kernel (``orientation``: a cell or orientation gradient)
+(what ``nbtorch`` and ``nbtorch-refine`` use on nanoBragg's defaults); ``all`` — those
 with and without a thick sensor and a ``-dmin`` cut each.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def kernel_set(name: str) -> List[Tuple[str, KernelSpec]]:
     for thick, dmin in switches:
         out += [("forward", KernelSpec(shape=s, table=t, thick=thick, dmin=dmin))
                 for s in SHAPES for t in (False, True)]
-        out.append(("moments", KernelSpec(thick=thick, dmin=dmin)))
+        out += [(kind, KernelSpec(thick=thick, dmin=dmin)) for kind in ("moments", "orientation")]
     return out
 
 

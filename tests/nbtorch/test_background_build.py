@@ -145,8 +145,8 @@ def test_the_background_builder_fills_the_cache_for_later_jobs(tmp_path):
 
 def test_precompile_sets_and_usage(capsys):
     common, every = precompile.kernel_set("common"), precompile.kernel_set("all")
-    assert len(common) == 9 and len(every) == 36 and set(common) < set(every)
-    assert {k for k, _ in every} == {"forward", "moments"}
+    assert len(common) == 10 and len(every) == 40 and set(common) < set(every)
+    assert {k for k, _ in every} == {"forward", "moments", "orientation"}
     assert {s.shape for _, s in common} == set(precompile.SHAPES)
     assert precompile.main(["--dtype", "float16"]) == 2
     assert "--dtype: expected float32 and/or float64, got 'float16'" in capsys.readouterr().err
