@@ -45,7 +45,7 @@ def _c_rows(res: dict) -> List[str]:
 #: How a whole-process row describes its kernel cache.
 _CACHE_WHAT = {"warm": "warm kernel cache", "nonoise": "warm kernel cache, `-nonoise` (both programs)",
                "eager": "`NBTORCH_FUSED=0` (eager)",
-               "cold": "cold kernel cache (eager while a background builder compiles)"}
+               "cold": "cold kernel cache (eager; its builder starts as it exits)"}
 
 
 def _process_row(cl: dict, case: str, dtype: str, cache: str, target: float) -> str:
