@@ -116,7 +116,7 @@ def plan(setup: Setup, n_pixels: int) -> Plan:
             f"{setup.oversample}² sub-pixels × {K} sources × {O} orientations), beyond {MAX_SAMPLES:.0e}: lower "
             "-oversample, -mosaic_domains, -phisteps, -divsteps/-dispsteps or the detector size")
     if per <= budget:  # tiles of equal size up to the budget: a last tile of a few pixels would be padded to a full
-        most = max(1, budget // per)  # one (1024² pixels of 9 samples: 19 tiles of 55 189, not 19 of 58 254)
+        most = max(1, budget // per)  # one (1024² pixels of 9 samples: 19 tiles of 55 189, not 18 of 58 254 + 4)
         tiles = -(-max(n_pixels, 1) // most)
         return Plan(-(-max(n_pixels, 1) // tiles), O, K, total)
     if any((setup.oversample_thick, setup.oversample_polar, setup.oversample_omega)):
