@@ -25,11 +25,8 @@ from ..detector import check_detector, detector_frame, orgx_to_mm, with_panels
 from ..io.hkl import hkl_to_grid, read_hkl
 from ..io.images import HeaderWarning, header_mismatch, printed_tolerance
 from ..io.matrix import read_mosflm_matrix
-from ..io.nexus import nxmx_geometry
 from ..io.smv import read_smv
 from ..io.sources import read_sources
-from ..io.structure_files import detector_corner_resolution, is_mtz, model_cell, read_mtz
-from ..io.structure_files import ModelWorkError, structure_factors_from_model
 from ..mosaic import mosaic_domain_count, mosaic_domains, random_misset_angles
 from ..noise import DEFAULT_CALIB_SEED, DetectorNoise
 from ..panels import PanelLayout
@@ -172,7 +169,7 @@ def _cell(inp: Inputs, lam: float) -> Tuple[torch.Tensor, torch.Tensor, bool, Op
     (exact cell and orientation), -cell, or a -pdb model's cell (built as -cell builds it).  A -pdb model's cell must
     agree with -cell/-mat when they are given; a model without one is placed in theirs."""
     eye = torch.eye(3, dtype=torch.float64)
-    model = _read(inp, "-pdb", model_cell) if inp.given("-pdb") else None
+    model = _read(inp, "-pdb", _model_cell) if inp.given("-pdb") else None
     if inp.file_crystal is not None:  # real_space_a/b/c as given: the exact lattice, no -cell rebuild
         M = torch.as_tensor(inp.file_crystal, dtype=torch.float64)
         B = torch.linalg.inv(M).transpose(0, 1)
@@ -330,7 +327,7 @@ def _check_structure_flags(inp: Inputs) -> None:
         raise ValueError(f"-pdb {inp.opts['-pdb']} and -hkl {inp.opts['-hkl']} both give structure factors: use one")
     if inp.given("-pdb_bfactor") and not inp.given("-pdb"):
         raise ValueError("-pdb_bfactor sets the B of a -pdb model's atoms: give -pdb FILE (PDB or mmCIF) too")
-    mtz = inp.given("-hkl") and _read(inp, "-hkl", is_mtz)
+    mtz = inp.given("-hkl") and _read(inp, "-hkl", _is_mtz)
     for flag in ("-mtz_column", "-mtz_anomalous"):
         if inp.given(flag) and not mtz:
             what = f"-hkl {inp.opts['-hkl']} is a text file" if inp.given("-hkl") else "no -hkl file is given"
@@ -345,9 +342,22 @@ def _text_table(path: str, default_F: float):
     return hkl_to_grid(data, default_F) if len(data.F) else (np.zeros((0, 0, 0)), (0, 0, 0))
 
 
+def _model_cell(path: str):
+    """The -pdb model's own cell (:func:`nbtorch.io.structure_files.model_cell`, imported for runs with -pdb)."""
+    from ..io.structure_files import model_cell
+    return model_cell(path)
+
+
+def _is_mtz(path: str) -> bool:
+    """Whether ``path`` is an MTZ file (:func:`nbtorch.io.structure_files.is_mtz`, imported for runs with -hkl)."""
+    from ..io.structure_files import is_mtz
+    return is_mtz(path)
+
+
 def _mtz_table(inp: Inputs, default_F: float, cell: Sequence[float]):
     """(F table, hkl_min) of -hkl FILE.mtz (:func:`nbtorch.io.read_mtz`); its notes, and one when the MTZ's cell
     differs from the crystal's, go to ``inp.notes``."""
+    from ..io.structure_files import read_mtz
     name, label = inp.opts["-hkl"], inp.opts.get("-mtz_column")
     try:
         F, hkl_min, info = _read(inp, "-hkl", read_mtz, label, inp.get("-mtz_anomalous"), default_F=default_F)
@@ -368,6 +378,7 @@ def _model_table(inp: Inputs, xtal: CrystalPart, params: Params, setup: Setup, d
     detector corners reach (or -dmin when coarser), with room for tricubic interpolation's 4×4×4 neighbourhood:
     1/d_table = 1/d + 2·√3·σ_max(B), B the reciprocal basis (Å⁻¹).  The model's own cell is used, or the crystal's
     when it has none.  ``params``, ``setup``: the model without its table (float64, CPU)."""
+    from ..io.structure_files import ModelWorkError, detector_corner_resolution, structure_factors_from_model
     d = max(detector_corner_resolution(params, setup), setup.dmin)
     _, B = latmod.lattice(params.crystal.cell, torch.eye(3, dtype=torch.float64), nanobragg=setup.nanobragg_cell)
     room = 2.0 * math.sqrt(3.0) * float(torch.linalg.matrix_norm(B, ord=2))
@@ -400,7 +411,7 @@ def _structure(inp: Inputs, xtal: CrystalPart, params: Params, setup: Setup):
     if inp.given("-pdb"):
         params64 = tree_map(lambda t: t.detach().to("cpu", torch.float64), params)
         table, hkl_min = _model_table(inp, xtal, params64, setup, default_F)
-    elif inp.given("-hkl") and _read(inp, "-hkl", is_mtz):
+    elif inp.given("-hkl") and _read(inp, "-hkl", _is_mtz):
         table, hkl_min = _mtz_table(inp, default_F, xtal.cell.tolist())
     elif inp.given("-hkl"):
         table, hkl_min = _read(inp, "-hkl", _text_table, default_F)
@@ -757,6 +768,7 @@ class Outputs(NamedTuple):
 def _check_nexus(inp: Inputs, params: Params, setup: Setup) -> None:
     """-nexusfile: h5py is importable and NXmx can describe the geometry (:func:`nbtorch.io.nxmx_geometry`: a flat
     detector the beam reaches), checked before any work."""
+    from ..io.nexus import nxmx_geometry
     name = inp.opts["-nexusfile"]
     if importlib.util.find_spec("h5py") is None:
         raise ValueError(f"-nexusfile {name}: writing NeXus files needs the optional 'h5py' package: "

@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..io.crystfel import Geometry, data_file_masks, geometry_mask, read_geom
-from ..io.dials import DialsExperiment, read_expt
-from ..io.dials_experiments import experiment_of
 from ..panels import PanelLayout, layout_from_crystfel, without_panel_sensors
 from ..units import HC_EV_ANGSTROM
 from .parse import NanoBraggArgs, fmt_num
 from .table import FLAGS
+
+if TYPE_CHECKING:  # the readers are imported where a -geom or -expt run uses them: a plain run never loads them
+    from ..io.crystfel import Geometry
+    from ..io.dials import DialsExperiment
 
 __all__ = ["PANEL_FILE_FLAGS", "PanelSource", "panel_file_flag", "check_panel_flags", "panel_source", "clen_mm"]
 
@@ -140,6 +141,7 @@ def _energy_eV(inp) -> Optional[float]:
 def _missing_value(inp, clen: Optional[float], energy: Optional[float]) -> None:
     """ValueError naming the key (and what to give) when the .geom file reads a value from a data file that the
     flags do not give; returns when the file fails for another reason."""
+    from ..io.crystfel import read_geom
     try:
         probe = read_geom(inp.path("-geom"), clen=clen or 1.0, photon_energy_eV=energy or 1.0)
     except (ValueError, OSError):
@@ -156,6 +158,7 @@ def _missing_value(inp, clen: Optional[float], energy: Optional[float]) -> None:
 
 def _read_geometry(inp, read: Callable) -> Geometry:
     """The .geom file of ``-geom`` with ``-clen`` and the flags' photon energy for values kept in a data file."""
+    from ..io.crystfel import data_file_masks, read_geom
     clen = clen_mm(inp.opts["-clen"]) if "-clen" in inp.opts else None
     energy = _energy_eV(inp)
     try:
@@ -273,6 +276,8 @@ def _expt_record(inp, read: Callable) -> DialsExperiment:
     """Experiment ``-expt_experiment`` K of the ``-expt`` file for its image ``-expt_image`` (both 0 by default),
     notes for a list of several and an unused scan.  ValueError naming the flag and the range for K outside the
     list, naming the file and key for the rest (a scan or imageset without the image asked for …)."""
+    from ..io.dials import read_expt
+    from ..io.dials_experiments import experiment_of
     name = inp.opts["-expt"]
     expts = read(inp, "-expt", read_expt)
     count, k = len(expts.experiments), int(inp.opts.get("-expt_experiment", 0))
@@ -301,6 +306,7 @@ def panel_source(inp, read: Callable) -> Optional[PanelSource]:
         return None
     name = inp.opts[flag]
     if flag == "-geom":
+        from ..io.crystfel import geometry_mask
         geometry = _read_geometry(inp, read)
         layout = layout_from_crystfel(geometry)
         mask = read(inp, "-geom", lambda _: geometry_mask(geometry))  # bad regions, no_index, mask files

@@ -13,7 +13,6 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ..io.crystfel import panels_to_slab
 from ..pixels import mask_array, panel_extent_mask, rendered_mask
 
 __all__ = ["FileImage", "file_image"]
@@ -50,6 +49,7 @@ def file_image(image: np.ndarray, setup, extras) -> FileImage:
     source = getattr(extras, "panels", None)
     geometry = None if source is None else source.geometry
     if geometry is not None:
+        from ..io.crystfel import panels_to_slab  # a -geom run's layout (the reader is loaded by then)
         to_file = lambda a: panels_to_slab(a, geometry)  # noqa: E731
         what = f"the data layout of {source.flag} {source.name}"
     else:

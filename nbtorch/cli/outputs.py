@@ -13,7 +13,6 @@ import torch
 
 from ..args import Extras, Outputs
 from ..io.images import write_pgm, write_raw_float
-from ..io.nexus import write_nxmx
 from ..io.smv import write_smv
 from ..noise import counts_to_uint16, detector_adu, int_image_uint16
 from ..pixels import panel_extent_mask, rendered_mask
@@ -137,6 +136,7 @@ def write_outputs(out: TextIO, image: np.ndarray, stats: ImageStats, params: Par
         written.append(_write_noise(out, image, fimg, o, header))
 
     if o.nexusfile is not None:
+        from ..io.nexus import write_nxmx  # h5py: only for a run that writes -nexusfile
         _write("NeXus file", o.nexusfile, write_nxmx, simulated, params, setup)
         modules = f" in {setup.n_panels} modules" if setup.panels is not None else ""
         out.write(f"wrote {o.nexusfile} as an NXmx file of {simulated.size} 4-byte floats{modules} with its "
