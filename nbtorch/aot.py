@@ -31,16 +31,19 @@ __all__ = ["KERNELS", "package_path", "load", "build"]
 
 #: nbtorch modules whose source defines the tile computation (part of the package key).
 _SOURCES = ("kernel.py", "shape.py", "structure.py", "units.py", "aot.py")
+#: Inductor settings that fuse a whole per-sample expression into the loop that reduces it (no per-sample values
+#: written to memory), for kernels whose reductions all run over the same axes: one loop computes every sum.
+_FUSE_SAMPLES = {"realize_opcount_threshold": 1000, "realize_reads_threshold": 16, "cpp.dynamic_threads": True}
 #: The kernels compiled ahead of time: name → (function of (tp, tc, spec) returning a tuple of tensors, inductor
-#: settings).  The forward tile fuses the whole per-sample expression into its reduction loop; the derivative
-#: moments (:func:`nbtorch.kernel.sample_moments`, for forward mode) build faster and run faster with inductor's
-#: default fusion, as does the orientation moment alone (:func:`nbtorch.kernel.orientation_moments`, reverse mode
-#: for crystal parameters).  All read the OpenMP thread count at run time.
+#: settings).  The forward tile and the orientation moment alone (:func:`nbtorch.kernel.orientation_moments`,
+#: reverse mode for crystal parameters: 9 sums over the same axes, 1.2–1.8× faster fused) take
+#: :data:`_FUSE_SAMPLES`; the derivative moments (:func:`nbtorch.kernel.sample_moments`, for forward mode: sums over
+#: different axes, which fused would recompute the transcendental functions per sum) build faster and run faster with
+#: inductor's default fusion.  All read the OpenMP thread count at run time.
 KERNELS = {
-    "forward": (tile_sums, {"realize_opcount_threshold": 1000, "realize_reads_threshold": 16,
-                            "cpp.dynamic_threads": True}),
+    "forward": (tile_sums, _FUSE_SAMPLES),
     "moments": (sample_moments, {"cpp.dynamic_threads": True}),
-    "orientation": (orientation_moments, {"cpp.dynamic_threads": True}),
+    "orientation": (orientation_moments, _FUSE_SAMPLES),
 }
 
 _NP = len(TileParams._fields)

@@ -314,19 +314,22 @@ def _first_kept(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 # sample stage
 
 
-def miller_parts(d: torch.Tensor, A: torch.Tensor, inc: torch.Tensor):
-    """The two factors of h = a·(d − i)/λ: ``Ad`` [O,3,TN,P] (a·d per orientation and direction) and ``Ai`` [K,O,3]
-    (a·i per source and orientation), each one matrix product."""
-    O = A.shape[0]
-    A2 = A.reshape(O * 3, 3)
-    Ad = torch.mm(A2, d.reshape(3, -1)).reshape(O, 3, d.shape[1], d.shape[2])
-    Ai = torch.mm(inc, A2.t()).reshape(inc.shape[0], O, 3)
-    return Ad, Ai
+def a_dot_d(d: torch.Tensor, A: torch.Tensor, i: int) -> torch.Tensor:
+    """a_oi·d of every orientation o and direction: row ``i`` of ``A`` [O,3,3] against ``d`` [3, TN, P] →
+    [TN, 1, O, P], the dot product written out (a compiler fuses it into the loop over the samples instead of
+    writing a matrix product's [O,3,TN,P] result to memory: a compiled forward tile with 4–9 samples per pixel
+    takes ≈ 30 % less time)."""
+    a = A[None, None, :, i, :, None]  # [1, 1, O, 3, 1]
+    return d[0][:, None, None, :] * a[..., 0, :] + d[1][:, None, None, :] * a[..., 1, :] \
+        + d[2][:, None, None, :] * a[..., 2, :]
 
 
-def miller(Ad: torch.Tensor, Ai: torch.Tensor, invlam: torch.Tensor, i: int) -> torch.Tensor:
-    """Miller index component ``i`` of every sample → [TN, K, O, P]."""
-    return (Ad[:, i].transpose(0, 1)[:, None] - Ai[None, :, :, i, None]) * invlam[None, :, None, None]
+def miller_indices(d: torch.Tensor, A: torch.Tensor, inc: torch.Tensor, invlam: torch.Tensor) -> List[torch.Tensor]:
+    """h_i = a_oi·(d − i_k)/λ_k of every sample: directions ``d`` [3, TN, P], orientations ``A`` [O,3,3] (Å),
+    sources ``inc`` [K,3] (unit) and ``invlam`` [K] (Å⁻¹) → 3 × [TN, K, O, P]."""
+    Ai = torch.einsum("kj,oij->koi", inc, A)  # [K, O, 3]
+    il = invlam[None, :, None, None]
+    return [(a_dot_d(d, A, i) - Ai[None, :, :, i, None]) * il for i in range(3)]
 
 
 def sample_factors(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor,
@@ -362,23 +365,16 @@ def sample_x(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: to
     return (F_cell * F_latt) ** 2
 
 
-def _samples(tp: TileParams, tc: TileConsts, spec: KernelSpec, geo: Geometry):
-    """(x [TN,K,O,P] with ``-dmin`` rejects zeroed, Miller parts, 1/λ [K]) of a tile."""
-    invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
-    Ad, Ai = miller_parts(geo.d, tp.A, tc.incident)
-    h = [miller(Ad, Ai, invlam, i) for i in range(3)]
-    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec) * _source_weight(tc)
-    if geo.keep is not None:
-        x = torch.where(geo.keep[:, :, None, :], x, torch.zeros_like(x))
-    return x, h, invlam
-
-
 def tile_sums(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
     """The forward tile: (S [P] = I_bg + Σ_samples x, factor [P]); the pixel value is scale·S·factor."""
     if spec.running_sum:
         return running_sum_tile(tp, tc, spec)
     geo = pixel_geometry(tp, tc, spec)
-    x = _samples(tp, tc, spec, geo)[0]
+    invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
+    h = miller_indices(geo.d, tp.A, tc.incident, invlam)
+    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec) * _source_weight(tc)
+    if geo.keep is not None:
+        x = torch.where(geo.keep[:, :, None, :], x, torch.zeros_like(x))
     return tp.I_bg + x.sum((0, 1, 2)), geo.factor
 
 
@@ -503,7 +499,7 @@ class SampleTerms(NamedTuple):
     R: torch.Tensor  # [TN, P] distances (mm)
     keep: Optional[torch.Tensor]  # [TN, K, 1, P] ``-dmin`` mask, or None
     invlam: torch.Tensor  # [K] 1/λ_k (Å⁻¹)
-    Ad: torch.Tensor  # [O, 3, TN, P] a·d
+    Ad: List[torch.Tensor]  # 3 × [TN, 1, O, P] a_i·d
     h: List[torch.Tensor]  # 3 × [TN, K, O, P] Miller indices
     x: torch.Tensor  # [TN, K, O, P] x times the source weight
     parts: Partials  # its partials, times the source weight
@@ -516,8 +512,8 @@ def sample_terms(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> SampleTerm
     keep = keep_mask(d, tp, tc, spec)
     keep = None if keep is None else keep[:, :, None, :]
     invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
-    Ad, Ai = miller_parts(d, tp.A, tc.incident)
-    h = [miller(Ad, Ai, invlam, i) for i in range(3)]
+    Ad = [a_dot_d(d, tp.A, i) for i in range(3)]
+    h = miller_indices(d, tp.A, tc.incident, invlam)
     x, parts = square_partials(h, tp.ncells, tp.default_F)
     w = _source_weight(tc)  # x and its partials are linear in the weight: every moment carries it
     x, parts = x * w, Partials([p * w for p in parts.h], [n * w for n in parts.N], parts.default_F * w)
@@ -560,9 +556,8 @@ def sample_moments(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[to
     t = sample_terms(tp, tc, spec)
     d, R, keep, invlam, Ad, h, x, parts, W = t
     dj = [d[j][:, None, None, :] for j in range(3)]  # [TN, 1, 1, P]
-    Adi = [Ad[:, i].transpose(0, 1)[:, None] for i in range(3)]  # [TN, 1, O, P]
     a = tp.A[None, None, :, :, :, None]  # [1, 1, O, 3, 3, 1]
-    G = W[0] * Adi[0] + W[1] * Adi[1] + W[2] * Adi[2]
+    G = W[0] * Ad[0] + W[1] * Ad[1] + W[2] * Ad[2]
     e = [W[0] * a[..., 0, j, :] + W[1] * a[..., 1, j, :] + W[2] * a[..., 2, j, :] - dj[j] * G for j in range(3)]
     c = (_coordinates(tc, R.shape[0]) / R)[:, :, None, None, :]  # [4, TN, 1, 1, P]
 
@@ -679,8 +674,7 @@ def running_sum_tile(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[
     flat, omega, capture, pol = _per_sample_factors(tp, tc, spec)
     TN, K, P = pol.shape
     invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
-    Ad, Ai = miller_parts(torch.stack(flat), tp.A, tc.incident)
-    h = [miller(Ad, Ai, invlam, i) for i in range(3)]
+    h = miller_indices(torch.stack(flat), tp.A, tc.incident, invlam)
     F_cell, F_latt = sample_factors(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
     x = (F_cell * F_latt) ** 2 * _source_weight(tc)
     keep = _keep(flat, tc.incident, source_wavelengths(tp, tc.lam_factor), tc.dmin)[:, :, None, :] if spec.dmin else None

@@ -85,8 +85,7 @@ def pixel_diagnostics(params: Params, setup: Setup, fast, slow) -> Dict[str, tor
     d0 = [c[0, 0] for c in d]  # the first sample's direction, 3 × [P]
     lam = kernel.source_wavelengths(tp, tc.lam_factor)
     stol = 0.5 * kernel.q_length(d0, tc.incident, lam)[0]
-    Ad, Ai = kernel.miller_parts(torch.stack(d0)[:, None, :], tp.A, tc.incident)
-    h = [kernel.miller(Ad, Ai, 1.0 / lam, i)[0, 0, 0] for i in range(3)]
+    h = [c[0, 0, 0] for c in kernel.miller_indices(torch.stack(d0)[:, None, :], tp.A, tc.incident, 1.0 / lam)]
     F_cell, F_latt = kernel.sample_factors(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec)
     F_cell = torch.broadcast_to(F_cell, F_latt.shape)
     if spec.nopolar:
