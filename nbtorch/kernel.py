@@ -326,8 +326,8 @@ def a_dot_d(d: torch.Tensor, A: torch.Tensor, i: int) -> torch.Tensor:
 
 def miller_parts(d: torch.Tensor, A: torch.Tensor, inc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two factors of h = a·(d − i)/λ as matrix products: ``Ad`` [O,3,TN,P] (a·d per orientation and
-    direction) and ``Ai`` [K,O,3] (a·i per source and orientation).  The moment kernels, which keep per-sample
-    values in memory anyway, run faster on one matrix product than on the written-out form of
+    direction) and ``Ai`` [K,O,3] (a·i per source and orientation).  The derivative-moments kernel, which keeps
+    per-sample values in memory anyway, runs faster on one matrix product than on the written-out form of
     :func:`miller_indices` (measured in place: case B's reverse pass took up to 1.6× longer with it)."""
     O = A.shape[0]
     A2 = A.reshape(O * 3, 3)

@@ -214,7 +214,7 @@ def pixel_indices(index: torch.Tensor, setup: Setup) -> Tuple[Optional[torch.Ten
 def _rendered_coordinates(setup: Setup) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """:func:`pixel_indices` of :func:`~nbtorch.pixels.rendered_pixels` (CPU tensors), once per Setup: the
     finite-difference forwards of a gradient check, a fit's evaluations, all render the same pixels (≈ 10 ms per
-    1024² image saved per call).  Never written to: the tiles take slices and copies of them."""
+    1024² image saved per call).  Never written to: the tiles read slices of them."""
     return pixel_indices(torch.as_tensor(rendered_pixels(setup)), setup)
 
 

@@ -4,6 +4,7 @@ function bodies), and a plain ``nbtorch`` run that loads none of the readers of 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_a_plain_run_loads_no_reader_it_does_not_use(tmp_path):
     code = f"READERS = {readers!r}\n" + _PLAIN_RUN
     args = "-default_F 100 -cell 50 50 50 90 90 90 -N 3 -distance 50 -detpixels 8 -floatfile f.bin -nopgm".split()
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path, env={**__import__("os").environ, "NBTORCH_FUSED": "0"})
+                         cwd=tmp_path, env={**os.environ, "NBTORCH_FUSED": "0"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
     assert (tmp_path / "f.bin").stat().st_size == 8 * 8 * 4
