@@ -24,7 +24,6 @@ pure function of tensors: :mod:`nbtorch.fused` compiles the forward tile, and th
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -409,11 +408,12 @@ class Partials(NamedTuple):
 
 
 def square_partials(h, N: torch.Tensor, F: torch.Tensor) -> Tuple[torch.Tensor, Partials]:
-    """x = (F·Π f_i)², f_i = sincg(πΔh_i, N_i), and its partials at every sample (``h``: 3 tensors of one shape)."""
+    """x = (F·Π f_i)², f_i = sincg_reduced(Δh_i, N_i), and its partials at every sample (``h``: 3 tensors of one
+    shape)."""
     fs, gs, ms = [], [], []
     for i in range(3):
         dh = h[i] - shapes.round_half_down(h[i])
-        f, g, m = shapes.sincg_and_derivatives(math.pi * dh, N[i])
+        f, g, m = shapes.sincg_reduced_and_derivatives(dh, N[i])
         fs.append(f)
         gs.append(g)
         ms.append(m)
@@ -421,7 +421,7 @@ def square_partials(h, N: torch.Tensor, F: torch.Tensor) -> Tuple[torch.Tensor, 
     F_latt = fs[0] * others[0]
     two = 2.0 * F * F * F_latt
     x = (F * F_latt) ** 2
-    dh = [two * (math.pi * gs[i]) * others[i] for i in range(3)]
+    dh = [two * gs[i] * others[i] for i in range(3)]
     dN = [two * ms[i] * others[i] for i in range(3)]
     return x, Partials(dh, dN, 2.0 * F * F_latt * F_latt)
 

@@ -26,6 +26,33 @@ def _whole_image_tile(args):
     return pixel_tile(p, s, idx % s.fpixels, idx // s.fpixels)
 
 
+@pytest.mark.parametrize("N", [1.0, 2.0, 4.7, 5.0, 50.0, 0.6])
+def test_polynomial_lattice_factor_equals_the_quotient_of_sines(N):
+    """sincg without transcendental calls: the quotient of sines (ratio taken where sin πΔh is not tiny), its
+    closed-form derivatives against autograd and against the derivative of the quotient, float32 within its
+    rounding of the float64 value."""
+    from nbtorch.shape import sincg_reduced, sincg_reduced_and_derivatives
+
+    dh = torch.linspace(-0.5, 0.5, 20001, dtype=torch.float64)
+    Nt = torch.tensor(N, dtype=torch.float64)
+    x = torch.pi * dh
+    away = dh.abs() > 1e-4
+    quotient = torch.sin(N * x) / torch.sin(x)
+    f = sincg_reduced(dh, Nt)
+    assert float((f - quotient)[away].abs().max()) <= 1e-14 * N
+    assert float(sincg_reduced(torch.zeros((), dtype=torch.float64), Nt)) == N
+    f2, g, m = sincg_reduced_and_derivatives(dh, Nt)
+    torch.testing.assert_close(f2, f, rtol=1e-14, atol=1e-14 * N)
+    d, n = dh.clone().requires_grad_(), Nt.clone().requires_grad_()
+    gd, gn = torch.autograd.grad(sincg_reduced(d, n).sum(), (d, n))
+    torch.testing.assert_close(g, gd, rtol=1e-12, atol=1e-12 * N**3)
+    torch.testing.assert_close(m.sum(), gn, rtol=1e-12, atol=1e-12 * N)
+    g_ref = torch.pi * (N * torch.cos(N * x) - quotient * torch.cos(x)) / torch.sin(x)
+    assert float((g - g_ref)[away].abs().max()) <= 1e-11 * N**3
+    f32 = sincg_reduced(dh.float(), Nt.float())
+    assert float((f32.double() - f).abs().max()) <= 4e-7 * N
+
+
 @pytest.mark.parametrize("args", DERIVATIVE_CASES)
 def test_one_pass_forward_mode_equals_autograd(args):
     """derivative_moments + jvp_from_moments (all tangents in one pass) = torch.func.jvp of the tile, per column."""
