@@ -10,6 +10,7 @@ import torch
 
 import nbtorch
 from nbtorch import aot, fused, kernel
+from nbtorch import shape as shapes
 from nbtorch.simulate import kernel_spec, pixel_tile, plan
 
 BASE = "-default_F 100 -cell 60 70 80 90 95 90 -misset 1 2 3 -N 4 -detpixels 8 -pixel 1.2 -distance 80 "
@@ -27,30 +28,47 @@ def _whole_image_tile(args):
 
 
 @pytest.mark.parametrize("N", [1.0, 2.0, 4.7, 5.0, 50.0, 0.6])
-def test_polynomial_lattice_factor_equals_the_quotient_of_sines(N):
-    """sincg without transcendental calls: the quotient of sines (ratio taken where sin πΔh is not tiny), its
-    closed-form derivatives against autograd and against the derivative of the quotient, float32 within its
-    rounding of the float64 value."""
-    from nbtorch.shape import sincg_reduced, sincg_reduced_and_derivatives
-
+@pytest.mark.parametrize("form", ["polynomial", "sines"])
+def test_both_forms_of_the_lattice_factor_equal_the_quotient_of_sines(N, form):
+    """sincg in the form compiled kernels take (polynomials) and the form eager code takes (sines): the quotient of
+    sines (where sin πΔh is not tiny), N at 0, closed-form derivatives against autograd and against the derivative of
+    the quotient; float32 within its rounding of the float64 value."""
+    value = getattr(shapes, f"_sincg_{form}")
+    with_derivatives = getattr(shapes, f"_sincg_{form}_and_derivatives")
     dh = torch.linspace(-0.5, 0.5, 20001, dtype=torch.float64)
     Nt = torch.tensor(N, dtype=torch.float64)
     x = torch.pi * dh
     away = dh.abs() > 1e-4
     quotient = torch.sin(N * x) / torch.sin(x)
-    f = sincg_reduced(dh, Nt)
-    assert float((f - quotient)[away].abs().max()) <= 1e-14 * N
-    assert float(sincg_reduced(torch.zeros((), dtype=torch.float64), Nt)) == N
-    f2, g, m = sincg_reduced_and_derivatives(dh, Nt)
-    torch.testing.assert_close(f2, f, rtol=1e-14, atol=1e-14 * N)
+    f = value(dh, Nt)
+    assert float((f - quotient)[away].abs().max()) <= 1e-13 * N
+    assert float(value(torch.zeros((), dtype=torch.float64), Nt)) == N
+    f2, g, m = with_derivatives(dh, Nt)
+    torch.testing.assert_close(f2, f, rtol=1e-13, atol=1e-13 * N)
     d, n = dh.clone().requires_grad_(), Nt.clone().requires_grad_()
-    gd, gn = torch.autograd.grad(sincg_reduced(d, n).sum(), (d, n))
-    torch.testing.assert_close(g, gd, rtol=1e-12, atol=1e-12 * N**3)
-    torch.testing.assert_close(m.sum(), gn, rtol=1e-12, atol=1e-12 * N)
+    gd, gn = torch.autograd.grad(value(d, n).sum(), (d, n))
+    torch.testing.assert_close(g, gd, rtol=1e-11, atol=1e-11 * N**3)
+    torch.testing.assert_close(m.sum(), gn, rtol=1e-11, atol=1e-11 * N)
     g_ref = torch.pi * (N * torch.cos(N * x) - quotient * torch.cos(x)) / torch.sin(x)
-    assert float((g - g_ref)[away].abs().max()) <= 1e-11 * N**3
-    f32 = sincg_reduced(dh.float(), Nt.float())
+    outside = dh.abs() > 1e-3  # outside the sines form's series window (its truncation there: ≈ 1e-11 of N³)
+    assert float((g - g_ref)[outside].abs().max()) <= 1e-11 * N**3
+    f32 = value(dh.float(), Nt.float())
     assert float((f32.double() - f).abs().max()) <= 4e-7 * N
+
+
+def test_compiled_code_takes_the_polynomial_lattice_factor():
+    """Traced by the compiler, sincg_reduced is the polynomial form (no sin in the graph); eager, the sines."""
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    dh = torch.linspace(-0.5, 0.5, 11, dtype=torch.float64)
+    N = torch.tensor(5.0, dtype=torch.float64)
+    compiled = torch.compile(shapes.sincg_reduced, backend=backend, fullgraph=True)(dh, N)
+    assert ops and not any("sin" in o for o in ops)
+    torch.testing.assert_close(compiled, shapes.sincg_reduced(dh, N), rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("args", DERIVATIVE_CASES)
