@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -259,6 +260,14 @@ def scheduler_security(address: str, ca_file: Optional[str] = None, cert: Option
     return None, ""
 
 
+def collect_failed_clients() -> None:
+    """Collect now the garbage a Dask client leaves when its connection fails (it sits in a reference cycle with the
+    exception's frames): its ``__del__`` closes its event loop under a lock that distributed shares between clients,
+    and run by the garbage collector inside the next client's start it waits on that lock forever (seen as a hung
+    run)."""
+    gc.collect()
+
+
 def make_client(workers: Optional[int] = None, scheduler: Optional[str] = None, security=None,
                 timeout: float = 30.0):
     """(Dask client, local cluster or None, torch threads per task or None): a client of ``scheduler`` (with
@@ -273,7 +282,9 @@ def make_client(workers: Optional[int] = None, scheduler: Optional[str] = None, 
         try:
             return Client(scheduler, security=security, timeout=timeout), None, None
         except (OSError, TimeoutError) as exc:  # unreachable, or TLS refused (credentials of another CA)
-            raise OSError(f"--scheduler {scheduler}: cannot connect ({_one_line(exc)})") from None
+            message = _one_line(exc)
+        collect_failed_clients()
+        raise OSError(f"--scheduler {scheduler}: cannot connect ({message})") from None
     try:
         security = Security.temporary()
     except ImportError:

@@ -244,6 +244,8 @@ def _refused(address, security=None):
 
     from distributed import Client
 
+    from refine.scaleout import collect_failed_clients
+
     ran = []
 
     def attempt():
@@ -256,7 +258,32 @@ def _refused(address, security=None):
     thread = threading.Thread(target=attempt, daemon=True)
     thread.start()
     thread.join(30)
+    collect_failed_clients()  # now, not inside the next client's start (where its __del__ would deadlock)
     return not ran
+
+
+def test_a_client_that_cannot_connect_is_collected_at_once():
+    """make_client's refused connection leaves no Dask client for the garbage collector to close later (its close,
+    run inside the next client's start, waited forever on distributed's loop lock: a hung run)."""
+    import gc
+    import socket
+
+    from distributed import Client
+
+    from refine.scaleout import make_client
+
+    with socket.socket() as s:  # a local port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gc.collect()
+    before = sum(isinstance(o, Client) for o in gc.get_objects())
+    gc.disable()
+    try:
+        with pytest.raises(OSError, match="cannot connect"):
+            make_client(scheduler=f"tcp://127.0.0.1:{port}", timeout=2)
+        assert sum(isinstance(o, Client) for o in gc.get_objects()) == before
+    finally:
+        gc.enable()
 
 
 def test_local_cluster_takes_tasks_only_from_its_own_client(capfd):
