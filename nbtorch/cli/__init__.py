@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..allocator import keep_freed_memory
 from ..args import build, missing_inputs, parse_args
 from ..args.build import INPUT_FILE_FLAGS, input_files, output_files
 from ..interrupt import exit_status, interrupts, one_line_warnings
@@ -238,7 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ``argv``: the arguments without the program name (default ``sys.argv[1:]``); a leading ``nanoBragg`` or
     ``nbtorch`` token is dropped.  Writes the summary to stdout, errors and the progress bar to stderr, and returns
     the exit status (0 ok, 2 command-line/input error, 1 output error, 130 interrupted by Ctrl-C, 143 by SIGTERM).
+    The process keeps its freed memory for reuse (:func:`nbtorch.allocator.keep_freed_memory`: eager tiles 2× faster).
     """
+    keep_freed_memory()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and os.path.basename(args[0]) in ("nanoBragg", "nbtorch"):
         args = args[1:]

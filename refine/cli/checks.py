@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+from nbtorch.allocator import keep_freed_memory
 from nbtorch.args.build import input_files
 from nbtorch.args.parse import parse_args
 from nbtorch.interrupt import exit_status, interrupts
@@ -54,7 +55,9 @@ def run(prog: str, body: Callable[[], int], said: Callable[[Exception], str], si
     """Program ``prog``'s exit status from ``body()``: a :class:`UsageError` or ValueError (the library's word on a
     user's input) is the line ``said(error)`` on stderr and :data:`EXIT_USAGE`, an OSError (an output that cannot be
     written: inputs are checked first) that line and :data:`EXIT_OUTPUT`; ``--help`` exits 0; an interrupt (with
-    ``signals``, SIGTERM too) one line and 128 + the signal number (files being written are removed)."""
+    ``signals``, SIGTERM too) one line and 128 + the signal number (files being written are removed).  The process
+    keeps its freed memory for reuse (:func:`nbtorch.allocator.keep_freed_memory`)."""
+    keep_freed_memory()
     try:
         with interrupts() if signals else contextlib.nullcontext():
             return body()
