@@ -4,7 +4,7 @@ Eager tensor code allocates and frees a few-megabyte tensor per elementwise oper
 that large with fresh ``mmap`` pages and gives them back on free (and trims the top of its heap past 128 KiB–64 MiB),
 so every operation pays first-touch page faults on its output: on 2 cores the eager case B (512², 600 samples per
 pixel) ran 9.5 s in float32 and 13–15 s in float64, against 3.9–4.9 s and 6.8–7.0 s with the settings below (the
-C program: 8.4–9.3 s).  The programs (``nbtorch``, ``nbtorch-refine``, ``nbtorch-demo``) call
+C program: 8.4–9.3 s).  The programs (``nbtorch``, ``nbtorch-refine``, ``nbtorch-demo``, ``nbtorch-sweep``) call
 :func:`keep_freed_memory` as they start; a library user may call it too.  It changes nothing when the user set
 glibc's own variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), on other C libraries or systems.
 """

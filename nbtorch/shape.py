@@ -80,8 +80,9 @@ def sincg_reduced(dh: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
 
     Two forms, equal to ≈ 1e-15 of the peak N: compiled kernels (traced by ``torch.compile`` or ``torch.export``)
     take the polynomials of :func:`_sincg_parts`, which fuse into the sample loop without a transcendental call
-    (case B's compiled tile ran 2.1–2.3× faster than with the six sines per sample); eager code takes the quotient of sines, two calls instead of ≈ 20
-    elementwise kernels over the whole sample tensor (the polynomials would run 2.5–4× slower there)."""
+    (case B's compiled tile ran 2.1–2.3× faster than with six sines per sample); eager code takes the quotient of
+    sines, two calls instead of ≈ 20 elementwise passes over the sample tensors (the polynomials ran 2.5–4× slower
+    there)."""
     if torch.compiler.is_compiling():
         return _sincg_polynomial(dh, N)
     return _sincg_sines(dh, N)
