@@ -127,11 +127,13 @@ def main(argv=None) -> None:
             if value is not None:
                 res[name] = value
     carried = {k: v for k, v in old.get("command_lines", {}).items() if "_C" in k}
-    if not c_binary and carried and "command_lines" in res and not any("_C" in k for k in res["command_lines"]):
+    if not run("command_lines"):  # its rows, C times included, are an earlier run's: they say what that run said
+        res["c_binary"] = old.get("c_binary", False)
+        res["c_from"] = old.get("c_from")
+    elif not c_binary and carried and not any("_C" in k for k in res["command_lines"]):
         res["command_lines"].update(carried)  # the C program's times of an earlier run, said so in the report
-        res["c_from"] = old.get("c_from") or old.get("machine", "an earlier run").split(", ")[-1]
-    elif not run("command_lines") and old.get("c_from"):
-        res["c_from"] = old["c_from"]  # the carried rows keep saying whose C times they compare to
+        day = re.search(r"\d{4}-\d{2}-\d{2}", old.get("machine", ""))
+        res["c_from"] = (day.group(0) if old.get("c_binary") and day else old.get("c_from")) or "an earlier run"
     if only:
         res["machine"] += f" (sections {', '.join(sorted(only))}; the others as recorded before)"
     path.write_text(json.dumps(dict(old, **res), indent=1) + "\n")
