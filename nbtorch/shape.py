@@ -28,7 +28,8 @@ SINC_PI = (1.0, -0.16666666666666666, 0.008333333333333186, -0.00019841269841208
 
 
 def _sinc_pi_polynomial(t2: torch.Tensor, slope: bool = False):
-    """P(u) (and P'(u) with ``slope``) of :data:`SINC_PI` at u = π²·``t2`` by Horner's rule."""
+    """sin(πt)/(πt) = P(π²t²) of ``t2`` = t² ∈ [0, ¼] (any shape; the polynomial :data:`SINC_PI` by Horner's rule,
+    no transcendental call), and with ``slope`` also P'(π²t²)."""
     u = t2 * (math.pi**2)
     p = u * SINC_PI[-1] + SINC_PI[-2]
     dp = torch.full_like(u, SINC_PI[-1]) if slope else None
@@ -37,12 +38,6 @@ def _sinc_pi_polynomial(t2: torch.Tensor, slope: bool = False):
             dp = dp * u + p
         p = p * u + c
     return (p, dp) if slope else p
-
-
-def sinc_pi_of_square(t2: torch.Tensor) -> torch.Tensor:
-    """sin(πt)/(πt) as a function of ``t2`` = t² ∈ [0, ¼] (any shape; the polynomial :data:`SINC_PI`, no
-    transcendental call: value and derivatives smooth at t = 0)."""
-    return _sinc_pi_polynomial(t2)
 
 
 def _sincg_parts(dh: torch.Tensor, N: torch.Tensor):
@@ -61,7 +56,7 @@ def _sincg_parts(dh: torch.Tensor, N: torch.Tensor):
 def _sincg_polynomial(dh: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     """:func:`sincg_reduced` from :func:`_sincg_parts`: two polynomials and one division per element."""
     _, r, sign, q, _ = _sincg_parts(dh, N)
-    return sign * q * sinc_pi_of_square(r * r) / sinc_pi_of_square(dh * dh)
+    return sign * q * _sinc_pi_polynomial(r * r) / _sinc_pi_polynomial(dh * dh)
 
 
 def _sincg_sines(dh: torch.Tensor, N: torch.Tensor) -> torch.Tensor:

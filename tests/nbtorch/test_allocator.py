@@ -29,9 +29,9 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str, env=None):
-    out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True,
-                         env=env).stdout.split()
+def _faults(mode: str):
+    out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True,
+                         check=True).stdout.split()
     return out[0], int(out[1])
 
 
