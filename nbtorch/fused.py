@@ -202,11 +202,12 @@ def _zeros_for_none(tp: TileParams, tan: TileParams) -> TileParams:
 
 
 def forward(spec: KernelSpec, tc: TileConsts, tp: TileParams, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(S [P], factor [P]) of a tile; compiled ahead of time (:mod:`nbtorch.aot`) when ``fused`` and every input is a
-    plain tensor, else eager."""
+    """(S [P], factor [P]) of a tile, values only (what :func:`apply_tile` returns where nothing records derivatives,
+    and :class:`TileFunction`'s forward, whose derivatives come from the other kernels); compiled ahead of time
+    (:mod:`nbtorch.aot`) when ``fused`` and every input is a plain tensor, else eager."""
     fn = _aot_kernel("forward", spec, tp.A, fused) if fused and _unrecorded(tp) else None
     if fn is None:
-        return tile_sums(tp, tc, spec)
+        return tile_sums(tp, tc, spec, values_only=True)
     with torch.no_grad():
         return fn(tp, tc)
 

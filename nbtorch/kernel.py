@@ -344,14 +344,15 @@ def miller_indices(d: torch.Tensor, A: torch.Tensor, inc: torch.Tensor, invlam: 
 
 
 def sample_factors(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor,
-                   default_F: torch.Tensor, hkl_min: torch.Tensor, spec: KernelSpec):
+                   default_F: torch.Tensor, hkl_min: torch.Tensor, spec: KernelSpec, values_only: bool = False):
     """(F_cell, F_latt) of every sample from its fractional Miller indices ``h`` (3 tensors of one shape): F_latt of
     that shape (the lattice factor of h − round(h), nanoBragg's rounding); F_cell of that shape from the table
     ``F`` [nh, nk, nl] (nearest or tricubic, ``default_F`` outside it), or ``default_F`` [] itself without a table.
-    ``N`` [3] cells, ``B0`` [3, 3] reciprocal basis (Å⁻¹), ``hkl_min`` [3] first index of the table."""
+    ``N`` [3] cells, ``B0`` [3, 3] reciprocal basis (Å⁻¹), ``hkl_min`` [3] first index of the table;
+    ``values_only``: nothing will differentiate the result (:func:`nbtorch.shape.sincg_reduced`)."""
     h0 = [shapes.round_half_down(c) for c in h]
     dh = [c - c0 for c, c0 in zip(h, h0)]
-    F_latt = shapes.lattice_factor_components(spec.shape, dh, N, B0, spec.fudge)
+    F_latt = shapes.lattice_factor_components(spec.shape, dh, N, B0, spec.fudge, values_only)
     if not spec.table:
         return default_F, F_latt
     if spec.interpolate:
@@ -370,20 +371,24 @@ def _source_weight(tc: TileConsts) -> torch.Tensor:
 
 
 def sample_x(h: Sequence[torch.Tensor], N: torch.Tensor, B0: torch.Tensor, F: torch.Tensor, default_F: torch.Tensor,
-             hkl_min: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
-    """x = (F_cell·F_latt)² of every sample from its Miller indices ``h`` (3 tensors of one shape) → that shape."""
-    F_cell, F_latt = sample_factors(h, N, B0, F, default_F, hkl_min, spec)
+             hkl_min: torch.Tensor, spec: KernelSpec, values_only: bool = False) -> torch.Tensor:
+    """x = (F_cell·F_latt)² of every sample from its Miller indices ``h`` (3 tensors of one shape) → that shape
+    (``values_only`` as :func:`sample_factors`)."""
+    F_cell, F_latt = sample_factors(h, N, B0, F, default_F, hkl_min, spec, values_only)
     return (F_cell * F_latt) ** 2
 
 
-def tile_sums(tp: TileParams, tc: TileConsts, spec: KernelSpec) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The forward tile: (S [P] = I_bg + Σ_samples x, factor [P]); the pixel value is scale·S·factor."""
+def tile_sums(tp: TileParams, tc: TileConsts, spec: KernelSpec,
+              values_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward tile: (S [P] = I_bg + Σ_samples x, factor [P]); the pixel value is scale·S·factor.
+    ``values_only``: the caller records no derivatives of the result (eager code then takes faster forms whose
+    gradients are not finite everywhere; see :func:`nbtorch.shape.sincg_reduced`)."""
     if spec.running_sum:
         return running_sum_tile(tp, tc, spec)
     geo = pixel_geometry(tp, tc, spec)
     invlam = 1.0 / source_wavelengths(tp, tc.lam_factor)
     h = miller_indices(geo.d, tp.A, tc.incident, invlam)
-    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec) * _source_weight(tc)
+    x = sample_x(h, tp.ncells, tp.B0, tp.F, tp.default_F, tc.hkl_min, spec, values_only) * _source_weight(tc)
     if geo.keep is not None:
         x = torch.where(geo.keep[:, :, None, :], x, torch.zeros_like(x))
     return tp.I_bg + x.sum((0, 1, 2)), geo.factor

@@ -33,7 +33,7 @@ import struct
 
 import numpy as np
 
-from nbtorch.native import NativeState, poidev_library
+from nbtorch.native import NativeState, poidev_library, prepare_in_background
 
 __all__ = [
     "IA", "IM", "AM", "IQ", "IR", "NTAB", "NDIV", "EPS", "RNMX",
@@ -445,6 +445,12 @@ def _native_self_check(lib) -> bool:
 def _native_poidev():
     """The native poidev library (see :mod:`nbtorch.native`), or ``None`` → use the Python code."""
     return poidev_library(self_check=_native_self_check)
+
+
+def prepare_native_poidev() -> None:
+    """Load the native poidev library in a background thread (compiled there on a machine's first run), so that a
+    program that will draw a noise image does not wait for the C compiler after its simulation."""
+    prepare_in_background(_native_poidev)
 
 
 def gasdev(rng: Ran1) -> float:

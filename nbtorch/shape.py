@@ -69,18 +69,30 @@ def _sincg_sines(dh: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     return torch.where(small, series, torch.sin(N * xs) / torch.sin(xs))
 
 
-def sincg_reduced(dh: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
-    """sin(NπΔh)/sin(πΔh) for reduced ``dh`` = Δh ∈ [−½, ½] (any shape; ``N`` broadcastable, continuous ≥ 0), N at
-    Δh = 0, with a finite gradient everywhere.
+def _sincg_values(dh: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+    """:func:`sincg_reduced` for values alone: the plain quotient sin(N·x)/sin(x) of x = πΔh + t, t = √(smallest
+    normal number) of the dtype (2⁻⁵¹¹ in float64, 2⁻⁶³ in float32), a power of two that changes only arguments
+    whose quotient is N to the last bit anyway, and turns x = 0 into one where sin(N·t)/sin(t) = N·t/t = N exactly:
+    no guard at Δh = 0.  Five passes over the samples instead of ten, three in place; within |N·x| < 1e-3 it and
+    the series of :func:`_sincg_sines` agree to ≈ 1e-14 of N.  Its gradient at Δh = 0 is not the derivative, so
+    only code that records no derivatives takes it (``values_only``)."""
+    x = torch.add(dh.new_tensor(math.sqrt(torch.finfo(dh.dtype).tiny)), dh, alpha=math.pi)
+    return (x * N).sin_().div_(x.sin_())
 
-    Two forms, equal to ≈ 1e-15 of the peak N: compiled kernels (traced by ``torch.compile`` or ``torch.export``)
+
+def sincg_reduced(dh: torch.Tensor, N: torch.Tensor, values_only: bool = False) -> torch.Tensor:
+    """sin(NπΔh)/sin(πΔh) for reduced ``dh`` = Δh ∈ [−½, ½] (any shape; ``N`` broadcastable, continuous ≥ 0), N at
+    Δh = 0, with a finite gradient everywhere (unless ``values_only``).
+
+    Three forms, equal to ≈ 1e-14 of the peak N: compiled kernels (traced by ``torch.compile`` or ``torch.export``)
     take the polynomials of :func:`_sincg_parts`, which fuse into the sample loop without a transcendental call
     (case B's compiled tile ran 2.1–2.3× faster than with six sines per sample); eager code takes the quotient of
     sines, two calls instead of ≈ 20 elementwise passes over the sample tensors (the polynomials ran 2.5–4× slower
-    there)."""
+    there), guarded for derivatives at 0 (:func:`_sincg_sines`), or plain where nothing differentiates
+    (``values_only``: :func:`_sincg_values`, eager case B ≈ 15 % faster)."""
     if torch.compiler.is_compiling():
         return _sincg_polynomial(dh, N)
-    return _sincg_sines(dh, N)
+    return _sincg_values(dh, N) if values_only else _sincg_sines(dh, N)
 
 
 def sincg(x: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
@@ -142,9 +154,10 @@ def sinc3_of_square(u: torch.Tensor) -> torch.Tensor:
     return torch.where(small, series, direct)
 
 
-def square_components(dh: Sequence[torch.Tensor], N: torch.Tensor) -> torch.Tensor:
+def square_components(dh: Sequence[torch.Tensor], N: torch.Tensor, values_only: bool = False) -> torch.Tensor:
     """Parallelepiped crystal: Π_i sin(N_i π Δh_i)/sin(π Δh_i) (:func:`sincg_reduced`); peak Na·Nb·Nc."""
-    return sincg_reduced(dh[0], N[0]) * sincg_reduced(dh[1], N[1]) * sincg_reduced(dh[2], N[2])
+    f = [sincg_reduced(dh[i], N[i], values_only) for i in range(3)]
+    return f[0] * f[1] * f[2]
 
 
 def round_components(dh: Sequence[torch.Tensor], N: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
@@ -172,11 +185,12 @@ def tophat_components(dh: Sequence[torch.Tensor], N: torch.Tensor, B: torch.Tens
 
 
 def lattice_factor_components(shape: str, dh: Sequence[torch.Tensor], N: torch.Tensor, B: torch.Tensor,
-                              fudge: float = 1.0) -> torch.Tensor:
+                              fudge: float = 1.0, values_only: bool = False) -> torch.Tensor:
     """F_latt of the (static) ``shape`` ('square', 'round', 'gauss' or 'tophat') from the components of Δh (three
-    tensors of one shape), ``N`` [3] and ``B`` [3,3] (columns a*, b*, c*, Å⁻¹; gauss and tophat only)."""
+    tensors of one shape), ``N`` [3] and ``B`` [3,3] (columns a*, b*, c*, Å⁻¹; gauss and tophat only).
+    ``values_only``: nothing will differentiate the result (a faster form of 'square', see :func:`sincg_reduced`)."""
     if shape == "square":
-        return square_components(dh, N)
+        return square_components(dh, N, values_only)
     if shape == "round":
         return round_components(dh, N, fudge)
     if shape == "gauss":

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..allocator import keep_freed_memory
+from ..allocator import set_up_program
 from ..args import build, missing_inputs, parse_args
 from ..args.build import INPUT_FILE_FLAGS, input_files, output_files
 from ..interrupt import exit_status, interrupts, one_line_warnings
@@ -39,6 +39,7 @@ from .. import precompile as kernel_sets
 from ..cachedir import cache_root
 from ..io.safe_output import check_output_paths
 from ..pixels import rendered_mask, rendered_pixels
+from ..rng import prepare_native_poidev
 from ..simulate import simulate
 from .help import FLAG_GROUPS, PROG, format_help
 from .outputs import OutputError, blur_image, psf_summary, write_outputs
@@ -212,6 +213,8 @@ def _run(argv: List[str], out: TextIO, err: TextIO) -> int:
     dtype, device = _precision(extra)
     base_dir = os.getcwd()
     params, setup, extras = _model(rest, dtype, device, base_dir, out)
+    if extras.outputs.write_noise:
+        prepare_native_poidev()  # a first run compiles it while the image is simulated
     dt_name = str(dtype).replace("torch.", "")
     out.write(f"{PROG} {__version__}: nanoBragg physics in PyTorch ({dt_name} on {params.crystal.cell.device})\n")
     for note in extras.notes:
@@ -239,9 +242,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ``argv``: the arguments without the program name (default ``sys.argv[1:]``); a leading ``nanoBragg`` or
     ``nbtorch`` token is dropped.  Writes the summary to stdout, errors and the progress bar to stderr, and returns
     the exit status (0 ok, 2 command-line/input error, 1 output error, 130 interrupted by Ctrl-C, 143 by SIGTERM).
-    The process keeps its freed memory for reuse (:func:`nbtorch.allocator.keep_freed_memory`: eager tiles 2× faster).
+    The process keeps its freed memory for reuse and freezes the objects of its imports
+    (:func:`nbtorch.allocator.set_up_program`: eager tiles 2× faster, ≈ 0.2 s less at exit).
     """
-    keep_freed_memory()
+    set_up_program()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and os.path.basename(args[0]) in ("nanoBragg", "nbtorch"):
         args = args[1:]

@@ -30,13 +30,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import numpy as np
 
 from ..cachedir import CACHE_ENV, cache_root, cache_subdir, load_or_build
 
 __all__ = ["CACHE_ENV", "NATIVE_ENV", "CFLAGS", "native_cache_dir", "native_enabled", "poidev_library",
-           "NativeState"]
+           "prepare_in_background", "NativeState"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ CFLAGS = ("-O2", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
 
 _SRC_DIR = pathlib.Path(__file__).resolve().parent
 _libs: dict[str, object] = {}  # library name -> loaded ctypes.CDLL, or None after a failure (not retried)
+_libs_lock = threading.Lock()  # one thread builds and loads while others wait (see prepare_in_background)
 
 
 def native_cache_dir() -> pathlib.Path:
@@ -131,15 +133,26 @@ def poidev_library(self_check=None) -> object | None:
     """
     if not native_enabled():
         return None
-    if "poidev" not in _libs:
-        try:
-            lib = _load_poidev()
-            if self_check is not None and not self_check(lib):
-                raise RuntimeError("self-check against the Python reference failed")
-            _libs["poidev"] = lib
-        except Exception as exc:  # noqa: BLE001 - any failure means: use the Python code
-            detail = getattr(exc, "stderr", b"") or b""
-            _log.debug("nbtorch native poidev unavailable, using Python: %s %s", exc,
-                       detail.decode(errors="replace").strip().splitlines()[:1])
-            _libs["poidev"] = None
-    return _libs["poidev"]
+    with _libs_lock:
+        if "poidev" not in _libs:
+            try:
+                lib = _load_poidev()
+                if self_check is not None and not self_check(lib):
+                    raise RuntimeError("self-check against the Python reference failed")
+                _libs["poidev"] = lib
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the Python code
+                detail = getattr(exc, "stderr", b"") or b""
+                _log.debug("nbtorch native poidev unavailable, using Python: %s %s", exc,
+                           detail.decode(errors="replace").strip().splitlines()[:1])
+                _libs["poidev"] = None
+        return _libs["poidev"]
+
+
+def prepare_in_background(get_library) -> threading.Thread:
+    """Call ``get_library`` (e.g. a :func:`poidev_library` with its self-check) in a daemon thread and return the
+    thread: a program that will need the library starts it before its long computation, so that a first run on a
+    machine (the library not yet in the cache) compiles it (≈ 0.1 s of the C compiler, a separate process) while
+    the computation runs.  A later call in another thread waits for that build instead of starting its own."""
+    t = threading.Thread(target=get_library, name="nbtorch-native", daemon=True)
+    t.start()
+    return t

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
-from nbtorch.allocator import keep_freed_memory
+from nbtorch.allocator import set_up_program
 from nbtorch.args.build import input_files
 from nbtorch.args.parse import parse_args
 from nbtorch.interrupt import exit_status, interrupts
@@ -56,8 +56,8 @@ def run(prog: str, body: Callable[[], int], said: Callable[[Exception], str], si
     user's input) is the line ``said(error)`` on stderr and :data:`EXIT_USAGE`, an OSError (an output that cannot be
     written: inputs are checked first) that line and :data:`EXIT_OUTPUT`; ``--help`` exits 0; an interrupt (with
     ``signals``, SIGTERM too) one line and 128 + the signal number (files being written are removed).  The process
-    keeps its freed memory for reuse (:func:`nbtorch.allocator.keep_freed_memory`)."""
-    keep_freed_memory()
+    keeps its freed memory for reuse and freezes the objects of its imports (:func:`nbtorch.allocator.set_up_program`)."""
+    set_up_program()
     try:
         with interrupts() if signals else contextlib.nullcontext():
             return body()

@@ -28,7 +28,8 @@ def test_every_import_sits_at_the_top_of_its_file():
     bad = []
     for module, path in package_modules(PKG.parent, ["nbtorch"]).items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        top = set(map(id, tree.body))
+        top = set(map(id, tree.body))  # and the body of a module-level try (nbtorch/__init__.py's imports)
+        top |= {id(n) for t in tree.body if isinstance(t, ast.Try) for n in t.body}
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
                 continue
@@ -55,6 +56,14 @@ def test_pytree_helpers_are_one_implementation_exported_everywhere():
 
     for name in ("tree_map", "tree_leaves", "get_leaf", "replace_leaf"):
         assert getattr(nbtorch, name) is getattr(pytree, name) is getattr(types, name)
+
+
+def test_importing_nbtorch_leaves_the_garbage_collector_as_it_was():
+    """nbtorch/__init__ turns the collector off while torch is imported and then restores its state."""
+    code = "import gc, sys; gc.disable() if sys.argv[1] == 'off' else None; import nbtorch; print(gc.isenabled())"
+    for state, expected in (("on", "True"), ("off", "False")):
+        out = subprocess.run([sys.executable, "-c", code, state], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
 
 
 _PLAIN_RUN = """

@@ -56,6 +56,72 @@ def test_both_forms_of_the_lattice_factor_equal_the_quotient_of_sines(N, form):
     assert float((f32.double() - f).abs().max()) <= 4e-7 * N
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_values_only_lattice_factor_equals_the_guarded_one(dtype):
+    """values_only (the plain quotient of sines, no guard at 0) = the guarded sines form: within 1e-13 of N in
+    float64 (also inside the guard's series window, whose truncation is ≈ 4e-14 at N = 0.6, and at 1e-300), its
+    rounding in float32, exactly N at Δh = 0 for integer, fractional and zero N."""
+    eps = 1e-13 if dtype == torch.float64 else 1e-6
+    fine = torch.linspace(-0.5, 0.5, 20001, dtype=torch.float64)
+    tiny = torch.tensor([0.0, 1e-300, -1e-300, 1e-30, 1e-12, -3e-7, 1e-5, 4e-5, 0.5, -0.5], dtype=torch.float64)
+    dh = torch.cat([fine, tiny]).to(dtype)
+    for N in (0.0, 0.6, 1.0, 4.7, 5.0, 50.0, 1e4):
+        Nt = torch.tensor(N, dtype=dtype)
+        values = shapes.sincg_reduced(dh, Nt, values_only=True)
+        guarded = shapes.sincg_reduced(dh.double(), Nt.double())
+        assert float((values.double() - guarded).abs().max()) <= eps * max(N, 1.0)
+        assert float(values[20001]) == float(Nt)  # Δh = 0: N exactly
+
+
+class _NaNDerivative(torch.autograd.Function):
+    """x itself, whose derivative in either mode is NaN: a trap for derivatives that flow through it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * float("nan")
+
+
+def test_derivatives_never_flow_through_the_values_only_lattice_factor(monkeypatch):
+    """The eager forward tiles take the values-only lattice factor (no guard at Δh = 0, not differentiable there);
+    with that form made a NaN trap for derivatives, the eager image is unchanged and backward, jacfwd, jacrev and
+    vmap over cells stay finite and equal to the untrapped ones: derivatives always take the guarded form."""
+    p, s = _model(SMALL)
+    cells = torch.stack([p.crystal.cell, p.crystal.cell * 1.001])
+
+    def image(cell):
+        return nbtorch.simulate(_with_cell(p, cell), s, fused=False)
+
+    def derivatives():
+        cell = p.crystal.cell.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(image(cell).square().sum(), cell)
+        return (image(p.crystal.cell), g, torch.func.jacfwd(lambda c: image(c).sum((-1, -2)))(p.crystal.cell),
+                torch.func.jacrev(lambda c: image(c)[5:9, 5:9].sum())(p.crystal.cell), torch.vmap(image)(cells))
+
+    calls = []
+    plain = shapes._sincg_values
+    expected = derivatives()
+    monkeypatch.setattr(shapes, "_sincg_values", lambda dh, N: calls.append(1) or _NaNDerivative.apply(plain(dh, N)))
+    trapped = derivatives()
+    assert calls
+    for got, want in zip(trapped, expected):
+        assert bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+
+
 def test_compiled_code_takes_the_polynomial_lattice_factor():
     """Traced by the compiler, sincg_reduced is the polynomial form (no sin in the graph); eager, the sines."""
     ops = []

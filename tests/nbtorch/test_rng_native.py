@@ -177,6 +177,45 @@ def test_build_cache_and_no_compiler_fallback(lib, monkeypatch, tmp_path, spy):
     _assert_same(a, b, got, ref)
 
 
+def test_a_library_prepared_in_the_background_is_built_once(lib, monkeypatch, tmp_path, spy):
+    """prepare_native_poidev compiles the library in a thread while the caller goes on; the caller's own request
+    then waits for that build instead of starting another (one compiler run, one self-check), and the programs
+    that write a noise image start it before simulating."""
+    import threading
+    import time
+
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    compiled, started = [], threading.Event()
+    real = native._compile_to
+
+    def slow_compile(src, out):
+        started.set()
+        time.sleep(0.3)  # the caller asks for the library while this build runs
+        compiled.append(out)
+        real(src, out)
+
+    monkeypatch.setattr(native, "_compile_to", slow_compile)
+    rngmod.prepare_native_poidev()
+    assert started.wait(30)
+    lib_now = rngmod._native_poidev()
+    assert lib_now is not None and len(compiled) == 1
+    assert spy == [rngmod._self_check_means().size]
+
+
+def test_the_command_line_prepares_the_noise_routine_only_for_a_noise_image(monkeypatch, tmp_path):
+    import nbtorch.cli
+
+    calls = []
+    monkeypatch.setattr(nbtorch.cli, "prepare_native_poidev", lambda: calls.append(1))
+    monkeypatch.chdir(tmp_path)
+    small = "-default_F 10 -cell 50 50 50 90 90 90 -N 2 -detpixels 4 -distance 50 -floatfile f.bin".split()
+    assert nbtorch.cli.main(small + ["-nonoise"]) == 0
+    assert calls == []
+    assert nbtorch.cli.main(small + ["-noisefile", "n.img"]) == 0
+    assert calls == [1] and (tmp_path / "n.img").exists()
+
+
 def test_native_ready_checks_the_state():
     r = Ran1(-10)
     assert r._native_ready() and 0 < r._idum < IM  # initialises the table, as the first draw would
