@@ -44,8 +44,8 @@ def _c_rows(res: dict) -> List[str]:
 
 #: How a whole-process row describes its kernel cache.
 _CACHE_WHAT = {"warm": "warm kernel cache", "nonoise": "warm kernel cache, `-nonoise` (both programs)",
-               "eager": "`NBTORCH_FUSED=0` (eager)",
-               "cold": "cold kernel cache (eager; its builder starts as it exits)"}
+               "eager": "`NBTORCH_FUSED=0` (eager), an empty cache too",
+               "cold": "cold kernel cache: an empty cache (eager; its builder starts as it exits)"}
 
 
 def _process_row(cl: dict, case: str, dtype: str, cache: str, target: float) -> str:

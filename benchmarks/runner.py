@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,18 @@ def wait_for_builders(timeout: float = 900.0) -> None:
         if not found.stdout.strip():
             return
         time.sleep(2.0)
+
+
+def stop_builders() -> None:
+    """Stop every background kernel builder on this machine (each runs in a session of its own, with its compile
+    workers: the whole process group goes), for a timing that repeats a cold run instead of waiting for one."""
+    found = subprocess.run(["pgrep", "-f", "nbtorch.precompile build"], capture_output=True, text=True)
+    for pid in map(int, found.stdout.split()):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    wait_for_builders(timeout=30.0)
 
 
 def module_json(module: str, threads: int, *args: str, cache: Optional[str] = None) -> dict:
