@@ -50,18 +50,20 @@ def wait_for_builders(timeout: float = 900.0) -> None:
     """Wait (at most ``timeout`` seconds) until no background kernel builder (``python -m nbtorch.precompile build``,
     :mod:`nbtorch.builder`) runs on this machine, so that the next timing has the cores to itself."""
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        found = subprocess.run(["pgrep", "-f", "nbtorch.precompile build"], capture_output=True, text=True)
-        if not found.stdout.strip():
-            return
+    while time.monotonic() < end and _builder_pids():
         time.sleep(2.0)
+
+
+def _builder_pids() -> List[int]:
+    """Process ids of the background kernel builders running on this machine."""
+    found = subprocess.run(["pgrep", "-f", "nbtorch.precompile build"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
 
 
 def stop_builders() -> None:
     """Stop every background kernel builder on this machine (each runs in a session of its own, with its compile
     workers: the whole process group goes), for a timing that repeats a cold run instead of waiting for one."""
-    found = subprocess.run(["pgrep", "-f", "nbtorch.precompile build"], capture_output=True, text=True)
-    for pid in map(int, found.stdout.split()):
+    for pid in _builder_pids():
         try:
             os.killpg(os.getpgid(pid), signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
