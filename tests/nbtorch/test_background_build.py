@@ -50,7 +50,8 @@ def test_a_missing_kernel_is_left_to_one_background_builder(empty_cache):
     assert empty_cache == []  # asked for, started as the job exits (a builder beside a short job slows it)
     assert builder.start_pending() == 1 and len(empty_cache) == 1
     cmd, kw = empty_cache[0]
-    assert cmd[1:4] == ["-m", "nbtorch.precompile", "build"] and kw["start_new_session"]
+    assert cmd[1:5] == ["-c", builder.IDLE_LAUNCHER, "nbtorch.precompile", "build"] and kw["start_new_session"]
+    assert "preexec_fn" not in kw  # a job starts it without copying its memory map (the launcher lowers its priority)
     assert builder.spec_from_text(cmd[cmd.index("--spec") + 1]) == kernel_spec(params, setup)
     assert cmd[cmd.index("--dtype") + 1] == "float64"
     nbtorch.simulate(params, setup)
@@ -155,19 +156,26 @@ def test_precompile_sets_and_usage(capsys):
     assert exit_.value.code == 2
 
 
-def test_a_builder_runs_in_the_idle_scheduling_class():
+def test_a_builder_runs_in_the_idle_scheduling_class(tmp_path):
     """The builder process (and whatever it starts) runs only on cores nothing else wants: Linux's SCHED_IDLE, else
-    the lowest priority (a niced builder still slowed a job's threads tenfold on 2 cores)."""
+    the lowest priority (a niced builder still slowed a job's threads tenfold on 2 cores); the launcher runs the
+    module as ``python -m`` would, with its arguments."""
     import os
     import subprocess
     import sys
 
-    from nbtorch.builder import _idle_priority
-
-    code = ("import os, sys; print(os.sched_getscheduler(0) == getattr(os, 'SCHED_IDLE', -1) or os.nice(0) >= 19)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=_idle_priority,
-                         check=True).stdout.strip()
-    assert out == "True"
+    (tmp_path / "probe.py").write_text(
+        "import os, sys\n"
+        "idle = os.sched_getscheduler(0) == getattr(os, 'SCHED_IDLE', -1) or os.nice(0) >= 19\n"
+        "import subprocess\n"  # a process it starts inherits the class
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(os.sched_getscheduler(0), os.nice(0))'],\n"
+        "                       capture_output=True, text=True).stdout.split()\n"
+        "inherited = child[0] == str(getattr(os, 'SCHED_IDLE', -1)) or int(child[1]) >= 19\n"
+        "print(__name__, sys.argv[1:], idle, inherited)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", builder.IDLE_LAUNCHER, "probe", "build", "--kind", "forward"],
+                         capture_output=True, text=True, check=True, env=env).stdout.strip()
+    assert out == "__main__ ['build', '--kind', 'forward'] True True"
     child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"], capture_output=True,
                            text=True, check=True).stdout.strip()
     assert child == str(getattr(os, "SCHED_OTHER", 0))  # this process is left as it was
