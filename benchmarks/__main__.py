@@ -36,30 +36,31 @@ REFINE_START = REFINE_TRUTH.replace("-misset 10 20 30", "-misset 10.15 19.9 30.1
     "-N 8", "-N 7").replace("-mosaic 0.3", "-mosaic 0.4").replace("-fluence 1e29", "-fluence 1.5e29")
 
 
-def command_lines(threads: int, tmp: str, c_binary: Optional[str], repeats: int = 3) -> dict:
-    """Cases A and B as whole processes, the best of ``repeats`` runs each: nbtorch with a cold kernel cache (the job
-    runs eagerly and starts the builder as it exits; that builder is stopped), eager (``NBTORCH_FUSED=0``), and with
-    a cache a builder filled (warm), float32 and float64; C.  Every cold and eager run starts from an empty cache (a
-    first run on a new machine: both compile the native noise routine, ≈ 0.1 s), so that the two differ only in
-    what the cold run adds (its kernel lookup and its builder); they alternate, so that a shared machine's drift
-    falls on both.  One untimed process first: the first process of a run read torch's files from disk."""
+def command_lines(threads: int, tmp: str, c_binary: Optional[str], repeats: int = 3, short_repeats: int = 5) -> dict:
+    """Cases A and B as whole processes, the best of ``repeats`` runs each (of ``short_repeats`` for case A, whose
+    1.5 s runs vary by ±10 % on a shared machine): nbtorch with a cold kernel cache (the job runs eagerly and starts
+    the builder as it exits; that builder is stopped), eager (``NBTORCH_FUSED=0``), and with a cache a builder
+    filled (warm), float32 and float64; C.  Every cold and eager run starts from an empty cache (a first run on a new
+    machine: both compile the native noise routine, ≈ 0.1 s), so that the two differ only in what the cold run adds
+    (its kernel lookup and its builder); they alternate, so that a shared machine's drift falls on both.  One
+    untimed process first: the first process of a run read torch's files from disk."""
     out: Dict[str, float] = {}
     img = os.path.join(tmp, "img.bin")
     caches = tempfile.mkdtemp(dir=tmp)
     timed([sys.executable, "-c", "import torch"], env(threads), tmp)
 
     def best(run) -> float:
-        return min(run() for _ in range(repeats))
+        return min(run() for _ in range(n))
 
     def on_empty_cache(cmd, **extra) -> float:
         seconds = timed(cmd, dict(env(threads, tempfile.mkdtemp(dir=caches)), **extra), tmp)
         stop_builders()
         return seconds
 
-    for case, flags in (("A", CASE_A), ("B", CASE_B.format(n=512))):
+    for case, flags, n in (("A", CASE_A, short_repeats), ("B", CASE_B.format(n=512), repeats)):
         for dtype in ("float32", "float64"):
             cmd = [sys.executable, "-m", "nbtorch", *flags.split(), "-floatfile", img, "--dtype", dtype]
-            pairs = [(on_empty_cache(cmd), on_empty_cache(cmd, NBTORCH_FUSED="0")) for _ in range(repeats)]
+            pairs = [(on_empty_cache(cmd), on_empty_cache(cmd, NBTORCH_FUSED="0")) for _ in range(n)]
             out[f"{case}_{dtype}_cold"], out[f"{case}_{dtype}_eager"] = (min(t) for t in zip(*pairs))
             warm = env(threads, tempfile.mkdtemp(dir=caches))
             timed(cmd, warm, tmp)  # its builder fills this cache
