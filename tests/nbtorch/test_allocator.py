@@ -2,6 +2,7 @@
 page faults; the user's own glibc settings are left alone."""
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 
@@ -22,26 +23,34 @@ def work():  # what an eager tile does: several few-MB tensors alive at once, th
     del ys
 
 work()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     work()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, *faults)
 """
+#: Pages that one ``work()`` of PAGE_FAULTS writes: what it faults on when its tensors get fresh pages.
+FRESH = 6 * (8 << 20) // resource.getpagesize()
 
 
 def _faults(mode: str):
+    """(what keep_freed_memory returned, the page faults of each of 10 calls of ``work`` after a first one)."""
     out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True,
                          check=True).stdout.split()
-    return out[0], int(out[1])
+    return out[0], [int(v) for v in out[1:]]
 
 
 def test_freed_tensor_memory_is_reused_without_page_faults():
+    """Without the settings the first call after the first one always faults on all its pages (later ones too, or —
+    when glibc raised its own threshold by then — on none); with them the calls reuse the freed blocks: none, or now
+    and then one tensor's pages where the heap grew past a small block left at its top."""
     applied, kept = _faults("keep")
     _, plain = _faults("plain")
-    if plain < 1000:
-        pytest.skip(f"this C library does not hand freed blocks back to the system here ({plain} page faults)")
+    if plain[0] < FRESH / 2:
+        pytest.skip(f"this C library does not hand freed blocks back to the system here ({plain[0]} page faults)")
     assert applied == "True"
-    assert kept < plain / 20  # 60 tensors of 8 MB: ≈ 120 000 first-touch faults without the settings, ≈ 0 with them
+    assert max(kept) <= FRESH / 3 and sum(kept) <= FRESH * len(kept) / 4, kept  # plain's first: ≈ FRESH
 
 
 def test_the_users_own_settings_are_left_alone(monkeypatch):
