@@ -125,10 +125,10 @@ def start_pending() -> int:
 def start_background_build(root: pathlib.Path, kind: str, spec: KernelSpec, dtype: torch.dtype,
                            device: torch.device) -> bool:
     """Start a detached, low-priority process that builds kernel ``kind`` of ``spec`` into the cache under ``root``
-    (``python -m nbtorch.precompile build`` through :data:`IDLE_LAUNCHER`; its output in ``<package>.log``), unless this process started one
-    already, another process holds the package's builder lock, or a build failed recently (:func:`build_failure`).
-    Returns at once: whether a builder was started.  The builder outlives this process; the cache's lock makes
-    parallel builders of one package wait for each other (:mod:`nbtorch.cachedir`)."""
+    (``python -m nbtorch.precompile build`` through :data:`IDLE_LAUNCHER`; its output in ``<package>.log``), unless
+    this process started one already, another process holds the package's builder lock, or a build failed recently
+    (:func:`build_failure`).  Returns at once: whether a builder was started.  The builder outlives this process;
+    the cache's lock makes parallel builders of one package wait for each other (:mod:`nbtorch.cachedir`)."""
     key = _key(kind, spec, dtype, device)
     if key in _started:
         return False
